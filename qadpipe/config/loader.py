@@ -1,0 +1,230 @@
+"""YAML + ``--set`` overrides -> a validated :class:`~qadpipe.config.schema.PipelineConfig`.
+
+Validation walks the dataclass type hints, so the schema is the single source of truth:
+every problem is reported as ONE line that names the dotted field, the bad value and
+what is expected (with a "did you mean" for typos).  Range and file checks come from
+``field(metadata=...)`` on the schema; cross-field rules from each section's
+``validate()`` hook.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from qadpipe.config.schema import PipelineConfig
+from qadpipe.errors import ConfigError
+
+# PyYAML follows YAML 1.1, which reads ``2e-5`` (no dot) as a string. Accept such
+# strings for float fields, but nothing else that is not a number.
+_FLOAT_LITERAL = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Read a YAML file (or start from defaults), apply ``a.b=value`` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _read_yaml(Path(path))
+    for item in overrides:
+        _apply_override(raw, item)
+    return build_config(raw)
+
+
+def build_config(raw: dict[str, Any]) -> PipelineConfig:
+    """Validate a plain nested dict against the schema."""
+    config = _build_dataclass(PipelineConfig, raw, "")
+    _run_validate_hooks(config, "")
+    return config
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """The resolved config as plain data (for printing and saving next to outputs)."""
+    return dataclasses.asdict(config)
+
+
+def dump_yaml(data: dict[str, Any]) -> str:
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}: not valid YAML{where} ({problem})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file, expected YAML") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a YAML mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set '{item}': expected KEY=VALUE, e.g. distill.lr=2e-5")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    parts = key.strip().split(".")
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set '{item}': '{'.'.join(parts[: depth + 1])}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build_dataclass(cls: type, raw: Any, prefix: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'}: got {_show(raw)}, expected a mapping of fields")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for key in raw:
+        if key not in fields:
+            raise ConfigError(_unknown_key_message(prefix, str(key), list(fields)))
+    values: dict[str, Any] = {}
+    for name, field in fields.items():
+        dotted = f"{prefix}.{name}" if prefix else name
+        if name in raw:
+            value = _coerce(hints[name], raw[name], dotted)
+            _check_metadata(field.metadata, value, dotted)
+            values[name] = value
+        elif dataclasses.is_dataclass(hints[name]):
+            values[name] = _build_dataclass(hints[name], {}, dotted)
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, dotted: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build_dataclass(hint, value, dotted)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        errors = []
+        for option in options:
+            try:
+                return _coerce(option, value, dotted)
+            except ConfigError as exc:
+                errors.append(exc)
+        if len(options) == 1:
+            raise errors[0]
+        raise ConfigError(f"{dotted}: got {_show(value)}, expected {_describe(hint)}")
+    if origin is Literal:
+        if value in args:
+            return value
+        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+        hint_text = f"; did you mean '{close[0]}'?" if close else ""
+        choices = ", ".join(repr(a) for a in args)
+        raise ConfigError(f"{dotted}: got {_show(value)}, expected one of {choices}{hint_text}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{dotted}: got {_show(value)}, expected a list")
+        item = args[0] if args else Any
+        return [_coerce(item, v, f"{dotted}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{dotted}: got {_show(value)}, expected a mapping")
+        item = args[1] if len(args) == 2 else Any
+        return {str(k): _coerce(item, v, f"{dotted}.{k}") for k, v in value.items()}
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{dotted}: got {_show(value)}, expected true or false")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{dotted}: got {_show(value)}, expected an integer")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            result = float(value)
+        elif isinstance(value, str) and _FLOAT_LITERAL.match(value.strip()):
+            result = float(value)
+        else:
+            raise ConfigError(f"{dotted}: got {_show(value)}, expected a number")
+        if not math.isfinite(result):
+            raise ConfigError(f"{dotted}: got {_show(value)}, expected a finite number")
+        return result
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{dotted}: got {_show(value)}, expected a string")
+    raise TypeError(f"config schema field {dotted} has an unsupported type {hint!r}")
+
+
+def _check_metadata(meta: typing.Mapping[str, Any], value: Any, dotted: str) -> None:
+    if value is None:
+        return
+    for key, op, words in (
+        ("gt", lambda v, b: v > b, "> {}"),
+        ("ge", lambda v, b: v >= b, ">= {}"),
+        ("lt", lambda v, b: v < b, "< {}"),
+        ("le", lambda v, b: v <= b, "<= {}"),
+    ):
+        if key in meta and not op(value, meta[key]):
+            raise ConfigError(f"{dotted}: got {_show(value)}, expected a value {words.format(meta[key])}")
+    if meta.get("nonempty") and not value:
+        raise ConfigError(f"{dotted}: must not be empty")
+    check = meta.get("check")
+    if check is not None:
+        problem = check(value)
+        if problem:
+            raise ConfigError(f"{dotted}: got {_show(value)}, {problem}")
+
+
+def _run_validate_hooks(node: Any, prefix: str) -> None:
+    """Children first, then the section's own cross-field ``validate()``."""
+    for field in dataclasses.fields(node):
+        child = getattr(node, field.name)
+        if dataclasses.is_dataclass(child):
+            _run_validate_hooks(child, f"{prefix}.{field.name}" if prefix else field.name)
+    hook = getattr(node, "validate", None)
+    if hook is not None:
+        problem = hook()
+        if problem:
+            raise ConfigError(f"{prefix + '.' if prefix else ''}{problem}")
+
+
+def _unknown_key_message(prefix: str, key: str, known: list[str]) -> str:
+    dotted = f"{prefix}.{key}" if prefix else key
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if close:
+        suggestion = f"{prefix}.{close[0]}" if prefix else close[0]
+        return f"{dotted}: unknown key; did you mean '{suggestion}'?"
+    return f"{dotted}: unknown key; expected one of {', '.join(known)}"
+
+
+def _describe(hint: Any) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return " or ".join(names.get(a, getattr(a, "__name__", str(a))) for a in args)
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{text} ({type(value).__name__})"

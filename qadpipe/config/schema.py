@@ -1,0 +1,215 @@
+"""The one config schema for the whole pipeline.
+
+Plain dataclasses: the loader reads their type hints to validate YAML, so a field's type,
+default and ``metadata`` (ranges, file checks, ``help``) are all the documentation it
+needs; the README's config reference is generated from this file.  Why not pydantic:
+its multi-line error reports would have to be re-rendered into our one-line form anyway,
+and stdlib dataclasses keep the schema importable without extra dependencies.
+
+Cross-field rules live in each section's ``validate()``, which returns a problem string
+("field: got …, expected …") or ``None``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional
+
+Dtype = Literal["bfloat16", "float16", "float32"]
+
+
+def opt(default: Any = None, help: str = "", *, factory: Optional[Callable[[], Any]] = None,
+        **checks: Any) -> Any:
+    """A schema field: its default, the help text the README shows, and the checks the
+    loader enforces (``ge``/``gt``/``le``/``lt`` bounds, ``check`` callable, ``nonempty``)."""
+    metadata = {"help": help, **checks}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _existing_path(value: str) -> Optional[str]:
+    if value == "random":
+        return None
+    return None if Path(value).expanduser().exists() else "expected an existing file or directory"
+
+
+@dataclass
+class ModelConfig:
+    """The student model (and the teacher too, unless ``teacher.path`` is set)."""
+
+    path: str = opt("smollm2-135m",
+        "HF model directory, or the alias 'smollm2-135m' (embedded SmolLM2-135M-Instruct)")
+    dtype: Dtype = opt("bfloat16", "weights dtype for training")
+    trust_remote_code: bool = opt(False,
+        "run model code shipped inside the checkpoint; off unless you trust its source")
+
+
+@dataclass
+class TeacherConfig:
+    """How stage one serves the full-precision teacher."""
+
+    path: Optional[str] = opt(None, "teacher model; null = model.path")
+    backend: Literal["vllm", "hf"] = opt("vllm",
+        "vllm (fast, production) or hf (transformers reference, no vLLM needed)")
+    dtype: Dtype = opt("bfloat16", "teacher weights dtype")
+    fp32_head: bool = opt(True,
+        "compute the LM head in fp32 so targets are not rounded to bf16 logits")
+    tensor_parallel_size: int = opt(1, "vLLM tensor parallel size", ge=1)
+    gpu_memory_utilization: float = opt(0.85,
+        "vLLM memory fraction (GPU)", gt=0.0, le=1.0)
+    kv_cache_gib: float = opt(1.0,
+        "vLLM CPU KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)", gt=0.0)
+    max_num_batched_tokens: int = opt(2048,
+        "tokens per vLLM step; bounds the [tokens, vocab] prompt-logprob peak", ge=16)
+    enforce_eager: bool = opt(False, "skip vLLM graph compilation")
+    batch_size: int = opt(8, "sequences per HF-backend forward", ge=1)
+    device: str = opt("auto", "HF backend device: auto, cpu, cuda, cuda:N")
+
+
+@dataclass
+class RandomTokensConfig:
+    """Uniform random token sequences (the QAD paper shows they still teach)."""
+
+    num_sequences: int = opt(64, "how many sequences", ge=1)
+    length: int = opt(256, "tokens per sequence", ge=2)
+    seed: int = opt(0, "RNG seed")
+
+
+@dataclass
+class DataConfig:
+    """Where the token sequences come from."""
+
+    source: str = opt("random",
+        "jsonl/json/parquet/text file, a datasets.save_to_disk directory, or 'random'",
+        check=_existing_path)
+    field: Literal["text", "messages", "prompt"] = opt("text",
+        "record field: text, messages (chat template) or prompt (+ optional completion)")
+    max_length: int = opt(512, "tokens per sequence", ge=2)
+    overflow: Literal["truncate", "drop", "pack"] = opt("truncate",
+        "sequences longer than max_length: truncate, drop, or pack all records into windows")
+    limit: Optional[int] = opt(None, "use only the first N records", ge=1)
+    random: RandomTokensConfig = opt(factory=RandomTokensConfig)
+
+
+@dataclass
+class GenerateConfig:
+    """Stage one: score existing sequences or let the teacher write completions."""
+
+    mode: Literal["score", "generate"] = opt("score",
+        "score: targets for given sequences; generate: the teacher samples completions first")
+    include_prompt: bool = opt(True,
+        "also store targets (and train) on prompt positions")
+    temperature: float = opt(0.8,
+        "sampling temperature for completions (targets stay the raw T=1 distribution)", ge=0.0)
+    top_p: float = opt(0.95, "nucleus sampling for completions", gt=0.0, le=1.0)
+    max_new_tokens: int = opt(128, "completion length limit", ge=1)
+    seed: int = opt(0, "sampling seed")
+    num_shards: Optional[int] = opt(None,
+        "split records across this many tasks (default: SLURM_ARRAY_TASK_COUNT or 1)", ge=1)
+    shard_index: Optional[int] = opt(None,
+        "this task's index (default: SLURM_ARRAY_TASK_ID or 0)", ge=0)
+
+    def validate(self) -> Optional[str]:
+        if self.num_shards is not None and self.shard_index is not None and self.shard_index >= self.num_shards:
+            return f"shard_index: got {self.shard_index}, expected a value < num_shards ({self.num_shards})"
+        return None
+
+
+@dataclass
+class CacheConfig:
+    """The logit cache written by stage one and read by stage two."""
+
+    path: str = opt("runs/cache", "cache directory or s3:// URI")
+    target: Literal["topk", "sampled"] = opt("topk",
+        "topk: k highest teacher log-probs + tail mass; sampled: N draws (ids + counts)")
+    k: int = opt(64, "top-k entries per position", ge=1, le=4096)
+    num_samples: int = opt(50, "draws per position for sampled targets", ge=1)
+    encoding: Literal["plain", "compact"] = opt("compact",
+        "plain: int32 ids + fp32 log-probs; compact: narrowed ids + log-domain quantized probs")
+    zstd_level: int = opt(3, "zstd compression level", ge=1, le=22)
+    rows_per_shard: int = opt(1024, "sequences per Parquet shard", ge=1)
+
+
+@dataclass
+class QuantConfig:
+    """How the student is fake-quantized (and later exported)."""
+
+    preset: str = opt("w4a16_int",
+        "named recipe: nvfp4, nvfp4_a16, mxfp4, mxfp8, fp8, w4a16_int, w8a8_int, w4a8_fp8, ...")
+    group_size: Optional[int] = opt(None,
+        "override the preset's weight group size", ge=1)
+    ignore: list[str] = opt(factory=lambda: ["lm_head", "embed_tokens"], help=
+        "regexes of module names left in full precision")
+    calibration_batches: int = opt(4, "batches used to calibrate amax", ge=0)
+
+
+@dataclass
+class DistillConfig:
+    """Stage two: train the fake-quantized student."""
+
+    mode: Literal["qad", "qat", "online"] = opt("qad",
+        "qad: KL to cached targets; qat: CE on the data only; online: teacher in the loop")
+    loss: Literal["forward_kl", "renorm_kl", "reverse_kl", "jsd", "cakld", "mse_logprob", "sampled_ce"] = opt("forward_kl", "distillation loss on the cached targets")
+    kd_loss_weight: float = opt(1.0, "weight of the distillation loss", ge=0.0)
+    lm_loss_weight: float = opt(0.0, "weight of LM cross-entropy on data tokens", ge=0.0)
+    lr: float = opt(1e-5,
+        "peak learning rate (~1e-6 SFT teachers, ~1e-5 RL-tuned, ~1e-4 quant params only)", gt=0.0)
+    weight_decay: float = opt(0.0, "AdamW weight decay", ge=0.0)
+    warmup_steps: int = opt(10, "linear warmup steps", ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = opt("cosine", "decay after warmup")
+    max_steps: int = opt(100, "optimizer steps", ge=1)
+    batch_size: int = opt(4, "sequences per micro-batch per rank", ge=1)
+    grad_accum: int = opt(1, "micro-batches per optimizer step", ge=1)
+    max_grad_norm: float = opt(1.0, "gradient clipping (0 = off)", ge=0.0)
+    trainable: Literal["all", "quant"] = opt("all",
+        "all student parameters, or only quantization parameters + norms")
+    loss_chunk_tokens: int = opt(1024,
+        "positions per chunk of the fp32 loss (bounds memory)", ge=1)
+    seed: int = opt(0, "RNG seed (data order, init)")
+    output_dir: str = opt("runs/student", "checkpoints and metrics")
+    save_every: int = opt(50, "checkpoint every N steps", ge=1)
+    eval_every: int = opt(25, "held-out eval every N steps", ge=1)
+    eval_rows: int = opt(16, "cache rows held out for eval", ge=0)
+    log_every: int = opt(5, "log line every N steps", ge=1)
+    device: str = opt("auto", "auto, cpu, cuda")
+    distributed: Literal["ddp", "fsdp2"] = opt("ddp", "strategy under torchrun")
+
+
+@dataclass
+class ExportConfig:
+    """How the trained student is written for serving."""
+
+    format: Literal["fake", "compressed-tensors"] = opt("compressed-tensors",
+        "fake: BF16 weights = dequantized Q(W); compressed-tensors: real packed checkpoint")
+    output_dir: str = opt("runs/export", "export directory")
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation against the teacher."""
+
+    data: Optional[str] = opt(None,
+        "held-out data file (text/jsonl) or cache; null = the cache's held-out split")
+    max_sequences: int = opt(32, "sequences evaluated", ge=1)
+    output_dir: str = opt("runs/eval", "report.json, report.md, plots")
+
+
+@dataclass
+class PipelineConfig:
+    """Everything one run of qadpipe needs; saved next to every output it produces."""
+
+    model: ModelConfig = opt(factory=ModelConfig)
+    teacher: TeacherConfig = opt(factory=TeacherConfig)
+    data: DataConfig = opt(factory=DataConfig)
+    generate: GenerateConfig = opt(factory=GenerateConfig)
+    cache: CacheConfig = opt(factory=CacheConfig)
+    quant: QuantConfig = opt(factory=QuantConfig)
+    distill: DistillConfig = opt(factory=DistillConfig)
+    export: ExportConfig = opt(factory=ExportConfig)
+    eval: EvalConfig = opt(factory=EvalConfig)
+
+    @property
+    def teacher_path(self) -> str:
+        return self.teacher.path or self.model.path

