@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny random models for fast tests, the real SmolLM2 for slow ones.
+
+The tiny models are built from a config (random weights, seeded) and share the SmolLM2
+tokenizer, so a test exercises real tokenization, chat templates and a real vocab size
+while a forward pass costs milliseconds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+def _save_tiny(model_type: str, out: Path, tokenizer_dir: Path) -> Path:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    if model_type == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    else:
+        model = Qwen3ForCausalLM(Qwen3Config(head_dim=16, **common))
+    model.to(torch.bfloat16).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The embedded SmolLM2-135M-Instruct as an HF directory (converted once per user cache)."""
+    from qadpipe.models import embedded_smollm2_dir
+
+    return embedded_smollm2_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Path:
+    """A 2-layer, 64-wide random Llama with the SmolLM2 tokenizer (vocab 49152)."""
+    return _save_tiny("llama", tmp_path_factory.mktemp("tiny-llama"), smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Path:
+    """A 2-layer, 64-wide random Qwen3 (q/k norms, explicit head_dim) with the SmolLM2 tokenizer."""
+    return _save_tiny("qwen3", tmp_path_factory.mktemp("tiny-qwen3"), smollm2_dir)
