@@ -1,0 +1,133 @@
+"""The typed config: defaults, overrides, and one clear line for every bad value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from qadpipe.cli import cli
+from qadpipe.config import load_config
+from qadpipe.errors import ConfigError
+
+
+def run_cli(*args: str):
+    return CliRunner().invoke(cli, list(args))
+
+
+def test_defaults_resolve_without_a_file():
+    config = load_config(None)
+    assert config.model.path == "smollm2-135m"
+    assert config.teacher_path == "smollm2-135m"
+    assert config.distill.lr == pytest.approx(1e-5)
+
+
+def test_override_applies_and_yaml_1_1_exponent_is_a_number(tmp_path: Path):
+    path = tmp_path / "c.yaml"
+    path.write_text("distill:\n  lr: 1e-4\n  max_steps: 7\n")
+    config = load_config(path, ["distill.lr=2e-5", "model.path=/x"])
+    assert config.distill.lr == pytest.approx(2e-5)  # the override wins over the file
+    assert isinstance(config.distill.lr, float)
+    assert config.distill.max_steps == 7  # the file wins over the default
+    assert config.teacher_path == "/x"
+
+
+def test_config_show_prints_the_resolved_config_with_the_override():
+    result = run_cli("config", "show", "-c", "configs/demo.yaml", "--set", "distill.lr=2e-5")
+    assert result.exit_code == 0, result.output
+    assert "lr: 2.0e-05" in result.output
+    assert "model:" in result.output and "distill:" in result.output
+
+
+# (file contents or None, --set overrides, the exact message after "qadpipe: error: ")
+BAD_CONFIGS = [
+    pytest.param("distil:\n  lr: 1.0e-5\n", [],
+                 "distil: unknown key; did you mean 'distill'?", id="typo-section"),
+    pytest.param("distill:\n  lrr: 1.0e-5\n", [],
+                 "distill.lrr: unknown key; did you mean 'distill.lr'?", id="typo-field"),
+    pytest.param("distill:\n  colour: red\n", [],
+                 "distill.colour: unknown key; expected one of mode, loss, kd_loss_weight, lm_loss_weight, "
+                 "lr, weight_decay, warmup_steps, schedule, max_steps, batch_size, grad_accum, max_grad_norm, "
+                 "trainable, loss_chunk_tokens, seed, output_dir, save_every, eval_every, eval_rows, log_every, "
+                 "device, distributed", id="unknown-field-no-close-match"),
+    pytest.param("distill:\n  max_steps: ten\n", [],
+                 "distill.max_steps: got 'ten' (str), expected an integer", id="int-from-string"),
+    pytest.param("distill:\n  max_steps: true\n", [],
+                 "distill.max_steps: got True (bool), expected an integer", id="int-from-bool"),
+    pytest.param("distill:\n  max_steps: 2.5\n", [],
+                 "distill.max_steps: got 2.5 (float), expected an integer", id="int-from-float"),
+    pytest.param("distill:\n  lr: fast\n", [],
+                 "distill.lr: got 'fast' (str), expected a number", id="float-from-word"),
+    pytest.param("distill:\n  lr: .nan\n", [],
+                 "distill.lr: got nan (float), expected a finite number", id="float-nan"),
+    pytest.param("distill:\n  lr: -1\n", [],
+                 "distill.lr: got -1.0 (float), expected a value > 0.0", id="float-out-of-range"),
+    pytest.param("eval:\n  max_sequences: 0\n", [],
+                 "eval.max_sequences: got 0 (int), expected a value >= 1", id="int-out-of-range"),
+    pytest.param("distill:\n  mode: qadd\n", [],
+                 "distill.mode: got 'qadd' (str), expected one of 'qad', 'qat', 'online'; did you mean 'qad'?",
+                 id="choice-typo"),
+    pytest.param("model:\n  dtype: int3\n", [],
+                 "model.dtype: got 'int3' (str), expected one of 'bfloat16', 'float16', 'float32'",
+                 id="choice-no-close-match"),
+    pytest.param("model:\n  trust_remote_code: maybe\n", [],
+                 "model.trust_remote_code: got 'maybe' (str), expected true or false", id="bool-from-word"),
+    pytest.param("distill: 5\n", [],
+                 "distill: got 5 (int), expected a mapping of fields", id="section-not-mapping"),
+    pytest.param("data:\n  source: /no/such/data.jsonl\n", [],
+                 "data.source: got '/no/such/data.jsonl' (str), expected an existing file or directory",
+                 id="missing-data-file"),
+    pytest.param(None, ["distill.lr"],
+                 "--set 'distill.lr': expected KEY=VALUE, e.g. distill.lr=2e-5", id="override-without-value"),
+    pytest.param(None, ["distill.lr.x=1"],
+                 "distill.lr: got {'x': 1} (dict), expected a number", id="override-into-a-value"),
+    pytest.param("distill:\n  lr: 1.0e-5\n", ["distill.lr.x=1"],
+                 "--set 'distill.lr.x=1': 'distill.lr' is not a section", id="override-into-a-file-value"),
+    pytest.param(None, ["distill.max_steps=-3"],
+                 "distill.max_steps: got -3 (int), expected a value >= 1", id="override-out-of-range"),
+]
+
+
+@pytest.mark.parametrize("content, overrides, message", BAD_CONFIGS)
+def test_bad_config_is_one_line_and_exit_2(tmp_path: Path, content, overrides, message):
+    args = ["config", "show"]
+    if content is not None:
+        path = tmp_path / "bad.yaml"
+        path.write_text(content)
+        args += ["-c", str(path)]
+    for item in overrides:
+        args += ["--set", item]
+    result = run_cli(*args)
+    assert result.exit_code == 2
+    assert result.stderr == f"qadpipe: error: {message}\n"
+    assert result.stdout == ""
+
+
+def test_file_level_problems_name_the_file(tmp_path: Path):
+    missing = tmp_path / "nope.yaml"
+    assert run_cli("config", "show", "-c", str(missing)).stderr == f"qadpipe: error: {missing}: config file not found\n"
+
+    as_list = tmp_path / "list.yaml"
+    as_list.write_text("- a\n- b\n")
+    result = run_cli("config", "show", "-c", str(as_list))
+    assert result.exit_code == 2
+    assert result.stderr == f"qadpipe: error: {as_list}: expected a YAML mapping of sections, got list\n"
+
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("distill:\n  lr: [1, 2\n")
+    result = run_cli("config", "show", "-c", str(broken))
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"qadpipe: error: {broken}: not valid YAML at line ")
+    assert result.stderr.count("\n") == 1
+
+    binary = tmp_path / "garbage.yaml"
+    binary.write_bytes(b"\xff\xfe\x00\x81garbage")
+    result = run_cli("config", "show", "-c", str(binary))
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1 and str(binary) in result.stderr
+
+
+def test_library_callers_get_a_config_error(tmp_path: Path):
+    with pytest.raises(ConfigError, match=r"^distill\.lr: got 'x' \(str\), expected a number$"):
+        load_config(None, ["distill.lr=x"])

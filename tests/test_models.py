@@ -1,0 +1,80 @@
+"""Model resolution, the embedded SmolLM2 and the tokenizer fingerprint."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qadpipe.errors import ModelError
+from qadpipe.models import load_causal_lm, load_tokenizer, resolve_model_path, tokenizer_fingerprint
+
+SCRIPTS = Path(__file__).parent / "scripts"
+
+
+def test_missing_model_dir_is_one_clear_error(tmp_path: Path):
+    with pytest.raises(ModelError, match=r"^model '.*nope': expected a local Hugging Face directory or the alias"):
+        resolve_model_path(str(tmp_path / "nope"))
+    with pytest.raises(ModelError, match=r"no config.json, expected a Hugging Face model directory$"):
+        resolve_model_path(str(tmp_path))
+
+
+def test_tokenizer_fingerprint_tells_vocabularies_apart(tiny_llama_dir: Path, tmp_path: Path):
+    tokenizer = load_tokenizer(str(tiny_llama_dir))
+    same = load_tokenizer(str(tiny_llama_dir))
+    assert tokenizer_fingerprint(tokenizer) == tokenizer_fingerprint(same)
+    same.add_tokens(["<qadpipe-new-token>"])
+    assert tokenizer_fingerprint(tokenizer) != tokenizer_fingerprint(same)
+
+
+@pytest.mark.slow
+def test_embedded_smollm2_knows_paris(smollm2_dir: Path):
+    import torch
+
+    tokenizer = load_tokenizer("smollm2-135m")
+    model = load_causal_lm("smollm2-135m")
+    assert resolve_model_path("smollm2-135m") == smollm2_dir
+    assert tokenizer.chat_template  # chat prompts render with the model's own template
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert tokenizer.decode(out[0, ids.shape[1]:]).strip().startswith("Paris")
+
+
+@pytest.mark.slow
+def test_vllm_cpu_loads_and_scores_the_embedded_model(smollm2_dir: Path):
+    tokenizer = load_tokenizer(str(smollm2_dir))
+    ids = tokenizer("The capital of France is Paris").input_ids
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "vllm_score.py"), str(smollm2_dir), json.dumps(ids)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.split("RESULT ", 1)[1].splitlines()[0])
+    rows = result["prompt_logprobs"]
+    assert len(rows) == len(ids) and rows[0] is None  # one row per prompt token, none for the first
+    paris = ids[-1]
+    last = rows[-1]
+    assert str(paris) in last  # the actual token is always reported
+    assert max(last, key=last.get) == str(paris)  # and it is the teacher's top-1 after "...France is"
+    assert all(math.isfinite(v) and v <= 0 for row in rows[1:] for v in row.values())
+
+
+@pytest.mark.slow
+def test_concurrent_conversions_share_one_directory(tmp_path: Path):
+    """Two processes converting at once: one converts, the other waits; nobody sees half a dir."""
+    code = "from qadpipe.models import embedded_smollm2_dir; print(embedded_smollm2_dir())"
+    env = dict(os.environ, QADPIPE_CACHE_DIR=str(tmp_path))
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    paths = {out.strip().splitlines()[-1] for out, _ in outs}
+    assert len(paths) == 1
+    model_dir = Path(paths.pop())
+    assert (model_dir / "config.json").is_file() and (model_dir / "model.safetensors").is_file()
+    assert not [p for p in model_dir.parent.iterdir() if p.name.startswith(".tmp-")]
