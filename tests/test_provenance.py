@@ -1,0 +1,28 @@
+"""Outputs carry the exact config and versions that made them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from qadpipe.config import build_config, load_config
+from qadpipe.provenance import RUN_FILE, save_run_record
+
+
+def test_run_record_round_trips_to_the_same_config(tmp_path: Path):
+    config = load_config("configs/demo.yaml", ["distill.lr=3e-5", "cache.k=16"])
+    path = save_run_record(config, "distill", tmp_path / "out")
+    assert path == tmp_path / "out" / RUN_FILE
+    record = yaml.safe_load(path.read_text())
+    assert record["stage"] == "distill"
+    assert record["versions"]["torch"] and record["versions"]["qadpipe"]
+    assert build_config(record["config"]) == config  # the saved config re-runs the same job
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_rewriting_replaces_whole_file(tmp_path: Path):
+    config = load_config(None)
+    save_run_record(config, "generate", tmp_path)
+    save_run_record(load_config(None, ["cache.k=8"]), "generate", tmp_path)
+    assert yaml.safe_load((tmp_path / RUN_FILE).read_text())["config"]["cache"]["k"] == 8
