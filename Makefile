@@ -10,7 +10,7 @@ PIP    := $(BIN)/pip install -q --disable-pip-version-check
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 PYTEST_ARGS ?=
 
-.PHONY: install test test-slow test-all demo bench clean help
+.PHONY: install test test-slow test-all demo readme clean help
 
 help:
 	@echo "make demo       generate -> distill -> export -> eval on the embedded SmolLM2 (CPU, minutes)"
@@ -49,3 +49,6 @@ demo: install
 
 clean:
 	rm -rf runs .pytest_cache
+
+readme: install  ## regenerate README's config reference from the schema
+	$(BIN)/python -c "import pathlib; from qadpipe.config.reference import splice_into; p = pathlib.Path('README.md'); p.write_text(splice_into(p.read_text()))"

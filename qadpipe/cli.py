@@ -83,6 +83,14 @@ def config_show(config_path: str | None, overrides: tuple[str, ...]) -> None:
     click.echo(dump_yaml(config_to_dict(_load(config_path, overrides))), nl=False)
 
 
+@config_group.command("reference")
+def config_reference() -> None:
+    """Print every config field (type, default, meaning) as markdown."""
+    from qadpipe.config.reference import render_reference
+
+    click.echo(render_reference())
+
+
 def _not_implemented(stage: str, issue: str) -> None:
     raise NotImplementedYet(f"'{stage}' is not implemented yet (tracked in {issue}); no output was written")
 
