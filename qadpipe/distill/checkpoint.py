@@ -1,0 +1,140 @@
+"""Training checkpoints that survive kills: a whole step directory or nothing.
+
+Layout under ``<output_dir>/checkpoints``::
+
+    step-00000050/model.safetensors     student weights + quantizer parameters
+    step-00000050/trainer_state.pt      optimizer, scheduler, step, RNG, loader position
+    step-00000050/qadpipe_run.yaml      config + versions
+    LATEST                              name of the newest complete step directory
+
+A step directory is written under a temp name, fsync'd and renamed; ``LATEST`` is then
+replaced atomically — it is the commit point, so a kill at any moment leaves the previous
+checkpoint intact and loadable.  ``trainer_state.pt`` is read with ``weights_only=True``:
+loading a checkpoint never unpickles arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from qadpipe.errors import DistillError
+from qadpipe.provenance import atomic_write_text, save_run_record
+
+LATEST = "LATEST"
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "trainer_state.pt"
+
+
+@dataclass
+class TrainerState:
+    """Everything besides weights that an exact resume needs."""
+
+    step: int
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    loader: dict[str, Any]
+    rng: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def capture_rng() -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def unique_tensors(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Drop aliases of shared storage (tied embeddings), which safetensors refuses to save:
+    returns the unique tensors and ``{alias: kept_name}``."""
+    kept: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    unique, aliases = {}, {}
+    for name, tensor in state_dict.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key in kept:
+            aliases[name] = kept[key]
+            continue
+        kept[key] = name
+        unique[name] = tensor.detach().contiguous().cpu()
+    return unique, aliases
+
+
+def save_checkpoint(output_dir: Path, model_state: dict[str, torch.Tensor], state: TrainerState,
+                    config: Any, keep: int = 2) -> Path:
+    """Write step ``state.step`` and make it the latest; keep the newest ``keep`` steps."""
+    root = Path(output_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{state.step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+    try:
+        tensors, aliases = unique_tensors(model_state)
+        save_file(tensors, str(tmp / MODEL_FILE), metadata={"aliases": repr(sorted(aliases.items()))})
+        torch.save(state.__dict__, tmp / STATE_FILE)
+        save_run_record(config, "distill", tmp)
+        for path in tmp.iterdir():
+            _fsync_file(path)
+        final = root / name
+        if final.exists():  # a re-run of the same step after a crash between rename and LATEST
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_text(root / LATEST, name + "\n")
+    _prune(root, keep)
+    return final
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The committed checkpoint directory named by ``LATEST``, or None when there is none."""
+    root = Path(output_dir) / "checkpoints"
+    pointer = root / LATEST
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text().strip()
+    if not name.startswith("step-") or "/" in name or name in (".", ".."):
+        raise DistillError(f"{pointer}: expected a step directory name, got {name!r}")
+    path = root / name
+    for required in (MODEL_FILE, STATE_FILE):
+        if not (path / required).is_file():
+            raise DistillError(f"{path}: checkpoint named by LATEST lacks {required}")
+    return path
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], TrainerState]:
+    """Model tensors and trainer state of one checkpoint directory (no pickle execution)."""
+    try:
+        tensors = load_file(str(path / MODEL_FILE))
+        raw = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as exc:  # safetensors / unpickler errors carry no file name
+        raise DistillError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc})") from None
+    try:
+        return tensors, TrainerState(**raw)
+    except TypeError as exc:
+        raise DistillError(f"{path / STATE_FILE}: unexpected trainer state layout ({exc})") from None
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _prune(root: Path, keep: int) -> None:
+    steps = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+    for old in steps[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".step-*"):  # temp dirs of a writer that was killed
+        shutil.rmtree(stale, ignore_errors=True)

@@ -1,0 +1,81 @@
+"""Checkpoints: exact round trip, LATEST as the commit point, no pickle execution."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from qadpipe.config import load_config
+from qadpipe.distill.checkpoint import (
+    TrainerState, capture_rng, latest_checkpoint, load_checkpoint, save_checkpoint, unique_tensors,
+)
+from qadpipe.errors import DistillError
+
+
+class Tied(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 4)
+        self.head = torch.nn.Linear(4, 10, bias=False)
+        self.head.weight = self.embed.weight
+
+
+def _state(step: int, model: torch.nn.Module) -> TrainerState:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    return TrainerState(step=step, optimizer=opt.state_dict(), scheduler={"last_epoch": step},
+                        loader={"epoch": 0, "position": 7 * step}, rng=capture_rng())
+
+
+def test_round_trip_with_tied_weights(tmp_path: Path):
+    model = Tied()
+    tensors, aliases = unique_tensors(model.state_dict())
+    assert aliases == {"head.weight": "embed.weight"}
+    path = save_checkpoint(tmp_path, model.state_dict(), _state(5, model), load_config(None))
+    assert latest_checkpoint(tmp_path) == path
+    loaded, state = load_checkpoint(path)
+    assert torch.equal(loaded["embed.weight"], model.embed.weight)
+    assert state.step == 5 and state.loader == {"epoch": 0, "position": 35}
+    assert torch.equal(state.rng["torch"], capture_rng()["torch"])
+
+
+def test_latest_is_the_commit_point_and_old_steps_are_pruned(tmp_path: Path):
+    model = torch.nn.Linear(3, 3)
+    config = load_config(None)
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, model.state_dict(), _state(step, model), config, keep=2)
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step-00000002", "step-00000003"]
+    # A writer killed mid-checkpoint leaves a temp dir: invisible, and cleaned by the next save.
+    (root / ".step-00000004.abc").mkdir()
+    (root / "step-00000004").mkdir()  # renamed but LATEST not yet replaced
+    assert latest_checkpoint(tmp_path).name == "step-00000003"
+    save_checkpoint(tmp_path, model.state_dict(), _state(4, model), config, keep=2)
+    assert latest_checkpoint(tmp_path).name == "step-00000004"
+    assert not list(root.glob(".step-*"))
+
+
+def test_no_checkpoint_and_corrupt_checkpoint(tmp_path: Path):
+    assert latest_checkpoint(tmp_path) is None
+    model = torch.nn.Linear(3, 3)
+    path = save_checkpoint(tmp_path, model.state_dict(), _state(1, model), load_config(None))
+    (path / "trainer_state.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(DistillError, match=r"step-00000001: unreadable checkpoint"):
+        load_checkpoint(path)
+    (tmp_path / "checkpoints" / "LATEST").write_text("../../etc\n")
+    with pytest.raises(DistillError, match=r"LATEST: expected a step directory name"):
+        latest_checkpoint(tmp_path)
+
+
+def test_pickled_code_is_refused(tmp_path: Path):
+    model = torch.nn.Linear(3, 3)
+    path = save_checkpoint(tmp_path, model.state_dict(), _state(1, model), load_config(None))
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"step": 1, "optimizer": Evil()}, path / "trainer_state.pt")
+    with pytest.raises(DistillError, match="unreadable checkpoint"):
+        load_checkpoint(path)
