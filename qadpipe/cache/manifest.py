@@ -1,0 +1,141 @@
+"""Task manifests: the commit point of a cache, and how several writers make one cache.
+
+Each writer task owns ``manifests/<task>.json`` and the shards named ``shards/<task>-*``;
+it replaces its manifest atomically after every shard it writes, so a shard absent from
+every manifest does not exist (a killed writer's half-written or unlisted file is ignored
+and later overwritten).  Readers merge all task manifests into one :class:`CacheView`
+(tasks in name order, shards in commit order) — there is no separate merge step, and no
+two tasks ever write the same file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+
+from qadpipe.cache.schema import FORMAT_VERSION, CacheMeta
+from qadpipe.cache.store import Store
+from qadpipe.errors import CacheError
+
+MANIFEST_DIR = "manifests"
+SHARD_DIR = "shards"
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    name: str        # relative to the cache root, always "shards/<file>.parquet"
+    rows: int
+    tokens: int      # target positions
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class TaskManifest:
+    task: str
+    meta: CacheMeta
+    shards: list[ShardEntry] = field(default_factory=list)
+    versions: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps({"format_version": FORMAT_VERSION, "task": self.task, "meta": self.meta.to_dict(),
+                           "versions": self.versions, "shards": [asdict(s) for s in self.shards]},
+                          indent=1, sort_keys=True)
+
+
+@dataclass
+class CacheView:
+    """All committed shards of a cache, merged over its task manifests."""
+
+    meta: CacheMeta
+    tasks: list[TaskManifest]
+
+    @property
+    def shards(self) -> list[ShardEntry]:
+        return [shard for task in self.tasks for shard in task.shards]
+
+
+def check_task_name(task: str) -> str:
+    if not _SAFE_NAME.fullmatch(task) or ".." in task:
+        raise CacheError(f"cache task name {task!r}: expected letters, digits, '_', '-', '.' (e.g. task-00003)")
+    return task
+
+
+def manifest_path(task: str) -> str:
+    return f"{MANIFEST_DIR}/{check_task_name(task)}.json"
+
+
+def shard_path(task: str, index: int) -> str:
+    return f"{SHARD_DIR}/{check_task_name(task)}-{index:06d}.parquet"
+
+
+def _shard_entry(raw: object, source: str) -> ShardEntry:
+    try:
+        entry = ShardEntry(**raw)  # type: ignore[arg-type]
+    except TypeError as exc:
+        raise CacheError(f"{source}: malformed shard entry {raw!r}") from exc
+    prefix, _, base = entry.name.partition("/")
+    if prefix != SHARD_DIR or not _SAFE_NAME.fullmatch(base) or ".." in base or not base.endswith(".parquet"):
+        raise CacheError(
+            f"{source}: shard name {entry.name!r} is not a file directly under {SHARD_DIR}/ "
+            "(names that escape the cache directory are refused)"
+        )
+    return entry
+
+
+def parse_manifest(text: str, source: str) -> TaskManifest:
+    """A task manifest from its JSON text; CacheError naming ``source`` on anything wrong."""
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CacheError(f"{source}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+    if not isinstance(raw, dict):
+        raise CacheError(f"{source}: expected a JSON object")
+    if raw.get("format_version") != FORMAT_VERSION:
+        raise CacheError(f"{source}: format_version={raw.get('format_version')!r}, "
+                         f"this qadpipe reads format_version={FORMAT_VERSION}")
+    meta = CacheMeta.from_dict(raw.get("meta"), source)
+    shards = [_shard_entry(entry, source) for entry in raw.get("shards", [])]
+    return TaskManifest(task=check_task_name(str(raw.get("task"))), meta=meta, shards=shards,
+                        versions=raw.get("versions", {}))
+
+
+def load_manifests(store: Store) -> list[TaskManifest]:
+    """Every task manifest of the cache, in task-name order (empty list: nothing committed)."""
+    manifests = []
+    for name in store.list(MANIFEST_DIR):
+        if name.startswith(".") or not name.endswith(".json"):
+            continue
+        rel = f"{MANIFEST_DIR}/{name}"
+        manifest = parse_manifest(store.read_bytes(rel).decode("utf-8", "replace"), store.describe(rel))
+        if f"{manifest.task}.json" != name:
+            raise CacheError(f"{store.describe(rel)}: names task {manifest.task!r}, expected {name[:-5]!r}")
+        manifests.append(manifest)
+    return manifests
+
+
+def meta_difference(a: CacheMeta, b: CacheMeta) -> tuple[str, str] | None:
+    """('k=64', 'k=32') for the first identity field where two metas differ, else None."""
+    left, right = a.identity(), b.identity()
+    for key in left:
+        if left[key] != right[key]:
+            return f"{key}={left[key]!r}", f"{key}={right[key]!r}"
+    return None
+
+
+def load_view(store: Store) -> CacheView:
+    """Merge the task manifests; refuse an empty cache or tasks that disagree on the meta."""
+    tasks = load_manifests(store)
+    if not tasks or not any(task.shards for task in tasks):
+        raise CacheError(f"{store.describe(MANIFEST_DIR)}: empty cache (no committed shards)")
+    first = tasks[0]
+    for task in tasks[1:]:
+        difference = meta_difference(first.meta, task.meta)
+        if difference:
+            raise CacheError(
+                f"{store.describe(manifest_path(task.task))}: disagrees with "
+                f"{store.describe(manifest_path(first.task))}: {difference[1]} vs {difference[0]}"
+            )
+    return CacheView(meta=first.meta, tasks=tasks)

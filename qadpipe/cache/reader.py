@@ -1,0 +1,156 @@
+"""CacheReader: a verified, streaming, rank-sharded view of a logit cache.
+
+Opening a cache is cheap and strict: the task manifests are merged, every listed shard must
+exist with its recorded size, and (``verify=True``) each shard's footer must carry the
+cache's metadata and its ids must be unique across the whole cache — only the footers and
+the ``id`` column are read for that.  The sha256 of a shard is checked once per reader, the
+first time its rows are streamed (the bytes are read anyway), or for all shards at once by
+:meth:`CacheReader.verify_all` (``qadpipe inspect --verify``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from qadpipe.cache.encoding import decode_batch
+from qadpipe.cache.manifest import ShardEntry, load_view, meta_difference
+from qadpipe.cache.schema import META_KEY, CacheMeta
+from qadpipe.cache.store import Store
+from qadpipe.errors import CacheError
+from qadpipe.targets import SequenceTargets
+
+log = logging.getLogger(__name__)
+
+
+def shard_problem(store: Store, shard: ShardEntry, rehash: bool = False) -> str | None:
+    """What is wrong with one listed shard (missing, truncated, checksum), or None."""
+    size = store.size(shard.name)
+    if size is None:
+        return "missing (listed in the manifest, absent on storage)"
+    if size != shard.bytes:
+        return f"truncated or overwritten: {size} bytes on storage, manifest says {shard.bytes}"
+    if rehash:
+        digest = hashlib.sha256(memoryview(store.buffer(shard.name))).hexdigest()
+        if digest != shard.sha256:
+            return f"checksum mismatch: sha256 {digest[:16]}..., manifest says {shard.sha256[:16]}..."
+    return None
+
+
+class CacheReader:
+    """Streams :class:`SequenceTargets` from a cache (local path or URI)."""
+
+    def __init__(self, root: str, *, verify: bool = True, filesystem: pafs.FileSystem | None = None,
+                 batch_rows: int = 64) -> None:
+        self.root = str(root)
+        self.store = Store(root, filesystem)
+        self.view = load_view(self.store)
+        self.meta: CacheMeta = self.view.meta
+        self.shards: list[ShardEntry] = self.view.shards
+        self.num_rows = sum(shard.rows for shard in self.shards)
+        self.num_tokens = sum(shard.tokens for shard in self.shards)
+        self.verify = verify
+        self.batch_rows = batch_rows
+        self._hashed: set[str] = set()
+        for shard in self.shards:
+            self._raise_if(shard, shard_problem(self.store, shard))
+        if verify:
+            self._check_footers_and_ids()
+
+    def _raise_if(self, shard: ShardEntry, problem: str | None) -> None:
+        if problem:
+            raise CacheError(f"{self.store.describe(shard.name)}: {problem}")
+
+    def _parquet(self, shard: ShardEntry, source: pa.NativeFile | None = None) -> pq.ParquetFile:
+        try:
+            return pq.ParquetFile(source if source is not None else self.store.open_input(shard.name))
+        except (pa.ArrowException, OSError) as exc:
+            raise CacheError(f"{self.store.describe(shard.name)}: not a readable Parquet shard ({exc})") from exc
+
+    def _check_footers_and_ids(self) -> None:
+        seen: dict[str, str] = {}
+        for shard in self.shards:
+            where = self.store.describe(shard.name)
+            parquet = self._parquet(shard)
+            raw = (parquet.schema_arrow.metadata or {}).get(META_KEY)
+            if raw is None:
+                raise CacheError(f"{where}: shard carries no qadpipe cache metadata")
+            difference = meta_difference(self.meta, CacheMeta.from_dict(json.loads(raw), where))
+            if difference:
+                raise CacheError(f"{where}: shard has {difference[1]}, the cache manifest says {difference[0]}")
+            if parquet.metadata.num_rows != shard.rows:
+                raise CacheError(f"{where}: {parquet.metadata.num_rows} rows, manifest says {shard.rows}")
+            ids = parquet.read(columns=["id"]).column("id").to_pylist()
+            if len(set(ids)) != len(ids):
+                raise CacheError(f"{where}: duplicate row ids within the shard")
+            for row_id in ids:
+                other = seen.setdefault(row_id, shard.name)
+                if other != shard.name:
+                    raise CacheError(f"{where}: duplicate row id {row_id!r} (also in {other})")
+
+    def verify_all(self) -> None:
+        """Re-hash every shard now (sha256 against the manifest); CacheError on the first mismatch."""
+        for shard in self.shards:
+            self._raise_if(shard, shard_problem(self.store, shard, rehash=True))
+            self._hashed.add(shard.name)
+
+    def check_compatible(self, *, tokenizer_fingerprint: str, vocab_size: int,
+                         target_kind: str | None = None) -> None:
+        """Refuse a student that would read the cached token ids differently."""
+        pairs = [("tokenizer_fingerprint", self.meta.tokenizer_fingerprint, tokenizer_fingerprint),
+                 ("vocab_size", self.meta.vocab_size, vocab_size)]
+        if target_kind is not None:
+            pairs.append(("target_kind", self.meta.target_kind, target_kind))
+        for name, cached, wanted in pairs:
+            if cached != wanted:
+                raise CacheError(f"{self.root}: cache {name}={cached!r}, but the reader expects {name}={wanted!r}")
+
+    def rank_range(self, rank: int, world_size: int) -> tuple[int, int]:
+        """Rows [start, end) of ``rank``: contiguous, sizes differ by at most one row."""
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise CacheError(f"cache rank={rank}, world_size={world_size}: expected 0 <= rank < world_size")
+        return rank * self.num_rows // world_size, (rank + 1) * self.num_rows // world_size
+
+    def iter_sequences(self, rank: int = 0, world_size: int = 1) -> Iterator[SequenceTargets]:
+        """This rank's rows in cache order, streamed one record batch at a time."""
+        start, end = self.rank_range(rank, world_size)
+        first = 0
+        for shard in self.shards:
+            last = first + shard.rows
+            if first < end and last > start:
+                yield from self._iter_shard(shard, max(start - first, 0), min(end, last) - first)
+            first = last
+
+    def _iter_shard(self, shard: ShardEntry, lo: int, hi: int) -> Iterator[SequenceTargets]:
+        """Rows [lo, hi) of one shard, reading only the row groups that hold them."""
+        where = self.store.describe(shard.name)
+        if self.verify and shard.name not in self._hashed:
+            buffer = self.store.buffer(shard.name)
+            if hashlib.sha256(memoryview(buffer)).hexdigest() != shard.sha256:
+                raise CacheError(f"{where}: checksum mismatch (sha256 differs from the manifest)")
+            self._hashed.add(shard.name)
+            parquet = self._parquet(shard, pa.BufferReader(buffer))
+        else:
+            parquet = self._parquet(shard)
+        groups, group_first, row = [], None, 0
+        for index in range(parquet.metadata.num_row_groups):
+            size = parquet.metadata.row_group(index).num_rows
+            if row < hi and row + size > lo:
+                groups.append(index)
+                group_first = row if group_first is None else group_first
+            row += size
+        row = group_first or 0
+        try:
+            for batch in parquet.iter_batches(batch_size=self.batch_rows, row_groups=groups):
+                rows = decode_batch(batch, self.meta)
+                for item in rows[max(lo - row, 0):max(hi - row, 0)]:
+                    yield item
+                row += len(rows)
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise CacheError(f"{where}: cannot decode shard ({exc})") from exc

@@ -1,0 +1,150 @@
+"""What a logit cache is: file-level metadata, the format version, and the column layout.
+
+A cache is a directory (local path or any URI pyarrow.fs reaches, e.g. ``s3://``)::
+
+    manifests/task-00000.json      one per writer task: meta + committed shards (the commit point)
+    shards/task-00000-000000.parquet
+
+One Parquet row = one sequence (see :class:`qadpipe.targets.SequenceTargets` for the
+alignment of targets to tokens).  Targets are stored as *flat* per-row lists (``n * k``
+entries for a row with ``n`` target positions), so a decoder turns a whole record batch
+into numpy arrays at once instead of walking nested lists per position.
+
+Two encodings (recorded in :attr:`CacheMeta.encoding`):
+
+* ``plain``: int32 ids, float32 log-probs, float64 tail mass, int32 sample counts.
+* ``compact``: ids narrowed to the vocab's width (uint16 up to 65535 ids); top-k log-probs
+  quantized in the log domain (``code = round(-logprob / LOGPROB_STEP)``) and delta-coded
+  along the descending top-k, so most deltas are tiny and zstd squeezes them; the tail
+  mass quantized the same way with a finer step; sample counts as uint8.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from qadpipe.errors import CacheError
+
+#: Bump on any change of the on-disk layout; readers refuse versions they do not know.
+FORMAT_VERSION = 1
+TARGET_KINDS = ("topk", "sampled")
+ENCODINGS = ("plain", "compact")
+
+#: Compact top-k: log-prob quantization step (nats).  Rounding error |e| <= step/2 in the
+#: log domain gives KL(exact || decoded) ~ Var_p(e)/2 <= step^2/8 (typically step^2/24).
+LOGPROB_STEP = 1.0 / 32.0
+#: Compact top-k: the tail mass is stored as round(-log(tail) / TAIL_STEP): relative error <= 0.2 %.
+TAIL_STEP = 1.0 / 256.0
+#: The largest uint16 code means "probability 0" (log-prob -inf).
+ZERO_PROB_CODE = 0xFFFF
+
+#: Parquet schema-metadata key under which every shard carries its :class:`CacheMeta`.
+META_KEY = b"qadpipe.cache.meta"
+
+
+@dataclass(frozen=True)
+class CacheMeta:
+    """What made a cache and how it is encoded; written into every shard and task manifest.
+
+    Everything but ``config`` identifies the cache: two writers filling one cache must agree
+    on all of it (``data_fingerprint`` therefore describes the whole data source, not one
+    task's slice of it).
+    """
+
+    teacher: str
+    teacher_revision: str
+    teacher_dtype: str
+    tokenizer_fingerprint: str
+    vocab_size: int
+    target_kind: str
+    k: int
+    num_samples: int
+    encoding: str
+    logprobs_mode: str = "raw_logprobs"
+    temperature: float = 1.0
+    data_fingerprint: str = ""
+    config: dict = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if self.target_kind not in TARGET_KINDS:
+            raise CacheError(f"cache meta target_kind={self.target_kind!r}: expected one of {TARGET_KINDS}")
+        if self.encoding not in ENCODINGS:
+            raise CacheError(f"cache meta encoding={self.encoding!r}: expected one of {ENCODINGS}")
+        if self.vocab_size < 1:
+            raise CacheError(f"cache meta vocab_size={self.vocab_size}: expected a positive vocab size")
+        if self.target_kind == "topk" and not 1 <= self.k <= self.vocab_size:
+            raise CacheError(f"cache meta k={self.k}: expected 1 <= k <= vocab_size ({self.vocab_size}) for top-k targets")
+        if self.target_kind == "sampled" and self.num_samples < 1:
+            raise CacheError(f"cache meta num_samples={self.num_samples}: expected >= 1 draws for sampled targets")
+
+    def identity(self) -> dict[str, Any]:
+        """The fields two parts of one cache must agree on (all but ``config``)."""
+        out = dataclasses.asdict(self)
+        out.pop("config")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str) -> "CacheMeta":
+        """Parse metadata read from ``source`` (a file name, for the error message)."""
+        if not isinstance(data, dict):
+            raise CacheError(f"{source}: cache metadata is not a JSON object")
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise CacheError(
+                f"{source}: cache format_version={version!r}, this qadpipe reads format_version={FORMAT_VERSION}"
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        missing = sorted(f.name for f in dataclasses.fields(cls)
+                         if f.name not in data and f.default is dataclasses.MISSING
+                         and f.default_factory is dataclasses.MISSING)
+        if unknown or missing:
+            raise CacheError(f"{source}: cache metadata has unknown fields {unknown} / lacks fields {missing}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def id_type(vocab_size: int, sentinel: bool = False) -> pa.DataType:
+    """The narrowest unsigned type holding every token id (plus one sentinel id if asked)."""
+    return pa.uint16() if vocab_size + int(sentinel) <= 0xFFFF + 1 else pa.uint32()
+
+
+def target_columns(meta: CacheMeta) -> list[pa.Field]:
+    """The per-row target columns of a cache, for its kind and encoding."""
+    plain = meta.encoding == "plain"
+    if meta.target_kind == "topk":
+        if plain:
+            return [pa.field("topk_ids", pa.list_(pa.int32())),
+                    pa.field("topk_logprobs", pa.list_(pa.float32())),
+                    pa.field("tail_mass", pa.list_(pa.float64()))]
+        return [pa.field("topk_ids", pa.list_(id_type(meta.vocab_size))),
+                pa.field("topk_lp_deltas", pa.list_(pa.uint16())),
+                pa.field("tail_codes", pa.list_(pa.uint16()))]
+    if plain:
+        return [pa.field("sample_unique", pa.list_(pa.int32())),
+                pa.field("sample_ids", pa.list_(pa.int32())),
+                pa.field("sample_counts", pa.list_(pa.int32()))]
+    count_type = pa.uint8() if meta.num_samples <= 0xFF else pa.uint16()
+    return [pa.field("sample_unique", pa.list_(count_type)),
+            pa.field("sample_ids", pa.list_(id_type(meta.vocab_size, sentinel=True))),
+            pa.field("sample_counts", pa.list_(count_type))]
+
+
+def arrow_schema(meta: CacheMeta) -> pa.Schema:
+    """The explicit Parquet schema of every shard of a cache, with its metadata attached."""
+    input_type = pa.int32() if meta.encoding == "plain" else id_type(meta.vocab_size)
+    fields = [pa.field("id", pa.string(), nullable=False),
+              pa.field("input_ids", pa.list_(input_type)),
+              pa.field("target_start", pa.int32())]
+    return pa.schema(fields + target_columns(meta), metadata={META_KEY: meta.to_json().encode()})

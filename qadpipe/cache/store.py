@@ -1,0 +1,124 @@
+"""A cache root on local disk or anywhere pyarrow.fs reaches (``s3://bucket/prefix`` ...).
+
+Writes are all-or-nothing: locally a temp name in the same directory, fsync, rename, fsync
+of the directory; on an object store a single PUT (objects appear whole or not at all).
+Credentials for object stores come only from the environment (``AWS_ACCESS_KEY_ID`` ...,
+``AWS_ENDPOINT_URL``) or the URI's query (``?endpoint_override=host:port&scheme=http``);
+qadpipe never writes them anywhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from qadpipe.errors import CacheError
+from qadpipe.provenance import atomic_write_bytes
+
+TEMP_SUFFIX = ".tmp"
+
+
+class Store:
+    """Relative-path file access under one cache root."""
+
+    def __init__(self, root: str, filesystem: pafs.FileSystem | None = None) -> None:
+        self.root = str(root)
+        self.local = filesystem is None and "://" not in self.root
+        if self.local:
+            self.fs, self.base = None, Path(self.root).expanduser().absolute()
+        elif filesystem is not None:
+            self.fs, self.base = filesystem, self.root.rstrip("/")
+        else:
+            try:
+                self.fs, path = pafs.FileSystem.from_uri(self.root)
+            except (pa.ArrowException, OSError, ValueError) as exc:
+                raise CacheError(f"{self.root}: cannot open cache location ({_first_line(exc)})") from exc
+            self.base = path.rstrip("/")
+
+    def describe(self, rel: str) -> str:
+        """How to name ``rel`` in a message: the full path or URI."""
+        if self.local:
+            return str(self.base / rel)
+        return f"{self.root.split('?')[0].rstrip('/')}/{rel}"
+
+    def _path(self, rel: str) -> str:
+        return str(self.base / rel) if self.local else f"{self.base}/{rel}"
+
+    def write_atomic(self, rel: str, data: bytes) -> None:
+        """Replace ``rel`` with ``data``: readers see the old content or the new, never a torn file."""
+        try:
+            if self.local:
+                atomic_write_bytes(self.base / rel, data)
+            else:
+                parent = self._path(rel).rsplit("/", 1)[0]
+                self.fs.create_dir(parent, recursive=True)
+                with self.fs.open_output_stream(self._path(rel)) as out:
+                    out.write(data)
+        except (OSError, pa.ArrowException) as exc:
+            raise CacheError(f"{self.describe(rel)}: cannot write ({_first_line(exc)})") from exc
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self.buffer(rel).to_pybytes()
+
+    def buffer(self, rel: str) -> pa.Buffer:
+        """The whole file; memory-mapped on local disk (no copy, pages read on demand)."""
+        try:
+            if self.local:
+                with pa.memory_map(self._path(rel)) as source:
+                    return source.read_buffer()
+            with self.fs.open_input_file(self._path(rel)) as source:
+                return source.read_buffer()
+        except FileNotFoundError as exc:
+            raise CacheError(f"{self.describe(rel)}: missing") from exc
+        except (OSError, pa.ArrowException) as exc:
+            raise CacheError(f"{self.describe(rel)}: cannot read ({_first_line(exc)})") from exc
+
+    def open_input(self, rel: str) -> pa.NativeFile:
+        """A random-access handle (memory map locally, ranged reads remotely): reading a
+        Parquet footer or one column this way does not fetch the whole file."""
+        try:
+            if self.local:
+                return pa.memory_map(self._path(rel))
+            return self.fs.open_input_file(self._path(rel))
+        except FileNotFoundError as exc:
+            raise CacheError(f"{self.describe(rel)}: missing") from exc
+        except (OSError, pa.ArrowException) as exc:
+            raise CacheError(f"{self.describe(rel)}: cannot read ({_first_line(exc)})") from exc
+
+    def size(self, rel: str) -> int | None:
+        """Size in bytes, or None when the file does not exist."""
+        try:
+            if self.local:
+                return (self.base / rel).stat().st_size
+            info = self.fs.get_file_info(self._path(rel))
+        except FileNotFoundError:
+            return None
+        except (OSError, pa.ArrowException) as exc:
+            raise CacheError(f"{self.describe(rel)}: cannot stat ({_first_line(exc)})") from exc
+        return info.size if info.type == pafs.FileType.File else None
+
+    def list(self, rel_dir: str) -> list[str]:
+        """File names directly under ``rel_dir`` (sorted; empty when it does not exist)."""
+        try:
+            if self.local:
+                directory = self.base / rel_dir
+                return sorted(p.name for p in directory.iterdir() if p.is_file()) if directory.is_dir() else []
+            infos = self.fs.get_file_info(pafs.FileSelector(self._path(rel_dir), allow_not_found=True))
+        except (OSError, pa.ArrowException) as exc:
+            raise CacheError(f"{self.describe(rel_dir)}: cannot list ({_first_line(exc)})") from exc
+        return sorted(info.base_name for info in infos if info.type == pafs.FileType.File)
+
+    def remove_temps(self, rel_dir: str, prefix: str) -> None:
+        """Delete leftover temp files of a killed local writer (object stores leave none)."""
+        if not self.local:
+            return
+        for name in self.list(rel_dir):
+            if name.startswith(f".{prefix}") and name.endswith(TEMP_SUFFIX):
+                (self.base / rel_dir / name).unlink(missing_ok=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

@@ -1,0 +1,130 @@
+"""CacheWriter: buffered rows -> zstd Parquet shards committed through a task manifest.
+
+One writer per cluster task.  Order of a commit: encode the buffered rows, write the shard
+(temp name, fsync, rename), then replace the task manifest.  A kill at any point leaves the
+manifest listing only complete shards; a rerun of the same task resumes from
+:meth:`CacheWriter.done_ids` and overwrites any unlisted leftover.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import time
+from types import TracebackType
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from qadpipe.cache.encoding import encode_rows, validate_row
+from qadpipe.cache.manifest import (SHARD_DIR, ShardEntry, TaskManifest, load_manifests, manifest_path,
+                                    meta_difference, shard_path)
+from qadpipe.cache.schema import CacheMeta
+from qadpipe.cache.store import Store
+from qadpipe.errors import CacheError
+from qadpipe.provenance import package_versions
+from qadpipe.targets import SequenceTargets
+
+log = logging.getLogger(__name__)
+
+#: Rows per Parquet row group: the unit a rank skips to when it reads its slice of a shard.
+ROW_GROUP_ROWS = 128
+
+
+class CacheWriter:
+    """Writes one task's rows into a cache (local path or URI); use as a context manager."""
+
+    def __init__(self, root: str, meta: CacheMeta, *, task: str = "task-00000", rows_per_shard: int = 1024,
+                 zstd_level: int = 3, filesystem: pafs.FileSystem | None = None) -> None:
+        if rows_per_shard < 1:
+            raise CacheError(f"cache rows_per_shard={rows_per_shard}: expected >= 1")
+        self.store = Store(root, filesystem)
+        self.meta = meta
+        self.rows_per_shard = rows_per_shard
+        self.zstd_level = zstd_level
+        self._manifest_rel = manifest_path(task)
+        self._manifest = self._open_manifest(task)
+        self._done = self._committed_ids()
+        self._buffer: list[SequenceTargets] = []
+        self._buffered_ids: set[str] = set()
+        self._next_index = len(self._manifest.shards)
+        self._closed = False
+        self.store.remove_temps(SHARD_DIR, f"{task}-")
+
+    def _open_manifest(self, task: str) -> TaskManifest:
+        """This task's manifest (resume) or a new one; refuse a cache made differently."""
+        own = None
+        for existing in load_manifests(self.store):
+            difference = meta_difference(existing.meta, self.meta)
+            if difference:
+                raise CacheError(
+                    f"{self.store.describe(manifest_path(existing.task))}: cache was written with "
+                    f"{difference[0]}, this writer has {difference[1]}; use a new cache path"
+                )
+            if existing.task == task:
+                own = existing
+        if own is None:
+            return TaskManifest(task=task, meta=self.meta, versions=package_versions())
+        own.meta, own.versions = self.meta, package_versions()
+        return own
+
+    def _committed_ids(self) -> set[str]:
+        done: set[str] = set()
+        for shard in self._manifest.shards:
+            table = pq.read_table(io.BytesIO(self.store.read_bytes(shard.name)), columns=["id"])
+            done.update(table.column("id").to_pylist())
+        return done
+
+    def done_ids(self) -> set[str]:
+        """Ids this task has already committed: a resumed run skips them."""
+        return set(self._done)
+
+    def write(self, row: SequenceTargets) -> None:
+        """Buffer one row; a shard is committed every ``rows_per_shard`` rows."""
+        if self._closed:
+            raise CacheError(f"{self.store.describe(self._manifest_rel)}: writer already closed")
+        validate_row(row, self.meta)
+        if row.id in self._done or row.id in self._buffered_ids:
+            raise CacheError(f"cache row id {row.id!r}: already written by task {self._manifest.task}")
+        self._buffer.append(row)
+        self._buffered_ids.add(row.id)
+        if len(self._buffer) >= self.rows_per_shard:
+            self.flush()
+
+    def flush(self) -> None:
+        """Commit the buffered rows as one shard now (e.g. on SIGTERM before preemption)."""
+        if not self._buffer:
+            return
+        started = time.perf_counter()
+        table = encode_rows(self._buffer, self.meta)
+        sink = io.BytesIO()
+        pq.write_table(table, sink, compression="zstd", compression_level=self.zstd_level,
+                       row_group_size=ROW_GROUP_ROWS, write_statistics=False)
+        data = sink.getvalue()
+        name = shard_path(self._manifest.task, self._next_index)
+        self.store.write_atomic(name, data)
+        tokens = sum(row.num_target_rows for row in self._buffer)
+        self._manifest.shards.append(ShardEntry(name=name, rows=len(self._buffer), tokens=tokens, bytes=len(data),
+                                                sha256=hashlib.sha256(data).hexdigest()))
+        self.store.write_atomic(self._manifest_rel, self._manifest.to_json().encode())
+        self._next_index += 1
+        self._done |= self._buffered_ids
+        seconds = time.perf_counter() - started
+        log.info("cache: committed %s (%d rows, %d tokens, %.1f B/token, %.0f tokens/s)",
+                 name, len(self._buffer), tokens, len(data) / max(tokens, 1), tokens / max(seconds, 1e-9))
+        self._buffer, self._buffered_ids = [], set()
+
+    def close(self) -> None:
+        """Commit what is buffered; the writer takes no more rows."""
+        if not self._closed:
+            self.flush()
+            self._closed = True
+
+    def __enter__(self) -> "CacheWriter":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        # Rows buffered before an error are complete and valid: keep them.
+        self.close()
