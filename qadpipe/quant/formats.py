@@ -1,0 +1,442 @@
+"""Number formats as pure tensor functions: quantize -> codes + scales, dequantize, fake-quantize.
+
+One code path for everything: the STE forward of training (``fake_quantize``), the weights
+the exporter packs (``quantize``) and the dequantized values vLLM computes all come from the
+functions here, so what is trained is what is served.  All arithmetic runs in fp32 whatever
+the input dtype (bf16 division rounds near half-steps); scales are rounded to the dtype they
+are stored in *before* the codes are computed from them.
+
+Conventions (compressed-tensors, vLLM; see ``shared/notes/export-formats-vllm-cpu.md``):
+
+* the last dimension is the reduction dimension (in-features of a weight ``[out, in]``, the
+  hidden size of an activation ``[..., hidden]``); groups/blocks are consecutive runs of it;
+* INT: scale bf16, ``W = (code - zp) * scale``.  Symmetric narrow range by default
+  (int4 codes in [-7, 7], scale = amax/7, as ModelOpt); ``narrow_range=False`` is the
+  compressed-tensors convention (codes in [-8, 7], scale = amax/7.5);
+* FP8 E4M3: scale fp32 = amax/448, ``W = fp8(clamp(x/scale, ±448)) * scale``;
+* NVFP4: E2M1 codes in blocks of 16, FP8 E4M3 block scales and an fp32 per-tensor global
+  scale stored the compressed-tensors way, as a *divisor*: ``global_scale = 448*6/amax``,
+  ``W = e2m1 * scale_fp8 / global_scale``;
+* MXFP4 / MXFP8: E2M1 / E4M3 elements in blocks of 32 with an E8M0 (power of two) scale
+  stored as the uint8 biased exponent.  The exponent rule is :class:`MXScaleRule`; the default
+  CEIL never clips (ModelOpt's rule), FLOOR is the OCP MX v1.0 spec's.
+
+Zero scales become the smallest step of their storage dtype (0.125 for FP8 block scales,
+``finfo(dtype).eps`` otherwise), as compressed-tensors does, so an all-zero block dequantizes to
+exact zeros and nothing divides by zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from qadpipe.errors import QuantError
+from qadpipe.quant import constants as C
+from qadpipe.quant.packing import nibble_to_e2m1, pack_fp4, pack_int32, unpack_fp4, unpack_int32
+
+__all__ = [
+    "Kind", "Granularity", "MXScaleRule", "QuantSpec", "QuantizedTensor",
+    "quantize", "dequantize", "fake_quantize", "representable_bounds", "mse_best_scale",
+    "round_to_e2m1", "round_to_fp8", "pack_int32", "unpack_int32", "pack_fp4", "unpack_fp4",
+    "nibble_to_e2m1",
+]
+
+
+class Kind(str, Enum):
+    """The element format (or, for the special low-bit methods, how codes are chosen)."""
+
+    INT = "int"          # uniform integer grid, symmetric or asymmetric
+    FP8 = "fp8"          # E4M3 elements, fp32 scale
+    NVFP4 = "nvfp4"      # E2M1 elements, FP8 block-16 scales, fp32 global scale
+    MXFP4 = "mxfp4"      # E2M1 elements, E8M0 block-32 scales
+    MXFP8 = "mxfp8"      # E4M3 elements, E8M0 block-32 scales
+    TWN = "twn"          # ternary weight networks
+    ABSMEAN = "absmean"  # BitNet b1.58 ternary
+    SHERRY = "sherry"    # N:M sparse ternary
+    LSQ = "lsq"          # learned step size (integer grid, scale is a parameter)
+
+
+TERNARY = (Kind.TWN, Kind.ABSMEAN, Kind.SHERRY)
+INTEGER_CODES = (Kind.INT, Kind.LSQ) + TERNARY   # int8 codes; exportable as pack-quantized
+
+
+class Granularity(str, Enum):
+    """Which elements share one scale."""
+
+    TENSOR = "tensor"    # the whole tensor
+    CHANNEL = "channel"  # one row of a weight [out, in] (per output channel)
+    TOKEN = "token"      # one row of an activation [..., hidden] (dynamic per token)
+    GROUP = "group"      # group_size consecutive elements of the last dimension (a "block")
+
+
+class MXScaleRule(str, Enum):
+    """How an MX block's shared exponent ``e`` (scale ``2**e``) follows from its amax.
+
+    CEIL:  ``e = ceil(log2(amax / elem_max))`` -- the smallest scale that clips nothing
+           (ModelOpt ``compute_scale_e8m0_NV``, AngelSlim, AutoRound ``rceil``).  Default.
+    FLOOR: ``e = floor(log2(amax)) - emax_elem`` -- OCP Microscaling spec v1.0 section 6.3;
+           elements above ``elem_max * 2**e`` saturate.
+    Both are computed exactly from ``frexp`` (no float log2 at binade edges).
+    """
+
+    CEIL = "ceil"
+    FLOOR = "floor"
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """A complete description of one quantizer's numerics (frozen: hashable, compile-friendly).
+
+    ``dynamic``: scales come from the live tensor at every call.  When False, the tensor-level
+    amax comes from calibration: the static per-tensor FP8 input scale, and the NVFP4 global
+    scale (block scales are always computed from the live tensor).
+    ``fp8_group_scales``: W4A8 -- vLLM turns bf16 int4 group scales into FP8 times a
+    per-channel fp32 factor at load (``convert_bf16_scales_to_fp8``); emulate it.
+    ``sparsity``: (N, M) for Sherry, keep the N largest of every M consecutive weights.
+    """
+
+    kind: Kind
+    bits: int = 4
+    granularity: Granularity = Granularity.GROUP
+    group_size: Optional[int] = None
+    symmetric: bool = True
+    narrow_range: bool = True
+    dynamic: bool = True
+    mx_rule: MXScaleRule = MXScaleRule.CEIL
+    fp8_group_scales: bool = False
+    sparsity: tuple[int, int] = (3, 4)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", Kind(self.kind))
+        object.__setattr__(self, "granularity", Granularity(self.granularity))
+        object.__setattr__(self, "mx_rule", MXScaleRule(self.mx_rule))
+        fixed_block = {Kind.NVFP4: C.NVFP4_BLOCK, Kind.MXFP4: C.MX_BLOCK, Kind.MXFP8: C.MX_BLOCK}
+        fixed_bits = {Kind.FP8: 8, Kind.NVFP4: 4, Kind.MXFP4: 4, Kind.MXFP8: 8,
+                      Kind.TWN: 2, Kind.ABSMEAN: 2, Kind.SHERRY: 2}
+        if self.kind in fixed_bits:
+            object.__setattr__(self, "bits", fixed_bits[self.kind])
+        if self.kind in fixed_block:
+            block = fixed_block[self.kind]
+            if self.group_size not in (None, block):
+                raise QuantError(f"{self.kind.value}: group_size {self.group_size} is not allowed; "
+                                 f"the format fixes blocks of {block}")
+            object.__setattr__(self, "group_size", block)
+            object.__setattr__(self, "granularity", Granularity.GROUP)
+        if self.kind in (Kind.INT, Kind.LSQ) and not 2 <= self.bits <= 8:
+            raise QuantError(f"{self.kind.value}: bits {self.bits} out of range, expected 2..8")
+        if self.granularity is Granularity.GROUP and (self.group_size is None or self.group_size < 1):
+            raise QuantError(f"{self.kind.value}: granularity 'group' needs a positive group_size, "
+                             f"got {self.group_size}")
+        if self.granularity is not Granularity.GROUP:
+            object.__setattr__(self, "group_size", None)
+        if self.kind is Kind.FP8 and self.granularity is Granularity.GROUP:
+            raise QuantError("fp8: granularity 'group' is not supported, expected tensor, channel or token")
+        if not self.symmetric and self.kind is not Kind.INT:
+            raise QuantError(f"{self.kind.value}: asymmetric quantization is only defined for int")
+        if self.fp8_group_scales and not (self.kind is Kind.INT and self.symmetric
+                                          and self.granularity is Granularity.GROUP):
+            raise QuantError("fp8_group_scales (W4A8) needs symmetric int weights with group scales")
+        if self.kind is Kind.SHERRY:
+            n, m = self.sparsity
+            if not 0 < n < m:
+                raise QuantError(f"sherry: sparsity {n}:{m} invalid, expected 0 < N < M")
+            if self.group_size is not None and self.group_size % m:
+                raise QuantError(f"sherry: group_size {self.group_size} must be a multiple of M={m}")
+
+    @property
+    def scale_dtype(self) -> torch.dtype:
+        """The dtype the scale is stored (and exported) in; fake-quant uses exactly this value."""
+        if self.kind is Kind.FP8:
+            return torch.float32
+        if self.kind is Kind.NVFP4:
+            return C.FP8_E4M3_DTYPE
+        if self.kind in (Kind.MXFP4, Kind.MXFP8):
+            return torch.uint8
+        return torch.bfloat16
+
+    @property
+    def code_range(self) -> tuple[int, int]:
+        """(qmin, qmax) of the integer codes."""
+        if self.kind in TERNARY:
+            return -1, 1
+        half = 1 << (self.bits - 1)
+        if self.kind is Kind.INT and self.symmetric and self.narrow_range:
+            return -(half - 1), half - 1
+        return -half, half - 1
+
+    @property
+    def elem_max(self) -> float:
+        """Largest magnitude an element code represents (before the scale)."""
+        if self.kind in (Kind.FP8, Kind.MXFP8):
+            return C.FP8_E4M3_MAX
+        if self.kind in (Kind.NVFP4, Kind.MXFP4):
+            return C.E2M1_MAX
+        qmin, qmax = self.code_range
+        return float(max(-qmin, qmax))
+
+    def check_shape(self, shape: tuple[int, ...], name: str = "tensor") -> None:
+        """Raise QuantError unless a tensor of ``shape`` can be quantized with this spec."""
+        k = shape[-1]
+        if self.granularity is Granularity.GROUP and k % self.group_size:
+            raise QuantError(f"{name}: last dimension {k} is not divisible by the "
+                             f"{self.kind.value} group size {self.group_size}")
+        if self.kind is Kind.SHERRY and k % self.sparsity[1]:
+            raise QuantError(f"{name}: last dimension {k} is not divisible by sherry M={self.sparsity[1]}")
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """Codes and scales of one quantized tensor, in the dtypes export writes.
+
+    codes: int8 (INT, LSQ, ternary), float32 E2M1 values (NVFP4, MXFP4; pack with
+    :func:`pack_fp4`), float8_e4m3fn (FP8, MXFP8); same shape as the input.
+    scale: ``spec.scale_dtype``; shape ``[..., K/group]`` (group), ``[..., 1]`` (channel/token)
+    or ``[1]`` (tensor).  MX scales are uint8 biased exponents ``e + 127``.
+    zero_point: int8 like ``scale`` (asymmetric INT only).  global_scale: NVFP4 only, fp32
+    ``[1]``, the compressed-tensors divisor ``448*6/amax``.  dtype: what ``dequantize`` returns.
+    """
+
+    codes: Tensor
+    scale: Tensor
+    zero_point: Optional[Tensor]
+    global_scale: Optional[Tensor]
+    spec: QuantSpec
+    dtype: torch.dtype
+
+
+# ----------------------------------------------------------------------------- elements
+
+def round_to_e2m1(y: Tensor) -> Tensor:
+    """Round fp32 values to the E2M1 grid {0, .5, 1, 1.5, 2, 3, 4, 6} (sign kept), nearest,
+    ties to even, saturating at ±6.  The grid step is 0.5 below 2, 1 in [2, 4) and 2 above,
+    so scaling by the inverse step makes ``torch.round`` (half-to-even) do the work exactly."""
+    a = y.abs()
+    inv_step = torch.where(a < 2, 2.0, torch.where(a < 4, 1.0, 0.5))
+    q = (torch.round(a * inv_step) / inv_step).clamp(max=C.E2M1_MAX)
+    return torch.copysign(q, y)
+
+
+def round_to_fp8(y: Tensor) -> Tensor:
+    """Saturating cast to float8_e4m3fn (a plain cast above 448 gives NaN)."""
+    return y.clamp(-C.FP8_E4M3_MAX, C.FP8_E4M3_MAX).to(C.FP8_E4M3_DTYPE)
+
+
+def _store(scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """Round an fp32 scale to its storage dtype; zeros become the dtype's smallest step."""
+    eps = torch.finfo(dtype).eps
+    stored = scale.to(dtype)
+    return torch.where(stored == 0, torch.tensor(eps, dtype=dtype, device=scale.device), stored)
+
+
+# ----------------------------------------------------------------------------- grouping
+
+def _groups(x: Tensor, spec: QuantSpec) -> Tensor:
+    """View ``x`` as ``[..., G, n]``: each slice along the last dim shares one scale."""
+    if spec.granularity is Granularity.GROUP:
+        return x.unflatten(-1, (x.shape[-1] // spec.group_size, spec.group_size))
+    if spec.granularity is Granularity.TENSOR:
+        return x.reshape(1, 1, -1)
+    return x.unsqueeze(-2)
+
+
+def _scale_shape(x_shape: torch.Size, spec: QuantSpec) -> tuple[int, ...]:
+    if spec.granularity is Granularity.GROUP:
+        return (*x_shape[:-1], x_shape[-1] // spec.group_size)
+    if spec.granularity is Granularity.TENSOR:
+        return (1,)
+    return (*x_shape[:-1], 1)
+
+
+# ----------------------------------------------------------------------------- quantize
+
+def quantize(x: Tensor, spec: QuantSpec, *, amax: Optional[Tensor] = None,
+             scale: Optional[Tensor] = None) -> QuantizedTensor:
+    """Quantize ``x`` (any float dtype) to codes + scales.
+
+    amax: a calibrated amax instead of the live one -- the tensor-level amax for
+    static per-tensor formats and the NVFP4 global scale, or a per-group/-channel amax shaped
+    like the scale (learned clipping).  scale: an explicit scale shaped like the result's
+    scale (INT/LSQ: a learned step); it is rounded to ``spec.scale_dtype`` first.
+    """
+    spec.check_shape(tuple(x.shape))
+    xg = _groups(x.float(), spec)
+    out_shape = _scale_shape(x.shape, spec)
+    zero_point = global_scale = None
+    if amax is not None:
+        amax = amax.float().reshape(_scale_shape(x.shape, spec) if amax.numel() > 1 else (1,))
+        amax = _groups_like_scale(amax, spec)
+    if scale is not None:
+        scale = _groups_like_scale(scale.float().reshape(out_shape), spec)
+
+    if spec.kind in (Kind.INT, Kind.LSQ):
+        codes, s, zero_point = _quantize_int(xg, spec, amax, scale)
+    elif spec.kind in TERNARY:
+        from qadpipe.quant.special import ternary_codes
+        codes, s = ternary_codes(xg, spec)
+    elif spec.kind is Kind.FP8:
+        a = amax if amax is not None else xg.abs().amax(-1, keepdim=True)
+        s = _store(a / C.FP8_E4M3_MAX, torch.float32)
+        codes = round_to_fp8(xg / s)
+    elif spec.kind is Kind.NVFP4:
+        codes, s, global_scale = _quantize_nvfp4(xg, amax)
+    else:
+        codes, s = _quantize_mx(xg, spec)
+    scale_out = s.reshape(out_shape)
+    zp_out = zero_point.reshape(out_shape) if zero_point is not None else None
+    return QuantizedTensor(codes.reshape(x.shape), scale_out, zp_out, global_scale, spec, x.dtype)
+
+
+def _groups_like_scale(t: Tensor, spec: QuantSpec) -> Tensor:
+    """A scale/amax shaped like ``QuantizedTensor.scale`` -> broadcastable against ``_groups``."""
+    if spec.granularity is Granularity.TENSOR or t.numel() == 1:
+        return t.reshape(1, 1, 1)
+    return t.unsqueeze(-1)
+
+
+def _quantize_int(xg: Tensor, spec: QuantSpec, amax: Optional[Tensor],
+                  scale: Optional[Tensor]) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    qmin, qmax = spec.code_range
+    if spec.symmetric:
+        if scale is None:
+            a = amax if amax is not None else xg.abs().amax(-1, keepdim=True)
+            scale = a / ((qmax - qmin) / 2)
+        s = _store(scale, spec.scale_dtype).float()
+        codes = torch.round(xg / s).clamp(qmin, qmax)
+        return codes.to(torch.int8), s.to(spec.scale_dtype), None
+    lo = xg.amin(-1, keepdim=True).clamp(max=0)
+    hi = xg.amax(-1, keepdim=True).clamp(min=0)
+    s = _store((hi - lo) / (qmax - qmin), spec.scale_dtype).float()
+    zp = torch.round(qmin - lo / s).clamp(qmin, qmax)
+    codes = torch.round(xg / s + zp).clamp(qmin, qmax)
+    return codes.to(torch.int8), s.to(spec.scale_dtype), zp.to(torch.int8)
+
+
+def _quantize_nvfp4(xg: Tensor, amax: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    a = amax.reshape(()) if amax is not None else xg.abs().amax()
+    tiny = torch.finfo(torch.float32).tiny
+    global_scale = (C.FP8_E4M3_MAX * C.E2M1_MAX) / a.clamp(min=tiny)
+    global_scale = torch.nan_to_num(global_scale, nan=1.0, posinf=1.0, neginf=1.0).reshape(1)
+    block_amax = xg.abs().amax(-1, keepdim=True)
+    s8 = round_to_fp8(global_scale * (block_amax / C.E2M1_MAX))
+    s8 = torch.where(s8.float() == 0, torch.tensor(C.FP8_ZERO_SCALE, device=xg.device).to(s8.dtype), s8)
+    effective = s8.float() / global_scale
+    codes = round_to_e2m1((xg / effective).clamp(-C.E2M1_MAX, C.E2M1_MAX))
+    return codes, s8, global_scale
+
+
+def _mx_exponent(block_amax: Tensor, spec: QuantSpec) -> Tensor:
+    """Integer shared exponent per block (see :class:`MXScaleRule`), clamped to E8M0's range."""
+    mant, exp = torch.frexp(block_amax)            # amax = mant * 2**exp, mant in [0.5, 1)
+    if spec.mx_rule is MXScaleRule.FLOOR:
+        emax_elem = C.E2M1_EMAX if spec.kind is Kind.MXFP4 else C.FP8_E4M3_EMAX
+        e = (exp - 1) - emax_elem
+    else:
+        elem_mant, elem_exp = torch.frexp(torch.tensor(spec.elem_max))
+        e = torch.where(mant <= elem_mant, exp - elem_exp, exp - elem_exp + 1)
+    e = torch.where(block_amax > 0, e, torch.zeros_like(e))
+    return e.clamp(C.E8M0_MIN_EXP, C.E8M0_MAX_EXP)
+
+
+def _quantize_mx(xg: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    e = _mx_exponent(xg.abs().amax(-1, keepdim=True), spec)
+    y = xg * torch.pow(2.0, (-e).float())
+    if spec.kind is Kind.MXFP4:
+        codes = round_to_e2m1(y.clamp(-C.E2M1_MAX, C.E2M1_MAX))
+    else:
+        codes = round_to_fp8(y)
+    return codes, (e + C.E8M0_BIAS).to(torch.uint8)
+
+
+# ----------------------------------------------------------------------------- dequantize
+
+def effective_scale(q: QuantizedTensor) -> Tensor:
+    """The fp32 multiplier of each group, shaped like ``q.scale``: what dequantize applies."""
+    spec = q.spec
+    if spec.kind is Kind.NVFP4:
+        return q.scale.float() / q.global_scale
+    if spec.kind in (Kind.MXFP4, Kind.MXFP8):
+        return torch.pow(2.0, q.scale.float() - C.E8M0_BIAS)
+    if spec.fp8_group_scales:
+        return _w4a8_scales(q.scale)
+    return q.scale.float()
+
+
+def _w4a8_scales(scale: Tensor) -> Tensor:
+    """vLLM ``convert_bf16_scales_to_fp8`` (quant_utils.py): per output row
+    ``c = max_g(s_g)/448``, ``s8 = fp8(fp8(s_g/c)/8)``, effective scale ``s8 * 8c``.
+    Formula-level emulation (the kernel needs a Hopper GPU; not bit-verified here)."""
+    s = scale.float()
+    c = s.abs().amax(-1, keepdim=True) / C.FP8_E4M3_MAX
+    s8 = round_to_fp8(s / c)
+    s8 = round_to_fp8(s8.float() / 8.0)
+    return s8.float() * (c * 8.0)
+
+
+def dequantize(q: QuantizedTensor) -> Tensor:
+    """Codes x scales, in fp32, cast to the dtype that was quantized."""
+    spec = q.spec
+    values = q.codes.float()
+    if q.zero_point is not None:
+        values = _groups(values, spec) - _groups_like_scale(q.zero_point.float(), spec)
+    else:
+        values = _groups(values, spec)
+    out = values * _groups_like_scale(effective_scale(q), spec)
+    return out.reshape(q.codes.shape).to(q.dtype)
+
+
+def fake_quantize(x: Tensor, spec: QuantSpec, *, amax: Optional[Tensor] = None,
+                  scale: Optional[Tensor] = None) -> Tensor:
+    """``dequantize(quantize(x))``: the value the deployed kernel computes with, in x's dtype."""
+    return dequantize(quantize(x, spec, amax=amax, scale=scale))
+
+
+def representable_bounds(q: QuantizedTensor) -> tuple[Tensor, Tensor]:
+    """(lo, hi) per group, broadcastable against ``x`` grouped like ``q.scale``: inputs outside
+    are clipped by the quantizer (the clipped STE zeroes their gradient)."""
+    spec = q.spec
+    s = effective_scale(q)
+    if spec.kind in INTEGER_CODES:
+        qmin, qmax = spec.code_range
+        zp = q.zero_point.float() if q.zero_point is not None else torch.zeros_like(s)
+        return (qmin - zp) * s, (qmax - zp) * s
+    return -spec.elem_max * s, spec.elem_max * s
+
+
+def inside_range(x: Tensor, q: QuantizedTensor) -> Tensor:
+    """Boolean mask of the elements of ``x`` the quantizer ``q`` does not clip."""
+    lo, hi = representable_bounds(q)
+    xg = _groups(x, q.spec)
+    inside = (xg >= _groups_like_scale(lo, q.spec)) & (xg <= _groups_like_scale(hi, q.spec))
+    return inside.reshape(x.shape)
+
+
+def mse_best_scale(x: Tensor, spec: QuantSpec, ratios: Optional[Tensor] = None) -> Tensor:
+    """Per-group scale minimising the squared fake-quant error of ``x`` over a grid of clip
+    ratios of the max scale (symmetric INT/LSQ).  The data-driven initialisation of learned
+    steps and clips (AngelSlim starts them at a constant 1.0)."""
+    if spec.kind not in (Kind.INT, Kind.LSQ) or not spec.symmetric:
+        raise QuantError(f"{spec.kind.value}: MSE scale search needs a symmetric integer format")
+    if ratios is None:
+        ratios = torch.linspace(0.3, 1.0, 29)
+    qmin, qmax = spec.code_range
+    xf = x.detach().float()
+    xg = _groups(xf, spec)
+    base = xg.abs().amax(-1) / ((qmax - qmin) / 2)
+    base = base.reshape(_scale_shape(x.shape, spec))
+    best_err = best = None
+    for r in ratios.tolist():
+        candidate = base * r
+        err = _groups((fake_quantize(xf, spec, scale=candidate) - xf) ** 2, spec).sum(-1)
+        err = err.reshape(candidate.shape)
+        if best is None:
+            best, best_err = candidate, err
+        else:
+            better = err < best_err
+            best = torch.where(better, candidate, best)
+            best_err = torch.where(better, err, best_err)
+    return best
