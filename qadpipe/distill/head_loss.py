@@ -1,0 +1,187 @@
+"""The student's LM head and the distillation loss, fused and chunked over positions.
+
+Why: at a 150k vocabulary the logits of one 4×2048 batch are 5 GB in fp32, and autograd
+would keep them (plus the log-softmax and its gradient) alive until backward.  Here the
+model's base returns the final hidden states; only the positions that carry targets are
+kept, and the head runs on ``chunk_tokens`` of them at a time: logits → fp32 log-softmax
+(the exact full-vocab normalizer) → per-position loss → gradients w.r.t. that chunk's
+hidden states and the head's parameters, computed right there (Liger-kernel style).  Peak
+memory is one chunk's ``[chunk, vocab]`` fp32, in forward *and* backward, and the head's
+matmul is not recomputed (what ``torch.utils.checkpoint`` per chunk would cost).
+
+The gradients are computed inside :meth:`_FusedHeadLoss.forward` with ``autograd.grad``,
+which does not touch ``.grad`` or fire DDP/FSDP hooks; the outer backward hands them to
+autograd like any op's gradients, so DDP/FSDP2 reduce them as usual.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from qadpipe.distill import losses
+from qadpipe.errors import DistillError
+
+#: Config attributes that change logits after the head; the fused head would silently skip them.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """What to optimize: ``mode`` qad (cached targets) | qat (CE only) | online (teacher logits)."""
+
+    mode: str = "qad"
+    loss: str = "forward_kl"
+    kd_weight: float = 1.0
+    lm_weight: float = 0.0
+    cakld_beta: float = 0.5
+
+
+@dataclass
+class PositionTargets:
+    """Targets for the ``N`` selected positions, row-aligned with the selected hidden states.
+
+    ``next_tokens`` always; then top-k (``topk_ids`` ``[N, k]``, ``topk_logprobs``,
+    ``tail_mass`` ``[N]``), or sampled (``sample_ids`` ``[N, m]`` with −1 padding and
+    ``sample_weights`` = count/N), or online (``teacher_hidden`` ``[N, D]``).
+    """
+
+    next_tokens: torch.Tensor
+    topk_ids: Optional[torch.Tensor] = None
+    topk_logprobs: Optional[torch.Tensor] = None
+    tail_mass: Optional[torch.Tensor] = None
+    sample_ids: Optional[torch.Tensor] = None
+    sample_weights: Optional[torch.Tensor] = None
+    teacher_hidden: Optional[torch.Tensor] = None
+
+    def __len__(self) -> int:
+        return int(self.next_tokens.shape[0])
+
+    def slice(self, start: int, end: int) -> "PositionTargets":
+        return PositionTargets(**{name: (value[start:end] if value is not None else None)
+                                  for name, value in self.__dict__.items()})
+
+
+STAT_KEYS = ("positions", "loss", "kl", "ce", "top1")
+
+
+def split_lm(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(base returning hidden states, LM head) of an HF causal LM; refuses models whose
+    logits are transformed after the head (soft-capping, scaling)."""
+    config = getattr(model, "config", None)
+    for name in _LOGIT_TRANSFORMS:
+        value = getattr(config, name, None)
+        if value not in (None, 1.0):
+            raise DistillError(f"model config {name}={value}: the fused chunked head loss does not "
+                               "apply post-head logit transforms; this architecture is not supported")
+    base, head = model.get_decoder(), model.get_output_embeddings()
+    if base is None or head is None:
+        raise DistillError(f"{type(model).__name__}: expected an HF causal LM with get_decoder() and "
+                           "get_output_embeddings()")
+    return base, head
+
+
+def _chunk_loss(logits: torch.Tensor, targets: PositionTargets, spec: LossSpec,
+                teacher_logits: Optional[torch.Tensor], stats: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed loss of one chunk from its logits (fp32 inside); adds the chunk's figures to ``stats``."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    ce = losses.cross_entropy(logp, targets.next_tokens)
+    kl, kd, teacher_top1 = None, None, None
+    if teacher_logits is not None:
+        teacher_logp = torch.log_softmax(teacher_logits.float(), dim=-1)
+        kl = losses.full_kl(logp, teacher_logp)
+        teacher_top1 = teacher_logp.argmax(-1)
+        kd = kl
+    elif targets.topk_ids is not None:
+        args = (logp, targets.topk_ids, targets.topk_logprobs, targets.tail_mass)
+        kl = losses.forward_kl_tail(*args)
+        kd = kl if spec.loss == "forward_kl" else losses.topk_kd_loss(spec.loss, *args, cakld_beta=spec.cakld_beta)
+        teacher_top1 = targets.topk_ids[:, 0]
+    elif targets.sample_ids is not None:
+        kl = losses.sampled_kl(logp, targets.sample_ids, targets.sample_weights)
+        kd = kl
+        teacher_top1 = targets.sample_ids.gather(1, targets.sample_weights.argmax(-1, keepdim=True)).squeeze(1)
+    if spec.mode == "qat":
+        loss = ce
+    else:
+        if kd is None:
+            raise DistillError(f"distill.mode={spec.mode}: the batch carries no teacher targets")
+        loss = spec.kd_weight * kd + (spec.lm_weight * ce if spec.lm_weight else 0.0)
+    with torch.no_grad():
+        stats["positions"] += logp.shape[0]
+        stats["loss"] += loss.detach().double().sum()
+        stats["ce"] += ce.detach().double().sum()
+        if kl is not None:
+            stats["kl"] += kl.detach().double().sum()
+            stats["top1"] += (logp.argmax(-1) == teacher_top1).sum()
+    return loss.sum()
+
+
+class _FusedHeadLoss(torch.autograd.Function):
+    """Σ over chunks of ``run_chunk(hidden[chunk])``, gradients computed chunk by chunk in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, run_chunk: Callable[[torch.Tensor, int, int], torch.Tensor],
+                chunk_tokens: int, *params: torch.Tensor) -> torch.Tensor:
+        want_hidden = hidden.requires_grad
+        grad_hidden = torch.zeros_like(hidden) if want_hidden else None
+        grad_params = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_tokens):
+            end = min(start + chunk_tokens, hidden.shape[0])
+            piece = hidden[start:end].detach().requires_grad_(want_hidden)
+            with torch.enable_grad():
+                loss = run_chunk(piece, start, end)
+            wrt = ([piece] if want_hidden else []) + list(params)
+            grads = list(torch.autograd.grad(loss, wrt, allow_unused=True))
+            if want_hidden:
+                grad_hidden[start:end] = grads.pop(0)
+            for acc, grad in zip(grad_params, grads):
+                if grad is not None:
+                    acc += grad
+            total += loss.detach()
+        ctx.save_for_backward(*([grad_hidden] if want_hidden else []), *grad_params)
+        ctx.want_hidden = want_hidden
+        ctx.param_dtypes = [p.dtype for p in params]
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        saved = list(ctx.saved_tensors)
+        grad_hidden = None
+        if ctx.want_hidden:
+            stored = saved.pop(0)
+            grad_hidden = (stored.float() * grad_out).to(stored.dtype)
+        grad_params = [(g * grad_out).to(dtype) for g, dtype in zip(saved, ctx.param_dtypes)]
+        return (grad_hidden, None, None, *grad_params)
+
+
+def head_loss(hidden: torch.Tensor, head: nn.Module, targets: PositionTargets, spec: LossSpec,
+              chunk_tokens: int, teacher_head: Optional[nn.Module] = None
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Summed loss over the ``N`` positions of ``hidden`` ``[N, D]`` (divide by the global
+    position count yourself) and the summed figures ``STAT_KEYS`` (0-d tensors)."""
+    if len(targets) != hidden.shape[0]:
+        raise ValueError(f"{hidden.shape[0]} hidden states vs {len(targets)} target rows")
+    stats = {key: torch.zeros((), dtype=torch.float64, device=hidden.device) for key in STAT_KEYS}
+
+    def run_chunk(piece: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        chunk = targets.slice(start, end)
+        teacher_logits = None
+        if chunk.teacher_hidden is not None:
+            with torch.no_grad():
+                teacher_logits = teacher_head(chunk.teacher_hidden)
+        return _chunk_loss(head(piece), chunk, spec, teacher_logits, stats)
+
+    params = [p for p in head.parameters() if p.requires_grad] if torch.is_grad_enabled() else []
+    if torch.is_grad_enabled() and (hidden.requires_grad or params):
+        total = _FusedHeadLoss.apply(hidden, run_chunk, chunk_tokens, *params)
+    else:
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_tokens):
+            end = min(start + chunk_tokens, hidden.shape[0])
+            total = total + run_chunk(hidden[start:end], start, end)
+    return total, stats

@@ -1,0 +1,171 @@
+"""Distillation losses on cached teacher targets: pure per-position functions, in fp32.
+
+Every function takes the student's *full-vocabulary* log-probs for a chunk of positions
+(``logp`` ``[C, V]`` fp32, from :func:`torch.log_softmax` of the chunk's logits, so the
+student's normalizer is exact even though the teacher is truncated) and returns one loss per
+position ``[C]``.  The caller (:mod:`qadpipe.distill.head_loss`) builds ``logp`` chunk by
+chunk, so no ``[batch, seq, vocab]`` tensor ever exists.
+
+Notation for a position: S = the teacher's cached top-k ids, ``t_i`` its probabilities,
+``T = Σ_S t_i`` (the cache stores the tail ``1 − T`` exactly, in float64), ``p`` the student,
+``P = Σ_S p_i``.  A cached entry that is padding (id < 0) or has probability 0 (log-prob
+−inf, the compact encoding's "zero" code) is ignored.
+
+* :func:`forward_kl_tail` (default): KL over the k+1 buckets S ∪ {tail}:
+  Σ_S t log(t/p) + (1−T) log((1−T)/(1−P)).  Never exceeds the full KL; its gradient is the
+  exact full-KD gradient ``p_j − t_j`` inside S, and it charges the student for its total
+  off-S mass without inventing a tail shape.
+* :func:`renorm_kl`: KL(t̃‖p) with the teacher renormalized over S (DistillKit ``zero``);
+  biased toward over-confidence (its optimum inflates the head by 1/T); kept for comparison.
+* :func:`reverse_kl_tail`, :func:`jsd_tail`, :func:`cakld`: the same k+1 coarsening, since
+  a top-k cache cannot give the teacher's log-prob where the student puts mass outside S.
+  CAKLD (BitDistiller) = β·KL(p‖t) + (1−β)·KL(t‖p) with β the teacher's mean top-1
+  probability (a constant the trainer measures on the cache before training).
+* :func:`mse_logprob`: mean over S of (log p − log t)², the QAD paper's comparison point.
+* :func:`sampled_kl`: sampled caches (Sparse Logit Sampling): target ``count/N``; the value
+  is KL(t̂‖p) (cross-entropy plus the constant Σ t̂ log t̂), unbiased in expectation.
+* :func:`full_kl`: online mode, the teacher's full distribution.
+* :func:`cross_entropy`: LM loss on the data's next tokens (QAT, or mixed in by weight).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+#: Floor for the tail masses inside logs: a teacher (or student) that puts exactly 0 outside
+#: S would make the reverse direction infinite; 1e-8 is Megatron-LM's ghost-token epsilon.
+TAIL_EPS = 1e-8
+
+KD_LOSSES = ("forward_kl", "renorm_kl", "reverse_kl", "jsd", "cakld", "mse_logprob")
+
+
+def _gather_topk(logp: torch.Tensor, ids: torch.Tensor, teacher_lp: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student log-probs at the cached ids, and the mask of real cached entries."""
+    valid = (ids >= 0) & torch.isfinite(teacher_lp)
+    student_lp = logp.gather(1, ids.clamp_min(0).long())
+    return student_lp, valid
+
+
+def _log1m_mass(lp: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """log(1 − Σ exp(lp)) over the valid entries, stable near both ends (log(-expm1(lse)))."""
+    lse = torch.logsumexp(lp.masked_fill(~valid, float("-inf")), dim=-1)
+    return torch.log(-torch.expm1(lse.clamp(max=-TAIL_EPS)))
+
+
+def _buckets(logp: torch.Tensor, ids: torch.Tensor, teacher_lp: torch.Tensor, tail_mass: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Teacher and student log-probs over the k+1 buckets S ∪ {tail}, and the valid mask.
+
+    Invalid slots hold 0 in both (and are masked out by every user), so no −inf − −inf NaN
+    can leak into a gradient.
+    """
+    student_lp, valid = _gather_topk(logp, ids, teacher_lp)
+    student_tail = _log1m_mass(student_lp, valid)
+    teacher_tail = torch.log(tail_mass.float().clamp_min(TAIL_EPS))
+    zeros = torch.zeros_like(student_lp)
+    teacher = torch.cat([torch.where(valid, teacher_lp.float(), zeros), teacher_tail[:, None]], dim=1)
+    student = torch.cat([torch.where(valid, student_lp, zeros), student_tail[:, None]], dim=1)
+    mask = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=1)
+    return teacher, student, mask
+
+
+def _kl(a_lp: torch.Tensor, b_lp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Σ exp(a)(a − b) over the masked entries (a, b: log-probs on one support)."""
+    return torch.where(mask, a_lp.exp() * (a_lp - b_lp), torch.zeros_like(a_lp)).sum(-1)
+
+
+def forward_kl_tail(logp: torch.Tensor, ids: torch.Tensor, teacher_lp: torch.Tensor,
+                    tail_mass: torch.Tensor) -> torch.Tensor:
+    """KL(teacher ‖ student) over S ∪ {tail}: the default QAD loss on a top-k cache."""
+    teacher, student, mask = _buckets(logp, ids, teacher_lp, tail_mass)
+    return _kl(teacher, student, mask)
+
+
+def reverse_kl_tail(logp: torch.Tensor, ids: torch.Tensor, teacher_lp: torch.Tensor,
+                    tail_mass: torch.Tensor) -> torch.Tensor:
+    """KL(student ‖ teacher) over S ∪ {tail} (mode-seeking)."""
+    teacher, student, mask = _buckets(logp, ids, teacher_lp, tail_mass)
+    return _kl(student, teacher, mask)
+
+
+def jsd_tail(logp: torch.Tensor, ids: torch.Tensor, teacher_lp: torch.Tensor,
+             tail_mass: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
+    """Generalized JSD_β = β·KL(t‖m) + (1−β)·KL(p‖m), m = β·t + (1−β)·p, over S ∪ {tail}
+    (TRL/Liger convention: β → 0 approaches forward KL, β → 1 reverse KL)."""
+    if not 0.0 < beta < 1.0:
+        raise ValueError(f"jsd beta={beta}: expected 0 < beta < 1")
+    teacher, student, mask = _buckets(logp, ids, teacher_lp, tail_mass)
+    mixture = torch.logaddexp(teacher + math.log(beta), student + math.log(1.0 - beta))
+    return beta * _kl(teacher, mixture, mask) + (1.0 - beta) * _kl(student, mixture, mask)
+
+
+def cakld(logp: torch.Tensor, ids: torch.Tensor, teacher_lp: torch.Tensor,
+          tail_mass: torch.Tensor, beta: float) -> torch.Tensor:
+    """BitDistiller's confidence-aware KLD: β·KL(p‖t) + (1−β)·KL(t‖p) over S ∪ {tail}."""
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"cakld beta={beta}: expected a teacher confidence in [0, 1]")
+    teacher, student, mask = _buckets(logp, ids, teacher_lp, tail_mass)
+    return beta * _kl(student, teacher, mask) + (1.0 - beta) * _kl(teacher, student, mask)
+
+
+def renorm_kl(logp: torch.Tensor, ids: torch.Tensor, teacher_lp: torch.Tensor,
+              tail_mass: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(t̃ ‖ p) with t̃ the teacher renormalized over S; the student stays full-vocab."""
+    student_lp, valid = _gather_topk(logp, ids, teacher_lp)
+    masked = teacher_lp.float().masked_fill(~valid, float("-inf"))
+    renormed = masked - torch.logsumexp(masked, dim=-1, keepdim=True)
+    zeros = torch.zeros_like(student_lp)
+    return _kl(torch.where(valid, renormed, zeros), torch.where(valid, student_lp, zeros), valid)
+
+
+def mse_logprob(logp: torch.Tensor, ids: torch.Tensor, teacher_lp: torch.Tensor,
+                tail_mass: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over the valid cached entries of (log p − log t)²."""
+    student_lp, valid = _gather_topk(logp, ids, teacher_lp)
+    diff = torch.where(valid, student_lp - teacher_lp.float(), torch.zeros_like(student_lp))
+    return (diff * diff).sum(-1) / valid.sum(-1).clamp_min(1)
+
+
+def sampled_kl(logp: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """KL(t̂ ‖ p) with t̂ = the sampled targets' weights (count/N; 0 on padding, id < 0).
+
+    Equal to the cross-entropy −Σ t̂ log p plus the constant Σ t̂ log t̂, so the gradient is
+    the Sparse-Logit-Sampling estimator ``p_j − t̂_j`` and the value reads as a KL.
+    """
+    valid = (ids >= 0) & (weights > 0)
+    student_lp = logp.gather(1, ids.clamp_min(0).long())
+    w = torch.where(valid, weights.float(), torch.zeros_like(student_lp))
+    entropy_term = torch.special.xlogy(w, w)
+    return (entropy_term - w * torch.where(valid, student_lp, torch.zeros_like(student_lp))).sum(-1)
+
+
+def full_kl(logp: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
+    """KL(teacher ‖ student) over the whole vocabulary (online mode)."""
+    teacher_logp = teacher_logp.float()
+    return (teacher_logp.exp() * (teacher_logp - logp)).sum(-1)
+
+
+def cross_entropy(logp: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
+    """−log p(next token): the LM loss on the data."""
+    return -logp.gather(1, next_tokens.long()[:, None]).squeeze(1)
+
+
+def topk_kd_loss(name: str, logp: torch.Tensor, ids: torch.Tensor, teacher_lp: torch.Tensor,
+                 tail_mass: torch.Tensor, cakld_beta: float = 0.5) -> torch.Tensor:
+    """Dispatch a top-k loss by its config name (``distill.loss``)."""
+    if name == "forward_kl":
+        return forward_kl_tail(logp, ids, teacher_lp, tail_mass)
+    if name == "renorm_kl":
+        return renorm_kl(logp, ids, teacher_lp)
+    if name == "reverse_kl":
+        return reverse_kl_tail(logp, ids, teacher_lp, tail_mass)
+    if name == "jsd":
+        return jsd_tail(logp, ids, teacher_lp, tail_mass)
+    if name == "cakld":
+        return cakld(logp, ids, teacher_lp, tail_mass, cakld_beta)
+    if name == "mse_logprob":
+        return mse_logprob(logp, ids, teacher_lp)
+    raise ValueError(f"unknown top-k loss {name!r}; expected one of {KD_LOSSES}")

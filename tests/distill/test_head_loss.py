@@ -1,0 +1,116 @@
+"""The fused, chunked head loss equals the naive full-logits computation (values, gradients,
+figures) for every mode and chunk size, and keeps no [positions, vocab] tensor for backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from qadpipe.distill import losses
+from qadpipe.distill.head_loss import LossSpec, PositionTargets, head_loss
+
+N, D, V, K = 40, 8, 50, 5
+
+
+def make_targets(kind: str, gen: torch.Generator) -> tuple[PositionTargets, nn.Module | None]:
+    teacher_head = nn.Linear(D, V, bias=False)
+    teacher_hidden = torch.randn(N, D, generator=gen)
+    with torch.no_grad():
+        t_logp = torch.log_softmax(teacher_head(teacher_hidden) * 3, -1)
+    next_tokens = torch.randint(V, (N,), generator=gen)
+    if kind == "online":
+        return PositionTargets(next_tokens, teacher_hidden=teacher_hidden), teacher_head
+    if kind == "sampled":
+        draws = torch.multinomial(t_logp.exp(), 10, replacement=True, generator=gen)
+        weights = torch.full((N, 10), 0.1)
+        return PositionTargets(next_tokens, sample_ids=draws, sample_weights=weights), None
+    values, ids = t_logp.topk(K, -1)
+    tail = torch.from_numpy(1 - values.double().exp().sum(-1).numpy())
+    return PositionTargets(next_tokens, topk_ids=ids, topk_logprobs=values, tail_mass=tail), None
+
+
+def naive(hidden, head, targets, spec, teacher_head):
+    logp = torch.log_softmax(head(hidden).float(), -1)
+    ce = losses.cross_entropy(logp, targets.next_tokens)
+    if spec.mode == "qat":
+        return ce.sum()
+    if spec.mode == "online":
+        kd = losses.full_kl(logp, torch.log_softmax(teacher_head(targets.teacher_hidden), -1))
+    elif targets.sample_ids is not None:
+        kd = losses.sampled_kl(logp, targets.sample_ids, targets.sample_weights)
+    else:
+        kd = losses.topk_kd_loss(spec.loss, logp, targets.topk_ids, targets.topk_logprobs, targets.tail_mass,
+                                 cakld_beta=spec.cakld_beta)
+    return (spec.kd_weight * kd + spec.lm_weight * ce).sum()
+
+
+@pytest.mark.parametrize("kind, spec", [
+    ("topk", LossSpec()),
+    ("topk", LossSpec(loss="jsd", kd_weight=0.7, lm_weight=0.3)),
+    ("topk", LossSpec(loss="cakld", cakld_beta=0.4)),
+    ("topk", LossSpec(mode="qat")),
+    ("sampled", LossSpec(loss="forward_kl")),
+    ("online", LossSpec(mode="online")),
+])
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_chunked_equals_naive(kind, spec, chunk):
+    gen = torch.Generator().manual_seed(3)
+    targets, teacher_head = make_targets(kind, gen)
+    head = nn.Linear(D, V, bias=True)
+    hidden = torch.randn(N, D, generator=gen, requires_grad=True)
+    total, stats = head_loss(hidden, head, targets, spec, chunk, teacher_head)
+    total.backward()
+    got = (total.detach(), hidden.grad.clone(), head.weight.grad.clone(), head.bias.grad.clone())
+    hidden.grad = None
+    head.zero_grad()
+    expected_total = naive(hidden, head, targets, spec, teacher_head)
+    expected_total.backward()
+    expected = (expected_total.detach(), hidden.grad, head.weight.grad, head.bias.grad)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert int(stats["positions"]) == N
+    torch.testing.assert_close(float(stats["loss"]), float(expected_total.detach()), rtol=1e-5, atol=1e-5)
+
+
+def test_figures_are_the_tail_kl_and_top1_agreement_whatever_the_training_loss():
+    gen = torch.Generator().manual_seed(4)
+    targets, _ = make_targets("topk", gen)
+    head = nn.Linear(D, V, bias=False)
+    hidden = torch.randn(N, D, generator=gen)
+    _, stats = head_loss(hidden, head, targets, LossSpec(loss="mse_logprob"), 9)
+    with torch.no_grad():
+        logp = torch.log_softmax(head(hidden), -1)
+    kl = losses.forward_kl_tail(logp, targets.topk_ids, targets.topk_logprobs, targets.tail_mass).sum()
+    top1 = (logp.argmax(-1) == targets.topk_ids[:, 0]).sum()
+    torch.testing.assert_close(float(stats["kl"]), float(kl), rtol=1e-5, atol=1e-5)
+    assert int(stats["top1"]) == int(top1)
+
+
+def test_backward_keeps_no_positions_by_vocab_tensor():
+    """The naive path saves [N, V] logits for backward; the fused path saves only [N, D] and [V, D]."""
+    gen = torch.Generator().manual_seed(5)
+    targets, _ = make_targets("topk", gen)
+    head = nn.Linear(D, V, bias=False)
+    hidden = torch.randn(N, D, generator=gen, requires_grad=True)
+
+    def largest_saved(fn) -> int:
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+            fn()
+        return max(sizes)
+
+    fused = largest_saved(lambda: head_loss(hidden, head, targets, LossSpec(), 8))
+    plain = largest_saved(lambda: naive(hidden, head, targets, LossSpec(), None))
+    assert plain >= N * V
+    assert fused <= max(N * D, V * D) < N * V
+
+
+def test_frozen_head_gets_no_gradient_and_hidden_still_does():
+    gen = torch.Generator().manual_seed(6)
+    targets, _ = make_targets("topk", gen)
+    head = nn.Linear(D, V, bias=False).requires_grad_(False)
+    hidden = torch.randn(N, D, generator=gen, requires_grad=True)
+    total, _ = head_loss(hidden, head, targets, LossSpec(), 16)
+    total.backward()
+    assert head.weight.grad is None and hidden.grad is not None and hidden.grad.abs().sum() > 0

@@ -1,0 +1,181 @@
+"""Every loss against a naive full-vocabulary reference: values AND gradients.
+
+The references are built independently of the implementation: float64 full-vocab softmaxes,
+the k+1 buckets formed by summing the *complement* of S explicitly (not 1 − Σ_S), and the
+divergences computed by torch.distributions' Categorical KL.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.distributions import Categorical, kl_divergence
+
+from qadpipe.distill import losses
+
+V, C, K = 50, 6, 8
+
+
+def kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return kl_divergence(Categorical(probs=a), Categorical(probs=b))
+
+
+@pytest.fixture
+def case():
+    """Teacher logits (peaky and flat rows), student logits, the teacher's top-k cache."""
+    gen = torch.Generator().manual_seed(0)
+    teacher_logits = torch.randn(C, V, generator=gen, dtype=torch.float64) * torch.linspace(0.5, 4, C)[:, None]
+    student_logits = torch.randn(C, V, generator=gen, dtype=torch.float64)
+    t = teacher_logits.softmax(-1)
+    values, ids = t.topk(K, dim=-1)
+    complement = torch.ones_like(t, dtype=torch.bool).scatter(1, ids, False)
+    tail = (t * complement).sum(-1)  # the mass outside S, summed over the complement
+    return dict(t=t, ids=ids, teacher_lp=values.log().float(), tail=tail, complement=complement,
+                student_logits=student_logits)
+
+
+def buckets(probs: torch.Tensor, ids: torch.Tensor, complement: torch.Tensor) -> torch.Tensor:
+    return torch.cat([probs.gather(1, ids), (probs * complement).sum(-1, keepdim=True)], dim=1)
+
+
+def implementation(fn, case, **kw):
+    z = case["student_logits"].float().clone().requires_grad_()
+    value = fn(torch.log_softmax(z, -1), case["ids"], case["teacher_lp"], case["tail"], **kw)
+    value.sum().backward()
+    return value.detach().double(), z.grad.double()
+
+
+def reference(fn, case):
+    z = case["student_logits"].clone().requires_grad_()
+    p = z.softmax(-1)
+    value = fn(p, case)
+    value.sum().backward()
+    return value.detach(), z.grad
+
+
+def ref_forward(p, c):
+    return kl(buckets(c["t"], c["ids"], c["complement"]), buckets(p, c["ids"], c["complement"]))
+
+
+def ref_reverse(p, c):
+    return kl(buckets(p, c["ids"], c["complement"]), buckets(c["t"], c["ids"], c["complement"]))
+
+
+def ref_jsd(p, c, beta=0.5):
+    tb, pb = buckets(c["t"], c["ids"], c["complement"]), buckets(p, c["ids"], c["complement"])
+    m = beta * tb + (1 - beta) * pb
+    return beta * kl(tb, m) + (1 - beta) * kl(pb, m)
+
+
+def ref_cakld(p, c, beta=0.3):
+    return beta * ref_reverse(p, c) + (1 - beta) * ref_forward(p, c)
+
+
+def ref_renorm(p, c):
+    t_tilde = torch.zeros_like(c["t"]).scatter(1, c["ids"], c["t"].gather(1, c["ids"]))
+    t_tilde = t_tilde / t_tilde.sum(-1, keepdim=True)
+    return kl(t_tilde, p)
+
+
+def ref_mse(p, c):
+    return ((p.log().gather(1, c["ids"]) - c["t"].log().gather(1, c["ids"])) ** 2).mean(-1)
+
+
+@pytest.mark.parametrize("fn, ref, kw", [
+    (losses.forward_kl_tail, ref_forward, {}),
+    (losses.reverse_kl_tail, ref_reverse, {}),
+    (losses.jsd_tail, ref_jsd, {}),
+    (losses.cakld, ref_cakld, {"beta": 0.3}),
+    (losses.renorm_kl, ref_renorm, {}),
+    (losses.mse_logprob, ref_mse, {}),
+], ids=["forward_kl", "reverse_kl", "jsd", "cakld", "renorm_kl", "mse_logprob"])
+def test_topk_loss_matches_full_vocab_reference(case, fn, ref, kw):
+    value, grad = implementation(fn, case, **kw)
+    ref_value, ref_grad = reference(ref, case)
+    torch.testing.assert_close(value, ref_value, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-3, atol=1e-6)
+
+
+def test_forward_kl_tail_gradient_is_exact_kd_inside_s_and_rescaled_tail_outside(case):
+    """∂/∂z_j = p_j − t_j on S; p_j (T − P)/(1 − P) off S (hand-derived, DESIGN.md)."""
+    _, grad = implementation(losses.forward_kl_tail, case)
+    p = case["student_logits"].softmax(-1)
+    T, P = 1 - case["tail"], p.gather(1, case["ids"]).sum(-1)
+    expected = p * ((T - P) / (1 - P))[:, None]
+    expected.scatter_(1, case["ids"], (p - case["t"]).gather(1, case["ids"]))
+    torch.testing.assert_close(grad, expected, rtol=1e-3, atol=1e-6)
+
+
+def test_tail_bucket_kl_is_a_lower_bound_and_exact_when_s_is_the_vocab(case):
+    p = case["student_logits"].softmax(-1)
+    full = kl(case["t"], p)
+    value, _ = implementation(losses.forward_kl_tail, case)
+    assert (value <= full + 1e-5).all() and (value > 0).all()
+    lp, ids = case["t"].log().float().sort(-1, descending=True)
+    whole = losses.forward_kl_tail(torch.log_softmax(case["student_logits"].float(), -1), ids, lp,
+                                   torch.zeros(C, dtype=torch.float64))
+    torch.testing.assert_close(whole.double(), full, rtol=1e-4, atol=1e-5)
+
+
+def test_padding_and_zero_probability_entries_are_ignored_values_and_gradients(case):
+    padded = dict(case)
+    padded["ids"] = torch.cat([case["ids"], torch.full((C, 2), -1), case["ids"][:, :1]], dim=1)
+    padded["teacher_lp"] = torch.cat([case["teacher_lp"], torch.zeros(C, 2), torch.full((C, 1), float("-inf"))], 1)
+    for fn in (losses.forward_kl_tail, losses.reverse_kl_tail, losses.jsd_tail, losses.renorm_kl,
+               losses.mse_logprob):
+        value, grad = implementation(fn, padded)
+        ref_value, ref_grad = implementation(fn, case)
+        assert torch.isfinite(grad).all(), fn.__name__
+        torch.testing.assert_close(value, ref_value, msg=fn.__name__)
+        torch.testing.assert_close(grad, ref_grad, msg=fn.__name__)
+
+
+def test_sampled_kl_matches_reference_and_is_unbiased(case):
+    gen = torch.Generator().manual_seed(1)
+    z = case["student_logits"].float().clone().requires_grad_()
+    draws = torch.multinomial(case["t"], 50, replacement=True, generator=gen)
+    counts = torch.zeros_like(case["t"]).scatter_add(1, draws, torch.ones_like(draws, dtype=torch.float64))
+    t_hat = counts / 50
+    # compact (ids, weights) rows with -1 padding, as the collate produces them
+    width = int((counts > 0).sum(-1).max()) + 2
+    ids = torch.full((C, width), -1, dtype=torch.long)
+    weights = torch.zeros(C, width)
+    for row in range(C):
+        present = counts[row].nonzero().squeeze(-1)
+        ids[row, : len(present)] = present
+        weights[row, : len(present)] = t_hat[row, present].float()
+    value = losses.sampled_kl(torch.log_softmax(z, -1), ids, weights)
+    value.sum().backward()
+    zr = case["student_logits"].clone().requires_grad_()
+    ref = kl(t_hat, zr.softmax(-1))
+    ref.sum().backward()
+    torch.testing.assert_close(value.detach().double(), ref.detach(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(z.grad.double(), zr.grad, rtol=1e-3, atol=1e-6)
+    # E[t_hat] = t: the mean of many draws' gradients approaches the full-KD gradient p - t
+    many = torch.multinomial(case["t"], 20000, replacement=True, generator=gen)
+    mean_t_hat = torch.zeros_like(case["t"]).scatter_add(1, many, torch.ones_like(many, dtype=torch.float64)) / 20000
+    p = case["student_logits"].softmax(-1)
+    assert ((p - mean_t_hat) - (p - case["t"])).abs().max() < 0.02
+
+
+def test_full_kl_and_cross_entropy_match_torch(case):
+    logp = torch.log_softmax(case["student_logits"].float(), -1)
+    t_logp = case["t"].log().float()
+    torch.testing.assert_close(losses.full_kl(logp, t_logp).double(),
+                               kl(case["t"], case["student_logits"].softmax(-1)), rtol=1e-4, atol=1e-6)
+    tokens = torch.arange(C) * 7 % V
+    torch.testing.assert_close(losses.cross_entropy(logp, tokens),
+                               F.cross_entropy(case["student_logits"].float(), tokens, reduction="none"))
+
+
+def test_reverse_kl_stays_finite_when_the_teacher_tail_is_zero(case):
+    zero_tail = dict(case, tail=torch.zeros(C, dtype=torch.float64))
+    value, grad = implementation(losses.reverse_kl_tail, zero_tail)
+    assert torch.isfinite(value).all() and torch.isfinite(grad).all()
+
+
+def test_unknown_loss_name_is_refused():
+    with pytest.raises(ValueError, match="unknown top-k loss 'kl2'"):
+        losses.topk_kd_loss("kl2", torch.zeros(1, 3), torch.zeros(1, 1, dtype=torch.long),
+                            torch.zeros(1, 1), torch.zeros(1))
