@@ -96,12 +96,21 @@ def _not_implemented(stage: str, issue: str) -> None:
 
 
 @cli.command()
+@click.option("--num-shards", type=int, default=None,
+              help="split records across this many tasks (default: generate.num_shards, SLURM_ARRAY_TASK_COUNT, 1)")
+@click.option("--shard-index", type=int, default=None,
+              help="this task's index (default: generate.shard_index, SLURM_ARRAY_TASK_ID, 0)")
 @_config_options
 @_user_errors_as_one_line
-def generate(config_path: str | None, overrides: tuple[str, ...]) -> None:
-    """Stage one: the teacher scores or generates data and fills the logit cache."""
-    _load(config_path, overrides)
-    _not_implemented("generate", "issue 4")
+def generate(num_shards: int | None, shard_index: int | None, config_path: str | None,
+             overrides: tuple[str, ...]) -> None:
+    """Stage one: the teacher scores or generates data and fills the logit cache.
+
+    Exits 0 when the task finished or was stopped by SIGTERM after committing its open
+    shard (rerun the same command to resume)."""
+    from qadpipe.generate import run_generate
+
+    run_generate(_load(config_path, overrides), num_shards=num_shards, shard_index=shard_index)
 
 
 @cli.command()

@@ -65,6 +65,8 @@ class TeacherConfig:
         "tokens per vLLM step; bounds the [tokens, vocab] prompt-logprob peak", ge=16)
     enforce_eager: bool = opt(False, "skip vLLM graph compilation")
     batch_size: int = opt(8, "sequences per HF-backend forward", ge=1)
+    chunk_tokens: int = opt(1024,
+        "HF backend: positions per LM-head + top-k chunk (bounds the fp32 [tokens, vocab] peak)", ge=1)
     device: str = opt("auto", "HF backend device: auto, cpu, cuda, cuda:N")
 
 
@@ -90,6 +92,8 @@ class DataConfig:
     overflow: Literal["truncate", "drop", "pack"] = opt("truncate",
         "sequences longer than max_length: truncate, drop, or pack all records into windows")
     limit: Optional[int] = opt(None, "use only the first N records", ge=1)
+    chat_template: bool = opt(False,
+        "render prompt (+completion) records as a user (+assistant) turn of the teacher's chat template")
     random: RandomTokensConfig = opt(factory=RandomTokensConfig)
 
 

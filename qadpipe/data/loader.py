@@ -1,0 +1,110 @@
+"""The data section of the config -> this task's token sequences.
+
+Records are split across tasks by position (``position % num_shards == shard_index``)
+before tokenization, so each task only tokenizes its own slice; packing works on the
+token stream of all records, so there the split is over windows instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator
+
+import numpy as np
+
+from qadpipe.config.schema import DataConfig, GenerateConfig
+from qadpipe.data.records import iter_records, record_id, source_fingerprint
+from qadpipe.data.sequences import TokenSequence, content_id, fit_length, pack, random_sequences, render_record
+from qadpipe.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DataSlice:
+    """One task's sequences, plus what describes the whole source (same in every task)."""
+
+    sequences: list[TokenSequence]
+    fingerprint: str
+    dropped: int = 0
+
+
+def check_data_config(data: DataConfig, gen: GenerateConfig) -> None:
+    """Combinations the data section cannot serve, refused before anything is read."""
+    if data.overflow == "pack":
+        if gen.mode == "generate":
+            raise ConfigError("data.overflow: got 'pack', expected truncate or drop in generate mode "
+                              "(prompts are not packed)")
+        if not gen.include_prompt:
+            raise ConfigError("data.overflow: got 'pack', expected truncate or drop when "
+                              "generate.include_prompt is false (packed windows have no prompt/completion split)")
+    if gen.mode == "generate" and data.max_length - gen.max_new_tokens < 1:
+        raise ConfigError(f"data.max_length: got {data.max_length}, expected more than generate.max_new_tokens "
+                          f"({gen.max_new_tokens}) so prompt + completion fit in it")
+
+
+def data_fingerprint(data: DataConfig, gen: GenerateConfig, vocab_size: int) -> str:
+    """Hash of the source bytes and every setting that shapes the sequences or their
+    completions: two tasks writing one cache must agree on it, and a rerun with other
+    settings must not silently mix into an existing cache."""
+    settings: dict[str, Any] = {"data": asdict(data), "vocab_size": vocab_size, "mode": gen.mode,
+                                "include_prompt": gen.include_prompt}
+    if gen.mode == "generate":
+        settings.update(temperature=gen.temperature, top_p=gen.top_p, max_new_tokens=gen.max_new_tokens,
+                        seed=gen.seed)
+    source = "random" if data.source == "random" else source_fingerprint(data.source)
+    payload = json.dumps({"source": source, "settings": settings}, sort_keys=True)
+    return "sha256:" + hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+def load_sequences(data: DataConfig, gen: GenerateConfig, tokenizer: Any, vocab_size: int, *,
+                   shard_index: int = 0, num_shards: int = 1) -> DataSlice:
+    """Every sequence of task ``shard_index`` of ``num_shards``, validated and length-limited."""
+    check_data_config(data, gen)
+    fingerprint = data_fingerprint(data, gen, vocab_size)
+    if data.source == "random":
+        count = min(data.random.num_sequences, data.limit or data.random.num_sequences)
+        length = data.random.length
+        if gen.mode == "generate":
+            length = min(length, data.max_length - gen.max_new_tokens)
+        seqs = list(random_sequences(count, length, vocab_size, data.random.seed,
+                                     range(shard_index, count, num_shards)))
+        return DataSlice(seqs, fingerprint)
+    if data.overflow == "pack":
+        windows = pack((ids for _, _, ids, _ in _rendered(data, gen, tokenizer, 0, 1)), data.max_length,
+                       tokenizer.eos_token_id)
+        seqs = [TokenSequence(content_id("pack", i, arr), arr, 0, i)
+                for i, ids in enumerate(windows) if i % num_shards == shard_index
+                for arr in [np.asarray(ids, dtype=np.int32)]]
+        return DataSlice(seqs, fingerprint)
+    limit = data.max_length - gen.max_new_tokens if gen.mode == "generate" else data.max_length
+    needs_completion = gen.mode == "score" and not gen.include_prompt
+    seqs, dropped = [], 0
+    for position, rid, ids, prompt_len in _rendered(data, gen, tokenizer, shard_index, num_shards):
+        fitted = fit_length(ids, limit, data.overflow)
+        if fitted is None or len(fitted) < 2 or (needs_completion and prompt_len >= len(fitted)):
+            dropped += 1
+            continue
+        seqs.append(TokenSequence(rid, np.asarray(fitted, dtype=np.int32), min(prompt_len, len(fitted)), position))
+    if dropped:
+        log.warning("data: dropped %d of %d records of this task (longer than %d tokens with overflow=%s, "
+                    "fewer than 2 tokens, or no completion tokens left to distil)",
+                    dropped, dropped + len(seqs), limit, data.overflow)
+    return DataSlice(seqs, fingerprint, dropped)
+
+
+def _rendered(data: DataConfig, gen: GenerateConfig, tokenizer: Any, shard_index: int,
+              num_shards: int) -> Iterator[tuple[int, str, list[int], int]]:
+    """``(position, id, token ids, prompt length)`` for the records of this task."""
+    for position, record in iter_records(data.source, data.field):
+        if data.limit is not None and position >= data.limit:
+            break
+        if position % num_shards != shard_index:
+            continue
+        where = f"{data.source} record {position}"
+        ids, prompt_len = render_record(record, where, data.field, tokenizer, chat_template=data.chat_template,
+                                        for_generation=gen.mode == "generate")
+        yield position, record_id(record, position), ids, prompt_len

@@ -1,0 +1,155 @@
+"""Records -> token sequences: fields, chat templates, length limits, random tokens.
+
+A :class:`TokenSequence` is what the teacher sees.  ``prompt_len`` marks where the part
+the teacher did not write ends: in score mode targets start there unless
+``generate.include_prompt`` is on; in generate mode the whole sequence *is* the prompt
+and the teacher appends a completion.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Optional
+
+import numpy as np
+
+from qadpipe.data.records import ID_HEX_CHARS
+from qadpipe.errors import DataError
+
+
+@dataclass(frozen=True)
+class TokenSequence:
+    """One teacher input: ``input_ids`` int32 ``[T]``, of which the first ``prompt_len``
+    tokens are prompt (0 for plain text)."""
+
+    id: str
+    input_ids: np.ndarray
+    prompt_len: int = 0
+    source_position: int = -1
+
+
+def render_record(record: dict[str, Any], where: str, field: str, tokenizer: Any, *,
+                  chat_template: bool, for_generation: bool) -> tuple[list[int], int]:
+    """One record -> (token ids, prompt length).
+
+    * ``text``: the whole text, prompt length 0.
+    * ``prompt`` (+ optional ``completion``): prompt and completion tokenized separately,
+      so the boundary is exact; with ``chat_template`` they become a user and an
+      assistant turn of the teacher's template.
+    * ``messages``: a chat rendered with the teacher's template; a final assistant turn
+      is the completion (in generate mode it is dropped: the teacher writes its own).
+    """
+    if field not in record:
+        raise DataError(f"{where}: no field '{field}' (data.field), record has {sorted(record)}")
+    if field == "text":
+        text = _nonempty_str(record["text"], where, "text")
+        return tokenizer.encode(text), 0
+    if field == "prompt":
+        prompt = _nonempty_str(record["prompt"], where, "prompt")
+        completion = None if for_generation else record.get("completion")
+        if completion is not None and not isinstance(completion, str):
+            raise DataError(f"{where}: field 'completion' must be a string, got {type(completion).__name__}")
+        if chat_template:
+            messages = [{"role": "user", "content": prompt}]
+            if completion:
+                messages.append({"role": "assistant", "content": completion})
+            return _render_chat(messages, tokenizer, where)
+        prompt_ids = tokenizer.encode(prompt)
+        completion_ids = tokenizer.encode(completion, add_special_tokens=False) if completion else []
+        return prompt_ids + completion_ids, len(prompt_ids)
+    messages = _messages(record["messages"], where)
+    if for_generation and messages[-1]["role"] == "assistant":
+        messages = messages[:-1]
+        if not messages:
+            raise DataError(f"{where}: empty prompt (field 'messages' holds only an assistant turn)")
+    return _render_chat(messages, tokenizer, where)
+
+
+def _nonempty_str(value: Any, where: str, name: str) -> str:
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field '{name}' must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise DataError(f"{where}: empty {name} (field '{name}' is blank)")
+    return value
+
+
+def _messages(value: Any, where: str) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: empty prompt (field 'messages' must be a non-empty list of "
+                        "{role, content} objects)")
+    for turn in value:
+        if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
+            raise DataError(f"{where}: field 'messages' must hold {{role, content}} objects, got {turn!r:.80}")
+    if not any(str(turn["content"]).strip() for turn in value):
+        raise DataError(f"{where}: empty prompt (every turn of 'messages' is blank)")
+    return value
+
+
+def _render_chat(messages: list[dict[str, str]], tokenizer: Any, where: str) -> tuple[list[int], int]:
+    """Template-render a chat; a final assistant turn is the completion."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise DataError(f"{where}: chat records need a tokenizer with a chat template; the teacher's has none")
+    has_completion = messages[-1]["role"] == "assistant"
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=not has_completion)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if not has_completion:
+        return ids, len(ids)
+    prompt_text = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    if not text.startswith(prompt_text):
+        raise DataError(f"{where}: the chat template does not render the prompt as a prefix of the "
+                        "conversation, so the completion boundary is undefined")
+    # Tokens that straddle the boundary (rare) count as completion.
+    return ids, _common_prefix(ids, tokenizer.encode(prompt_text, add_special_tokens=False))
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def fit_length(ids: list[int], max_length: int, overflow: str) -> Optional[list[int]]:
+    """Apply the length limit to one record: truncate (keep the first tokens) or drop
+    (return ``None``).  Packing works across records: see :func:`pack`."""
+    if len(ids) <= max_length:
+        return ids
+    return ids[:max_length] if overflow == "truncate" else None
+
+
+def pack(sequences: Iterable[list[int]], max_length: int, separator: Optional[int]) -> Iterator[list[int]]:
+    """Concatenate records (``separator`` between them unless one already ends with it)
+    and cut the stream into windows of ``max_length``; a last window keeps ≥ 2 tokens."""
+    buffer: list[int] = []
+    for ids in sequences:
+        buffer.extend(ids)
+        if separator is not None and (not ids or ids[-1] != separator):
+            buffer.append(separator)
+        while len(buffer) >= max_length:
+            yield buffer[:max_length]
+            buffer = buffer[max_length:]
+    if len(buffer) >= 2:
+        yield buffer
+
+
+def content_id(kind: str, index: int, ids: np.ndarray) -> str:
+    """Id of a sequence made by qadpipe (a packed window, a random sequence): hash of its
+    kind, index and tokens."""
+    digest = hashlib.sha256(f"{kind}:{index}:".encode())
+    digest.update(np.ascontiguousarray(ids, dtype=np.int32).tobytes())
+    return digest.hexdigest()[:ID_HEX_CHARS]
+
+
+def random_sequences(num_sequences: int, length: int, vocab_size: int, seed: int,
+                     indices: Iterable[int]) -> Iterator[TokenSequence]:
+    """Uniform random tokens in ``[0, vocab_size)``; sequence ``i`` depends only on
+    ``(seed, i)``, so any task can make its own slice without drawing the others."""
+    for index in indices:
+        if index >= num_sequences:
+            break
+        rng = np.random.default_rng([seed, index])
+        ids = rng.integers(0, vocab_size, size=length, dtype=np.int64).astype(np.int32)
+        yield TokenSequence(content_id(f"random-{seed}", index, ids), ids, 0, index)

@@ -1,0 +1,219 @@
+"""Stage one runner: data -> teacher -> cache, as one resumable task of a batch array.
+
+A task owns every record whose position is ``shard_index`` modulo ``num_shards`` and
+writes its own shards (``task-{index:05d}``) into the shared cache.  Everything a user can
+get wrong (data, field, lengths, k, backend) is checked before the cache is touched.
+Records are processed in fixed batches, so a rerun after a kill recomputes a partly
+committed batch exactly as the first run did; rows already in the task manifest are
+skipped.  SIGTERM (SLURM preemption) commits the open shard and ends the task cleanly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from tqdm import tqdm
+
+from qadpipe.config.schema import PipelineConfig
+from qadpipe.data import DataSlice, TokenSequence, load_sequences
+from qadpipe.errors import ConfigError, DataError
+from qadpipe.teacher import TeacherInfo, make_teacher, require_vllm, teacher_info
+from qadpipe.teacher.base import SamplingSpec, TargetSpec, with_completion
+
+log = logging.getLogger(__name__)
+
+#: Sequences handed to vLLM per call (it batches internally); bounds the work lost to a kill.
+VLLM_SEQUENCES_PER_CALL = 64
+LOG_EVERY_SECONDS = 30.0
+
+
+@dataclass
+class GenerateSummary:
+    """What one task did."""
+
+    task: str
+    sequences: int
+    written: int
+    skipped: int
+    tokens: int
+    seconds: float
+    interrupted: bool
+
+
+def resolve_task(gen: Any, num_shards: Optional[int] = None, shard_index: Optional[int] = None,
+                 env: Optional[dict[str, str]] = None) -> tuple[int, int]:
+    """(shard_index, num_shards): command line, then config, then SLURM array variables, then (0, 1)."""
+    env = dict(os.environ) if env is None else env
+    count = _first_int(num_shards, gen.num_shards, env.get("SLURM_ARRAY_TASK_COUNT"), 1,
+                       name="generate.num_shards")
+    index = _first_int(shard_index, gen.shard_index, env.get("SLURM_ARRAY_TASK_ID"), 0,
+                       name="generate.shard_index")
+    if count < 1:
+        raise ConfigError(f"generate.num_shards: got {count}, expected >= 1")
+    if not 0 <= index < count:
+        raise ConfigError(f"generate.shard_index: got {index}, expected 0 <= shard_index < num_shards ({count})")
+    return index, count
+
+
+def _first_int(*values: Any, name: str) -> int:
+    value = next(v for v in values if v is not None)
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"{name}: got {value!r} (from SLURM_ARRAY_* environment), expected an integer") from None
+
+
+def teacher_revision(model_dir: Path) -> str:
+    """Cheap identity of the teacher's weights: config.json plus each weight file's name and
+    size (a hub snapshot directory's commit, when the path has one)."""
+    if model_dir.parent.name == "snapshots":
+        return f"snapshot:{model_dir.name}"
+    digest = hashlib.sha256((model_dir / "config.json").read_bytes())
+    for file in sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin")):
+        digest.update(f"{file.name}:{file.stat().st_size}".encode())
+    return "sha256:" + digest.hexdigest()[:32]
+
+
+def check_lengths(data: DataSlice, info: TeacherInfo, extra: int, source: str) -> int:
+    """The longest sequence the teacher will see (prompt + ``extra`` new tokens); refuse one
+    beyond the model's context.  Returns it (vLLM's max_model_len)."""
+    if not data.sequences:
+        return 0
+    longest = max(data.sequences, key=lambda s: len(s.input_ids))
+    needed = len(longest.input_ids) + extra
+    if needed > info.context_length:
+        what = f" + {extra} new tokens" if extra else ""
+        raise DataError(f"{source} record {longest.source_position}: {len(longest.input_ids)} tokens{what} exceed "
+                        f"the teacher's context of {info.context_length} (max_position_embeddings); "
+                        "lower data.max_length")
+    return needed
+
+
+class _StopOnSigterm:
+    """Records SIGTERM instead of dying, so the loop can commit the open shard first."""
+
+    def __init__(self) -> None:
+        self.received = False
+        self._previous: Any = None
+
+    def __enter__(self) -> "_StopOnSigterm":
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = True
+        log.warning("SIGTERM: finishing the current batch, committing the open shard, then stopping")
+
+    def __exit__(self, *exc: Any) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def _batches(sequences: list[TokenSequence], size: int) -> list[list[TokenSequence]]:
+    return [sequences[i:i + size] for i in range(0, len(sequences), size)]
+
+
+def run_generate(config: PipelineConfig, *, num_shards: Optional[int] = None, shard_index: Optional[int] = None,
+                 teacher_factory: Callable[..., Any] = make_teacher) -> GenerateSummary:
+    """Run one task of stage one; returns what it did (the cache holds the result)."""
+    from qadpipe.cache import CacheMeta, CacheWriter
+    from qadpipe.config import config_to_dict, dump_yaml
+    from qadpipe.models import load_tokenizer, resolve_model_path, tokenizer_fingerprint
+    from qadpipe.provenance import RUN_FILE, run_record
+
+    index, count = resolve_task(config.generate, num_shards, shard_index)
+    task = f"task-{index:05d}"
+    gen, cache = config.generate, config.cache
+    if config.teacher.backend == "vllm":
+        require_vllm()
+    model_dir = resolve_model_path(config.teacher_path)
+    info = teacher_info(model_dir, config.model.trust_remote_code)
+    if cache.k > info.vocab_size:
+        raise ConfigError(f"cache.k: got {cache.k}, expected <= the teacher's vocab size ({info.vocab_size})")
+    tokenizer = load_tokenizer(str(model_dir), config.model.trust_remote_code)
+    data = load_sequences(config.data, gen, tokenizer, min(len(tokenizer), info.vocab_size),
+                          shard_index=index, num_shards=count)
+    new_tokens = gen.max_new_tokens if gen.mode == "generate" else 0
+    max_model_len = check_lengths(data, info, new_tokens, config.data.source)
+    meta = CacheMeta(
+        teacher=str(config.teacher_path), teacher_revision=teacher_revision(model_dir),
+        teacher_dtype=config.teacher.dtype + ("+fp32_head" if config.teacher.fp32_head else ""),
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), vocab_size=info.vocab_size,
+        target_kind=cache.target, k=cache.k, num_samples=cache.num_samples, encoding=cache.encoding,
+        data_fingerprint=data.fingerprint, config=config_to_dict(config),
+    )
+    spec = TargetSpec(cache.target, cache.k, cache.num_samples, gen.seed, gen.include_prompt)
+    sampling = SamplingSpec(gen.temperature, gen.top_p, gen.max_new_tokens, gen.seed)
+    per_call = config.teacher.batch_size if config.teacher.backend == "hf" else VLLM_SEQUENCES_PER_CALL
+
+    started = time.perf_counter()
+    written = tokens = 0
+    interrupted = False
+    with CacheWriter(cache.path, meta, task=task, rows_per_shard=cache.rows_per_shard,
+                     zstd_level=cache.zstd_level) as writer:
+        done = writer.done_ids()
+        todo = [b for b in _batches(data.sequences, per_call) if any(s.id not in done for s in b)]
+        skipped = len(data.sequences) - sum(len(b) for b in todo)
+        log.info("generate %s (%d of %d): %d sequences, %d already in the cache, %s teacher, %s mode",
+                 task, index, count, len(data.sequences), len(done), config.teacher.backend, gen.mode)
+        if todo:
+            teacher = teacher_factory(config, model_dir, k=cache.k, max_model_len=max_model_len)
+            try:
+                with _StopOnSigterm() as stop, tqdm(total=sum(len(b) for b in todo), unit="seq",
+                                                    desc=f"generate {task}") as bar:
+                    progress = _Progress(task, sum(len(b) for b in todo))
+                    for batch in todo:
+                        if gen.mode == "generate":
+                            batch = [with_completion(p, c) for p, c in zip(batch, teacher.complete(batch, sampling))]
+                        for row in teacher.score(batch, spec):
+                            if row.id not in done:
+                                writer.write(row)
+                                written += 1
+                        batch_tokens = sum(len(s.input_ids) for s in batch)
+                        tokens += batch_tokens
+                        bar.update(len(batch))
+                        bar.set_postfix(tok_s=f"{progress.update(len(batch), batch_tokens):.0f}")
+                        if stop.received:
+                            writer.flush()
+                            interrupted = True
+                            break
+            finally:
+                teacher.close()
+        writer.store.write_atomic(f"runs/{task}/{RUN_FILE}", dump_yaml(run_record(config, "generate")).encode())
+    seconds = time.perf_counter() - started
+    summary = GenerateSummary(task, len(data.sequences), written, skipped, tokens, seconds, interrupted)
+    if interrupted:
+        log.warning("generate %s: stopped by SIGTERM after committing %d new sequences; rerun the same command "
+                    "to resume", task, written)
+    else:
+        log.info("generate %s: done, %d sequences written (%d skipped as already cached), %d tokens in %.1f s "
+                 "(%.0f tokens/s) -> %s", task, written, skipped, tokens, seconds, tokens / max(seconds, 1e-9),
+                 cache.path)
+    return summary
+
+
+class _Progress:
+    """Throughput and ETA, logged every :data:`LOG_EVERY_SECONDS`."""
+
+    def __init__(self, task: str, total: int) -> None:
+        self.task, self.total = task, total
+        self.done = self.tokens = 0
+        self.started = self.last_log = time.perf_counter()
+
+    def update(self, sequences: int, tokens: int) -> float:
+        self.done += sequences
+        self.tokens += tokens
+        now = time.perf_counter()
+        rate = self.tokens / max(now - self.started, 1e-9)
+        if now - self.last_log >= LOG_EVERY_SECONDS:
+            self.last_log = now
+            eta = (self.total - self.done) * (now - self.started) / max(self.done, 1)
+            log.info("generate %s: %d/%d sequences, %d tokens, %.0f tokens/s, ETA %s", self.task, self.done,
+                     self.total, self.tokens, rate, time.strftime("%H:%M:%S", time.gmtime(eta)))
+        return rate

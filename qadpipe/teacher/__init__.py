@@ -1,0 +1,54 @@
+"""Teacher backends (vLLM, transformers) behind one interface: :class:`base.Teacher`."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qadpipe.errors import TeacherError
+
+
+@dataclass(frozen=True)
+class TeacherInfo:
+    """What stage one must know before loading the teacher: its vocab and context sizes."""
+
+    vocab_size: int
+    context_length: int
+    model_type: str
+
+
+def teacher_info(model_dir: Path, trust_remote_code: bool = False) -> TeacherInfo:
+    """Read the teacher's config.json (cheap: no weights)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code).get_text_config()
+    except (OSError, ValueError) as exc:
+        raise TeacherError(f"{model_dir}/config.json: cannot read the teacher config ({exc})") from None
+    context = next((getattr(config, name) for name in ("max_position_embeddings", "max_seq_len", "n_positions")
+                    if getattr(config, name, None)), None)
+    if context is None:
+        raise TeacherError(f"{model_dir}/config.json: no max_position_embeddings, cannot check sequence lengths")
+    return TeacherInfo(int(config.vocab_size), int(context), str(config.model_type))
+
+
+def require_vllm() -> None:
+    """Fail with one line when teacher.backend=vllm but no vLLM is importable."""
+    if importlib.util.find_spec("vllm") is None:
+        raise TeacherError("teacher.backend: got 'vllm', but vLLM is not installed (pip install "
+                           "'qadpipe[cpu]' or 'qadpipe[gpu]'), or set teacher.backend=hf")
+
+
+def make_teacher(config: Any, model_dir: Path, *, k: int, max_model_len: int) -> Any:
+    """The configured backend, loaded (the vLLM engine starts here)."""
+    if config.teacher.backend == "hf":
+        from qadpipe.teacher.hf_backend import HFTeacher
+
+        return HFTeacher.from_config(str(model_dir), config.teacher, config.model.trust_remote_code)
+    require_vllm()
+    from qadpipe.teacher.vllm_backend import VLLMTeacher
+
+    return VLLMTeacher.from_config(str(model_dir), config.teacher, k=k, max_model_len=max_model_len,
+                                   trust_remote_code=config.model.trust_remote_code)

@@ -1,0 +1,179 @@
+"""transformers teacher: the reference implementation, and the fallback without vLLM.
+
+Top-k capture never builds the fp32 ``log_softmax`` of all ``[tokens, vocab]`` logits.
+The decoder body runs once per batch; the LM head then runs over the gathered target
+positions in chunks of ``chunk_tokens`` rows: logits (fp32 output) -> top-k -> minus the
+row's logsumexp.  Only one ``[chunk, vocab]`` fp32 block is alive at a time, and nothing
+is computed for padding or for prompt positions that are not distilled.
+
+``fp32_head`` means bf16 weights and hidden states, fp32 accumulation *and output*
+(``torch.mm(out_dtype=float32)`` on CUDA, an upcast on CPU): the logits are not rounded
+to bf16 before the softmax, as vLLM's ``head_dtype=float32`` does.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+
+from qadpipe.data.sequences import TokenSequence
+from qadpipe.errors import TeacherError
+from qadpipe.targets import SequenceTargets
+from qadpipe.teacher.base import (Completion, SamplingSpec, TargetSpec, sampled_targets, target_start,
+                                  topk_targets)
+from qadpipe.teacher.sampling import counts_by_row, draw_indices, sequence_seed
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> the first CUDA device if there is one, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise TeacherError(f"teacher.device: got '{device}', expected auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise TeacherError(f"teacher.device: got '{device}', but torch sees no CUDA device here")
+    return resolved
+
+
+class HFTeacher:
+    """A causal LM from transformers, scoring batches of right-padded sequences."""
+
+    def __init__(self, model: Any, *, fp32_head: bool = True, batch_size: int = 8, chunk_tokens: int = 1024,
+                 pad_id: int = 0, eos_id: int | None = None) -> None:
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.body = model.base_model
+        self.head = model.get_output_embeddings()
+        self.vocab_size = int(self.head.weight.shape[0])
+        self.fp32_head = fp32_head
+        self.batch_size = batch_size
+        self.chunk_tokens = chunk_tokens
+        self.pad_id = pad_id
+        self.eos_id = eos_id
+        self._check_logits_are_head_of_hidden()
+
+    @classmethod
+    def from_config(cls, path: str, teacher: Any, trust_remote_code: bool = False) -> "HFTeacher":
+        """Load ``path`` with the ``teacher`` config section (dtype, device, batching)."""
+        from qadpipe.models import load_causal_lm, load_tokenizer
+
+        device = resolve_device(teacher.device)
+        model = load_causal_lm(path, teacher.dtype, str(device), trust_remote_code)
+        tokenizer = load_tokenizer(path, trust_remote_code)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return cls(model, fp32_head=teacher.fp32_head, batch_size=teacher.batch_size,
+                   chunk_tokens=teacher.chunk_tokens, pad_id=pad or 0, eos_id=tokenizer.eos_token_id)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM head on ``[n, hidden]`` rows -> fp32 ``[n, vocab]``."""
+        weight, bias = self.head.weight, getattr(self.head, "bias", None)
+        if not self.fp32_head:
+            out = torch.nn.functional.linear(hidden, weight, bias).float()
+        elif hidden.is_cuda and hidden.dtype != torch.float32:
+            out = torch.mm(hidden, weight.t(), out_dtype=torch.float32)
+            out = out if bias is None else out + bias.float()
+        else:
+            out = torch.nn.functional.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
+        return out
+
+    def _check_logits_are_head_of_hidden(self) -> None:
+        """Refuse architectures whose logits are not ``lm_head(last hidden state)`` (logit
+        soft-capping, logit scaling): this backend would silently capture another distribution."""
+        config = self.model.config.get_text_config()
+        for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+            value = getattr(config, name, None)
+            if value not in (None, 1, 1.0):
+                raise TeacherError(f"teacher: {config.model_type} sets {name}={value}, which the HF backend's "
+                                   "chunked LM head does not apply; use teacher.backend=vllm")
+        ids = torch.arange(1, 9, device=self.device).unsqueeze(0) % self.vocab_size
+        with torch.no_grad():
+            full = self.model(input_ids=ids).logits[0].float()
+            ours = self.logits(self.body(input_ids=ids).last_hidden_state[0])
+        tolerance = 0.02 * float(full.abs().max()) + 1e-3
+        if float((full - ours).abs().max()) > tolerance:
+            raise TeacherError(f"teacher: {config.model_type}'s logits are not lm_head(hidden states); "
+                               "the HF backend cannot capture them chunk-wise, use teacher.backend=vllm")
+
+    @torch.no_grad()
+    def score(self, sequences: list[TokenSequence], spec: TargetSpec) -> list[SequenceTargets]:
+        out: list[SequenceTargets] = []
+        for first in range(0, len(sequences), self.batch_size):
+            out.extend(self._score_batch(sequences[first:first + self.batch_size], spec))
+        return out
+
+    def _score_batch(self, batch: list[TokenSequence], spec: TargetSpec) -> list[SequenceTargets]:
+        length = max(len(s.input_ids) for s in batch)
+        ids = torch.full((len(batch), length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), length), dtype=torch.long)
+        starts, flat_rows = [], []
+        for row, seq in enumerate(batch):
+            ids[row, :len(seq.input_ids)] = torch.from_numpy(seq.input_ids.astype(np.int64))
+            mask[row, :len(seq.input_ids)] = 1
+            start = target_start(seq, spec.include_prompt)
+            starts.append(start)
+            # Position p predicts token p + 1: rows start .. T-2.
+            flat_rows.append(torch.arange(start, len(seq.input_ids) - 1) + row * length)
+        hidden = self.body(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
+        rows = torch.cat(flat_rows).to(self.device)
+        selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
+        sizes = [len(r) for r in flat_rows]
+        if spec.kind == "topk":
+            top_ids, top_lps = self._topk(selected, spec.k)
+            bounds = np.cumsum([0, *sizes])
+            return [topk_targets(seq, start, top_ids[a:b], top_lps[a:b])
+                    for seq, start, a, b in zip(batch, starts, bounds[:-1], bounds[1:])]
+        uniforms = np.concatenate([np.random.default_rng(sequence_seed(spec.seed, seq.id)).random((n, spec.num_samples))
+                                   for seq, n in zip(batch, sizes)])
+        draws = np.concatenate([draw_indices(torch.softmax(self.logits(selected[a:a + self.chunk_tokens]), -1),
+                                             uniforms[a:a + self.chunk_tokens])
+                                for a in range(0, len(selected), self.chunk_tokens)])
+        out, first = [], 0
+        for seq, start, n in zip(batch, starts, sizes):
+            offsets, values, counts = counts_by_row(draws[first:first + n])
+            out.append(sampled_targets(seq, start, offsets, values, counts))
+            first += n
+        return out
+
+    def _topk(self, hidden: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Chunked: logits -> top-k -> minus logsumexp; returns int32 ids, fp32 log-probs."""
+        ids, lps = [], []
+        for first in range(0, hidden.shape[0], self.chunk_tokens):
+            logits = self.logits(hidden[first:first + self.chunk_tokens])
+            values, index = logits.topk(k, dim=-1)
+            lps.append((values - torch.logsumexp(logits, dim=-1, keepdim=True)).cpu())
+            ids.append(index.to(torch.int32).cpu())
+        if not ids:
+            return np.zeros((0, k), np.int32), np.zeros((0, k), np.float32)
+        return torch.cat(ids).numpy(), torch.cat(lps).numpy()
+
+    @torch.no_grad()
+    def complete(self, prompts: list[TokenSequence], sampling: SamplingSpec) -> list[Completion]:
+        """One prompt at a time (no left padding), seeded by prompt id: a completion does not
+        depend on which other prompts share its batch or task."""
+        from transformers import GenerationConfig
+
+        config = GenerationConfig(
+            do_sample=sampling.temperature > 0, temperature=sampling.temperature or None,
+            top_p=sampling.top_p if sampling.temperature > 0 else None, top_k=0,
+            max_new_tokens=sampling.max_new_tokens, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
+        )
+        out = []
+        devices = [self.device] if self.device.type == "cuda" else []
+        for prompt in prompts:
+            ids = torch.from_numpy(prompt.input_ids.astype(np.int64)).unsqueeze(0).to(self.device)
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(sequence_seed(sampling.seed, prompt.id))
+                generated = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                                generation_config=config)
+            out.append(Completion(generated[0, ids.shape[1]:].cpu().numpy().astype(np.int32)))
+        return out
+
+    def close(self) -> None:
+        self.model = self.body = self.head = None

@@ -1,0 +1,149 @@
+"""vLLM teacher: prompt log-probs at close to plain-prefill speed.
+
+Scoring is ``SamplingParams(prompt_logprobs=K, flat_logprobs=True, detokenize=False,
+max_tokens=1)`` on an engine built with ``max_logprobs=K, logprobs_mode="raw_logprobs"``:
+raw means the full-vocab fp32 ``log_softmax`` before temperature or any sampling filter.
+
+vLLM returns, for every position but the first, exactly ``K + 1`` flat entries: the
+*actual* next token first (with its true rank, even when it is outside the top-K), then
+the top-K in descending order.  :func:`flat_to_arrays` reshapes the flat lists with numpy
+(no Python loop per entry).  The actual-token column is **not stored** (the cache holds
+the top-K and the tail mass, and the actual token is ``input_ids`` itself); it is used
+as a free alignment check: column 0 must equal ``input_ids[1:]``, or the run stops.
+
+Sampled targets come from the captured distribution: the K top entries plus one tail
+bucket holding ``1 − Σ p_topK``.  Unlike sampling the full vocabulary (what the HF
+backend does), every draw landing in the tail is recorded as ``TAIL_ID`` rather than as a
+concrete token; with K ≥ 64 the tail is usually a few percent of the mass.
+
+Generate mode writes completions with the sampling settings, then re-scores prompt +
+completion with prompt log-probs (one code path for scored and generated data; prefill
+scores positions faster than decode).  Stored targets are therefore the raw T=1
+distribution whatever the sampling temperature.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import numpy as np
+
+from qadpipe.data.sequences import TokenSequence
+from qadpipe.errors import TeacherError
+from qadpipe.targets import TAIL_ID, SequenceTargets
+from qadpipe.teacher.base import (Completion, SamplingSpec, TargetSpec, sampled_targets, target_start,
+                                  topk_targets)
+from qadpipe.teacher.sampling import counts_by_row, draw_indices, sequence_seed
+
+log = logging.getLogger(__name__)
+
+
+def flat_to_arrays(flat: Any, input_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """vLLM ``FlatLogprobs`` of one prompt -> (top-k ids int32 ``[T-1, k]``, log-probs
+    fp32 ``[T-1, k]``); row ``p`` is the distribution of ``input_ids[p + 1]``."""
+    n = len(input_ids) - 1
+    if len(flat) != n + 1 or flat.start_indices[0] != flat.end_indices[0]:
+        raise TeacherError(f"vLLM returned {len(flat)} prompt-logprob positions for {n + 1} tokens "
+                           "(expected one per token, the first empty)")
+    ids = np.asarray(flat.token_ids, dtype=np.int32)
+    if ids.size != n * (k + 1):
+        raise TeacherError(f"vLLM returned {ids.size} prompt-logprob entries for {n} positions, expected "
+                           f"{n * (k + 1)} (K+1 per position, K={k}); is flat_logprobs on?")
+    ids = ids.reshape(n, k + 1)
+    logprobs = np.asarray(flat.logprobs, dtype=np.float32).reshape(n, k + 1)
+    if not np.array_equal(ids[:, 0], input_ids[1:]):
+        bad = int(np.flatnonzero(ids[:, 0] != input_ids[1:])[0])
+        raise TeacherError(f"vLLM prompt log-probs are misaligned at position {bad + 1}: actual-token entry "
+                           f"{int(ids[bad, 0])}, input token {int(input_ids[bad + 1])}")
+    return ids[:, 1:], logprobs[:, 1:]
+
+
+def sampled_from_topk(sequence: TokenSequence, start: int, top_ids: np.ndarray, top_lps: np.ndarray,
+                      tail: np.ndarray, spec: TargetSpec) -> SequenceTargets:
+    """Draws from top-K ∪ tail bucket; tail draws become :data:`TAIL_ID`."""
+    import torch
+
+    probs = np.concatenate([np.exp(top_lps.astype(np.float64)), tail[:, None]], axis=1)
+    rng = np.random.default_rng(sequence_seed(spec.seed, sequence.id))
+    draws = draw_indices(torch.from_numpy(probs), rng.random((len(probs), spec.num_samples)))
+    offsets, columns, counts = counts_by_row(draws)
+    rows = np.repeat(np.arange(len(probs)), np.diff(offsets))
+    padded = np.concatenate([top_ids, np.full((len(top_ids), 1), TAIL_ID, np.int32)], axis=1)
+    return sampled_targets(sequence, start, offsets, padded[rows, columns], counts)
+
+
+class VLLMTeacher:
+    """One ``vllm.LLM`` engine; K is fixed at start (``max_logprobs``)."""
+
+    def __init__(self, llm: Any, k: int, vocab_size: int) -> None:
+        self.llm = llm
+        self.k = k
+        self.vocab_size = vocab_size
+
+    @classmethod
+    def from_config(cls, path: str, teacher: Any, *, k: int, max_model_len: int,
+                    trust_remote_code: bool = False) -> "VLLMTeacher":
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        kwargs: dict[str, Any] = dict(
+            model=path, dtype=teacher.dtype, max_logprobs=k, logprobs_mode="raw_logprobs",
+            tensor_parallel_size=teacher.tensor_parallel_size, max_model_len=max_model_len,
+            max_num_batched_tokens=max(teacher.max_num_batched_tokens, max_model_len),
+            enforce_eager=teacher.enforce_eager, trust_remote_code=trust_remote_code, seed=0,
+        )
+        if teacher.fp32_head:
+            kwargs["hf_overrides"] = {"head_dtype": "float32"}
+        if current_platform.is_cpu():
+            # The CPU worker otherwise reserves gpu_memory_utilization x the node's RAM.
+            if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+                kwargs["kv_cache_memory_bytes"] = int(teacher.kv_cache_gib * (1 << 30))
+        else:
+            kwargs["gpu_memory_utilization"] = teacher.gpu_memory_utilization
+        try:
+            llm = LLM(**kwargs)
+        except (ValueError, RuntimeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise TeacherError(f"teacher: vLLM could not start the engine for {path} ({first})") from exc
+        vocab = int(llm.llm_engine.model_config.get_vocab_size())
+        return cls(llm, k, vocab)
+
+    def prompt_logprobs(self, sequences: list[TokenSequence]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(top-K ids, log-probs) for all positions 1..T-1 of each sequence."""
+        from vllm import SamplingParams, TokensPrompt
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=self.k, flat_logprobs=True,
+                                detokenize=False)
+        prompts = [TokensPrompt(prompt_token_ids=s.input_ids.tolist()) for s in sequences]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        return [flat_to_arrays(out.prompt_logprobs, seq.input_ids, self.k) for out, seq in zip(outputs, sequences)]
+
+    def score(self, sequences: list[TokenSequence], spec: TargetSpec) -> list[SequenceTargets]:
+        from qadpipe.targets import tail_mass_from_logprobs
+
+        out = []
+        for seq, (ids, lps) in zip(sequences, self.prompt_logprobs(sequences)):
+            start = target_start(seq, spec.include_prompt)
+            ids, lps = ids[start:], lps[start:]
+            if spec.kind == "topk":
+                out.append(topk_targets(seq, start, ids, lps))
+            else:
+                out.append(sampled_from_topk(seq, start, ids, lps, tail_mass_from_logprobs(lps), spec))
+        return out
+
+    def complete(self, prompts: list[TokenSequence], sampling: SamplingSpec) -> list[Completion]:
+        """Sampled completions, seeded per prompt id (vLLM gives each seeded request its own
+        generator).  ``token_ids`` keep the EOS token when the teacher stopped there."""
+        from vllm import SamplingParams, TokensPrompt
+
+        params = [SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
+                                 max_tokens=sampling.max_new_tokens, seed=sequence_seed(sampling.seed, p.id) % (1 << 31))
+                  for p in prompts]
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p.input_ids.tolist()) for p in prompts],
+                                    params, use_tqdm=False)
+        return [Completion(np.asarray(o.outputs[0].token_ids, dtype=np.int32), o.outputs[0].text) for o in outputs]
+
+    def close(self) -> None:
+        self.llm = None
