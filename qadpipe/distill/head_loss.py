@@ -61,7 +61,11 @@ class PositionTargets:
         return int(self.next_tokens.shape[0])
 
     def slice(self, start: int, end: int) -> "PositionTargets":
-        return PositionTargets(**{name: (value[start:end] if value is not None else None)
+        return self.select(slice(start, end))
+
+    def select(self, index: slice | torch.Tensor) -> "PositionTargets":
+        """The targets of the positions ``index`` picks (a slice or a boolean mask)."""
+        return PositionTargets(**{name: (value[index] if value is not None else None)
                                   for name, value in self.__dict__.items()})
 
 
