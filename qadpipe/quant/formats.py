@@ -396,14 +396,15 @@ def fake_quantize(x: Tensor, spec: QuantSpec, *, amax: Optional[Tensor] = None,
 
 
 def representable_bounds(q: QuantizedTensor) -> tuple[Tensor, Tensor]:
-    """(lo, hi) per group, broadcastable against ``x`` grouped like ``q.scale``: inputs outside
-    are clipped by the quantizer (the clipped STE zeroes their gradient)."""
+    """(lo, hi) per group, shaped like ``q.scale``: inputs outside are changed by the clamp,
+    not just rounded -- integer codes saturate beyond ``qmax + 1/2`` steps, float elements
+    beyond their largest value (the clipped STE zeroes the gradient there)."""
     spec = q.spec
     s = effective_scale(q)
     if spec.kind in INTEGER_CODES:
         qmin, qmax = spec.code_range
         zp = q.zero_point.float() if q.zero_point is not None else torch.zeros_like(s)
-        return (qmin - zp) * s, (qmax - zp) * s
+        return (qmin - 0.5 - zp) * s, (qmax + 0.5 - zp) * s
     return -spec.elem_max * s, spec.elem_max * s
 
 

@@ -1,0 +1,198 @@
+"""Format numerics against hand-worked values, brute-force references and torch's FP8 cast."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qadpipe.errors import QuantError
+from qadpipe.quant.formats import (
+    Kind, MXScaleRule, QuantSpec, dequantize, fake_quantize, inside_range, mse_best_scale,
+    quantize, round_to_e2m1, round_to_fp8,
+)
+
+GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+
+
+def _e2m1_brute_force(y: torch.Tensor) -> torch.Tensor:
+    """Nearest grid point by explicit distance; on an exact tie the one with an even index
+    (mantissa bit 0).  Written independently of round_to_e2m1's step trick."""
+    a = y.abs().clamp(max=6.0).double()
+    dist = (a.unsqueeze(-1) - GRID.double()).abs()
+    best = dist.min(-1, keepdim=True).values
+    candidates = dist == best
+    index = torch.arange(8)
+    even_first = torch.where(candidates, index % 2 * 10 + index, torch.full_like(dist, 99, dtype=torch.long))
+    chosen = even_first.argmin(-1)
+    return torch.copysign(GRID[chosen], y)
+
+
+def test_e2m1_grid_is_fixed_and_every_tie_goes_to_even():
+    assert torch.equal(round_to_e2m1(GRID), GRID)
+    assert torch.equal(round_to_e2m1(-GRID), -GRID)
+    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+    expected = torch.tensor([0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0])
+    assert torch.equal(round_to_e2m1(ties), expected)
+    assert torch.equal(round_to_e2m1(-ties), -expected)
+    nudged = torch.nextafter(ties, torch.full_like(ties, 10.0))
+    assert torch.equal(round_to_e2m1(nudged), torch.tensor([0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]))
+
+
+def test_e2m1_matches_brute_force_on_a_dense_sweep():
+    y = torch.linspace(-6.0, 6.0, 48_001)   # step 2.5e-4 hits every tie exactly
+    assert torch.equal(round_to_e2m1(y), _e2m1_brute_force(y))
+
+
+def test_fp8_cast_saturates_at_448_and_never_makes_nan():
+    x = torch.tensor([0.0, 1.0, -3.3, 447.0, 448.0, 464.0, 479.0, 480.0, 1e6, -1e6, -500.0])
+    plain = x.to(torch.float8_e4m3fn).float()   # saturates on some builds, NaN on others
+    ours = round_to_fp8(x).float()
+    assert not torch.isnan(ours).any()
+    assert ours[5:].abs().max() == 448.0 and ours[8] == 448.0 and ours[9] == -448.0
+    inside = x.abs() <= 448
+    assert torch.equal(ours[inside], plain[inside])
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "token"])
+def test_fp8_fake_quant_matches_a_torch_cast_reference(granularity):
+    torch.manual_seed(0)
+    x = torch.randn(6, 64) * torch.logspace(-3, 2, 6).unsqueeze(1)
+    spec = QuantSpec(Kind.FP8, granularity=granularity)
+    amax = x.abs().amax() if granularity == "tensor" else x.abs().amax(-1, keepdim=True)
+    s = amax / 448.0
+    reference = (x / s).clamp(-448, 448).to(torch.float8_e4m3fn).float() * s
+    assert torch.equal(fake_quantize(x, spec), reference)
+
+
+def test_int4_symmetric_hand_worked():
+    x = torch.tensor([[7.0, -3.5, 0.5, 2.5, -7.0, 1.49, 6.6, 0.0]])
+    q = quantize(x, QuantSpec(Kind.INT, 4, "channel"))     # amax 7 -> scale 1, codes in [-7, 7]
+    assert q.scale.item() == 1.0
+    assert q.codes.tolist() == [[7, -4, 0, 2, -7, 1, 7, 0]]
+    full = quantize(x, QuantSpec(Kind.INT, 4, "channel", narrow_range=False))   # scale 7/7.5
+    assert full.scale.dtype == torch.bfloat16
+    assert full.codes.min() >= -8 and full.codes.max() <= 7
+
+
+def test_int4_asymmetric_hand_worked():
+    x = torch.tensor([[0.0, 1.5, 3.0, 15.0]])    # min 0 (0 always representable), max 15
+    q = quantize(x, QuantSpec(Kind.INT, 4, "channel", symmetric=False))
+    assert q.scale.item() == 1.0 and q.zero_point.item() == -8
+    assert q.codes.tolist() == [[-8, -6, -5, 7]]      # 1.5 -> 2 (half to even), 3 -> 3
+    assert dequantize(q).tolist() == [[0.0, 2.0, 3.0, 15.0]]
+
+
+def test_int_scale_is_rounded_to_bf16_before_codes():
+    x = torch.tensor([[1.0, 0.3337, -0.71]])
+    q = quantize(x, QuantSpec(Kind.INT, 8, "channel"))
+    s = torch.tensor(1.0 / 127).to(torch.bfloat16).float()
+    assert q.scale.float().item() == s.item()
+    assert torch.equal(dequantize(q), (torch.round(x / s).clamp(-127, 127) * s))
+
+
+def test_ternary_hand_worked():
+    x = torch.tensor([[1.0, -2.0, 0.1, 3.0]])
+    twn = quantize(x, QuantSpec(Kind.TWN, granularity="channel"))      # delta = 0.75*1.525
+    assert twn.codes.tolist() == [[0, -1, 0, 1]] and twn.scale.item() == 2.5
+    absmean = quantize(x, QuantSpec(Kind.ABSMEAN, granularity="channel"))   # gamma = 1.525
+    assert absmean.codes.tolist() == [[1, -1, 0, 1]]
+    assert absmean.scale.item() == torch.tensor(1.525).to(torch.bfloat16).item()
+    sherry = quantize(x, QuantSpec(Kind.SHERRY, granularity="channel"))    # drop 0.1 of 4
+    assert sherry.codes.tolist() == [[1, -1, 0, 1]] and sherry.scale.item() == 2.0
+
+
+def test_sherry_keeps_exactly_three_of_every_four():
+    torch.manual_seed(1)
+    x = torch.randn(16, 128)
+    q = quantize(x, QuantSpec(Kind.SHERRY, granularity="group", group_size=32))
+    nonzero = (q.codes != 0).reshape(16, 32, 4).sum(-1)
+    assert (nonzero == 3).all()
+    dropped = (q.codes == 0).reshape(16, 32, 4)
+    runs = x.abs().reshape(16, 32, 4)
+    assert torch.equal(runs[dropped], runs.min(-1).values.flatten())
+
+
+# OCP Microscaling spec v1.0 section 6.3: X = 2**(floor(log2(amax)) - emax_elem), elements
+# V/X rounded (ties to even) and saturated.  CEIL is ModelOpt's never-clipping rule.
+@pytest.mark.parametrize("kind,rule,block,expected,scale_byte", [
+    # amax 10: floor(log2 10) = 3, emax 2 -> X = 2; 10/2 = 5 is a tie -> 4 -> 8; 1/2 -> 0.5; -0.3/2 -> 0
+    (Kind.MXFP4, MXScaleRule.FLOOR, [10.0, 1.0, -0.3, 0.0], [8.0, 1.0, 0.0, 0.0], 128),
+    # amax 7: floor rule X = 1 and 7 saturates to 6, 0.75 tie -> 1; ceil rule X = 2,
+    # 7/2 = 3.5 tie -> 4 -> 8, -2.5/2 = -1.25 tie -> -1 -> -2, 0.75/2 = 0.375 -> 0.5 -> 1
+    (Kind.MXFP4, MXScaleRule.FLOOR, [7.0, -2.5, 0.75, 0.0], [6.0, -2.0, 1.0, 0.0], 127),
+    (Kind.MXFP4, MXScaleRule.CEIL, [7.0, -2.5, 0.75, 0.0], [8.0, -2.0, 1.0, 0.0], 128),
+    # amax exactly 6 (= elem max): both rules give X = 1
+    (Kind.MXFP4, MXScaleRule.CEIL, [6.0, 5.0, -1.25, 0.0], [6.0, 4.0, -1.0, 0.0], 127),
+    # FP8 E4M3: amax 1000: floor(log2 1000) = 9, emax 8 -> X = 2, 500 saturates to 448 -> 896
+    (Kind.MXFP8, MXScaleRule.FLOOR, [1000.0, 3.0, -1.0, 0.0], [896.0, 3.0, -1.0, 0.0], 128),
+    # ceil: 1000/448 -> X = 4; 250 -> 256 (E4M3 step 16 in [128, 256)); 3/4 = 0.75 exact
+    (Kind.MXFP8, MXScaleRule.CEIL, [1000.0, 3.0, -1.0, 0.0], [1024.0, 3.0, -1.0, 0.0], 129),
+    # an all-zero block: scale 2**0, exact zeros
+    (Kind.MXFP4, MXScaleRule.CEIL, [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], 127),
+])
+def test_mx_hand_worked_examples(kind, rule, block, expected, scale_byte):
+    x = torch.zeros(1, 32)
+    x[0, :4] = torch.tensor(block)
+    q = quantize(x, QuantSpec(kind, mx_rule=rule))
+    assert q.scale.tolist() == [[scale_byte]]
+    assert dequantize(q)[0, :4].tolist() == expected
+
+
+def test_mx_scale_exponent_is_clamped_to_e8m0_range():
+    x = torch.full((1, 32), 1e-44)       # fp32 subnormal: log2 ~ -146 < -127
+    q = quantize(x, QuantSpec(Kind.MXFP8, mx_rule=MXScaleRule.FLOOR))
+    assert q.scale.item() == 0           # e = -127, biased 0
+    assert not torch.isnan(dequantize(q)).any()
+
+
+def test_nvfp4_hand_worked_single_block():
+    # global amax 6*448 -> global scale 1; block amax 6 -> block scale fp8(1) = 1
+    x = torch.zeros(1, 32)
+    x[0, :16] = torch.tensor([6.0, 5.0, -2.6, 0.25] + [0.0] * 12)
+    x[0, 16] = 6.0 * 448
+    q = quantize(x, QuantSpec(Kind.NVFP4))
+    assert q.global_scale.item() == 1.0
+    assert q.scale[0, 0].float().item() == 1.0 and q.scale[0, 1].float().item() == 448.0
+    assert dequantize(q)[0, :4].tolist() == [6.0, 4.0, -3.0, 0.0]
+
+
+def test_nvfp4_static_global_amax_clips_blocks_above_it():
+    x = torch.tensor([[100.0] + [1.0] * 15])
+    q = quantize(x, QuantSpec(Kind.NVFP4, dynamic=False), amax=torch.tensor(1.0))
+    assert q.scale.float().max() == 448.0       # block scale saturated, no NaN
+    assert dequantize(q)[0, 0].item() == pytest.approx(1.0, rel=1e-6)   # clipped to 6 * s
+
+
+def test_inside_range_marks_clipped_elements():
+    # amax 1 -> scale bf16(1/7) = 0.142578125: codes saturate beyond 7.5 steps = 1.0693
+    x = torch.tensor([[1.0, -1.06, 0.5, 1.07, -2.0]])
+    q = quantize(x, QuantSpec(Kind.INT, 4, "channel"), amax=torch.tensor([[1.0]]))
+    assert inside_range(x, q).tolist() == [[True, True, True, False, False]]
+
+
+def test_mse_best_scale_never_worse_than_max_scale():
+    torch.manual_seed(2)
+    x = torch.randn(32, 256) ** 3            # heavy tails: clipping pays
+    spec = QuantSpec(Kind.INT, 4, "group", 64)
+    best = mse_best_scale(x, spec)
+    err_best = ((fake_quantize(x, spec, scale=best) - x) ** 2).reshape(32, 4, 64).sum(-1)
+    err_max = ((fake_quantize(x, spec) - x) ** 2).reshape(32, 4, 64).sum(-1)
+    assert (err_best <= err_max).all()      # ratio 1 (the max scale) is on the grid
+    assert err_best.sum() < 0.97 * err_max.sum()
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(kind=Kind.NVFP4, group_size=32), "group_size 32 is not allowed"),
+    (dict(kind=Kind.INT, bits=9), "bits 9 out of range"),
+    (dict(kind=Kind.INT, granularity="group"), "needs a positive group_size"),
+    (dict(kind=Kind.FP8, granularity="tensor", symmetric=False), "asymmetric"),
+    (dict(kind=Kind.SHERRY, granularity="group", group_size=30), "multiple of M=4"),
+])
+def test_bad_specs_raise_one_line(kwargs, message):
+    with pytest.raises(QuantError, match=message):
+        QuantSpec(**kwargs)
+
+
+def test_group_not_dividing_raises():
+    with pytest.raises(QuantError, match="576 is not divisible by the int group size 128"):
+        quantize(torch.zeros(4, 576), QuantSpec(Kind.INT, 4, "group", 128))
