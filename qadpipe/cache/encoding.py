@@ -10,11 +10,10 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from qadpipe.cache.schema import (LOGPROB_STEP, TAIL_STEP, ZERO_PROB_CODE, CacheMeta, arrow_schema)
+from qadpipe.cache import compact
+from qadpipe.cache.schema import ID_ORDER_KEY, CacheMeta, arrow_schema
 from qadpipe.errors import CacheError
 from qadpipe.targets import TAIL_ID, SequenceTargets
-
-_MAX_FINITE_CODE = ZERO_PROB_CODE - 1
 
 
 def validate_row(row: SequenceTargets, meta: CacheMeta) -> None:
@@ -86,37 +85,9 @@ def _list(values: list[np.ndarray], dtype: pa.DataType) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat.astype(dtype.to_pandas_dtype(), copy=False)))
 
 
-def logprob_codes(logprobs: np.ndarray) -> np.ndarray:
-    """Log-probs -> uint16 codes round(-lp / LOGPROB_STEP); -inf -> ZERO_PROB_CODE."""
-    lp = np.asarray(logprobs, dtype=np.float64)
-    codes = np.clip(np.rint(-lp / LOGPROB_STEP), 0, _MAX_FINITE_CODE)
-    codes[np.isneginf(lp)] = ZERO_PROB_CODE
-    return codes.astype(np.uint16)
-
-
-def tail_codes(tail_mass: np.ndarray) -> np.ndarray:
-    """Tail mass -> uint16 codes round(-log(tail) / TAIL_STEP); 0 -> ZERO_PROB_CODE."""
-    tail = np.asarray(tail_mass, dtype=np.float64)
-    with np.errstate(divide="ignore"):
-        codes = np.clip(np.rint(-np.log(tail) / TAIL_STEP), 0, _MAX_FINITE_CODE)
-    codes[tail <= 0] = ZERO_PROB_CODE
-    return codes.astype(np.uint16)
-
-
-def decode_logprob_codes(codes: np.ndarray) -> np.ndarray:
-    lp = codes.astype(np.float32) * np.float32(-LOGPROB_STEP)
-    lp[codes == ZERO_PROB_CODE] = -np.inf
-    return lp
-
-
-def decode_tail_codes(codes: np.ndarray) -> np.ndarray:
-    tail = np.exp(codes.astype(np.float64) * -TAIL_STEP)
-    tail[codes == ZERO_PROB_CODE] = 0.0
-    return tail
-
-
 def encode_rows(rows: list[SequenceTargets], meta: CacheMeta) -> pa.Table:
-    """Rows (already validated) -> one Arrow table with the cache's explicit schema."""
+    """Rows (already validated) -> one Arrow table with the cache's explicit schema (a
+    compact top-k table carries its shard's id table in the schema metadata)."""
     schema = arrow_schema(meta)
     types = {f.name: f.type.value_type for f in schema if pa.types.is_list(f.type)}
     columns: dict[str, pa.Array] = {
@@ -125,14 +96,19 @@ def encode_rows(rows: list[SequenceTargets], meta: CacheMeta) -> pa.Table:
         "target_start": pa.array([r.target_start for r in rows], pa.int32()),
     }
     plain = meta.encoding == "plain"
-    if meta.target_kind == "topk":
-        columns["topk_ids"] = _list([np.asarray(r.topk_ids) for r in rows], types["topk_ids"])
-        if plain:
-            columns["topk_logprobs"] = _list([np.asarray(r.topk_logprobs) for r in rows], pa.float32())
-            columns["tail_mass"] = _list([np.asarray(r.tail_mass) for r in rows], pa.float64())
-        else:
-            columns["topk_lp_deltas"] = _list([_delta(logprob_codes(r.topk_logprobs)) for r in rows], pa.uint16())
-            columns["tail_codes"] = _list([tail_codes(r.tail_mass) for r in rows], pa.uint16())
+    if meta.target_kind == "topk" and plain:
+        columns["topk_ids"] = _list([np.asarray(r.topk_ids) for r in rows], pa.int32())
+        columns["topk_logprobs"] = _list([np.asarray(r.topk_logprobs) for r in rows], pa.float32())
+        columns["tail_mass"] = _list([np.asarray(r.tail_mass) for r in rows], pa.float64())
+    elif meta.target_kind == "topk":
+        order = compact.id_order(np.concatenate([np.asarray(r.topk_ids).ravel() for r in rows]))
+        ranks_of = np.zeros(meta.vocab_size, dtype=np.int64)
+        ranks_of[order] = np.arange(order.size)
+        encoded = [compact.encode_topk(np.asarray(r.topk_ids), r.topk_logprobs, ranks_of) for r in rows]
+        columns["topk_ranks"] = _list([ranks for ranks, _ in encoded], types["topk_ranks"])
+        columns["topk_code_steps"] = _list([steps for _, steps in encoded], pa.uint16())
+        columns["tail_codes"] = _list([compact.tail_codes(r.tail_mass) for r in rows], pa.uint16())
+        schema = schema.with_metadata({**schema.metadata, ID_ORDER_KEY: compact.pack_order(order)})
     else:
         columns["sample_unique"] = _list([np.diff(np.asarray(r.sample_offsets)) for r in rows],
                                          types["sample_unique"])
@@ -144,27 +120,22 @@ def encode_rows(rows: list[SequenceTargets], meta: CacheMeta) -> pa.Table:
     return pa.table(columns, schema=schema)
 
 
-def _delta(codes: np.ndarray) -> np.ndarray:
-    """Codes are non-decreasing along k (log-probs sorted descending): store the steps."""
-    out = codes.copy()
-    out[:, 1:] = np.diff(codes, axis=1)
-    return out
-
-
 def _flat(batch: pa.RecordBatch, name: str) -> tuple[np.ndarray, np.ndarray]:
     """(values, row offsets into values) of a list column, zero-copy where Arrow allows."""
     column = batch.column(name)
     return column.values.to_numpy(zero_copy_only=False), column.offsets.to_numpy()
 
 
-def decode_batch(batch: pa.RecordBatch, meta: CacheMeta) -> list[SequenceTargets]:
-    """One record batch -> SequenceTargets (numpy views into per-batch decoded arrays)."""
+def decode_batch(batch: pa.RecordBatch, meta: CacheMeta, id_order: np.ndarray | None = None) -> list[SequenceTargets]:
+    """One record batch -> SequenceTargets (numpy views into per-batch decoded arrays).
+
+    ``id_order`` is the shard's id table (compact top-k only, see :func:`shard_id_order`)."""
     ids = batch.column("id").to_pylist()
     starts = batch.column("target_start").to_numpy()
     tokens, token_offsets = _flat(batch, "input_ids")
     tokens = tokens.astype(np.int64, copy=False)
     if meta.target_kind == "topk":
-        fields = _decode_topk(batch, meta)
+        fields = _decode_topk(batch, meta, id_order)
     else:
         fields = _decode_sampled(batch, meta)
     return [
@@ -174,23 +145,35 @@ def decode_batch(batch: pa.RecordBatch, meta: CacheMeta) -> list[SequenceTargets
     ]
 
 
-def _decode_topk(batch: pa.RecordBatch, meta: CacheMeta) -> dict:
+def _decode_topk(batch: pa.RecordBatch, meta: CacheMeta, id_order: np.ndarray | None) -> dict:
     k = meta.k
-    topk_ids, _ = _flat(batch, "topk_ids")
-    topk_ids = topk_ids.astype(np.int32, copy=False).reshape(-1, k)
     if meta.encoding == "plain":
+        topk_ids = _flat(batch, "topk_ids")[0].reshape(-1, k)
         logprobs = _flat(batch, "topk_logprobs")[0].reshape(-1, k)
         tail, pos = _flat(batch, "tail_mass")
     else:
-        deltas = _flat(batch, "topk_lp_deltas")[0].reshape(-1, k)
-        logprobs = decode_logprob_codes(np.cumsum(deltas, axis=1, dtype=np.int32))
+        if id_order is None:
+            raise CacheError("compact top-k shard decoded without its id table")
+        ranks = _flat(batch, "topk_ranks")[0].reshape(-1, k)
+        steps = _flat(batch, "topk_code_steps")[0].reshape(-1, k)
+        topk_ids, logprobs = compact.decode_topk(ranks, steps, id_order)
         codes, pos = _flat(batch, "tail_codes")
-        tail = decode_tail_codes(codes)
+        tail = compact.decode_tail_codes(codes)
     return {
         "topk_ids": lambda i: topk_ids[pos[i]:pos[i + 1]],
         "topk_logprobs": lambda i: logprobs[pos[i]:pos[i + 1]],
         "tail_mass": lambda i: tail[pos[i]:pos[i + 1]],
     }
+
+
+def shard_id_order(schema: pa.Schema, meta: CacheMeta, where: str) -> np.ndarray | None:
+    """The id table a compact top-k shard carries in its metadata (None for other caches)."""
+    if meta.target_kind != "topk" or meta.encoding != "compact":
+        return None
+    blob = (schema.metadata or {}).get(ID_ORDER_KEY)
+    if blob is None:
+        raise CacheError(f"{where}: compact top-k shard lacks its id table metadata")
+    return compact.unpack_order(blob, where)
 
 
 def _decode_sampled(batch: pa.RecordBatch, meta: CacheMeta) -> dict:

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from qadpipe.cache.encoding import decode_batch
+from qadpipe.cache.encoding import decode_batch, shard_id_order
 from qadpipe.cache.manifest import ShardEntry, load_view, meta_difference
 from qadpipe.cache.schema import META_KEY, CacheMeta
 from qadpipe.cache.store import Store
@@ -146,9 +146,10 @@ class CacheReader:
                 group_first = row if group_first is None else group_first
             row += size
         row = group_first or 0
+        id_order = shard_id_order(parquet.schema_arrow, self.meta, where)
         try:
             for batch in parquet.iter_batches(batch_size=self.batch_rows, row_groups=groups):
-                rows = decode_batch(batch, self.meta)
+                rows = decode_batch(batch, self.meta, id_order)
                 for item in rows[max(lo - row, 0):max(hi - row, 0)]:
                     yield item
                 row += len(rows)

@@ -13,10 +13,10 @@ into numpy arrays at once instead of walking nested lists per position.
 Two encodings (recorded in :attr:`CacheMeta.encoding`):
 
 * ``plain``: int32 ids, float32 log-probs, float64 tail mass, int32 sample counts.
-* ``compact``: ids narrowed to the vocab's width (uint16 up to 65535 ids); top-k log-probs
-  quantized in the log domain (``code = round(-logprob / LOGPROB_STEP)``) and delta-coded
-  along the descending top-k, so most deltas are tiny and zstd squeezes them; the tail
-  mass quantized the same way with a finer step; sample counts as uint8.
+* ``compact``: ids narrowed to the vocab's width (uint16 up to 65536 ids); top-k entries
+  as frequency ranks + delta-coded companded log-domain codes, the tail mass as a
+  log-domain code (all in :mod:`qadpipe.cache.compact`); sample counts as uint8.  Integer
+  columns use Parquet's BYTE_STREAM_SPLIT encoding, then zstd.
 """
 
 from __future__ import annotations
@@ -35,16 +35,10 @@ FORMAT_VERSION = 1
 TARGET_KINDS = ("topk", "sampled")
 ENCODINGS = ("plain", "compact")
 
-#: Compact top-k: log-prob quantization step (nats).  Rounding error |e| <= step/2 in the
-#: log domain gives KL(exact || decoded) ~ Var_p(e)/2 <= step^2/8 (typically step^2/24).
-LOGPROB_STEP = 1.0 / 32.0
-#: Compact top-k: the tail mass is stored as round(-log(tail) / TAIL_STEP): relative error <= 0.2 %.
-TAIL_STEP = 1.0 / 256.0
-#: The largest uint16 code means "probability 0" (log-prob -inf).
-ZERO_PROB_CODE = 0xFFFF
-
 #: Parquet schema-metadata key under which every shard carries its :class:`CacheMeta`.
 META_KEY = b"qadpipe.cache.meta"
+#: Compact top-k shards: their frequency-ordered id table (see :mod:`qadpipe.cache.compact`).
+ID_ORDER_KEY = b"qadpipe.cache.id_order"
 
 
 @dataclass(frozen=True)
@@ -120,6 +114,13 @@ def id_type(vocab_size: int, sentinel: bool = False) -> pa.DataType:
     return pa.uint16() if vocab_size + int(sentinel) <= 0xFFFF + 1 else pa.uint32()
 
 
+def byte_split_columns(meta: CacheMeta) -> list[str]:
+    """Parquet column paths written with BYTE_STREAM_SPLIT (compact encoding only)."""
+    if meta.encoding == "plain":
+        return []
+    return [f"{f.name}.list.element" for f in arrow_schema(meta) if pa.types.is_list(f.type)]
+
+
 def target_columns(meta: CacheMeta) -> list[pa.Field]:
     """The per-row target columns of a cache, for its kind and encoding."""
     plain = meta.encoding == "plain"
@@ -128,8 +129,8 @@ def target_columns(meta: CacheMeta) -> list[pa.Field]:
             return [pa.field("topk_ids", pa.list_(pa.int32())),
                     pa.field("topk_logprobs", pa.list_(pa.float32())),
                     pa.field("tail_mass", pa.list_(pa.float64()))]
-        return [pa.field("topk_ids", pa.list_(id_type(meta.vocab_size))),
-                pa.field("topk_lp_deltas", pa.list_(pa.uint16())),
+        return [pa.field("topk_ranks", pa.list_(id_type(meta.vocab_size))),
+                pa.field("topk_code_steps", pa.list_(pa.uint16())),
                 pa.field("tail_codes", pa.list_(pa.uint16()))]
     if plain:
         return [pa.field("sample_unique", pa.list_(pa.int32())),

@@ -14,13 +14,14 @@ import logging
 import time
 from types import TracebackType
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from qadpipe.cache.encoding import encode_rows, validate_row
 from qadpipe.cache.manifest import (SHARD_DIR, ShardEntry, TaskManifest, load_manifests, manifest_path,
                                     meta_difference, shard_path)
-from qadpipe.cache.schema import CacheMeta
+from qadpipe.cache.schema import CacheMeta, byte_split_columns
 from qadpipe.cache.store import Store
 from qadpipe.errors import CacheError
 from qadpipe.provenance import package_versions
@@ -30,6 +31,21 @@ log = logging.getLogger(__name__)
 
 #: Rows per Parquet row group: the unit a rank skips to when it reads its slice of a shard.
 ROW_GROUP_ROWS = 128
+
+
+def shard_bytes(table: pa.Table, meta: CacheMeta, zstd_level: int) -> bytes:
+    """One encoded table -> the bytes of a Parquet shard.
+
+    The table's schema metadata (cache meta, id table) goes into the Parquet key-value
+    metadata once; the serialized Arrow schema is not stored (it would repeat the metadata,
+    and the Parquet logical types already restore uint8/uint16/uint32)."""
+    sink = io.BytesIO()
+    with pq.ParquetWriter(sink, table.schema, compression="zstd", compression_level=zstd_level,
+                          write_statistics=False, use_dictionary=False, store_schema=False,
+                          column_encoding={column: "BYTE_STREAM_SPLIT" for column in byte_split_columns(meta)}) as out:
+        out.write_table(table, row_group_size=ROW_GROUP_ROWS)
+        out.add_key_value_metadata(table.schema.metadata)
+    return sink.getvalue()
 
 
 class CacheWriter:
@@ -98,10 +114,7 @@ class CacheWriter:
             return
         started = time.perf_counter()
         table = encode_rows(self._buffer, self.meta)
-        sink = io.BytesIO()
-        pq.write_table(table, sink, compression="zstd", compression_level=self.zstd_level,
-                       row_group_size=ROW_GROUP_ROWS, write_statistics=False)
-        data = sink.getvalue()
+        data = shard_bytes(table, self.meta, self.zstd_level)
         name = shard_path(self._manifest.task, self._next_index)
         self.store.write_atomic(name, data)
         tokens = sum(row.num_target_rows for row in self._buffer)

@@ -1,0 +1,143 @@
+"""The compact top-k codec: pure numpy functions, measured in bench/cache_size.py.
+
+Three ideas, each worth bytes on real SmolLM2 distributions (top-64, vocab 49152):
+
+1. **Companded log-domain codes.**  ``code = round(g(-logprob))`` where ``g`` has a fine
+   step (1/48 nat) for probable entries and a step growing like ``p^-1/2`` (capped at 1/4
+   nat) below ``p = e^-4``.  The KL an entry's rounding error costs is ~ p * step^2 / 24, so
+   unlikely entries tolerate coarse steps; decode KL stays ~2e-5 nat/token while codes get
+   small.  Codes are non-decreasing along the descending top-k, so they are stored as deltas.
+2. **Frequency-ranked ids.**  Each shard stores its distinct top-k ids ordered by how often
+   they occur (``id_order``); entries store the rank, so frequent tokens get small numbers
+   whose high byte is mostly zero.
+3. **Tie groups.**  Entries with equal codes have equal decoded log-probs, so their order is
+   free: we sort them by rank and store the rank *difference* to the previous entry of the
+   group.  Coarse codes make such ties common among the unlikely entries.
+
+Columns are written with Parquet's BYTE_STREAM_SPLIT encoding (byte planes) before zstd:
+the high-byte planes are nearly constant and compress to almost nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+
+import numpy as np
+import zstandard
+
+from qadpipe.errors import CacheError
+
+#: Fine step of -logprob for probable entries (nats).
+FINE_STEP = 1.0 / 48.0
+#: Entries with -logprob above this get a step growing like exp((x - KNEE) / 2) ...
+KNEE = 4.0
+#: ... up to this coarsest step (nats); max |decode error| = COARSE_STEP / 2.
+COARSE_STEP = 1.0 / 4.0
+#: Tail mass: code = round(-log(tail) / TAIL_STEP) (relative error <= 0.2 %).
+TAIL_STEP = 1.0 / 256.0
+#: The largest uint16 code means probability 0 (log-prob -inf).
+ZERO_PROB_CODE = 0xFFFF
+
+_X1 = KNEE + 2.0 * np.log(COARSE_STEP / FINE_STEP)          # where the step reaches COARSE_STEP
+_C0 = KNEE / FINE_STEP                                          # code at the knee
+_C1 = _C0 + (2.0 / FINE_STEP) * (1.0 - np.exp(-(_X1 - KNEE) / 2.0))
+
+
+def compand(neg_logprob: np.ndarray) -> np.ndarray:
+    """g(x): -logprob (>= 0, float64) -> real-valued code, monotone increasing."""
+    x = np.asarray(neg_logprob, dtype=np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        mid = _C0 + (2.0 / FINE_STEP) * (1.0 - np.exp(-(x - KNEE) / 2.0))
+    return np.where(x <= KNEE, x / FINE_STEP, np.where(x <= _X1, mid, _C1 + (x - _X1) / COARSE_STEP))
+
+
+def expand(code: np.ndarray) -> np.ndarray:
+    """g^-1: code -> -logprob (float64)."""
+    c = np.asarray(code, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mid = KNEE - 2.0 * np.log(1.0 - (c - _C0) * FINE_STEP / 2.0)
+    return np.where(c <= _C0, c * FINE_STEP, np.where(c <= _C1, mid, _X1 + (c - _C1) * COARSE_STEP))
+
+
+def logprob_codes(logprobs: np.ndarray) -> np.ndarray:
+    """Log-probs -> uint16 codes; -inf -> ZERO_PROB_CODE; tiny positives (fp noise) -> 0."""
+    lp = np.asarray(logprobs, dtype=np.float64)
+    codes = np.clip(np.rint(compand(np.maximum(-lp, 0.0))), 0, ZERO_PROB_CODE - 1)
+    codes[np.isneginf(lp)] = ZERO_PROB_CODE
+    return codes.astype(np.uint16)
+
+
+@functools.lru_cache(maxsize=1)
+def logprob_table() -> np.ndarray:
+    """Decode table: float32 log-prob for each of the 65536 codes (one gather per entry)."""
+    table = (-expand(np.arange(ZERO_PROB_CODE + 1))).astype(np.float32)
+    table[ZERO_PROB_CODE] = -np.inf
+    table.flags.writeable = False
+    return table
+
+
+def tail_codes(tail_mass: np.ndarray) -> np.ndarray:
+    tail = np.asarray(tail_mass, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        codes = np.clip(np.rint(-np.log(tail) / TAIL_STEP), 0, ZERO_PROB_CODE - 1)
+    codes[tail <= 0] = ZERO_PROB_CODE
+    return codes.astype(np.uint16)
+
+
+def decode_tail_codes(codes: np.ndarray) -> np.ndarray:
+    tail = np.exp(codes.astype(np.float64) * -TAIL_STEP)
+    tail[codes == ZERO_PROB_CODE] = 0.0
+    return tail
+
+
+def id_order(topk_ids: np.ndarray) -> np.ndarray:
+    """The distinct ids of a shard, most frequent first (ties by id): rank -> id."""
+    ids, counts = np.unique(topk_ids, return_counts=True)
+    return ids[np.argsort(-counts, kind="stable")]
+
+
+def encode_topk(topk_ids: np.ndarray, topk_logprobs: np.ndarray, ranks_of: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[n, k] ids + sorted log-probs -> (rank column, code-delta column), both [n, k].
+
+    ``ranks_of[id]`` is the id's frequency rank in this shard.  Within a run of equal codes
+    the entries are re-sorted by rank and store the rank step to their predecessor.
+    """
+    codes = logprob_codes(topk_logprobs).astype(np.int64)
+    ranks = ranks_of[topk_ids]
+    order = np.argsort(codes * (1 << 32) + ranks, axis=1, kind="stable")
+    codes = np.take_along_axis(codes, order, axis=1)
+    ranks = np.take_along_axis(ranks, order, axis=1)
+    code_steps = np.diff(codes, axis=1, prepend=0)
+    tie = np.zeros(codes.shape, dtype=bool)
+    tie[:, 1:] = code_steps[:, 1:] == 0
+    previous = np.zeros_like(ranks)
+    previous[:, 1:] = ranks[:, :-1]
+    return np.where(tie, ranks - previous, ranks), code_steps
+
+
+def decode_topk(rank_column: np.ndarray, code_steps: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of :func:`encode_topk` for [m, k] arrays: (int32 ids, float32 log-probs)."""
+    codes = np.cumsum(code_steps, axis=1, dtype=np.int32)
+    k = codes.shape[1]
+    starts = np.where(code_steps != 0, np.arange(k, dtype=np.int32), 0).astype(np.int32)
+    starts[:, 0] = 0
+    np.maximum.accumulate(starts, axis=1, out=starts)      # index where each tie group begins
+    running = np.cumsum(rank_column, axis=1, dtype=np.int64)
+    group_base = np.take_along_axis(running, starts, axis=1) - np.take_along_axis(rank_column, starts, axis=1)
+    ranks = running - group_base
+    if ranks.size and (ranks.max() >= order.size or ranks.min() < 0):
+        raise CacheError(f"top-k rank {int(ranks.max())} outside the shard's id table ({order.size} ids)")
+    return order[ranks].astype(np.int32), logprob_table()[codes]
+
+
+def pack_order(order: np.ndarray) -> bytes:
+    """id_order -> bytes for the shard's Parquet metadata (zstd, base64: metadata is text)."""
+    return base64.b64encode(zstandard.ZstdCompressor(level=19).compress(order.astype("<u4").tobytes()))
+
+
+def unpack_order(blob: bytes, where: str) -> np.ndarray:
+    try:
+        return np.frombuffer(zstandard.ZstdDecompressor().decompress(base64.b64decode(blob)), dtype="<u4").astype(np.int32)
+    except (ValueError, zstandard.ZstdError) as exc:
+        raise CacheError(f"{where}: corrupt id table in the shard metadata ({exc})") from exc
