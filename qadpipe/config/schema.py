@@ -179,6 +179,10 @@ class DistillConfig:
     log_every: int = opt(5, "log line every N steps", ge=1)
     device: str = opt("auto", "auto, cpu, cuda")
     distributed: Literal["ddp", "fsdp2"] = opt("ddp", "strategy under torchrun")
+    shuffle_buffer: int = opt(256, "cache rows in the seeded shuffle buffer (1 = cache order)", ge=1)
+    pack_length: Optional[int] = opt(None,
+        "pack each micro-batch's rows into windows of this many tokens (null = pad each row)", ge=2)
+    tensorboard: bool = opt(False, "also write TensorBoard events (needs the tensorboard package)")
 
 
 @dataclass
