@@ -1,0 +1,82 @@
+"""The compact top-k codec against hand-worked values and an independent KL computation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qadpipe.cache import compact
+
+
+def test_hand_worked_codes():
+    # Below the knee the step is exactly 1/48 nat: -1 nat is code 48, -4 nats (the knee) code 192.
+    assert compact.logprob_codes(np.array([0.0, -1.0, -4.0])).tolist() == [0, 48, 192]
+    assert compact.logprob_codes(np.array([-np.inf]))[0] == compact.ZERO_PROB_CODE
+    table = compact.logprob_table()
+    assert table[48] == pytest.approx(-1.0) and table[192] == pytest.approx(-4.0)
+    assert table[compact.ZERO_PROB_CODE] == -np.inf
+    # Far below the knee the step is the coarse 1/4 nat: consecutive codes differ by 0.25.
+    far = compact.logprob_codes(np.array([-30.0]))[0]
+    assert table[far] - table[far + 1] == pytest.approx(0.25)
+
+
+def test_compand_is_monotone_and_inverted_by_expand():
+    x = np.linspace(0, 60, 100_001)
+    codes = compact.compand(x)
+    assert (np.diff(codes) > 0).all()
+    np.testing.assert_allclose(compact.expand(codes), x, atol=1e-9)
+
+
+@pytest.mark.parametrize("x_max,bound", [(compact.KNEE, compact.FINE_STEP / 2), (80.0, compact.COARSE_STEP / 2)])
+def test_rounding_error_bounded_by_half_the_local_step(x_max, bound):
+    lp = -np.random.default_rng(0).uniform(0, x_max, 200_000)
+    decoded = compact.logprob_table()[compact.logprob_codes(lp)]
+    assert np.abs(decoded - lp).max() <= bound + 1e-5
+
+
+def _random_distributions(rng, n, k, vocab=5000):
+    logits = rng.standard_t(3, size=(n, vocab)) * 2.5
+    logprobs = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+    ids = np.argsort(-logprobs, axis=1)[:, :k]
+    top = np.take_along_axis(logprobs, ids, axis=1)
+    return ids.astype(np.int32), top.astype(np.float32), logprobs
+
+
+def test_tie_groups_roundtrip_the_id_to_logprob_map():
+    rng = np.random.default_rng(1)
+    ids, lp, _ = _random_distributions(rng, 200, 64)
+    order = compact.id_order(ids)
+    ranks_of = np.zeros(5000, np.int64)
+    ranks_of[order] = np.arange(order.size)
+    rank_column, steps = compact.encode_topk(ids, lp, ranks_of)
+    assert (steps[:, 1:] == 0).mean() > 0.2, "coarse codes should produce tie groups"
+    got_ids, got_lp = compact.decode_topk(rank_column, steps, order)
+    assert (np.diff(got_lp, axis=1) <= 0).all()
+    for row in range(ids.shape[0]):
+        want = dict(zip(ids[row].tolist(), lp[row].tolist()))
+        assert sorted(got_ids[row].tolist()) == sorted(want)
+        for token, value in zip(got_ids[row].tolist(), got_lp[row].tolist()):
+            assert abs(value - want[token]) <= compact.COARSE_STEP / 2 + 1e-5
+
+
+def test_decode_kl_below_target_at_k64():
+    """KL(exact || decoded) over top-64 + tail bucket, computed independently with float64."""
+    rng = np.random.default_rng(2)
+    _, lp, _ = _random_distributions(rng, 300, 64)
+    tail = np.clip(1.0 - np.exp(lp.astype(np.float64)).sum(1), 0, 1)
+    decoded_lp = compact.logprob_table()[compact.logprob_codes(lp)].astype(np.float64)
+    decoded_tail = compact.decode_tail_codes(compact.tail_codes(tail))
+    p = np.concatenate([np.exp(lp.astype(np.float64)), tail[:, None]], axis=1)
+    q = np.concatenate([np.exp(decoded_lp), decoded_tail[:, None]], axis=1)
+    q /= q.sum(axis=1, keepdims=True)
+    mask = p > 0
+    kl = (p * (np.log(np.where(mask, p, 1)) - np.log(np.where(mask, q, 1)))).sum(axis=1)
+    assert kl.mean() < 1e-4
+    np.testing.assert_allclose(decoded_tail, tail, rtol=compact.TAIL_STEP)
+
+
+def test_order_table_roundtrip_and_corruption():
+    order = np.array([7, 3, 49151, 0], dtype=np.int64)
+    np.testing.assert_array_equal(compact.unpack_order(compact.pack_order(order), "x"), order)
+    with pytest.raises(Exception, match="corrupt id table"):
+        compact.unpack_order(b"bm90IHpzdGQ=", "shard.parquet")

@@ -1,0 +1,134 @@
+"""Write -> read: exact for plain and sampled rows, within the codec's bound for compact top-k;
+rank splits, several writer tasks, resume."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cache_rows import cache_meta, random_rows, write_cache
+from qadpipe.cache import CacheReader, CacheWriter, compact
+from qadpipe.errors import CacheError
+
+
+def assert_same_targets(written, read, encoding):
+    assert read.id == written.id and read.target_start == written.target_start
+    np.testing.assert_array_equal(read.input_ids, written.input_ids)
+    if written.kind == "sampled":
+        for name in ("sample_offsets", "sample_ids", "sample_counts"):
+            np.testing.assert_array_equal(getattr(read, name), getattr(written, name))
+        return
+    assert read.topk_ids.shape == written.topk_ids.shape and read.topk_ids.dtype == np.int32
+    if encoding == "plain":
+        np.testing.assert_array_equal(read.topk_ids, written.topk_ids)
+        np.testing.assert_array_equal(read.topk_logprobs, written.topk_logprobs)
+        np.testing.assert_array_equal(read.tail_mass, written.tail_mass)
+        return
+    # Compact: same id set per position, each id's log-prob within half a coarse step,
+    # still sorted descending; tail mass within the tail code's relative step.
+    assert (np.diff(read.topk_logprobs, axis=1) <= 0).all()
+    for position in range(written.topk_ids.shape[0]):
+        want = dict(zip(written.topk_ids[position].tolist(), written.topk_logprobs[position].tolist()))
+        got = dict(zip(read.topk_ids[position].tolist(), read.topk_logprobs[position].tolist()))
+        assert got.keys() == want.keys()
+        assert max(abs(got[t] - want[t]) for t in want) <= compact.COARSE_STEP / 2 + 1e-5
+    np.testing.assert_allclose(read.tail_mass, written.tail_mass, rtol=compact.TAIL_STEP)
+
+
+@pytest.mark.parametrize("kind", ["topk", "sampled"])
+@pytest.mark.parametrize("encoding", ["plain", "compact"])
+@pytest.mark.parametrize("target_start", [0, 3])
+def test_roundtrip(tmp_path, kind, encoding, target_start):
+    meta = cache_meta(kind, encoding=encoding, k=16)
+    rows = random_rows(meta, 9, seq_len=24, target_start=target_start)
+    write_cache(tmp_path, meta, rows, rows_per_shard=4)
+    reader = CacheReader(str(tmp_path))
+    assert reader.meta == meta
+    assert reader.num_rows == 9 and reader.num_tokens == sum(r.num_target_rows for r in rows)
+    assert len(reader.shards) == 3
+    read = list(reader.iter_sequences())
+    assert [r.id for r in read] == [r.id for r in rows]
+    for written, got in zip(rows, read):
+        assert_same_targets(written, got, encoding)
+
+
+def test_tail_id_survives_compact_sampled(tmp_path):
+    meta = cache_meta("sampled", encoding="compact")
+    rows = random_rows(meta, 3)
+    assert any((r.sample_ids == -1).any() for r in rows)
+    write_cache(tmp_path, meta, rows)
+    for written, got in zip(rows, CacheReader(str(tmp_path)).iter_sequences()):
+        np.testing.assert_array_equal(got.sample_ids, written.sample_ids)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 5, 13])
+def test_rank_split_is_a_contiguous_balanced_partition(tmp_path, world_size):
+    meta = cache_meta("topk", encoding="compact")
+    rows = random_rows(meta, 11, seq_len=8)
+    write_cache(tmp_path, meta, rows, rows_per_shard=3)
+    reader = CacheReader(str(tmp_path), batch_rows=2)
+    parts = [[r.id for r in reader.iter_sequences(rank, world_size)] for rank in range(world_size)]
+    assert [i for part in parts for i in part] == [r.id for r in rows]
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    again = [[r.id for r in CacheReader(str(tmp_path)).iter_sequences(rank, world_size)] for rank in range(world_size)]
+    assert again == parts
+    with pytest.raises(CacheError, match="rank=3, world_size=3"):
+        next(reader.iter_sequences(3, 3))
+
+
+def test_several_tasks_merge_into_one_view(tmp_path):
+    meta = cache_meta("topk", encoding="compact")
+    rows_b = random_rows(meta, 3, prefix="b", seed=1)
+    rows_a = random_rows(meta, 4, prefix="a", seed=2)
+    write_cache(tmp_path, meta, rows_b, task="task-00001")
+    write_cache(tmp_path, meta, rows_a, task="task-00000")
+    reader = CacheReader(str(tmp_path))
+    assert [r.id for r in reader.iter_sequences()] == [r.id for r in rows_a + rows_b]
+
+
+def test_duplicate_ids_across_tasks_are_refused(tmp_path):
+    meta = cache_meta("topk")
+    write_cache(tmp_path, meta, random_rows(meta, 2), task="task-00000")
+    write_cache(tmp_path, meta, random_rows(meta, 2, seed=5), task="task-00001")
+    with pytest.raises(CacheError, match=r"task-00001-000000.parquet: duplicate row id 'row-00000' \(also in "
+                                         r"shards/task-00000-000000.parquet\)"):
+        CacheReader(str(tmp_path))
+
+
+def test_resume_skips_done_ids_and_appends_shards(tmp_path):
+    meta = cache_meta("sampled")
+    rows = random_rows(meta, 7)
+    write_cache(tmp_path, meta, rows[:3], rows_per_shard=2)
+    with CacheWriter(str(tmp_path), meta, rows_per_shard=2) as writer:
+        assert writer.done_ids() == {r.id for r in rows[:3]}
+        with pytest.raises(CacheError, match="'row-00001': already written by task task-00000"):
+            writer.write(rows[1])
+        for row in rows[3:]:
+            writer.write(row)
+    assert [r.id for r in CacheReader(str(tmp_path)).iter_sequences()] == [r.id for r in rows]
+
+
+def test_writer_refuses_a_cache_made_differently(tmp_path):
+    write_cache(tmp_path, cache_meta("topk", k=8), random_rows(cache_meta("topk", k=8), 2))
+    with pytest.raises(CacheError, match=r"task-00000.json: cache was written with k=8, this writer has k=16"):
+        CacheWriter(str(tmp_path), cache_meta("topk", k=16), task="task-00001")
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("topk_ids", np.zeros((3, 8), np.int32), r"topk_ids has shape \(3, 8\), expected \(\d+, 8\)"),
+    ("topk_logprobs", None, "topk_logprobs is not sorted by descending log-prob along k"),
+    ("tail_mass", None, r"tail_mass outside \[0, 1\]"),
+    ("input_ids", np.array([0, 49152, 5]), r"input_ids: ids span \[0, 49152\], expected \[0, 49152\)"),
+])
+def test_writer_refuses_bad_rows(tmp_path, field, value, message):
+    meta = cache_meta("topk")
+    row = random_rows(meta, 1, seq_len=8)[0]
+    if field == "topk_logprobs":
+        value = row.topk_logprobs[:, ::-1].copy()
+    if field == "tail_mass":
+        value = row.tail_mass + 2.0
+    if field == "input_ids":
+        value = np.concatenate([value, row.input_ids[3:]])
+    setattr(row, field, value)
+    with CacheWriter(str(tmp_path), meta) as writer, pytest.raises(CacheError, match=f"cache row 'row-00000': {message}"):
+        writer.write(row)
