@@ -1,4 +1,5 @@
-"""A cache root on local disk or anywhere pyarrow.fs reaches (``s3://bucket/prefix`` ...).
+"""A cache root on local disk or in an object store pyarrow.fs reaches (``s3://bucket/prefix``,
+``gs://`` ...; object stores have no directories, so none are created there).
 
 Writes are all-or-nothing: locally a temp name in the same directory, fsync, rename, fsync
 of the directory; on an object store a single PUT (objects appear whole or not at all).
@@ -25,9 +26,10 @@ class Store:
 
     def __init__(self, root: str, filesystem: pafs.FileSystem | None = None) -> None:
         self.root = str(root)
-        self.local = filesystem is None and "://" not in self.root
+        self.local = filesystem is None and ("://" not in self.root or self.root.startswith("file://"))
         if self.local:
-            self.fs, self.base = None, Path(self.root).expanduser().absolute()
+            path = self.root.removeprefix("file://")
+            self.fs, self.base = None, Path(path).expanduser().absolute()
         elif filesystem is not None:
             self.fs, self.base = filesystem, self.root.rstrip("/")
         else:
@@ -52,8 +54,6 @@ class Store:
             if self.local:
                 atomic_write_bytes(self.base / rel, data)
             else:
-                parent = self._path(rel).rsplit("/", 1)[0]
-                self.fs.create_dir(parent, recursive=True)
                 with self.fs.open_output_stream(self._path(rel)) as out:
                     out.write(data)
         except (OSError, pa.ArrowException) as exc:

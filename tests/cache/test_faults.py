@@ -1,0 +1,124 @@
+"""Every way a cache can be broken gives one CacheError line naming the file and the problem."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from cache_rows import cache_meta, random_rows, write_cache
+from qadpipe.cache import CacheReader, CacheWriter
+from qadpipe.errors import CacheError
+
+SHARD0 = "shards/task-00000-000000.parquet"
+MANIFEST = "manifests/task-00000.json"
+
+
+@pytest.fixture
+def cache(tmp_path):
+    meta = cache_meta("topk", k=8)
+    return write_cache(tmp_path / "cache", meta, random_rows(meta, 4), rows_per_shard=2)
+
+
+def refused(root, pattern, action=lambda reader: None):
+    with pytest.raises(CacheError, match=pattern) as info:
+        action(CacheReader(str(root)))
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+def edit_manifest(root, change):
+    path = root / MANIFEST
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def test_truncated_shard(cache):
+    path = cache / SHARD0
+    path.write_bytes(path.read_bytes()[:-100])
+    refused(cache, rf"{SHARD0}: truncated or overwritten: \d+ bytes on storage, manifest says \d+")
+
+
+def test_flipped_byte_fails_the_checksum(cache):
+    path = cache / SHARD0
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0x40
+    path.write_bytes(bytes(data))
+    refused(cache, rf"{SHARD0}: checksum mismatch", lambda reader: list(reader.iter_sequences()))
+    refused(cache, rf"{SHARD0}: checksum mismatch", lambda reader: reader.verify_all())
+
+
+def test_missing_shard(cache):
+    (cache / SHARD0).unlink()
+    refused(cache, rf"{SHARD0}: missing \(listed in the manifest, absent on storage\)")
+
+
+def test_unknown_format_version(cache):
+    edit_manifest(cache, lambda data: data.update(format_version=99))
+    refused(cache, rf"{MANIFEST}: format_version=99, this qadpipe reads format_version=1")
+
+
+def test_unknown_meta_version(cache):
+    edit_manifest(cache, lambda data: data["meta"].update(format_version=2))
+    refused(cache, rf"{MANIFEST}: cache format_version=2, this qadpipe reads format_version=1")
+
+
+@pytest.mark.parametrize("field,value", [("tokenizer_fingerprint", "sha256:other"), ("vocab_size", 32000),
+                                         ("target_kind", "sampled")])
+def test_student_mismatch(cache, field, value):
+    wanted = {"tokenizer_fingerprint": "sha256:synthetic", "vocab_size": 49152, field: value}
+    cached = {"tokenizer_fingerprint": "'sha256:synthetic'", "vocab_size": "49152", "target_kind": "'topk'"}[field]
+    refused(cache, rf"cache {field}={cached}, but the reader expects {field}={value!r}",
+            lambda reader: reader.check_compatible(**wanted))
+
+
+def test_k_mismatch_between_shards(tmp_path, cache):
+    other = cache_meta("topk", k=16)
+    write_cache(tmp_path / "other", other, random_rows(other, 2, prefix="x"))
+    stranger = tmp_path / "other" / SHARD0
+    shutil.copy(stranger, cache / "shards/task-00000-000002.parquet")
+    entry = json.loads((tmp_path / "other" / MANIFEST).read_text())["shards"][0]
+    edit_manifest(cache, lambda data: data["shards"].append({**entry, "name": "shards/task-00000-000002.parquet"}))
+    refused(cache, r"task-00000-000002.parquet: shard has k=16, the cache manifest says k=8")
+
+
+def test_k_mismatch_between_tasks(tmp_path, cache):
+    other = cache_meta("topk", k=16)
+    write_cache(tmp_path / "other", other, random_rows(other, 2, prefix="x"), task="task-00001")
+    shutil.copytree(tmp_path / "other", cache, dirs_exist_ok=True)
+    refused(cache, r"manifests/task-00001.json: disagrees with .*manifests/task-00000.json: k=16 vs k=8")
+
+
+def test_empty_cache(tmp_path):
+    refused(tmp_path, r"manifests: empty cache \(no committed shards\)")
+    refused(tmp_path / "never-written", r"never-written/manifests: empty cache")
+
+
+def test_manifest_entry_escaping_the_cache_is_refused(cache):
+    edit_manifest(cache, lambda data: data["shards"][0].update(name="shards/../../x.parquet"))
+    refused(cache, r"shard name 'shards/../../x.parquet' is not a file directly under shards/")
+    edit_manifest(cache, lambda data: data["shards"][0].update(name="/etc/passwd"))
+    refused(cache, r"shard name '/etc/passwd' is not a file directly under shards/")
+
+
+def test_corrupt_manifest_json(cache):
+    (cache / MANIFEST).write_text("{not json")
+    refused(cache, rf"{MANIFEST}: not valid JSON")
+
+
+def test_unlisted_and_temp_files_are_invisible_and_replaced(cache):
+    """What a writer killed between shard rename and manifest replace leaves behind."""
+    orphan = cache / "shards/task-00000-000002.parquet"
+    orphan.write_bytes(b"half a shard")
+    temp = cache / "shards/.task-00000-000002.parquet.abc.tmp"
+    temp.write_bytes(b"torn")
+    assert CacheReader(str(cache)).num_rows == 4
+    meta = cache_meta("topk", k=8)
+    with CacheWriter(str(cache), meta, rows_per_shard=2) as writer:
+        assert not temp.exists()
+        for row in random_rows(meta, 2, prefix="late"):
+            writer.write(row)
+    reader = CacheReader(str(cache))
+    assert reader.num_rows == 6 and len(list(reader.iter_sequences())) == 6
