@@ -137,16 +137,36 @@ class CacheConfig:
 
 
 @dataclass
+class QuantRule:
+    """One per-module override of ``quant.preset`` (the first matching rule wins)."""
+
+    targets: str = opt("", "regex searched in the dotted module name, e.g. 'mlp\\.down_proj'", nonempty=True)
+    preset: str = opt("w4a16_int", "preset for the matching Linear modules")
+    group_size: Optional[int] = opt(None, "override this preset's weight group size", ge=1)
+
+
+@dataclass
 class QuantConfig:
     """How the student is fake-quantized (and later exported)."""
 
     preset: str = opt("w4a16_int",
-        "named recipe: nvfp4, nvfp4_a16, mxfp4, mxfp8, fp8, w4a16_int, w8a8_int, w4a8_fp8, ...")
+        "named recipe: nvfp4, nvfp4_a16, mxfp4(_a16), mxfp8(_a16), fp8, fp8_static, w4a16_int(_asym), "
+        "w8a16_int, w8a8_int, w4a8_fp8, ternary_twn, bitnet_absmean, sherry_3of4, lsq_int4, lsq_int2")
     group_size: Optional[int] = opt(None,
-        "override the preset's weight group size", ge=1)
+        "override the preset's weight group size (int, ternary and LSQ presets; default 128 "
+        "does not divide SmolLM2's 576)", ge=1)
     ignore: list[str] = opt(factory=lambda: ["lm_head", "embed_tokens"], help=
         "regexes of module names left in full precision")
+    rules: list[QuantRule] = opt(factory=list, help=
+        "per-module overrides: [{targets: regex, preset: name, group_size: n}], first match wins")
+    ste: Literal["identity", "clipped"] = opt("identity",
+        "straight-through gradient: identity, or zero where the quantizer clips")
+    learnable: Literal["none", "lsq", "clip"] = opt("none",
+        "learn int weight scales: lsq (step size) or clip (per-group clip ratio); init from the weights")
     calibration_batches: int = opt(4, "batches used to calibrate amax", ge=0)
+    activation_percentile: Optional[float] = opt(None,
+        "calibrate static input ranges at this percentile of |x| (e.g. 99.99); null = max",
+        gt=0.0, le=100.0)
 
 
 @dataclass

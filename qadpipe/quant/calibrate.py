@@ -1,0 +1,118 @@
+"""Static activation ranges from data: the step that turns a recipe into the PTQ baseline.
+
+Weight ranges need no data (``apply_recipe`` sets them from the weights, and dynamic formats
+recompute them every call).  Static *input* quantizers -- the NVFP4 W4A4 input global scale,
+the per-tensor FP8 input scale -- need the range of real activations: ``calibrate`` runs
+``num_batches`` forward passes with those quantizers observing (and passing x through
+unquantized, as ModelOpt does), then fixes ``amax`` to the max of |x| over the real tokens
+(``attention_mask`` excludes padding), or to a percentile of |x| (max over batches of each
+batch's percentile) when ``percentile`` is set.  The calibrated, untrained model is the PTQ
+baseline every QAD figure is compared against.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import Iterable, Iterator, Optional
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from qadpipe.errors import QuantError
+from qadpipe.quant.quantizers import Quantizer
+
+log = logging.getLogger(__name__)
+
+
+class _Observer:
+    """Running range of the real-token activations one quantizer sees."""
+
+    def __init__(self, percentile: Optional[float]) -> None:
+        self.percentile = percentile
+        self.amax: Optional[Tensor] = None
+        self.token_mask: Optional[Tensor] = None
+
+    def observe(self, x: Tensor) -> None:
+        values = x.detach()
+        mask = self.token_mask
+        if mask is not None and values.shape[:mask.ndim] == mask.shape:
+            values = values[mask]
+        magnitude = values.float().abs().flatten()
+        if magnitude.numel() == 0:
+            return
+        if self.percentile is None:
+            batch_amax = magnitude.max()
+        else:
+            k = max(1, min(magnitude.numel(), round(magnitude.numel() * self.percentile / 100)))
+            batch_amax = magnitude.kthvalue(k).values
+        self.amax = batch_amax if self.amax is None else torch.maximum(self.amax, batch_amax)
+
+
+def static_input_quantizers(model: nn.Module) -> dict[str, Quantizer]:
+    """Input quantizers whose range must come from calibration, by module name."""
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, Quantizer) and name.endswith("input_quantizer") and not m.spec.dynamic}
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Iterable[dict[str, Tensor]], num_batches: int,
+              percentile: Optional[float] = None) -> None:
+    """Fix the amax of every static input quantizer from ``num_batches`` batches (each with
+    ``input_ids`` and ``attention_mask``).  Raises QuantError if the data runs out first or a
+    quantizer saw no token."""
+    quantizers = static_input_quantizers(model)
+    if not quantizers:
+        log.info("calibrate: no static input quantizer in this recipe; nothing to calibrate")
+        return
+    if num_batches < 1:
+        raise QuantError(f"quant.calibration_batches: got {num_batches}, but {len(quantizers)} static "
+                         "input quantizers need at least 1 batch")
+    observers = {name: _Observer(percentile) for name in quantizers}
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    start, seen, tokens = time.perf_counter(), 0, 0
+    with _observing(quantizers, observers):
+        iterator = iter(batches)
+        for _ in tqdm(range(num_batches), desc="calibrate", unit="batch"):
+            batch = next(iterator, None)
+            if batch is None:
+                raise QuantError(f"quant.calibration_batches: asked for {num_batches} batches, "
+                                 f"the data has {seen}")
+            mask = batch["attention_mask"].to(device).bool()
+            for observer in observers.values():
+                observer.token_mask = mask
+            model(input_ids=batch["input_ids"].to(device), attention_mask=mask.long())
+            seen += 1
+            tokens += int(mask.sum())
+    model.train(was_training)
+    for name, quantizer in quantizers.items():
+        amax = observers[name].amax
+        if amax is None:
+            raise QuantError(f"calibrate: {name} saw no activations (is the module used by forward?)")
+        quantizer.set_amax(amax)
+    elapsed = time.perf_counter() - start
+    log.info("calibrate: %d static input ranges from %d batches, %d tokens in %.1f s (%.0f tok/s)%s",
+             len(quantizers), seen, tokens, elapsed, tokens / max(elapsed, 1e-9),
+             f", percentile {percentile}" if percentile is not None else "")
+
+
+@contextlib.contextmanager
+def _observing(quantizers: dict[str, Quantizer], observers: dict[str, _Observer]) -> Iterator[None]:
+    """Replace each quantizer's forward by observe-and-pass-through for the duration."""
+    def make_forward(observer: _Observer):
+        def forward(x: Tensor) -> Tensor:
+            observer.observe(x)
+            return x
+        return forward
+
+    try:
+        for name, quantizer in quantizers.items():
+            quantizer.forward = make_forward(observers[name])
+        yield
+    finally:
+        for quantizer in quantizers.values():
+            del quantizer.forward

@@ -1,0 +1,262 @@
+"""Which Linear gets which format: presets, per-module rules, ignore list, fused groups.
+
+``apply_recipe(model, config.quant)`` swaps every matching ``nn.Linear`` for a
+:class:`~qadpipe.quant.quantizers.QuantLinear` in place and returns a :class:`QuantRecipe`
+saying exactly what was done -- per module the weight and input specs, plus the fused groups
+-- which is all an exporter needs besides the modules themselves.
+
+Resolution: a Linear whose name matches an ``ignore`` regex stays full precision; otherwise
+the first ``rules`` entry whose ``targets`` regex matches decides its preset, and the
+top-level ``preset`` covers the rest.  Regexes use ``re.search`` on the dotted module name.
+
+Rebuilding a trained or calibrated student: load the model, ``apply_recipe(model, quant)``
+with the same ``quant`` section, then ``model.load_state_dict(state)`` -- quantizer state
+(static amax, LSQ steps, clip logits) lives in the state_dict under
+``<module>.weight_quantizer.*`` / ``<module>.input_quantizer.*``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any, Optional
+
+from torch import nn
+
+from qadpipe.errors import QuantError
+from qadpipe.quant.formats import Granularity, Kind, QuantSpec
+from qadpipe.quant.quantizers import QuantLinear, Quantizer
+
+log = logging.getLogger(__name__)
+
+# Layers vLLM fuses into one GEMM: they must share one weight global scale (NVFP4) or
+# per-tensor scale (static FP8), or the served model differs from the trained one.
+FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named weight (+ optional input) format pair."""
+
+    weight: QuantSpec
+    input: Optional[QuantSpec] = None
+    note: str = ""
+
+
+def _int(bits: int, granularity: str = "group", group: Optional[int] = 128, **kw: Any) -> QuantSpec:
+    return QuantSpec(Kind.INT, bits, Granularity(granularity), group, **kw)
+
+
+_FP8_TOKEN = QuantSpec(Kind.FP8, granularity=Granularity.TOKEN)
+_G128 = dict(granularity=Granularity.GROUP, group_size=128)
+
+PRESETS: dict[str, Preset] = {
+    "nvfp4": Preset(QuantSpec(Kind.NVFP4, dynamic=False), QuantSpec(Kind.NVFP4, dynamic=False),
+                    "NVFP4 W4A4: weight global amax from the weight, input global amax calibrated"),
+    "nvfp4_a16": Preset(QuantSpec(Kind.NVFP4, dynamic=False), None, "NVFP4 weight-only"),
+    "mxfp4": Preset(QuantSpec(Kind.MXFP4), QuantSpec(Kind.MXFP4), "MXFP4 W4A4, dynamic E8M0 blocks"),
+    "mxfp4_a16": Preset(QuantSpec(Kind.MXFP4), None, "MXFP4 weight-only"),
+    "mxfp8": Preset(QuantSpec(Kind.MXFP8), QuantSpec(Kind.MXFP8), "MXFP8 W8A8, dynamic E8M0 blocks"),
+    "mxfp8_a16": Preset(QuantSpec(Kind.MXFP8), None, "MXFP8 weight-only"),
+    "fp8": Preset(QuantSpec(Kind.FP8, granularity=Granularity.CHANNEL), _FP8_TOKEN,
+                  "FP8 per-channel weights, dynamic per-token inputs (CT FP8_DYNAMIC)"),
+    "fp8_static": Preset(QuantSpec(Kind.FP8, granularity=Granularity.TENSOR, dynamic=False),
+                         QuantSpec(Kind.FP8, granularity=Granularity.TENSOR, dynamic=False),
+                         "FP8 per-tensor weights and calibrated per-tensor inputs (CT FP8)"),
+    "w4a16_int": Preset(_int(4), None, "int4 symmetric, group 128 (CT W4A16)"),
+    "w4a16_int_asym": Preset(_int(4, symmetric=False), None, "int4 asymmetric, group 128"),
+    "w8a16_int": Preset(_int(8, "channel", None), None, "int8 per-channel weight-only"),
+    "w8a8_int": Preset(_int(8, "channel", None), _int(8, "token", None),
+                       "int8 per-channel weights, dynamic per-token int8 inputs"),
+    "w4a8_fp8": Preset(_int(4, fp8_group_scales=True), _FP8_TOKEN,
+                       "int4 group-128 weights (FP8 group scales as vLLM converts them), FP8 per-token inputs"),
+    "ternary_twn": Preset(QuantSpec(Kind.TWN, **_G128), None, "TWN ternary, group 128"),
+    "bitnet_absmean": Preset(QuantSpec(Kind.ABSMEAN, **_G128), None, "BitNet b1.58 absmean ternary, group 128"),
+    "sherry_3of4": Preset(QuantSpec(Kind.SHERRY, **_G128), None, "3:4 sparse ternary, group 128"),
+    "lsq_int4": Preset(QuantSpec(Kind.LSQ, 4, **_G128), None, "LSQ learned step, int4, group 128"),
+    "lsq_int2": Preset(QuantSpec(Kind.LSQ, 2, **_G128), None, "LSQ learned step, int2 [-2, 1], group 128"),
+}
+
+
+@dataclass(frozen=True)
+class LayerRecipe:
+    """What one Linear got."""
+
+    name: str
+    preset: str
+    weight: QuantSpec
+    input: Optional[QuantSpec]
+    fused_group: Optional[tuple[str, ...]] = None
+
+
+@dataclass
+class QuantRecipe:
+    """Everything apply_recipe did: per-module specs, fused groups, what stayed dense."""
+
+    layers: dict[str, LayerRecipe] = field(default_factory=dict)
+    fused_groups: list[tuple[str, ...]] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    ste: str = "identity"
+    learnable: str = "none"
+
+    def summary(self) -> str:
+        counts: dict[str, int] = {}
+        for layer in self.layers.values():
+            counts[layer.preset] = counts.get(layer.preset, 0) + 1
+        parts = ", ".join(f"{n} x {p}" for p, n in counts.items())
+        return (f"quantized {len(self.layers)} Linear ({parts}); {len(self.fused_groups)} fused groups; "
+                f"full precision: {', '.join(self.ignored) or 'none'}")
+
+
+def resolve_preset(name: str, group_size: Optional[int], where: str = "quant.preset") -> Preset:
+    """A preset by name, with the group-size override applied where the format allows one."""
+    if name not in PRESETS:
+        raise QuantError(f"{where}: unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
+    preset = PRESETS[name]
+    if group_size is None:
+        return preset
+    weight = preset.weight
+    if weight.kind in (Kind.NVFP4, Kind.MXFP4, Kind.MXFP8) or weight.granularity is not Granularity.GROUP:
+        raise QuantError(f"{where}: group_size {group_size} cannot apply to preset {name!r} "
+                         f"({weight.kind.value}, {weight.granularity.value}); set group_size: null")
+    return replace(preset, weight=replace(weight, group_size=group_size))
+
+
+def apply_recipe(model: nn.Module, quant: Any) -> QuantRecipe:
+    """Replace matching ``nn.Linear`` modules of ``model`` by QuantLinear, in place."""
+    names = [name for name, _ in model.named_modules()]
+    linears = {name: m for name, m in model.named_modules() if type(m) is nn.Linear}
+    for pattern in quant.ignore:
+        _check_regex(pattern, "quant.ignore", names)
+    rules = [(i, rule, resolve_preset(rule.preset, rule.group_size, f"quant.rules[{i}].preset"))
+             for i, rule in enumerate(quant.rules)]
+    for i, rule, _ in rules:
+        _check_regex(rule.targets, f"quant.rules[{i}].targets", list(linears))
+    default = resolve_preset(quant.preset, quant.group_size)
+
+    recipe = QuantRecipe(ste=quant.ste, learnable=quant.learnable)
+    chosen: dict[str, tuple[str, Preset]] = {}
+    for name, linear in linears.items():
+        if any(re.search(p, name) for p in quant.ignore):
+            recipe.ignored.append(name)
+            continue
+        match = next(((f"quant.rules[{i}]", r.preset, p) for i, r, p in rules if re.search(r.targets, name)),
+                     ("quant.preset", quant.preset, default))
+        where, preset_name, preset = match
+        _check_layer(model, name, linear, preset_name, preset, where)
+        chosen[name] = (preset_name, preset)
+    if not chosen:
+        raise QuantError(f"quant: no nn.Linear left to quantize in {type(model).__name__} "
+                         f"(ignore={quant.ignore!r})")
+
+    groups = _fused_groups(chosen)
+    group_of = {member: group for group in groups for member in group}
+    for name, (preset_name, preset) in chosen.items():
+        weight = _learnable_spec(preset.weight, quant.learnable, preset_name)
+        new = QuantLinear.from_linear(linears[name], weight, preset.input, ste=quant.ste,
+                                      learnable=_learnable_kind(weight, quant.learnable))
+        _set_submodule(model, name, new)
+        recipe.layers[name] = LayerRecipe(name, preset_name, weight, preset.input, group_of.get(name))
+    recipe.fused_groups = groups
+    _share_fused_amax(model, groups)
+    log.info(recipe.summary())
+    return recipe
+
+
+def quant_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters for ``distill.trainable: quant``: every quantizer parameter (LSQ steps,
+    clip logits) plus the normalisation weights (AngelSlim's scale-only QAD)."""
+    params: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        if isinstance(module, Quantizer):
+            params.update({id(p): p for p in module.parameters()})
+    for module in model.modules():
+        if "norm" in type(module).__name__.lower():
+            params.update({id(p): p for p in module.parameters(recurse=False)})
+    return list(params.values())
+
+
+def _check_regex(pattern: str, where: str, names: list[str]) -> None:
+    try:
+        compiled = re.compile(pattern)
+    except re.error as exc:
+        raise QuantError(f"{where}: {pattern!r} is not a valid regex ({exc})") from None
+    if not any(compiled.search(n) for n in names):
+        example = names[1] if len(names) > 1 else "<none>"
+        raise QuantError(f"{where}: regex {pattern!r} matches no module (names look like {example!r})")
+
+
+def _check_layer(model: nn.Module, name: str, linear: nn.Linear, preset_name: str, preset: Preset,
+                 where: str) -> None:
+    spec = preset.weight
+    if spec.granularity is Granularity.GROUP and linear.in_features % spec.group_size:
+        divisors = [g for g in (128, 64, 32, 16) if linear.in_features % g == 0]
+        hint = f"; set quant.group_size to a divisor such as {divisors[0]}" if divisors else ""
+        raise QuantError(f"{where}: {preset_name} group size {spec.group_size} does not divide "
+                         f"in_features {linear.in_features} of {name}{hint}")
+    if spec.kind is Kind.SHERRY and linear.in_features % spec.sparsity[1]:
+        raise QuantError(f"{where}: sherry M={spec.sparsity[1]} does not divide in_features "
+                         f"{linear.in_features} of {name}")
+    if name.split(".")[-1] == "lm_head":
+        servable = spec.kind in (Kind.INT, Kind.LSQ, Kind.TWN, Kind.ABSMEAN, Kind.SHERRY) \
+            and preset.input is None and not spec.fp8_group_scales
+        if not servable:
+            raise QuantError(f"{where}: lm_head with preset {preset_name!r}: vLLM serves a quantized LM "
+                             "head only as weight-only int (WNA16); use such a preset or keep "
+                             "lm_head in quant.ignore")
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        if embeddings is not None and embeddings.weight is linear.weight:
+            raise QuantError(f"{where}: lm_head shares its weight with the input embeddings "
+                             "(tie_word_embeddings); quantizing it would quantize the embedding "
+                             "too -- keep lm_head in quant.ignore")
+
+
+def _learnable_spec(spec: QuantSpec, learnable: str, preset_name: str) -> QuantSpec:
+    if learnable == "none" or spec.kind is Kind.LSQ:
+        return spec
+    if spec.kind is not Kind.INT or not spec.symmetric or spec.fp8_group_scales:
+        raise QuantError(f"quant.learnable: {learnable!r} needs a symmetric int weight preset, "
+                         f"got {preset_name!r}")
+    return replace(spec, kind=Kind.LSQ) if learnable == "lsq" else spec
+
+
+def _learnable_kind(spec: QuantSpec, learnable: str) -> str:
+    if spec.kind is Kind.LSQ:
+        return "lsq"
+    return learnable
+
+
+def _fused_groups(chosen: dict[str, tuple[str, Preset]]) -> list[tuple[str, ...]]:
+    groups = []
+    for siblings in FUSED_SIBLINGS:
+        for name in chosen:
+            parent, _, leaf = name.rpartition(".")
+            if leaf != siblings[0]:
+                continue
+            members = tuple(f"{parent}.{s}" if parent else s for s in siblings)
+            present = [m for m in members if m in chosen]
+            if len(present) < len(members):
+                continue
+            if len({chosen[m][1] for m in members}) > 1:
+                raise QuantError(f"quant.rules: {', '.join(members)} are fused by vLLM into one GEMM "
+                                 "and must get the same preset")
+            groups.append(members)
+    return groups
+
+
+def _share_fused_amax(model: nn.Module, groups: list[tuple[str, ...]]) -> None:
+    """One static weight amax per fused group: the max over its members."""
+    for members in groups:
+        quantizers = [model.get_submodule(m).weight_quantizer for m in members]
+        if quantizers[0].spec.dynamic:
+            continue
+        shared = max(float(q.amax) for q in quantizers)
+        for q in quantizers:
+            q.amax.fill_(shared)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, leaf, module)
