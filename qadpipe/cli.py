@@ -115,11 +115,26 @@ def generate(num_shards: int | None, shard_index: int | None, config_path: str |
 
 @cli.command()
 @_config_options
+@click.option("--resume", is_flag=True,
+              help="continue exactly from the latest checkpoint in distill.output_dir")
 @_user_errors_as_one_line
-def distill(config_path: str | None, overrides: tuple[str, ...]) -> None:
-    """Stage two: train the fake-quantized student on the cached targets."""
-    _load(config_path, overrides)
-    _not_implemented("distill", "issue 6")
+def distill(config_path: str | None, overrides: tuple[str, ...], resume: bool) -> None:
+    """Stage two: train the fake-quantized student on the cached targets.
+
+    Under torchrun (`torchrun --nproc_per_node N -m qadpipe.cli distill ...`) it trains with
+    DDP or FSDP2 (distill.distributed). SIGTERM saves a checkpoint and exits 143.
+    """
+    from qadpipe.distill.trainer import run_distill
+
+    result = run_distill(_load(config_path, overrides), resume=resume)
+    if result.status == "preempted":
+        click.echo(f"qadpipe: distill stopped by SIGTERM at step {result.step}; checkpoint saved, "
+                   "rerun with --resume", err=True)
+        sys.exit(128 + 15)
+    if result.final_dir is not None:
+        ptq, last = result.ptq_eval.get("kl"), result.last_eval.get("kl")
+        figures = f"; held-out KL {ptq:.4f} (PTQ) -> {last:.4f}" if ptq is not None and last is not None else ""
+        click.echo(f"distill: {result.step} steps{figures}; student in {result.final_dir}")
 
 
 @cli.command()
@@ -149,8 +164,19 @@ def eval_command(config_path: str | None, overrides: tuple[str, ...]) -> None:
 def inspect(cache: str | None, as_json: bool, verify: bool, config_path: str | None,
             overrides: tuple[str, ...]) -> None:
     """What a logit cache holds (CACHE defaults to cache.path of the config)."""
-    _load(config_path, overrides)
-    _not_implemented("inspect", "issue 3")
+    import json
+
+    from qadpipe.cache.inspect import render, summarize
+    from qadpipe.errors import CacheError
+
+    config = _load(config_path, overrides)
+    root = cache or config.cache.path
+    summary = summarize(root, rehash=verify)
+    click.echo(json.dumps(summary, indent=1) if as_json else render(summary))
+    if summary["bad_shards"]:
+        first = next(s for s in summary["shards"] if s["name"] == summary["bad_shards"][0])
+        raise CacheError(f"{root}: {len(summary['bad_shards'])} of {len(summary['shards'])} shards failed their "
+                         f"checks; first: {first['name']}: {first['state']}")
 
 
 @cli.command()

@@ -1,0 +1,58 @@
+"""`qadpipe inspect`: the report, --json, --verify, and a bad cache as one line + exit 2."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from click.testing import CliRunner
+
+from cache_rows import cache_meta, random_rows, write_cache
+from qadpipe.cli import cli
+from qadpipe.targets import tail_mass_from_logprobs
+
+
+def test_inspect_report_and_json(tmp_path):
+    meta = cache_meta("topk", k=8, encoding="plain")
+    rows = random_rows(meta, 5)
+    write_cache(tmp_path, meta, rows)
+    result = CliRunner().invoke(cli, ["inspect", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "topk k=8, plain encoding" in result.output and "rows        5" in result.output
+    data = json.loads(CliRunner().invoke(cli, ["inspect", str(tmp_path), "--json", "--verify"]).output)
+    tails = np.concatenate([tail_mass_from_logprobs(r.topk_logprobs) for r in rows])
+    assert data["tokens"] == tails.size and data["rows"] == 5
+    assert data["targets"]["tail_mass_mean"] == np.float64(tails.mean())
+    assert data["targets"]["tail_mass_p50"] == np.percentile(tails, 50)
+    assert data["bytes_per_token"] == sum(s["bytes"] for s in data["shards"]) / tails.size
+    assert {s["state"] for s in data["shards"]} == {"verified"}
+
+
+def test_inspect_sampled(tmp_path):
+    meta = cache_meta("sampled")
+    rows = random_rows(meta, 3)
+    write_cache(tmp_path, meta, rows)
+    data = json.loads(CliRunner().invoke(cli, ["inspect", str(tmp_path), "--json"]).output)
+    unique = np.concatenate([np.diff(r.sample_offsets) for r in rows])
+    assert data["targets"]["unique_ids_per_position"] == unique.mean()
+
+
+def test_inspect_verify_flags_a_corrupt_shard(tmp_path):
+    meta = cache_meta("topk")
+    write_cache(tmp_path, meta, random_rows(meta, 4))
+    shard = tmp_path / "shards/task-00000-000001.parquet"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert CliRunner().invoke(cli, ["inspect", str(tmp_path)]).exit_code == 0   # sizes fine, not re-hashed
+    result = CliRunner().invoke(cli, ["inspect", str(tmp_path), "--verify"])
+    assert result.exit_code == 2
+    assert "task-00000-000000.parquet  rows 2" in result.output and "verified" in result.output
+    error = result.stderr.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("qadpipe: error: ")
+    assert "1 of 2 shards failed their checks; first: shards/task-00000-000001.parquet: checksum mismatch" in error[0]
+
+
+def test_inspect_empty_cache(tmp_path):
+    result = CliRunner().invoke(cli, ["inspect", str(tmp_path / "nothing")])
+    assert result.exit_code == 2 and "empty cache (no committed shards)" in result.stderr
