@@ -1,7 +1,9 @@
 """Score several students against one teacher on the same held-out token sequences.
 
 The teacher runs once per batch and its logits are reused for every student, so adding a
-model to the comparison costs one student forward, not two.
+model to the comparison costs one student forward, not two.  When the sequences come from a
+cache, each model is also scored against the cached targets with the tail-bucket KL the
+trainer optimized, so "what training saw" and "what the full teacher says" sit side by side.
 """
 
 from __future__ import annotations
@@ -10,16 +12,21 @@ import logging
 import time
 from typing import Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
+from qadpipe.distill.losses import forward_kl_tail
 from qadpipe.eval.metrics import AgreementTotals
+from qadpipe.targets import SequenceTargets
 
 log = logging.getLogger(__name__)
 
 
-def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad token sequences; ``score_mask`` marks positions whose next token exists."""
+def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int,
+              starts: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad token sequences; ``score_mask`` marks positions whose next token exists and
+    that lie at or after the sequence's start (a prompt the teacher did not write is skipped)."""
     length = max(len(s) for s in sequences)
     input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
     attention = torch.zeros((len(sequences), length), dtype=torch.long)
@@ -29,8 +36,31 @@ def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int) -> dict[str, torc
     next_tokens = torch.roll(input_ids, shifts=-1, dims=1)
     score_mask = attention.bool() & torch.roll(attention, shifts=-1, dims=1).bool()
     score_mask[:, -1] = False
+    if starts is not None:
+        score_mask &= torch.arange(length)[None, :] >= torch.as_tensor(starts)[:, None]
     return {"input_ids": input_ids, "attention_mask": attention, "next_tokens": next_tokens,
             "score_mask": score_mask}
+
+
+def tail_kl_sum(logits: torch.Tensor, mask: torch.Tensor, rows: Sequence[SequenceTargets],
+                chunk: int = 1024) -> float:
+    """Σ over the masked positions of the tail-bucket KL(cached top-k ‖ model), in nats.
+
+    The masked positions, read row-major, are exactly the rows' target rows in order (the
+    caller builds ``mask`` from each row's ``target_start``)."""
+    ids = torch.from_numpy(np.concatenate([r.topk_ids for r in rows])).long()
+    teacher_lp = torch.from_numpy(np.concatenate([r.topk_logprobs for r in rows])).float()
+    tail = torch.from_numpy(np.concatenate([r.tail_mass for r in rows]))
+    selected = logits[mask]
+    if selected.shape[0] != ids.shape[0]:
+        raise ValueError(f"{selected.shape[0]} scored positions vs {ids.shape[0]} cached target rows")
+    total = 0.0
+    for start in range(0, ids.shape[0], chunk):
+        logp = torch.log_softmax(selected[start:start + chunk].float(), dim=-1)
+        stop = start + chunk
+        total += float(forward_kl_tail(logp, ids[start:stop].to(logp.device), teacher_lp[start:stop].to(logp.device),
+                                       tail[start:stop].to(logp.device)).double().sum())
+    return total
 
 
 @torch.no_grad()
@@ -40,25 +70,41 @@ def compare_to_teacher(
     sequences: Sequence[Sequence[int]],
     *,
     pad_id: int,
+    starts: Sequence[int] | None = None,
+    cache_rows: Sequence[SequenceTargets] | None = None,
     batch_size: int = 4,
     device: str | torch.device = "cpu",
     with_perplexity: bool = True,
 ) -> dict[str, dict[str, float]]:
     """KL(teacher‖student), top-1 agreement and (optionally) perplexity for each student,
-    plus the teacher's own perplexity under ``"teacher"``."""
+    plus the teacher's own figures under ``"teacher"``.
+
+    ``starts[i]``: first scored position of sequence i (default 0).  ``cache_rows``: the
+    cached targets of the same sequences (top-k caches); adds ``tail_kl`` to every model."""
+    if cache_rows is not None and starts is None:
+        starts = [row.target_start for row in cache_rows]
     totals = {name: AgreementTotals() for name in ["teacher", *students]}
+    tail_sums = {name: 0.0 for name in totals}
     batches: Iterable[int] = range(0, len(sequences), batch_size)
     started, tokens = time.perf_counter(), 0
     for start in tqdm(batches, desc="eval", unit="batch", leave=False):
-        batch = {k: v.to(device) for k, v in pad_batch(sequences[start:start + batch_size], pad_id).items()}
+        stop = start + batch_size
+        batch = {k: v.to(device) for k, v in
+                 pad_batch(sequences[start:stop], pad_id, None if starts is None else starts[start:stop]).items()}
         next_tokens = batch["next_tokens"] if with_perplexity else None
         teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        totals["teacher"].update(teacher_logits, teacher_logits, next_tokens, batch["score_mask"])
-        for name, student in students.items():
-            logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        for name in totals:
+            logits = teacher_logits if name == "teacher" else students[name](
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             totals[name].update(teacher_logits, logits, next_tokens, batch["score_mask"])
+            if cache_rows is not None:
+                tail_sums[name] += tail_kl_sum(logits, batch["score_mask"], cache_rows[start:stop])
         tokens += int(batch["score_mask"].sum())
     elapsed = time.perf_counter() - started
     log.info("eval: %d positions x %d models in %.1fs (%.0f positions/s)", tokens, len(totals), elapsed,
              tokens * len(totals) / max(elapsed, 1e-9))
-    return {name: total.result() for name, total in totals.items()}
+    results = {name: total.result() for name, total in totals.items()}
+    if cache_rows is not None:
+        for name, result in results.items():
+            result["tail_kl"] = tail_sums[name] / result["positions"]
+    return results

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -43,3 +44,42 @@ def test_batched_equals_one_by_one_and_identity_is_perfect(models):
     assert together["noisy"]["positions"] == sum(positions) == 29 + 11 + 20
     mean_kl = sum(r["noisy"]["kl"] * n for r, n in zip(singles, positions)) / sum(positions)
     assert together["noisy"]["kl"] == pytest.approx(mean_kl, rel=1e-4)
+
+
+def _teacher_rows(teacher, sequences, start, k):
+    """Cache rows as stage one would write them: exact top-k of the teacher + float64 tail."""
+    import numpy as np
+
+    from qadpipe.targets import SequenceTargets, tail_mass_from_logprobs
+
+    rows = []
+    for i, seq in enumerate(sequences):
+        with torch.no_grad():
+            logp = torch.log_softmax(teacher(input_ids=torch.tensor([seq])).logits[0].float(), -1)
+        lp, ids = logp[start:len(seq) - 1].topk(k, dim=-1)
+        rows.append(SequenceTargets(id=f"r{i}", input_ids=np.asarray(seq, np.int32), target_start=start,
+                                    topk_ids=ids.numpy().astype(np.int32), topk_logprobs=lp.numpy(),
+                                    tail_mass=tail_mass_from_logprobs(lp.numpy())))
+    return rows
+
+
+def test_cache_rows_score_only_targets_and_add_the_tail_bucket_kl(models):
+    teacher, student = models
+    sequences = [list(range(100, 130)), list(range(200, 221))]
+    rows = _teacher_rows(teacher, sequences, start=3, k=16)
+    result = compare_to_teacher(teacher, {"noisy": student}, sequences, pad_id=0, cache_rows=rows, batch_size=2)
+    assert result["noisy"]["positions"] == sum(r.num_target_rows for r in rows) == 26 + 17
+    assert result["teacher"]["tail_kl"] == pytest.approx(0.0, abs=1e-6)  # its own top-k + exact tail
+    # Independent reference, one position at a time in float64: KL over the k+1 buckets S ∪ {tail}.
+    total, count = 0.0, 0
+    for seq, row in zip(sequences, rows):
+        with torch.no_grad():
+            logp = torch.log_softmax(student(input_ids=torch.tensor([seq])).logits[0].double(), -1)
+        for j in range(row.num_target_rows):
+            t = torch.from_numpy(row.topk_logprobs[j]).double().exp()
+            p = logp[row.target_start + j, torch.from_numpy(row.topk_ids[j]).long()].exp()
+            t_tail, p_tail = float(row.tail_mass[j]), 1.0 - float(p.sum())
+            total += float((t * (t / p).log()).sum()) + t_tail * math.log(t_tail / p_tail)
+            count += 1
+    assert result["noisy"]["tail_kl"] == pytest.approx(total / count, rel=1e-3)
+    assert 0 < result["noisy"]["tail_kl"] <= result["noisy"]["kl"] + 1e-6  # coarsening never adds KL
