@@ -1,0 +1,102 @@
+"""Config -> one task's sequences: deterministic split, limits, packing, fingerprints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from qadpipe.config import build_config
+from qadpipe.data import load_sequences
+from qadpipe.data.loader import data_fingerprint
+from qadpipe.errors import ConfigError
+
+
+def _config(tmp_path: Path, records: list[dict], **data: Any) -> Any:
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    generate = data.pop("generate", {})
+    return build_config({"data": {"source": str(path), **data}, "generate": generate})
+
+
+TEXTS = [{"text": f"Record number {i} says something {'long ' * i}"} for i in range(10)]
+
+
+def test_task_split_is_a_partition(tmp_path: Path, tokenizer: Any) -> None:
+    cfg = _config(tmp_path, TEXTS)
+    whole = load_sequences(cfg.data, cfg.generate, tokenizer, len(tokenizer))
+    parts = [load_sequences(cfg.data, cfg.generate, tokenizer, len(tokenizer), shard_index=i, num_shards=3)
+             for i in range(3)]
+    assert sorted(s.id for p in parts for s in p.sequences) == sorted(s.id for s in whole.sequences)
+    assert [s.source_position for s in parts[1].sequences] == [1, 4, 7]
+    assert {p.fingerprint for p in parts} == {whole.fingerprint}  # describes the whole source
+
+
+def test_limit_truncate_and_drop(tmp_path: Path, tokenizer: Any) -> None:
+    lengths = [len(tokenizer.encode(r["text"])) for r in TEXTS]
+    cut = sorted(lengths)[5]
+    truncated = _config(tmp_path, TEXTS, max_length=cut, limit=8)
+    got = load_sequences(truncated.data, truncated.generate, tokenizer, len(tokenizer)).sequences
+    assert [len(s.input_ids) for s in got] == [min(n, cut) for n in lengths[:8]]
+    dropped = _config(tmp_path, TEXTS, max_length=cut, overflow="drop")
+    kept = load_sequences(dropped.data, dropped.generate, tokenizer, len(tokenizer))
+    assert [len(s.input_ids) for s in kept.sequences] == [n for n in lengths if n <= cut]
+    assert kept.dropped == sum(n > cut for n in lengths)
+
+
+def test_pack_concatenates_every_record(tmp_path: Path, tokenizer: Any) -> None:
+    cfg = _config(tmp_path, TEXTS, max_length=16, overflow="pack")
+    windows = load_sequences(cfg.data, cfg.generate, tokenizer, len(tokenizer)).sequences
+    stream = [t for r in TEXTS for t in tokenizer.encode(r["text"]) + [tokenizer.eos_token_id]]
+    remainder = len(stream) % 16
+    expected = stream if remainder != 1 else stream[:-1]  # a 1-token last window has no target
+    assert np.concatenate([w.input_ids for w in windows]).tolist() == expected
+    assert all(len(w.input_ids) == 16 for w in windows[:-1]) and all(w.prompt_len == 0 for w in windows)
+
+
+def test_prompt_only_records_are_dropped_when_the_prompt_is_not_distilled(tmp_path: Path, tokenizer: Any) -> None:
+    records = [{"prompt": "a question", "completion": " an answer"}, {"prompt": "no answer here"}]
+    cfg = _config(tmp_path, records, field="prompt", generate={"include_prompt": False})
+    got = load_sequences(cfg.data, cfg.generate, tokenizer, len(tokenizer))
+    assert len(got.sequences) == 1 and got.dropped == 1
+    assert got.sequences[0].prompt_len == len(tokenizer.encode("a question"))
+
+
+def test_generate_mode_leaves_room_for_the_completion(tmp_path: Path, tokenizer: Any) -> None:
+    cfg = _config(tmp_path, [{"prompt": "word " * 50}], field="prompt", max_length=30,
+                  generate={"mode": "generate", "max_new_tokens": 10})
+    (seq,) = load_sequences(cfg.data, cfg.generate, tokenizer, len(tokenizer)).sequences
+    assert len(seq.input_ids) == 20 and seq.prompt_len == 20
+
+
+@pytest.mark.parametrize("data, generate, message", [
+    ({"overflow": "pack"}, {"mode": "generate"}, "data.overflow: got 'pack', expected truncate or drop in generate mode"),
+    ({"overflow": "pack"}, {"include_prompt": False}, "data.overflow: got 'pack'"),
+    ({"max_length": 64}, {"mode": "generate", "max_new_tokens": 64}, "data.max_length: got 64, expected more than"),
+])
+def test_impossible_combinations_are_config_errors(tmp_path: Path, tokenizer: Any, data: dict, generate: dict,
+                                                   message: str) -> None:
+    cfg = _config(tmp_path, TEXTS, **data, generate=generate)
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        load_sequences(cfg.data, cfg.generate, tokenizer, len(tokenizer))
+
+
+def test_fingerprint_changes_with_anything_that_shapes_the_rows(tmp_path: Path) -> None:
+    base = _config(tmp_path, TEXTS)
+    fp = data_fingerprint(base.data, base.generate, 100)
+    assert fp == data_fingerprint(base.data, base.generate, 100)
+    shorter = _config(tmp_path, TEXTS, max_length=64)
+    assert data_fingerprint(shorter.data, shorter.generate, 100) != fp
+    assert data_fingerprint(base.data, base.generate, 101) != fp
+    edited = _config(tmp_path, TEXTS[:-1])
+    assert data_fingerprint(edited.data, edited.generate, 100) != fp
+
+
+def test_random_source_split_and_size(tokenizer: Any) -> None:
+    cfg = build_config({"data": {"random": {"num_sequences": 5, "length": 12, "seed": 3}}})
+    parts = [load_sequences(cfg.data, cfg.generate, tokenizer, 1000, shard_index=i, num_shards=2) for i in range(2)]
+    assert [len(p.sequences) for p in parts] == [3, 2]
+    assert all(len(s.input_ids) == 12 and s.input_ids.max() < 1000 for p in parts for s in p.sequences)

@@ -1,0 +1,85 @@
+"""Records -> token ids: fields, chat templates, the prompt boundary, length limits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from qadpipe.data.sequences import fit_length, pack, random_sequences, render_record
+from qadpipe.errors import DataError
+
+
+def _render(record: dict, field: str, tokenizer: Any, chat: bool = False, gen: bool = False) -> tuple[list[int], int]:
+    return render_record(record, "src record 0", field, tokenizer, chat_template=chat, for_generation=gen)
+
+
+def test_text_is_all_target(tokenizer: Any) -> None:
+    ids, prompt_len = _render({"text": "Hello world"}, "text", tokenizer)
+    assert ids == tokenizer.encode("Hello world") and prompt_len == 0
+
+
+def test_prompt_completion_boundary_is_exact(tokenizer: Any) -> None:
+    ids, prompt_len = _render({"prompt": "Q: two plus two?", "completion": " A: four."}, "prompt", tokenizer)
+    assert ids[:prompt_len] == tokenizer.encode("Q: two plus two?")
+    assert tokenizer.decode(ids[prompt_len:]) == " A: four."
+    gen_ids, gen_len = _render({"prompt": "Q: two plus two?", "completion": " A: four."}, "prompt", tokenizer, gen=True)
+    assert gen_ids == ids[:prompt_len] and gen_len == prompt_len  # generate mode: the teacher writes the completion
+
+
+def test_chat_prompt_completion_matches_the_template(tokenizer: Any) -> None:
+    messages = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}]
+    ids, prompt_len = _render({"prompt": "Name a colour.", "completion": "Blue."}, "prompt", tokenizer, chat=True)
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    prompt = tokenizer.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+    assert tokenizer.decode(ids) == full
+    assert tokenizer.decode(ids[:prompt_len]) == prompt
+    assert tokenizer.decode(ids[prompt_len:]).startswith("Blue.")
+    assert _render({"messages": messages}, "messages", tokenizer) == (ids, prompt_len)
+
+
+def test_messages_in_generate_mode_drop_the_final_answer(tokenizer: Any) -> None:
+    messages = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}]
+    ids, prompt_len = _render({"messages": messages}, "messages", tokenizer, gen=True)
+    expected = tokenizer.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+    assert tokenizer.decode(ids) == expected and prompt_len == len(ids)
+
+
+@pytest.mark.parametrize("record, field, message", [
+    ({"content": "x"}, "text", "src record 0: no field 'text' (data.field), record has ['content']"),
+    ({"prompt": "   "}, "prompt", "src record 0: empty prompt"),
+    ({"prompt": 3}, "prompt", "field 'prompt' must be a string, got int"),
+    ({"text": ""}, "text", "src record 0: empty text"),
+    ({"messages": []}, "messages", "src record 0: empty prompt"),
+    ({"messages": [{"role": "user"}]}, "messages", "must hold {role, content} objects"),
+])
+def test_bad_records_are_one_clear_line(tokenizer: Any, record: dict, field: str, message: str) -> None:
+    with pytest.raises(DataError) as info:
+        _render(record, field, tokenizer)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_length_limits() -> None:
+    assert fit_length([1, 2, 3], 3, "drop") == [1, 2, 3]
+    assert fit_length([1, 2, 3, 4], 3, "truncate") == [1, 2, 3]
+    assert fit_length([1, 2, 3, 4], 3, "drop") is None
+    windows = list(pack([[1, 2], [3, 4, 5], [6, 9]], 3, separator=9))
+    # separator appended unless the record already ends with it; a last window needs 2 tokens
+    assert windows == [[1, 2, 9], [3, 4, 5], [9, 6, 9]]
+    assert list(pack([[1, 2, 3, 4]], 3, separator=None)) == [[1, 2, 3]]
+
+
+def test_random_tokens_are_uniform_seeded_and_sliceable() -> None:
+    every = list(random_sequences(6, 4000, 50, seed=1, indices=range(6)))
+    odd = list(random_sequences(6, 4000, 50, seed=1, indices=range(1, 6, 2)))
+    assert [s.id for s in every[1::2]] == [s.id for s in odd]
+    assert all(np.array_equal(a.input_ids, b.input_ids) for a, b in zip(every[1::2], odd))
+    tokens = np.concatenate([s.input_ids for s in every])
+    assert tokens.min() == 0 and tokens.max() == 49
+    counts = np.bincount(tokens, minlength=50)
+    expected = len(tokens) / 50
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 100  # 49 degrees of freedom: p < 1e-4 beyond ~95
+    other = list(random_sequences(1, 4000, 50, seed=2, indices=range(1)))
+    assert not np.array_equal(other[0].input_ids, every[0].input_ids)

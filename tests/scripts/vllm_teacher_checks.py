@@ -1,0 +1,72 @@
+"""One vLLM (CPU) engine on SmolLM2, several stage-one checks; results go to OUT_DIR.
+
+Run as a subprocess by tests/teacher/test_vllm_backend.py (vLLM spawns workers: main guard;
+one engine start costs 30-60 s here, so every check shares it):
+
+1. ``qadpipe generate`` in score mode (plain encoding) -> OUT_DIR/score-cache
+2. ``qadpipe generate`` in generate mode at temperature 0.5 -> OUT_DIR/gen-cache
+3. the same completions written again through the backend, with their text -> completions.json
+4. decode-time log-probs of a T=0.5 sampled completion (raw_logprobs) -> decode_logprobs.npz
+"""
+
+import json
+import os
+import sys
+
+if __name__ == "__main__":
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    model_dir, text_file, prompt_file, out_dir = sys.argv[1:5]
+    import numpy as np
+    from vllm import SamplingParams, TokensPrompt
+
+    from qadpipe.config import build_config
+    from qadpipe.data import load_sequences
+    from qadpipe.generate import run_generate
+    from qadpipe.models import load_tokenizer
+    from qadpipe.teacher.base import SamplingSpec
+    from qadpipe.teacher.vllm_backend import VLLMTeacher
+
+    K = 32
+    common = {"model": {"path": model_dir}, "cache": {"k": K, "encoding": "plain"},
+              "teacher": {"backend": "vllm", "enforce_eager": True, "max_num_batched_tokens": 1024}}
+    score_cfg = build_config({**common, "data": {"source": text_file, "max_length": 256},
+                              "cache": {**common["cache"], "path": f"{out_dir}/score-cache"}})
+    gen_cfg = build_config({**common, "data": {"source": prompt_file, "field": "prompt", "chat_template": True,
+                                               "max_length": 160},
+                            "generate": {"mode": "generate", "temperature": 0.5, "top_p": 1.0,
+                                         "max_new_tokens": 48, "seed": 3},
+                            "cache": {**common["cache"], "path": f"{out_dir}/gen-cache"}})
+    teacher = VLLMTeacher.from_config(model_dir, score_cfg.teacher, k=K, max_model_len=256)
+
+    class Shared:
+        """The one engine, lent to each run (run_generate closes its teacher at the end)."""
+
+        def __getattr__(self, name):
+            return getattr(teacher, name)
+
+        def close(self):
+            pass
+
+    run_generate(score_cfg, teacher_factory=lambda *a, **kw: Shared())
+    run_generate(gen_cfg, teacher_factory=lambda *a, **kw: Shared())
+
+    tokenizer = load_tokenizer(model_dir)
+    prompts = load_sequences(gen_cfg.data, gen_cfg.generate, tokenizer, len(tokenizer)).sequences
+    sampling = SamplingSpec(0.5, 1.0, 48, 3)
+    completions = teacher.complete(prompts, sampling)
+    with open(f"{out_dir}/completions.json", "w") as handle:
+        json.dump([{"id": p.id, "prompt_ids": p.input_ids.tolist(), "token_ids": c.token_ids.tolist(),
+                    "text": c.text} for p, c in zip(prompts, completions)], handle)
+
+    # Decode-time log-probs (path "a" of the notes) at T=0.5: raw_logprobs must be the T=1 values.
+    params = SamplingParams(temperature=0.5, max_tokens=24, seed=11, logprobs=K, flat_logprobs=True,
+                            detokenize=False)
+    out = teacher.llm.generate([TokensPrompt(prompt_token_ids=prompts[0].input_ids.tolist())], params,
+                               use_tqdm=False)[0].outputs[0]
+    flat = out.logprobs
+    n = len(out.token_ids)
+    ids = np.asarray(flat.token_ids, np.int32).reshape(n, K + 1)
+    lps = np.asarray(flat.logprobs, np.float32).reshape(n, K + 1)
+    np.savez(f"{out_dir}/decode_logprobs.npz", prompt=prompts[0].input_ids, completion=np.asarray(out.token_ids),
+             ids=ids, logprobs=lps)
+    print("CHECKS DONE")

@@ -1,0 +1,122 @@
+"""HF teacher: chunked top-k equals a full fp64 log_softmax reference; alignment is exact."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from qadpipe.data.sequences import TokenSequence
+from qadpipe.errors import TeacherError
+from qadpipe.teacher.base import SamplingSpec, TargetSpec
+from qadpipe.teacher.hf_backend import HFTeacher
+
+
+def _sequences(vocab: int, lengths: list[int], prompt_len: int = 3) -> list[TokenSequence]:
+    rng = np.random.default_rng(0)
+    return [TokenSequence(f"seq{i}", rng.integers(0, vocab, size=n).astype(np.int32), prompt_len)
+            for i, n in enumerate(lengths)]
+
+
+@pytest.fixture(scope="module")
+def tiny_fp32(tiny_llama_dir: Any) -> Any:
+    from qadpipe.models import load_causal_lm
+
+    return load_causal_lm(str(tiny_llama_dir), "float32", "cpu")
+
+
+def test_topk_matches_full_log_softmax_of_the_same_batch(tiny_fp32: Any) -> None:
+    teacher = HFTeacher(tiny_fp32, batch_size=3, chunk_tokens=7)
+    seqs = _sequences(teacher.vocab_size, [20, 35, 9])
+    got = teacher.score(seqs, TargetSpec(k=16))
+    ids = torch.zeros((3, 35), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, s in enumerate(seqs):
+        ids[row, :len(s.input_ids)] = torch.from_numpy(s.input_ids.astype(np.int64))
+        mask[row, :len(s.input_ids)] = 1
+    with torch.no_grad():
+        reference = torch.log_softmax(tiny_fp32(input_ids=ids, attention_mask=mask).logits.double(), dim=-1)
+    for row, (s, targets) in enumerate(zip(seqs, got)):
+        values, index = reference[row, :len(s.input_ids) - 1].topk(16)
+        assert targets.target_start == 0 and targets.num_target_rows == len(s.input_ids) - 1
+        assert np.array_equal(targets.topk_ids, index.numpy())
+        np.testing.assert_allclose(targets.topk_logprobs, values.numpy(), atol=2e-5)
+        np.testing.assert_allclose(targets.tail_mass, 1 - values.exp().sum(-1).numpy(), atol=1e-5)
+
+
+def test_chunking_and_batching_do_not_change_the_result(tiny_fp32: Any) -> None:
+    seqs = _sequences(49152, [30, 12])
+    a = HFTeacher(tiny_fp32, batch_size=2, chunk_tokens=5).score(seqs, TargetSpec(k=8))
+    b = HFTeacher(tiny_fp32, batch_size=1, chunk_tokens=4096).score(seqs, TargetSpec(k=8))
+    for x, y in zip(a, b):
+        assert np.array_equal(x.topk_ids, y.topk_ids)
+        np.testing.assert_allclose(x.topk_logprobs, y.topk_logprobs, atol=1e-5)
+
+
+def test_alignment_row_j_predicts_token_start_plus_j_plus_1(successor: Any) -> None:
+    teacher = HFTeacher(successor, batch_size=2, chunk_tokens=6)
+    vocab = teacher.vocab_size
+    consecutive = TokenSequence("run", np.arange(100, 120, dtype=np.int32), prompt_len=5)
+    scattered = TokenSequence("rand", np.random.default_rng(3).integers(0, vocab, 25).astype(np.int32), 5)
+    for include_prompt in (True, False):
+        for targets, seq in zip(teacher.score([consecutive, scattered], TargetSpec(k=4, include_prompt=include_prompt)),
+                                [consecutive, scattered]):
+            start = 0 if include_prompt else 4
+            assert targets.target_start == start
+            rows = np.arange(targets.num_target_rows)
+            assert targets.num_target_rows == len(seq.input_ids) - 1 - start
+            # the successor model puts its mass on input_ids[p] + 1 at position p = start + j
+            assert np.array_equal(targets.topk_ids[:, 0], (seq.input_ids[start + rows] + 1) % vocab)
+            assert (targets.topk_logprobs[:, 0] > np.log(0.9)).all()
+    (run,) = teacher.score([consecutive], TargetSpec(k=1))
+    assert np.array_equal(run.topk_ids[:, 0], consecutive.input_ids[1:])  # ... which is the next token here
+
+
+def test_sampled_targets_are_seeded_per_sequence(tiny_fp32: Any) -> None:
+    teacher = HFTeacher(tiny_fp32, batch_size=4)
+    seqs = _sequences(teacher.vocab_size, [12, 30, 17])
+    spec = TargetSpec(kind="sampled", num_samples=50, seed=7)
+    together = teacher.score(seqs, spec)
+    alone = teacher.score(seqs[1:2], spec)[0]
+    for name in ("sample_offsets", "sample_ids", "sample_counts"):
+        assert np.array_equal(getattr(together[1], name), getattr(alone, name))
+    other_seed = teacher.score(seqs[1:2], TargetSpec(kind="sampled", num_samples=50, seed=8))[0]
+    assert not np.array_equal(other_seed.sample_ids, alone.sample_ids)
+    for t, s in zip(together, seqs):
+        assert t.num_target_rows == len(s.input_ids) - 1
+        assert (np.add.reduceat(t.sample_counts, t.sample_offsets[:-1]) == 50).all()
+        # a near-uniform random model over 49152 ids: almost every draw is a different id
+        assert np.diff(t.sample_offsets).mean() > 45
+
+
+def test_sampled_targets_follow_the_distribution(successor: Any) -> None:
+    teacher = HFTeacher(successor)
+    (seq,) = _sequences(teacher.vocab_size, [40])
+    (t,) = teacher.score([seq], TargetSpec(kind="sampled", num_samples=50, include_prompt=False))
+    assert t.target_start == 2 and t.num_target_rows == 37
+    # ~all the mass sits on input_id + 1: one id per row, drawn 50 times
+    assert np.array_equal(t.sample_offsets, np.arange(38))
+    assert np.array_equal(t.sample_ids, (seq.input_ids[2:-1] + 1) % teacher.vocab_size)
+    assert (t.sample_counts == 50).all()
+
+
+def test_greedy_completion_follows_the_model_and_is_seeded(successor: Any) -> None:
+    teacher = HFTeacher(successor, eos_id=1, pad_id=0)
+    prompt = TokenSequence("p", np.array([10, 11, 12], dtype=np.int32), 3)
+    (greedy,) = teacher.complete([prompt], SamplingSpec(temperature=0.0, max_new_tokens=6))
+    assert greedy.token_ids.tolist() == [13, 14, 15, 16, 17, 18]
+    hot = SamplingSpec(temperature=50.0, top_p=1.0, max_new_tokens=8, seed=1)
+    first, again = teacher.complete([prompt], hot), teacher.complete([prompt], hot)
+    assert np.array_equal(first[0].token_ids, again[0].token_ids)
+    assert not np.array_equal(first[0].token_ids, greedy.token_ids[:len(first[0].token_ids)])
+
+
+def test_logit_transforms_are_refused(tiny_fp32: Any) -> None:
+    tiny_fp32.config.final_logit_softcapping = 30.0
+    try:
+        with pytest.raises(TeacherError, match="final_logit_softcapping=30.0"):
+            HFTeacher(tiny_fp32)
+    finally:
+        tiny_fp32.config.final_logit_softcapping = None

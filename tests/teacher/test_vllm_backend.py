@@ -1,0 +1,198 @@
+"""vLLM teacher: flat log-prob parsing (fast, with vLLM's own FlatLogprobs) and, slow, one
+engine on the real SmolLM2 checked against the HF backend."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from qadpipe.data.sequences import TokenSequence
+from qadpipe.errors import TeacherError
+from qadpipe.targets import TAIL_ID, tail_mass_from_logprobs
+from qadpipe.teacher.base import TargetSpec
+from qadpipe.teacher.vllm_backend import flat_to_arrays, sampled_from_topk
+
+logprobs_module = pytest.importorskip("vllm.logprobs")
+
+SCRIPT = Path(__file__).parents[1] / "scripts" / "vllm_teacher_checks.py"
+
+
+def _flat(input_ids: np.ndarray, top: np.ndarray, top_lps: np.ndarray, actual_lps: np.ndarray) -> Any:
+    """What vLLM returns: position 0 empty, then [actual token, top-1 .. top-K] per position
+    (the raw flat lists keep K+1 entries even when the actual token is in the top-K)."""
+    n, k = top.shape
+    ids = np.concatenate([input_ids[1:, None], top], axis=1)
+    lps = np.concatenate([actual_lps[:, None], top_lps], axis=1)
+    starts = [0, *range(0, n * (k + 1), k + 1)]
+    ends = [0, *range(k + 1, n * (k + 1) + 1, k + 1)]
+    return logprobs_module.FlatLogprobs(
+        start_indices=starts, end_indices=ends, token_ids=ids.ravel().tolist(), logprobs=lps.ravel().tolist(),
+        ranks=np.tile([7, *range(1, k + 1)], n).tolist(), decoded_tokens=[None] * (n * (k + 1)))
+
+
+def _example(n: int = 6, k: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    input_ids = rng.integers(100, 200, size=n + 1).astype(np.int32)
+    top = np.stack([rng.permutation(100)[:k] for _ in range(n)]).astype(np.int32)
+    lps = np.sort(np.log(rng.dirichlet(np.ones(k + 3), size=n)[:, :k]), axis=1)[:, ::-1].astype(np.float32)
+    return input_ids, top, np.ascontiguousarray(lps)
+
+
+def test_flat_logprobs_reshape_drops_the_actual_token_column() -> None:
+    input_ids, top, lps = _example()
+    ids, got = flat_to_arrays(_flat(input_ids, top, lps, np.full(6, -9.0)), input_ids, k=4)
+    assert np.array_equal(ids, top) and np.array_equal(got, lps)
+
+
+def test_misaligned_or_wrong_width_logprobs_stop_the_run() -> None:
+    input_ids, top, lps = _example()
+    shifted = np.concatenate([input_ids[:1], input_ids[2:], input_ids[:1]])  # off by one
+    flat = _flat(shifted, top, lps, np.zeros(6))
+    with pytest.raises(TeacherError, match="misaligned at position 1"):
+        flat_to_arrays(flat, input_ids, k=4)
+    with pytest.raises(TeacherError, match="expected 36 \\(K\\+1 per position, K=5\\)"):
+        flat_to_arrays(_flat(input_ids, top, lps, np.zeros(6)), input_ids, k=5)
+    with pytest.raises(TeacherError, match="prompt-logprob positions for 8 tokens"):
+        flat_to_arrays(flat, np.append(input_ids, 1), k=4)
+
+
+def test_sampled_from_topk_puts_tail_draws_on_tail_id() -> None:
+    top = np.array([[5, 9], [3, 4]], dtype=np.int32)
+    lps = np.log(np.array([[0.5, 0.2], [0.9, 0.1]])).astype(np.float32)
+    seq = TokenSequence("s", np.array([1, 2, 3], dtype=np.int32))
+    t = sampled_from_topk(seq, 0, top, lps, tail_mass_from_logprobs(lps), TargetSpec(kind="sampled", num_samples=20000))
+    row0 = dict(zip(t.sample_ids[t.sample_offsets[0]:t.sample_offsets[1]].tolist(),
+                    t.sample_counts[t.sample_offsets[0]:t.sample_offsets[1]] / 20000))
+    assert set(row0) == {5, 9, TAIL_ID}
+    assert abs(row0[5] - 0.5) < 0.015 and abs(row0[9] - 0.2) < 0.015 and abs(row0[TAIL_ID] - 0.3) < 0.015
+    row1 = t.sample_ids[t.sample_offsets[1]:t.sample_offsets[2]].tolist()
+    assert TAIL_ID not in row1  # tail mass 0 (up to fp32 rounding, clamped) is never drawn
+
+
+# ---------------------------------------------------------------------------------------------------
+# Slow: one vLLM engine on SmolLM2, everything checked against the HF backend.
+
+TEXTS = [
+    "The water cycle describes how water evaporates from oceans and lakes, condenses into clouds, and falls back "
+    "to the ground as rain or snow. Rivers carry much of that water back to the sea, where the cycle begins again.",
+    "Bread baking relies on yeast, a living fungus that eats sugars in the flour and releases carbon dioxide. The "
+    "gas is trapped by gluten, a stretchy network of proteins, and makes the dough rise before it goes into the oven.",
+    "Honeybees live in colonies of tens of thousands of workers, a few hundred drones and a single queen. Workers "
+    "gather nectar and pollen, build wax combs, and communicate the location of flowers with a waggle dance.",
+    "The Roman Empire at its height stretched from Britain to Egypt. Its roads, aqueducts and laws shaped Europe for "
+    "centuries after the western half of the empire fell in the fifth century.",
+    "Volcanoes form where molten rock rises through cracks in the Earth's crust. Some erupt explosively and throw ash "
+    "high into the sky, while others release slow rivers of lava that cool into new land.",
+    "Photosynthesis lets plants turn sunlight, water and carbon dioxide into sugar and oxygen. It takes place in "
+    "chloroplasts, small green structures inside leaf cells that contain the pigment chlorophyll.",
+    "A black hole is a region of space where gravity is so strong that nothing, not even light, can escape. "
+    "Astronomers detect them by watching how nearby stars and gas move around an invisible mass.",
+    "The printing press, developed by Johannes Gutenberg around 1440, made books far cheaper to produce. Ideas spread "
+    "faster than ever before, which helped fuel the Renaissance and the Reformation.",
+    "Sleep is essential for memory and health. During deep sleep the brain replays the events of the day, and during "
+    "dream sleep it strengthens connections between new and old memories.",
+    "Coral reefs cover less than one percent of the ocean floor but shelter about a quarter of all marine species. "
+    "Warming seas cause corals to expel the algae that feed them, a process called bleaching.",
+    "Machine learning systems learn patterns from examples instead of following hand-written rules. A model is "
+    "trained by adjusting its parameters to reduce the error it makes on a large collection of data.",
+    "Rainbows appear when sunlight is refracted, reflected and dispersed inside raindrops. Each colour leaves the drop "
+    "at a slightly different angle, which is why the bands always appear in the same order.",
+]
+PROMPTS = ["Write a haiku about coral reefs.", "Explain black holes to a curious twelve-year-old.",
+           "Write three short facts about bread baking.", "What is a good analogy for machine learning?",
+           "Describe the history of honeybees in a few sentences.", "Why does sleep matter in everyday life?"]
+
+
+@pytest.fixture(scope="module")
+def vllm_run(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Path:
+    out = tmp_path_factory.mktemp("vllm-checks")
+    (out / "text.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    (out / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    done = subprocess.run([sys.executable, str(SCRIPT), str(smollm2_dir), str(out / "text.jsonl"),
+                           str(out / "prompts.jsonl"), str(out)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0 and "CHECKS DONE" in done.stdout, done.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf_teacher(smollm2_dir: Path) -> Any:
+    from qadpipe.models import load_causal_lm
+    from qadpipe.teacher.hf_backend import HFTeacher
+
+    return HFTeacher(load_causal_lm(str(smollm2_dir), "bfloat16", "cpu"), batch_size=1)
+
+
+def _rows(cache: Path) -> list[Any]:
+    from qadpipe.cache import CacheReader
+
+    return list(CacheReader(str(cache)).iter_sequences(0, 1))
+
+
+@pytest.mark.slow
+def test_vllm_and_hf_agree_on_smollm2(vllm_run: Path, hf_teacher: Any) -> None:
+    rows = _rows(vllm_run / "score-cache") + _rows(vllm_run / "gen-cache")
+    assert len(rows) == len(TEXTS) + len(PROMPTS)
+    reference = hf_teacher.score([TokenSequence(r.id, r.input_ids) for r in rows], TargetSpec(k=32))
+    top1, overlap, deltas = [], [], []
+    for got, ref in zip(rows, reference):
+        assert got.target_start == 0 and got.topk_ids.shape == ref.topk_ids.shape
+        top1.append(got.topk_ids[:, 0] == ref.topk_ids[:, 0])
+        for ids, lps, ref_ids, ref_lps in zip(got.topk_ids, got.topk_logprobs, ref.topk_ids, ref.topk_logprobs):
+            shared, mine, theirs = np.intersect1d(ids, ref_ids, return_indices=True)
+            overlap.append(len(shared) / 32)
+            deltas.append(np.abs(lps[mine] - ref_lps[theirs]))
+    top1_rate, overlap_mean, delta = np.concatenate(top1).mean(), np.mean(overlap), np.concatenate(deltas)
+    print(f"\nvLLM vs HF on SmolLM2 ({len(overlap)} positions): top-1 {top1_rate:.4f}, top-32 overlap "
+          f"{overlap_mean:.4f}, |dlogprob| mean {delta.mean():.4f} max {delta.max():.4f}")
+    assert top1_rate >= 0.98
+    assert overlap_mean >= 0.90
+    assert delta.mean() < 0.15
+
+
+@pytest.mark.slow
+def test_generate_mode_stores_the_completion_vllm_wrote(vllm_run: Path, smollm2_dir: Path) -> None:
+    from qadpipe.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(smollm2_dir))
+    rows = {r.id: r for r in _rows(vllm_run / "gen-cache")}
+    completions = json.loads((vllm_run / "completions.json").read_text())
+    assert len(completions) == len(PROMPTS) == len(rows)
+    for c in completions:
+        row = rows[c["id"]]
+        prompt_len = len(c["prompt_ids"])
+        assert row.input_ids[:prompt_len].tolist() == c["prompt_ids"]
+        assert row.input_ids[prompt_len:].tolist() == c["token_ids"]  # same seed -> same completion
+        assert len(c["token_ids"]) >= 1 and c["text"].strip()
+        assert tokenizer.decode(c["token_ids"], skip_special_tokens=True) == c["text"]
+
+
+@pytest.mark.slow
+def test_stored_logprobs_are_the_temperature_1_distribution(vllm_run: Path, hf_teacher: Any) -> None:
+    """The teacher sampled at T=0.5; stored values must be log_softmax(logits), not log_softmax(logits/0.5)."""
+    import torch
+
+    decoded = np.load(vllm_run / "decode_logprobs.npz")
+    checks = [(np.concatenate([decoded["prompt"], decoded["completion"]]), len(decoded["prompt"]),
+               decoded["ids"][:, 1:], decoded["logprobs"][:, 1:])]
+    completions = {c["id"]: len(c["prompt_ids"]) for c in json.loads((vllm_run / "completions.json").read_text())}
+    for row in _rows(vllm_run / "gen-cache"):
+        p = completions[row.id]
+        checks.append((row.input_ids, p, row.topk_ids[p - 1:], row.topk_logprobs[p - 1:]))
+    assert np.array_equal(decoded["ids"][:, 0], decoded["completion"])  # actual-token column = the sampled token
+    for ids, prompt_len, top_ids, top_lps in checks:
+        with torch.no_grad():
+            hidden = hf_teacher.body(input_ids=torch.from_numpy(ids.astype(np.int64))[None]).last_hidden_state[0]
+            logits = hf_teacher.logits(hidden[prompt_len - 1:len(ids) - 1]).double()
+        rows = np.arange(len(top_ids))[:, None]
+        at_t1 = np.abs(torch.log_softmax(logits, -1).numpy()[rows, top_ids] - top_lps).mean()
+        at_t05 = np.abs(torch.log_softmax(logits / 0.5, -1).numpy()[rows, top_ids] - top_lps).mean()
+        assert at_t1 < 0.15 and at_t05 > 1.0, (at_t1, at_t05)
