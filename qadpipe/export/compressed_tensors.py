@@ -1,0 +1,314 @@
+"""``--format compressed-tensors``: real packed checkpoints vLLM loads, from qadpipe's own codes.
+
+Every quantized layer is written from ``QuantLinear.quantized_weight()`` -- the very codes and
+scales its fake-quant forward dequantizes -- packed in the layouts of the compressed-tensors
+(CT) spec, so the served weights equal the trained ones bit for bit (the round-trip test
+decompresses with the CT library itself).  CT is not imported here: the layouts are plain
+safetensors plus a ``quantization_config`` in config.json (``shared/notes/
+export-formats-vllm-cpu.md`` section 3):
+
+=====================  ===============================================  ======================
+CT format              tensors per Linear                               qadpipe formats
+=====================  ===============================================  ======================
+pack-quantized         weight_packed i32 [N, K*b/32], weight_scale      INT/LSQ/ternary
+                       (bf16 [N, K/g] or [N, 1]), weight_shape i64 [2],  weight-only (and
+                       weight_zero_point i32 [N*b/32, K/g] (asym)        w4a8_fp8)
+int-quantized          weight i8 [N, K], weight_scale [N, 1]             INT W8A8 / W4A8
+float-quantized        weight f8e4m3 [N, K], weight_scale f32 [N,1]|[1]  FP8 (+ input_scale)
+nvfp4-pack-quantized   weight_packed u8 [N, K/2], weight_scale f8 [N,    NVFP4 W4A16 / W4A4
+                       K/16], weight_global_scale f32 [1] (448*6/amax),
+                       input_global_scale f32 [1] (W4A4)
+mxfp4-pack-quantized   weight_packed u8 [N, K/2], weight_scale u8 E8M0   MXFP4
+mxfp8-quantized        weight f8e4m3 [N, K], weight_scale u8 E8M0        MXFP8
+=====================  ===============================================  ======================
+
+Integer codes narrower than 4 bits (ternary, int2/int3) are stored as 4-bit: vLLM's WNA16
+kernels take 4 or 8 bits and compute ``(stored - 2**(b-1)) * scale``, which reproduces any
+code in range exactly.  Everything vLLM could not load as trained is refused before a byte
+is written: a quantized LM head outside WNA16 (or tied to the embeddings), group sizes that
+do not divide in-features, fused q/k/v or gate/up members with different schemes or
+different per-tensor scales (vLLM would silently take the max).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from qadpipe.errors import ExportError, QuantError
+from qadpipe.export.model_tensors import export_tensors, quant_linears, tied_quantized_layers
+from qadpipe.export.writer import read_config, write_checkpoint
+from qadpipe.quant.formats import Granularity, Kind, QuantSpec, pack_fp4, pack_int32, quantize
+from qadpipe.quant.quantizers import QuantLinear
+from qadpipe.quant.recipe import FUSED_SIBLINGS
+
+log = logging.getLogger(__name__)
+
+PACK = "pack-quantized"
+INT_Q = "int-quantized"
+FLOAT_Q = "float-quantized"
+NVFP4_PACK = "nvfp4-pack-quantized"
+MXFP4_PACK = "mxfp4-pack-quantized"
+MXFP8_Q = "mxfp8-quantized"
+MIXED = "mixed-precision"
+
+_INT_CODES = (Kind.INT, Kind.LSQ, Kind.TWN, Kind.ABSMEAN, Kind.SHERRY)
+_STRATEGY = {Granularity.TENSOR: "tensor", Granularity.CHANNEL: "channel",
+             Granularity.TOKEN: "token", Granularity.GROUP: "group"}
+# Tensors that hold one value for the whole layer: vLLM keeps one per fused GEMM.
+_PER_TENSOR = ("weight_global_scale", "input_global_scale", "input_scale")
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """One CT config group: the format and the QuantizationArgs of weights and inputs."""
+
+    format: str
+    weights: dict[str, Any]
+    input_activations: Optional[dict[str, Any]]
+
+    def key(self) -> str:
+        return json.dumps([self.format, self.weights, self.input_activations], sort_keys=True)
+
+
+def _args(num_bits: int, type_: str, strategy: str, *, symmetric: bool = True,
+          group_size: Optional[int] = None, dynamic: Any = False,
+          scale_dtype: Optional[str] = None, zp_dtype: Optional[str] = None) -> dict[str, Any]:
+    """A CT ``QuantizationArgs`` as JSON (the fields vLLM and CT read)."""
+    return {"num_bits": num_bits, "type": type_, "symmetric": symmetric, "group_size": group_size,
+            "strategy": strategy, "block_structure": None, "dynamic": dynamic, "actorder": None,
+            "scale_dtype": scale_dtype, "zp_dtype": zp_dtype, "observer": None, "observer_kwargs": {}}
+
+
+def scheme_for(name: str, weight: QuantSpec, inputs: Optional[QuantSpec]) -> Scheme:
+    """The CT scheme that serves ``weight``/``inputs`` exactly, or ExportError saying why none does."""
+    kind = weight.kind
+    if kind in _INT_CODES:
+        if weight.granularity not in (Granularity.GROUP, Granularity.CHANNEL):
+            raise ExportError(f"{name}: int weights with {weight.granularity.value} scales; vLLM's "
+                              "int kernels take per-channel or per-group scales")
+        stored_bits = 4 if weight.bits <= 4 else 8
+        group = weight.group_size if weight.granularity is Granularity.GROUP else None
+        w_args = _args(stored_bits, "int", _STRATEGY[weight.granularity], symmetric=weight.symmetric,
+                       group_size=group, zp_dtype=None if weight.symmetric else "torch.int8")
+        if inputs is None and not weight.fp8_group_scales:
+            return Scheme(PACK, w_args, None)
+        if weight.fp8_group_scales and inputs is not None and inputs.kind is Kind.FP8 \
+                and inputs.granularity is Granularity.TOKEN:
+            return Scheme(PACK, w_args, _input_args(name, inputs))
+        if inputs is not None and inputs.kind is Kind.INT and kind in (Kind.INT, Kind.LSQ) \
+                and weight.bits == 8 and weight.granularity is Granularity.CHANNEL \
+                and weight.symmetric and not weight.fp8_group_scales:
+            w_args.update(num_bits=weight.bits)
+            return Scheme(INT_Q, w_args, _input_args(name, inputs))
+    elif kind is Kind.FP8 and (inputs is None or inputs.kind is Kind.FP8):
+        w_args = _args(8, "float", _STRATEGY[weight.granularity])
+        return Scheme(FLOAT_Q, w_args, None if inputs is None else _input_args(name, inputs))
+    elif kind is Kind.NVFP4 and (inputs is None or inputs.kind is Kind.NVFP4):
+        w_args = _args(4, "float", "tensor_group", group_size=16, scale_dtype="torch.float8_e4m3fn")
+        return Scheme(NVFP4_PACK, w_args, None if inputs is None else _input_args(name, inputs))
+    elif kind in (Kind.MXFP4, Kind.MXFP8) and (inputs is None or inputs.kind is kind):
+        bits = 4 if kind is Kind.MXFP4 else 8
+        w_args = _args(bits, "float", "group", group_size=32, scale_dtype="torch.uint8")
+        fmt = MXFP4_PACK if kind is Kind.MXFP4 else MXFP8_Q
+        return Scheme(fmt, w_args, None if inputs is None else _input_args(name, inputs))
+    shown = "none" if inputs is None else f"{inputs.kind.value} {inputs.granularity.value}"
+    raise ExportError(f"{name}: no compressed-tensors scheme vLLM loads for {kind.value} "
+                      f"{weight.granularity.value} weights with inputs {shown}; use --format fake")
+
+
+def _input_args(name: str, spec: QuantSpec) -> dict[str, Any]:
+    if spec.kind is Kind.NVFP4:
+        if spec.dynamic:
+            raise ExportError(f"{name}: NVFP4 inputs without a calibrated global amax; vLLM needs "
+                              "a static input_global_scale (use an input spec with dynamic=False)")
+        return _args(4, "float", "tensor_group", group_size=16, dynamic="local",
+                     scale_dtype="torch.float8_e4m3fn")
+    if spec.kind in (Kind.MXFP4, Kind.MXFP8):
+        return _args(4 if spec.kind is Kind.MXFP4 else 8, "float", "group", group_size=32,
+                     dynamic=True, scale_dtype="torch.uint8")
+    if spec.kind in (Kind.INT, Kind.FP8) and spec.granularity in (Granularity.TOKEN, Granularity.TENSOR):
+        if spec.granularity is Granularity.TOKEN and not spec.dynamic:
+            raise ExportError(f"{name}: static per-token input scales do not exist in vLLM")
+        if not spec.symmetric and not spec.dynamic:
+            raise ExportError(f"{name}: static asymmetric inputs have no calibrated zero point")
+        type_ = "int" if spec.kind is Kind.INT else "float"
+        return _args(spec.bits, type_, _STRATEGY[spec.granularity], symmetric=spec.symmetric,
+                     dynamic=spec.dynamic)
+    raise ExportError(f"{name}: {spec.kind.value} {spec.granularity.value} input quantization has "
+                      "no compressed-tensors equivalent in vLLM")
+
+
+def layer_tensors(name: str, layer: QuantLinear, scheme: Scheme) -> dict[str, torch.Tensor]:
+    """One layer's CT tensors (local names) from the codes and scales its forward uses."""
+    q = layer.quantized_weight()
+    out: dict[str, torch.Tensor] = {}
+    if scheme.format == PACK:
+        bits = scheme.weights["num_bits"]
+        out["weight_packed"] = pack_int32(q.codes, bits, dim=1)
+        out["weight_scale"] = q.scale
+        out["weight_shape"] = torch.tensor(list(q.codes.shape), dtype=torch.int64)
+        if q.zero_point is not None:
+            out["weight_zero_point"] = pack_int32(q.zero_point, bits, dim=0)
+    elif scheme.format in (NVFP4_PACK, MXFP4_PACK):
+        out["weight_packed"] = pack_fp4(q.codes)
+        out["weight_scale"] = q.scale
+        if q.global_scale is not None:
+            out["weight_global_scale"] = q.global_scale
+    else:  # int-quantized, float-quantized, mxfp8-quantized: unpacked codes
+        out["weight"] = q.codes
+        out["weight_scale"] = q.scale
+    out.update(_input_tensors(name, layer))
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def _input_tensors(name: str, layer: QuantLinear) -> dict[str, torch.Tensor]:
+    """Static input scales, computed by ``quantize`` itself from the calibrated amax."""
+    quantizer = layer.input_quantizer
+    if quantizer is None or quantizer.spec.dynamic:
+        return {}
+    spec = quantizer.spec
+    if not quantizer.calibrated:
+        raise ExportError(f"{name}: static input quantizer was never calibrated (amax unset); "
+                          "calibrate before export")
+    probe = torch.zeros(1, spec.group_size or 1)
+    q = quantize(probe, spec, amax=quantizer.amax)
+    if spec.kind is Kind.NVFP4:
+        return {"input_global_scale": q.global_scale}
+    return {"input_scale": q.scale.reshape(1)}
+
+
+def plan_schemes(model: nn.Module) -> dict[str, Scheme]:
+    """The scheme of every quantized layer; refuses what vLLM could not serve as trained."""
+    layers = quant_linears(model)
+    schemes = {}
+    for name, layer in layers.items():
+        spec = layer.weight_quantizer.spec
+        try:
+            spec.check_shape(tuple(layer.weight.shape), name)
+        except QuantError as exc:
+            raise ExportError(str(exc)) from None
+        inputs = layer.input_quantizer.spec if layer.input_quantizer is not None else None
+        schemes[name] = scheme_for(name, spec, inputs)
+    head = _output_head_name(model)
+    if head is not None and head in schemes:
+        if schemes[head].format != PACK or schemes[head].input_activations is not None:
+            raise ExportError(f"{head}: quantized LM head in {schemes[head].format}; vLLM serves a "
+                              "quantized head only as weight-only int (pack-quantized) -- keep it in "
+                              "quant.ignore or use --format fake")
+    tied = tied_quantized_layers(model)
+    if tied:
+        raise ExportError(f"{', '.join(tied)}: quantized but tied to the input embeddings; vLLM "
+                          "would re-tie them to one tensor -- keep it in quant.ignore or use --format fake")
+    return schemes
+
+
+def _output_head_name(model: nn.Module) -> Optional[str]:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return next((name for name, m in model.named_modules() if m is head), None) if head is not None else None
+
+
+def fused_groups(model: nn.Module) -> list[tuple[str, ...]]:
+    """Sibling Linears vLLM fuses into one GEMM (q/k/v, gate/up), quantized or not."""
+    linears = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    groups = []
+    for siblings in FUSED_SIBLINGS:
+        for name in sorted(linears):
+            parent, _, leaf = name.rpartition(".")
+            if leaf == siblings[0]:
+                members = tuple(f"{parent}.{s}" if parent else s for s in siblings)
+                if all(m in linears for m in members):
+                    groups.append(members)
+    return groups
+
+
+def check_fused(groups: list[tuple[str, ...]], schemes: dict[str, Scheme],
+                tensors: dict[str, torch.Tensor]) -> None:
+    """Members of a fused group must share the scheme and every per-tensor scale."""
+    for members in groups:
+        keys = {schemes[m].key() if m in schemes else "dense" for m in members}
+        if len(keys) > 1:
+            raise ExportError(f"{', '.join(members)}: fused into one GEMM by vLLM but quantized "
+                              "differently; give them the same preset (or ignore all of them)")
+        if members[0] not in schemes:
+            continue
+        per_tensor = list(_PER_TENSOR)
+        if schemes[members[0]].weights["strategy"] == "tensor":
+            per_tensor.append("weight_scale")
+        for local in per_tensor:
+            values = [tensors.get(f"{m}.{local}") for m in members]
+            if values[0] is None:
+                continue
+            if any(v is None or not torch.equal(v, values[0]) for v in values[1:]):
+                shown = ", ".join(f"{m}={float(v.float().reshape(-1)[0]):.6g}"
+                                  for m, v in zip(members, values) if v is not None)
+                raise ExportError(f"mismatched fused scales: {local} differs across {shown}; vLLM "
+                                  "applies one per fused GEMM (it would take the max and serve "
+                                  "something else than was trained)")
+
+
+def quantization_config(model: nn.Module, schemes: dict[str, Scheme]) -> dict[str, Any]:
+    """config.json's ``quantization_config``: one config group per distinct scheme."""
+    by_key: dict[str, list[str]] = {}
+    for name, scheme in schemes.items():
+        by_key.setdefault(scheme.key(), []).append(name)
+    single = len(by_key) == 1
+    groups = {}
+    for i, names in enumerate(by_key.values()):
+        scheme = schemes[names[0]]
+        groups[f"group_{i}"] = {
+            "targets": ["Linear"] if single else sorted(names),
+            "weights": scheme.weights,
+            "input_activations": scheme.input_activations,
+            "output_activations": None,
+            "format": scheme.format,
+        }
+    formats = {s.format for s in schemes.values()}
+    dense = sorted(name for name, m in model.named_modules()
+                   if isinstance(m, nn.Linear) and name not in schemes)
+    return {
+        "quant_method": "compressed-tensors",
+        "format": formats.pop() if len(formats) == 1 else MIXED,
+        "quantization_status": "compressed",
+        "config_groups": groups,
+        "ignore": dense,
+        "kv_cache_scheme": None,
+        "sparsity_config": {},
+        "transform_config": {},
+    }
+
+
+def write_compressed_tensors(model: nn.Module, source_dir: Path, directory: Path,
+                             dtype: torch.dtype = torch.bfloat16,
+                             max_shard_bytes: Optional[int] = None) -> dict[str, Any]:
+    """Write ``model`` as a CT checkpoint into ``directory`` (an empty staging dir).
+
+    All checks (schemes, LM head, fused scales) run on the packed tensors in memory before
+    any file is written.  Returns the written config.
+    """
+    schemes = plan_schemes(model)
+    bf16_scaled = [n for n, layer in quant_linears(model).items()
+                   if layer.weight_quantizer.spec.scale_dtype is torch.bfloat16]
+    if bf16_scaled and dtype is not torch.bfloat16:
+        raise ExportError(f"{bf16_scaled[0]}: its scales are bf16 (as trained) but the export dtype is "
+                          f"{dtype}; vLLM would round them to {dtype} -- export with model.dtype bfloat16")
+
+    def layer_fn(name: str, layer: QuantLinear) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            return layer_tensors(name, layer, schemes[name])
+
+    config = read_config(source_dir)
+    tie = bool(config.get("tie_word_embeddings", False))
+    tensors = export_tensors(model, layer_fn, dtype, tie_word_embeddings=tie)
+    check_fused(fused_groups(model), schemes, tensors)
+    config["quantization_config"] = quantization_config(model, schemes)
+    write_checkpoint(tensors, config, source_dir, directory, dtype, max_shard_bytes)
+    log.info("compressed-tensors export: %d layers, format %s", len(schemes),
+             config["quantization_config"]["format"])
+    return config

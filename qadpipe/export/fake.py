@@ -1,0 +1,54 @@
+"""``--format fake``: an ordinary HF checkpoint whose quantized weights hold Q(W).
+
+Every quantized Linear's weight is ``QuantLinear.fake_quantized_weight()`` -- the exact value
+the fake-quant forward multiplies with -- cast once to the export dtype; everything else is
+the student's own weights.  Any engine that loads an HF model loads it (no quantization
+config), so it is the reference for what a real packed export must reproduce, and the way
+to serve formats no kernel implements.  Activation quantization is *not* baked in: a fake
+checkpoint of a W8A8/W4A4 recipe runs with full-precision activations.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from qadpipe.export.model_tensors import export_tensors, quant_linears, tied_quantized_layers
+from qadpipe.export.writer import read_config, write_checkpoint
+from qadpipe.quant.quantizers import QuantLinear
+
+log = logging.getLogger(__name__)
+
+
+def _fake_layer(dtype: torch.dtype):
+    def layer_fn(name: str, layer: QuantLinear) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            return {"weight": layer.fake_quantized_weight().to(dtype)}
+    return layer_fn
+
+
+def write_fake(model: nn.Module, source_dir: Path, directory: Path,
+               dtype: torch.dtype = torch.bfloat16, max_shard_bytes: int | None = None) -> dict[str, Any]:
+    """Write the fake-quant checkpoint of ``model`` into ``directory`` (an empty staging dir).
+
+    ``source_dir`` is the HF directory the student was built from: its config, tokenizer,
+    chat template and generation config are carried over.  Returns the written config.
+    """
+    config = read_config(source_dir)
+    config.pop("quantization_config", None)
+    tie = bool(config.get("tie_word_embeddings", False))
+    broken = tied_quantized_layers(model)
+    if tie and broken:
+        # The head serves Q(W) while the embedding keeps W: two different matrices now.
+        log.warning("untying %s from the input embeddings: the quantized head differs from them",
+                    ", ".join(broken))
+        tie = False
+        config["tie_word_embeddings"] = False
+    tensors = export_tensors(model, _fake_layer(dtype), dtype, tie_word_embeddings=tie)
+    write_checkpoint(tensors, config, source_dir, directory, dtype, max_shard_bytes)
+    log.info("fake export: %d quantized Linear layers baked as Q(W) in %s", len(quant_linears(model)), dtype)
+    return config

@@ -1,0 +1,87 @@
+"""The tensors an export writes, in the HF checkpoint's names, from a fake-quantized student.
+
+Both formats walk the student the same way: every tensor of the HF model is written under
+its usual name in the export dtype, except that a :class:`~qadpipe.quant.quantizers.QuantLinear`
+is handed to the format (``layer_fn``), which returns that layer's tensors under local names
+(``weight`` for fake, ``weight_packed``/``weight_scale``/... for compressed-tensors).
+Quantizer state (amax, LSQ steps, clip logits) is training state, not a serving tensor, so
+it never reaches the export.  Tied embeddings are written once, as HF and vLLM expect.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from qadpipe.quant.quantizers import QuantLinear
+
+LayerFn = Callable[[str, QuantLinear], dict[str, torch.Tensor]]
+
+
+def quant_linears(model: nn.Module) -> dict[str, QuantLinear]:
+    """Every fake-quantized Linear of ``model`` by dotted name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def _storage_key(tensor: torch.Tensor) -> tuple[int, int, tuple[int, ...]]:
+    return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+
+
+def tied_quantized_layers(model: nn.Module) -> list[str]:
+    """Quantized Linears whose weight is shared with another module (tied embeddings): their
+    serving weight is Q(W) while the partner keeps W, so the tie cannot survive export."""
+    layers = quant_linears(model)
+    owners: dict[tuple[int, int, tuple[int, ...]], set[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        module = name.rpartition(".")[0]
+        owners.setdefault(_storage_key(param), set()).add(module)
+    return sorted(name for name, layer in layers.items()
+                  if len(owners.get(_storage_key(layer.weight), ())) > 1)
+
+
+def export_tensors(model: nn.Module, layer_fn: LayerFn, dtype: torch.dtype,
+                   tie_word_embeddings: bool) -> dict[str, torch.Tensor]:
+    """All serving tensors of ``model``, in state_dict order.
+
+    Float tensors outside quantized layers are cast to ``dtype``; a quantized layer's weight
+    (and quantizer state) is replaced by ``layer_fn``'s tensors, its bias cast like the rest.
+    With ``tie_word_embeddings`` a later tensor sharing storage with an earlier one (the LM
+    head) is dropped, as ``save_pretrained`` does; otherwise it is written as a copy.
+    """
+    layers = quant_linears(model)
+    out: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int, tuple[int, ...]]] = set()
+    for key, tensor in model.state_dict(keep_vars=False).items():
+        module, _, local = key.rpartition(".")
+        owner = _quant_owner(module, layers)
+        if owner is not None:
+            if module == owner and local == "weight":
+                for name, value in layer_fn(owner, layers[owner]).items():
+                    out[f"{owner}.{name}"] = value.detach().contiguous().cpu()
+                seen.add(_storage_key(tensor))
+                continue
+            if module != owner:  # weight_quantizer.* / input_quantizer.*: training state
+                continue
+        storage = _storage_key(tensor)
+        if storage in seen and tie_word_embeddings:
+            continue
+        seen.add(storage)
+        out[key] = _cast(tensor, dtype)
+    return out
+
+
+def _quant_owner(module: str, layers: dict[str, Any]) -> str | None:
+    """The quantized layer a state_dict key belongs to (the layer itself or a quantizer)."""
+    if module in layers:
+        return module
+    parent = module.rpartition(".")[0]
+    return parent if parent in layers else None
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    tensor = tensor.detach()
+    if tensor.is_floating_point():
+        tensor = tensor.to(dtype)
+    return tensor.contiguous().cpu()

@@ -1,0 +1,141 @@
+"""``qadpipe export``: trained student in, servable checkpoint directory out.
+
+Reads a distill ``final/`` directory (weights + quantizer state + the config it was trained
+with), rebuilds the student exactly as trained, and writes it in the requested format into
+a staged directory that is renamed into place only when complete.  Beside the weights go
+``qadpipe_run.yaml`` (config + versions) and ``qadpipe_export.json`` (format, per-layer
+recipe, source checkpoint and its hash, sizes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from qadpipe.errors import ExportError
+from qadpipe.export.compressed_tensors import write_compressed_tensors
+from qadpipe.export.fake import write_fake
+from qadpipe.export.model_tensors import quant_linears
+from qadpipe.export.writer import staged_dir, weights_bytes
+from qadpipe.provenance import RUN_FILE, save_run_record
+
+log = logging.getLogger(__name__)
+
+EXPORT_INFO = "qadpipe_export.json"
+FORMATS = {"fake": write_fake, "compressed-tensors": write_compressed_tensors}
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """Where the export went and how big it is next to the same model in BF16."""
+
+    output: Path
+    format: str
+    export_bytes: int
+    bf16_bytes: int
+
+    @property
+    def ratio(self) -> float:
+        return self.export_bytes / self.bf16_bytes
+
+    def summary(self) -> str:
+        return (f"{self.format} export: {_mb(self.export_bytes)} on disk vs {_mb(self.bf16_bytes)} "
+                f"BF16 ({self.ratio:.2f}x) -> {self.output}")
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def bf16_bytes(model: nn.Module) -> int:
+    """Bytes of the model's weights at 2 bytes each (tied tensors once, quantizer state excluded)."""
+    return 2 * sum(p.numel() for name, p in model.named_parameters()
+                   if "_quantizer." not in name)
+
+
+def layer_recipe(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Per quantized layer, the weight and input specs it was trained with (JSON-ready)."""
+    def spec_dict(spec: Any) -> Optional[dict[str, Any]]:
+        if spec is None:
+            return None
+        return {k: (v.value if hasattr(v, "value") else v) for k, v in dataclasses.asdict(spec).items()}
+
+    return {name: {"weight": spec_dict(layer.weight_quantizer.spec),
+                   "input": spec_dict(layer.input_quantizer.spec if layer.input_quantizer else None)}
+            for name, layer in quant_linears(model).items()}
+
+
+def export_model(model: nn.Module, source_dir: Path, output: Path, fmt: str, config: Any,
+                 checkpoint: Optional[Path] = None, dtype: torch.dtype = torch.bfloat16) -> ExportResult:
+    """Write an in-memory fake-quantized student to ``output`` (staged, renamed when complete)."""
+    if fmt not in FORMATS:
+        raise ExportError(f"export.format: got {fmt!r}, expected one of {', '.join(FORMATS)}")
+    if not quant_linears(model):
+        raise ExportError("the student has no quantized Linear layer: nothing to export as quantized")
+    start = time.perf_counter()
+    with staged_dir(output) as tmp:
+        FORMATS[fmt](model, Path(source_dir), tmp, dtype=dtype)
+        info = {
+            "format": fmt,
+            "source_model": str(Path(source_dir).resolve()),
+            "checkpoint": None if checkpoint is None else str(Path(checkpoint).resolve()),
+            "checkpoint_sha256": None if checkpoint is None else _sha256(Path(checkpoint) / "model.safetensors"),
+            "export_bytes": weights_bytes(tmp),
+            "bf16_bytes": bf16_bytes(model),
+            "layers": layer_recipe(model),
+        }
+        (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        save_run_record(config, "export", tmp)
+    result = ExportResult(Path(output), fmt, info["export_bytes"], info["bf16_bytes"])
+    log.info("%s (%.1f s)", result.summary(), time.perf_counter() - start)
+    return result
+
+
+def _sha256(path: Path) -> Optional[str]:
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return "sha256:" + digest.hexdigest()
+
+
+def run_export(config: Any, checkpoint: Optional[str] = None, output: Optional[str] = None,
+               fmt: Optional[str] = None) -> ExportResult:
+    """The ``qadpipe export`` command: load ``final/`` (default ``<distill.output_dir>/final``),
+    export it as ``fmt`` (default ``export.format``) into ``output`` (default ``export.output_dir``).
+
+    The student is rebuilt from the config recorded in the checkpoint (what was trained); a
+    differing ``model``/``quant`` section in the current config is reported and not used.
+    """
+    from qadpipe.distill.student import load_final_student
+    from qadpipe.models import resolve_model_path
+
+    final = Path(checkpoint) if checkpoint else Path(config.distill.output_dir) / "final"
+    if not (final / "model.safetensors").is_file() or not (final / RUN_FILE).is_file():
+        raise ExportError(f"--checkpoint {final}: expected a distill final/ directory with "
+                          f"model.safetensors and {RUN_FILE} (run qadpipe distill first)")
+    model, trained = load_final_student(final)
+    for section in ("model", "quant"):
+        if dataclasses.asdict(getattr(trained, section)) != dataclasses.asdict(getattr(config, section)):
+            log.warning("export uses the %s section recorded in %s (what was trained), not the one "
+                        "in the current config", section, final / RUN_FILE)
+    fmt = fmt or config.export.format
+    out = Path(output) if output else Path(config.export.output_dir)
+    record = dataclasses.replace(trained, export=dataclasses.replace(
+        config.export, format=fmt, output_dir=str(out)))
+    dtype = getattr(torch, trained.model.dtype)
+    if dtype is torch.float32:
+        dtype = torch.bfloat16  # fp32 is the training master copy; vLLM serves bf16
+    return export_model(model, resolve_model_path(trained.model.path), out, fmt, record,
+                        checkpoint=final, dtype=dtype)

@@ -1,0 +1,163 @@
+"""Writing an export directory: staged under a temp name, renamed whole, never half-written.
+
+Both export formats produce the same kind of directory — an HF model folder with
+``config.json``, safetensors weights (sharded with an index past ``max_shard_bytes``), the
+tokenizer, chat template and generation config of the source model — so the file
+mechanics live here and the format modules only decide which tensors to write.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from qadpipe.errors import ExportError
+from qadpipe.provenance import RUN_FILE
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # the HF default shard size
+
+# Files of a source model directory that an export replaces or must not inherit.
+_NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+_NOT_COPIED_NAMES = {"config.json", WEIGHTS_INDEX, "pytorch_model.bin.index.json", RUN_FILE,
+                     "qadpipe_source.json", "recipe.yaml", "hf_quant_config.json"}
+
+
+@contextmanager
+def staged_dir(output: Path) -> Iterator[Path]:
+    """Yield a fresh temp directory beside ``output``; on success fsync it and rename it to
+    ``output``.  On any error the temp directory is removed and ``output`` is untouched.
+
+    An existing ``output`` is replaced only when it is a previous qadpipe export (its
+    ``qadpipe_run.yaml`` says ``stage: export``); the old one is deleted after the new one
+    is in place.  Any other non-empty directory is refused, so nothing a user wrote is lost.
+    """
+    output = Path(output)
+    _check_replaceable(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{output.name}-", dir=output.parent))
+    old = None
+    try:
+        yield tmp
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                _fsync(path)
+        tmp.chmod(0o755)  # mkdtemp makes it private; an export is meant to be shared
+        if output.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".old-{output.name}-", dir=output.parent))
+            os.replace(output, old / output.name)
+        os.replace(tmp, output)
+        _fsync(output.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _check_replaceable(output: Path) -> None:
+    if not output.exists():
+        return
+    if not output.is_dir():
+        raise ExportError(f"export output {output}: exists and is not a directory")
+    if not any(output.iterdir()):
+        return
+    run_file = output / RUN_FILE
+    stage = None
+    if run_file.is_file():
+        try:
+            stage = (yaml.safe_load(run_file.read_text()) or {}).get("stage")
+        except yaml.YAMLError:
+            stage = None
+    if stage != "export":
+        raise ExportError(
+            f"export output {output}: a non-empty directory that is not a qadpipe export; "
+            "expected a new or empty directory (or a previous export to replace)"
+        )
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], directory: Path,
+                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[Path]:
+    """Write ``tensors`` as ``model.safetensors``, or as numbered shards plus the HF index
+    when they exceed ``max_shard_bytes``.  Tensors keep their order and dtype."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor.contiguous()
+        size += nbytes
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        path = Path(directory) / WEIGHTS_NAME
+        save_file(shards[0], str(path), metadata=metadata)
+        return [path]
+    paths, weight_map = [], {}
+    for i, shard in enumerate(shards, start=1):
+        path = Path(directory) / f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(path), metadata=metadata)
+        paths.append(path)
+        weight_map.update({name: path.name for name in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (Path(directory) / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return paths
+
+
+def read_config(model_dir: Path) -> dict[str, Any]:
+    """The source model's ``config.json`` as a dict."""
+    path = Path(model_dir) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ExportError(f"{path}: cannot read the source model config ({exc})") from None
+
+
+def write_checkpoint(tensors: dict[str, torch.Tensor], config: dict[str, Any], source_dir: Path,
+                     directory: Path, dtype: torch.dtype, max_shard_bytes: int | None = None) -> None:
+    """Weights, ``config.json`` (its dtype set to ``dtype``) and the source's side files."""
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    config.pop("torch_dtype", None)
+    write_safetensors(tensors, directory, max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
+    (Path(directory) / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    copy_side_files(source_dir, directory)
+
+
+def copy_side_files(source_dir: Path, directory: Path) -> list[str]:
+    """Copy what a serving engine needs besides weights and config (tokenizer, chat
+    template, generation config, model card) from the source model directory."""
+    copied = []
+    for path in sorted(Path(source_dir).iterdir()):
+        if not path.is_file() or path.name in _NOT_COPIED_NAMES or path.suffix in _NOT_COPIED_SUFFIXES:
+            continue
+        shutil.copy2(path, Path(directory) / path.name)
+        copied.append(path.name)
+    return copied
+
+
+def weights_bytes(model_dir: Path) -> int:
+    """On-disk bytes of a model directory's weight files (``*.safetensors``)."""
+    return sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
