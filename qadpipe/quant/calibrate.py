@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from typing import Iterable, Iterator, Optional
 
@@ -46,7 +47,8 @@ class _Observer:
         if self.percentile is None:
             batch_amax = magnitude.max()
         else:
-            k = max(1, min(magnitude.numel(), round(magnitude.numel() * self.percentile / 100)))
+            # inverted CDF: the smallest |x| with at least `percentile` % of values <= it
+            k = max(1, min(magnitude.numel(), math.ceil(magnitude.numel() * self.percentile / 100)))
             batch_amax = magnitude.kthvalue(k).values
         self.amax = batch_amax if self.amax is None else torch.maximum(self.amax, batch_amax)
 

@@ -88,14 +88,16 @@ def _grad_scale(x: Tensor, factor: float) -> Tensor:
 
 def lsq_fake_quantize(x: Tensor, spec: QuantSpec, scale: Tensor) -> Tensor:
     """Integer fake-quant differentiable in ``scale`` (shaped like ``QuantizedTensor.scale``):
-    ``clamp(round_ste(x / s), qmin, qmax) * s`` with ``s`` rounded to bf16 (straight through).
-    Forward values equal ``dequantize(quantize(x, spec, scale=scale))`` bit for bit."""
+    ``round_ste(clamp(x / s, qmin, qmax)) * s`` with ``s`` rounded to bf16 (straight through),
+    clamp before round as in LSQ (eq. 1-3).  Forward values equal
+    ``dequantize(quantize(x, spec, scale=scale))`` bit for bit (integer bounds commute with
+    rounding)."""
     qmin, qmax = spec.code_range
     s = _CastSTE.apply(scale.float(), spec.scale_dtype)
     s = torch.where(s == 0, torch.finfo(spec.scale_dtype).eps, s)
     s = _groups_like_scale(s, spec)
     xg = _groups(x.float(), spec)
-    out = torch.clamp(_RoundSTE.apply(xg / s), qmin, qmax) * s
+    out = _RoundSTE.apply(torch.clamp(xg / s, qmin, qmax)) * s
     return out.reshape(x.shape).to(x.dtype)
 
 

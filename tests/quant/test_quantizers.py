@@ -1,0 +1,149 @@
+"""Quantizer modules: STE gradients, LSQ step gradient, data-driven init, forward == export."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from qadpipe.quant.formats import Granularity, Kind, QuantSpec, dequantize, mse_best_scale, quantize
+from qadpipe.quant.quantizers import QuantLinear, Quantizer
+from qadpipe.quant.recipe import PRESETS
+
+WEIGHT_SPECS = {name: preset.weight for name, preset in PRESETS.items()}
+
+
+@pytest.mark.parametrize("name", sorted(n for n, s in WEIGHT_SPECS.items() if s.kind is not Kind.LSQ))
+def test_identity_ste_gradient_is_exactly_the_incoming_gradient(name):
+    spec = WEIGHT_SPECS[name]
+    torch.manual_seed(0)
+    x = torch.randn(16, 256, requires_grad=True)
+    quantizer = Quantizer(spec)
+    if not spec.dynamic:
+        quantizer.set_amax(x.detach().abs().amax())
+    g = torch.randn(16, 256)
+    quantizer(x).backward(g)
+    assert torch.equal(x.grad, g)
+
+
+def test_clipped_ste_masks_exactly_the_saturated_elements_fp8():
+    # static per-tensor FP8 with amax 448: scale 1, everything beyond +-448 saturates
+    x = torch.linspace(-1000, 1000, 401, requires_grad=True)
+    quantizer = Quantizer(QuantSpec(Kind.FP8, granularity=Granularity.TENSOR, dynamic=False), ste="clipped")
+    quantizer.set_amax(torch.tensor(448.0))
+    g = torch.randn(401)
+    quantizer(x).backward(g)
+    assert torch.equal(x.grad, g * (x.detach().abs() <= 448))
+
+
+def test_clipped_ste_nvfp4_saturated_block_scale():
+    # global amax 2688 -> global scale 1; block 0 amax 12 -> exact scale 2 (bound 12, no clip);
+    # block 1 holds 5000 > 6 * 448: its scale saturates at 448, bound 2688, only 5000 clips
+    x = torch.zeros(1, 32)
+    x[0, :3] = torch.tensor([12.0, -3.0, 1.0])
+    x[0, 16:19] = torch.tensor([5000.0, -100.0, 2000.0])
+    x.requires_grad_(True)
+    quantizer = Quantizer(QuantSpec(Kind.NVFP4, dynamic=False), ste="clipped")
+    quantizer.set_amax(torch.tensor(2688.0))
+    quantizer(x).sum().backward()
+    expected = torch.ones(1, 32)
+    expected[0, 16] = 0.0
+    assert torch.equal(x.grad, expected)
+
+
+def _lsq_reference_grad(x: torch.Tensor, s: float, weights: torch.Tensor, qmin: int, qmax: int) -> float:
+    """Esser et al. 2019, eq. 3: dv_hat/ds = -v/s + round(v/s) inside, qmin / qmax when clipped;
+    times the gradient scale 1/sqrt(n * Qp) (section 2.2), n = elements per step."""
+    v = x.double() / s
+    inside = (v >= qmin) & (v <= qmax)
+    per_element = torch.where(inside, -v + torch.round(v), torch.where(v < qmin, float(qmin), float(qmax)))
+    return float((weights.double() * per_element).sum()) / (x.numel() * qmax) ** 0.5
+
+
+def _surrogate_finite_difference(x: torch.Tensor, s: float, weights: torch.Tensor,
+                                 qmin: int, qmax: int, h: float = 1e-6) -> float:
+    """Central difference of the STE surrogate ``(clamp(x/s) + c) * s``: the rounding offsets
+    ``c = round(v) - v`` frozen at s, the clamp kept."""
+    xd, w = x.double(), weights.double()
+    v0 = torch.clamp(xd / s, qmin, qmax)
+    offset = torch.round(v0) - v0
+
+    def loss(step: float) -> float:
+        return float((w * (torch.clamp(xd / step, qmin, qmax) + offset) * step).sum())
+
+    return (loss(s + h) - loss(s - h)) / (2 * h)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_lsq_step_gradient_matches_paper_and_finite_differences(bits):
+    torch.manual_seed(bits)
+    spec = QuantSpec(Kind.LSQ, bits, Granularity.CHANNEL)
+    qmin, qmax = spec.code_range
+    x = torch.randn(1, 512)
+    quantizer = Quantizer(spec, learnable="lsq", weight=x)
+    s = 0.25 if bits == 2 else 0.125                  # exactly representable in bf16
+    with torch.no_grad():
+        quantizer.step.fill_(s)
+    weights = torch.randn(1, 512)
+    (quantizer(x) * weights).sum().backward()
+    grad = float(quantizer.step.grad)
+    assert grad == pytest.approx(_lsq_reference_grad(x, s, weights, qmin, qmax), rel=1e-4)
+    fd = _surrogate_finite_difference(x, s, weights, qmin, qmax) / (x.numel() * qmax) ** 0.5
+    assert grad == pytest.approx(fd, rel=1e-4)
+
+
+def test_learnable_parameters_start_from_the_data():
+    torch.manual_seed(5)
+    w = torch.randn(32, 128) ** 3
+    spec = QuantSpec(Kind.LSQ, 4, Granularity.GROUP, 64)
+    lsq = Quantizer(spec, learnable="lsq", weight=w)
+    assert torch.equal(lsq.step.detach(), mse_best_scale(w, spec).float())
+    assert lsq.step.detach().unique().numel() > 10        # one per group, not a constant
+    clip = Quantizer(QuantSpec(Kind.INT, 4, Granularity.GROUP, 64), learnable="clip", weight=w)
+    ratio = torch.sigmoid(clip.clip_logit.detach())
+    assert (ratio <= 0.995 + 1e-6).all() and ratio.min() < 0.9
+
+
+@pytest.mark.parametrize("name,learnable", [(n, "none") for n in sorted(WEIGHT_SPECS)]
+                         + [(n, learn) for n in ("w4a16_int", "w8a16_int") for learn in ("lsq", "clip")])
+def test_forward_weight_is_bitwise_what_export_reads(name, learnable):
+    spec = WEIGHT_SPECS[name]
+    torch.manual_seed(6)
+    linear = nn.Linear(256, 48).to(torch.bfloat16)
+    if learnable == "lsq":
+        from dataclasses import replace
+        spec = replace(spec, kind=Kind.LSQ)
+    layer = QuantLinear.from_linear(linear, spec, None, learnable=learnable if spec.kind is not Kind.LSQ else "lsq")
+    if learnable != "none" or spec.kind is Kind.LSQ:          # move off the initial point
+        with torch.no_grad():
+            for p in layer.weight_quantizer.parameters():
+                p.mul_(0.93)
+    seen = {}
+    layer.register_forward_pre_hook(lambda m, args: seen.update(w=m.weight_quantizer(m.weight).detach()))
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    y = layer(x)
+    assert torch.equal(seen["w"], layer.fake_quantized_weight())
+    assert torch.equal(y, torch.nn.functional.linear(x, layer.fake_quantized_weight(), layer.bias))
+    q = layer.quantized_weight()
+    assert torch.equal(dequantize(q), layer.fake_quantized_weight())
+    assert q.codes.shape == (48, 256)
+
+
+def test_from_linear_keeps_the_same_parameters():
+    linear = nn.Linear(64, 32)
+    layer = QuantLinear.from_linear(linear, QuantSpec(Kind.INT, 4, Granularity.GROUP, 32), None)
+    assert layer.weight is linear.weight and layer.bias is linear.bias
+
+
+def test_w4a8_weight_uses_fp8_converted_group_scales():
+    torch.manual_seed(7)
+    w = torch.randn(8, 256)
+    spec = WEIGHT_SPECS["w4a8_fp8"]
+    q = quantize(w, spec)
+    s = q.scale.float()
+    c = s.amax(-1, keepdim=True) / 448
+    s8 = (s / c).clamp(-448, 448).to(torch.float8_e4m3fn).float()
+    s8 = (s8 / 8).to(torch.float8_e4m3fn).float()
+    effective = (s8 * (c * 8)).repeat_interleave(128, dim=-1)
+    assert torch.equal(dequantize(q), q.codes.float() * effective)
+    assert not torch.equal(effective, s.repeat_interleave(128, dim=-1))   # the conversion matters

@@ -1,0 +1,147 @@
+"""apply_recipe: presets, rules, fused groups, bad recipes as one-line QuantErrors, reload."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from qadpipe.errors import QuantError
+from qadpipe.quant.calibrate import calibrate
+from qadpipe.quant.formats import Kind
+from qadpipe.quant.quantizers import QuantLinear, Quantizer
+from qadpipe.quant.recipe import PRESETS, apply_recipe, quant_parameters
+
+LINEARS_PER_LAYER = 7   # q k v o gate up down
+
+
+def _batches(n: int, pad: int = 0) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(11)
+    out = []
+    for _ in range(n):
+        mask = torch.ones(2, 12, dtype=torch.long)
+        if pad:
+            mask[1, -pad:] = 0
+        out.append({"input_ids": torch.randint(0, 256, (2, 12), generator=g), "attention_mask": mask})
+    return out
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_applies_and_runs_forward_backward(preset, make_llama, quant_config):
+    model = make_llama()
+    configurable = PRESETS[preset].weight.group_size == 128
+    recipe = apply_recipe(model, quant_config(preset=preset, group_size=32 if configurable else None))
+    assert len(recipe.layers) == 2 * LINEARS_PER_LAYER and recipe.ignored == ["lm_head"]
+    assert recipe.fused_groups == [("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",
+                                    "model.layers.0.self_attn.v_proj"),
+                                   ("model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.k_proj",
+                                    "model.layers.1.self_attn.v_proj"),
+                                   ("model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"),
+                                   ("model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj")]
+    assert isinstance(model.model.layers[0].mlp.down_proj, QuantLinear)
+    assert type(model.lm_head) is nn.Linear
+    calibrate(model, _batches(1), 1)
+    logits = model(**_batches(1)[0]).logits
+    logits.float().pow(2).mean().backward()
+    assert torch.isfinite(logits).all()
+    assert model.model.layers[0].self_attn.q_proj.weight.grad is not None
+
+
+def test_rules_first_match_wins_and_group_override(make_llama, quant_config):
+    model = make_llama()
+    recipe = apply_recipe(model, quant_config(preset="w4a16_int", group_size=32, rules=[
+        {"targets": r"mlp\.down_proj", "preset": "w8a8_int"},
+        {"targets": r"layers\.1\.", "preset": "w4a16_int", "group_size": 16},
+        {"targets": r"down_proj", "preset": "nvfp4"},          # shadowed by rule 0
+    ]))
+    assert recipe.layers["model.layers.0.mlp.down_proj"].preset == "w8a8_int"
+    assert recipe.layers["model.layers.1.mlp.down_proj"].preset == "w8a8_int"
+    assert recipe.layers["model.layers.1.self_attn.o_proj"].weight.group_size == 16
+    assert recipe.layers["model.layers.0.self_attn.o_proj"].weight.group_size == 32
+    assert recipe.layers["model.layers.0.mlp.down_proj"].input.kind is Kind.INT
+
+
+def test_fused_groups_share_the_nvfp4_weight_global_amax(make_llama, quant_config):
+    model = make_llama()
+    attn = model.model.layers[0].self_attn
+    with torch.no_grad():
+        attn.k_proj.weight.mul_(5.0)                       # k has the largest |w|
+    expected = attn.k_proj.weight.abs().max()
+    apply_recipe(model, quant_config(preset="nvfp4_a16"))
+    amaxes = [getattr(attn, p).weight_quantizer.amax for p in ("q_proj", "k_proj", "v_proj")]
+    assert all(torch.equal(a, expected) for a in amaxes)
+    assert torch.equal(attn.q_proj.quantized_weight().global_scale,
+                       attn.v_proj.quantized_weight().global_scale)
+    assert attn.o_proj.weight_quantizer.amax == attn.o_proj.weight.abs().max()
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(preset="nvfp5"), "quant.preset: unknown preset 'nvfp5'; expected one of nvfp4, "),
+    (dict(preset="w4a16_int"), "quant.preset: w4a16_int group size 128 does not divide in_features 64 "
+                               "of model.layers.0.self_attn.q_proj; set quant.group_size to a divisor such as 64"),
+    (dict(preset="nvfp4", group_size=32), "quant.preset: group_size 32 cannot apply to preset 'nvfp4'"),
+    (dict(preset="w8a8_int", ignore=["embed_tokens"]),
+     "quant.preset: lm_head with preset 'w8a8_int': vLLM serves a quantized LM head only as weight-only int"),
+    (dict(preset="fp8", ignore=["lm_head"], rules=[{"targets": "attn_proj", "preset": "fp8"}]),
+     "quant.rules[0].targets: regex 'attn_proj' matches no module"),
+    (dict(preset="fp8", ignore=["lm_head", "vision_tower"]), "quant.ignore: regex 'vision_tower' matches no module"),
+    (dict(preset="fp8", rules=[{"targets": "k_proj", "preset": "w8a8_int"}]),
+     "q_proj, model.layers.0.self_attn.k_proj, model.layers.0.self_attn.v_proj are fused by vLLM"),
+    (dict(preset="fp8", rules=[{"targets": "(", "preset": "fp8"}]), "is not a valid regex"),
+    (dict(preset="nvfp4", learnable="clip"), "quant.learnable: 'clip' needs a symmetric int weight preset"),
+])
+def test_bad_recipes_fail_with_one_clear_line(fields, message, make_llama, quant_config):
+    with pytest.raises(QuantError) as info:
+        apply_recipe(make_llama(), quant_config(**fields))
+    text = str(info.value)
+    assert message in text and "\n" not in text
+
+
+def test_tied_lm_head_refuses_quantization(make_llama, quant_config):
+    with pytest.raises(QuantError, match="shares its weight with the input embeddings"):
+        apply_recipe(make_llama(tie=True), quant_config(preset="w4a16_int", group_size=32, ignore=["embed_tokens"]))
+
+
+def test_untied_lm_head_with_weight_only_int_is_allowed(make_llama, quant_config):
+    model = make_llama()
+    recipe = apply_recipe(model, quant_config(preset="w4a16_int", group_size=32, ignore=["embed_tokens"]))
+    assert "lm_head" in recipe.layers and isinstance(model.lm_head, QuantLinear)
+
+
+def test_static_input_quantizer_refuses_to_run_uncalibrated(make_llama, quant_config):
+    model = make_llama()
+    apply_recipe(model, quant_config(preset="nvfp4"))
+    with pytest.raises(QuantError, match="used before calibration"):
+        model(**_batches(1)[0])
+
+
+@pytest.mark.parametrize("preset,learnable", [("nvfp4", "none"), ("fp8_static", "none"),
+                                              ("w4a16_int", "lsq"), ("w4a16_int", "clip")])
+def test_rebuild_from_state_dict_reproduces_the_model(preset, learnable, make_llama, quant_config):
+    config = quant_config(preset=preset, learnable=learnable, group_size=32 if preset == "w4a16_int" else None)
+    trained = make_llama(seed=0)
+    apply_recipe(trained, config)
+    calibrate(trained, _batches(2), 2)
+    with torch.no_grad():                                   # "training" moved weights and steps
+        for p in quant_parameters(trained):
+            p.mul_(1.05)
+        trained.model.layers[0].mlp.up_proj.weight.add_(0.01)
+    state = {k: v.clone() for k, v in trained.state_dict().items()}
+
+    rebuilt = make_llama(seed=1)                             # different init: everything must load
+    apply_recipe(rebuilt, config)
+    rebuilt.load_state_dict(state)
+    batch = _batches(1)[0]
+    assert torch.equal(rebuilt(**batch).logits, trained(**batch).logits)
+    assert any(k.endswith("weight_quantizer.amax") or k.endswith("weight_quantizer.step")
+               or k.endswith("weight_quantizer.clip_logit") or k.endswith("input_quantizer.amax") for k in state)
+
+
+def test_quant_parameters_are_quantizer_params_and_norms(make_llama, quant_config):
+    model = make_llama()
+    apply_recipe(model, quant_config(preset="lsq_int4", group_size=32))
+    params = quant_parameters(model)
+    steps = [m.step for m in model.modules() if isinstance(m, Quantizer) and hasattr(m, "step")]
+    norms = [m.weight for m in model.modules() if "RMSNorm" in type(m).__name__]
+    assert len(steps) == 14 and len(norms) == 5
+    assert {id(p) for p in params} == {id(p) for p in steps + norms}
