@@ -1,0 +1,242 @@
+"""compressed-tensors export: bit-exact round trip through the CT library, the on-disk layout
+field by field, the quantization_config, and the refusals that fire before anything is written."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from ct_reference import ct_decompress, load_export
+from torch import nn
+
+from qadpipe.errors import ExportError
+from qadpipe.export import export_model
+from qadpipe.export.model_tensors import quant_linears
+from qadpipe.quant.formats import Granularity, Kind, QuantSpec, dequantize
+from qadpipe.quant.quantizers import QuantLinear
+
+# preset, group size override, expected CT format
+PRESETS = [
+    ("w4a16_int", 32, "pack-quantized"),
+    ("w4a16_int_asym", 32, "pack-quantized"),
+    ("w4a16_int_asym", 64, "pack-quantized"),
+    ("w8a16_int", None, "pack-quantized"),
+    ("w8a8_int", None, "int-quantized"),
+    ("fp8", None, "float-quantized"),
+    ("fp8_static", None, "float-quantized"),
+    ("nvfp4", None, "nvfp4-pack-quantized"),
+    ("nvfp4_a16", None, "nvfp4-pack-quantized"),
+    ("mxfp4", None, "mxfp4-pack-quantized"),
+    ("mxfp4_a16", None, "mxfp4-pack-quantized"),
+    ("mxfp8_a16", None, "mxfp8-quantized"),
+    ("ternary_twn", 32, "pack-quantized"),
+    ("sherry_3of4", 32, "pack-quantized"),
+    ("lsq_int2", 32, "pack-quantized"),
+]
+
+
+def _export(student, model_dir, preset, group, tmp_path, dtype="bfloat16"):
+    model, config = student(model_dir, preset, group, dtype=dtype)
+    out = tmp_path / "export"
+    export_model(model, model_dir, out, "compressed-tensors", config)
+    return model, out
+
+
+@pytest.mark.parametrize("preset,group,fmt", PRESETS, ids=[f"{p}-g{g}" for p, g, _ in PRESETS])
+def test_round_trip_is_bit_exact(student, tiny_llama_dir, tmp_path, preset, group, fmt):
+    """CT's own decompressor reproduces QuantLinear.fake_quantized_weight() exactly, every layer."""
+    model, out = _export(student, tiny_llama_dir, preset, group, tmp_path)
+    layers = quant_linears(model)
+    decompressed = ct_decompress(out, [n for n, m in model.named_modules() if isinstance(m, nn.Linear)])
+    assert set(decompressed) == set(layers)
+    config, _ = load_export(out)
+    assert config["quantization_config"]["format"] == fmt
+    for name, layer in layers.items():
+        _assert_same_weight(decompressed[name], layer, name)
+
+
+def _assert_same_weight(ct_weight: torch.Tensor, layer: QuantLinear, name: str) -> None:
+    """Equal to the unrounded codes x scales in CT's own output dtype (fp32 for FP8/NVFP4, bf16
+    otherwise), and, in the bf16 vLLM serves, to the weight the fake forward uses."""
+    exact = dequantize(dataclasses.replace(layer.quantized_weight(), dtype=torch.float32))
+    assert torch.equal(ct_weight, exact.to(ct_weight.dtype)), name
+    assert torch.equal(ct_weight.to(torch.bfloat16), layer.fake_quantized_weight().to(torch.bfloat16)), name
+
+
+@pytest.mark.parametrize("preset,group", [("w4a16_int_asym", 32), ("nvfp4", None), ("w8a8_int", None)])
+def test_round_trip_from_fp32_master_weights(student, tiny_qwen3_dir, tmp_path, preset, group):
+    """The trainer keeps fp32 master weights: the export still equals the fake-quant weight
+    (in CT's dtype, i.e. after the one rounding every serving engine applies)."""
+    model, out = _export(student, tiny_qwen3_dir, preset, group, tmp_path, dtype="float32")
+    decompressed = ct_decompress(out, list(quant_linears(model)))
+    for name, layer in quant_linears(model).items():
+        _assert_same_weight(decompressed[name], layer, name)
+
+
+def _layout(preset: str, n: int, k: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """Expected tensors of one layer (out=n, in=k), written out by hand from the CT spec."""
+    i32, bf16, f32, f8, u8 = torch.int32, torch.bfloat16, torch.float32, torch.float8_e4m3fn, torch.uint8
+    table = {
+        "w4a16_int-g32": {"weight_packed": (i32, (n, k // 8)), "weight_scale": (bf16, (n, k // 32)),
+                          "weight_shape": (torch.int64, (2,))},
+        "w4a16_int_asym-g32": {"weight_packed": (i32, (n, k // 8)), "weight_scale": (bf16, (n, k // 32)),
+                               "weight_shape": (torch.int64, (2,)),
+                               "weight_zero_point": (i32, (n // 8, k // 32))},
+        "w8a16_int-gNone": {"weight_packed": (i32, (n, k // 4)), "weight_scale": (bf16, (n, 1)),
+                            "weight_shape": (torch.int64, (2,))},
+        "w8a8_int-gNone": {"weight": (torch.int8, (n, k)), "weight_scale": (bf16, (n, 1))},
+        "fp8-gNone": {"weight": (f8, (n, k)), "weight_scale": (f32, (n, 1))},
+        "fp8_static-gNone": {"weight": (f8, (n, k)), "weight_scale": (f32, (1,)), "input_scale": (f32, (1,))},
+        "nvfp4-gNone": {"weight_packed": (u8, (n, k // 2)), "weight_scale": (f8, (n, k // 16)),
+                        "weight_global_scale": (f32, (1,)), "input_global_scale": (f32, (1,))},
+        "nvfp4_a16-gNone": {"weight_packed": (u8, (n, k // 2)), "weight_scale": (f8, (n, k // 16)),
+                            "weight_global_scale": (f32, (1,))},
+        "mxfp4-gNone": {"weight_packed": (u8, (n, k // 2)), "weight_scale": (u8, (n, k // 32))},
+        "mxfp8_a16-gNone": {"weight": (f8, (n, k)), "weight_scale": (u8, (n, k // 32))},
+        "ternary_twn-g32": {"weight_packed": (i32, (n, k // 8)), "weight_scale": (bf16, (n, k // 32)),
+                            "weight_shape": (torch.int64, (2,))},
+    }
+    return table[preset]
+
+
+LAYOUTS = ["w4a16_int-g32", "w4a16_int_asym-g32", "w8a16_int-gNone", "w8a8_int-gNone", "fp8-gNone",
+           "fp8_static-gNone", "nvfp4-gNone", "nvfp4_a16-gNone", "mxfp4-gNone", "mxfp8_a16-gNone",
+           "ternary_twn-g32"]
+
+
+@pytest.mark.parametrize("case", LAYOUTS)
+def test_layout_field_by_field(student, tiny_llama_dir, tmp_path, case):
+    preset, group = case.split("-g")
+    model, out = _export(student, tiny_llama_dir, preset, None if group == "None" else int(group), tmp_path)
+    _, tensors = load_export(out)
+    # k_proj: out 32 (2 kv heads x 16), in 64; down_proj: out 64, in 128
+    for name, n, k in (("model.layers.0.self_attn.k_proj", 32, 64), ("model.layers.1.mlp.down_proj", 64, 128)):
+        written = {key[len(name) + 1:]: t for key, t in tensors.items() if key.startswith(name + ".")}
+        expected = _layout(case, n, k)
+        assert set(written) == set(expected), name
+        for local, (dtype, shape) in expected.items():
+            assert written[local].dtype == dtype and tuple(written[local].shape) == shape, f"{name}.{local}"
+        if "weight_shape" in written:
+            assert written["weight_shape"].tolist() == [n, k]
+    dense = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight",
+             "model.layers.0.input_layernorm.weight"}
+    for key in dense:
+        assert tensors[key].dtype == torch.bfloat16, key
+    assert not any("_quantizer" in key for key in tensors), "training state leaked into the export"
+
+
+def test_quantization_config(student, tiny_llama_dir, tmp_path):
+    from compressed_tensors.quantization import QuantizationConfig
+
+    _, out = _export(student, tiny_llama_dir, "nvfp4", None, tmp_path)
+    config, _ = load_export(out)
+    qc = config["quantization_config"]
+    parsed = QuantizationConfig.model_validate(qc)
+    assert qc["quant_method"] == "compressed-tensors" and qc["quantization_status"] == "compressed"
+    assert qc["ignore"] == ["lm_head"]
+    (group,) = parsed.config_groups.values()
+    assert group.targets == ["Linear"]
+    assert (group.weights.num_bits, group.weights.type, group.weights.strategy, group.weights.group_size) \
+        == (4, "float", "tensor_group", 16)
+    assert group.input_activations.dynamic == "local"
+    assert config["dtype"] == "bfloat16"
+    for side in ("tokenizer.json", "tokenizer_config.json"):
+        assert (out / side).is_file()
+
+
+def test_nvfp4_global_scales_are_reciprocals_shared_by_fused_groups(student, tiny_llama_dir, tmp_path):
+    """weight_global_scale = 448*6/amax (CT's divisor convention), one amax per fused group."""
+    model, out = _export(student, tiny_llama_dir, "nvfp4_a16", None, tmp_path)
+    _, tensors = load_export(out)
+    p = "model.layers.0."
+    weights = {n: m.weight.detach().float() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    qkv_amax = max(weights[p + f"self_attn.{s}_proj"].abs().max() for s in "qkv")
+    for s in "qkv":
+        assert torch.equal(tensors[p + f"self_attn.{s}_proj.weight_global_scale"],
+                           (448 * 6 / qkv_amax).reshape(1))
+    o_amax = weights[p + "self_attn.o_proj"].abs().max()
+    assert torch.equal(tensors[p + "self_attn.o_proj.weight_global_scale"], (448 * 6 / o_amax).reshape(1))
+
+
+def test_mixed_presets_get_one_config_group_each(student, tiny_llama_dir, tmp_path):
+    model, config = student(tiny_llama_dir, "w4a16_int", 32,
+                            rules=[{"targets": r"mlp\.down_proj", "preset": "w8a16_int"}])
+    out = tmp_path / "export"
+    export_model(model, tiny_llama_dir, out, "compressed-tensors", config)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["format"] == "pack-quantized" and len(qc["config_groups"]) == 2
+    targets = sorted(t for g in qc["config_groups"].values() for t in g["targets"])
+    assert targets == sorted(quant_linears(model))
+    decompressed = ct_decompress(out, list(quant_linears(model)))
+    for name, layer in quant_linears(model).items():
+        _assert_same_weight(decompressed[name], layer, name)
+
+
+# ------------------------------------------------------------------ refusals, before writing
+
+def _refused(model, model_dir, tmp_path, config, match):
+    out = tmp_path / "export"
+    with pytest.raises(ExportError, match=match) as info:
+        export_model(model, model_dir, out, "compressed-tensors", config)
+    assert "\n" not in str(info.value)
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == [], "staging directory left behind"
+
+
+def test_refuses_quantized_lm_head_outside_wna16(student, tiny_llama_dir, tmp_path):
+    model, config = student(tiny_llama_dir, "nvfp4_a16")
+    model.lm_head = QuantLinear.from_linear(model.lm_head, QuantSpec(Kind.NVFP4, dynamic=False), None)
+    _refused(model, tiny_llama_dir, tmp_path, config, r"lm_head: quantized LM head in nvfp4-pack-quantized")
+
+
+def test_refuses_quantized_head_tied_to_embeddings(student, tiny_tied_llama_dir, tmp_path):
+    model, config = student(tiny_tied_llama_dir, "w4a16_int", 32)
+    model.lm_head = QuantLinear.from_linear(model.lm_head, QuantSpec(Kind.INT, 4, group_size=32), None)
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    _refused(model, tiny_tied_llama_dir, tmp_path, config, r"lm_head: quantized but tied")
+
+
+def test_refuses_group_that_does_not_divide_in_features(student, tiny_llama_dir, tmp_path):
+    model, config = student(tiny_llama_dir, "w4a16_int", 32)
+    name = "model.layers.0.mlp.down_proj"  # in_features 128
+    layer = model.get_submodule(name)
+    model.model.layers[0].mlp.down_proj = QuantLinear.from_linear(
+        nn.Linear(128, 64, bias=False, dtype=torch.bfloat16), QuantSpec(Kind.INT, 4, group_size=48), None)
+    del layer
+    _refused(model, tiny_llama_dir, tmp_path, config, rf"{name}: last dimension 128 is not divisible by the int group size 48")
+
+
+def test_refuses_mismatched_fused_global_scales(student, tiny_llama_dir, tmp_path):
+    model, config = student(tiny_llama_dir, "nvfp4_a16")
+    k_proj = model.get_submodule("model.layers.1.self_attn.k_proj")
+    k_proj.weight_quantizer.amax.mul_(2)  # no longer the group's shared amax
+    _refused(model, tiny_llama_dir, tmp_path, config,
+             r"mismatched fused scales: weight_global_scale differs across model\.layers\.1\.self_attn\.q_proj=")
+
+
+def test_refuses_mismatched_fused_input_scales(student, tiny_llama_dir, tmp_path):
+    model, config = student(tiny_llama_dir, "fp8_static")
+    model.get_submodule("model.layers.0.mlp.up_proj").input_quantizer.amax.mul_(1.5)
+    _refused(model, tiny_llama_dir, tmp_path, config, r"mismatched fused scales: input_scale differs")
+
+
+def test_refuses_fused_members_with_different_schemes(student, tiny_llama_dir, tmp_path):
+    model, config = student(tiny_llama_dir, "w4a16_int", 32)
+    v = model.model.layers[0].self_attn.v_proj
+    model.model.layers[0].self_attn.v_proj = QuantLinear.from_linear(
+        nn.Linear(64, 32, bias=False, dtype=torch.bfloat16), QuantSpec(Kind.INT, 8, Granularity.CHANNEL), None)
+    del v
+    _refused(model, tiny_llama_dir, tmp_path, config, r"q_proj, .*k_proj, .*v_proj: fused into one GEMM")
+
+
+def test_refuses_uncalibrated_static_inputs(tiny_llama_dir, tmp_path):
+    from qadpipe.config import build_config
+    from qadpipe.models import load_causal_lm
+    from qadpipe.quant.recipe import apply_recipe
+
+    config = build_config({"model": {"path": str(tiny_llama_dir)}, "quant": {"preset": "fp8_static"}})
+    model = load_causal_lm(str(tiny_llama_dir))
+    apply_recipe(model, config.quant)
+    _refused(model, tiny_llama_dir, tmp_path, config, r"static input quantizer was never calibrated")
