@@ -138,12 +138,20 @@ def distill(config_path: str | None, overrides: tuple[str, ...], resume: bool) -
 
 
 @cli.command()
+@click.option("--format", "fmt", type=click.Choice(["fake", "compressed-tensors"]), default=None,
+              help="override export.format")
+@click.option("--checkpoint", type=click.Path(file_okay=False), default=None,
+              help="distill final/ directory (default: <distill.output_dir>/final)")
+@click.option("--output", type=click.Path(), default=None, help="override export.output_dir")
 @_config_options
 @_user_errors_as_one_line
-def export(config_path: str | None, overrides: tuple[str, ...]) -> None:
+def export(fmt: str | None, checkpoint: str | None, output: str | None, config_path: str | None,
+           overrides: tuple[str, ...]) -> None:
     """Write the student as a fake-quant BF16 or a real compressed-tensors checkpoint."""
-    _load(config_path, overrides)
-    _not_implemented("export", "issue 7")
+    from qadpipe.export import run_export
+
+    result = run_export(_load(config_path, overrides), checkpoint=checkpoint, output=output, fmt=fmt)
+    click.echo(result.summary())
 
 
 @cli.command("eval")

@@ -25,7 +25,7 @@ from qadpipe.errors import ExportError
 from qadpipe.export.compressed_tensors import write_compressed_tensors
 from qadpipe.export.fake import write_fake
 from qadpipe.export.model_tensors import quant_linears
-from qadpipe.export.writer import staged_dir, weights_bytes
+from qadpipe.export.writer import check_replaceable, staged_dir, weights_bytes
 from qadpipe.provenance import RUN_FILE, save_run_record
 
 log = logging.getLogger(__name__)
@@ -125,13 +125,14 @@ def run_export(config: Any, checkpoint: Optional[str] = None, output: Optional[s
     if not (final / "model.safetensors").is_file() or not (final / RUN_FILE).is_file():
         raise ExportError(f"--checkpoint {final}: expected a distill final/ directory with "
                           f"model.safetensors and {RUN_FILE} (run qadpipe distill first)")
+    out = Path(output) if output else Path(config.export.output_dir)
+    check_replaceable(out)  # before the (slow) model load; staged_dir checks again
     model, trained = load_final_student(final)
     for section in ("model", "quant"):
         if dataclasses.asdict(getattr(trained, section)) != dataclasses.asdict(getattr(config, section)):
             log.warning("export uses the %s section recorded in %s (what was trained), not the one "
                         "in the current config", section, final / RUN_FILE)
     fmt = fmt or config.export.format
-    out = Path(output) if output else Path(config.export.output_dir)
     record = dataclasses.replace(trained, export=dataclasses.replace(
         config.export, format=fmt, output_dir=str(out)))
     dtype = getattr(torch, trained.model.dtype)

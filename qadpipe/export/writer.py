@@ -46,7 +46,7 @@ def staged_dir(output: Path) -> Iterator[Path]:
     is in place.  Any other non-empty directory is refused, so nothing a user wrote is lost.
     """
     output = Path(output)
-    _check_replaceable(output)
+    check_replaceable(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{output.name}-", dir=output.parent))
     old = None
@@ -68,7 +68,8 @@ def staged_dir(output: Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _check_replaceable(output: Path) -> None:
+def check_replaceable(output: Path) -> None:
+    """ExportError unless ``output`` is absent, empty, or a previous qadpipe export."""
     if not output.exists():
         return
     if not output.is_dir():

@@ -1,0 +1,70 @@
+"""--format fake: an ordinary HF checkpoint holding Q(W) that transformers loads as is."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from qadpipe.export import export_model
+from qadpipe.export.model_tensors import quant_linears
+from qadpipe.quant.formats import Kind, QuantSpec
+from qadpipe.quant.quantizers import QuantLinear
+
+
+@pytest.mark.parametrize("preset,group", [("w4a16_int_asym", 32), ("nvfp4_a16", None), ("mxfp4_a16", None)])
+def test_fake_export_loads_and_computes_what_the_student_computes(student, tiny_llama_dir, tmp_path, preset, group):
+    """Weight-only recipes: the loaded fake checkpoint's logits equal the fake-quant student's
+    bit for bit (same bf16 weights, same ops), and its weights are exactly Q(W)."""
+    model, config = student(tiny_llama_dir, preset, group)
+    out = tmp_path / "fake"
+    export_model(model, tiny_llama_dir, out, "fake", config)
+    loaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.bfloat16).eval()
+    assert not hasattr(loaded.config, "quantization_config")
+    for name, layer in quant_linears(model).items():
+        assert torch.equal(loaded.get_submodule(name).weight, layer.fake_quantized_weight()), name
+        assert not torch.equal(loaded.get_submodule(name).weight, layer.weight), f"{name} was not quantized"
+    ids = torch.randint(0, loaded.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_fake_export_carries_tokenizer_chat_template_and_generation_config(student, smollm2_dir, tiny_llama_dir, tmp_path):
+    model, config = student(tiny_llama_dir, "w4a16_int", 32)
+    out = tmp_path / "fake"
+    export_model(model, tiny_llama_dir, out, "fake", config)
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    reference = AutoTokenizer.from_pretrained(str(smollm2_dir))
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    assert tokenizer.apply_chat_template(messages, tokenize=False) == \
+        reference.apply_chat_template(messages, tokenize=False)
+    assert (out / "generation_config.json").read_text() == (tiny_llama_dir / "generation_config.json").read_text()
+    written = json.loads((out / "config.json").read_text())
+    assert written["dtype"] == "bfloat16" and written["architectures"] == ["LlamaForCausalLM"]
+
+
+def test_fake_export_unties_a_quantized_head(student, tiny_tied_llama_dir, tmp_path):
+    """A quantized head tied to the embeddings serves Q(W) while the embedding keeps W: the
+    fake checkpoint writes both and says so in its config."""
+    model, config = student(tiny_tied_llama_dir, "w4a16_int", 32)
+    model.lm_head = QuantLinear.from_linear(model.lm_head, QuantSpec(Kind.INT, 4, group_size=32), None)
+    out = tmp_path / "fake"
+    export_model(model, tiny_tied_llama_dir, out, "fake", config)
+    loaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.bfloat16)
+    assert loaded.config.tie_word_embeddings is False
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.fake_quantized_weight())
+    assert torch.equal(loaded.get_input_embeddings().weight, model.get_input_embeddings().weight)
+
+
+def test_tied_dense_head_is_written_once(student, tiny_tied_llama_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    model, config = student(tiny_tied_llama_dir, "w4a16_int", 32)
+    for fmt in ("fake", "compressed-tensors"):
+        out = tmp_path / fmt
+        export_model(model, tiny_tied_llama_dir, out, fmt, config)
+        tensors = load_file(str(out / "model.safetensors"))
+        assert "lm_head.weight" not in tensors and "model.embed_tokens.weight" in tensors
+        assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True

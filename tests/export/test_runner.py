@@ -1,0 +1,76 @@
+"""`qadpipe export`: distill final/ in, export + provenance out, size printed, errors one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from ct_reference import ct_decompress
+
+from qadpipe.cli import cli
+from qadpipe.distill.student import save_final
+from qadpipe.export.model_tensors import quant_linears
+
+
+@pytest.fixture
+def final_dir(student, tiny_llama_dir, tmp_path):
+    """A distill final/ directory of a (untrained, calibrated) w8a8 student, plus the student."""
+    model, config = student(tiny_llama_dir, "w8a8_int", dtype="float32")
+    with torch.no_grad():  # make the saved weights differ from the base model
+        model.model.layers[0].mlp.down_proj.weight.mul_(1.5)
+    (tmp_path / "student").mkdir()
+    return save_final(tmp_path / "student", model.state_dict(), config), model
+
+
+def test_cli_exports_the_trained_student(final_dir, tiny_llama_dir, tmp_path):
+    final, model = final_dir
+    out = tmp_path / "export"
+    result = CliRunner().invoke(cli, ["export", "--checkpoint", str(final), "--output", str(out),
+                                      "--format", "compressed-tensors"])
+    assert result.exit_code == 0, result.output
+    assert "compressed-tensors export:" in result.output and "BF16" in result.output
+    decompressed = ct_decompress(out, list(quant_linears(model)))
+    for name, layer in quant_linears(model).items():  # the saved weights, not the base model's
+        assert torch.equal(decompressed[name].to(torch.bfloat16), layer.fake_quantized_weight().to(torch.bfloat16))
+
+    record = yaml.safe_load((out / "qadpipe_run.yaml").read_text())
+    assert record["stage"] == "export" and "torch" in record["versions"]
+    assert record["config"]["export"] == {"format": "compressed-tensors", "output_dir": str(out)}
+    assert record["config"]["quant"]["preset"] == "w8a8_int"
+    info = json.loads((out / "qadpipe_export.json").read_text())
+    assert info["checkpoint"] == str(final.resolve()) and info["checkpoint_sha256"].startswith("sha256:")
+    assert info["layers"]["model.layers.0.mlp.down_proj"]["input"]["granularity"] == "token"
+    on_disk = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    assert info["export_bytes"] == on_disk
+    n_params = sum(p.numel() for n, p in model.named_parameters() if "_quantizer." not in n)
+    assert info["bf16_bytes"] == 2 * n_params
+
+
+def test_cli_defaults_come_from_the_config(final_dir, tmp_path):
+    final, _ = final_dir
+    out = tmp_path / "from-config"
+    result = CliRunner().invoke(cli, ["export", "--set", f"distill.output_dir={final.parent}",
+                                      "--set", f"export.output_dir={out}", "--set", "export.format=fake"])
+    assert result.exit_code == 0, result.output
+    assert "fake export:" in result.output
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+
+
+def test_cli_refusal_is_one_line_and_writes_nothing(final_dir, tmp_path):
+    final, _ = final_dir
+    out = tmp_path / "user-data"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = CliRunner().invoke(cli, ["export", "--checkpoint", str(final), "--output", str(out)])
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1 and "not a qadpipe export" in result.stderr
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_cli_missing_checkpoint(tmp_path):
+    result = CliRunner().invoke(cli, ["export", "--checkpoint", str(tmp_path / "nope")])
+    assert result.exit_code == 2
+    assert "expected a distill final/ directory" in result.stderr

@@ -1,0 +1,75 @@
+"""Export directories: staged and renamed whole, never half-written, never over user data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qadpipe.errors import ExportError
+from qadpipe.export.writer import staged_dir, write_safetensors
+from qadpipe.provenance import RUN_FILE
+
+
+def _mark_as_export(directory):
+    (directory / RUN_FILE).write_text("stage: export\n")
+
+
+def test_output_appears_only_when_complete(tmp_path):
+    out = tmp_path / "export"
+    with staged_dir(out) as tmp:
+        (tmp / "a.txt").write_text("x")
+        assert not out.exists() and tmp.parent == tmp_path
+    assert (out / "a.txt").read_text() == "x"
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]
+
+
+def test_a_failure_leaves_the_previous_export_untouched(tmp_path):
+    out = tmp_path / "export"
+    with staged_dir(out) as tmp:
+        (tmp / "old.txt").write_text("old")
+        _mark_as_export(tmp)
+    with pytest.raises(RuntimeError, match="killed"):
+        with staged_dir(out) as tmp:
+            (tmp / "new.txt").write_text("half")
+            raise RuntimeError("killed mid-write")
+    assert sorted(p.name for p in out.iterdir()) == ["old.txt", RUN_FILE]
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]
+
+
+def test_a_previous_export_is_replaced_whole(tmp_path):
+    out = tmp_path / "export"
+    with staged_dir(out) as tmp:
+        (tmp / "old.txt").write_text("old")
+        _mark_as_export(tmp)
+    with staged_dir(out) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert [p.name for p in out.iterdir()] == ["new.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]
+
+
+@pytest.mark.parametrize("content", ["notes.txt", RUN_FILE])
+def test_refuses_a_directory_that_is_not_an_export(tmp_path, content):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / content).write_text("stage: distill\n")
+    with pytest.raises(ExportError, match="not a qadpipe export"):
+        with staged_dir(out):
+            pytest.fail("must refuse before staging")
+    assert [p.name for p in out.iterdir()] == [content]
+
+
+def test_shards_past_the_limit_with_an_index(tmp_path):
+    tensors = {f"layer{i}.weight": torch.full((4, 4), float(i)) for i in range(5)}  # 64 bytes each
+    paths = write_safetensors(tensors, tmp_path, max_shard_bytes=150)
+    assert [p.name for p in paths] == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == 5 * 64
+    loaded = {}
+    for path in paths:
+        part = load_file(str(path))
+        assert all(index["weight_map"][name] == path.name for name in part)
+        loaded.update(part)
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items()) and loaded.keys() == tensors.keys()
