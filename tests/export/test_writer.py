@@ -13,8 +13,13 @@ from qadpipe.export.writer import staged_dir, write_safetensors
 from qadpipe.provenance import RUN_FILE
 
 
-def _mark_as_export(directory):
-    (directory / RUN_FILE).write_text("stage: export\n")
+def _previous_export(tmp_path):
+    """An earlier, complete export holding old.txt."""
+    out = tmp_path / "export"
+    with staged_dir(out) as tmp:
+        (tmp / "old.txt").write_text("old")
+        (tmp / RUN_FILE).write_text("stage: export\n")
+    return out
 
 
 def test_output_appears_only_when_complete(tmp_path):
@@ -27,10 +32,7 @@ def test_output_appears_only_when_complete(tmp_path):
 
 
 def test_a_failure_leaves_the_previous_export_untouched(tmp_path):
-    out = tmp_path / "export"
-    with staged_dir(out) as tmp:
-        (tmp / "old.txt").write_text("old")
-        _mark_as_export(tmp)
+    out = _previous_export(tmp_path)
     with pytest.raises(RuntimeError, match="killed"):
         with staged_dir(out) as tmp:
             (tmp / "new.txt").write_text("half")
@@ -40,10 +42,7 @@ def test_a_failure_leaves_the_previous_export_untouched(tmp_path):
 
 
 def test_a_previous_export_is_replaced_whole(tmp_path):
-    out = tmp_path / "export"
-    with staged_dir(out) as tmp:
-        (tmp / "old.txt").write_text("old")
-        _mark_as_export(tmp)
+    out = _previous_export(tmp_path)
     with staged_dir(out) as tmp:
         (tmp / "new.txt").write_text("new")
     assert [p.name for p in out.iterdir()] == ["new.txt"]
