@@ -14,8 +14,8 @@ Three ideas, each worth bytes on real SmolLM2 distributions (top-64, vocab 49152
    free: we sort them by rank and store the rank *difference* to the previous entry of the
    group.  Coarse codes make such ties common among the unlikely entries.
 
-Columns are written with Parquet's BYTE_STREAM_SPLIT encoding (byte planes) before zstd:
-the high-byte planes are nearly constant and compress to almost nothing.
+Columns are stored as byte planes (:func:`pack_planes`) before zstd: the high-byte planes
+are nearly constant and compress to almost nothing.
 """
 
 from __future__ import annotations
@@ -117,18 +117,43 @@ def encode_topk(topk_ids: np.ndarray, topk_logprobs: np.ndarray, ranks_of: np.nd
 
 
 def decode_topk(rank_column: np.ndarray, code_steps: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Inverse of :func:`encode_topk` for [m, k] arrays: (int32 ids, float32 log-probs)."""
+    """Inverse of :func:`encode_topk` for [m, k] arrays: (int32 ids, float32 log-probs).
+
+    The per-group rank base is forward-filled with a running maximum: the exclusive prefix
+    sum of the rank column never decreases along k, so the latest group start always wins.
+    """
     codes = np.cumsum(code_steps, axis=1, dtype=np.int32)
-    k = codes.shape[1]
-    starts = np.where(code_steps != 0, np.arange(k, dtype=np.int32), 0).astype(np.int32)
-    starts[:, 0] = 0
-    np.maximum.accumulate(starts, axis=1, out=starts)      # index where each tie group begins
-    running = np.cumsum(rank_column, axis=1, dtype=np.int64)
-    group_base = np.take_along_axis(running, starts, axis=1) - np.take_along_axis(rank_column, starts, axis=1)
-    ranks = running - group_base
-    if ranks.size and (ranks.max() >= order.size or ranks.min() < 0):
-        raise CacheError(f"top-k rank {int(ranks.max())} outside the shard's id table ({order.size} ids)")
-    return order[ranks].astype(np.int32), logprob_table()[codes]
+    rank_column = rank_column.astype(np.int32)
+    running = np.cumsum(rank_column, axis=1, dtype=np.int32)
+    base = running - rank_column                     # exclusive prefix sum ...
+    base *= code_steps.astype(bool)                  # ... kept where a group starts (5x faster than np.where)
+    np.maximum.accumulate(base, axis=1, out=base)
+    running -= base
+    if running.size and running.max() >= order.size:
+        raise CacheError(f"top-k rank {int(running.max())} outside the shard's id table ({order.size} ids)")
+    return order[running], logprob_table()[codes]
+
+
+def pack_planes(values: np.ndarray, dtype: np.dtype) -> bytes:
+    """A 1-D array as ``dtype`` (little-endian), split into byte planes: all byte 0s, all byte 1s, ..."""
+    data = np.ascontiguousarray(values, dtype=dtype).reshape(-1)
+    return data.view(np.uint8).reshape(-1, dtype.itemsize).T.tobytes()
+
+
+def unpack_planes(blobs: list[np.ndarray], dtype: np.dtype) -> np.ndarray:
+    """Concatenation of several :func:`pack_planes` blobs (uint8 views), back as one ``dtype``
+    array.  Shift-and-or of contiguous planes: ~15x faster than a strided byte transpose."""
+    size = dtype.itemsize
+    out = np.empty(sum(blob.size for blob in blobs) // size, dtype=dtype)
+    start = 0
+    for blob in blobs:
+        count = blob.size // size
+        target = out[start:start + count]
+        target[:] = blob[:count]
+        for plane in range(1, size):
+            target |= np.left_shift(blob[plane * count:(plane + 1) * count], 8 * plane, dtype=dtype)
+        start += count
+    return out
 
 
 def pack_order(order: np.ndarray) -> bytes:

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 
 from qadpipe.cache import compact
-from qadpipe.cache.schema import ID_ORDER_KEY, CacheMeta, arrow_schema
+from qadpipe.cache.schema import ID_ORDER_KEY, CacheMeta, arrow_schema, compact_dtypes
 from qadpipe.errors import CacheError
 from qadpipe.targets import TAIL_ID, SequenceTargets
 
@@ -85,45 +85,58 @@ def _list(values: list[np.ndarray], dtype: pa.DataType) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat.astype(dtype.to_pandas_dtype(), copy=False)))
 
 
+def _planes(values: list[np.ndarray], dtype: np.dtype) -> pa.BinaryArray:
+    return pa.array([compact.pack_planes(v, dtype) for v in values], pa.binary())
+
+
 def encode_rows(rows: list[SequenceTargets], meta: CacheMeta) -> pa.Table:
     """Rows (already validated) -> one Arrow table with the cache's explicit schema (a
     compact top-k table carries its shard's id table in the schema metadata)."""
     schema = arrow_schema(meta)
-    types = {f.name: f.type.value_type for f in schema if pa.types.is_list(f.type)}
     columns: dict[str, pa.Array] = {
         "id": pa.array([r.id for r in rows], pa.string()),
-        "input_ids": _list([np.asarray(r.input_ids) for r in rows], types["input_ids"]),
+        "input_ids": _list([np.asarray(r.input_ids) for r in rows], schema.field("input_ids").type.value_type),
         "target_start": pa.array([r.target_start for r in rows], pa.int32()),
     }
-    plain = meta.encoding == "plain"
-    if meta.target_kind == "topk" and plain:
+    if meta.encoding == "plain" and meta.target_kind == "topk":
         columns["topk_ids"] = _list([np.asarray(r.topk_ids) for r in rows], pa.int32())
         columns["topk_logprobs"] = _list([np.asarray(r.topk_logprobs) for r in rows], pa.float32())
         columns["tail_mass"] = _list([np.asarray(r.tail_mass) for r in rows], pa.float64())
+    elif meta.encoding == "plain":
+        columns["sample_unique"] = _list([np.diff(np.asarray(r.sample_offsets)) for r in rows], pa.int32())
+        columns["sample_ids"] = _list([np.asarray(r.sample_ids) for r in rows], pa.int32())
+        columns["sample_counts"] = _list([np.asarray(r.sample_counts) for r in rows], pa.int32())
     elif meta.target_kind == "topk":
+        dtypes = compact_dtypes(meta)
         order = compact.id_order(np.concatenate([np.asarray(r.topk_ids).ravel() for r in rows]))
         ranks_of = np.zeros(meta.vocab_size, dtype=np.int64)
         ranks_of[order] = np.arange(order.size)
         encoded = [compact.encode_topk(np.asarray(r.topk_ids), r.topk_logprobs, ranks_of) for r in rows]
-        columns["topk_ranks"] = _list([ranks for ranks, _ in encoded], types["topk_ranks"])
-        columns["topk_code_steps"] = _list([steps for _, steps in encoded], pa.uint16())
-        columns["tail_codes"] = _list([compact.tail_codes(r.tail_mass) for r in rows], pa.uint16())
+        columns["topk_ranks"] = _planes([ranks for ranks, _ in encoded], dtypes["topk_ranks"])
+        columns["topk_code_steps"] = _planes([steps for _, steps in encoded], dtypes["topk_code_steps"])
+        columns["tail_codes"] = _planes([compact.tail_codes(r.tail_mass) for r in rows], dtypes["tail_codes"])
         schema = schema.with_metadata({**schema.metadata, ID_ORDER_KEY: compact.pack_order(order)})
     else:
-        columns["sample_unique"] = _list([np.diff(np.asarray(r.sample_offsets)) for r in rows],
-                                         types["sample_unique"])
-        sample_ids = [np.asarray(r.sample_ids) for r in rows]
-        if not plain:
-            sample_ids = [np.where(ids == TAIL_ID, meta.vocab_size, ids) for ids in sample_ids]
-        columns["sample_ids"] = _list(sample_ids, types["sample_ids"])
-        columns["sample_counts"] = _list([np.asarray(r.sample_counts) for r in rows], types["sample_counts"])
+        dtypes = compact_dtypes(meta)
+        columns["sample_unique"] = _planes([np.diff(np.asarray(r.sample_offsets)) for r in rows],
+                                           dtypes["sample_unique"])
+        columns["sample_ids"] = _planes([np.where(np.asarray(r.sample_ids) == TAIL_ID, meta.vocab_size, r.sample_ids)
+                                         for r in rows], dtypes["sample_ids"])
+        columns["sample_counts"] = _planes([np.asarray(r.sample_counts) for r in rows], dtypes["sample_counts"])
     return pa.table(columns, schema=schema)
 
 
-def _flat(batch: pa.RecordBatch, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """(values, row offsets into values) of a list column, zero-copy where Arrow allows."""
+def column_values(batch: pa.RecordBatch, name: str, meta: CacheMeta) -> tuple[np.ndarray, np.ndarray]:
+    """(values, row offsets into values) of a list column or a byte-plane column."""
     column = batch.column(name)
-    return column.values.to_numpy(zero_copy_only=False), column.offsets.to_numpy()
+    if not pa.types.is_binary(column.type):
+        return column.values.to_numpy(zero_copy_only=False), column.offsets.to_numpy()
+    dtype = compact_dtypes(meta)[name]
+    _, offset_buffer, data = column.buffers()
+    offsets = np.frombuffer(offset_buffer, dtype=np.int32)[column.offset:column.offset + len(column) + 1]
+    raw = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, np.uint8)
+    blobs = [raw[offsets[i]:offsets[i + 1]] for i in range(len(column))]
+    return compact.unpack_planes(blobs, dtype), offsets // dtype.itemsize
 
 
 def decode_batch(batch: pa.RecordBatch, meta: CacheMeta, id_order: np.ndarray | None = None) -> list[SequenceTargets]:
@@ -132,7 +145,7 @@ def decode_batch(batch: pa.RecordBatch, meta: CacheMeta, id_order: np.ndarray | 
     ``id_order`` is the shard's id table (compact top-k only, see :func:`shard_id_order`)."""
     ids = batch.column("id").to_pylist()
     starts = batch.column("target_start").to_numpy()
-    tokens, token_offsets = _flat(batch, "input_ids")
+    tokens, token_offsets = column_values(batch, "input_ids", meta)
     tokens = tokens.astype(np.int64, copy=False)
     if meta.target_kind == "topk":
         fields = _decode_topk(batch, meta, id_order)
@@ -148,16 +161,16 @@ def decode_batch(batch: pa.RecordBatch, meta: CacheMeta, id_order: np.ndarray | 
 def _decode_topk(batch: pa.RecordBatch, meta: CacheMeta, id_order: np.ndarray | None) -> dict:
     k = meta.k
     if meta.encoding == "plain":
-        topk_ids = _flat(batch, "topk_ids")[0].reshape(-1, k)
-        logprobs = _flat(batch, "topk_logprobs")[0].reshape(-1, k)
-        tail, pos = _flat(batch, "tail_mass")
+        topk_ids = column_values(batch, "topk_ids", meta)[0].reshape(-1, k)
+        logprobs = column_values(batch, "topk_logprobs", meta)[0].reshape(-1, k)
+        tail, pos = column_values(batch, "tail_mass", meta)
     else:
         if id_order is None:
             raise CacheError("compact top-k shard decoded without its id table")
-        ranks = _flat(batch, "topk_ranks")[0].reshape(-1, k)
-        steps = _flat(batch, "topk_code_steps")[0].reshape(-1, k)
+        ranks = column_values(batch, "topk_ranks", meta)[0].reshape(-1, k)
+        steps = column_values(batch, "topk_code_steps", meta)[0].reshape(-1, k)
         topk_ids, logprobs = compact.decode_topk(ranks, steps, id_order)
-        codes, pos = _flat(batch, "tail_codes")
+        codes, pos = column_values(batch, "tail_codes", meta)
         tail = compact.decode_tail_codes(codes)
     return {
         "topk_ids": lambda i: topk_ids[pos[i]:pos[i + 1]],
@@ -177,12 +190,12 @@ def shard_id_order(schema: pa.Schema, meta: CacheMeta, where: str) -> np.ndarray
 
 
 def _decode_sampled(batch: pa.RecordBatch, meta: CacheMeta) -> dict:
-    unique, pos = _flat(batch, "sample_unique")
-    sample_ids, entry = _flat(batch, "sample_ids")
+    unique, pos = column_values(batch, "sample_unique", meta)
+    sample_ids, entry = column_values(batch, "sample_ids", meta)
     sample_ids = sample_ids.astype(np.int32, copy=False)
     if meta.encoding == "compact":
-        sample_ids = np.where(sample_ids == meta.vocab_size, TAIL_ID, sample_ids).astype(np.int32)
-    counts = _flat(batch, "sample_counts")[0].astype(np.int32, copy=False)
+        sample_ids[sample_ids == meta.vocab_size] = TAIL_ID
+    counts = column_values(batch, "sample_counts", meta)[0].astype(np.int32, copy=False)
     cumulative = np.zeros(unique.size + 1, dtype=np.int64)
     np.cumsum(unique, out=cumulative[1:])
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from qadpipe.cache import compact
+from qadpipe.cache.encoding import column_values
 from qadpipe.cache.manifest import load_view
 from qadpipe.cache.reader import shard_problem
+from qadpipe.cache.schema import CacheMeta
 from qadpipe.cache.store import Store
 from qadpipe.targets import TAIL_ID
 
@@ -23,9 +26,19 @@ def summarize(root: str, *, rehash: bool = False) -> dict:
             problem = shard_problem(store, shard, rehash=rehash)
             shards.append({"name": shard.name, "task": task.task, "rows": shard.rows, "tokens": shard.tokens,
                            "bytes": shard.bytes, "state": problem or ("verified" if rehash else "ok")})
+    columns = _statistics_columns(meta)
+    values: dict[str, list[np.ndarray]] = {column: [] for column in columns}
+    for shard, info in zip(view.shards, shards):
+        if info["state"] not in ("ok", "verified"):
+            continue
+        try:
+            table = pq.read_table(store.open_input(shard.name), columns=columns)
+            for column in columns:
+                values[column].extend(column_values(batch, column, meta)[0] for batch in table.to_batches())
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            info["state"] = f"unreadable ({' '.join(str(exc).split())})"
     tokens = sum(s["tokens"] for s in shards)
     total_bytes = sum(s["bytes"] for s in shards)
-    good = [shard for shard, info in zip(view.shards, shards) if info["state"] in ("ok", "verified")]
     return {
         "cache": root,
         "format_version": meta.format_version,
@@ -36,38 +49,30 @@ def summarize(root: str, *, rehash: bool = False) -> dict:
         "data_fingerprint": meta.data_fingerprint,
         "rows": sum(s["rows"] for s in shards), "tokens": tokens, "bytes": total_bytes,
         "bytes_per_token": total_bytes / tokens if tokens else None,
-        "targets": _target_statistics(store, meta, good),
+        "targets": _target_statistics(meta, {c: np.concatenate(v) for c, v in values.items() if v}),
         "shards": shards,
         "bad_shards": [s["name"] for s in shards if s["state"] not in ("ok", "verified")],
     }
 
 
-def _target_statistics(store: Store, meta, shards) -> dict:
-    """Tail mass (top-k) or draw statistics (sampled), reading only the needed columns."""
+def _statistics_columns(meta: CacheMeta) -> list[str]:
     if meta.target_kind == "topk":
-        column = "tail_mass" if meta.encoding == "plain" else "tail_codes"
-        parts = [_column(store, shard.name, column) for shard in shards]
-        tail = np.concatenate(parts) if parts else np.zeros(0)
-        if meta.encoding == "compact":
-            tail = compact.decode_tail_codes(tail)
-        if not tail.size:
-            return {}
+        return ["tail_mass" if meta.encoding == "plain" else "tail_codes"]
+    return ["sample_unique", "sample_ids", "sample_counts"]
+
+
+def _target_statistics(meta: CacheMeta, values: dict[str, np.ndarray]) -> dict:
+    """Tail mass (top-k) or draw statistics (sampled) over the readable shards."""
+    if not values:
+        return {}
+    if meta.target_kind == "topk":
+        tail = values["tail_mass"] if meta.encoding == "plain" else compact.decode_tail_codes(values["tail_codes"])
         return {"tail_mass_mean": float(tail.mean()), "tail_mass_p5": float(np.percentile(tail, 5)),
                 "tail_mass_p50": float(np.percentile(tail, 50))}
-    unique = [_column(store, shard.name, "sample_unique") for shard in shards]
-    ids = [_column(store, shard.name, "sample_ids") for shard in shards]
-    if not unique:
-        return {}
-    tail_id = TAIL_ID if meta.encoding == "plain" else meta.vocab_size
-    all_ids = np.concatenate(ids)
-    counts = np.concatenate([_column(store, shard.name, "sample_counts") for shard in shards])
-    return {"unique_ids_per_position": float(np.concatenate(unique).mean()),
-            "tail_draw_fraction": float(counts[all_ids == tail_id].sum() / max(counts.sum(), 1))}
-
-
-def _column(store: Store, name: str, column: str) -> np.ndarray:
-    table = pq.read_table(store.open_input(name), columns=[column])
-    return table.column(column).combine_chunks().values.to_numpy(zero_copy_only=False)
+    tail_id = TAIL_ID if meta.encoding == "plain" else meta.vocab_size   # raw column values
+    counts = values["sample_counts"]
+    return {"unique_ids_per_position": float(values["sample_unique"].mean()),
+            "tail_draw_fraction": float(counts[values["sample_ids"] == tail_id].sum() / max(counts.sum(), 1))}
 
 
 def render(summary: dict) -> str:

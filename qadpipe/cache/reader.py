@@ -71,7 +71,8 @@ class CacheReader:
         try:
             return pq.ParquetFile(source if source is not None else self.store.open_input(shard.name))
         except (pa.ArrowException, OSError) as exc:
-            raise CacheError(f"{self.store.describe(shard.name)}: not a readable Parquet shard ({exc})") from exc
+            problem = shard_problem(self.store, shard, rehash=True) or "bytes match the manifest checksum"
+            raise CacheError(f"{self.store.describe(shard.name)}: {problem}; not a readable Parquet shard ({exc})") from exc
 
     def _check_footers_and_ids(self) -> None:
         seen: dict[str, str] = {}

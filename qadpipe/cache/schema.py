@@ -6,17 +6,20 @@ A cache is a directory (local path or any URI pyarrow.fs reaches, e.g. ``s3://``
     shards/task-00000-000000.parquet
 
 One Parquet row = one sequence (see :class:`qadpipe.targets.SequenceTargets` for the
-alignment of targets to tokens).  Targets are stored as *flat* per-row lists (``n * k``
-entries for a row with ``n`` target positions), so a decoder turns a whole record batch
-into numpy arrays at once instead of walking nested lists per position.
+alignment of targets to tokens).  Per-row targets are flat (``n * k`` entries for a row
+with ``n`` target positions), so a decoder turns a whole record batch into numpy arrays at
+once instead of walking nested lists per position.
 
 Two encodings (recorded in :attr:`CacheMeta.encoding`):
 
-* ``plain``: int32 ids, float32 log-probs, float64 tail mass, int32 sample counts.
-* ``compact``: ids narrowed to the vocab's width (uint16 up to 65536 ids); top-k entries
-  as frequency ranks + delta-coded companded log-domain codes, the tail mass as a
-  log-domain code (all in :mod:`qadpipe.cache.compact`); sample counts as uint8.  Integer
-  columns use Parquet's BYTE_STREAM_SPLIT encoding, then zstd.
+* ``plain``: Parquet lists of int32 ids, float32 log-probs, float64 tail mass, int32
+  sample counts — readable by any Parquet tool.
+* ``compact``: ids narrowed to the vocab's width; top-k entries as frequency ranks plus
+  delta-coded companded log-domain codes, the tail mass as a log-domain code (see
+  :mod:`qadpipe.cache.compact`); sample counts as uint8.  Each such column holds one
+  ``binary`` value per row: the row's little-endian array split into byte planes (all low
+  bytes, then the next ...), so zstd sees the nearly-constant high bytes together.  Binary
+  values also skip Parquet's per-element list levels, which dominate read time otherwise.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from qadpipe.errors import CacheError
@@ -109,42 +113,36 @@ class CacheMeta:
         return json.dumps(self.to_dict(), sort_keys=True)
 
 
-def id_type(vocab_size: int, sentinel: bool = False) -> pa.DataType:
+def id_dtype(vocab_size: int, sentinel: bool = False) -> np.dtype:
     """The narrowest unsigned type holding every token id (plus one sentinel id if asked)."""
-    return pa.uint16() if vocab_size + int(sentinel) <= 0xFFFF + 1 else pa.uint32()
+    return np.dtype("<u2") if vocab_size + int(sentinel) <= 0xFFFF + 1 else np.dtype("<u4")
 
 
-def byte_split_columns(meta: CacheMeta) -> list[str]:
-    """Parquet column paths written with BYTE_STREAM_SPLIT (compact encoding only)."""
-    if meta.encoding == "plain":
-        return []
-    return [f"{f.name}.list.element" for f in arrow_schema(meta) if pa.types.is_list(f.type)]
+def compact_dtypes(meta: CacheMeta) -> dict[str, np.dtype]:
+    """Element type of each byte-plane column of a compact cache."""
+    if meta.target_kind == "topk":
+        return {"topk_ranks": id_dtype(meta.vocab_size), "topk_code_steps": np.dtype("<u2"),
+                "tail_codes": np.dtype("<u2")}
+    count = np.dtype("u1") if meta.num_samples <= 0xFF else np.dtype("<u2")
+    return {"sample_unique": count, "sample_ids": id_dtype(meta.vocab_size, sentinel=True), "sample_counts": count}
 
 
 def target_columns(meta: CacheMeta) -> list[pa.Field]:
     """The per-row target columns of a cache, for its kind and encoding."""
-    plain = meta.encoding == "plain"
+    if meta.encoding == "compact":
+        return [pa.field(name, pa.binary()) for name in compact_dtypes(meta)]
     if meta.target_kind == "topk":
-        if plain:
-            return [pa.field("topk_ids", pa.list_(pa.int32())),
-                    pa.field("topk_logprobs", pa.list_(pa.float32())),
-                    pa.field("tail_mass", pa.list_(pa.float64()))]
-        return [pa.field("topk_ranks", pa.list_(id_type(meta.vocab_size))),
-                pa.field("topk_code_steps", pa.list_(pa.uint16())),
-                pa.field("tail_codes", pa.list_(pa.uint16()))]
-    if plain:
-        return [pa.field("sample_unique", pa.list_(pa.int32())),
-                pa.field("sample_ids", pa.list_(pa.int32())),
-                pa.field("sample_counts", pa.list_(pa.int32()))]
-    count_type = pa.uint8() if meta.num_samples <= 0xFF else pa.uint16()
-    return [pa.field("sample_unique", pa.list_(count_type)),
-            pa.field("sample_ids", pa.list_(id_type(meta.vocab_size, sentinel=True))),
-            pa.field("sample_counts", pa.list_(count_type))]
+        return [pa.field("topk_ids", pa.list_(pa.int32())),
+                pa.field("topk_logprobs", pa.list_(pa.float32())),
+                pa.field("tail_mass", pa.list_(pa.float64()))]
+    return [pa.field("sample_unique", pa.list_(pa.int32())),
+            pa.field("sample_ids", pa.list_(pa.int32())),
+            pa.field("sample_counts", pa.list_(pa.int32()))]
 
 
 def arrow_schema(meta: CacheMeta) -> pa.Schema:
     """The explicit Parquet schema of every shard of a cache, with its metadata attached."""
-    input_type = pa.int32() if meta.encoding == "plain" else id_type(meta.vocab_size)
+    input_type = pa.int32() if meta.encoding == "plain" else pa.from_numpy_dtype(id_dtype(meta.vocab_size))
     fields = [pa.field("id", pa.string(), nullable=False),
               pa.field("input_ids", pa.list_(input_type)),
               pa.field("target_start", pa.int32())]

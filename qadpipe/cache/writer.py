@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from qadpipe.cache.encoding import encode_rows, validate_row
 from qadpipe.cache.manifest import (SHARD_DIR, ShardEntry, TaskManifest, load_manifests, manifest_path,
                                     meta_difference, shard_path)
-from qadpipe.cache.schema import CacheMeta, byte_split_columns
+from qadpipe.cache.schema import CacheMeta
 from qadpipe.cache.store import Store
 from qadpipe.errors import CacheError
 from qadpipe.provenance import package_versions
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 ROW_GROUP_ROWS = 128
 
 
-def shard_bytes(table: pa.Table, meta: CacheMeta, zstd_level: int) -> bytes:
+def shard_bytes(table: pa.Table, zstd_level: int) -> bytes:
     """One encoded table -> the bytes of a Parquet shard.
 
     The table's schema metadata (cache meta, id table) goes into the Parquet key-value
@@ -41,8 +41,7 @@ def shard_bytes(table: pa.Table, meta: CacheMeta, zstd_level: int) -> bytes:
     and the Parquet logical types already restore uint8/uint16/uint32)."""
     sink = io.BytesIO()
     with pq.ParquetWriter(sink, table.schema, compression="zstd", compression_level=zstd_level,
-                          write_statistics=False, use_dictionary=False, store_schema=False,
-                          column_encoding={column: "BYTE_STREAM_SPLIT" for column in byte_split_columns(meta)}) as out:
+                          write_statistics=False, use_dictionary=False, store_schema=False) as out:
         out.write_table(table, row_group_size=ROW_GROUP_ROWS)
         out.add_key_value_metadata(table.schema.metadata)
     return sink.getvalue()
@@ -114,7 +113,7 @@ class CacheWriter:
             return
         started = time.perf_counter()
         table = encode_rows(self._buffer, self.meta)
-        data = shard_bytes(table, self.meta, self.zstd_level)
+        data = shard_bytes(table, self.zstd_level)
         name = shard_path(self._manifest.task, self._next_index)
         self.store.write_atomic(name, data)
         tokens = sum(row.num_target_rows for row in self._buffer)

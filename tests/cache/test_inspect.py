@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pyarrow.parquet as pq
 from click.testing import CliRunner
 
 from cache_rows import cache_meta, random_rows, write_cache
@@ -41,8 +42,9 @@ def test_inspect_verify_flags_a_corrupt_shard(tmp_path):
     meta = cache_meta("topk")
     write_cache(tmp_path, meta, random_rows(meta, 4))
     shard = tmp_path / "shards/task-00000-000001.parquet"
+    id_chunk = pq.ParquetFile(shard).metadata.row_group(0).column(0)   # the id column: not read by a plain inspect
     data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0xFF
+    data[id_chunk.data_page_offset + id_chunk.total_compressed_size // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
     assert CliRunner().invoke(cli, ["inspect", str(tmp_path)]).exit_code == 0   # sizes fine, not re-hashed
     result = CliRunner().invoke(cli, ["inspect", str(tmp_path), "--verify"])
