@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import site
 import sys
 import tempfile
@@ -138,7 +139,6 @@ def main() -> None:
     parser.add_argument("--throughput-copies", type=int, default=10, help="cache size for the read figure")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
 
     model_dir = embedded_smollm2_dir()
     tokenizer = load_tokenizer(str(model_dir))
@@ -211,8 +211,8 @@ def main() -> None:
     for encoding in ("compact", "plain"):
         meta = CacheMeta(**base, target_kind="topk", k=64, num_samples=0, encoding=encoding)
         throughput[encoding] = read_throughput(work / f"read-{encoding}", meta, rows64, args.throughput_copies)
-    print(f"\nread throughput, top-64, {throughput['compact']['tokens']} tokens, sha256 verify on, "
-          f"{torch.get_num_threads()} torch threads / 1 reader thread:")
+    print(f"\nread throughput, top-64, {throughput['compact']['tokens']} tokens, sha256 verify on, one reader "
+          f"thread, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (other processes slow this down):")
     for encoding, t in throughput.items():
         print(f"  {encoding:<8} {t['tokens_per_s_best'] / 1e6:.2f} M tokens/s best of 3 "
               f"(median {t['tokens_per_s_median'] / 1e6:.2f} M)")

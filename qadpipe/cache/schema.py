@@ -20,6 +20,8 @@ Two encodings (recorded in :attr:`CacheMeta.encoding`):
   ``binary`` value per row: the row's little-endian array split into byte planes (all low
   bytes, then the next ...), so zstd sees the nearly-constant high bytes together.  Binary
   values also skip Parquet's per-element list levels, which dominate read time otherwise.
+  Decoded rows stay sorted by descending log-prob, but entries whose log-probs decode equal
+  may come back in a different order than the teacher's (e.g. a near-tie for top-1).
 """
 
 from __future__ import annotations

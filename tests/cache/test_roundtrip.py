@@ -132,3 +132,9 @@ def test_writer_refuses_bad_rows(tmp_path, field, value, message):
     setattr(row, field, value)
     with CacheWriter(str(tmp_path), meta) as writer, pytest.raises(CacheError, match=f"cache row 'row-00000': {message}"):
         writer.write(row)
+
+
+def test_file_uri_and_plain_path_name_the_same_cache(tmp_path):
+    meta = cache_meta("topk")
+    write_cache(f"file://{tmp_path}", meta, random_rows(meta, 3))
+    assert CacheReader(str(tmp_path)).num_rows == 3

@@ -1,0 +1,125 @@
+"""Student forward+backward step time with each quant preset vs plain bf16, side by side.
+
+All models live at once and every round times one step of each, in rotating order, so a
+noisy shared machine slows them alike; the table reports the median step time and its ratio
+to the unquantized bf16 model of the same round.
+
+    .venv/bin/python bench/quant_overhead.py                      # CPU, embedded SmolLM2
+    python bench/quant_overhead.py --device cuda --model qwen3-1.7b-random --compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from qadpipe.config import build_config  # noqa: E402
+from qadpipe.quant.calibrate import calibrate  # noqa: E402
+from qadpipe.quant.recipe import PRESETS, apply_recipe  # noqa: E402
+
+DEFAULT_PRESETS = ["w4a16_int", "nvfp4", "nvfp4_a16", "mxfp4", "fp8", "w8a8_int", "lsq_int4"]
+
+
+def build_base(name: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    if name == "smollm2":
+        from qadpipe.models import load_causal_lm
+        return load_causal_lm("smollm2-135m", dtype=str(dtype).split(".")[-1], device=device)
+    if name == "qwen3-1.7b-random":
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+        config = Qwen3Config(vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                             num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                             head_dim=128, tie_word_embeddings=True, max_position_embeddings=4096)
+        torch.manual_seed(0)
+        with torch.device(device):
+            return Qwen3ForCausalLM(config).to(dtype)
+    raise SystemExit(f"--model: unknown {name!r}; expected smollm2 or qwen3-1.7b-random")
+
+
+def make_student(base: torch.nn.Module, preset: str, group_size: int | None,
+                 batch: dict[str, torch.Tensor]) -> torch.nn.Module:
+    model = copy.deepcopy(base)
+    if preset != "bf16":
+        configurable = PRESETS[preset].weight.group_size == 128
+        quant = build_config({"quant": {"preset": preset,
+                                        "group_size": group_size if configurable else None}}).quant
+        apply_recipe(model, quant)
+        calibrate(model, [batch], 1)
+    return model.train()
+
+
+def step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> None:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
+                                             batch["input_ids"][:, 1:].flatten())
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", default="smollm2", help="smollm2 | qwen3-1.7b-random")
+    parser.add_argument("--presets", nargs="+", default=DEFAULT_PRESETS)
+    parser.add_argument("--group-size", type=int, default=64, help="for the group-128 presets (SmolLM2: 576)")
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--seq", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--compile", action="store_true", help="torch.compile every model")
+    args = parser.parse_args()
+
+    cuda = args.device.startswith("cuda")
+    batch_size = args.batch or (4 if cuda else 2)
+    seq = args.seq or (2048 if cuda else 256)
+    base = build_base(args.model, args.device, torch.bfloat16)
+    vocab = base.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    batch = {"input_ids": torch.randint(0, vocab, (batch_size, seq), generator=g).to(args.device),
+             "attention_mask": torch.ones(batch_size, seq, dtype=torch.long, device=args.device)}
+    names = ["bf16"] + [p for p in args.presets if p != "bf16"]
+    models = {}
+    for name in names:
+        models[name] = make_student(base, name, args.group_size, batch)
+        if args.compile:
+            models[name] = torch.compile(models[name])
+    del base
+
+    def timed(model: torch.nn.Module) -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step(model, batch)
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    for name in names:                      # warm-up (and compilation)
+        timed(models[name])
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(args.rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            times[name].append(timed(models[name]))
+        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {times[n][-1] * 1e3:.0f} ms" for n in names),
+              file=sys.stderr, flush=True)
+
+    reference = statistics.median(times["bf16"])
+    print(f"\nstep = forward + backward, batch {batch_size} x {seq} tokens, {args.model} bf16 on "
+          f"{args.device}{', torch.compile' if args.compile else ''}; median of {args.rounds} rounds, "
+          f"group {args.group_size} for group-128 presets; torch {torch.__version__}\n")
+    print("| preset | ms / step | x bf16 |")
+    print("|---|---|---|")
+    for name in names:
+        median = statistics.median(times[name])
+        print(f"| {name} | {median * 1e3:.0f} | {median / reference:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
