@@ -42,6 +42,7 @@ class Batch:
     target_mask: torch.Tensor
     targets: PositionTargets
     num_sequences: int
+    num_tokens: int
 
     @property
     def num_positions(self) -> int:
@@ -63,7 +64,7 @@ class Batch:
 
         targets = PositionTargets(**{k: move(v) for k, v in self.targets.__dict__.items()})
         return Batch(move(self.input_ids), move(self.attention_mask), move(self.position_ids),
-                     move(self.target_mask), targets, self.num_sequences)
+                     move(self.target_mask), targets, self.num_sequences, self.num_tokens)
 
 
 def _layout(rows: Sequence[SequenceTargets], pack_length: Optional[int]) -> list[list[int]]:
@@ -127,7 +128,7 @@ def collate(rows: Sequence[SequenceTargets], *, pad_id: int, pack_length: Option
                 targets = targets.select(keep)
     packed = pack_length is not None
     return Batch(input_ids, None if packed else attention, positions if packed else None, target_mask,
-                 targets, len(rows))
+                 targets, len(rows), sum(len(row.input_ids) for row in rows))
 
 
 def _fill_targets(targets: PositionTargets, rows: Sequence[SequenceTargets]) -> None:

@@ -16,6 +16,7 @@ autograd like any op's gradients, so DDP/FSDP2 reduce them as usual.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -69,7 +70,30 @@ class PositionTargets:
                                   for name, value in self.__dict__.items()})
 
 
-STAT_KEYS = ("positions", "loss", "kl", "ce", "top1")
+#: Summed per-position figures: loss, forward KL to the targets, data CE, top-1 agreement with the
+#: teacher, and (top-k targets) the student's and the teacher's probability mass on S.
+STAT_KEYS = ("positions", "loss", "ce", "kl_positions", "kl", "top1", "topk_positions", "mass_student",
+             "mass_teacher")
+
+
+def summarize(totals: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per-position means of summed :data:`STAT_KEYS`: loss, ce and ppl; with teacher
+    targets kl and top1; with top-k targets the student's and teacher's mass on S."""
+    positions = float(totals["positions"])
+    if positions == 0:
+        return {}
+    ce = float(totals["ce"]) / positions
+    out = {"loss": float(totals["loss"]) / positions, "ce": ce, "ppl": math.exp(min(ce, 700.0)),
+           "positions": positions}
+    scored = float(totals["kl_positions"])
+    if scored:
+        out["kl"] = float(totals["kl"]) / scored
+        out["top1"] = float(totals["top1"]) / scored
+    with_topk = float(totals["topk_positions"])
+    if with_topk:
+        out["topk_mass_student"] = float(totals["mass_student"]) / with_topk
+        out["topk_mass_teacher"] = float(totals["mass_teacher"]) / with_topk
+    return out
 
 
 def split_lm(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -119,8 +143,15 @@ def _chunk_loss(logits: torch.Tensor, targets: PositionTargets, spec: LossSpec,
         stats["loss"] += loss.detach().double().sum()
         stats["ce"] += ce.detach().double().sum()
         if kl is not None:
+            stats["kl_positions"] += logp.shape[0]
             stats["kl"] += kl.detach().double().sum()
             stats["top1"] += (logp.argmax(-1) == teacher_top1).sum()
+        if targets.topk_ids is not None:
+            valid = (targets.topk_ids >= 0) & torch.isfinite(targets.topk_logprobs)
+            mass = logp.gather(1, targets.topk_ids.clamp_min(0).long()).exp() * valid
+            stats["topk_positions"] += logp.shape[0]
+            stats["mass_student"] += mass.double().sum()
+            stats["mass_teacher"] += (1.0 - targets.tail_mass.double()).sum()
     return loss.sum()
 
 

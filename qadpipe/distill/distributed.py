@@ -1,0 +1,168 @@
+"""torchrun plumbing for stage two: process group, DDP / FSDP2 wrapping, full state dicts.
+
+Launched plainly (``qadpipe distill``) this is a world of one and nothing is wrapped.  Under
+``torchrun`` (``RANK``/``WORLD_SIZE`` set) the process group is gloo on CPU and nccl on
+GPU; the student is wrapped with DDP or FSDP2 (``fully_shard`` on every decoder layer, then
+on the root), as ``distill.distributed`` says.
+
+Checkpoints hold *full* (unsharded, FQN-keyed) model and optimizer state dicts, gathered
+with ``torch.distributed.checkpoint.state_dict``: one format whatever the strategy or world
+size, readable by ``qadpipe export`` and by a plain ``load_state_dict``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+
+from qadpipe.errors import DistillError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits: rank, world size and its device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    """``auto`` -> this rank's GPU when there is one, else CPU; ``cuda`` -> ``cuda:<local_rank>``."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DistillError(f"distill.device: got '{device}', but no CUDA device is available")
+        return torch.device(device if ":" in device else f"cuda:{local_rank}")
+    if device != "cpu":
+        raise DistillError(f"distill.device: got '{device}', expected auto, cpu, cuda or cuda:N")
+    return torch.device("cpu")
+
+
+def init_distributed(device: str) -> DistEnv:
+    """Join the torchrun process group when launched by torchrun; otherwise a world of one."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    resolved = resolve_device(device, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        if resolved.type == "cuda":
+            torch.cuda.set_device(resolved)
+        dist.init_process_group("nccl" if resolved.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=30))
+    return DistEnv(rank, world_size, local_rank, resolved)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap(module: nn.Module, layers: nn.ModuleList, strategy: str, env: DistEnv) -> nn.Module:
+    """DDP or FSDP2 around ``module`` (FSDP2 also shards each of ``layers``); as is for one process."""
+    if not env.distributed:
+        return module
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(module, device_ids=None)
+    if strategy == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in layers:
+            fully_shard(layer)
+        fully_shard(module)
+        return module
+    raise DistillError(f"distill.distributed: got '{strategy}', expected ddp or fsdp2")
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    return getattr(module, "module", module)
+
+
+@contextlib.contextmanager
+def gradient_sync(module: nn.Module, enabled: bool) -> Iterator[None]:
+    """Skip the gradient all-reduce on all but the last micro-batch of a step."""
+    if enabled:
+        yield
+    elif hasattr(module, "no_sync"):  # DDP
+        with module.no_sync():
+            yield
+    elif hasattr(module, "set_requires_gradient_sync"):  # FSDP2
+        module.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            module.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place sum/max across ranks (identity in a world of one); returns the tensor."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return tensor
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    if not dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_model_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The unsharded model state dict on CPU (complete on rank 0; every rank must call)."""
+    return get_model_state_dict(module, options=_FULL)
+
+
+def full_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer state keyed by parameter names (complete on rank 0; every rank must call)."""
+    return get_optimizer_state_dict(module, optimizer, options=_FULL)
+
+
+def load_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load a full optimizer state (from :func:`full_optimizer_state`) under any strategy
+    (full-state loading needs a process group; a world of one loads it as is)."""
+    options = StateDictOptions(full_state_dict=dist.is_initialized())
+    set_optimizer_state_dict(module, optimizer, state, options=options)
+
+
+def clip_grad_norm(parameters: list[nn.Parameter], max_norm: float) -> float:
+    """Global gradient norm (clipped to ``max_norm`` when > 0); works on FSDP2's DTensors too."""
+    if max_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)

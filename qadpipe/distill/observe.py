@@ -1,0 +1,78 @@
+"""What a training run tells its operator: metrics.jsonl, optional TensorBoard, memory figures.
+
+``metrics.jsonl`` gets one JSON object per log interval (``step``, ``loss``, ``kl``,
+``top1``, ``lr``, ``tokens_per_s``, memory) and one per held-out evaluation (``eval_kl``,
+``eval_top1``, ...).  Each line is flushed as written, so ``tail -f`` and the eval report's
+training curves see it live; on ``--resume`` rows past the restored step (written by the
+killed run after its last checkpoint) are dropped, so the file holds one curve.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from qadpipe.provenance import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak memory of this process: CUDA ``max_memory_allocated`` on GPU, peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+class MetricsLog:
+    """Append-only JSONL metrics (rank 0 only), mirrored to TensorBoard when asked and installed."""
+
+    def __init__(self, output_dir: Path, *, enabled: bool, tensorboard: bool = False) -> None:
+        self.path = Path(output_dir) / METRICS_FILE
+        self.enabled = enabled
+        self._writer: Optional[Any] = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                log.warning("distill.tensorboard is on but the tensorboard package is not installed "
+                            "(pip install tensorboard); metrics go to %s only", self.path)
+            else:
+                self._writer = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+
+    def truncate_after(self, step: int) -> None:
+        """Keep only rows up to ``step`` (a resumed run rewrites what came after)."""
+        if not self.enabled or not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a torn last line of a killed writer
+                continue
+            if row.get("step", 0) <= step:
+                kept.append(line)
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+
+    def write(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(row, sort_keys=True) + "\n")
+        if self._writer is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self._writer.add_scalar(key, value, row.get("step", 0))
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()

@@ -1,0 +1,121 @@
+"""The fake-quantized student: how it is built, its training forward, and the final layout.
+
+``<distill.output_dir>/final/`` is what ``qadpipe export`` reads::
+
+    final/model.safetensors   the student's state_dict: weights AND quantizer state
+                              (tied aliases dropped; the metadata key "aliases" lists them)
+    final/qadpipe_run.yaml    resolved config (model.path, quant.*) + package versions
+
+To rebuild the trained student: ``load_causal_lm(model.path)`` → ``apply_recipe(model,
+quant)`` → ``load_state_dict(final/model.safetensors)`` — which :func:`load_final_student`
+does.  Master weights are kept in fp32 whatever ``model.dtype`` says: at QAD learning rates
+(1e-5 relative to weights of ~1e-2) an update is below bf16's resolution and would round
+away; ``model.dtype`` is the autocast compute dtype on GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from qadpipe.distill.checkpoint import MODEL_FILE, unique_tensors
+from qadpipe.distill.head_loss import LossSpec, PositionTargets, head_loss, split_lm
+from qadpipe.errors import DistillError
+from qadpipe.provenance import RUN_FILE, save_run_record
+
+log = logging.getLogger(__name__)
+
+FINAL_DIR = "final"
+
+
+def build_student(config: Any, device: torch.device) -> nn.Module:
+    """The student from ``model.path`` with the quant recipe applied (fp32 master weights)."""
+    from qadpipe.models import load_causal_lm
+    from qadpipe.quant.recipe import apply_recipe
+
+    model = load_causal_lm(config.model.path, dtype="float32", device=str(device),
+                           trust_remote_code=config.model.trust_remote_code)
+    apply_recipe(model, config.quant)
+    return model.to(device)
+
+
+class StudentLoss(nn.Module):
+    """Student forward for training: base → hidden states at target positions → fused head
+    loss.  One module so DDP/FSDP2 wrap (and unshard) everything the step touches."""
+
+    def __init__(self, student: nn.Module, chunk_tokens: int) -> None:
+        super().__init__()
+        split_lm(student)  # refuse unsupported architectures now, not at the first step
+        self.student = student  # the only submodule: state_dict keys are "student." + HF names
+        self.chunk_tokens = chunk_tokens
+
+    def forward(self, inputs: dict[str, Any], target_mask: torch.Tensor, targets: PositionTargets,
+                spec: LossSpec, teacher_head: Optional[nn.Module] = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        base, head = self.student.get_decoder(), self.student.get_output_embeddings()
+        hidden = base(**inputs).last_hidden_state[target_mask]
+        return head_loss(hidden, head, targets, spec, self.chunk_tokens, teacher_head)
+
+
+def save_final(output_dir: Path, model_state: dict[str, torch.Tensor], config: Any) -> Path:
+    """Write ``final/`` whole (temp dir → rename), replacing an older one."""
+    final = Path(output_dir) / FINAL_DIR
+    tmp = Path(tempfile.mkdtemp(prefix=".final.", dir=output_dir))
+    try:
+        tensors, aliases = unique_tensors(model_state)
+        save_file(tensors, str(tmp / MODEL_FILE), metadata={"aliases": repr(sorted(aliases.items()))})
+        save_run_record(config, "distill", tmp)
+        for path in tmp.iterdir():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def load_state_into(model: nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
+    """Load saved tensors (tied aliases restored by the model itself); every key must match."""
+    expected = set(model.state_dict())
+    missing = sorted(expected - set(tensors))
+    aliases = {name for name in missing if _is_alias(model, name, tensors)}
+    missing = [name for name in missing if name not in aliases]
+    unexpected = sorted(set(tensors) - expected)
+    if missing or unexpected:
+        raise DistillError(f"{source}: state does not fit the student built from the config "
+                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.load_state_dict(tensors, strict=False)
+
+
+def _is_alias(model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> bool:
+    """Whether ``name`` shares storage with a tensor that was saved (tied embeddings)."""
+    state = model.state_dict()
+    target = state[name]
+    return any(state[other].data_ptr() == target.data_ptr() for other in tensors if other in state)
+
+
+def load_final_student(final_dir: Path, device: str = "cpu") -> tuple[nn.Module, Any]:
+    """The trained student and the config it was trained with, from ``final/``."""
+    import yaml
+
+    from qadpipe.config import build_config
+
+    final_dir = Path(final_dir)
+    run_file = final_dir / RUN_FILE
+    if not (final_dir / MODEL_FILE).is_file() or not run_file.is_file():
+        raise DistillError(f"{final_dir}: expected {MODEL_FILE} and {RUN_FILE} (a distill final/ directory)")
+    config = build_config(yaml.safe_load(run_file.read_text())["config"])
+    model = build_student(config, torch.device(device))
+    load_state_into(model, load_file(str(final_dir / MODEL_FILE)), final_dir)
+    return model.eval(), config

@@ -1,0 +1,474 @@
+"""Stage two, ``qadpipe distill``: train the fake-quantized student on the cached targets.
+
+One recipe, read top to bottom (torchtune style): ``setup`` → ``train`` → ``save_checkpoint``
+→ ``cleanup``.
+
+* setup: process group (under torchrun) → source of rows (the cache; refuses another
+  tokenizer, another vocabulary, or a target kind the loss cannot use) → student (load,
+  quant recipe, fp32 master weights) → calibration on cache rows = the PTQ baseline, scored
+  on the held-out rows → DDP/FSDP2 → AdamW + warmup/decay → ``--resume``.
+* train: each step runs ``grad_accum`` micro-batches; a micro-batch's loss is its *sum* over
+  target positions divided by the global count of positions of the step (all micro-batches,
+  all ranks), so any split of one global batch yields the same gradient.
+
+Modes (``distill.mode``): ``qad`` — loss on the cached targets; ``qat`` — cross-entropy on the
+same tokens only (the baseline QAD beats); ``online`` — the teacher (``teacher.path`` or
+``model.path``) runs beside the student and the loss is the full-vocabulary KL (the anchor of
+``bench/distill_vs_online.py``, and the way to distil without a cache: tokens then come from
+``data.source``).
+
+Output under ``distill.output_dir``: ``checkpoints/`` (see :mod:`qadpipe.distill.checkpoint`),
+``final/`` (see :mod:`qadpipe.distill.student`), ``metrics.jsonl`` (see
+:mod:`qadpipe.distill.observe`), ``qadpipe_run.yaml``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from qadpipe.distill import distributed as dist_utils
+from qadpipe.distill.checkpoint import (TrainerState, capture_rng, latest_checkpoint, load_checkpoint,
+                                        restore_rng, save_checkpoint)
+from qadpipe.distill.collate import Batch, collate
+from qadpipe.distill.head_loss import STAT_KEYS, LossSpec, PositionTargets, split_lm, summarize
+from qadpipe.distill.loader import TargetLoader
+from qadpipe.distill.observe import MetricsLog, peak_memory_gib
+from qadpipe.distill.schedule import lr_multiplier
+from qadpipe.distill.student import StudentLoss, build_student, load_state_into, save_final
+from qadpipe.errors import DistillError
+from qadpipe.provenance import save_run_record
+from qadpipe.targets import SequenceTargets
+
+log = logging.getLogger(__name__)
+
+#: Target rows read to measure CAKLD's β (the teacher's mean top-1 probability).
+CAKLD_BETA_ROWS = 64
+
+
+@dataclass
+class TrainResult:
+    """How a run ended: ``done`` (final/ written) or ``preempted`` (SIGTERM, checkpoint saved)."""
+
+    status: str
+    step: int
+    ptq_eval: dict[str, float] = field(default_factory=dict)
+    last_eval: dict[str, float] = field(default_factory=dict)
+    final_dir: Optional[Path] = None
+
+
+class DataSource:
+    """Token-only rows from ``data.source`` for online mode without a cache, split by index."""
+
+    def __init__(self, rows: list[SequenceTargets]) -> None:
+        self.rows = rows
+
+    def iter_sequences(self, rank: int = 0, world_size: int = 1) -> Iterator[SequenceTargets]:
+        start, end = rank * len(self.rows) // world_size, (rank + 1) * len(self.rows) // world_size
+        return iter(self.rows[start:end])
+
+
+class _Window:
+    """Figures summed over one log interval."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.stats = {key: torch.zeros((), dtype=torch.float64, device=device) for key in STAT_KEYS}
+        self.tokens = 0
+        self.started = time.perf_counter()
+
+    def add(self, stats: dict[str, torch.Tensor], tokens: int) -> None:
+        for key in STAT_KEYS:
+            self.stats[key] += stats[key]
+        self.tokens += tokens
+
+
+class DistillRecipe:
+    """The ``qadpipe distill`` run."""
+
+    def __init__(self, config: Any, *, resume: bool = False) -> None:
+        self.config = config
+        self.cfg = config.distill
+        self.resume = resume
+        self.output_dir = Path(self.cfg.output_dir)
+        self.step = 0
+        self.ptq_eval: dict[str, float] = {}
+        self.last_eval: dict[str, float] = {}
+        self._sigterm = False
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.env = dist_utils.init_distributed(cfg.device)
+        torch.manual_seed(cfg.seed)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics = MetricsLog(self.output_dir, enabled=self.env.is_main, tensorboard=cfg.tensorboard)
+        # Tokenizer and cache first: a cache that does not fit refuses before any model loads.
+        self.tokenizer = self._load_tokenizer()
+        self.source, self.target_kind = self._open_source()
+        student = build_student(self.config, self.env.device)
+        self._check_vocab(student)
+        self.spec = LossSpec(mode=cfg.mode, loss=cfg.loss, kd_weight=cfg.kd_loss_weight,
+                             lm_weight=cfg.lm_loss_weight, cakld_beta=self._cakld_beta())
+        self.eval_spec = LossSpec(mode="online" if self.target_kind is None else "qad")
+        self.teacher = self._load_teacher() if self._needs_teacher() else None
+        self.loader = TargetLoader(self.source, self._collate_train, batch_size=cfg.batch_size, seed=cfg.seed,
+                                   rank=self.env.rank, world_size=self.env.world_size,
+                                   shuffle_buffer=cfg.shuffle_buffer, holdout_rows=cfg.eval_rows)
+        holdout = self.loader.holdout()
+        self.holdout_batches = [self._collate_eval(holdout[i:i + cfg.batch_size])
+                                for i in range(0, len(holdout), cfg.batch_size)]
+        self.model = StudentLoss(student, cfg.loss_chunk_tokens)
+        restored = self._restore_weights(student) if self.resume else None
+        if restored is None:
+            self._calibrate(student)
+            self.ptq_eval = self._evaluate(self.model)
+            self._log_eval("ptq", self.ptq_eval)
+        self._select_trainable(student)
+        self.wrapped = dist_utils.wrap(self.model, student.get_decoder().layers, cfg.distributed, self.env)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_multiplier(cfg.schedule, cfg.warmup_steps, cfg.max_steps))
+        if restored is not None:
+            self._restore_state(*restored)
+        if self.env.is_main:
+            save_run_record(self.config, "distill", self.output_dir)
+
+    def _load_tokenizer(self) -> Any:
+        from qadpipe.models import load_tokenizer
+
+        return load_tokenizer(self.config.model.path, self.config.model.trust_remote_code)
+
+    @property
+    def pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(pad if pad is not None else (self.tokenizer.eos_token_id or 0))
+
+    def _open_source(self) -> tuple[Any, Optional[str]]:
+        """The cache (checked against the student's tokenizer and the loss), or, online
+        without a cache, the data source's token sequences."""
+        from qadpipe.cache import CacheReader
+        from qadpipe.models import tokenizer_fingerprint
+
+        path = self.config.cache.path
+        if self.cfg.mode == "online" and not _cache_exists(path):
+            log.info("online mode: no cache at %s; tokens come from data.source=%s", path, self.config.data.source)
+            return self._data_source(), None
+        reader = CacheReader(path)
+        kind = reader.meta.target_kind
+        if self.cfg.mode == "qad":
+            wanted = "sampled" if self.cfg.loss == "sampled_ce" else "topk"
+            if kind != wanted:
+                hint = "distill.loss=sampled_ce" if kind == "sampled" else "a top-k loss (e.g. forward_kl)"
+                raise DistillError(f"{path}: cache holds {kind} targets, but distill.loss={self.cfg.loss} needs "
+                                   f"{wanted} targets; use {hint} or a {wanted} cache")
+        reader.check_compatible(tokenizer_fingerprint=tokenizer_fingerprint(self.tokenizer),
+                                vocab_size=reader.meta.vocab_size)
+        if self.cfg.mode == "online":
+            log.info("online mode: tokens from the cache at %s (its targets only score the held-out rows)", path)
+        return reader, kind
+
+    def _data_source(self) -> DataSource:
+        from qadpipe.data.loader import load_sequences
+        from qadpipe.teacher.base import target_start
+
+        gen = self.config.generate
+        rows = [SequenceTargets(id=s.id, input_ids=s.input_ids, target_start=target_start(s, gen.include_prompt))
+                for s in load_sequences(self.config.data, gen, self.tokenizer, len(self.tokenizer)).sequences]
+        return DataSource(rows)
+
+    def _check_vocab(self, student: torch.nn.Module) -> None:
+        vocab = int(student.get_output_embeddings().weight.shape[0])
+        cached = getattr(getattr(self.source, "meta", None), "vocab_size", None)
+        if cached is not None and cached != vocab:
+            raise DistillError(f"{self.config.cache.path}: cache vocab_size={cached}, but the student "
+                               f"{self.config.model.path} has {vocab} output logits; distil a student of the "
+                               "teacher's vocabulary")
+
+    def _needs_teacher(self) -> bool:
+        return self.cfg.mode == "online" or self.target_kind is None
+
+    def _load_teacher(self) -> tuple[torch.nn.Module, torch.nn.Module]:
+        from qadpipe.models import load_causal_lm
+
+        path = self.config.teacher_path
+        teacher = load_causal_lm(path, dtype=self.config.teacher.dtype, device=str(self.env.device),
+                                 trust_remote_code=self.config.model.trust_remote_code)
+        teacher.requires_grad_(False)
+        base, head = split_lm(teacher)
+        log.info("teacher in the loop: %s (%s)", path, self.config.teacher.dtype)
+        return base, head
+
+    def _cakld_beta(self) -> float:
+        """BitDistiller's β: the teacher's mean top-1 probability, measured on the cache's
+        first rows (identical on every rank and on resume)."""
+        if self.cfg.loss != "cakld" or self.target_kind != "topk":
+            return 0.5
+        top1 = []
+        for index, row in enumerate(self.source.iter_sequences(0, 1)):
+            top1.append(np.exp(row.topk_logprobs[:, 0].astype(np.float64)))
+            if index + 1 >= CAKLD_BETA_ROWS:
+                break
+        beta = float(np.concatenate(top1).mean())
+        log.info("cakld: beta = %.4f (teacher's mean top-1 probability over %d rows)", beta, len(top1))
+        return beta
+
+    def _collate_train(self, rows: list[SequenceTargets]) -> Batch:
+        return collate(rows, pad_id=self.pad_id, pack_length=self.cfg.pack_length,
+                       with_targets=self.cfg.mode == "qad")
+
+    def _collate_eval(self, rows: list[SequenceTargets]) -> Batch:
+        return collate(rows, pad_id=self.pad_id, with_targets=self.target_kind is not None)
+
+    def _calibrate(self, student: torch.nn.Module) -> None:
+        """PTQ calibration on training rows, the same on every rank (rank-independent order)."""
+        from qadpipe.quant.calibrate import calibrate
+
+        count = self.config.quant.calibration_batches
+        if count == 0:
+            return
+        loader = TargetLoader(self.source, lambda rows: collate(rows, pad_id=self.pad_id, with_targets=False),
+                              batch_size=self.cfg.batch_size, seed=self.cfg.seed + 1, shuffle_buffer=self.cfg.shuffle_buffer,
+                              holdout_rows=self.cfg.eval_rows)
+        batches = []
+        for batch in loader:
+            inputs = batch.to(self.env.device).model_inputs()
+            inputs.pop("use_cache")
+            batches.append(inputs)
+            if len(batches) == count:
+                break
+        with self._autocast():
+            calibrate(student, batches, count)
+
+    def _select_trainable(self, student: torch.nn.Module) -> None:
+        """``all``: every parameter; ``quant``: quantization parameters and norms only."""
+        if self.cfg.trainable == "all":
+            student.requires_grad_(True)
+            return
+        from qadpipe.quant.recipe import quant_parameters
+
+        keep = {id(p) for p in quant_parameters(student)}
+        keep |= {id(p) for name, p in student.named_parameters() if "norm" in name.lower()}
+        for param in student.parameters():
+            param.requires_grad_(id(param) in keep)
+        if not any(p.requires_grad for p in student.parameters()):
+            raise DistillError("distill.trainable=quant: the quant recipe has no trainable quantization "
+                               "parameters and the student no norms; use distill.trainable=all")
+
+    def _restore_weights(self, student: torch.nn.Module) -> Optional[tuple[Path, TrainerState]]:
+        """Load the latest checkpoint's weights (before wrapping); None when there is none."""
+        path = latest_checkpoint(self.output_dir)
+        if path is None:
+            log.warning("--resume: no checkpoint under %s; starting from step 0", self.output_dir)
+            return None
+        tensors, state = load_checkpoint(path)
+        load_state_into(student, {_strip(k): v for k, v in tensors.items()}, path)
+        return path, state
+
+    def _restore_state(self, path: Path, state: TrainerState) -> None:
+        dist_utils.load_optimizer_state(self.model, self.optimizer, state.optimizer)
+        self.scheduler.load_state_dict(state.scheduler)
+        ranks = state.loader.get("ranks", [])
+        if len(ranks) != self.env.world_size:
+            raise DistillError(f"{path}: saved by {len(ranks)} rank(s), resumed with {self.env.world_size}; "
+                               "resume with the same number of processes")
+        self.loader.load_state_dict(ranks[self.env.rank])
+        restore_rng(state.rng)
+        self.step = state.step
+        self.metrics.truncate_after(self.step)
+        log.info("resumed from %s at step %d", path, self.step)
+
+    # ------------------------------------------------------------------ train
+    def train(self) -> TrainResult:
+        cfg, env = self.cfg, self.env
+        batches = iter(self.loader)
+        window = _Window(env.device)
+        self.wrapped.train()
+        progress = tqdm(total=cfg.max_steps, initial=self.step, desc="distill", unit="step",
+                        disable=not env.is_main, dynamic_ncols=True)
+        with progress, _catch_sigterm(self):  # closing the bar first keeps an error on its own line
+            while self.step < cfg.max_steps:
+                micro = [next(batches) for _ in range(cfg.grad_accum)]
+                self._train_step(micro, window)
+                self.step += 1
+                progress.update(1)
+                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                    self._log_train(window, progress)
+                    window = _Window(env.device)
+                if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
+                    self.last_eval = self._evaluate(self.wrapped)
+                    self._log_eval("eval", self.last_eval)
+                stop = self._stop_requested()
+                if self.step % cfg.save_every == 0 or stop or self.step == cfg.max_steps:
+                    self.save_checkpoint()
+                if stop:
+                    log.warning("SIGTERM: checkpoint saved at step %d; rerun with --resume to continue", self.step)
+                    return TrainResult("preempted", self.step, self.ptq_eval, self.last_eval)
+        final = self.save_final()
+        return TrainResult("done", self.step, self.ptq_eval, self.last_eval, final)
+
+    def _train_step(self, micro: list[Batch], window: _Window) -> None:
+        env = self.env
+        positions = dist_utils.all_reduce(torch.tensor(float(sum(b.num_positions for b in micro))))
+        if positions.item() == 0:
+            raise DistillError(f"step {self.step + 1}: the global batch has no target positions")
+        scale = env.world_size / positions.item()
+        self.optimizer.zero_grad(set_to_none=True)
+        for index, batch in enumerate(micro):
+            batch = batch.to(env.device)
+            targets = self._with_teacher(batch) if self.spec.mode == "online" else batch.targets
+            with dist_utils.gradient_sync(self.wrapped, index == len(micro) - 1), self._autocast():
+                loss_sum, stats = self.wrapped(batch.model_inputs(), batch.target_mask, targets, self.spec,
+                                               self._teacher_head())
+            self._refuse_non_finite("loss", loss_sum.detach())
+            (loss_sum * scale).backward()
+            window.add(stats, batch.num_tokens)
+        norm = dist_utils.clip_grad_norm(self.params, self.cfg.max_grad_norm)
+        self._refuse_non_finite("gradient norm", torch.tensor(norm))
+        self.optimizer.step()
+        self.scheduler.step()
+
+    def _with_teacher(self, batch: Batch) -> PositionTargets:
+        """The batch's targets plus the teacher's hidden states at the target positions."""
+        base, _ = self.teacher
+        with torch.no_grad(), self._autocast():
+            hidden = base(**batch.model_inputs()).last_hidden_state[batch.target_mask]
+        targets = batch.targets.select(slice(None))
+        targets.teacher_hidden = hidden
+        return targets
+
+    def _teacher_head(self) -> Optional[torch.nn.Module]:
+        return self.teacher[1] if self.spec.mode == "online" else None
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        enabled = self.env.device.type == "cuda" and self.config.model.dtype != "float32"
+        dtype = getattr(torch, self.config.model.dtype)
+        return torch.autocast(device_type=self.env.device.type, dtype=dtype, enabled=enabled)
+
+    def _refuse_non_finite(self, what: str, value: torch.Tensor) -> None:
+        flag = dist_utils.all_reduce(torch.tensor(0.0 if torch.isfinite(value).all() else 1.0), op="max")
+        if flag.item() == 0:
+            return
+        last = latest_checkpoint(self.output_dir)
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written before it"
+        raise DistillError(f"step {self.step + 1}: training {what} is {float(value):g} (not finite); stopped "
+                           f"without saving this step, {kept}; lower distill.lr or check the cache")
+
+    @torch.no_grad()
+    def _evaluate(self, module: torch.nn.Module) -> dict[str, float]:
+        """Held-out figures on the cache's held-out rows (identical on every rank)."""
+        if not self.holdout_batches:
+            return {}
+        module.eval()
+        totals = {key: torch.zeros((), dtype=torch.float64, device=self.env.device) for key in STAT_KEYS}
+        head = self.teacher[1] if self.eval_spec.mode == "online" else None
+        for batch in self.holdout_batches:
+            batch = batch.to(self.env.device)
+            targets = self._with_teacher(batch) if head is not None else batch.targets
+            with self._autocast():
+                _, stats = module(batch.model_inputs(), batch.target_mask, targets, self.eval_spec, head)
+            for key in STAT_KEYS:
+                totals[key] += stats[key]
+        module.train()
+        return summarize(totals)
+
+    # ------------------------------------------------------------------ observability
+    def _log_train(self, window: _Window, progress: tqdm) -> None:
+        totals = {key: dist_utils.all_reduce(value.clone()) for key, value in window.stats.items()}
+        tokens = dist_utils.all_reduce(torch.tensor(float(window.tokens))).item()
+        elapsed = time.perf_counter() - window.started
+        row = {"step": self.step, **summarize(totals), "lr": self.scheduler.get_last_lr()[0],
+               "tokens_per_s": tokens / max(elapsed, 1e-9), "mem_gib": peak_memory_gib(self.env.device)}
+        progress.set_postfix(loss=f"{row['loss']:.4f}", kl=f"{row.get('kl', float('nan')):.4f}")
+        if self.env.is_main:
+            log.info("step %d/%d loss %.4f kl %.4f top1 %.3f lr %.2e %.0f tok/s mem %.2f GiB", self.step,
+                     self.cfg.max_steps, row["loss"], row.get("kl", math.nan), row.get("top1", math.nan),
+                     row["lr"], row["tokens_per_s"], row["mem_gib"])
+        self.metrics.write(row)
+
+    def _log_eval(self, tag: str, figures: dict[str, float]) -> None:
+        if not figures:
+            return
+        if self.env.is_main:
+            log.info("%s (held-out, step %d): %s", tag, self.step,
+                     " ".join(f"{k} {v:.4f}" for k, v in figures.items() if k != "positions"))
+        self.metrics.write({"step": self.step, "tag": tag, **{f"eval_{k}": v for k, v in figures.items()}})
+
+    def _stop_requested(self) -> bool:
+        flag = dist_utils.all_reduce(torch.tensor(1.0 if self._sigterm else 0.0), op="max")
+        return bool(flag.item())
+
+    # ------------------------------------------------------------------ save / cleanup
+    def save_checkpoint(self) -> None:
+        """Model + quantizer state, optimizer, scheduler, RNG and every rank's loader position."""
+        model_state = {_strip(k): v for k, v in dist_utils.full_model_state(self.model).items()}
+        optimizer_state = dist_utils.full_optimizer_state(self.model, self.optimizer)
+        loader_states = dist_utils.all_gather_objects(self.loader.state_dict())
+        if self.env.is_main:
+            state = TrainerState(step=self.step, optimizer=optimizer_state, scheduler=self.scheduler.state_dict(),
+                                 loader={"ranks": loader_states}, rng=capture_rng())
+            save_checkpoint(self.output_dir, model_state, state, self.config)
+        dist_utils.barrier()
+
+    def save_final(self) -> Optional[Path]:
+        model_state = {_strip(k): v for k, v in dist_utils.full_model_state(self.model).items()}
+        final = save_final(self.output_dir, model_state, self.config) if self.env.is_main else None
+        dist_utils.barrier()
+        if final is not None:
+            log.info("final student written to %s (qadpipe export reads it)", final)
+        return final
+
+    def cleanup(self) -> None:
+        if hasattr(self, "metrics"):
+            self.metrics.close()
+        dist_utils.shutdown()
+
+
+def _strip(name: str) -> str:
+    """``student.model.layers.0...`` (StudentLoss) -> ``model.layers.0...`` (the HF model)."""
+    return name[len("student."):] if name.startswith("student.") else name
+
+
+def _cache_exists(path: str) -> bool:
+    from qadpipe.cache.manifest import MANIFEST_DIR
+    from qadpipe.cache.store import Store
+
+    return bool(Store(path).list(MANIFEST_DIR))
+
+
+@contextlib.contextmanager
+def _catch_sigterm(recipe: DistillRecipe) -> Iterator[None]:
+    """SIGTERM (preemption) sets a flag; the loop saves a checkpoint at the end of the step."""
+
+    def handle(signum: int, frame: Any) -> None:
+        recipe._sigterm = True
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handle)
+    except ValueError:  # not the main thread: no handler, the run is simply not preemptible
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_distill(config: Any, *, resume: bool = False) -> TrainResult:
+    """setup → train → cleanup; what ``qadpipe distill`` runs."""
+    recipe = DistillRecipe(config, resume=resume)
+    try:
+        recipe.setup()
+        return recipe.train()
+    finally:
+        recipe.cleanup()

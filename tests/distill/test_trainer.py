@@ -1,0 +1,170 @@
+"""The distill recipe end to end on a tiny model: it learns, it writes what export reads,
+its modes mean what they say, and every bad input is one line with exit code 2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from cache_rows import cache_meta, random_rows, write_cache
+from qadpipe.cli import cli
+from qadpipe.config import load_config
+
+from distill_fixtures import settings
+
+
+def distill(model_dir: Path, cache: Path, out: Path, *extra: str, resume: bool = False):
+    args = ["distill", *[a for s in settings(model_dir, cache, f"distill.output_dir={out}", *extra)
+                         for a in ("--set", s)]]
+    return CliRunner().invoke(cli, args + (["--resume"] if resume else []))
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_rows(out: Path) -> list[dict]:
+    return [row for row in metrics(out) if "loss" in row]
+
+
+def eval_rows(out: Path) -> list[dict]:
+    return [row for row in metrics(out) if "eval_kl" in row]
+
+
+def test_qad_lowers_held_out_kl_and_writes_a_loadable_final_student(peaky_llama_dir, topk_cache, tmp_path):
+    result = distill(peaky_llama_dir, topk_cache, tmp_path, "distill.max_steps=6", "distill.eval_every=3")
+    assert result.exit_code == 0, result.output
+    assert "held-out KL" in result.output
+    evals = eval_rows(tmp_path)
+    assert [r["tag"] for r in evals] == ["ptq", "eval", "eval"] and [r["step"] for r in evals] == [0, 3, 6]
+    assert evals[-1]["eval_kl"] < 0.9 * evals[0]["eval_kl"], evals
+    assert 0 < evals[0]["eval_topk_mass_student"] <= 1 and 0 < evals[0]["eval_topk_mass_teacher"] <= 1
+    rows = train_rows(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert all(r["tokens_per_s"] > 0 and r["mem_gib"] > 0 and 0 <= r["top1"] <= 1 for r in rows)
+    # final/ rebuilds into the trained student: same tensors, quantizer state included
+    from qadpipe.distill.student import load_final_student
+
+    model, config = load_final_student(tmp_path / "final")
+    saved = load_file(str(tmp_path / "final" / "model.safetensors"))
+    assert type(model.model.layers[0].mlp.up_proj).__name__ == "QuantLinear"
+    for name, tensor in saved.items():
+        torch.testing.assert_close(model.state_dict()[name], tensor)
+    assert config.distill.max_steps == 6
+    original = load_file(str(next(peaky_llama_dir.glob("*.safetensors"))))
+    assert not torch.equal(saved["model.layers.0.mlp.up_proj.weight"], original["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_qat_trains_on_data_cross_entropy_only_and_final_keeps_calibrated_quantizer_state(
+        peaky_llama_dir, topk_cache, tmp_path):
+    result = distill(peaky_llama_dir, topk_cache, tmp_path, "distill.mode=qat", "distill.max_steps=2",
+                     "quant.preset=nvfp4_a16", "quant.group_size=null", "quant.calibration_batches=1")
+    assert result.exit_code == 0, result.output
+    for row in train_rows(tmp_path):
+        assert row["loss"] == pytest.approx(row["ce"], rel=1e-9)
+    saved = load_file(str(tmp_path / "final" / "model.safetensors"))
+    amax = saved["model.layers.0.mlp.up_proj.weight_quantizer.amax"]
+    assert torch.isfinite(amax).all() and (amax > 0).all()
+
+
+def test_online_full_kl_bounds_the_cached_tail_bucket_kl_from_above(peaky_llama_dir, topk_cache, tmp_path):
+    """Same first batch, same starting student: the full-vocab KL (teacher in the loop) is
+    at least the k+1-bucket KL on the cache, which is a coarsening of it."""
+    first = {}
+    for mode in ("qad", "online"):
+        out = tmp_path / mode
+        result = distill(peaky_llama_dir, topk_cache, out, f"distill.mode={mode}", "distill.max_steps=1")
+        assert result.exit_code == 0, result.output
+        first[mode] = train_rows(out)[0]["kl"]
+    assert first["online"] >= first["qad"] > 0
+
+
+def test_sampled_cache_trains_with_sampled_ce(peaky_llama_dir, sampled_cache, tmp_path):
+    result = distill(peaky_llama_dir, sampled_cache, tmp_path, "distill.loss=sampled_ce", "distill.max_steps=2")
+    assert result.exit_code == 0, result.output
+    assert all(np.isfinite(r["loss"]) for r in train_rows(tmp_path))
+
+
+def test_packed_batches_give_the_padded_loss(peaky_llama_dir, topk_cache, tmp_path):
+    losses = {}
+    for name, extra in (("padded", []), ("packed", ["distill.pack_length=64"])):
+        out = tmp_path / name
+        result = distill(peaky_llama_dir, topk_cache, out, "distill.max_steps=1", *extra)
+        assert result.exit_code == 0, result.output
+        losses[name] = [r["loss"] for r in train_rows(out)]
+    np.testing.assert_allclose(losses["packed"], losses["padded"], rtol=1e-4)
+
+
+def one_line_error(result) -> str:
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("qadpipe: error:")]
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+def test_refuses_a_cache_from_another_tokenizer(peaky_llama_dir, tmp_path):
+    cache = write_cache(tmp_path / "cache", cache_meta(tokenizer_fingerprint="sha256:other"),
+                        random_rows(cache_meta(), 8))
+    line = one_line_error(distill(peaky_llama_dir, cache, tmp_path / "out"))
+    assert "tokenizer_fingerprint='sha256:other'" in line and "expects tokenizer_fingerprint='sha256:" in line
+
+
+def test_refuses_a_cache_without_the_loss_target_kind(peaky_llama_dir, sampled_cache, tmp_path):
+    line = one_line_error(distill(peaky_llama_dir, sampled_cache, tmp_path / "out"))
+    assert "cache holds sampled targets, but distill.loss=forward_kl needs topk targets" in line
+
+
+def test_refuses_a_student_whose_vocab_differs_from_the_cache(peaky_llama_dir, topk_cache, tmp_path):
+    from qadpipe.models import load_tokenizer, tokenizer_fingerprint
+
+    meta = cache_meta(tokenizer_fingerprint=tokenizer_fingerprint(load_tokenizer(str(peaky_llama_dir))),
+                      vocab_size=50000)
+    cache = write_cache(tmp_path / "cache", meta, random_rows(meta, 8))
+    line = one_line_error(distill(peaky_llama_dir, cache, tmp_path / "out"))
+    assert "cache vocab_size=50000, but the student" in line and "has 49152 output logits" in line
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(peaky_llama_dir, topk_cache,
+                                                                                tmp_path):
+    result = distill(peaky_llama_dir, topk_cache, tmp_path, "distill.lr=1e30", "distill.warmup_steps=0",
+                     "distill.max_grad_norm=0", "distill.save_every=1", "distill.max_steps=20")
+    line = one_line_error(result)
+    assert "(not finite); stopped without saving this step, the last good checkpoint is" in line
+    bad_step = int(line.split("step ")[1].split(":")[0])
+    latest = (tmp_path / "checkpoints" / "LATEST").read_text().strip()
+    assert bad_step > 1 and latest == f"step-{bad_step - 1:08d}" and latest in line
+    state = load_file(str(tmp_path / "checkpoints" / latest / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in state.values())
+
+
+def test_refuses_when_no_rows_are_left_for_this_rank(peaky_llama_dir, topk_cache, tmp_path):
+    line = one_line_error(distill(peaky_llama_dir, topk_cache, tmp_path, "distill.eval_rows=24"))
+    assert "rank 0 of 1: no cache rows to train on (after holding out 24 rows for eval)" in line
+
+
+def test_tensorboard_asked_but_absent_is_said(peaky_llama_dir, topk_cache, tmp_path, caplog, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ImportError("No module named 'tensorboard'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    from qadpipe.distill.observe import MetricsLog
+
+    MetricsLog(tmp_path, enabled=True, tensorboard=True)
+    assert "distill.tensorboard is on but the tensorboard package is not installed" in caplog.text
+
+
+def test_config_resolves_the_new_distill_fields():
+    config = load_config(None, ["distill.pack_length=128", "distill.shuffle_buffer=1"])
+    assert config.distill.pack_length == 128 and config.distill.shuffle_buffer == 1
