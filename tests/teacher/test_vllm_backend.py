@@ -128,7 +128,8 @@ def hf_teacher(smollm2_dir: Path) -> Any:
     from qadpipe.models import load_causal_lm
     from qadpipe.teacher.hf_backend import HFTeacher
 
-    return HFTeacher(load_causal_lm(str(smollm2_dir), "bfloat16", "cpu"), batch_size=1)
+    # fp32 reference: vLLM serves bf16 weights; the reference should not add bf16 error of its own
+    return HFTeacher(load_causal_lm(str(smollm2_dir), "float32", "cpu"), batch_size=1)
 
 
 def _rows(cache: Path) -> list[Any]:

@@ -1,0 +1,197 @@
+"""Stage one end to end on tiny models with the HF backend: cache contents, task split,
+resume after SIGKILL, SIGTERM, and the bad-input table (one line, exit 2, nothing written)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from qadpipe.cache import CacheReader
+from qadpipe.cli import cli
+from qadpipe.config import build_config
+from qadpipe.generate import resolve_task, run_generate
+
+TARGET_FIELDS = ("input_ids", "target_start", "topk_ids", "topk_logprobs", "tail_mass", "sample_offsets",
+                 "sample_ids", "sample_counts")
+
+
+def _rows(cache: Path) -> dict[str, Any]:
+    return {row.id: row for row in CacheReader(str(cache)).iter_sequences(0, 1)}
+
+
+def _assert_same_cache(a: Path, b: Path) -> None:
+    rows_a, rows_b = _rows(a), _rows(b)
+    assert sorted(rows_a) == sorted(rows_b)
+    for key, row in rows_a.items():
+        for name in TARGET_FIELDS:
+            x, y = getattr(row, name), getattr(rows_b[key], name)
+            assert (x is None and y is None) or np.array_equal(x, y), (key, name)
+
+
+def _overrides(model: Path, cache: Path, **extra: Any) -> list[str]:
+    base = {"model.path": model, "teacher.backend": "hf", "teacher.dtype": "float32", "teacher.batch_size": 2,
+            "cache.path": cache, "cache.k": 8, "cache.encoding": "plain", "data.random.num_sequences": 12,
+            "data.random.length": 24}
+    return [f"{key}={value}" for key, value in {**base, **extra}.items()]
+
+
+def _config(model: Path, cache: Path, **extra: Any) -> Any:
+    from qadpipe.config import load_config
+
+    return load_config(None, _overrides(model, cache, **extra))
+
+
+def test_cache_holds_what_the_teacher_returned(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from qadpipe.data import load_sequences
+    from qadpipe.models import load_causal_lm, load_tokenizer
+    from qadpipe.teacher.base import TargetSpec
+    from qadpipe.teacher.hf_backend import HFTeacher
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Question {i}?", "completion": f" Answer {i}."}) + "\n"
+                            for i in range(5)))
+    cfg = _config(tiny_llama_dir, tmp_path / "cache", **{"data.source": data, "data.field": "prompt",
+                                                         "generate.include_prompt": "false"})
+    summary = run_generate(cfg)
+    assert (summary.written, summary.skipped, summary.interrupted) == (5, 0, False)
+    tokenizer = load_tokenizer(str(tiny_llama_dir))
+    seqs = load_sequences(cfg.data, cfg.generate, tokenizer, len(tokenizer)).sequences
+    expected = HFTeacher(load_causal_lm(str(tiny_llama_dir), "float32")).score(seqs, TargetSpec(k=8, include_prompt=False))
+    rows = _rows(tmp_path / "cache")
+    for seq, want in zip(seqs, expected):
+        got = rows[seq.id]
+        assert got.target_start == seq.prompt_len - 1  # first row predicts the first completion token
+        assert np.array_equal(got.input_ids, seq.input_ids) and np.array_equal(got.topk_ids, want.topk_ids)
+        np.testing.assert_allclose(got.topk_logprobs, want.topk_logprobs, atol=1e-6)
+    record = (tmp_path / "cache" / "runs" / "task-00000" / "qadpipe_run.yaml").read_text()
+    assert "stage: generate" in record and "transformers" in record
+    again = run_generate(cfg)  # a rerun finds everything done and loads no teacher
+    assert (again.written, again.skipped) == (0, 5)
+
+
+def test_tasks_split_the_records_and_add_up_to_one_run(small_vocab_model: Path, tmp_path: Path) -> None:
+    run_generate(_config(small_vocab_model, tmp_path / "one", **{"cache.target": "sampled", "cache.num_samples": 16}))
+    for index in range(3):
+        summary = run_generate(_config(small_vocab_model, tmp_path / "three", **{"cache.target": "sampled",
+                                       "cache.num_samples": 16}), num_shards=3, shard_index=index)
+        assert summary.task == f"task-{index:05d}" and summary.written == 4
+    _assert_same_cache(tmp_path / "one", tmp_path / "three")
+
+
+def test_task_defaults_come_from_slurm_array_variables() -> None:
+    gen = build_config({}).generate
+    assert resolve_task(gen, env={}) == (0, 1)
+    assert resolve_task(gen, env={"SLURM_ARRAY_TASK_COUNT": "8", "SLURM_ARRAY_TASK_ID": "5"}) == (5, 8)
+    assert resolve_task(gen, 4, 1, env={"SLURM_ARRAY_TASK_COUNT": "8", "SLURM_ARRAY_TASK_ID": "5"}) == (1, 4)
+
+
+def _cli_process(model: Path, cache: Path, **extra: Any) -> subprocess.Popen:
+    args = [sys.executable, "-m", "qadpipe.cli", "generate"]
+    for item in _overrides(model, cache, **extra):
+        args += ["--set", item]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _committed_shards(manifest: Path) -> int:
+    try:
+        return len(json.loads(manifest.read_text())["shards"])
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return 0
+
+
+def _wait_for_shards(proc: subprocess.Popen, manifest: Path, count: int) -> None:
+    deadline = time.monotonic() + 120
+    while _committed_shards(manifest) < count:
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        assert time.monotonic() < deadline, f"fewer than {count} shards committed within 120 s"
+        time.sleep(0.005)
+
+
+def test_sigterm_then_sigkill_then_rerun_equals_an_uninterrupted_run(small_vocab_model: Path, tmp_path: Path) -> None:
+    many = {"data.random.num_sequences": 160, "data.random.length": 32, "cache.rows_per_shard": 4}
+    run_generate(_config(small_vocab_model, tmp_path / "whole", **many))
+    cache = tmp_path / "interrupted"
+    manifest = cache / "manifests" / "task-00000.json"
+
+    proc = _cli_process(small_vocab_model, cache, **many)
+    _wait_for_shards(proc, manifest, 1)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    assert "stopped by SIGTERM" in output
+    after_term = len(_rows(cache))
+    assert 0 < after_term < 160
+
+    seed = random.randrange(1 << 30)
+    kill_after = _committed_shards(manifest) + random.Random(seed).randint(1, 15)  # a random point of the rerun
+    proc = _cli_process(small_vocab_model, cache, **many)
+    _wait_for_shards(proc, manifest, kill_after)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.kill()
+    proc.communicate(timeout=60)
+    after_kill = len(_rows(cache))
+    assert after_term < after_kill < 160, f"kill seed {seed}"
+
+    final = run_generate(_config(small_vocab_model, cache, **many))
+    assert final.skipped >= after_kill - 1 and not final.interrupted
+    _assert_same_cache(tmp_path / "whole", cache)
+
+
+@pytest.fixture(scope="module")
+def small_vocab_model(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Path:
+    """A 512-id model (with the SmolLM2 tokenizer files) for the k > vocab case."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("vocab512")
+    LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(out)
+    AutoTokenizer.from_pretrained(str(smollm2_dir)).save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("case, records, extra, message", [
+    ("missing file", None, {"data.source": "no/such/data.jsonl"},
+     "data.source: got 'no/such/data.jsonl' (str), expected an existing file or directory"),
+    ("no field", [{"text": "fine"}, {"body": "x"}], {"data.field": "text"},
+     "{tmp}/d.jsonl record 1: no field 'text' (data.field), record has ['body']"),
+    ("empty prompt", [{"prompt": "ok"}, {"prompt": ""}], {"data.field": "prompt"},
+     "{tmp}/d.jsonl record 1: empty prompt (field 'prompt' is blank)"),
+    ("too long", [{"text": "word " * 1500}], {"data.max_length": 4096},
+     "{tmp}/d.jsonl record 0: 1501 tokens exceed the teacher's context of 1024 (max_position_embeddings); "
+     "lower data.max_length"),
+    ("k above vocab", None, {"model.path": "{vocab512}", "cache.k": 600},
+     "cache.k: got 600, expected <= the teacher's vocab size (512)"),
+    ("no vllm", None, {"teacher.backend": "vllm"},
+     "teacher.backend: got 'vllm', but vLLM is not installed (pip install 'qadpipe[cpu]' or 'qadpipe[gpu]'), "
+     "or set teacher.backend=hf"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case: str, records: list | None, extra: dict, message: str,
+                                                         tiny_llama_dir: Path, small_vocab_model: Path,
+                                                         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if records is not None:
+        (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        extra = {"data.source": "{tmp}/d.jsonl", **extra}
+    if case == "no vllm":
+        import importlib.util
+
+        real = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    fill = {"tmp": tmp_path, "vocab512": small_vocab_model}
+    args = ["generate"]
+    for item in _overrides(tiny_llama_dir, tmp_path / "cache", **{k: str(v).format(**fill) for k, v in extra.items()}):
+        args += ["--set", item]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == "qadpipe: error: " + message.format(**fill)
+    assert not (tmp_path / "cache").exists()
