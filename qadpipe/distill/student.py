@@ -1,6 +1,8 @@
 """The fake-quantized student: how it is built, its training forward, and the final layout.
 
-``<distill.output_dir>/final/`` is what ``qadpipe export`` reads::
+``<distill.output_dir>/final/`` is what ``qadpipe export`` reads (``ptq/``, the calibrated
+student before training, has the same layout and is what ``qadpipe eval`` calls the PTQ
+baseline)::
 
     final/model.safetensors   the student's state_dict: weights AND quantizer state
                               (tied aliases dropped; the metadata key "aliases" lists them)
@@ -34,6 +36,8 @@ from qadpipe.provenance import RUN_FILE, save_run_record
 log = logging.getLogger(__name__)
 
 FINAL_DIR = "final"
+#: The calibrated student before any training (the PTQ baseline), in the same layout.
+PTQ_DIR = "ptq"
 
 
 def build_student(config: Any, device: torch.device) -> nn.Module:
@@ -65,10 +69,11 @@ class StudentLoss(nn.Module):
         return head_loss(hidden, head, targets, spec, self.chunk_tokens, teacher_head)
 
 
-def save_final(output_dir: Path, model_state: dict[str, torch.Tensor], config: Any) -> Path:
-    """Write ``final/`` whole (temp dir → rename), replacing an older one."""
-    final = Path(output_dir) / FINAL_DIR
-    tmp = Path(tempfile.mkdtemp(prefix=".final.", dir=output_dir))
+def save_student(output_dir: Path, model_state: dict[str, torch.Tensor], config: Any,
+                 name: str = FINAL_DIR) -> Path:
+    """Write ``<output_dir>/<name>/`` whole (temp dir → rename), replacing an older one."""
+    final = Path(output_dir) / name
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=output_dir))
     try:
         tensors, aliases = unique_tensors(model_state)
         save_file(tensors, str(tmp / MODEL_FILE), metadata={"aliases": repr(sorted(aliases.items()))})
@@ -103,6 +108,12 @@ def _is_alias(model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> 
     state = model.state_dict()
     target = state[name]
     return any(state[other].data_ptr() == target.data_ptr() for other in tensors if other in state)
+
+
+def is_student_dir(path: Path) -> bool:
+    """Whether ``path`` holds a student in the ``final/`` layout (vs an HF checkpoint)."""
+    return (Path(path) / MODEL_FILE).is_file() and (Path(path) / RUN_FILE).is_file() \
+        and not (Path(path) / "config.json").is_file()
 
 
 def load_final_student(final_dir: Path, device: str = "cpu") -> tuple[nn.Module, Any]:

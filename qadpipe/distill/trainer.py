@@ -45,7 +45,7 @@ from qadpipe.distill.head_loss import STAT_KEYS, LossSpec, PositionTargets, spli
 from qadpipe.distill.loader import TargetLoader
 from qadpipe.distill.observe import MetricsLog, peak_memory_gib
 from qadpipe.distill.schedule import lr_multiplier
-from qadpipe.distill.student import StudentLoss, build_student, load_state_into, save_final
+from qadpipe.distill.student import PTQ_DIR, StudentLoss, build_student, load_state_into, save_student
 from qadpipe.errors import DistillError
 from qadpipe.provenance import save_run_record
 from qadpipe.targets import SequenceTargets
@@ -131,6 +131,8 @@ class DistillRecipe:
         restored = self._restore_weights(student) if self.resume else None
         if restored is None:
             self._calibrate(student)
+            if self.env.is_main:
+                save_student(self.output_dir, student.state_dict(), self.config, PTQ_DIR)
             self.ptq_eval = self._evaluate(self.model)
             self._log_eval("ptq", self.ptq_eval)
         self._select_trainable(student)
@@ -422,7 +424,7 @@ class DistillRecipe:
 
     def save_final(self) -> Optional[Path]:
         model_state = {_strip(k): v for k, v in dist_utils.full_model_state(self.model).items()}
-        final = save_final(self.output_dir, model_state, self.config) if self.env.is_main else None
+        final = save_student(self.output_dir, model_state, self.config) if self.env.is_main else None
         dist_utils.barrier()
         if final is not None:
             log.info("final student written to %s (qadpipe export reads it)", final)

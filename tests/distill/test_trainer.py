@@ -49,7 +49,7 @@ def test_qad_lowers_held_out_kl_and_writes_a_loadable_final_student(peaky_llama_
     assert [r["step"] for r in rows] == list(range(1, 7))
     assert all(r["tokens_per_s"] > 0 and r["mem_gib"] > 0 and 0 <= r["top1"] <= 1 for r in rows)
     # final/ rebuilds into the trained student: same tensors, quantizer state included
-    from qadpipe.distill.student import load_final_student
+    from qadpipe.distill.student import is_student_dir, load_final_student
 
     model, config = load_final_student(tmp_path / "final")
     saved = load_file(str(tmp_path / "final" / "model.safetensors"))
@@ -59,6 +59,11 @@ def test_qad_lowers_held_out_kl_and_writes_a_loadable_final_student(peaky_llama_
     assert config.distill.max_steps == 6
     original = load_file(str(next(peaky_llama_dir.glob("*.safetensors"))))
     assert not torch.equal(saved["model.layers.0.mlp.up_proj.weight"], original["model.layers.0.mlp.up_proj.weight"])
+    # ptq/ = the calibrated student before training, same layout (what qadpipe eval calls PTQ)
+    assert is_student_dir(tmp_path / "ptq") and is_student_dir(tmp_path / "final")
+    assert not is_student_dir(peaky_llama_dir)
+    ptq = load_file(str(tmp_path / "ptq" / "model.safetensors"))
+    torch.testing.assert_close(ptq["model.layers.0.mlp.up_proj.weight"], original["model.layers.0.mlp.up_proj.weight"])
 
 
 def test_qat_trains_on_data_cross_entropy_only_and_final_keeps_calibrated_quantizer_state(
