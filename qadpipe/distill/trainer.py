@@ -84,6 +84,7 @@ class _Window:
     def __init__(self, device: torch.device) -> None:
         self.stats = {key: torch.zeros((), dtype=torch.float64, device=device) for key in STAT_KEYS}
         self.tokens = 0
+        self.grad_norm = math.nan  # of the window's last step, before clipping
         self.started = time.perf_counter()
 
     def add(self, stats: dict[str, torch.Tensor], tokens: int) -> None:
@@ -337,6 +338,7 @@ class DistillRecipe:
             window.add(stats, batch.num_tokens)
         norm = dist_utils.clip_grad_norm(self.params, self.cfg.max_grad_norm)
         self._refuse_non_finite("gradient norm", torch.tensor(norm))
+        window.grad_norm = norm
         self.optimizer.step()
         self.scheduler.step()
 
@@ -389,7 +391,8 @@ class DistillRecipe:
         totals = {key: dist_utils.all_reduce(value.clone()) for key, value in window.stats.items()}
         tokens = dist_utils.all_reduce(torch.tensor(float(window.tokens))).item()
         elapsed = time.perf_counter() - window.started
-        row = {"step": self.step, **summarize(totals), "lr": self.scheduler.get_last_lr()[0],
+        row = {"step": self.step, **summarize(totals), "grad_norm": window.grad_norm,
+               "lr": self.scheduler.get_last_lr()[0],
                "tokens_per_s": tokens / max(elapsed, 1e-9), "mem_gib": peak_memory_gib(self.env.device)}
         progress.set_postfix(loss=f"{row['loss']:.4f}", kl=f"{row.get('kl', float('nan')):.4f}")
         if self.env.is_main:
