@@ -1,0 +1,104 @@
+"""Serving proof: vLLM (CPU) serves the int4 W4A16 and int8 W8A8 compressed-tensors exports of
+SmolLM2 and agrees with the torch fake-quant student as closely as vLLM bf16 agrees with HF on
+the unquantized model.
+
+Teacher-forced log-probs of the actual next tokens of fixed text are compared position by
+position.  The noise floor is measured in the same run: vLLM bf16 vs HF bf16 on the
+unquantized SmolLM2; for W8A8, whose run-time activation quantization amplifies rounding
+noise, also the same student's fp32-vs-bf16 spread.  The three engines start one after the other in ONE subprocess (vLLM
+imported once); ``bench/export_sizes.py --serve`` prints the same figures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qadpipe.export import export_model
+
+SCRIPT = Path(__file__).parents[1] / "scripts" / "vllm_token_logprobs.py"
+TEXTS = [
+    "The capital of France is Paris. It is known for the Eiffel Tower, the Louvre museum and its cafes along the Seine.",
+    "Water boils at one hundred degrees Celsius at sea level, but at higher altitudes it boils at a lower temperature.",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
+    "Photosynthesis converts light energy into chemical energy: plants take in carbon dioxide and water and release oxygen.",
+    "Once upon a time, in a small village at the edge of a dark forest, there lived a girl who loved to read books about faraway lands and the stars.",
+    "To make a cup of tea, boil fresh water, pour it over the tea leaves, wait three to five minutes, then remove the leaves and add milk or lemon if you like.",
+]
+
+
+def token_logprobs(model: torch.nn.Module, sequences: list[list[int]]) -> list[list[float]]:
+    """Log-prob of each actual next token under a torch model (fp32 log-softmax of its logits)."""
+    out = []
+    with torch.no_grad():
+        for ids in sequences:
+            logits = model(torch.tensor([ids])).logits[0, :-1].float()
+            logprobs = torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:]).unsqueeze(-1))
+            out.append(logprobs.squeeze(-1).tolist())
+    return out
+
+
+def vllm_logprobs(model_dirs: list[Path], sequences: list[list[int]]) -> dict[str, list[list[float]]]:
+    request = json.dumps({"models": [str(d) for d in model_dirs], "sequences": sequences})
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_INT4_W4A8": "0"}
+    proc = subprocess.run([sys.executable, str(SCRIPT), request], capture_output=True, text=True,
+                          timeout=540, env=env)
+    result = next((line for line in proc.stdout.splitlines() if line.startswith("RESULT ")), None)
+    assert proc.returncode == 0 and result, proc.stderr[-3000:]
+    return json.loads(result[len("RESULT "):])
+
+
+def mean_abs_diff(a: list[list[float]], b: list[list[float]]) -> float:
+    flat_a = torch.tensor([x for row in a for x in row])
+    flat_b = torch.tensor([x for row in b for x in row])
+    return float((flat_a - flat_b).abs().mean())
+
+
+def serving_figures(smollm2_dir: Path, work: Path, make_student) -> dict[str, float]:
+    """Export the two students, score everything, return the mean |Δ log-prob| figures."""
+    from qadpipe.models import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(str(smollm2_dir))
+    sequences = [tokenizer(text)["input_ids"] for text in TEXTS]
+    torch_lp = {"base": token_logprobs(load_causal_lm(str(smollm2_dir)), sequences)}
+    dirs = {"base": smollm2_dir}
+    for key, preset, group in (("int4", "w4a16_int", 32), ("int8", "w8a8_int", None)):
+        model, config = make_student(smollm2_dir, preset, group)
+        dirs[key] = work / key
+        export_model(model, smollm2_dir, dirs[key], "compressed-tensors", config)
+        torch_lp[key] = token_logprobs(model, sequences)
+        del model
+    # Activation quantization amplifies rounding noise: the same W8A8 student (SmolLM2's weights
+    # are bf16-exact, so the codes are identical) run in fp32 instead of bf16.
+    torch_lp["int8_fp32"] = token_logprobs(make_student(smollm2_dir, "w8a8_int", dtype="float32")[0], sequences)
+    served = vllm_logprobs([dirs["base"], dirs["int4"], dirs["int8"]], sequences)
+    served = {key: served[str(path)] for key, path in dirs.items()}
+    return {
+        "noise_floor": mean_abs_diff(served["base"], torch_lp["base"]),
+        "int4_vs_student": mean_abs_diff(served["int4"], torch_lp["int4"]),
+        "int8_vs_student": mean_abs_diff(served["int8"], torch_lp["int8"]),
+        "int4_vs_base": mean_abs_diff(served["int4"], torch_lp["base"]),
+        "int8_vs_base": mean_abs_diff(served["int8"], torch_lp["base"]),
+        "int8_noise_floor": mean_abs_diff(torch_lp["int8_fp32"], torch_lp["int8"]),
+        "positions": sum(len(s) - 1 for s in sequences),
+    }
+
+
+@pytest.mark.slow
+def test_vllm_serves_what_was_trained(smollm2_dir, tmp_path, student):
+    figures = serving_figures(smollm2_dir, tmp_path, student)
+    print("serving figures (mean |Δ log-prob| per token):", json.dumps(figures, indent=1))
+    floor = figures["noise_floor"]
+    # int4 weight-only: vLLM's W4A16 kernel sees exactly the student's weights -> at the floor.
+    assert figures["int4_vs_student"] <= 2 * floor, figures
+    # The served int4 model is the quantized student, not the base model.
+    assert figures["int4_vs_student"] < figures["int4_vs_base"] / 2, figures
+    # int8 W8A8 also quantizes activations per token at run time, which amplifies bf16 noise:
+    # compare with the same student's own fp32-vs-bf16 spread.
+    assert figures["int8_vs_student"] <= 2 * max(floor, figures["int8_noise_floor"]), figures
