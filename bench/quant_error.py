@@ -57,12 +57,16 @@ def windows(tokenizer, text: str, count: int, length: int) -> list[torch.Tensor]
     return [ids[i * length:(i + 1) * length] for i in range(count)]
 
 
-def relative_weight_mse(model: torch.nn.Module) -> float:
+def freeze_weights(model: torch.nn.Module) -> float:
+    """Fake-quantize every weight once (the weights never change here, so each forward would
+    recompute the same Q(W)); returns the relative weight MSE of those Q(W)."""
     err = ref = 0.0
     for module in model.modules():
         if isinstance(module, QuantLinear):
             w = module.weight.detach().float()
-            err += float(((module.fake_quantized_weight().float() - w) ** 2).sum())
+            w_q = module.fake_quantized_weight()
+            module.weight_quantizer.forward = lambda weight, w_q=w_q: w_q
+            err += float(((w_q.float() - w) ** 2).sum())
             ref += float((w ** 2).sum())
     return err / ref
 
@@ -104,9 +108,10 @@ def main() -> None:
         quant = build_config({"quant": {"preset": preset, "group_size": args.group_size if configurable else None,
                                         "calibration_batches": args.calib}}).quant
         apply_recipe(student, quant)
+        mse = freeze_weights(student)
         calibrate(student, calib, args.calib)
         result = score(student)
-        rows.append((preset, group, relative_weight_mse(student), result))
+        rows.append((preset, group, mse, result))
         print(f"{preset}: KL {result['kl']:.4f} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
         del student
 
