@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,7 +105,8 @@ class _StopOnSigterm:
         self._previous: Any = None
 
     def __enter__(self) -> "_StopOnSigterm":
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -112,7 +114,8 @@ class _StopOnSigterm:
         log.warning("SIGTERM: finishing the current batch, committing the open shard, then stopping")
 
     def __exit__(self, *exc: Any) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def _batches(sequences: list[TokenSequence], size: int) -> list[list[TokenSequence]]:

@@ -91,7 +91,9 @@ class VLLMTeacher:
         kwargs: dict[str, Any] = dict(
             model=path, dtype=teacher.dtype, max_logprobs=k, logprobs_mode="raw_logprobs",
             tensor_parallel_size=teacher.tensor_parallel_size, max_model_len=max_model_len,
-            max_num_batched_tokens=max(teacher.max_num_batched_tokens, max_model_len),
+            # Chunked prefill (on by default) lets a step hold fewer tokens than one sequence:
+            # this bounds the V1 runner's [tokens, vocab] prompt-logprob peak.
+            max_num_batched_tokens=teacher.max_num_batched_tokens,
             enforce_eager=teacher.enforce_eager, trust_remote_code=trust_remote_code, seed=0,
         )
         if teacher.fp32_head:

@@ -1,0 +1,201 @@
+"""Top-k capture throughput vs plain prefill, side by side on the same sequences.
+
+    python bench/capture_throughput.py                          # CPU: vLLM + HF on SmolLM2
+    python bench/capture_throughput.py --backend hf --device cuda --model qwen3-1.7b-random
+
+vLLM: plain prefill (max_tokens=1, no log-probs) vs capture at each k, end to end (prompt
+log-probs -> numpy -> SequenceTargets -> cache shards written), and the naive path
+(flat_logprobs=False: one dict of Logprob objects per position, walked in Python).
+HF: plain forward (full logits) vs chunked top-k capture (end to end, cache written) vs a
+naive full fp32 log_softmax + topk.  Each figure is the best of ``--repeats`` rounds,
+interleaved, so machine noise hits every variant alike; ratios are what to read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+
+def random_sequences(n: int, length: int, vocab: int, seed: int = 0) -> list[Any]:
+    from qadpipe.data.sequences import TokenSequence
+
+    rng = np.random.default_rng(seed)
+    return [TokenSequence(f"bench-{i}", rng.integers(0, vocab, size=length).astype(np.int32)) for i in range(n)]
+
+
+def meta_for(vocab: int, k: int) -> Any:
+    from qadpipe.cache import CacheMeta
+
+    return CacheMeta(teacher="bench", teacher_revision="-", teacher_dtype="bfloat16", tokenizer_fingerprint="-",
+                     vocab_size=vocab, target_kind="topk", k=k, num_samples=1, encoding="compact")
+
+
+def write_cache(rows: list[Any], vocab: int, k: int) -> None:
+    from qadpipe.cache import CacheWriter
+
+    with tempfile.TemporaryDirectory() as root, CacheWriter(root, meta_for(vocab, k), rows_per_shard=256) as writer:
+        for row in rows:
+            writer.write(row)
+
+
+def best_of(variants: dict[str, Callable[[], None]], repeats: int, sync: Callable[[], None] = lambda: None) -> dict[str, float]:
+    """Seconds per variant: the fastest of ``repeats`` interleaved rounds."""
+    best = {name: float("inf") for name in variants}
+    for _ in range(repeats):
+        for name, run in variants.items():
+            sync()
+            started = time.perf_counter()
+            run()
+            sync()
+            best[name] = min(best[name], time.perf_counter() - started)
+    return best
+
+
+def report(title: str, seconds: dict[str, float], tokens: int, baseline: str) -> dict[str, Any]:
+    print(f"\n{title} ({tokens} tokens per variant)")
+    print(f"{'variant':<28}{'tokens/s':>12}{'x ' + baseline:>22}")
+    rows = {}
+    for name, sec in seconds.items():
+        rate = tokens / sec
+        ratio = seconds[baseline] / sec
+        rows[name] = {"seconds": sec, "tokens_per_s": rate, "ratio": ratio}
+        print(f"{name:<28}{rate:>12.0f}{ratio:>22.2f}")
+    return rows
+
+
+def bench_vllm(model_dir: str, seqs: list[Any], ks: list[int], repeats: int) -> dict[str, Any]:
+    from vllm import LLM, SamplingParams, TokensPrompt
+
+    from qadpipe.teacher.base import TargetSpec
+    from qadpipe.teacher.vllm_backend import VLLMTeacher
+
+    length = len(seqs[0].input_ids)
+    llm = LLM(model=model_dir, dtype="bfloat16", max_logprobs=max(ks), logprobs_mode="raw_logprobs",
+              hf_overrides={"head_dtype": "float32"}, max_model_len=length + 8, enforce_eager=True,
+              max_num_batched_tokens=max(2048, length + 8), seed=0)
+    vocab = int(llm.llm_engine.model_config.get_vocab_size())
+    prompts = [TokensPrompt(prompt_token_ids=s.input_ids.tolist()) for s in seqs]
+
+    def plain() -> None:
+        llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0.0, detokenize=False), use_tqdm=False)
+
+    def capture(k: int) -> Callable[[], None]:
+        teacher = VLLMTeacher(llm, k, vocab)
+        return lambda: write_cache(teacher.score(seqs, TargetSpec(k=k)), vocab, k)
+
+    def naive_dicts(k: int) -> Callable[[], None]:
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k, detokenize=False)
+
+        def run() -> None:
+            for out in llm.generate(prompts, params, use_tqdm=False):
+                rows = out.prompt_logprobs[1:]
+                ids = np.array([[t for t, lp in sorted(row.items(), key=lambda e: e[1].rank)
+                                 if lp.rank is not None and lp.rank <= k][:k] for row in rows], dtype=np.int32)
+                lps = np.array([[lp.logprob for t, lp in sorted(row.items(), key=lambda e: e[1].rank)
+                                 if lp.rank is not None and lp.rank <= k][:k] for row in rows], dtype=np.float32)
+                assert ids.shape == lps.shape == (len(rows), k)
+        return run
+
+    plain()  # warm-up
+    variants = {"plain prefill": plain, **{f"capture k={k}": capture(k) for k in ks},
+                "naive dicts k=64": naive_dicts(64)}
+    tokens = sum(len(s.input_ids) for s in seqs)
+    return report("vLLM", best_of(variants, repeats), tokens, "plain prefill")
+
+
+def random_qwen3_1p7b(device: str) -> Any:
+    """Qwen3-1.7B's shapes with random weights (no hub): 28 layers, 2048 wide, vocab 151936."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                         num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                         tie_word_embeddings=True, rope_theta=1000000.0)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen3ForCausalLM(config).to(torch.bfloat16)
+    return model.eval()
+
+
+def bench_hf(model: Any, seqs: list[Any], ks: list[int], repeats: int, batch_size: int) -> dict[str, Any]:
+    import torch
+
+    from qadpipe.teacher.base import TargetSpec
+    from qadpipe.teacher.hf_backend import HFTeacher
+
+    device = next(model.parameters()).device
+    teacher = HFTeacher(model, batch_size=batch_size)
+    vocab = teacher.vocab_size
+    batches = [torch.from_numpy(np.stack([s.input_ids for s in seqs[i:i + batch_size]]).astype(np.int64)).to(device)
+               for i in range(0, len(seqs), batch_size)]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    @torch.no_grad()
+    def plain() -> None:
+        for ids in batches:
+            model(input_ids=ids).logits
+
+    @torch.no_grad()
+    def naive(k: int) -> None:
+        for ids in batches:
+            logits = model(input_ids=ids).logits
+            values, index = torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)
+            values.cpu(), index.cpu()
+
+    def capture(k: int) -> Callable[[], None]:
+        return lambda: write_cache(teacher.score(seqs, TargetSpec(k=k)), vocab, k)
+
+    plain()  # warm-up
+    variants = {"plain forward": plain, **{f"capture k={k}": capture(k) for k in ks},
+                "naive fp32 log_softmax k=64": lambda: naive(64)}
+    tokens = sum(len(s.input_ids) for s in seqs)
+    return report(f"HF ({device})", best_of(variants, repeats, sync), tokens, "plain forward")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backend", choices=["vllm", "hf", "both"], default="both")
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="an HF directory, 'smollm2-135m', or 'qwen3-1.7b-random' (HF backend only)")
+    parser.add_argument("--device", default="cpu", help="HF backend device")
+    parser.add_argument("--sequences", type=int, default=32)
+    parser.add_argument("--length", type=int, default=512)
+    parser.add_argument("--ks", type=int, nargs="+", default=[32, 64, 128])
+    parser.add_argument("--batch-size", type=int, default=8, help="HF sequences per forward")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--json", help="also write the figures here")
+    args = parser.parse_args()
+
+    from qadpipe.models import load_causal_lm, resolve_model_path
+
+    results: dict[str, Any] = {"args": vars(args)}
+    if args.model == "qwen3-1.7b-random":
+        if args.backend != "hf":
+            parser.error("--model qwen3-1.7b-random is for --backend hf (it exists only in memory)")
+        model = random_qwen3_1p7b(args.device)
+        seqs = random_sequences(args.sequences, args.length, model.config.vocab_size)
+        results["hf"] = bench_hf(model, seqs, args.ks, args.repeats, args.batch_size)
+    else:
+        model_dir = str(resolve_model_path(args.model))
+        model = load_causal_lm(model_dir, "bfloat16", args.device)
+        seqs = random_sequences(args.sequences, args.length, model.config.vocab_size)
+        if args.backend in ("hf", "both"):
+            results["hf"] = bench_hf(model, seqs, args.ks, args.repeats, args.batch_size)
+        del model
+        if args.backend in ("vllm", "both"):
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+            results["vllm"] = bench_vllm(model_dir, seqs, args.ks, args.repeats)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
