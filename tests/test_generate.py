@@ -89,6 +89,27 @@ def test_tasks_split_the_records_and_add_up_to_one_run(small_vocab_model: Path, 
     _assert_same_cache(tmp_path / "one", tmp_path / "three")
 
 
+def test_generate_mode_scores_prompt_plus_completion(small_vocab_model: Path, tmp_path: Path) -> None:
+    from qadpipe.data import load_sequences
+    from qadpipe.models import load_tokenizer
+
+    extra = {"generate.mode": "generate", "generate.include_prompt": "false", "generate.max_new_tokens": 6,
+             "generate.temperature": 1.0, "data.random.length": 8, "data.max_length": 16,
+             "data.random.num_sequences": 4}
+    cfg = _config(small_vocab_model, tmp_path / "gen", **extra)
+    run_generate(cfg)
+    prompts = load_sequences(cfg.data, cfg.generate, load_tokenizer(str(small_vocab_model)), 512).sequences
+    rows = _rows(tmp_path / "gen")
+    assert sorted(rows) == sorted(p.id for p in prompts)
+    for prompt in prompts:
+        row = rows[prompt.id]
+        assert np.array_equal(row.input_ids[:8], prompt.input_ids)
+        assert 1 <= len(row.input_ids) - 8 <= 6  # the teacher's completion, stopped at EOS or max_new_tokens
+        assert row.target_start == 7 and row.num_target_rows == len(row.input_ids) - 8
+    run_generate(_config(small_vocab_model, tmp_path / "again", **extra))
+    _assert_same_cache(tmp_path / "gen", tmp_path / "again")  # completions are seeded per prompt
+
+
 def test_task_defaults_come_from_slurm_array_variables() -> None:
     gen = build_config({}).generate
     assert resolve_task(gen, env={}) == (0, 1)
