@@ -78,6 +78,7 @@ def test_qat_trains_on_data_cross_entropy_only_and_final_keeps_calibrated_quanti
     assert torch.isfinite(amax).all() and (amax > 0).all()
 
 
+@pytest.mark.slow
 def test_online_full_kl_bounds_the_cached_tail_bucket_kl_from_above(peaky_llama_dir, topk_cache, tmp_path):
     """Same first batch, same starting student: the full-vocab KL (teacher in the loop) is
     at least the k+1-bucket KL on the cache, which is a coarsening of it."""
@@ -90,12 +91,14 @@ def test_online_full_kl_bounds_the_cached_tail_bucket_kl_from_above(peaky_llama_
     assert first["online"] >= first["qad"] > 0
 
 
+@pytest.mark.slow
 def test_sampled_cache_trains_with_sampled_ce(peaky_llama_dir, sampled_cache, tmp_path):
     result = distill(peaky_llama_dir, sampled_cache, tmp_path, "distill.loss=sampled_ce", "distill.max_steps=2")
     assert result.exit_code == 0, result.output
     assert all(np.isfinite(r["loss"]) for r in train_rows(tmp_path))
 
 
+@pytest.mark.slow
 def test_packed_batches_give_the_padded_loss(peaky_llama_dir, topk_cache, tmp_path):
     losses = {}
     for name, extra in (("padded", []), ("packed", ["distill.pack_length=64"])):

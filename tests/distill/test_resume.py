@@ -1,0 +1,78 @@
+"""Kill the trainer at a random step (kill -9, or SIGTERM as a preempting scheduler does),
+resume, and the loss curve continues exactly as in an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from distill_fixtures import settings
+
+STEPS = 6
+
+
+def command(model_dir: Path, cache: Path, out: Path, *flags: str) -> list[str]:
+    sets = settings(model_dir, cache, f"distill.output_dir={out}", f"distill.max_steps={STEPS}",
+                    "distill.save_every=1", "distill.eval_every=3", "distill.shuffle_buffer=4")
+    return [sys.executable, "-m", "qadpipe.cli", "distill", *[a for s in sets for a in ("--set", s)], *flags]
+
+
+def curve(out: Path) -> list[tuple[int, float, float]]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"], r["grad_norm"]) for r in rows if "loss" in r]
+
+
+def trained_steps(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    steps = [json.loads(line).get("step", 0) for line in path.read_text().splitlines() if '"loss"' in line]
+    return max(steps, default=0)
+
+
+def run_until_killed(cmd: list[str], out: Path, at_step: int, sig: int) -> int:
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while trained_steps(out) < at_step:
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        assert time.monotonic() < deadline, "trainer too slow to reach the kill step"
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    proc.wait(timeout=300)
+    return proc.returncode
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(peaky_llama_dir, topk_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    done = subprocess.run(command(peaky_llama_dir, topk_cache, out), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return curve(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [pytest.param(signal.SIGKILL, id="kill-9"), pytest.param(signal.SIGTERM, id="sigterm")])
+def test_resume_after_a_kill_continues_the_loss_curve_exactly(peaky_llama_dir, topk_cache, tmp_path,
+                                                             uninterrupted, sig):
+    at_step = random.Random(os.getpid()).randint(2, STEPS - 2)
+    cmd = command(peaky_llama_dir, topk_cache, tmp_path)
+    code = run_until_killed(cmd, tmp_path, at_step, sig)
+    if sig == signal.SIGTERM:
+        assert code == 143  # checkpoint saved at the end of the step, then "rerun with --resume"
+    else:
+        assert code == -signal.SIGKILL
+    assert (tmp_path / "checkpoints" / "LATEST").is_file()
+    assert not (tmp_path / "final").exists()
+    resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stderr
+    # one row per step (rows the killed run wrote after its last checkpoint are replaced), equal values
+    assert curve(tmp_path) == uninterrupted, f"killed at step >= {at_step}"
