@@ -75,6 +75,17 @@ def test_decode_kl_below_target_at_k64():
     np.testing.assert_allclose(decoded_tail, tail, rtol=compact.TAIL_STEP)
 
 
+def test_tail_codes_keep_the_smaller_of_tail_and_topk_mass_precise():
+    """Peaked positions (tail ~ 1e-6) and flat ones (tail ~ 1 − 6e-4, random-token data) alike:
+    the relative error of min(tail, 1 − tail) stays within half a tail step."""
+    tail = np.array([0.0, 1e-30, 1e-6, 0.01, 0.3, 0.5, 0.5000001, 0.9, 1 - 6e-4, 1 - 1e-9, 1.0])
+    decoded = compact.decode_tail_codes(compact.tail_codes(tail))
+    assert decoded[0] == 0.0
+    small, small_decoded = np.minimum(tail, 1 - tail)[1:-1], np.minimum(decoded, 1 - decoded)[1:-1]
+    np.testing.assert_allclose(small_decoded, small, rtol=compact.TAIL_STEP / 2 * 1.01)
+    assert 1 - decoded[-1] < 1e-50  # a tail of exactly 1 (no top-k mass) stays ~1
+
+
 def test_order_table_roundtrip_and_corruption():
     order = np.array([7, 3, 49151, 0], dtype=np.int64)
     np.testing.assert_array_equal(compact.unpack_order(compact.pack_order(order), "x"), order)
