@@ -147,10 +147,14 @@ def decode_batch(batch: pa.RecordBatch, meta: CacheMeta, id_order: np.ndarray | 
     starts = batch.column("target_start").to_numpy()
     tokens, token_offsets = column_values(batch, "input_ids", meta)
     tokens = tokens.astype(np.int64, copy=False)
+    _check_decoded_ids(tokens, meta.vocab_size, "input_ids")
     if meta.target_kind == "topk":
-        fields = _decode_topk(batch, meta, id_order)
+        fields, positions = _decode_topk(batch, meta, id_order)
     else:
-        fields = _decode_sampled(batch, meta)
+        fields, positions = _decode_sampled(batch, meta)
+    expected = np.diff(token_offsets) - 1 - starts
+    if (np.diff(positions) != expected).any() or (starts < 0).any():
+        raise ValueError("target rows per sequence differ from len(input_ids) - 1 - target_start")
     return [
         SequenceTargets(id=ids[i], input_ids=tokens[token_offsets[i]:token_offsets[i + 1]],
                         target_start=int(starts[i]), **{name: make(i) for name, make in fields.items()})
@@ -158,7 +162,13 @@ def decode_batch(batch: pa.RecordBatch, meta: CacheMeta, id_order: np.ndarray | 
     ]
 
 
-def _decode_topk(batch: pa.RecordBatch, meta: CacheMeta, id_order: np.ndarray | None) -> dict:
+def _check_decoded_ids(ids: np.ndarray, vocab_size: int, name: str, allow_tail: bool = False) -> None:
+    """Decoded bytes are untrusted: an id outside the vocab would index past an embedding."""
+    if ids.size and (int(ids.max()) >= vocab_size or int(ids.min()) < (TAIL_ID if allow_tail else 0)):
+        raise ValueError(f"{name}: ids span [{int(ids.min())}, {int(ids.max())}], expected [0, {vocab_size})")
+
+
+def _decode_topk(batch: pa.RecordBatch, meta: CacheMeta, id_order: np.ndarray | None) -> tuple[dict, np.ndarray]:
     k = meta.k
     if meta.encoding == "plain":
         topk_ids = column_values(batch, "topk_ids", meta)[0].reshape(-1, k)
@@ -172,11 +182,16 @@ def _decode_topk(batch: pa.RecordBatch, meta: CacheMeta, id_order: np.ndarray | 
         topk_ids, logprobs = compact.decode_topk(ranks, steps, id_order)
         codes, pos = column_values(batch, "tail_codes", meta)
         tail = compact.decode_tail_codes(codes)
+    _check_decoded_ids(topk_ids, meta.vocab_size, "topk_ids")
+    if np.isnan(logprobs).any() or (logprobs > 1e-3).any():
+        raise ValueError("topk_logprobs: NaN or positive values, expected log-probs <= 0")
+    if not ((tail >= 0) & (tail <= 1)).all():
+        raise ValueError("tail_mass: NaN or outside [0, 1]")
     return {
         "topk_ids": lambda i: topk_ids[pos[i]:pos[i + 1]],
         "topk_logprobs": lambda i: logprobs[pos[i]:pos[i + 1]],
         "tail_mass": lambda i: tail[pos[i]:pos[i + 1]],
-    }
+    }, pos
 
 
 def shard_id_order(schema: pa.Schema, meta: CacheMeta, where: str) -> np.ndarray | None:
@@ -189,13 +204,16 @@ def shard_id_order(schema: pa.Schema, meta: CacheMeta, where: str) -> np.ndarray
     return compact.unpack_order(blob, where)
 
 
-def _decode_sampled(batch: pa.RecordBatch, meta: CacheMeta) -> dict:
+def _decode_sampled(batch: pa.RecordBatch, meta: CacheMeta) -> tuple[dict, np.ndarray]:
     unique, pos = column_values(batch, "sample_unique", meta)
     sample_ids, entry = column_values(batch, "sample_ids", meta)
     sample_ids = sample_ids.astype(np.int32, copy=False)
     if meta.encoding == "compact":
         sample_ids[sample_ids == meta.vocab_size] = TAIL_ID
     counts = column_values(batch, "sample_counts", meta)[0].astype(np.int32, copy=False)
+    _check_decoded_ids(sample_ids, meta.vocab_size, "sample_ids", allow_tail=True)
+    if sample_ids.shape != counts.shape or (counts < 1).any() or unique.sum() != sample_ids.size:
+        raise ValueError("sample_ids / sample_counts / sample_unique lengths disagree or a count is < 1")
     cumulative = np.zeros(unique.size + 1, dtype=np.int64)
     np.cumsum(unique, out=cumulative[1:])
 
@@ -207,4 +225,4 @@ def _decode_sampled(batch: pa.RecordBatch, meta: CacheMeta) -> dict:
         "sample_offsets": offsets,
         "sample_ids": lambda i: sample_ids[entry[i]:entry[i + 1]],
         "sample_counts": lambda i: counts[entry[i]:entry[i + 1]],
-    }
+    }, pos

@@ -76,6 +76,11 @@ def _shard_entry(raw: object, source: str) -> ShardEntry:
         entry = ShardEntry(**raw)  # type: ignore[arg-type]
     except TypeError as exc:
         raise CacheError(f"{source}: malformed shard entry {raw!r}") from exc
+    counts = (entry.rows, entry.tokens, entry.bytes)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts) \
+            or not isinstance(entry.name, str) or not isinstance(entry.sha256, str):
+        raise CacheError(f"{source}: malformed shard entry {raw!r}: expected a string name and sha256 and "
+                         "non-negative integer rows, tokens and bytes")
     prefix, _, base = entry.name.partition("/")
     if prefix != SHARD_DIR or not _SAFE_NAME.fullmatch(base) or ".." in base or not base.endswith(".parquet"):
         raise CacheError(
@@ -97,6 +102,8 @@ def parse_manifest(text: str, source: str) -> TaskManifest:
         raise CacheError(f"{source}: format_version={raw.get('format_version')!r}, "
                          f"this qadpipe reads format_version={FORMAT_VERSION}")
     meta = CacheMeta.from_dict(raw.get("meta"), source)
+    if not isinstance(raw.get("shards", []), list):
+        raise CacheError(f"{source}: shards={raw.get('shards')!r}, expected a list of shard entries")
     shards = [_shard_entry(entry, source) for entry in raw.get("shards", [])]
     return TaskManifest(task=check_task_name(str(raw.get("task"))), meta=meta, shards=shards,
                         versions=raw.get("versions", {}))

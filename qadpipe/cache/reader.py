@@ -70,24 +70,29 @@ class CacheReader:
     def _parquet(self, shard: ShardEntry, source: pa.NativeFile | None = None) -> pq.ParquetFile:
         try:
             return pq.ParquetFile(source if source is not None else self.store.open_input(shard.name))
-        except (pa.ArrowException, OSError) as exc:
+        except (pa.ArrowException, OSError, ValueError) as exc:
             problem = shard_problem(self.store, shard, rehash=True) or "bytes match the manifest checksum"
-            raise CacheError(f"{self.store.describe(shard.name)}: {problem}; not a readable Parquet shard ({exc})") from exc
+            raise CacheError(f"{self.store.describe(shard.name)}: {problem}; not a readable Parquet shard "
+                             f"({_one_line(exc)})") from exc
 
     def _check_footers_and_ids(self) -> None:
         seen: dict[str, str] = {}
         for shard in self.shards:
             where = self.store.describe(shard.name)
             parquet = self._parquet(shard)
-            raw = (parquet.schema_arrow.metadata or {}).get(META_KEY)
-            if raw is None:
+            try:  # a footer or id column that parses as garbage (bad bytes with a matching hash)
+                raw = (parquet.schema_arrow.metadata or {}).get(META_KEY)
+                meta = None if raw is None else CacheMeta.from_dict(json.loads(raw), where)
+                ids = parquet.read(columns=["id"]).column("id").to_pylist()
+            except (pa.ArrowException, OSError, ValueError, KeyError) as exc:
+                raise CacheError(f"{where}: unreadable shard footer or id column ({_one_line(exc)})") from exc
+            if meta is None:
                 raise CacheError(f"{where}: shard carries no qadpipe cache metadata")
-            difference = meta_difference(self.meta, CacheMeta.from_dict(json.loads(raw), where))
+            difference = meta_difference(self.meta, meta)
             if difference:
                 raise CacheError(f"{where}: shard has {difference[1]}, the cache manifest says {difference[0]}")
             if parquet.metadata.num_rows != shard.rows:
                 raise CacheError(f"{where}: {parquet.metadata.num_rows} rows, manifest says {shard.rows}")
-            ids = parquet.read(columns=["id"]).column("id").to_pylist()
             if len(set(ids)) != len(ids):
                 raise CacheError(f"{where}: duplicate row ids within the shard")
             for row_id in ids:
@@ -154,5 +159,10 @@ class CacheReader:
                 for item in rows[max(lo - row, 0):max(hi - row, 0)]:
                     yield item
                 row += len(rows)
-        except (pa.ArrowException, OSError, ValueError) as exc:
-            raise CacheError(f"{where}: cannot decode shard ({exc})") from exc
+        except (pa.ArrowException, OSError, ValueError, KeyError, IndexError) as exc:
+            raise CacheError(f"{where}: cannot decode shard ({_one_line(exc)})") from exc
+
+
+def _one_line(exc: BaseException) -> str:
+    """A library's (often multi-line) message folded into one line."""
+    return " ".join(str(exc).split()) or type(exc).__name__

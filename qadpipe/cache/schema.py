@@ -109,10 +109,21 @@ class CacheMeta:
                          and f.default_factory is dataclasses.MISSING)
         if unknown or missing:
             raise CacheError(f"{source}: cache metadata has unknown fields {unknown} / lacks fields {missing}")
+        for f in dataclasses.fields(cls):
+            if f.name in data and not _is_json_type(data[f.name], f.type):
+                raise CacheError(f"{source}: cache metadata {f.name}={data[f.name]!r}: expected a JSON {f.type}")
         return cls(**data)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
+
+
+_JSON_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "dict": (dict,)}
+
+
+def _is_json_type(value: Any, annotation: str) -> bool:
+    """Whether a parsed JSON value has the field's type (a bool is not a number here)."""
+    return isinstance(value, _JSON_TYPES[annotation]) and not isinstance(value, bool)
 
 
 def id_dtype(vocab_size: int, sentinel: bool = False) -> np.dtype:
