@@ -70,7 +70,7 @@ def report(title: str, seconds: dict[str, float], tokens: int, baseline: str) ->
     return rows
 
 
-def bench_vllm(model_dir: str, seqs: list[Any], ks: list[int], repeats: int) -> dict[str, Any]:
+def bench_vllm(model_dir: str, seqs: list[Any], ks: list[int], repeats: int, fp32_head: bool) -> dict[str, Any]:
     from vllm import LLM, SamplingParams, TokensPrompt
 
     from qadpipe.teacher.base import TargetSpec
@@ -78,7 +78,8 @@ def bench_vllm(model_dir: str, seqs: list[Any], ks: list[int], repeats: int) -> 
 
     length = len(seqs[0].input_ids)
     llm = LLM(model=model_dir, dtype="bfloat16", max_logprobs=max(ks), logprobs_mode="raw_logprobs",
-              hf_overrides={"head_dtype": "float32"}, max_model_len=length + 8, enforce_eager=True,
+              hf_overrides={"head_dtype": "float32"} if fp32_head else None, max_model_len=length + 8,
+              enforce_eager=True,
               max_num_batched_tokens=max(2048, length + 8), seed=0)
     vocab = int(llm.llm_engine.model_config.get_vocab_size())
     prompts = [TokensPrompt(prompt_token_ids=s.input_ids.tolist()) for s in seqs]
@@ -107,7 +108,8 @@ def bench_vllm(model_dir: str, seqs: list[Any], ks: list[int], repeats: int) -> 
     variants = {"plain prefill": plain, **{f"capture k={k}": capture(k) for k in ks},
                 "naive dicts k=64": naive_dicts(64)}
     tokens = sum(len(s.input_ids) for s in seqs)
-    return report("vLLM", best_of(variants, repeats), tokens, "plain prefill")
+    head = "fp32" if fp32_head else "bf16"
+    return report(f"vLLM ({head} LM head)", best_of(variants, repeats), tokens, "plain prefill")
 
 
 def random_qwen3_1p7b(device: str) -> Any:
@@ -170,6 +172,8 @@ def main() -> None:
     parser.add_argument("--ks", type=int, nargs="+", default=[32, 64, 128])
     parser.add_argument("--batch-size", type=int, default=8, help="HF sequences per forward")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--bf16-head", action="store_true",
+                        help="vLLM: LM head in bf16 (default fp32, as qadpipe's teacher.fp32_head)")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
 
@@ -191,7 +195,7 @@ def main() -> None:
         del model
         if args.backend in ("vllm", "both"):
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-            results["vllm"] = bench_vllm(model_dir, seqs, args.ks, args.repeats)
+            results["vllm"] = bench_vllm(model_dir, seqs, args.ks, args.repeats, not args.bf16_head)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=2)
