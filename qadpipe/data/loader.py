@@ -18,7 +18,7 @@ import numpy as np
 from qadpipe.config.schema import DataConfig, GenerateConfig
 from qadpipe.data.records import iter_records, record_id, source_fingerprint
 from qadpipe.data.sequences import TokenSequence, content_id, fit_length, pack, random_sequences, render_record
-from qadpipe.errors import ConfigError
+from qadpipe.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,9 @@ def load_sequences(data: DataConfig, gen: GenerateConfig, tokenizer: Any, vocab_
 
 def _rendered(data: DataConfig, gen: GenerateConfig, tokenizer: Any, shard_index: int,
               num_shards: int) -> Iterator[tuple[int, str, list[int], int]]:
-    """``(position, id, token ids, prompt length)`` for the records of this task."""
+    """``(position, id, token ids, prompt length)`` for the records of this task; a source
+    without any record is refused (an empty file is a mistake, not an empty cache)."""
+    position = -1
     for position, record in iter_records(data.source, data.field):
         if data.limit is not None and position >= data.limit:
             break
@@ -108,3 +110,5 @@ def _rendered(data: DataConfig, gen: GenerateConfig, tokenizer: Any, shard_index
         ids, prompt_len = render_record(record, where, data.field, tokenizer, chat_template=data.chat_template,
                                         for_generation=gen.mode == "generate")
         yield position, record_id(record, position), ids, prompt_len
+    if position < 0:
+        raise DataError(f"data.source '{data.source}': no records (empty source); expected at least one")

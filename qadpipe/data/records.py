@@ -72,18 +72,26 @@ def _object(value: Any, where: str) -> dict[str, Any]:
     return value
 
 
+def _utf8_lines(path: Path) -> Iterator[str]:
+    """Lines of a text file; a binary or non-UTF-8 file is a DataError naming it."""
+    with open(path, encoding="utf-8") as handle:
+        try:
+            yield from handle
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}: not UTF-8 text ({exc.reason})") from None
+
+
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     position = 0
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
-            yield position, _object(value, f"{path}:{line_no}")
-            position += 1
+    for line_no, line in enumerate(_utf8_lines(path), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
+        yield position, _object(value, f"{path}:{line_no}")
+        position += 1
 
 
 def _iter_json(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -91,6 +99,8 @@ def _iter_json(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         value = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: not valid JSON at line {exc.lineno} ({exc.msg})") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason}); expected a JSON list") from None
     if not isinstance(value, list):
         raise DataError(f"{path}: expected a JSON list of records, got {type(value).__name__}")
     for position, item in enumerate(value):
@@ -113,12 +123,11 @@ def _iter_parquet(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 def _iter_text(path: Path, text_field: str) -> Iterator[tuple[int, dict[str, Any]]]:
     position = 0
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            line = line.rstrip("\n")
-            if line.strip():
-                yield position, {text_field: line}
-                position += 1
+    for line in _utf8_lines(path):
+        line = line.rstrip("\n")
+        if line.strip():
+            yield position, {text_field: line}
+            position += 1
 
 
 def _iter_saved_dataset(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:

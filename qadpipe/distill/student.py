@@ -126,7 +126,14 @@ def load_final_student(final_dir: Path, device: str = "cpu") -> tuple[nn.Module,
     run_file = final_dir / RUN_FILE
     if not (final_dir / MODEL_FILE).is_file() or not run_file.is_file():
         raise DistillError(f"{final_dir}: expected {MODEL_FILE} and {RUN_FILE} (a distill final/ directory)")
-    config = build_config(yaml.safe_load(run_file.read_text())["config"])
+    try:
+        config = build_config(yaml.safe_load(run_file.read_text())["config"])
+    except (yaml.YAMLError, TypeError, KeyError, UnicodeDecodeError) as exc:
+        raise DistillError(f"{run_file}: not a qadpipe run record with a config ({type(exc).__name__})") from None
     model = build_student(config, torch.device(device))
-    load_state_into(model, load_file(str(final_dir / MODEL_FILE)), final_dir)
+    try:
+        tensors = load_file(str(final_dir / MODEL_FILE))
+    except Exception as exc:  # safetensors' own error type; its message names no file
+        raise DistillError(f"{final_dir / MODEL_FILE}: unreadable weights ({exc})") from None
+    load_state_into(model, tensors, final_dir)
     return model.eval(), config

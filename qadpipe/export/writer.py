@@ -47,8 +47,12 @@ def staged_dir(output: Path) -> Iterator[Path]:
     """
     output = Path(output)
     check_replaceable(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{output.name}-", dir=output.parent))
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{output.name}-", dir=output.parent))
+    except OSError as exc:
+        raise ExportError(f"export output {output}: cannot create a directory in {output.parent} "
+                          f"({exc.strerror or exc})") from None
     old = None
     try:
         yield tmp
@@ -61,6 +65,10 @@ def staged_dir(output: Path) -> Iterator[Path]:
             os.replace(output, old / output.name)
         os.replace(tmp, output)
         _fsync(output.parent)
+    except OSError as exc:  # a full disk or lost permission mid-write: nothing half-written stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ExportError(f"export output {output}: writing failed, nothing was changed "
+                          f"({exc.strerror or exc})") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
