@@ -240,3 +240,29 @@ def test_refuses_uncalibrated_static_inputs(tiny_llama_dir, tmp_path):
     model = load_causal_lm(str(tiny_llama_dir))
     apply_recipe(model, config.quant)
     _refused(model, tiny_llama_dir, tmp_path, config, r"static input quantizer was never calibrated")
+
+
+def test_w4a8_fp8_writes_codes_and_bf16_group_scales(student, tiny_llama_dir, tmp_path):
+    """W4A8-FP8: vLLM turns the bf16 group scales into FP8 x per-channel factors at load (a
+    Hopper-only kernel, not checked here); what is checked is that the checkpoint holds the
+    student's codes and bf16 scales exactly, with FP8 per-token inputs in the config."""
+    model, config = student(tiny_llama_dir, "w4a16_int", 32,
+                            rules=[{"targets": r"mlp\.down_proj", "preset": "w4a8_fp8"}])  # K=128
+    out = tmp_path / "export"
+    export_model(model, tiny_llama_dir, out, "compressed-tensors", config)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    (group,) = [g for g in qc["config_groups"].values() if g["input_activations"] is not None]
+    assert group["format"] == "pack-quantized" and group["weights"]["group_size"] == 128
+    assert group["input_activations"]["type"] == "float" and group["input_activations"]["strategy"] == "token"
+    decompressed = ct_decompress(out, list(quant_linears(model)))
+    for name in ("model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"):
+        q = model.get_submodule(name).quantized_weight()
+        plain = dataclasses.replace(q, spec=dataclasses.replace(q.spec, fp8_group_scales=False),
+                                    dtype=torch.float32)
+        assert torch.equal(decompressed[name], dequantize(plain).to(decompressed[name].dtype)), name
+
+
+def test_refuses_w4a8_fp8_outside_group_128(student, tiny_llama_dir, tmp_path):
+    model, config = student(tiny_llama_dir, "w4a16_int", 32,
+                            rules=[{"targets": r"mlp\.down_proj", "preset": "w4a8_fp8", "group_size": 64}])
+    _refused(model, tiny_llama_dir, tmp_path, config, r"down_proj: W4A8-FP8 with 4-bit weights in groups of 64")
