@@ -33,6 +33,7 @@ class Store:
         elif filesystem is not None:
             self.fs, self.base = filesystem, self.root.rstrip("/")
         else:
+            _refuse_credentials(self.root)
             try:
                 self.fs, path = pafs.FileSystem.from_uri(self.root)
             except (pa.ArrowException, OSError, ValueError) as exc:
@@ -117,6 +118,21 @@ class Store:
         for name in self.list(rel_dir):
             if name.startswith(f".{prefix}") and name.endswith(TEMP_SUFFIX):
                 (self.base / rel_dir / name).unlink(missing_ok=True)
+
+
+#: URI query keys with which pyarrow would take secrets from the cache path itself.
+_SECRET_KEYS = ("access_key", "secret_key", "session_token")
+
+
+def _refuse_credentials(uri: str) -> None:
+    """A cache path is saved in configs, manifests and logs, so it must not carry secrets."""
+    from urllib.parse import parse_qs, urlsplit
+
+    parts = urlsplit(uri)
+    if "@" in parts.netloc or any(key in parse_qs(parts.query) for key in _SECRET_KEYS):
+        raise CacheError(f"cache path {parts.scheme}://{parts.hostname or ''}/...: carries credentials; they would "
+                         "be saved in configs and logs. Expected them in the environment (AWS_ACCESS_KEY_ID, "
+                         "AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN)")
 
 
 def _first_line(exc: BaseException) -> str:
