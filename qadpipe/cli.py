@@ -49,7 +49,12 @@ def _config_options(func: Callable[..., Any]) -> Callable[..., Any]:
 def _load(config_path: str | None, overrides: tuple[str, ...]) -> Any:
     from qadpipe.config import load_config
 
-    return load_config(config_path, overrides)
+    config = load_config(config_path, overrides)
+    if config.model.trust_remote_code:
+        logging.getLogger("qadpipe.cli").warning(
+            "model.trust_remote_code is on: Python code shipped inside %s (and the teacher %s) will run "
+            "with your permissions", config.model.path, config.teacher_path)
+    return config
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
