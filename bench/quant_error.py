@@ -112,7 +112,8 @@ def main() -> None:
         calibrate(student, calib, args.calib)
         result = score(student)
         rows.append((preset, group, mse, result))
-        print(f"{preset}: KL {result['kl']:.4f} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+        print(f"{preset}: rel. weight MSE {mse:.2e}, KL {result['kl']:.4f} ({time.perf_counter() - start:.0f} s)",
+              file=sys.stderr, flush=True)
         del student
 
     print(f"\nSmolLM2-135M-Instruct, fp32, PTQ (calibrated, untrained) vs the unquantized teacher; "
