@@ -90,7 +90,9 @@ class VLLMTeacher:
 
         kwargs: dict[str, Any] = dict(
             model=path, dtype=teacher.dtype, max_logprobs=k, logprobs_mode="raw_logprobs",
-            tensor_parallel_size=teacher.tensor_parallel_size, max_model_len=max_model_len,
+            # +1: a scoring request must ask for one generated token (vLLM refuses max_tokens=0),
+            # so the longest sequence plus that token has to fit.
+            tensor_parallel_size=teacher.tensor_parallel_size, max_model_len=max_model_len + 1,
             # Chunked prefill (on by default) lets a step hold fewer tokens than one sequence:
             # this bounds the V1 runner's [tokens, vocab] prompt-logprob peak.
             max_num_batched_tokens=teacher.max_num_batched_tokens,
@@ -107,7 +109,7 @@ class VLLMTeacher:
             # generators cannot do.  Whole-prompt prefill keeps per-prompt seeds (reproducible
             # completions, whatever the batch) working; a step then holds at least one sequence.
             kwargs["enable_chunked_prefill"] = False
-            kwargs["max_num_batched_tokens"] = max(teacher.max_num_batched_tokens, max_model_len)
+            kwargs["max_num_batched_tokens"] = max(teacher.max_num_batched_tokens, max_model_len + 1)
         else:
             kwargs["gpu_memory_utilization"] = teacher.gpu_memory_utilization
         try:
