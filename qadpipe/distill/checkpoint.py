@@ -90,6 +90,10 @@ def save_checkpoint(output_dir: Path, model_state: dict[str, torch.Tensor], stat
         if final.exists():  # a re-run of the same step after a crash between rename and LATEST
             shutil.rmtree(final)
         os.replace(tmp, final)
+    except OSError as exc:  # a full disk mid-checkpoint: the previous LATEST stays the commit point
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DistillError(f"{root / name}: cannot write the checkpoint ({exc.strerror or exc}); "
+                           f"{LATEST} still names the previous one") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
