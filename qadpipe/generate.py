@@ -162,7 +162,7 @@ def run_generate(config: PipelineConfig, *, num_shards: Optional[int] = None, sh
                      zstd_level=cache.zstd_level) as writer:
         done = writer.done_ids()
         todo = [b for b in _batches(data.sequences, per_call) if any(s.id not in done for s in b)]
-        skipped = len(data.sequences) - sum(len(b) for b in todo)
+        skipped = sum(s.id in done for s in data.sequences)
         log.info("generate %s (%d of %d): %d sequences, %d already in the cache, %s teacher, %s mode",
                  task, index, count, len(data.sequences), len(done), config.teacher.backend, gen.mode)
         if todo:
