@@ -66,13 +66,22 @@ def staged_dir(output: Path) -> Iterator[Path]:
         os.replace(tmp, output)
         _fsync(output.parent)
     except OSError as exc:  # a full disk or lost permission mid-write: nothing half-written stays
-        shutil.rmtree(tmp, ignore_errors=True)
+        _roll_back(tmp, old, output)
         raise ExportError(f"export output {output}: writing failed, nothing was changed "
                           f"({exc.strerror or exc})") from exc
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _roll_back(tmp, old, output)
         raise
     if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _roll_back(tmp: Path, old: Path | None, output: Path) -> None:
+    """Drop the staging dir; put a previous export moved aside back if the swap failed."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    if old is not None:
+        if not output.exists():
+            os.replace(old / output.name, output)
         shutil.rmtree(old, ignore_errors=True)
 
 

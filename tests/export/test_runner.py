@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from ct_reference import ct_decompress
 
 from qadpipe.cli import cli
-from qadpipe.distill.student import save_final
+from qadpipe.distill.student import save_student
 from qadpipe.export.model_tensors import quant_linears
 
 
@@ -22,7 +22,7 @@ def final_dir(student, tiny_llama_dir, tmp_path):
     with torch.no_grad():  # make the saved weights differ from the base model
         model.model.layers[0].mlp.down_proj.weight.mul_(1.5)
     (tmp_path / "student").mkdir()
-    return save_final(tmp_path / "student", model.state_dict(), config), model
+    return save_student(tmp_path / "student", model.state_dict(), config), model
 
 
 def test_cli_exports_the_trained_student(final_dir, tiny_llama_dir, tmp_path):

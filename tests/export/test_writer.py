@@ -72,3 +72,22 @@ def test_shards_past_the_limit_with_an_index(tmp_path):
         assert all(index["weight_map"][name] == path.name for name in part)
         loaded.update(part)
     assert all(torch.equal(loaded[k], v) for k, v in tensors.items()) and loaded.keys() == tensors.keys()
+
+
+def test_a_failed_swap_puts_the_previous_export_back(tmp_path, monkeypatch):
+    import os
+
+    out = _previous_export(tmp_path)
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if str(src).startswith(str(tmp_path / ".tmp-")):
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(ExportError, match="writing failed, nothing was changed"):
+        with staged_dir(out) as tmp:
+            (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in out.iterdir()) == ["old.txt", RUN_FILE]
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]
