@@ -122,11 +122,26 @@ def _batches(sequences: list[TokenSequence], size: int) -> list[list[TokenSequen
     return [sequences[i:i + size] for i in range(0, len(sequences), size)]
 
 
+def _cache_meta(config: PipelineConfig, model_dir: Path, vocab_size: int, tokenizer_fp: str, data_fp: str) -> Any:
+    """What identifies the cache this task writes into (every task of a run must agree)."""
+    from qadpipe.cache import CacheMeta
+    from qadpipe.config import config_to_dict
+
+    cache = config.cache
+    return CacheMeta(
+        teacher=str(config.teacher_path), teacher_revision=teacher_revision(model_dir),
+        teacher_dtype=config.teacher.dtype + ("+fp32_head" if config.teacher.fp32_head else ""),
+        tokenizer_fingerprint=tokenizer_fp, vocab_size=vocab_size, target_kind=cache.target, k=cache.k,
+        num_samples=cache.num_samples, encoding=cache.encoding, data_fingerprint=data_fp,
+        config=config_to_dict(config),
+    )
+
+
 def run_generate(config: PipelineConfig, *, num_shards: Optional[int] = None, shard_index: Optional[int] = None,
                  teacher_factory: Callable[..., Any] = make_teacher) -> GenerateSummary:
     """Run one task of stage one; returns what it did (the cache holds the result)."""
-    from qadpipe.cache import CacheMeta, CacheWriter
-    from qadpipe.config import config_to_dict, dump_yaml
+    from qadpipe.cache import CacheWriter
+    from qadpipe.config import dump_yaml
     from qadpipe.models import load_tokenizer, resolve_model_path, tokenizer_fingerprint
     from qadpipe.provenance import RUN_FILE, run_record
 
@@ -144,19 +159,14 @@ def run_generate(config: PipelineConfig, *, num_shards: Optional[int] = None, sh
                           shard_index=index, num_shards=count)
     new_tokens = gen.max_new_tokens if gen.mode == "generate" else 0
     max_model_len = check_lengths(data, info, new_tokens, config.data.source)
-    meta = CacheMeta(
-        teacher=str(config.teacher_path), teacher_revision=teacher_revision(model_dir),
-        teacher_dtype=config.teacher.dtype + ("+fp32_head" if config.teacher.fp32_head else ""),
-        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), vocab_size=info.vocab_size,
-        target_kind=cache.target, k=cache.k, num_samples=cache.num_samples, encoding=cache.encoding,
-        data_fingerprint=data.fingerprint, config=config_to_dict(config),
-    )
+    meta = _cache_meta(config, model_dir, info.vocab_size, tokenizer_fingerprint(tokenizer), data.fingerprint)
     spec = TargetSpec(cache.target, cache.k, cache.num_samples, gen.seed, gen.include_prompt)
     sampling = SamplingSpec(gen.temperature, gen.top_p, gen.max_new_tokens, gen.seed)
     per_call = config.teacher.batch_size if config.teacher.backend == "hf" else VLLM_SEQUENCES_PER_CALL
 
     started = time.perf_counter()
     written = tokens = 0
+    rate = 0.0  # tokens/s of the teacher loop (engine start-up excluded)
     interrupted = False
     with CacheWriter(cache.path, meta, task=task, rows_per_shard=cache.rows_per_shard,
                      zstd_level=cache.zstd_level) as writer:
@@ -181,7 +191,8 @@ def run_generate(config: PipelineConfig, *, num_shards: Optional[int] = None, sh
                         batch_tokens = sum(len(s.input_ids) for s in batch)
                         tokens += batch_tokens
                         bar.update(len(batch))
-                        bar.set_postfix(tok_s=f"{progress.update(len(batch), batch_tokens):.0f}")
+                        rate = progress.update(len(batch), batch_tokens)
+                        bar.set_postfix(tok_s=f"{rate:.0f}")
                         if stop.received:
                             writer.flush()
                             interrupted = True
@@ -195,9 +206,9 @@ def run_generate(config: PipelineConfig, *, num_shards: Optional[int] = None, sh
         log.warning("generate %s: stopped by SIGTERM after committing %d new sequences; rerun the same command "
                     "to resume", task, written)
     else:
-        log.info("generate %s: done, %d sequences written (%d skipped as already cached), %d tokens in %.1f s "
-                 "(%.0f tokens/s) -> %s", task, written, skipped, tokens, seconds, tokens / max(seconds, 1e-9),
-                 cache.path)
+        log.info("generate %s: done, %d sequences written (%d skipped as already cached), %d tokens at %.0f "
+                 "tokens/s, %.1f s in all (teacher start-up included) -> %s", task, written, skipped, tokens, rate,
+                 seconds, cache.path)
     return summary
 
 

@@ -93,9 +93,9 @@ class VLLMTeacher:
             # +1: a scoring request must ask for one generated token (vLLM refuses max_tokens=0),
             # so the longest sequence plus that token has to fit.
             tensor_parallel_size=teacher.tensor_parallel_size, max_model_len=max_model_len + 1,
-            # Chunked prefill (on by default) lets a step hold fewer tokens than one sequence:
-            # this bounds the V1 runner's [tokens, vocab] prompt-logprob peak.
-            max_num_batched_tokens=teacher.max_num_batched_tokens,
+            # Bounds the V1 runner's [tokens, vocab] prompt-logprob peak; at least one whole
+            # sequence, since vLLM may run without chunked prefill (seen on the CPU build).
+            max_num_batched_tokens=max(teacher.max_num_batched_tokens, max_model_len),
             enforce_eager=teacher.enforce_eager, trust_remote_code=trust_remote_code, seed=0,
         )
         if teacher.fp32_head:
@@ -120,14 +120,23 @@ class VLLMTeacher:
         vocab = int(llm.llm_engine.model_config.get_vocab_size())
         return cls(llm, k, vocab)
 
+    def _generate(self, prompts: list[Any], params: Any) -> list[Any]:
+        """``llm.generate``, with an engine crash turned into one line (the cause is in vLLM's log)."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        try:
+            return self.llm.generate(prompts, params, use_tqdm=False)
+        except EngineDeadError:
+            raise TeacherError("teacher: the vLLM engine died while running the teacher (its log above names "
+                               "the cause, e.g. an attention shape this vLLM build does not support)") from None
+
     def prompt_logprobs(self, sequences: list[TokenSequence]) -> list[tuple[np.ndarray, np.ndarray]]:
         """(top-K ids, log-probs) for all positions 1..T-1 of each sequence."""
         from vllm import SamplingParams, TokensPrompt
 
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=self.k, flat_logprobs=True,
                                 detokenize=False)
-        prompts = [TokensPrompt(prompt_token_ids=s.input_ids.tolist()) for s in sequences]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        outputs = self._generate([TokensPrompt(prompt_token_ids=s.input_ids.tolist()) for s in sequences], params)
         return [flat_to_arrays(out.prompt_logprobs, seq.input_ids, self.k) for out, seq in zip(outputs, sequences)]
 
     def score(self, sequences: list[TokenSequence], spec: TargetSpec) -> list[SequenceTargets]:
@@ -151,8 +160,7 @@ class VLLMTeacher:
         params = [SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
                                  max_tokens=sampling.max_new_tokens, seed=sequence_seed(sampling.seed, p.id) % (1 << 31))
                   for p in prompts]
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p.input_ids.tolist()) for p in prompts],
-                                    params, use_tqdm=False)
+        outputs = self._generate([TokensPrompt(prompt_token_ids=p.input_ids.tolist()) for p in prompts], params)
         return [Completion(np.asarray(o.outputs[0].token_ids, dtype=np.int32), o.outputs[0].text) for o in outputs]
 
     def close(self) -> None:
