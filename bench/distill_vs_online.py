@@ -1,0 +1,142 @@
+"""Offline QAD (from a top-k or a sampled cache) vs online QAD (teacher in the loop), side by side.
+
+Same student, same quant recipe, same random-token batches, same trainer: the only
+difference is where the targets come from.
+
+* online:  the teacher (bf16) runs a forward per micro-batch beside the student; full-vocab KL;
+* topk:    targets from a top-k cache (k=64, tail bucket);
+* sampled: targets from a sampled cache (50 draws per position).
+
+All three use the fused chunked head loss, so the online row is a *strong* online baseline
+(no [B, T, V] logits either); the ratios measure what removing the teacher buys.  Each mode
+runs in its own process, so its peak memory is its own: CUDA max_memory_allocated on GPU,
+peak RSS on CPU (which also counts the Python/torch baseline every row shares).
+
+    .venv/bin/python bench/distill_vs_online.py                       # CPU, SmolLM2-135M
+    python bench/distill_vs_online.py --device cuda --model qwen3-1.7b-random --batch 4 --seq 2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+MODES = ("online", "topk", "sampled")
+
+#: Qwen3-1.7B's shape (random weights; the SmolLM2 tokenizer only names the files' ids).
+QWEN3_1_7B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                  num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                  tie_word_embeddings=True, rope_theta=1000000.0)
+
+
+def model_dir(name: str, work: Path) -> Path:
+    from qadpipe.models import embedded_smollm2_dir
+
+    if name == "smollm2-135m":
+        return embedded_smollm2_dir()
+    if (Path(name) / "config.json").is_file():
+        return Path(name)
+    if name != "qwen3-1.7b-random":
+        raise SystemExit(f"--model: got {name!r}, expected smollm2-135m, qwen3-1.7b-random or an HF directory")
+    out = work / "qwen3-1.7b-random"
+    if not (out / "config.json").is_file():
+        import torch
+        from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+        torch.manual_seed(0)
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            model = Qwen3ForCausalLM(Qwen3Config(**QWEN3_1_7B)).to(torch.bfloat16)
+        model.save_pretrained(out)
+        AutoTokenizer.from_pretrained(str(embedded_smollm2_dir())).save_pretrained(out)
+    return out
+
+
+def settings(args: argparse.Namespace, model: Path, mode: str) -> list[str]:
+    work = Path(args.workdir)
+    kind = "sampled" if mode == "sampled" else "topk"
+    rows = args.batch * args.steps + args.batch
+    return [
+        f"model.path={model}", f"model.dtype={args.dtype}", "teacher.backend=hf", f"teacher.dtype={args.dtype}",
+        f"teacher.device={args.device}", "data.source=random", f"data.random.num_sequences={rows}",
+        f"data.random.length={args.seq}", f"data.max_length={args.seq}", f"cache.path={work / ('cache-' + kind)}",
+        f"cache.target={kind}", "cache.k=64", "cache.num_samples=50",
+        "quant.preset=w4a16_int", "quant.group_size=32", f"distill.device={args.device}",
+        f"distill.mode={'online' if mode == 'online' else 'qad'}",
+        f"distill.loss={'sampled_ce' if mode == 'sampled' else 'forward_kl'}",
+        f"distill.batch_size={args.batch}", f"distill.max_steps={args.steps}", "distill.log_every=1",
+        "distill.eval_rows=0", f"distill.eval_every={args.steps + 1}", f"distill.save_every={args.steps + 1}",
+        "distill.lr=1e-5", "distill.warmup_steps=0", "distill.shuffle_buffer=1",
+        f"distill.output_dir={work / ('student-' + mode)}",
+    ]
+
+
+def child(args: argparse.Namespace) -> None:
+    """One mode in this process: train, then report throughput after warm-up and peak memory."""
+    from qadpipe.config import load_config
+    from qadpipe.distill.observe import METRICS_FILE
+    from qadpipe.distill.trainer import run_distill
+
+    config = load_config(None, settings(args, Path(args.model_path), args.child))
+    run_distill(config)
+    rows = [json.loads(line) for line in (Path(config.distill.output_dir) / METRICS_FILE).read_text().splitlines()]
+    timed = [r for r in rows if "loss" in r][args.warmup:]
+    tokens = args.batch * args.seq
+    seconds = sum(tokens / r["tokens_per_s"] for r in timed)
+    print(json.dumps({"mode": args.child, "tokens_per_s": tokens * len(timed) / seconds,
+                      "peak_mem_gib": timed[-1]["mem_gib"], "steps_timed": len(timed),
+                      "loss": timed[-1]["loss"]}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="smollm2-135m, qwen3-1.7b-random, or a local HF directory")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2, help="steps left out of the throughput")
+    parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on GPU")
+    parser.add_argument("--workdir", default="runs/bench/distill_vs_online")
+    parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
+    parser.add_argument("--model-path", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    if args.child:
+        child(args)
+        return
+
+    from qadpipe.config import load_config
+    from qadpipe.generate import run_generate
+
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    model = model_dir(args.model, work)
+    for kind in ("topk", "sampled"):
+        if not (work / f"cache-{kind}" / "manifests").is_dir():
+            run_generate(load_config(None, settings(args, model, kind)))
+    results = {}
+    for mode in MODES:
+        command = [sys.executable, __file__, *sys.argv[1:], "--child", mode, "--model-path", str(model)]
+        done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ))  # own peak memory
+        if done.returncode != 0:
+            raise SystemExit(f"{mode} run failed:\n{done.stderr[-3000:]}")
+        results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+    (work / "results.json").write_text(json.dumps(results, indent=2))
+
+    online = results["online"]
+    print(f"\n{args.model} on {args.device}, {args.batch} x {args.seq} tokens per step, "
+          f"{args.steps - args.warmup} timed steps, W4A16 int4 g32 student")
+    print("| mode | tokens/s | x online | peak memory GiB | x online |\n|---|---|---|---|---|")
+    for mode in MODES:
+        r = results[mode]
+        print(f"| {mode} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / online['tokens_per_s']:.2f} | "
+              f"{r['peak_mem_gib']:.2f} | {r['peak_mem_gib'] / online['peak_mem_gib']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""QAD vs QAT vs PTQ on the real SmolLM2-135M-Instruct, on CPU (issue 6 quality target).
+
+The teacher (vLLM, bf16 with an fp32 head; ``--teacher-backend hf`` without vLLM) writes
+answers to the bundled prompts (configs/prompts/demo_prompts.jsonl) and caches its own top-k
+distribution over the answers; its W4A16 students (INT4 group 32, NVFP4) are
+calibrated (PTQ), then trained for the same steps either with QAD (tail-bucket KL to the
+cached targets) or with QAT (cross-entropy on the same tokens).  All of them are scored on
+the cache's held-out rows (never trained on) against the full-precision teacher, on the
+*full* vocabulary (not the cached top-k): KL(teacher‖student), top-1 agreement, perplexity
+of the teacher-written text.
+
+    .venv/bin/python bench/qad_quality.py                     # ~ the issue's run
+    .venv/bin/python bench/qad_quality.py --steps 20 --prompts 64   # a quick look
+
+Targets: QAD's held-out KL ≤ 0.6 × PTQ's, and QAD's KL < QAT's after the same steps.
+Resumable: the cache and every finished student are reused (delete the workdir to redo).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from qadpipe.cache import CacheReader
+from qadpipe.config import load_config
+from qadpipe.distill.student import FINAL_DIR, PTQ_DIR, load_final_student
+from qadpipe.distill.trainer import run_distill
+from qadpipe.eval.runner import compare_to_teacher
+from qadpipe.generate import run_generate
+from qadpipe.models import load_causal_lm, load_tokenizer
+
+log = logging.getLogger("qad_quality")
+
+PRESETS = {"int4_g32": ["quant.preset=w4a16_int", "quant.group_size=32"],
+           "nvfp4_w4a16": ["quant.preset=nvfp4_a16"]}
+
+
+def settings(args: argparse.Namespace) -> list[str]:
+    work = Path(args.workdir)
+    return [
+        "model.path=smollm2-135m", f"teacher.backend={args.teacher_backend}", "teacher.enforce_eager=true",
+        "teacher.kv_cache_gib=1", "teacher.dtype=bfloat16",
+        "data.source=configs/prompts/demo_prompts.jsonl", "data.field=prompt", "data.chat_template=true",
+        f"data.limit={args.prompts}", "data.max_length=256", "generate.mode=generate",
+        f"generate.max_new_tokens={args.max_new_tokens}", "generate.include_prompt=false",
+        f"cache.path={work / 'cache'}", "cache.k=64", "distill.device=cpu", f"distill.batch_size={args.batch}",
+        f"distill.max_steps={args.steps}", f"distill.lr={args.lr}", "distill.warmup_steps=5",
+        f"distill.eval_rows={args.eval_rows}", f"distill.eval_every={args.steps}", "distill.log_every=5",
+        f"distill.save_every={args.steps}", "distill.loss_chunk_tokens=512",
+    ]
+
+
+def train(args: argparse.Namespace, preset: str, mode: str) -> Path:
+    out = Path(args.workdir) / preset / mode
+    if not (out / FINAL_DIR).is_dir():
+        started = time.perf_counter()
+        run_distill(load_config(None, settings(args) + PRESETS[preset] + [f"distill.mode={mode}",
+                                                                             f"distill.output_dir={out}"]))
+        log.info("%s %s: %d steps in %.0f s", preset, mode, args.steps, time.perf_counter() - started)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default="runs/bench/qad_quality")
+    parser.add_argument("--prompts", type=int, default=300)
+    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--eval-rows", type=int, default=24)
+    parser.add_argument("--teacher-backend", default="vllm", choices=["vllm", "hf"],
+                        help="writes the cache; hf generates one prompt at a time (slow)")
+    parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    work = Path(args.workdir)
+    if not (work / "cache" / "manifests").is_dir():
+        run_generate(load_config(None, settings(args)))
+
+    rows = list(CacheReader(str(work / "cache")).iter_sequences())[: args.eval_rows]
+    sequences = [row.input_ids.tolist() for row in rows]
+    tokenizer = load_tokenizer("smollm2-135m")
+    teacher = load_causal_lm("smollm2-135m", dtype="float32")
+    table = {}
+    for preset in args.presets:
+        runs = {mode: train(args, preset, mode) for mode in ("qad", "qat")}
+        students = {"ptq": load_final_student(runs["qad"] / PTQ_DIR)[0].float(),
+                    "qat": load_final_student(runs["qat"] / FINAL_DIR)[0].float(),
+                    "qad": load_final_student(runs["qad"] / FINAL_DIR)[0].float()}
+        with torch.no_grad():
+            table[preset] = compare_to_teacher(teacher, students, sequences, pad_id=tokenizer.pad_token_id or 0)
+    (work / "results.json").write_text(json.dumps(table, indent=2))
+
+    print(f"\nheld-out: {len(sequences)} teacher-written sequences, full-vocab KL vs the fp32 teacher; "
+          f"{args.steps} steps x {args.batch} sequences, lr {args.lr}")
+    print("| format | model | KL | KL / PTQ | top-1 | ppl |\n|---|---|---|---|---|---|")
+    for preset, results in table.items():
+        ptq = results["ptq"]["kl"]
+        for name in ("teacher", "ptq", "qat", "qad"):
+            r = results[name]
+            print(f"| {preset} | {name} | {r['kl']:.4f} | {r['kl'] / ptq:.2f} | {r['top1_agreement']:.3f} | "
+                  f"{r['ppl']:.2f} |")
+    for preset, results in table.items():
+        ratio = results["qad"]["kl"] / results["ptq"]["kl"]
+        print(f"{preset}: QAD KL = {ratio:.2f} x PTQ (target <= 0.6: {'met' if ratio <= 0.6 else 'NOT met'}); "
+              f"QAD < QAT: {'yes' if results['qad']['kl'] < results['qat']['kl'] else 'NO'}")
+
+
+if __name__ == "__main__":
+    main()
