@@ -93,9 +93,9 @@ class VLLMTeacher:
             # +1: a scoring request must ask for one generated token (vLLM refuses max_tokens=0),
             # so the longest sequence plus that token has to fit.
             tensor_parallel_size=teacher.tensor_parallel_size, max_model_len=max_model_len + 1,
-            # Bounds the V1 runner's [tokens, vocab] prompt-logprob peak; at least one whole
-            # sequence, since vLLM may run without chunked prefill (seen on the CPU build).
-            max_num_batched_tokens=max(teacher.max_num_batched_tokens, max_model_len),
+            # Chunked prefill (on by default on GPUs) lets a step hold fewer tokens than one
+            # sequence: this bounds the V1 runner's [tokens, vocab] prompt-logprob peak.
+            max_num_batched_tokens=teacher.max_num_batched_tokens,
             enforce_eager=teacher.enforce_eager, trust_remote_code=trust_remote_code, seed=0,
         )
         if teacher.fp32_head:
