@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 WORKER = """
 import json, os, sys, pathlib
@@ -42,9 +43,11 @@ class Workers:
                                 stderr=subprocess.STDOUT, env={**os.environ, "QADPIPE_READY_FILE": str(ready)})
         return proc, ready, log
 
-    def run(self, args: list[str], kill: tuple[int, float] | None = None, timeout: float = 300) -> tuple[int, float, str]:
+    def run(self, args: list[str], kill: tuple[int, float] | None = None, timeout: float = 300,
+            after: Callable[[], bool] | None = None) -> tuple[int, float, str]:
         """Run ``qadpipe ARGS`` in a warm worker; with ``kill=(signal, seconds)`` send the
-        signal that long after the command started.  Returns (exit code, seconds, output)."""
+        signal that long after the command started (or, with ``after``, that long after
+        ``after()`` first holds).  Returns (exit code, seconds, output)."""
         proc, ready, log = self.spare
         deadline = time.monotonic() + timeout
         while not ready.exists():
@@ -55,6 +58,8 @@ class Workers:
         started = time.monotonic()
         proc.stdin.write((json.dumps(args) + "\n").encode())
         proc.stdin.close()
+        while after is not None and kill is not None and proc.poll() is None and not after():
+            time.sleep(0.02)
         if kill is not None:
             try:
                 proc.wait(timeout=kill[1])

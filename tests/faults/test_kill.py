@@ -33,14 +33,14 @@ def workers(tmp_path_factory):
     pool.close()
 
 
-def _config(root: Path, model: Path, out: str) -> Path:
+def _config(root: Path, model: Path, out: str, max_steps: int = 12) -> Path:
     config = {
         "model": {"path": str(model), "dtype": "float32"},
         "teacher": {"backend": "hf", "dtype": "float32", "device": "cpu", "batch_size": 2},
         "data": {"source": "random", "random": {"num_sequences": 16, "length": 16, "seed": 5}},
         "cache": {"path": str(root / "cache"), "k": 8, "rows_per_shard": 2},
         "quant": {"group_size": 32, "calibration_batches": 1},
-        "distill": {"output_dir": str(root / out / "student"), "max_steps": 8, "batch_size": 2, "eval_rows": 2,
+        "distill": {"output_dir": str(root / out / "student"), "max_steps": max_steps, "batch_size": 2, "eval_rows": 2,
                     "save_every": 1, "eval_every": 100, "log_every": 1, "device": "cpu", "lr": 1e-3,
                     "warmup_steps": 1, "loss_chunk_tokens": 64},
         "export": {"format": "fake", "output_dir": str(root / out / "export")},
@@ -50,18 +50,20 @@ def _config(root: Path, model: Path, out: str) -> Path:
     return path
 
 
-def _kill_chain(workers: Workers, args: list[str], duration: float, seed: int) -> list[tuple[str, float, int]]:
-    """Run ``args`` once per kill point (each killed at a seeded delay), then once to the end."""
+def _kill_chain(workers: Workers, args: list[str], duration: float, seed: int,
+                after: list | None = None) -> list[tuple[str, float, int]]:
+    """Run ``args`` once per kill point (each killed at a seeded delay, counted from the
+    start or from ``after[i]()`` first holding), then once to the end."""
     rng = np.random.default_rng(seed)
     outcomes = []
-    for name in POINTS:
+    for index, name in enumerate(POINTS):
         delay = float(rng.uniform(0.05, 0.9)) * duration
-        code, _, log = workers.run(args, kill=(SIGNALS[name], delay))
+        code, _, log = workers.run(args, kill=(SIGNALS[name], delay), after=after[index] if after else None)
         assert "Traceback" not in log, log[-3000:]
         outcomes.append((name, round(delay, 2), code))
     code, _, log = workers.run(args)
     assert code == 0, log[-3000:]
-    print(f"{args[0]}: reference {duration:.1f} s; kill points (signal, delay s, exit code): {outcomes}")
+    print(f"{args[0]}: delay scale {duration:.1f} s; kill points (signal, delay s, exit code): {outcomes}")
     return outcomes
 
 
@@ -114,12 +116,18 @@ def _file_hashes(root: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
 
 
 def test_distill_survives_kills(workers, trained, tiny_llama_dir):
+    """A resumed run only trains the remaining steps, so a kill is timed from the moment the
+    chained run has logged a seeded random step (increasing over the chain), plus a seeded
+    delay within one step's time: every kill lands mid-training, at a different step."""
     root, duration, _ = trained
-    config = str(_config(root, tiny_llama_dir, "chained"))
-    outcomes = _kill_chain(workers, ["distill", "-c", config, "--resume"], duration, SEED + 1)
+    config = str(_config(root, tiny_llama_dir, "chained", max_steps=12))
+    metrics = root / "chained" / "student" / "metrics.jsonl"
+    steps = sorted(np.random.default_rng(SEED + 1).choice(np.arange(1, 12), size=len(POINTS), replace=False))
+    after = [lambda s=int(s): metrics.is_file() and metrics.read_text().count('"loss"') >= s for s in steps]
+    outcomes = _kill_chain(workers, ["distill", "-c", config, "--resume"], 0.5, SEED + 1, after)
     assert sum(code != 0 for _, _, code in outcomes) >= 8
     ref, got = root / "ref" / "student", root / "chained" / "student"
-    assert len(_curve(ref)) == 8
+    assert len(_curve(ref)) == 12
     assert _curve(got) == _curve(ref)  # every step's loss, bit for bit
     assert _file_hashes(got / "final", skip=("qadpipe_run.yaml",)) == _file_hashes(ref / "final", skip=("qadpipe_run.yaml",))
     assert temp_files(got) == []
