@@ -164,8 +164,9 @@ def export(fmt: str | None, checkpoint: str | None, output: str | None, config_p
 @_user_errors_as_one_line
 def eval_command(config_path: str | None, overrides: tuple[str, ...]) -> None:
     """KL, top-1 agreement and perplexity of students against the teacher."""
-    _load(config_path, overrides)
-    _not_implemented("eval", "issue 8")
+    from qadpipe.eval.evaluate import run_eval
+
+    run_eval(_load(config_path, overrides))
 
 
 @cli.command()
@@ -197,8 +198,10 @@ def inspect(cache: str | None, as_json: bool, verify: bool, config_path: str | N
 @_user_errors_as_one_line
 def demo(config_path: str | None, overrides: tuple[str, ...]) -> None:
     """The whole pipeline on the embedded SmolLM2 (what `make demo` runs)."""
-    _load(config_path or "configs/demo.yaml", overrides)
-    _not_implemented("demo", "issue 8")
+    from qadpipe.demo import run_demo
+
+    config_path = config_path or "configs/demo.yaml"
+    run_demo(_load(config_path, overrides), config_path, overrides)
 
 
 def main() -> None:

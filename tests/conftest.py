@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random models for fast tests, the real SmolLM2 for slow ones.
+"""Shared fixtures: tiny random models for fast tests, the real SmolLM2 for slow ones, and a
+peaked tiny teacher with small caches for the stage-two and eval tests.
 
 The tiny models are built from a config (random weights, seeded) and share the SmolLM2
 tokenizer, so a test exercises real tokenization, chat templates and a real vocab size
@@ -10,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
+from distill_fixtures import make_cache
 
 
 def _save_tiny(model_type: str, out: Path, tokenizer_dir: Path) -> Path:
@@ -57,3 +60,30 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) 
 def tiny_qwen3_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Path:
     """A 2-layer, 64-wide random Qwen3 (q/k norms, explicit head_dim) with the SmolLM2 tokenizer."""
     return _save_tiny("qwen3", tmp_path_factory.mktemp("tiny-qwen3"), smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def peaky_llama_dir(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> Path:
+    """The tiny random Llama with its final norm scaled ×30, so its next-token distributions
+    are peaked like a trained LM's (the raw random model is near-uniform: KL ~1e-4, no signal)."""
+    import torch
+
+    from qadpipe.models import load_causal_lm, load_tokenizer
+
+    out = tmp_path_factory.mktemp("peaky-llama")
+    model = load_causal_lm(str(tiny_llama_dir), dtype="float32")
+    with torch.no_grad():
+        model.model.norm.weight.mul_(30.0)
+    model.save_pretrained(out)
+    load_tokenizer(str(tiny_llama_dir)).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def topk_cache(tmp_path_factory: pytest.TempPathFactory, peaky_llama_dir: Path) -> Path:
+    return make_cache(tmp_path_factory.mktemp("topk"), peaky_llama_dir)
+
+
+@pytest.fixture(scope="session")
+def sampled_cache(tmp_path_factory: pytest.TempPathFactory, peaky_llama_dir: Path) -> Path:
+    return make_cache(tmp_path_factory.mktemp("sampled"), peaky_llama_dir, "cache.target=sampled")

@@ -219,8 +219,14 @@ class EvalConfig:
     """Held-out evaluation against the teacher."""
 
     data: Optional[str] = opt(None,
-        "held-out data file (text/jsonl) or cache; null = the cache's held-out split")
+        "held-out data file (read like data.source, same field) or null = the cache's held-out "
+        "rows (the first distill.eval_rows, never trained on)", check=_existing_path)
+    models: dict[str, str] = opt(factory=dict, help=
+        "name -> directory (a distill final/ or ptq/ dir, or any HF checkpoint, e.g. an export); "
+        "empty = ptq and qad from distill.output_dir")
     max_sequences: int = opt(32, "sequences evaluated", ge=1)
+    batch_size: int = opt(4, "sequences per forward", ge=1)
+    device: str = opt("auto", "auto, cpu, cuda")
     output_dir: str = opt("runs/eval", "report.json, report.md, plots")
 
 

@@ -1,0 +1,90 @@
+"""``qadpipe demo``: the whole pipeline on the embedded SmolLM2, resumable step by step.
+
+Each step runs as its own ``qadpipe`` subprocess with the same config, exactly as a user or a
+cluster launcher would run it: vLLM's engine, the trainer and the evaluator never share a
+process (or its memory), and what the demo proves is the CLI users will type.  A step whose
+output is already complete is skipped, so an interrupted demo resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import click
+
+from qadpipe.config import PipelineConfig
+from qadpipe.errors import QadpipeError
+
+
+@dataclass(frozen=True)
+class DemoStep:
+    name: str
+    command: Callable[[PipelineConfig, list[str]], list[str]]  # (config, -c/--set args) -> argv
+    output: Callable[[PipelineConfig], Path]
+    done: Callable[[PipelineConfig], bool]
+    what: str
+
+
+def _exists(path_of: Callable[[PipelineConfig], Path], marker: str) -> Callable[[PipelineConfig], bool]:
+    return lambda cfg: (path_of(cfg) / marker).exists()
+
+
+def _cache(cfg: PipelineConfig) -> Path:
+    return Path(cfg.cache.path)
+
+
+def _student(cfg: PipelineConfig) -> Path:
+    return Path(cfg.distill.output_dir) / "final"
+
+
+def _export(cfg: PipelineConfig) -> Path:
+    return Path(cfg.export.output_dir)
+
+
+def _eval(cfg: PipelineConfig) -> Path:
+    return Path(cfg.eval.output_dir)
+
+
+def _stage(*args: str) -> Callable[[PipelineConfig, list[str]], list[str]]:
+    return lambda cfg, common: ["-m", "qadpipe.cli", *args, *common]
+
+
+STEPS = (
+    # generate resumes on its own (it skips the records its shards hold), so it always runs.
+    DemoStep("generate", _stage("generate"), _cache, lambda cfg: False,
+             "the teacher (vLLM on CPU) answers the bundled prompts and caches its top-k log-probs"),
+    DemoStep("distill", _stage("distill", "--resume"), _student, _exists(_student, "model.safetensors"),
+             "the fake-quantized student trains on the cache (PTQ baseline first)"),
+    DemoStep("export", _stage("export"), _export, _exists(_export, "config.json"),
+             "the student is written as a compressed-tensors checkpoint"),
+    DemoStep("serve", lambda cfg, common: ["-m", "qadpipe.export.serve_check", str(_export(cfg))], _export,
+             lambda cfg: False, "vLLM (CPU) loads the export and answers one prompt"),
+    DemoStep("eval", _stage("eval"), _eval, _exists(_eval, "report.md"),
+             "teacher vs PTQ vs QAD on the cache's held-out rows"),
+)
+
+
+def run_demo(cfg: PipelineConfig, config_path: str, overrides: tuple[str, ...]) -> None:
+    """Run every step in order; stop at the first that fails, saying which and why."""
+    common = ["-c", config_path, *(arg for item in overrides for arg in ("--set", item))]
+    started = time.perf_counter()
+    for index, step in enumerate(STEPS, 1):
+        header = f"[{index}/{len(STEPS)}] {step.name}: {step.what}"
+        if step.done(cfg):
+            click.echo(f"{header}\n      already done -> {step.output(cfg)} (delete it to redo)")
+            continue
+        click.echo(header, err=False)
+        step_start = time.perf_counter()
+        code = subprocess.call([sys.executable, *step.command(cfg, common)])
+        if code != 0:
+            raise QadpipeError(f"demo step '{step.name}' failed (exit {code}); fix the error above and rerun "
+                               "`make demo`: finished steps are skipped")
+        click.echo(f"      done in {time.perf_counter() - step_start:.0f}s -> {step.output(cfg)}")
+    report = _eval(cfg) / "report.md"
+    click.echo(f"\ndemo finished in {time.perf_counter() - started:.0f}s; the table ({report}):\n")
+    click.echo(report.read_text())

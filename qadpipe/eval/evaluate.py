@@ -1,0 +1,119 @@
+"""``qadpipe eval``: teacher vs PTQ vs QAD (vs anything else) on held-out data, one report.
+
+What is compared: every model in ``eval.models`` (default: the PTQ baseline and the QAD
+student under ``distill.output_dir``) against the full-precision teacher, on either
+
+* the cache's held-out rows — the first ``distill.eval_rows`` rows in reader order, which the
+  trainer never trains on — scored from each row's ``target_start``; each model also gets the
+  tail-bucket KL against the cached targets (what training optimized); or
+* a data file (``eval.data``), read exactly like ``data.source``.
+
+All models run in fp32 so the figures measure quantization, not bf16 rounding.  A model is a
+directory: a distill ``final/`` or ``ptq/`` directory (rebuilt through the quant recipe it was
+trained with), or any HF checkpoint (the teacher, a fake-quant export, a compressed-tensors
+export that transformers can load).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from qadpipe.config import PipelineConfig
+from qadpipe.eval.report import render_table, write_report
+from qadpipe.eval.runner import compare_to_teacher
+from qadpipe.errors import ConfigError
+from qadpipe.provenance import save_run_record
+from qadpipe.targets import SequenceTargets
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class HeldOut:
+    """The evaluated sequences: token ids, first scored position, and cached targets if any."""
+
+    sequences: list[list[int]]
+    starts: list[int]
+    cache_rows: Optional[list[SequenceTargets]]
+    description: str
+
+
+def default_models(cfg: PipelineConfig) -> dict[str, str]:
+    """PTQ baseline and QAD student of ``distill.output_dir``, those that exist."""
+    from qadpipe.distill.student import FINAL_DIR, PTQ_DIR
+
+    root = Path(cfg.distill.output_dir)
+    found = {name: str(root / sub) for name, sub in (("ptq", PTQ_DIR), ("qad", FINAL_DIR)) if (root / sub).is_dir()}
+    if not found:
+        raise ConfigError(f"eval.models: empty and {root} holds no {PTQ_DIR}/ or {FINAL_DIR}/; run "
+                          "`qadpipe distill` first or name models with --set eval.models.NAME=DIR")
+    return found
+
+
+def load_model(path: str, device: torch.device) -> nn.Module:
+    """A distill student directory or an HF checkpoint, in fp32 eval mode."""
+    from qadpipe.distill.student import is_student_dir, load_final_student
+    from qadpipe.models import load_causal_lm
+
+    if is_student_dir(Path(path)):
+        model, _ = load_final_student(Path(path), device=str(device))
+        return model.float().eval()
+    return load_causal_lm(path, dtype="float32", device=str(device))
+
+
+def held_out(cfg: PipelineConfig, tokenizer: Any, vocab_size: int) -> HeldOut:
+    """The sequences to score: ``eval.data``, or the cache's held-out rows."""
+    limit = cfg.eval.max_sequences
+    if cfg.eval.data is not None:
+        from qadpipe.data import load_sequences
+
+        data = dataclasses.replace(cfg.data, source=cfg.eval.data, limit=limit)
+        gen = dataclasses.replace(cfg.generate, mode="score")
+        seqs = load_sequences(data, gen, tokenizer, vocab_size).sequences[:limit]
+        starts = [0 if gen.include_prompt else s.prompt_len for s in seqs]
+        return HeldOut([s.input_ids.tolist() for s in seqs], starts, None,
+                       f"{len(seqs)} sequences of {cfg.eval.data}")
+    from qadpipe.cache.reader import CacheReader
+
+    reader = CacheReader(cfg.cache.path)
+    count = min(cfg.distill.eval_rows, limit)
+    if count == 0:
+        raise ConfigError("distill.eval_rows: 0 held-out cache rows to evaluate on; set eval.data to a file "
+                          "or distill.eval_rows > 0 (and retrain, so the rows stay unseen)")
+    rows = list(itertools.islice(reader.iter_sequences(0, 1), count))
+    cached = rows if reader.meta.target_kind == "topk" else None
+    return HeldOut([r.input_ids.tolist() for r in rows], [r.target_start for r in rows], cached,
+                   f"{len(rows)} held-out rows of the cache {cfg.cache.path} (never trained on)")
+
+
+def run_eval(cfg: PipelineConfig) -> dict[str, dict[str, float]]:
+    """Score the models, write report.json / report.md / plots, return the results."""
+    from qadpipe.distill.distributed import resolve_device
+    from qadpipe.models import load_causal_lm, load_tokenizer
+
+    device = resolve_device(cfg.eval.device)
+    models = dict(cfg.eval.models) or default_models(cfg)
+    tokenizer = load_tokenizer(cfg.teacher_path, trust_remote_code=cfg.model.trust_remote_code)
+    teacher = load_causal_lm(cfg.teacher_path, dtype="float32", device=str(device),
+                             trust_remote_code=cfg.model.trust_remote_code)
+    data = held_out(cfg, tokenizer, teacher.config.vocab_size)
+    students = {name: load_model(path, device) for name, path in models.items()}
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    results = compare_to_teacher(teacher, students, data.sequences, pad_id=pad_id, starts=data.starts,
+                                 cache_rows=data.cache_rows, batch_size=cfg.eval.batch_size, device=device)
+    out = Path(cfg.eval.output_dir)
+    context = {"teacher": cfg.teacher_path, "data": data.description,
+               **{f"model {name}": path for name, path in models.items()}}
+    metrics = {name: Path(path).parent / "metrics.jsonl" for name, path in models.items()}
+    paths = write_report(out, results, context=context, metrics_files=metrics)
+    save_run_record(cfg, "eval", out)
+    print(render_table(results))
+    log.info("eval report: %s", ", ".join(str(p) for p in paths.values()))
+    return results

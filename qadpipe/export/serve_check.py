@@ -1,0 +1,47 @@
+"""Serve an exported checkpoint with vLLM once and print what it answers.
+
+``python -m qadpipe.export.serve_check EXPORT_DIR [PROMPT]`` — the last step of ``make demo``:
+proof that the directory ``qadpipe export`` wrote is something vLLM loads and runs, not just
+files that look right.  A module with a main guard because vLLM spawns its engine process.
+
+On CPU, vLLM's int4 compressed-tensors path defaults to a W4A8 kernel that quantizes the
+activations too; ``VLLM_CPU_INT4_W4A8=0`` keeps it weight-only, i.e. what the student was
+trained as.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_PROMPT = "Explain photosynthesis to a curious twelve-year-old."
+
+
+def serve_once(export_dir: Path, prompt: str, max_tokens: int = 48) -> str:
+    """Load ``export_dir`` in vLLM, answer ``prompt`` greedily, return the text."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_CPU_INT4_W4A8", "0")
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=str(export_dir), dtype="bfloat16", max_model_len=512, enforce_eager=True)
+    messages = [{"role": "user", "content": prompt}]
+    (output,) = llm.chat(messages, SamplingParams(temperature=0.0, max_tokens=max_tokens), use_tqdm=False)
+    return output.outputs[0].text
+
+
+def main(argv: list[str]) -> int:
+    if not argv or not Path(argv[0]).is_dir():
+        print("usage: python -m qadpipe.export.serve_check EXPORT_DIR [PROMPT]", file=sys.stderr)
+        return 2
+    export_dir, prompt = Path(argv[0]), (argv[1] if len(argv) > 1 else DEFAULT_PROMPT)
+    started = time.perf_counter()
+    answer = serve_once(export_dir, prompt)
+    print(f"vLLM served {export_dir} ({time.perf_counter() - started:.0f}s incl. engine start)")
+    print(f"  prompt: {prompt}\n  answer: {answer.strip()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
