@@ -274,9 +274,26 @@ class DistillRecipe:
         if path is None:
             log.warning("--resume: no checkpoint under %s; starting from step 0", self.output_dir)
             return None
+        self._check_same_run(path)
         tensors, state = load_checkpoint(path)
         load_state_into(student, {_strip(k): v for k, v in tensors.items()}, path)
         return path, state
+
+    def _check_same_run(self, path: Path) -> None:
+        """Refuse to continue a checkpoint that another recipe wrote: a stale run's checkpoint
+        in the same output_dir would otherwise be resumed on other data or another recipe.
+        Only the schedule-and-bookkeeping fields (RESUMABLE_CHANGES) may differ."""
+        import yaml
+
+        from qadpipe.config import config_to_dict
+        from qadpipe.provenance import RUN_FILE
+
+        saved = yaml.safe_load((path / RUN_FILE).read_text())["config"]
+        changed = [key for key, value in _flatten(config_to_dict(self.config)).items()
+                   if key not in RESUMABLE_CHANGES and _flatten(saved).get(key) != value]
+        if changed:
+            raise DistillError(f"{path}: --resume of a checkpoint written with another config ({', '.join(changed[:4])} "
+                               "differ); use a fresh distill.output_dir or resume with the config that made it")
 
     def _restore_state(self, path: Path, state: TrainerState) -> None:
         dist_utils.load_optimizer_state(self.model, self.optimizer, state.optimizer)
@@ -437,6 +454,20 @@ class DistillRecipe:
         if hasattr(self, "metrics"):
             self.metrics.close()
         dist_utils.shutdown()
+
+
+#: Config fields a resumed run may change: when to stop, log, evaluate and save.
+RESUMABLE_CHANGES = frozenset({"distill.max_steps", "distill.log_every", "distill.eval_every", "distill.save_every",
+                               "distill.tensorboard", "distill.device", "eval.output_dir", "export.output_dir",
+                               "export.format"})
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        flat.update(_flatten(value, name + ".") if isinstance(value, dict) else {name: value})
+    return flat
 
 
 def _strip(name: str) -> str:

@@ -151,6 +151,16 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     assert all(torch.isfinite(t).all() for t in state.values())
 
 
+def test_resume_refuses_a_checkpoint_of_another_recipe(peaky_llama_dir, topk_cache, tmp_path):
+    assert distill(peaky_llama_dir, topk_cache, tmp_path, "distill.max_steps=2", "distill.save_every=1").exit_code == 0
+    line = one_line_error(distill(peaky_llama_dir, topk_cache, tmp_path, "distill.max_steps=4", "distill.lr=3e-4",
+                                  resume=True))
+    assert "--resume of a checkpoint written with another config (distill.lr differ)" in line
+    # Only a longer schedule: resumes.
+    assert distill(peaky_llama_dir, topk_cache, tmp_path, "distill.max_steps=3", "distill.save_every=1",
+                   resume=True).exit_code == 0
+
+
 def test_refuses_when_no_rows_are_left_for_this_rank(peaky_llama_dir, topk_cache, tmp_path):
     line = one_line_error(distill(peaky_llama_dir, topk_cache, tmp_path, "distill.eval_rows=24"))
     assert "rank 0 of 1: no cache rows to train on (after holding out 24 rows for eval)" in line
