@@ -288,9 +288,9 @@ class DistillRecipe:
         from qadpipe.config import config_to_dict
         from qadpipe.provenance import RUN_FILE
 
-        saved = yaml.safe_load((path / RUN_FILE).read_text())["config"]
+        saved = _flatten(yaml.safe_load((path / RUN_FILE).read_text())["config"])
         changed = [key for key, value in _flatten(config_to_dict(self.config)).items()
-                   if key not in RESUMABLE_CHANGES and _flatten(saved).get(key) != value]
+                   if key not in RESUMABLE_CHANGES and saved.get(key) != value]
         if changed:
             raise DistillError(f"{path}: --resume of a checkpoint written with another config ({', '.join(changed[:4])} "
                                "differ); use a fresh distill.output_dir or resume with the config that made it")

@@ -56,8 +56,8 @@ def tail_kl_sum(logits: torch.Tensor, mask: torch.Tensor, rows: Sequence[Sequenc
         raise ValueError(f"{selected.shape[0]} scored positions vs {ids.shape[0]} cached target rows")
     total = 0.0
     for start in range(0, ids.shape[0], chunk):
-        logp = torch.log_softmax(selected[start:start + chunk].float(), dim=-1)
         stop = start + chunk
+        logp = torch.log_softmax(selected[start:stop].float(), dim=-1)
         total += float(forward_kl_tail(logp, ids[start:stop].to(logp.device), teacher_lp[start:stop].to(logp.device),
                                        tail[start:stop].to(logp.device)).double().sum())
     return total
