@@ -74,7 +74,7 @@ def bench_vllm(model_dir: str, seqs: list[Any], ks: list[int], repeats: int, fp3
     from vllm import LLM, SamplingParams, TokensPrompt
 
     from qadpipe.teacher.base import TargetSpec
-    from qadpipe.teacher.vllm_backend import VLLMTeacher
+    from qadpipe.teacher.vllm_backend import VLLMTeacher, shutdown_llm
 
     length = len(seqs[0].input_ids)
     llm = LLM(model=model_dir, dtype="bfloat16", max_logprobs=max(ks), logprobs_mode="raw_logprobs",
@@ -109,7 +109,9 @@ def bench_vllm(model_dir: str, seqs: list[Any], ks: list[int], repeats: int, fp3
                 "naive dicts k=64": naive_dicts(64)}
     tokens = sum(len(s.input_ids) for s in seqs)
     head = "fp32" if fp32_head else "bf16"
-    return report(f"vLLM ({head} LM head)", best_of(variants, repeats), tokens, "plain prefill")
+    timings = best_of(variants, repeats)
+    shutdown_llm(llm)
+    return report(f"vLLM ({head} LM head)", timings, tokens, "plain prefill")
 
 
 def random_qwen3_1p7b(device: str) -> Any:

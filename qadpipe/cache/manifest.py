@@ -10,6 +10,7 @@ two tasks ever write the same file.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass, field
@@ -55,6 +56,16 @@ class CacheView:
     @property
     def shards(self) -> list[ShardEntry]:
         return [shard for task in self.tasks for shard in task.shards]
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 over the committed shards' names and checksums: equal exactly when two views
+        hold the same rows in the same order, wherever the cache lives (so a resumed run can tell
+        a cache regenerated in place from the one it trained on)."""
+        digest = hashlib.sha256()
+        for shard in self.shards:
+            digest.update(f"{shard.name}\0{shard.sha256}\n".encode())
+        return digest.hexdigest()
 
 
 def check_task_name(task: str) -> str:

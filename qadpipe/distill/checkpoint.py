@@ -42,6 +42,7 @@ class TrainerState:
     scheduler: dict[str, Any]
     loader: dict[str, Any]
     rng: dict[str, torch.Tensor] = field(default_factory=dict)
+    cache_fingerprint: str = ""  # CacheView.fingerprint of the cache trained on ("" without one)
 
 
 def capture_rng() -> dict[str, torch.Tensor]:

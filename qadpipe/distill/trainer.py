@@ -276,8 +276,16 @@ class DistillRecipe:
             return None
         self._check_same_run(path)
         tensors, state = load_checkpoint(path)
+        if state.cache_fingerprint != self._cache_fingerprint():
+            raise DistillError(f"{path}: --resume of a checkpoint trained on other cache contents than "
+                               f"{self.config.cache.path} now holds (regenerated or extended since); "
+                               "use a fresh distill.output_dir")
         load_state_into(student, {_strip(k): v for k, v in tensors.items()}, path)
         return path, state
+
+    def _cache_fingerprint(self) -> str:
+        view = getattr(self.source, "view", None)
+        return view.fingerprint if view is not None else ""
 
     def _check_same_run(self, path: Path) -> None:
         """Refuse to continue a checkpoint that another recipe wrote: a stale run's checkpoint
@@ -438,7 +446,8 @@ class DistillRecipe:
         loader_states = dist_utils.all_gather_objects(self.loader.state_dict())
         if self.env.is_main:
             state = TrainerState(step=self.step, optimizer=optimizer_state, scheduler=self.scheduler.state_dict(),
-                                 loader={"ranks": loader_states}, rng=capture_rng())
+                                 loader={"ranks": loader_states}, rng=capture_rng(),
+                                 cache_fingerprint=self._cache_fingerprint())
             save_checkpoint(self.output_dir, model_state, state, self.config)
         dist_utils.barrier()
 
@@ -456,10 +465,11 @@ class DistillRecipe:
         dist_utils.shutdown()
 
 
-#: Config fields a resumed run may change: when to stop, log, evaluate and save.
+#: Config fields a resumed run may change: when to stop, log, evaluate and save, and where
+#: the run and its cache live (a moved cache is recognised by its fingerprint, not its path).
 RESUMABLE_CHANGES = frozenset({"distill.max_steps", "distill.log_every", "distill.eval_every", "distill.save_every",
-                               "distill.tensorboard", "distill.device", "eval.output_dir", "export.output_dir",
-                               "export.format"})
+                               "distill.tensorboard", "distill.device", "distill.output_dir", "cache.path",
+                               "eval.output_dir", "export.output_dir", "export.format"})
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

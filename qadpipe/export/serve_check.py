@@ -25,10 +25,15 @@ def serve_once(export_dir: Path, prompt: str, max_tokens: int = 48) -> str:
     os.environ.setdefault("VLLM_CPU_INT4_W4A8", "0")
     from vllm import LLM, SamplingParams
 
+    from qadpipe.teacher.vllm_backend import shutdown_llm
+
     llm = LLM(model=str(export_dir), dtype="bfloat16", max_model_len=512, enforce_eager=True)
-    messages = [{"role": "user", "content": prompt}]
-    (output,) = llm.chat(messages, SamplingParams(temperature=0.0, max_tokens=max_tokens), use_tqdm=False)
-    return output.outputs[0].text
+    try:
+        messages = [{"role": "user", "content": prompt}]
+        (output,) = llm.chat(messages, SamplingParams(temperature=0.0, max_tokens=max_tokens), use_tqdm=False)
+        return output.outputs[0].text
+    finally:
+        shutdown_llm(llm)
 
 
 def main(argv: list[str]) -> int:
@@ -44,4 +49,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from qadpipe.teacher.vllm_backend import exit_now
+
+    exit_now(main(sys.argv[1:]))

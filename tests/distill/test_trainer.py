@@ -161,6 +161,28 @@ def test_resume_refuses_a_checkpoint_of_another_recipe(peaky_llama_dir, topk_cac
                    resume=True).exit_code == 0
 
 
+def test_resume_follows_a_moved_run_but_refuses_a_regenerated_cache(peaky_llama_dir, tmp_path):
+    import shutil
+
+    from distill_fixtures import make_cache
+
+    cache = make_cache(tmp_path / "a", peaky_llama_dir)
+    run = tmp_path / "run"
+    assert distill(peaky_llama_dir, cache, run, "distill.max_steps=2", "distill.save_every=1").exit_code == 0
+    # The run and its cache moved to other paths (another mount, a copy): same contents, resumes.
+    shutil.copytree(run, tmp_path / "run2")
+    shutil.copytree(cache, tmp_path / "cache2")
+    assert distill(peaky_llama_dir, tmp_path / "cache2", tmp_path / "run2", "distill.max_steps=3",
+                   "distill.save_every=1", resume=True).exit_code == 0
+    # The cache regenerated in place from other data, with the very same config path: refused.
+    other = make_cache(tmp_path / "b", peaky_llama_dir, "data.random.seed=1")
+    shutil.rmtree(cache)
+    shutil.copytree(other, cache)
+    line = one_line_error(distill(peaky_llama_dir, cache, run, "distill.max_steps=3", "distill.save_every=1",
+                                  resume=True))
+    assert "--resume of a checkpoint trained on other cache contents than" in line
+
+
 def test_refuses_when_no_rows_are_left_for_this_rank(peaky_llama_dir, topk_cache, tmp_path):
     line = one_line_error(distill(peaky_llama_dir, topk_cache, tmp_path, "distill.eval_rows=24"))
     assert "rank 0 of 1: no cache rows to train on (after holding out 24 rows for eval)" in line

@@ -6,7 +6,6 @@ imported once.  Prints one ``RESULT`` JSON line: per model directory, per sequen
 log-prob vLLM assigns to each actual next token (positions 1..n-1).
 """
 
-import gc
 import json
 import os
 import sys
@@ -17,6 +16,8 @@ if __name__ == "__main__":
     os.environ.setdefault("VLLM_CPU_INT4_W4A8", "0")
     request = json.loads(sys.argv[1])
     from vllm import LLM, SamplingParams, TokensPrompt
+
+    from qadpipe.teacher.vllm_backend import exit_now, shutdown_llm
 
     params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False, temperature=0.0)
     prompts = [TokensPrompt(prompt_token_ids=ids) for ids in request["sequences"]]
@@ -29,6 +30,7 @@ if __name__ == "__main__":
             [row[token].logprob for row, token in zip(out.prompt_logprobs[1:], ids[1:])]
             for out, ids in zip(outputs, request["sequences"])
         ]
+        shutdown_llm(llm)
         del llm
-        gc.collect()
     print("RESULT " + json.dumps(results))
+    exit_now(0)
