@@ -84,3 +84,25 @@ def test_generate_launcher_refuses_a_non_array_submission(tmp_path: Path):
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode != 0
     assert "submit as an array job" in proc.stderr
+
+
+@pytest.mark.slow
+def test_export_launcher_writes_what_a_direct_export_writes(tmp_path: Path, tiny_llama_dir: Path):
+    """stages/export.sbatch on a trained student: the same checkpoint, byte for byte, as
+    ``qadpipe export`` run directly (the launcher adds nothing and loses nothing)."""
+    config = _config(tmp_path, tiny_llama_dir,
+                     quant={"preset": "w4a16_int", "group_size": 32},
+                     distill={"device": "cpu", "max_steps": 2, "batch_size": 2, "eval_rows": 2,
+                              "output_dir": str(tmp_path / "student")},
+                     export={"format": "compressed-tensors", "output_dir": str(tmp_path / "export")})
+    for stage in ("generate", "distill"):
+        _run([sys.executable, "-m", "qadpipe.cli", stage, "-c", str(config)], {}, ROOT)
+    _run(["bash", str(STAGES / "export.sbatch")], {"CONFIG": str(config), "QADPIPE": QADPIPE}, ROOT)
+    _run([sys.executable, "-m", "qadpipe.cli", "export", "-c", str(config),
+          "--set", f"export.output_dir={tmp_path / 'direct'}"], {}, ROOT)
+
+    launched, direct = tmp_path / "export", tmp_path / "direct"
+    names = sorted(p.name for p in launched.iterdir())
+    assert names == sorted(p.name for p in direct.iterdir()) and "model.safetensors" in names
+    for name in ("model.safetensors", "config.json"):
+        assert (launched / name).read_bytes() == (direct / name).read_bytes(), name

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -29,14 +30,36 @@ from qadpipe.targets import SequenceTargets
 STEPS = 3
 
 
-def run(model_dir: Path, cache: Path, out: Path, nproc: int, *extra: str) -> dict[str, list[float]]:
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run(model_dir: Path, cache: Path, out: Path, nproc: int, *extra: str,
+        via_launcher: bool = False) -> dict[str, list[float]]:
+    """Train with ``nproc`` processes: torchrun directly, or (``via_launcher``) through
+    stages/distill.sbatch as a workstation runs it, with an empty config and the settings as
+    ``--set`` arguments the script forwards."""
     sets = settings(model_dir, cache, f"distill.output_dir={out}", f"distill.max_steps={STEPS}",
                     "distill.eval_rows=0", "distill.shuffle_buffer=1", "distill.save_every=100",
                     "quant.calibration_batches=0", *extra)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
-        if nproc > 1 else [sys.executable]
-    command = launcher + ["-m", "qadpipe.cli", "distill", *[a for s in sets for a in ("--set", s)]]
+    overrides = [a for s in sets for a in ("--set", s)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    if via_launcher:
+        config = out.parent / f"{out.name}.yaml"
+        config.write_text("{}\n")
+        env.update(CONFIG=str(config), GPUS_PER_NODE=str(nproc), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(free_port()), TORCHRUN=f"{sys.executable} -m torch.distributed.run")
+        env = {k: v for k, v in env.items() if not k.startswith("SLURM_")}
+        command = ["bash", str(ROOT / "stages" / "distill.sbatch"), *overrides]
+    else:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+            if nproc > 1 else [sys.executable]
+        command = launcher + ["-m", "qadpipe.cli", "distill", *overrides]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -70,15 +93,18 @@ def single(caches, peaky_llama_dir, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_two_cpu_processes_match_one_process(caches, single, peaky_llama_dir, tmp_path, strategy):
+@pytest.mark.parametrize("strategy,via_launcher", [("ddp", False), ("fsdp2", False), ("ddp", True)],
+                         ids=["ddp", "fsdp2", "stages-distill-sbatch"])
+def test_two_cpu_processes_match_one_process(caches, single, peaky_llama_dir, tmp_path, strategy, via_launcher):
     single_curves, single_out = single
-    curves = run(peaky_llama_dir, caches[0], tmp_path, 2, "distill.batch_size=1", f"distill.distributed={strategy}")
+    out = tmp_path / "student"
+    curves = run(peaky_llama_dir, caches[0], out, 2, "distill.batch_size=1", f"distill.distributed={strategy}",
+                 via_launcher=via_launcher)
     assert len(curves["loss"]) == len(single_curves["loss"]) == STEPS
     np.testing.assert_allclose(curves["loss"], single_curves["loss"], rtol=2e-4)
     # the gradient itself (Adam's update is nearly blind to how rank gradients are weighted)
     np.testing.assert_allclose(curves["grad_norm"], single_curves["grad_norm"], rtol=1e-4)
-    two = load_file(str(tmp_path / "final" / "model.safetensors"))
+    two = load_file(str(out / "final" / "model.safetensors"))
     one = load_file(str(single_out / "final" / "model.safetensors"))
     assert two.keys() == one.keys()
     for name in one:
