@@ -55,14 +55,19 @@ def settings(args: argparse.Namespace) -> list[str]:
     ]
 
 
-def train(args: argparse.Namespace, preset: str, mode: str) -> Path:
+def train(args: argparse.Namespace, preset: str, mode: str) -> tuple[Path, float]:
+    """Train one student (or reuse it) and return its directory and wall seconds, calibration,
+    PTQ eval and saving included: the figure the issue's 20-minute budget is about."""
     out = Path(args.workdir) / preset / mode
+    timing = out / "bench_seconds.json"
     if not (out / FINAL_DIR).is_dir():
         started = time.perf_counter()
         run_distill(load_config(None, settings(args) + PRESETS[preset] + [f"distill.mode={mode}",
                                                                              f"distill.output_dir={out}"]))
-        log.info("%s %s: %d steps in %.0f s", preset, mode, args.steps, time.perf_counter() - started)
-    return out
+        timing.write_text(json.dumps({"seconds": time.perf_counter() - started}))
+    seconds = json.loads(timing.read_text())["seconds"] if timing.exists() else float("nan")
+    log.info("%s %s: %d steps in %.0f s", preset, mode, args.steps, seconds)
+    return out, seconds
 
 
 def main() -> None:
@@ -81,31 +86,36 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     work = Path(args.workdir)
     if not (work / "cache" / "manifests").is_dir():
+        started = time.perf_counter()
         run_generate(load_config(None, settings(args)))
+        log.info("generate: %d prompts in %.0f s", args.prompts, time.perf_counter() - started)
 
     rows = list(CacheReader(str(work / "cache")).iter_sequences())[: args.eval_rows]
     sequences = [row.input_ids.tolist() for row in rows]
     tokenizer = load_tokenizer("smollm2-135m")
     teacher = load_causal_lm("smollm2-135m", dtype="float32")
-    table = {}
+    table, seconds = {}, {}
     for preset in args.presets:
-        runs = {mode: train(args, preset, mode) for mode in ("qad", "qat")}
+        trained = {mode: train(args, preset, mode) for mode in ("qad", "qat")}
+        runs = {mode: out for mode, (out, _) in trained.items()}
+        seconds[preset] = {mode: s for mode, (_, s) in trained.items()}
         students = {"ptq": load_final_student(runs["qad"] / PTQ_DIR)[0].float(),
                     "qat": load_final_student(runs["qat"] / FINAL_DIR)[0].float(),
                     "qad": load_final_student(runs["qad"] / FINAL_DIR)[0].float()}
         with torch.no_grad():
             table[preset] = compare_to_teacher(teacher, students, sequences, pad_id=tokenizer.pad_token_id or 0)
-    (work / "results.json").write_text(json.dumps(table, indent=2))
+    (work / "results.json").write_text(json.dumps({"metrics": table, "train_seconds": seconds}, indent=2))
 
     print(f"\nheld-out: {len(sequences)} teacher-written sequences, full-vocab KL vs the fp32 teacher; "
           f"{args.steps} steps x {args.batch} sequences, lr {args.lr}")
-    print("| format | model | KL | KL / PTQ | top-1 | ppl |\n|---|---|---|---|---|---|")
+    print("| format | model | KL | KL / PTQ | top-1 | ppl | train min |\n|---|---|---|---|---|---|---|")
     for preset, results in table.items():
         ptq = results["ptq"]["kl"]
         for name in ("teacher", "ptq", "qat", "qad"):
             r = results[name]
+            minutes = f"{seconds[preset][name] / 60:.1f}" if name in seconds[preset] else ""
             print(f"| {preset} | {name} | {r['kl']:.4f} | {r['kl'] / ptq:.2f} | {r['top1_agreement']:.3f} | "
-                  f"{r['ppl']:.2f} |")
+                  f"{r['ppl']:.2f} | {minutes} |")
     for preset, results in table.items():
         ratio = results["qad"]["kl"] / results["ptq"]["kl"]
         print(f"{preset}: QAD KL = {ratio:.2f} x PTQ (target <= 0.6: {'met' if ratio <= 0.6 else 'NOT met'}); "
