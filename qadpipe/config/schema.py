@@ -163,6 +163,10 @@ class QuantConfig:
         "straight-through gradient: identity, or zero where the quantizer clips")
     learnable: Literal["none", "lsq", "clip"] = opt("none",
         "learn int weight scales: lsq (step size) or clip (per-group clip ratio); init from the weights")
+    kv_cache: Optional[Literal["fp8", "fp8_cpu"]] = opt(None,
+        "fp8: also fake-quantize the KV cache as vLLM's kv_cache_dtype=fp8 stores it (post-RoPE K "
+        "and V, E4M3, one calibrated scale per layer each; export writes k_scale/v_scale); "
+        "fp8_cpu: the same, rounded toward zero as vLLM-CPU's cache kernels do")
     calibration_batches: int = opt(4, "batches used to calibrate amax", ge=0)
     activation_percentile: Optional[float] = opt(None,
         "calibrate static input ranges at this percentile of |x| (e.g. 99.99); null = max",

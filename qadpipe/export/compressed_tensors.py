@@ -45,6 +45,7 @@ from qadpipe.errors import ExportError, QuantError
 from qadpipe.export.model_tensors import export_tensors, quant_linears, tied_quantized_layers
 from qadpipe.export.writer import read_config, write_checkpoint
 from qadpipe.quant.formats import Granularity, Kind, QuantSpec, pack_fp4, pack_int32, quantize
+from qadpipe.quant.kv_cache import kv_cache_scales
 from qadpipe.quant.quantizers import QuantLinear
 from qadpipe.quant.recipe import FUSED_SIBLINGS
 
@@ -256,8 +257,9 @@ def check_fused(groups: list[tuple[str, ...]], schemes: dict[str, Scheme],
                                   "something else than was trained)")
 
 
-def quantization_config(model: nn.Module, schemes: dict[str, Scheme]) -> dict[str, Any]:
-    """config.json's ``quantization_config``: one config group per distinct scheme."""
+def quantization_config(model: nn.Module, schemes: dict[str, Scheme], kv_cache: bool = False) -> dict[str, Any]:
+    """config.json's ``quantization_config``: one config group per distinct scheme (and the
+    FP8 KV-cache scheme when the student was trained with one)."""
     by_key: dict[str, list[str]] = {}
     for name, scheme in schemes.items():
         by_key.setdefault(scheme.key(), []).append(name)
@@ -281,7 +283,7 @@ def quantization_config(model: nn.Module, schemes: dict[str, Scheme]) -> dict[st
         "quantization_status": "compressed",
         "config_groups": groups,
         "ignore": dense,
-        "kv_cache_scheme": None,
+        "kv_cache_scheme": _args(8, "float", "tensor") if kv_cache else None,
         "sparsity_config": {},
         "transform_config": {},
     }
@@ -310,7 +312,9 @@ def write_compressed_tensors(model: nn.Module, source_dir: Path, directory: Path
     tie = bool(config.get("tie_word_embeddings", False))
     tensors = export_tensors(model, layer_fn, dtype, tie_word_embeddings=tie)
     check_fused(fused_groups(model), schemes, tensors)
-    config["quantization_config"] = quantization_config(model, schemes)
+    kv_scales = kv_cache_scales(model)  # <attn>.k_scale / .v_scale: vLLM maps them to <attn>.attn.*
+    tensors.update(kv_scales)
+    config["quantization_config"] = quantization_config(model, schemes, kv_cache=bool(kv_scales))
     write_checkpoint(tensors, config, source_dir, directory, dtype, max_shard_bytes)
     log.info("compressed-tensors export: %d layers, format %s", len(schemes),
              config["quantization_config"]["format"])

@@ -19,6 +19,7 @@ from torch import nn
 
 from qadpipe.export.model_tensors import export_tensors, quant_linears, tied_quantized_layers
 from qadpipe.export.writer import read_config, write_checkpoint
+from qadpipe.quant.kv_cache import has_kv_quantizers
 from qadpipe.quant.quantizers import QuantLinear
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,10 @@ def write_fake(model: nn.Module, source_dir: Path, directory: Path,
                     ", ".join(broken))
         tie = False
         config["tie_word_embeddings"] = False
+    if has_kv_quantizers(model):
+        log.warning("fake export: the student was trained with an FP8 KV cache, but a fake BF16 "
+                    "checkpoint carries no KV-cache scales; use --format compressed-tensors to serve "
+                    "the KV cache as trained")
     tensors = export_tensors(model, _fake_layer(dtype), dtype, tie_word_embeddings=tie)
     write_checkpoint(tensors, config, source_dir, directory, dtype, max_shard_bytes)
     log.info("fake export: %d quantized Linear layers baked as Q(W) in %s", len(quant_linears(model)), dtype)

@@ -55,6 +55,8 @@ def export_tensors(model: nn.Module, layer_fn: LayerFn, dtype: torch.dtype,
     seen: set[tuple[int, int, tuple[int, ...]]] = set()
     for key, tensor in model.state_dict(keep_vars=False).items():
         module, _, local = key.rpartition(".")
+        if module.endswith("_quantizer"):  # quantizer state (e.g. the KV cache's): training state
+            continue
         owner = _quant_owner(module, layers)
         if owner is not None:
             if module == owner and local == "weight":

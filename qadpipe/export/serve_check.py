@@ -11,12 +11,23 @@ trained as.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 DEFAULT_PROMPT = "Explain photosynthesis to a curious twelve-year-old."
+
+
+def vllm_engine_args(export_dir: Path) -> dict[str, Any]:
+    """What ``vllm.LLM`` must be told to serve ``export_dir`` as it was trained: an export
+    whose ``quantization_config`` has a ``kv_cache_scheme`` needs ``kv_cache_dtype="fp8"``
+    (without it vLLM keeps a bf16 cache and ignores the checkpoint's k/v scales)."""
+    config = json.loads((Path(export_dir) / "config.json").read_text())
+    kv_scheme = (config.get("quantization_config") or {}).get("kv_cache_scheme")
+    return {"kv_cache_dtype": "fp8"} if kv_scheme else {}
 
 
 def serve_once(export_dir: Path, prompt: str, max_tokens: int = 48) -> str:
@@ -27,7 +38,8 @@ def serve_once(export_dir: Path, prompt: str, max_tokens: int = 48) -> str:
 
     from qadpipe.teacher.vllm_backend import shutdown_llm
 
-    llm = LLM(model=str(export_dir), dtype="bfloat16", max_model_len=512, enforce_eager=True)
+    llm = LLM(model=str(export_dir), dtype="bfloat16", max_model_len=512, enforce_eager=True,
+              **vllm_engine_args(export_dir))
     try:
         messages = [{"role": "user", "content": prompt}]
         (output,) = llm.chat(messages, SamplingParams(temperature=0.0, max_tokens=max_tokens), use_tqdm=False)

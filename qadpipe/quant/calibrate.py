@@ -53,10 +53,14 @@ class _Observer:
         self.amax = batch_amax if self.amax is None else torch.maximum(self.amax, batch_amax)
 
 
+#: Quantizers of activations (a Linear's input, the KV cache's keys and values), by name suffix.
+ACTIVATION_QUANTIZERS = ("input_quantizer", "key_quantizer", "value_quantizer")
+
+
 def static_input_quantizers(model: nn.Module) -> dict[str, Quantizer]:
-    """Input quantizers whose range must come from calibration, by module name."""
+    """Activation quantizers whose range must come from calibration, by module name."""
     return {name: m for name, m in model.named_modules()
-            if isinstance(m, Quantizer) and name.endswith("input_quantizer") and not m.spec.dynamic}
+            if isinstance(m, Quantizer) and name.endswith(ACTIVATION_QUANTIZERS) and not m.spec.dynamic}
 
 
 @torch.no_grad()

