@@ -78,13 +78,25 @@ def _canonical(cache: Path) -> dict[str, tuple]:
     return out
 
 
+def _committed_shards(cache: Path) -> int:
+    return sum(len(json.loads(p.read_text())["shards"]) for p in (cache / "manifests").glob("*.json"))
+
+
 def test_generate_survives_kills(workers, tmp_path, tiny_llama_dir):
+    """Like distill's: each kill is timed from the moment the chained run has committed a
+    seeded number of shards (8 in all), plus a seeded delay within one shard's time, so the
+    kills land mid-run however loaded the machine is."""
     ref, chained = tmp_path / "ref", tmp_path / "chained"
     for root in (ref, chained):
         root.mkdir()
     code, duration, log = workers.run(["generate", "-c", str(_config(ref, tiny_llama_dir, "out"))])
     assert code == 0, log[-3000:]
-    outcomes = _kill_chain(workers, ["generate", "-c", str(_config(chained, tiny_llama_dir, "out"))], duration, SEED)
+    shards = sorted(np.random.default_rng(SEED + 2).choice(np.arange(0, 7), size=len(POINTS), replace=True))
+    after = [lambda s=int(s): s == 0 or ((chained / "cache" / "manifests").is_dir()
+                                       and _committed_shards(chained / "cache") >= s)
+             for s in shards]
+    outcomes = _kill_chain(workers, ["generate", "-c", str(_config(chained, tiny_llama_dir, "out"))],
+                           duration / 8, SEED, after)
     assert sum(code != 0 for name, _, code in outcomes if name == "SIGKILL") >= 4  # the kills did land
     expected, got = _canonical(ref / "cache"), _canonical(chained / "cache")
     assert len(expected) == 16
