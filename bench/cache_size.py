@@ -213,8 +213,9 @@ def main() -> None:
     for encoding in ("compact", "plain"):
         meta = CacheMeta(**base, target_kind="topk", k=64, num_samples=0, encoding=encoding)
         throughput[encoding] = read_throughput(work / f"read-{encoding}", meta, rows64, args.throughput_copies)
-    print(f"\nread throughput, top-64, {throughput['compact']['tokens']} tokens, sha256 verify on (next shard hashed on a second thread), one decoding "
-          f"thread, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (other processes slow this down):")
+    print(f"\nread throughput, top-64, {throughput['compact']['tokens']} tokens, sha256 verify on (next shard "
+          f"hashed on a second thread), one decoding thread, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.1f} (other processes slow this down):")
     for encoding, t in throughput.items():
         print(f"  {encoding:<8} {t['tokens_per_s_best'] / 1e6:.2f} M tokens/s best of 3 "
               f"(median {t['tokens_per_s_median'] / 1e6:.2f} M); {t['tokens_per_cpu_s_median'] / 1e6:.2f} M tokens "
