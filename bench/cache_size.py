@@ -214,7 +214,8 @@ def main() -> None:
         meta = CacheMeta(**base, target_kind="topk", k=64, num_samples=0, encoding=encoding)
         throughput[encoding] = read_throughput(work / f"read-{encoding}", meta, rows64, args.throughput_copies)
     print(f"\nread throughput, top-64, {throughput['compact']['tokens']} tokens, sha256 verify on (next shard "
-          f"hashed on a second thread), one decoding thread, {os.cpu_count()} CPUs, "
+          f"hashed on a second thread), {CacheReader(str(work / 'read-compact')).decode_threads} decoding threads, "
+          f"{os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f} (other processes slow this down):")
     for encoding, t in throughput.items():
         print(f"  {encoding:<8} {t['tokens_per_s_best'] / 1e6:.2f} M tokens/s best of 3 "

@@ -174,7 +174,15 @@ def _decode_topk(batch: pa.RecordBatch, meta: CacheMeta, id_order: np.ndarray | 
         topk_ids = column_values(batch, "topk_ids", meta)[0].reshape(-1, k)
         logprobs = column_values(batch, "topk_logprobs", meta)[0].reshape(-1, k)
         tail, pos = column_values(batch, "tail_mass", meta)
+        _check_decoded_ids(topk_ids, meta.vocab_size, "topk_ids")
+        if np.isnan(logprobs).any() or (logprobs > 1e-3).any():
+            raise ValueError("topk_logprobs: NaN or positive values, expected log-probs <= 0")
+        if not ((tail >= 0) & (tail <= 1)).all():
+            raise ValueError("tail_mass: NaN or outside [0, 1]")
     else:
+        # No per-entry checks needed: ids come from the shard's id table (range-checked once,
+        # in shard_id_order), log-probs from the decode table and tails from exp(-code), valid
+        # by construction; decode_topk checks every index it gathers with.
         if id_order is None:
             raise CacheError("compact top-k shard decoded without its id table")
         ranks = column_values(batch, "topk_ranks", meta)[0].reshape(-1, k)
@@ -182,11 +190,6 @@ def _decode_topk(batch: pa.RecordBatch, meta: CacheMeta, id_order: np.ndarray | 
         topk_ids, logprobs = compact.decode_topk(ranks, steps, id_order)
         codes, pos = column_values(batch, "tail_codes", meta)
         tail = compact.decode_tail_codes(codes)
-    _check_decoded_ids(topk_ids, meta.vocab_size, "topk_ids")
-    if np.isnan(logprobs).any() or (logprobs > 1e-3).any():
-        raise ValueError("topk_logprobs: NaN or positive values, expected log-probs <= 0")
-    if not ((tail >= 0) & (tail <= 1)).all():
-        raise ValueError("tail_mass: NaN or outside [0, 1]")
     return {
         "topk_ids": lambda i: topk_ids[pos[i]:pos[i + 1]],
         "topk_logprobs": lambda i: logprobs[pos[i]:pos[i + 1]],
@@ -201,7 +204,12 @@ def shard_id_order(schema: pa.Schema, meta: CacheMeta, where: str) -> np.ndarray
     blob = (schema.metadata or {}).get(ID_ORDER_KEY)
     if blob is None:
         raise CacheError(f"{where}: compact top-k shard lacks its id table metadata")
-    return compact.unpack_order(blob, where)
+    order = compact.unpack_order(blob, where)
+    try:
+        _check_decoded_ids(order, meta.vocab_size, "id table")
+    except ValueError as exc:
+        raise CacheError(f"{where}: {exc}") from None
+    return order
 
 
 def _decode_sampled(batch: pa.RecordBatch, meta: CacheMeta) -> tuple[dict, np.ndarray]:

@@ -42,7 +42,10 @@ def _random_distributions(rng, n, k, vocab=5000):
     return ids.astype(np.int32), top.astype(np.float32), logprobs
 
 
-def test_tie_groups_roundtrip_the_id_to_logprob_map():
+@pytest.mark.parametrize("chunk_rows", [7, compact.DECODE_CHUNK_ROWS])
+def test_tie_groups_roundtrip_the_id_to_logprob_map(monkeypatch, chunk_rows):
+    # chunk_rows=7: 200 rows decode in 29 chunks, the last one short; each must match the map.
+    monkeypatch.setattr(compact, "DECODE_CHUNK_ROWS", chunk_rows)
     rng = np.random.default_rng(1)
     ids, lp, _ = _random_distributions(rng, 200, 64)
     order = compact.id_order(ids)
@@ -91,3 +94,14 @@ def test_order_table_roundtrip_and_corruption():
     np.testing.assert_array_equal(compact.unpack_order(compact.pack_order(order), "x"), order)
     with pytest.raises(Exception, match="corrupt id table"):
         compact.unpack_order(b"bm90IHpzdGQ=", "shard.parquet")
+
+
+def test_decode_refuses_out_of_range_indices():
+    """Untrusted shard bytes: a rank past the id table or a code past the decode table."""
+    order = np.array([5, 9, 11], dtype=np.int32)
+    steps = np.array([[1, 0, 2]], dtype=np.uint16)
+    with pytest.raises(Exception, match=r"top-k rank 3 outside the shard's id table \(3 ids\)"):
+        compact.decode_topk(np.array([[3, 0, 0]], dtype=np.uint16), steps, order)
+    big = np.array([[0xFFFF, 0xFFFF, 0]], dtype=np.uint16)
+    with pytest.raises(Exception, match=r"top-k log-prob code 131070 outside \[0, 65535\]"):
+        compact.decode_topk(np.array([[0, 1, 1]], dtype=np.uint16), big, order)

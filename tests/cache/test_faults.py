@@ -122,3 +122,18 @@ def test_unlisted_and_temp_files_are_invisible_and_replaced(cache):
             writer.write(row)
     reader = CacheReader(str(cache))
     assert reader.num_rows == 6 and len(list(reader.iter_sequences())) == 6
+
+
+def test_id_table_outside_the_vocab_is_refused():
+    """A compact shard's id table is the only source of its top-k ids: range-checked once."""
+    import numpy as np
+    import pyarrow as pa
+
+    from qadpipe.cache import compact
+    from qadpipe.cache.encoding import shard_id_order
+    from qadpipe.cache.schema import ID_ORDER_KEY
+
+    meta = cache_meta("topk", k=8)
+    schema = pa.schema([]).with_metadata({ID_ORDER_KEY: compact.pack_order(np.array([3, meta.vocab_size]))})
+    with pytest.raises(CacheError, match=r"^s.parquet: id table: ids span \[3, 49152\], expected \[0, 49152\)$"):
+        shard_id_order(schema, meta, "s.parquet")

@@ -138,3 +138,22 @@ def test_file_uri_and_plain_path_name_the_same_cache(tmp_path):
     meta = cache_meta("topk")
     write_cache(f"file://{tmp_path}", meta, random_rows(meta, 3))
     assert CacheReader(str(tmp_path)).num_rows == 3
+
+
+@pytest.mark.parametrize("decode_threads", [1, 3])
+def test_decode_threads_yield_the_same_rows_in_order(tmp_path, decode_threads):
+    meta = cache_meta("topk", k=16)
+    rows = random_rows(meta, 23, seq_len=24)
+    write_cache(tmp_path, meta, rows, rows_per_shard=10)
+    reader = CacheReader(str(tmp_path), batch_rows=2, decode_threads=decode_threads)
+    read = list(reader.iter_sequences())
+    assert [r.id for r in read] == [r.id for r in rows]
+    for written, got in zip(rows, read):
+        assert_same_targets(written, got, "compact")
+
+
+def test_decode_threads_must_be_positive(tmp_path):
+    meta = cache_meta("topk")
+    write_cache(tmp_path, meta, random_rows(meta, 2))
+    with pytest.raises(CacheError, match="decode_threads=0: expected >= 1"):
+        CacheReader(str(tmp_path), decode_threads=0)
