@@ -99,6 +99,20 @@ def exit_now(code: int) -> None:
     os._exit(code)
 
 
+def reserve_cpu_cores(count: int) -> None:
+    """Tell vLLM-CPU how many cores to keep free of its engine's OpenMP threads.
+
+    vLLM reserves one core for the frontend process by default.  On a 2-core machine that
+    halves the engine (measured: prefill 1.9k -> 3.3k tokens/s, top-64 capture 1.0k -> 1.8k
+    with both cores), while a scoring frontend only waits on the engine.  An explicit
+    ``VLLM_CPU_NUM_OF_RESERVED_CPU`` in the environment wins."""
+    if "VLLM_CPU_NUM_OF_RESERVED_CPU" in os.environ:
+        log.info("vLLM-CPU: VLLM_CPU_NUM_OF_RESERVED_CPU=%s from the environment (teacher.cpu_reserved_cores=%d "
+                 "not applied)", os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"], count)
+        return
+    os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(count)
+
+
 class VLLMTeacher:
     """One ``vllm.LLM`` engine; K is fixed at start (``max_logprobs``)."""
 
@@ -135,6 +149,7 @@ class VLLMTeacher:
             # completions, whatever the batch) working; a step then holds at least one sequence.
             kwargs["enable_chunked_prefill"] = False
             kwargs["max_num_batched_tokens"] = max(teacher.max_num_batched_tokens, max_model_len + 1)
+            reserve_cpu_cores(teacher.cpu_reserved_cores)
         else:
             kwargs["gpu_memory_utilization"] = teacher.gpu_memory_utilization
         try:

@@ -17,7 +17,7 @@ from qadpipe.data.sequences import TokenSequence
 from qadpipe.errors import TeacherError
 from qadpipe.targets import TAIL_ID, tail_mass_from_logprobs
 from qadpipe.teacher.base import TargetSpec
-from qadpipe.teacher.vllm_backend import flat_to_arrays, sampled_from_topk
+from qadpipe.teacher.vllm_backend import flat_to_arrays, reserve_cpu_cores, sampled_from_topk
 
 logprobs_module = pytest.importorskip("vllm.logprobs")
 
@@ -61,6 +61,15 @@ def test_misaligned_or_wrong_width_logprobs_stop_the_run() -> None:
         flat_to_arrays(_flat(input_ids, top, lps, np.zeros(6)), input_ids, k=5)
     with pytest.raises(TeacherError, match="prompt-logprob positions for 8 tokens"):
         flat_to_arrays(flat, np.append(input_ids, 1), k=4)
+
+
+def test_cpu_core_reservation_comes_from_the_config_unless_the_environment_sets_it(monkeypatch) -> None:
+    monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
+    reserve_cpu_cores(0)
+    assert os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+    monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", "3")
+    reserve_cpu_cores(0)
+    assert os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "3"
 
 
 def test_sampled_from_topk_puts_tail_draws_on_tail_id() -> None:
