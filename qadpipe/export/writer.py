@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,7 +50,7 @@ def staged_dir(output: Path) -> Iterator[Path]:
     check_replaceable(output)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{output.name}-", dir=output.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=_staging_prefix("tmp", output) + _owner_tag(), dir=output.parent))
     except OSError as exc:
         raise ExportError(f"export output {output}: cannot create a directory in {output.parent} "
                           f"({exc.strerror or exc})") from None
@@ -61,7 +62,7 @@ def staged_dir(output: Path) -> Iterator[Path]:
                 _fsync(path)
         tmp.chmod(0o755)  # mkdtemp makes it private; an export is meant to be shared
         if output.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".old-{output.name}-", dir=output.parent))
+            old = Path(tempfile.mkdtemp(prefix=_staging_prefix("old", output) + _owner_tag(), dir=output.parent))
             os.replace(output, old / output.name)
         os.replace(tmp, output)
         _fsync(output.parent)
@@ -74,6 +75,44 @@ def staged_dir(output: Path) -> Iterator[Path]:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+    remove_stale_staging(output)
+
+
+def _staging_prefix(kind: str, output: Path) -> str:
+    return f".{kind}-{output.name}-"
+
+
+def _owner_tag() -> str:
+    """``host-pid-``: lets a later export tell a killed run's staging dir from a live one."""
+    return f"{socket.gethostname()}-{os.getpid()}-"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_staging(output: Path) -> None:
+    """Delete the staging dirs (``.tmp-*``, ``.old-*``) of ``output`` that killed exports left.
+
+    SIGKILL skips every cleanup, so a kill mid-write leaves a hidden copy of the export beside
+    it.  Called once a new export is in place: a dir is removed only when its name says it
+    belongs to a process of this host that no longer runs (a live export, or one on another
+    node of a shared file system, is left alone)."""
+    host = socket.gethostname()
+    for kind in ("tmp", "old"):
+        prefix = _staging_prefix(kind, output)
+        for path in output.parent.glob(prefix + "*"):
+            owner = path.name[len(prefix):].rsplit("-", 2)   # host (may hold '-'), pid, mkdtemp suffix
+            if len(owner) != 3 or owner[0] != host or not owner[1].isdigit() or _process_alive(int(owner[1])):
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            log.info("removed %s, left by a killed export (pid %s)", path, owner[1])
 
 
 def _roll_back(tmp: Path, old: Path | None, output: Path) -> None:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -47,6 +51,23 @@ def test_a_previous_export_is_replaced_whole(tmp_path):
         (tmp / "new.txt").write_text("new")
     assert [p.name for p in out.iterdir()] == ["new.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["export"]
+
+
+def test_staging_dirs_of_killed_exports_are_removed_once_a_new_export_is_in_place(tmp_path):
+    host = socket.gethostname()
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(finished.stdout)           # a pid that has exited: a SIGKILLed export's
+    stale = [f".tmp-export-{host}-{dead}-ab12cd_x", f".old-export-{host}-{dead}-zz9"]
+    kept = [f".tmp-export-{host}-{os.getpid()}-live0001",      # a live export on this host
+            f".tmp-export-node-7-{dead}-remote01",             # another node of a shared FS
+            ".tmp-export-legacy99", ".tmp-other-" + f"{host}-{dead}-x1"]  # no owner tag / other output
+    for name in stale + kept:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"half")
+    with staged_dir(tmp_path / "export") as tmp:
+        (tmp / "a.txt").write_text("x")
+        assert tmp.name.startswith(f".tmp-export-{host}-{os.getpid()}-")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["export", *kept])
 
 
 @pytest.mark.parametrize("content", ["notes.txt", RUN_FILE])
