@@ -35,6 +35,7 @@ import zstandard
 from tqdm import tqdm
 
 from qadpipe.cache import CacheMeta, CacheReader, CacheWriter
+from qadpipe.cache.reader import DEFAULT_DECODE_THREADS
 from qadpipe.models import embedded_smollm2_dir, load_causal_lm, load_tokenizer, tokenizer_fingerprint
 from qadpipe.targets import SequenceTargets, tail_mass_from_logprobs
 
@@ -214,7 +215,7 @@ def main() -> None:
         meta = CacheMeta(**base, target_kind="topk", k=64, num_samples=0, encoding=encoding)
         throughput[encoding] = read_throughput(work / f"read-{encoding}", meta, rows64, args.throughput_copies)
     print(f"\nread throughput, top-64, {throughput['compact']['tokens']} tokens, sha256 verify on (next shard "
-          f"hashed on a second thread), {CacheReader(str(work / 'read-compact')).decode_threads} decoding threads, "
+          f"hashed on a second thread), {DEFAULT_DECODE_THREADS} decoding threads, "
           f"{os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f} (other processes slow this down):")
     for encoding, t in throughput.items():

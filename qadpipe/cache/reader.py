@@ -29,6 +29,8 @@ from qadpipe.errors import CacheError
 from qadpipe.targets import SequenceTargets
 
 log = logging.getLogger(__name__)
+#: Threads decoding record batches (numpy releases the GIL in the decode's cumsums and gathers).
+DEFAULT_DECODE_THREADS = 2
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -51,7 +53,7 @@ class CacheReader:
     """Streams :class:`SequenceTargets` from a cache (local path or URI)."""
 
     def __init__(self, root: str, *, verify: bool = True, filesystem: pafs.FileSystem | None = None,
-                 batch_rows: int = 64, decode_threads: int = 2) -> None:
+                 batch_rows: int = 64, decode_threads: int = DEFAULT_DECODE_THREADS) -> None:
         self.root = str(root)
         self.store = Store(root, filesystem)
         self.view = load_view(self.store)
@@ -167,9 +169,9 @@ class CacheReader:
                     decoders: ThreadPoolExecutor) -> Iterator[SequenceTargets]:
         """Rows [lo, hi) of one shard, reading only the row groups that hold them.
 
-        Record batches are decoded ``decode_threads`` at a time, yielded in order: numpy
-        releases the GIL in the decode's cumsums and gathers, so two threads decode ~1.7x
-        faster than one on 2 cores (bench/cache_size.py)."""
+        Record batches are decoded on ``decode_threads`` threads, at most twice that many in
+        flight, and yielded in order: numpy releases the GIL in the decode's cumsums and
+        gathers, so two threads decode ~1.4x faster than one on 2 cores (bench/cache_size.py)."""
         where = self.store.describe(shard.name)
         groups, group_first, row = [], None, 0
         for index in range(parquet.metadata.num_row_groups):
