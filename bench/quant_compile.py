@@ -2,9 +2,10 @@
 
 Training must round exactly as export packs (one code path), so a compiled fake-quant is
 only usable where it returns the *same bits* as ``formats.fake_quantize``.  For each preset's
-weight format this compiles ``fake_quantize`` (inductor, static shapes), feeds both paths the
-same bf16 weights (a SmolLM2 MLP shape, random with one outlier, at several scales), counts
-the tensors whose outputs differ anywhere, and times both (best of ``--repeats``).
+weight format this takes the compiled forward training uses (``quant.compile: on``, see
+qadpipe/quant/compiled.py), feeds it and the eager one the same bf16 weights (a SmolLM2 MLP
+shape, random with one outlier, at several scales), counts the tensors whose outputs differ
+anywhere, and times both (best of ``--repeats``).
 
     .venv/bin/python bench/quant_compile.py [--device cuda] [--presets nvfp4 w4a16_int]
 """
@@ -17,6 +18,7 @@ import time
 
 import torch
 
+from qadpipe.quant.compiled import compiled_fake_quant_forward
 from qadpipe.quant.formats import Granularity, fake_quantize
 from qadpipe.quant.recipe import PRESETS
 
@@ -63,7 +65,10 @@ def main() -> None:
         def eager(w, amax):
             return fake_quantize(w, spec, amax=amax)
 
-        compiled = torch.compile(eager, dynamic=False)
+        forward = compiled_fake_quant_forward(spec, False)
+
+        def compiled(w, amax):
+            return forward(w, amax)[0]
         inputs = [weight(0.02 * 2 ** i) for i in range(args.trials)]
         try:
             differing = sum(not torch.equal(eager(w, amax_of(w)), compiled(w, amax_of(w))) for w in inputs)

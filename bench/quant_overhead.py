@@ -4,8 +4,13 @@ All models live at once and every round times one step of each, in rotating orde
 noisy shared machine slows them alike; the table reports the median step time and its ratio
 to the unquantized bf16 model of the same round.
 
+Fake-quant runs as ``quant.compile`` says (auto: compiled on CUDA, eager on CPU);
+``--fake-quant both`` times every preset both ways, side by side (the compiled rows are
+marked ``+c``; their values are bit-identical to eager, see tests/quant/test_compiled.py).
+
     .venv/bin/python bench/quant_overhead.py                      # CPU, embedded SmolLM2
-    python bench/quant_overhead.py --device cuda --model qwen3-1.7b-random --compile
+    .venv/bin/python bench/quant_overhead.py --fake-quant both --presets nvfp4 w4a16_int
+    python bench/quant_overhead.py --device cuda --model qwen3-1.7b-random --fake-quant both
 """
 
 from __future__ import annotations
@@ -44,11 +49,11 @@ def build_base(name: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
 
 
 def make_student(base: torch.nn.Module, preset: str, group_size: int | None,
-                 batch: dict[str, torch.Tensor]) -> torch.nn.Module:
+                 batch: dict[str, torch.Tensor], fake_quant: str = "auto") -> torch.nn.Module:
     model = copy.deepcopy(base)
     if preset != "bf16":
         configurable = PRESETS[preset].weight.group_size == 128
-        quant = build_config({"quant": {"preset": preset,
+        quant = build_config({"quant": {"preset": preset, "compile": fake_quant,
                                         "group_size": group_size if configurable else None}}).quant
         apply_recipe(model, quant)
         calibrate(model, [batch], 1)
@@ -72,7 +77,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--seq", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--compile", action="store_true", help="torch.compile every model")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every whole model")
+    parser.add_argument("--fake-quant", choices=["auto", "eager", "compiled", "both"], default="auto",
+                        help="quant.compile for the fake-quant functions (auto: compiled on CUDA only)")
     args = parser.parse_args()
 
     cuda = args.device.startswith("cuda")
@@ -83,10 +90,15 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     batch = {"input_ids": torch.randint(0, vocab, (batch_size, seq), generator=g).to(args.device),
              "attention_mask": torch.ones(batch_size, seq, dtype=torch.long, device=args.device)}
-    names = ["bf16"] + [p for p in args.presets if p != "bf16"]
+    modes = {"auto": ["auto"], "eager": ["off"], "compiled": ["on"], "both": ["off", "on"]}[args.fake_quant]
+    variants = {"bf16": ("bf16", "off")}
+    for preset in (p for p in args.presets if p != "bf16"):
+        for mode in modes:
+            variants[preset + ("+c" if mode == "on" else "")] = (preset, mode)
+    names = list(variants)
     models = {}
-    for name in names:
-        models[name] = make_student(base, name, args.group_size, batch)
+    for name, (preset, mode) in variants.items():
+        models[name] = make_student(base, preset, args.group_size, batch, mode)
         if args.compile:
             models[name] = torch.compile(models[name])
     del base
@@ -112,7 +124,8 @@ def main() -> None:
 
     reference = statistics.median(times["bf16"])
     print(f"\nstep = forward + backward, batch {batch_size} x {seq} tokens, {args.model} bf16 on "
-          f"{args.device}{', torch.compile' if args.compile else ''}; median of {args.rounds} rounds, "
+          f"{args.device}{', torch.compile' if args.compile else ''}, fake-quant {args.fake_quant}; "
+          f"median of {args.rounds} rounds, "
           f"group {args.group_size} for group-128 presets; torch {torch.__version__}\n")
     print("| preset | ms / step | x bf16 |")
     print("|---|---|---|")

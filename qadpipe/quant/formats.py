@@ -334,9 +334,12 @@ def _quantize_nvfp4(xg: Tensor, amax: Optional[Tensor]) -> tuple[Tensor, Tensor,
     global_scale = (C.FP8_E4M3_MAX * C.E2M1_MAX) / a.clamp(min=tiny)
     global_scale = torch.nan_to_num(global_scale, nan=1.0, posinf=1.0, neginf=1.0).reshape(1)
     block_amax = xg.abs().amax(-1, keepdim=True)
-    s8 = round_to_fp8(global_scale * (block_amax / C.E2M1_MAX))
-    s8 = torch.where(s8.float() == 0, torch.tensor(C.FP8_ZERO_SCALE, device=xg.device).to(s8.dtype), s8)
-    effective = s8.float() / global_scale
+    s8 = round_to_fp8(global_scale * (block_amax / C.E2M1_MAX)).float()
+    # An all-zero (or underflowed) block gets the smallest nonzero scale.  Done in fp32 and cast
+    # back (exact: the value is an E4M3 code) because inductor cannot lower a where() on float8.
+    s8 = torch.where(s8 == 0, C.FP8_ZERO_SCALE, s8)
+    effective = s8 / global_scale
+    s8 = s8.to(C.FP8_E4M3_DTYPE)
     codes = round_to_e2m1((xg / effective).clamp(-C.E2M1_MAX, C.E2M1_MAX))
     return codes, s8, global_scale
 

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from qadpipe.errors import QuantError
+from qadpipe.quant.compiled import Compile
 from qadpipe.quant.formats import Granularity, Kind, QuantSpec
 from qadpipe.quant.quantizers import Quantizer, Ste
 
@@ -58,7 +59,8 @@ def kv_quantized_attention(module: nn.Module, query: Tensor, key: Tensor, value:
     return ALL_ATTENTION_FUNCTIONS[module.kv_base_attention](module, query, key, value, attention_mask, **kwargs)
 
 
-def attach_kv_quantizers(model: nn.Module, kind: str = "fp8", ste: Ste = "identity") -> list[str]:
+def attach_kv_quantizers(model: nn.Module, kind: str = "fp8", ste: Ste = "identity",
+                         compile_mode: Compile = "off") -> list[str]:
     """Give every attention module static FP8 key/value quantizers (``kind``: a KV_SPECS key;
     uncalibrated) and route the model's attention through them; returns the modules' names."""
     from transformers import AttentionInterface
@@ -79,8 +81,8 @@ def attach_kv_quantizers(model: nn.Module, kind: str = "fp8", ste: Ste = "identi
     AttentionInterface.register(KV_ATTENTION, kv_quantized_attention)
     for module in modules.values():
         device = module.k_proj.weight.device
-        module.key_quantizer = Quantizer(KV_SPECS[kind], ste=ste).to(device)
-        module.value_quantizer = Quantizer(KV_SPECS[kind], ste=ste).to(device)
+        module.key_quantizer = Quantizer(KV_SPECS[kind], ste=ste, compile_mode=compile_mode).to(device)
+        module.value_quantizer = Quantizer(KV_SPECS[kind], ste=ste, compile_mode=compile_mode).to(device)
         module.kv_base_attention = base
     config._attn_implementation = KV_ATTENTION
     return sorted(modules)

@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qadpipe.errors import QuantError
+from qadpipe.quant.compiled import Compile, forward_for
 from qadpipe.quant.formats import (
-    Kind, QuantizedTensor, QuantSpec, _groups, _groups_like_scale, dequantize, inside_range,
-    mse_best_scale, quantize,
+    Kind, QuantizedTensor, QuantSpec, _groups, _groups_like_scale, dequantize, mse_best_scale, quantize,
 )
 
 Ste = Literal["identity", "clipped"]
@@ -38,23 +38,25 @@ Learnable = Literal["none", "lsq", "clip"]
 
 
 class _FakeQuantSTE(torch.autograd.Function):
-    """Forward: ``dequantize(quantize(x))``.  Backward: the incoming gradient unchanged
-    (identity) or masked to the unclipped elements (clipped)."""
+    """Forward: ``dequantize(quantize(x))`` (eager or compiled, the same bits; see
+    :mod:`qadpipe.quant.compiled`).  Backward: the incoming gradient unchanged (identity) or
+    masked to the unclipped elements (clipped)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, spec: QuantSpec, amax: Optional[Tensor], clipped: bool) -> Tensor:
-        q = quantize(x, spec, amax=amax)
+    def forward(ctx, x: Tensor, spec: QuantSpec, amax: Optional[Tensor], clipped: bool,
+                compile_mode: Compile) -> Tensor:
+        out, mask = forward_for(spec, clipped, compile_mode, x.device)(x, amax)
         ctx.clipped = clipped
         if clipped:
-            ctx.save_for_backward(inside_range(x, q))
-        return dequantize(q)
+            ctx.save_for_backward(mask)
+        return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         if ctx.clipped:
             (mask,) = ctx.saved_tensors
             grad = grad * mask
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
 class _RoundSTE(torch.autograd.Function):
@@ -105,10 +107,11 @@ class Quantizer(nn.Module):
     """Fake-quantizes one tensor (a weight or a Linear's input) with one spec."""
 
     def __init__(self, spec: QuantSpec, *, ste: Ste = "identity", learnable: Learnable = "none",
-                 weight: Optional[Tensor] = None) -> None:
+                 weight: Optional[Tensor] = None, compile_mode: Compile = "off") -> None:
         super().__init__()
         self.spec = spec
         self.ste = ste
+        self.compile_mode = compile_mode
         self.learnable = learnable
         self.calibrated = spec.dynamic
         if not spec.dynamic:
@@ -161,7 +164,7 @@ class Quantizer(nn.Module):
         if self.learnable != "none":
             return lsq_fake_quantize(x, self.spec, self._learned_scale(x))
         amax = None if self.spec.dynamic else self.amax
-        return _FakeQuantSTE.apply(x, self.spec, amax, self.ste == "clipped")
+        return _FakeQuantSTE.apply(x, self.spec, amax, self.ste == "clipped", self.compile_mode)
 
     @torch.no_grad()
     def quantize(self, x: Tensor) -> QuantizedTensor:
@@ -189,15 +192,17 @@ class QuantLinear(nn.Linear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, weight_spec: QuantSpec, input_spec: Optional[QuantSpec],
-                    *, ste: Ste = "identity", learnable: Learnable = "none") -> "QuantLinear":
+                    *, ste: Ste = "identity", learnable: Learnable = "none",
+                    compile_mode: Compile = "off") -> "QuantLinear":
         new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
         new.weight = linear.weight
         new.bias = linear.bias
-        new.weight_quantizer = Quantizer(weight_spec, ste=ste, learnable=learnable, weight=linear.weight)
+        new.weight_quantizer = Quantizer(weight_spec, ste=ste, learnable=learnable, weight=linear.weight,
+                                         compile_mode=compile_mode)
         new.weight_quantizer.to(linear.weight.device)
         new.input_quantizer = None
         if input_spec is not None:
-            new.input_quantizer = Quantizer(input_spec, ste=ste).to(linear.weight.device)
+            new.input_quantizer = Quantizer(input_spec, ste=ste, compile_mode=compile_mode).to(linear.weight.device)
         if not weight_spec.dynamic:
             new.weight_quantizer.set_amax(linear.weight.detach().abs().amax())
         return new

@@ -139,6 +139,7 @@ def apply_recipe(model: nn.Module, quant: Any) -> QuantRecipe:
     default = resolve_preset(quant.preset, quant.group_size)
 
     recipe = QuantRecipe(ste=quant.ste, learnable=quant.learnable)
+    compile_mode = getattr(quant, "compile", "off")
     chosen: dict[str, tuple[str, Preset]] = {}
     for name, linear in linears.items():
         if any(re.search(p, name) for p in quant.ignore):
@@ -158,13 +159,14 @@ def apply_recipe(model: nn.Module, quant: Any) -> QuantRecipe:
     for name, (preset_name, preset) in chosen.items():
         weight = _learnable_spec(preset.weight, quant.learnable, preset_name)
         new = QuantLinear.from_linear(linears[name], weight, preset.input, ste=quant.ste,
-                                      learnable=_learnable_kind(weight, quant.learnable))
+                                      learnable=_learnable_kind(weight, quant.learnable),
+                                      compile_mode=compile_mode)
         _set_submodule(model, name, new)
         recipe.layers[name] = LayerRecipe(name, preset_name, weight, preset.input, group_of.get(name))
     recipe.fused_groups = groups
     _share_fused_amax(model, groups)
     if getattr(quant, "kv_cache", None):
-        recipe.kv_cache = attach_kv_quantizers(model, quant.kv_cache, quant.ste)
+        recipe.kv_cache = attach_kv_quantizers(model, quant.kv_cache, quant.ste, compile_mode)
     log.info(recipe.summary())
     return recipe
 

@@ -22,6 +22,7 @@ from compressed_tensors.quantization.lifecycle.forward import quantize as ct_qua
 from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam  # noqa: E402
 
 from qadpipe.quant.formats import Kind, QuantSpec, dequantize, quantize  # noqa: E402
+from quant_inputs import ADVERSARIAL, adversarial  # noqa: E402
 from qadpipe.quant.packing import pack_fp4, pack_int32, unpack_fp4, unpack_int32  # noqa: E402
 
 
@@ -34,33 +35,10 @@ def _eager_ct_fp4_cast(monkeypatch):
     monkeypatch.setattr(data, "cast_to_fp4", staticmethod(eager))
 
 
-def _adversarial(kind: str, rows: int = 8, cols: int = 256) -> torch.Tensor:
-    torch.manual_seed(hash(kind) % 1000)
-    x = torch.randn(rows, cols)
-    if kind == "zeros":
-        return torch.zeros(rows, cols)
-    if kind == "outlier_per_block":         # one huge value in every block of 16
-        x = x * 0.01
-        x[:, ::16] = 1e4 * torch.sign(torch.randn(rows, cols // 16))
-    elif kind == "denormal_blocks":         # blocks far below the tensor max (scales underflow)
-        x[:, :64] *= 1e-9
-        x[:, 64:128] = torch.randn(rows, 64) * 1e-40     # fp32 subnormals
-    elif kind == "zero_blocks":
-        x[:, 32:96] = 0.0
-    elif kind == "ties":                    # many values exactly on half-steps
-        x = torch.randint(-30, 31, (rows, cols)).float() / 4
-    elif kind == "wide_range":
-        x = x * torch.logspace(-6, 6, cols)
-    return x
-
-
-ADVERSARIAL = ["random", "zeros", "outlier_per_block", "denormal_blocks", "zero_blocks", "ties", "wide_range"]
-
-
 @pytest.mark.parametrize("case", ADVERSARIAL)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_nvfp4_scales_and_values_identical_to_ct(case, dtype):
-    x = _adversarial(case).to(dtype)
+    x = adversarial(case).to(dtype)
     xf = x.float()
     ours = quantize(x, QuantSpec(Kind.NVFP4))
     args = preset_name_to_scheme("NVFP4", ["Linear"]).weights
@@ -90,7 +68,7 @@ def test_nvfp4_scales_and_values_identical_to_ct(case, dtype):
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int_values_identical_to_ct(case, bits, granularity, group, symmetric, narrow, dtype):
-    x = _adversarial(case).to(dtype)
+    x = adversarial(case).to(dtype)
     spec = QuantSpec(Kind.INT, bits, granularity, group, symmetric=symmetric, narrow_range=narrow)
     ours = quantize(x, spec)
     args = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric,
@@ -106,7 +84,7 @@ def test_int_values_identical_to_ct(case, bits, granularity, group, symmetric, n
 @pytest.mark.parametrize("case", ADVERSARIAL)
 def test_int_full_range_scale_matches_ct_qparams(case):
     """With narrow_range=False our symmetric scale is CT's amax/7.5, rounded to bf16."""
-    x = _adversarial(case)
+    x = adversarial(case)
     ours = quantize(x, QuantSpec(Kind.INT, 4, "group", 64, narrow_range=False))
     args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=64)
     groups = x.unflatten(-1, (-1, 64))
@@ -122,7 +100,7 @@ def test_int_full_range_scale_matches_ct_qparams(case):
 @pytest.mark.parametrize("granularity,preset", [("tensor", "FP8"), ("channel", "FP8_DYNAMIC")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fp8_scales_and_values_identical_to_ct(case, granularity, preset, dtype):
-    x = _adversarial(case).to(dtype)
+    x = adversarial(case).to(dtype)
     xf = x.float()
     ours = quantize(x, QuantSpec(Kind.FP8, granularity=granularity))
     args = preset_name_to_scheme(preset, ["Linear"]).weights
