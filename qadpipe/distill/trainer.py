@@ -419,10 +419,12 @@ class DistillRecipe:
         row = {"step": self.step, **summarize(totals), "grad_norm": window.grad_norm,
                "lr": self.scheduler.get_last_lr()[0],
                "tokens_per_s": tokens / max(elapsed, 1e-9), "mem_gib": peak_memory_gib(self.env.device)}
-        progress.set_postfix(loss=f"{row['loss']:.4f}", kl=f"{row.get('kl', float('nan')):.4f}")
+        # QAT rows have no KL/top-1 against targets: leave them out rather than print "nan".
+        shown = {key: row[key] for key in ("loss", "kl", "top1") if key in row}
+        progress.set_postfix({key: f"{value:.4f}" for key, value in shown.items() if key != "top1"})
         if self.env.is_main:
-            log.info("step %d/%d loss %.4f kl %.4f top1 %.3f lr %.2e %.0f tok/s mem %.2f GiB", self.step,
-                     self.cfg.max_steps, row["loss"], row.get("kl", math.nan), row.get("top1", math.nan),
+            log.info("step %d/%d %s lr %.2e %.0f tok/s mem %.2f GiB", self.step, self.cfg.max_steps,
+                     " ".join(f"{key} {value:.4f}" for key, value in shown.items()),
                      row["lr"], row["tokens_per_s"], row["mem_gib"])
         self.metrics.write(row)
 
