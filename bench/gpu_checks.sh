@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Every GPU figure the open issues ask for, in one run sized for one 10-minute device call.
+# Not run by CI (no GPU there); nothing in the test suite depends on it.
+#
+#   bash bench/gpu_checks.sh            # on a CUDA machine, from the repository root
+#
+# Issue 5: fake-quant compiled == eager on CUDA (bit-exact) and the NVFP4 W4A4 step vs bf16
+#          (eager and compiled fake-quant side by side), Qwen3-1.7B-shaped random model.
+# Issue 6: offline QAD (top-k / sampled cache) vs online QAD, tokens/s and peak memory, B x T = 4 x 2048.
+# Issue 4: HF backend top-k capture vs its plain prefill.
+# Every step has its own time limit, so one that hangs costs its slot, not the run; each
+# table also lands in $OUT (or runs/bench/gpu) as a text file.  Needs torch with CUDA,
+# transformers, pyarrow and zstandard -- not vLLM, not an installed qadpipe (PYTHONPATH is the
+# repo).  Wheels in .whl/ (git-ignored) are installed first, for a machine that lacks one and
+# has no index, e.g. (Python 3.12):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 -d .whl zstandard==0.25.0
+set -u
+site=""
+if ls .whl/*.whl > /dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/qadpipe-site \
+    .whl/*.whl && site=/tmp/qadpipe-site
+fi
+export PYTHONPATH="$PWD${site:+:$site}${PYTHONPATH:+:$PYTHONPATH}"
+dest="${OUT:-runs/bench/gpu}"
+mkdir -p "$dest"
+
+step() {   # step NAME SECONDS COMMAND...
+  local name=$1 limit=$2; shift 2
+  echo "=== $name (limit ${limit}s): $*"
+  local start=$SECONDS
+  timeout "$limit" "$@" > "$dest/$name.txt" 2> "$dest/$name.err"
+  local rc=$?
+  tail -n 25 "$dest/$name.txt"
+  [ $rc -eq 0 ] || { echo "--- $name exited $rc; stderr tail:"; tail -n 15 "$dest/$name.err"; }
+  echo "=== $name: rc=$rc, $((SECONDS - start)) s"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 - <<'EOF'
+import importlib.util, torch, transformers
+print("torch", torch.__version__, "cuda", torch.version.cuda, "transformers", transformers.__version__)
+for module in ("pyarrow", "zstandard", "safetensors", "tqdm", "yaml", "datasets", "click"):
+    print(f"  {module}: {'yes' if importlib.util.find_spec(module) else 'MISSING'}")
+EOF
+
+# Limits add up to 9 minutes (a device call may run 10).
+step quant_compile 60 python3 bench/quant_compile.py --device cuda --shape 6144 2048 \
+  --presets nvfp4 mxfp4 fp8 w4a16_int
+step quant_overhead 210 python3 bench/quant_overhead.py --device cuda --model qwen3-1.7b-random \
+  --presets nvfp4 nvfp4_a16 w4a16_int --group-size 128 --fake-quant both --rounds 5
+step distill_vs_online 180 python3 bench/distill_vs_online.py --device cuda --model qwen3-1.7b-random \
+  --batch 4 --seq 2048 --steps 8 --warmup 2
+step capture_hf 90 python3 bench/capture_throughput.py --backend hf --device cuda --model qwen3-1.7b-random \
+  --sequences 32 --length 2048 --batch-size 8
