@@ -11,12 +11,14 @@ checks every preset's formats on random and adversarial tensors):
   and drops a round trip such as ``scale.to(bfloat16).float()`` -- the stored-scale rounding
   every INT format depends on.  Measured without it on a SmolLM2 MLP weight: 0.3% of the
   INT4 codes off by one.  With it inductor rounds where eager rounds.
-* ``dynamic=True``: one graph per format serves every weight and activation shape, so a
-  model's many shapes do not exhaust dynamo's recompile limit (past which it would fall back
-  to eager without saying so).
+* shapes: rows dynamic, features static (see :func:`compiled_fake_quant_forward`), so a
+  model needs one graph per format and in-features size.
 
-``quant.compile: auto`` compiles on CUDA only: on a CPU the compile time (tens of seconds
-per format) outweighs what a short run saves.
+``quant.compile: auto`` compiles on CUDA only.  On a CPU it is faster too once compiled
+(``bench/quant_overhead.py --fake-quant both``, SmolLM2, 2 cores: NVFP4 W4A4 step 2.59x ->
+1.47x bf16, MXFP4 2.32x -> 1.34x, INT4 1.26x -> 1.17x), but each format and in-features size
+costs seconds of inductor first, so short CPU runs (tests, the demo) stay eager;
+``quant.compile: on`` for long ones.
 """
 
 from __future__ import annotations
@@ -45,15 +47,28 @@ def fake_quant_forward(x: Tensor, amax: Optional[Tensor], *, spec: QuantSpec,
 def compiled_fake_quant_forward(spec: QuantSpec, clipped: bool) -> FakeQuantForward:
     """:func:`fake_quant_forward` for one spec, compiled once per process.
 
-    Each spec gets a function with its *own* code object: dynamo keeps compiled graphs per
-    code object and stops compiling one after ``recompile_limit`` (8) variants -- with one
-    shared wrapper the ninth spec would silently run eager."""
+    Shapes: every format groups along the last dimension only, so ``x`` goes in as a
+    [rows, features] view, rows dynamic (batch x sequence varies) and features static.  A
+    symbolic feature size would make the group reshape symbolic too, and inductor's CPU code
+    for it is ~20x slower than the static one (measured on an INT4 g64 [1536, 576] weight:
+    7.5 ms vs 0.37 ms; eager 1.2 ms).  Each spec gets a function with its *own* code object:
+    dynamo keeps graphs per code object and stops compiling one after ``recompile_limit`` (8)
+    variants, after which it runs eager without failing."""
     def forward(x: Tensor, amax: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
         return fake_quant_forward(x, amax, spec=spec, clipped=clipped)
 
     name = f"fake_quant_{spec.kind.value}_{spec.granularity.value}{'_clipped' if clipped else ''}"
     forward.__code__ = forward.__code__.replace(co_name=name)
-    return torch.compile(forward, dynamic=True, options={"emulate_precision_casts": True})
+    compiled = torch.compile(forward, options={"emulate_precision_casts": True})
+
+    def run(x: Tensor, amax: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+        rows = x.reshape(-1, x.shape[-1])
+        torch._dynamo.maybe_mark_dynamic(rows, 0)
+        torch._dynamo.mark_static(rows, 1)
+        out, mask = compiled(rows, amax)
+        return out.reshape(x.shape), (None if mask is None else mask.reshape(x.shape))
+
+    return run
 
 
 def forward_for(spec: QuantSpec, clipped: bool, mode: Compile, device: torch.device) -> FakeQuantForward:

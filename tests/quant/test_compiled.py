@@ -20,6 +20,14 @@ from quant_inputs import ADVERSARIAL, adversarial
 SHAPES = [(8, 256), (3, 5, 256), (16, 512)]     # weights and [batch, seq, features] activations
 
 
+@pytest.fixture(autouse=True)
+def _no_silent_eager_fallback():
+    """Past its recompile limit dynamo would run the eager code and these tests would compare
+    eager with eager; make that an error instead."""
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        yield
+
+
 def _distinct_specs():
     specs = {}
     for name, preset in PRESETS.items():
