@@ -113,6 +113,22 @@ def reserve_cpu_cores(count: int) -> None:
     os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(count)
 
 
+def use_fused_logprobs(enabled: bool) -> None:
+    """Ask the engine processes about to be spawned for qadpipe's fused prompt log-probs
+    (:mod:`qadpipe.teacher.vllm_fused_logprobs`), or not.  Said in the log either way: without
+    the installed entry point vLLM keeps its own (slower, equal-valued) path."""
+    from qadpipe.teacher.vllm_fused_logprobs import ENV, plugin_installed
+
+    os.environ[ENV] = "1" if enabled else "0"
+    if not enabled:
+        log.info("vLLM prompt log-probs: vLLM's own log_softmax path (teacher.fused_logprobs=false)")
+    elif plugin_installed():
+        log.info("vLLM prompt log-probs: fused top-k + logsumexp from the logits (teacher.fused_logprobs)")
+    else:
+        log.warning("vLLM prompt log-probs: teacher.fused_logprobs is on but qadpipe's vLLM plugin entry point "
+                    "is not installed (pip install -e .); vLLM's own, slower log_softmax path runs")
+
+
 class VLLMTeacher:
     """One ``vllm.LLM`` engine; K is fixed at start (``max_logprobs``)."""
 
@@ -139,6 +155,7 @@ class VLLMTeacher:
         )
         if teacher.fp32_head:
             kwargs["hf_overrides"] = {"head_dtype": "float32"}
+        use_fused_logprobs(teacher.fused_logprobs)
         if current_platform.is_cpu():
             # The CPU worker otherwise reserves gpu_memory_utilization x the node's RAM.
             if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:

@@ -7,8 +7,11 @@ one engine start costs 30-60 s here, so every check shares it):
 2. ``qadpipe generate`` in generate mode at temperature 0.5 -> OUT_DIR/gen-cache
 3. the same completions written again through the backend, with their text -> completions.json
 4. decode-time log-probs of a T=0.5 sampled completion (raw_logprobs) -> decode_logprobs.npz
+5. the texts' prompt log-probs from this engine (qadpipe's fused path, the default) and from a
+   second engine on vLLM's own log_softmax path -> fused_vs_stock.npz
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -24,7 +27,7 @@ if __name__ == "__main__":
     from qadpipe.generate import run_generate
     from qadpipe.models import load_tokenizer
     from qadpipe.teacher.base import SamplingSpec
-    from qadpipe.teacher.vllm_backend import VLLMTeacher
+    from qadpipe.teacher.vllm_backend import VLLMTeacher, exit_now, shutdown_llm
 
     K = 32
     common = {"model": {"path": model_dir}, "cache": {"k": K, "encoding": "plain"},
@@ -69,4 +72,15 @@ if __name__ == "__main__":
     lps = np.asarray(flat.logprobs, np.float32).reshape(n, K + 1)
     np.savez(f"{out_dir}/decode_logprobs.npz", prompt=prompts[0].input_ids, completion=np.asarray(out.token_ids),
              ids=ids, logprobs=lps)
+    texts = load_sequences(score_cfg.data, score_cfg.generate, tokenizer, len(tokenizer)).sequences
+    fused = teacher.prompt_logprobs(texts)
+    stock_teacher = VLLMTeacher.from_config(model_dir, dataclasses.replace(score_cfg.teacher, fused_logprobs=False),
+                                            k=K, max_model_len=256)
+    stock = stock_teacher.prompt_logprobs(texts)
+    np.savez(f"{out_dir}/fused_vs_stock.npz", fused_ids=np.concatenate([i for i, _ in fused]),
+             fused_lps=np.concatenate([lp for _, lp in fused]), stock_ids=np.concatenate([i for i, _ in stock]),
+             stock_lps=np.concatenate([lp for _, lp in stock]))
+    shutdown_llm(stock_teacher.llm)
+    shutdown_llm(teacher.llm)
     print("CHECKS DONE")
+    exit_now(0)   # after two engines the static destructors can still abort the exit (SIGABRT)

@@ -1,0 +1,94 @@
+"""A vLLM plugin: prompt top-k log-probs without a full-vocabulary fp32 ``log_softmax``.
+
+vLLM scores prompt positions (``GPUModelRunner._get_prompt_logprobs_dict``) by writing
+``log_softmax(logits)`` for every position and the whole vocabulary in fp32, then taking its
+top-k, gathering the actual token and counting its rank -- three more passes over that
+tensor.  A log-softmax is the logits minus one logsumexp per position, so the same numbers
+come from the logits directly: top-k of the logits, and one fused pass (compiled) that
+yields the logsumexp, the actual token's logit and its rank.  Values are
+``logit - logsumexp`` in fp32 (within a few fp32 ulps of vLLM's; ids and order identical,
+ranks counted on the logits); nothing [positions, vocab]-sized is written beyond the logits.
+Measured on the 2-core CPU (SmolLM2, 49k vocab): see ``bench/capture_throughput.py``.
+
+Only vLLM's prompt path changes, and only in a process whose environment has
+``QADPIPE_VLLM_FUSED_LOGPROBS=1``: qadpipe's vLLM teacher sets it (``teacher.fused_logprobs``)
+before its engine spawns, so installing qadpipe leaves other vLLM users untouched.  vLLM
+loads the plugin in every engine process through the ``vllm.general_plugins`` entry point.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import Any
+
+import torch
+
+# A child of vLLM's logger: its handlers print this in the engine processes' logs.
+log = logging.getLogger("vllm.qadpipe_fused_logprobs")
+
+ENV = "QADPIPE_VLLM_FUSED_LOGPROBS"
+ENTRY_POINT = "qadpipe_fused_prompt_logprobs"
+
+
+@torch.compile(dynamic=True)
+def _logsumexp_token_rank(logits: torch.Tensor, token_ids: torch.Tensor):
+    """One pass over [positions, vocab]: logsumexp, the token's logit, its rank (vLLM's rule:
+    how many entries are >= it, so ties count and the best is 1)."""
+    x = logits.float()
+    token = x.gather(-1, token_ids.unsqueeze(-1))
+    return torch.logsumexp(x, dim=-1, keepdim=True), token, (x >= token).sum(-1)
+
+
+def topk_logprobs_from_logits(logits: torch.Tensor, num_logprobs: int, token_ids: torch.Tensor) -> Any:
+    """What vLLM's ``Sampler.gather_logprobs(log_softmax(logits), k, token_ids)`` returns:
+    ``[token, top-1..top-k]`` ids (int32) and log-probs (fp32), and the token's rank."""
+    from vllm.v1.outputs import LogprobsTensors
+
+    top_logits, top_ids = torch.topk(logits, num_logprobs, dim=-1)
+    lse, token_logit, ranks = _logsumexp_token_rank(logits, token_ids)
+    ids = torch.cat((token_ids.unsqueeze(-1), top_ids), dim=1).to(torch.int32)
+    logprobs = torch.cat((token_logit, top_logits.float()), dim=1) - lse
+    return LogprobsTensors(ids, logprobs, ranks)
+
+
+def _logits_unchanged(logits: torch.Tensor) -> torch.Tensor:
+    return logits
+
+
+def register() -> None:
+    """The entry point vLLM calls in each of its processes; patches only when asked to."""
+    if os.environ.get(ENV) != "1":
+        return
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    original = GPUModelRunner._get_prompt_logprobs_dict
+    if getattr(original, "qadpipe_fused", False):
+        return
+
+    @functools.wraps(original)
+    def prompt_logprobs_fused(self, hidden_states, num_scheduled_tokens):
+        if (self.model_config.logprobs_mode not in ("raw_logprobs", "processed_logprobs")
+                or os.environ.get(ENV) != "1"):   # an in-process engine started later without it
+            return original(self, hidden_states, num_scheduled_tokens)
+        # For this call only, the runner's sampler hands the logits through and gathers the
+        # top-k log-probs from them (instance attributes shadow the static methods).
+        sampler = self.sampler
+        sampler.compute_logprobs = _logits_unchanged
+        sampler.gather_logprobs = topk_logprobs_from_logits
+        try:
+            return original(self, hidden_states, num_scheduled_tokens)
+        finally:
+            del sampler.compute_logprobs, sampler.gather_logprobs
+
+    prompt_logprobs_fused.qadpipe_fused = True
+    GPUModelRunner._get_prompt_logprobs_dict = prompt_logprobs_fused
+    log.info("qadpipe: vLLM prompt log-probs from the logits (top-k + one fused logsumexp pass)")
+
+
+def plugin_installed() -> bool:
+    """Whether vLLM will find the entry point (qadpipe installed, not just on sys.path)."""
+    from importlib.metadata import entry_points
+
+    return any(ep.name == ENTRY_POINT for ep in entry_points(group="vllm.general_plugins"))
