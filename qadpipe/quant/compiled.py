@@ -14,6 +14,11 @@ checks every preset's formats on random and adversarial tensors):
 * shapes: rows dynamic, features static (see :func:`compiled_fake_quant_forward`), so a
   model needs one graph per format and in-features size.
 
+Those tests run on the CPU (inductor's C++ code); other backends generate other code (Triton
+on CUDA), so the first tensor of each (device, dtype) a compiled forward sees is also run
+eagerly: if any value differs, that forward logs an error and stays eager -- slower, never
+different from what export writes.
+
 ``quant.compile: auto`` compiles on CUDA only.  On a CPU it is faster too once compiled
 (``bench/quant_overhead.py --fake-quant both``, SmolLM2, 2 cores: NVFP4 W4A4 step 2.59x ->
 1.47x bf16, MXFP4 2.32x -> 1.34x, INT4 1.26x -> 1.17x), but each format and in-features size
@@ -24,12 +29,15 @@ costs seconds of inductor first, so short CPU runs (tests, the demo) stay eager;
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Callable, Literal, Optional
 
 import torch
 from torch import Tensor
 
 from qadpipe.quant.formats import QuantSpec, dequantize, inside_range, quantize
+
+log = logging.getLogger(__name__)
 
 Compile = Literal["auto", "on", "off"]
 
@@ -60,13 +68,29 @@ def compiled_fake_quant_forward(spec: QuantSpec, clipped: bool) -> FakeQuantForw
     name = f"fake_quant_{spec.kind.value}_{spec.granularity.value}{'_clipped' if clipped else ''}"
     forward.__code__ = forward.__code__.replace(co_name=name)
     compiled = torch.compile(forward, options={"emulate_precision_casts": True})
+    agrees: dict[tuple[str, torch.dtype], bool] = {}   # (device type, dtype) -> checked on first use
 
     def run(x: Tensor, amax: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
         rows = x.reshape(-1, x.shape[-1])
         torch._dynamo.maybe_mark_dynamic(rows, 0)
         torch._dynamo.mark_static(rows, 1)
+        key = (x.device.type, x.dtype)
+        if agrees.get(key) is False:
+            return fake_quant_forward(x, amax, spec=spec, clipped=clipped)
         out, mask = compiled(rows, amax)
-        return out.reshape(x.shape), (None if mask is None else mask.reshape(x.shape))
+        out = out.reshape(x.shape)
+        mask = None if mask is None else mask.reshape(x.shape)
+        if key not in agrees:
+            want, want_mask = fake_quant_forward(x, amax, spec=spec, clipped=clipped)
+            same = (out == want) | (out.isnan() & want.isnan())
+            differ = int((~same).sum()) + (0 if mask is None else int((mask != want_mask).sum()))
+            agrees[key] = differ == 0
+            if differ:
+                log.error("quant.compile: the compiled %s fake-quant differs from eager on %s %s (%d of %d "
+                          "values); this format runs eager here (slower, the same bits export writes)",
+                          name, *key, differ, x.numel())
+                return want, want_mask
+        return out, mask
 
     return run
 

@@ -90,3 +90,34 @@ def test_auto_compiles_on_cuda_only():
         chosen = forward_for(spec, False, mode, torch.device(device))
         assert chosen is not compiled_fake_quant_forward(spec, False)
         assert chosen.func is fake_quant_forward
+
+
+def test_a_compiled_forward_that_differs_from_eager_is_dropped_loudly(monkeypatch, caplog):
+    """Other backends generate other code than the CPU one these tests check; the first tensor
+    per (device, dtype) is compared with eager, and a difference keeps that format eager."""
+    import qadpipe.quant.compiled as compiled_module
+
+    calls = []
+
+    def off_by_a_bit(fn, **kwargs):
+        def run(x, amax):
+            calls.append(x.shape)
+            out, mask = fn(x, amax)
+            return out * 1.001, mask
+        return run
+
+    spec = dataclasses.replace(PRESETS["w4a16_int"].weight, group_size=32)
+    monkeypatch.setattr(compiled_module.torch, "compile", off_by_a_bit)
+    compiled_fake_quant_forward.cache_clear()
+    try:
+        forward = compiled_fake_quant_forward(spec, False)
+        x = adversarial("random", rows=4, cols=64)
+        want, _ = fake_quant_forward(x, None, spec=spec, clipped=False)
+        with caplog.at_level("ERROR", logger="qadpipe.quant.compiled"):
+            first, _ = forward(x, None)
+            second, _ = forward(x, None)
+    finally:
+        compiled_fake_quant_forward.cache_clear()
+    assert torch.equal(first, want) and torch.equal(second, want)
+    assert len(calls) == 1                      # after the mismatch the compiled code is not used
+    assert "differs from eager on cpu torch.float32" in caplog.text
