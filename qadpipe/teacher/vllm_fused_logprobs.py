@@ -61,9 +61,15 @@ def register() -> None:
     """The entry point vLLM calls in each of its processes; patches only when asked to."""
     if os.environ.get(ENV) != "1":
         return
+    from vllm.v1.sample.sampler import Sampler
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    original = GPUModelRunner._get_prompt_logprobs_dict
+    original = getattr(GPUModelRunner, "_get_prompt_logprobs_dict", None)
+    if original is None or not all(hasattr(Sampler, name) for name in ("compute_logprobs", "gather_logprobs")):
+        # Written against vLLM 0.32/0.33's V1 runner; anything else keeps vLLM's own path.
+        log.warning("qadpipe: this vLLM's prompt log-prob path is not the one the fused plugin knows; "
+                    "using vLLM's own log_softmax path")
+        return
     if getattr(original, "qadpipe_fused", False):
         return
 

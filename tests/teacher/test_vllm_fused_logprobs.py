@@ -48,3 +48,13 @@ def test_plugin_patches_only_when_asked(monkeypatch):
     assert getattr(GPUModelRunner._get_prompt_logprobs_dict, "qadpipe_fused", False)
     register()                                           # loaded again in the same process: no double wrap
     assert GPUModelRunner._get_prompt_logprobs_dict.__wrapped__ is original
+
+
+def test_plugin_leaves_an_unknown_vllm_alone(monkeypatch, caplog):
+    from vllm.v1.sample.sampler import Sampler
+
+    monkeypatch.setenv(ENV, "1")
+    monkeypatch.delattr(Sampler, "gather_logprobs")
+    with caplog.at_level("WARNING", logger="vllm.qadpipe_fused_logprobs"):
+        register()                                       # must not raise inside vLLM's engine start
+    assert "using vLLM's own log_softmax path" in caplog.text
