@@ -53,7 +53,9 @@ def fake_quant_forward(x: Tensor, amax: Optional[Tensor], *, spec: QuantSpec,
 
 @functools.cache
 def compiled_fake_quant_forward(spec: QuantSpec, clipped: bool) -> FakeQuantForward:
-    """:func:`fake_quant_forward` for one spec, compiled once per process.
+    """:func:`fake_quant_forward` for one spec, compiled once per process, unchecked: what the
+    tests and ``bench/quant_compile.py`` compare with eager (training uses
+    :func:`checked_fake_quant_forward`).
 
     Shapes: every format groups along the last dimension only, so ``x`` goes in as a
     [rows, features] view, rows dynamic (batch x sequence varies) and features static.  A
@@ -65,21 +67,31 @@ def compiled_fake_quant_forward(spec: QuantSpec, clipped: bool) -> FakeQuantForw
     def forward(x: Tensor, amax: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
         return fake_quant_forward(x, amax, spec=spec, clipped=clipped)
 
-    name = f"fake_quant_{spec.kind.value}_{spec.granularity.value}{'_clipped' if clipped else ''}"
-    forward.__code__ = forward.__code__.replace(co_name=name)
+    forward.__code__ = forward.__code__.replace(co_name=_name(spec, clipped))
     compiled = torch.compile(forward, options={"emulate_precision_casts": True})
-    agrees: dict[tuple[str, torch.dtype], bool] = {}   # (device type, dtype) -> checked on first use
 
     def run(x: Tensor, amax: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
         rows = x.reshape(-1, x.shape[-1])
         torch._dynamo.maybe_mark_dynamic(rows, 0)
         torch._dynamo.mark_static(rows, 1)
+        out, mask = compiled(rows, amax)
+        return out.reshape(x.shape), (None if mask is None else mask.reshape(x.shape))
+
+    return run
+
+
+@functools.cache
+def checked_fake_quant_forward(spec: QuantSpec, clipped: bool) -> FakeQuantForward:
+    """The compiled forward, checked against eager on its first tensor per (device, dtype);
+    where any value (or clip-mask entry) differs it logs an error and runs eager from then on."""
+    compiled = compiled_fake_quant_forward(spec, clipped)
+    agrees: dict[tuple[str, torch.dtype], bool] = {}
+
+    def run(x: Tensor, amax: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
         key = (x.device.type, x.dtype)
         if agrees.get(key) is False:
             return fake_quant_forward(x, amax, spec=spec, clipped=clipped)
-        out, mask = compiled(rows, amax)
-        out = out.reshape(x.shape)
-        mask = None if mask is None else mask.reshape(x.shape)
+        out, mask = compiled(x, amax)
         if key not in agrees:
             want, want_mask = fake_quant_forward(x, amax, spec=spec, clipped=clipped)
             same = (out == want) | (out.isnan() & want.isnan())
@@ -88,15 +100,19 @@ def compiled_fake_quant_forward(spec: QuantSpec, clipped: bool) -> FakeQuantForw
             if differ:
                 log.error("quant.compile: the compiled %s fake-quant differs from eager on %s %s (%d of %d "
                           "values); this format runs eager here (slower, the same bits export writes)",
-                          name, *key, differ, x.numel())
+                          _name(spec, clipped), *key, differ, x.numel())
                 return want, want_mask
         return out, mask
 
     return run
 
 
+def _name(spec: QuantSpec, clipped: bool) -> str:
+    return f"fake_quant_{spec.kind.value}_{spec.granularity.value}{'_clipped' if clipped else ''}"
+
+
 def forward_for(spec: QuantSpec, clipped: bool, mode: Compile, device: torch.device) -> FakeQuantForward:
     """The fake-quant forward ``mode`` asks for on ``device`` (auto: compiled on CUDA)."""
     if mode == "on" or (mode == "auto" and device.type == "cuda"):
-        return compiled_fake_quant_forward(spec, clipped)
+        return checked_fake_quant_forward(spec, clipped)
     return functools.partial(fake_quant_forward, spec=spec, clipped=clipped)
