@@ -121,6 +121,7 @@ def bench_vllm(model_dir: str, seqs: list[Any], ks: list[int], repeats: int, fp3
         return run
 
     plain()  # warm-up
+    agreement = fused_vs_stock(VLLMTeacher(llm, 64, vocab), VLLMTeacher(stock_llm, 64, vocab), seqs[:4])
     variants = {"plain prefill": plain, **{f"capture k={k}": capture(k) for k in ks},
                 "capture k=64, vLLM log_softmax": capture(64, stock_llm), "naive dicts k=64": naive_dicts(64)}
     for run in variants.values():   # compile the fused pass, warm both engines
@@ -130,7 +131,22 @@ def bench_vllm(model_dir: str, seqs: list[Any], ks: list[int], repeats: int, fp3
     timings = best_of(variants, repeats)
     shutdown_llm(llm)
     shutdown_llm(stock_llm)
-    return report(f"vLLM ({head})", timings, tokens, "plain prefill")
+    return {**report(f"vLLM ({head})", timings, tokens, "plain prefill"), "fused_vs_stock": agreement}
+
+
+def fused_vs_stock(fused: Any, stock: Any, seqs: list[Any]) -> dict[str, float]:
+    """The two engines' k=64 targets on the same sequences: what the speed-up may not change.
+    Ids may differ only where log-probs tie (bf16 logits tie often) or sit within fp32 rounding."""
+    from qadpipe.teacher.base import TargetSpec
+
+    rows_a, rows_b = (t.score(seqs, TargetSpec(k=64)) for t in (fused, stock))
+    ids_a, ids_b = (np.concatenate([row.topk_ids for row in rows]) for rows in (rows_a, rows_b))
+    lps_a, lps_b = (np.concatenate([row.topk_logprobs for row in rows]) for rows in (rows_a, rows_b))
+    out = {"positions": len(ids_a), "ids_equal": float((ids_a == ids_b).all(1).mean()),
+           "max_abs_dlogprob_sorted": float(np.abs(lps_a - lps_b).max())}
+    print(f"fused vs vLLM log_softmax, k=64, {out['positions']} positions: rows with identical ids "
+          f"{out['ids_equal']:.4f}, max |d log-prob| (rank by rank) {out['max_abs_dlogprob_sorted']:.2e}")
+    return out
 
 
 def random_qwen3_1p7b(device: str) -> Any:
@@ -176,6 +192,7 @@ def bench_hf(model: Any, seqs: list[Any], ks: list[int], repeats: int, batch_siz
         return lambda: write_cache(teacher.score(seqs, TargetSpec(k=k)), vocab, k)
 
     plain()  # warm-up
+    agreement = fused_vs_stock(VLLMTeacher(llm, 64, vocab), VLLMTeacher(stock_llm, 64, vocab), seqs[:4])
     variants = {"plain forward": plain, **{f"capture k={k}": capture(k) for k in ks},
                 "naive fp32 log_softmax k=64": lambda: naive(64)}
     tokens = sum(len(s.input_ids) for s in seqs)
