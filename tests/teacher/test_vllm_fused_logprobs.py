@@ -114,6 +114,6 @@ def test_an_fp32_head_off_cuda_runs_once_per_request():
 
     hidden = torch.zeros(512, 8, dtype=torch.bfloat16)
     config = SimpleNamespace(dtype=torch.bfloat16, head_dtype=torch.bfloat16, get_vocab_size=lambda: 49152)
-    assert rows_per_chunk(config, hidden) == (16 << 20) // (4 * 49152) == 85
+    assert rows_per_chunk(config, hidden) == (16 << 20) // (2 * 49152) == 170
     config.head_dtype = torch.float32
     assert rows_per_chunk(config, hidden) == 512
