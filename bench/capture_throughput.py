@@ -192,7 +192,6 @@ def bench_hf(model: Any, seqs: list[Any], ks: list[int], repeats: int, batch_siz
         return lambda: write_cache(teacher.score(seqs, TargetSpec(k=k)), vocab, k)
 
     plain()  # warm-up
-    agreement = fused_vs_stock(VLLMTeacher(llm, 64, vocab), VLLMTeacher(stock_llm, 64, vocab), seqs[:4])
     variants = {"plain forward": plain, **{f"capture k={k}": capture(k) for k in ks},
                 "naive fp32 log_softmax k=64": lambda: naive(64)}
     tokens = sum(len(s.input_ids) for s in seqs)
