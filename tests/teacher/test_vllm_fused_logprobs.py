@@ -87,7 +87,7 @@ def test_the_wrapped_prompt_path_runs_the_head_chunk_wise_and_restores_everythin
 
     monkeypatch.setenv(ENV, "1")
     monkeypatch.setattr(GPUModelRunner, "_get_prompt_logprobs_dict", vllm_prompt_path)
-    monkeypatch.setitem(vllm_fused_logprobs.CHUNK_BYTES, "cpu", 3 * 4 * 50)   # 3 fp32 rows of a 50-token vocab
+    monkeypatch.setattr(vllm_fused_logprobs, "CPU_CHUNK_BYTES", 3 * 4 * 50)   # 3 fp32 rows of a 50-token vocab
     register()
     runner = SimpleNamespace(model=Model(), sampler=Sampler(),
                              model_config=SimpleNamespace(logprobs_mode="raw_logprobs", get_vocab_size=lambda: 50,
