@@ -136,10 +136,13 @@ def bench_vllm(model_dir: str, seqs: list[Any], ks: list[int], repeats: int, fp3
 
 def fused_vs_stock(fused: Any, stock: Any, seqs: list[Any]) -> dict[str, float]:
     """The two engines' k=64 targets on the same sequences: what the speed-up may not change.
-    Ids may differ only where log-probs tie (bf16 logits tie often) or sit within fp32 rounding."""
+    One sequence per call: a batch of several is scheduled by arrival, and on oneDNN/AMX CPUs a
+    different batch shape rounds the bf16 forward differently (up to ~0.9 nats on random tokens),
+    which would hide what the log-prob path does.  Ids may differ only where log-probs tie (bf16
+    logits tie often: which of the tied entries top-k keeps is arbitrary) or within fp32 rounding."""
     from qadpipe.teacher.base import TargetSpec
 
-    rows_a, rows_b = (t.score(seqs, TargetSpec(k=64)) for t in (fused, stock))
+    rows_a, rows_b = ([row for seq in seqs for row in t.score([seq], TargetSpec(k=64))] for t in (fused, stock))
     ids_a, ids_b = (np.concatenate([row.topk_ids for row in rows]) for rows in (rows_a, rows_b))
     lps_a, lps_b = (np.concatenate([row.topk_logprobs for row in rows]) for rows in (rows_a, rows_b))
     out = {"positions": len(ids_a), "ids_equal": float((ids_a == ids_b).all(1).mean()),
