@@ -136,9 +136,9 @@ def bench_vllm(model_dir: str, seqs: list[Any], ks: list[int], repeats: int, fp3
 
 def fused_vs_stock(fused: Any, stock: Any, seqs: list[Any]) -> dict[str, float]:
     """The two engines' k=64 targets on the same sequences: what the speed-up may not change.
-    One sequence per call: a batch of several is scheduled by arrival, and on oneDNN/AMX CPUs a
-    different batch shape rounds the bf16 forward differently (up to ~0.9 nats on random tokens),
-    which would hide what the log-prob path does.  Ids may differ only where log-probs tie (bf16
+    One sequence per call: on an AMX CPU (oneDNN) the bf16 forward of a 4-sequence batch differed
+    from one-at-a-time by up to 0.9 nats, and between two calls of the same engine by 0.5, which
+    would hide what the log-prob path does.  Ids may differ only where log-probs tie (bf16
     logits tie often: which of the tied entries top-k keeps is arbitrary) or within fp32 rounding."""
     from qadpipe.teacher.base import TargetSpec
 
