@@ -6,7 +6,8 @@
 vLLM: plain prefill (max_tokens=1, no log-probs) vs capture at each k, end to end (prompt
 log-probs -> numpy -> SequenceTargets -> cache shards written) with qadpipe's fused prompt
 log-probs (the default, teacher.fused_logprobs), the same at k=64 on a second engine with
-vLLM's own log_softmax path, and the naive path on that engine (flat_logprobs=False: one dict
+vLLM's own log_softmax path (its engine process only: this process's FlatLogprobs fill is
+qadpipe's bulk one for both engines, the plugin being loaded once per process), and the naive path on that engine (flat_logprobs=False: one dict
 of Logprob objects per position, walked in Python).  Plain
 prefill skips the prefix cache, as prompt log-prob requests do (repeated rounds would
 otherwise be served from it).
@@ -138,17 +139,24 @@ def fused_vs_stock(fused: Any, stock: Any, seqs: list[Any]) -> dict[str, float]:
     """The two engines' k=64 targets on the same sequences: what the speed-up may not change.
     One sequence per call: on an AMX CPU (oneDNN) the bf16 forward of a 4-sequence batch differed
     from one-at-a-time by up to 0.9 nats, and between two calls of the same engine by 0.5, which
-    would hide what the log-prob path does.  Ids may differ only where log-probs tie (bf16
-    logits tie often: which of the tied entries top-k keeps is arbitrary) or within fp32 rounding."""
+    would hide what the log-prob path does.  Entries that tie (bf16 logits tie often) come in an
+    arbitrary order in either path, so each row's ties are put in id order before comparing; ids
+    may then still differ where a tie straddles the k-th place, or within fp32 rounding."""
     from qadpipe.teacher.base import TargetSpec
 
-    rows_a, rows_b = ([row for seq in seqs for row in t.score([seq], TargetSpec(k=64))] for t in (fused, stock))
-    ids_a, ids_b = (np.concatenate([row.topk_ids for row in rows]) for rows in (rows_a, rows_b))
-    lps_a, lps_b = (np.concatenate([row.topk_logprobs for row in rows]) for rows in (rows_a, rows_b))
+    def tied_in_id_order(rows: list[Any]) -> tuple[np.ndarray, np.ndarray]:
+        ids, lps = (np.concatenate([getattr(row, name) for row in rows]) for name in ("topk_ids", "topk_logprobs"))
+        order = np.lexsort((ids, -lps), axis=1)
+        return np.take_along_axis(ids, order, 1), np.take_along_axis(lps, order, 1)
+
+    (ids_a, lps_a), (ids_b, lps_b) = (tied_in_id_order([row for seq in seqs for row in t.score([seq], TargetSpec(k=64))])
+                                      for t in (fused, stock))
+    overlap = np.mean([len(np.intersect1d(a, b)) / a.size for a, b in zip(ids_a, ids_b)])
     out = {"positions": len(ids_a), "ids_equal": float((ids_a == ids_b).all(1).mean()),
-           "max_abs_dlogprob_sorted": float(np.abs(lps_a - lps_b).max())}
-    print(f"fused vs vLLM log_softmax, k=64, {out['positions']} positions: rows with identical ids "
-          f"{out['ids_equal']:.4f}, max |d log-prob| (rank by rank) {out['max_abs_dlogprob_sorted']:.2e}")
+           "topk_overlap": float(overlap), "max_abs_dlogprob_sorted": float(np.abs(lps_a - lps_b).max())}
+    print(f"fused vs vLLM log_softmax, k=64, {out['positions']} positions: rows with identical ids (ties in id "
+          f"order) {out['ids_equal']:.4f}, top-64 id overlap {overlap:.4f}, max |d log-prob| (rank by rank) "
+          f"{out['max_abs_dlogprob_sorted']:.2e}")
     return out
 
 

@@ -5,14 +5,19 @@ head over all of a request's prompt positions at once, writing ``log_softmax(log
 every position and the whole vocabulary in fp32, then taking its top-k, gathering the actual
 token and counting its rank -- three more passes over that tensor.  A log-softmax is the
 logits minus one logsumexp per position, so the same numbers come from the logits directly:
-top-k of the logits, and one fused pass (compiled) that yields the logsumexp, the actual
-token's logit and its rank.  Nor need the logits exist for the whole prompt at once: the LM
-head runs over a block of positions at a time (``rows_per_chunk``), so on CPU each block is
-consumed while it is still in cache and the allocator reuses one block instead of
-page-faulting in a fresh [prompt, vocab] tensor per request (vLLM-CPU capture on SmolLM2:
-0.69x plain prefill before, 0.75x-0.83x over three runs after).  Values are ``logit - logsumexp`` in fp32
-(within a few fp32 ulps of vLLM's; ids and order identical, ranks counted on the logits).
-Measured on the 2-core CPU (SmolLM2, 49k vocab): see ``bench/capture_throughput.py``.
+
+* the LM head runs over blocks of positions (``rows_per_chunk``), each consumed while still in
+  cache; on CPU into one logits block kept between calls (:class:`ReusedLogitsBlock`);
+* one compiled pass per block yields the logsumexp, the actual token's logit and rank, and the
+  maximum of every 64 vocabulary entries;
+* top-k: on CPU exactly, from the 64-entry blocks with the k largest maxima
+  (:func:`topk_from_block_maxima`) instead of a partial sort of the whole row; on GPU
+  ``torch.topk``.
+
+In the process holding the ``LLM``, vLLM's per-position Python loop that fills ``FlatLogprobs``
+becomes a few bulk list extends (same lists).  Values are ``logit - logsumexp`` in fp32 (within
+a few fp32 ulps of vLLM's); ids identical except the order of entries that tie; ranks counted
+on the logits.  Measured on a 2-core CPU (SmolLM2, 49k vocab): ``bench/capture_throughput.py``.
 
 Only vLLM's prompt path changes, and only in a process whose environment has
 ``QADPIPE_VLLM_FUSED_LOGPROBS=1``: qadpipe's vLLM teacher sets it (``teacher.fused_logprobs``)
@@ -34,12 +39,13 @@ log = logging.getLogger("vllm.qadpipe_fused_logprobs")
 
 ENV = "QADPIPE_VLLM_FUSED_LOGPROBS"
 ENTRY_POINT = "qadpipe_fused_prompt_logprobs"
-# Logits per LM-head call.  CPU: under glibc's mmap threshold (32 MiB), so the allocator reuses one
-# block instead of page-faulting in a fresh tensor, and as many rows as that allows, since each
-# call streams the whole head weight again (170 rows of a 49k bf16 vocabulary).  GPU: only
-# bounds memory; smaller blocks would cost kernel launches.
+# Logits per LM-head call.  CPU: each call streams the whole head weight again, and the block is
+# then read twice more (statistics, top-k) while it is still in cache; 170 rows of a 49k bf16
+# vocabulary.  GPU: only bounds memory; smaller blocks would cost kernel launches.
 CPU_CHUNK_BYTES = 16 << 20
 GPU_CHUNK_BYTES = 1 << 30
+# Vocabulary entries per block maximum (the CPU top-k pre-selection works on whole blocks).
+BLOCK = 64
 
 
 def rows_per_chunk(model_config: Any, hidden_states: torch.Tensor) -> int:
@@ -55,18 +61,71 @@ def rows_per_chunk(model_config: Any, hidden_states: torch.Tensor) -> int:
 
 
 @torch.compile(dynamic=True)
-def _logsumexp_token_rank(logits: torch.Tensor, token_ids: torch.Tensor):
-    """One pass over [positions, vocab]: logsumexp, the token's logit, its rank (vLLM's rule:
-    how many entries are >= it, so ties count and the best is 1)."""
+def _row_statistics(logits: torch.Tensor, token_ids: torch.Tensor):
+    """Two loops over [positions, vocab]: the maximum of each BLOCK entries (the row maximum
+    comes from them, so the block maxima cost nothing extra), then the logsumexp, the token's
+    logit and its rank (vLLM's rule: how many entries are >= it, so ties count and the best is 1)."""
+    rows, vocab = logits.shape
+    whole = vocab // BLOCK
+    block_max = logits[:, :whole * BLOCK].reshape(rows, whole, BLOCK).amax(-1)
+    parts = ([block_max.amax(-1, keepdim=True)] if whole else []) + \
+        ([logits[:, whole * BLOCK:].amax(-1, keepdim=True)] if whole * BLOCK < vocab else [])
+    row_max = functools.reduce(torch.maximum, parts).float()
+    shift = torch.where(row_max.isinf(), 0.0, row_max)      # all -inf or +inf: as torch.logsumexp
     x = logits.float()
     token = x.gather(-1, token_ids.unsqueeze(-1))
-    return torch.logsumexp(x, dim=-1, keepdim=True), token, (x >= token).sum(-1)
+    lse = shift + (x - shift).exp().sum(-1, keepdim=True).log()
+    return lse, token, (x >= token).sum(-1, dtype=torch.int32).long(), block_max
+
+
+@torch.compile(dynamic=True)
+def _candidates_at_least(logits: torch.Tensor, blocks: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """The entries of the chosen blocks, those below ``threshold`` set to -inf."""
+    rows = logits.shape[0]
+    whole = logits.shape[1] // BLOCK
+    entries = logits[:, :whole * BLOCK].reshape(rows, whole, BLOCK)
+    chosen = entries.gather(1, blocks.unsqueeze(-1).expand(-1, -1, BLOCK)).flatten(1)
+    return torch.where(chosen < threshold, float("-inf"), chosen)
+
+
+def topk_from_block_maxima(logits: torch.Tensor, k: int,
+                           block_max: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.topk(logits, k)``, exactly, from a k*BLOCK-entry part of each row.
+
+    CPU's ``torch.topk`` is a partial sort of the whole row (SmolLM2, k=64: ~46 us of a ~270 us
+    position).  The k largest entries all lie in the k blocks with the largest maxima, together
+    with any entry of the partial last block: those k blocks hold k entries >= the k-th largest
+    block maximum t, so the k-th largest entry is >= t, and a block left out has its maximum <= t
+    (an entry equal to t there ties with the k-th value: which of equal entries is kept is
+    arbitrary in ``torch.topk`` too).  Entries below t are set to -inf first, so the small top-k
+    discards them at once (without that it gained little).  Blocks are taken in vocabulary order
+    so that ties meet in the same order as in the whole row.  Same values as ``torch.topk``;
+    tied entries may come in another order."""
+    rows, vocab = logits.shape
+    whole = vocab // BLOCK
+    best_maxima, blocks = torch.topk(block_max, k, dim=-1)
+    blocks = blocks.sort(dim=-1).values
+    candidates = _candidates_at_least(logits, blocks, best_maxima[:, -1:])
+    if whole * BLOCK < vocab:                                # the partial last block: always a candidate
+        candidates = torch.cat((candidates, logits[:, whole * BLOCK:]), dim=1)
+    values, where = torch.topk(candidates, k, dim=-1)
+    # Candidate j is entry j % BLOCK of chosen block j // BLOCK, or past the k blocks, of the partial one.
+    in_blocks = where < k * BLOCK
+    block_of = blocks.gather(1, torch.where(in_blocks, where // BLOCK, 0))
+    ids = torch.where(in_blocks, block_of * BLOCK + where % BLOCK, where - k * BLOCK + whole * BLOCK)
+    return values, ids
+
+
+def _preselect_pays(logits: torch.Tensor, k: int) -> bool:
+    """On CPU, and where the candidates are at most a quarter of the row."""
+    return logits.device.type == "cpu" and k * BLOCK * 4 <= logits.shape[1]
 
 
 def _topk_logprobs(logits: torch.Tensor, num_logprobs: int,
                    token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    top_logits, top_ids = torch.topk(logits, num_logprobs, dim=-1)
-    lse, token_logit, ranks = _logsumexp_token_rank(logits, token_ids)
+    lse, token_logit, ranks, block_max = _row_statistics(logits, token_ids)
+    top_logits, top_ids = (topk_from_block_maxima(logits, num_logprobs, block_max)
+                           if _preselect_pays(logits, num_logprobs) else torch.topk(logits, num_logprobs, dim=-1))
     ids = torch.cat((token_ids.unsqueeze(-1), top_ids), dim=1).to(torch.int32)
     return ids, torch.cat((token_logit, top_logits.float()), dim=1) - lse, ranks
 
@@ -82,13 +141,54 @@ def topk_logprobs_from_logits(logits: torch.Tensor, num_logprobs: int, token_ids
 def chunked_topk_logprobs(compute_logits: Callable[[torch.Tensor], torch.Tensor], rows_per_chunk: int,
                           hidden_states: torch.Tensor, num_logprobs: int, token_ids: torch.Tensor) -> Any:
     """:func:`topk_logprobs_from_logits` of ``compute_logits(hidden_states)``, with the LM head
-    run ``rows_per_chunk`` positions at a time."""
+    run over as few blocks of at most ``rows_per_chunk`` positions as can be, of equal size (a
+    511-position prompt in 170-row blocks: 4 x 128, not 3 x 170 and a 1-row call that streams
+    the whole head weight for one position)."""
     from vllm.v1.outputs import LogprobsTensors
 
-    parts = [_topk_logprobs(compute_logits(hidden_states[a:a + rows_per_chunk]), num_logprobs,
-                            token_ids[a:a + rows_per_chunk])
-             for a in range(0, max(1, hidden_states.shape[0]), rows_per_chunk)]
+    blocks = max(1, -(-hidden_states.shape[0] // rows_per_chunk))
+    parts = [_topk_logprobs(compute_logits(hidden), num_logprobs, tokens)
+             for hidden, tokens in zip(hidden_states.tensor_split(blocks), token_ids.tensor_split(blocks))]
     return LogprobsTensors(*(torch.cat(field) for field in zip(*parts)))
+
+
+class ReusedLogitsBlock:
+    """vLLM-CPU's ``onednn_mm`` with its output written into one block kept between calls.
+
+    vLLM's own allocates a fresh [rows, vocab] tensor per LM-head call; writing into memory
+    already touched made the head ~1.5x faster (SmolLM2, 170 rows: 48 -> 33 us per row).  The
+    logits returned alias the block, so each must be used up before the next call -- as
+    :func:`chunked_topk_logprobs` does; only its head calls are routed here."""
+
+    def __init__(self) -> None:
+        self.block = torch.empty(0)
+
+    def onednn_mm(self, handler: Any, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        rows = x.numel() // handler.k
+        if self.block.dtype != x.dtype or self.block.shape[-1] != handler.n or self.block.shape[0] < rows:
+            self.block = torch.empty(rows, handler.n, dtype=x.dtype)
+        out = self.block[:rows]
+        torch.ops._C.onednn_mm(out, x.reshape(-1, handler.k), bias, handler.handler_tensor)
+        return out.view(*x.shape[:-1], handler.n)
+
+    def around(self, compute_logits: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``compute_logits`` with vLLM's ``onednn_mm`` (the op its CPU LM head calls) routed
+        here for the call; a head on another kernel never meets it and runs as before."""
+        from vllm import _custom_ops
+
+        def compute(hidden_states: torch.Tensor) -> torch.Tensor:
+            original = _custom_ops.onednn_mm
+            _custom_ops.onednn_mm = self.onednn_mm
+            try:
+                return compute_logits(hidden_states)
+            finally:
+                _custom_ops.onednn_mm = original
+
+        return compute
+
+
+# One per engine process: its LM head's logits block, kept between requests.
+_CPU_LOGITS = ReusedLogitsBlock()
 
 
 def _unchanged(tensor: torch.Tensor) -> torch.Tensor:
@@ -120,8 +220,8 @@ def register() -> None:
         # sampler passes them on, and its gather runs the real LM head chunk-wise and takes the
         # top-k log-probs from each block of logits (instance attributes shadow the methods).
         model, sampler = self.model, self.sampler
-        gather = functools.partial(chunked_topk_logprobs, model.compute_logits,
-                                   rows_per_chunk(self.model_config, hidden_states))
+        head = _CPU_LOGITS.around(model.compute_logits) if hidden_states.device.type == "cpu" else model.compute_logits
+        gather = functools.partial(chunked_topk_logprobs, head, rows_per_chunk(self.model_config, hidden_states))
         model.compute_logits = _unchanged
         sampler.compute_logprobs = _unchanged
         sampler.gather_logprobs = gather
@@ -132,7 +232,48 @@ def register() -> None:
 
     prompt_logprobs_fused.qadpipe_fused = True
     GPUModelRunner._get_prompt_logprobs_dict = prompt_logprobs_fused
-    log.info("qadpipe: vLLM prompt log-probs from the logits, chunk-wise (top-k + one fused logsumexp pass)")
+    _register_bulk_prompt_logprobs()
+    log.info("qadpipe: vLLM prompt log-probs from the logits, chunk-wise (one fused logsumexp pass, "
+             "top-k pre-selected by block maxima on CPU, FlatLogprobs filled in bulk)")
+
+
+def _register_bulk_prompt_logprobs() -> None:
+    """In the process that holds the ``LLM``: vLLM turns each request's prompt log-prob tensors
+    into ``FlatLogprobs`` one position at a time, in Python (``append_fast``: ~50 us a position
+    at k=64 on 2 cores, a sixth of the forward).  Where nothing is decoded (``detokenize=False``,
+    as qadpipe scores) the same lists come from a few bulk ``extend`` calls.  Output identical
+    to vLLM's (a test compares every list); any other case runs vLLM's own loop."""
+    import itertools
+
+    from vllm.logprobs import FlatLogprobs
+    from vllm.v1.engine.logprobs import LogprobsProcessor
+
+    original = getattr(LogprobsProcessor, "_update_prompt_logprobs", None)
+    if original is None or getattr(original, "qadpipe_bulk", False):
+        return
+
+    @functools.wraps(original)
+    def update_prompt_logprobs_bulk(self, prompt_logprobs_tensors):
+        token_ids, logprobs, ranks, *_ = prompt_logprobs_tensors
+        flat = self.prompt_logprobs
+        positions, width = logprobs.shape
+        if self.tokenizer is not None or not isinstance(flat, FlatLogprobs) or width != self.num_prompt_logprobs + 1:
+            return original(self, prompt_logprobs_tensors)
+        # Per position, as vLLM's append_logprobs_for_next_position: the prompt token's entry
+        # (its own rank), then the top-k with ranks 1..k.
+        entry_ranks = torch.empty(positions, width, dtype=torch.int64)
+        entry_ranks[:, 0] = torch.as_tensor(ranks)
+        entry_ranks[:, 1:] = torch.arange(1, width)
+        start = len(flat.logprobs)
+        flat.start_indices.extend(range(start, start + positions * width, width))
+        flat.end_indices.extend(range(start + width, start + (positions + 1) * width, width))
+        flat.token_ids.extend(torch.as_tensor(token_ids).flatten().tolist())
+        flat.logprobs.extend(torch.as_tensor(logprobs).flatten().tolist())
+        flat.ranks.extend(entry_ranks.flatten().tolist())
+        flat.decoded_tokens.extend(itertools.repeat(None, positions * width))
+
+    update_prompt_logprobs_bulk.qadpipe_bulk = True
+    LogprobsProcessor._update_prompt_logprobs = update_prompt_logprobs_bulk
 
 
 def plugin_installed() -> bool:

@@ -10,7 +10,8 @@ import torch
 
 pytest.importorskip("vllm.v1.outputs")
 
-from qadpipe.teacher.vllm_fused_logprobs import ENV, register, topk_logprobs_from_logits  # noqa: E402
+from qadpipe.teacher.vllm_fused_logprobs import (  # noqa: E402
+    BLOCK, ENV, ReusedLogitsBlock, register, topk_from_block_maxima, topk_logprobs_from_logits)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -35,19 +36,122 @@ def test_fused_topk_logprobs_match_a_full_log_softmax(dtype):
     assert got.selected_token_ranks[5] == 1000           # ties count: everyone is ">=" the token
 
 
+def adversarial_rows(vocab: int, k: int) -> torch.Tensor:
+    """Rows that break a careless block pre-selection: each is checked against a whole-row sort."""
+    g = torch.Generator().manual_seed(2)
+    rows = (torch.randn(12, vocab, generator=g) * 3).double()
+    rows[0, 3 * BLOCK:3 * BLOCK + k] += 50.0                  # the whole top-k inside one block
+    rows[1, torch.arange(k) * BLOCK + 5] += 50.0              # one per block, k blocks
+    rows[2] = rows[2].round()                                 # integer logits: ties everywhere
+    rows[3] = 0.0                                             # one value: every block maximum ties
+    rows[4, -1] = 99.0                                        # the maximum in the partial last block
+    rows[5, vocab - vocab % BLOCK:] = 80.0                    # the partial block holds several of the best
+    rows[6, : vocab // 2] = float("-inf")                     # half the vocabulary masked
+    rows[7, torch.arange(2 * k) * BLOCK] = 40.0               # 2k blocks tie at the k-th block maximum
+    rows[8, : 5 * BLOCK] = float("-inf")
+    rows[8, 7 * BLOCK] = 60.0                                 # one dominant entry after masked blocks
+    rows[9, torch.arange(k // 2) * BLOCK] = 30.0
+    rows[9, 10 * BLOCK:10 * BLOCK + k] = 20.0                 # the rest of the top-k within one block
+    return rows
+
+
+@pytest.mark.parametrize("vocab", [49 * BLOCK, 49 * BLOCK + 37])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_block_preselected_topk_equals_a_whole_row_sort(vocab, dtype):
+    k = 8
+    logits = adversarial_rows(vocab, k).to(dtype)
+    whole = vocab // BLOCK
+    block_max = logits[:, :whole * BLOCK].reshape(len(logits), whole, BLOCK).amax(-1)
+    values, ids = topk_from_block_maxima(logits, k, block_max)
+
+    ranked = logits.double().sort(dim=-1, descending=True)
+    assert torch.equal(values.double(), ranked.values[:, :k])  # the k largest values, in order
+    assert torch.equal(logits.gather(1, ids), values)        # each id holds the value reported
+    assert all(len(set(row.tolist())) == k for row in ids)   # no entry twice
+    unique_set = ranked.values[:, k - 1] > ranked.values[:, k]   # no tie at the k-th value
+    assert unique_set.sum() >= 6
+    assert torch.equal(ids[unique_set].sort(-1).values, ranked.indices[unique_set, :k].sort(-1).values)
+
+
+def test_fused_statistics_with_a_partial_block_and_masked_entries():
+    """The logsumexp takes its shift from the block maxima: a maximum in the partial last block,
+    a row mostly -inf, must give what a plain fp64 log_softmax gives (k large: no pre-selection)."""
+    vocab = 20 * BLOCK + 9
+    logits = adversarial_rows(vocab, 8).float()
+    token_ids = torch.tensor([3 * BLOCK, 64, 5, 100, vocab - 1, vocab - 2, 200, 128, 7 * BLOCK, 1, 2, 3])
+    got = topk_logprobs_from_logits(logits, 8, token_ids)
+    reference = torch.log_softmax(logits.double(), dim=-1)
+    token_lp = reference.gather(-1, token_ids[:, None])
+    finite = token_lp.isfinite()
+    torch.testing.assert_close(got.logprobs[:, :1][finite].double(), token_lp[finite], atol=2e-6, rtol=1e-6)
+    torch.testing.assert_close(got.logprobs[:, 1:].double(), torch.topk(reference, 8, dim=-1).values,
+                               atol=2e-6, rtol=1e-6)
+    assert torch.equal(got.selected_token_ranks, (reference >= token_lp).sum(-1))
+
+
+def test_the_reused_logits_block_computes_what_vllms_onednn_mm_does():
+    from vllm import _custom_ops
+
+    if not _custom_ops._supports_onednn:
+        pytest.skip("this vLLM build has no oneDNN CPU GEMM")
+    g = torch.Generator().manual_seed(3)
+    weight = torch.randn(300, 64, generator=g).bfloat16()
+    handler = _custom_ops.create_onednn_mm(weight.t(), 32)
+    reused = ReusedLogitsBlock()
+    head = reused.around(lambda h: _custom_ops.onednn_mm(handler, h, None))
+    for rows in (7, 5, 9):                                   # shrinking, then growing past the block
+        hidden = torch.randn(rows, 64, generator=g).bfloat16()
+        got = head(hidden)
+        assert torch.equal(got, _custom_ops.onednn_mm(handler, hidden, None))
+        assert got.data_ptr() == reused.block.data_ptr()    # written into the kept block
+    assert _custom_ops.onednn_mm != reused.onednn_mm         # vLLM's op is back after each call
+
+
 def test_plugin_patches_only_when_asked(monkeypatch):
+    from vllm.v1.engine.logprobs import LogprobsProcessor
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     original = GPUModelRunner._get_prompt_logprobs_dict
+    original_update = LogprobsProcessor._update_prompt_logprobs
     monkeypatch.delenv(ENV, raising=False)
     register()
     assert GPUModelRunner._get_prompt_logprobs_dict is original
+    assert LogprobsProcessor._update_prompt_logprobs is original_update
     monkeypatch.setenv(ENV, "1")
     monkeypatch.setattr(GPUModelRunner, "_get_prompt_logprobs_dict", original)
+    monkeypatch.setattr(LogprobsProcessor, "_update_prompt_logprobs", original_update)
     register()
     assert getattr(GPUModelRunner._get_prompt_logprobs_dict, "qadpipe_fused", False)
     register()                                           # loaded again in the same process: no double wrap
     assert GPUModelRunner._get_prompt_logprobs_dict.__wrapped__ is original
+    assert LogprobsProcessor._update_prompt_logprobs.__wrapped__ is original_update
+
+
+def test_bulk_prompt_logprobs_fill_the_lists_vllms_loop_fills(monkeypatch):
+    """Two prefill chunks of one request, k=5: every FlatLogprobs list equal to vLLM's own."""
+    from vllm.logprobs import create_prompt_logprobs
+    from vllm.v1.engine.logprobs import LogprobsProcessor
+    from vllm.v1.outputs import LogprobsTensors
+
+    vllms = LogprobsProcessor._update_prompt_logprobs
+    monkeypatch.setenv(ENV, "1")
+    monkeypatch.setattr(LogprobsProcessor, "_update_prompt_logprobs", vllms)
+    register()
+    bulk = LogprobsProcessor._update_prompt_logprobs
+    assert bulk is not vllms
+    g = torch.Generator().manual_seed(4)
+    processors = [LogprobsProcessor(tokenizer=None, logprobs=None, prompt_logprobs=create_prompt_logprobs(True),
+                                    cumulative_logprob=None, num_logprobs=None, num_prompt_logprobs=5)
+                  for _ in range(2)]
+    for positions in (7, 3):
+        chunk = LogprobsTensors(torch.randint(0, 100, (positions, 6), generator=g, dtype=torch.int32),
+                                torch.randn(positions, 6, generator=g),
+                                torch.randint(1, 100, (positions,), generator=g))
+        vllms(processors[0], chunk)
+        bulk(processors[1], chunk)
+    own, ours = (p.prompt_logprobs for p in processors)
+    assert len(ours) == 11 and ours == own                  # a dataclass: all six lists compared
+    assert ours[4] == own[4] and isinstance(ours.logprobs[0], float) and isinstance(ours.ranks[1], int)
 
 
 def test_plugin_leaves_an_unknown_vllm_alone(monkeypatch, caplog):
@@ -94,7 +198,7 @@ def test_the_wrapped_prompt_path_runs_the_head_chunk_wise_and_restores_everythin
                                                           dtype=torch.float32, head_dtype=torch.float32))
     got = GPUModelRunner._get_prompt_logprobs_dict(runner, hidden, {})
 
-    assert head_rows == [3, 3, 3, 1]
+    assert head_rows == [3, 3, 2, 2]                     # blocks of at most 3, as even as can be
     reference = torch.log_softmax(hidden.double() @ weight.double().T, dim=-1)
     top, top_ids = torch.topk(reference, 4, dim=-1)
     assert torch.equal(got.logprob_token_ids, torch.cat((token_ids[:, None], top_ids), 1).to(torch.int32))
