@@ -141,7 +141,8 @@ def fused_vs_stock(fused: Any, stock: Any, seqs: list[Any]) -> dict[str, float]:
     from one-at-a-time by up to 0.9 nats, and between two calls of the same engine by 0.5, which
     would hide what the log-prob path does.  Entries that tie (bf16 logits tie often) come in an
     arbitrary order in either path, so each row's ties are put in id order before comparing; ids
-    may then still differ where a tie straddles the k-th place, or within fp32 rounding."""
+    still differ where a tie straddles the 64th place (which tied entry is kept is arbitrary in
+    torch.topk too: with the bf16 head most rows have one), hence the overlap of the id sets."""
     from qadpipe.teacher.base import TargetSpec
 
     def tied_in_id_order(rows: list[Any]) -> tuple[np.ndarray, np.ndarray]:

@@ -96,11 +96,11 @@ def topk_from_block_maxima(logits: torch.Tensor, k: int,
     position).  The k largest entries all lie in the k blocks with the largest maxima, together
     with any entry of the partial last block: those k blocks hold k entries >= the k-th largest
     block maximum t, so the k-th largest entry is >= t, and a block left out has its maximum <= t
-    (an entry equal to t there ties with the k-th value: which of equal entries is kept is
-    arbitrary in ``torch.topk`` too).  Entries below t are set to -inf first, so the small top-k
-    discards them at once (without that it gained little).  Blocks are taken in vocabulary order
-    so that ties meet in the same order as in the whole row.  Same values as ``torch.topk``;
-    tied entries may come in another order."""
+    (an entry equal to t there ties with the k-th value).  Entries below t are set to -inf first,
+    so the small top-k discards them at once (without that it gained little).  Same values as
+    ``torch.topk``.  Which of the entries that tie at the k-th value are kept is left open, as
+    ``torch.topk`` leaves it (on SmolLM2's bf16 logits neither a whole-row ``torch.topk`` nor
+    this keeps the lowest ids); tied entries may also come in another order."""
     rows, vocab = logits.shape
     whole = vocab // BLOCK
     best_maxima, blocks = torch.topk(block_max, k, dim=-1)
