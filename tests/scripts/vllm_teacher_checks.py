@@ -5,7 +5,7 @@ one engine start costs 30-60 s here, so every check shares it):
 
 1. ``qadpipe generate`` in score mode (plain encoding) -> OUT_DIR/score-cache
 2. ``qadpipe generate`` in generate mode at temperature 0.5 -> OUT_DIR/gen-cache
-3. the same completions written again through the backend, with their text -> completions.json
+3. the completions that run drew, as vLLM returned them (token ids and text) -> completions.json
 4. decode-time log-probs of a T=0.5 sampled completion (raw_logprobs) -> decode_logprobs.npz
 5. the texts' prompt log-probs from this engine (qadpipe's fused path, the default) and from a
    second engine on vLLM's own log_softmax path -> fused_vs_stock.npz
@@ -26,7 +26,6 @@ if __name__ == "__main__":
     from qadpipe.data import load_sequences
     from qadpipe.generate import run_generate
     from qadpipe.models import load_tokenizer
-    from qadpipe.teacher.base import SamplingSpec
     from qadpipe.teacher.vllm_backend import VLLMTeacher, exit_now, shutdown_llm
 
     K = 32
@@ -41,11 +40,19 @@ if __name__ == "__main__":
                             "cache": {**common["cache"], "path": f"{out_dir}/gen-cache"}})
     teacher = VLLMTeacher.from_config(model_dir, score_cfg.teacher, k=K, max_model_len=256)
 
+    completed = []
+
     class Shared:
-        """The one engine, lent to each run (run_generate closes its teacher at the end)."""
+        """The one engine, lent to each run (run_generate closes its teacher at the end); keeps
+        the completions vLLM returns, with their text, as the run stores them."""
 
         def __getattr__(self, name):
             return getattr(teacher, name)
+
+        def complete(self, prompts, sampling):
+            completions = teacher.complete(prompts, sampling)
+            completed.extend(zip(prompts, completions))
+            return completions
 
         def close(self):
             pass
@@ -55,11 +62,11 @@ if __name__ == "__main__":
 
     tokenizer = load_tokenizer(model_dir)
     prompts = load_sequences(gen_cfg.data, gen_cfg.generate, tokenizer, len(tokenizer)).sequences
-    sampling = SamplingSpec(0.5, 1.0, 48, 3)
-    completions = teacher.complete(prompts, sampling)
+    # Not a second call with the same seed: on an AMX CPU the bf16 forward differs between calls
+    # (batch shape, prefix cache), and a temperature-0.5 draw may then part ways mid-completion.
     with open(f"{out_dir}/completions.json", "w") as handle:
         json.dump([{"id": p.id, "prompt_ids": p.input_ids.tolist(), "token_ids": c.token_ids.tolist(),
-                    "text": c.text} for p, c in zip(prompts, completions)], handle)
+                    "text": c.text} for p, c in completed], handle)
 
     # Decode-time log-probs (path "a" of the notes) at T=0.5: raw_logprobs must be the T=1 values.
     params = SamplingParams(temperature=0.5, max_tokens=24, seed=11, logprobs=K, flat_logprobs=True,
