@@ -7,10 +7,10 @@ vLLM: plain prefill (max_tokens=1, no log-probs) vs capture at each k, end to en
 log-probs -> numpy -> SequenceTargets -> cache shards written) with qadpipe's fused prompt
 log-probs (the default, teacher.fused_logprobs), the same at k=64 on a second engine with
 vLLM's own log_softmax path (its engine process only: this process's FlatLogprobs fill is
-qadpipe's bulk one for both engines, the plugin being loaded once per process), and the naive path on that engine (flat_logprobs=False: one dict
-of Logprob objects per position, walked in Python).  Plain
-prefill skips the prefix cache, as prompt log-prob requests do (repeated rounds would
-otherwise be served from it).
+qadpipe's bulk one for both engines, the plugin being loaded once per process), and the naive
+path on that engine (flat_logprobs=False: one dict of Logprob objects per position, walked in
+Python).  Plain prefill skips the prefix cache, as prompt log-prob requests do (repeated rounds
+would otherwise be served from it).
 HF: plain forward (full logits) vs chunked top-k capture (end to end, cache written) vs a
 naive full fp32 log_softmax + topk.  Each figure is the best of ``--repeats`` rounds,
 interleaved, so machine noise hits every variant alike; ratios are what to read.

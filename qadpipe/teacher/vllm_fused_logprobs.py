@@ -16,8 +16,8 @@ logits minus one logsumexp per position, so the same numbers come from the logit
 
 In the process holding the ``LLM``, vLLM's per-position Python loop that fills ``FlatLogprobs``
 becomes a few bulk list extends (same lists).  Values are ``logit - logsumexp`` in fp32 (within
-a few fp32 ulps of vLLM's); ids identical except the order of entries that tie; ranks counted
-on the logits.  Measured on a 2-core CPU (SmolLM2, 49k vocab): ``bench/capture_throughput.py``.
+a few fp32 ulps of vLLM's); ids identical except where entries tie (their order, and which of
+those tying at the k-th place are kept); ranks counted on the logits.  Measured on a 2-core CPU (SmolLM2, 49k vocab): ``bench/capture_throughput.py``.
 
 Only vLLM's prompt path changes, and only in a process whose environment has
 ``QADPIPE_VLLM_FUSED_LOGPROBS=1``: qadpipe's vLLM teacher sets it (``teacher.fused_logprobs``)
@@ -60,17 +60,21 @@ def rows_per_chunk(model_config: Any, hidden_states: torch.Tensor) -> int:
     return max(1, (CPU_CHUNK_BYTES if device.type == "cpu" else GPU_CHUNK_BYTES) // row_bytes)
 
 
+def _whole_blocks(logits: torch.Tensor) -> torch.Tensor:
+    """[positions, vocab] -> [positions, vocab // BLOCK, BLOCK]: the entries before the partial
+    last block (a view)."""
+    rows, vocab = logits.shape
+    return logits[:, :vocab // BLOCK * BLOCK].reshape(rows, vocab // BLOCK, BLOCK)
+
+
 @torch.compile(dynamic=True)
 def _row_statistics(logits: torch.Tensor, token_ids: torch.Tensor):
     """Two loops over [positions, vocab]: the maximum of each BLOCK entries (the row maximum
     comes from them, so the block maxima cost nothing extra), then the logsumexp, the token's
     logit and its rank (vLLM's rule: how many entries are >= it, so ties count and the best is 1)."""
-    rows, vocab = logits.shape
-    whole = vocab // BLOCK
-    block_max = logits[:, :whole * BLOCK].reshape(rows, whole, BLOCK).amax(-1)
-    parts = ([block_max.amax(-1, keepdim=True)] if whole else []) + \
-        ([logits[:, whole * BLOCK:].amax(-1, keepdim=True)] if whole * BLOCK < vocab else [])
-    row_max = functools.reduce(torch.maximum, parts).float()
+    block_max = _whole_blocks(logits).amax(-1)
+    partial = logits[:, block_max.shape[1] * BLOCK:]           # [positions, 0] when vocab % BLOCK == 0
+    row_max = torch.cat((block_max, partial), dim=1).amax(-1, keepdim=True).float()
     shift = torch.where(row_max.isinf(), 0.0, row_max)      # all -inf or +inf: as torch.logsumexp
     x = logits.float()
     token = x.gather(-1, token_ids.unsqueeze(-1))
@@ -81,10 +85,7 @@ def _row_statistics(logits: torch.Tensor, token_ids: torch.Tensor):
 @torch.compile(dynamic=True)
 def _candidates_at_least(logits: torch.Tensor, blocks: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     """The entries of the chosen blocks, those below ``threshold`` set to -inf."""
-    rows = logits.shape[0]
-    whole = logits.shape[1] // BLOCK
-    entries = logits[:, :whole * BLOCK].reshape(rows, whole, BLOCK)
-    chosen = entries.gather(1, blocks.unsqueeze(-1).expand(-1, -1, BLOCK)).flatten(1)
+    chosen = _whole_blocks(logits).gather(1, blocks.unsqueeze(-1).expand(-1, -1, BLOCK)).flatten(1)
     return torch.where(chosen < threshold, float("-inf"), chosen)
 
 
