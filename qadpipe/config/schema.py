@@ -65,9 +65,10 @@ class TeacherConfig:
         "tokens per vLLM step; bounds the [tokens, vocab] prompt-logprob peak", ge=16)
     enforce_eager: bool = opt(False, "skip vLLM graph compilation")
     fused_logprobs: bool = opt(True,
-        "vLLM: take the top-k log-probs from the logits with one fused logsumexp pass and, on CPU, a "
-        "block-pre-selected exact top-k (qadpipe's vLLM plugin) instead of vLLM's full-vocab fp32 "
-        "log_softmax; same values to fp32 rounding")
+        "vLLM: take the top-k log-probs from the logits (qadpipe's vLLM plugin: on CPU one native pass "
+        "per block of positions, an exact top-k from the 64-entry blocks that can hold it; on GPU a "
+        "compiled logsumexp and torch.topk) instead of vLLM's full-vocab fp32 log_softmax; same values "
+        "to fp32 rounding")
     cpu_reserved_cores: int = opt(0,
         "vLLM-CPU: cores kept free of the engine for its frontend process (vLLM's own default is 1; "
         "scoring leaves the frontend nearly idle, and on 2 cores the engine runs 1.7x faster on both)", ge=0)

@@ -8,16 +8,18 @@ logits minus one logsumexp per position, so the same numbers come from the logit
 
 * the LM head runs over blocks of positions (``rows_per_chunk``), each consumed while still in
   cache; on CPU into one logits block kept between calls (:class:`ReusedLogitsBlock`);
-* one compiled pass per block yields the logsumexp, the actual token's logit and rank, and the
-  maximum of every 64 vocabulary entries;
-* top-k: on CPU exactly, from the 64-entry blocks with the k largest maxima
-  (:func:`topk_from_block_maxima`) instead of a partial sort of the whole row; on GPU
-  ``torch.topk``.
+* on CPU, one native pass per block (:mod:`qadpipe.kernels.topk_logprobs`) yields the
+  logsumexp, the actual token's log-prob and rank, and the top-k, taken from the few 64-entry
+  blocks whose maximum can reach it instead of a partial sort of every row;
+* on GPU (or where the CPU kernel cannot be built: logged), one compiled pass yields the
+  logsumexp, the token's logit and rank, then ``torch.topk``.
 
 In the process holding the ``LLM``, vLLM's per-position Python loop that fills ``FlatLogprobs``
 becomes a few bulk list extends (same lists).  Values are ``logit - logsumexp`` in fp32 (within
-a few fp32 ulps of vLLM's); ids identical except where entries tie (their order, and which of
-those tying at the k-th place are kept); ranks counted on the logits.  Measured on a 2-core CPU (SmolLM2, 49k vocab): ``bench/capture_throughput.py``.
+a few fp32 ulps of vLLM's); ids identical except where entries tie (the CPU kernel keeps the
+lowest ids among equal values, in id order; vLLM's ``torch.topk`` leaves that open); ranks
+counted on the logits.  Measured on a 2-core CPU (SmolLM2, 49k vocab):
+``bench/capture_throughput.py``.
 
 Only vLLM's prompt path changes, and only in a process whose environment has
 ``QADPIPE_VLLM_FUSED_LOGPROBS=1``: qadpipe's vLLM teacher sets it (``teacher.fused_logprobs``)
@@ -34,18 +36,18 @@ from typing import Any, Callable
 
 import torch
 
+from qadpipe.kernels import topk_logprobs as native_topk
+from qadpipe.kernels.build import KernelBuildError, load_kernel
+
 # A child of vLLM's logger: its handlers print this in the engine processes' logs.
 log = logging.getLogger("vllm.qadpipe_fused_logprobs")
 
 ENV = "QADPIPE_VLLM_FUSED_LOGPROBS"
 ENTRY_POINT = "qadpipe_fused_prompt_logprobs"
 # Logits per LM-head call.  CPU: each call streams the whole head weight again, and the block is
-# then read twice more (statistics, top-k) while it is still in cache; 170 rows of a 49k bf16
-# vocabulary.  GPU: only bounds memory; smaller blocks would cost kernel launches.
+# then read by the top-k pass while it is still in cache; 170 rows of a 49k bf16 vocabulary.  GPU: only bounds memory; smaller blocks would cost kernel launches.
 CPU_CHUNK_BYTES = 16 << 20
 GPU_CHUNK_BYTES = 1 << 30
-# Vocabulary entries per block maximum (the CPU top-k pre-selection works on whole blocks).
-BLOCK = 64
 
 
 def rows_per_chunk(model_config: Any, hidden_states: torch.Tensor) -> int:
@@ -60,75 +62,37 @@ def rows_per_chunk(model_config: Any, hidden_states: torch.Tensor) -> int:
     return max(1, (CPU_CHUNK_BYTES if device.type == "cpu" else GPU_CHUNK_BYTES) // row_bytes)
 
 
-def _whole_blocks(logits: torch.Tensor) -> torch.Tensor:
-    """[positions, vocab] -> [positions, vocab // BLOCK, BLOCK]: the entries before the partial
-    last block (a view)."""
-    rows, vocab = logits.shape
-    return logits[:, :vocab // BLOCK * BLOCK].reshape(rows, vocab // BLOCK, BLOCK)
-
-
 @torch.compile(dynamic=True)
 def _row_statistics(logits: torch.Tensor, token_ids: torch.Tensor):
-    """Two loops over [positions, vocab]: the maximum of each BLOCK entries (the row maximum
-    comes from them, so the block maxima cost nothing extra), then the logsumexp, the token's
-    logit and its rank (vLLM's rule: how many entries are >= it, so ties count and the best is 1)."""
-    block_max = _whole_blocks(logits).amax(-1)
-    partial = logits[:, block_max.shape[1] * BLOCK:]           # [positions, 0] when vocab % BLOCK == 0
-    row_max = torch.cat((block_max, partial), dim=1).amax(-1, keepdim=True).float()
-    shift = torch.where(row_max.isinf(), 0.0, row_max)      # all -inf or +inf: as torch.logsumexp
+    """One loop over [positions, vocab]: the logsumexp, the token's logit and its rank (vLLM's
+    rule: how many entries are >= it, so ties count and the best is 1)."""
     x = logits.float()
+    row_max = x.amax(-1, keepdim=True)
+    shift = torch.where(row_max.isinf(), 0.0, row_max)      # all -inf or +inf: as torch.logsumexp
     token = x.gather(-1, token_ids.unsqueeze(-1))
     lse = shift + (x - shift).exp().sum(-1, keepdim=True).log()
-    return lse, token, (x >= token).sum(-1, dtype=torch.int32).long(), block_max
-
-
-@torch.compile(dynamic=True)
-def _candidates_at_least(logits: torch.Tensor, blocks: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """The entries of the chosen blocks, those below ``threshold`` set to -inf."""
-    chosen = _whole_blocks(logits).gather(1, blocks.unsqueeze(-1).expand(-1, -1, BLOCK)).flatten(1)
-    return torch.where(chosen < threshold, float("-inf"), chosen)
-
-
-def topk_from_block_maxima(logits: torch.Tensor, k: int,
-                           block_max: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``torch.topk(logits, k)``, exactly, from a k*BLOCK-entry part of each row.
-
-    CPU's ``torch.topk`` is a partial sort of the whole row (SmolLM2, k=64: ~46 us of a ~270 us
-    position).  The k largest entries all lie in the k blocks with the largest maxima, together
-    with any entry of the partial last block: those k blocks hold k entries >= the k-th largest
-    block maximum t, so the k-th largest entry is >= t, and a block left out has its maximum <= t
-    (an entry equal to t there ties with the k-th value).  Entries below t are set to -inf first,
-    so the small top-k discards them at once (without that it gained little).  Same values as
-    ``torch.topk``.  Which of the entries that tie at the k-th value are kept is left open, as
-    ``torch.topk`` leaves it (on SmolLM2's bf16 logits neither a whole-row ``torch.topk`` nor
-    this keeps the lowest ids); tied entries may also come in another order."""
-    rows, vocab = logits.shape
-    whole = vocab // BLOCK
-    best_maxima, blocks = torch.topk(block_max, k, dim=-1)
-    blocks = blocks.sort(dim=-1).values
-    candidates = _candidates_at_least(logits, blocks, best_maxima[:, -1:])
-    if whole * BLOCK < vocab:                                # the partial last block: always a candidate
-        candidates = torch.cat((candidates, logits[:, whole * BLOCK:]), dim=1)
-    values, where = torch.topk(candidates, k, dim=-1)
-    # Candidate j is entry j % BLOCK of chosen block j // BLOCK, or past the k blocks, of the partial one.
-    in_blocks = where < k * BLOCK
-    block_of = blocks.gather(1, torch.where(in_blocks, where // BLOCK, 0))
-    ids = torch.where(in_blocks, block_of * BLOCK + where % BLOCK, where - k * BLOCK + whole * BLOCK)
-    return values, ids
-
-
-def _preselect_pays(logits: torch.Tensor, k: int) -> bool:
-    """On CPU, and where the candidates are at most a quarter of the row."""
-    return logits.device.type == "cpu" and k * BLOCK * 4 <= logits.shape[1]
+    return lse, token, (x >= token).sum(-1, dtype=torch.int32).long()
 
 
 def _topk_logprobs(logits: torch.Tensor, num_logprobs: int,
                    token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    lse, token_logit, ranks, block_max = _row_statistics(logits, token_ids)
-    top_logits, top_ids = (topk_from_block_maxima(logits, num_logprobs, block_max)
-                           if _preselect_pays(logits, num_logprobs) else torch.topk(logits, num_logprobs, dim=-1))
+    if native_topk.supports(logits, num_logprobs) and _native_kernel_builds():
+        return native_topk.topk_logprobs(logits, num_logprobs, token_ids)
+    lse, token_logit, ranks = _row_statistics(logits, token_ids)
+    top_logits, top_ids = torch.topk(logits, num_logprobs, dim=-1)
     ids = torch.cat((token_ids.unsqueeze(-1), top_ids), dim=1).to(torch.int32)
     return ids, torch.cat((token_logit, top_logits.float()), dim=1) - lse, ranks
+
+
+@functools.cache
+def _native_kernel_builds() -> bool:
+    """Whether the CPU kernel loads; if not, said once, and the torch ops compute the same."""
+    try:
+        load_kernel(native_topk.SOURCE)
+    except KernelBuildError as exc:
+        log.warning("qadpipe: %s; prompt log-probs fall back to torch ops (same values, slower)", exc)
+        return False
+    return True
 
 
 def topk_logprobs_from_logits(logits: torch.Tensor, num_logprobs: int, token_ids: torch.Tensor) -> Any:
@@ -235,7 +199,7 @@ def register() -> None:
     GPUModelRunner._get_prompt_logprobs_dict = prompt_logprobs_fused
     _register_bulk_prompt_logprobs()
     log.info("qadpipe: vLLM prompt log-probs from the logits, chunk-wise (one fused logsumexp pass, "
-             "top-k pre-selected by block maxima on CPU, FlatLogprobs filled in bulk)")
+             "native top-k pass on CPU, FlatLogprobs filled in bulk)")
 
 
 def _register_bulk_prompt_logprobs() -> None:

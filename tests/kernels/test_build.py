@@ -1,0 +1,55 @@
+"""Building a CPU kernel once per machine: cached by source, atomic, one clear line on failure."""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import pytest
+
+from qadpipe.kernels.build import KernelBuildError, load_kernel
+
+
+@pytest.fixture()
+def kernel_dir(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("QADPIPE_CACHE_DIR", str(tmp_path / "cache"))
+    load_kernel.cache_clear()
+    yield tmp_path / "cache" / "kernels"
+    load_kernel.cache_clear()
+
+
+def write_source(path: Path, body: str) -> Path:
+    path.write_text('extern "C" int answer(int x) { ' + body + " }\n")
+    return path
+
+
+def test_a_kernel_builds_once_and_a_changed_source_builds_anew(kernel_dir, tmp_path):
+    source = write_source(tmp_path / "answer.cpp", "return x + 1;")
+    lib = load_kernel(source)
+    lib.answer.argtypes, lib.answer.restype = [ctypes.c_int], ctypes.c_int
+    assert lib.answer(41) == 42
+    [built] = kernel_dir.glob("answer-*.so")
+    stamp = built.stat().st_mtime_ns
+    load_kernel.cache_clear()
+    load_kernel(source)                                   # a new process: the cached build is reused
+    assert [p.stat().st_mtime_ns for p in kernel_dir.glob("answer-*.so")] == [stamp]
+
+    write_source(source, "return x * 2;")
+    load_kernel.cache_clear()
+    doubled = load_kernel(source)
+    doubled.answer.argtypes, doubled.answer.restype = [ctypes.c_int], ctypes.c_int
+    assert doubled.answer(21) == 42 and len(list(kernel_dir.glob("answer-*.so"))) == 2
+
+
+def test_a_failing_build_says_so_in_one_line_and_leaves_nothing(kernel_dir, tmp_path):
+    source = write_source(tmp_path / "broken.cpp", "return x +;")
+    with pytest.raises(KernelBuildError, match=r"^broken\.cpp: c\+\+ failed \(.*\)$") as failure:
+        load_kernel(source)
+    assert "\n" not in str(failure.value)
+    assert not list(kernel_dir.glob("*.so")) and not list(kernel_dir.glob(".tmp-*"))
+
+
+def test_a_missing_compiler_is_named(kernel_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    with pytest.raises(KernelBuildError, match="no C\\+\\+ compiler 'no-such-compiler' on PATH \\(set CXX\\)"):
+        load_kernel(write_source(tmp_path / "answer.cpp", "return x;"))
