@@ -11,8 +11,8 @@ logits minus one logsumexp per position, so the same numbers come from the logit
 * on CPU, one native pass per block (:mod:`qadpipe.kernels.topk_logprobs`) yields the
   logsumexp, the actual token's log-prob and rank, and the top-k, taken from the few 64-entry
   blocks whose maximum can reach it instead of a partial sort of every row;
-* on GPU (or where the CPU kernel cannot be built: logged), one compiled pass yields the
-  logsumexp, the token's logit and rank, then ``torch.topk``.
+* on GPU, one compiled pass yields the logsumexp, the token's logit and rank, then
+  ``torch.topk``; on a CPU where the kernel cannot be built (logged once), the same ops eagerly.
 
 In the process holding the ``LLM``, vLLM's per-position Python loop that fills ``FlatLogprobs``
 becomes a few bulk list extends (same lists).  Values are ``logit - logsumexp`` in fp32 (within
@@ -45,7 +45,8 @@ log = logging.getLogger("vllm.qadpipe_fused_logprobs")
 ENV = "QADPIPE_VLLM_FUSED_LOGPROBS"
 ENTRY_POINT = "qadpipe_fused_prompt_logprobs"
 # Logits per LM-head call.  CPU: each call streams the whole head weight again, and the block is
-# then read by the top-k pass while it is still in cache; 170 rows of a 49k bf16 vocabulary.  GPU: only bounds memory; smaller blocks would cost kernel launches.
+# then read by the top-k pass while it is still in cache; 170 rows of a 49k bf16 vocabulary.
+# GPU: only bounds memory; smaller blocks would cost kernel launches.
 CPU_CHUNK_BYTES = 16 << 20
 GPU_CHUNK_BYTES = 1 << 30
 
@@ -62,10 +63,9 @@ def rows_per_chunk(model_config: Any, hidden_states: torch.Tensor) -> int:
     return max(1, (CPU_CHUNK_BYTES if device.type == "cpu" else GPU_CHUNK_BYTES) // row_bytes)
 
 
-@torch.compile(dynamic=True)
 def _row_statistics(logits: torch.Tensor, token_ids: torch.Tensor):
-    """One loop over [positions, vocab]: the logsumexp, the token's logit and its rank (vLLM's
-    rule: how many entries are >= it, so ties count and the best is 1)."""
+    """The logsumexp, the token's logit and its rank (vLLM's rule: how many entries are >= it,
+    so ties count and the best is 1); compiled on GPU into one loop over [positions, vocab]."""
     x = logits.float()
     row_max = x.amax(-1, keepdim=True)
     shift = torch.where(row_max.isinf(), 0.0, row_max)      # all -inf or +inf: as torch.logsumexp
@@ -74,11 +74,17 @@ def _row_statistics(logits: torch.Tensor, token_ids: torch.Tensor):
     return lse, token, (x >= token).sum(-1, dtype=torch.int32).long()
 
 
+# Not on CPU: there the native kernel runs, and where it cannot be built, inductor (which needs
+# the same C++ compiler) could not build this either.
+_compiled_row_statistics = torch.compile(_row_statistics, dynamic=True)
+
+
 def _topk_logprobs(logits: torch.Tensor, num_logprobs: int,
                    token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if native_topk.supports(logits, num_logprobs) and _native_kernel_builds():
         return native_topk.topk_logprobs(logits, num_logprobs, token_ids)
-    lse, token_logit, ranks = _row_statistics(logits, token_ids)
+    statistics = _row_statistics if logits.device.type == "cpu" else _compiled_row_statistics
+    lse, token_logit, ranks = statistics(logits, token_ids)
     top_logits, top_ids = torch.topk(logits, num_logprobs, dim=-1)
     ids = torch.cat((token_ids.unsqueeze(-1), top_ids), dim=1).to(torch.int32)
     return ids, torch.cat((token_logit, top_logits.float()), dim=1) - lse, ranks

@@ -214,3 +214,15 @@ def test_an_fp32_head_off_cuda_runs_once_per_request():
     assert rows_per_chunk(config, hidden) == (16 << 20) // (2 * 49152) == 170
     config.head_dtype = torch.float32
     assert rows_per_chunk(config, hidden) == 512
+
+
+def test_the_compiled_statistics_of_the_gpu_path_match_fp64():
+    """The GPU path compiles the statistics pass; inductor builds the same graph for CPU, so its
+    maths is checked here (a GPU run checks the CUDA build)."""
+    logits = adversarial_rows(20 * BLOCK + 9, 8).float()
+    token_ids = torch.arange(len(logits)) * 50
+    lse, token_logit, ranks = vllm_fused_logprobs._compiled_row_statistics(logits, token_ids)
+    x = logits.double()
+    torch.testing.assert_close(lse.double(), torch.logsumexp(x, -1, keepdim=True), atol=2e-6, rtol=1e-6)
+    assert torch.equal(token_logit, logits.gather(1, token_ids[:, None]))
+    assert torch.equal(ranks, (x >= x.gather(1, token_ids[:, None])).sum(-1))
