@@ -12,8 +12,10 @@ path on that engine (flat_logprobs=False: one dict of Logprob objects per positi
 Python).  Plain prefill skips the prefix cache, as prompt log-prob requests do (repeated rounds
 would otherwise be served from it).
 HF: plain forward (full logits) vs chunked top-k capture (end to end, cache written) vs a
-naive full fp32 log_softmax + topk.  Each figure is the best of ``--repeats`` rounds,
-interleaved, so machine noise hits every variant alike; ratios are what to read.
+naive full fp32 log_softmax + topk.  Variants run in ``--repeats`` interleaved rounds; each
+is reported as its best round (tokens/s, and the ratio of best rounds) and as the median over
+rounds of its ratio to the baseline's run in the same round, the steadier figure on a shared
+machine.
 """
 
 from __future__ import annotations
@@ -50,28 +52,33 @@ def write_cache(rows: list[Any], vocab: int, k: int) -> None:
             writer.write(row)
 
 
-def best_of(variants: dict[str, Callable[[], None]], repeats: int, sync: Callable[[], None] = lambda: None) -> dict[str, float]:
-    """Seconds per variant: the fastest of ``repeats`` interleaved rounds."""
-    best = {name: float("inf") for name in variants}
+def timed_rounds(variants: dict[str, Callable[[], None]], repeats: int,
+                 sync: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
+    """Seconds per variant and round; each round runs every variant once, in turn."""
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(repeats):
         for name, run in variants.items():
             sync()
             started = time.perf_counter()
             run()
             sync()
-            best[name] = min(best[name], time.perf_counter() - started)
-    return best
+            seconds[name].append(time.perf_counter() - started)
+    return seconds
 
 
-def report(title: str, seconds: dict[str, float], tokens: int, baseline: str) -> dict[str, Any]:
-    print(f"\n{title} ({tokens} tokens per variant)")
-    print(f"{'variant':<34}{'tokens/s':>12}{'x ' + baseline:>22}")
+def report(title: str, seconds: dict[str, list[float]], tokens: int, baseline: str) -> dict[str, Any]:
+    """Two ratios per variant: best round against the baseline's best round, and the median over
+    rounds of the ratio to the baseline in the same round (the machine's slow and fast spells
+    then hit both sides of each ratio; two best rounds may come from different spells)."""
+    print(f"\n{title} ({tokens} tokens per variant, {len(seconds[baseline])} rounds)")
+    print(f"{'variant':<34}{'tokens/s':>12}{'x ' + baseline + ' (best)':>28}{'(median paired)':>18}")
     rows = {}
-    for name, sec in seconds.items():
-        rate = tokens / sec
-        ratio = seconds[baseline] / sec
-        rows[name] = {"seconds": sec, "tokens_per_s": rate, "ratio": ratio}
-        print(f"{name:<34}{rate:>12.0f}{ratio:>22.2f}")
+    for name, rounds in seconds.items():
+        best = min(rounds)
+        paired = float(np.median([base / sec for base, sec in zip(seconds[baseline], rounds)]))
+        rows[name] = {"seconds": best, "rounds": rounds, "tokens_per_s": tokens / best,
+                      "ratio": min(seconds[baseline]) / best, "median_paired_ratio": paired}
+        print(f"{name:<34}{tokens / best:>12.0f}{rows[name]['ratio']:>28.2f}{paired:>18.2f}")
     return rows
 
 
@@ -129,7 +136,7 @@ def bench_vllm(model_dir: str, seqs: list[Any], ks: list[int], repeats: int, fp3
         run()
     tokens = sum(len(s.input_ids) for s in seqs)
     head = f"{'fp32' if fp32_head else 'bf16'} LM head, {reserved_cores} reserved core(s)"
-    timings = best_of(variants, repeats)
+    timings = timed_rounds(variants, repeats)
     shutdown_llm(llm)
     shutdown_llm(stock_llm)
     return {**report(f"vLLM ({head})", timings, tokens, "plain prefill"), "fused_vs_stock": agreement}
@@ -211,7 +218,7 @@ def bench_hf(model: Any, seqs: list[Any], ks: list[int], repeats: int, batch_siz
     # Plain and naive run the model's own (bf16) head; with the fp32 head only capture pays for an fp32
     # GEMM, which on an AMX CPU is several times slower than the bf16 one.
     head = "fp32 LM head in capture" if fp32_head else "bf16 LM head"
-    return report(f"HF ({device}, {head})", best_of(variants, repeats, sync), tokens, "plain forward")
+    return report(f"HF ({device}, {head})", timed_rounds(variants, repeats, sync), tokens, "plain forward")
 
 
 def main() -> None:
