@@ -60,9 +60,13 @@ def load_kernel(source: Path) -> ctypes.CDLL:
     key = hashlib.sha256("\0".join([source.read_text(), compiler, *version, *FLAGS, _cpu_signature()]).encode())
     target = cache_root() / "kernels" / f"{source.stem}-{key.hexdigest()[:16]}.so"
     if not target.is_file():
-        with file_lock(target.with_suffix(".lock")):
-            if not target.is_file():
-                _compile(compiler, source, target)
+        try:
+            with file_lock(target.with_suffix(".lock")):
+                if not target.is_file():
+                    _compile(compiler, source, target)
+        except OSError as exc:
+            raise KernelBuildError(f"{source.name}: cannot build into {target.parent} ({exc.strerror or exc}); "
+                                   "set QADPIPE_CACHE_DIR to a writable directory") from None
     # torch, already loaded, holds the process's libgomp: the kernel links against the same
     # soname, so its parallel regions run on torch's OpenMP threads rather than a second pool.
     return ctypes.CDLL(str(target))

@@ -53,3 +53,12 @@ def test_a_missing_compiler_is_named(kernel_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("CXX", "no-such-compiler")
     with pytest.raises(KernelBuildError, match="no C\\+\\+ compiler 'no-such-compiler' on PATH \\(set CXX\\)"):
         load_kernel(write_source(tmp_path / "answer.cpp", "return x;"))
+
+
+def test_a_cache_directory_that_cannot_be_written_is_named(kernel_dir, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("QADPIPE_CACHE_DIR", str(blocker / "cache"))   # a directory under a file
+    with pytest.raises(KernelBuildError, match=r"answer\.cpp: cannot build into .*a-file/cache/kernels "
+                                               r"\(.*\); set QADPIPE_CACHE_DIR to a writable directory"):
+        load_kernel(write_source(tmp_path / "answer.cpp", "return x;"))
