@@ -61,11 +61,10 @@ struct Candidate {
     int32_t id;
 };
 // Larger first; among equal values the lower id first (deterministic, unlike torch.topk's).
-struct RanksBefore {
-    bool operator()(const Candidate& a, const Candidate& b) const {
-        return a.key != b.key ? a.key > b.key : a.id < b.id;
-    }
-};
+// Branch-free, so the counting placement below vectorizes.
+inline bool ranks_before(const Candidate& a, const Candidate& b) {
+    return a.key > b.key || (a.key == b.key && a.id < b.id);
+}
 
 struct Scratch {
     explicit Scratch(int64_t vocab) : block_max(vocab / BLOCK), candidates(vocab) {}
@@ -78,8 +77,9 @@ struct Scratch {
 // entries are all >= t and lie in blocks whose maximum is >= t.  From a histogram of distances
 // to the row maximum (a cheap stand-in for selecting the k-th block maximum), one bin lower
 // for float rounding at the bin edges; -inf where the row maximum is not finite.
-float threshold(const Scratch& s, int64_t whole, int64_t k, float row_max, int32_t* histogram) {
+float threshold(Scratch& s, int64_t whole, int64_t k, float row_max) {
     if (!std::isfinite(row_max)) return -std::numeric_limits<float>::infinity();
+    int32_t* histogram = s.histogram;
     std::fill(histogram, histogram + BINS, 0);
     for (int64_t b = 0; b < whole; ++b) {
         const float distance = (row_max - s.block_max[b]) * BINS_PER_NAT;   // >= 0; +inf for a block of -inf
@@ -135,7 +135,7 @@ void one_row(const T* row, int64_t vocab, int64_t k, int64_t token, Scratch& s,
     logprobs[0] = token_logit - lse;
 
     // Candidates: the entries >= t of the blocks whose maximum is >= t, and the partial block.
-    const float t = threshold(s, whole, k, row_max, s.histogram);
+    const float t = threshold(s, whole, k, row_max);
     Candidate* kept = s.candidates.data();
     int64_t m = 0;
     for (int64_t b = 0; b < whole; ++b) {
@@ -154,11 +154,11 @@ void one_row(const T* row, int64_t vocab, int64_t k, int64_t token, Scratch& s,
             const Candidate c = kept[i];
             int64_t place = 0;
 #pragma omp simd reduction(+ : place)
-            for (int64_t j = 0; j < m; ++j) place += kept[j].key > c.key || (kept[j].key == c.key && kept[j].id < c.id);
+            for (int64_t j = 0; j < m; ++j) place += ranks_before(kept[j], c);
             if (place < k) ids[1 + place] = c.id;
         }
     } else {
-        std::partial_sort(kept, kept + k, kept + m, RanksBefore());
+        std::partial_sort(kept, kept + k, kept + m, ranks_before);
         for (int64_t i = 0; i < k; ++i) ids[1 + i] = kept[i].id;
     }
     for (int64_t i = 1; i <= k; ++i) logprobs[i] = as_float(row[ids[i]]) - lse;
