@@ -124,6 +124,12 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return tensor
 
 
+def all_reduce_number(value: float, device: torch.device, op: str = "sum") -> float:
+    """Sum/max of one number over ranks.  Its tensor lives on this rank's device: NCCL, the
+    GPU backend, serves CUDA tensors only (a CPU tensor has no backend there)."""
+    return all_reduce(torch.tensor(float(value), dtype=torch.float64, device=device), op).item()
+
+
 def all_gather_objects(obj: Any) -> list[Any]:
     if not dist.is_initialized():
         return [obj]

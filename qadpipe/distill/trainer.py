@@ -347,10 +347,10 @@ class DistillRecipe:
 
     def _train_step(self, micro: list[Batch], window: _Window) -> None:
         env = self.env
-        positions = dist_utils.all_reduce(torch.tensor(float(sum(b.num_positions for b in micro))))
-        if positions.item() == 0:
+        positions = dist_utils.all_reduce_number(sum(b.num_positions for b in micro), env.device)
+        if positions == 0:
             raise DistillError(f"step {self.step + 1}: the global batch has no target positions")
-        scale = env.world_size / positions.item()
+        scale = env.world_size / positions
         self.optimizer.zero_grad(set_to_none=True)
         for index, batch in enumerate(micro):
             batch = batch.to(env.device)
@@ -362,7 +362,7 @@ class DistillRecipe:
             (loss_sum * scale).backward()
             window.add(stats, batch.num_tokens)
         norm = dist_utils.clip_grad_norm(self.params, self.cfg.max_grad_norm)
-        self._refuse_non_finite("gradient norm", torch.tensor(norm))
+        self._refuse_non_finite("gradient norm", norm)
         window.grad_norm = norm
         self.optimizer.step()
         self.scheduler.step()
@@ -384,13 +384,14 @@ class DistillRecipe:
         dtype = getattr(torch, self.config.model.dtype)
         return torch.autocast(device_type=self.env.device.type, dtype=dtype, enabled=enabled)
 
-    def _refuse_non_finite(self, what: str, value: torch.Tensor) -> None:
-        flag = dist_utils.all_reduce(torch.tensor(0.0 if torch.isfinite(value).all() else 1.0), op="max")
-        if flag.item() == 0:
+    def _refuse_non_finite(self, what: str, value: torch.Tensor | float) -> None:
+        """Stop every rank when any rank's ``value`` (a scalar) is NaN or infinite."""
+        value = float(value)
+        if dist_utils.all_reduce_number(0.0 if math.isfinite(value) else 1.0, self.env.device, op="max") == 0:
             return
         last = latest_checkpoint(self.output_dir)
         kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written before it"
-        raise DistillError(f"step {self.step + 1}: training {what} is {float(value):g} (not finite); stopped "
+        raise DistillError(f"step {self.step + 1}: training {what} is {value:g} (not finite); stopped "
                            f"without saving this step, {kept}; lower distill.lr or check the cache")
 
     @torch.no_grad()
@@ -414,7 +415,7 @@ class DistillRecipe:
     # ------------------------------------------------------------------ observability
     def _log_train(self, window: _Window, progress: tqdm) -> None:
         totals = {key: dist_utils.all_reduce(value.clone()) for key, value in window.stats.items()}
-        tokens = dist_utils.all_reduce(torch.tensor(float(window.tokens))).item()
+        tokens = dist_utils.all_reduce_number(window.tokens, self.env.device)
         elapsed = time.perf_counter() - window.started
         row = {"step": self.step, **summarize(totals), "grad_norm": window.grad_norm,
                "lr": self.scheduler.get_last_lr()[0],
@@ -437,8 +438,7 @@ class DistillRecipe:
         self.metrics.write({"step": self.step, "tag": tag, **{f"eval_{k}": v for k, v in figures.items()}})
 
     def _stop_requested(self) -> bool:
-        flag = dist_utils.all_reduce(torch.tensor(1.0 if self._sigterm else 0.0), op="max")
-        return bool(flag.item())
+        return dist_utils.all_reduce_number(1.0 if self._sigterm else 0.0, self.env.device, op="max") > 0
 
     # ------------------------------------------------------------------ save / cleanup
     def save_checkpoint(self) -> None:
