@@ -38,6 +38,13 @@ import torch
 #: S would make the reverse direction infinite; 1e-8 is Megatron-LM's ghost-token epsilon.
 TAIL_EPS = 1e-8
 
+#: Rows whose student mass off S is below this sum that mass over the complement of S
+#: (see :func:`_student_rest`); above it, log(1 − P) is within ~1e-4 relative.
+EXACT_REST_BELOW = 1e-2
+#: Floor of that summed mass (fp32 ``exp`` underflows near 1e-38); below it the tail term's
+#: gradient is cut, at a mass no fp32 model can tell from 0.
+REST_FLOOR = 1e-30
+
 KD_LOSSES = ("forward_kl", "renorm_kl", "reverse_kl", "jsd", "cakld", "mse_logprob")
 
 
@@ -49,10 +56,28 @@ def _gather_topk(logp: torch.Tensor, ids: torch.Tensor, teacher_lp: torch.Tensor
     return student_lp, valid
 
 
-def _log1m_mass(lp: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """log(1 − Σ exp(lp)) over the valid entries, stable near both ends (log(-expm1(lse)))."""
-    lse = torch.logsumexp(lp.masked_fill(~valid, float("-inf")), dim=-1)
-    return torch.log(-torch.expm1(lse.clamp(max=-TAIL_EPS)))
+def _student_rest(logp: torch.Tensor, ids: torch.Tensor, student_lp: torch.Tensor, valid: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """log of the student's mass off S, and whether S leaves any of the vocabulary out.
+
+    ``log(1 − P)`` from the gathered log-probs is one cheap op on ``[C, k]``, but each fp32
+    log-prob carries ~1e-7 of rounding: 1 − P loses every digit once the student puts more
+    than 1 − 1e-5 on S (a confident student, common at k = 64), and the tail term's gradient
+    comes out wrong, then exactly 0.  Rows where 1 − P < :data:`EXACT_REST_BELOW` (where the
+    cancellation would cost more than ~1e-4 of relative precision) sum the complement of S
+    explicitly instead, one ``[rows, V]`` pass each way.
+    """
+    lse = torch.logsumexp(student_lp.masked_fill(~valid, float("-inf")), dim=-1)
+    rest = torch.log(-torch.expm1(lse.clamp(max=-TAIL_EPS)))
+    rows = (rest < math.log(EXACT_REST_BELOW)).nonzero().squeeze(1)
+    if rows.numel():
+        in_s = torch.zeros((rows.numel(), logp.shape[-1]), dtype=torch.bool, device=logp.device)
+        picked = valid[rows]
+        slot_rows = torch.arange(rows.numel(), device=logp.device)[:, None].expand_as(picked)
+        in_s[slot_rows[picked], ids[rows][picked].long()] = True
+        summed = logp[rows].exp().masked_fill(in_s, 0.0).sum(-1)
+        rest = rest.index_put((rows,), summed.clamp_min(REST_FLOOR).log())
+    return rest, valid.sum(-1) < logp.shape[-1]
 
 
 def _buckets(logp: torch.Tensor, ids: torch.Tensor, teacher_lp: torch.Tensor, tail_mass: torch.Tensor
@@ -63,12 +88,14 @@ def _buckets(logp: torch.Tensor, ids: torch.Tensor, teacher_lp: torch.Tensor, ta
     can leak into a gradient.
     """
     student_lp, valid = _gather_topk(logp, ids, teacher_lp)
-    student_tail = _log1m_mass(student_lp, valid)
+    student_tail, has_rest = _student_rest(logp, ids, student_lp, valid)
     teacher_tail = torch.log(tail_mass.float().clamp_min(TAIL_EPS))
     zeros = torch.zeros_like(student_lp)
-    teacher = torch.cat([torch.where(valid, teacher_lp.float(), zeros), teacher_tail[:, None]], dim=1)
-    student = torch.cat([torch.where(valid, student_lp, zeros), student_tail[:, None]], dim=1)
-    mask = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=1)
+    teacher = torch.cat([torch.where(valid, teacher_lp.float(), zeros),
+                         torch.where(has_rest, teacher_tail, 0.0)[:, None]], dim=1)
+    student = torch.cat([torch.where(valid, student_lp, zeros), torch.where(has_rest, student_tail, 0.0)[:, None]],
+                        dim=1)
+    mask = torch.cat([valid, has_rest[:, None]], dim=1)
     return teacher, student, mask
 
 

@@ -97,6 +97,42 @@ def test_topk_loss_matches_full_vocab_reference(case, fn, ref, kw):
     torch.testing.assert_close(grad, ref_grad, rtol=1e-3, atol=1e-6)
 
 
+#: Student logit gaps on S: 1 − P from 0.99 down to 3e-11 -- both sides of the loss's switch
+#: to summing the complement (1e-2) and the range where 1 − Σ_S p in fp32 has no digit left.
+GAPS = (0.0, 6.0, 9.0, 17.0, 22.0, 30.0)
+
+
+def confident_student_case() -> dict:
+    """The teacher keeps a quarter of its mass off S; row r of the student puts all but
+    ~e^-GAPS[r] of its mass on S."""
+    vocab, k = 300, 4
+    t = torch.full((len(GAPS), vocab), 0.25 / (vocab - k), dtype=torch.float64)
+    t[:, :k] = torch.tensor([0.4, 0.2, 0.1, 0.05], dtype=torch.float64)
+    ids = torch.arange(k).expand(len(GAPS), k)
+    complement = torch.ones_like(t, dtype=torch.bool).scatter(1, ids, False)
+    student_logits = torch.zeros(len(GAPS), vocab, dtype=torch.float64)
+    student_logits[:, :k] = torch.tensor(GAPS, dtype=torch.float64)[:, None]
+    return dict(t=t, ids=ids, teacher_lp=t[:, :k].log().float(), tail=(t * complement).sum(-1),
+                complement=complement, student_logits=student_logits)
+
+
+@pytest.mark.parametrize("fn, ref, kw", [
+    (losses.forward_kl_tail, ref_forward, {}),
+    (losses.reverse_kl_tail, ref_reverse, {}),
+    (losses.jsd_tail, ref_jsd, {}),
+    (losses.cakld, ref_cakld, {"beta": 0.3}),
+], ids=["forward_kl", "reverse_kl", "jsd", "cakld"])
+def test_tail_losses_stay_exact_when_the_student_puts_almost_everything_on_s(fn, ref, kw):
+    case = confident_student_case()
+    value, grad = implementation(fn, case, **kw)
+    ref_value, ref_grad = reference(ref, case)
+    torch.testing.assert_close(value, ref_value, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-3, atol=1e-7)
+    # what pulls mass back off S, row by row: the summed off-S gradient (−0.25 for forward KL), never 0
+    off_s = case["complement"]
+    torch.testing.assert_close((grad * off_s).sum(-1), (ref_grad * off_s).sum(-1), rtol=1e-3, atol=0.0)
+
+
 def test_forward_kl_tail_gradient_is_exact_kd_inside_s_and_rescaled_tail_outside(case):
     """∂/∂z_j = p_j − t_j on S; p_j (T − P)/(1 − P) off S (hand-derived, DESIGN.md)."""
     _, grad = implementation(losses.forward_kl_tail, case)
