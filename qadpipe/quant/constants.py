@@ -8,11 +8,16 @@ import torch
 E2M1_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 E2M1_MAX = 6.0
 E2M1_EMAX = 2  # exponent of the largest normal, 6 = 1.5 * 2**2 (OCP MX v1.0, table 1)
+# Halfway from 6 to 8, the next value with one more exponent: below it rounding alone gives 6,
+# so only elements beyond it are changed by the saturating clamp.
+E2M1_SATURATES_ABOVE = 7.0
 
 # FP8 E4M3 (the "fn" variant: no infinities, 0x7F/0xFF are NaN).
 FP8_E4M3_DTYPE = torch.float8_e4m3fn
 FP8_E4M3_MAX = 448.0
 FP8_E4M3_EMAX = 8  # 448 = 1.75 * 2**8
+# Halfway from 448 to 480 (the code 0x7E + 1, NaN in the fn variant); ties round to 448 (even).
+FP8_E4M3_SATURATES_ABOVE = 464.0
 
 # E8M0 shared scale of the MX formats: an unsigned biased exponent; 255 is NaN.
 E8M0_BIAS = 127

@@ -184,6 +184,16 @@ class QuantSpec:
         qmin, qmax = self.code_range
         return float(max(-qmin, qmax))
 
+    @property
+    def elem_saturates_above(self) -> float:
+        """Float formats: the element magnitude beyond which the saturating clamp, not the
+        rounding, decides the code (halfway to the next value past ``elem_max``)."""
+        if self.kind in (Kind.FP8, Kind.MXFP8):
+            return C.FP8_E4M3_SATURATES_ABOVE
+        if self.kind in (Kind.NVFP4, Kind.MXFP4):
+            return C.E2M1_SATURATES_ABOVE
+        raise QuantError(f"{self.kind.value}: integer codes saturate at qmax + 1/2 steps, not at a float bound")
+
     def check_shape(self, shape: tuple[int, ...], name: str = "tensor") -> None:
         """Raise QuantError unless a tensor of ``shape`` can be quantized with this spec."""
         k = shape[-1]
@@ -413,14 +423,16 @@ def fake_quantize(x: Tensor, spec: QuantSpec, *, amax: Optional[Tensor] = None,
 def representable_bounds(q: QuantizedTensor) -> tuple[Tensor, Tensor]:
     """(lo, hi) per group, shaped like ``q.scale``: inputs outside are changed by the clamp,
     not just rounded -- integer codes saturate beyond ``qmax + 1/2`` steps, float elements
-    beyond their largest value (the clipped STE zeroes the gradient there)."""
+    beyond halfway to the next value past their largest (7 for E2M1, 464 for E4M3: an NVFP4
+    block maximum sits up to ~6.4 steps out when its FP8 scale rounds down, and rounds to 6
+    on its own).  The clipped STE zeroes the gradient outside."""
     spec = q.spec
     s = effective_scale(q)
     if spec.kind in INTEGER_CODES:
         qmin, qmax = spec.code_range
         zp = q.zero_point.float() if q.zero_point is not None else torch.zeros_like(s)
         return (qmin - 0.5 - zp) * s, (qmax + 0.5 - zp) * s
-    return -spec.elem_max * s, spec.elem_max * s
+    return -spec.elem_saturates_above * s, spec.elem_saturates_above * s
 
 
 def inside_range(x: Tensor, q: QuantizedTensor) -> Tensor:

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from qadpipe.quant.formats import Granularity, Kind, QuantSpec, dequantize, mse_best_scale, quantize
+from qadpipe.quant.formats import (Granularity, Kind, QuantSpec, dequantize, effective_scale, mse_best_scale,
+                                   quantize)
 from qadpipe.quant.quantizers import QuantLinear, Quantizer
 from qadpipe.quant.recipe import PRESETS
 
@@ -26,14 +27,25 @@ def test_identity_ste_gradient_is_exactly_the_incoming_gradient(name):
     assert torch.equal(x.grad, g)
 
 
+def unbounded_float_round(y: torch.Tensor, mantissa_bits: int) -> torch.Tensor:
+    """Round to ``mantissa_bits`` with an unbounded exponent (no saturation), half to even:
+    what a float element would round to if the format had no largest value."""
+    m, e = torch.frexp(y.double())                      # y = m * 2**e, 0.5 <= |m| < 1
+    steps = 2.0 ** (mantissa_bits + 1)
+    return torch.round(m * steps) / steps * torch.pow(2.0, e.double())
+
+
 def test_clipped_ste_masks_exactly_the_saturated_elements_fp8():
-    # static per-tensor FP8 with amax 448: scale 1, everything beyond +-448 saturates
+    # static per-tensor FP8 with amax 448: scale 1.  450..460 round to 448 on their own (the
+    # clamp changes nothing); from 465 on, rounding alone would give 480 -- the clamp decides
     x = torch.linspace(-1000, 1000, 401, requires_grad=True)
     quantizer = Quantizer(QuantSpec(Kind.FP8, granularity=Granularity.TENSOR, dynamic=False), ste="clipped")
     quantizer.set_amax(torch.tensor(448.0))
     g = torch.randn(401)
     quantizer(x).backward(g)
-    assert torch.equal(x.grad, g * (x.detach().abs() <= 448))
+    unclamped = unbounded_float_round(x.detach(), mantissa_bits=3)
+    assert torch.equal(x.grad, g * (unclamped.abs() <= 448))
+    assert x.grad[x.detach() == 460].item() != 0 and x.grad[x.detach() == 465].item() == 0
 
 
 def test_clipped_ste_nvfp4_saturated_block_scale():
@@ -49,6 +61,28 @@ def test_clipped_ste_nvfp4_saturated_block_scale():
     expected = torch.ones(1, 32)
     expected[0, 16] = 0.0
     assert torch.equal(x.grad, expected)
+
+
+@pytest.mark.parametrize("amax_fraction", [None, 0.3])
+def test_clipped_ste_nvfp4_zeroes_only_what_the_clamp_changed(amax_fraction):
+    """Random weights: with dynamic scales nothing clips (a block maximum lands up to ~6.4
+    steps out when its FP8 scale rounds down, and rounds to 6 by itself), so no gradient is
+    zeroed; with a static global amax below the weights', exactly the elements whose
+    unbounded E2M1 rounding exceeds 6 lose theirs."""
+    torch.manual_seed(0)
+    w = torch.randn(64, 256) * 0.02
+    spec = QuantSpec(Kind.NVFP4, dynamic=amax_fraction is None)
+    quantizer = Quantizer(spec, ste="clipped")
+    if amax_fraction is not None:
+        quantizer.set_amax(w.abs().amax() * amax_fraction)
+    x = w.clone().requires_grad_(True)
+    quantizer(x).sum().backward()
+    q = quantize(w, spec, amax=None if amax_fraction is None else w.abs().amax() * amax_fraction)
+    steps = w.reshape(64, -1, 16) / effective_scale(q).reshape(64, -1, 1)
+    kept = (unbounded_float_round(steps, mantissa_bits=1).abs() <= 6).reshape(w.shape)
+    assert steps.abs().max() > 6                        # block maxima beyond the grid's last value
+    assert torch.equal(x.grad, kept.float())
+    assert kept.all() == (amax_fraction is None)
 
 
 def _lsq_reference_grad(x: torch.Tensor, s: float, weights: torch.Tensor, qmin: int, qmax: int) -> float:
