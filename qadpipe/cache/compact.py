@@ -108,6 +108,25 @@ def decode_tail_codes(codes: np.ndarray) -> np.ndarray:
     return tail
 
 
+def fit_to_tail(logprobs: np.ndarray, tail: np.ndarray) -> np.ndarray:
+    """Shift each row's decoded log-probs so the top-k sums to ``1 − tail``, in place.
+
+    Codes round each entry (up to 1/96 nat) and the tail independently, so a decoded row's
+    mass drifts ±1 % from 1; the loss would then read a biased KL (negative at single
+    positions) and a gradient that is not 0 at student == teacher.  The tail code is the
+    precise one (0.2 % on the smaller of tail and top-k mass), so the entries are scaled to
+    it.  Rows with no top-k mass (every entry −inf, or a tail of 1) are left alone.
+    """
+    mass = np.exp(logprobs).sum(axis=1, dtype=np.float64)
+    target = 1.0 - tail
+    fits = (mass > 0) & (target > 0)
+    shift = np.zeros(mass.shape, dtype=np.float64)
+    np.log(target, out=shift, where=fits)
+    shift[fits] -= np.log(mass[fits])
+    logprobs += shift.astype(np.float32)[:, None]
+    return logprobs
+
+
 def id_order(topk_ids: np.ndarray) -> np.ndarray:
     """The distinct ids of a shard, most frequent first (ties by id): rank -> id."""
     ids, counts = np.unique(topk_ids, return_counts=True)

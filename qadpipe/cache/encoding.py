@@ -190,6 +190,7 @@ def _decode_topk(batch: pa.RecordBatch, meta: CacheMeta, id_order: np.ndarray | 
         topk_ids, logprobs = compact.decode_topk(ranks, steps, id_order)
         codes, pos = column_values(batch, "tail_codes", meta)
         tail = compact.decode_tail_codes(codes)
+        compact.fit_to_tail(logprobs, tail)
     return {
         "topk_ids": lambda i: topk_ids[pos[i]:pos[i + 1]],
         "topk_logprobs": lambda i: logprobs[pos[i]:pos[i + 1]],
