@@ -23,7 +23,10 @@ Notation for a position: S = the teacher's cached top-k ids, ``t_i`` its probabi
   probability (a constant the trainer measures on the cache before training).
 * :func:`mse_logprob`: mean over S of (log p − log t)², the QAD paper's comparison point.
 * :func:`sampled_kl`: sampled caches (Sparse Logit Sampling): target ``count/N``; the value
-  is KL(t̂‖p) (cross-entropy plus the constant Σ t̂ log t̂), unbiased in expectation.
+  is KL(t̂‖p) (cross-entropy plus the constant Σ t̂ log t̂).  Unbiased in expectation for
+  full-vocabulary draws (the HF backend); vLLM draws from the top-K plus a tail bucket, and
+  the tail draws name no token (:mod:`qadpipe.distill.collate` leaves them out), so there
+  the expected target is the top-K renormalized, t/T -- the bias of :func:`renorm_kl`.
 * :func:`full_kl`: online mode, the teacher's full distribution.
 * :func:`cross_entropy`: LM loss on the data's next tokens (QAT, or mixed in by weight).
 """
