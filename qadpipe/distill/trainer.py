@@ -274,7 +274,7 @@ class DistillRecipe:
         if path is None:
             log.warning("--resume: no checkpoint under %s; starting from step 0", self.output_dir)
             return None
-        self._check_same_run(path)
+        self._saved_max_steps = self._check_same_run(path).get("distill.max_steps")
         tensors, state = load_checkpoint(path)
         if state.cache_fingerprint != self._cache_fingerprint():
             raise DistillError(f"{path}: --resume of a checkpoint trained on other cache contents than "
@@ -287,10 +287,11 @@ class DistillRecipe:
         view = getattr(self.source, "view", None)
         return view.fingerprint if view is not None else ""
 
-    def _check_same_run(self, path: Path) -> None:
+    def _check_same_run(self, path: Path) -> dict[str, Any]:
         """Refuse to continue a checkpoint that another recipe wrote: a stale run's checkpoint
         in the same output_dir would otherwise be resumed on other data or another recipe.
-        Only the schedule-and-bookkeeping fields (RESUMABLE_CHANGES) may differ."""
+        Only the schedule-and-bookkeeping fields (RESUMABLE_CHANGES) may differ.  Returns the
+        checkpoint's flattened config."""
         import yaml
 
         from qadpipe.config import config_to_dict
@@ -302,6 +303,7 @@ class DistillRecipe:
         if changed:
             raise DistillError(f"{path}: --resume of a checkpoint written with another config ({', '.join(changed[:4])} "
                                "differ); use a fresh distill.output_dir or resume with the config that made it")
+        return saved
 
     def _restore_state(self, path: Path, state: TrainerState) -> None:
         dist_utils.load_optimizer_state(self.model, self.optimizer, state.optimizer)
@@ -315,6 +317,24 @@ class DistillRecipe:
         self.step = state.step
         self.metrics.truncate_after(self.step)
         log.info("resumed from %s at step %d", path, self.step)
+        self._follow_new_horizon()
+
+    def _follow_new_horizon(self) -> None:
+        """A resume with another ``distill.max_steps`` stretches (or shrinks) the decay.  The
+        loaded optimizer still holds the old horizon's lr for the next step: set the new one,
+        and say where the lr jumps (an unchanged horizon resumes bit-exactly, untouched)."""
+        cfg, saved = self.cfg, getattr(self, "_saved_max_steps", None)
+        if saved is None or saved == cfg.max_steps:
+            return
+        epoch = self.scheduler.last_epoch
+        old = lr_multiplier(cfg.schedule, cfg.warmup_steps, saved)(epoch)
+        new = lr_multiplier(cfg.schedule, cfg.warmup_steps, cfg.max_steps)(epoch)
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * new
+        if old != new:
+            log.warning("--resume: distill.max_steps changed from %d to %d, so the %s decay is recomputed for the "
+                        "new horizon: the lr of step %d is %.3g (the old horizon gave %.3g)", saved, cfg.max_steps,
+                        cfg.schedule, self.step + 1, cfg.lr * new, cfg.lr * old)
 
     # ------------------------------------------------------------------ train
     def train(self) -> TrainResult:

@@ -151,14 +151,19 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     assert all(torch.isfinite(t).all() for t in state.values())
 
 
-def test_resume_refuses_a_checkpoint_of_another_recipe(peaky_llama_dir, topk_cache, tmp_path):
+def test_resume_refuses_a_checkpoint_of_another_recipe(peaky_llama_dir, topk_cache, tmp_path, caplog):
     assert distill(peaky_llama_dir, topk_cache, tmp_path, "distill.max_steps=2", "distill.save_every=1").exit_code == 0
     line = one_line_error(distill(peaky_llama_dir, topk_cache, tmp_path, "distill.max_steps=4", "distill.lr=3e-4",
                                   resume=True))
     assert "--resume of a checkpoint written with another config (distill.lr differ)" in line
-    # Only a longer schedule: resumes.
+    # Only a longer schedule: resumes, and follows the new horizon from its first step.  Cosine,
+    # lr 1e-4, warmup 1: step 3 trains at multiplier(2) -- 0 when the decay ended at step 2,
+    # (1 + cos(pi/2)) / 2 = half the peak with 3 steps.
     assert distill(peaky_llama_dir, topk_cache, tmp_path, "distill.max_steps=3", "distill.save_every=1",
                    resume=True).exit_code == 0
+    assert ("distill.max_steps changed from 2 to 3, so the cosine decay is recomputed for the new horizon: "
+            "the lr of step 3 is 5e-05 (the old horizon gave 0)") in caplog.text
+    assert train_rows(tmp_path)[-1]["step"] == 3
 
 
 def test_resume_follows_a_moved_run_but_refuses_a_regenerated_cache(peaky_llama_dir, tmp_path):
