@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from qadpipe.errors import ModelError
+from qadpipe.file_modes import share_tree
 from qadpipe.user_cache import cache_root, file_lock
 
 # Offline by construction: set before transformers is imported anywhere in the process.
@@ -103,7 +104,7 @@ def embedded_smollm2_dir() -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
         try:
             _convert_smollm2(gguf, tmp)
-            tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared by the user's jobs
+            share_tree(tmp)
             os.replace(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

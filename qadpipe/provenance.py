@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from qadpipe import __version__
+from qadpipe.file_modes import file_mode
 
 RUN_FILE = "qadpipe_run.yaml"
 
@@ -47,6 +48,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, file_mode())  # mkstemp's 0600 would make a shared cache unreadable to others
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

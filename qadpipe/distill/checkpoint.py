@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qadpipe.errors import DistillError
+from qadpipe.file_modes import share_tree
 from qadpipe.provenance import atomic_write_text, save_run_record
 
 LATEST = "LATEST"
@@ -87,6 +88,7 @@ def save_checkpoint(output_dir: Path, model_state: dict[str, torch.Tensor], stat
         save_run_record(config, "distill", tmp)
         for path in tmp.iterdir():
             _fsync_file(path)
+        share_tree(tmp)
         final = root / name
         if final.exists():  # a re-run of the same step after a crash between rename and LATEST
             shutil.rmtree(final)

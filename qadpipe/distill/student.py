@@ -31,6 +31,7 @@ from torch import nn
 from qadpipe.distill.checkpoint import MODEL_FILE, unique_tensors
 from qadpipe.distill.head_loss import LossSpec, PositionTargets, head_loss, split_lm
 from qadpipe.errors import DistillError
+from qadpipe.file_modes import share_tree
 from qadpipe.provenance import RUN_FILE, save_run_record
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ def save_student(output_dir: Path, model_state: dict[str, torch.Tensor], config:
         for path in tmp.iterdir():
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
+        share_tree(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -23,6 +23,7 @@ import yaml
 from safetensors.torch import save_file
 
 from qadpipe.errors import ExportError
+from qadpipe.file_modes import share_tree
 from qadpipe.provenance import RUN_FILE
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ def staged_dir(output: Path) -> Iterator[Path]:
         for path in tmp.rglob("*"):
             if path.is_file():
                 _fsync(path)
-        tmp.chmod(0o755)  # mkdtemp makes it private; an export is meant to be shared
+        share_tree(tmp)
         if output.exists():
             old = Path(tempfile.mkdtemp(prefix=_staging_prefix("old", output) + _owner_tag(), dir=output.parent))
             os.replace(output, old / output.name)

@@ -1,0 +1,44 @@
+"""Modes of what qadpipe writes: what the user's umask allows, as for any file they create.
+
+``mkstemp``/``mkdtemp`` create private entries (0600/0700), and so does the safetensors
+writer; but a cache, a checkpoint or an export lives on a shared cluster filesystem and is
+read by other jobs and users.  Every staged output goes through here before its atomic
+rename, so the rename publishes it with ordinary modes.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+
+@functools.lru_cache(maxsize=1)
+def _umask() -> int:
+    """The process umask, read without changing it where Linux shows it (no race with threads)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    return 0o666 & ~_umask()
+
+
+def dir_mode() -> int:
+    return 0o777 & ~_umask()
+
+
+def share_tree(root: Path) -> None:
+    """Give ``root`` and everything under it the umask's modes (a staged output, before its rename)."""
+    root.chmod(dir_mode())
+    for path in root.rglob("*"):
+        if not path.is_symlink():
+            path.chmod(dir_mode() if path.is_dir() else file_mode())
