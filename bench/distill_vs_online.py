@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -81,6 +82,7 @@ def child(args: argparse.Namespace) -> None:
     from qadpipe.distill.trainer import run_distill
 
     config = load_config(None, settings(args, Path(args.model_path), args.child))
+    shutil.rmtree(config.distill.output_dir, ignore_errors=True)  # this bench's scratch: a fresh run each time
     run_distill(config)
     rows = [json.loads(line) for line in (Path(config.distill.output_dir) / METRICS_FILE).read_text().splitlines()]
     timed = [r for r in rows if "loss" in r][args.warmup:]

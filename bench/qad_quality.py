@@ -64,7 +64,8 @@ def train(args: argparse.Namespace, preset: str, mode: str) -> tuple[Path, float
     if not (out / FINAL_DIR).is_dir():
         started = time.perf_counter()
         run_distill(load_config(None, settings(args) + PRESETS[preset] + [f"distill.mode={mode}",
-                                                                             f"distill.output_dir={out}"]))
+                                                                             f"distill.output_dir={out}"]),
+                    resume=True)  # an interrupted bench continues its run
         timing.write_text(json.dumps({"seconds": time.perf_counter() - started}))
     seconds = json.loads(timing.read_text())["seconds"] if timing.exists() else float("nan")
     log.info("%s %s: %d steps in %.0f s", preset, mode, args.steps, seconds)

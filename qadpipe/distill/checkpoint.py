@@ -29,6 +29,7 @@ from qadpipe.errors import DistillError
 from qadpipe.file_modes import share_tree
 from qadpipe.provenance import atomic_write_text, save_run_record
 
+CHECKPOINT_DIR = "checkpoints"
 LATEST = "LATEST"
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "trainer_state.pt"
@@ -77,7 +78,7 @@ def unique_tensors(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch
 def save_checkpoint(output_dir: Path, model_state: dict[str, torch.Tensor], state: TrainerState,
                     config: Any, keep: int = 2) -> Path:
     """Write step ``state.step`` and make it the latest; keep the newest ``keep`` steps."""
-    root = Path(output_dir) / "checkpoints"
+    root = Path(output_dir) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{state.step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
@@ -107,7 +108,7 @@ def save_checkpoint(output_dir: Path, model_state: dict[str, torch.Tensor], stat
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
     """The committed checkpoint directory named by ``LATEST``, or None when there is none."""
-    root = Path(output_dir) / "checkpoints"
+    root = Path(output_dir) / CHECKPOINT_DIR
     pointer = root / LATEST
     if not pointer.is_file():
         return None

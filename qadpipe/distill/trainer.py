@@ -38,14 +38,14 @@ import torch
 from tqdm import tqdm
 
 from qadpipe.distill import distributed as dist_utils
-from qadpipe.distill.checkpoint import (TrainerState, capture_rng, latest_checkpoint, load_checkpoint,
-                                        restore_rng, save_checkpoint)
+from qadpipe.distill.checkpoint import (CHECKPOINT_DIR, TrainerState, capture_rng, latest_checkpoint,
+                                        load_checkpoint, restore_rng, save_checkpoint)
 from qadpipe.distill.collate import Batch, collate
 from qadpipe.distill.head_loss import STAT_KEYS, LossSpec, PositionTargets, split_lm, summarize
 from qadpipe.distill.loader import TargetLoader
-from qadpipe.distill.observe import MetricsLog, peak_memory_gib
+from qadpipe.distill.observe import METRICS_FILE, MetricsLog, peak_memory_gib
 from qadpipe.distill.schedule import lr_multiplier
-from qadpipe.distill.student import PTQ_DIR, StudentLoss, build_student, load_state_into, save_student
+from qadpipe.distill.student import FINAL_DIR, PTQ_DIR, StudentLoss, build_student, load_state_into, save_student
 from qadpipe.errors import DistillError
 from qadpipe.provenance import save_run_record
 from qadpipe.targets import SequenceTargets
@@ -111,6 +111,8 @@ class DistillRecipe:
         cfg = self.cfg
         self.env = dist_utils.init_distributed(cfg.device)
         torch.manual_seed(cfg.seed)
+        if not self.resume:
+            _refuse_previous_run(self.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = MetricsLog(self.output_dir, enabled=self.env.is_main, tensorboard=cfg.tensorboard)
         # Tokenizer and cache first: a cache that does not fit refuses before any model loads.
@@ -500,6 +502,15 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         name = f"{prefix}{key}"
         flat.update(_flatten(value, name + ".") if isinstance(value, dict) else {name: value})
     return flat
+
+
+def _refuse_previous_run(output_dir: Path) -> None:
+    """A fresh run into a directory another run wrote would mix their metrics, prune the old
+    checkpoints under a LATEST that names a step it has not written yet, and replace final/."""
+    found = [name for name in (CHECKPOINT_DIR, FINAL_DIR, METRICS_FILE) if (output_dir / name).exists()]
+    if found:
+        raise DistillError(f"{output_dir}: holds a previous distill run ({', '.join(found)}); pass --resume to "
+                           "continue it, or set a new distill.output_dir (or delete this one)")
 
 
 def _strip(name: str) -> str:

@@ -166,6 +166,16 @@ def test_resume_refuses_a_checkpoint_of_another_recipe(peaky_llama_dir, topk_cac
     assert train_rows(tmp_path)[-1]["step"] == 3
 
 
+def test_a_fresh_run_into_a_previous_runs_directory_is_refused_and_changes_nothing(peaky_llama_dir, topk_cache,
+                                                                                 tmp_path):
+    assert distill(peaky_llama_dir, topk_cache, tmp_path, "distill.max_steps=2", "distill.save_every=1").exit_code == 0
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    line = one_line_error(distill(peaky_llama_dir, topk_cache, tmp_path, "distill.max_steps=1"))
+    assert line == (f"qadpipe: error: {tmp_path}: holds a previous distill run (checkpoints, final, metrics.jsonl); "
+                    "pass --resume to continue it, or set a new distill.output_dir (or delete this one)")
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
 def test_resume_follows_a_moved_run_but_refuses_a_regenerated_cache(peaky_llama_dir, tmp_path):
     import shutil
 
