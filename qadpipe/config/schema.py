@@ -13,7 +13,6 @@ Cross-field rules live in each section's ``validate()``, which returns a problem
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
 Dtype = Literal["bfloat16", "float16", "float32"]
@@ -27,12 +26,6 @@ def opt(default: Any = None, help: str = "", *, factory: Optional[Callable[[], A
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
-
-
-def _existing_path(value: str) -> Optional[str]:
-    if value == "random":
-        return None
-    return None if Path(value).expanduser().exists() else "expected an existing file or directory"
 
 
 @dataclass
@@ -92,8 +85,7 @@ class DataConfig:
     """Where the token sequences come from."""
 
     source: str = opt("random",
-        "jsonl/json/parquet/text file, a datasets.save_to_disk directory, or 'random'",
-        check=_existing_path)
+        "jsonl/json/parquet/text file, a datasets.save_to_disk directory, or 'random'")
     field: Literal["text", "messages", "prompt"] = opt("text",
         "record field: text, messages (chat template) or prompt (+ optional completion)")
     max_length: int = opt(512, "tokens per sequence", ge=2)
@@ -235,7 +227,7 @@ class EvalConfig:
 
     data: Optional[str] = opt(None,
         "held-out data file (read like data.source, same field) or null = the cache's held-out "
-        "rows (the first distill.eval_rows, never trained on)", check=_existing_path)
+        "rows (the first distill.eval_rows, never trained on)")
     models: dict[str, str] = opt(factory=dict, help=
         "name -> directory (a distill final/ or ptq/ dir, or any HF checkpoint, e.g. an export); "
         "empty = ptq and qad from distill.output_dir")

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -32,8 +33,12 @@ class DataSlice:
     dropped: int = 0
 
 
-def check_data_config(data: DataConfig, gen: GenerateConfig) -> None:
-    """Combinations the data section cannot serve, refused before anything is read."""
+def check_data_config(data: DataConfig, gen: GenerateConfig, source_name: str = "data.source") -> None:
+    """Combinations the data section cannot serve, refused before anything is read.  The
+    source's existence is checked here, where it is read, not when the config loads: a
+    shared config names a data file that the machines of later stages need not have."""
+    if data.source != "random" and not Path(data.source).expanduser().exists():
+        raise ConfigError(f"{source_name}: got '{data.source}' (str), expected an existing file or directory")
     if data.overflow == "pack":
         if gen.mode == "generate":
             raise ConfigError("data.overflow: got 'pack', expected truncate or drop in generate mode "
@@ -61,9 +66,10 @@ def data_fingerprint(data: DataConfig, gen: GenerateConfig, vocab_size: int) -> 
 
 
 def load_sequences(data: DataConfig, gen: GenerateConfig, tokenizer: Any, vocab_size: int, *,
-                   shard_index: int = 0, num_shards: int = 1) -> DataSlice:
-    """Every sequence of task ``shard_index`` of ``num_shards``, validated and length-limited."""
-    check_data_config(data, gen)
+                   shard_index: int = 0, num_shards: int = 1, source_name: str = "data.source") -> DataSlice:
+    """Every sequence of task ``shard_index`` of ``num_shards``, validated and length-limited
+    (``source_name``: the config field errors name)."""
+    check_data_config(data, gen, source_name)
     fingerprint = data_fingerprint(data, gen, vocab_size)
     if data.source == "random":
         count = min(data.random.num_sequences, data.limit or data.random.num_sequences)

@@ -118,8 +118,8 @@ def is_student_dir(path: Path) -> bool:
         and not (Path(path) / "config.json").is_file()
 
 
-def load_final_student(final_dir: Path, device: str = "cpu") -> tuple[nn.Module, Any]:
-    """The trained student and the config it was trained with, from ``final/``."""
+def trained_config(final_dir: Path) -> Any:
+    """The config a student in the ``final/`` layout was trained with (its run record)."""
     import yaml
 
     from qadpipe.config import build_config
@@ -129,9 +129,15 @@ def load_final_student(final_dir: Path, device: str = "cpu") -> tuple[nn.Module,
     if not (final_dir / MODEL_FILE).is_file() or not run_file.is_file():
         raise DistillError(f"{final_dir}: expected {MODEL_FILE} and {RUN_FILE} (a distill final/ directory)")
     try:
-        config = build_config(yaml.safe_load(run_file.read_text())["config"])
+        return build_config(yaml.safe_load(run_file.read_text())["config"])
     except (yaml.YAMLError, TypeError, KeyError, UnicodeDecodeError) as exc:
         raise DistillError(f"{run_file}: not a qadpipe run record with a config ({type(exc).__name__})") from None
+
+
+def load_final_student(final_dir: Path, device: str = "cpu") -> tuple[nn.Module, Any]:
+    """The trained student and the config it was trained with, from ``final/``."""
+    final_dir = Path(final_dir)
+    config = trained_config(final_dir)
     model = build_student(config, torch.device(device))
     try:
         tensors = load_file(str(final_dir / MODEL_FILE))

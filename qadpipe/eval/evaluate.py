@@ -68,22 +68,42 @@ def load_model(path: str, device: torch.device) -> nn.Module:
     return load_causal_lm(path, dtype="float32", device=str(device))
 
 
-def held_out(cfg: PipelineConfig, tokenizer: Any, vocab_size: int) -> HeldOut:
-    """The sequences to score: ``eval.data``, or the cache's held-out rows."""
+def held_out_rows(cfg: PipelineConfig, models: dict[str, str]) -> int:
+    """``distill.eval_rows`` as the students were trained with: rows past the number a student
+    held out were trained on, and scoring them would flatter it."""
+    from qadpipe.distill.student import is_student_dir, trained_config
+
+    recorded = {name: trained_config(Path(path)).distill.eval_rows
+                for name, path in models.items() if is_student_dir(Path(path))}
+    if recorded and min(recorded.values()) < cfg.distill.eval_rows:
+        name = min(recorded, key=recorded.get)
+        log.warning("eval: distill.eval_rows is %d, but %s held out only the first %d cache rows when it "
+                    "trained; scoring those %d (the rest were trained on)", cfg.distill.eval_rows, models[name],
+                    recorded[name], recorded[name])
+        return recorded[name]
+    return cfg.distill.eval_rows
+
+
+def held_out(cfg: PipelineConfig, tokenizer: Any, vocab_size: int, eval_rows: int) -> HeldOut:
+    """The sequences to score: ``eval.data``, or the first ``eval_rows`` rows of the cache
+    (checked against the teacher's tokenizer and vocabulary, as distill checks them)."""
     limit = cfg.eval.max_sequences
     if cfg.eval.data is not None:
         from qadpipe.data import load_sequences
 
         data = dataclasses.replace(cfg.data, source=cfg.eval.data, limit=limit)
         gen = dataclasses.replace(cfg.generate, mode="score")
-        seqs = load_sequences(data, gen, tokenizer, vocab_size).sequences[:limit]
+        seqs = load_sequences(data, gen, tokenizer, vocab_size, source_name="eval.data").sequences[:limit]
         starts = [0 if gen.include_prompt else s.prompt_len for s in seqs]
         return HeldOut([s.input_ids.tolist() for s in seqs], starts, None,
                        f"{len(seqs)} sequences of {cfg.eval.data}")
     from qadpipe.cache.reader import CacheReader
 
+    from qadpipe.models import tokenizer_fingerprint
+
     reader = CacheReader(cfg.cache.path)
-    count = min(cfg.distill.eval_rows, limit)
+    reader.check_compatible(tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), vocab_size=vocab_size)
+    count = min(eval_rows, limit)
     if count == 0:
         raise ConfigError("distill.eval_rows: 0 held-out cache rows to evaluate on; set eval.data to a file "
                           "or distill.eval_rows > 0 (and retrain, so the rows stay unseen)")
@@ -103,7 +123,7 @@ def run_eval(cfg: PipelineConfig) -> dict[str, dict[str, float]]:
     tokenizer = load_tokenizer(cfg.teacher_path, trust_remote_code=cfg.model.trust_remote_code)
     teacher = load_causal_lm(cfg.teacher_path, dtype="float32", device=str(device),
                              trust_remote_code=cfg.model.trust_remote_code)
-    data = held_out(cfg, tokenizer, teacher.config.vocab_size)
+    data = held_out(cfg, tokenizer, teacher.config.vocab_size, held_out_rows(cfg, models))
     students = {name: load_model(path, device) for name, path in models.items()}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     results = compare_to_teacher(teacher, students, data.sequences, pad_id=pad_id, starts=data.starts,

@@ -59,3 +59,32 @@ def test_eval_without_a_student_is_one_line(tmp_path: Path, peaky_llama_dir: Pat
     result = CliRunner().invoke(cli, ["eval", *[arg for item in overrides for arg in ("--set", item)]])
     assert result.exit_code == 2
     assert result.stderr.startswith("qadpipe: error: eval.models: empty and ") and result.stderr.count("\n") == 1
+
+
+def test_a_larger_eval_rows_than_the_students_held_out_scores_only_what_they_never_saw(trained, tmp_path: Path,
+                                                                                       caplog):
+    trained_rows = load_config(None, trained).distill.eval_rows
+    config = load_config(None, [*trained, f"eval.output_dir={tmp_path}", f"distill.eval_rows={trained_rows + 2}"])
+    results = run_eval(config)
+    assert f"held out only the first {trained_rows} cache rows when it trained" in caplog.text
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["context"]["data"].startswith(f"{trained_rows} held-out rows of the cache")
+    default = run_eval(load_config(None, [*trained, f"eval.output_dir={tmp_path / 'default'}"]))
+    assert results["qad"]["positions"] == default["qad"]["positions"]
+
+
+def test_a_cache_of_another_tokenizer_is_one_line(trained, tmp_path: Path):
+    from cache_rows import cache_meta, random_rows, write_cache
+
+    meta = cache_meta(tokenizer_fingerprint="sha256:other")
+    cache = write_cache(tmp_path / "cache", meta, random_rows(meta, 4))
+    result = CliRunner().invoke(cli, ["eval", *[arg for item in [*trained, f"cache.path={cache}",
+                                                                 f"eval.output_dir={tmp_path / 'out'}"]
+                                                for arg in ("--set", item)]])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("qadpipe: error:")]
+    assert len(errors) == 1 and errors[0].startswith(
+        f"qadpipe: error: {cache}: cache tokenizer_fingerprint='sha256:other', but the reader expects "
+        "tokenizer_fingerprint=")
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
