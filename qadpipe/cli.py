@@ -25,15 +25,23 @@ class NotImplementedYet(QadpipeError):
     """A stage whose implementation has not landed: refuse rather than fake output."""
 
 
+def _fail(message: str) -> None:
+    click.echo(f"qadpipe: error: {' '.join(message.split())}", err=True)
+    sys.exit(EXIT_USER_ERROR)
+
+
 def _user_errors_as_one_line(func: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
         except QadpipeError as exc:
-            message = " ".join(str(exc).split())
-            click.echo(f"qadpipe: error: {message}", err=True)
-            sys.exit(EXIT_USER_ERROR)
+            _fail(str(exc))
+        except OSError as exc:  # an output or input path the OS refuses: say which, not a traceback
+            if logging.getLogger().isEnabledFor(logging.DEBUG):
+                raise
+            where = f"{exc.filename}: " if exc.filename else ""
+            _fail(f"{where}{exc.strerror or exc} ({type(exc).__name__}; `qadpipe -v ...` shows the traceback)")
 
     return wrapper
 

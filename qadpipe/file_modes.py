@@ -12,6 +12,8 @@ import functools
 import os
 from pathlib import Path
 
+from qadpipe.errors import ConfigError
+
 
 @functools.lru_cache(maxsize=1)
 def _umask() -> int:
@@ -42,3 +44,16 @@ def share_tree(root: Path) -> None:
     for path in root.rglob("*"):
         if not path.is_symlink():
             path.chmod(dir_mode() if path.is_dir() else file_mode())
+
+
+def writable_dir(path: Path, field: str) -> Path:
+    """Create ``path`` (the directory config ``field`` names) and check this user may write
+    in it: before hours of work, not when the first result is saved."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{field}: cannot create {path} ({exc.strerror or exc})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{field}: {path} is not writable by this user")
+    return path

@@ -152,8 +152,8 @@ def load_causal_lm(
         model = AutoModelForCausalLM.from_pretrained(
             str(path), dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
         )
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{path}: cannot load model ({_first_line(exc)})") from exc
+    except Exception as exc:  # truncated weights (SafetensorError), shapes the config disagrees with, ...
+        raise ModelError(f"{path}: cannot load model ({type(exc).__name__}: {_first_line(exc)})") from exc
     return model.to(device).eval()
 
 

@@ -202,6 +202,13 @@ def read_only_dir(ws: Path, tmp: Path) -> None:
     (tmp / "ro").chmod(0o555)
 
 
+def truncated_model(ws: Path, tmp: Path) -> None:
+    """The workspace's model with its weights cut short (a copy interrupted mid-file)."""
+    shutil.copytree(yaml.safe_load((ws / "config.yaml").read_text())["model"]["path"], tmp / "m")
+    weights = tmp / "m" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100_000])
+
+
 def final_copy(change: Callable[[Path], None]) -> Callable[[Path, Path], None]:
     def setup(ws: Path, tmp: Path) -> None:
         shutil.copytree(ws / "student" / "final", tmp / "final")
@@ -244,6 +251,20 @@ CASES = {
                                     r"unsupported file type '\.csv'", write("d.csv", "text\nhello\n")),
     "data-messages-not-a-list": Case(GEN + DATA + TMP_CACHE + ["--set", "data.field=messages"],
                                      r"d\.jsonl record 0", write("d.jsonl", '{"messages": "hi"}\n')),
+    "generate-model-with-truncated-weights": Case(GEN + TMP_CACHE + ["--set", "model.path={tmp}/m"],
+                                                  r"m: cannot load model \(SafetensorError: ", truncated_model),
+    # --- output locations
+    "distill-output-dir-is-a-file": Case(DIS + ["--set", "distill.output_dir={tmp}/out.txt"],
+                                         r"distill\.output_dir: cannot create .*out\.txt \(File exists\)",
+                                         write("out.txt", "keep me")),
+    "eval-output-dir-is-a-file": Case(["eval", "-c", "{cfg}", "--set", "eval.output_dir={tmp}/out.txt"],
+                                      r"eval\.output_dir: cannot create .*out\.txt \(File exists\)",
+                                      write("out.txt", "keep me")),
+    "distill-output-dir-read-only": Case(DIS + ["--set", f"distill.output_dir={READ_ONLY}"],
+                                         r"distill\.output_dir: cannot create .*(qadpipe-out|ro/out)", read_only_dir),
+    "user-cache-dir-cannot-be-created": Case(GEN + TMP_CACHE + ["--set", "model.path=smollm2-135m"],
+                                             r"/proc/qadpipe-cache: No such file or directory \(FileNotFoundError; ",
+                                             env={"QADPIPE_CACHE_DIR": "/proc/qadpipe-cache"}),
     # --- caches
     "generate-into-another-teachers-cache": Case(GEN + TMP_CACHE, r"task-00000\.json: cache was written with teacher=",
                                                  synthetic_cache),

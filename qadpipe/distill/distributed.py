@@ -45,16 +45,16 @@ class DistEnv:
         return self.world_size > 1
 
 
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+def resolve_device(device: str, local_rank: int = 0, field: str = "distill.device") -> torch.device:
     """``auto`` -> this rank's GPU when there is one, else CPU; ``cuda`` -> ``cuda:<local_rank>``."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise DistillError(f"distill.device: got '{device}', but no CUDA device is available")
+            raise DistillError(f"{field}: got '{device}', but no CUDA device is available")
         return torch.device(device if ":" in device else f"cuda:{local_rank}")
     if device != "cpu":
-        raise DistillError(f"distill.device: got '{device}', expected auto, cpu, cuda or cuda:N")
+        raise DistillError(f"{field}: got '{device}', expected auto, cpu, cuda or cuda:N")
     return torch.device("cpu")
 
 

@@ -29,6 +29,7 @@ from qadpipe.config import PipelineConfig
 from qadpipe.eval.report import render_table, write_report
 from qadpipe.eval.runner import compare_to_teacher
 from qadpipe.errors import ConfigError
+from qadpipe.file_modes import writable_dir
 from qadpipe.provenance import save_run_record
 from qadpipe.targets import SequenceTargets
 
@@ -118,7 +119,8 @@ def run_eval(cfg: PipelineConfig) -> dict[str, dict[str, float]]:
     from qadpipe.distill.distributed import resolve_device
     from qadpipe.models import load_causal_lm, load_tokenizer
 
-    device = resolve_device(cfg.eval.device)
+    device = resolve_device(cfg.eval.device, field="eval.device")
+    out = writable_dir(Path(cfg.eval.output_dir), "eval.output_dir")
     models = dict(cfg.eval.models) or default_models(cfg)
     tokenizer = load_tokenizer(cfg.teacher_path, trust_remote_code=cfg.model.trust_remote_code)
     teacher = load_causal_lm(cfg.teacher_path, dtype="float32", device=str(device),
@@ -128,7 +130,6 @@ def run_eval(cfg: PipelineConfig) -> dict[str, dict[str, float]]:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     results = compare_to_teacher(teacher, students, data.sequences, pad_id=pad_id, starts=data.starts,
                                  cache_rows=data.cache_rows, batch_size=cfg.eval.batch_size, device=device)
-    out = Path(cfg.eval.output_dir)
     context = {"teacher": cfg.teacher_path, "data": data.description,
                **{f"model {name}": path for name, path in models.items()}}
     metrics = {name: Path(path).parent / "metrics.jsonl" for name, path in models.items()}
