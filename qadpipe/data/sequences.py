@@ -78,12 +78,27 @@ def _messages(value: Any, where: str) -> list[dict[str, str]]:
     if not isinstance(value, list) or not value:
         raise DataError(f"{where}: empty prompt (field 'messages' must be a non-empty list of "
                         "{role, content} objects)")
-    for turn in value:
+    turns = []
+    for index, turn in enumerate(value):
         if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
             raise DataError(f"{where}: field 'messages' must hold {{role, content}} objects, got {turn!r:.80}")
-    if not any(str(turn["content"]).strip() for turn in value):
+        turns.append({**turn, "content": _text_content(turn["content"], f"{where}: message {index}")})
+    if not any(turn["content"].strip() for turn in turns):
         raise DataError(f"{where}: empty prompt (every turn of 'messages' is blank)")
-    return value
+    return turns
+
+
+def _text_content(content: Any, where: str) -> str:
+    """A turn's text: a string, or OpenAI-style text parts ``[{"type": "text", "text": ...}]``
+    joined with newlines (as vLLM's chat parser joins them)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content and all(
+            isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+            for part in content):
+        return "\n".join(part["text"] for part in content)
+    raise DataError(f"{where}: content must be a string or a list of {{type: text, text}} parts, "
+                    f"got {content!r:.60}")
 
 
 def _render_chat(messages: list[dict[str, str]], tokenizer: Any, where: str) -> tuple[list[int], int]:

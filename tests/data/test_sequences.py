@@ -39,6 +39,13 @@ def test_chat_prompt_completion_matches_the_template(tokenizer: Any) -> None:
     assert _render({"messages": messages}, "messages", tokenizer) == (ids, prompt_len)
 
 
+def test_openai_text_parts_render_as_their_text_joined_by_newlines(tokenizer: Any) -> None:
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Name"}, {"type": "text", "text": "a colour."}]},
+             {"role": "assistant", "content": "Blue."}]
+    plain = [{"role": "user", "content": "Name\na colour."}, {"role": "assistant", "content": "Blue."}]
+    assert _render({"messages": parts}, "messages", tokenizer) == _render({"messages": plain}, "messages", tokenizer)
+
+
 def test_messages_in_generate_mode_drop_the_final_answer(tokenizer: Any) -> None:
     messages = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}]
     ids, prompt_len = _render({"messages": messages}, "messages", tokenizer, gen=True)
@@ -53,6 +60,12 @@ def test_messages_in_generate_mode_drop_the_final_answer(tokenizer: Any) -> None
     ({"text": ""}, "text", "src record 0: empty text"),
     ({"messages": []}, "messages", "src record 0: empty prompt"),
     ({"messages": [{"role": "user"}]}, "messages", "must hold {role, content} objects"),
+    ({"messages": [{"role": "user", "content": None}]}, "messages",
+     "src record 0: message 0: content must be a string or a list of {type: text, text} parts, got None"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": 42}]}, "messages",
+     "src record 0: message 1: content must be a string"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]}, "messages",
+     "src record 0: message 0: content must be a string or a list of {type: text, text} parts"),
 ])
 def test_bad_records_are_one_clear_line(tokenizer: Any, record: dict, field: str, message: str) -> None:
     with pytest.raises(DataError) as info:
