@@ -133,3 +133,13 @@ def test_a_data_file_only_generate_reads_need_not_exist_where_later_stages_run(t
     file is checked where it is read (tests/test_generate.py), not when the config loads."""
     config = load_config(None, ["data.source=/no/such/data.jsonl", "eval.data=/no/such/held_out.jsonl"])
     assert config.data.source == "/no/such/data.jsonl" and config.eval.data == "/no/such/held_out.jsonl"
+
+
+@pytest.mark.parametrize("text, expected", [("off", "off"), ("on", "on"), ("no", "off"), ("'on'", "on"),
+                                            ("auto", "auto")])
+def test_unquoted_on_off_reach_an_on_off_field_as_written(tmp_path: Path, text: str, expected: str):
+    """YAML 1.1 reads on/off/yes/no as booleans; quant.compile documents on | off."""
+    path = tmp_path / "c.yaml"
+    path.write_text(f"quant:\n  compile: {text}\n")
+    assert load_config(str(path)).quant.compile == expected
+    assert load_config(None, [f"quant.compile={text}"]).quant.compile == expected

@@ -132,6 +132,8 @@ def _coerce(hint: Any, value: Any, dotted: str) -> Any:
             raise errors[0]
         raise ConfigError(f"{dotted}: got {_show(value)}, expected {_describe(hint)}")
     if origin is Literal:
+        if isinstance(value, bool) and "on" in args and "off" in args:
+            return "on" if value else "off"   # YAML 1.1 reads an unquoted on/off (yes/no) as a bool
         if value in args:
             return value
         close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
