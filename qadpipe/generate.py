@@ -157,6 +157,10 @@ def run_generate(config: PipelineConfig, *, num_shards: Optional[int] = None, sh
     tokenizer = load_tokenizer(str(model_dir), config.model.trust_remote_code)
     data = load_sequences(config.data, gen, tokenizer, min(len(tokenizer), info.vocab_size),
                           shard_index=index, num_shards=count)
+    if data.dropped and not data.sequences:
+        raise DataError(f"{config.data.source}: all {data.dropped} records of this task were dropped (longer than "
+                        f"data.max_length={config.data.max_length} with overflow={config.data.overflow}, fewer than "
+                        "2 tokens, or no completion tokens left to distil); nothing to generate")
     new_tokens = gen.max_new_tokens if gen.mode == "generate" else 0
     max_model_len = check_lengths(data, info, new_tokens, config.data.source)
     meta = _cache_meta(config, model_dir, info.vocab_size, tokenizer_fingerprint(tokenizer), data.fingerprint)

@@ -191,6 +191,10 @@ def small_vocab_model(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Pat
     ("too long", [{"text": "word " * 1500}], {"data.max_length": 4096},
      "{tmp}/d.jsonl record 0: 1501 tokens exceed the teacher's context of 1024 (max_position_embeddings); "
      "lower data.max_length"),
+    ("all dropped", [{"text": "word " * 50}, {"text": "more words " * 30}],
+     {"data.max_length": 8, "data.overflow": "drop"},
+     "{tmp}/d.jsonl: all 2 records of this task were dropped (longer than data.max_length=8 with overflow=drop, "
+     "fewer than 2 tokens, or no completion tokens left to distil); nothing to generate"),
     ("k above vocab", None, {"model.path": "{vocab512}", "cache.k": 600},
      "cache.k: got 600, expected <= the teacher's vocab size (512)"),
     ("no vllm", None, {"teacher.backend": "vllm"},
