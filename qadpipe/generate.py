@@ -141,12 +141,13 @@ def run_generate(config: PipelineConfig, *, num_shards: Optional[int] = None, sh
                  teacher_factory: Callable[..., Any] = make_teacher) -> GenerateSummary:
     """Run one task of stage one; returns what it did (the cache holds the result)."""
     from qadpipe.cache import CacheWriter
+    from qadpipe.cache.manifest import task_name
     from qadpipe.config import dump_yaml
     from qadpipe.models import load_tokenizer, resolve_model_path, tokenizer_fingerprint
     from qadpipe.provenance import RUN_FILE, run_record
 
     index, count = resolve_task(config.generate, num_shards, shard_index)
-    task = f"task-{index:05d}"
+    task = task_name(index)
     gen, cache = config.generate, config.cache
     if config.teacher.backend == "vllm":
         require_vllm()
@@ -173,7 +174,7 @@ def run_generate(config: PipelineConfig, *, num_shards: Optional[int] = None, sh
     rate = 0.0  # tokens/s of the teacher loop (engine start-up excluded)
     interrupted = False
     with CacheWriter(cache.path, meta, task=task, rows_per_shard=cache.rows_per_shard,
-                     zstd_level=cache.zstd_level) as writer:
+                     zstd_level=cache.zstd_level, num_tasks=count) as writer:
         done = writer.done_ids()
         todo = [b for b in _batches(data.sequences, per_call) if any(s.id not in done for s in b)]
         skipped = sum(s.id in done for s in data.sequences)

@@ -89,6 +89,32 @@ def test_tasks_split_the_records_and_add_up_to_one_run(small_vocab_model: Path, 
     _assert_same_cache(tmp_path / "one", tmp_path / "three")
 
 
+def test_a_cache_refuses_another_split_and_inspect_names_the_tasks_not_yet_in_it(small_vocab_model: Path,
+                                                                               tmp_path: Path) -> None:
+    """Tasks skip only the ids of their own manifest, so a second run that split the records
+    another way would store rows twice; the split is recorded and a different one refused."""
+    cache = tmp_path / "cache"
+    for index in (0, 2):   # task 1 of 3 has not run (still queued, failed, never submitted)
+        run_generate(_config(small_vocab_model, cache), num_shards=3, shard_index=index)
+    shown = CliRunner().invoke(cli, ["inspect", str(cache)])
+    assert shown.exit_code == 0 and "tasks       2 of 3 (no manifest yet: task-00001)" in shown.output
+    before = sorted(p.name for p in (cache / "shards").iterdir())
+    for count, index in ((1, 0), (2, 1)):
+        result = CliRunner().invoke(cli, ["generate", *[a for o in _overrides(small_vocab_model, cache)
+                                                        for a in ("--set", o)],
+                                          "--num-shards", str(count), "--shard-index", str(index)])
+        assert result.exit_code == 2
+        assert result.stderr.strip().splitlines()[-1] == (
+            f"qadpipe: error: {cache}/manifests/task-00000.json: written by a run that split the records 3 ways, this "
+            f"one splits them {count} ways (tasks would hold the same rows twice); rerun with --num-shards 3, or use "
+            "a new cache path")
+    assert sorted(p.name for p in (cache / "shards").iterdir()) == before
+    run_generate(_config(small_vocab_model, cache), num_shards=3, shard_index=1)
+    assert "tasks       3\n" in CliRunner().invoke(cli, ["inspect", str(cache)]).output
+    run_generate(_config(small_vocab_model, tmp_path / "one"))
+    _assert_same_cache(cache, tmp_path / "one")
+
+
 def test_generate_mode_scores_prompt_plus_completion(small_vocab_model: Path, tmp_path: Path) -> None:
     from qadpipe.data import load_sequences
     from qadpipe.models import load_tokenizer

@@ -47,6 +47,7 @@ def summarize(root: str, *, rehash: bool = False) -> dict:
                     "logprobs_mode": meta.logprobs_mode, "temperature": meta.temperature},
         "tokenizer_fingerprint": meta.tokenizer_fingerprint, "vocab_size": meta.vocab_size,
         "data_fingerprint": meta.data_fingerprint,
+        "tasks": {"present": [task.task for task in view.tasks], "missing": view.missing_tasks},
         "rows": sum(s["rows"] for s in shards), "tokens": tokens, "bytes": total_bytes,
         "bytes_per_token": total_bytes / tokens if tokens else None,
         "targets": _target_statistics(meta, {c: np.concatenate(v) for c, v in values.items() if v}),
@@ -85,6 +86,7 @@ def render(summary: dict) -> str:
         f"teacher     {teacher['name']} (revision {teacher['revision'] or '-'}, {teacher['dtype']}), "
         f"{teacher['logprobs_mode']}, T={teacher['temperature']}",
         f"tokenizer   {s['tokenizer_fingerprint']}, vocab {s['vocab_size']}",
+        f"tasks       {_tasks_line(s['tasks'])}",
         f"rows        {s['rows']}",
         f"tokens      {s['tokens']} target positions",
         f"on disk     {s['bytes'] / 2**20:.2f} MiB, {s['bytes_per_token'] or 0:.1f} bytes/token",
@@ -101,3 +103,11 @@ def render(summary: dict) -> str:
         lines.append(f"  {shard['name']}  rows {shard['rows']}  tokens {shard['tokens']}  "
                      f"bytes {shard['bytes']}  {shard['state']}")
     return "\n".join(lines)
+
+
+def _tasks_line(tasks: dict) -> str:
+    present, missing = len(tasks["present"]), tasks["missing"]
+    if not missing:
+        return str(present)
+    shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+    return f"{present} of {present + len(missing)} (no manifest yet: {shown})"

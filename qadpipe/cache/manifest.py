@@ -35,15 +35,19 @@ class ShardEntry:
 
 @dataclass
 class TaskManifest:
+    """``num_tasks``: how many ways the run that wrote this task split the records (None
+    for a writer outside a task array, and in manifests older than the field)."""
+
     task: str
     meta: CacheMeta
     shards: list[ShardEntry] = field(default_factory=list)
     versions: dict = field(default_factory=dict)
+    num_tasks: int | None = None
 
     def to_json(self) -> str:
         return json.dumps({"format_version": FORMAT_VERSION, "task": self.task, "meta": self.meta.to_dict(),
-                           "versions": self.versions, "shards": [asdict(s) for s in self.shards]},
-                          indent=1, sort_keys=True)
+                           "versions": self.versions, "shards": [asdict(s) for s in self.shards],
+                           "num_tasks": self.num_tasks}, indent=1, sort_keys=True)
 
 
 @dataclass
@@ -58,6 +62,16 @@ class CacheView:
         return [shard for task in self.tasks for shard in task.shards]
 
     @property
+    def missing_tasks(self) -> list[str]:
+        """Tasks of the array that wrote this cache with no manifest yet (still running, failed
+        or never submitted): known when every manifest records the same ``num_tasks``."""
+        counts = {task.num_tasks for task in self.tasks}
+        if len(counts) != 1 or None in counts:
+            return []
+        present = {task.task for task in self.tasks}
+        return [name for name in map(task_name, range(counts.pop())) if name not in present]
+
+    @property
     def fingerprint(self) -> str:
         """sha256 over the committed shards' names and checksums: equal exactly when two views
         hold the same rows in the same order, wherever the cache lives (so a resumed run can tell
@@ -66,6 +80,11 @@ class CacheView:
         for shard in self.shards:
             digest.update(f"{shard.name}\0{shard.sha256}\n".encode())
         return digest.hexdigest()
+
+
+def task_name(index: int) -> str:
+    """The name task ``index`` of a ``qadpipe generate`` array writes under."""
+    return f"task-{index:05d}"
 
 
 def check_task_name(task: str) -> str:
@@ -116,8 +135,11 @@ def parse_manifest(text: str, source: str) -> TaskManifest:
     if not isinstance(raw.get("shards", []), list):
         raise CacheError(f"{source}: shards={raw.get('shards')!r}, expected a list of shard entries")
     shards = [_shard_entry(entry, source) for entry in raw.get("shards", [])]
+    num_tasks = raw.get("num_tasks")
+    if num_tasks is not None and (not isinstance(num_tasks, int) or isinstance(num_tasks, bool) or num_tasks < 1):
+        raise CacheError(f"{source}: num_tasks={num_tasks!r}, expected a positive integer or null")
     return TaskManifest(task=check_task_name(str(raw.get("task"))), meta=meta, shards=shards,
-                        versions=raw.get("versions", {}))
+                        versions=raw.get("versions", {}), num_tasks=num_tasks)
 
 
 def load_manifests(store: Store) -> list[TaskManifest]:

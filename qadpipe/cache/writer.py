@@ -51,13 +51,15 @@ class CacheWriter:
     """Writes one task's rows into a cache (local path or URI); use as a context manager."""
 
     def __init__(self, root: str, meta: CacheMeta, *, task: str = "task-00000", rows_per_shard: int = 1024,
-                 zstd_level: int = 3, filesystem: pafs.FileSystem | None = None) -> None:
+                 zstd_level: int = 3, filesystem: pafs.FileSystem | None = None,
+                 num_tasks: int | None = None) -> None:
         if rows_per_shard < 1:
             raise CacheError(f"cache rows_per_shard={rows_per_shard}: expected >= 1")
         self.store = Store(root, filesystem)
         self.meta = meta
         self.rows_per_shard = rows_per_shard
         self.zstd_level = zstd_level
+        self.num_tasks = num_tasks
         self._manifest_rel = manifest_path(task)
         self._manifest = self._open_manifest(task)
         self._done = self._committed_ids()
@@ -77,11 +79,17 @@ class CacheWriter:
                     f"{self.store.describe(manifest_path(existing.task))}: cache was written with "
                     f"{difference[0]}, this writer has {difference[1]}; use a new cache path"
                 )
+            if None not in (existing.num_tasks, self.num_tasks) and existing.num_tasks != self.num_tasks:
+                raise CacheError(
+                    f"{self.store.describe(manifest_path(existing.task))}: written by a run that split the records "
+                    f"{existing.num_tasks} ways, this one splits them {self.num_tasks} ways (tasks would hold the "
+                    f"same rows twice); rerun with --num-shards {existing.num_tasks}, or use a new cache path"
+                )
             if existing.task == task:
                 own = existing
         if own is None:
-            return TaskManifest(task=task, meta=self.meta, versions=package_versions())
-        own.meta, own.versions = self.meta, package_versions()
+            return TaskManifest(task=task, meta=self.meta, versions=package_versions(), num_tasks=self.num_tasks)
+        own.meta, own.versions, own.num_tasks = self.meta, package_versions(), self.num_tasks
         return own
 
     def _committed_ids(self) -> set[str]:

@@ -173,6 +173,9 @@ class DistillRecipe:
             log.info("online mode: no cache at %s; tokens come from data.source=%s", path, self.config.data.source)
             return self._data_source(), None
         reader = CacheReader(path)
+        if reader.view.missing_tasks:
+            log.warning("%s: %d of the generate array's tasks have no manifest yet (%s...): training on the "
+                        "rows the others committed", path, len(reader.view.missing_tasks), reader.view.missing_tasks[0])
         kind = reader.meta.target_kind
         if self.cfg.mode == "qad":
             wanted = "sampled" if self.cfg.loss == "sampled_ce" else "topk"
