@@ -274,7 +274,7 @@ CASES = {
     "distill-sampled-cache-with-kl-loss": Case(DIS + TMP_CACHE + TMP_STUDENT, r"cache holds sampled targets",
                                                sampled_cache, pipeline=True),
     "distill-missing-cache": Case(DIS + ["--set", "cache.path={tmp}/none"] + TMP_STUDENT,
-                                  r"none/manifests: empty cache", pipeline=True),
+                                  r"none: no cache here \(the path does not exist\)", pipeline=True),
     "distill-manifest-not-json": Case(DIS + TMP_CACHE + TMP_STUDENT, r"task-00000\.json: not valid JSON",
                                       copy_cache(lambda c: (c / MANIFEST).write_text("{not json")), pipeline=True),
     "distill-garbage-shard": Case(DIS + TMP_CACHE + TMP_STUDENT, r"task-00000-000000\.parquet",
@@ -289,7 +289,8 @@ CASES = {
                                              r"cache vocab_size=49152, but the student", small_vocab_student, pipeline=True),
     "distill-model-not-an-hf-dir": Case(DIS + TMP_STUDENT + ["--set", "model.path={tmp}/empty"],
                                         r"empty: no config\.json", write("empty/notes.txt", "hi"), pipeline=True),
-    "inspect-not-a-cache": Case(["inspect", "{ws}/student"], r"student/manifests: empty cache", pipeline=True),
+    "inspect-not-a-cache": Case(["inspect", "{ws}/student"], r"student: not a cache \(no manifests/ directory\)",
+                                pipeline=True),
     "inspect-garbage-shard": Case(["inspect", "{tmp}/cache"], r"1 of 2 shards failed",
                                   copy_cache(lambda c: write(SHARD0, GARBAGE)(c, c)), pipeline=True),
     # --- checkpoints

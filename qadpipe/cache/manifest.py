@@ -168,6 +168,13 @@ def meta_difference(a: CacheMeta, b: CacheMeta) -> tuple[str, str] | None:
 def load_view(store: Store) -> CacheView:
     """Merge the task manifests; refuse an empty cache or tasks that disagree on the meta."""
     tasks = load_manifests(store)
+    if not tasks and store.local:   # say what the path is, not "empty": a typo must not look like a lost cache
+        if not store.base.exists():
+            raise CacheError(f"{store.base}: no cache here (the path does not exist)")
+        if not store.base.is_dir():
+            raise CacheError(f"{store.base}: a file, expected a cache directory")
+        if not (store.base / MANIFEST_DIR).is_dir():
+            raise CacheError(f"{store.base}: not a cache (no {MANIFEST_DIR}/ directory)")
     if not tasks or not any(task.shards for task in tasks):
         raise CacheError(f"{store.describe(MANIFEST_DIR)}: empty cache (no committed shards)")
     first = tasks[0]

@@ -91,9 +91,13 @@ def test_k_mismatch_between_tasks(tmp_path, cache):
     refused(cache, r"manifests/task-00001.json: disagrees with .*manifests/task-00000.json: k=16 vs k=8")
 
 
-def test_empty_cache(tmp_path):
-    refused(tmp_path, r"manifests: empty cache \(no committed shards\)")
-    refused(tmp_path / "never-written", r"never-written/manifests: empty cache")
+def test_empty_cache_and_paths_that_are_no_cache(tmp_path):
+    (tmp_path / "started" / "manifests").mkdir(parents=True)      # a writer that committed nothing yet
+    refused(tmp_path / "started", r"started/manifests: empty cache \(no committed shards\)")
+    refused(tmp_path / "never-written", r"never-written: no cache here \(the path does not exist\)")
+    refused(tmp_path, r": not a cache \(no manifests/ directory\)")
+    (tmp_path / "file").write_text("x")
+    refused(tmp_path / "file", r"file: a file, expected a cache directory")
 
 
 def test_manifest_entry_escaping_the_cache_is_refused(cache):

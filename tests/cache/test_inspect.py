@@ -57,4 +57,4 @@ def test_inspect_verify_flags_a_corrupt_shard(tmp_path):
 
 def test_inspect_empty_cache(tmp_path):
     result = CliRunner().invoke(cli, ["inspect", str(tmp_path / "nothing")])
-    assert result.exit_code == 2 and "empty cache (no committed shards)" in result.stderr
+    assert result.exit_code == 2 and "nothing: no cache here (the path does not exist)" in result.stderr
