@@ -120,10 +120,12 @@ def generate(num_shards: int | None, shard_index: int | None, config_path: str |
     """Stage one: the teacher scores or generates data and fills the logit cache.
 
     Exits 0 when the task finished or was stopped by SIGTERM after committing its open
-    shard (rerun the same command to resume)."""
+    shard (rerun the same command to resume); 130 when Ctrl-C stopped it the same way."""
     from qadpipe.generate import run_generate
 
-    run_generate(_load(config_path, overrides), num_shards=num_shards, shard_index=shard_index)
+    summary = run_generate(_load(config_path, overrides), num_shards=num_shards, shard_index=shard_index)
+    if summary.stopped_by == "SIGINT":
+        sys.exit(128 + 2)
 
 
 @cli.command()
@@ -135,15 +137,18 @@ def distill(config_path: str | None, overrides: tuple[str, ...], resume: bool) -
     """Stage two: train the fake-quantized student on the cached targets.
 
     Under torchrun (`torchrun --nproc_per_node N -m qadpipe.cli distill ...`) it trains with
-    DDP or FSDP2 (distill.distributed). SIGTERM saves a checkpoint and exits 143.
+    DDP or FSDP2 (distill.distributed). SIGTERM saves a checkpoint and exits 143; Ctrl-C
+    does the same and exits 130 (a second Ctrl-C aborts at once).
     """
+    import signal
+
     from qadpipe.distill.trainer import run_distill
 
     result = run_distill(_load(config_path, overrides), resume=resume)
     if result.status == "preempted":
-        click.echo(f"qadpipe: distill stopped by SIGTERM at step {result.step}; checkpoint saved, "
+        click.echo(f"qadpipe: distill stopped by {result.stop_signal} at step {result.step}; checkpoint saved, "
                    "rerun with --resume", err=True)
-        sys.exit(128 + 15)
+        sys.exit(128 + signal.Signals[result.stop_signal])
     if result.final_dir is not None:
         ptq, last = result.ptq_eval.get("kl"), result.last_eval.get("kl")
         figures = f"; held-out KL {ptq:.4f} (PTQ) -> {last:.4f}" if ptq is not None and last is not None else ""

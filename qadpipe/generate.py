@@ -5,7 +5,8 @@ writes its own shards (``task-{index:05d}``) into the shared cache.  Everything 
 get wrong (data, field, lengths, k, backend) is checked before the cache is touched.
 Records are processed in fixed batches, so a rerun after a kill recomputes a partly
 committed batch exactly as the first run did; rows already in the task manifest are
-skipped.  SIGTERM (SLURM preemption) commits the open shard and ends the task cleanly.
+skipped.  SIGTERM (SLURM preemption) or Ctrl-C commits the open shard and ends the task
+cleanly (a second Ctrl-C aborts at once).
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from tqdm import tqdm
 from qadpipe.config.schema import PipelineConfig
 from qadpipe.data import DataSlice, TokenSequence, load_sequences
 from qadpipe.errors import ConfigError, DataError
+from qadpipe.stop_signals import StopSignals
 from qadpipe.teacher import TeacherInfo, make_teacher, require_vllm, teacher_info
 from qadpipe.teacher.base import SamplingSpec, TargetSpec, with_completion
 
@@ -45,7 +45,7 @@ class GenerateSummary:
     skipped: int
     tokens: int
     seconds: float
-    interrupted: bool
+    stopped_by: Optional[str]   # "SIGTERM" / "SIGINT" when a signal ended the task early, else None
 
 
 def resolve_task(gen: Any, num_shards: Optional[int] = None, shard_index: Optional[int] = None,
@@ -95,27 +95,6 @@ def check_lengths(data: DataSlice, info: TeacherInfo, extra: int, source: str) -
                         f"the teacher's context of {info.context_length} (max_position_embeddings); "
                         "lower data.max_length")
     return needed
-
-
-class _StopOnSigterm:
-    """Records SIGTERM instead of dying, so the loop can commit the open shard first."""
-
-    def __init__(self) -> None:
-        self.received = False
-        self._previous: Any = None
-
-    def __enter__(self) -> "_StopOnSigterm":
-        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.received = True
-        log.warning("SIGTERM: finishing the current batch, committing the open shard, then stopping")
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
 
 
 def _batches(sequences: list[TokenSequence], size: int) -> list[list[TokenSequence]]:
@@ -172,7 +151,7 @@ def run_generate(config: PipelineConfig, *, num_shards: Optional[int] = None, sh
     started = time.perf_counter()
     written = tokens = 0
     rate = 0.0  # tokens/s of the teacher loop (engine start-up excluded)
-    interrupted = False
+    stopped_by = None
     with CacheWriter(cache.path, meta, task=task, rows_per_shard=cache.rows_per_shard,
                      zstd_level=cache.zstd_level, num_tasks=count) as writer:
         done = writer.done_ids()
@@ -183,7 +162,7 @@ def run_generate(config: PipelineConfig, *, num_shards: Optional[int] = None, sh
         if todo:
             teacher = teacher_factory(config, model_dir, k=cache.k, max_model_len=max_model_len)
             try:
-                with _StopOnSigterm() as stop, tqdm(total=sum(len(b) for b in todo), unit="seq",
+                with StopSignals("finishing the current batch and committing the open shard") as stop, tqdm(total=sum(len(b) for b in todo), unit="seq",
                                                     desc=f"generate {task}") as bar:
                     progress = _Progress(task, sum(len(b) for b in todo))
                     for batch in todo:
@@ -200,16 +179,16 @@ def run_generate(config: PipelineConfig, *, num_shards: Optional[int] = None, sh
                         bar.set_postfix(tok_s=f"{rate:.0f}")
                         if stop.received:
                             writer.flush()
-                            interrupted = True
+                            stopped_by = stop.received
                             break
             finally:
                 teacher.close()
         writer.store.write_atomic(f"runs/{task}/{RUN_FILE}", dump_yaml(run_record(config, "generate")).encode())
     seconds = time.perf_counter() - started
-    summary = GenerateSummary(task, len(data.sequences), written, skipped, tokens, seconds, interrupted)
-    if interrupted:
-        log.warning("generate %s: stopped by SIGTERM after committing %d new sequences; rerun the same command "
-                    "to resume", task, written)
+    summary = GenerateSummary(task, len(data.sequences), written, skipped, tokens, seconds, stopped_by)
+    if stopped_by:
+        log.warning("generate %s: stopped by %s after committing %d new sequences; rerun the same command "
+                    "to resume", task, stopped_by, written)
     else:
         log.info("generate %s: done, %d sequences written (%d skipped as already cached), %d tokens at %.0f "
                  "tokens/s, %.1f s in all (teacher start-up included) -> %s", task, written, skipped, tokens, rate,

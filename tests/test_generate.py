@@ -64,7 +64,7 @@ def test_cache_holds_what_the_teacher_returned(tiny_llama_dir: Path, tmp_path: P
     cfg = _config(tiny_llama_dir, tmp_path / "cache", **{"data.source": data, "data.field": "prompt",
                                                          "generate.include_prompt": "false"})
     summary = run_generate(cfg)
-    assert (summary.written, summary.skipped, summary.interrupted) == (5, 0, False)
+    assert (summary.written, summary.skipped, summary.stopped_by) == (5, 0, None)
     tokenizer = load_tokenizer(str(tiny_llama_dir))
     seqs = load_sequences(cfg.data, cfg.generate, tokenizer, len(tokenizer)).sequences
     expected = HFTeacher(load_causal_lm(str(tiny_llama_dir), "float32")).score(seqs, TargetSpec(k=8, include_prompt=False))
@@ -180,6 +180,14 @@ def test_sigterm_then_sigkill_then_rerun_equals_an_uninterrupted_run(small_vocab
     after_term = len(_rows(cache))
     assert 0 < after_term < 160
 
+    proc = _cli_process(small_vocab_model, cache, **many)   # Ctrl-C: the same clean stop, exit 130
+    _wait_for_shards(proc, manifest, _committed_shards(manifest) + 1)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "stopped by SIGINT" in output, output
+    after_int = len(_rows(cache))
+    assert after_term < after_int < 160
+
     seed = random.randrange(1 << 30)
     kill_after = _committed_shards(manifest) + random.Random(seed).randint(1, 15)  # a random point of the rerun
     proc = _cli_process(small_vocab_model, cache, **many)
@@ -188,10 +196,10 @@ def test_sigterm_then_sigkill_then_rerun_equals_an_uninterrupted_run(small_vocab
     proc.kill()
     proc.communicate(timeout=60)
     after_kill = len(_rows(cache))
-    assert after_term < after_kill < 160, f"kill seed {seed}"
+    assert after_int < after_kill < 160, f"kill seed {seed}"
 
     final = run_generate(_config(small_vocab_model, cache, **many))
-    assert final.skipped == after_kill and final.written == 160 - after_kill and not final.interrupted
+    assert final.skipped == after_kill and final.written == 160 - after_kill and final.stopped_by is None
     _assert_same_cache(tmp_path / "whole", cache)
 
 

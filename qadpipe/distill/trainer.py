@@ -47,6 +47,7 @@ from qadpipe.distill.observe import METRICS_FILE, MetricsLog, peak_memory_gib
 from qadpipe.distill.schedule import lr_multiplier
 from qadpipe.distill.student import FINAL_DIR, PTQ_DIR, StudentLoss, build_student, load_state_into, save_student
 from qadpipe.errors import DistillError
+from qadpipe.stop_signals import StopSignals
 from qadpipe.file_modes import writable_dir
 from qadpipe.provenance import save_run_record
 from qadpipe.targets import SequenceTargets
@@ -59,13 +60,15 @@ CAKLD_BETA_ROWS = 64
 
 @dataclass
 class TrainResult:
-    """How a run ended: ``done`` (final/ written) or ``preempted`` (SIGTERM, checkpoint saved)."""
+    """How a run ended: ``done`` (final/ written) or ``preempted`` (SIGTERM or Ctrl-C,
+    checkpoint saved; ``stop_signal`` names it)."""
 
     status: str
     step: int
     ptq_eval: dict[str, float] = field(default_factory=dict)
     last_eval: dict[str, float] = field(default_factory=dict)
     final_dir: Optional[Path] = None
+    stop_signal: Optional[str] = None
 
 
 class DataSource:
@@ -105,7 +108,7 @@ class DistillRecipe:
         self.step = 0
         self.ptq_eval: dict[str, float] = {}
         self.last_eval: dict[str, float] = {}
-        self._sigterm = False
+        self._stop = StopSignals("saving a checkpoint at the end of this step")
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -352,7 +355,7 @@ class DistillRecipe:
         self.wrapped.train()
         progress = tqdm(total=cfg.max_steps, initial=self.step, desc="distill", unit="step",
                         disable=not env.is_main, dynamic_ncols=True)
-        with progress, _catch_sigterm(self):  # closing the bar first keeps an error on its own line
+        with progress, self._stop:  # closing the bar first keeps an error on its own line
             while self.step < cfg.max_steps:
                 micro = [next(batches) for _ in range(cfg.grad_accum)]
                 self._train_step(micro, window)
@@ -368,8 +371,8 @@ class DistillRecipe:
                 if self.step % cfg.save_every == 0 or stop or self.step == cfg.max_steps:
                     self.save_checkpoint()
                 if stop:
-                    log.warning("SIGTERM: checkpoint saved at step %d; rerun with --resume to continue", self.step)
-                    return TrainResult("preempted", self.step, self.ptq_eval, self.last_eval)
+                    log.warning("%s: checkpoint saved at step %d; rerun with --resume to continue", stop, self.step)
+                    return TrainResult("preempted", self.step, self.ptq_eval, self.last_eval, stop_signal=stop)
         final = self.save_final()
         return TrainResult("done", self.step, self.ptq_eval, self.last_eval, final)
 
@@ -465,8 +468,11 @@ class DistillRecipe:
                      " ".join(f"{k} {v:.4f}" for k, v in figures.items() if k != "positions"))
         self.metrics.write({"step": self.step, "tag": tag, **{f"eval_{k}": v for k, v in figures.items()}})
 
-    def _stop_requested(self) -> bool:
-        return dist_utils.all_reduce_number(1.0 if self._sigterm else 0.0, self.env.device, op="max") > 0
+    def _stop_requested(self) -> Optional[str]:
+        """The stop signal any rank received (SIGTERM wins over SIGINT), else None."""
+        signum = dist_utils.all_reduce_number(self._stop.exit_code - 128 if self._stop.received else 0,
+                                              self.env.device, op="max")
+        return signal.Signals(int(signum)).name if signum else None
 
     # ------------------------------------------------------------------ save / cleanup
     def save_checkpoint(self) -> None:
@@ -529,24 +535,6 @@ def _cache_exists(path: str) -> bool:
     from qadpipe.cache.store import Store
 
     return bool(Store(path).list(MANIFEST_DIR))
-
-
-@contextlib.contextmanager
-def _catch_sigterm(recipe: DistillRecipe) -> Iterator[None]:
-    """SIGTERM (preemption) sets a flag; the loop saves a checkpoint at the end of the step."""
-
-    def handle(signum: int, frame: Any) -> None:
-        recipe._sigterm = True
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handle)
-    except ValueError:  # not the main thread: no handler, the run is simply not preemptible
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def run_distill(config: Any, *, resume: bool = False) -> TrainResult:

@@ -1,4 +1,4 @@
-"""Kill the trainer at a random step (kill -9, or SIGTERM as a preempting scheduler does),
+"""Kill the trainer at a random step (kill -9, SIGTERM as a preempting scheduler does, Ctrl-C),
 resume, and the loss curve continues exactly as in an uninterrupted run."""
 
 from __future__ import annotations
@@ -59,14 +59,15 @@ def uninterrupted(peaky_llama_dir, topk_cache, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [pytest.param(signal.SIGKILL, id="kill-9"), pytest.param(signal.SIGTERM, id="sigterm")])
+@pytest.mark.parametrize("sig", [pytest.param(signal.SIGKILL, id="kill-9"), pytest.param(signal.SIGTERM, id="sigterm"),
+                                 pytest.param(signal.SIGINT, id="ctrl-c")])
 def test_resume_after_a_kill_continues_the_loss_curve_exactly(peaky_llama_dir, topk_cache, tmp_path,
                                                              uninterrupted, sig):
     at_step = random.Random(os.getpid()).randint(2, STEPS - 2)
     cmd = command(peaky_llama_dir, topk_cache, tmp_path)
     code = run_until_killed(cmd, tmp_path, at_step, sig)
-    if sig == signal.SIGTERM:
-        assert code == 143  # checkpoint saved at the end of the step, then "rerun with --resume"
+    if sig in (signal.SIGTERM, signal.SIGINT):
+        assert code == 128 + sig  # checkpoint saved at the end of the step, then "rerun with --resume"
     else:
         assert code == -signal.SIGKILL
     assert (tmp_path / "checkpoints" / "LATEST").is_file()

@@ -1,0 +1,50 @@
+"""Stop a long loop at its next safe point on SIGTERM or Ctrl-C, instead of dying mid-write.
+
+SLURM preempts with SIGTERM; a user at a terminal presses Ctrl-C.  Either way the loop
+should end where nothing is lost -- generate commits its open shard, distill saves a
+checkpoint -- and say how to resume.  A second Ctrl-C aborts at once (KeyboardInterrupt),
+for a user who cannot wait for the current batch or step.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from typing import Any, Optional
+
+log = logging.getLogger(__name__)
+
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class StopSignals:
+    """Context manager: ``received`` is the name of the first stop signal (None until one)."""
+
+    def __init__(self, action: str) -> None:
+        self.action = action   # what the loop does before stopping, for the log line
+        self.received: Optional[str] = None
+        self._signum = 0
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in _SIGNALS}
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self._signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.received is None:
+            self.received, self._signum = signal.Signals(signum).name, signum
+        again = "; Ctrl-C again aborts now" if signum == signal.SIGINT else ""
+        log.warning("%s: %s, then stopping%s", signal.Signals(signum).name, self.action, again)
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal's number, the shell's convention for a process a signal ended."""
+        return 128 + self._signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
