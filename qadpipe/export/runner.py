@@ -25,12 +25,11 @@ from qadpipe.errors import ExportError
 from qadpipe.export.compressed_tensors import write_compressed_tensors
 from qadpipe.export.fake import write_fake
 from qadpipe.export.model_tensors import quant_linears
-from qadpipe.export.writer import check_replaceable, staged_dir, weights_bytes
+from qadpipe.export.writer import EXPORT_INFO, check_replaceable, staged_dir, weights_bytes
 from qadpipe.provenance import RUN_FILE, save_run_record
 
 log = logging.getLogger(__name__)
 
-EXPORT_INFO = "qadpipe_export.json"
 FORMATS = {"fake": write_fake, "compressed-tensors": write_compressed_tensors}
 
 
@@ -92,6 +91,9 @@ def export_model(model: nn.Module, source_dir: Path, output: Path, fmt: str, con
             "export_bytes": weights_bytes(tmp),
             "bf16_bytes": bf16_bytes(model),
             "layers": layer_recipe(model),
+            # what this export wrote: a later export replaces these, and refuses to delete anything else
+            "files": sorted([str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()]
+                            + [EXPORT_INFO, RUN_FILE]),
         }
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
         save_run_record(config, "export", tmp)

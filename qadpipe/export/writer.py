@@ -125,8 +125,13 @@ def _roll_back(tmp: Path, old: Path | None, output: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+#: The export's record (format, sizes, layers, and the files it wrote), next to its qadpipe_run.yaml.
+EXPORT_INFO = "qadpipe_export.json"
+
+
 def check_replaceable(output: Path) -> None:
-    """ExportError unless ``output`` is absent, empty, or a previous qadpipe export."""
+    """ExportError unless ``output`` is absent, empty, or a previous qadpipe export holding
+    only the files it wrote (replacing it must not delete a user's notes or logs)."""
     if not output.exists():
         return
     if not output.is_dir():
@@ -145,6 +150,23 @@ def check_replaceable(output: Path) -> None:
             f"export output {output}: a non-empty directory that is not a qadpipe export; "
             "expected a new or empty directory (or a previous export to replace)"
         )
+    written = _files_written(output / EXPORT_INFO)
+    if written is not None:
+        added = sorted(str(p.relative_to(output)) for p in output.rglob("*")
+                       if (p.is_file() or p.is_symlink()) and str(p.relative_to(output)) not in written)
+        if added:
+            more = f" and {len(added) - 1} more" if len(added) > 1 else ""
+            raise ExportError(f"export output {output}: holds {added[0]}{more}, which the previous export did not "
+                              "write and replacing it would delete; move it, or export to another directory")
+
+
+def _files_written(info: Path) -> set[str] | None:
+    """The files a previous export listed in its record (None: an export older than the list)."""
+    try:
+        files = json.loads(info.read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return set(files) if isinstance(files, list) else None
 
 
 def _fsync(path: Path) -> None:

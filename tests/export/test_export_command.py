@@ -74,3 +74,22 @@ def test_cli_missing_checkpoint(tmp_path):
     result = CliRunner().invoke(cli, ["export", "--checkpoint", str(tmp_path / "nope")])
     assert result.exit_code == 2
     assert "expected a distill final/ directory" in result.stderr
+
+
+def test_a_previous_export_is_replaced_but_not_a_file_the_user_added_to_it(final_dir, tmp_path):
+    final, _ = final_dir
+    out = tmp_path / "export"
+    args = ["export", "--checkpoint", str(final), "--output", str(out), "--format", "fake"]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    written = set(json.loads((out / "qadpipe_export.json").read_text())["files"])
+    assert written == {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+    assert CliRunner().invoke(cli, args).exit_code == 0          # its own files: replaced
+    (out / "logs").mkdir()
+    (out / "logs" / "vllm.log").write_text("served fine")
+    (out / "NOTES.md").write_text("keep me")
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2
+    assert result.stderr == (f"qadpipe: error: export output {out}: holds NOTES.md and 1 more, which the previous "
+                             "export did not write and replacing it would delete; move it, or export to another "
+                             "directory\n")
+    assert (out / "NOTES.md").read_text() == "keep me" and (out / "logs" / "vllm.log").is_file()
