@@ -211,9 +211,16 @@ def inspect(cache: str | None, as_json: bool, verify: bool, config_path: str | N
 @_user_errors_as_one_line
 def demo(config_path: str | None, overrides: tuple[str, ...]) -> None:
     """The whole pipeline on the embedded SmolLM2 (what `make demo` runs)."""
-    from qadpipe.demo import run_demo
+    from pathlib import Path
 
-    config_path = config_path or "configs/demo.yaml"
+    from qadpipe.demo import run_demo
+    from qadpipe.errors import ConfigError
+
+    if config_path is None:
+        config_path = "configs/demo.yaml"
+        if not Path(config_path).is_file():
+            raise ConfigError(f"{config_path}: not found under {Path.cwd()}; run `qadpipe demo` from the qadpipe "
+                              "checkout (as `make demo` does), or pass -c CONFIG")
     run_demo(_load(config_path, overrides), config_path, overrides)
 
 

@@ -97,6 +97,20 @@ def check_lengths(data: DataSlice, info: TeacherInfo, extra: int, source: str) -
     return needed
 
 
+def _refuse_a_directory_that_is_not_a_cache(path: str) -> None:
+    """A cache goes into a new or empty directory, or an existing cache: not into a student,
+    a model or a data directory, whose owner would find manifests/ and shards/ mixed in."""
+    from qadpipe.cache.manifest import MANIFEST_DIR, SHARD_DIR
+
+    root = Path(path)
+    if "://" in path or not root.is_dir():
+        return
+    foreign = sorted(entry.name for entry in root.iterdir() if entry.name not in (MANIFEST_DIR, SHARD_DIR, "runs"))
+    if foreign:
+        raise ConfigError(f"cache.path: {root} is a non-empty directory that is not a cache (it holds {foreign[0]}); "
+                          "expected a new or empty directory, or an existing cache to extend")
+
+
 def _batches(sequences: list[TokenSequence], size: int) -> list[list[TokenSequence]]:
     return [sequences[i:i + size] for i in range(0, len(sequences), size)]
 
@@ -143,6 +157,7 @@ def run_generate(config: PipelineConfig, *, num_shards: Optional[int] = None, sh
                         "2 tokens, or no completion tokens left to distil); nothing to generate")
     new_tokens = gen.max_new_tokens if gen.mode == "generate" else 0
     max_model_len = check_lengths(data, info, new_tokens, config.data.source)
+    _refuse_a_directory_that_is_not_a_cache(cache.path)
     meta = _cache_meta(config, model_dir, info.vocab_size, tokenizer_fingerprint(tokenizer), data.fingerprint)
     spec = TargetSpec(cache.target, cache.k, cache.num_samples, gen.seed, gen.include_prompt)
     sampling = SamplingSpec(gen.temperature, gen.top_p, gen.max_new_tokens, gen.seed)

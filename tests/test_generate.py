@@ -229,6 +229,9 @@ def small_vocab_model(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Pat
      {"data.max_length": 8, "data.overflow": "drop"},
      "{tmp}/d.jsonl: all 2 records of this task were dropped (longer than data.max_length=8 with overflow=drop, "
      "fewer than 2 tokens, or no completion tokens left to distil); nothing to generate"),
+    ("cache into a model dir", None, {"cache.path": "{vocab512}"},
+     "cache.path: {vocab512} is a non-empty directory that is not a cache (it holds {first}); expected a new "
+     "or empty directory, or an existing cache to extend"),
     ("k above vocab", None, {"model.path": "{vocab512}", "cache.k": 600},
      "cache.k: got 600, expected <= the teacher's vocab size (512)"),
     ("no vllm", None, {"teacher.backend": "vllm"},
@@ -246,7 +249,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case: str, records: lis
 
         real = importlib.util.find_spec
         monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
-    fill = {"tmp": tmp_path, "vocab512": small_vocab_model}
+    fill = {"tmp": tmp_path, "vocab512": small_vocab_model, "first": sorted(os.listdir(small_vocab_model))[0]}
     args = ["generate"]
     for item in _overrides(tiny_llama_dir, tmp_path / "cache", **{k: str(v).format(**fill) for k, v in extra.items()}):
         args += ["--set", item]

@@ -85,7 +85,7 @@ class DataConfig:
     """Where the token sequences come from."""
 
     source: str = opt("random",
-        "jsonl/json/parquet/text file, a datasets.save_to_disk directory, or 'random'")
+        "jsonl/json/parquet/text file, a datasets.save_to_disk directory, or 'random'", nonempty=True)
     field: Literal["text", "messages", "prompt"] = opt("text",
         "record field: text, messages (chat template) or prompt (+ optional completion)")
     max_length: int = opt(512, "tokens per sequence", ge=2)

@@ -73,8 +73,9 @@ def _object(value: Any, where: str) -> dict[str, Any]:
 
 
 def _utf8_lines(path: Path) -> Iterator[str]:
-    """Lines of a text file; a binary or non-UTF-8 file is a DataError naming it."""
-    with open(path, encoding="utf-8") as handle:
+    """Lines of a text file (a leading BOM, as Windows editors write, dropped); a binary or
+    non-UTF-8 file is a DataError naming it."""
+    with open(path, encoding="utf-8-sig") as handle:
         try:
             yield from handle
         except UnicodeDecodeError as exc:
@@ -96,7 +97,7 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 def _iter_json(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: not valid JSON at line {exc.lineno} ({exc.msg})") from None
     except UnicodeDecodeError as exc:

@@ -17,6 +17,7 @@ with the same ``quant`` section, then ``model.load_state_dict(state)`` -- quanti
 
 from __future__ import annotations
 
+import difflib
 import logging
 import re
 from dataclasses import dataclass, field, replace
@@ -115,7 +116,9 @@ class QuantRecipe:
 def resolve_preset(name: str, group_size: Optional[int], where: str = "quant.preset") -> Preset:
     """A preset by name, with the group-size override applied where the format allows one."""
     if name not in PRESETS:
-        raise QuantError(f"{where}: unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
+        close = [p for p in PRESETS if p == name.lower()] or difflib.get_close_matches(name.lower(), PRESETS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise QuantError(f"{where}: unknown preset {name!r}; expected one of {', '.join(PRESETS)}{hint}")
     preset = PRESETS[name]
     if group_size is None:
         return preset

@@ -33,6 +33,15 @@ def test_every_format_gives_the_same_records(tmp_path: Path) -> None:
         assert list(iter_records(str(path))) == list(enumerate(RECORDS)), kind
 
 
+def test_a_leading_byte_order_mark_is_dropped_in_every_text_format(tmp_path: Path) -> None:
+    """Windows editors write UTF-8 with a BOM: json.loads refused it, and a .txt kept it as text."""
+    bom = "\ufeff"
+    for kind, path in _write_all_formats(tmp_path).items():
+        if kind in ("jsonl", "json", "txt"):
+            path.write_text(bom + path.read_text(encoding="utf-8"), encoding="utf-8")
+            assert list(iter_records(str(path))) == list(enumerate(RECORDS)), kind
+
+
 def test_ids_are_stable_and_distinguish_position_and_content() -> None:
     ids = [record_id(r, i) for i, r in enumerate(RECORDS)]
     assert ids == [record_id(r, i) for i, r in enumerate(RECORDS)]

@@ -145,3 +145,10 @@ def test_quant_parameters_are_quantizer_params_and_norms(make_llama, quant_confi
     norms = [m.weight for m in model.modules() if "RMSNorm" in type(m).__name__]
     assert len(steps) == 14 and len(norms) == 5
     assert {id(p) for p in params} == {id(p) for p in steps + norms}
+
+
+def test_a_preset_in_the_wrong_case_is_named():
+    from qadpipe.quant.recipe import resolve_preset
+
+    with pytest.raises(QuantError, match=r"unknown preset 'NVFP4'; .*; did you mean 'nvfp4'\?$"):
+        resolve_preset("NVFP4", None)
