@@ -46,14 +46,15 @@ def share_tree(root: Path) -> None:
             path.chmod(dir_mode() if path.is_dir() else file_mode())
 
 
-def writable_dir(path: Path, field: str) -> Path:
-    """Create ``path`` (the directory config ``field`` names) and check this user may write
-    in it: before hours of work, not when the first result is saved."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"{field}: cannot create {path} ({exc.strerror or exc})") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ConfigError(f"{field}: {path} is not writable by this user")
+def check_writable_dir(path: Path, field: str) -> Path:
+    """Check this user can create (or write in) the directory config ``field`` names, before
+    hours of work rather than when the first result is saved; creates nothing, so a refused
+    run leaves no empty directory behind."""
+    path = Path(path).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists() or p == Path(p.anchor))
+    if not existing.is_dir():
+        what = "exists and is not a directory" if existing == path else f"cannot be created ({existing} is a file)"
+        raise ConfigError(f"{field}: {path} {what}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{field}: {path} cannot be written ({existing} is not writable by this user)")
     return path

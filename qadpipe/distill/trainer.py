@@ -48,7 +48,7 @@ from qadpipe.distill.schedule import lr_multiplier
 from qadpipe.distill.student import FINAL_DIR, PTQ_DIR, StudentLoss, build_student, load_state_into, save_student
 from qadpipe.errors import DistillError
 from qadpipe.stop_signals import StopSignals
-from qadpipe.file_modes import writable_dir
+from qadpipe.file_modes import check_writable_dir
 from qadpipe.provenance import save_run_record
 from qadpipe.targets import SequenceTargets
 
@@ -117,9 +117,13 @@ class DistillRecipe:
         torch.manual_seed(cfg.seed)
         if not self.resume:
             _refuse_previous_run(self.output_dir)
-        writable_dir(self.output_dir, "distill.output_dir")
+        check_writable_dir(self.output_dir, "distill.output_dir")
         if (self.output_dir / CHECKPOINT_DIR).is_dir():
-            writable_dir(self.output_dir / CHECKPOINT_DIR, "distill.output_dir")
+            check_writable_dir(self.output_dir / CHECKPOINT_DIR, "distill.output_dir")
+        try:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:   # what the mode bits do not tell: a read-only mount, root on /sys
+            raise DistillError(f"distill.output_dir: {self.output_dir} cannot be created ({exc.strerror})") from None
         self.metrics = MetricsLog(self.output_dir, enabled=self.env.is_main, tensorboard=cfg.tensorboard)
         # Tokenizer and cache first: a cache that does not fit refuses before any model loads.
         self.tokenizer = self._load_tokenizer()

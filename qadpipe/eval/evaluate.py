@@ -29,7 +29,7 @@ from qadpipe.config import PipelineConfig
 from qadpipe.eval.report import render_table, write_report
 from qadpipe.eval.runner import compare_to_teacher
 from qadpipe.errors import ConfigError
-from qadpipe.file_modes import writable_dir
+from qadpipe.file_modes import check_writable_dir
 from qadpipe.provenance import save_run_record
 from qadpipe.targets import SequenceTargets
 
@@ -120,7 +120,7 @@ def run_eval(cfg: PipelineConfig) -> dict[str, dict[str, float]]:
     from qadpipe.models import load_causal_lm, load_tokenizer
 
     device = resolve_device(cfg.eval.device, field="eval.device")
-    out = writable_dir(Path(cfg.eval.output_dir), "eval.output_dir")
+    out = check_writable_dir(Path(cfg.eval.output_dir), "eval.output_dir")
     models = dict(cfg.eval.models) or default_models(cfg)
     tokenizer = load_tokenizer(cfg.teacher_path, trust_remote_code=cfg.model.trust_remote_code)
     teacher = load_causal_lm(cfg.teacher_path, dtype="float32", device=str(device),
