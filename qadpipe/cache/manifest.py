@@ -175,6 +175,9 @@ def load_view(store: Store) -> CacheView:
             raise CacheError(f"{store.base}: a file, expected a cache directory")
         if not (store.base / MANIFEST_DIR).is_dir():
             raise CacheError(f"{store.base}: not a cache (no {MANIFEST_DIR}/ directory)")
+    if not tasks and not store.local:   # an object store cannot tell a missing prefix from an empty one
+        raise CacheError(f"{store.describe(MANIFEST_DIR)}: no task manifest found (no cache at this URI, or one "
+                         "that committed nothing yet; check the bucket, path and endpoint)")
     if not tasks or not any(task.shards for task in tasks):
         raise CacheError(f"{store.describe(MANIFEST_DIR)}: empty cache (no committed shards)")
     first = tasks[0]

@@ -59,3 +59,10 @@ def test_corrupt_object_named_by_its_uri(s3, monkeypatch):
     client.put_object(Bucket="qad", Key=key, Body=bytes(data))
     with pytest.raises(CacheError, match=rf"^s3://qad/{key}: checksum mismatch"):
         CacheReader("s3://qad/run2").verify_all()
+
+
+def test_a_uri_with_no_cache_says_so_rather_than_empty(s3, monkeypatch):
+    endpoint, _ = s3
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{endpoint}")
+    with pytest.raises(CacheError, match=r"^s3://qad/typo/manifests: no task manifest found \(no cache at this URI"):
+        CacheReader("s3://qad/typo")
