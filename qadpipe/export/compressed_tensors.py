@@ -264,11 +264,15 @@ def quantization_config(model: nn.Module, schemes: dict[str, Scheme], kv_cache: 
     for name, scheme in schemes.items():
         by_key.setdefault(scheme.key(), []).append(name)
     single = len(by_key) == 1
+    # vLLM matches "Linear" against its own class names (QKVParallelLinear, ...); its LM head
+    # is a ParallelLMHead, so a quantized head must be named or it loads as a dense layer.
+    head = next((name for name, module in model.named_modules() if module is model.get_output_embeddings()), None)
+    named_too = [head] if head in schemes else []
     groups = {}
     for i, names in enumerate(by_key.values()):
         scheme = schemes[names[0]]
         groups[f"group_{i}"] = {
-            "targets": ["Linear"] if single else sorted(names),
+            "targets": ["Linear", *named_too] if single else sorted(names),
             "weights": scheme.weights,
             "input_activations": scheme.input_activations,
             "output_activations": None,

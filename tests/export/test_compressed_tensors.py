@@ -37,8 +37,8 @@ PRESETS = [
 ]
 
 
-def _export(student, model_dir, preset, group, tmp_path, dtype="bfloat16"):
-    model, config = student(model_dir, preset, group, dtype=dtype)
+def _export(student, model_dir, preset, group, tmp_path, dtype="bfloat16", **quant):
+    model, config = student(model_dir, preset, group, dtype=dtype, **quant)
     out = tmp_path / "export"
     export_model(model, model_dir, out, "compressed-tensors", config)
     return model, out
@@ -144,6 +144,21 @@ def test_quantization_config(student, tiny_llama_dir, tmp_path):
     assert config["dtype"] == "bfloat16"
     for side in ("tokenizer.json", "tokenizer_config.json"):
         assert (out / side).is_file()
+
+
+def test_a_quantized_untied_head_is_a_target_vllm_matches(student, tiny_llama_dir, tmp_path):
+    """vLLM matches the target "Linear" against its class names; its head is a ParallelLMHead,
+    which a bare "Linear" misses (the head then loads dense and its packed weights fail)."""
+    _, out = _export(student, tiny_llama_dir, "w4a16_int", 32, tmp_path, ignore=["embed_tokens"])
+    config, tensors = load_export(out)
+    qc = config["quantization_config"]
+    (group,) = qc["config_groups"].values()
+    assert group["targets"] == ["Linear", "lm_head"] and "lm_head.weight_packed" in tensors
+    ct = pytest.importorskip("vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors")
+    parsed = ct.CompressedTensorsConfig.from_config(qc)
+    vllm_class = {name: type(name, (nn.Module,), {}) for name in ("ParallelLMHead", "RowParallelLinear")}
+    assert parsed.get_scheme_dict(vllm_class["ParallelLMHead"](), "lm_head") is not None
+    assert parsed.get_scheme_dict(vllm_class["RowParallelLinear"](), "model.layers.0.mlp.down_proj") is not None
 
 
 def test_nvfp4_global_scales_are_reciprocals_shared_by_fused_groups(student, tiny_llama_dir, tmp_path):
