@@ -155,8 +155,9 @@ class QuantSpec:
 
     @property
     def scale_dtype(self) -> torch.dtype:
-        """The dtype the scale is stored (and exported) in; fake-quant uses exactly this value."""
-        if self.kind is Kind.FP8:
+        """The dtype the scale is stored (and exported) in; fake-quant uses exactly this value.
+        Per-token scales are never stored: vLLM's dynamic kernels compute them in fp32."""
+        if self.kind is Kind.FP8 or self.granularity is Granularity.TOKEN:
             return torch.float32
         if self.kind is Kind.NVFP4:
             return C.FP8_E4M3_DTYPE

@@ -196,3 +196,25 @@ def test_bad_specs_raise_one_line(kwargs, message):
 def test_group_not_dividing_raises():
     with pytest.raises(QuantError, match="576 is not divisible by the int group size 128"):
         quantize(torch.zeros(4, 576), QuantSpec(Kind.INT, 4, "group", 128))
+
+
+def test_int8_per_token_activations_use_fp32_scales_as_vllm_computes_them():
+    """vLLM's dynamic int8 quant (scaled_int8_quant): scale = fp32 amax / 127 per token, codes
+    round(x / scale) in [-127, 127]; a bf16-rounded scale moved ~a quarter of the elements."""
+    from qadpipe.quant.recipe import PRESETS
+
+    spec = PRESETS["w8a8_int"].input
+    torch.manual_seed(0)
+    x = (torch.randn(8, 256) * 3).to(torch.bfloat16)
+    scale = x.float().abs().amax(-1, keepdim=True) / 127
+    reference = torch.round(x.float() / scale).clamp(-127, 127) * scale
+    assert quantize(x, spec).scale.dtype == torch.float32
+    torch.testing.assert_close(fake_quantize(x, spec), reference.to(torch.bfloat16), rtol=0, atol=0)
+    ops = pytest.importorskip("vllm._custom_ops")
+    try:
+        codes, vllm_scale, _ = ops.scaled_int8_quant(x.contiguous(), symmetric=True)
+    except (AttributeError, NotImplementedError, RuntimeError) as exc:
+        pytest.skip(f"vLLM's int8 op is not available here ({type(exc).__name__})")
+    served = (codes.float() * vllm_scale.float()).to(torch.bfloat16)
+    # vLLM multiplies by 1/scale, not divides: half-step ties may round the other way
+    assert (served != fake_quantize(x, spec)).float().mean() < 0.005
