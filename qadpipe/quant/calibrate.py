@@ -67,8 +67,8 @@ def static_input_quantizers(model: nn.Module) -> dict[str, Quantizer]:
 def calibrate(model: nn.Module, batches: Iterable[dict[str, Tensor]], num_batches: int,
               percentile: Optional[float] = None) -> None:
     """Fix the amax of every static input quantizer from ``num_batches`` batches (each with
-    ``input_ids`` and ``attention_mask``).  Raises QuantError if the data runs out first or a
-    quantizer saw no token."""
+    ``input_ids`` and ``attention_mask``).  Raises QuantError if the data runs out first, or a
+    quantizer saw no token, a non-finite value, or only zeros (a range it cannot serve)."""
     quantizers = static_input_quantizers(model)
     if not quantizers:
         log.info("calibrate: no static input quantizer in this recipe; nothing to calibrate")
@@ -99,6 +99,13 @@ def calibrate(model: nn.Module, batches: Iterable[dict[str, Tensor]], num_batche
         amax = observers[name].amax
         if amax is None:
             raise QuantError(f"calibrate: {name} saw no activations (is the module used by forward?)")
+        if not torch.isfinite(amax).all():
+            raise QuantError(f"calibrate: {name} saw a NaN or infinite activation in {seen} batches; the "
+                             "student's forward is not finite on this data (its exported scale would be NaN)")
+        if not (amax > 0).all():
+            raise QuantError(f"calibrate: {name} saw only zeros in {seen} batches ({tokens} tokens); a static "
+                             "range of 0 would clip every later input to ~0 -- raise quant.calibration_batches "
+                             "or leave this layer out (quant.ignore)")
         quantizer.set_amax(amax)
     elapsed = time.perf_counter() - start
     log.info("calibrate: %d static input ranges from %d batches, %d tokens in %.1f s (%.0f tok/s)%s",

@@ -95,3 +95,16 @@ def test_dynamic_recipes_need_no_data(make_llama, quant_config):
     apply_recipe(model, quant_config(preset="fp8"))
     calibrate(model, [], 4)          # nothing static: returns without touching the data
     assert static_input_quantizers(model) == {}
+
+
+@pytest.mark.parametrize("poison, message", [(float("nan"), "saw a NaN or infinite activation"),
+                                             (0.0, "saw only zeros in 2 batches")])
+def test_a_range_that_cannot_be_served_is_refused(make_llama, quant_config, poison, message):
+    """A NaN amax exported input_scale=[nan] (NVFP4 turned it into a silent 1.0); an all-zero
+    one an FP8 scale of 1.2e-7 that clips every later input to ~0."""
+    model = make_llama()
+    apply_recipe(model, quant_config(preset="fp8_static"))
+    target = model.get_submodule("model.layers.0.mlp.down_proj")
+    target.register_forward_pre_hook(lambda module, args: (torch.full_like(args[0], poison),))
+    with pytest.raises(QuantError, match=rf"model\.layers\.0\.mlp\.down_proj\.input_quantizer {message}"):
+        calibrate(model, _padded_batches(2), 2)
