@@ -210,6 +210,12 @@ def plan_schemes(model: nn.Module) -> dict[str, Scheme]:
     if tied:
         raise ExportError(f"{', '.join(tied)}: quantized but tied to the input embeddings; vLLM "
                           "would re-tie them to one tensor -- keep it in quant.ignore or use --format fake")
+    mxfp4 = [s for s in schemes.values() if s.format == MXFP4_PACK]
+    if mxfp4:
+        trained = "W4A4" if mxfp4[0].input_activations is not None else "W4A16 (weight-only)"
+        log.warning("mxfp4-pack-quantized: vLLM 0.32 serves it as W4A4 on SM100+ GPUs with FlashInfer and as W4A16 "
+                    "(Marlin) elsewhere, whatever input_activations says; this %s student is served as trained "
+                    "only on %s", trained, "SM100+ with FlashInfer" if trained == "W4A4" else "other GPUs")
     return schemes
 
 
@@ -266,7 +272,7 @@ def quantization_config(model: nn.Module, schemes: dict[str, Scheme], kv_cache: 
     single = len(by_key) == 1
     # vLLM matches "Linear" against its own class names (QKVParallelLinear, ...); its LM head
     # is a ParallelLMHead, so a quantized head must be named or it loads as a dense layer.
-    head = next((name for name, module in model.named_modules() if module is model.get_output_embeddings()), None)
+    head = _output_head_name(model)
     named_too = [head] if head in schemes else []
     groups = {}
     for i, names in enumerate(by_key.values()):

@@ -300,3 +300,13 @@ def test_compressed_tensors_export_carries_the_kv_scheme_and_scales(student, tin
         assert tensors[name].dtype == torch.float32 and tensors[name].shape == (1,)
         assert torch.equal(tensors[name], scale)
     assert not any("_quantizer" in key for key in tensors), "training state leaked into the export"
+
+
+@pytest.mark.parametrize("preset, trained, where", [("mxfp4", "W4A4", "SM100+ with FlashInfer"),
+                                                    ("mxfp4_a16", "W4A16 (weight-only)", "other GPUs")])
+def test_mxfp4_export_says_which_gpus_serve_it_as_trained(student, tiny_llama_dir, tmp_path, caplog, preset,
+                                                          trained, where):
+    """vLLM's CompressedTensorsW4A4Mxfp4 ignores input_activations: FlashInfer W4A4 on SM100+,
+    Marlin weight-only elsewhere."""
+    _export(student, tiny_llama_dir, preset, None, tmp_path)
+    assert f"this {trained} student is served as trained only on {where}" in caplog.text
