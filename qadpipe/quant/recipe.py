@@ -157,7 +157,7 @@ def apply_recipe(model: nn.Module, quant: Any) -> QuantRecipe:
         raise QuantError(f"quant: no nn.Linear left to quantize in {type(model).__name__} "
                          f"(ignore={quant.ignore!r})")
 
-    groups = _fused_groups(chosen)
+    groups = _fused_groups(chosen, set(linears))
     group_of = {member: group for group in groups for member in group}
     for name, (preset_name, preset) in chosen.items():
         weight = _learnable_spec(preset.weight, quant.learnable, preset_name)
@@ -237,16 +237,22 @@ def _learnable_kind(spec: QuantSpec, learnable: str) -> str:
     return learnable
 
 
-def _fused_groups(chosen: dict[str, tuple[str, Preset]]) -> list[tuple[str, ...]]:
+def _fused_groups(chosen: dict[str, tuple[str, Preset]], linears: set[str]) -> list[tuple[str, ...]]:
+    """Sibling Linears vLLM fuses into one GEMM that are all quantized; a group only partly
+    quantized trains, but cannot be served as one GEMM (the compressed-tensors export refuses
+    it), so it is said now rather than after training."""
     groups = []
     for siblings in FUSED_SIBLINGS:
-        for name in chosen:
-            parent, _, leaf = name.rpartition(".")
-            if leaf != siblings[0]:
-                continue
+        parents = dict.fromkeys(name.rpartition(".")[0] for name in chosen if name.rpartition(".")[2] in siblings)
+        for parent in parents:
             members = tuple(f"{parent}.{s}" if parent else s for s in siblings)
             present = [m for m in members if m in chosen]
             if len(present) < len(members):
+                if not set(members) <= linears:   # this architecture has no such sibling group
+                    continue
+                log.warning("quant: %s are fused by vLLM into one GEMM but only %s is quantized; this student "
+                            "trains and exports with --format fake, not compressed-tensors",
+                            ", ".join(members), ", ".join(present))
                 continue
             if len({chosen[m][1] for m in members}) > 1:
                 raise QuantError(f"quant.rules: {', '.join(members)} are fused by vLLM into one GEMM "

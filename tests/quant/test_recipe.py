@@ -152,3 +152,14 @@ def test_a_preset_in_the_wrong_case_is_named():
 
     with pytest.raises(QuantError, match=r"unknown preset 'NVFP4'; .*; did you mean 'nvfp4'\?$"):
         resolve_preset("NVFP4", None)
+
+
+def test_a_partly_quantized_fused_group_is_said_before_training(make_llama, quant_config, caplog):
+    model = make_llama()
+    recipe = apply_recipe(model, quant_config(preset="w4a16_int", group_size=32,
+                                              ignore=["lm_head", "embed_tokens", r"k_proj"]))
+    assert "model.layers.0.self_attn.k_proj" in recipe.ignored
+    assert ("model.layers.0.self_attn.q_proj, model.layers.0.self_attn.k_proj, model.layers.0.self_attn.v_proj are "
+            "fused by vLLM into one GEMM but only model.layers.0.self_attn.q_proj, model.layers.0.self_attn.v_proj "
+            "is quantized") in caplog.text
+    assert "gate_proj" not in caplog.text
