@@ -19,7 +19,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from qadpipe.cache.encoding import encode_rows, validate_row
-from qadpipe.cache.manifest import (SHARD_DIR, ShardEntry, TaskManifest, load_manifests, manifest_path,
+from qadpipe.cache.manifest import (MANIFEST_DIR, SHARD_DIR, ShardEntry, TaskManifest, load_manifests, manifest_path,
                                     meta_difference, shard_path)
 from qadpipe.cache.schema import CacheMeta
 from qadpipe.cache.store import Store
@@ -67,7 +67,10 @@ class CacheWriter:
         self._buffered_ids: set[str] = set()
         self._next_index = len(self._manifest.shards)
         self._closed = False
+        # Temp files a killed run of this task left mid-write (only this task writes these names).
         self.store.remove_temps(SHARD_DIR, f"{task}-")
+        self.store.remove_temps(MANIFEST_DIR, f"{task}.json.")
+        self.store.remove_temps(f"runs/{task}", "")
 
     def _open_manifest(self, task: str) -> TaskManifest:
         """This task's manifest (resume) or a new one; refuse a cache made differently."""

@@ -144,5 +144,19 @@ def _prune(root: Path, keep: int) -> None:
     steps = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
     for old in steps[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".step-*"):  # temp dirs of a writer that was killed
-        shutil.rmtree(stale, ignore_errors=True)
+    remove_stale_temps(root.parent)
+
+
+def remove_stale_temps(output_dir: Path) -> None:
+    """Delete what a killed run left mid-write in ``output_dir``: checkpoint and student
+    staging dirs (``.step-*``, ``.final.*``, ``.ptq.*``) and atomic-write temps (``.*.tmp``,
+    e.g. ``checkpoints/.LATEST.*.tmp``).  One run writes a distill output dir at a time."""
+    output_dir = Path(output_dir)
+    for directory in (output_dir, output_dir / CHECKPOINT_DIR):
+        if not directory.is_dir():
+            continue
+        for stale in directory.glob(".*"):
+            if stale.is_dir() and stale.name.startswith((".step-", ".final.", ".ptq.")):
+                shutil.rmtree(stale, ignore_errors=True)
+            elif stale.is_file() and stale.name.endswith(".tmp"):
+                stale.unlink(missing_ok=True)

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from qadpipe.distill import distributed as dist_utils
 from qadpipe.distill.checkpoint import (CHECKPOINT_DIR, TrainerState, capture_rng, latest_checkpoint,
-                                        load_checkpoint, restore_rng, save_checkpoint)
+                                        load_checkpoint, remove_stale_temps, restore_rng, save_checkpoint)
 from qadpipe.distill.collate import Batch, collate
 from qadpipe.distill.head_loss import STAT_KEYS, LossSpec, PositionTargets, split_lm, summarize
 from qadpipe.distill.loader import TargetLoader
@@ -124,6 +124,8 @@ class DistillRecipe:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:   # what the mode bits do not tell: a read-only mount, root on /sys
             raise DistillError(f"distill.output_dir: {self.output_dir} cannot be created ({exc.strerror})") from None
+        if self.env.is_main:
+            remove_stale_temps(self.output_dir)
         self.metrics = MetricsLog(self.output_dir, enabled=self.env.is_main, tensorboard=cfg.tensorboard)
         # Tokenizer and cache first: a cache that does not fit refuses before any model loads.
         self.tokenizer = self._load_tokenizer()

@@ -118,10 +118,16 @@ def test_unlisted_and_temp_files_are_invisible_and_replaced(cache):
     orphan.write_bytes(b"half a shard")
     temp = cache / "shards/.task-00000-000002.parquet.abc.tmp"
     temp.write_bytes(b"torn")
+    # a kill inside an atomic manifest or run-record write (and another task's, left alone)
+    (cache / "runs/task-00000").mkdir(parents=True)
+    ours = [temp, cache / "manifests/.task-00000.json.k3x9.tmp", cache / "runs/task-00000/.qadpipe_run.yaml.q1.tmp"]
+    theirs = cache / "manifests/.task-00001.json.z7.tmp"
+    for path in ours[1:] + [theirs]:
+        path.write_bytes(b"torn")
     assert CacheReader(str(cache)).num_rows == 4
     meta = cache_meta("topk", k=8)
     with CacheWriter(str(cache), meta, rows_per_shard=2) as writer:
-        assert not temp.exists()
+        assert not any(path.exists() for path in ours) and theirs.exists()
         for row in random_rows(meta, 2, prefix="late"):
             writer.write(row)
     reader = CacheReader(str(cache))

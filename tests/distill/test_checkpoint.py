@@ -79,3 +79,21 @@ def test_pickled_code_is_refused(tmp_path: Path):
     torch.save({"step": 1, "optimizer": Evil()}, path / "trainer_state.pt")
     with pytest.raises(DistillError, match="unreadable checkpoint"):
         load_checkpoint(path)
+
+
+def test_what_a_killed_run_left_mid_write_is_removed_and_nothing_else(tmp_path: Path):
+    from qadpipe.distill.checkpoint import remove_stale_temps
+
+    model = Tied()
+    path = save_checkpoint(tmp_path, model.state_dict(), _state(1, model), load_config(None))
+    stale = [tmp_path / "checkpoints" / ".LATEST.a1b2.tmp", tmp_path / ".metrics.jsonl.c3.tmp"]
+    for file in stale:
+        file.write_text("torn")
+    staging = [tmp_path / ".final.x7", tmp_path / ".ptq.y8", tmp_path / "checkpoints" / ".step-00000002.z9"]
+    for directory in staging:
+        directory.mkdir()
+        (directory / "model.safetensors").write_bytes(b"half")
+    kept = sorted(p for p in tmp_path.rglob("*") if not any(p == s or s in p.parents for s in stale + staging))
+    remove_stale_temps(tmp_path)
+    assert sorted(tmp_path.rglob("*")) == kept
+    assert latest_checkpoint(tmp_path) == path
