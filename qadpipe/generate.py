@@ -177,9 +177,10 @@ def run_generate(config: PipelineConfig, *, num_shards: Optional[int] = None, sh
         if todo:
             teacher = teacher_factory(config, model_dir, k=cache.k, max_model_len=max_model_len)
             try:
-                with StopSignals("finishing the current batch and committing the open shard") as stop, tqdm(total=sum(len(b) for b in todo), unit="seq",
-                                                    desc=f"generate {task}") as bar:
-                    progress = _Progress(task, sum(len(b) for b in todo))
+                total = sum(len(b) for b in todo)
+                with StopSignals("finishing the current batch and committing the open shard") as stop, \
+                        tqdm(total=total, unit="seq", desc=f"generate {task}") as bar:
+                    progress = _Progress(task, total)
                     for batch in todo:
                         if gen.mode == "generate":
                             batch = [with_completion(p, c) for p, c in zip(batch, teacher.complete(batch, sampling))]
