@@ -47,7 +47,7 @@ from qadpipe.export.writer import read_config, write_checkpoint
 from qadpipe.quant.formats import Granularity, Kind, QuantSpec, pack_fp4, pack_int32, quantize
 from qadpipe.quant.kv_cache import kv_cache_scales
 from qadpipe.quant.quantizers import QuantLinear
-from qadpipe.quant.recipe import FUSED_SIBLINGS
+from qadpipe.quant.recipe import sibling_groups
 
 log = logging.getLogger(__name__)
 
@@ -226,16 +226,7 @@ def _output_head_name(model: nn.Module) -> Optional[str]:
 
 def fused_groups(model: nn.Module) -> list[tuple[str, ...]]:
     """Sibling Linears vLLM fuses into one GEMM (q/k/v, gate/up), quantized or not."""
-    linears = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    groups = []
-    for siblings in FUSED_SIBLINGS:
-        for name in sorted(linears):
-            parent, _, leaf = name.rpartition(".")
-            if leaf == siblings[0]:
-                members = tuple(f"{parent}.{s}" if parent else s for s in siblings)
-                if all(m in linears for m in members):
-                    groups.append(members)
-    return groups
+    return sibling_groups(name for name, m in model.named_modules() if isinstance(m, nn.Linear))
 
 
 def check_fused(groups: list[tuple[str, ...]], schemes: dict[str, Scheme],

@@ -21,7 +21,7 @@ import difflib
 import logging
 import re
 from dataclasses import dataclass, field, replace
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 from torch import nn
 
@@ -237,27 +237,39 @@ def _learnable_kind(spec: QuantSpec, learnable: str) -> str:
     return learnable
 
 
-def _fused_groups(chosen: dict[str, tuple[str, Preset]], linears: set[str]) -> list[tuple[str, ...]]:
-    """Sibling Linears vLLM fuses into one GEMM that are all quantized; a group only partly
-    quantized trains, but cannot be served as one GEMM (the compressed-tensors export refuses
-    it), so it is said now rather than after training."""
+def sibling_groups(linears: Iterable[str]) -> list[tuple[str, ...]]:
+    """The sibling Linears among ``linears`` (module names) that vLLM fuses into one GEMM:
+    each q/k/v and gate/up group whose every member is there."""
+    names = set(linears)
     groups = []
     for siblings in FUSED_SIBLINGS:
-        parents = dict.fromkeys(name.rpartition(".")[0] for name in chosen if name.rpartition(".")[2] in siblings)
-        for parent in parents:
-            members = tuple(f"{parent}.{s}" if parent else s for s in siblings)
-            present = [m for m in members if m in chosen]
-            if len(present) < len(members):
-                if not set(members) <= linears:   # this architecture has no such sibling group
-                    continue
-                log.warning("quant: %s are fused by vLLM into one GEMM but only %s is quantized; this student "
-                            "trains and exports with --format fake, not compressed-tensors",
-                            ", ".join(members), ", ".join(present))
-                continue
-            if len({chosen[m][1] for m in members}) > 1:
-                raise QuantError(f"quant.rules: {', '.join(members)} are fused by vLLM into one GEMM "
-                                 "and must get the same preset")
-            groups.append(members)
+        for name in sorted(names):
+            parent, _, leaf = name.rpartition(".")
+            if leaf == siblings[0]:
+                members = tuple(f"{parent}.{s}" if parent else s for s in siblings)
+                if all(m in names for m in members):
+                    groups.append(members)
+    return groups
+
+
+def _fused_groups(chosen: dict[str, tuple[str, Preset]], linears: set[str]) -> list[tuple[str, ...]]:
+    """Sibling groups whose members are all quantized; a group only partly quantized trains,
+    but cannot be served as one GEMM (the compressed-tensors export refuses it), so it is
+    said now rather than after training."""
+    groups = []
+    for members in sibling_groups(linears):
+        present = [m for m in members if m in chosen]
+        if not present:
+            continue
+        if len(present) < len(members):
+            log.warning("quant: %s are fused by vLLM into one GEMM but only %s is quantized; this student "
+                        "trains and exports with --format fake, not compressed-tensors",
+                        ", ".join(members), ", ".join(present))
+            continue
+        if len({chosen[m][1] for m in members}) > 1:
+            raise QuantError(f"quant.rules: {', '.join(members)} are fused by vLLM into one GEMM "
+                             "and must get the same preset")
+        groups.append(members)
     return groups
 
 
