@@ -121,11 +121,13 @@ def generate(num_shards: int | None, shard_index: int | None, config_path: str |
 
     Exits 0 when the task finished or was stopped by SIGTERM after committing its open
     shard (rerun the same command to resume); 130 when Ctrl-C stopped it the same way."""
+    import signal
+
     from qadpipe.generate import run_generate
 
     summary = run_generate(_load(config_path, overrides), num_shards=num_shards, shard_index=shard_index)
     if summary.stopped_by == "SIGINT":
-        sys.exit(128 + 2)
+        sys.exit(128 + signal.SIGINT)
 
 
 @cli.command()

@@ -19,13 +19,17 @@ _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class StopSignals:
-    """Context manager: ``received`` is the name of the first stop signal (None until one)."""
+    """Context manager: ``signum`` is the number of the first stop signal (0 until one)."""
 
     def __init__(self, action: str) -> None:
         self.action = action   # what the loop does before stopping, for the log line
-        self.received: Optional[str] = None
-        self._signum = 0
+        self.signum = 0
         self._previous: dict[int, Any] = {}
+
+    @property
+    def received(self) -> Optional[str]:
+        """The first stop signal's name (``SIGTERM``, ``SIGINT``), None until one arrived."""
+        return signal.Signals(self.signum).name if self.signum else None
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
@@ -33,17 +37,11 @@ class StopSignals:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if signum == signal.SIGINT and self._signum == signal.SIGINT:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
             raise KeyboardInterrupt
-        if self.received is None:
-            self.received, self._signum = signal.Signals(signum).name, signum
+        self.signum = self.signum or signum
         again = "; Ctrl-C again aborts now" if signum == signal.SIGINT else ""
         log.warning("%s: %s, then stopping%s", signal.Signals(signum).name, self.action, again)
-
-    @property
-    def exit_code(self) -> int:
-        """128 + the signal's number, the shell's convention for a process a signal ended."""
-        return 128 + self._signum
 
     def __exit__(self, *exc: Any) -> None:
         for signum, previous in self._previous.items():

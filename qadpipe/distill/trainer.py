@@ -47,9 +47,9 @@ from qadpipe.distill.observe import METRICS_FILE, MetricsLog, peak_memory_gib
 from qadpipe.distill.schedule import lr_multiplier
 from qadpipe.distill.student import FINAL_DIR, PTQ_DIR, StudentLoss, build_student, load_state_into, save_student
 from qadpipe.errors import DistillError
-from qadpipe.stop_signals import StopSignals
 from qadpipe.file_modes import check_writable_dir
 from qadpipe.provenance import save_run_record
+from qadpipe.stop_signals import StopSignals
 from qadpipe.targets import SequenceTargets
 
 log = logging.getLogger(__name__)
@@ -476,8 +476,7 @@ class DistillRecipe:
 
     def _stop_requested(self) -> Optional[str]:
         """The stop signal any rank received (SIGTERM wins over SIGINT), else None."""
-        signum = dist_utils.all_reduce_number(self._stop.exit_code - 128 if self._stop.received else 0,
-                                              self.env.device, op="max")
+        signum = dist_utils.all_reduce_number(self._stop.signum, self.env.device, op="max")
         return signal.Signals(int(signum)).name if signum else None
 
     # ------------------------------------------------------------------ save / cleanup
