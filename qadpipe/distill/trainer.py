@@ -109,6 +109,7 @@ class DistillRecipe:
         self.ptq_eval: dict[str, float] = {}
         self.last_eval: dict[str, float] = {}
         self._stop = StopSignals("saving a checkpoint at the end of this step")
+        self._saved_max_steps: Optional[int] = None   # the resumed checkpoint's, see _follow_new_horizon
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -182,9 +183,10 @@ class DistillRecipe:
             log.info("online mode: no cache at %s; tokens come from data.source=%s", path, self.config.data.source)
             return self._data_source(), None
         reader = CacheReader(path)
-        if reader.view.missing_tasks:
+        missing = reader.view.missing_tasks
+        if missing:
             log.warning("%s: %d of the generate array's tasks have no manifest yet (%s...): training on the "
-                        "rows the others committed", path, len(reader.view.missing_tasks), reader.view.missing_tasks[0])
+                        "rows the others committed", path, len(missing), missing[0])
         kind = reader.meta.target_kind
         if self.cfg.mode == "qad":
             wanted = "sampled" if self.cfg.loss == "sampled_ce" else "topk"
@@ -340,7 +342,7 @@ class DistillRecipe:
         """A resume with another ``distill.max_steps`` stretches (or shrinks) the decay.  The
         loaded optimizer still holds the old horizon's lr for the next step: set the new one,
         and say where the lr jumps (an unchanged horizon resumes bit-exactly, untouched)."""
-        cfg, saved = self.cfg, getattr(self, "_saved_max_steps", None)
+        cfg, saved = self.cfg, self._saved_max_steps
         if saved is None or saved == cfg.max_steps:
             return
         epoch = self.scheduler.last_epoch

@@ -99,7 +99,6 @@ def held_out(cfg: PipelineConfig, tokenizer: Any, vocab_size: int, eval_rows: in
         return HeldOut([s.input_ids.tolist() for s in seqs], starts, None,
                        f"{len(seqs)} sequences of {cfg.eval.data}")
     from qadpipe.cache.reader import CacheReader
-
     from qadpipe.models import tokenizer_fingerprint
 
     reader = CacheReader(cfg.cache.path)
