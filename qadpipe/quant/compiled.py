@@ -7,10 +7,12 @@ kernels.  Training must still round exactly as export packs, so the compiled pat
 used because it returns the *same* values as the eager one (``tests/quant/test_compiled.py``
 checks every preset's formats on random and adversarial tensors):
 
-* ``emulate_precision_casts``: by default inductor keeps low-precision intermediates in fp32
-  and drops a round trip such as ``scale.to(bfloat16).float()`` -- the stored-scale rounding
-  every INT format depends on.  Measured without it on a SmolLM2 MLP weight: 0.3% of the
-  INT4 codes off by one.  With it inductor rounds where eager rounds.
+* casts: by default inductor keeps low-precision intermediates in fp32 and drops a round
+  trip such as ``scale.to(bfloat16).float()`` -- the stored-scale rounding every INT format
+  depends on (measured on a SmolLM2 MLP weight: 0.3% of the INT4 codes off by one).
+  ``emulate_precision_casts`` keeps it on torch 2.13 but not on 2.11's CPU backend, so the
+  formats round to bf16 by integer arithmetic on the bits (``formats.round_to_bf16``), which
+  no compiler can drop; the option stays for the casts that remain.
 * shapes: rows dynamic, features static (see :func:`compiled_fake_quant_forward`), so a
   model needs one graph per format and in-features size.
 
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import zlib
 from typing import Callable, Literal, Optional
 
 import torch
@@ -108,7 +111,12 @@ def checked_fake_quant_forward(spec: QuantSpec, clipped: bool) -> FakeQuantForwa
 
 
 def _name(spec: QuantSpec, clipped: bool) -> str:
-    return f"fake_quant_{spec.kind.value}_{spec.granularity.value}{'_clipped' if clipped else ''}"
+    """A readable name, unique per spec: dynamo keys its automatic-dynamic state by code name
+    (and file and line), so two specs sharing a name share it -- after INT4 then INT2, torch
+    2.11 traced ``bits`` as a symbol and failed on ``1 << (bits - 1)``."""
+    tag = zlib.crc32(repr(spec).encode())
+    return (f"fake_quant_{spec.kind.value}{spec.bits}_{spec.granularity.value}"
+            f"{'_clipped' if clipped else ''}_{tag:08x}")
 
 
 def forward_for(spec: QuantSpec, clipped: bool, mode: Compile, device: torch.device) -> FakeQuantForward:

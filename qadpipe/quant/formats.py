@@ -249,10 +249,31 @@ def round_to_fp8(y: Tensor, toward_zero: bool = False) -> Tensor:
     return torch.where(over, codes.view(torch.uint8) - 1, codes.view(torch.uint8)).view(C.FP8_E4M3_DTYPE)
 
 
+def round_to_bf16(x: Tensor) -> Tensor:
+    """fp32 values rounded to the nearest bfloat16 (ties to even), still fp32: what
+    ``x.to(torch.bfloat16).float()`` gives for finite ``x`` (inf and NaN pass through).
+
+    Written as integer arithmetic on the bits because a compiler may drop a cast round trip as
+    a no-op: torch 2.11's inductor on CPU does, even with ``emulate_precision_casts``, and every
+    INT scale then kept fp32 precision the exported bf16 scale does not have.  bf16 is fp32's
+    top 16 bits, so rounding is adding half a step (plus the kept part's last bit, for ties to
+    even) and clearing the low 16; done in int64 so no finite value can overflow."""
+    bits = x.float().view(torch.int32).to(torch.int64)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & ~0xFFFF
+    return torch.where(x.isfinite(), rounded.to(torch.int32).view(torch.float32), x.float())
+
+
+def round_to_storage(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """fp32 values rounded to ``dtype``'s grid, as fp32 (bf16 by :func:`round_to_bf16`)."""
+    if dtype == torch.bfloat16:
+        return round_to_bf16(x)
+    return x.to(dtype).float()
+
+
 def _store(scale: Tensor, dtype: torch.dtype) -> Tensor:
     """Round an fp32 scale to its storage dtype; zeros become the dtype's smallest step."""
     eps = torch.finfo(dtype).eps
-    stored = scale.to(dtype)
+    stored = round_to_storage(scale, dtype).to(dtype)
     return torch.where(stored == 0, torch.tensor(eps, dtype=dtype, device=scale.device), stored)
 
 

@@ -31,6 +31,7 @@ from qadpipe.errors import QuantError
 from qadpipe.quant.compiled import Compile, forward_for
 from qadpipe.quant.formats import (
     Kind, QuantizedTensor, QuantSpec, _groups, _groups_like_scale, dequantize, mse_best_scale, quantize,
+    round_to_storage,
 )
 
 Ste = Literal["identity", "clipped"]
@@ -76,7 +77,7 @@ class _CastSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, dtype: torch.dtype) -> Tensor:
-        return x.to(dtype).to(x.dtype)
+        return round_to_storage(x, dtype).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):

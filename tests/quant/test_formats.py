@@ -8,7 +8,7 @@ import torch
 from qadpipe.errors import QuantError
 from qadpipe.quant.formats import (
     Kind, MXScaleRule, QuantSpec, dequantize, fake_quantize, inside_range, mse_best_scale,
-    quantize, round_to_e2m1, round_to_fp8,
+    quantize, round_to_bf16, round_to_e2m1, round_to_fp8,
 )
 
 GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
@@ -80,6 +80,40 @@ def test_int4_asymmetric_hand_worked():
     assert q.scale.item() == 1.0 and q.zero_point.item() == -8
     assert q.codes.tolist() == [[-8, -6, -5, 7]]      # 1.5 -> 2 (half to even), 3 -> 3
     assert dequantize(q).tolist() == [[0.0, 2.0, 3.0, 15.0]]
+
+
+def _bf16_edge_cases() -> torch.Tensor:
+    """Exact ties both ways (low half 0x8000 with the kept part even and odd), one bit either
+    side of a tie, subnormals, the largest finite fp32 (rounds to inf), signed zeros, inf, NaN."""
+    patterns = [0x3F808000, 0x3F818000, 0x3F807FFF, 0x3F808001, 0x00008000, 0x00018000, 0x00000001,
+                0x007FFFFF, 0x7F7FFFFF, 0x7F7F7FFF, 0x00000000, 0x80000000, 0x7F800000, 0x7FC00000]
+    bits = torch.tensor(patterns + [p | 0x80000000 for p in patterns], dtype=torch.int64)
+    return bits.to(torch.int32).view(torch.float32)
+
+
+def test_round_to_bf16_matches_torchs_cast_on_ties_subnormals_overflow_and_random_bits():
+    """Against torch's own fp32 -> bf16 cast (round to nearest even): a separate implementation."""
+    x = torch.cat([_bf16_edge_cases(),
+                   torch.randint(-2**31, 2**31, (1 << 20,), generator=torch.Generator().manual_seed(0),
+                                 dtype=torch.int64).to(torch.int32).view(torch.float32)])
+    want = x.to(torch.bfloat16).float()
+    got = round_to_bf16(x)
+    assert torch.equal(got.isnan(), want.isnan())
+    finite = ~want.isnan()
+    assert torch.equal(got[finite].view(torch.int32), want[finite].view(torch.int32))
+
+
+def test_round_to_bf16_survives_a_compiler_that_drops_cast_round_trips():
+    """Inductor's default drops ``x.to(bfloat16).float()`` as a no-op (the check below shows it,
+    so this test would notice a torch that stopped doing so); the bit arithmetic of
+    round_to_bf16 is kept.  torch 2.11 dropped the cast even with ``emulate_precision_casts``,
+    and every compiled INT fake-quant then differed from eager."""
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(0)) * 1e-2
+    torch._dynamo.reset()
+    dropped = torch.compile(lambda t: t.to(torch.bfloat16).float() * 3.0)(x)
+    assert not torch.equal(dropped, x.to(torch.bfloat16).float() * 3.0), "inductor now keeps the cast"
+    kept = torch.compile(lambda t: round_to_bf16(t) * 3.0)(x)
+    assert torch.equal(kept, x.to(torch.bfloat16).float() * 3.0)
 
 
 def test_int_scale_is_rounded_to_bf16_before_codes():
