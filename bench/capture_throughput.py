@@ -28,6 +28,7 @@ import time
 from typing import Any, Callable
 
 import numpy as np
+from random_models import QWEN3_SHAPES, random_qwen3
 
 
 def random_sequences(n: int, length: int, vocab: int, seed: int = 0) -> list[Any]:
@@ -168,20 +169,6 @@ def fused_vs_stock(fused: Any, stock: Any, seqs: list[Any]) -> dict[str, float]:
     return out
 
 
-def random_qwen3_1p7b(device: str) -> Any:
-    """Qwen3-1.7B's shapes with random weights (no hub): 28 layers, 2048 wide, vocab 151936."""
-    import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    config = Qwen3Config(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
-                         num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
-                         tie_word_embeddings=True, rope_theta=1000000.0)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = Qwen3ForCausalLM(config).to(torch.bfloat16)
-    return model.eval()
-
-
 def bench_hf(model: Any, seqs: list[Any], ks: list[int], repeats: int, batch_size: int,
              fp32_head: bool) -> dict[str, Any]:
     import torch
@@ -225,7 +212,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backend", choices=["vllm", "hf", "both"], default="both")
     parser.add_argument("--model", default="smollm2-135m",
-                        help="an HF directory, 'smollm2-135m', or 'qwen3-1.7b-random' (HF backend only)")
+                        help="an HF directory, 'smollm2-135m', or (HF backend only) " + " or ".join(QWEN3_SHAPES))
     parser.add_argument("--device", default="cpu", help="HF backend device")
     parser.add_argument("--sequences", type=int, default=32)
     parser.add_argument("--length", type=int, default=512)
@@ -242,10 +229,10 @@ def main() -> None:
     from qadpipe.models import load_causal_lm, resolve_model_path
 
     results: dict[str, Any] = {"args": vars(args)}
-    if args.model == "qwen3-1.7b-random":
+    if args.model in QWEN3_SHAPES:
         if args.backend != "hf":
-            parser.error("--model qwen3-1.7b-random is for --backend hf (it exists only in memory)")
-        model = random_qwen3_1p7b(args.device)
+            parser.error(f"--model {args.model} is for --backend hf (it exists only in memory)")
+        model = random_qwen3(args.model, args.device).eval()
         seqs = random_sequences(args.sequences, args.length, model.config.vocab_size)
         results["hf"] = bench_hf(model, seqs, args.ks, args.repeats, args.batch_size, not args.bf16_head)
     else:

@@ -26,12 +26,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-MODES = ("online", "topk", "sampled")
+from random_models import QWEN3_SHAPES, random_qwen3
 
-#: Qwen3-1.7B's shape (random weights; the SmolLM2 tokenizer only names the files' ids).
-QWEN3_1_7B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
-                  num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
-                  tie_word_embeddings=True, rope_theta=1000000.0)
+MODES = ("online", "topk", "sampled")
 
 
 def model_dir(name: str, work: Path) -> Path:
@@ -41,17 +38,15 @@ def model_dir(name: str, work: Path) -> Path:
         return embedded_smollm2_dir()
     if (Path(name) / "config.json").is_file():
         return Path(name)
-    if name != "qwen3-1.7b-random":
-        raise SystemExit(f"--model: got {name!r}, expected smollm2-135m, qwen3-1.7b-random or an HF directory")
-    out = work / "qwen3-1.7b-random"
-    if not (out / "config.json").is_file():
+    if name not in QWEN3_SHAPES:
+        raise SystemExit(f"--model: got {name!r}, expected smollm2-135m, an HF directory or one of "
+                         f"{', '.join(QWEN3_SHAPES)}")
+    out = work / name
+    if not (out / "config.json").is_file():   # random weights; the SmolLM2 tokenizer only names the ids
         import torch
-        from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+        from transformers import AutoTokenizer
 
-        torch.manual_seed(0)
-        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-            model = Qwen3ForCausalLM(Qwen3Config(**QWEN3_1_7B)).to(torch.bfloat16)
-        model.save_pretrained(out)
+        random_qwen3(name, "cuda" if torch.cuda.is_available() else "cpu").save_pretrained(out)
         AutoTokenizer.from_pretrained(str(embedded_smollm2_dir())).save_pretrained(out)
     return out
 

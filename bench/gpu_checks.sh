@@ -3,6 +3,8 @@
 # Not run by CI (no GPU there); nothing in the test suite depends on it.
 #
 #   bash bench/gpu_checks.sh            # on a CUDA machine, from the repository root
+#   bash bench/gpu_checks.sh --smoke    # the same steps on this CPU with a tiny Qwen3 and tiny batches:
+#                                       # checks the script runs (tests/test_gpu_checks_smoke.py), measures nothing
 #
 # Issue 5: fake-quant compiled == eager on CUDA (bit-exact) and the NVFP4 W4A4 step vs bf16
 #          (eager and compiled fake-quant side by side), Qwen3-1.7B-shaped random model.
@@ -16,15 +18,22 @@
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux2014_x86_64 -d .whl zstandard==0.25.0
 set -u
+case "${1:-}" in
+  ""|--smoke) ;;
+  *) echo "bench/gpu_checks.sh: unknown argument '$1'; expected none (CUDA run) or --smoke (CPU)" >&2; exit 2;;
+esac
+python="${PYTHON:-python3}"
 site=""
-if ls .whl/*.whl > /dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/qadpipe-site \
+if [ -z "${1:-}" ] && ls .whl/*.whl > /dev/null 2>&1; then
+  $python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/qadpipe-site \
     .whl/*.whl && site=/tmp/qadpipe-site
 fi
 export PYTHONPATH="$PWD${site:+:$site}${PYTHONPATH:+:$PYTHONPATH}"
-dest="${OUT:-runs/bench/gpu}"
-mkdir -p "$dest"
+dest="${OUT:-runs/bench/gpu}"                       # the tables (small: they come back from a device call)
+work="${TMPDIR:-/tmp}/qadpipe-gpu-checks"           # models and caches (large: never under $OUT)
+mkdir -p "$dest" "$work"
 
+failed=""
 step() {   # step NAME SECONDS COMMAND...
   local name=$1 limit=$2; shift 2
   echo "=== $name (limit ${limit}s): $*"
@@ -32,12 +41,18 @@ step() {   # step NAME SECONDS COMMAND...
   timeout "$limit" "$@" > "$dest/$name.txt" 2> "$dest/$name.err"
   local rc=$?
   tail -n 25 "$dest/$name.txt"
-  [ $rc -eq 0 ] || { echo "--- $name exited $rc; stderr tail:"; tail -n 15 "$dest/$name.err"; }
+  grep -h "differs from eager" "$dest/$name.err"   # a compiled fake-quant that fell back to eager
+  [ $rc -eq 0 ] || { echo "--- $name exited $rc; stderr tail:"; tail -n 15 "$dest/$name.err"; failed="$failed $name"; }
   echo "=== $name: rc=$rc, $((SECONDS - start)) s"
 }
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 - <<'EOF'
+if [ "${1:-}" = "--smoke" ]; then
+  device=cpu; model=qwen3-tiny-random; shape="256 128"; batch=1; seq=64; rounds=1; steps=3; warmup=1; sequences=4
+else
+  device=cuda; model=qwen3-1.7b-random; shape="6144 2048"; batch=4; seq=2048; rounds=5; steps=8; warmup=2; sequences=32
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+fi
+$python - <<'EOF'
 import importlib.util, torch, transformers
 print("torch", torch.__version__, "cuda", torch.version.cuda, "transformers", transformers.__version__)
 for module in ("pyarrow", "zstandard", "safetensors", "tqdm", "yaml", "datasets", "click"):
@@ -45,11 +60,12 @@ for module in ("pyarrow", "zstandard", "safetensors", "tqdm", "yaml", "datasets"
 EOF
 
 # Limits add up to 9 minutes (a device call may run 10).
-step quant_compile 60 python3 bench/quant_compile.py --device cuda --shape 6144 2048 \
+step quant_compile 60 $python bench/quant_compile.py --device $device --shape $shape \
   --presets nvfp4 mxfp4 fp8 w4a16_int
-step quant_overhead 210 python3 bench/quant_overhead.py --device cuda --model qwen3-1.7b-random \
-  --presets nvfp4 nvfp4_a16 w4a16_int --group-size 128 --fake-quant both --rounds 5
-step distill_vs_online 180 python3 bench/distill_vs_online.py --device cuda --model qwen3-1.7b-random \
-  --batch 4 --seq 2048 --steps 8 --warmup 2
-step capture_hf 90 python3 bench/capture_throughput.py --backend hf --device cuda --model qwen3-1.7b-random \
-  --sequences 32 --length 2048 --batch-size 8
+step quant_overhead 210 $python bench/quant_overhead.py --device $device --model $model \
+  --presets nvfp4 nvfp4_a16 w4a16_int --group-size 128 --fake-quant both --rounds $rounds --batch $batch --seq $seq
+step distill_vs_online 180 $python bench/distill_vs_online.py --device $device --model $model \
+  --batch $batch --seq $seq --steps $steps --warmup $warmup --workdir "$work/distill_vs_online"
+step capture_hf 90 $python bench/capture_throughput.py --backend hf --device $device --model $model \
+  --sequences $sequences --length $seq --batch-size $((batch * 2))
+[ -z "$failed" ] || { echo "failed steps:$failed"; exit 1; }

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from qadpipe.config import build_config  # noqa: E402
 from qadpipe.quant.calibrate import calibrate  # noqa: E402
 from qadpipe.quant.recipe import PRESETS, apply_recipe  # noqa: E402
+from random_models import QWEN3_SHAPES, random_qwen3  # noqa: E402
 
 DEFAULT_PRESETS = ["w4a16_int", "nvfp4", "nvfp4_a16", "mxfp4", "fp8", "w8a8_int", "lsq_int4"]
 
@@ -37,15 +38,9 @@ def build_base(name: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
     if name == "smollm2":
         from qadpipe.models import load_causal_lm
         return load_causal_lm("smollm2-135m", dtype=str(dtype).split(".")[-1], device=device)
-    if name == "qwen3-1.7b-random":
-        from transformers import Qwen3Config, Qwen3ForCausalLM
-        config = Qwen3Config(vocab_size=151936, hidden_size=2048, intermediate_size=6144,
-                             num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
-                             head_dim=128, tie_word_embeddings=True, max_position_embeddings=4096)
-        torch.manual_seed(0)
-        with torch.device(device):
-            return Qwen3ForCausalLM(config).to(dtype)
-    raise SystemExit(f"--model: unknown {name!r}; expected smollm2 or qwen3-1.7b-random")
+    if name in QWEN3_SHAPES:
+        return random_qwen3(name, device, dtype)
+    raise SystemExit(f"--model: unknown {name!r}; expected smollm2 or one of {', '.join(QWEN3_SHAPES)}")
 
 
 def make_student(base: torch.nn.Module, preset: str, group_size: int | None,
@@ -71,7 +66,7 @@ def step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--model", default="smollm2", help="smollm2 | qwen3-1.7b-random")
+    parser.add_argument("--model", default="smollm2", help="smollm2 | " + " | ".join(QWEN3_SHAPES))
     parser.add_argument("--presets", nargs="+", default=DEFAULT_PRESETS)
     parser.add_argument("--group-size", type=int, default=64, help="for the group-128 presets (SmolLM2: 576)")
     parser.add_argument("--batch", type=int, default=None)

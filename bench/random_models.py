@@ -1,0 +1,33 @@
+"""Random-weight models with a real model's shapes, for the benchmarks that need a GPU-sized
+student: the device machines have no model hub, and a model built from a config costs nothing to
+ship.  One table, so every benchmark measures the same model.
+
+``qwen3-1.7b-random`` is the model the issues name for GPU figures.  ``qwen3-tiny-random`` keeps
+Qwen3's layer types and real vocabulary (151936, so the vocab-sized paths -- chunked losses, top-k
+over the logits -- run at their real width) with a tiny body: ``bench/gpu_checks.sh --smoke`` runs
+every GPU step on a CPU with it, so a script that has never met a GPU does not first fail on one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+QWEN3_SHAPES: dict[str, dict[str, Any]] = {
+    "qwen3-1.7b-random": dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                              num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                              max_position_embeddings=40960, tie_word_embeddings=True, rope_theta=1000000.0),
+    "qwen3-tiny-random": dict(vocab_size=151936, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                              max_position_embeddings=4096, tie_word_embeddings=True, rope_theta=1000000.0),
+}
+
+
+def random_qwen3(name: str, device: str, dtype: Any = None) -> Any:
+    """A seeded random ``Qwen3ForCausalLM`` with the shapes ``QWEN3_SHAPES[name]`` (bf16 by default),
+    built directly on ``device``."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        return Qwen3ForCausalLM(Qwen3Config(**QWEN3_SHAPES[name])).to(dtype or torch.bfloat16)

@@ -1,0 +1,40 @@
+"""bench/gpu_checks.sh has to work the first time a GPU is lent: a device call is minutes of a
+short budget, and the script had never run anywhere.  ``--smoke`` runs every one of its steps on
+this CPU with a tiny Qwen3 and tiny batches -- argument parsing, model building, caches,
+distill children, the tables -- so only what is truly CUDA-only is left untried (slow: ~80 s)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+#: each step, and a heading its table prints once measured
+STEPS = {"quant_compile": "compiled == eager", "quant_overhead": "x bf16", "distill_vs_online": "x online",
+         "capture_hf": "capture k=64"}
+
+
+@pytest.mark.slow
+def test_gpu_checks_script_runs_every_step_on_cpu(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "out"), "TMPDIR": str(tmp_path)}
+    result = subprocess.run(["bash", "bench/gpu_checks.sh", "--smoke"], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:]
+    for name, heading in STEPS.items():
+        assert f"=== {name}: rc=0" in result.stdout, result.stdout[-4000:]
+        table = (tmp_path / "out" / f"{name}.txt").read_text()
+        assert heading in table, f"{name} printed no table:\n{table}"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        f"{name}.{ext}" for name in STEPS for ext in ("txt", "err"))
+
+
+def test_gpu_checks_script_refuses_an_unknown_argument():
+    result = subprocess.run(["bash", "bench/gpu_checks.sh", "--smoek"], cwd=REPO, capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("bench/gpu_checks.sh: unknown argument '--smoek'; "
+                                     "expected none (CUDA run) or --smoke (CPU)")
