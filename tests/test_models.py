@@ -48,6 +48,7 @@ def test_embedded_smollm2_knows_paris(smollm2_dir: Path):
 
 @pytest.mark.slow
 def test_vllm_cpu_loads_and_scores_the_embedded_model(smollm2_dir: Path):
+    pytest.importorskip("vllm")
     tokenizer = load_tokenizer(str(smollm2_dir))
     ids = tokenizer("The capital of France is Paris").input_ids
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")

@@ -97,6 +97,7 @@ def serving_figures(smollm2_dir: Path, work: Path, make_student) -> dict[str, fl
 
 @pytest.mark.slow
 def test_vllm_serves_what_was_trained(smollm2_dir, tmp_path, student):
+    pytest.importorskip("vllm")
     figures = serving_figures(smollm2_dir, tmp_path, student)
     print("serving figures (mean |Δ log-prob| per token):", json.dumps(figures, indent=1))
     floor = figures["noise_floor"]
