@@ -7,12 +7,13 @@ kernels.  Training must still round exactly as export packs, so the compiled pat
 used because it returns the *same* values as the eager one (``tests/quant/test_compiled.py``
 checks every preset's formats on random and adversarial tensors):
 
-* casts: by default inductor keeps low-precision intermediates in fp32 and drops a round
-  trip such as ``scale.to(bfloat16).float()`` -- the stored-scale rounding every INT format
-  depends on (measured on a SmolLM2 MLP weight: 0.3% of the INT4 codes off by one).
-  ``emulate_precision_casts`` keeps it on torch 2.13 but not on 2.11's CPU backend, so the
-  formats round to bf16 by integer arithmetic on the bits (``formats.round_to_bf16``), which
-  no compiler can drop; the option stays for the casts that remain.
+* casts: inductor keeps bf16/fp16 intermediates in fp32 and drops a round trip such as
+  ``scale.to(bfloat16).float()`` -- the stored-scale rounding every INT format depends on
+  (measured on a SmolLM2 MLP weight: 0.3% of the INT4 codes off by one).  Its
+  ``emulate_precision_casts`` option keeps it on torch 2.13, not on 2.11's CPU backend, and
+  crashes 2.9's; so the formats round to bf16 by integer arithmetic on the bits
+  (``formats.round_to_bf16``), which no compiler drops, and no option is needed (FP8 and E8M0
+  codes are real narrowing casts, never elided).  Checked on torch 2.9, 2.11 and 2.13.
 * shapes: rows dynamic, features static (see :func:`compiled_fake_quant_forward`), so a
   model needs one graph per format and in-features size.
 
@@ -71,7 +72,7 @@ def compiled_fake_quant_forward(spec: QuantSpec, clipped: bool) -> FakeQuantForw
         return fake_quant_forward(x, amax, spec=spec, clipped=clipped)
 
     forward.__code__ = forward.__code__.replace(co_name=_name(spec, clipped))
-    compiled = torch.compile(forward, options={"emulate_precision_casts": True})
+    compiled = torch.compile(forward)
 
     def run(x: Tensor, amax: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
         rows = x.reshape(-1, x.shape[-1])
