@@ -33,6 +33,14 @@ def test_override_applies_and_yaml_1_1_exponent_is_a_number(tmp_path: Path):
     assert config.teacher_path == "/x"
 
 
+def test_override_keeps_a_hash_that_is_not_a_yaml_comment():
+    """A '#' inside a word or a quoted value is data, as YAML reads it."""
+    config = load_config(None, ["data.source=runs/a#1.jsonl", "model.path='runs/a #2'",
+                                'quant.ignore=[lm_head, "#x"]'])
+    assert (config.data.source, config.model.path, config.quant.ignore) == ("runs/a#1.jsonl", "runs/a #2",
+                                                                             ["lm_head", "#x"])
+
+
 def test_config_show_prints_the_resolved_config_with_the_override():
     result = run_cli("config", "show", "-c", "configs/demo.yaml", "--set", "distill.lr=2e-5")
     assert result.exit_code == 0, result.output
@@ -79,6 +87,9 @@ BAD_CONFIGS = [
                  "distill.lr: got {'x': 1} (dict), expected a number", id="override-into-a-value"),
     pytest.param("distill:\n  lr: 1.0e-5\n", ["distill.lr.x=1"],
                  "--set 'distill.lr.x=1': 'distill.lr' is not a section", id="override-into-a-file-value"),
+    pytest.param(None, ["data.source=runs/a #1.jsonl"],
+                 "--set 'data.source=runs/a #1.jsonl': YAML reads '#1.jsonl' as a comment and drops it; "
+                 "quote the value to keep it: data.source='runs/a #1.jsonl'", id="override-with-a-yaml-comment"),
     pytest.param(None, ["distill.max_steps=-3"],
                  "distill.max_steps: got -3 (int), expected a value >= 1", id="override-out-of-range"),
 ]

@@ -79,8 +79,12 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         raise ConfigError(f"--set '{item}': expected KEY=VALUE, e.g. distill.lr=2e-5")
     try:
         value = yaml.safe_load(text) if text.strip() else ""
+        dropped = _yaml_comment(text)
     except yaml.YAMLError:
-        value = text
+        value, dropped = text, ""
+    if dropped:
+        raise ConfigError(f"--set '{item}': YAML reads '{dropped}' as a comment and drops it; "
+                          f"quote the value to keep it: {key.strip()}='{text.strip()}'")
     parts = key.strip().split(".")
     node = raw
     for depth, part in enumerate(parts[:-1]):
@@ -89,6 +93,13 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
             raise ConfigError(f"--set '{item}': '{'.'.join(parts[: depth + 1])}' is not a section")
         node = child
     node[parts[-1]] = value
+
+
+def _yaml_comment(text: str) -> str:
+    """What YAML would silently drop from a --set value as a comment (``k=x #1`` reads as x)."""
+    tokens = [t for t in yaml.scan(text) if not isinstance(t, (yaml.StreamStartToken, yaml.StreamEndToken))]
+    end = max((t.end_mark.index for t in tokens), default=0)
+    return text[end:].strip()
 
 
 def _build_dataclass(cls: type, raw: Any, prefix: str) -> Any:
