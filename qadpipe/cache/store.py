@@ -10,6 +10,7 @@ qadpipe never writes them anywhere.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -34,6 +35,7 @@ class Store:
             self.fs, self.base = filesystem, self.root.rstrip("/")
         else:
             _refuse_credentials(self.root)
+            _probe_gcs(self.root)
             try:
                 self.fs, path = pafs.FileSystem.from_uri(self.root)
             except (pa.ArrowException, OSError, ValueError) as exc:
@@ -133,6 +135,44 @@ def _refuse_credentials(uri: str) -> None:
         raise CacheError(f"cache path {parts.scheme}://{parts.hostname or ''}/...: carries credentials; they would "
                          "be saved in configs and logs. Expected them in the environment (AWS_ACCESS_KEY_ID, "
                          "AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN)")
+
+
+#: How long the start-up probe of a gs:// cache may retry before giving up.
+GCS_PROBE_SECONDS = 15.0
+
+
+def _probe_gcs(uri: str) -> None:
+    """Fail in seconds, not a quarter of an hour, where GCS cannot be reached or no credentials
+    are found: the GCS client retries every request for 15 minutes by default, silently.  The
+    probe (one metadata request) gets a short retry limit; the run itself keeps the client's
+    patient default, which rides out a transient outage mid-run.  A URI that sets
+    ``retry_limit_seconds`` itself is left as it is."""
+    from urllib.parse import parse_qs, urlsplit
+
+    parts = urlsplit(uri)
+    if parts.scheme not in ("gs", "gcs") or "retry_limit_seconds" in parse_qs(parts.query):
+        return
+    probe_uri = f"{uri}{'&' if parts.query else '?'}retry_limit_seconds={GCS_PROBE_SECONDS:g}"
+    try:
+        fs, path = pafs.FileSystem.from_uri(probe_uri)
+        fs.get_file_info(path)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise CacheError(f"{uri}: cannot reach Google Cloud Storage within {GCS_PROBE_SECONDS:g} s "
+                         f"({_gcs_reason(exc)}); expected network access and credentials "
+                         "(GOOGLE_APPLICATION_CREDENTIALS, or a GCP machine's service account)") from exc
+
+
+def _gcs_reason(exc: BaseException) -> str:
+    """The gist of a google-cloud-cpp status (its message runs to a kilobyte): the code, the
+    last attempt's message and the underlying transport error."""
+    text = _first_line(exc)
+    code = re.search(r"Status\((\w+):", text)
+    last = re.search(r"last message of (.+?)\.", text)
+    under = re.search(r"underlying error message was: (.+?) error_info=", text)
+    parts = [m.group(1) for m in (last, under) if m]
+    if not code or not parts:
+        return text if len(text) <= 300 else text[:300] + "..."
+    return f"{code.group(1)}: {'; '.join(parts)}"
 
 
 def _first_line(exc: BaseException) -> str:

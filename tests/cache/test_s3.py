@@ -1,4 +1,4 @@
-"""The cache on an object store: moto's S3 server, started here on loopback only."""
+"""The cache on an object store: moto's S3 server, started here on loopback only; GCS's start-up probe."""
 
 from __future__ import annotations
 
@@ -66,3 +66,22 @@ def test_a_uri_with_no_cache_says_so_rather_than_empty(s3, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{endpoint}")
     with pytest.raises(CacheError, match=r"^s3://qad/typo/manifests: no task manifest found \(no cache at this URI"):
         CacheReader("s3://qad/typo")
+
+
+def test_an_unreachable_gcs_cache_fails_in_seconds_not_minutes(monkeypatch):
+    """The GCS client retries for 15 minutes by default; the start-up probe gives up after
+    GCS_PROBE_SECONDS (2 here) and says why.  The endpoint is a closed local port, so this holds
+    with or without network and credentials."""
+    import time
+
+    from qadpipe.cache import store
+
+    monkeypatch.setattr(store, "GCS_PROBE_SECONDS", 2.0)
+    uri = "gs://bucket/run?endpoint_override=127.0.0.1:9&scheme=http"
+    start = time.monotonic()
+    with pytest.raises(CacheError, match=r"^gs://bucket/run\?endpoint_override=127.0.0.1:9&scheme=http: cannot "
+                                         r"reach Google Cloud Storage within 2 s \(.*\); expected network access") as error:
+        store.Store(uri)
+    assert time.monotonic() - start < 30
+    assert len(str(error.value)) < 600, "the client's kilobyte status is cut to its gist"
+    store.Store(uri + "&retry_limit_seconds=1")   # the user's own limit: no probe, nothing fetched yet
