@@ -125,7 +125,7 @@ class GenerateConfig:
 class CacheConfig:
     """The logit cache written by stage one and read by stage two."""
 
-    path: str = opt("runs/cache", "cache directory or s3:// URI")
+    path: str = opt("runs/cache", "cache directory, or an object-store URI (s3://, gs://)")
     target: Literal["topk", "sampled"] = opt("topk",
         "topk: k highest teacher log-probs + tail mass; sampled: N draws (ids + counts)")
     k: int = opt(64, "top-k entries per position", ge=1, le=4096)
