@@ -17,6 +17,10 @@ checks every preset's formats on random and adversarial tensors):
 * shapes: rows dynamic, features static (see :func:`compiled_fake_quant_forward`), so a
   model needs one graph per format and in-features size.
 
+* division: scales are quotients rounded once in fp64 (``formats.exact_quotient``), the same
+  on every device; element divisions ``x / s`` keep IEEE rounding in Triton through
+  ``eager_numerics.division_rounding`` (see ``_eager_division``).
+
 Those tests run on the CPU (inductor's C++ code); other backends generate other code (Triton
 on CUDA), so the first tensor of each (device, dtype) a compiled forward sees is also run
 eagerly: if any value differs, that forward logs an error and stays eager -- slower, never
@@ -45,6 +49,16 @@ log = logging.getLogger(__name__)
 
 Compile = Literal["auto", "on", "off"]
 
+
+def _eager_division() -> dict[str, bool]:
+    """Triton lowers fp32 ``x / y`` to an approximate divide (PTX ``div.full.f32``, up to 2 ulp),
+    which moves ``round(x / s)`` across a tie; this inductor option (torch >= 2.10) keeps the
+    IEEE division eager uses.  Without it (torch 2.9) the compiled CUDA forward will likely
+    differ from eager, and the self-check then runs eager."""
+    import torch._inductor.config as inductor_config
+
+    return {"eager_numerics.division_rounding": True} if hasattr(inductor_config, "eager_numerics") else {}
+
 FakeQuantForward = Callable[[Tensor, Optional[Tensor]], tuple[Tensor, Optional[Tensor]]]
 
 
@@ -72,7 +86,7 @@ def compiled_fake_quant_forward(spec: QuantSpec, clipped: bool) -> FakeQuantForw
         return fake_quant_forward(x, amax, spec=spec, clipped=clipped)
 
     forward.__code__ = forward.__code__.replace(co_name=_name(spec, clipped))
-    compiled = torch.compile(forward)
+    compiled = torch.compile(forward, options=_eager_division())
 
     def run(x: Tensor, amax: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
         rows = x.reshape(-1, x.shape[-1])

@@ -28,6 +28,7 @@ exact zeros and nothing divides by zero.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import Enum
 from typing import Optional
@@ -270,6 +271,19 @@ def round_to_storage(x: Tensor, dtype: torch.dtype) -> Tensor:
     return x.to(dtype).float()
 
 
+def exact_quotient(numerator: Tensor | float, denominator: Tensor | float) -> Tensor:
+    """``numerator / denominator`` (fp32 values; one side a Python constant) rounded once to
+    fp32: the same bits on CPU and CUDA, eager and compiled.  Done directly in fp32 it is not:
+    CUDA eager divides by a Python scalar as a multiply by its reciprocal (two roundings), and
+    inductor lowers ``constant / x`` to a reciprocal, approximate in Triton.  In fp64 any of
+    those is off by a few fp64 ulps at most, while a quotient of fp32 values is never within
+    2**-49 (relative) of an fp32 rounding boundary, so the final rounding to fp32 is the correct
+    one however the fp64 division was done.  Scales only: a few values per group or row."""
+    if isinstance(numerator, Tensor):
+        return (numerator.double() / denominator).float()
+    return (numerator / denominator.double()).float()
+
+
 def _store(scale: Tensor, dtype: torch.dtype) -> Tensor:
     """Round an fp32 scale to its storage dtype; zeros become the dtype's smallest step."""
     eps = torch.finfo(dtype).eps
@@ -324,7 +338,7 @@ def quantize(x: Tensor, spec: QuantSpec, *, amax: Optional[Tensor] = None,
         codes, s = ternary_codes(xg, spec)
     elif spec.kind is Kind.FP8:
         a = amax if amax is not None else xg.abs().amax(-1, keepdim=True)
-        s = _store(a / C.FP8_E4M3_MAX, torch.float32)
+        s = _store(exact_quotient(a, C.FP8_E4M3_MAX), torch.float32)
         codes = round_to_fp8(xg / s, spec.fp8_toward_zero)
     elif spec.kind is Kind.NVFP4:
         codes, s, global_scale = _quantize_nvfp4(xg, amax)
@@ -348,13 +362,13 @@ def _quantize_int(xg: Tensor, spec: QuantSpec, amax: Optional[Tensor],
     if spec.symmetric:
         if scale is None:
             a = amax if amax is not None else xg.abs().amax(-1, keepdim=True)
-            scale = a / ((qmax - qmin) / 2)
+            scale = exact_quotient(a, (qmax - qmin) / 2)
         s = _store(scale, spec.scale_dtype).float()
         codes = torch.round(xg / s).clamp(qmin, qmax)
         return codes.to(torch.int8), s.to(spec.scale_dtype), None
     lo = xg.amin(-1, keepdim=True).clamp(max=0)
     hi = xg.amax(-1, keepdim=True).clamp(min=0)
-    s = _store((hi - lo) / (qmax - qmin), spec.scale_dtype).float()
+    s = _store(exact_quotient(hi - lo, qmax - qmin), spec.scale_dtype).float()
     zp = torch.round(qmin - lo / s).clamp(qmin, qmax)
     codes = torch.round(xg / s + zp).clamp(qmin, qmax)
     return codes.to(torch.int8), s.to(spec.scale_dtype), zp.to(torch.int8)
@@ -363,10 +377,11 @@ def _quantize_int(xg: Tensor, spec: QuantSpec, amax: Optional[Tensor],
 def _quantize_nvfp4(xg: Tensor, amax: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     a = amax.reshape(()) if amax is not None else xg.abs().amax()
     tiny = torch.finfo(torch.float32).tiny
-    global_scale = (C.FP8_E4M3_MAX * C.E2M1_MAX) / a.clamp(min=tiny)
+    # 2688 / amax as torch (and compressed-tensors) evaluate it: reciprocal, then multiply
+    global_scale = exact_quotient(1.0, a.clamp(min=tiny)) * (C.FP8_E4M3_MAX * C.E2M1_MAX)
     global_scale = torch.nan_to_num(global_scale, nan=1.0, posinf=1.0, neginf=1.0).reshape(1)
     block_amax = xg.abs().amax(-1, keepdim=True)
-    s8 = round_to_fp8(global_scale * (block_amax / C.E2M1_MAX)).float()
+    s8 = round_to_fp8(global_scale * exact_quotient(block_amax, C.E2M1_MAX)).float()
     # An all-zero (or underflowed) block gets the smallest nonzero scale.  Done in fp32 and cast
     # back (exact: the value is an E4M3 code) because inductor cannot lower a where() on float8.
     s8 = torch.where(s8 == 0, C.FP8_ZERO_SCALE, s8)
@@ -383,7 +398,7 @@ def _mx_exponent(block_amax: Tensor, spec: QuantSpec) -> Tensor:
         emax_elem = C.E2M1_EMAX if spec.kind is Kind.MXFP4 else C.FP8_E4M3_EMAX
         e = (exp - 1) - emax_elem
     else:
-        elem_mant, elem_exp = torch.frexp(torch.tensor(spec.elem_max))
+        elem_mant, elem_exp = math.frexp(spec.elem_max)   # constants, not a CPU tensor in a CUDA graph
         e = torch.where(mant <= elem_mant, exp - elem_exp, exp - elem_exp + 1)
     e = torch.where(block_amax > 0, e, torch.zeros_like(e))
     return e.clamp(C.E8M0_MIN_EXP, C.E8M0_MAX_EXP)
@@ -418,7 +433,7 @@ def _w4a8_scales(scale: Tensor) -> Tensor:
     ``c = max_g(s_g)/448``, ``s8 = fp8(fp8(s_g/c)/8)``, effective scale ``s8 * 8c``.
     Formula-level emulation (the kernel needs a Hopper GPU; not bit-verified here)."""
     s = scale.float()
-    c = s.abs().amax(-1, keepdim=True) / C.FP8_E4M3_MAX
+    c = exact_quotient(s.abs().amax(-1, keepdim=True), C.FP8_E4M3_MAX)
     s8 = round_to_fp8(s / c)
     s8 = round_to_fp8(s8.float() / 8.0)
     return s8.float() * (c * 8.0)
@@ -476,7 +491,7 @@ def mse_best_scale(x: Tensor, spec: QuantSpec, ratios: Optional[Tensor] = None) 
     qmin, qmax = spec.code_range
     xf = x.detach().float()
     xg = _groups(xf, spec)
-    base = xg.abs().amax(-1) / ((qmax - qmin) / 2)
+    base = exact_quotient(xg.abs().amax(-1), (qmax - qmin) / 2)
     base = base.reshape(_scale_shape(x.shape, spec))
     best_err = best = None
     for r in ratios.tolist():

@@ -8,7 +8,7 @@ import torch
 from qadpipe.errors import QuantError
 from qadpipe.quant.formats import (
     Kind, MXScaleRule, QuantSpec, dequantize, fake_quantize, inside_range, mse_best_scale,
-    quantize, round_to_bf16, round_to_e2m1, round_to_fp8,
+    exact_quotient, quantize, round_to_bf16, round_to_e2m1, round_to_fp8,
 )
 
 GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
@@ -114,6 +114,23 @@ def test_round_to_bf16_survives_a_compiler_that_drops_cast_round_trips():
     assert not torch.equal(dropped, x.to(torch.bfloat16).float() * 3.0), "inductor now keeps the cast"
     kept = torch.compile(lambda t: round_to_bf16(t) * 3.0)(x)
     assert torch.equal(kept, x.to(torch.bfloat16).float() * 3.0)
+
+
+@pytest.mark.parametrize("constant", [448.0, 6.0, 7.0, 7.5, 127.0, 255.0])
+def test_exact_quotient_is_numpys_fp32_division_however_the_fp64_step_is_done(constant):
+    """Reference: numpy's IEEE fp32 division.  Also emulates CUDA eager, which divides by a
+    scalar as a multiply by the fp64 reciprocal: the fp32 result must not change."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(int(constant))
+    x = torch.cat([torch.rand(1 << 18, generator=g) * 10.0 ** torch.randint(-40, 38, (1 << 18,), generator=g),
+                   torch.tensor([0.0, 1e-45, 3.4e38, 448.0 * 7.0])]).float()
+    want = torch.from_numpy(x.numpy() / np.float32(constant))
+    assert torch.equal(exact_quotient(x, constant), want)
+    assert torch.equal((x.double() * (1.0 / constant)).float(), want)
+    amax = x[x > 0]
+    with np.errstate(over="ignore"):   # constant / 1e-45 is inf in both
+        assert torch.equal(exact_quotient(constant, amax), torch.from_numpy(np.float32(constant) / amax.numpy()))
 
 
 def test_int_scale_is_rounded_to_bf16_before_codes():
