@@ -40,6 +40,19 @@ def test_round_trip_with_tied_weights(tmp_path: Path):
     assert torch.equal(state.rng["torch"], capture_rng()["torch"])
 
 
+def test_full_state_keeps_ties_when_offloading_copies_each_tensor(monkeypatch):
+    """From a GPU, cpu_offload returns a separate CPU copy per entry (on a CPU it returns the
+    tensors themselves, so the copy is simulated): the head must still alias the embedding."""
+    from qadpipe.distill import distributed
+
+    offload = distributed.get_model_state_dict
+    monkeypatch.setattr(distributed, "get_model_state_dict",
+                        lambda module, options: {k: v.clone() for k, v in offload(module, options=options).items()})
+    for model in (Tied(), torch.nn.Sequential(Tied())):
+        tensors, aliases = unique_tensors(distributed.full_model_state(model))
+        assert list(aliases.values()) == [next(iter(tensors))] and len(tensors) == 1
+
+
 def test_latest_is_the_commit_point_and_old_steps_are_pruned(tmp_path: Path):
     model = torch.nn.Linear(3, 3)
     config = load_config(None)
