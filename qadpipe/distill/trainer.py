@@ -115,6 +115,11 @@ class DistillRecipe:
     def setup(self) -> None:
         cfg = self.cfg
         self.env = dist_utils.init_distributed(cfg.device)
+        if self.env.device.type == "cuda" and self.config.model.dtype == "float16":
+            # fp16 autocast needs loss scaling: the loss is divided by the batch's position
+            # count, and activation gradients of ~1e-6 fall below fp16's normal range.
+            raise DistillError("model.dtype: float16 on CUDA would train without loss scaling (gradients "
+                               "underflow in fp16); expected bfloat16 or float32")
         torch.manual_seed(cfg.seed)
         if not self.resume:
             _refuse_previous_run(self.output_dir)

@@ -123,6 +123,19 @@ def test_refuses_a_cache_from_another_tokenizer(peaky_llama_dir, tmp_path):
     assert "tokenizer_fingerprint='sha256:other'" in line and "expects tokenizer_fingerprint='sha256:" in line
 
 
+def test_refuses_fp16_training_on_cuda_without_touching_the_gpu(peaky_llama_dir, topk_cache, tmp_path, monkeypatch):
+    """fp16 autocast without loss scaling underflows gradients; refused before any model loads
+    (the device is faked: the check runs before anything touches it)."""
+    from qadpipe.distill import trainer
+
+    monkeypatch.setattr(trainer.dist_utils, "init_distributed",
+                        lambda device: trainer.dist_utils.DistEnv(0, 1, 0, torch.device("cuda", 0)))
+    line = one_line_error(distill(peaky_llama_dir, topk_cache, tmp_path / "out", "model.dtype=float16"))
+    assert line == ("qadpipe: error: model.dtype: float16 on CUDA would train without loss scaling (gradients "
+                    "underflow in fp16); expected bfloat16 or float32")
+    assert not (tmp_path / "out").exists()
+
+
 def test_refuses_a_cache_without_the_loss_target_kind(peaky_llama_dir, sampled_cache, tmp_path):
     line = one_line_error(distill(peaky_llama_dir, sampled_cache, tmp_path / "out"))
     assert "cache holds sampled targets, but distill.loss=forward_kl needs topk targets" in line
