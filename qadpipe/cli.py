@@ -146,15 +146,20 @@ def distill(config_path: str | None, overrides: tuple[str, ...], resume: bool) -
 
     from qadpipe.distill.trainer import run_distill
 
-    result = run_distill(_load(config_path, overrides), resume=resume)
+    config = _load(config_path, overrides)
+    result = run_distill(config, resume=resume)
+    saved = config.distill.save
     if result.status == "preempted":
-        click.echo(f"qadpipe: distill stopped by {result.stop_signal} at step {result.step}; checkpoint saved, "
-                   "rerun with --resume", err=True)
+        click.echo(f"qadpipe: distill stopped by {result.stop_signal} at step {result.step}; "
+                   + ("checkpoint saved, rerun with --resume" if saved else "nothing saved (distill.save=false)"),
+                   err=True)
         sys.exit(128 + signal.Signals[result.stop_signal])
+    ptq, last = result.ptq_eval.get("kl"), result.last_eval.get("kl")
+    figures = f"; held-out KL {ptq:.4f} (PTQ) -> {last:.4f}" if ptq is not None and last is not None else ""
     if result.final_dir is not None:
-        ptq, last = result.ptq_eval.get("kl"), result.last_eval.get("kl")
-        figures = f"; held-out KL {ptq:.4f} (PTQ) -> {last:.4f}" if ptq is not None and last is not None else ""
         click.echo(f"distill: {result.step} steps{figures}; student in {result.final_dir}")
+    elif not saved:
+        click.echo(f"distill: {result.step} steps{figures}; nothing saved (distill.save=false)")
 
 
 @cli.command()

@@ -201,6 +201,8 @@ class DistillConfig:
     seed: int = opt(0, "RNG seed (data order, init)")
     output_dir: str = opt("runs/student", "checkpoints and metrics")
     save_every: int = opt(50, "checkpoint every N steps", ge=1)
+    save: bool = opt(True, "write the PTQ student, checkpoints and final/ (false: metrics only, for "
+                     "throughput runs; nothing to resume or export)")
     eval_every: int = opt(25, "held-out eval every N steps", ge=1)
     eval_rows: int = opt(16, "cache rows held out for eval", ge=0)
     log_every: int = opt(5, "log line every N steps", ge=1)

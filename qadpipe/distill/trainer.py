@@ -152,7 +152,7 @@ class DistillRecipe:
         restored = self._restore_weights(student) if self.resume else None
         if restored is None:
             self._calibrate(student)
-            if self.env.is_main:
+            if self.env.is_main and cfg.save:
                 save_student(self.output_dir, student.state_dict(), self.config, PTQ_DIR)
             self.ptq_eval = self._evaluate(self.model)
             self._log_eval("ptq", self.ptq_eval)
@@ -381,12 +381,14 @@ class DistillRecipe:
                     self.last_eval = self._evaluate(self.wrapped)
                     self._log_eval("eval", self.last_eval)
                 stop = self._stop_requested()
-                if self.step % cfg.save_every == 0 or stop or self.step == cfg.max_steps:
+                if cfg.save and (self.step % cfg.save_every == 0 or stop or self.step == cfg.max_steps):
                     self.save_checkpoint()
                 if stop:
-                    log.warning("%s: checkpoint saved at step %d; rerun with --resume to continue", stop, self.step)
+                    outcome = ("checkpoint saved at step %d; rerun with --resume to continue" if cfg.save
+                               else "stopped at step %d; nothing saved (distill.save=false)")
+                    log.warning("%s: " + outcome, stop, self.step)
                     return TrainResult("preempted", self.step, self.ptq_eval, self.last_eval, stop_signal=stop)
-        final = self.save_final()
+        final = self.save_final() if cfg.save else None
         return TrainResult("done", self.step, self.ptq_eval, self.last_eval, final)
 
     def _train_step(self, micro: list[Batch], window: _Window) -> None:
@@ -516,6 +518,7 @@ class DistillRecipe:
 #: Config fields a resumed run may change: when to stop, log, evaluate and save, and where
 #: the run and its cache live (a moved cache is recognised by its fingerprint, not its path).
 RESUMABLE_CHANGES = frozenset({"distill.max_steps", "distill.log_every", "distill.eval_every", "distill.save_every",
+                               "distill.save",
                                "distill.tensorboard", "distill.device", "distill.output_dir", "cache.path",
                                "eval.output_dir", "export.output_dir", "export.format"})
 

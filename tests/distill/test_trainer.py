@@ -66,6 +66,17 @@ def test_qad_lowers_held_out_kl_and_writes_a_loadable_final_student(peaky_llama_
     torch.testing.assert_close(ptq["model.layers.0.mlp.up_proj.weight"], original["model.layers.0.mlp.up_proj.weight"])
 
 
+def test_save_false_trains_the_same_and_writes_metrics_only(peaky_llama_dir, topk_cache, tmp_path):
+    """Throughput runs of a large student would write tens of GB (ptq/, a checkpoint, final/)."""
+    kept = distill(peaky_llama_dir, topk_cache, tmp_path / "kept", "distill.max_steps=3")
+    bare = distill(peaky_llama_dir, topk_cache, tmp_path / "bare", "distill.max_steps=3", "distill.save=false")
+    assert kept.exit_code == 0 and bare.exit_code == 0, bare.output
+    assert sorted(p.name for p in (tmp_path / "bare").iterdir()) == ["metrics.jsonl", "qadpipe_run.yaml"]
+    assert {"ptq", "final", "checkpoints"} <= {p.name for p in (tmp_path / "kept").iterdir()}
+    assert [r["loss"] for r in train_rows(tmp_path / "bare")] == [r["loss"] for r in train_rows(tmp_path / "kept")]
+    assert bare.output.strip().endswith("nothing saved (distill.save=false)")
+
+
 def test_qat_trains_on_data_cross_entropy_only_and_final_keeps_calibrated_quantizer_state(
         peaky_llama_dir, topk_cache, tmp_path):
     result = distill(peaky_llama_dir, topk_cache, tmp_path, "distill.mode=qat", "distill.max_steps=2",
