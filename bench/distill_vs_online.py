@@ -26,7 +26,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from random_models import QWEN3_SHAPES, random_qwen3
+from random_models import QWEN3_SHAPES, save_random_qwen3
 
 MODES = ("online", "topk", "sampled")
 
@@ -42,12 +42,8 @@ def model_dir(name: str, work: Path) -> Path:
         raise SystemExit(f"--model: got {name!r}, expected smollm2-135m, an HF directory or one of "
                          f"{', '.join(QWEN3_SHAPES)}")
     out = work / name
-    if not (out / "config.json").is_file():   # random weights; the SmolLM2 tokenizer only names the ids
-        import torch
-        from transformers import AutoTokenizer
-
-        random_qwen3(name, "cuda" if torch.cuda.is_available() else "cpu").save_pretrained(out)
-        AutoTokenizer.from_pretrained(str(embedded_smollm2_dir())).save_pretrained(out)
+    if not (out / "tokenizer.json").is_file():
+        save_random_qwen3(name, out)
     return out
 
 
@@ -55,17 +51,18 @@ def settings(args: argparse.Namespace, model: Path, mode: str) -> list[str]:
     work = Path(args.workdir)
     kind = "sampled" if mode == "sampled" else "topk"
     rows = args.batch * args.steps + args.batch
+    cache = work / f"cache-{model.name}-{kind}-{rows}x{args.seq}"   # one per model and shape: never a stale one
     return [
         f"model.path={model}", f"model.dtype={args.dtype}", "teacher.backend=hf", f"teacher.dtype={args.dtype}",
         f"teacher.device={args.device}", "data.source=random", f"data.random.num_sequences={rows}",
-        f"data.random.length={args.seq}", f"data.max_length={args.seq}", f"cache.path={work / ('cache-' + kind)}",
+        f"data.random.length={args.seq}", f"data.max_length={args.seq}", f"cache.path={cache}",
         f"cache.target={kind}", "cache.k=64", "cache.num_samples=50",
         "quant.preset=w4a16_int", "quant.group_size=32", f"distill.device={args.device}",
         f"distill.mode={'online' if mode == 'online' else 'qad'}",
         f"distill.loss={'sampled_ce' if mode == 'sampled' else 'forward_kl'}",
         f"distill.batch_size={args.batch}", f"distill.max_steps={args.steps}", "distill.log_every=1",
         "distill.eval_rows=0", f"distill.eval_every={args.steps + 1}", f"distill.save_every={args.steps + 1}",
-        "distill.lr=1e-5", "distill.warmup_steps=0", "distill.shuffle_buffer=1",
+        "distill.lr=1e-5", "distill.warmup_steps=0", "distill.shuffle_buffer=1", "distill.save=false",
         f"distill.output_dir={work / ('student-' + mode)}",
     ]
 
@@ -107,15 +104,15 @@ def main() -> None:
         child(args)
         return
 
-    from qadpipe.config import load_config
-    from qadpipe.generate import run_generate
-
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     model = model_dir(args.model, work)
-    for kind in ("topk", "sampled"):
-        if not (work / f"cache-{kind}" / "manifests").is_dir():
-            run_generate(load_config(None, settings(args, model, kind)))
+    for kind in ("topk", "sampled"):   # a process each: the teacher leaves no memory behind in this one
+        overrides = [part for item in settings(args, model, kind) for part in ("--set", item)]
+        done = subprocess.run([sys.executable, "-m", "qadpipe.cli", "generate", *overrides],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"generate ({kind}) failed:\n{done.stderr[-3000:]}")
     results = {}
     for mode in MODES:
         command = [sys.executable, __file__, *sys.argv[1:], "--child", mode, "--model-path", str(model)]

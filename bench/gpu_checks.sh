@@ -12,9 +12,10 @@
 # Issue 4: HF backend top-k capture vs its plain prefill.
 # Every step has its own time limit, so one that hangs costs its slot, not the run; each
 # table also lands in $OUT (or runs/bench/gpu) as a text file.  Needs torch with CUDA,
-# transformers, pyarrow and zstandard -- not vLLM, not an installed qadpipe (PYTHONPATH is the
-# repo).  Wheels in .whl/ (git-ignored) are installed first, for a machine that lacks one and
-# has no index, e.g. (Python 3.12):
+# transformers, pyarrow and zstandard -- not vLLM, SmolLM2, gguf or datasets, not an installed
+# qadpipe (PYTHONPATH is the repo).  Wheels in .whl/ (git-ignored: name it in the device call's
+# carry) are installed first, for a machine that lacks one and has no index -- the device image
+# lacks zstandard -- e.g. (Python 3.12):
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux2014_x86_64 -d .whl zstandard==0.25.0
 set -u
@@ -38,7 +39,7 @@ step() {   # step NAME SECONDS COMMAND...
   local name=$1 limit=$2; shift 2
   echo "=== $name (limit ${limit}s): $*"
   local start=$SECONDS
-  timeout "$limit" "$@" > "$dest/$name.txt" 2> "$dest/$name.err"
+  timeout -s KILL "$limit" "$@" > "$dest/$name.txt" 2> "$dest/$name.err"   # KILL: a trainer would save on TERM
   local rc=$?
   tail -n 25 "$dest/$name.txt"
   grep -h "differs from eager" "$dest/$name.err"   # a compiled fake-quant that fell back to eager

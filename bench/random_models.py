@@ -31,3 +31,24 @@ def random_qwen3(name: str, device: str, dtype: Any = None) -> Any:
     torch.manual_seed(0)
     with torch.device(device):
         return Qwen3ForCausalLM(Qwen3Config(**QWEN3_SHAPES[name])).to(dtype or torch.bfloat16)
+
+
+def save_random_qwen3(name: str, out: Any) -> None:
+    """Write ``random_qwen3(name)`` with a tokenizer of its own to the directory ``out``, for the
+    benchmarks that run qadpipe's stages on it (they load a model directory with its tokenizer).
+
+    The tokenizer is one word per id (``<t0>`` ... ``<t151935>``): random-token data needs
+    nothing more, and it keeps the device machines free of the SmolLM2 package (not installed
+    there, and too large to carry).  Built on the CPU: the weights are only saved."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    model = random_qwen3(name, "cpu")
+    vocab = {f"<t{i}>": i for i in range(model.config.vocab_size)}
+    words = Tokenizer(models.WordLevel(vocab, unk_token="<t0>"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<t0>", bos_token="<t1>",
+                                        eos_token="<t2>", pad_token="<t3>")
+    model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id = 1, 2, 3
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)

