@@ -30,6 +30,8 @@ if [ -z "${1:-}" ] && ls .whl/*.whl > /dev/null 2>&1; then
     .whl/*.whl && site=/tmp/qadpipe-site
 fi
 export PYTHONPATH="$PWD${site:+:$site}${PYTHONPATH:+:$PYTHONPATH}"
+# online QAD of the 1.7B at 4 x 2048 holds ~60 of the H100's 80 GB: no room lost to fragmentation
+export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
 dest="${OUT:-runs/bench/gpu}"                       # the tables (small: they come back from a device call)
 work="${TMPDIR:-/tmp}/qadpipe-gpu-checks"           # models and caches (large: never under $OUT)
 mkdir -p "$dest" "$work"
