@@ -61,7 +61,7 @@ def settings(args: argparse.Namespace, model: Path, mode: str) -> list[str]:
         f"distill.mode={'online' if mode == 'online' else 'qad'}",
         f"distill.loss={'sampled_ce' if mode == 'sampled' else 'forward_kl'}",
         f"distill.batch_size={args.batch}", f"distill.max_steps={args.steps}", "distill.log_every=1",
-        "distill.eval_rows=0", f"distill.eval_every={args.steps + 1}", f"distill.save_every={args.steps + 1}",
+        "distill.eval_rows=0", f"distill.eval_every={args.steps + 1}",
         "distill.lr=1e-5", "distill.warmup_steps=0", "distill.shuffle_buffer=1", "distill.save=false",
         f"distill.output_dir={work / ('student-' + mode)}",
     ]

@@ -19,8 +19,8 @@ STEPS = {"quant_compile": "compiled == eager", "quant_overhead": "x bf16", "dist
          "capture_hf": "capture k=64"}
 
 
-#: Imported at start-up by every Python of the run: the packages the device image lacks (its
-#: package list: /work/.library/device/KINDS.md) fail to import, as they would there.
+#: Imported at start-up by every Python of the run: the packages the device machines' image
+#: lacks (as its package list reads) fail to import, as they would there.
 DEVICE_IMAGE = """
 import sys
 

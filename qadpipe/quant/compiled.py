@@ -14,12 +14,11 @@ checks every preset's formats on random and adversarial tensors):
   crashes 2.9's; so the formats round to bf16 by integer arithmetic on the bits
   (``formats.round_to_bf16``), which no compiler drops, and no option is needed (FP8 and E8M0
   codes are real narrowing casts, never elided).  Checked on torch 2.9, 2.11 and 2.13.
-* shapes: rows dynamic, features static (see :func:`compiled_fake_quant_forward`), so a
-  model needs one graph per format and in-features size.
-
 * division: scales are quotients rounded once in fp64 (``formats.exact_quotient``), the same
   on every device; element divisions ``x / s`` keep IEEE rounding in Triton through
   ``eager_numerics.division_rounding`` (see ``_eager_division``).
+* shapes: rows dynamic, features static (see :func:`compiled_fake_quant_forward`), so a
+  model needs one graph per format and in-features size.
 
 Those tests run on the CPU (inductor's C++ code); other backends generate other code (Triton
 on CUDA), so the first tensor of each (device, dtype) a compiled forward sees is also run
@@ -58,6 +57,7 @@ def _eager_division() -> dict[str, bool]:
     import torch._inductor.config as inductor_config
 
     return {"eager_numerics.division_rounding": True} if hasattr(inductor_config, "eager_numerics") else {}
+
 
 FakeQuantForward = Callable[[Tensor, Optional[Tensor]], tuple[Tensor, Optional[Tensor]]]
 
