@@ -14,6 +14,7 @@ peak RSS on CPU (which also counts the Python/torch baseline every row shares).
 
     .venv/bin/python bench/distill_vs_online.py                       # CPU, SmolLM2-135M
     python bench/distill_vs_online.py --device cuda --model qwen3-1.7b-random --batch 4 --seq 2048
+    python bench/distill_vs_online.py --activation-checkpointing      # the student's layers recomputed
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ def settings(args: argparse.Namespace, model: Path, mode: str) -> list[str]:
         f"distill.batch_size={args.batch}", f"distill.max_steps={args.steps}", "distill.log_every=1",
         "distill.eval_rows=0", f"distill.eval_every={args.steps + 1}",
         "distill.lr=1e-5", "distill.warmup_steps=0", "distill.shuffle_buffer=1", "distill.save=false",
+        f"distill.activation_checkpointing={str(args.activation_checkpointing).lower()}",
         f"distill.output_dir={work / ('student-' + mode)}",
     ]
 
@@ -95,6 +97,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2, help="steps left out of the throughput")
     parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on GPU")
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="recompute the student's layers in backward (every mode alike)")
     parser.add_argument("--workdir", default="runs/bench/distill_vs_online")
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--model-path", help=argparse.SUPPRESS)
@@ -124,7 +128,8 @@ def main() -> None:
 
     online = results["online"]
     print(f"\n{args.model} on {args.device}, {args.batch} x {args.seq} tokens per step, "
-          f"{args.steps - args.warmup} timed steps, W4A16 int4 g32 student")
+          f"{args.steps - args.warmup} timed steps, W4A16 int4 g32 student"
+          f"{', activation checkpointing' if args.activation_checkpointing else ''}")
     print("| mode | tokens/s | x online | peak memory GiB | x online |\n|---|---|---|---|---|")
     for mode in MODES:
         r = results[mode]

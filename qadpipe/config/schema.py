@@ -198,6 +198,9 @@ class DistillConfig:
         "all student parameters, or only quantization parameters + norms")
     loss_chunk_tokens: int = opt(1024,
         "positions per chunk of the fp32 loss (bounds memory)", ge=1)
+    activation_checkpointing: bool = opt(False,
+        "recompute each decoder layer in backward, keeping only its input (about a third more "
+        "compute; for sequences or batches whose activations do not fit)")
     seed: int = opt(0, "RNG seed (data order, init)")
     output_dir: str = opt("runs/student", "checkpoints and metrics")
     save_every: int = opt(50, "checkpoint every N steps", ge=1)

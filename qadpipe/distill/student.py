@@ -52,6 +52,22 @@ def build_student(config: Any, device: torch.device) -> nn.Module:
     return model.to(device)
 
 
+def enable_activation_checkpointing(student: nn.Module) -> None:
+    """Recompute each decoder layer's activations in backward (``distill.activation_checkpointing``).
+
+    What it buys: without it the backward keeps every layer's intermediates (attention,
+    MLP, and the fake-quant's saved tensors) for the whole micro-batch; with it, one layer's
+    input per layer, at the price of a second forward through each layer.  Non-reentrant,
+    PyTorch's recommended kind (the reentrant one yields parameter gradients only when a
+    layer's input requires grad, which ``trainable: quant``'s frozen embeddings would break
+    but for a hook transformers adds).  Fake-quant is deterministic, so the recomputed forward
+    is the one that ran."""
+    if not getattr(student, "supports_gradient_checkpointing", False):
+        raise DistillError(f"distill.activation_checkpointing: {type(student).__name__} does not support "
+                           "activation checkpointing; set it to false")
+    student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 class StudentLoss(nn.Module):
     """Student forward for training: base → hidden states at target positions → fused head
     loss.  One module so DDP/FSDP2 wrap (and unshard) everything the step touches."""

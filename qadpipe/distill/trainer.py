@@ -45,7 +45,8 @@ from qadpipe.distill.head_loss import STAT_KEYS, LossSpec, PositionTargets, spli
 from qadpipe.distill.loader import TargetLoader
 from qadpipe.distill.observe import METRICS_FILE, MetricsLog, peak_memory_gib
 from qadpipe.distill.schedule import lr_multiplier
-from qadpipe.distill.student import FINAL_DIR, PTQ_DIR, StudentLoss, build_student, load_state_into, save_student
+from qadpipe.distill.student import (FINAL_DIR, PTQ_DIR, StudentLoss, build_student, enable_activation_checkpointing,
+                                     load_state_into, save_student)
 from qadpipe.errors import DistillError
 from qadpipe.file_modes import check_writable_dir
 from qadpipe.provenance import save_run_record
@@ -157,6 +158,8 @@ class DistillRecipe:
             self.ptq_eval = self._evaluate(self.model)
             self._log_eval("ptq", self.ptq_eval)
         self._select_trainable(student)
+        if cfg.activation_checkpointing:
+            enable_activation_checkpointing(student)
         self.wrapped = dist_utils.wrap(self.model, student.get_decoder().layers, cfg.distributed, self.env)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)

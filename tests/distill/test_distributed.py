@@ -93,13 +93,17 @@ def single(caches, peaky_llama_dir, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy,via_launcher", [("ddp", False), ("fsdp2", False), ("ddp", True)],
-                         ids=["ddp", "fsdp2", "stages-distill-sbatch"])
-def test_two_cpu_processes_match_one_process(caches, single, peaky_llama_dir, tmp_path, strategy, via_launcher):
+@pytest.mark.parametrize("strategy,via_launcher,extra",
+                         [("ddp", False, ()), ("fsdp2", False, ()), ("ddp", True, ()),
+                          ("fsdp2", False, ("distill.activation_checkpointing=true",))],
+                         ids=["ddp", "fsdp2", "stages-distill-sbatch", "fsdp2-activation-checkpointing"])
+def test_two_cpu_processes_match_one_process(caches, single, peaky_llama_dir, tmp_path, strategy, via_launcher,
+                                             extra):
+    """With checkpointed layers, the recompute in backward must re-gather each FSDP2 layer's shards."""
     single_curves, single_out = single
     out = tmp_path / "student"
     curves = run(peaky_llama_dir, caches[0], out, 2, "distill.batch_size=1", f"distill.distributed={strategy}",
-                 via_launcher=via_launcher)
+                 *extra, via_launcher=via_launcher)
     assert len(curves["loss"]) == len(single_curves["loss"]) == STEPS
     np.testing.assert_allclose(curves["loss"], single_curves["loss"], rtol=2e-4)
     # the gradient itself (Adam's update is nearly blind to how rank gradients are weighted)
