@@ -317,16 +317,18 @@ class DistillRecipe:
     def _check_same_run(self, path: Path) -> dict[str, Any]:
         """Refuse to continue a checkpoint that another recipe wrote: a stale run's checkpoint
         in the same output_dir would otherwise be resumed on other data or another recipe.
-        Only the schedule-and-bookkeeping fields (RESUMABLE_CHANGES) may differ.  Returns the
-        checkpoint's flattened config."""
+        Only the schedule-and-bookkeeping fields (RESUMABLE_CHANGES) may differ.  A field the
+        checkpoint's qadpipe predates counts as its default, which is what that version did.
+        Returns the checkpoint's flattened config."""
         import yaml
 
-        from qadpipe.config import config_to_dict
+        from qadpipe.config import build_config, config_to_dict
         from qadpipe.provenance import RUN_FILE
 
         saved = _flatten(yaml.safe_load((path / RUN_FILE).read_text())["config"])
+        defaults = _flatten(config_to_dict(build_config({})))
         changed = [key for key, value in _flatten(config_to_dict(self.config)).items()
-                   if key not in RESUMABLE_CHANGES and saved.get(key) != value]
+                   if key not in RESUMABLE_CHANGES and saved.get(key, defaults.get(key)) != value]
         if changed:
             raise DistillError(f"{path}: --resume of a checkpoint written with another config ({', '.join(changed[:4])} "
                                "differ); use a fresh distill.output_dir or resume with the config that made it")
@@ -518,10 +520,11 @@ class DistillRecipe:
         dist_utils.shutdown()
 
 
-#: Config fields a resumed run may change: when to stop, log, evaluate and save, and where
-#: the run and its cache live (a moved cache is recognised by its fingerprint, not its path).
+#: Config fields a resumed run may change: when to stop, log, evaluate and save, where the
+#: run and its cache live (a moved cache is recognised by its fingerprint, not its path), and
+#: how much memory a step takes (the knobs a run that ran out of memory is resumed with).
 RESUMABLE_CHANGES = frozenset({"distill.max_steps", "distill.log_every", "distill.eval_every", "distill.save_every",
-                               "distill.save",
+                               "distill.save", "distill.activation_checkpointing", "distill.loss_chunk_tokens",
                                "distill.tensorboard", "distill.device", "distill.output_dir", "cache.path",
                                "eval.output_dir", "export.output_dir", "export.format"})
 

@@ -247,3 +247,28 @@ def test_tensorboard_asked_but_absent_is_said(peaky_llama_dir, topk_cache, tmp_p
 def test_config_resolves_the_new_distill_fields():
     config = load_config(None, ["distill.pack_length=128", "distill.shuffle_buffer=1"])
     assert config.distill.pack_length == 128 and config.distill.shuffle_buffer == 1
+
+
+def test_resume_takes_new_memory_knobs_and_a_checkpoint_older_than_a_field(peaky_llama_dir, topk_cache, tmp_path):
+    """A run that ran out of memory is resumed with checkpointing on or smaller loss chunks; a
+    checkpoint whose qadpipe predates a field resumes as that field's default."""
+    import yaml
+
+    assert distill(peaky_llama_dir, topk_cache, tmp_path, "distill.max_steps=2", "distill.save_every=1").exit_code == 0
+    records = list((tmp_path / "checkpoints").rglob("qadpipe_run.yaml"))
+    assert records
+    for record in records:   # as written before these fields existed
+        saved = yaml.safe_load(record.read_text())
+        del saved["config"]["distill"]["activation_checkpointing"], saved["config"]["distill"]["trainable"]
+        record.write_text(yaml.safe_dump(saved))
+    resumed = distill(peaky_llama_dir, topk_cache, tmp_path, "distill.max_steps=3", "distill.save_every=1",
+                      "distill.activation_checkpointing=true", "distill.loss_chunk_tokens=8", resume=True)
+    assert resumed.exit_code == 0, resumed.output
+    assert [row["step"] for row in train_rows(tmp_path)] == [1, 2, 3]
+    for record in (tmp_path / "checkpoints").rglob("qadpipe_run.yaml"):   # a field it lacks is no free change
+        saved = yaml.safe_load(record.read_text())
+        saved["config"]["distill"].pop("trainable", None)
+        record.write_text(yaml.safe_dump(saved))
+    line = one_line_error(distill(peaky_llama_dir, topk_cache, tmp_path, "distill.max_steps=4",
+                                  "distill.trainable=quant", resume=True))
+    assert "another config (distill.trainable differ)" in line
