@@ -376,7 +376,10 @@ class DistillRecipe:
         with progress, self._stop:  # closing the bar first keeps an error on its own line
             while self.step < cfg.max_steps:
                 micro = [next(batches) for _ in range(cfg.grad_accum)]
-                self._train_step(micro, window)
+                try:
+                    self._train_step(micro, window)
+                except torch.OutOfMemoryError as exc:
+                    raise DistillError(self._out_of_memory(exc, micro)) from None
                 self.step += 1
                 progress.update(1)
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
@@ -417,6 +420,21 @@ class DistillRecipe:
         window.grad_norm = norm
         self.optimizer.step()
         self.scheduler.step()
+
+    def _out_of_memory(self, exc: torch.OutOfMemoryError, micro: list[Batch]) -> str:
+        """One line: where it ran out, what was kept, and the knobs that trade memory away."""
+        cfg = self.cfg
+        rows, width = micro[0].input_ids.shape
+        knobs = [] if cfg.activation_checkpointing else ["distill.activation_checkpointing=true"]
+        knobs.append(f"a smaller distill.batch_size with a larger distill.grad_accum (same global batch; "
+                     f"now {cfg.batch_size} x {cfg.grad_accum})")
+        if cfg.distributed != "fsdp2":
+            knobs.append("distill.distributed=fsdp2 under torchrun")
+        last = latest_checkpoint(self.output_dir)
+        kept = f"the last checkpoint is {last}" if last else "no checkpoint was written before it"
+        return (f"step {self.step + 1}: out of memory on {self.env.device} with micro-batches of {rows} x {width} "
+                f"tokens ({str(exc).splitlines()[0] if str(exc) else 'no detail'}); {kept}; try "
+                + ", or ".join(knobs))
 
     def _with_teacher(self, batch: Batch) -> PositionTargets:
         """The batch's targets plus the teacher's hidden states at the target positions."""

@@ -175,6 +175,32 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     assert all(torch.isfinite(t).all() for t in state.values())
 
 
+def test_out_of_memory_is_one_line_naming_the_knobs_and_the_kept_checkpoint(peaky_llama_dir, topk_cache, tmp_path,
+                                                                            monkeypatch):
+    from qadpipe.distill.student import StudentLoss
+
+    forward, calls = StudentLoss.forward, []
+
+    def runs_out_at_step_3(self, *args, **kwargs):
+        calls.append(self.training)
+        if sum(calls) == 3:   # training forwards only (the PTQ eval runs first)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+                                         "capacity of 79.19 GiB of which 1.2 GiB is free.\nmore detail")
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(StudentLoss, "forward", runs_out_at_step_3)
+    result = distill(peaky_llama_dir, topk_cache, tmp_path, "distill.save_every=1", "distill.max_steps=5",
+                     "distill.grad_accum=1")
+    line = one_line_error(result)
+    latest = tmp_path / "checkpoints" / "step-00000002"
+    assert line == (f"qadpipe: error: step 3: out of memory on cpu with micro-batches of 4 x 24 tokens (CUDA out of "
+                    "memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 1.2 GiB is "
+                    f"free.); the last checkpoint is {latest}; try distill.activation_checkpointing=true, or a "
+                    "smaller distill.batch_size with a larger distill.grad_accum (same global batch; now 4 x 1), or "
+                    "distill.distributed=fsdp2 under torchrun")
+    assert (tmp_path / "checkpoints" / "LATEST").read_text().strip() == latest.name
+
+
 def test_resume_refuses_a_checkpoint_of_another_recipe(peaky_llama_dir, topk_cache, tmp_path, caplog):
     assert distill(peaky_llama_dir, topk_cache, tmp_path, "distill.max_steps=2", "distill.save_every=1").exit_code == 0
     line = one_line_error(distill(peaky_llama_dir, topk_cache, tmp_path, "distill.max_steps=4", "distill.lr=3e-4",
