@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from qadpipe.config.schema import PipelineConfig
 from qadpipe.data import DataSlice, TokenSequence, load_sequences
-from qadpipe.errors import ConfigError, DataError
+from qadpipe.errors import ConfigError, DataError, TeacherError
 from qadpipe.stop_signals import StopSignals
 from qadpipe.teacher import TeacherInfo, make_teacher, require_vllm, teacher_info
 from qadpipe.teacher.base import SamplingSpec, TargetSpec, with_completion
@@ -175,6 +175,8 @@ def run_generate(config: PipelineConfig, *, num_shards: Optional[int] = None, sh
         log.info("generate %s (%d of %d): %d sequences, %d already in the cache, %s teacher, %s mode",
                  task, index, count, len(data.sequences), len(done), config.teacher.backend, gen.mode)
         if todo:
+            import torch
+
             teacher = teacher_factory(config, model_dir, k=cache.k, max_model_len=max_model_len)
             try:
                 total = sum(len(b) for b in todo)
@@ -182,12 +184,16 @@ def run_generate(config: PipelineConfig, *, num_shards: Optional[int] = None, sh
                         tqdm(total=total, unit="seq", desc=f"generate {task}") as bar:
                     progress = _Progress(task, total)
                     for batch in todo:
-                        if gen.mode == "generate":
-                            batch = [with_completion(p, c) for p, c in zip(batch, teacher.complete(batch, sampling))]
-                        for row in teacher.score(batch, spec):
-                            if row.id not in done:
-                                writer.write(row)
-                                written += 1
+                        try:
+                            if gen.mode == "generate":
+                                batch = [with_completion(p, c)
+                                         for p, c in zip(batch, teacher.complete(batch, sampling))]
+                            for row in teacher.score(batch, spec):
+                                if row.id not in done:
+                                    writer.write(row)
+                                    written += 1
+                        except torch.OutOfMemoryError as exc:
+                            raise TeacherError(_out_of_memory(config, task, batch, written, exc)) from None
                         batch_tokens = sum(len(s.input_ids) for s in batch)
                         tokens += batch_tokens
                         bar.update(len(batch))
@@ -210,6 +216,22 @@ def run_generate(config: PipelineConfig, *, num_shards: Optional[int] = None, sh
                  "tokens/s, %.1f s in all (teacher start-up included) -> %s", task, written, skipped, tokens, rate,
                  seconds, cache.path)
     return summary
+
+
+def _out_of_memory(config: PipelineConfig, task: str, batch: list[TokenSequence], written: int,
+                   exc: BaseException) -> str:
+    """One line: the batch that did not fit, what is kept, and the knobs of this backend."""
+    teacher = config.teacher
+    if teacher.backend == "hf":
+        knobs = (f"lower teacher.batch_size (now {teacher.batch_size}) or teacher.chunk_tokens "
+                 f"(now {teacher.chunk_tokens})")
+    else:
+        knobs = (f"lower teacher.max_num_batched_tokens (now {teacher.max_num_batched_tokens}) or "
+                 f"teacher.gpu_memory_utilization (now {teacher.gpu_memory_utilization})")
+    detail = str(exc).splitlines()[0] if str(exc) else "no detail"
+    return (f"generate {task}: out of memory in the {teacher.backend} teacher on {len(batch)} sequences of up to "
+            f"{max(len(s.input_ids) for s in batch)} tokens ({detail}); the {written} rows written before it are "
+            f"kept and a rerun skips them; {knobs}")
 
 
 class _Progress:

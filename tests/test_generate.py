@@ -203,6 +203,41 @@ def test_sigterm_then_sigkill_then_rerun_equals_an_uninterrupted_run(small_vocab
     _assert_same_cache(tmp_path / "whole", cache)
 
 
+def test_out_of_memory_is_one_line_and_keeps_the_rows_written_before_it(small_vocab_model: Path,
+                                                                        tmp_path: Path) -> None:
+    import torch
+
+    from qadpipe.errors import TeacherError
+    from qadpipe.teacher import make_teacher
+
+    class RunsOutOnTheThirdBatch:
+        def __init__(self, teacher: Any) -> None:
+            self.teacher, self.calls = teacher, 0
+
+        def score(self, batch: Any, spec: Any) -> Any:
+            self.calls += 1
+            if self.calls == 3:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.50 GiB.\nmore")
+            return self.teacher.score(batch, spec)
+
+        def close(self) -> None:
+            self.teacher.close()
+
+    run_generate(_config(small_vocab_model, tmp_path / "whole"))
+    cache = tmp_path / "cache"
+    with pytest.raises(TeacherError) as raised:
+        run_generate(_config(small_vocab_model, cache),
+                     teacher_factory=lambda *a, **kw: RunsOutOnTheThirdBatch(make_teacher(*a, **kw)))
+    assert str(raised.value) == ("generate task-00000: out of memory in the hf teacher on 2 sequences of up to 24 "
+                                 "tokens (CUDA out of memory. Tried to allocate 1.50 GiB.); the 4 rows written before "
+                                 "it are kept and a rerun skips them; lower teacher.batch_size (now 2) or "
+                                 "teacher.chunk_tokens (now 1024)")
+    assert len(_rows(cache)) == 4
+    rerun = run_generate(_config(small_vocab_model, cache))
+    assert rerun.skipped == 4 and rerun.written == 8
+    _assert_same_cache(tmp_path / "whole", cache)
+
+
 @pytest.fixture(scope="module")
 def small_vocab_model(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Path:
     """A 512-id model (with the SmolLM2 tokenizer files) for the k > vocab case."""
