@@ -8,7 +8,8 @@ student under ``distill.output_dir``) against the full-precision teacher, on eit
   tail-bucket KL against the cached targets (what training optimized); or
 * a data file (``eval.data``), read exactly like ``data.source``.
 
-All models run in fp32 so the figures measure quantization, not bf16 rounding.  A model is a
+All models run in fp32 so the figures measure quantization, not bf16 rounding, and one
+student at a time sits beside the teacher, so the device holds two models.  A model is a
 directory: a distill ``final/`` or ``ptq/`` directory (rebuilt through the quant recipe it was
 trained with), or any HF checkpoint (the teacher, a fake-quant export, a compressed-tensors
 export that transformers can load).
@@ -17,6 +18,7 @@ export that transformers can load).
 from __future__ import annotations
 
 import dataclasses
+import gc
 import itertools
 import logging
 from pathlib import Path
@@ -67,6 +69,14 @@ def load_model(path: str, device: torch.device) -> nn.Module:
         model, _ = load_final_student(Path(path), device=str(device))
         return model.float().eval()
     return load_causal_lm(path, dtype="float32", device=str(device))
+
+
+def release_memory(device: torch.device) -> None:
+    """Return a freed model's memory now, so the next one loads into it (CUDA's caching
+    allocator would otherwise hold the blocks; reference cycles in HF modules need a collect)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def held_out_rows(cfg: PipelineConfig, models: dict[str, str]) -> int:
@@ -125,10 +135,19 @@ def run_eval(cfg: PipelineConfig) -> dict[str, dict[str, float]]:
     teacher = load_causal_lm(cfg.teacher_path, dtype="float32", device=str(device),
                              trust_remote_code=cfg.model.trust_remote_code)
     data = held_out(cfg, tokenizer, teacher.config.vocab_size, held_out_rows(cfg, models))
-    students = {name: load_model(path, device) for name, path in models.items()}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    results = compare_to_teacher(teacher, students, data.sequences, pad_id=pad_id, starts=data.starts,
-                                 cache_rows=data.cache_rows, batch_size=cfg.eval.batch_size, device=device)
+    results: dict[str, dict[str, float]] = {}
+    for name, path in models.items():
+        # One student beside the teacher at a time: all of them at once in fp32 would need
+        # (1 + students) x 4 bytes a parameter (96 GB for an 8B teacher, PTQ and QAD).  The
+        # teacher's forward is repeated per student instead; eval sets are small.
+        student = load_model(path, device)
+        scored = compare_to_teacher(teacher, {name: student}, data.sequences, pad_id=pad_id, starts=data.starts,
+                                    cache_rows=data.cache_rows, batch_size=cfg.eval.batch_size, device=device)
+        results.setdefault("teacher", scored["teacher"])
+        results[name] = scored[name]
+        del student, scored
+        release_memory(device)
     context = {"teacher": cfg.teacher_path, "data": data.description,
                **{f"model {name}": path for name, path in models.items()}}
     metrics = {name: Path(path).parent / "metrics.jsonl" for name, path in models.items()}

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from distill_fixtures import settings
@@ -40,6 +41,44 @@ def test_default_models_are_ptq_and_qad_on_the_held_out_cache_rows(trained, tmp_
     assert saved["results"]["qad"]["kl"] == pytest.approx(results["qad"]["kl"])
     assert "| ptq |" in (tmp_path / "report.md").read_text()
     assert (tmp_path / "kl_by_model.png").is_file() and (tmp_path / "qadpipe_run.yaml").is_file()
+
+
+def test_one_student_at_a_time_sits_beside_the_teacher(trained, tmp_path: Path, peaky_llama_dir: Path,
+                                                       monkeypatch):
+    """Every student in fp32 at once would not fit beside an 8B teacher.  Scored one by one,
+    the figures are the ones a joint pass over all of them gives."""
+    import weakref
+
+    from qadpipe.eval import evaluate
+    from qadpipe.eval.runner import compare_to_teacher
+    from qadpipe.models import load_causal_lm, load_tokenizer
+
+    loaded, alive_at_load, load_model = [], [], evaluate.load_model
+
+    def tracked(path: str, device):
+        alive_at_load.append(sum(ref() is not None for ref in loaded))
+        model = load_model(path, device)
+        loaded.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(evaluate, "load_model", tracked)
+    student_dir = Path(next(item.split("=", 1)[1] for item in trained if item.startswith("distill.output_dir=")))
+    models = {"copy": peaky_llama_dir, "qad": student_dir / "final", "ptq": student_dir / "ptq"}
+    config = load_config(None, [*trained, f"eval.output_dir={tmp_path}",
+                                *[f"eval.models.{name}={path}" for name, path in models.items()]])
+    results = run_eval(config)
+    assert list(results) == ["teacher", "copy", "qad", "ptq"]
+    assert alive_at_load == [0, 0, 0]
+
+    tokenizer = load_tokenizer(str(peaky_llama_dir))
+    data = evaluate.held_out(config, tokenizer, 49152, config.distill.eval_rows)
+    joint = compare_to_teacher(load_causal_lm(str(peaky_llama_dir), dtype="float32"),
+                               {name: load_model(str(path), torch.device("cpu")) for name, path in models.items()},
+                               data.sequences, pad_id=0,   # any id: padding changes no figure (test_runner.py)
+                               starts=data.starts, cache_rows=data.cache_rows, batch_size=config.eval.batch_size)
+    assert results.keys() == joint.keys()
+    for name in joint:
+        assert results[name] == pytest.approx(joint[name], rel=1e-9), name
 
 
 def test_named_hf_model_and_a_data_file(trained, tmp_path: Path, peaky_llama_dir: Path):
