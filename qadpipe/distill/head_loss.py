@@ -103,8 +103,9 @@ def split_lm(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     for name in _LOGIT_TRANSFORMS:
         value = getattr(config, name, None)
         if value not in (None, 1.0):
-            raise DistillError(f"model config {name}={value}: the fused chunked head loss does not "
-                               "apply post-head logit transforms; this architecture is not supported")
+            raise DistillError(f"model config {name}={value}: qadpipe runs the LM head on chunks of final "
+                               "hidden states (distill's fused loss, eval) and applies no post-head logit "
+                               "transform; this architecture is not supported")
     base, head = model.get_decoder(), model.get_output_embeddings()
     if base is None or head is None:
         raise DistillError(f"{type(model).__name__}: expected an HF causal LM with get_decoder() and "

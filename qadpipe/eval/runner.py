@@ -1,7 +1,10 @@
 """Score several students against one teacher on the same held-out token sequences.
 
 The teacher runs once per batch and its logits are reused for every student, so adding a
-model to the comparison costs one student forward, not two.  When the sequences come from a
+model to the comparison costs one student forward, not two.  Each model's base runs to the
+final hidden states; the LM head then runs on ``chunk_tokens`` scored positions at a time,
+since a batch's ``[batch, seq, vocab]`` fp32 logits would be 30 GB for 4 × 12k tokens at a
+150k vocabulary, per model.  When the sequences come from a
 cache, each model is also scored against the cached targets with the tail-bucket KL the
 trainer optimized, so "what training saw" and "what the full teacher says" sit side by side.
 """
@@ -16,6 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from qadpipe.distill.head_loss import split_lm
 from qadpipe.distill.losses import forward_kl_tail
 from qadpipe.eval.metrics import AgreementTotals
 from qadpipe.targets import SequenceTargets
@@ -42,25 +46,32 @@ def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int,
             "score_mask": score_mask}
 
 
-def tail_kl_sum(logits: torch.Tensor, mask: torch.Tensor, rows: Sequence[SequenceTargets],
-                chunk: int = 1024) -> float:
-    """Σ over the masked positions of the tail-bucket KL(cached top-k ‖ model), in nats.
+class CachedTargets:
+    """The cached top-k targets of one batch's rows, in scored-position order.
 
-    The masked positions, read row-major, are exactly the rows' target rows in order (the
-    caller builds ``mask`` from each row's ``target_start``)."""
-    ids = torch.from_numpy(np.concatenate([r.topk_ids for r in rows])).long()
-    teacher_lp = torch.from_numpy(np.concatenate([r.topk_logprobs for r in rows])).float()
-    tail = torch.from_numpy(np.concatenate([r.tail_mass for r in rows]))
-    selected = logits[mask]
-    if selected.shape[0] != ids.shape[0]:
-        raise ValueError(f"{selected.shape[0]} scored positions vs {ids.shape[0]} cached target rows")
-    total = 0.0
-    for start in range(0, ids.shape[0], chunk):
-        stop = start + chunk
-        logp = torch.log_softmax(selected[start:stop].float(), dim=-1)
-        total += float(forward_kl_tail(logp, ids[start:stop].to(logp.device), teacher_lp[start:stop].to(logp.device),
-                                       tail[start:stop].to(logp.device)).double().sum())
-    return total
+    The scored positions, read row-major, are exactly the rows' target rows in order (the
+    caller builds the score mask from each row's ``target_start``)."""
+
+    def __init__(self, rows: Sequence[SequenceTargets], positions: int, device: torch.device | str) -> None:
+        self.ids = torch.from_numpy(np.concatenate([r.topk_ids for r in rows])).long().to(device)
+        if self.ids.shape[0] != positions:
+            raise ValueError(f"{positions} scored positions vs {self.ids.shape[0]} cached target rows")
+        self.logprobs = torch.from_numpy(np.concatenate([r.topk_logprobs for r in rows])).float().to(device)
+        self.tail = torch.from_numpy(np.concatenate([r.tail_mass for r in rows])).to(device)
+
+    def tail_kl_sum(self, logits: torch.Tensor, start: int) -> float:
+        """Σ of the tail-bucket KL(cached top-k ‖ model) over positions ``start:start + len(logits)``."""
+        stop = start + logits.shape[0]
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        kl = forward_kl_tail(logp, self.ids[start:stop], self.logprobs[start:stop], self.tail[start:stop])
+        return float(kl.double().sum())
+
+
+def scored_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The final hidden states ``[N, D]`` at the batch's scored positions (row-major)."""
+    base, _ = split_lm(model)
+    hidden = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    return hidden[batch["score_mask"]]
 
 
 @torch.no_grad()
@@ -75,12 +86,14 @@ def compare_to_teacher(
     batch_size: int = 4,
     device: str | torch.device = "cpu",
     with_perplexity: bool = True,
+    chunk_tokens: int = 1024,
 ) -> dict[str, dict[str, float]]:
     """KL(teacher‖student), top-1 agreement and (optionally) perplexity for each student,
     plus the teacher's own figures under ``"teacher"``.
 
     ``starts[i]``: first scored position of sequence i (default 0).  ``cache_rows``: the
-    cached targets of the same sequences (top-k caches); adds ``tail_kl`` to every model."""
+    cached targets of the same sequences (top-k caches); adds ``tail_kl`` to every model.
+    Logits exist for ``chunk_tokens`` positions at a time, never for a whole batch."""
     if cache_rows is not None and starts is None:
         starts = [row.target_start for row in cache_rows]
     totals = {name: AgreementTotals() for name in ["teacher", *students]}
@@ -91,15 +104,21 @@ def compare_to_teacher(
         stop = start + batch_size
         batch = {k: v.to(device) for k, v in
                  pad_batch(sequences[start:stop], pad_id, None if starts is None else starts[start:stop]).items()}
-        next_tokens = batch["next_tokens"] if with_perplexity else None
-        teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        for name in totals:
-            logits = teacher_logits if name == "teacher" else students[name](
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            totals[name].update(teacher_logits, logits, next_tokens, batch["score_mask"])
-            if cache_rows is not None:
-                tail_sums[name] += tail_kl_sum(logits, batch["score_mask"], cache_rows[start:stop])
-        tokens += int(batch["score_mask"].sum())
+        models = {"teacher": teacher, **students}
+        hidden = {name: scored_hidden(model, batch) for name, model in models.items()}
+        heads = {name: split_lm(model)[1] for name, model in models.items()}
+        positions = hidden["teacher"].shape[0]
+        next_tokens = batch["next_tokens"][batch["score_mask"]] if with_perplexity else None
+        cached = CachedTargets(cache_rows[start:stop], positions, device) if cache_rows is not None else None
+        for first in range(0, positions, chunk_tokens):
+            last = first + chunk_tokens
+            teacher_logits = heads["teacher"](hidden["teacher"][first:last])
+            for name in totals:
+                logits = teacher_logits if name == "teacher" else heads[name](hidden[name][first:last])
+                totals[name].update(teacher_logits, logits, None if next_tokens is None else next_tokens[first:last])
+                if cached is not None:
+                    tail_sums[name] += cached.tail_kl_sum(logits, first)
+        tokens += positions
     elapsed = time.perf_counter() - started
     log.info("eval: %d positions x %d models in %.1fs (%.0f positions/s)", tokens, len(totals), elapsed,
              tokens * len(totals) / max(elapsed, 1e-9))

@@ -21,12 +21,12 @@ def _batch(seed: int, vocab: int = 97):
     return teacher, student, tokens, mask
 
 
-def test_matches_reference_over_two_batches_and_small_chunks():
-    totals = AgreementTotals(_chunk=5)
+def test_matches_reference_over_two_batches_of_positions():
+    totals = AgreementTotals()
     refs = {"kl": [], "top1": [], "nll": []}
     for seed in (0, 1):
         teacher, student, tokens, mask = _batch(seed)
-        totals.update(teacher.bfloat16(), student.bfloat16(), tokens, mask)
+        totals.update(teacher.bfloat16()[mask], student.bfloat16()[mask], tokens[mask])
         t, s = teacher.bfloat16().float()[mask], student.bfloat16().float()[mask]
         refs["kl"].append(kl_divergence(Categorical(logits=t), Categorical(logits=s)))
         refs["top1"].append((t.argmax(-1) == s.argmax(-1)).float())
@@ -43,7 +43,7 @@ def test_matches_reference_over_two_batches_and_small_chunks():
 def test_identical_models_agree_perfectly():
     teacher, _, tokens, mask = _batch(2)
     totals = AgreementTotals()
-    totals.update(teacher, teacher.clone(), None, mask)
+    totals.update(teacher[mask], teacher.clone()[mask], None)
     result = totals.result()
     assert result["kl"] == pytest.approx(0.0, abs=1e-6)
     assert result["top1_agreement"] == 1.0
@@ -53,8 +53,9 @@ def test_identical_models_agree_perfectly():
 def test_refuses_mismatched_vocab_and_empty_masks():
     teacher, student, tokens, mask = _batch(3)
     with pytest.raises(ValueError, match="vocabularies or lengths differ"):
-        AgreementTotals().update(teacher, student[..., :-1], tokens, mask)
+        AgreementTotals().update(teacher[mask], student[mask][..., :-1], tokens[mask])
     totals = AgreementTotals()
-    totals.update(teacher, student, tokens, torch.zeros_like(mask))
+    none = torch.zeros_like(mask)
+    totals.update(teacher[none], student[none], tokens[none])
     with pytest.raises(ValueError, match="no scored positions"):
         totals.result()

@@ -83,3 +83,18 @@ def test_cache_rows_score_only_targets_and_add_the_tail_bucket_kl(models):
             count += 1
     assert result["noisy"]["tail_kl"] == pytest.approx(total / count, rel=1e-3)
     assert 0 < result["noisy"]["tail_kl"] <= result["noisy"]["kl"] + 1e-6  # coarsening never adds KL
+
+
+def test_small_chunks_give_the_same_figures_without_any_whole_batch_logits(models, monkeypatch):
+    """The LM head runs on chunks of scored positions; the models' own forward (which would
+    return [batch, seq, vocab] logits) is never called."""
+    teacher, student = models
+    sequences = [list(range(100, 130)), list(range(200, 221)), list(range(300, 305))]
+    rows = _teacher_rows(teacher, sequences, start=2, k=8)
+    reference = compare_to_teacher(teacher, {"noisy": student}, sequences, pad_id=0, cache_rows=rows, batch_size=3)
+    monkeypatch.setattr(type(teacher), "forward", lambda *args, **kwargs: pytest.fail("whole-batch logits"))
+    chunked = compare_to_teacher(teacher, {"noisy": student}, sequences, pad_id=0, cache_rows=rows, batch_size=3,
+                                 chunk_tokens=7)
+    for name in reference:
+        assert chunked[name] == pytest.approx(reference[name], rel=1e-6), name
+    assert chunked["noisy"]["positions"] == 27 + 18 + 2
