@@ -43,3 +43,10 @@ class DistillError(QadpipeError):
 
 class ExportError(QadpipeError):
     """A checkpoint cannot be exported in the requested format."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (or its type name when it has none): library
+    messages run to many lines, and a user error is one."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from qadpipe.config.schema import PipelineConfig
 from qadpipe.data import DataSlice, TokenSequence, load_sequences
-from qadpipe.errors import ConfigError, DataError, TeacherError
+from qadpipe.errors import ConfigError, DataError, TeacherError, first_line
 from qadpipe.stop_signals import StopSignals
 from qadpipe.teacher import TeacherInfo, make_teacher, require_vllm, teacher_info
 from qadpipe.teacher.base import SamplingSpec, TargetSpec, with_completion
@@ -228,9 +228,8 @@ def _out_of_memory(config: PipelineConfig, task: str, batch: list[TokenSequence]
     else:
         knobs = (f"lower teacher.max_num_batched_tokens (now {teacher.max_num_batched_tokens}) or "
                  f"teacher.gpu_memory_utilization (now {teacher.gpu_memory_utilization})")
-    detail = str(exc).splitlines()[0] if str(exc) else "no detail"
     return (f"generate {task}: out of memory in the {teacher.backend} teacher on {len(batch)} sequences of up to "
-            f"{max(len(s.input_ids) for s in batch)} tokens ({detail}); the {written} rows written before it are "
+            f"{max(len(s.input_ids) for s in batch)} tokens ({first_line(exc)}); the {written} rows written before it are "
             f"kept and a rerun skips them; {knobs}")
 
 

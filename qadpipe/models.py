@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from qadpipe.errors import ModelError
+from qadpipe.errors import ModelError, first_line
 from qadpipe.file_modes import share_tree
 from qadpipe.user_cache import cache_root, file_lock
 
@@ -134,7 +134,7 @@ def load_tokenizer(path_or_alias: str, trust_remote_code: bool = False) -> Any:
     try:
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise ModelError(f"{path}: cannot load tokenizer ({_first_line(exc)})") from exc
+        raise ModelError(f"{path}: cannot load tokenizer ({first_line(exc)})") from exc
 
 
 def load_causal_lm(
@@ -153,7 +153,7 @@ def load_causal_lm(
             str(path), dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
         )
     except Exception as exc:  # truncated weights (SafetensorError), shapes the config disagrees with, ...
-        raise ModelError(f"{path}: cannot load model ({type(exc).__name__}: {_first_line(exc)})") from exc
+        raise ModelError(f"{path}: cannot load model ({type(exc).__name__}: {first_line(exc)})") from exc
     return model.to(device).eval()
 
 
@@ -165,8 +165,3 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     special = sorted(str(token) for token in tokenizer.all_special_tokens)
     payload = json.dumps({"vocab": vocab, "special": special}, ensure_ascii=False)
     return "sha256:" + hashlib.sha256(payload.encode()).hexdigest()[:32]
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

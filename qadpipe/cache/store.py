@@ -16,7 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from qadpipe.errors import CacheError
+from qadpipe.errors import CacheError, first_line
 from qadpipe.provenance import atomic_write_bytes
 
 TEMP_SUFFIX = ".tmp"
@@ -39,7 +39,7 @@ class Store:
             try:
                 self.fs, path = pafs.FileSystem.from_uri(self.root)
             except (pa.ArrowException, OSError, ValueError) as exc:
-                raise CacheError(f"{self.root}: cannot open cache location ({_first_line(exc)})") from exc
+                raise CacheError(f"{self.root}: cannot open cache location ({first_line(exc)})") from exc
             self.base = path.rstrip("/")
 
     def describe(self, rel: str) -> str:
@@ -60,7 +60,7 @@ class Store:
                 with self.fs.open_output_stream(self._path(rel)) as out:
                     out.write(data)
         except (OSError, pa.ArrowException) as exc:
-            raise CacheError(f"{self.describe(rel)}: cannot write ({_first_line(exc)})") from exc
+            raise CacheError(f"{self.describe(rel)}: cannot write ({first_line(exc)})") from exc
 
     def read_bytes(self, rel: str) -> bytes:
         return self.buffer(rel).to_pybytes()
@@ -76,7 +76,7 @@ class Store:
         except FileNotFoundError as exc:
             raise CacheError(f"{self.describe(rel)}: missing") from exc
         except (OSError, pa.ArrowException) as exc:
-            raise CacheError(f"{self.describe(rel)}: cannot read ({_first_line(exc)})") from exc
+            raise CacheError(f"{self.describe(rel)}: cannot read ({first_line(exc)})") from exc
 
     def open_input(self, rel: str) -> pa.NativeFile:
         """A random-access handle (memory map locally, ranged reads remotely): reading a
@@ -88,7 +88,7 @@ class Store:
         except FileNotFoundError as exc:
             raise CacheError(f"{self.describe(rel)}: missing") from exc
         except (OSError, pa.ArrowException) as exc:
-            raise CacheError(f"{self.describe(rel)}: cannot read ({_first_line(exc)})") from exc
+            raise CacheError(f"{self.describe(rel)}: cannot read ({first_line(exc)})") from exc
 
     def size(self, rel: str) -> int | None:
         """Size in bytes, or None when the file does not exist."""
@@ -99,7 +99,7 @@ class Store:
         except FileNotFoundError:
             return None
         except (OSError, pa.ArrowException) as exc:
-            raise CacheError(f"{self.describe(rel)}: cannot stat ({_first_line(exc)})") from exc
+            raise CacheError(f"{self.describe(rel)}: cannot stat ({first_line(exc)})") from exc
         return info.size if info.type == pafs.FileType.File else None
 
     def list(self, rel_dir: str) -> list[str]:
@@ -110,7 +110,7 @@ class Store:
                 return sorted(p.name for p in directory.iterdir() if p.is_file()) if directory.is_dir() else []
             infos = self.fs.get_file_info(pafs.FileSelector(self._path(rel_dir), allow_not_found=True))
         except (OSError, pa.ArrowException) as exc:
-            raise CacheError(f"{self.describe(rel_dir)}: cannot list ({_first_line(exc)})") from exc
+            raise CacheError(f"{self.describe(rel_dir)}: cannot list ({first_line(exc)})") from exc
         return sorted(info.base_name for info in infos if info.type == pafs.FileType.File)
 
     def remove_temps(self, rel_dir: str, prefix: str) -> None:
@@ -165,7 +165,7 @@ def _probe_gcs(uri: str) -> None:
 def _gcs_reason(exc: BaseException) -> str:
     """The gist of a google-cloud-cpp status (its message runs to a kilobyte): the code, the
     last attempt's message and the underlying transport error."""
-    text = _first_line(exc)
+    text = first_line(exc)
     code = re.search(r"Status\((\w+):", text)
     last = re.search(r"last message of (.+?)\.", text)
     under = re.search(r"underlying error message was: (.+?) error_info=", text)
@@ -173,8 +173,3 @@ def _gcs_reason(exc: BaseException) -> str:
     if not code or not parts:
         return text if len(text) <= 300 else text[:300] + "..."
     return f"{code.group(1)}: {'; '.join(parts)}"
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__

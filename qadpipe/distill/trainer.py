@@ -47,7 +47,7 @@ from qadpipe.distill.observe import METRICS_FILE, MetricsLog, peak_memory_gib
 from qadpipe.distill.schedule import lr_multiplier
 from qadpipe.distill.student import (FINAL_DIR, PTQ_DIR, StudentLoss, build_student, enable_activation_checkpointing,
                                      load_state_into, save_student)
-from qadpipe.errors import DistillError
+from qadpipe.errors import DistillError, first_line
 from qadpipe.file_modes import check_writable_dir
 from qadpipe.provenance import save_run_record
 from qadpipe.stop_signals import StopSignals
@@ -433,7 +433,7 @@ class DistillRecipe:
         last = latest_checkpoint(self.output_dir)
         kept = f"the last checkpoint is {last}" if last else "no checkpoint was written before it"
         return (f"step {self.step + 1}: out of memory on {self.env.device} with micro-batches of {rows} x {width} "
-                f"tokens ({str(exc).splitlines()[0] if str(exc) else 'no detail'}); {kept}; try "
+                f"tokens ({first_line(exc)}); {kept}; try "
                 + ", or ".join(knobs))
 
     def _with_teacher(self, batch: Batch) -> PositionTargets:

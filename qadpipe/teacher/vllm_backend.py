@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from qadpipe.data.sequences import TokenSequence
-from qadpipe.errors import TeacherError
+from qadpipe.errors import TeacherError, first_line
 from qadpipe.targets import TAIL_ID, SequenceTargets
 from qadpipe.teacher.base import (Completion, SamplingSpec, TargetSpec, sampled_targets, target_start,
                                   topk_targets)
@@ -172,8 +172,7 @@ class VLLMTeacher:
         try:
             llm = LLM(**kwargs)
         except (ValueError, RuntimeError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise TeacherError(f"teacher: vLLM could not start the engine for {path} ({first})") from exc
+            raise TeacherError(f"teacher: vLLM could not start the engine for {path} ({first_line(exc)})") from exc
         vocab = int(llm.llm_engine.model_config.get_vocab_size())
         return cls(llm, k, vocab)
 
