@@ -67,9 +67,9 @@ class CachedTargets:
         return float(kl.double().sum())
 
 
-def scored_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The final hidden states ``[N, D]`` at the batch's scored positions (row-major)."""
-    base, _ = split_lm(model)
+def scored_hidden(base: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The final hidden states ``[N, D]`` of a model's base (see ``split_lm``) at the batch's
+    scored positions (row-major)."""
     hidden = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     return hidden[batch["score_mask"]]
 
@@ -96,7 +96,8 @@ def compare_to_teacher(
     Logits exist for ``chunk_tokens`` positions at a time, never for a whole batch."""
     if cache_rows is not None and starts is None:
         starts = [row.target_start for row in cache_rows]
-    totals = {name: AgreementTotals() for name in ["teacher", *students]}
+    parts = {name: split_lm(model) for name, model in {"teacher": teacher, **students}.items()}  # (base, head)
+    totals = {name: AgreementTotals() for name in parts}
     tail_sums = {name: 0.0 for name in totals}
     batches: Iterable[int] = range(0, len(sequences), batch_size)
     started, tokens = time.perf_counter(), 0
@@ -104,17 +105,15 @@ def compare_to_teacher(
         stop = start + batch_size
         batch = {k: v.to(device) for k, v in
                  pad_batch(sequences[start:stop], pad_id, None if starts is None else starts[start:stop]).items()}
-        models = {"teacher": teacher, **students}
-        hidden = {name: scored_hidden(model, batch) for name, model in models.items()}
-        heads = {name: split_lm(model)[1] for name, model in models.items()}
+        hidden = {name: scored_hidden(base, batch) for name, (base, _) in parts.items()}
         positions = hidden["teacher"].shape[0]
         next_tokens = batch["next_tokens"][batch["score_mask"]] if with_perplexity else None
         cached = CachedTargets(cache_rows[start:stop], positions, device) if cache_rows is not None else None
         for first in range(0, positions, chunk_tokens):
             last = first + chunk_tokens
-            teacher_logits = heads["teacher"](hidden["teacher"][first:last])
-            for name in totals:
-                logits = teacher_logits if name == "teacher" else heads[name](hidden[name][first:last])
+            teacher_logits = parts["teacher"][1](hidden["teacher"][first:last])
+            for name, (_, head) in parts.items():
+                logits = teacher_logits if name == "teacher" else head(hidden[name][first:last])
                 totals[name].update(teacher_logits, logits, None if next_tokens is None else next_tokens[first:last])
                 if cached is not None:
                     tail_sums[name] += cached.tail_kl_sum(logits, first)
