@@ -430,11 +430,14 @@ class DistillRecipe:
                      f"now {cfg.batch_size} x {cfg.grad_accum})")
         if cfg.distributed != "fsdp2":
             knobs.append("distill.distributed=fsdp2 under torchrun")
-        last = latest_checkpoint(self.output_dir)
-        kept = f"the last checkpoint is {last}" if last else "no checkpoint was written before it"
         return (f"step {self.step + 1}: out of memory on {self.env.device} with micro-batches of {rows} x {width} "
-                f"tokens ({first_line(exc)}); {kept}; try "
+                f"tokens ({first_line(exc)}); {self._kept_checkpoint('last')}; try "
                 + ", or ".join(knobs))
+
+    def _kept_checkpoint(self, which: str) -> str:
+        """What a run that stops on an error leaves to --resume from."""
+        last = latest_checkpoint(self.output_dir)
+        return f"the {which} checkpoint is {last}" if last else "no checkpoint was written before it"
 
     def _with_teacher(self, batch: Batch) -> PositionTargets:
         """The batch's targets plus the teacher's hidden states at the target positions."""
@@ -458,10 +461,9 @@ class DistillRecipe:
         value = float(value)
         if dist_utils.all_reduce_number(0.0 if math.isfinite(value) else 1.0, self.env.device, op="max") == 0:
             return
-        last = latest_checkpoint(self.output_dir)
-        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written before it"
         raise DistillError(f"step {self.step + 1}: training {what} is {value:g} (not finite); stopped "
-                           f"without saving this step, {kept}; lower distill.lr or check the cache")
+                           f"without saving this step, {self._kept_checkpoint('last good')}; lower distill.lr or "
+                           "check the cache")
 
     @torch.no_grad()
     def _evaluate(self, module: torch.nn.Module) -> dict[str, float]:
