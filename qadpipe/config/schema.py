@@ -185,6 +185,10 @@ class DistillConfig:
     loss: Literal["forward_kl", "renorm_kl", "reverse_kl", "jsd", "cakld", "mse_logprob", "sampled_ce"] = opt("forward_kl", "distillation loss on the cached targets")
     kd_loss_weight: float = opt(1.0, "weight of the distillation loss", ge=0.0)
     lm_loss_weight: float = opt(0.0, "weight of LM cross-entropy on data tokens", ge=0.0)
+    temperature: float = opt(1.0,
+        "KD temperature: student logits and teacher distribution both softened, the KD term scaled "
+        "by its square; 1 = plain KL, what QAD uses (a top-k teacher's tail is re-tempered as one bucket)",
+        gt=0.0)
     lr: float = opt(1e-5,
         "peak learning rate (~1e-6 SFT teachers, ~1e-5 RL-tuned, ~1e-4 quant params only)", gt=0.0)
     weight_decay: float = opt(0.0, "AdamW weight decay", ge=0.0)
@@ -215,6 +219,14 @@ class DistillConfig:
     pack_length: Optional[int] = opt(None,
         "pack each micro-batch's rows into windows of this many tokens (null = pad each row)", ge=2)
     tensorboard: bool = opt(False, "also write TensorBoard events (needs the tensorboard package)")
+
+    def validate(self) -> Optional[str]:
+        if self.temperature != 1.0 and self.mode == "qat":
+            return f"temperature: got {self.temperature}, but mode=qat trains on cross-entropy only; expected 1"
+        if self.temperature != 1.0 and self.mode == "qad" and self.loss == "sampled_ce":
+            return (f"temperature: got {self.temperature}, but loss=sampled_ce trains on draws made at "
+                    "temperature 1, which cannot be re-tempered; expected 1 (or a top-k cache and loss)")
+        return None
 
 
 @dataclass

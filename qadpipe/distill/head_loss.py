@@ -16,6 +16,7 @@ autograd like any op's gradients, so DDP/FSDP2 reduce them as usual.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -32,13 +33,19 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
 
 @dataclass(frozen=True)
 class LossSpec:
-    """What to optimize: ``mode`` qad (cached targets) | qat (CE only) | online (teacher logits)."""
+    """What to optimize: ``mode`` qad (cached targets) | qat (CE only) | online (teacher logits).
+
+    ``temperature`` τ softens both sides of the KD term (student logits / τ, the teacher
+    re-tempered) and scales it by τ² (Hinton), so its gradient keeps its size; the KL and top-1
+    figures logged beside it stay at τ = 1, the distribution that is served.
+    """
 
     mode: str = "qad"
     loss: str = "forward_kl"
     kd_weight: float = 1.0
     lm_weight: float = 0.0
     cakld_beta: float = 0.5
+    temperature: float = 1.0
 
 
 @dataclass
@@ -116,23 +123,43 @@ def split_lm(model: nn.Module) -> tuple[nn.Module, nn.Module]:
 def _chunk_loss(logits: torch.Tensor, targets: PositionTargets, spec: LossSpec,
                 teacher_logits: Optional[torch.Tensor], stats: dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed loss of one chunk from its logits (fp32 inside); adds the chunk's figures to ``stats``."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
+    logits = logits.float()
+    logp = torch.log_softmax(logits, dim=-1)
     ce = losses.cross_entropy(logp, targets.next_tokens)
     kl, kd, teacher_top1 = None, None, None
+    tau = spec.temperature
+    # Tempered, the τ = 1 KL is only a logged figure: no graph for it.
+    logged_only = contextlib.nullcontext() if tau == 1.0 else torch.no_grad()
     if teacher_logits is not None:
-        teacher_logp = torch.log_softmax(teacher_logits.float(), dim=-1)
-        kl = losses.full_kl(logp, teacher_logp)
+        teacher_logits = teacher_logits.float()
+        teacher_logp = torch.log_softmax(teacher_logits, dim=-1)
+        with logged_only:
+            kl = losses.full_kl(logp, teacher_logp)
         teacher_top1 = teacher_logp.argmax(-1)
-        kd = kl
+        kd = kl if tau == 1.0 else losses.full_kl(torch.log_softmax(logits / tau, dim=-1),
+                                                  torch.log_softmax(teacher_logits / tau, dim=-1))
     elif targets.topk_ids is not None:
-        args = (logp, targets.topk_ids, targets.topk_logprobs, targets.tail_mass)
-        kl = losses.forward_kl_tail(*args)
-        kd = kl if spec.loss == "forward_kl" else losses.topk_kd_loss(spec.loss, *args, cakld_beta=spec.cakld_beta)
-        teacher_top1 = targets.topk_ids[:, 0]
+        ids, teacher_lp, tail = targets.topk_ids, targets.topk_logprobs, targets.tail_mass
+        with logged_only:
+            kl = losses.forward_kl_tail(logp, ids, teacher_lp, tail)
+        if tau != 1.0:
+            logp_kd = torch.log_softmax(logits / tau, dim=-1)
+            kd = losses.topk_kd_loss(spec.loss, logp_kd, ids, *losses.temper_topk(ids, teacher_lp, tail, tau),
+                                     cakld_beta=spec.cakld_beta)
+        elif spec.loss == "forward_kl":
+            kd = kl
+        else:
+            kd = losses.topk_kd_loss(spec.loss, logp, ids, teacher_lp, tail, cakld_beta=spec.cakld_beta)
+        teacher_top1 = ids[:, 0]
     elif targets.sample_ids is not None:
+        if tau != 1.0:
+            raise DistillError(f"distill.temperature={tau}: sampled targets are draws at temperature 1 and "
+                               "cannot be re-tempered; use a top-k cache or temperature 1")
         kl = losses.sampled_kl(logp, targets.sample_ids, targets.sample_weights)
         kd = kl
         teacher_top1 = targets.sample_ids.gather(1, targets.sample_weights.argmax(-1, keepdim=True)).squeeze(1)
+    if kd is not None and tau != 1.0:
+        kd = kd * tau ** 2
     if spec.mode == "qat":
         loss = ce
     else:

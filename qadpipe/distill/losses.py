@@ -29,6 +29,8 @@ Notation for a position: S = the teacher's cached top-k ids, ``t_i`` its probabi
   the expected target is the top-K renormalized, t/T -- the bias of :func:`renorm_kl`.
 * :func:`full_kl`: online mode, the teacher's full distribution.
 * :func:`cross_entropy`: LM loss on the data's next tokens (QAT, or mixed in by weight).
+* :func:`temper_topk`: a cached top-k distribution (stored at temperature 1) re-tempered to τ,
+  for KD at a temperature (``distill.temperature``).
 """
 
 from __future__ import annotations
@@ -205,6 +207,28 @@ def full_kl(logp: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
 def cross_entropy(logp: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
     """−log p(next token): the LM loss on the data."""
     return -logp.gather(1, next_tokens.long()[:, None]).squeeze(1)
+
+
+def temper_topk(ids: torch.Tensor, teacher_lp: torch.Tensor, tail_mass: torch.Tensor, temperature: float
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cached teacher at temperature τ: ``(log-probs on S, tail mass)``, from its
+    temperature-1 top-k log-probs and tail mass.
+
+    On S this is exact up to the normalizer: t'_i = t_i^(1/τ) / Z.  The normalizer needs
+    Σ_{v∉S} t_v^(1/τ), which a top-k cache cannot know; the tail is re-tempered as if it were
+    one token, Z = Σ_S t_i^(1/τ) + (1−T)^(1/τ) (what DistillKit and axolotl do).  That is exact
+    when the tail is one token and otherwise *under*-states the tempered tail for τ > 1 (and
+    over-states it for τ < 1): Σ x_v^a ≥ (Σ x_v)^a for a < 1.  Padding slots stay padding.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature}: expected > 0")
+    inverse = 1.0 / temperature
+    valid = (ids >= 0) & torch.isfinite(teacher_lp)
+    scaled = torch.where(valid, teacher_lp.float() * inverse, float("-inf"))
+    tail = tail_mass.double()
+    tail_lp = torch.where(tail > 0, tail.clamp_min(1e-300).log() * inverse, float("-inf"))
+    log_z = torch.logaddexp(torch.logsumexp(scaled.double(), dim=-1), tail_lp)
+    return (scaled - log_z[:, None].float()), (tail_lp - log_z).exp().to(tail_mass.dtype)
 
 
 def topk_kd_loss(name: str, logp: torch.Tensor, ids: torch.Tensor, teacher_lp: torch.Tensor,

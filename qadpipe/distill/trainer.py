@@ -140,7 +140,11 @@ class DistillRecipe:
         student = build_student(self.config, self.env.device)
         self._check_vocab(student)
         self.spec = LossSpec(mode=cfg.mode, loss=cfg.loss, kd_weight=cfg.kd_loss_weight,
-                             lm_weight=cfg.lm_loss_weight, cakld_beta=self._cakld_beta())
+                             lm_weight=cfg.lm_loss_weight, cakld_beta=self._cakld_beta(), temperature=cfg.temperature)
+        if cfg.temperature != 1.0 and cfg.mode == "qad":
+            log.info("distill.temperature=%g: the cached top-k is re-tempered exactly on its k ids; its tail is "
+                     "re-tempered as one bucket, (1-T)^(1/%g), since the cache holds no tail shape", cfg.temperature,
+                     cfg.temperature)
         self.eval_spec = LossSpec(mode="online" if self.target_kind is None else "qad")
         self.teacher = self._load_teacher() if self._needs_teacher() else None
         self.loader = TargetLoader(self.source, self._collate_train, batch_size=cfg.batch_size, seed=cfg.seed,
