@@ -65,6 +65,7 @@ def settings(args: argparse.Namespace, model: Path, mode: str) -> list[str]:
         "distill.eval_rows=0", f"distill.eval_every={args.steps + 1}",
         "distill.lr=1e-5", "distill.warmup_steps=0", "distill.shuffle_buffer=1", "distill.save=false",
         f"distill.activation_checkpointing={str(args.activation_checkpointing).lower()}",
+        f"distill.prefetch_batches={args.prefetch_batches}",
         f"distill.output_dir={work / ('student-' + mode)}",
     ]
 
@@ -84,6 +85,7 @@ def child(args: argparse.Namespace) -> None:
     seconds = sum(tokens / r["tokens_per_s"] for r in timed)
     print(json.dumps({"mode": args.child, "tokens_per_s": tokens * len(timed) / seconds,
                       "peak_mem_gib": timed[-1]["mem_gib"], "steps_timed": len(timed),
+                      "loader_wait": sum(r["loader_wait"] for r in timed) / len(timed),
                       "loss": timed[-1]["loss"]}))
 
 
@@ -99,6 +101,8 @@ def main() -> None:
     parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on GPU")
     parser.add_argument("--activation-checkpointing", action="store_true",
                         help="recompute the student's layers in backward (every mode alike)")
+    parser.add_argument("--prefetch-batches", type=int, default=2,
+                        help="micro-batches the loader thread reads ahead (0: read in the training loop)")
     parser.add_argument("--workdir", default="runs/bench/distill_vs_online")
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--model-path", help=argparse.SUPPRESS)
@@ -129,12 +133,14 @@ def main() -> None:
     online = results["online"]
     print(f"\n{args.model} on {args.device}, {args.batch} x {args.seq} tokens per step, "
           f"{args.steps - args.warmup} timed steps, W4A16 int4 g32 student"
-          f"{', activation checkpointing' if args.activation_checkpointing else ''}")
-    print("| mode | tokens/s | x online | peak memory GiB | x online |\n|---|---|---|---|---|")
+          f"{', activation checkpointing' if args.activation_checkpointing else ''}, "
+          f"loader reading {args.prefetch_batches} micro-batches ahead")
+    print("| mode | tokens/s | x online | peak memory GiB | x online | loader wait |\n|---|---|---|---|---|---|")
     for mode in MODES:
         r = results[mode]
         print(f"| {mode} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / online['tokens_per_s']:.2f} | "
-              f"{r['peak_mem_gib']:.2f} | {r['peak_mem_gib'] / online['peak_mem_gib']:.2f} |")
+              f"{r['peak_mem_gib']:.2f} | {r['peak_mem_gib'] / online['peak_mem_gib']:.2f} | "
+              f"{100 * r['loader_wait']:.1f}% |")
 
 
 if __name__ == "__main__":

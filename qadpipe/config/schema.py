@@ -216,6 +216,8 @@ class DistillConfig:
     device: str = opt("auto", "auto, cpu, cuda")
     distributed: Literal["ddp", "fsdp2"] = opt("ddp", "strategy under torchrun")
     shuffle_buffer: int = opt(256, "cache rows in the seeded shuffle buffer (1 = cache order)", ge=1)
+    prefetch_batches: int = opt(2, "micro-batches read and collated ahead by a background thread, pinned "
+                                "for the GPU (0 = read in the training loop)", ge=0)
     pack_length: Optional[int] = opt(None,
         "pack each micro-batch's rows into windows of this many tokens (null = pad each row)", ge=2)
     tensorboard: bool = opt(False, "also write TensorBoard events (needs the tensorboard package)")

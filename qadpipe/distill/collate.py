@@ -22,7 +22,7 @@ rest.  A position whose draws were all tail draws has no target and is not train
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -59,12 +59,20 @@ class Batch:
         return inputs
 
     def to(self, device: torch.device | str) -> "Batch":
-        def move(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-            return t.to(device, non_blocking=True) if t is not None else None
+        return self._apply(lambda t: t.to(device, non_blocking=True))
 
-        targets = PositionTargets(**{k: move(v) for k, v in self.targets.__dict__.items()})
-        return Batch(move(self.input_ids), move(self.attention_mask), move(self.position_ids),
-                     move(self.target_mask), targets, self.num_sequences, self.num_tokens)
+    def pin_memory(self) -> "Batch":
+        """In page-locked host memory, so ``to(cuda)`` copies asynchronously (the loader's
+        read-ahead thread pins while the GPU trains)."""
+        return self._apply(torch.Tensor.pin_memory)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Batch":
+        def each(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            return fn(t) if t is not None else None
+
+        targets = PositionTargets(**{k: each(v) for k, v in self.targets.__dict__.items()})
+        return Batch(each(self.input_ids), each(self.attention_mask), each(self.position_ids),
+                     each(self.target_mask), targets, self.num_sequences, self.num_tokens)
 
 
 def _layout(rows: Sequence[SequenceTargets], pack_length: Optional[int]) -> list[list[int]]:

@@ -7,10 +7,18 @@ skips what was already trained, without collating the skipped rows.
 
 The first ``holdout_rows`` rows of the cache (in reader order, identical on every rank)
 are never trained on: they are the held-out split for periodic evaluation.
+
+With ``prefetch > 0`` a background thread reads, shuffles and collates that many
+micro-batches ahead (pinning them for an asynchronous copy to the GPU), so the training
+loop does not wait on Parquet decoding and collation between steps.  The position the
+loader reports is always that of the batches *handed out*, never of those read ahead, so a
+checkpoint resumes at the next batch the loop has not seen.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterator, Protocol
 
@@ -37,7 +45,8 @@ class TargetLoader:
 
     def __init__(self, source: SequenceSource, collate: Callable[[list[SequenceTargets]], Any], *,
                  batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 shuffle_buffer: int = 256, holdout_rows: int = 0) -> None:
+                 shuffle_buffer: int = 256, holdout_rows: int = 0, prefetch: int = 0,
+                 pin_memory: bool = False) -> None:
         self.source = source
         self.collate = collate
         self.batch_size = batch_size
@@ -46,6 +55,8 @@ class TargetLoader:
         self.world_size = world_size
         self.shuffle_buffer = max(1, shuffle_buffer)
         self.holdout_rows = holdout_rows
+        self.prefetch = prefetch
+        self.pin_memory = pin_memory
         self.position = LoaderPosition()
         self._holdout_ids: set[str] | None = None
 
@@ -69,22 +80,31 @@ class TargetLoader:
     def __iter__(self) -> Iterator[Any]:
         if self._holdout_ids is None:
             self.holdout()
+        batches = self._positioned_batches(self.position)
+        if self.prefetch > 0:
+            batches = _read_ahead(batches, self.prefetch)
+        for position, batch in batches:
+            self.position = position
+            yield batch
+
+    def _positioned_batches(self, start: LoaderPosition) -> Iterator[tuple[LoaderPosition, Any]]:
+        """Collated batches from ``start`` on, each with the position just after it."""
+        epoch, skip = start.epoch, start.batches_done
         while True:
-            skip = self.position.batches_done
             yielded_any = False
-            for index, rows in enumerate(self._epoch_batches(self.position.epoch)):
+            for index, rows in enumerate(self._epoch_batches(epoch)):
                 yielded_any = True
                 if index < skip:
                     continue
-                self.position.batches_done = index + 1
-                yield self.collate(rows)
+                batch = self.collate(rows)
+                yield LoaderPosition(epoch, index + 1), (batch.pin_memory() if self.pin_memory else batch)
             if not yielded_any:
                 raise DistillError(
                     f"rank {self.rank} of {self.world_size}: no cache rows to train on "
                     f"(after holding out {self.holdout_rows} rows for eval); use a bigger cache, fewer "
                     "ranks or a smaller distill.eval_rows"
                 )
-            self.position = LoaderPosition(epoch=self.position.epoch + 1, batches_done=0)
+            epoch, skip = epoch + 1, 0
 
     def _epoch_batches(self, epoch: int) -> Iterator[list[SequenceTargets]]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch * 7919 + self.rank)
@@ -114,3 +134,43 @@ def _pop_random(buffer: list[SequenceTargets], generator: torch.Generator) -> Se
     pick = int(torch.randint(len(buffer), (1,), generator=generator))
     buffer[pick], buffer[-1] = buffer[-1], buffer[pick]
     return buffer.pop()
+
+
+_FAILED, _DONE = object(), object()
+
+
+def _read_ahead(items: Iterator[Any], depth: int) -> Iterator[Any]:
+    """``items`` produced by a daemon thread up to ``depth`` ahead.  An exception in the
+    thread is raised here at its turn; closing this generator stops the thread."""
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def offer(entry: tuple[Any, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not offer((None, item)):
+                    return
+            offer((_DONE, None))
+        except BaseException as exc:  # handed to the consumer, raised there
+            offer((_FAILED, exc))
+
+    threading.Thread(target=produce, name="qadpipe-loader", daemon=True).start()
+    try:
+        while True:
+            tag, item = ready.get()
+            if tag is _DONE:
+                return
+            if tag is _FAILED:
+                raise item
+            yield item
+    finally:
+        stop.set()

@@ -1,7 +1,8 @@
 """What a training run tells its operator: metrics.jsonl, optional TensorBoard, memory figures.
 
 ``metrics.jsonl`` gets one JSON object per log interval (``step``, ``loss``, ``kl``,
-``top1``, ``lr``, ``tokens_per_s``, memory) and one per held-out evaluation (``eval_kl``,
+``top1``, ``lr``, ``tokens_per_s``, ``loader_wait`` -- the share of the interval rank 0's loop
+spent waiting for micro-batches --, memory) and one per held-out evaluation (``eval_kl``,
 ``eval_top1``, ...).  Each line is flushed as written, so ``tail -f`` and the eval report's
 training curves see it live; on ``--resume`` rows past the restored step (written by the
 killed run after its last checkpoint) are dropped, so the file holds one curve.

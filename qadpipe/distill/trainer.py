@@ -90,6 +90,7 @@ class _Window:
         self.stats = {key: torch.zeros((), dtype=torch.float64, device=device) for key in STAT_KEYS}
         self.tokens = 0
         self.grad_norm = math.nan  # of the window's last step, before clipping
+        self.loader_wait = 0.0     # seconds the loop waited for micro-batches
         self.started = time.perf_counter()
 
     def add(self, stats: dict[str, torch.Tensor], tokens: int) -> None:
@@ -149,7 +150,8 @@ class DistillRecipe:
         self.teacher = self._load_teacher() if self._needs_teacher() else None
         self.loader = TargetLoader(self.source, self._collate_train, batch_size=cfg.batch_size, seed=cfg.seed,
                                    rank=self.env.rank, world_size=self.env.world_size,
-                                   shuffle_buffer=cfg.shuffle_buffer, holdout_rows=cfg.eval_rows)
+                                   shuffle_buffer=cfg.shuffle_buffer, holdout_rows=cfg.eval_rows,
+                                   prefetch=cfg.prefetch_batches, pin_memory=self.env.device.type == "cuda")
         holdout = self.loader.holdout()
         self.holdout_batches = [self._collate_eval(holdout[i:i + cfg.batch_size])
                                 for i in range(0, len(holdout), cfg.batch_size)]
@@ -372,14 +374,16 @@ class DistillRecipe:
     # ------------------------------------------------------------------ train
     def train(self) -> TrainResult:
         cfg, env = self.cfg, self.env
-        batches = iter(self.loader)
         window = _Window(env.device)
         self.wrapped.train()
         progress = tqdm(total=cfg.max_steps, initial=self.step, desc="distill", unit="step",
                         disable=not env.is_main, dynamic_ncols=True)
-        with progress, self._stop:  # closing the bar first keeps an error on its own line
+        # closing the bar first keeps an error on its own line; closing batches stops the read-ahead
+        with contextlib.closing(iter(self.loader)) as batches, progress, self._stop:
             while self.step < cfg.max_steps:
+                waited = time.perf_counter()
                 micro = [next(batches) for _ in range(cfg.grad_accum)]
+                window.loader_wait += time.perf_counter() - waited
                 try:
                     self._train_step(micro, window)
                 except torch.OutOfMemoryError as exc:
@@ -494,14 +498,15 @@ class DistillRecipe:
         elapsed = time.perf_counter() - window.started
         row = {"step": self.step, **summarize(totals), "grad_norm": window.grad_norm,
                "lr": self.scheduler.get_last_lr()[0],
-               "tokens_per_s": tokens / max(elapsed, 1e-9), "mem_gib": peak_memory_gib(self.env.device)}
+               "tokens_per_s": tokens / max(elapsed, 1e-9), "loader_wait": window.loader_wait / max(elapsed, 1e-9),
+               "mem_gib": peak_memory_gib(self.env.device)}
         # QAT rows have no KL/top-1 against targets: leave them out rather than print "nan".
         shown = {key: row[key] for key in ("loss", "kl", "top1") if key in row}
         progress.set_postfix({key: f"{value:.4f}" for key, value in shown.items() if key != "top1"})
         if self.env.is_main:
-            log.info("step %d/%d %s lr %.2e %.0f tok/s mem %.2f GiB", self.step, self.cfg.max_steps,
-                     " ".join(f"{key} {value:.4f}" for key, value in shown.items()),
-                     row["lr"], row["tokens_per_s"], row["mem_gib"])
+            log.info("step %d/%d %s lr %.2e %.0f tok/s (loader wait %.0f%%) mem %.2f GiB", self.step,
+                     self.cfg.max_steps, " ".join(f"{key} {value:.4f}" for key, value in shown.items()),
+                     row["lr"], row["tokens_per_s"], 100 * row["loader_wait"], row["mem_gib"])
         self.metrics.write(row)
 
     def _log_eval(self, tag: str, figures: dict[str, float]) -> None:
@@ -549,7 +554,7 @@ class DistillRecipe:
 #: how much memory a step takes (the knobs a run that ran out of memory is resumed with).
 RESUMABLE_CHANGES = frozenset({"distill.max_steps", "distill.log_every", "distill.eval_every", "distill.save_every",
                                "distill.save", "distill.activation_checkpointing", "distill.loss_chunk_tokens",
-                               "distill.tensorboard", "distill.device", "distill.output_dir", "cache.path",
+                               "distill.prefetch_batches", "distill.tensorboard", "distill.device", "distill.output_dir", "cache.path",
                                "eval.output_dir", "export.output_dir", "export.format"})
 
 

@@ -1,8 +1,11 @@
-"""The loader: deterministic order, exact resume, disjoint rank split, held-out rows unseen."""
+"""The loader: deterministic order, exact resume, disjoint rank split, held-out rows unseen --
+the same whether batches are read in the loop or ahead by a background thread."""
 
 from __future__ import annotations
 
 import itertools
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -31,19 +34,22 @@ def take(loader, n):
     return [ids(b) for b in itertools.islice(iter(loader), n)]
 
 
-def make(source, **kw):
-    args = dict(batch_size=3, seed=1, shuffle_buffer=5, holdout_rows=2)
-    args.update(kw)
-    return TargetLoader(source, list, **args)
+@pytest.fixture(params=[0, 2], ids=["in-loop", "read-ahead"])
+def make(request):
+    def build(source, **kw):
+        args = dict(batch_size=3, seed=1, shuffle_buffer=5, holdout_rows=2, prefetch=request.param)
+        args.update(kw)
+        return TargetLoader(source, list, **args)
+    return build
 
 
-def test_same_seed_same_order_other_seed_other_order():
+def test_same_seed_same_order_other_seed_other_order(make):
     source = ListSource(20)
     assert take(make(source), 8) == take(make(source), 8)
     assert take(make(source), 8) != take(make(source, seed=2), 8)
 
 
-def test_epoch_covers_every_training_row_once_and_never_the_holdout():
+def test_epoch_covers_every_training_row_once_and_never_the_holdout(make):
     loader = make(ListSource(20))
     assert ids(loader.holdout()) == ["r0", "r1"]
     first_epoch = take(loader, 6)  # 18 training rows / 3
@@ -52,7 +58,7 @@ def test_epoch_covers_every_training_row_once_and_never_the_holdout():
     assert loader.state_dict() == {"epoch": 0, "batches_done": 6}
 
 
-def test_resume_continues_exactly_across_an_epoch_boundary():
+def test_resume_continues_exactly_across_an_epoch_boundary(make):
     source = ListSource(20)
     straight = take(make(source), 15)
     first = make(source)
@@ -62,9 +68,36 @@ def test_resume_continues_exactly_across_an_epoch_boundary():
     assert part + take(resumed, 6) == straight
 
 
-def test_ranks_are_disjoint_and_an_empty_rank_is_one_clear_error():
+def test_ranks_are_disjoint_and_an_empty_rank_is_one_clear_error(make):
     source = ListSource(20)
     rank_rows = [set(i for b in take(make(source, rank=r, world_size=2), 3) for i in b) for r in (0, 1)]
     assert not rank_rows[0] & rank_rows[1]
     with pytest.raises(DistillError, match=r"^rank 2 of 3: no cache rows to train on"):
         take(make(ListSource(2), rank=2, world_size=3, holdout_rows=0), 1)
+
+
+def loader_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "qadpipe-loader"]
+
+
+def wait_for(condition, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_read_ahead_collates_the_next_batches_while_the_loop_holds_one_and_stops_when_closed():
+    collated = []
+    loader = TargetLoader(ListSource(30), lambda rows: collated.append(ids(rows)) or rows, batch_size=3, seed=1,
+                          prefetch=2)
+    batches = iter(loader)
+    first = ids(next(batches))
+    # the thread fills the queue (2) and collates one more that waits for room
+    assert wait_for(lambda: len(collated) == 4), collated
+    assert collated[0] == first and loader.state_dict() == {"epoch": 0, "batches_done": 1}
+    assert len(loader_threads()) == 1
+    batches.close()
+    assert wait_for(lambda: not loader_threads())
