@@ -50,3 +50,9 @@ def first_line(exc: BaseException) -> str:
     messages run to many lines, and a user error is one."""
     lines = str(exc).strip().splitlines()
     return lines[0] if lines else type(exc).__name__
+
+
+def folded(exc: BaseException) -> str:
+    """All of an exception's message on one line (or its type name when it has none): for
+    library messages whose later lines matter, e.g. Arrow's, where the file offset follows."""
+    return " ".join(str(exc).split()) or type(exc).__name__

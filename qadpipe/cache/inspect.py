@@ -12,6 +12,7 @@ from qadpipe.cache.manifest import load_view
 from qadpipe.cache.reader import shard_problem
 from qadpipe.cache.schema import CacheMeta
 from qadpipe.cache.store import Store
+from qadpipe.errors import folded
 from qadpipe.targets import TAIL_ID
 
 
@@ -36,7 +37,7 @@ def summarize(root: str, *, rehash: bool = False) -> dict:
             for column in columns:
                 values[column].extend(column_values(batch, column, meta)[0] for batch in table.to_batches())
         except (pa.ArrowException, OSError, ValueError) as exc:
-            info["state"] = f"unreadable ({' '.join(str(exc).split())})"
+            info["state"] = f"unreadable ({folded(exc)})"
     tokens = sum(s["tokens"] for s in shards)
     total_bytes = sum(s["bytes"] for s in shards)
     return {

@@ -25,7 +25,7 @@ from qadpipe.cache.encoding import decode_batch, shard_id_order
 from qadpipe.cache.manifest import ShardEntry, load_view, meta_difference
 from qadpipe.cache.schema import META_KEY, CacheMeta
 from qadpipe.cache.store import Store
-from qadpipe.errors import CacheError
+from qadpipe.errors import CacheError, folded
 from qadpipe.targets import SequenceTargets
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ class CacheReader:
         except (pa.ArrowException, OSError, ValueError) as exc:
             problem = shard_problem(self.store, shard, rehash=True) or "bytes match the manifest checksum"
             raise CacheError(f"{self.store.describe(shard.name)}: {problem}; not a readable Parquet shard "
-                             f"({_one_line(exc)})") from exc
+                             f"({folded(exc)})") from exc
 
     def _check_footers_and_ids(self) -> None:
         seen: dict[str, str] = {}
@@ -94,7 +94,7 @@ class CacheReader:
                 meta = None if raw is None else CacheMeta.from_dict(json.loads(raw), where)
                 ids = parquet.read(columns=["id"]).column("id").to_pylist()
             except (pa.ArrowException, OSError, ValueError, KeyError) as exc:
-                raise CacheError(f"{where}: unreadable shard footer or id column ({_one_line(exc)})") from exc
+                raise CacheError(f"{where}: unreadable shard footer or id column ({folded(exc)})") from exc
             if meta is None:
                 raise CacheError(f"{where}: shard carries no qadpipe cache metadata")
             difference = meta_difference(self.meta, meta)
@@ -190,7 +190,7 @@ class CacheReader:
                     yield item
                 row += len(rows)
         except (pa.ArrowException, OSError, ValueError, KeyError, IndexError) as exc:
-            raise CacheError(f"{where}: cannot decode shard ({_one_line(exc)})") from exc
+            raise CacheError(f"{where}: cannot decode shard ({folded(exc)})") from exc
 
 
 def ordered_map(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T], ahead: int) -> Iterator[R]:
@@ -204,8 +204,3 @@ def ordered_map(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[
             yield in_flight.popleft().result()
     while in_flight:
         yield in_flight.popleft().result()
-
-
-def _one_line(exc: BaseException) -> str:
-    """A library's (often multi-line) message folded into one line."""
-    return " ".join(str(exc).split()) or type(exc).__name__
