@@ -20,7 +20,7 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator, Optional, Protocol
 
 import torch
 
@@ -46,7 +46,7 @@ class TargetLoader:
     def __init__(self, source: SequenceSource, collate: Callable[[list[SequenceTargets]], Any], *,
                  batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
                  shuffle_buffer: int = 256, holdout_rows: int = 0, prefetch: int = 0,
-                 pin_memory: bool = False) -> None:
+                 pin_for: Optional[torch.device] = None) -> None:
         self.source = source
         self.collate = collate
         self.batch_size = batch_size
@@ -56,7 +56,7 @@ class TargetLoader:
         self.shuffle_buffer = max(1, shuffle_buffer)
         self.holdout_rows = holdout_rows
         self.prefetch = prefetch
-        self.pin_memory = pin_memory
+        self.pin_for = pin_for if pin_for is not None and pin_for.type == "cuda" else None
         self.position = LoaderPosition()
         self._holdout_ids: set[str] | None = None
 
@@ -88,7 +88,12 @@ class TargetLoader:
             yield batch
 
     def _positioned_batches(self, start: LoaderPosition) -> Iterator[tuple[LoaderPosition, Any]]:
-        """Collated batches from ``start`` on, each with the position just after it."""
+        """Collated batches from ``start`` on, each with the position just after it (pinned
+        for ``pin_for``'s copy when that is a GPU)."""
+        if self.pin_for is not None:
+            # A new thread's current GPU is 0: pinning from there would open a CUDA context on
+            # GPU 0 for every rank (what torch's DataLoader pin thread avoids the same way).
+            torch.cuda.set_device(self.pin_for)
         epoch, skip = start.epoch, start.batches_done
         while True:
             yielded_any = False
@@ -97,7 +102,7 @@ class TargetLoader:
                 if index < skip:
                     continue
                 batch = self.collate(rows)
-                yield LoaderPosition(epoch, index + 1), (batch.pin_memory() if self.pin_memory else batch)
+                yield LoaderPosition(epoch, index + 1), (batch.pin_memory() if self.pin_for is not None else batch)
             if not yielded_any:
                 raise DistillError(
                     f"rank {self.rank} of {self.world_size}: no cache rows to train on "

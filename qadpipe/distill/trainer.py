@@ -151,7 +151,7 @@ class DistillRecipe:
         self.loader = TargetLoader(self.source, self._collate_train, batch_size=cfg.batch_size, seed=cfg.seed,
                                    rank=self.env.rank, world_size=self.env.world_size,
                                    shuffle_buffer=cfg.shuffle_buffer, holdout_rows=cfg.eval_rows,
-                                   prefetch=cfg.prefetch_batches, pin_memory=self.env.device.type == "cuda")
+                                   prefetch=cfg.prefetch_batches, pin_for=self.env.device)
         holdout = self.loader.holdout()
         self.holdout_batches = [self._collate_eval(holdout[i:i + cfg.batch_size])
                                 for i in range(0, len(holdout), cfg.batch_size)]

@@ -8,6 +8,7 @@ import threading
 import time
 
 import numpy as np
+import torch
 import pytest
 
 from qadpipe.distill.loader import TargetLoader
@@ -101,3 +102,24 @@ def test_read_ahead_collates_the_next_batches_while_the_loop_holds_one_and_stops
     assert len(loader_threads()) == 1
     batches.close()
     assert wait_for(lambda: not loader_threads())
+
+
+def test_read_ahead_pins_on_this_ranks_gpu_from_its_own_thread(monkeypatch):
+    """A thread starts on GPU 0: pinning there without set_device would open a context on GPU 0
+    for every rank.  (No GPU here: set_device and pin_memory are observed, not run.)"""
+    calls = []
+
+    class Pinnable(list):
+        def pin_memory(self):
+            calls.append(("pin", threading.current_thread().name))
+            return self
+
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append((str(device),
+                                                                                threading.current_thread().name)))
+    loader = TargetLoader(ListSource(12), Pinnable, batch_size=3, seed=1, prefetch=2,
+                          pin_for=torch.device("cuda:1"))
+    batches = iter(loader)
+    next(batches)
+    batches.close()
+    assert calls[0] == ("cuda:1", "qadpipe-loader") and ("pin", "qadpipe-loader") in calls
+    assert TargetLoader(ListSource(12), Pinnable, batch_size=3, seed=1, pin_for=torch.device("cpu")).pin_for is None
