@@ -65,9 +65,9 @@ def init_distributed(device: str) -> DistEnv:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     resolved = resolve_device(device, local_rank)
+    if resolved.type == "cuda":   # also alone on cuda:N: the RNG state a checkpoint keeps is the current GPU's
+        torch.cuda.set_device(resolved)
     if world_size > 1 and not dist.is_initialized():
-        if resolved.type == "cuda":
-            torch.cuda.set_device(resolved)
         dist.init_process_group("nccl" if resolved.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(minutes=30))
     return DistEnv(rank, world_size, local_rank, resolved)
