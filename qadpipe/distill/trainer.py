@@ -143,9 +143,9 @@ class DistillRecipe:
         self.spec = LossSpec(mode=cfg.mode, loss=cfg.loss, kd_weight=cfg.kd_loss_weight,
                              lm_weight=cfg.lm_loss_weight, cakld_beta=self._cakld_beta(), temperature=cfg.temperature)
         if cfg.temperature != 1.0 and cfg.mode == "qad":
-            log.info("distill.temperature=%g: the cached top-k is re-tempered exactly on its k ids; its tail is "
-                     "re-tempered as one bucket, (1-T)^(1/%g), since the cache holds no tail shape", cfg.temperature,
-                     cfg.temperature)
+            log.info("distill.temperature=%g: the cached top-k log-probs are re-tempered exactly; the mass "
+                     "outside them as one bucket, since the cache holds no tail shape (at a temperature above 1 "
+                     "that gives the tail less than the tempered teacher does)", cfg.temperature)
         self.eval_spec = LossSpec(mode="online" if self.target_kind is None else "qad")
         self.teacher = self._load_teacher() if self._needs_teacher() else None
         self.loader = TargetLoader(self.source, self._collate_train, batch_size=cfg.batch_size, seed=cfg.seed,
@@ -554,8 +554,9 @@ class DistillRecipe:
 #: how much memory a step takes (the knobs a run that ran out of memory is resumed with).
 RESUMABLE_CHANGES = frozenset({"distill.max_steps", "distill.log_every", "distill.eval_every", "distill.save_every",
                                "distill.save", "distill.activation_checkpointing", "distill.loss_chunk_tokens",
-                               "distill.prefetch_batches", "distill.tensorboard", "distill.device", "distill.output_dir", "cache.path",
-                               "eval.output_dir", "export.output_dir", "export.format"})
+                               "distill.prefetch_batches", "distill.tensorboard", "distill.device",
+                               "distill.output_dir", "cache.path", "eval.output_dir", "export.output_dir",
+                               "export.format"})
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
