@@ -20,7 +20,7 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterator, Optional, Protocol
+from typing import Any, Callable, Generator, Iterator, Optional, Protocol
 
 import torch
 
@@ -87,7 +87,7 @@ class TargetLoader:
             self.position = position
             yield batch
 
-    def _positioned_batches(self, start: LoaderPosition) -> Iterator[tuple[LoaderPosition, Any]]:
+    def _positioned_batches(self, start: LoaderPosition) -> Generator[tuple[LoaderPosition, Any], None, None]:
         """Collated batches from ``start`` on, each with the position just after it (pinned
         for ``pin_for``'s copy when that is a GPU)."""
         if self.pin_for is not None:
@@ -144,9 +144,11 @@ def _pop_random(buffer: list[SequenceTargets], generator: torch.Generator) -> Se
 _FAILED, _DONE = object(), object()
 
 
-def _read_ahead(items: Iterator[Any], depth: int) -> Iterator[Any]:
-    """``items`` produced by a daemon thread up to ``depth`` ahead.  An exception in the
-    thread is raised here at its turn; closing this generator stops the thread."""
+def _read_ahead(items: Generator[Any, None, None], depth: int) -> Iterator[Any]:
+    """``items`` produced by a thread up to ``depth`` ahead.  An exception in the thread is
+    raised here at its turn.  Closing this generator stops the thread and waits for it: a
+    thread still inside torch or Arrow code when the interpreter exits is torn down mid-C++
+    frame, and the process aborts ("terminate called without an active exception")."""
     ready: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
@@ -167,8 +169,11 @@ def _read_ahead(items: Iterator[Any], depth: int) -> Iterator[Any]:
             offer((_DONE, None))
         except BaseException as exc:  # handed to the consumer, raised there
             offer((_FAILED, exc))
+        finally:
+            items.close()   # the reader's own threads end here, in the thread that ran it
 
-    threading.Thread(target=produce, name="qadpipe-loader", daemon=True).start()
+    thread = threading.Thread(target=produce, name="qadpipe-loader", daemon=True)
+    thread.start()
     try:
         while True:
             tag, item = ready.get()
@@ -179,3 +184,4 @@ def _read_ahead(items: Iterator[Any], depth: int) -> Iterator[Any]:
             yield item
     finally:
         stop.set()
+        thread.join()
