@@ -186,9 +186,8 @@ class DistillConfig:
     kd_loss_weight: float = opt(1.0, "weight of the distillation loss", ge=0.0)
     lm_loss_weight: float = opt(0.0, "weight of LM cross-entropy on data tokens", ge=0.0)
     temperature: float = opt(1.0,
-        "KD temperature: student logits and teacher distribution both softened, the KD term scaled "
-        "by its square; 1 = plain KL, what QAD uses (a top-k teacher's tail is re-tempered as one bucket)",
-        gt=0.0)
+        "KD temperature: teacher and student both softened (a top-k cache: their k+1 buckets), the KD "
+        "term scaled by its square; 1 = plain KL, what QAD uses", gt=0.0)
     lr: float = opt(1e-5,
         "peak learning rate (~1e-6 SFT teachers, ~1e-5 RL-tuned, ~1e-4 quant params only)", gt=0.0)
     weight_decay: float = opt(0.0, "AdamW weight decay", ge=0.0)
@@ -228,6 +227,9 @@ class DistillConfig:
         if self.temperature != 1.0 and self.mode == "qad" and self.loss == "sampled_ce":
             return (f"temperature: got {self.temperature}, but loss=sampled_ce trains on draws made at "
                     "temperature 1, which cannot be re-tempered; expected 1 (or a top-k cache and loss)")
+        if self.temperature != 1.0 and self.mode == "qad" and self.loss == "mse_logprob":
+            return (f"temperature: got {self.temperature}, but loss=mse_logprob compares log-probs and has "
+                    "no temperature; expected 1")
         return None
 
 

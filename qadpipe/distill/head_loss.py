@@ -35,9 +35,10 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
 class LossSpec:
     """What to optimize: ``mode`` qad (cached targets) | qat (CE only) | online (teacher logits).
 
-    ``temperature`` τ softens both sides of the KD term (student logits / τ, the teacher
-    re-tempered) and scales it by τ² (Hinton), so its gradient keeps its size; the KL and top-1
-    figures logged beside it stay at τ = 1, the distribution that is served.
+    ``temperature`` τ softens both sides of the KD term (online: both logits / τ; a top-k cache:
+    both k+1-bucket distributions, see :mod:`qadpipe.distill.losses`) and scales it by τ²
+    (Hinton), so its gradient keeps its size; the KL and top-1 figures logged beside it stay at
+    τ = 1, the distribution that is served.
     """
 
     mode: str = "qad"
@@ -142,14 +143,11 @@ def _chunk_loss(logits: torch.Tensor, targets: PositionTargets, spec: LossSpec,
         ids, teacher_lp, tail = targets.topk_ids, targets.topk_logprobs, targets.tail_mass
         with logged_only:
             kl = losses.forward_kl_tail(logp, ids, teacher_lp, tail)
-        if tau != 1.0:
-            logp_kd = torch.log_softmax(logits / tau, dim=-1)
-            kd = losses.topk_kd_loss(spec.loss, logp_kd, ids, *losses.temper_topk(ids, teacher_lp, tail, tau),
-                                     cakld_beta=spec.cakld_beta)
-        elif spec.loss == "forward_kl":
+        if tau == 1.0 and spec.loss == "forward_kl":
             kd = kl
         else:
-            kd = losses.topk_kd_loss(spec.loss, logp, ids, teacher_lp, tail, cakld_beta=spec.cakld_beta)
+            kd = losses.topk_kd_loss(spec.loss, logp, ids, teacher_lp, tail, cakld_beta=spec.cakld_beta,
+                                     temperature=tau)
         teacher_top1 = ids[:, 0]
     elif targets.sample_ids is not None:
         if tau != 1.0:

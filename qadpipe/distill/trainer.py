@@ -143,9 +143,9 @@ class DistillRecipe:
         self.spec = LossSpec(mode=cfg.mode, loss=cfg.loss, kd_weight=cfg.kd_loss_weight,
                              lm_weight=cfg.lm_loss_weight, cakld_beta=self._cakld_beta(), temperature=cfg.temperature)
         if cfg.temperature != 1.0 and cfg.mode == "qad":
-            log.info("distill.temperature=%g: the cached top-k log-probs are re-tempered exactly; the mass "
-                     "outside them as one bucket, since the cache holds no tail shape (at a temperature above 1 "
-                     "that gives the tail less than the tempered teacher does)", cfg.temperature)
+            log.info("distill.temperature=%g: teacher and student are softened over the cache's k+1 buckets "
+                     "(its top-k and the tail mass), the only temperature a cache without the tail's shape "
+                     "applies without bias", cfg.temperature)
         self.eval_spec = LossSpec(mode="online" if self.target_kind is None else "qad")
         self.teacher = self._load_teacher() if self._needs_teacher() else None
         self.loader = TargetLoader(self.source, self._collate_train, batch_size=cfg.batch_size, seed=cfg.seed,

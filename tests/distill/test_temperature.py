@@ -1,10 +1,12 @@
 """KD at a temperature (``distill.temperature``): against Hinton's τ²·KL(softmax(t/τ) ‖ softmax(s/τ))
-computed naively in float64 over the whole vocabulary, values and gradients; the one-bucket
-tail re-tempering of a top-k cache, checked for what it keeps exact and which way it errs."""
+computed naively in float64 over the whole vocabulary (values and gradients) where the cache
+sees all of it, against hand-worked buckets where it does not, and the property that makes
+bucket tempering the right one: a student matching the teacher's buckets stays a fixed point."""
 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -13,8 +15,8 @@ from torch import nn
 
 from qadpipe.cli import cli
 from qadpipe.config import load_config
+from qadpipe.distill import losses
 from qadpipe.distill.head_loss import LossSpec, PositionTargets, head_loss
-from qadpipe.distill.losses import temper_topk
 from qadpipe.errors import ConfigError
 
 from distill_fixtures import settings
@@ -81,31 +83,78 @@ def test_online_kd_at_a_temperature_is_hinton_kd_over_the_whole_vocabulary(tau):
         torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-6)
 
 
-def test_re_tempered_top_k_is_exact_on_s_and_its_one_bucket_tail_errs_the_known_way():
-    """Inside S only the normalizer is unknown, so log-prob differences are exactly divided by τ;
-    for τ > 1 the one-bucket tail is at most the true tempered tail (Σ x^a ≥ (Σ x)^a, a < 1),
-    for τ < 1 at least it."""
-    vocab, k = 60, 6
-    teacher_logits = 2.0 * torch.randn(N, vocab, generator=torch.Generator().manual_seed(7))
-    targets = topk_targets(teacher_logits, k)
-    for tau in (0.5, 2.0):
-        lp, tail = temper_topk(targets.topk_ids, targets.topk_logprobs, targets.tail_mass, tau)
-        torch.testing.assert_close(lp.double().exp().sum(-1) + tail, torch.ones(N, dtype=torch.float64))
-        torch.testing.assert_close(lp - lp[:, :1], (targets.topk_logprobs - targets.topk_logprobs[:, :1]) / tau)
-        true_tempered = torch.softmax(teacher_logits.double() / tau, -1)
-        true_tail = 1 - true_tempered.gather(1, targets.topk_ids).sum(-1)
-        assert bool((tail <= true_tail + 1e-12).all() if tau > 1 else (tail >= true_tail - 1e-12).all())
-        assert not torch.allclose(tail, true_tail)   # an approximation, not the truth
+def test_bucket_temperature_by_hand():
+    """k = 2 of V = 4: teacher S = (0.6, 0.3), tail 0.1; student (0.5, 0.2) on S and 0.15 + 0.15
+    off it.  At τ = 2 both bucket vectors become √p renormalized."""
+    ids = torch.tensor([[0, 1]])
+    teacher_lp = torch.log(torch.tensor([[0.6, 0.3]]))
+    logp = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.15]], dtype=torch.float64)).float()
+    t = [math.sqrt(x) for x in (0.6, 0.3, 0.1)]
+    q = [math.sqrt(x) for x in (0.5, 0.2, 0.3)]
+    t, q = [x / sum(t) for x in t], [x / sum(q) for x in q]
+    expected = sum(a * math.log(a / b) for a, b in zip(t, q))
+    got = losses.forward_kl_tail(logp, ids, teacher_lp, torch.tensor([0.1], dtype=torch.float64), temperature=2.0)
+    assert float(got) == pytest.approx(expected, rel=1e-5)
+    reverse = losses.reverse_kl_tail(logp, ids, teacher_lp, torch.tensor([0.1], dtype=torch.float64),
+                                     temperature=2.0)
+    assert float(reverse) == pytest.approx(sum(b * math.log(b / a) for a, b in zip(t, q)), rel=1e-5)
 
 
-def test_re_tempering_leaves_padding_and_an_empty_tail_alone():
-    ids = torch.tensor([[3, 1, -1], [0, 2, 1]])
-    lp = torch.log(torch.tensor([[0.75, 0.25, 0.0], [0.5, 0.3, 0.2]]))
-    lp[0, 2] = float("-inf")
-    tempered, tail = temper_topk(ids, lp, torch.zeros(2, dtype=torch.float64), 2.0)
-    assert tempered[0, 2] == float("-inf") and torch.equal(tail, torch.zeros(2, dtype=torch.float64))
-    expected = torch.sqrt(torch.tensor([0.75, 0.25])) / torch.sqrt(torch.tensor([0.75, 0.25])).sum()
-    torch.testing.assert_close(tempered[0, :2].exp(), expected)
+def test_a_student_matching_the_teachers_buckets_is_a_fixed_point_at_any_temperature():
+    """The student equals the teacher on S and puts the teacher's tail mass off S, in another
+    shape: what a top-k cache can ask of it.  Tempered buckets leave it there (zero gradient);
+    tempering the teacher's tail as one token against the student's full vocabulary (DistillKit's
+    re-tempering) would move it."""
+    vocab, k, tau = 60, 6, 2.0
+    gen = torch.Generator().manual_seed(9)
+    teacher = torch.log_softmax(2.0 * torch.randn(N, vocab, generator=gen, dtype=torch.float64), -1)
+    teacher_lp, ids = teacher.topk(k, -1)
+    tail = 1 - teacher_lp.exp().sum(-1)
+    off_s = torch.ones_like(teacher, dtype=torch.bool).scatter(1, ids, False)
+    shape = torch.where(off_s, torch.randn(N, vocab, generator=gen, dtype=torch.float64), float("-inf"))
+    student = teacher.clone()
+    student[off_s] = (torch.log_softmax(shape, -1) + tail.log()[:, None])[off_s]
+    logits = student.float().requires_grad_(True)
+    loss = losses.forward_kl_tail(torch.log_softmax(logits, -1), ids, teacher_lp.float(), tail, temperature=tau)
+    (gradient,) = torch.autograd.grad(loss.sum(), logits)
+    assert float(loss.detach().abs().max()) < 1e-5 and float(gradient.abs().max()) < 1e-5
+
+    one_token_tail = torch.cat([teacher_lp / tau, (tail.log() / tau)[:, None]], 1).log_softmax(-1)
+    student_tau = torch.log_softmax(logits / tau, -1)
+    student_buckets = torch.cat([student_tau.gather(1, ids), torch.logsumexp(student_tau.masked_fill(
+        ~off_s, float("-inf")), -1, keepdim=True)], 1)
+    distillkit = (one_token_tail.exp() * (one_token_tail - student_buckets)).sum()
+    (moved,) = torch.autograd.grad(distillkit, logits)
+    assert float(moved.abs().max()) > 1e-3
+
+
+def test_renormalized_kl_at_a_temperature_is_exact():
+    """KL(t̃_τ ‖ p_τ): the teacher's t^(1/τ) renormalized over S needs no tail; the student is full-vocab."""
+    vocab, k, tau = 30, 5, 3.0
+    gen = torch.Generator().manual_seed(10)
+    teacher_logits = 2.0 * torch.randn(N, vocab, generator=gen, dtype=torch.float64)
+    student_logits = torch.randn(N, vocab, generator=gen, dtype=torch.float64)
+    teacher_lp, ids = torch.log_softmax(teacher_logits, -1).topk(k, -1)
+    renormed = torch.log_softmax(teacher_logits.gather(1, ids) / tau, -1)
+    student_tau = torch.log_softmax(student_logits / tau, -1).gather(1, ids)
+    expected = (renormed.exp() * (renormed - student_tau)).sum(-1)
+    got = losses.renorm_kl(torch.log_softmax(student_logits, -1), ids, teacher_lp, temperature=tau)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)   # fp32 inside
+
+
+def test_tempered_buckets_ignore_padding():
+    gen = torch.Generator().manual_seed(12)
+    logp = torch.log_softmax(torch.randn(4, 20, generator=gen), -1)
+    ids = torch.tensor([[3, 7], [1, 2], [0, 5], [9, 4]])
+    teacher_lp = torch.log(torch.tensor([[0.5, 0.2], [0.6, 0.1], [0.3, 0.3], [0.7, 0.2]]))
+    tail = 1 - teacher_lp.double().exp().sum(-1)
+    padded_ids = torch.cat([ids, torch.full((4, 1), -1)], 1)
+    padded_lp = torch.cat([teacher_lp, torch.full((4, 1), float("-inf"))], 1)
+    for name in ("forward_kl", "reverse_kl", "jsd", "cakld", "renorm_kl"):
+        plain = losses.topk_kd_loss(name, logp, ids, teacher_lp, tail, cakld_beta=0.3, temperature=2.5)
+        padded = losses.topk_kd_loss(name, logp, padded_ids, padded_lp, tail, cakld_beta=0.3, temperature=2.5)
+        torch.testing.assert_close(padded, plain)
+        assert bool(torch.isfinite(plain).all())
 
 
 def test_logged_kl_and_top1_stay_at_temperature_one():
@@ -123,6 +172,7 @@ def test_logged_kl_and_top1_stay_at_temperature_one():
 @pytest.mark.parametrize("extra, field", [
     (["distill.mode=qat"], "mode=qat trains on cross-entropy only"),
     (["distill.loss=sampled_ce"], "cannot be re-tempered"),
+    (["distill.loss=mse_logprob"], "has no temperature"),
 ])
 def test_a_temperature_the_run_cannot_apply_is_refused_in_one_line(extra, field):
     with pytest.raises(ConfigError, match=f"^distill.temperature: got 2.0, .*{field}"):
