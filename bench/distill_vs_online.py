@@ -1,16 +1,23 @@
 """Offline QAD (from a top-k or a sampled cache) vs online QAD (teacher in the loop), side by side.
 
 Same student, same quant recipe, same random-token batches, same trainer: the only
-difference is where the targets come from.
+difference is where the targets come from and how the online loss is computed.
 
-* online:  the teacher (bf16) runs a forward per micro-batch beside the student; full-vocab KL;
+* online_full_logits: the teacher (bf16) runs a forward per micro-batch beside the student and
+  the loss is the textbook online KD step (what ModelOpt's HF distillation and TRL's GKD
+  without Liger compute): both models' full ``[N, vocab]`` logits, an fp32 log-softmax of
+  each over the whole vocabulary, ``F.kl_div`` -- today's online tools;
+* online:  the same teacher in the loop, through qadpipe's fused chunked head loss (no
+  ``[N, vocab]`` tensor at all): a *strong* online baseline, what ``distill.mode=online`` runs;
 * topk:    targets from a top-k cache (k=64, tail bucket);
 * sampled: targets from a sampled cache (50 draws per position).
 
-All three use the fused chunked head loss, so the online row is a *strong* online baseline
-(no [B, T, V] logits either); the ratios measure what removing the teacher buys.  Each mode
-runs in its own process, so its peak memory is its own: CUDA max_memory_allocated on GPU,
-peak RSS on CPU (which also counts the Python/torch baseline every row shares).
+The two online rows compute the same loss (their last-step losses are printed to show it);
+the ratios against each say what removing the teacher buys, and what the fused head buys on
+top.  Each mode runs in its own process, so its peak memory is its own: CUDA
+max_memory_allocated on GPU, peak RSS on CPU (which also counts the Python/torch baseline
+every row shares).  A mode that runs out of memory is reported as such, not as a failure of
+the bench.
 
     .venv/bin/python bench/distill_vs_online.py                       # CPU, SmolLM2-135M
     python bench/distill_vs_online.py --device cuda --model qwen3-1.7b-random --batch 4 --seq 2048
@@ -29,7 +36,7 @@ from pathlib import Path
 
 from random_models import QWEN3_SHAPES, save_random_qwen3
 
-MODES = ("online", "topk", "sampled")
+MODES = ("online_full_logits", "online", "topk", "sampled")
 
 
 def model_dir(name: str, work: Path) -> Path:
@@ -59,7 +66,7 @@ def settings(args: argparse.Namespace, model: Path, mode: str) -> list[str]:
         f"data.random.length={args.seq}", f"data.max_length={args.seq}", f"cache.path={cache}",
         f"cache.target={kind}", "cache.k=64", "cache.num_samples=50",
         "quant.preset=w4a16_int", "quant.group_size=32", f"distill.device={args.device}",
-        f"distill.mode={'online' if mode == 'online' else 'qad'}",
+        f"distill.mode={'online' if mode.startswith('online') else 'qad'}",
         f"distill.loss={'sampled_ce' if mode == 'sampled' else 'forward_kl'}",
         f"distill.batch_size={args.batch}", f"distill.max_steps={args.steps}", "distill.log_every=1",
         "distill.eval_rows=0", f"distill.eval_every={args.steps + 1}",
@@ -70,15 +77,54 @@ def settings(args: argparse.Namespace, model: Path, mode: str) -> list[str]:
     ]
 
 
+def full_logits_loss_module():
+    """``StudentLoss`` computing the online KD step as today's online tools do (see the docstring)."""
+    import torch
+    import torch.nn.functional as F
+
+    from qadpipe.distill.head_loss import STAT_KEYS
+    from qadpipe.distill.student import StudentLoss
+
+    class FullLogitsStudentLoss(StudentLoss):
+        def forward(self, inputs, target_mask, targets, spec, teacher_head=None):
+            logits = self.student(**inputs).logits[target_mask]          # [N, vocab], kept for backward
+            with torch.no_grad():
+                teacher_logp = torch.log_softmax(teacher_head(targets.teacher_hidden).float(), dim=-1)
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            kl = F.kl_div(logp, teacher_logp, log_target=True, reduction="none").sum(-1)
+            stats = {key: torch.zeros((), dtype=torch.float64, device=logits.device) for key in STAT_KEYS}
+            with torch.no_grad():
+                stats["positions"] += kl.shape[0]
+                stats["kl_positions"] += kl.shape[0]
+                stats["loss"] += kl.double().sum()
+                stats["kl"] += kl.double().sum()
+                stats["ce"] -= logp.gather(1, targets.next_tokens[:, None]).double().sum()
+                stats["top1"] += (logp.argmax(-1) == teacher_logp.argmax(-1)).sum()
+            return kl.sum(), stats
+
+    return FullLogitsStudentLoss
+
+
 def child(args: argparse.Namespace) -> None:
     """One mode in this process: train, then report throughput after warm-up and peak memory."""
+    import torch
+
     from qadpipe.config import load_config
+    from qadpipe.distill import trainer
     from qadpipe.distill.observe import METRICS_FILE
-    from qadpipe.distill.trainer import run_distill
+    from qadpipe.errors import DistillError
 
     config = load_config(None, settings(args, Path(args.model_path), args.child))
     shutil.rmtree(config.distill.output_dir, ignore_errors=True)  # this bench's scratch: a fresh run each time
-    run_distill(config)
+    if args.child == "online_full_logits":
+        trainer.StudentLoss = full_logits_loss_module()   # the name the trainer builds its loss module from
+    try:
+        trainer.run_distill(config)
+    except DistillError as exc:
+        if not isinstance(exc.__context__, torch.OutOfMemoryError):
+            raise
+        print(json.dumps({"mode": args.child, "error": "out of memory"}))
+        return
     rows = [json.loads(line) for line in (Path(config.distill.output_dir) / METRICS_FILE).read_text().splitlines()]
     timed = [r for r in rows if "loss" in r][args.warmup:]
     tokens = args.batch * args.seq
@@ -130,18 +176,30 @@ def main() -> None:
         results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
     (work / "results.json").write_text(json.dumps(results, indent=2))
 
-    online = results["online"]
     print(f"\n{args.model} on {args.device}, {args.batch} x {args.seq} tokens per step, "
           f"{args.steps - args.warmup} timed steps, W4A16 int4 g32 student"
           f"{', activation checkpointing' if args.activation_checkpointing else ''}, "
           f"loader reading {args.prefetch_batches} micro-batches ahead")
-    print("| mode | tokens/s | x online | peak memory GiB | x online | loader wait |\n|---|---|---|---|---|---|")
-    for mode in MODES:
-        r = results[mode]
-        print(f"| {mode} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / online['tokens_per_s']:.2f} | "
-              f"{r['peak_mem_gib']:.2f} | {r['peak_mem_gib'] / online['peak_mem_gib']:.2f} | "
-              f"{100 * r['loader_wait']:.1f}% |")
+    print(table(results))
 
+
+def table(results: dict[str, dict]) -> str:
+    """Tokens/s and peak memory of every mode, and their ratios to each online row."""
+    def ratio(mode: str, base: str, key: str) -> str:
+        row, ref = results[mode], results[base]
+        return "-" if "error" in row or "error" in ref else f"{row[key] / ref[key]:.2f}"
+
+    lines = ["| mode | tokens/s | x online | x online full logits | peak memory GiB | x online "
+             "| x online full logits | loader wait | last loss |", "|---|---|---|---|---|---|---|---|---|"]
+    for mode, row in results.items():
+        if "error" in row:
+            lines.append(f"| {mode} | {row['error']} | | | | | | | |")
+            continue
+        lines.append(f"| {mode} | {row['tokens_per_s']:.0f} | {ratio(mode, 'online', 'tokens_per_s')} | "
+                     f"{ratio(mode, 'online_full_logits', 'tokens_per_s')} | {row['peak_mem_gib']:.2f} | "
+                     f"{ratio(mode, 'online', 'peak_mem_gib')} | {ratio(mode, 'online_full_logits', 'peak_mem_gib')} | "
+                     f"{100 * row['loader_wait']:.1f}% | {row['loss']:.5f} |")
+    return "\n".join(lines)
 
 if __name__ == "__main__":
     main()

@@ -8,7 +8,8 @@
 #
 # Issue 5: fake-quant compiled == eager on CUDA (bit-exact) and the NVFP4 W4A4 step vs bf16
 #          (eager and compiled fake-quant side by side), Qwen3-1.7B-shaped random model.
-# Issue 6: offline QAD (top-k / sampled cache) vs online QAD, tokens/s and peak memory, B x T = 4 x 2048.
+# Issue 6: offline QAD (top-k / sampled cache) vs online QAD (qadpipe's fused head, and the full-logits
+#          step of today's online tools), tokens/s and peak memory, B x T = 4 x 2048.
 # Issue 4: HF backend top-k capture vs its plain prefill.
 # Every step has its own time limit, so one that hangs costs its slot, not the run; each
 # table also lands in $OUT (or runs/bench/gpu) as a text file.  Needs torch with CUDA,
@@ -62,12 +63,12 @@ for module in ("pyarrow", "zstandard", "safetensors", "tqdm", "yaml", "datasets"
     print(f"  {module}: {'yes' if importlib.util.find_spec(module) else 'MISSING'}")
 EOF
 
-# Limits add up to 9 minutes (a device call may run 10).
+# Limits add up to 9 min 20 s (a device call may run 10).
 step quant_compile 60 $python bench/quant_compile.py --device $device --shape $shape \
   --presets nvfp4 mxfp4 fp8 w4a16_int
-step quant_overhead 210 $python bench/quant_overhead.py --device $device --model $model \
+step quant_overhead 190 $python bench/quant_overhead.py --device $device --model $model \
   --presets nvfp4 nvfp4_a16 w4a16_int --group-size 128 --fake-quant both --rounds $rounds --batch $batch --seq $seq
-step distill_vs_online 180 $python bench/distill_vs_online.py --device $device --model $model \
+step distill_vs_online 220 $python bench/distill_vs_online.py --device $device --model $model \
   --batch $batch --seq $seq --steps $steps --warmup $warmup --workdir "$work/distill_vs_online"
 step capture_hf 90 $python bench/capture_throughput.py --backend hf --device $device --model $model \
   --sequences $sequences --length $seq --batch-size $((batch * 2))
