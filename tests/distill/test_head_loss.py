@@ -114,3 +114,21 @@ def test_frozen_head_gets_no_gradient_and_hidden_still_does():
     total, _ = head_loss(hidden, head, targets, LossSpec(), 16)
     total.backward()
     assert head.weight.grad is None and hidden.grad is not None and hidden.grad.abs().sum() > 0
+
+
+def test_backward_hands_the_built_head_gradient_on_scaled_and_refuses_a_second_backward():
+    """The head's gradient is built in forward; backward scales that tensor (no copy beside it)."""
+    gen = torch.Generator().manual_seed(7)
+    targets, _ = make_targets("topk", gen)
+    head = nn.Linear(D, V, bias=False)
+    hidden = torch.randn(N, D, generator=gen, requires_grad=True)
+    total, _ = head_loss(hidden, head, targets, LossSpec(), 16)
+    built = total.grad_fn.grads[1][0].data_ptr()   # the address only: a reference would force a copy
+    (total * 0.25).backward(retain_graph=True)
+    assert head.weight.grad.data_ptr() == built
+    got = head.weight.grad.clone()
+    head.zero_grad()
+    (naive(hidden, head, targets, LossSpec(), None) * 0.25).backward()
+    torch.testing.assert_close(got, head.weight.grad, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        total.backward()
