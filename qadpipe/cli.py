@@ -119,15 +119,16 @@ def generate(num_shards: int | None, shard_index: int | None, config_path: str |
              overrides: tuple[str, ...]) -> None:
     """Stage one: the teacher scores or generates data and fills the logit cache.
 
-    Exits 0 when the task finished or was stopped by SIGTERM after committing its open
-    shard (rerun the same command to resume); 130 when Ctrl-C stopped it the same way."""
+    Exits 0 when the task holds all its records. SIGTERM (a time limit, a preemption) and
+    Ctrl-C stop it after committing the open shard, with exit 143 and 130: not a success,
+    so a SLURM `afterok` dependency waits; rerun the same command to resume."""
     import signal
 
     from qadpipe.generate import run_generate
 
     summary = run_generate(_load(config_path, overrides), num_shards=num_shards, shard_index=shard_index)
-    if summary.stopped_by == "SIGINT":
-        sys.exit(128 + signal.SIGINT)
+    if summary.stopped_by:
+        sys.exit(128 + signal.Signals[summary.stopped_by])
 
 
 @cli.command()

@@ -82,17 +82,20 @@ def teacher_revision(model_dir: Path) -> str:
     return "sha256:" + digest.hexdigest()[:32]
 
 
-def check_lengths(data: DataSlice, info: TeacherInfo, extra: int, source: str) -> int:
+def check_lengths(data: DataSlice, info: TeacherInfo, extra: int, source: str, *, scoring_token: bool = False) -> int:
     """The longest sequence the teacher will see (prompt + ``extra`` new tokens); refuse one
-    beyond the model's context.  Returns it (vLLM's max_model_len)."""
+    beyond the model's context.  Returns it.  ``scoring_token``: the backend (vLLM) generates
+    one token after a scored sequence, which needs a position of its own (vLLM refuses a
+    ``max_model_len`` beyond the model's context)."""
     if not data.sequences:
         return 0
     longest = max(data.sequences, key=lambda s: len(s.input_ids))
     needed = len(longest.input_ids) + extra
-    if needed > info.context_length:
+    if needed + scoring_token > info.context_length:
         what = f" + {extra} new tokens" if extra else ""
-        raise DataError(f"{source} record {longest.source_position}: {len(longest.input_ids)} tokens{what} exceed "
-                        f"the teacher's context of {info.context_length} (max_position_embeddings); "
+        also = " + the 1 token vLLM generates after a scored sequence" if scoring_token else ""
+        raise DataError(f"{source} record {longest.source_position}: {len(longest.input_ids)} tokens{what}{also} "
+                        f"exceed the teacher's context of {info.context_length} (max_position_embeddings); "
                         "lower data.max_length")
     return needed
 
@@ -156,7 +159,8 @@ def run_generate(config: PipelineConfig, *, num_shards: Optional[int] = None, sh
                         f"data.max_length={config.data.max_length} with overflow={config.data.overflow}, fewer than "
                         "2 tokens, or no completion tokens left to distil); nothing to generate")
     new_tokens = gen.max_new_tokens if gen.mode == "generate" else 0
-    max_model_len = check_lengths(data, info, new_tokens, config.data.source)
+    max_model_len = check_lengths(data, info, new_tokens, config.data.source,
+                                  scoring_token=config.teacher.backend == "vllm")
     _refuse_a_directory_that_is_not_a_cache(cache.path)
     meta = _cache_meta(config, model_dir, info.vocab_size, tokenizer_fingerprint(tokenizer), data.fingerprint)
     spec = TargetSpec(cache.target, cache.k, cache.num_samples, gen.seed, gen.include_prompt)
@@ -205,6 +209,8 @@ def run_generate(config: PipelineConfig, *, num_shards: Optional[int] = None, sh
                             break
             finally:
                 teacher.close()
+        if stopped_by is None:
+            writer.mark_complete()
         writer.store.write_atomic(f"runs/{task}/{RUN_FILE}", dump_yaml(run_record(config, "generate")).encode())
     seconds = time.perf_counter() - started
     summary = GenerateSummary(task, len(data.sequences), written, skipped, tokens, seconds, stopped_by)

@@ -79,4 +79,5 @@ def write_cache(root: Path | str, meta: CacheMeta, rows: list[SequenceTargets], 
     with CacheWriter(str(root), meta, task=task, rows_per_shard=rows_per_shard) as writer:
         for row in rows:
             writer.write(row)
+        writer.mark_complete()
     return root

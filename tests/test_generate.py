@@ -175,8 +175,9 @@ def test_sigterm_then_sigkill_then_rerun_equals_an_uninterrupted_run(small_vocab
     _wait_for_shards(proc, manifest, 1)
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, output
+    assert proc.returncode == 143, output   # stopped, not done: a SLURM afterok dependency must wait
     assert "stopped by SIGTERM" in output
+    assert json.loads(manifest.read_text())["complete"] is False
     after_term = len(_rows(cache))
     assert 0 < after_term < 160
 
@@ -200,6 +201,7 @@ def test_sigterm_then_sigkill_then_rerun_equals_an_uninterrupted_run(small_vocab
 
     final = run_generate(_config(small_vocab_model, cache, **many))
     assert final.skipped == after_kill and final.written == 160 - after_kill and final.stopped_by is None
+    assert json.loads(manifest.read_text())["complete"] is True
     _assert_same_cache(tmp_path / "whole", cache)
 
 
@@ -292,3 +294,23 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case: str, records: lis
     assert result.exit_code == 2, result.output
     assert result.stderr.strip() == "qadpipe: error: " + message.format(**fill)
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_vllm_teacher_keeps_a_position_for_the_token_it_generates_after_a_scored_sequence() -> None:
+    """vLLM scores with max_tokens=1 and refuses max_model_len beyond the model's context: a
+    sequence that fills the context fits the HF backend, not vLLM (one clear line for it)."""
+    from types import SimpleNamespace
+
+    from qadpipe.errors import DataError
+    from qadpipe.generate import check_lengths
+
+    data = SimpleNamespace(sequences=[SimpleNamespace(input_ids=np.arange(n), source_position=i)
+                                      for i, n in enumerate((100, 1024, 7))])
+    info = SimpleNamespace(context_length=1024)
+    assert check_lengths(data, info, 0, "d.jsonl") == 1024
+    with pytest.raises(DataError) as raised:
+        check_lengths(data, info, 0, "d.jsonl", scoring_token=True)
+    assert str(raised.value) == ("d.jsonl record 1: 1024 tokens + the 1 token vLLM generates after a scored sequence "
+                                 "exceed the teacher's context of 1024 (max_position_embeddings); lower "
+                                 "data.max_length")
+    assert check_lengths(data, SimpleNamespace(context_length=1025), 0, "d.jsonl", scoring_token=True) == 1024

@@ -77,16 +77,31 @@ def _validate_sampled(row: SequenceTargets, meta: CacheMeta, n: int, where: str)
         raise CacheError(f"{where}: sample_counts must be >= 1 and sum to num_samples={meta.num_samples} per row")
 
 
+#: Entries (list columns) or bytes (byte-plane columns) one shard's column may hold: Arrow's
+#: list and binary offsets are int32.
+COLUMN_CAPACITY = 2**31 - 1
+
+
+def _check_capacity(total: int, unit: str) -> None:
+    """Refuse a shard too large for an int32-offset column (it would wrap, not fail)."""
+    if total > COLUMN_CAPACITY:
+        raise CacheError(f"cache shard: a column would hold {total} {unit}, over Arrow's {COLUMN_CAPACITY} per "
+                         "column of one shard; lower cache.rows_per_shard")
+
+
 def _list(values: list[np.ndarray], dtype: pa.DataType) -> pa.ListArray:
-    lengths = np.fromiter((v.size for v in values), dtype=np.int64, count=len(values))
-    offsets = np.zeros(len(values) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
+    offsets = np.zeros(len(values) + 1, dtype=np.int64)
+    np.cumsum(np.fromiter((v.size for v in values), dtype=np.int64, count=len(values)), out=offsets[1:])
+    _check_capacity(int(offsets[-1]), "list entries")
     flat = np.concatenate([v.ravel() for v in values]) if values else np.zeros(0)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat.astype(dtype.to_pandas_dtype(), copy=False)))
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)),
+                                    pa.array(flat.astype(dtype.to_pandas_dtype(), copy=False)))
 
 
 def _planes(values: list[np.ndarray], dtype: np.dtype) -> pa.BinaryArray:
-    return pa.array([compact.pack_planes(v, dtype) for v in values], pa.binary())
+    blobs = [compact.pack_planes(v, dtype) for v in values]
+    _check_capacity(sum(len(blob) for blob in blobs), "bytes")
+    return pa.array(blobs, pa.binary())
 
 
 def encode_rows(rows: list[SequenceTargets], meta: CacheMeta) -> pa.Table:
@@ -136,7 +151,7 @@ def column_values(batch: pa.RecordBatch, name: str, meta: CacheMeta) -> tuple[np
     offsets = np.frombuffer(offset_buffer, dtype=np.int32)[column.offset:column.offset + len(column) + 1]
     raw = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, np.uint8)
     blobs = [raw[offsets[i]:offsets[i + 1]] for i in range(len(column))]
-    return compact.unpack_planes(blobs, dtype), offsets // dtype.itemsize
+    return compact.unpack_planes(blobs, dtype), (offsets - offsets[0]) // dtype.itemsize   # a sliced batch too
 
 
 def decode_batch(batch: pa.RecordBatch, meta: CacheMeta, id_order: np.ndarray | None = None) -> list[SequenceTargets]:

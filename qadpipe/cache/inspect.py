@@ -48,7 +48,8 @@ def summarize(root: str, *, rehash: bool = False) -> dict:
                     "logprobs_mode": meta.logprobs_mode, "temperature": meta.temperature},
         "tokenizer_fingerprint": meta.tokenizer_fingerprint, "vocab_size": meta.vocab_size,
         "data_fingerprint": meta.data_fingerprint,
-        "tasks": {"present": [task.task for task in view.tasks], "missing": view.missing_tasks},
+        "tasks": {"present": [task.task for task in view.tasks], "missing": view.missing_tasks,
+                  "incomplete": view.incomplete_tasks},
         "rows": sum(s["rows"] for s in shards), "tokens": tokens, "bytes": total_bytes,
         "bytes_per_token": total_bytes / tokens if tokens else None,
         "targets": _target_statistics(meta, {c: np.concatenate(v) for c, v in values.items() if v}),
@@ -107,8 +108,12 @@ def render(summary: dict) -> str:
 
 
 def _tasks_line(tasks: dict) -> str:
-    present, missing = len(tasks["present"]), tasks["missing"]
-    if not missing:
-        return str(present)
-    shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
-    return f"{present} of {present + len(missing)} (no manifest yet: {shown})"
+    present, missing, incomplete = len(tasks["present"]), tasks["missing"], tasks["incomplete"]
+    line = f"{present} of {present + len(missing)}" if missing else str(present)
+    notes = [f"{label}: {_names(names)}" for label, names in
+             (("no manifest yet", missing), ("stopped before their last record", incomplete)) if names]
+    return line + (f" ({'; '.join(notes)})" if notes else "")
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")

@@ -36,18 +36,21 @@ class ShardEntry:
 @dataclass
 class TaskManifest:
     """``num_tasks``: how many ways the run that wrote this task split the records (None
-    for a writer outside a task array, and in manifests older than the field)."""
+    for a writer outside a task array, and in manifests older than the field).
+    ``complete``: whether the task committed every row it was given (False while it runs or
+    after a stop at a time limit; None in manifests older than the field)."""
 
     task: str
     meta: CacheMeta
     shards: list[ShardEntry] = field(default_factory=list)
     versions: dict = field(default_factory=dict)
     num_tasks: int | None = None
+    complete: bool | None = False
 
     def to_json(self) -> str:
         return json.dumps({"format_version": FORMAT_VERSION, "task": self.task, "meta": self.meta.to_dict(),
                            "versions": self.versions, "shards": [asdict(s) for s in self.shards],
-                           "num_tasks": self.num_tasks}, indent=1, sort_keys=True)
+                           "num_tasks": self.num_tasks, "complete": self.complete}, indent=1, sort_keys=True)
 
 
 @dataclass
@@ -70,6 +73,11 @@ class CacheView:
             return []
         present = {task.task for task in self.tasks}
         return [name for name in map(task_name, range(counts.pop())) if name not in present]
+
+    @property
+    def incomplete_tasks(self) -> list[str]:
+        """Tasks whose manifest says they stopped before committing all their rows."""
+        return [task.task for task in self.tasks if task.complete is False]
 
     @property
     def fingerprint(self) -> str:
@@ -135,11 +143,18 @@ def parse_manifest(text: str, source: str) -> TaskManifest:
     if not isinstance(raw.get("shards", []), list):
         raise CacheError(f"{source}: shards={raw.get('shards')!r}, expected a list of shard entries")
     shards = [_shard_entry(entry, source) for entry in raw.get("shards", [])]
+    names = [shard.name for shard in shards]
+    if len(set(names)) != len(names):
+        twice = next(name for name in names if names.count(name) > 1)
+        raise CacheError(f"{source}: shard {twice} is listed twice (its rows would be read twice)")
+    complete = raw.get("complete")
+    if complete not in (True, False, None):
+        raise CacheError(f"{source}: complete={complete!r}, expected true, false or null")
     num_tasks = raw.get("num_tasks")
     if num_tasks is not None and (not isinstance(num_tasks, int) or isinstance(num_tasks, bool) or num_tasks < 1):
         raise CacheError(f"{source}: num_tasks={num_tasks!r}, expected a positive integer or null")
     return TaskManifest(task=check_task_name(str(raw.get("task"))), meta=meta, shards=shards,
-                        versions=raw.get("versions", {}), num_tasks=num_tasks)
+                        versions=raw.get("versions", {}), num_tasks=num_tasks, complete=complete)
 
 
 def load_manifests(store: Store) -> list[TaskManifest]:

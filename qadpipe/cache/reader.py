@@ -191,6 +191,8 @@ class CacheReader:
                 row += len(rows)
         except (pa.ArrowException, OSError, ValueError, KeyError, IndexError) as exc:
             raise CacheError(f"{where}: cannot decode shard ({folded(exc)})") from exc
+        except CacheError as exc:   # a decoder's own check (e.g. a rank outside the id table): name the file
+            raise CacheError(f"{where}: {exc}") from None
 
 
 def ordered_map(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T], ahead: int) -> Iterator[R]:

@@ -112,7 +112,10 @@ class CacheMeta:
         for f in dataclasses.fields(cls):
             if f.name in data and not _is_json_type(data[f.name], f.type):
                 raise CacheError(f"{source}: cache metadata {f.name}={data[f.name]!r}: expected a JSON {f.type}")
-        return cls(**data)
+        try:
+            return cls(**data)
+        except CacheError as exc:   # a value check of __post_init__: say which file holds it
+            raise CacheError(f"{source}: {exc}") from None
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)

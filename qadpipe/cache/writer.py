@@ -12,6 +12,7 @@ import hashlib
 import io
 import logging
 import time
+from dataclasses import replace
 from types import TracebackType
 
 import pyarrow as pa
@@ -23,7 +24,7 @@ from qadpipe.cache.manifest import (MANIFEST_DIR, SHARD_DIR, ShardEntry, TaskMan
                                     meta_difference, shard_path)
 from qadpipe.cache.schema import CacheMeta
 from qadpipe.cache.store import Store
-from qadpipe.errors import CacheError
+from qadpipe.errors import CacheError, folded
 from qadpipe.provenance import package_versions
 from qadpipe.targets import SequenceTargets
 
@@ -96,9 +97,28 @@ class CacheWriter:
         return own
 
     def _committed_ids(self) -> set[str]:
+        """Ids in this task's committed shards, each checked against its manifest entry first:
+        a resumed task builds on them, so a damaged one must stop it, in one line."""
         done: set[str] = set()
         for shard in self._manifest.shards:
-            table = pq.read_table(io.BytesIO(self.store.read_bytes(shard.name)), columns=["id"])
+            where = self.store.describe(shard.name)
+            if self.store.size(shard.name) is None:
+                problem = "missing (listed in the manifest, absent on storage)"
+            else:
+                data = self.store.read_bytes(shard.name)
+                digest = hashlib.sha256(data).hexdigest()
+                problem = (None if digest == shard.sha256 and len(data) == shard.bytes else
+                           f"{len(data)} bytes with sha256 {digest[:16]}..., the manifest says {shard.bytes} bytes "
+                           f"with {shard.sha256[:16]}...")
+            if problem:
+                raise CacheError(f"{where}: committed shard of task {self._manifest.task} is {problem}; this task "
+                                 f"cannot resume on it: delete {self.store.describe(self._manifest_rel)} and this "
+                                 "task's shards to regenerate the task, or use a new cache path")
+            try:
+                table = pq.read_table(io.BytesIO(data), columns=["id"])
+            except (pa.ArrowException, ValueError) as exc:
+                raise CacheError(f"{where}: committed shard matches its checksum but has no readable id column "
+                                 f"({folded(exc)})") from None
             done.update(table.column("id").to_pylist())
         return done
 
@@ -128,15 +148,29 @@ class CacheWriter:
         name = shard_path(self._manifest.task, self._next_index)
         self.store.write_atomic(name, data)
         tokens = sum(row.num_target_rows for row in self._buffer)
-        self._manifest.shards.append(ShardEntry(name=name, rows=len(self._buffer), tokens=tokens, bytes=len(data),
-                                                sha256=hashlib.sha256(data).hexdigest()))
-        self.store.write_atomic(self._manifest_rel, self._manifest.to_json().encode())
+        self._commit_manifest(ShardEntry(name=name, rows=len(self._buffer), tokens=tokens, bytes=len(data),
+                                         sha256=hashlib.sha256(data).hexdigest()))
         self._next_index += 1
         self._done |= self._buffered_ids
         seconds = time.perf_counter() - started
         log.info("cache: committed %s (%d rows, %d tokens, %.1f B/token, %.0f tokens/s)",
                  name, len(self._buffer), tokens, len(data) / max(tokens, 1), tokens / max(seconds, 1e-9))
         self._buffer, self._buffered_ids = [], set()
+
+    def _commit_manifest(self, entry: ShardEntry | None = None, complete: bool = False) -> None:
+        """Replace the task manifest with ``entry`` listed (and ``complete`` set).  The in-memory
+        manifest changes only once the file is written: a commit that fails (a storage error, a
+        second Ctrl-C) and is retried lists its shard once, not twice."""
+        shards = self._manifest.shards + ([entry] if entry else [])
+        updated = replace(self._manifest, shards=shards, complete=complete)
+        self.store.write_atomic(self._manifest_rel, updated.to_json().encode())
+        self._manifest = updated
+
+    def mark_complete(self) -> None:
+        """Commit what is buffered and record that the task holds every row it was given, so a
+        reader can tell a finished task from one stopped early (SIGTERM at a time limit)."""
+        self.flush()
+        self._commit_manifest(complete=True)
 
     def close(self) -> None:
         """Commit what is buffered; the writer takes no more rows."""

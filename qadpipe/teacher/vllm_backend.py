@@ -129,6 +129,17 @@ def use_fused_logprobs(enabled: bool) -> None:
                     "is not installed (pip install -e .); vLLM's own, slower log_softmax path runs")
 
 
+def _engine_error(exc: BaseException) -> str:
+    """What vLLM refused, in one line.  Its configs are pydantic dataclasses: a refused setting
+    (max_model_len, dtype, tensor_parallel_size) is a ValidationError whose first line only
+    counts the errors ("1 validation error for ModelConfig"); the reasons are in ``errors()``."""
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        return "; ".join(" ".join(str(error["msg"]).split()) for error in exc.errors())
+    return first_line(exc)
+
+
 class VLLMTeacher:
     """One ``vllm.LLM`` engine; K is fixed at start (``max_logprobs``)."""
 
@@ -172,7 +183,7 @@ class VLLMTeacher:
         try:
             llm = LLM(**kwargs)
         except (ValueError, RuntimeError) as exc:
-            raise TeacherError(f"teacher: vLLM could not start the engine for {path} ({first_line(exc)})") from exc
+            raise TeacherError(f"teacher: vLLM could not start the engine for {path} ({_engine_error(exc)})") from exc
         vocab = int(llm.llm_engine.model_config.get_vocab_size())
         return cls(llm, k, vocab)
 

@@ -147,3 +147,60 @@ def test_id_table_outside_the_vocab_is_refused():
     schema = pa.schema([]).with_metadata({ID_ORDER_KEY: compact.pack_order(np.array([3, meta.vocab_size]))})
     with pytest.raises(CacheError, match=r"^s.parquet: id table: ids span \[3, 49152\], expected \[0, 49152\)$"):
         shard_id_order(schema, meta, "s.parquet")
+
+
+def test_a_shard_listed_twice_is_refused(cache):
+    edit_manifest(cache, lambda data: data["shards"].append(data["shards"][0]))
+    refused(cache, rf"{MANIFEST}: shard {SHARD0} is listed twice \(its rows would be read twice\)")
+
+
+def test_a_manifest_write_that_fails_and_is_retried_lists_its_shard_once(tmp_path):
+    """A storage error (or a second Ctrl-C) while the manifest is replaced, then the retry that
+    closing the writer makes: the shard is committed once, its rows read once."""
+    meta = cache_meta("topk", k=8)
+    writer = CacheWriter(str(tmp_path), meta, rows_per_shard=2)
+    write_atomic, failures = writer.store.write_atomic, [CacheError("manifests/task-00000.json: cannot write")]
+
+    def flaky(rel, data):
+        if rel.startswith("manifests/") and failures:
+            raise failures.pop()
+        write_atomic(rel, data)
+
+    writer.store.write_atomic = flaky
+    with pytest.raises(CacheError, match="cannot write"), writer:
+        for row in random_rows(meta, 3):
+            writer.write(row)
+    assert [entry["name"] for entry in json.loads((tmp_path / MANIFEST).read_text())["shards"]] == [SHARD0]
+    assert [row.id for row in CacheReader(str(tmp_path)).iter_sequences()] == ["row-00000", "row-00001"]
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda path: path.write_bytes(path.read_bytes()[:-1] + b"x"),
+     r"\d+ bytes with sha256 [0-9a-f]{16}\.\.\., the manifest says \d+ bytes with [0-9a-f]{16}\.\.\."),
+    (lambda path: path.unlink(), r"missing \(listed in the manifest, absent on storage\)"),
+])
+def test_resuming_a_task_on_a_damaged_shard_is_one_line_and_writes_nothing(cache, damage, problem):
+    damage(cache / SHARD0)
+    before = (cache / MANIFEST).read_bytes()
+    expected = (rf"{SHARD0}: committed shard of task task-00000 is {problem}; this task cannot resume on it: "
+                rf"delete {cache / MANIFEST} and this task's shards")
+    with pytest.raises(CacheError, match=expected) as info:
+        CacheWriter(str(cache), cache_meta("topk", k=8), rows_per_shard=2)
+    assert "\n" not in str(info.value) and (cache / MANIFEST).read_bytes() == before
+
+
+def test_a_decoder_refusal_names_the_shard(cache, monkeypatch):
+    """The codec's own range checks (bytes that pass the checksum, or verify=False) know no file."""
+    from qadpipe.cache import reader as reader_module
+
+    def refuses(*args):
+        raise CacheError("top-k rank 9 outside the shard's id table (3 ids)")
+
+    monkeypatch.setattr(reader_module, "decode_batch", refuses)
+    refused(cache, rf"{SHARD0}: top-k rank 9 outside the shard's id table \(3 ids\)$",
+            lambda reader: list(reader.iter_sequences()))
+
+
+def test_a_meta_value_out_of_range_names_the_manifest(cache):
+    edit_manifest(cache, lambda data: data["meta"].update(k=0))
+    refused(cache, rf"{MANIFEST}: cache meta k=0: expected 1 <= k <= vocab_size")

@@ -3,11 +3,15 @@ rank splits, several writer tasks, resume."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
 from cache_rows import cache_meta, random_rows, write_cache
 from qadpipe.cache import CacheReader, CacheWriter, compact
+from qadpipe.cli import cli
 from qadpipe.errors import CacheError
 
 
@@ -161,3 +165,65 @@ def test_decode_threads_must_be_positive(tmp_path):
     write_cache(tmp_path, meta, random_rows(meta, 2))
     with pytest.raises(CacheError, match="decode_threads=0: expected >= 1"):
         CacheReader(str(tmp_path), decode_threads=0)
+
+
+def test_a_task_is_complete_once_marked_and_a_later_commit_clears_the_mark(tmp_path):
+    """A task stopped at a time limit commits its rows like a finished one; only its manifest's
+    ``complete`` tells them apart (inspect and distill say so)."""
+    meta = cache_meta("topk", k=8)
+    rows = random_rows(meta, 5)
+    manifest = tmp_path / "manifests" / "task-00000.json"
+    with CacheWriter(str(tmp_path), meta, rows_per_shard=2) as writer:   # stopped early: never marked
+        for row in rows[:3]:
+            writer.write(row)
+    assert json.loads(manifest.read_text())["complete"] is False
+    assert CacheReader(str(tmp_path)).view.incomplete_tasks == ["task-00000"]
+    shown = CliRunner().invoke(cli, ["inspect", str(tmp_path)]).output
+    assert "tasks       1 (stopped before their last record: task-00000)" in shown
+    with CacheWriter(str(tmp_path), meta, rows_per_shard=2) as writer:   # the rerun finishes it
+        for row in rows[3:]:
+            writer.write(row)
+        writer.mark_complete()
+    assert json.loads(manifest.read_text())["complete"] is True
+    assert CacheReader(str(tmp_path)).view.incomplete_tasks == []
+    with CacheWriter(str(tmp_path), meta, rows_per_shard=2) as writer:   # more rows: not complete any more
+        writer.write(random_rows(meta, 1, prefix="late")[0])
+    assert json.loads(manifest.read_text())["complete"] is False
+    data = json.loads(manifest.read_text())
+    del data["complete"]                                                 # a manifest older than the field
+    manifest.write_text(json.dumps(data))
+    assert CacheReader(str(tmp_path)).view.incomplete_tasks == []
+
+
+@pytest.mark.parametrize("kind", ["topk", "sampled"])
+@pytest.mark.parametrize("encoding", ["plain", "compact"])
+def test_a_sliced_record_batch_decodes_to_its_own_rows(kind, encoding):
+    """Offsets of a sliced batch do not start at 0: each encoding must decode it all the same."""
+    import pyarrow as pa
+
+    from qadpipe.cache.encoding import decode_batch, encode_rows, shard_id_order
+
+    meta = cache_meta(kind, encoding=encoding, k=8)
+    rows = random_rows(meta, 9, seq_len=12)
+    table = encode_rows(rows, meta)
+    batch = pa.RecordBatch.from_arrays([column.combine_chunks() for column in table.columns], schema=table.schema)
+    order = shard_id_order(table.schema, meta, "test") if encoding == "compact" else None
+    for read, written in zip(decode_batch(batch.slice(5, 3), meta, order), decode_batch(batch, meta, order)[5:8]):
+        assert_same_targets(written, read, "plain")   # decoded twice by one codec: exactly equal
+
+
+@pytest.mark.parametrize("encoding", ["plain", "compact"])
+def test_a_shard_beyond_arrows_int32_offsets_is_refused_before_anything_is_written(tmp_path, monkeypatch, encoding):
+    """Arrow's list and binary offsets are int32: past 2**31 - 1 they would wrap silently
+    (rows_per_shard x positions x k reaches it at k=512 and 8k tokens).  The limit is lowered
+    here to one below the rows' top-k entries (a plain column's entries, a compact one's bytes
+    at one byte or more each)."""
+    from qadpipe.cache import encoding as encoding_module
+
+    meta = cache_meta("topk", encoding=encoding, k=8)
+    rows = random_rows(meta, 4, seq_len=16)
+    monkeypatch.setattr(encoding_module, "COLUMN_CAPACITY", sum(row.num_target_rows for row in rows) * 8 - 1)
+    with pytest.raises(CacheError, match=r"cache shard: a column would hold \d+ (list entries|bytes), over Arrow's "
+                                         r"\d+ per column of one shard; lower cache.rows_per_shard"):
+        write_cache(tmp_path, meta, rows, rows_per_shard=4)
+    assert not list((tmp_path / "shards").glob("*.parquet")) and not list((tmp_path / "manifests").glob("*.json"))

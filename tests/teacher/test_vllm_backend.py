@@ -17,7 +17,7 @@ from qadpipe.data.sequences import TokenSequence
 from qadpipe.errors import TeacherError
 from qadpipe.targets import TAIL_ID, tail_mass_from_logprobs
 from qadpipe.teacher.base import TargetSpec
-from qadpipe.teacher.vllm_backend import flat_to_arrays, reserve_cpu_cores, sampled_from_topk
+from qadpipe.teacher.vllm_backend import _engine_error, flat_to_arrays, reserve_cpu_cores, sampled_from_topk
 
 logprobs_module = pytest.importorskip("vllm.logprobs")
 
@@ -61,6 +61,20 @@ def test_misaligned_or_wrong_width_logprobs_stop_the_run() -> None:
         flat_to_arrays(_flat(input_ids, top, lps, np.zeros(6)), input_ids, k=5)
     with pytest.raises(TeacherError, match="prompt-logprob positions for 8 tokens"):
         flat_to_arrays(flat, np.append(input_ids, 1), k=4)
+
+
+def test_a_setting_vllm_refuses_is_named_in_the_one_line_error(tmp_path: Path) -> None:
+    """vLLM's own config check (a pydantic ValidationError, whose first line only counts errors)."""
+    from transformers import LlamaConfig
+    from vllm.config import ModelConfig
+
+    LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=256).save_pretrained(tmp_path)
+    with pytest.raises(ValueError) as raised:
+        ModelConfig(model=str(tmp_path), max_model_len=257, skip_tokenizer_init=True)
+    message = _engine_error(raised.value)
+    assert "\n" not in message and "validation error" not in message
+    assert "max_model_len (257) is greater than the derived max_model_len" in message
 
 
 def test_cpu_core_reservation_comes_from_the_config_unless_the_environment_sets_it(monkeypatch) -> None:
