@@ -90,6 +90,9 @@ BAD_CONFIGS = [
     pytest.param(None, ["data.source=runs/a #1.jsonl"],
                  "--set 'data.source=runs/a #1.jsonl': YAML reads '#1.jsonl' as a comment and drops it; "
                  "quote the value to keep it: data.source='runs/a #1.jsonl'", id="override-with-a-yaml-comment"),
+    pytest.param(None, ["distill.mode=online", "distill.loss=jsd"],
+                 "distill.loss: got 'jsd', but mode=online trains the full-vocabulary forward KL (the other losses "
+                 "are for a cache's targets); expected 'forward_kl'", id="online-with-a-cache-loss"),
     pytest.param(None, ["distill.max_steps=-3"],
                  "distill.max_steps: got -3 (int), expected a value >= 1", id="override-out-of-range"),
 ]

@@ -222,6 +222,9 @@ class DistillConfig:
     tensorboard: bool = opt(False, "also write TensorBoard events (needs the tensorboard package)")
 
     def validate(self) -> Optional[str]:
+        if self.mode == "online" and self.loss != "forward_kl":
+            return (f"loss: got {self.loss!r}, but mode=online trains the full-vocabulary forward KL (the other "
+                    "losses are for a cache's targets); expected 'forward_kl'")
         if self.temperature != 1.0 and self.mode == "qat":
             return f"temperature: got {self.temperature}, but mode=qat trains on cross-entropy only; expected 1"
         if self.temperature != 1.0 and self.mode == "qad" and self.loss == "sampled_ce":

@@ -90,6 +90,7 @@ class _Window:
         self.stats = {key: torch.zeros((), dtype=torch.float64, device=device) for key in STAT_KEYS}
         self.tokens = 0
         self.grad_norm = math.nan  # of the window's last step, before clipping
+        self.lr = math.nan         # the learning rate the window's last step used
         self.loader_wait = 0.0     # seconds the loop waited for micro-batches
         self.started = time.perf_counter()
 
@@ -147,7 +148,8 @@ class DistillRecipe:
                      "(its top-k and the tail mass), the only temperature a cache without the tail's shape "
                      "applies without bias", cfg.temperature)
         self.eval_spec = LossSpec(mode="online" if self.target_kind is None else "qad")
-        self.teacher = self._load_teacher() if self._needs_teacher() else None
+        self.teacher = (self._load_teacher(int(student.get_output_embeddings().weight.shape[0]))
+                        if self._needs_teacher() else None)
         self.loader = TargetLoader(self.source, self._collate_train, batch_size=cfg.batch_size, seed=cfg.seed,
                                    rank=self.env.rank, world_size=self.env.world_size,
                                    shuffle_buffer=cfg.shuffle_buffer, holdout_rows=cfg.eval_rows,
@@ -197,10 +199,14 @@ class DistillRecipe:
             log.info("online mode: no cache at %s; tokens come from data.source=%s", path, self.config.data.source)
             return self._data_source(), None
         reader = CacheReader(path)
-        missing = reader.view.missing_tasks
+        missing, incomplete = reader.view.missing_tasks, reader.view.incomplete_tasks
         if missing:
             log.warning("%s: %d of the generate array's tasks have no manifest yet (%s...): training on the "
                         "rows the others committed", path, len(missing), missing[0])
+        if incomplete:
+            log.warning("%s: %d generate tasks stopped before their last record (%s...; a time limit or a "
+                        "preemption): training on the rows they committed; rerun them to finish the cache",
+                        path, len(incomplete), incomplete[0])
         kind = reader.meta.target_kind
         if self.cfg.mode == "qad":
             wanted = "sampled" if self.cfg.loss == "sampled_ce" else "topk"
@@ -234,14 +240,24 @@ class DistillRecipe:
     def _needs_teacher(self) -> bool:
         return self.cfg.mode == "online" or self.target_kind is None
 
-    def _load_teacher(self) -> tuple[torch.nn.Module, torch.nn.Module]:
-        from qadpipe.models import load_causal_lm
+    def _load_teacher(self, student_vocab: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """The teacher in the loop, refused unless it reads the tokens as the student does: the
+        KL compares the two distributions id by id (the cache path checks the same)."""
+        from qadpipe.models import load_causal_lm, load_tokenizer, tokenizer_fingerprint
 
-        path = self.config.teacher_path
+        path, trust = self.config.teacher_path, self.config.model.trust_remote_code
+        if Path(path).resolve() != Path(self.config.model.path).resolve() and tokenizer_fingerprint(
+                load_tokenizer(str(path), trust)) != tokenizer_fingerprint(self.tokenizer):
+            raise DistillError(f"teacher.path: {path} has another tokenizer than the student {self.config.model.path}; "
+                               "distillation compares the two distributions token by token, so they must share one")
         teacher = load_causal_lm(path, dtype=self.config.teacher.dtype, device=str(self.env.device),
-                                 trust_remote_code=self.config.model.trust_remote_code)
+                                 trust_remote_code=trust)
         teacher.requires_grad_(False)
         base, head = split_lm(teacher)
+        vocab = int(head.weight.shape[0])
+        if vocab != student_vocab:
+            raise DistillError(f"teacher.path: {path} has {vocab} output logits, the student {self.config.model.path} "
+                               f"{student_vocab}; distil a student of the teacher's vocabulary")
         log.info("teacher in the loop: %s (%s)", path, self.config.teacher.dtype)
         return base, head
 
@@ -306,6 +322,7 @@ class DistillRecipe:
         path = latest_checkpoint(self.output_dir)
         if path is None:
             log.warning("--resume: no checkpoint under %s; starting from step 0", self.output_dir)
+            self.metrics.truncate_after(-1)   # a killed first attempt's rows: this run writes its own
             return None
         self._saved_max_steps = self._check_same_run(path).get("distill.max_steps")
         tensors, state = load_checkpoint(path)
@@ -393,12 +410,14 @@ class DistillRecipe:
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                     self._log_train(window, progress)
                     window = _Window(env.device)
+                bookkeeping = time.perf_counter()
                 if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
                     self.last_eval = self._evaluate(self.wrapped)
                     self._log_eval("eval", self.last_eval)
                 stop = self._stop_requested()
                 if cfg.save and (self.step % cfg.save_every == 0 or stop or self.step == cfg.max_steps):
                     self.save_checkpoint()
+                window.started += time.perf_counter() - bookkeeping   # tokens/s: training, not evals and saves
                 if stop:
                     outcome = ("checkpoint saved at step %d; rerun with --resume to continue" if cfg.save
                                else "stopped at step %d; nothing saved (distill.save=false)")
@@ -414,33 +433,38 @@ class DistillRecipe:
             raise DistillError(f"step {self.step + 1}: the global batch has no target positions")
         scale = env.world_size / positions
         self.optimizer.zero_grad(set_to_none=True)
+        loss_sums = []
         for index, batch in enumerate(micro):
             batch = batch.to(env.device)
             targets = self._with_teacher(batch) if self.spec.mode == "online" else batch.targets
             with dist_utils.gradient_sync(self.wrapped, index == len(micro) - 1), self._autocast():
                 loss_sum, stats = self.wrapped(batch.model_inputs(), batch.target_mask, targets, self.spec,
                                                self._teacher_head())
-            self._refuse_non_finite("loss", loss_sum.detach())
+            loss_sums.append(loss_sum.detach())
             (loss_sum * scale).backward()
             window.add(stats, batch.num_tokens)
         norm = dist_utils.clip_grad_norm(self.params, self.cfg.max_grad_norm)
-        self._refuse_non_finite("gradient norm", norm)
-        window.grad_norm = norm
+        # Checked once per step, before the update: a non-finite loss leaves non-finite gradients,
+        # which never reach the weights, and the GPU is not made to wait after every micro-batch.
+        self._refuse_non_finite(loss=float(torch.stack(loss_sums).sum()), gradient_norm=norm)
+        window.grad_norm, window.lr = norm, self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
 
     def _out_of_memory(self, exc: torch.OutOfMemoryError, micro: list[Batch]) -> str:
-        """One line: where it ran out, what was kept, and the knobs that trade memory away."""
+        """One line: where it ran out, what was kept, and the knobs that trade memory away --
+        first those --resume accepts (RESUMABLE_CHANGES), then those that need a new run."""
         cfg = self.cfg
         rows, width = micro[0].input_ids.shape
-        knobs = [] if cfg.activation_checkpointing else ["distill.activation_checkpointing=true"]
-        knobs.append(f"a smaller distill.batch_size with a larger distill.grad_accum (same global batch; "
-                     f"now {cfg.batch_size} x {cfg.grad_accum})")
+        resumable = [] if cfg.activation_checkpointing else ["distill.activation_checkpointing=true"]
+        resumable.append(f"a smaller distill.loss_chunk_tokens (now {cfg.loss_chunk_tokens})")
+        fresh = [f"a smaller distill.batch_size with a larger distill.grad_accum (same global batch; now "
+                 f"{cfg.batch_size} x {cfg.grad_accum})"]
         if cfg.distributed != "fsdp2":
-            knobs.append("distill.distributed=fsdp2 under torchrun")
+            fresh.append("distill.distributed=fsdp2 under torchrun")
         return (f"step {self.step + 1}: out of memory on {self.env.device} with micro-batches of {rows} x {width} "
-                f"tokens ({first_line(exc)}); {self._kept_checkpoint('last')}; try "
-                + ", or ".join(knobs))
+                f"tokens ({first_line(exc)}); {self._kept_checkpoint('last')}; try " + " or ".join(resumable)
+                + " (--resume accepts both), or, in a fresh distill.output_dir, " + " or ".join(fresh))
 
     def _kept_checkpoint(self, which: str) -> str:
         """What a run that stops on an error leaves to --resume from."""
@@ -464,14 +488,15 @@ class DistillRecipe:
         dtype = getattr(torch, self.config.model.dtype)
         return torch.autocast(device_type=self.env.device.type, dtype=dtype, enabled=enabled)
 
-    def _refuse_non_finite(self, what: str, value: torch.Tensor | float) -> None:
-        """Stop every rank when any rank's ``value`` (a scalar) is NaN or infinite."""
-        value = float(value)
-        if dist_utils.all_reduce_number(0.0 if math.isfinite(value) else 1.0, self.env.device, op="max") == 0:
+    def _refuse_non_finite(self, **values: float) -> None:
+        """Stop every rank when any rank's ``values`` (scalars, by name) hold a NaN or an infinity."""
+        bad = next(((name, value) for name, value in values.items() if not math.isfinite(value)), None)
+        if dist_utils.all_reduce_number(0.0 if bad is None else 1.0, self.env.device, op="max") == 0:
             return
-        raise DistillError(f"step {self.step + 1}: training {what} is {value:g} (not finite); stopped "
-                           f"without saving this step, {self._kept_checkpoint('last good')}; lower distill.lr or "
-                           "check the cache")
+        what = (f"training {bad[0].replace('_', ' ')} is {bad[1]:g}" if bad
+                else "another rank's training loss or gradient norm")
+        raise DistillError(f"step {self.step + 1}: {what} (not finite); stopped without saving this step, "
+                           f"{self._kept_checkpoint('last good')}; lower distill.lr or check the cache")
 
     @torch.no_grad()
     def _evaluate(self, module: torch.nn.Module) -> dict[str, float]:
@@ -497,7 +522,7 @@ class DistillRecipe:
         tokens = dist_utils.all_reduce_number(window.tokens, self.env.device)
         elapsed = time.perf_counter() - window.started
         row = {"step": self.step, **summarize(totals), "grad_norm": window.grad_norm,
-               "lr": self.scheduler.get_last_lr()[0],
+               "lr": window.lr,
                "tokens_per_s": tokens / max(elapsed, 1e-9), "loader_wait": window.loader_wait / max(elapsed, 1e-9),
                "mem_gib": peak_memory_gib(self.env.device)}
         # QAT rows have no KL/top-1 against targets: leave them out rather than print "nan".

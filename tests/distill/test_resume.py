@@ -77,3 +77,19 @@ def test_resume_after_a_kill_continues_the_loss_curve_exactly(peaky_llama_dir, t
     assert "resumed from" in resumed.stderr
     # one row per step (rows the killed run wrote after its last checkpoint are replaced), equal values
     assert curve(tmp_path) == uninterrupted, f"killed at step >= {at_step}"
+
+
+@pytest.mark.slow
+def test_resume_with_no_checkpoint_yet_starts_over_with_one_curve(peaky_llama_dir, topk_cache, tmp_path,
+                                                                  uninterrupted):
+    """A kill before the first checkpoint (stages/distill.sbatch always passes --resume): the
+    rerun starts at step 0 and the metrics hold its curve alone, not the killed run's too."""
+    cmd = command(peaky_llama_dir, topk_cache, tmp_path) + ["--set", f"distill.save_every={STEPS + 1}"]
+    assert run_until_killed(cmd, tmp_path, 2, signal.SIGKILL) == -signal.SIGKILL
+    assert not (tmp_path / "checkpoints" / "LATEST").exists()
+    resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "no checkpoint under" in resumed.stderr
+    assert curve(tmp_path) == uninterrupted
+    tags = [json.loads(line).get("tag") for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert tags.count("ptq") == 1

@@ -120,6 +120,14 @@ def test_packed_batches_give_the_padded_loss(peaky_llama_dir, topk_cache, tmp_pa
     np.testing.assert_allclose(losses["packed"], losses["padded"], rtol=1e-4)
 
 
+def test_each_logged_lr_is_the_one_its_step_used(peaky_llama_dir, topk_cache, tmp_path):
+    """Linear schedule, peak 1e-4, 2 warmup steps of 4, by hand: 0.5, 1, 1 (decay starts), 0.5."""
+    result = distill(peaky_llama_dir, topk_cache, tmp_path, "distill.max_steps=4", "distill.warmup_steps=2",
+                     "distill.schedule=linear", "distill.save=false", "distill.eval_every=100")
+    assert result.exit_code == 0, result.output
+    assert [row["lr"] for row in train_rows(tmp_path)] == pytest.approx([5e-5, 1e-4, 1e-4, 5e-5], rel=1e-12)
+
+
 def one_line_error(result) -> str:
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.startswith("qadpipe: error:")]
@@ -150,6 +158,27 @@ def test_refuses_fp16_training_on_cuda_without_touching_the_gpu(peaky_llama_dir,
 def test_refuses_a_cache_without_the_loss_target_kind(peaky_llama_dir, sampled_cache, tmp_path):
     line = one_line_error(distill(peaky_llama_dir, sampled_cache, tmp_path / "out"))
     assert "cache holds sampled targets, but distill.loss=forward_kl needs topk targets" in line
+
+
+@pytest.mark.parametrize("teacher", ["padded vocab", "other tokenizer"])
+def test_online_refuses_a_teacher_that_reads_tokens_otherwise(peaky_llama_dir, topk_cache, tmp_path, teacher):
+    """Online, the KL compares teacher and student id by id: a padded head (Qwen2.5's 152064 rows
+    against 151936) or another tokenizer is refused before training, in one line."""
+    from qadpipe.models import load_causal_lm, load_tokenizer
+
+    model, tokenizer = load_causal_lm(str(peaky_llama_dir), dtype="float32"), load_tokenizer(str(peaky_llama_dir))
+    if teacher == "padded vocab":
+        model.resize_token_embeddings(49152 + 64)
+    else:
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<|teacher_only|>"]})
+    model.save_pretrained(tmp_path / "teacher")
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    line = one_line_error(distill(peaky_llama_dir, topk_cache, tmp_path / "out", "distill.mode=online",
+                                  f"teacher.path={tmp_path / 'teacher'}"))
+    expected = (f"has 49216 output logits, the student {peaky_llama_dir} 49152" if teacher == "padded vocab" else
+                f"has another tokenizer than the student {peaky_llama_dir}")
+    assert line.startswith(f"qadpipe: error: teacher.path: {tmp_path / 'teacher'} {expected}"), line
+    assert not (tmp_path / "out" / "ptq").exists()
 
 
 def test_refuses_a_student_whose_vocab_differs_from_the_cache(peaky_llama_dir, topk_cache, tmp_path):
@@ -195,10 +224,16 @@ def test_out_of_memory_is_one_line_naming_the_knobs_and_the_kept_checkpoint(peak
     latest = tmp_path / "checkpoints" / "step-00000002"
     assert line == (f"qadpipe: error: step 3: out of memory on cpu with micro-batches of 4 x 24 tokens (CUDA out of "
                     "memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 1.2 GiB is "
-                    f"free.); the last checkpoint is {latest}; try distill.activation_checkpointing=true, or a "
-                    "smaller distill.batch_size with a larger distill.grad_accum (same global batch; now 4 x 1), or "
+                    f"free.); the last checkpoint is {latest}; try distill.activation_checkpointing=true or a smaller "
+                    "distill.loss_chunk_tokens (now 32) (--resume accepts both), or, in a fresh distill.output_dir, "
+                    "a smaller distill.batch_size with a larger distill.grad_accum (same global batch; now 4 x 1) or "
                     "distill.distributed=fsdp2 under torchrun")
     assert (tmp_path / "checkpoints" / "LATEST").read_text().strip() == latest.name
+    monkeypatch.setattr(StudentLoss, "forward", forward)   # what the line says --resume accepts, it does
+    resumed = distill(peaky_llama_dir, topk_cache, tmp_path, "distill.save_every=1", "distill.max_steps=5",
+                      "distill.grad_accum=1", "distill.activation_checkpointing=true", "distill.loss_chunk_tokens=16",
+                      resume=True)
+    assert resumed.exit_code == 0, resumed.output
 
 
 def test_resume_refuses_a_checkpoint_of_another_recipe(peaky_llama_dir, topk_cache, tmp_path, caplog):
