@@ -129,26 +129,19 @@ def _chunk_loss(logits: torch.Tensor, targets: PositionTargets, spec: LossSpec,
     ce = losses.cross_entropy(logp, targets.next_tokens)
     kl, kd, teacher_top1 = None, None, None
     tau = spec.temperature
-    # Tempered, the τ = 1 KL is only a logged figure: no graph for it.
-    logged_only = contextlib.nullcontext() if tau == 1.0 else torch.no_grad()
     if teacher_logits is not None:
         teacher_logits = teacher_logits.float()
         teacher_logp = torch.log_softmax(teacher_logits, dim=-1)
-        with logged_only:
+        # Tempered, the τ = 1 KL is only a logged figure: no graph for it.
+        with contextlib.nullcontext() if tau == 1.0 else torch.no_grad():
             kl = losses.full_kl(logp, teacher_logp)
         teacher_top1 = teacher_logp.argmax(-1)
         kd = kl if tau == 1.0 else losses.full_kl(torch.log_softmax(logits / tau, dim=-1),
                                                   torch.log_softmax(teacher_logits / tau, dim=-1))
     elif targets.topk_ids is not None:
-        ids, teacher_lp, tail = targets.topk_ids, targets.topk_logprobs, targets.tail_mass
-        with logged_only:
-            kl = losses.forward_kl_tail(logp, ids, teacher_lp, tail)
-        if tau == 1.0 and spec.loss == "forward_kl":
-            kd = kl
-        else:
-            kd = losses.topk_kd_loss(spec.loss, logp, ids, teacher_lp, tail, cakld_beta=spec.cakld_beta,
-                                     temperature=tau)
-        teacher_top1 = ids[:, 0]
+        kd, kl = losses.topk_kd_loss_and_kl(spec.loss, logp, targets.topk_ids, targets.topk_logprobs,
+                                            targets.tail_mass, cakld_beta=spec.cakld_beta, temperature=tau)
+        teacher_top1 = targets.topk_ids[:, 0]
     elif targets.sample_ids is not None:
         if tau != 1.0:
             raise DistillError(f"distill.temperature={tau}: sampled targets are draws at temperature 1 and "

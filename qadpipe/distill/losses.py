@@ -134,9 +134,15 @@ def _buckets(logp: torch.Tensor, ids: torch.Tensor, teacher_lp: torch.Tensor, ta
     student = torch.cat([torch.where(valid, student_lp, zeros), torch.where(has_rest, student_tail, 0.0)[:, None]],
                         dim=1)
     mask = torch.cat([valid, has_rest[:, None]], dim=1)
-    if temperature != 1.0:
-        teacher, student = _temper(teacher, mask, temperature), _temper(student, mask, temperature)
-    return teacher, student, mask
+    return _soften(teacher, student, mask, temperature)
+
+
+def _soften(teacher: torch.Tensor, student: torch.Tensor, mask: torch.Tensor, temperature: float
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Both bucket distributions of :func:`_buckets` at ``temperature`` (themselves at 1)."""
+    if temperature == 1.0:
+        return teacher, student, mask
+    return _temper(teacher, mask, temperature), _temper(student, mask, temperature), mask
 
 
 def _temper(lp: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -153,38 +159,54 @@ def _kl(a_lp: torch.Tensor, b_lp: torch.Tensor, mask: torch.Tensor) -> torch.Ten
     return torch.where(mask, a_lp.exp() * (a_lp - b_lp), torch.zeros_like(a_lp)).sum(-1)
 
 
+def _forward(teacher: torch.Tensor, student: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
+    return _kl(teacher, student, mask)
+
+
+def _reverse(teacher: torch.Tensor, student: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
+    return _kl(student, teacher, mask)
+
+
+def _jsd(teacher: torch.Tensor, student: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
+    if not 0.0 < beta < 1.0:
+        raise ValueError(f"jsd beta={beta}: expected 0 < beta < 1")
+    mixture = torch.logaddexp(teacher + math.log(beta), student + math.log(1.0 - beta))
+    return beta * _kl(teacher, mixture, mask) + (1.0 - beta) * _kl(student, mixture, mask)
+
+
+def _cakld(teacher: torch.Tensor, student: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"cakld beta={beta}: expected a teacher confidence in [0, 1]")
+    return beta * _kl(student, teacher, mask) + (1.0 - beta) * _kl(teacher, student, mask)
+
+
+#: The k+1-bucket losses by config name: (teacher, student, mask, β) -> per position.
+_BUCKET_LOSSES = {"forward_kl": _forward, "reverse_kl": _reverse, "jsd": _jsd, "cakld": _cakld}
+
+
 def forward_kl_tail(logp: torch.Tensor, ids: torch.Tensor, teacher_lp: torch.Tensor,
                     tail_mass: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """KL(teacher ‖ student) over S ∪ {tail}: the default QAD loss on a top-k cache."""
-    teacher, student, mask = _buckets(logp, ids, teacher_lp, tail_mass, temperature)
-    return _kl(teacher, student, mask)
+    return _forward(*_buckets(logp, ids, teacher_lp, tail_mass, temperature), 0.0)
 
 
 def reverse_kl_tail(logp: torch.Tensor, ids: torch.Tensor, teacher_lp: torch.Tensor,
                     tail_mass: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """KL(student ‖ teacher) over S ∪ {tail} (mode-seeking)."""
-    teacher, student, mask = _buckets(logp, ids, teacher_lp, tail_mass, temperature)
-    return _kl(student, teacher, mask)
+    return _reverse(*_buckets(logp, ids, teacher_lp, tail_mass, temperature), 0.0)
 
 
 def jsd_tail(logp: torch.Tensor, ids: torch.Tensor, teacher_lp: torch.Tensor,
              tail_mass: torch.Tensor, beta: float = 0.5, temperature: float = 1.0) -> torch.Tensor:
     """Generalized JSD_β = β·KL(t‖m) + (1−β)·KL(p‖m), m = β·t + (1−β)·p, over S ∪ {tail}
     (TRL/Liger convention: β → 0 approaches forward KL, β → 1 reverse KL)."""
-    if not 0.0 < beta < 1.0:
-        raise ValueError(f"jsd beta={beta}: expected 0 < beta < 1")
-    teacher, student, mask = _buckets(logp, ids, teacher_lp, tail_mass, temperature)
-    mixture = torch.logaddexp(teacher + math.log(beta), student + math.log(1.0 - beta))
-    return beta * _kl(teacher, mixture, mask) + (1.0 - beta) * _kl(student, mixture, mask)
+    return _jsd(*_buckets(logp, ids, teacher_lp, tail_mass, temperature), beta)
 
 
 def cakld(logp: torch.Tensor, ids: torch.Tensor, teacher_lp: torch.Tensor,
           tail_mass: torch.Tensor, beta: float, temperature: float = 1.0) -> torch.Tensor:
     """BitDistiller's confidence-aware KLD: β·KL(p‖t) + (1−β)·KL(t‖p) over S ∪ {tail}."""
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"cakld beta={beta}: expected a teacher confidence in [0, 1]")
-    teacher, student, mask = _buckets(logp, ids, teacher_lp, tail_mass, temperature)
-    return beta * _kl(student, teacher, mask) + (1.0 - beta) * _kl(teacher, student, mask)
+    return _cakld(*_buckets(logp, ids, teacher_lp, tail_mass, temperature), beta)
 
 
 def renorm_kl(logp: torch.Tensor, ids: torch.Tensor, teacher_lp: torch.Tensor,
@@ -237,18 +259,26 @@ def topk_kd_loss(name: str, logp: torch.Tensor, ids: torch.Tensor, teacher_lp: t
                  tail_mass: torch.Tensor, cakld_beta: float = 0.5, temperature: float = 1.0) -> torch.Tensor:
     """Dispatch a top-k loss by its config name (``distill.loss``), at ``temperature`` (not
     scaled by τ²: the caller weighs the KD term)."""
-    if name == "forward_kl":
-        return forward_kl_tail(logp, ids, teacher_lp, tail_mass, temperature)
-    if name == "renorm_kl":
-        return renorm_kl(logp, ids, teacher_lp, temperature=temperature)
-    if name == "reverse_kl":
-        return reverse_kl_tail(logp, ids, teacher_lp, tail_mass, temperature)
-    if name == "jsd":
-        return jsd_tail(logp, ids, teacher_lp, tail_mass, temperature=temperature)
-    if name == "cakld":
-        return cakld(logp, ids, teacher_lp, tail_mass, cakld_beta, temperature)
-    if name == "mse_logprob":
-        if temperature != 1.0:
+    return topk_kd_loss_and_kl(name, logp, ids, teacher_lp, tail_mass, cakld_beta, temperature)[0]
+
+
+def topk_kd_loss_and_kl(name: str, logp: torch.Tensor, ids: torch.Tensor, teacher_lp: torch.Tensor,
+                        tail_mass: torch.Tensor, cakld_beta: float = 0.5, temperature: float = 1.0
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`topk_kd_loss`, and the temperature-1 :func:`forward_kl_tail` logged beside it
+    from the same k+1 buckets: building them costs a pass over ``[C, V]`` for confident rows
+    (:func:`_student_rest`), which a second call would pay again."""
+    if name in ("renorm_kl", "mse_logprob"):   # losses on S alone: the buckets only serve the figure
+        if name == "mse_logprob" and temperature != 1.0:
             raise ValueError(f"mse_logprob has no temperature (got {temperature}): it compares log-probs")
-        return mse_logprob(logp, ids, teacher_lp)
-    raise ValueError(f"unknown top-k loss {name!r}; expected one of {KD_LOSSES}")
+        kd = (renorm_kl(logp, ids, teacher_lp, temperature=temperature) if name == "renorm_kl"
+              else mse_logprob(logp, ids, teacher_lp))
+        with torch.no_grad():
+            return kd, forward_kl_tail(logp, ids, teacher_lp, tail_mass)
+    if name not in _BUCKET_LOSSES:
+        raise ValueError(f"unknown top-k loss {name!r}; expected one of {KD_LOSSES}")
+    buckets = _buckets(logp, ids, teacher_lp, tail_mass)
+    kl = _forward(*buckets, 0.0)
+    if temperature == 1.0 and name == "forward_kl":
+        return kl, kl
+    return _BUCKET_LOSSES[name](*_soften(*buckets, temperature), cakld_beta), kl
