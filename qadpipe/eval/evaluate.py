@@ -101,11 +101,12 @@ def held_out(cfg: PipelineConfig, tokenizer: Any, vocab_size: int, eval_rows: in
     limit = cfg.eval.max_sequences
     if cfg.eval.data is not None:
         from qadpipe.data import load_sequences
+        from qadpipe.teacher.base import target_start
 
         data = dataclasses.replace(cfg.data, source=cfg.eval.data, limit=limit)
         gen = dataclasses.replace(cfg.generate, mode="score")
         seqs = load_sequences(data, gen, tokenizer, vocab_size, source_name="eval.data").sequences[:limit]
-        starts = [0 if gen.include_prompt else s.prompt_len for s in seqs]
+        starts = [target_start(s, gen.include_prompt) for s in seqs]   # the cache's convention, as trained
         return HeldOut([s.input_ids.tolist() for s in seqs], starts, None,
                        f"{len(seqs)} sequences of {cfg.eval.data}")
     from qadpipe.cache.reader import CacheReader

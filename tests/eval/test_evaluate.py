@@ -93,6 +93,23 @@ def test_named_hf_model_and_a_data_file(trained, tmp_path: Path, peaky_llama_dir
     assert "tail_kl" not in results["copy"]  # no cached targets for a data file
 
 
+def test_a_data_file_without_prompt_positions_scores_every_completion_token(trained, tmp_path: Path,
+                                                                           peaky_llama_dir: Path):
+    """generate.include_prompt=false: the last prompt position predicts the first completion token
+    and is scored, as the cache scores it (one-token completions left nothing to score before)."""
+    from qadpipe.models import load_tokenizer
+
+    records = [{"prompt": "What is 2+2?", "completion": " 4"}, {"prompt": "Say hi", "completion": " hi there"}]
+    data = tmp_path / "answers.jsonl"
+    data.write_text("".join(json.dumps(record) + "\n" for record in records))
+    tokenizer = load_tokenizer(str(peaky_llama_dir))
+    answer_tokens = sum(len(tokenizer(r["completion"], add_special_tokens=False).input_ids) for r in records)
+    config = load_config(None, [*trained, f"eval.output_dir={tmp_path / 'out'}", f"eval.data={data}",
+                                "data.field=prompt", "generate.include_prompt=false",
+                                f"eval.models.copy={peaky_llama_dir}"])
+    assert run_eval(config)["copy"]["positions"] == answer_tokens
+
+
 def test_eval_without_a_student_is_one_line(tmp_path: Path, peaky_llama_dir: Path, topk_cache: Path):
     overrides = settings(peaky_llama_dir, topk_cache, f"distill.output_dir={tmp_path}")
     result = CliRunner().invoke(cli, ["eval", *[arg for item in overrides for arg in ("--set", item)]])
