@@ -90,7 +90,8 @@ class DataConfig:
         "record field: text, messages (chat template) or prompt (+ optional completion)")
     max_length: int = opt(512, "tokens per sequence", ge=2)
     overflow: Literal["truncate", "drop", "pack"] = opt("truncate",
-        "sequences longer than max_length: truncate, drop, or pack all records into windows")
+        "sequences longer than max_length: truncate (score: keep the start; generate: keep the prompt's "
+        "end, where a chat template's assistant header is), drop, or pack all records into windows")
     limit: Optional[int] = opt(None, "use only the first N records", ge=1)
     chat_template: bool = opt(False,
         "render prompt (+completion) records as a user (+assistant) turn of the teacher's chat template")

@@ -58,8 +58,9 @@ def data_fingerprint(data: DataConfig, gen: GenerateConfig, vocab_size: int) -> 
     settings: dict[str, Any] = {"data": asdict(data), "vocab_size": vocab_size, "mode": gen.mode,
                                 "include_prompt": gen.include_prompt}
     if gen.mode == "generate":
+        # prompt_cut: long prompts keep their end (before 2026-12, their start: other rows)
         settings.update(temperature=gen.temperature, top_p=gen.top_p, max_new_tokens=gen.max_new_tokens,
-                        seed=gen.seed)
+                        seed=gen.seed, prompt_cut="end")
     source = "random" if data.source == "random" else source_fingerprint(data.source)
     payload = json.dumps({"source": source, "settings": settings}, sort_keys=True)
     return "sha256:" + hashlib.sha256(payload.encode()).hexdigest()[:32]
@@ -90,7 +91,7 @@ def load_sequences(data: DataConfig, gen: GenerateConfig, tokenizer: Any, vocab_
     needs_completion = gen.mode == "score" and not gen.include_prompt
     seqs, dropped = [], 0
     for position, rid, ids, prompt_len in _rendered(data, gen, tokenizer, shard_index, num_shards):
-        fitted = fit_length(ids, limit, data.overflow)
+        fitted = fit_length(ids, limit, data.overflow, keep_end=gen.mode == "generate")
         if fitted is None or len(fitted) < 2 or (needs_completion and prompt_len >= len(fitted)):
             dropped += 1
             continue

@@ -127,12 +127,17 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def fit_length(ids: list[int], max_length: int, overflow: str) -> Optional[list[int]]:
-    """Apply the length limit to one record: truncate (keep the first tokens) or drop
-    (return ``None``).  Packing works across records: see :func:`pack`."""
+def fit_length(ids: list[int], max_length: int, overflow: str, *, keep_end: bool = False) -> Optional[list[int]]:
+    """Apply the length limit to one record: truncate or drop (return ``None``).  Truncation
+    keeps the first tokens of a sequence to score, the last of a prompt to complete
+    (``keep_end``, as vLLM's ``truncate_prompt_tokens``): a prompt cut at its end would lose
+    the chat template's assistant header, and the teacher would continue the user's text
+    instead of answering.  Packing works across records: see :func:`pack`."""
     if len(ids) <= max_length:
         return ids
-    return ids[:max_length] if overflow == "truncate" else None
+    if overflow != "truncate":
+        return None
+    return ids[len(ids) - max_length:] if keep_end else ids[:max_length]
 
 
 def pack(sequences: Iterable[list[int]], max_length: int, separator: Optional[int]) -> Iterator[list[int]]:

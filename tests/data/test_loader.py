@@ -72,6 +72,16 @@ def test_generate_mode_leaves_room_for_the_completion(tmp_path: Path, tokenizer:
     assert len(seq.input_ids) == 20 and seq.prompt_len == 20
 
 
+def test_a_long_chat_prompt_keeps_its_end_with_the_assistant_header(tmp_path: Path, tokenizer: Any) -> None:
+    """Cut at its end, the prompt would lose '<|im_start|>assistant' and the teacher would go on
+    with the user's words instead of answering them."""
+    cfg = _config(tmp_path, [{"prompt": "word " * 60 + "What is the sea?"}], field="prompt", chat_template=True,
+                  max_length=60, generate={"mode": "generate", "max_new_tokens": 20})
+    (seq,) = load_sequences(cfg.data, cfg.generate, tokenizer, len(tokenizer)).sequences
+    text = tokenizer.decode(seq.input_ids.tolist())
+    assert len(seq.input_ids) == 40 and text.endswith("What is the sea?<|im_end|>\n<|im_start|>assistant\n"), text
+
+
 @pytest.mark.parametrize("data, generate, message", [
     ({"overflow": "pack"}, {"mode": "generate"}, "data.overflow: got 'pack', expected truncate or drop in generate mode"),
     ({"overflow": "pack"}, {"include_prompt": False}, "data.overflow: got 'pack'"),

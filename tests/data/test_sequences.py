@@ -77,6 +77,8 @@ def test_length_limits() -> None:
     assert fit_length([1, 2, 3], 3, "drop") == [1, 2, 3]
     assert fit_length([1, 2, 3, 4], 3, "truncate") == [1, 2, 3]
     assert fit_length([1, 2, 3, 4], 3, "drop") is None
+    assert fit_length([1, 2, 3, 4], 3, "truncate", keep_end=True) == [2, 3, 4]   # a prompt keeps its end
+    assert fit_length([1, 2, 3, 4], 3, "drop", keep_end=True) is None
     windows = list(pack([[1, 2], [3, 4, 5], [6, 9]], 3, separator=9))
     # separator appended unless the record already ends with it; a last window needs 2 tokens
     assert windows == [[1, 2, 9], [3, 4, 5], [9, 6, 9]]
