@@ -127,6 +127,7 @@ def held_out(cfg: PipelineConfig, tokenizer: Any, vocab_size: int, eval_rows: in
 def run_eval(cfg: PipelineConfig) -> dict[str, dict[str, float]]:
     """Score the models, write report.json / report.md / plots, return the results."""
     from qadpipe.distill.distributed import resolve_device
+    from qadpipe.distill.student import FINAL_DIR
     from qadpipe.models import load_causal_lm, load_tokenizer
 
     device = resolve_device(cfg.eval.device, field="eval.device")
@@ -143,6 +144,7 @@ def run_eval(cfg: PipelineConfig) -> dict[str, dict[str, float]]:
         # (1 + students) x 4 bytes a parameter (96 GB for an 8B teacher, PTQ and QAD).  The
         # teacher's forward is repeated per student instead; eval sets are small.
         student = load_model(path, device)
+        _refuse_another_vocab(name, path, student, cfg.teacher_path, teacher)
         scored = compare_to_teacher(teacher, {name: student}, data.sequences, pad_id=pad_id, starts=data.starts,
                                     cache_rows=data.cache_rows, batch_size=cfg.eval.batch_size, device=device)
         results.setdefault("teacher", scored["teacher"])
@@ -151,9 +153,21 @@ def run_eval(cfg: PipelineConfig) -> dict[str, dict[str, float]]:
         release_memory(device)
     context = {"teacher": cfg.teacher_path, "data": data.description,
                **{f"model {name}": path for name, path in models.items()}}
-    metrics = {name: Path(path).parent / "metrics.jsonl" for name, path in models.items()}
+    # A distill run's curve, once: from its final/ student (ptq/ beside it shares the run's file).
+    metrics = {name: Path(path).parent / "metrics.jsonl" for name, path in models.items()
+               if Path(path).name == FINAL_DIR}
     paths = write_report(out, results, context=context, metrics_files=metrics)
     save_run_record(cfg, "eval", out)
     print(render_table(results))
     log.info("eval report: %s", ", ".join(str(p) for p in paths.values()))
     return results
+
+
+def _refuse_another_vocab(name: str, path: str, student: nn.Module, teacher_path: str, teacher: nn.Module) -> None:
+    """KL and agreement compare the two distributions id by id: one line, naming the model,
+    before any forward runs."""
+    rows = int(student.get_output_embeddings().weight.shape[0])
+    teacher_rows = int(teacher.get_output_embeddings().weight.shape[0])
+    if rows != teacher_rows:
+        raise ConfigError(f"eval.models.{name}: {path} has {rows} output logits, the teacher {teacher_path} "
+                          f"{teacher_rows}; evaluate students of the teacher's vocabulary")

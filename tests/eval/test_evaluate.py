@@ -27,9 +27,16 @@ def trained(tmp_path_factory: pytest.TempPathFactory, peaky_llama_dir: Path, top
     return overrides
 
 
-def test_default_models_are_ptq_and_qad_on_the_held_out_cache_rows(trained, tmp_path: Path, topk_cache: Path):
+def test_default_models_are_ptq_and_qad_on_the_held_out_cache_rows(trained, tmp_path: Path, topk_cache: Path,
+                                                                   monkeypatch):
+    from qadpipe.eval import evaluate
+
+    write_report, curves = evaluate.write_report, []
+    monkeypatch.setattr(evaluate, "write_report", lambda *a, **kw: curves.append(kw["metrics_files"])
+                        or write_report(*a, **kw))
     config = load_config(None, [*trained, f"eval.output_dir={tmp_path}"])
     results = run_eval(config)
+    assert list(curves[0]) == ["qad"]   # the run's curve once, not again as "ptq" (same metrics.jsonl)
     assert list(results) == ["teacher", "ptq", "qad"]
     held_out = list(itertools.islice(CacheReader(str(topk_cache)).iter_sequences(), config.distill.eval_rows))
     for metrics in results.values():
@@ -108,6 +115,20 @@ def test_a_data_file_without_prompt_positions_scores_every_completion_token(trai
                                 "data.field=prompt", "generate.include_prompt=false",
                                 f"eval.models.copy={peaky_llama_dir}"])
     assert run_eval(config)["copy"]["positions"] == answer_tokens
+
+
+def test_a_student_of_another_vocabulary_is_one_line_naming_it(trained, tmp_path: Path, peaky_llama_dir: Path):
+    from qadpipe.models import load_causal_lm
+
+    padded = load_causal_lm(str(peaky_llama_dir), dtype="float32")
+    padded.resize_token_embeddings(49152 + 64)
+    padded.save_pretrained(tmp_path / "padded")
+    overrides = [*trained, f"eval.output_dir={tmp_path / 'out'}", f"eval.models.padded={tmp_path / 'padded'}"]
+    result = CliRunner().invoke(cli, ["eval", *[arg for item in overrides for arg in ("--set", item)]])
+    errors = [line for line in result.stderr.splitlines() if line.startswith("qadpipe: error:")]
+    assert result.exit_code == 2 and len(errors) == 1, result.output   # beside transformers' loading bars
+    assert errors[0].startswith(f"qadpipe: error: eval.models.padded: {tmp_path / 'padded'} has 49216 output "
+                                f"logits, the teacher {peaky_llama_dir} 49152")
 
 
 def test_eval_without_a_student_is_one_line(tmp_path: Path, peaky_llama_dir: Path, topk_cache: Path):
