@@ -76,7 +76,8 @@ class RandomTokensConfig:
     """Uniform random token sequences (the QAD paper shows they still teach)."""
 
     num_sequences: int = opt(64, "how many sequences", ge=1)
-    length: int = opt(256, "tokens per sequence", ge=2)
+    length: int = opt(256, "tokens per sequence (at most data.max_length, less generate.max_new_tokens in "
+                      "generate mode)", ge=2)
     seed: int = opt(0, "RNG seed")
 
 

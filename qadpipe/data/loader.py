@@ -74,9 +74,8 @@ def load_sequences(data: DataConfig, gen: GenerateConfig, tokenizer: Any, vocab_
     fingerprint = data_fingerprint(data, gen, vocab_size)
     if data.source == "random":
         count = min(data.random.num_sequences, data.limit or data.random.num_sequences)
-        length = data.random.length
-        if gen.mode == "generate":
-            length = min(length, data.max_length - gen.max_new_tokens)
+        # Capped like any record (overflow's truncate): by max_length, less the completion's room.
+        length = min(data.random.length, data.max_length - (gen.max_new_tokens if gen.mode == "generate" else 0))
         seqs = list(random_sequences(count, length, vocab_size, data.random.seed,
                                      range(shard_index, count, num_shards)))
         return DataSlice(seqs, fingerprint)

@@ -59,10 +59,10 @@ def render_record(record: dict[str, Any], where: str, field: str, tokenizer: Any
         completion_ids = tokenizer.encode(completion, add_special_tokens=False) if completion else []
         return prompt_ids + completion_ids, len(prompt_ids)
     messages = _messages(record["messages"], where)
+    if [m["role"] for m in messages] == ["assistant"]:   # an answer to nothing, scored or completed
+        raise DataError(f"{where}: empty prompt (field 'messages' holds only an assistant turn)")
     if for_generation and messages[-1]["role"] == "assistant":
         messages = messages[:-1]
-        if not messages:
-            raise DataError(f"{where}: empty prompt (field 'messages' holds only an assistant turn)")
     return _render_chat(messages, tokenizer, where)
 
 

@@ -110,3 +110,5 @@ def test_random_source_split_and_size(tokenizer: Any) -> None:
     parts = [load_sequences(cfg.data, cfg.generate, tokenizer, 1000, shard_index=i, num_shards=2) for i in range(2)]
     assert [len(p.sequences) for p in parts] == [3, 2]
     assert all(len(s.input_ids) == 12 and s.input_ids.max() < 1000 for p in parts for s in p.sequences)
+    capped = build_config({"data": {"max_length": 8, "random": {"num_sequences": 2, "length": 12}}})
+    assert [len(s.input_ids) for s in load_sequences(capped.data, capped.generate, tokenizer, 1000).sequences] == [8, 8]

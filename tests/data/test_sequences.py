@@ -59,6 +59,8 @@ def test_messages_in_generate_mode_drop_the_final_answer(tokenizer: Any) -> None
     ({"prompt": 3}, "prompt", "field 'prompt' must be a string, got int"),
     ({"text": ""}, "text", "src record 0: empty text"),
     ({"messages": []}, "messages", "src record 0: empty prompt"),
+    ({"messages": [{"role": "assistant", "content": "an answer to nothing"}]}, "messages",
+     "src record 0: empty prompt (field 'messages' holds only an assistant turn)"),
     ({"messages": [{"role": "user"}]}, "messages", "must hold {role, content} objects"),
     ({"messages": [{"role": "user", "content": None}]}, "messages",
      "src record 0: message 0: content must be a string or a list of {type: text, text} parts, got None"),
