@@ -93,6 +93,10 @@ BAD_CONFIGS = [
     pytest.param(None, ["distill.mode=online", "distill.loss=jsd"],
                  "distill.loss: got 'jsd', but mode=online trains the full-vocabulary forward KL (the other losses "
                  "are for a cache's targets); expected 'forward_kl'", id="online-with-a-cache-loss"),
+    pytest.param(None, ["distill.seed=010"],
+                 "distill.seed: got '010' (str), expected an integer", id="yaml-1.1-octal-stays-a-string"),
+    pytest.param(None, ["distill.seed=1:30"],
+                 "distill.seed: got '1:30' (str), expected an integer", id="yaml-1.1-base-60-stays-a-string"),
     pytest.param(None, ["distill.max_steps=-3"],
                  "distill.max_steps: got -3 (int), expected a value >= 1", id="override-out-of-range"),
 ]
@@ -130,11 +134,26 @@ def test_file_level_problems_name_the_file(tmp_path: Path):
     assert result.stderr.startswith(f"qadpipe: error: {broken}: not valid YAML at line ")
     assert result.stderr.count("\n") == 1
 
+    twice = tmp_path / "twice.yaml"   # PyYAML alone would keep the second block and drop lr silently
+    twice.write_text("distill:\n  lr: 2.0e-5\nquant:\n  preset: fp8\ndistill:\n  max_steps: 5\n")
+    result = run_cli("config", "show", "-c", str(twice))
+    assert result.exit_code == 2
+    assert result.stderr == (f"qadpipe: error: {twice}: not valid YAML at line 5 (key 'distill' given twice in one "
+                             "mapping (YAML would keep only the last))\n")
+
     binary = tmp_path / "garbage.yaml"
     binary.write_bytes(b"\xff\xfe\x00\x81garbage")
     result = run_cli("config", "show", "-c", str(binary))
     assert result.exit_code == 2
     assert result.stderr.count("\n") == 1 and str(binary) in result.stderr
+
+
+def test_set_reaches_a_section_whose_fields_are_all_commented_out(tmp_path: Path):
+    path = tmp_path / "sparse.yaml"
+    path.write_text("distill:\n  # lr: 1.0e-5\nquant:\n  preset: fp8\n")
+    config = load_config(path, ["distill.lr=2e-5", "distill.seed=0x10", "distill.max_steps=1_000"])
+    assert (config.distill.lr, config.distill.seed, config.distill.max_steps) == (2e-5, 16, 1000)
+    assert config.quant.preset == "fp8"
 
 
 def test_library_callers_get_a_config_error(tmp_path: Path):

@@ -26,6 +26,36 @@ from qadpipe.errors import ConfigError
 # PyYAML follows YAML 1.1, which reads ``2e-5`` (no dot) as a string. Accept such
 # strings for float fields, but nothing else that is not a number.
 _FLOAT_LITERAL = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+_INT_TAG = "tag:yaml.org,2002:int"
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, less two YAML 1.1 surprises a config must not meet silently:
+    integers in other bases (``seed: 010`` is 8, ``1:30`` is 90; here they stay strings, which
+    an integer field refuses by name; decimal and 0x hex remain) and a key given twice in one
+    mapping (PyYAML keeps the last: a second ``distill:`` block drops the first one's fields)."""
+
+    yaml_implicit_resolvers = {first: [(tag, regexp) for tag, regexp in resolvers if tag != _INT_TAG]
+                               for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' given twice in one mapping (YAML would keep only the last)",
+                    key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_ConfigLoader.add_implicit_resolver(_INT_TAG, re.compile(r"^(?:[-+]?(?:0|[1-9][0-9_]*)|0x[0-9a-fA-F_]+)$"),
+                                    list("-+0123456789"))
+
+
+def _parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 -- a SafeLoader subclass
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
@@ -58,7 +88,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = _parse_yaml(path.read_text())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -78,7 +108,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     if not sep or not key.strip():
         raise ConfigError(f"--set '{item}': expected KEY=VALUE, e.g. distill.lr=2e-5")
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
+        value = _parse_yaml(text) if text.strip() else ""
         dropped = _yaml_comment(text)
     except yaml.YAMLError:
         value, dropped = text, ""
@@ -88,7 +118,9 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     parts = key.strip().split(".")
     node = raw
     for depth, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
+        if node.get(part) is None:   # absent, or a section whose fields are all commented out
+            node[part] = {}
+        child = node[part]
         if not isinstance(child, dict):
             raise ConfigError(f"--set '{item}': '{'.'.join(parts[: depth + 1])}' is not a section")
         node = child
