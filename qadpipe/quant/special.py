@@ -51,9 +51,12 @@ def ternary_codes(xg: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
 
 
 def _n_of_m_mask(magnitude: Tensor, n: int, m: int) -> Tensor:
-    """True for the ``n`` largest of every ``m`` consecutive elements of the last dimension
-    (ties broken by position, lowest index first, as ``torch.topk`` on CPU does)."""
+    """True for the ``n`` largest of every ``m`` consecutive elements of the last dimension,
+    ties broken by position, lowest index first.  A stable sort, not ``topk``: topk's order
+    among equal values is unspecified and differs between CPU and CUDA, and bf16 weights tie
+    at the boundary in a fifth of SmolLM2's runs -- a student trained on CUDA and exported on
+    the CPU would drop a different weight than it was trained without."""
     runs = magnitude.unflatten(-1, (magnitude.shape[-1] // m, m))
-    top = runs.topk(n, dim=-1).indices
+    top = runs.argsort(dim=-1, descending=True, stable=True)[..., :n]
     mask = torch.zeros_like(runs, dtype=torch.bool).scatter_(-1, top, True)
     return mask.flatten(-2)

@@ -152,6 +152,15 @@ def test_ternary_hand_worked():
     assert sherry.codes.tolist() == [[1, -1, 0, 1]] and sherry.scale.item() == 2.0
 
 
+def test_sherry_breaks_ties_by_position_lowest_first():
+    """Equal magnitudes at the 3:4 boundary (common in bf16 weights): the last of them is
+    dropped, on every device alike -- topk's tie order is unspecified (on this CPU it dropped
+    index 1 of [3, 2, 2, 2] and of [1, 1, 1, 1])."""
+    x = torch.tensor([[3.0, 2.0, -2.0, 2.0, 1.0, 1.0, -1.0, 1.0, 0.5, 2.0, 0.5, 0.5]])
+    codes = quantize(x, QuantSpec(Kind.SHERRY, granularity="channel")).codes
+    assert codes.tolist() == [[1, 1, -1, 0, 1, 1, -1, 0, 1, 1, 1, 0]]
+
+
 def test_sherry_keeps_exactly_three_of_every_four():
     torch.manual_seed(1)
     x = torch.randn(16, 128)
