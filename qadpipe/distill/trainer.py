@@ -287,18 +287,17 @@ class DistillRecipe:
         from qadpipe.quant.calibrate import calibrate
 
         count = self.config.quant.calibration_batches
-        if count == 0:
-            return
-        loader = TargetLoader(self.source, lambda rows: collate(rows, pad_id=self.pad_id, with_targets=False),
-                              batch_size=self.cfg.batch_size, seed=self.cfg.seed + 1, shuffle_buffer=self.cfg.shuffle_buffer,
-                              holdout_rows=self.cfg.eval_rows)
-        batches = []
-        for batch in loader:
-            inputs = batch.to(self.env.device).model_inputs()
-            inputs.pop("use_cache")
-            batches.append(inputs)
-            if len(batches) == count:
-                break
+        batches = []   # none at count 0: calibrate() itself refuses a recipe with static input ranges
+        if count:
+            loader = TargetLoader(self.source, lambda rows: collate(rows, pad_id=self.pad_id, with_targets=False),
+                                  batch_size=self.cfg.batch_size, seed=self.cfg.seed + 1,
+                                  shuffle_buffer=self.cfg.shuffle_buffer, holdout_rows=self.cfg.eval_rows)
+            for batch in loader:
+                inputs = batch.to(self.env.device).model_inputs()
+                inputs.pop("use_cache")
+                batches.append(inputs)
+                if len(batches) == count:
+                    break
         with self._autocast():
             calibrate(student, batches, count)
 

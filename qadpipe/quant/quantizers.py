@@ -137,9 +137,9 @@ class Quantizer(nn.Module):
             self.clip_logit = nn.Parameter(torch.logit(ratio))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        if prefix + "amax" in state_dict:
-            self.calibrated = True
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "amax" in state_dict:   # the initial 0 is no range: such a state was never calibrated
+            self.calibrated = bool((state_dict[prefix + "amax"] > 0).all())
 
     def set_amax(self, amax: Tensor) -> None:
         """Fix the static range (calibration, or a fused group's shared weight amax)."""

@@ -120,6 +120,15 @@ def test_packed_batches_give_the_padded_loss(peaky_llama_dir, topk_cache, tmp_pa
     np.testing.assert_allclose(losses["packed"], losses["padded"], rtol=1e-4)
 
 
+def test_static_input_ranges_with_no_calibration_batches_is_one_line_and_saves_no_ptq(peaky_llama_dir, topk_cache,
+                                                                                    tmp_path):
+    """The trainer used to skip calibration at 0 batches and save ptq/ with every amax at 0."""
+    line = one_line_error(distill(peaky_llama_dir, topk_cache, tmp_path, "quant.preset=fp8_static",
+                                  "quant.group_size=null", "quant.calibration_batches=0"))
+    assert "quant.calibration_batches: got 0, but 14 static input quantizers need at least 1 batch" in line
+    assert not (tmp_path / "ptq").exists()
+
+
 def test_each_logged_lr_is_the_one_its_step_used(peaky_llama_dir, topk_cache, tmp_path):
     """Linear schedule, peak 1e-4, 2 warmup steps of 4, by hand: 0.5, 1, 1 (decay starts), 0.5."""
     result = distill(peaky_llama_dir, topk_cache, tmp_path, "distill.max_steps=4", "distill.warmup_steps=2",

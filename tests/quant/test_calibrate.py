@@ -108,3 +108,29 @@ def test_a_range_that_cannot_be_served_is_refused(make_llama, quant_config, pois
     target.register_forward_pre_hook(lambda module, args: (torch.full_like(args[0], poison),))
     with pytest.raises(QuantError, match=rf"model\.layers\.0\.mlp\.down_proj\.input_quantizer {message}"):
         calibrate(model, _padded_batches(2), 2)
+
+
+def test_a_saved_state_with_no_range_loads_as_uncalibrated(make_llama, quant_config):
+    """An uncalibrated student's state (amax still 0) must not load as calibrated: it would
+    quantize every input to ~0 and export an FP8 input_scale of 1.2e-7."""
+    model = make_llama()
+    apply_recipe(model, quant_config(preset="fp8_static"))
+    state = model.state_dict()
+    fresh = make_llama()
+    apply_recipe(fresh, quant_config(preset="fp8_static"))
+    fresh.load_state_dict(state)
+    quantizer = fresh.get_submodule("model.layers.0.self_attn.q_proj").input_quantizer
+    assert not quantizer.calibrated
+    with pytest.raises(QuantError, match="before calibration"):
+        fresh(**_padded_batches(1)[0])
+    calibrate(model, _padded_batches(1), 1)
+    fresh.load_state_dict(model.state_dict())
+    assert quantizer.calibrated and torch.equal(quantizer.amax, model.get_submodule(
+        "model.layers.0.self_attn.q_proj").input_quantizer.amax)
+
+
+def test_zero_calibration_batches_is_refused_for_static_ranges(make_llama, quant_config):
+    model = make_llama()
+    apply_recipe(model, quant_config(preset="fp8_static"))
+    with pytest.raises(QuantError, match="quant.calibration_batches: got 0, but 14 static input quantizers need"):
+        calibrate(model, [], 0)
