@@ -339,6 +339,8 @@ def quantize(x: Tensor, spec: QuantSpec, *, amax: Optional[Tensor] = None,
     elif spec.kind is Kind.FP8:
         a = amax if amax is not None else xg.abs().amax(-1, keepdim=True)
         s = _store(exact_quotient(a, C.FP8_E4M3_MAX), torch.float32)
+        if spec.granularity is Granularity.TOKEN:   # dynamic per token, floored as vLLM floors it
+            s = s.clamp_min(C.FP8_MIN_DYNAMIC_SCALE)
         codes = round_to_fp8(xg / s, spec.fp8_toward_zero)
     elif spec.kind is Kind.NVFP4:
         codes, s, global_scale = _quantize_nvfp4(xg, amax)
@@ -430,10 +432,11 @@ def effective_scale(q: QuantizedTensor) -> Tensor:
 
 def _w4a8_scales(scale: Tensor) -> Tensor:
     """vLLM ``convert_bf16_scales_to_fp8`` (quant_utils.py): per output row
-    ``c = max_g(s_g)/448``, ``s8 = fp8(fp8(s_g/c)/8)``, effective scale ``s8 * 8c``.
-    Formula-level emulation (the kernel needs a Hopper GPU; not bit-verified here)."""
+    ``c = max(max_g(s_g)/448, 1/(448*512))`` (its per-token FP8 quant, floor included),
+    ``s8 = fp8(fp8(s_g/c)/8)``, effective scale ``s8 * 8c``.  Formula-level emulation (the
+    kernel needs a Hopper GPU; not bit-verified here)."""
     s = scale.float()
-    c = exact_quotient(s.abs().amax(-1, keepdim=True), C.FP8_E4M3_MAX)
+    c = exact_quotient(s.abs().amax(-1, keepdim=True), C.FP8_E4M3_MAX).clamp_min(C.FP8_MIN_DYNAMIC_SCALE)
     s8 = round_to_fp8(s / c)
     s8 = round_to_fp8(s8.float() / 8.0)
     return s8.float() * (c * 8.0)
@@ -464,7 +467,9 @@ def representable_bounds(q: QuantizedTensor) -> tuple[Tensor, Tensor]:
     block maximum sits up to ~6.4 steps out when its FP8 scale rounds down, and rounds to 6
     on its own).  The clipped STE zeroes the gradient outside."""
     spec = q.spec
-    s = effective_scale(q)
+    # Integer codes saturate against the scale they were divided by: W4A8's bf16 group scale,
+    # not the FP8-converted one dequantize multiplies by.
+    s = q.scale.float() if spec.fp8_group_scales else effective_scale(q)
     if spec.kind in INTEGER_CODES:
         qmin, qmax = spec.code_range
         zp = q.zero_point.float() if q.zero_point is not None else torch.zeros_like(s)

@@ -64,6 +64,17 @@ def test_fp8_fake_quant_matches_a_torch_cast_reference(granularity):
     assert torch.equal(fake_quantize(x, spec), reference)
 
 
+def test_fp8_per_token_scale_has_vllms_floor():
+    """vLLM's dynamic per-token FP8 scale is max(amax/448, 1/(448*512)).  Hand-worked for a
+    token of amax 1e-4: scale 1/229376; x/scale = 22.94 -> 22, -11.47 -> -11, 4.59 -> 4.5
+    (E4M3 steps 2, 1, 0.5 there).  A large token keeps amax/448."""
+    x = torch.tensor([[1e-4, -5e-5, 0.0, 2e-5], [448.0, 1.0, -2.0, 0.0]])
+    q = quantize(x, QuantSpec(Kind.FP8, granularity="token"))
+    floor = torch.tensor(1 / (448 * 512), dtype=torch.float32)
+    assert torch.equal(q.scale, torch.stack([floor, torch.tensor(1.0)]).reshape(2, 1))
+    assert q.codes.float().tolist() == [[22.0, -11.0, 0.0, 4.5], [448.0, 1.0, -2.0, 0.0]]
+
+
 def test_int4_symmetric_hand_worked():
     x = torch.tensor([[7.0, -3.5, 0.5, 2.5, -7.0, 1.49, 6.6, 0.0]])
     q = quantize(x, QuantSpec(Kind.INT, 4, "channel"))     # amax 7 -> scale 1, codes in [-7, 7]

@@ -181,3 +181,30 @@ def test_w4a8_weight_uses_fp8_converted_group_scales():
     effective = (s8 * (c * 8)).repeat_interleave(128, dim=-1)
     assert torch.equal(dequantize(q), q.codes.float() * effective)
     assert not torch.equal(effective, s.repeat_interleave(128, dim=-1))   # the conversion matters
+
+
+def test_w4a8_channel_scale_has_vllms_per_token_fp8_floor():
+    """vLLM converts the group scales with its dynamic per-token FP8 quant, whose scale is never
+    below 1/(448*512).  Hand-worked, s = [5, 1] * 2**-16: c = 1/229376 (not 5 * 2**-16 / 448),
+    s/c = [17.5, 3.5] -> E4M3 [18, 3.5], /8 = [2.25, 0.4375] (exact), effective s8 * 8c.  Without
+    the floor: s/c = [448, 89.6 -> 88], effective [5, 0.98] * 2**-16."""
+    spec = WEIGHT_SPECS["w4a8_fp8"]
+    w = torch.cat([torch.full((1, 128), 35 * 2.0**-16), torch.full((1, 128), 7 * 2.0**-16)], dim=1)
+    q = quantize(w, spec)
+    assert q.scale.float().tolist() == [[5 * 2.0**-16, 2.0**-16]]
+    c = torch.tensor(1 / (448 * 512), dtype=torch.float32)
+    assert torch.equal(effective_scale(q), torch.tensor([[2.25, 0.4375]]) * (c * 8))
+
+
+def test_w4a8_clipped_ste_clips_against_the_scale_the_codes_were_divided_by():
+    """Codes are round(w / s_bf16) clamped to [-7, 7]; the FP8-converted scale only dequantizes.
+    A group whose converted scale fell below s_bf16 must not zero gradients nothing clipped."""
+    torch.manual_seed(0)
+    spec = WEIGHT_SPECS["w4a8_fp8"]
+    w = torch.randn(4, 256) * 0.02
+    w[:, 128:] *= 2e-4        # a group ~5000x smaller than its row's largest: its FP8 scale rounds down
+    q = quantize(w, spec)
+    assert ((w / q.scale.float().repeat_interleave(128, dim=-1)).abs() <= 7.5).all()   # no code clips
+    x = w.clone().requires_grad_(True)
+    Quantizer(spec, ste="clipped")(x).sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(w))
