@@ -35,7 +35,11 @@ def unsafe_calls(source: str) -> list[str]:
     """Calls that can run code hidden in data: pickle/marshal/dill loads, torch.load without
     weights_only=True, yaml.load without a safe loader, eval/exec, np.load(allow_pickle=True)."""
     found = []
-    for node in ast.walk(ast.parse(source)):
+    tree = ast.parse(source)
+    safe_loaders = {node.name for node in ast.walk(tree) if isinstance(node, ast.ClassDef)   # subclasses here
+                    and any(isinstance(b, ast.Attribute) and isinstance(b.value, ast.Name) and b.value.id == "yaml"
+                            and b.attr in {"SafeLoader", "CSafeLoader"} for b in node.bases)}
+    for node in ast.walk(tree):
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             names = [alias.name for alias in node.names] + [getattr(node, "module", None) or ""]
             found += [f"import {n}" for n in names if n.split(".")[0] in {"pickle", "dill", "cloudpickle", "marshal"}]
@@ -53,7 +57,9 @@ def unsafe_calls(source: str) -> list[str]:
                 found.append("torch.load( without weights_only=True")
         elif owner == "yaml" and name in {"load", "load_all", "unsafe_load", "full_load"}:
             loader = keywords.get("Loader")
-            if name != "load" or not (isinstance(loader, ast.Attribute) and "Safe" in loader.attr):
+            safe = (isinstance(loader, ast.Attribute) and "Safe" in loader.attr) or (
+                isinstance(loader, ast.Name) and loader.id in safe_loaders)
+            if name != "load" or not safe:
                 found.append(f"yaml.{name}( without SafeLoader")
         elif owner in {"np", "numpy"} and name == "load":
             flag = keywords.get("allow_pickle")
@@ -66,9 +72,10 @@ def test_the_checker_finds_each_unsafe_call():
     """The scanner below is only worth something if it flags what it claims to."""
     bad = ("import pickle\nfrom dill import loads\ntorch.load(p)\ntorch.load(p, weights_only=False)\n"
            "yaml.load(s)\nyaml.load(s, Loader=yaml.FullLoader)\nyaml.unsafe_load(s)\neval(x)\nexec(x)\n"
-           "np.load(p, allow_pickle=True)\n")
-    assert len(unsafe_calls(bad)) == 10
-    ok = "torch.load(p, map_location='cpu', weights_only=True)\nyaml.safe_load(s)\nyaml.load(s, Loader=yaml.SafeLoader)\n"
+           "np.load(p, allow_pickle=True)\nclass SafeLooking(yaml.Loader): pass\nyaml.load(s, Loader=SafeLooking)\n")
+    assert len(unsafe_calls(bad)) == 11
+    ok = ("torch.load(p, map_location='cpu', weights_only=True)\nyaml.safe_load(s)\n"
+          "yaml.load(s, Loader=yaml.SafeLoader)\nclass Strict(yaml.SafeLoader): pass\nyaml.load(s, Loader=Strict)\n")
     assert unsafe_calls(ok) == []
 
 
