@@ -134,6 +134,11 @@ void one_row(const T* row, int64_t vocab, int64_t k, int64_t token, Scratch& s,
     ids[0] = int32_t(token);
     logprobs[0] = token_logit - lse;
 
+    // A row holding NaNs can keep fewer than k candidates (NaN is never >= t); its log-probs are
+    // all NaN (so is lse), which the cache writer refuses, but every slot still needs an id in
+    // range before the last loop reads the row at it.
+    for (int64_t i = 1; i <= k; ++i) ids[i] = int32_t(i - 1);
+
     // Candidates: the entries >= t of the blocks whose maximum is >= t, and the partial block.
     const float t = threshold(s, whole, k, row_max);
     Candidate* kept = s.candidates.data();
@@ -158,8 +163,9 @@ void one_row(const T* row, int64_t vocab, int64_t k, int64_t token, Scratch& s,
             if (place < k) ids[1 + place] = c.id;
         }
     } else {
-        std::partial_sort(kept, kept + k, kept + m, ranks_before);
-        for (int64_t i = 0; i < k; ++i) ids[1 + i] = kept[i].id;
+        const int64_t placed = std::min(k, m);
+        std::partial_sort(kept, kept + placed, kept + m, ranks_before);
+        for (int64_t i = 0; i < placed; ++i) ids[1 + i] = kept[i].id;
     }
     for (int64_t i = 1; i <= k; ++i) logprobs[i] = as_float(row[ids[i]]) - lse;
 }

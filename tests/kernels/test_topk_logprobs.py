@@ -67,6 +67,19 @@ def test_the_result_does_not_depend_on_the_thread_count():
     assert all(torch.equal(a, b) for a, b in zip(one, many))
 
 
+@pytest.mark.parametrize("finite", [0, 10, 270])   # 270: more candidates than are placed by counting
+def test_a_row_with_fewer_than_k_non_nan_logits_gives_nan_log_probs_at_valid_ids(finite):
+    """A bf16 overflow makes whole rows NaN: fewer than k candidates survive (NaN is never >= the
+    threshold), and the unfilled slots used to index the row with uninitialized ids (SIGSEGV)."""
+    vocab, k = 64 * 300, 300
+    torch.manual_seed(0)
+    logits = torch.randn(2, vocab)
+    logits[1, finite:] = float("nan")
+    ids, logprobs, _ = topk_logprobs(logits, k, torch.zeros(2, dtype=torch.long))
+    assert ((ids >= 0) & (ids < vocab)).all()
+    assert logprobs[0].isfinite().all() and logprobs[1].isnan().all()
+
+
 def test_a_nan_logit_makes_the_rows_log_probs_nan():
     """As a log_softmax does; the cache writer then refuses the row instead of storing it."""
     logits = torch.randn(2, 640, generator=torch.Generator().manual_seed(6))
