@@ -130,10 +130,11 @@ class HFTeacher:
             return [topk_targets(seq, start, top_ids[a:b], top_lps[a:b])
                     for seq, start, a, b in zip(batch, starts, bounds[:-1], bounds[1:])]
         uniforms = np.concatenate([np.random.default_rng(sequence_seed(spec.seed, seq.id)).random((n, spec.num_samples))
-                                   for seq, n in zip(batch, sizes)])
+                                   for seq, n in zip(batch, sizes)] + [np.zeros((0, spec.num_samples))])
         draws = np.concatenate([draw_indices(torch.softmax(self.logits(selected[a:a + self.chunk_tokens]), -1),
                                              uniforms[a:a + self.chunk_tokens])
-                                for a in range(0, len(selected), self.chunk_tokens)])
+                                for a in range(0, len(selected), self.chunk_tokens)]
+                               + [np.zeros((0, spec.num_samples), np.int64)])   # a batch with no target rows
         out, first = [], 0
         for seq, start, n in zip(batch, starts, sizes):
             offsets, values, counts = counts_by_row(draws[first:first + n])
@@ -156,7 +157,12 @@ class HFTeacher:
     @torch.no_grad()
     def complete(self, prompts: list[TokenSequence], sampling: SamplingSpec) -> list[Completion]:
         """One prompt at a time (no left padding), seeded by prompt id: a completion does not
-        depend on which other prompts share its batch or task."""
+        depend on which other prompts share its batch or task.
+
+        Sampled with ``sampling`` alone, as the vLLM backend's SamplingParams are: transformers
+        fills every field a GenerationConfig leaves at its default from the checkpoint's
+        generation_config.json (repetition_penalty, min_p, no_repeat_ngram_size ... as
+        instruct models ship them), so the model's own is set aside for the call."""
         from transformers import GenerationConfig
 
         config = GenerationConfig(
@@ -166,13 +172,17 @@ class HFTeacher:
         )
         out = []
         devices = [self.device] if self.device.type == "cuda" else []
-        for prompt in prompts:
-            ids = torch.from_numpy(prompt.input_ids.astype(np.int64)).unsqueeze(0).to(self.device)
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(sequence_seed(sampling.seed, prompt.id))
-                generated = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                                generation_config=config)
-            out.append(Completion(generated[0, ids.shape[1]:].cpu().numpy().astype(np.int32)))
+        shipped, self.model.generation_config = self.model.generation_config, GenerationConfig()
+        try:
+            for prompt in prompts:
+                ids = torch.from_numpy(prompt.input_ids.astype(np.int64)).unsqueeze(0).to(self.device)
+                with torch.random.fork_rng(devices=devices):
+                    torch.manual_seed(sequence_seed(sampling.seed, prompt.id))
+                    generated = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                                    generation_config=config)
+                out.append(Completion(generated[0, ids.shape[1]:].cpu().numpy().astype(np.int32)))
+        finally:
+            self.model.generation_config = shipped
         return out
 
     def close(self) -> None:

@@ -91,6 +91,14 @@ def test_sampled_targets_are_seeded_per_sequence(tiny_fp32: Any) -> None:
         assert np.diff(t.sample_offsets).mean() > 45
 
 
+def test_a_batch_without_target_rows_scores_to_empty_targets(tiny_fp32: Any) -> None:
+    """One-token sequences have no next token; both kinds give rows of length 0, not a crash."""
+    teacher = HFTeacher(tiny_fp32)
+    seqs = _sequences(teacher.vocab_size, [1, 1])
+    for spec in (TargetSpec(kind="sampled", num_samples=50, seed=7), TargetSpec(kind="topk", k=4)):
+        assert [t.num_target_rows for t in teacher.score(seqs, spec)] == [0, 0]
+
+
 def test_sampled_targets_follow_the_distribution(successor: Any) -> None:
     teacher = HFTeacher(successor)
     (seq,) = _sequences(teacher.vocab_size, [40])
@@ -111,6 +119,23 @@ def test_greedy_completion_follows_the_model_and_is_seeded(successor: Any) -> No
     first, again = teacher.complete([prompt], hot), teacher.complete([prompt], hot)
     assert np.array_equal(first[0].token_ids, again[0].token_ids)
     assert not np.array_equal(first[0].token_ids, greedy.token_ids[:len(first[0].token_ids)])
+
+
+def test_completions_ignore_the_sampling_defaults_a_checkpoint_ships(successor: Any) -> None:
+    """Instruct checkpoints ship generation_config.json defaults (repetition_penalty, ...) that
+    transformers would apply to every field left at its default; vLLM's SamplingParams apply
+    none.  The successor model's greedy answer to [13, 10, 11, 12] is 13, already in the prompt:
+    a repetition penalty of 1e6 would turn it away."""
+    teacher = HFTeacher(successor, eos_id=1, pad_id=0)
+    shipped = successor.generation_config
+    before, shipped.repetition_penalty = shipped.repetition_penalty, 1e6
+    try:
+        prompt = TokenSequence("p", np.array([13, 10, 11, 12], dtype=np.int32), 4)
+        (greedy,) = teacher.complete([prompt], SamplingSpec(temperature=0.0, max_new_tokens=3))
+        assert greedy.token_ids.tolist() == [13, 14, 15]
+        assert successor.generation_config is shipped   # set aside for the call only
+    finally:
+        shipped.repetition_penalty = before
 
 
 def test_logit_transforms_are_refused(tiny_fp32: Any) -> None:
