@@ -110,3 +110,12 @@ def test_export_launcher_writes_what_a_direct_export_writes(tmp_path: Path, tiny
     assert names == sorted(p.name for p in direct.iterdir()) and "model.safetensors" in names
     for name in ("model.safetensors", "config.json"):
         assert (launched / name).read_bytes() == (direct / name).read_bytes(), name
+
+
+def test_generate_launcher_splits_by_num_shards_when_only_some_indices_are_resubmitted(tmp_path: Path) -> None:
+    """A resubmission of indices 3 and 17 of a 64-task array has SLURM_ARRAY_TASK_COUNT=2."""
+    echo = {"QADPIPE": "echo", "CONFIG": "c.yaml", "SLURM_ARRAY_TASK_ID": "17", "SLURM_ARRAY_TASK_COUNT": "2"}
+    shown = _run(["bash", str(STAGES / "generate.sbatch")], {**echo, "NUM_SHARDS": "64"}, tmp_path).stdout
+    assert "--set generate.num_shards=64 --set generate.shard_index=17" in shown
+    shown = _run(["bash", str(STAGES / "generate.sbatch")], echo, tmp_path).stdout
+    assert "--set generate.num_shards=2 --set generate.shard_index=17" in shown
