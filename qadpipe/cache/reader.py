@@ -42,10 +42,14 @@ def shard_problem(store: Store, shard: ShardEntry, rehash: bool = False) -> str 
         return "missing (listed in the manifest, absent on storage)"
     if size != shard.bytes:
         return f"truncated or overwritten: {size} bytes on storage, manifest says {shard.bytes}"
-    if rehash:
-        digest = hashlib.sha256(memoryview(store.buffer(shard.name))).hexdigest()
-        if digest != shard.sha256:
-            return f"checksum mismatch: sha256 {digest[:16]}..., manifest says {shard.sha256[:16]}..."
+    return checksum_problem(shard, memoryview(store.buffer(shard.name))) if rehash else None
+
+
+def checksum_problem(shard: ShardEntry, data: bytes | memoryview) -> str | None:
+    """A mismatch of ``data`` (the shard's bytes) with the manifest's sha256, or None."""
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != shard.sha256:
+        return f"checksum mismatch: sha256 {digest[:16]}..., manifest says {shard.sha256[:16]}..."
     return None
 
 
@@ -160,8 +164,7 @@ class CacheReader:
         if not self.verify or shard.name in self._hashed:
             return self._parquet(shard)
         buffer = self.store.buffer(shard.name)
-        if hashlib.sha256(memoryview(buffer)).hexdigest() != shard.sha256:
-            raise CacheError(f"{self.store.describe(shard.name)}: checksum mismatch (sha256 differs from the manifest)")
+        self._raise_if(shard, checksum_problem(shard, memoryview(buffer)))
         self._hashed.add(shard.name)
         return self._parquet(shard, pa.BufferReader(buffer))
 

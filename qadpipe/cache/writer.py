@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from qadpipe.cache.encoding import encode_rows, validate_row
 from qadpipe.cache.manifest import (MANIFEST_DIR, SHARD_DIR, ShardEntry, TaskManifest, load_manifests, manifest_path,
                                     meta_difference, shard_path)
+from qadpipe.cache.reader import checksum_problem, shard_problem
 from qadpipe.cache.schema import CacheMeta
 from qadpipe.cache.store import Store
 from qadpipe.errors import CacheError, folded
@@ -102,16 +103,11 @@ class CacheWriter:
         done: set[str] = set()
         for shard in self._manifest.shards:
             where = self.store.describe(shard.name)
-            if self.store.size(shard.name) is None:
-                problem = "missing (listed in the manifest, absent on storage)"
-            else:
-                data = self.store.read_bytes(shard.name)
-                digest = hashlib.sha256(data).hexdigest()
-                problem = (None if digest == shard.sha256 and len(data) == shard.bytes else
-                           f"{len(data)} bytes with sha256 {digest[:16]}..., the manifest says {shard.bytes} bytes "
-                           f"with {shard.sha256[:16]}...")
+            problem = shard_problem(self.store, shard)
+            data = b"" if problem else self.store.read_bytes(shard.name)
+            problem = problem or checksum_problem(shard, data)
             if problem:
-                raise CacheError(f"{where}: committed shard of task {self._manifest.task} is {problem}; this task "
+                raise CacheError(f"{where}: committed shard of task {self._manifest.task}: {problem}; this task "
                                  f"cannot resume on it: delete {self.store.describe(self._manifest_rel)} and this "
                                  "task's shards to regenerate the task, or use a new cache path")
             try:

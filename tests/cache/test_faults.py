@@ -176,13 +176,15 @@ def test_a_manifest_write_that_fails_and_is_retried_lists_its_shard_once(tmp_pat
 
 @pytest.mark.parametrize("damage, problem", [
     (lambda path: path.write_bytes(path.read_bytes()[:-1] + b"x"),
-     r"\d+ bytes with sha256 [0-9a-f]{16}\.\.\., the manifest says \d+ bytes with [0-9a-f]{16}\.\.\."),
+     r"checksum mismatch: sha256 [0-9a-f]{16}\.\.\., manifest says [0-9a-f]{16}\.\.\."),
+    (lambda path: path.write_bytes(path.read_bytes()[:-1]),
+     r"truncated or overwritten: \d+ bytes on storage, manifest says \d+"),
     (lambda path: path.unlink(), r"missing \(listed in the manifest, absent on storage\)"),
 ])
 def test_resuming_a_task_on_a_damaged_shard_is_one_line_and_writes_nothing(cache, damage, problem):
     damage(cache / SHARD0)
     before = (cache / MANIFEST).read_bytes()
-    expected = (rf"{SHARD0}: committed shard of task task-00000 is {problem}; this task cannot resume on it: "
+    expected = (rf"{SHARD0}: committed shard of task task-00000: {problem}; this task cannot resume on it: "
                 rf"delete {cache / MANIFEST} and this task's shards")
     with pytest.raises(CacheError, match=expected) as info:
         CacheWriter(str(cache), cache_meta("topk", k=8), rows_per_shard=2)
