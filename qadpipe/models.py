@@ -157,6 +157,12 @@ def load_causal_lm(
     return model.to(device).eval()
 
 
+def output_rows(model: Any) -> int:
+    """How many logits ``model`` scores: its LM head's rows (padded heads exceed the
+    tokenizer's vocabulary), what teacher, cache and student must agree on id by id."""
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """A hash of the vocabulary and special tokens: two tokenizers that map text to the
     same ids have the same fingerprint, so a cache can refuse a student that would read

@@ -49,6 +49,7 @@ from qadpipe.distill.student import (FINAL_DIR, PTQ_DIR, StudentLoss, build_stud
                                      load_state_into, save_student)
 from qadpipe.errors import DistillError, first_line
 from qadpipe.file_modes import check_writable_dir
+from qadpipe.models import output_rows
 from qadpipe.provenance import save_run_record
 from qadpipe.stop_signals import StopSignals
 from qadpipe.targets import SequenceTargets
@@ -140,7 +141,8 @@ class DistillRecipe:
         self.tokenizer = self._load_tokenizer()
         self.source, self.target_kind = self._open_source()
         student = build_student(self.config, self.env.device)
-        self._check_vocab(student)
+        vocab = output_rows(student)
+        self._check_vocab(vocab)
         self.spec = LossSpec(mode=cfg.mode, loss=cfg.loss, kd_weight=cfg.kd_loss_weight,
                              lm_weight=cfg.lm_loss_weight, cakld_beta=self._cakld_beta(), temperature=cfg.temperature)
         if cfg.temperature != 1.0 and cfg.mode == "qad":
@@ -148,8 +150,7 @@ class DistillRecipe:
                      "(its top-k and the tail mass), the only temperature a cache without the tail's shape "
                      "applies without bias", cfg.temperature)
         self.eval_spec = LossSpec(mode="online" if self.target_kind is None else "qad")
-        self.teacher = (self._load_teacher(int(student.get_output_embeddings().weight.shape[0]))
-                        if self._needs_teacher() else None)
+        self.teacher = self._load_teacher(vocab) if self._needs_teacher() else None
         self.loader = TargetLoader(self.source, self._collate_train, batch_size=cfg.batch_size, seed=cfg.seed,
                                    rank=self.env.rank, world_size=self.env.world_size,
                                    shuffle_buffer=cfg.shuffle_buffer, holdout_rows=cfg.eval_rows,
@@ -229,8 +230,7 @@ class DistillRecipe:
                 for s in load_sequences(self.config.data, gen, self.tokenizer, len(self.tokenizer)).sequences]
         return DataSource(rows)
 
-    def _check_vocab(self, student: torch.nn.Module) -> None:
-        vocab = int(student.get_output_embeddings().weight.shape[0])
+    def _check_vocab(self, vocab: int) -> None:
         cached = getattr(getattr(self.source, "meta", None), "vocab_size", None)
         if cached is not None and cached != vocab:
             raise DistillError(f"{self.config.cache.path}: cache vocab_size={cached}, but the student "
@@ -254,7 +254,7 @@ class DistillRecipe:
                                  trust_remote_code=trust)
         teacher.requires_grad_(False)
         base, head = split_lm(teacher)
-        vocab = int(head.weight.shape[0])
+        vocab = output_rows(teacher)
         if vocab != student_vocab:
             raise DistillError(f"teacher.path: {path} has {vocab} output logits, the student {self.config.model.path} "
                                f"{student_vocab}; distil a student of the teacher's vocabulary")

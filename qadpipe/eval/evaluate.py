@@ -166,8 +166,9 @@ def run_eval(cfg: PipelineConfig) -> dict[str, dict[str, float]]:
 def _refuse_another_vocab(name: str, path: str, student: nn.Module, teacher_path: str, teacher: nn.Module) -> None:
     """KL and agreement compare the two distributions id by id: one line, naming the model,
     before any forward runs."""
-    rows = int(student.get_output_embeddings().weight.shape[0])
-    teacher_rows = int(teacher.get_output_embeddings().weight.shape[0])
+    from qadpipe.models import output_rows
+
+    rows, teacher_rows = output_rows(student), output_rows(teacher)
     if rows != teacher_rows:
         raise ConfigError(f"eval.models.{name}: {path} has {rows} output logits, the teacher {teacher_path} "
                           f"{teacher_rows}; evaluate students of the teacher's vocabulary")
