@@ -97,7 +97,7 @@ def bench_vllm(model_dir: str, seqs: list[Any], ks: list[int], repeats: int, fp3
         """The engine qadpipe generate builds (chunked prefill off on CPU, core reservation, KV size)."""
         config = TeacherConfig(fp32_head=fp32_head, enforce_eager=True, max_num_batched_tokens=max(2048, length + 8),
                                cpu_reserved_cores=reserved_cores, fused_logprobs=fused)
-        return VLLMTeacher.from_config(model_dir, config, k=max(ks), max_model_len=length + 8).llm
+        return VLLMTeacher.from_config(model_dir, config, k=max(ks), longest_sequence=length + 8).llm
 
     # Two engines side by side: qadpipe's (fused prompt log-probs, the default) and stock vLLM's
     # log_softmax path; their rounds interleave, so machine noise hits both alike.

@@ -25,7 +25,7 @@ from qadpipe.config.schema import PipelineConfig
 from qadpipe.data import DataSlice, TokenSequence, load_sequences
 from qadpipe.errors import ConfigError, DataError, TeacherError, first_line
 from qadpipe.stop_signals import StopSignals
-from qadpipe.teacher import TeacherInfo, make_teacher, require_vllm, teacher_info
+from qadpipe.teacher import POSITIONS_AFTER_SCORED_SEQUENCE, TeacherInfo, make_teacher, require_vllm, teacher_info
 from qadpipe.teacher.base import SamplingSpec, TargetSpec, with_completion
 
 log = logging.getLogger(__name__)
@@ -82,18 +82,18 @@ def teacher_revision(model_dir: Path) -> str:
     return "sha256:" + digest.hexdigest()[:32]
 
 
-def check_lengths(data: DataSlice, info: TeacherInfo, extra: int, source: str, *, scoring_token: bool = False) -> int:
+def check_lengths(data: DataSlice, info: TeacherInfo, extra: int, source: str, backend: str) -> int:
     """The longest sequence the teacher will see (prompt + ``extra`` new tokens); refuse one
-    beyond the model's context.  Returns it.  ``scoring_token``: the backend (vLLM) generates
-    one token after a scored sequence, which needs a position of its own (vLLM refuses a
-    ``max_model_len`` beyond the model's context)."""
+    that, with the positions ``backend`` needs past it, goes beyond the model's context.
+    Returns it."""
     if not data.sequences:
         return 0
     longest = max(data.sequences, key=lambda s: len(s.input_ids))
     needed = len(longest.input_ids) + extra
-    if needed + scoring_token > info.context_length:
+    past = POSITIONS_AFTER_SCORED_SEQUENCE[backend]
+    if needed + past > info.context_length:
         what = f" + {extra} new tokens" if extra else ""
-        also = " + the 1 token vLLM generates after a scored sequence" if scoring_token else ""
+        also = f" + the {past} token {backend} generates after a scored sequence" if past else ""
         raise DataError(f"{source} record {longest.source_position}: {len(longest.input_ids)} tokens{what}{also} "
                         f"exceed the teacher's context of {info.context_length} (max_position_embeddings); "
                         "lower data.max_length")
@@ -159,8 +159,7 @@ def run_generate(config: PipelineConfig, *, num_shards: Optional[int] = None, sh
                         f"data.max_length={config.data.max_length} with overflow={config.data.overflow}, fewer than "
                         "2 tokens, or no completion tokens left to distil); nothing to generate")
     new_tokens = gen.max_new_tokens if gen.mode == "generate" else 0
-    max_model_len = check_lengths(data, info, new_tokens, config.data.source,
-                                  scoring_token=config.teacher.backend == "vllm")
+    longest_sequence = check_lengths(data, info, new_tokens, config.data.source, config.teacher.backend)
     _refuse_a_directory_that_is_not_a_cache(cache.path)
     meta = _cache_meta(config, model_dir, info.vocab_size, tokenizer_fingerprint(tokenizer), data.fingerprint)
     spec = TargetSpec(cache.target, cache.k, cache.num_samples, gen.seed, gen.include_prompt)
@@ -181,7 +180,7 @@ def run_generate(config: PipelineConfig, *, num_shards: Optional[int] = None, sh
         if todo:
             import torch
 
-            teacher = teacher_factory(config, model_dir, k=cache.k, max_model_len=max_model_len)
+            teacher = teacher_factory(config, model_dir, k=cache.k, longest_sequence=longest_sequence)
             try:
                 total = sum(len(b) for b in todo)
                 with StopSignals("finishing the current batch and committing the open shard") as stop, \

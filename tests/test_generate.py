@@ -307,10 +307,10 @@ def test_a_vllm_teacher_keeps_a_position_for_the_token_it_generates_after_a_scor
     data = SimpleNamespace(sequences=[SimpleNamespace(input_ids=np.arange(n), source_position=i)
                                       for i, n in enumerate((100, 1024, 7))])
     info = SimpleNamespace(context_length=1024)
-    assert check_lengths(data, info, 0, "d.jsonl") == 1024
+    assert check_lengths(data, info, 0, "d.jsonl", "hf") == 1024
     with pytest.raises(DataError) as raised:
-        check_lengths(data, info, 0, "d.jsonl", scoring_token=True)
-    assert str(raised.value) == ("d.jsonl record 1: 1024 tokens + the 1 token vLLM generates after a scored sequence "
+        check_lengths(data, info, 0, "d.jsonl", "vllm")
+    assert str(raised.value) == ("d.jsonl record 1: 1024 tokens + the 1 token vllm generates after a scored sequence "
                                  "exceed the teacher's context of 1024 (max_position_embeddings); lower "
                                  "data.max_length")
-    assert check_lengths(data, SimpleNamespace(context_length=1025), 0, "d.jsonl", scoring_token=True) == 1024
+    assert check_lengths(data, SimpleNamespace(context_length=1025), 0, "d.jsonl", "vllm") == 1024

@@ -19,6 +19,12 @@ class TeacherInfo:
     model_type: str
 
 
+#: Positions a backend needs past the longest sequence it scores.  vLLM scores a sequence
+#: as a request with ``max_tokens=1`` (it refuses 0), and that generated token needs a place
+#: within ``max_model_len``, which vLLM refuses beyond the model's context.
+POSITIONS_AFTER_SCORED_SEQUENCE = {"hf": 0, "vllm": 1}
+
+
 def teacher_info(model_dir: Path, trust_remote_code: bool = False) -> TeacherInfo:
     """Read the teacher's config.json (cheap: no weights)."""
     from transformers import AutoConfig
@@ -41,7 +47,7 @@ def require_vllm() -> None:
                            "'qadpipe[cpu]' or 'qadpipe[gpu]'), or set teacher.backend=hf")
 
 
-def make_teacher(config: Any, model_dir: Path, *, k: int, max_model_len: int) -> Any:
+def make_teacher(config: Any, model_dir: Path, *, k: int, longest_sequence: int) -> Any:
     """The configured backend, loaded (the vLLM engine starts here)."""
     if config.teacher.backend == "hf":
         from qadpipe.teacher.hf_backend import HFTeacher
@@ -50,5 +56,5 @@ def make_teacher(config: Any, model_dir: Path, *, k: int, max_model_len: int) ->
     require_vllm()
     from qadpipe.teacher.vllm_backend import VLLMTeacher
 
-    return VLLMTeacher.from_config(str(model_dir), config.teacher, k=k, max_model_len=max_model_len,
+    return VLLMTeacher.from_config(str(model_dir), config.teacher, k=k, longest_sequence=longest_sequence,
                                    trust_remote_code=config.model.trust_remote_code)

@@ -34,6 +34,7 @@ import numpy as np
 from qadpipe.data.sequences import TokenSequence
 from qadpipe.errors import TeacherError, first_line
 from qadpipe.targets import TAIL_ID, SequenceTargets
+from qadpipe.teacher import POSITIONS_AFTER_SCORED_SEQUENCE
 from qadpipe.teacher.base import (Completion, SamplingSpec, TargetSpec, sampled_targets, target_start,
                                   topk_targets)
 from qadpipe.teacher.sampling import counts_by_row, draw_indices, sequence_seed
@@ -149,16 +150,15 @@ class VLLMTeacher:
         self.vocab_size = vocab_size
 
     @classmethod
-    def from_config(cls, path: str, teacher: Any, *, k: int, max_model_len: int,
+    def from_config(cls, path: str, teacher: Any, *, k: int, longest_sequence: int,
                     trust_remote_code: bool = False) -> "VLLMTeacher":
         from vllm import LLM
         from vllm.platforms import current_platform
 
+        engine_len = longest_sequence + POSITIONS_AFTER_SCORED_SEQUENCE["vllm"]
         kwargs: dict[str, Any] = dict(
             model=path, dtype=teacher.dtype, max_logprobs=k, logprobs_mode="raw_logprobs",
-            # +1: a scoring request must ask for one generated token (vLLM refuses max_tokens=0),
-            # so the longest sequence plus that token has to fit.
-            tensor_parallel_size=teacher.tensor_parallel_size, max_model_len=max_model_len + 1,
+            tensor_parallel_size=teacher.tensor_parallel_size, max_model_len=engine_len,
             # Chunked prefill (on by default on GPUs) lets a step hold fewer tokens than one
             # sequence: this bounds the V1 runner's [tokens, vocab] prompt-logprob peak.
             max_num_batched_tokens=teacher.max_num_batched_tokens,
@@ -176,7 +176,7 @@ class VLLMTeacher:
             # generators cannot do.  Whole-prompt prefill keeps per-prompt seeds (reproducible
             # completions, whatever the batch) working; a step then holds at least one sequence.
             kwargs["enable_chunked_prefill"] = False
-            kwargs["max_num_batched_tokens"] = max(teacher.max_num_batched_tokens, max_model_len + 1)
+            kwargs["max_num_batched_tokens"] = max(teacher.max_num_batched_tokens, engine_len)
             reserve_cpu_cores(teacher.cpu_reserved_cores)
         else:
             kwargs["gpu_memory_utilization"] = teacher.gpu_memory_utilization

@@ -38,7 +38,7 @@ if __name__ == "__main__":
                             "generate": {"mode": "generate", "temperature": 0.5, "top_p": 1.0,
                                          "max_new_tokens": 48, "seed": 3},
                             "cache": {**common["cache"], "path": f"{out_dir}/gen-cache"}})
-    teacher = VLLMTeacher.from_config(model_dir, score_cfg.teacher, k=K, max_model_len=256)
+    teacher = VLLMTeacher.from_config(model_dir, score_cfg.teacher, k=K, longest_sequence=256)
 
     completed = []
 
@@ -81,7 +81,7 @@ if __name__ == "__main__":
              ids=ids, logprobs=lps)
     texts = load_sequences(score_cfg.data, score_cfg.generate, tokenizer, len(tokenizer)).sequences
     stock_teacher = VLLMTeacher.from_config(model_dir, dataclasses.replace(score_cfg.teacher, fused_logprobs=False),
-                                            k=K, max_model_len=256)
+                                            k=K, longest_sequence=256)
     # One sequence per call: how many requests the scheduler batches into a step depends on
     # timing, and another batch shape rounds the bf16 forward differently (seen: up to 0.3 nats
     # between the engines on 5 of 12 texts).  Alone, each text gets the same forward on both.
