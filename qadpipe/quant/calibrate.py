@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from fractions import Fraction
 import time
 from typing import Iterable, Iterator, Optional
 
@@ -48,8 +49,12 @@ class _Observer:
             batch_amax = magnitude.max()
         else:
             # inverted CDF: the smallest |x| with at least `percentile` % of values <= it
-            k = max(1, min(magnitude.numel(), math.ceil(magnitude.numel() * self.percentile / 100)))
-            batch_amax = magnitude.kthvalue(k).values
+            # the rank from the decimal the user wrote: in binary floats 41000 * 99.9 / 100 is
+            # 40959.00000000001, and its ceiling one rank too high
+            k = math.ceil(Fraction(repr(self.percentile)) * magnitude.numel() / 100)
+            k = max(1, min(magnitude.numel(), k))
+            # a NaN or inf would rank above the cut and vanish: keep it visible to the caller's check
+            batch_amax = torch.where(magnitude.isfinite().all(), magnitude.kthvalue(k).values, math.nan)
         self.amax = batch_amax if self.amax is None else torch.maximum(self.amax, batch_amax)
 
 

@@ -97,17 +97,36 @@ def test_dynamic_recipes_need_no_data(make_llama, quant_config):
     assert static_input_quantizers(model) == {}
 
 
+def test_percentile_rank_is_exact_for_the_decimal_given():
+    """Of 1..41000, 99.9 % is 40959 values: the inverted-CDF percentile is 40959.  In binary
+    floats 41000 * 99.9 / 100 is 40959.00000000001, whose ceiling picked 40960."""
+    from qadpipe.quant.calibrate import _Observer
+
+    observer = _Observer(99.9)
+    observer.observe(torch.arange(1, 41001, dtype=torch.float32)[torch.randperm(41000)])
+    assert observer.amax.item() == 40959.0
+
+
+@pytest.mark.parametrize("percentile", [None, 99.0])
 @pytest.mark.parametrize("poison, message", [(float("nan"), "saw a NaN or infinite activation"),
+                                             (float("inf"), "saw a NaN or infinite activation"),
                                              (0.0, "saw only zeros in 2 batches")])
-def test_a_range_that_cannot_be_served_is_refused(make_llama, quant_config, poison, message):
+def test_a_range_that_cannot_be_served_is_refused(make_llama, quant_config, poison, message, percentile):
     """A NaN amax exported input_scale=[nan] (NVFP4 turned it into a silent 1.0); an all-zero
     one an FP8 scale of 1.2e-7 that clips every later input to ~0."""
     model = make_llama()
     apply_recipe(model, quant_config(preset="fp8_static"))
     target = model.get_submodule("model.layers.0.mlp.down_proj")
-    target.register_forward_pre_hook(lambda module, args: (torch.full_like(args[0], poison),))
+    if poison == 0.0:
+        target.register_forward_pre_hook(lambda module, args: (torch.zeros_like(args[0]),))
+    else:   # one poisoned value per batch: a percentile would rank it above the cut and never see it
+        def poison_one(module, args):
+            x = args[0].clone()
+            x[0, 0, 3] = poison
+            return (x,)
+        target.register_forward_pre_hook(poison_one)
     with pytest.raises(QuantError, match=rf"model\.layers\.0\.mlp\.down_proj\.input_quantizer {message}"):
-        calibrate(model, _padded_batches(2), 2)
+        calibrate(model, _padded_batches(2), 2, percentile=percentile)
 
 
 def test_a_saved_state_with_no_range_loads_as_uncalibrated(make_llama, quant_config):
