@@ -18,6 +18,8 @@ FP8_E4M3_MAX = 448.0
 FP8_E4M3_EMAX = 8  # 448 = 1.75 * 2**8
 # Halfway from 448 to 480 (the code 0x7E + 1, NaN in the fn variant); ties round to 448 (even).
 FP8_E4M3_SATURATES_ABOVE = 464.0
+# Rounded toward zero, everything below 480 (the step past 448) becomes 448 without the clamp.
+FP8_E4M3_TOWARD_ZERO_SATURATES_ABOVE = 480.0
 # Floor of a dynamic per-token FP8 scale in vLLM (its CUDA kernel's min_scaling_factor and
 # QuantFP8's _FP8_MIN_SCALING_FACTOR): amax/448, but never below 1/(448 * 512).
 FP8_MIN_DYNAMIC_SCALE = 1.0 / (FP8_E4M3_MAX * 512.0)
@@ -26,6 +28,7 @@ FP8_MIN_DYNAMIC_SCALE = 1.0 / (FP8_E4M3_MAX * 512.0)
 E8M0_BIAS = 127
 E8M0_MIN_EXP = -127
 E8M0_MAX_EXP = 127
+E8M0_NAN = 255
 
 # Block sizes fixed by the formats themselves.
 NVFP4_BLOCK = 16

@@ -190,6 +190,8 @@ class QuantSpec:
     def elem_saturates_above(self) -> float:
         """Float formats: the element magnitude beyond which the saturating clamp, not the
         rounding, decides the code (halfway to the next value past ``elem_max``)."""
+        if self.fp8_toward_zero:
+            return C.FP8_E4M3_TOWARD_ZERO_SATURATES_ABOVE
         if self.kind in (Kind.FP8, Kind.MXFP8):
             return C.FP8_E4M3_SATURATES_ABOVE
         if self.kind in (Kind.NVFP4, Kind.MXFP4):
@@ -407,13 +409,18 @@ def _mx_exponent(block_amax: Tensor, spec: QuantSpec) -> Tensor:
 
 
 def _quantize_mx(xg: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
-    e = _mx_exponent(xg.abs().amax(-1, keepdim=True), spec)
+    """A block holding an inf or a NaN gets the NaN scale (E8M0 0xFF), which makes every value
+    of the block NaN (OCP MX v1.0, 5.3): an overflowing activation shows up instead of being
+    rounded to a finite number and taking the block's other values with it."""
+    block_amax = xg.abs().amax(-1, keepdim=True)
+    e = _mx_exponent(block_amax, spec)
     y = xg * torch.pow(2.0, (-e).float())
     if spec.kind is Kind.MXFP4:
         codes = round_to_e2m1(y.clamp(-C.E2M1_MAX, C.E2M1_MAX))
     else:
         codes = round_to_fp8(y)
-    return codes, (e + C.E8M0_BIAS).to(torch.uint8)
+    scale = torch.where(block_amax.isfinite(), e + C.E8M0_BIAS, C.E8M0_NAN)
+    return codes, scale.to(torch.uint8)
 
 
 # ----------------------------------------------------------------------------- dequantize
@@ -424,7 +431,8 @@ def effective_scale(q: QuantizedTensor) -> Tensor:
     if spec.kind is Kind.NVFP4:
         return q.scale.float() / q.global_scale
     if spec.kind in (Kind.MXFP4, Kind.MXFP8):
-        return torch.pow(2.0, q.scale.float() - C.E8M0_BIAS)
+        exponent = torch.where(q.scale == C.E8M0_NAN, math.nan, q.scale.float() - C.E8M0_BIAS)
+        return torch.pow(2.0, exponent)
     if spec.fp8_group_scales:
         return _w4a8_scales(q.scale)
     return q.scale.float()
@@ -433,11 +441,11 @@ def effective_scale(q: QuantizedTensor) -> Tensor:
 def _w4a8_scales(scale: Tensor) -> Tensor:
     """vLLM ``convert_bf16_scales_to_fp8`` (quant_utils.py): per output row
     ``c = max(max_g(s_g)/448, 1/(448*512))`` (its per-token FP8 quant, floor included),
-    ``s8 = fp8(fp8(s_g/c)/8)``, effective scale ``s8 * 8c``.  Formula-level emulation (the
+    ``s8 = fp8(fp8(s_g * (1/c))/8)``, effective scale ``s8 * 8c``.  Formula-level emulation (the
     kernel needs a Hopper GPU; not bit-verified here)."""
     s = scale.float()
     c = exact_quotient(s.abs().amax(-1, keepdim=True), C.FP8_E4M3_MAX).clamp_min(C.FP8_MIN_DYNAMIC_SCALE)
-    s8 = round_to_fp8(s / c)
+    s8 = round_to_fp8(s * exact_quotient(1.0, c))    # QuantFP8: x * scale.reciprocal()
     s8 = round_to_fp8(s8.float() / 8.0)
     return s8.float() * (c * 8.0)
 

@@ -216,6 +216,20 @@ def test_mx_scale_exponent_is_clamped_to_e8m0_range():
     assert not torch.isnan(dequantize(q)).any()
 
 
+@pytest.mark.parametrize("kind", [Kind.MXFP4, Kind.MXFP8])
+@pytest.mark.parametrize("poison", [float("inf"), float("-inf"), float("nan")])
+def test_mx_block_holding_inf_or_nan_gets_the_nan_scale_and_stays_nan(kind, poison):
+    """OCP MX v1.0: the E8M0 code 0xFF is NaN and makes its whole block NaN.  Before, an inf
+    came out finite (frexp(inf) has exponent 0) and the block's other values with it."""
+    x = torch.ones(2, 32)
+    x[0, :3] = torch.tensor([poison, 100.0, 0.01])
+    q = quantize(x, QuantSpec(kind))
+    assert q.scale[0].item() == 255 and q.scale[1].item() < 255
+    y = dequantize(q)
+    assert torch.isnan(y[0]).all()
+    assert torch.equal(y[1], torch.ones(32))        # a clean block beside it is untouched
+
+
 def test_nvfp4_hand_worked_single_block():
     # global amax 6*448 -> global scale 1; block amax 6 -> block scale fp8(1) = 1
     x = torch.zeros(1, 32)

@@ -136,6 +136,19 @@ def test_fp8_toward_zero_picks_the_largest_code_not_above_x():
     assert not torch.equal(round_to_fp8(x).float(), _toward_zero_reference(x))  # nearest-even differs
 
 
+def test_clipped_ste_toward_zero_zeroes_only_what_the_clamp_changed():
+    """Rounded toward zero, x/s in [448, 480) becomes 448 with or without the clamp; the clipped
+    STE keeps those gradients and zeroes from 480 (nearest-even's bound, 464, zeroed 464..480)."""
+    from qadpipe.quant.kv_cache import KV_SPECS
+    from qadpipe.quant.quantizers import Quantizer
+
+    quantizer = Quantizer(KV_SPECS["fp8_cpu"], ste="clipped")
+    quantizer.set_amax(torch.tensor(448.0))     # scale 1: x/s = x
+    x = torch.tensor([[460.0, 470.0, 478.0, 490.0, -470.0, -490.0]], requires_grad=True)
+    quantizer(x).sum().backward()
+    assert x.grad.tolist() == [[1.0, 1.0, 1.0, 0.0, 1.0, 0.0]]
+
+
 @pytest.mark.slow
 def test_fp8_cpu_matches_what_vllm_cpu_writes_into_its_kv_cache():
     """vLLM-CPU's own cache-write kernel on known keys: the FP8 values it stores are exactly

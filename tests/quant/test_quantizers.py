@@ -170,17 +170,26 @@ def test_from_linear_keeps_the_same_parameters():
 
 
 def test_w4a8_weight_uses_fp8_converted_group_scales():
-    torch.manual_seed(7)
-    w = torch.randn(8, 256)
+    """The effective group scales are what vLLM's convert_bf16_scales_to_fp8 makes of the bf16
+    ones, run here through vLLM's own QuantFP8 (its forward_native multiplies by the reciprocal
+    of the row scale: 58 of 131072 group scales of a 4096 x 4096 weight differ from dividing)."""
+    pytest.importorskip("vllm")
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.quantization.input_quant_fp8 import QuantFP8
+    from vllm.model_executor.layers.quantization.utils.quant_utils import GroupShape
+
+    torch.manual_seed(0)
+    w = torch.randn(1024, 4096) * 0.02
     spec = WEIGHT_SPECS["w4a8_fp8"]
     q = quantize(w, spec)
-    s = q.scale.float()
-    c = s.amax(-1, keepdim=True) / 448
-    s8 = (s / c).clamp(-448, 448).to(torch.float8_e4m3fn).float()
-    s8 = (s8 / 8).to(torch.float8_e4m3fn).float()
-    effective = (s8 * (c * 8)).repeat_interleave(128, dim=-1)
+    with set_current_vllm_config(VllmConfig()):
+        fp8_scales, row_scales = QuantFP8(static=False, group_shape=GroupShape.PER_TOKEN).forward_native(q.scale)
+    fp8_scales = (fp8_scales.float() / 8.0).to(torch.float8_e4m3fn)       # as convert_bf16_scales_to_fp8
+    vllm_scales = fp8_scales.float() * (row_scales * 8.0)
+    assert torch.equal(effective_scale(q), vllm_scales)
+    effective = vllm_scales.repeat_interleave(128, dim=-1)
     assert torch.equal(dequantize(q), q.codes.float() * effective)
-    assert not torch.equal(effective, s.repeat_interleave(128, dim=-1))   # the conversion matters
+    assert not torch.equal(effective, q.scale.float().repeat_interleave(128, dim=-1))   # the conversion matters
 
 
 def test_w4a8_channel_scale_has_vllms_per_token_fp8_floor():
