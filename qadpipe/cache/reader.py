@@ -137,13 +137,16 @@ class CacheReader:
         return rank * self.num_rows // world_size, (rank + 1) * self.num_rows // world_size
 
     def iter_sequences(self, rank: int = 0, world_size: int = 1) -> Iterator[SequenceTargets]:
-        """This rank's rows in cache order, streamed one record batch at a time.
+        """This rank's rows (:meth:`rank_range`) in cache order."""
+        return self.iter_rows(*self.rank_range(rank, world_size))
+
+    def iter_rows(self, start: int, end: int) -> Iterator[SequenceTargets]:
+        """Rows ``[start, end)`` in cache order, streamed one record batch at a time.
 
         The next shard is read and sha256-checked on a second thread while this one decodes
         (hashlib and pyarrow release the GIL): verification costs no wall time on a 2-core
         box, at the price of holding two shards' bytes at once.  No row of a shard is yielded
         before its checksum matched."""
-        start, end = self.rank_range(rank, world_size)
         spans, first = [], 0
         for shard in self.shards:
             last = first + shard.rows

@@ -6,7 +6,9 @@ kill therefore needs only ``(epoch, batches_done)``: the loader replays the same
 skips what was already trained, without collating the skipped rows.
 
 The first ``holdout_rows`` rows of the cache (in reader order, identical on every rank)
-are never trained on: they are the held-out split for periodic evaluation.
+are never trained on: they are the held-out split for periodic evaluation.  The rows after
+them are split into contiguous, near-equal ranges, one per rank, so every rank trains on
+as many rows as the others (holding out from one rank's range would starve that rank).
 
 With ``prefetch > 0`` a background thread reads, shuffles and collates that many
 micro-batches ahead (pinning them for an asynchronous copy to the GPU), so the training
@@ -31,7 +33,11 @@ from qadpipe.targets import SequenceTargets
 class SequenceSource(Protocol):
     """What the loader needs from a cache reader."""
 
-    def iter_sequences(self, rank: int = 0, world_size: int = 1) -> Iterator[SequenceTargets]: ...
+    num_rows: int
+
+    def iter_rows(self, start: int, end: int) -> Iterator[SequenceTargets]:
+        """Rows ``[start, end)`` in reader order."""
+        ...
 
 
 @dataclass
@@ -58,18 +64,11 @@ class TargetLoader:
         self.prefetch = prefetch
         self.pin_for = pin_for if pin_for is not None and pin_for.type == "cuda" else None
         self.position = LoaderPosition()
-        self._holdout_ids: set[str] | None = None
+        self.train_range = _rank_range(source.num_rows, holdout_rows, rank, world_size)
 
     def holdout(self) -> list[SequenceTargets]:
         """The held-out rows (the same on every rank)."""
-        rows = []
-        if self.holdout_rows:
-            for row in self.source.iter_sequences(0, 1):
-                rows.append(row)
-                if len(rows) == self.holdout_rows:
-                    break
-        self._holdout_ids = {row.id for row in rows}
-        return rows
+        return list(self.source.iter_rows(0, min(self.holdout_rows, self.source.num_rows)))
 
     def state_dict(self) -> dict[str, int]:
         return asdict(self.position)
@@ -78,8 +77,6 @@ class TargetLoader:
         self.position = LoaderPosition(**state)
 
     def __iter__(self) -> Iterator[Any]:
-        if self._holdout_ids is None:
-            self.holdout()
         batches = self._positioned_batches(self.position)
         if self.prefetch > 0:
             batches = _read_ahead(batches, self.prefetch)
@@ -96,19 +93,11 @@ class TargetLoader:
             torch.cuda.set_device(self.pin_for)
         epoch, skip = start.epoch, start.batches_done
         while True:
-            yielded_any = False
             for index, rows in enumerate(self._epoch_batches(epoch)):
-                yielded_any = True
                 if index < skip:
                     continue
                 batch = self.collate(rows)
                 yield LoaderPosition(epoch, index + 1), (batch.pin_memory() if self.pin_for is not None else batch)
-            if not yielded_any:
-                raise DistillError(
-                    f"rank {self.rank} of {self.world_size}: no cache rows to train on "
-                    f"(after holding out {self.holdout_rows} rows for eval); use a bigger cache, fewer "
-                    "ranks or a smaller distill.eval_rows"
-                )
             epoch, skip = epoch + 1, 0
 
     def _epoch_batches(self, epoch: int) -> Iterator[list[SequenceTargets]]:
@@ -124,15 +113,25 @@ class TargetLoader:
 
     def _shuffled(self, generator: torch.Generator) -> Iterator[SequenceTargets]:
         buffer: list[SequenceTargets] = []
-        holdout = self._holdout_ids or set()
-        for row in self.source.iter_sequences(self.rank, self.world_size):
-            if row.id in holdout:
-                continue
+        for row in self.source.iter_rows(*self.train_range):
             buffer.append(row)
             if len(buffer) >= self.shuffle_buffer:
                 yield _pop_random(buffer, generator)
         while buffer:
             yield _pop_random(buffer, generator)
+
+
+def _rank_range(num_rows: int, holdout_rows: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rows ``[start, end)`` ``rank`` trains on: the rows after the held-out ones, split into
+    contiguous ranges whose sizes differ by at most one.  Refuses, identically on every rank
+    (all compute it from the same sizes), a split that leaves any rank without rows."""
+    first = min(holdout_rows, num_rows)
+    train = num_rows - first
+    if train < world_size:
+        raise DistillError(
+            f"not enough cache rows to train on: {train} left after holding out {first} of {num_rows} for "
+            f"eval, for {world_size} rank(s); use a bigger cache, fewer ranks or a smaller distill.eval_rows")
+    return first + rank * train // world_size, first + (rank + 1) * train // world_size
 
 
 def _pop_random(buffer: list[SequenceTargets], generator: torch.Generator) -> SequenceTargets:

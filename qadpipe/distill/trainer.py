@@ -78,9 +78,9 @@ class DataSource:
 
     def __init__(self, rows: list[SequenceTargets]) -> None:
         self.rows = rows
+        self.num_rows = len(rows)
 
-    def iter_sequences(self, rank: int = 0, world_size: int = 1) -> Iterator[SequenceTargets]:
-        start, end = rank * len(self.rows) // world_size, (rank + 1) * len(self.rows) // world_size
+    def iter_rows(self, start: int, end: int) -> Iterator[SequenceTargets]:
         return iter(self.rows[start:end])
 
 
@@ -140,6 +140,10 @@ class DistillRecipe:
         # Tokenizer and cache first: a cache that does not fit refuses before any model loads.
         self.tokenizer = self._load_tokenizer()
         self.source, self.target_kind = self._open_source()
+        self.loader = TargetLoader(self.source, self._collate_train, batch_size=cfg.batch_size, seed=cfg.seed,
+                                   rank=self.env.rank, world_size=self.env.world_size,
+                                   shuffle_buffer=cfg.shuffle_buffer, holdout_rows=cfg.eval_rows,
+                                   prefetch=cfg.prefetch_batches, pin_for=self.env.device)
         student = build_student(self.config, self.env.device)
         vocab = output_rows(student)
         self._check_vocab(vocab)
@@ -151,10 +155,6 @@ class DistillRecipe:
                      "applies without bias", cfg.temperature)
         self.eval_spec = LossSpec(mode="online" if self.target_kind is None else "qad")
         self.teacher = self._load_teacher(vocab) if self._needs_teacher() else None
-        self.loader = TargetLoader(self.source, self._collate_train, batch_size=cfg.batch_size, seed=cfg.seed,
-                                   rank=self.env.rank, world_size=self.env.world_size,
-                                   shuffle_buffer=cfg.shuffle_buffer, holdout_rows=cfg.eval_rows,
-                                   prefetch=cfg.prefetch_batches, pin_for=self.env.device)
         holdout = self.loader.holdout()
         self.holdout_batches = [self._collate_eval(holdout[i:i + cfg.batch_size])
                                 for i in range(0, len(holdout), cfg.batch_size)]
@@ -267,7 +267,7 @@ class DistillRecipe:
         if self.cfg.loss != "cakld" or self.target_kind != "topk":
             return 0.5
         top1 = []
-        for index, row in enumerate(self.source.iter_sequences(0, 1)):
+        for index, row in enumerate(self.source.iter_rows(0, self.source.num_rows)):
             top1.append(np.exp(row.topk_logprobs[:, 0].astype(np.float64)))
             if index + 1 >= CAKLD_BETA_ROWS:
                 break

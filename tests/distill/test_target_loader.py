@@ -20,14 +20,15 @@ from qadpipe.targets import SequenceTargets
 
 
 class ListSource:
-    """A stand-in for the cache reader: rows split across ranks by index."""
+    """A stand-in for the cache reader: rows by position."""
 
     def __init__(self, n: int):
         self.rows = [SequenceTargets(id=f"r{i}", input_ids=np.arange(4, dtype=np.int32), target_start=0)
                      for i in range(n)]
+        self.num_rows = n
 
-    def iter_sequences(self, rank: int = 0, world_size: int = 1):
-        return iter(self.rows[rank::world_size])
+    def iter_rows(self, start: int, end: int):
+        return iter(self.rows[start:end])
 
 
 def ids(batch):
@@ -72,12 +73,33 @@ def test_resume_continues_exactly_across_an_epoch_boundary(make):
     assert part + take(resumed, 6) == straight
 
 
-def test_ranks_are_disjoint_and_an_empty_rank_is_one_clear_error(make):
-    source = ListSource(20)
-    rank_rows = [set(i for b in take(make(source, rank=r, world_size=2), 3) for i in b) for r in (0, 1)]
-    assert not rank_rows[0] & rank_rows[1]
-    with pytest.raises(DistillError, match=r"^rank 2 of 3: no cache rows to train on"):
-        take(make(ListSource(2), rank=2, world_size=3, holdout_rows=0), 1)
+def first_epoch(loader) -> list[str]:
+    """The row ids one rank trains on in its first epoch."""
+    rows = []
+    for batch in loader:
+        if loader.state_dict()["epoch"] > 0:
+            return rows
+        rows += ids(batch)
+    raise AssertionError("unreachable: the loader is endless")
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_ranks_share_the_rows_after_the_holdout_evenly(make, world_size):
+    """The held-out rows are the cache's first; taking them out of rank 0's range (as a
+    per-rank split of the whole cache does) left rank 0 fewer rows, or none, and it then
+    trained each of its rows several times as often as the other ranks."""
+    source = ListSource(23)
+    seen = [first_epoch(make(source, rank=r, world_size=world_size)) for r in range(world_size)]
+    sizes = [len(rows) for rows in seen]
+    assert max(sizes) - min(sizes) <= 1
+    assert sorted(i for rows in seen for i in rows) == sorted(f"r{i}" for i in range(2, 23))  # each once
+
+
+def test_too_few_rows_for_the_ranks_is_one_clear_error_on_every_rank(make):
+    for rank in range(3):
+        with pytest.raises(DistillError, match=r"^not enough cache rows to train on: 2 left after holding out "
+                                               r"2 of 4 for eval, for 3 rank\(s\)"):
+            make(ListSource(4), rank=rank, world_size=3)
 
 
 def loader_threads() -> list[threading.Thread]:
