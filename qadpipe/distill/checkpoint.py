@@ -45,6 +45,9 @@ class TrainerState:
     loader: dict[str, Any]
     rng: dict[str, torch.Tensor] = field(default_factory=dict)
     cache_fingerprint: str = ""  # CacheView.fingerprint of the cache trained on ("" without one)
+    # every rank's sums over the log interval under way, so the first row logged after a
+    # resume averages the same steps an uninterrupted run's does
+    log_window: dict[str, Any] = field(default_factory=dict)
 
 
 def capture_rng() -> dict[str, torch.Tensor]:

@@ -100,6 +100,15 @@ class _Window:
             self.stats[key] += stats[key]
         self.tokens += tokens
 
+    def sums(self) -> dict[str, float]:
+        """The loss figures summed so far (float64, exact as Python floats), for a checkpoint.
+        Tokens and timings are left out: tokens/s after a resume counts that run's work."""
+        return {key: float(value) for key, value in self.stats.items()}
+
+    def load_sums(self, sums: dict[str, float]) -> None:
+        for key in STAT_KEYS:
+            self.stats[key].fill_(sums[key])
+
 
 class DistillRecipe:
     """The ``qadpipe distill`` run."""
@@ -114,6 +123,7 @@ class DistillRecipe:
         self.last_eval: dict[str, float] = {}
         self._stop = StopSignals("saving a checkpoint at the end of this step")
         self._saved_max_steps: Optional[int] = None   # the resumed checkpoint's, see _follow_new_horizon
+        self._resumed_window: Optional[dict[str, float]] = None   # the resumed checkpoint's log-interval sums
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -364,6 +374,8 @@ class DistillRecipe:
             raise DistillError(f"{path}: saved by {len(ranks)} rank(s), resumed with {self.env.world_size}; "
                                "resume with the same number of processes")
         self.loader.load_state_dict(ranks[self.env.rank])
+        window_ranks = state.log_window.get("ranks")
+        self._resumed_window = window_ranks[self.env.rank] if window_ranks else None
         restore_rng(state.rng)
         self.step = state.step
         self.metrics.truncate_after(self.step)
@@ -391,6 +403,8 @@ class DistillRecipe:
     def train(self) -> TrainResult:
         cfg, env = self.cfg, self.env
         window = _Window(env.device)
+        if self._resumed_window is not None:
+            window.load_sums(self._resumed_window)
         self.wrapped.train()
         progress = tqdm(total=cfg.max_steps, initial=self.step, desc="distill", unit="step",
                         disable=not env.is_main, dynamic_ncols=True)
@@ -415,7 +429,7 @@ class DistillRecipe:
                     self._log_eval("eval", self.last_eval)
                 stop = self._stop_requested()
                 if cfg.save and (self.step % cfg.save_every == 0 or stop or self.step == cfg.max_steps):
-                    self.save_checkpoint()
+                    self.save_checkpoint(window)
                 window.started += time.perf_counter() - bookkeeping   # tokens/s: training, not evals and saves
                 if stop:
                     outcome = ("checkpoint saved at step %d; rerun with --resume to continue" if cfg.save
@@ -547,15 +561,17 @@ class DistillRecipe:
         return signal.Signals(int(signum)).name if signum else None
 
     # ------------------------------------------------------------------ save / cleanup
-    def save_checkpoint(self) -> None:
-        """Model + quantizer state, optimizer, scheduler, RNG and every rank's loader position."""
+    def save_checkpoint(self, window: _Window) -> None:
+        """Model + quantizer state, optimizer, scheduler, RNG, and every rank's loader position
+        and log-interval sums."""
         model_state = {_strip(k): v for k, v in dist_utils.full_model_state(self.model).items()}
         optimizer_state = dist_utils.full_optimizer_state(self.model, self.optimizer)
         loader_states = dist_utils.all_gather_objects(self.loader.state_dict())
+        window_sums = dist_utils.all_gather_objects(window.sums())
         if self.env.is_main:
             state = TrainerState(step=self.step, optimizer=optimizer_state, scheduler=self.scheduler.state_dict(),
                                  loader={"ranks": loader_states}, rng=capture_rng(),
-                                 cache_fingerprint=self._cache_fingerprint())
+                                 cache_fingerprint=self._cache_fingerprint(), log_window={"ranks": window_sums})
             save_checkpoint(self.output_dir, model_state, state, self.config)
         dist_utils.barrier()
 

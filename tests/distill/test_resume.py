@@ -93,3 +93,26 @@ def test_resume_with_no_checkpoint_yet_starts_over_with_one_curve(peaky_llama_di
     assert curve(tmp_path) == uninterrupted
     tags = [json.loads(line).get("tag") for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert tags.count("ptq") == 1
+
+
+def test_a_resume_inside_a_log_interval_logs_the_same_averages(peaky_llama_dir, topk_cache, tmp_path, monkeypatch):
+    """Stopped at step 4 with log_every=3: the row at step 6 must average steps 4-6 as the
+    uninterrupted run's does (the checkpoint carries the interval's sums), not 5-6 only."""
+    from qadpipe.config import load_config
+    from qadpipe.distill import trainer
+
+    def config(out: Path):
+        return load_config(None, settings(peaky_llama_dir, topk_cache, f"distill.output_dir={out}",
+                                          "distill.max_steps=6", "distill.log_every=3", "distill.save_every=100",
+                                          "distill.eval_every=100", "distill.shuffle_buffer=4"))
+
+    trainer.run_distill(config(tmp_path / "straight"))
+    asked = trainer.DistillRecipe._stop_requested
+    monkeypatch.setattr(trainer.DistillRecipe, "_stop_requested",
+                        lambda self: "SIGTERM" if self.step == 4 else asked(self))
+    assert trainer.run_distill(config(tmp_path / "stopped")).status == "preempted"
+    monkeypatch.setattr(trainer.DistillRecipe, "_stop_requested", asked)
+    assert trainer.run_distill(config(tmp_path / "stopped"), resume=True).status == "done"
+    straight, resumed = curve(tmp_path / "straight"), curve(tmp_path / "stopped")
+    assert [row[0] for row in straight] == [3, 6]
+    assert resumed == straight
