@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from qadpipe.errors import ExportError, QuantError
-from qadpipe.export.model_tensors import export_tensors, quant_linears, tied_quantized_layers
+from qadpipe.export.model_tensors import export_tensors, quant_linears, tied_quantized_layers, ties_word_embeddings
 from qadpipe.export.writer import read_config, write_checkpoint
 from qadpipe.quant.formats import Granularity, Kind, QuantSpec, pack_fp4, pack_int32, quantize
 from qadpipe.quant.kv_cache import kv_cache_scales
@@ -210,13 +210,40 @@ def plan_schemes(model: nn.Module) -> dict[str, Scheme]:
     if tied:
         raise ExportError(f"{', '.join(tied)}: quantized but tied to the input embeddings; vLLM "
                           "would re-tie them to one tensor -- keep it in quant.ignore or use --format fake")
-    mxfp4 = [s for s in schemes.values() if s.format == MXFP4_PACK]
-    if mxfp4:
-        trained = "W4A4" if mxfp4[0].input_activations is not None else "W4A16 (weight-only)"
-        log.warning("mxfp4-pack-quantized: vLLM 0.32 serves it as W4A4 on SM100+ GPUs with FlashInfer and as W4A16 "
-                    "(Marlin) elsewhere, whatever input_activations says; this %s student is served as trained "
-                    "only on %s", trained, "SM100+ with FlashInfer" if trained == "W4A4" else "other GPUs")
+    for caveat in sorted({_SERVED_AS_TRAINED_ONLY_ON.get(_caveat_key(s), "") for s in schemes.values()} - {""}):
+        log.warning("%s", caveat)
     return schemes
+
+
+def _caveat_key(scheme: Scheme) -> tuple[str, Optional[int], bool]:
+    return scheme.format, scheme.weights["num_bits"], scheme.input_activations is not None
+
+
+#: Schemes vLLM 0.32 runs as written only on some machines (read from its kernel selection,
+#: not run here): a student trained W4A4 but served by a weight-only kernel keeps its
+#: activations in bf16, one trained weight-only meets a kernel that quantizes them.
+_SERVED_AS_TRAINED_ONLY_ON = {
+    (NVFP4_PACK, 4, True): "nvfp4-pack-quantized W4A4: vLLM 0.32 runs FP4 activations only on SM100+/SM120 GPUs "
+                           "(FlashInfer or CUTLASS); older GPUs run Marlin W4A16 with bf16 activations, so this "
+                           "W4A4 student is served as trained only on SM100+/SM120",
+    (MXFP4_PACK, 4, True): "mxfp4-pack-quantized: vLLM 0.32 serves it as W4A4 on SM100+ GPUs with FlashInfer and as "
+                           "W4A16 (Marlin) elsewhere, whatever input_activations says; this W4A4 student is served "
+                           "as trained only on SM100+ with FlashInfer",
+    (MXFP4_PACK, 4, False): "mxfp4-pack-quantized: vLLM 0.32 serves it as W4A4 on SM100+ GPUs with FlashInfer and as "
+                            "W4A16 (Marlin) elsewhere, whatever input_activations says; this W4A16 (weight-only) "
+                            "student is served as trained only on other GPUs",
+    (MXFP8_Q, 8, True): "mxfp8-quantized: vLLM 0.32 quantizes activations only in FlashInfer's SM100 kernel, whatever "
+                        "input_activations says (Marlin and emulation run W8A16, and vLLM-CPU has no MXFP8 kernel); "
+                        "this W8A8 student is served as trained only on SM100 with FlashInfer",
+    (MXFP8_Q, 8, False): "mxfp8-quantized: vLLM 0.32 quantizes activations only in FlashInfer's SM100 kernel, whatever "
+                         "input_activations says (vLLM-CPU has no MXFP8 kernel); this W8A16 (weight-only) student is "
+                         "served as trained only on GPUs other than SM100 with FlashInfer",
+    (FLOAT_Q, 8, True): "float-quantized W8A8: vLLM 0.32 quantizes FP8 activations on SM89+ GPUs (Ada, Hopper, "
+                        "Blackwell) and vLLM-CPU; older GPUs (A100) run W8A16, so this student is served as trained "
+                        "only on SM89+ or CPU",
+    (PACK, 8, False): "pack-quantized 8-bit weight-only: vLLM-CPU 0.32 has no kernel for it (its int kernels take "
+                      "4-bit weights); serve it on a GPU",
+}
 
 
 def _output_head_name(model: nn.Module) -> Optional[str]:
@@ -310,7 +337,7 @@ def write_compressed_tensors(model: nn.Module, source_dir: Path, directory: Path
             return layer_tensors(name, layer, schemes[name])
 
     config = read_config(source_dir)
-    tie = bool(config.get("tie_word_embeddings", False))
+    tie = ties_word_embeddings(model)
     tensors = export_tensors(model, layer_fn, dtype, tie_word_embeddings=tie)
     check_fused(fused_groups(model), schemes, tensors)
     kv_scales = kv_cache_scales(model)  # <attn>.k_scale / .v_scale: vLLM maps them to <attn>.attn.*

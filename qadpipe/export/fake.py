@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qadpipe.export.model_tensors import export_tensors, quant_linears, tied_quantized_layers
+from qadpipe.export.model_tensors import export_tensors, quant_linears, tied_quantized_layers, ties_word_embeddings
 from qadpipe.export.writer import read_config, write_checkpoint
 from qadpipe.quant.kv_cache import has_kv_quantizers
 from qadpipe.quant.quantizers import QuantLinear
@@ -41,7 +41,7 @@ def write_fake(model: nn.Module, source_dir: Path, directory: Path,
     """
     config = read_config(source_dir)
     config.pop("quantization_config", None)
-    tie = bool(config.get("tie_word_embeddings", False))
+    tie = ties_word_embeddings(model)
     broken = tied_quantized_layers(model)
     if tie and broken:
         # The head serves Q(W) while the embedding keeps W: two different matrices now.

@@ -41,6 +41,15 @@ def tied_quantized_layers(model: nn.Module) -> list[str]:
                   if len(owners.get(_storage_key(layer.weight), ())) > 1)
 
 
+def ties_word_embeddings(model: nn.Module) -> bool:
+    """Whether the model serves its input embeddings as its LM head, as its loaded config
+    says: config.json may leave the key out and mean the architecture's default (Gemma's is
+    true), which the raw JSON cannot tell."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return bool(getattr(text, "tie_word_embeddings", False))
+
+
 def export_tensors(model: nn.Module, layer_fn: LayerFn, dtype: torch.dtype,
                    tie_word_embeddings: bool) -> dict[str, torch.Tensor]:
     """All serving tensors of ``model``, in state_dict order.
@@ -67,7 +76,10 @@ def export_tensors(model: nn.Module, layer_fn: LayerFn, dtype: torch.dtype,
             if module != owner:  # weight_quantizer.* / input_quantizer.*: training state
                 continue
         storage = _storage_key(tensor)
-        if storage in seen and tie_word_embeddings:
+        if storage in seen:
+            if tie_word_embeddings:
+                continue
+            out[key] = _cast(tensor, dtype).clone()   # safetensors refuses tensors sharing memory
             continue
         seen.add(storage)
         out[key] = _cast(tensor, dtype)

@@ -44,8 +44,9 @@ def staged_dir(output: Path) -> Iterator[Path]:
     ``output``.  On any error the temp directory is removed and ``output`` is untouched.
 
     An existing ``output`` is replaced only when it is a previous qadpipe export (its
-    ``qadpipe_run.yaml`` says ``stage: export``); the old one is deleted after the new one
-    is in place.  Any other non-empty directory is refused, so nothing a user wrote is lost.
+    ``qadpipe_run.yaml`` says ``stage: export``) holding only the files its record lists; the
+    old one is deleted after the new one is in place.  Any other non-empty directory is
+    refused, so nothing a user wrote is lost.
     """
     output = Path(output)
     check_replaceable(output)
@@ -62,6 +63,8 @@ def staged_dir(output: Path) -> Iterator[Path]:
             if path.is_file():
                 _fsync(path)
         share_tree(tmp)
+        for path in [*(p for p in tmp.rglob("*") if p.is_dir()), tmp]:   # their entries, before the rename
+            _fsync(path)
         if output.exists():
             old = Path(tempfile.mkdtemp(prefix=_staging_prefix("old", output) + _owner_tag(), dir=output.parent))
             os.replace(output, old / output.name)
@@ -136,32 +139,40 @@ def check_replaceable(output: Path) -> None:
         return
     if not output.is_dir():
         raise ExportError(f"export output {output}: exists and is not a directory")
-    if not any(output.iterdir()):
-        return
-    run_file = output / RUN_FILE
-    stage = None
-    if run_file.is_file():
-        try:
-            stage = (yaml.safe_load(run_file.read_text()) or {}).get("stage")
-        except yaml.YAMLError:
-            stage = None
-    if stage != "export":
-        raise ExportError(
-            f"export output {output}: a non-empty directory that is not a qadpipe export; "
-            "expected a new or empty directory (or a previous export to replace)"
-        )
-    written = _files_written(output / EXPORT_INFO)
-    if written is not None:
+    try:
+        if not any(output.iterdir()):
+            return
+        if _run_stage(output / RUN_FILE) != "export":
+            raise ExportError(
+                f"export output {output}: a non-empty directory that is not a qadpipe export; "
+                "expected a new or empty directory (or a previous export to replace)"
+            )
+        written = _files_written(output / EXPORT_INFO)
+        if written is None:    # without the list, a file the user added cannot be told apart
+            raise ExportError(f"export output {output}: {EXPORT_INFO}, the previous export's list of the files it "
+                              "wrote, is missing or unreadable, so replacing it could delete files of yours; "
+                              "delete the directory yourself, or export to another directory")
         added = sorted(str(p.relative_to(output)) for p in output.rglob("*")
                        if (p.is_file() or p.is_symlink()) and str(p.relative_to(output)) not in written)
-        if added:
-            more = f" and {len(added) - 1} more" if len(added) > 1 else ""
-            raise ExportError(f"export output {output}: holds {added[0]}{more}, which the previous export did not "
-                              "write and replacing it would delete; move it, or export to another directory")
+    except OSError as exc:
+        raise ExportError(f"export output {output}: cannot read what it holds ({exc.strerror or exc})") from None
+    if added:
+        more = f" and {len(added) - 1} more" if len(added) > 1 else ""
+        raise ExportError(f"export output {output}: holds {added[0]}{more}, which the previous export did not "
+                          "write and replacing it would delete; move it, or export to another directory")
+
+
+def _run_stage(run_file: Path) -> object:
+    """The ``stage`` a qadpipe_run.yaml names (None when absent, unreadable or not a mapping)."""
+    try:
+        record = yaml.safe_load(run_file.read_text()) if run_file.is_file() else None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return record.get("stage") if isinstance(record, dict) else None
 
 
 def _files_written(info: Path) -> set[str] | None:
-    """The files a previous export listed in its record (None: an export older than the list)."""
+    """The files a previous export listed in its record (None: absent or unreadable)."""
     try:
         files = json.loads(info.read_text()).get("files")
     except (OSError, ValueError, AttributeError):

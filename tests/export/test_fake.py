@@ -58,6 +58,30 @@ def test_fake_export_unties_a_quantized_head(student, tiny_tied_llama_dir, tmp_p
     assert torch.equal(loaded.get_input_embeddings().weight, model.get_input_embeddings().weight)
 
 
+def test_a_head_tied_by_the_architectures_default_is_written_once(student, smollm2_dir, tmp_path):
+    """Gemma ties by default and its hub configs leave tie_word_embeddings out: the raw JSON
+    said untied, the shared storage was written twice and safetensors refused it (a traceback)."""
+    from safetensors.torch import load_file
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    source = tmp_path / "gemma"
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2_dir))
+    torch.manual_seed(0)
+    GemmaForCausalLM(GemmaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                 num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                 tie_word_embeddings=True)).to(torch.bfloat16).save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    config_json = json.loads((source / "config.json").read_text())
+    config_json.pop("tie_word_embeddings", None)
+    (source / "config.json").write_text(json.dumps(config_json))
+    model, config = student(source, "w4a16_int", 32)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    for fmt in ("fake", "compressed-tensors"):
+        export_model(model, source, tmp_path / fmt, fmt, config)
+        tensors = load_file(str(tmp_path / fmt / "model.safetensors"))
+        assert "lm_head.weight" not in tensors and "model.embed_tokens.weight" in tensors
+
+
 def test_tied_dense_head_is_written_once(student, tiny_tied_llama_dir, tmp_path):
     from safetensors.torch import load_file
 

@@ -13,16 +13,17 @@ import torch
 from safetensors.torch import load_file
 
 from qadpipe.errors import ExportError
-from qadpipe.export.writer import staged_dir, write_safetensors
+from qadpipe.export.writer import EXPORT_INFO, staged_dir, write_safetensors
 from qadpipe.provenance import RUN_FILE
 
 
 def _previous_export(tmp_path):
-    """An earlier, complete export holding old.txt."""
+    """An earlier, complete export holding old.txt (and, as every export, the list of its files)."""
     out = tmp_path / "export"
     with staged_dir(out) as tmp:
         (tmp / "old.txt").write_text("old")
         (tmp / RUN_FILE).write_text("stage: export\n")
+        (tmp / EXPORT_INFO).write_text(json.dumps({"files": ["old.txt", RUN_FILE, EXPORT_INFO]}))
     return out
 
 
@@ -41,7 +42,7 @@ def test_a_failure_leaves_the_previous_export_untouched(tmp_path):
         with staged_dir(out) as tmp:
             (tmp / "new.txt").write_text("half")
             raise RuntimeError("killed mid-write")
-    assert sorted(p.name for p in out.iterdir()) == ["old.txt", RUN_FILE]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["old.txt", RUN_FILE, EXPORT_INFO])
     assert [p.name for p in tmp_path.iterdir()] == ["export"]
 
 
@@ -110,5 +111,5 @@ def test_a_failed_swap_puts_the_previous_export_back(tmp_path, monkeypatch):
     with pytest.raises(ExportError, match="writing failed, nothing was changed"):
         with staged_dir(out) as tmp:
             (tmp / "new.txt").write_text("new")
-    assert sorted(p.name for p in out.iterdir()) == ["old.txt", RUN_FILE]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["old.txt", RUN_FILE, EXPORT_INFO])
     assert [p.name for p in tmp_path.iterdir()] == ["export"]
