@@ -309,7 +309,7 @@ class DistillRecipe:
                 if len(batches) == count:
                     break
         with self._autocast():
-            calibrate(student, batches, count)
+            calibrate(student, batches, count, percentile=self.config.quant.activation_percentile)
 
     def _select_trainable(self, student: torch.nn.Module) -> None:
         """``all``: every parameter; ``quant``: quantization parameters and norms only."""

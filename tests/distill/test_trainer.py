@@ -120,6 +120,20 @@ def test_packed_batches_give_the_padded_loss(peaky_llama_dir, topk_cache, tmp_pa
     np.testing.assert_allclose(losses["packed"], losses["padded"], rtol=1e-4)
 
 
+def test_activation_percentile_sets_the_ptq_input_ranges(peaky_llama_dir, topk_cache, tmp_path):
+    """quant.activation_percentile was accepted and never passed to calibration: the PTQ
+    ranges were the max whatever it said."""
+    amax = {}
+    for percentile in ("null", "50"):
+        out = tmp_path / percentile
+        result = distill(peaky_llama_dir, topk_cache, out, "distill.max_steps=1", "quant.preset=fp8_static", "quant.group_size=null",
+                         f"quant.activation_percentile={percentile}")
+        assert result.exit_code == 0, result.output
+        ptq = load_file(str(out / "ptq" / "model.safetensors"))
+        amax[percentile] = ptq["model.layers.0.mlp.down_proj.input_quantizer.amax"]
+    assert amax["50"] < 0.8 * amax["null"]
+
+
 def test_static_input_ranges_with_no_calibration_batches_is_one_line_and_saves_no_ptq(peaky_llama_dir, topk_cache,
                                                                                     tmp_path):
     """The trainer used to skip calibration at 0 batches and save ptq/ with every amax at 0."""
