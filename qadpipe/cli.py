@@ -21,10 +21,6 @@ from qadpipe.errors import QadpipeError
 EXIT_USER_ERROR = 2
 
 
-class NotImplementedYet(QadpipeError):
-    """A stage whose implementation has not landed: refuse rather than fake output."""
-
-
 def _fail(message: str) -> None:
     click.echo(f"qadpipe: error: {' '.join(message.split())}", err=True)
     sys.exit(EXIT_USER_ERROR)
@@ -49,7 +45,7 @@ def _user_errors_as_one_line(func: Callable[..., Any]) -> Callable[..., Any]:
 def _config_options(func: Callable[..., Any]) -> Callable[..., Any]:
     func = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                         help="override a config field, e.g. --set distill.lr=2e-5 (repeatable)")(func)
-    func = click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False),
+    func = click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), callback=_non_empty,
                         help="YAML config file (defaults apply to every field it leaves out)")(func)
     return func
 
@@ -65,7 +61,35 @@ def _load(config_path: str | None, overrides: tuple[str, ...]) -> Any:
     return config
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+_HELP_FOR_NO_ARGS = getattr(click.exceptions, "NoArgsIsHelpError", ())   # click >= 8.2
+
+
+class _OneLineUsageErrors(click.Group):
+    """click's own refusals (an unknown option, a bad value, a path that is a directory) in the
+    same one ``qadpipe: error:`` line as ours, instead of its three-line usage block."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().main(*args, **{**kwargs, "standalone_mode": False})
+        except _HELP_FOR_NO_ARGS as exc:   # `qadpipe` alone: the help, as click shows it
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            where = f" (`{exc.ctx.command_path} -h` shows the usage)" if getattr(exc, "ctx", None) else ""
+            _fail(exc.format_message() + where)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+
+
+def _non_empty(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """An empty path would silently mean the config's default; say so instead."""
+    if value is not None and not value.strip():
+        raise click.BadParameter("got an empty path; leave the option out to use the config's", ctx, param)
+    return value
+
+
+@click.group(cls=_OneLineUsageErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="qadpipe")
 @click.option("-v", "--verbose", is_flag=True, help="debug logging")
 def cli(verbose: bool) -> None:
@@ -102,10 +126,6 @@ def config_reference() -> None:
     from qadpipe.config.reference import render_reference
 
     click.echo(render_reference())
-
-
-def _not_implemented(stage: str, issue: str) -> None:
-    raise NotImplementedYet(f"'{stage}' is not implemented yet (tracked in {issue}); no output was written")
 
 
 @cli.command()
@@ -166,9 +186,9 @@ def distill(config_path: str | None, overrides: tuple[str, ...], resume: bool) -
 @cli.command()
 @click.option("--format", "fmt", type=click.Choice(["fake", "compressed-tensors"]), default=None,
               help="override export.format")
-@click.option("--checkpoint", type=click.Path(file_okay=False), default=None,
+@click.option("--checkpoint", type=click.Path(file_okay=False), default=None, callback=_non_empty,
               help="distill final/ directory (default: <distill.output_dir>/final)")
-@click.option("--output", type=click.Path(), default=None, help="override export.output_dir")
+@click.option("--output", type=click.Path(), default=None, callback=_non_empty, help="override export.output_dir")
 @_config_options
 @_user_errors_as_one_line
 def export(fmt: str | None, checkpoint: str | None, output: str | None, config_path: str | None,
@@ -191,7 +211,7 @@ def eval_command(config_path: str | None, overrides: tuple[str, ...]) -> None:
 
 
 @cli.command()
-@click.argument("cache", required=False)
+@click.argument("cache", required=False, callback=_non_empty)
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.option("--verify", is_flag=True, help="re-hash every shard against the manifest")
 @_config_options

@@ -32,3 +32,28 @@ def test_a_bad_override_fails_before_any_stage_runs():
         result = CliRunner().invoke(cli, [command, "--set", "distill.lr=oops"])
         assert result.exit_code == 2, command
         assert result.stderr == "qadpipe: error: distill.lr: got 'oops' (str), expected a number\n"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["config", "show", "-c", "."], "Invalid value for '-c' / '--config': File '.' is a directory. "
+                                    "(`qadpipe config show -h` shows the usage)"),
+    (["generate", "--num-shards", "abc"], "Invalid value for '--num-shards': 'abc' is not a valid integer. "
+                                          "(`qadpipe generate -h` shows the usage)"),
+    (["distill", "--bogus"], "--bogus"),   # click's wording varies by version
+    (["export", "--output", ""], "Invalid value for '--output': got an empty path; leave the option out to use "
+                                 "the config's (`qadpipe export -h` shows the usage)"),
+    (["inspect", " "], "Invalid value for '[CACHE]': got an empty path; leave the option out to use the config's "
+                       "(`qadpipe inspect -h` shows the usage)"),
+])
+def test_usage_errors_are_one_line_too(args, message):
+    """click's own refusals printed a three-line usage block; an empty path silently meant the
+    config's default (`--output ""` overwrote export.output_dir)."""
+    result = subprocess.run([sys.executable, "-m", "qadpipe.cli", *args], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.startswith("qadpipe: error: ") and result.stderr.count("\n") == 1
+    assert message in result.stderr
+
+
+def test_no_command_shows_the_help():
+    result = subprocess.run([sys.executable, "-m", "qadpipe.cli"], capture_output=True, text=True)
+    assert result.stdout.startswith("Usage: qadpipe") or result.stderr.startswith("Usage: qadpipe")

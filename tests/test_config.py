@@ -99,6 +99,14 @@ BAD_CONFIGS = [
                  "distill.seed: got '1:30' (str), expected an integer", id="yaml-1.1-base-60-stays-a-string"),
     pytest.param(None, ["distill.max_steps=-3"],
                  "distill.max_steps: got -3 (int), expected a value >= 1", id="override-out-of-range"),
+    pytest.param(None, ["data.random.seed=-1"],
+                 "data.random.seed: got -1 (int), expected a value >= 0", id="negative-seed"),
+    pytest.param(None, ["distill.seed=99999999999999999999999"],
+                 "distill.seed: got 99999999999999999999999 (int), expected a value < 4294967296", id="seed-too-big"),
+    pytest.param(None, ["cache.num_samples=100000000"],
+                 "cache.num_samples: got 100000000 (int), expected a value <= 4096", id="draws-too-many"),
+    pytest.param(None, ["distill={[a]: 1}"],
+                 "distill: got '{[a]: 1}' (str), expected a mapping of fields", id="override-with-a-list-key"),
 ]
 
 
@@ -140,6 +148,13 @@ def test_file_level_problems_name_the_file(tmp_path: Path):
     assert result.exit_code == 2
     assert result.stderr == (f"qadpipe: error: {twice}: not valid YAML at line 5 (key 'distill' given twice in one "
                              "mapping (YAML would keep only the last))\n")
+
+    list_key = tmp_path / "list_key.yaml"   # crashed: unhashable type 'list'
+    list_key.write_text("distill: {[a]: 1}\n")
+    result = run_cli("config", "show", "-c", str(list_key))
+    assert result.exit_code == 2
+    assert result.stderr == (f"qadpipe: error: {list_key}: not valid YAML at line 1 (a key must be a plain name, "
+                             "got list ['a'])\n")
 
     binary = tmp_path / "garbage.yaml"
     binary.write_bytes(b"\xff\xfe\x00\x81garbage")

@@ -78,7 +78,7 @@ class RandomTokensConfig:
     num_sequences: int = opt(64, "how many sequences", ge=1)
     length: int = opt(256, "tokens per sequence (at most data.max_length, less generate.max_new_tokens in "
                       "generate mode)", ge=2)
-    seed: int = opt(0, "RNG seed")
+    seed: int = opt(0, "RNG seed", ge=0, lt=2**32)
 
 
 @dataclass
@@ -111,7 +111,7 @@ class GenerateConfig:
         "sampling temperature for completions (targets stay the raw T=1 distribution)", ge=0.0)
     top_p: float = opt(0.95, "nucleus sampling for completions", gt=0.0, le=1.0)
     max_new_tokens: int = opt(128, "completion length limit", ge=1)
-    seed: int = opt(0, "sampling seed")
+    seed: int = opt(0, "sampling seed", ge=0, lt=2**32)
     num_shards: Optional[int] = opt(None,
         "split records across this many tasks (default: SLURM_ARRAY_TASK_COUNT or 1)", ge=1)
     shard_index: Optional[int] = opt(None,
@@ -131,7 +131,7 @@ class CacheConfig:
     target: Literal["topk", "sampled"] = opt("topk",
         "topk: k highest teacher log-probs + tail mass; sampled: N draws (ids + counts)")
     k: int = opt(64, "top-k entries per position", ge=1, le=4096)
-    num_samples: int = opt(50, "draws per position for sampled targets", ge=1)
+    num_samples: int = opt(50, "draws per position for sampled targets", ge=1, le=4096)
     encoding: Literal["plain", "compact"] = opt("compact",
         "plain: int32 ids + fp32 log-probs; compact: narrowed ids + log-domain quantized probs")
     zstd_level: int = opt(3, "zstd compression level", ge=1, le=22)
@@ -206,7 +206,7 @@ class DistillConfig:
     activation_checkpointing: bool = opt(False,
         "recompute each decoder layer in backward, keeping only its input (about a third more "
         "compute; for sequences or batches whose activations do not fit)")
-    seed: int = opt(0, "RNG seed (data order, init)")
+    seed: int = opt(0, "RNG seed (data order, init)", ge=0, lt=2**32)
     output_dir: str = opt("runs/student", "checkpoints and metrics")
     save_every: int = opt(50, "checkpoint every N steps", ge=1)
     save: bool = opt(True, "write the PTQ student, checkpoints and final/ (false: metrics only, for "

@@ -80,7 +80,7 @@ def load_sequences(data: DataConfig, gen: GenerateConfig, tokenizer: Any, vocab_
                                      range(shard_index, count, num_shards)))
         return DataSlice(seqs, fingerprint)
     if data.overflow == "pack":
-        windows = pack((ids for _, _, ids, _ in _rendered(data, gen, tokenizer, 0, 1)), data.max_length,
+        windows = pack((ids for _, _, ids, _ in _rendered(data, gen, tokenizer, 0, 1, source_name)), data.max_length,
                        tokenizer.eos_token_id)
         seqs = [TokenSequence(content_id("pack", i, arr), arr, 0, i)
                 for i, ids in enumerate(windows) if i % num_shards == shard_index
@@ -89,7 +89,7 @@ def load_sequences(data: DataConfig, gen: GenerateConfig, tokenizer: Any, vocab_
     limit = data.max_length - gen.max_new_tokens if gen.mode == "generate" else data.max_length
     needs_completion = gen.mode == "score" and not gen.include_prompt
     seqs, dropped = [], 0
-    for position, rid, ids, prompt_len in _rendered(data, gen, tokenizer, shard_index, num_shards):
+    for position, rid, ids, prompt_len in _rendered(data, gen, tokenizer, shard_index, num_shards, source_name):
         fitted = fit_length(ids, limit, data.overflow, keep_end=gen.mode == "generate")
         if fitted is None or len(fitted) < 2 or (needs_completion and prompt_len >= len(fitted)):
             dropped += 1
@@ -103,11 +103,11 @@ def load_sequences(data: DataConfig, gen: GenerateConfig, tokenizer: Any, vocab_
 
 
 def _rendered(data: DataConfig, gen: GenerateConfig, tokenizer: Any, shard_index: int,
-              num_shards: int) -> Iterator[tuple[int, str, list[int], int]]:
+              num_shards: int, source_name: str) -> Iterator[tuple[int, str, list[int], int]]:
     """``(position, id, token ids, prompt length)`` for the records of this task; a source
     without any record is refused (an empty file is a mistake, not an empty cache)."""
     position = -1
-    for position, record in iter_records(data.source, data.field):
+    for position, record in iter_records(data.source, data.field, source_name):
         if data.limit is not None and position >= data.limit:
             break
         if position % num_shards != shard_index:
@@ -117,4 +117,4 @@ def _rendered(data: DataConfig, gen: GenerateConfig, tokenizer: Any, shard_index
                                         for_generation=gen.mode == "generate")
         yield position, record_id(record, position), ids, prompt_len
     if position < 0:
-        raise DataError(f"data.source '{data.source}': no records (empty source); expected at least one")
+        raise DataError(f"{source_name} '{data.source}': no records (empty source); expected at least one")

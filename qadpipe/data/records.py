@@ -28,17 +28,19 @@ def record_id(record: dict[str, Any], position: int) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:ID_HEX_CHARS]
 
 
-def iter_records(source: str, text_field: str = "text") -> Iterator[tuple[int, dict[str, Any]]]:
-    """``(position, record)`` for every record of ``source``, in file order.
+def iter_records(source: str, text_field: str = "text", source_name: str = "data.source"
+                 ) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(position, record)`` for every record of ``source``, in file order (``source_name``:
+    the config field errors name).
 
     Text files hold one record per non-empty line, stored under ``text_field`` (so a
     ``.txt`` of prompts works with ``data.field: prompt``).
     """
     path = Path(source).expanduser()
     if not path.exists():
-        raise DataError(f"data.source '{source}': no such file or directory")
+        raise DataError(f"{source_name} '{source}': no such file or directory")
     if path.is_dir():
-        yield from _iter_saved_dataset(path)
+        yield from _iter_saved_dataset(path, source_name)
     elif path.suffix in JSONL_SUFFIXES:
         yield from _iter_jsonl(path)
     elif path.suffix in JSON_SUFFIXES:
@@ -49,7 +51,7 @@ def iter_records(source: str, text_field: str = "text") -> Iterator[tuple[int, d
         yield from _iter_text(path, text_field)
     else:
         expected = ", ".join(JSONL_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES + TEXT_SUFFIXES)
-        raise DataError(f"data.source '{source}': unsupported file type '{path.suffix}', expected {expected} "
+        raise DataError(f"{source_name} '{source}': unsupported file type '{path.suffix}', expected {expected} "
                         "or a datasets.save_to_disk directory")
 
 
@@ -131,15 +133,15 @@ def _iter_text(path: Path, text_field: str) -> Iterator[tuple[int, dict[str, Any
             position += 1
 
 
-def _iter_saved_dataset(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def _iter_saved_dataset(path: Path, source_name: str) -> Iterator[tuple[int, dict[str, Any]]]:
     import datasets
 
     if not ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
-        raise DataError(f"data.source '{path}': a directory, but not one written by datasets.save_to_disk")
+        raise DataError(f"{source_name} '{path}': a directory, but not one written by datasets.save_to_disk")
     loaded = datasets.load_from_disk(str(path))
     if isinstance(loaded, datasets.DatasetDict):
         if "train" not in loaded and len(loaded) != 1:
-            raise DataError(f"data.source '{path}': a DatasetDict with splits {sorted(loaded)}, expected a "
+            raise DataError(f"{source_name} '{path}': a DatasetDict with splits {sorted(loaded)}, expected a "
                             "'train' split or a single split")
         loaded = loaded["train"] if "train" in loaded else next(iter(loaded.values()))
     for position, row in enumerate(loaded):

@@ -165,3 +165,13 @@ def test_a_cache_of_another_tokenizer_is_one_line(trained, tmp_path: Path):
         "tokenizer_fingerprint=")
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_bad_eval_data_names_eval_data(trained, tmp_path: Path):
+    """The data reader's refusals named data.source whatever field pointed it there."""
+    (tmp_path / "empty").mkdir()
+    overrides = [*trained, f"eval.output_dir={tmp_path / 'out'}", f"eval.data={tmp_path / 'empty'}"]
+    result = CliRunner().invoke(cli, ["eval", *[arg for item in overrides for arg in ("--set", item)]])
+    errors = [line for line in result.stderr.splitlines() if line.startswith("qadpipe: error:")]
+    assert result.exit_code == 2 and errors == [
+        f"qadpipe: error: eval.data '{tmp_path / 'empty'}': a directory, but not one written by datasets.save_to_disk"]
