@@ -144,7 +144,7 @@ class QuantSpec:
             raise QuantError(f"{self.kind.value}: asymmetric quantization is only defined for int")
         if self.fp8_toward_zero and self.kind is not Kind.FP8:
             raise QuantError(f"{self.kind.value}: fp8_toward_zero applies to fp8 codes only")
-        if self.fp8_group_scales and not (self.kind is Kind.INT and self.symmetric
+        if self.fp8_group_scales and not (self.kind in (Kind.INT, Kind.LSQ) and self.symmetric
                                           and self.granularity is Granularity.GROUP):
             raise QuantError("fp8_group_scales (W4A8) needs symmetric int weights with group scales")
         if self.kind is Kind.SHERRY:
@@ -434,11 +434,11 @@ def effective_scale(q: QuantizedTensor) -> Tensor:
         exponent = torch.where(q.scale == C.E8M0_NAN, math.nan, q.scale.float() - C.E8M0_BIAS)
         return torch.pow(2.0, exponent)
     if spec.fp8_group_scales:
-        return _w4a8_scales(q.scale)
+        return w4a8_served_scales(q.scale)
     return q.scale.float()
 
 
-def _w4a8_scales(scale: Tensor) -> Tensor:
+def w4a8_served_scales(scale: Tensor) -> Tensor:
     """vLLM ``convert_bf16_scales_to_fp8`` (quant_utils.py): per output row
     ``c = max(max_g(s_g)/448, 1/(448*512))`` (its per-token FP8 quant, floor included),
     ``s8 = fp8(fp8(s_g * (1/c))/8)``, effective scale ``s8 * 8c``.  Formula-level emulation (the

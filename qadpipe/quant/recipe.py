@@ -225,7 +225,7 @@ def _check_layer(model: nn.Module, name: str, linear: nn.Linear, preset_name: st
 def _learnable_spec(spec: QuantSpec, learnable: str, preset_name: str) -> QuantSpec:
     if learnable == "none" or spec.kind is Kind.LSQ:
         return spec
-    if spec.kind is not Kind.INT or not spec.symmetric or spec.fp8_group_scales:
+    if spec.kind is not Kind.INT or not spec.symmetric:
         raise QuantError(f"quant.learnable: {learnable!r} needs a symmetric int weight preset, "
                          f"got {preset_name!r}")
     return replace(spec, kind=Kind.LSQ) if learnable == "lsq" else spec

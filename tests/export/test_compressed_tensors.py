@@ -258,12 +258,17 @@ def test_refuses_uncalibrated_static_inputs(tiny_llama_dir, tmp_path):
     _refused(model, tiny_llama_dir, tmp_path, config, r"static input quantizer was never calibrated")
 
 
-def test_w4a8_fp8_writes_codes_and_bf16_group_scales(student, tiny_llama_dir, tmp_path):
+@pytest.mark.parametrize("learnable", ["none", "lsq"])
+def test_w4a8_fp8_writes_codes_and_bf16_group_scales(student, tiny_llama_dir, tmp_path, learnable):
     """W4A8-FP8: vLLM turns the bf16 group scales into FP8 x per-channel factors at load (a
     Hopper-only kernel, not checked here); what is checked is that the checkpoint holds the
-    student's codes and bf16 scales exactly, with FP8 per-token inputs in the config."""
-    model, config = student(tiny_llama_dir, "w4a16_int", 32,
+    student's codes and bf16 scales exactly (learned ones too), with FP8 per-token inputs."""
+    model, config = student(tiny_llama_dir, "w4a16_int", 32, learnable=learnable,
                             rules=[{"targets": r"mlp\.down_proj", "preset": "w4a8_fp8"}])  # K=128
+    with torch.no_grad():                  # a learned step moved off its initial value
+        for name, param in model.named_parameters():
+            if name.endswith("weight_quantizer.step"):
+                param.mul_(0.93)
     out = tmp_path / "export"
     export_model(model, tiny_llama_dir, out, "compressed-tensors", config)
     qc = json.loads((out / "config.json").read_text())["quantization_config"]

@@ -139,7 +139,7 @@ def test_learnable_parameters_start_from_the_data():
 
 
 @pytest.mark.parametrize("name,learnable", [(n, "none") for n in sorted(WEIGHT_SPECS)]
-                         + [(n, learn) for n in ("w4a16_int", "w8a16_int") for learn in ("lsq", "clip")])
+                         + [(n, learn) for n in ("w4a16_int", "w8a16_int", "w4a8_fp8") for learn in ("lsq", "clip")])
 def test_forward_weight_is_bitwise_what_export_reads(name, learnable):
     spec = WEIGHT_SPECS[name]
     torch.manual_seed(6)
@@ -217,3 +217,19 @@ def test_w4a8_clipped_ste_clips_against_the_scale_the_codes_were_divided_by():
     x = w.clone().requires_grad_(True)
     Quantizer(spec, ste="clipped")(x).sum().backward()
     assert torch.equal(x.grad, torch.ones_like(w))
+
+
+def test_w4a8_learned_step_trains_through_the_fp8_scale_conversion():
+    """W4A8 with LSQ: codes against the learned bf16 step, values times the FP8 scale vLLM
+    derives from it; the conversion's rounding passes the step's gradient straight through."""
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    w = torch.randn(16, 256) * 0.02
+    spec = replace(WEIGHT_SPECS["w4a8_fp8"], kind=Kind.LSQ)
+    quantizer = Quantizer(spec, learnable="lsq", weight=w)
+    y = quantizer(w)
+    assert torch.equal(y, dequantize(quantize(w, spec, scale=quantizer.step.detach())))
+    (y * torch.randn_like(y)).sum().backward()
+    assert quantizer.step.grad is not None and quantizer.step.grad.isfinite().all()
+    assert (quantizer.step.grad != 0).float().mean() > 0.9
