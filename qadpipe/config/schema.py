@@ -34,7 +34,9 @@ class ModelConfig:
 
     path: str = opt("smollm2-135m",
         "HF model directory, or the alias 'smollm2-135m' (embedded SmolLM2-135M-Instruct)")
-    dtype: Dtype = opt("bfloat16", "weights dtype for training")
+    dtype: Dtype = opt("bfloat16",
+        "the student's compute dtype: CUDA autocast in training (master weights stay fp32; CPU trains "
+        "in fp32) and the dtype export writes")
     trust_remote_code: bool = opt(False,
         "run model code shipped inside the checkpoint; off unless you trust its source")
 
