@@ -24,6 +24,7 @@ from tqdm import tqdm
 from qadpipe.config.schema import PipelineConfig
 from qadpipe.data import DataSlice, TokenSequence, load_sequences
 from qadpipe.errors import ConfigError, DataError, TeacherError, first_line
+from qadpipe.file_modes import check_writable_dir
 from qadpipe.stop_signals import StopSignals
 from qadpipe.teacher import POSITIONS_AFTER_SCORED_SEQUENCE, TeacherInfo, make_teacher, require_vllm, teacher_info
 from qadpipe.teacher.base import SamplingSpec, TargetSpec, with_completion
@@ -105,8 +106,10 @@ def _refuse_a_directory_that_is_not_a_cache(path: str) -> None:
     a model or a data directory, whose owner would find manifests/ and shards/ mixed in."""
     from qadpipe.cache.manifest import MANIFEST_DIR, SHARD_DIR
 
-    root = Path(path)
-    if "://" in path or not root.is_dir():
+    if "://" in path:
+        return
+    root = check_writable_dir(Path(path), "cache.path")   # a file in the way fails now, not after a batch
+    if not root.is_dir():
         return
     foreign = sorted(entry.name for entry in root.iterdir() if entry.name not in (MANIFEST_DIR, SHARD_DIR, "runs"))
     if foreign:

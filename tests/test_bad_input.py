@@ -269,7 +269,11 @@ CASES = {
     # --- caches
     "generate-into-another-teachers-cache": Case(GEN + TMP_CACHE, r"task-00000\.json: cache was written with teacher=",
                                                  synthetic_cache),
-    "cache-path-is-a-file": Case(GEN + TMP_CACHE, r"cache", write("cache", GARBAGE)),
+    "cache-path-is-a-file": Case(GEN + TMP_CACHE, r"cache\.path: .*/cache exists and is not a directory",
+                                 write("cache", GARBAGE)),
+    "cache-path-under-a-file": Case(GEN + ["--set", "cache.path={tmp}/afile/cache"],
+                                    r"cache\.path: .*/afile/cache cannot be created \(.*/afile is a file\)",
+                                    write("afile", GARBAGE)),
     "distill-cache-of-another-tokenizer": Case(DIS + TMP_CACHE + TMP_STUDENT, r"cache tokenizer_fingerprint=",
                                                synthetic_cache, pipeline=True),
     "distill-sampled-cache-with-kl-loss": Case(DIS + TMP_CACHE + TMP_STUDENT, r"cache holds sampled targets",
