@@ -16,7 +16,7 @@ import contextlib
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -26,6 +26,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 
 from qadpipe.errors import DistillError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -137,9 +139,21 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+def written_by_main(is_main: bool, device: torch.device, write: Callable[[], T]) -> Optional[T]:
+    """``write()`` on rank 0 while the other ranks wait, then every rank learns whether it
+    worked: a write failing on rank 0 (a full disk) raises on all ranks, instead of leaving
+    them in a barrier until the process-group timeout (30 minutes under NCCL)."""
+    result, failure = None, None
+    if is_main:
+        try:
+            result = write()
+        except Exception as exc:   # re-raised below, once the other ranks know
+            failure = exc
+    if all_reduce_number(float(failure is not None), device, op="max"):
+        if failure is not None:
+            raise failure
+        raise DistillError("rank 0 could not write its output (its own error says why); this rank stops too")
+    return result
 
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)

@@ -172,8 +172,10 @@ class DistillRecipe:
         restored = self._restore_weights(student) if self.resume else None
         if restored is None:
             self._calibrate(student)
-            if self.env.is_main and cfg.save:
-                save_student(self.output_dir, student.state_dict(), self.config, PTQ_DIR)
+            if cfg.save:
+                dist_utils.written_by_main(self.env.is_main, self.env.device,
+                                           lambda: save_student(self.output_dir, student.state_dict(), self.config,
+                                                                PTQ_DIR))
             self.ptq_eval = self._evaluate(self.model)
             self._log_eval("ptq", self.ptq_eval)
         self._select_trainable(student)
@@ -568,17 +570,19 @@ class DistillRecipe:
         optimizer_state = dist_utils.full_optimizer_state(self.model, self.optimizer)
         loader_states = dist_utils.all_gather_objects(self.loader.state_dict())
         window_sums = dist_utils.all_gather_objects(window.sums())
-        if self.env.is_main:
+
+        def write() -> None:
             state = TrainerState(step=self.step, optimizer=optimizer_state, scheduler=self.scheduler.state_dict(),
                                  loader={"ranks": loader_states}, rng=capture_rng(),
                                  cache_fingerprint=self._cache_fingerprint(), log_window={"ranks": window_sums})
             save_checkpoint(self.output_dir, model_state, state, self.config)
-        dist_utils.barrier()
+
+        dist_utils.written_by_main(self.env.is_main, self.env.device, write)
 
     def save_final(self) -> Optional[Path]:
         model_state = {_strip(k): v for k, v in dist_utils.full_model_state(self.model).items()}
-        final = save_student(self.output_dir, model_state, self.config) if self.env.is_main else None
-        dist_utils.barrier()
+        final = dist_utils.written_by_main(self.env.is_main, self.env.device,
+                                           lambda: save_student(self.output_dir, model_state, self.config))
         if final is not None:
             log.info("final student written to %s (qadpipe export reads it)", final)
         return final

@@ -124,3 +124,27 @@ def test_two_cpu_processes_match_one_process(caches, single, peaky_llama_dir, tm
     # and training moved the weights well beyond that tolerance
     moved = (one["model.layers.0.mlp.up_proj.weight"] - start["model.layers.0.mlp.up_proj.weight"]).abs().max()
     assert moved > 1e-4
+
+
+def test_a_write_failing_on_rank_0_stops_every_rank(tmp_path):
+    """Rank 0 writes checkpoints while the others wait; when its write failed (a full disk) the
+    others sat in a barrier until the process-group timeout (30 minutes under NCCL)."""
+    script = tmp_path / "fail.py"
+    script.write_text(
+        "import torch, torch.distributed as dist\n"
+        "from qadpipe.distill.distributed import written_by_main\n"
+        "dist.init_process_group('gloo')\n"
+        "rank = dist.get_rank()\n"
+        "def write():\n"
+        "    raise OSError(28, 'No space left on device')\n"
+        "try:\n"
+        "    written_by_main(rank == 0, torch.device('cpu'), write)\n"
+        "except Exception as exc:\n"
+        "    print(f'rank {rank}: {type(exc).__name__}: {exc}', flush=True)\n"
+        "dist.destroy_process_group()\n")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(free_port()), str(script)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "rank 0: OSError: [Errno 28] No space left on device" in done.stdout
+    assert "rank 1: DistillError: rank 0 could not write its output" in done.stdout
