@@ -17,7 +17,6 @@ autograd like any op's gradients, so DDP/FSDP2 reduce them as usual.
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -26,6 +25,7 @@ from torch import nn
 
 from qadpipe.distill import losses
 from qadpipe.errors import DistillError
+from qadpipe.eval.metrics import perplexity
 
 #: Config attributes that change logits after the head; the fused head would silently skip them.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -91,7 +91,7 @@ def summarize(totals: dict[str, torch.Tensor]) -> dict[str, float]:
     if positions == 0:
         return {}
     ce = float(totals["ce"]) / positions
-    out = {"loss": float(totals["loss"]) / positions, "ce": ce, "ppl": math.exp(min(ce, 700.0)),
+    out = {"loss": float(totals["loss"]) / positions, "ce": ce, "ppl": perplexity(ce),
            "positions": positions}
     scored = float(totals["kl_positions"])
     if scored:

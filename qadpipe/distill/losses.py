@@ -54,9 +54,6 @@ TAIL_EPS = 1e-8
 #: Rows whose student mass off S is below this sum that mass over the complement of S
 #: (see :func:`_student_rest`); above it, log(1 − P) is within ~1e-4 relative.
 EXACT_REST_BELOW = 1e-2
-#: Floor of that summed mass (fp32 ``exp`` underflows near 1e-38); below it the tail term's
-#: gradient is cut, at a mass no fp32 model can tell from 0.
-REST_FLOOR = 1e-30
 
 KD_LOSSES = ("forward_kl", "renorm_kl", "reverse_kl", "jsd", "cakld", "mse_logprob")
 
@@ -69,32 +66,38 @@ def _gather_topk(logp: torch.Tensor, ids: torch.Tensor, teacher_lp: torch.Tensor
     return student_lp, valid
 
 
-class _MassOffS(torch.autograd.Function):
-    """Σ_{j∉S} exp(logp_j) per row, summed over the complement of S itself.
+class _LogMassOffS(torch.autograd.Function):
+    """log Σ_{j∉S} exp(logp_j) per row, a log-sum-exp over the complement of S itself.
 
-    Forward: one ``exp`` of ``[C, V]`` with the cached entries zeroed in place (a product
-    scatter, so padding slots and repeated ids leave the row alone), one sum.  Backward: the
-    gradient w.r.t. ``logp_j`` is ``p_j`` off S and 0 on it -- that same tensor, scaled.
-    Three passes over ``[C, V]`` in all, where autograd through gather/exp/mask/sum took ~9.
+    In the log domain (the row's largest off-S log-prob taken out first), so a confident
+    student's off-S mass keeps its value and gradient however small it is: summing ``exp`` in
+    linear space underflows near 1e-38 and needed a floor that cut the tail gradient.
+    Forward: the cached entries set to −inf in a copy of ``[C, V]`` (a min-scatter, so padding
+    slots and repeated ids leave the row alone), one ``exp`` in place, one sum.  Backward: the
+    gradient w.r.t. ``logp_j`` is ``p_j / mass`` off S and 0 on it -- that same tensor, scaled.
     """
 
     @staticmethod
     def forward(ctx, logp: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        off_s = logp.detach().exp()
-        keep = (~valid).to(off_s.dtype)          # 0 for a cached entry, 1 for a padding slot
-        off_s.scatter_reduce_(1, ids.clamp_min(0).long(), keep, reduce="prod")
-        ctx.save_for_backward(off_s)
+        off_s = logp.detach().clone()
+        drop = torch.where(valid, float("-inf"), float("inf")).to(off_s.dtype)
+        off_s.scatter_reduce_(1, ids.clamp_min(0).long(), drop, reduce="amin")
+        peak = off_s.amax(-1, keepdim=True)
+        peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))   # S covers the row
+        summed = off_s.sub_(peak).exp_().sum(-1)
+        ctx.save_for_backward(off_s, summed)
         ctx.spent = False
-        return off_s.sum(-1)
+        return peak.squeeze(-1) + summed.log()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         if ctx.spent:   # the gradient is built in the saved tensor itself: one backward per forward
-            raise RuntimeError("_MassOffS: backward ran twice on one forward (retain_graph is not supported)")
+            raise RuntimeError("_LogMassOffS: backward ran twice on one forward (retain_graph is not supported)")
         ctx.spent = True
-        (off_s,) = ctx.saved_tensors
-        return off_s.mul_(grad[:, None]), None, None
+        off_s, summed = ctx.saved_tensors
+        scale = torch.where(summed > 0, grad / summed, torch.zeros_like(grad))
+        return off_s.mul_(scale[:, None]), None, None
 
 
 def _student_rest(logp: torch.Tensor, ids: torch.Tensor, student_lp: torch.Tensor, valid: torch.Tensor
@@ -106,14 +109,13 @@ def _student_rest(logp: torch.Tensor, ids: torch.Tensor, student_lp: torch.Tenso
     puts more than 1 − 1e-5 on S (a confident student, common at k = 64), and the tail term's
     gradient comes out wrong, then exactly 0.  When some row has 1 − P < :data:`EXACT_REST_BELOW`
     (where the cancellation would cost more than ~1e-4 of relative precision), the chunk's
-    mass off S is summed over the complement (:class:`_MassOffS`) and used for those rows.
+    mass off S is taken over the complement (:class:`_LogMassOffS`) and used for those rows.
     """
     lse = torch.logsumexp(student_lp.masked_fill(~valid, float("-inf")), dim=-1)
     rest = torch.log(-torch.expm1(lse.clamp(max=-TAIL_EPS)))
     exact_rows = rest < math.log(EXACT_REST_BELOW)
     if exact_rows.any():
-        summed = _MassOffS.apply(logp, ids, valid).clamp_min(REST_FLOOR).log()
-        rest = torch.where(exact_rows, summed, rest)
+        rest = torch.where(exact_rows, _LogMassOffS.apply(logp, ids, valid), rest)
     return rest, valid.sum(-1) < logp.shape[-1]
 
 
@@ -245,9 +247,16 @@ def sampled_kl(logp: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> 
 
 
 def full_kl(logp: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
-    """KL(teacher ‖ student) over the whole vocabulary (online mode)."""
+    """KL(teacher ‖ student) over the whole vocabulary (online mode); tokens the teacher
+    gives no mass (a −inf logit, e.g. a masked or padded vocabulary) add 0, not NaN."""
     teacher_logp = teacher_logp.float()
-    return (teacher_logp.exp() * (teacher_logp - logp)).sum(-1)
+    return kl_terms(teacher_logp, logp).sum(-1)
+
+
+def kl_terms(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> torch.Tensor:
+    """t · (log t − log p) elementwise, 0 where t = 0 (where 0 · (−inf) would be NaN)."""
+    t = teacher_logp.exp()
+    return torch.where(t > 0, t * (teacher_logp - student_logp), torch.zeros_like(t))
 
 
 def cross_entropy(logp: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from qadpipe.distill.losses import kl_terms
+
 
 @dataclass
 class AgreementTotals:
@@ -40,7 +42,7 @@ class AgreementTotals:
                              f"{tuple(student_logits.shape)}: vocabularies or lengths differ")
         teacher_lp = torch.log_softmax(teacher_logits.float(), dim=-1)
         student_lp = torch.log_softmax(student_logits.float(), dim=-1)
-        kl = (teacher_lp.exp() * (teacher_lp - student_lp)).sum(-1)
+        kl = kl_terms(teacher_lp, student_lp).sum(-1)
         self.kl_sum += float(kl.double().sum())
         self.top1_matches += int((teacher_lp.argmax(-1) == student_lp.argmax(-1)).sum())
         self.positions += int(teacher_lp.shape[0])
@@ -60,5 +62,14 @@ class AgreementTotals:
         if self.nll_positions:
             nll = self.nll_sum / self.nll_positions
             out["nll"] = nll
-            out["ppl"] = math.exp(nll)
+            out["ppl"] = perplexity(nll)
         return out
+
+
+#: exp() of a mean NLL above ~709 overflows fp64: a broken student's perplexity is capped here,
+#: so its report is still written (and JSON can carry the number).
+MAX_LOG_PERPLEXITY = 700.0
+
+
+def perplexity(mean_nll: float) -> float:
+    return math.exp(min(mean_nll, MAX_LOG_PERPLEXITY))

@@ -59,3 +59,21 @@ def test_refuses_mismatched_vocab_and_empty_masks():
     totals.update(teacher[none], student[none], tokens[none])
     with pytest.raises(ValueError, match="no scored positions"):
         totals.result()
+
+
+def test_a_teacher_masking_tokens_and_a_broken_student_still_give_numbers():
+    """A −inf teacher logit (a masked or padded vocabulary) made the KL NaN (0 · −inf); a
+    student with a mean NLL above ~709 overflowed exp() and the eval died with no report."""
+    teacher = torch.randn(4, 10)
+    teacher[:, 7:] = float("-inf")
+    student = torch.randn(4, 10)
+    student[:, 0] = 900.0                       # every other token ~900 nats away
+    tokens = torch.tensor([3, 4, 5, 6])
+    totals = AgreementTotals()
+    totals.update(teacher, student, tokens)
+    result = totals.result()
+    t = teacher.softmax(-1).double()
+    s = student.log_softmax(-1).double()
+    reference = (t[:, :7] * (t[:, :7].log() - s[:, :7])).sum(-1).mean().item()
+    assert result["kl"] == pytest.approx(reference, rel=1e-5)
+    assert result["nll"] > 800 and result["ppl"] == math.exp(700.0)
