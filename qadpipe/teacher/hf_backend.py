@@ -42,11 +42,21 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
+def end_of_sequence_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
+    """Every token a completion stops at, as vLLM stops: the tokenizer's EOS and each id the
+    checkpoint's generation_config.json lists (an instruct model's end-of-turn, e.g. Gemma's
+    <end_of_turn>, Llama-3's <|eot_id|>, is often only there)."""
+    listed = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    listed = [listed] if isinstance(listed, int) else list(listed or [])
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return tuple(dict.fromkeys(ids + [int(i) for i in listed]))
+
+
 class HFTeacher:
     """A causal LM from transformers, scoring batches of right-padded sequences."""
 
     def __init__(self, model: Any, *, fp32_head: bool = True, batch_size: int = 8, chunk_tokens: int = 1024,
-                 pad_id: int = 0, eos_id: int | None = None) -> None:
+                 pad_id: int = 0, eos_ids: tuple[int, ...] = ()) -> None:
         self.model = model
         self.device = next(model.parameters()).device
         self.body = model.base_model
@@ -56,7 +66,7 @@ class HFTeacher:
         self.batch_size = batch_size
         self.chunk_tokens = chunk_tokens
         self.pad_id = pad_id
-        self.eos_id = eos_id
+        self.eos_ids = eos_ids
         self._check_logits_are_head_of_hidden()
 
     @classmethod
@@ -69,7 +79,7 @@ class HFTeacher:
         tokenizer = load_tokenizer(path, trust_remote_code)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         return cls(model, fp32_head=teacher.fp32_head, batch_size=teacher.batch_size,
-                   chunk_tokens=teacher.chunk_tokens, pad_id=pad or 0, eos_id=tokenizer.eos_token_id)
+                   chunk_tokens=teacher.chunk_tokens, pad_id=pad or 0, eos_ids=end_of_sequence_ids(model, tokenizer))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head on ``[n, hidden]`` rows -> fp32 ``[n, vocab]``."""
@@ -168,7 +178,7 @@ class HFTeacher:
         config = GenerationConfig(
             do_sample=sampling.temperature > 0, temperature=sampling.temperature or None,
             top_p=sampling.top_p if sampling.temperature > 0 else None, top_k=0,
-            max_new_tokens=sampling.max_new_tokens, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
+            max_new_tokens=sampling.max_new_tokens, eos_token_id=list(self.eos_ids) or None, pad_token_id=self.pad_id,
         )
         out = []
         devices = [self.device] if self.device.type == "cuda" else []

@@ -111,7 +111,7 @@ def test_sampled_targets_follow_the_distribution(successor: Any) -> None:
 
 
 def test_greedy_completion_follows_the_model_and_is_seeded(successor: Any) -> None:
-    teacher = HFTeacher(successor, eos_id=1, pad_id=0)
+    teacher = HFTeacher(successor, eos_ids=(1,), pad_id=0)
     prompt = TokenSequence("p", np.array([10, 11, 12], dtype=np.int32), 3)
     (greedy,) = teacher.complete([prompt], SamplingSpec(temperature=0.0, max_new_tokens=6))
     assert greedy.token_ids.tolist() == [13, 14, 15, 16, 17, 18]
@@ -126,7 +126,7 @@ def test_completions_ignore_the_sampling_defaults_a_checkpoint_ships(successor: 
     transformers would apply to every field left at its default; vLLM's SamplingParams apply
     none.  The successor model's greedy answer to [13, 10, 11, 12] is 13, already in the prompt:
     a repetition penalty of 1e6 would turn it away."""
-    teacher = HFTeacher(successor, eos_id=1, pad_id=0)
+    teacher = HFTeacher(successor, eos_ids=(1,), pad_id=0)
     shipped = successor.generation_config
     before, shipped.repetition_penalty = shipped.repetition_penalty, 1e6
     try:
@@ -145,3 +145,24 @@ def test_logit_transforms_are_refused(tiny_fp32: Any) -> None:
             HFTeacher(tiny_fp32)
     finally:
         tiny_fp32.config.final_logit_softcapping = None
+
+
+def test_completions_stop_at_every_end_of_sequence_id_the_checkpoint_lists(successor: Any) -> None:
+    """vLLM stops at each eos_token_id of generation_config.json, not only the tokenizer's EOS:
+    instruct models list their end-of-turn token there (Gemma's <end_of_turn>). The HF backend
+    wrote on to max_new_tokens, and the two backends cached different data."""
+    from types import SimpleNamespace
+
+    from qadpipe.teacher.hf_backend import end_of_sequence_ids
+
+    shipped = successor.generation_config
+    before, shipped.eos_token_id = shipped.eos_token_id, [1, 15]
+    try:
+        eos = end_of_sequence_ids(successor, SimpleNamespace(eos_token_id=1))
+    finally:
+        shipped.eos_token_id = before
+    assert eos == (1, 15)
+    teacher = HFTeacher(successor, eos_ids=eos, pad_id=0)
+    prompt = TokenSequence("p", np.array([10, 11, 12], dtype=np.int32), 3)
+    (greedy,) = teacher.complete([prompt], SamplingSpec(temperature=0.0, max_new_tokens=6))
+    assert greedy.token_ids.tolist() == [13, 14, 15]
