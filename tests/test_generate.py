@@ -314,3 +314,23 @@ def test_a_vllm_teacher_keeps_a_position_for_the_token_it_generates_after_a_scor
                                  "exceed the teacher's context of 1024 (max_position_embeddings); lower "
                                  "data.max_length")
     assert check_lengths(data, SimpleNamespace(context_length=1025), 0, "d.jsonl", "vllm") == 1024
+
+
+def test_teacher_revision_tells_retrained_weights_apart_but_not_a_copy(tmp_path):
+    """It hashed config.json and the weight files' names and sizes: a retrained teacher of the
+    same architecture had the same revision, and a rerun kept the old teacher's rows."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qadpipe.generate import teacher_revision
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        LlamaForCausalLM(config).save_pretrained(tmp_path / f"seed{seed}")
+    shutil.copytree(tmp_path / "seed0", tmp_path / "copy")
+    assert teacher_revision(tmp_path / "seed0") != teacher_revision(tmp_path / "seed1")
+    assert teacher_revision(tmp_path / "seed0") == teacher_revision(tmp_path / "copy")

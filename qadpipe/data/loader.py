@@ -51,12 +51,20 @@ def check_data_config(data: DataConfig, gen: GenerateConfig, source_name: str = 
                           f"({gen.max_new_tokens}) so prompt + completion fit in it")
 
 
-def data_fingerprint(data: DataConfig, gen: GenerateConfig, vocab_size: int) -> str:
+def data_fingerprint(data: DataConfig, gen: GenerateConfig, vocab_size: int, chat_template: str | None = None) -> str:
     """Hash of the source bytes and every setting that shapes the sequences or their
-    completions: two tasks writing one cache must agree on it, and a rerun with other
-    settings must not silently mix into an existing cache."""
-    settings: dict[str, Any] = {"data": asdict(data), "vocab_size": vocab_size, "mode": gen.mode,
+    completions (the chat template that renders them included): two tasks writing one cache
+    must agree on it, and a rerun with other settings must not silently mix into an existing
+    cache.  The source counts by its bytes, not its path (each task may read its own copy),
+    and ``data.random`` only when it is the source."""
+    shaping = asdict(data)
+    del shaping["source"]
+    if data.source != "random":
+        del shaping["random"]
+    settings: dict[str, Any] = {"data": shaping, "vocab_size": vocab_size, "mode": gen.mode,
                                 "include_prompt": gen.include_prompt}
+    if chat_template is not None:
+        settings["chat_template"] = hashlib.sha256(chat_template.encode()).hexdigest()
     if gen.mode == "generate":
         # prompt_cut: long prompts keep their end (before 2026-12, their start: other rows)
         settings.update(temperature=gen.temperature, top_p=gen.top_p, max_new_tokens=gen.max_new_tokens,
@@ -71,7 +79,8 @@ def load_sequences(data: DataConfig, gen: GenerateConfig, tokenizer: Any, vocab_
     """Every sequence of task ``shard_index`` of ``num_shards``, validated and length-limited
     (``source_name``: the config field errors name)."""
     check_data_config(data, gen, source_name)
-    fingerprint = data_fingerprint(data, gen, vocab_size)
+    template = getattr(tokenizer, "chat_template", None) if data.field == "messages" or data.chat_template else None
+    fingerprint = data_fingerprint(data, gen, vocab_size, template if isinstance(template, str) else None)
     if data.source == "random":
         count = min(data.random.num_sequences, data.limit or data.random.num_sequences)
         # Capped like any record (overflow's truncate): by max_length, less the completion's room.
@@ -88,10 +97,11 @@ def load_sequences(data: DataConfig, gen: GenerateConfig, tokenizer: Any, vocab_
         return DataSlice(seqs, fingerprint)
     limit = data.max_length - gen.max_new_tokens if gen.mode == "generate" else data.max_length
     needs_completion = gen.mode == "score" and not gen.include_prompt
+    shortest = 1 if gen.mode == "generate" else 2   # a scored sequence needs a next token; a prompt, a token
     seqs, dropped = [], 0
     for position, rid, ids, prompt_len in _rendered(data, gen, tokenizer, shard_index, num_shards, source_name):
         fitted = fit_length(ids, limit, data.overflow, keep_end=gen.mode == "generate")
-        if fitted is None or len(fitted) < 2 or (needs_completion and prompt_len >= len(fitted)):
+        if fitted is None or len(fitted) < shortest or (needs_completion and prompt_len >= len(fitted)):
             dropped += 1
             continue
         seqs.append(TokenSequence(rid, np.asarray(fitted, dtype=np.int32), min(prompt_len, len(fitted)), position))

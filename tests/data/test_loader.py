@@ -101,8 +101,25 @@ def test_fingerprint_changes_with_anything_that_shapes_the_rows(tmp_path: Path) 
     shorter = _config(tmp_path, TEXTS, max_length=64)
     assert data_fingerprint(shorter.data, shorter.generate, 100) != fp
     assert data_fingerprint(base.data, base.generate, 101) != fp
+    assert data_fingerprint(base.data, base.generate, 100, chat_template="{{ messages }}") != fp
     edited = _config(tmp_path, TEXTS[:-1])
     assert data_fingerprint(edited.data, edited.generate, 100) != fp
+
+
+def test_fingerprint_counts_the_source_by_its_bytes_not_its_path_or_unused_settings(tmp_path: Path) -> None:
+    """Tasks reading node-local copies of one file wrote fingerprints that differed by the
+    path, and the cache refused the second task; so did an unused data.random.seed."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    here, there = _config(tmp_path / "a", TEXTS), _config(tmp_path / "b", TEXTS)
+    reseeded = build_config({"data": {"source": here.data.source, "random": {"seed": 5}}})
+    fp = data_fingerprint(here.data, here.generate, 100)
+    assert data_fingerprint(there.data, there.generate, 100) == fp
+    assert data_fingerprint(reseeded.data, reseeded.generate, 100) == fp
+    random_a = build_config({"data": {"source": "random", "random": {"seed": 1}}})
+    random_b = build_config({"data": {"source": "random", "random": {"seed": 2}}})
+    assert data_fingerprint(random_a.data, random_a.generate, 100) != data_fingerprint(random_b.data,
+                                                                                       random_b.generate, 100)
 
 
 def test_random_source_split_and_size(tokenizer: Any) -> None:
@@ -112,3 +129,13 @@ def test_random_source_split_and_size(tokenizer: Any) -> None:
     assert all(len(s.input_ids) == 12 and s.input_ids.max() < 1000 for p in parts for s in p.sequences)
     capped = build_config({"data": {"max_length": 8, "random": {"num_sequences": 2, "length": 12}}})
     assert [len(s.input_ids) for s in load_sequences(capped.data, capped.generate, tokenizer, 1000).sequences] == [8, 8]
+
+
+def test_a_one_token_prompt_is_kept_in_generate_mode(tmp_path: Path, tokenizer: Any) -> None:
+    """A scored sequence needs two tokens (one to predict from, one to predict); a prompt the
+    teacher completes needs one. Short prompts of tokenizers without a BOS were dropped."""
+    assert len(tokenizer.encode("Hi")) == 1
+    cfg = _config(tmp_path, [{"prompt": "Hi"}, {"prompt": "Tell me a story"}], field="prompt",
+                  generate={"mode": "generate", "max_new_tokens": 8})
+    data = load_sequences(cfg.data, cfg.generate, tokenizer, len(tokenizer))
+    assert data.dropped == 0 and [len(s.input_ids) for s in data.sequences][0] == 1
