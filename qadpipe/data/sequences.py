@@ -8,6 +8,8 @@ and the teacher appends a completion.
 
 from __future__ import annotations
 
+import json
+
 import hashlib
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Optional
@@ -42,6 +44,7 @@ def render_record(record: dict[str, Any], where: str, field: str, tokenizer: Any
     """
     if field not in record:
         raise DataError(f"{where}: no field '{field}' (data.field), record has {sorted(record)}")
+    _refuse_unencodable(record[field], where, field)
     if field == "text":
         text = _nonempty_str(record["text"], where, "text")
         return tokenizer.encode(text), 0
@@ -59,11 +62,23 @@ def render_record(record: dict[str, Any], where: str, field: str, tokenizer: Any
         completion_ids = tokenizer.encode(completion, add_special_tokens=False) if completion else []
         return prompt_ids + completion_ids, len(prompt_ids)
     messages = _messages(record["messages"], where)
-    if [m["role"] for m in messages] == ["assistant"]:   # an answer to nothing, scored or completed
-        raise DataError(f"{where}: empty prompt (field 'messages' holds only an assistant turn)")
+    asked = messages[:-1] if messages[-1]["role"] == "assistant" else messages
+    if not any(m["content"].strip() for m in asked if m["role"] != "assistant"):   # an answer to nothing
+        raise DataError(f"{where}: empty prompt (field 'messages' has no non-blank turn but the assistant's "
+                        "before its last answer)")
     if for_generation and messages[-1]["role"] == "assistant":
         messages = messages[:-1]
     return _render_chat(messages, tokenizer, where)
+
+
+def _refuse_unencodable(value: Any, where: str, field: str) -> None:
+    """JSON may escape half of a UTF-16 surrogate pair (``"\\ud83d"``: an emoji cut in two by
+    a scraper); Python keeps it as a string that no tokenizer or UTF-8 encoder accepts."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise DataError(f"{where}: field '{field}' holds {exc.object[exc.start:exc.end]!r}, half of a UTF-16 "
+                        "surrogate pair, not text; fix or drop the record") from None
 
 
 def _nonempty_str(value: Any, where: str, name: str) -> str:
