@@ -70,7 +70,7 @@ class _OneLineUsageErrors(click.Group):
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
         try:
-            return super().main(*args, **{**kwargs, "standalone_mode": False})
+            code = super().main(*args, **{**kwargs, "standalone_mode": False})
         except _HELP_FOR_NO_ARGS as exc:   # `qadpipe` alone: the help, as click shows it
             exc.show()
             sys.exit(exc.exit_code)
@@ -80,6 +80,9 @@ class _OneLineUsageErrors(click.Group):
         except click.Abort:
             click.echo("Aborted!", err=True)
             sys.exit(1)
+        if isinstance(code, int):   # ctx.exit(n) returns n here instead of exiting
+            sys.exit(code)
+        return code
 
 
 def _non_empty(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:

@@ -121,7 +121,7 @@ def _refuse_a_directory_that_is_not_a_cache(path: str) -> None:
 
     if "://" in path:
         return
-    root = check_writable_dir(Path(path), "cache.path")   # a file in the way fails now, not after a batch
+    root = check_writable_dir(Path(path).expanduser(), "cache.path")   # a file in the way: now, not after a batch
     if not root.is_dir():
         return
     foreign = sorted(entry.name for entry in root.iterdir() if entry.name not in (MANIFEST_DIR, SHARD_DIR, "runs"))

@@ -334,3 +334,15 @@ def test_teacher_revision_tells_retrained_weights_apart_but_not_a_copy(tmp_path)
     shutil.copytree(tmp_path / "seed0", tmp_path / "copy")
     assert teacher_revision(tmp_path / "seed0") != teacher_revision(tmp_path / "seed1")
     assert teacher_revision(tmp_path / "seed0") == teacher_revision(tmp_path / "copy")
+
+
+def test_a_cache_path_under_a_file_is_refused_with_a_tilde_too(tmp_path, monkeypatch):
+    """The cache store expands ~; the up-front check did not, and a file in the way was found
+    only once the teacher had scored a batch."""
+    from qadpipe.errors import ConfigError
+    from qadpipe.generate import _refuse_a_directory_that_is_not_a_cache
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match=r"cache\.path: .*/afile/cache cannot be created"):
+        _refuse_a_directory_that_is_not_a_cache("~/afile/cache")

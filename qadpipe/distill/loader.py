@@ -19,6 +19,7 @@ checkpoint resumes at the next batch the loop has not seen.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from dataclasses import asdict, dataclass
@@ -28,6 +29,11 @@ import torch
 
 from qadpipe.errors import DistillError
 from qadpipe.targets import SequenceTargets
+
+log = logging.getLogger(__name__)
+
+#: How rows are assigned to ranks (saved with a loader position, so a resume can tell).
+ROW_SPLIT = "contiguous-after-holdout"
 
 
 class SequenceSource(Protocol):
@@ -70,10 +76,14 @@ class TargetLoader:
         """The held-out rows (the same on every rank)."""
         return list(self.source.iter_rows(0, min(self.holdout_rows, self.source.num_rows)))
 
-    def state_dict(self) -> dict[str, int]:
-        return asdict(self.position)
+    def state_dict(self) -> dict[str, Any]:
+        return {**asdict(self.position), "split": ROW_SPLIT}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        if state.pop("split", None) != ROW_SPLIT and self.world_size > 1:
+            log.warning("--resume: the checkpoint's loader position was saved before ranks split the rows after the "
+                        "held-out ones (2026-12); this run's ranks continue on other rows than it trained on")
         self.position = LoaderPosition(**state)
 
     def __iter__(self) -> Iterator[Any]:

@@ -60,7 +60,7 @@ def test_epoch_covers_every_training_row_once_and_never_the_holdout(make):
     first_epoch = take(loader, 6)  # 18 training rows / 3
     flat = [i for b in first_epoch for i in b]
     assert sorted(flat) == sorted(f"r{i}" for i in range(2, 20))
-    assert loader.state_dict() == {"epoch": 0, "batches_done": 6}
+    assert loader.state_dict() == {"epoch": 0, "batches_done": 6, "split": "contiguous-after-holdout"}
 
 
 def test_resume_continues_exactly_across_an_epoch_boundary(make):
@@ -123,7 +123,7 @@ def test_read_ahead_collates_the_next_batches_while_the_loop_holds_one_and_stops
     first = ids(next(batches))
     # the thread fills the queue (2) and collates one more that waits for room
     assert wait_for(lambda: len(collated) == 4), collated
-    assert collated[0] == first and loader.state_dict() == {"epoch": 0, "batches_done": 1}
+    assert collated[0] == first and loader.state_dict() == {"epoch": 0, "batches_done": 1, "split": "contiguous-after-holdout"}
     assert len(loader_threads()) == 1
     batches.close()
     assert not loader_threads()   # joined: a thread left inside C++ code at exit aborts the process
@@ -176,3 +176,15 @@ def test_a_process_that_closes_the_read_ahead_exits_cleanly(tmp_path):
         script = EXIT_AFTER_ONE_BATCH.format(tests=tests, cache=str(tmp_path / f"cache{attempt}"))
         done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
         assert done.returncode == 0 and "terminate" not in done.stderr, done.stderr[-2000:]
+
+
+def test_a_position_saved_before_the_split_changed_resumes_with_a_warning(make, caplog):
+    """Multi-rank positions saved before ranks split the rows after the held-out ones point
+    into other rows now: the resume goes on, and says so."""
+    loader = make(ListSource(20), rank=1, world_size=2)
+    loader.load_state_dict({"epoch": 0, "batches_done": 2})
+    assert "saved before ranks split the rows" in caplog.text
+    assert loader.state_dict()["batches_done"] == 2
+    caplog.clear()
+    loader.load_state_dict(loader.state_dict())
+    assert "saved before" not in caplog.text
