@@ -37,6 +37,8 @@ def validate_row(row: SequenceTargets, meta: CacheMeta) -> None:
 
 
 def _check_ids(ids: np.ndarray, vocab_size: int, what: str, allow_tail: bool = False) -> None:
+    if not np.issubdtype(ids.dtype, np.integer):   # floats would be truncated, or break a whole shard
+        raise CacheError(f"{what}: expected integer token ids, got {ids.dtype}")
     if ids.size == 0:
         return
     low, high = int(ids.min()), int(ids.max())

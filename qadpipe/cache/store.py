@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Callable
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -113,12 +114,15 @@ class Store:
             raise CacheError(f"{self.describe(rel_dir)}: cannot list ({first_line(exc)})") from exc
         return sorted(info.base_name for info in infos if info.type == pafs.FileType.File)
 
-    def remove_temps(self, rel_dir: str, prefix: str) -> None:
-        """Delete leftover temp files of a killed local writer (object stores leave none)."""
+    def remove_temps(self, rel_dir: str, owned: Callable[[str], bool]) -> None:
+        """Delete leftover temp files of a killed local writer (object stores leave none):
+        those whose target name (``.<target>.<random>.tmp``) ``owned`` claims.  Matching the
+        whole target keeps task ``a`` off the temps of a running task ``a-b``."""
         if not self.local:
             return
         for name in self.list(rel_dir):
-            if name.startswith(f".{prefix}") and name.endswith(TEMP_SUFFIX):
+            target = name[1:-len(TEMP_SUFFIX)].rpartition(".")[0]
+            if name.startswith(".") and name.endswith(TEMP_SUFFIX) and owned(target):
                 (self.base / rel_dir / name).unlink(missing_ok=True)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import re
 import time
 from dataclasses import replace
 from types import TracebackType
@@ -69,10 +70,12 @@ class CacheWriter:
         self._buffered_ids: set[str] = set()
         self._next_index = len(self._manifest.shards)
         self._closed = False
+        self._marked_complete = False
         # Temp files a killed run of this task left mid-write (only this task writes these names).
-        self.store.remove_temps(SHARD_DIR, f"{task}-")
-        self.store.remove_temps(MANIFEST_DIR, f"{task}.json.")
-        self.store.remove_temps(f"runs/{task}", "")
+        own_shard = re.compile(rf"{re.escape(task)}-\d{{6}}\.parquet")
+        self.store.remove_temps(SHARD_DIR, lambda target: own_shard.fullmatch(target) is not None)
+        self.store.remove_temps(MANIFEST_DIR, lambda target: target == f"{task}.json")
+        self.store.remove_temps(f"runs/{task}", lambda target: True)
 
     def _open_manifest(self, task: str) -> TaskManifest:
         """This task's manifest (resume) or a new one; refuse a cache made differently."""
@@ -115,7 +118,13 @@ class CacheWriter:
             except (pa.ArrowException, ValueError) as exc:
                 raise CacheError(f"{where}: committed shard matches its checksum but has no readable id column "
                                  f"({folded(exc)})") from None
-            done.update(table.column("id").to_pylist())
+            ids = table.column("id").to_pylist()
+            repeated = next((row_id for row_id in ids if row_id in done), None)
+            if repeated is not None:   # a reader would refuse the cache: resuming must not build on it
+                raise CacheError(f"{where}: row id {repeated!r} is already in another committed shard of task "
+                                 f"{self._manifest.task}; delete {self.store.describe(self._manifest_rel)} and this "
+                                 "task's shards to regenerate the task, or use a new cache path")
+            done.update(ids)
         return done
 
     def done_ids(self) -> set[str]:
@@ -124,8 +133,9 @@ class CacheWriter:
 
     def write(self, row: SequenceTargets) -> None:
         """Buffer one row; a shard is committed every ``rows_per_shard`` rows."""
-        if self._closed:
-            raise CacheError(f"{self.store.describe(self._manifest_rel)}: writer already closed")
+        if self._closed or self._marked_complete:   # a row after that would sit beside complete: true
+            state = "marked complete" if self._marked_complete else "closed"
+            raise CacheError(f"{self.store.describe(self._manifest_rel)}: writer already {state}")
         validate_row(row, self.meta)
         if row.id in self._done or row.id in self._buffered_ids:
             raise CacheError(f"cache row id {row.id!r}: already written by task {self._manifest.task}")
@@ -144,29 +154,36 @@ class CacheWriter:
         name = shard_path(self._manifest.task, self._next_index)
         self.store.write_atomic(name, data)
         tokens = sum(row.num_target_rows for row in self._buffer)
-        self._commit_manifest(ShardEntry(name=name, rows=len(self._buffer), tokens=tokens, bytes=len(data),
-                                         sha256=hashlib.sha256(data).hexdigest()))
-        self._next_index += 1
-        self._done |= self._buffered_ids
+        rows = len(self._buffer)
+        updated = self._with_manifest(ShardEntry(name=name, rows=rows, tokens=tokens, bytes=len(data),
+                                                 sha256=hashlib.sha256(data).hexdigest()))
+        self._write_manifest(updated)
+        # All bookkeeping of the commit in one assignment, which no signal handler (a second
+        # Ctrl-C's KeyboardInterrupt) can split: retried after a partial update, the flush in
+        # close() listed the shard twice, or wrote its rows again as the next shard.
+        self._manifest, self._next_index, self._done, self._buffer, self._buffered_ids = (
+            updated, self._next_index + 1, self._done | self._buffered_ids, [], set())
         seconds = time.perf_counter() - started
         log.info("cache: committed %s (%d rows, %d tokens, %.1f B/token, %.0f tokens/s)",
-                 name, len(self._buffer), tokens, len(data) / max(tokens, 1), tokens / max(seconds, 1e-9))
-        self._buffer, self._buffered_ids = [], set()
+                 name, rows, tokens, len(data) / max(tokens, 1), tokens / max(seconds, 1e-9))
 
-    def _commit_manifest(self, entry: ShardEntry | None = None, complete: bool = False) -> None:
-        """Replace the task manifest with ``entry`` listed (and ``complete`` set).  The in-memory
-        manifest changes only once the file is written: a commit that fails (a storage error, a
-        second Ctrl-C) and is retried lists its shard once, not twice."""
+    def _write_manifest(self, manifest: TaskManifest) -> None:
+        """Replace the task manifest file; the in-memory one changes only after this returns,
+        so a commit that fails (a storage error) and is retried lists its shard once."""
+        self.store.write_atomic(self._manifest_rel, manifest.to_json().encode())
+
+    def _with_manifest(self, entry: ShardEntry | None = None, complete: bool = False) -> TaskManifest:
+        """The task manifest with ``entry`` listed and ``complete`` set (not yet written)."""
         shards = self._manifest.shards + ([entry] if entry else [])
-        updated = replace(self._manifest, shards=shards, complete=complete)
-        self.store.write_atomic(self._manifest_rel, updated.to_json().encode())
-        self._manifest = updated
+        return replace(self._manifest, shards=shards, complete=complete)
 
     def mark_complete(self) -> None:
         """Commit what is buffered and record that the task holds every row it was given, so a
         reader can tell a finished task from one stopped early (SIGTERM at a time limit)."""
         self.flush()
-        self._commit_manifest(complete=True)
+        updated = self._with_manifest(complete=True)
+        self._write_manifest(updated)
+        self._manifest, self._marked_complete = updated, True
 
     def close(self) -> None:
         """Commit what is buffered; the writer takes no more rows."""

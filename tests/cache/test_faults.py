@@ -174,6 +174,52 @@ def test_a_manifest_write_that_fails_and_is_retried_lists_its_shard_once(tmp_pat
     assert [row.id for row in CacheReader(str(tmp_path)).iter_sequences()] == ["row-00000", "row-00001"]
 
 
+def test_a_second_ctrl_c_right_after_a_shard_commits_leaves_a_readable_cache(tmp_path, monkeypatch):
+    """KeyboardInterrupt just after the manifest listed the shard (here: in the log line):
+    the writer's bookkeeping was half updated, and the flush in close() listed the shard
+    twice or wrote its rows again as the next shard -- a cache no reader would open."""
+    from qadpipe.cache import writer as writer_module
+
+    meta = cache_meta("topk", k=8)
+    interrupts = [KeyboardInterrupt()]
+
+    def info(*args, **kwargs):
+        if interrupts:
+            raise interrupts.pop()
+
+    monkeypatch.setattr(writer_module.log, "info", info)
+    with pytest.raises(KeyboardInterrupt), CacheWriter(str(tmp_path), meta, rows_per_shard=2) as writer:
+        for row in random_rows(meta, 3):
+            writer.write(row)
+    assert [row.id for row in CacheReader(str(tmp_path)).iter_sequences()] == ["row-00000", "row-00001"]
+    assert CacheWriter(str(tmp_path), meta, rows_per_shard=2).done_ids() == {"row-00000", "row-00001"}
+
+
+def test_no_row_is_taken_once_the_task_is_marked_complete(tmp_path):
+    """A row written after mark_complete() sat uncommitted beside complete: true on disk."""
+    meta = cache_meta("topk", k=8)
+    rows = random_rows(meta, 2)
+    writer = CacheWriter(str(tmp_path), meta)
+    writer.write(rows[0])
+    writer.mark_complete()
+    with pytest.raises(CacheError, match="writer already marked complete"):
+        writer.write(rows[1])
+
+
+def test_a_task_does_not_remove_the_temp_files_of_a_task_its_name_prefixes(tmp_path):
+    """Task 'a' removed the in-flight temps of a running task 'a-b' ('.a-b-000003.parquet.*.tmp'
+    starts with '.a-'), whose commit then failed."""
+    meta = cache_meta("topk", k=8)
+    (tmp_path / "shards").mkdir(parents=True)
+    (tmp_path / "manifests").mkdir(parents=True)
+    theirs = [tmp_path / "shards" / ".a-b-000003.parquet.k2j.tmp", tmp_path / "manifests" / ".a.json.json.q9.tmp"]
+    mine = [tmp_path / "shards" / ".a-000001.parquet.x1y.tmp", tmp_path / "manifests" / ".a.json.z7.tmp"]
+    for path in theirs + mine:
+        path.write_bytes(b"partial")
+    CacheWriter(str(tmp_path), meta, task="a").close()
+    assert [path.exists() for path in theirs + mine] == [True, True, False, False]
+
+
 @pytest.mark.parametrize("damage, problem", [
     (lambda path: path.write_bytes(path.read_bytes()[:-1] + b"x"),
      r"checksum mismatch: sha256 [0-9a-f]{16}\.\.\., manifest says [0-9a-f]{16}\.\.\."),

@@ -127,10 +127,13 @@ def test_writer_refuses_a_cache_made_differently(tmp_path):
     ("topk_logprobs", None, "topk_logprobs is not sorted by descending log-prob along k"),
     ("tail_mass", None, r"tail_mass outside \[0, 1\]"),
     ("input_ids", np.array([0, 49152, 5]), r"input_ids: ids span \[0, 49152\], expected \[0, 49152\)"),
+    ("topk_ids", "as float", r"topk_ids: expected integer token ids, got float64"),   # broke a whole compact shard
 ])
 def test_writer_refuses_bad_rows(tmp_path, field, value, message):
     meta = cache_meta("topk")
     row = random_rows(meta, 1, seq_len=8)[0]
+    if isinstance(value, str):
+        value = row.topk_ids.astype(np.float64)
     if field == "topk_logprobs":
         value = row.topk_logprobs[:, ::-1].copy()
     if field == "tail_mass":
