@@ -163,6 +163,44 @@ def output_rows(model: Any) -> int:
     return int(model.get_output_embeddings().weight.shape[0])
 
 
+#: Config fields of post-head logit transforms (soft-capping, scaling) that a forward on a few
+#: tokens of a freshly initialised model may not reveal.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale",
+                     "lm_head_multiplier")
+
+
+def check_logits_are_head_of_hidden(model: Any, where: str) -> None:
+    """Refuse (ModelError naming ``where``) a model whose logits are not ``lm_head(final
+    hidden state)``: qadpipe's fused loss, its HF teacher and its eval run the head on chunks
+    of hidden states and apply nothing after it.  Checked on the config's known fields and by
+    comparing a forward of 8 tokens with the head applied to the decoder's output, which
+    catches what no field names (Falcon-H1's logit multiplier)."""
+    import torch
+
+    config = model.config.get_text_config()
+    for name in _LOGIT_TRANSFORMS:
+        value = getattr(config, name, None)
+        if value not in (None, 1, 1.0):
+            raise ModelError(f"{where}: {config.model_type} sets {name}={value}, a transform after the LM head "
+                             "that qadpipe's chunked head does not apply; this architecture is not supported")
+    head = model.get_output_embeddings()
+    device = head.weight.device
+    ids = (torch.arange(1, 9, device=device) % head.weight.shape[0]).unsqueeze(0)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            full = model(input_ids=ids).logits[0].float()
+            ours = head(model.get_decoder()(input_ids=ids).last_hidden_state[0]).float()
+    finally:
+        model.train(was_training)
+    gap = float((full - ours).abs().max())
+    if gap > 0.02 * float(full.abs().max()) + 1e-3:
+        raise ModelError(f"{where}: {config.model_type}'s logits differ from lm_head(hidden states) by up to "
+                         f"{gap:.3g}, a transform after the LM head that qadpipe's chunked head does not apply; "
+                         "this architecture is not supported")
+
+
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """A hash of the vocabulary and special tokens: two tokenizers that map text to the
     same ids have the same fingerprint, so a cache can refuse a student that would read

@@ -79,3 +79,33 @@ def test_concurrent_conversions_share_one_directory(tmp_path: Path):
     model_dir = Path(paths.pop())
     assert (model_dir / "config.json").is_file() and (model_dir / "model.safetensors").is_file()
     assert not [p for p in model_dir.parent.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_logits_transformed_after_the_head_are_refused_by_field_or_by_forward():
+    """The fused loss, the HF teacher and eval run lm_head on hidden states and apply nothing
+    after it. Falcon-H1 multiplies its logits by lm_head_multiplier, a field the check did not
+    know; a model whose transform no field names is caught by comparing one forward."""
+    import torch
+    from transformers import FalconH1Config, FalconH1ForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from qadpipe.models import check_logits_are_head_of_hidden
+
+    torch.manual_seed(0)
+    falcon = FalconH1ForCausalLM(FalconH1Config(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=1,
+        mamba_d_state=16, mamba_chunk_size=16, lm_head_multiplier=0.0390625))
+    with pytest.raises(ModelError, match=r"^model\.path: falcon_h1 sets lm_head_multiplier=0\.0390625"):
+        check_logits_are_head_of_hidden(falcon, "model.path")
+
+    class Scaled(LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 0.04
+            return out
+
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2)
+    check_logits_are_head_of_hidden(LlamaForCausalLM(config), "teacher")     # plain: accepted
+    with pytest.raises(ModelError, match=r"^teacher: llama's logits differ from lm_head\(hidden states\)"):
+        check_logits_are_head_of_hidden(Scaled(config), "teacher")

@@ -194,7 +194,10 @@ class DistillConfig:
         "term scaled by its square; 1 = plain KL, what QAD uses", gt=0.0)
     lr: float = opt(1e-5,
         "peak learning rate (~1e-6 SFT teachers, ~1e-5 RL-tuned, ~1e-4 quant params only)", gt=0.0)
-    weight_decay: float = opt(0.0, "AdamW weight decay", ge=0.0)
+    weight_decay: float = opt(0.0,
+        "AdamW weight decay, on every trainable parameter: norms, LSQ steps and clip ratios too (which it "
+        "pulls toward 0, and toward a 0.5 clip); QAD starts at the teacher's weights, keep 0 unless you mean that",
+        ge=0.0)
     warmup_steps: int = opt(10, "linear warmup steps", ge=0)
     schedule: Literal["cosine", "linear", "constant"] = opt("cosine", "decay after warmup")
     max_steps: int = opt(100, "optimizer steps", ge=1)

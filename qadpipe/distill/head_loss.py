@@ -27,9 +27,6 @@ from qadpipe.distill import losses
 from qadpipe.errors import DistillError
 from qadpipe.eval.metrics import perplexity
 
-#: Config attributes that change logits after the head; the fused head would silently skip them.
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
-
 
 @dataclass(frozen=True)
 class LossSpec:
@@ -105,15 +102,8 @@ def summarize(totals: dict[str, torch.Tensor]) -> dict[str, float]:
 
 
 def split_lm(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """(base returning hidden states, LM head) of an HF causal LM; refuses models whose
-    logits are transformed after the head (soft-capping, scaling)."""
-    config = getattr(model, "config", None)
-    for name in _LOGIT_TRANSFORMS:
-        value = getattr(config, name, None)
-        if value not in (None, 1.0):
-            raise DistillError(f"model config {name}={value}: qadpipe runs the LM head on chunks of final "
-                               "hidden states (distill's fused loss, eval) and applies no post-head logit "
-                               "transform; this architecture is not supported")
+    """(base returning hidden states, LM head) of an HF causal LM (that its logits are the
+    head of the hidden states is :func:`qadpipe.models.check_logits_are_head_of_hidden`'s)."""
     base, head = model.get_decoder(), model.get_output_embeddings()
     if base is None or head is None:
         raise DistillError(f"{type(model).__name__}: expected an HF causal LM with get_decoder() and "

@@ -43,11 +43,12 @@ PTQ_DIR = "ptq"
 
 def build_student(config: Any, device: torch.device) -> nn.Module:
     """The student from ``model.path`` with the quant recipe applied (fp32 master weights)."""
-    from qadpipe.models import load_causal_lm
+    from qadpipe.models import check_logits_are_head_of_hidden, load_causal_lm
     from qadpipe.quant.recipe import apply_recipe
 
     model = load_causal_lm(config.model.path, dtype="float32", device=str(device),
                            trust_remote_code=config.model.trust_remote_code)
+    check_logits_are_head_of_hidden(model, "model.path")   # before the recipe: no range to calibrate yet
     apply_recipe(model, config.quant)
     return model.to(device)
 

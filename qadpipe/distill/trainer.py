@@ -238,6 +238,10 @@ class DistillRecipe:
         from qadpipe.teacher.base import target_start
 
         gen = self.config.generate
+        if gen.mode == "generate":   # its sequences would be the prompts alone: no answers to distil
+            raise DistillError(f"distill.mode=online with no cache at {self.config.cache.path} trains on data.source's "
+                               "token sequences, but generate.mode=generate makes them prompts without answers; "
+                               "use generate.mode=score on existing answers, or run qadpipe generate first")
         rows = [SequenceTargets(id=s.id, input_ids=s.input_ids, target_start=target_start(s, gen.include_prompt))
                 for s in load_sequences(self.config.data, gen, self.tokenizer, len(self.tokenizer)).sequences]
         return DataSource(rows)
@@ -255,7 +259,8 @@ class DistillRecipe:
     def _load_teacher(self, student_vocab: int) -> tuple[torch.nn.Module, torch.nn.Module]:
         """The teacher in the loop, refused unless it reads the tokens as the student does: the
         KL compares the two distributions id by id (the cache path checks the same)."""
-        from qadpipe.models import load_causal_lm, load_tokenizer, tokenizer_fingerprint
+        from qadpipe.models import (check_logits_are_head_of_hidden, load_causal_lm, load_tokenizer,
+                                    tokenizer_fingerprint)
 
         path, trust = self.config.teacher_path, self.config.model.trust_remote_code
         if Path(path).resolve() != Path(self.config.model.path).resolve() and tokenizer_fingerprint(
@@ -265,6 +270,7 @@ class DistillRecipe:
         teacher = load_causal_lm(path, dtype=self.config.teacher.dtype, device=str(self.env.device),
                                  trust_remote_code=trust)
         teacher.requires_grad_(False)
+        check_logits_are_head_of_hidden(teacher, "teacher.path")
         base, head = split_lm(teacher)
         vocab = output_rows(teacher)
         if vocab != student_vocab:

@@ -128,7 +128,7 @@ def run_eval(cfg: PipelineConfig) -> dict[str, dict[str, float]]:
     """Score the models, write report.json / report.md / plots, return the results."""
     from qadpipe.distill.distributed import resolve_device
     from qadpipe.distill.student import FINAL_DIR
-    from qadpipe.models import load_causal_lm, load_tokenizer
+    from qadpipe.models import check_logits_are_head_of_hidden, load_causal_lm, load_tokenizer
 
     device = resolve_device(cfg.eval.device, field="eval.device")
     out = check_writable_dir(Path(cfg.eval.output_dir), "eval.output_dir")
@@ -136,6 +136,7 @@ def run_eval(cfg: PipelineConfig) -> dict[str, dict[str, float]]:
     tokenizer = load_tokenizer(cfg.teacher_path, trust_remote_code=cfg.model.trust_remote_code)
     teacher = load_causal_lm(cfg.teacher_path, dtype="float32", device=str(device),
                              trust_remote_code=cfg.model.trust_remote_code)
+    check_logits_are_head_of_hidden(teacher, "teacher.path")   # eval runs the LM head on hidden states
     data = held_out(cfg, tokenizer, teacher.config.vocab_size, held_out_rows(cfg, models))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     results: dict[str, dict[str, float]] = {}
@@ -145,6 +146,7 @@ def run_eval(cfg: PipelineConfig) -> dict[str, dict[str, float]]:
         # teacher's forward is repeated per student instead; eval sets are small.
         student = load_model(path, device)
         _refuse_another_vocab(name, path, student, cfg.teacher_path, teacher)
+        check_logits_are_head_of_hidden(student, f"eval.models.{name}")
         scored = compare_to_teacher(teacher, {name: student}, data.sequences, pad_id=pad_id, starts=data.starts,
                                     cache_rows=data.cache_rows, batch_size=cfg.eval.batch_size, device=device)
         results.setdefault("teacher", scored["teacher"])

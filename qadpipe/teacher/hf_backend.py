@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from qadpipe.data.sequences import TokenSequence
-from qadpipe.errors import TeacherError
+from qadpipe.errors import ModelError, TeacherError
+from qadpipe.models import check_logits_are_head_of_hidden
 from qadpipe.targets import SequenceTargets
 from qadpipe.teacher.base import (Completion, SamplingSpec, TargetSpec, sampled_targets, target_start,
                                   topk_targets)
@@ -67,7 +68,10 @@ class HFTeacher:
         self.chunk_tokens = chunk_tokens
         self.pad_id = pad_id
         self.eos_ids = eos_ids
-        self._check_logits_are_head_of_hidden()
+        try:   # this backend scores lm_head(hidden states) chunk-wise: another distribution otherwise
+            check_logits_are_head_of_hidden(model, "teacher")
+        except ModelError as exc:
+            raise TeacherError(f"{exc}; use teacher.backend=vllm") from None
 
     @classmethod
     def from_config(cls, path: str, teacher: Any, trust_remote_code: bool = False) -> "HFTeacher":
@@ -92,24 +96,6 @@ class HFTeacher:
         else:
             out = torch.nn.functional.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
         return out
-
-    def _check_logits_are_head_of_hidden(self) -> None:
-        """Refuse architectures whose logits are not ``lm_head(last hidden state)`` (logit
-        soft-capping, logit scaling): this backend would silently capture another distribution."""
-        config = self.model.config.get_text_config()
-        for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
-            value = getattr(config, name, None)
-            if value not in (None, 1, 1.0):
-                raise TeacherError(f"teacher: {config.model_type} sets {name}={value}, which the HF backend's "
-                                   "chunked LM head does not apply; use teacher.backend=vllm")
-        ids = torch.arange(1, 9, device=self.device).unsqueeze(0) % self.vocab_size
-        with torch.no_grad():
-            full = self.model(input_ids=ids).logits[0].float()
-            ours = self.logits(self.body(input_ids=ids).last_hidden_state[0])
-        tolerance = 0.02 * float(full.abs().max()) + 1e-3
-        if float((full - ours).abs().max()) > tolerance:
-            raise TeacherError(f"teacher: {config.model_type}'s logits are not lm_head(hidden states); "
-                               "the HF backend cannot capture them chunk-wise, use teacher.backend=vllm")
 
     @torch.no_grad()
     def score(self, sequences: list[TokenSequence], spec: TargetSpec) -> list[SequenceTargets]:

@@ -183,6 +183,15 @@ def test_refuses_a_cache_without_the_loss_target_kind(peaky_llama_dir, sampled_c
     assert "cache holds sampled targets, but distill.loss=forward_kl needs topk targets" in line
 
 
+def test_online_without_a_cache_refuses_generate_mode_before_loading_models(peaky_llama_dir, tmp_path):
+    """Without a cache online mode reads data.source; in generate mode those are prompts with no
+    answers: it trained on prompt positions alone, or (include_prompt false) failed at step 1."""
+    line = one_line_error(distill(peaky_llama_dir, tmp_path / "no-cache", tmp_path / "out", "distill.mode=online",
+                                  "generate.mode=generate", "generate.include_prompt=false"))
+    assert line.startswith("qadpipe: error: distill.mode=online with no cache at"), line
+    assert "generate.mode=generate makes them prompts without answers" in line
+
+
 @pytest.mark.parametrize("teacher", ["padded vocab", "other tokenizer"])
 def test_online_refuses_a_teacher_that_reads_tokens_otherwise(peaky_llama_dir, topk_cache, tmp_path, teacher):
     """Online, the KL compares teacher and student id by id: a padded head (Qwen2.5's 152064 rows
