@@ -55,10 +55,15 @@ def write_cache(rows: list[Any], vocab: int, k: int) -> None:
 
 def timed_rounds(variants: dict[str, Callable[[], None]], repeats: int,
                  sync: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
-    """Seconds per variant and round; each round runs every variant once, in turn."""
+    """Seconds per variant and round; each round runs every variant once, in turn, the order
+    rotated each round (so no variant always follows the same one, e.g. the naive path's
+    garbage collection)."""
     seconds: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(repeats):
-        for name, run in variants.items():
+    names = list(variants)
+    for index in range(repeats):
+        shift = index % len(names)
+        for name in names[shift:] + names[:shift]:
+            run = variants[name]
             sync()
             started = time.perf_counter()
             run()
@@ -198,9 +203,10 @@ def bench_hf(model: Any, seqs: list[Any], ks: list[int], repeats: int, batch_siz
     def capture(k: int) -> Callable[[], None]:
         return lambda: write_cache(teacher.score(seqs, TargetSpec(k=k)), vocab, k)
 
-    plain()  # warm-up
     variants = {"plain forward": plain, **{f"capture k={k}": capture(k) for k in ks},
                 "naive fp32 log_softmax k=64": lambda: naive(64)}
+    for run in variants.values():   # warm every variant (first-use kernels, allocator), as on the vLLM side
+        run()
     tokens = sum(len(s.input_ids) for s in seqs)
     # Plain and naive run the model's own (bf16) head; with the fp32 head only capture pays for an fp32
     # GEMM, which on an AMX CPU is several times slower than the bf16 one.

@@ -3,7 +3,7 @@
 Same student, same quant recipe, same random-token batches, same trainer: the only
 difference is where the targets come from and how the online loss is computed.
 
-* online_full_logits: the teacher (bf16) runs a forward per micro-batch beside the student and
+* online_full_logits: the teacher (``--dtype``: bf16 on GPU, fp32 on CPU) runs a forward per micro-batch beside the student and
   the loss is the textbook online KD step (what ModelOpt's HF distillation and TRL's GKD
   without Liger compute): both models' full ``[N, vocab]`` logits, an fp32 log-softmax of
   each over the whole vocabulary, ``F.kl_div`` -- today's online tools;
@@ -12,12 +12,16 @@ difference is where the targets come from and how the online loss is computed.
 * topk:    targets from a top-k cache (k=64, tail bucket);
 * sampled: targets from a sampled cache (50 draws per position).
 
-The two online rows compute the same loss (their last-step losses are printed to show it);
+The online rows read their tokens from the top-k cache, whose targets the reader decodes and
+the trainer then ignores (~1.2M positions/s of decoding: well under 1 % of a step, on the
+online side).  The two online rows compute the same loss (their last-step losses are printed to show it);
 the ratios against each say what removing the teacher buys, and what the fused head buys on
 top.  Each mode runs in its own process, so its peak memory is its own: CUDA
 max_memory_allocated on GPU, peak RSS on CPU (which also counts the Python/torch baseline
 every row shares).  A mode that runs out of memory is reported as such, not as a failure of
-the bench.
+the bench.  ``--rounds R`` runs every mode R times, the order rotated each round, so a slow
+spell of a shared machine does not land on one mode: tokens/s is the median, ratios the
+median of each round's paired ratio, peak memory the largest.
 
     .venv/bin/python bench/distill_vs_online.py                       # CPU, SmolLM2-135M
     python bench/distill_vs_online.py --device cuda --model qwen3-1.7b-random --batch 4 --seq 2048
@@ -30,6 +34,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -149,6 +154,7 @@ def main() -> None:
                         help="recompute the student's layers in backward (every mode alike)")
     parser.add_argument("--prefetch-batches", type=int, default=2,
                         help="micro-batches the loader thread reads ahead (0: read in the training loop)")
+    parser.add_argument("--rounds", type=int, default=1, help="runs of every mode, order rotated each round")
     parser.add_argument("--workdir", default="runs/bench/distill_vs_online")
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--model-path", help=argparse.SUPPRESS)
@@ -167,38 +173,50 @@ def main() -> None:
                               capture_output=True, text=True)
         if done.returncode != 0:
             raise SystemExit(f"generate ({kind}) failed:\n{done.stderr[-3000:]}")
-    results = {}
-    for mode in MODES:
-        command = [sys.executable, __file__, *sys.argv[1:], "--child", mode, "--model-path", str(model)]
-        done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ))  # own peak memory
-        if done.returncode != 0:
-            raise SystemExit(f"{mode} run failed:\n{done.stderr[-3000:]}")
-        results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
-    (work / "results.json").write_text(json.dumps(results, indent=2))
+    rounds = []
+    for index in range(args.rounds):
+        shift = index % len(MODES)
+        results = {}
+        for mode in MODES[shift:] + MODES[:shift]:
+            command = [sys.executable, __file__, *sys.argv[1:], "--child", mode, "--model-path", str(model)]
+            done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ))  # own peak memory
+            if done.returncode != 0:
+                raise SystemExit(f"{mode} run failed:\n{done.stderr[-3000:]}")
+            results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+        rounds.append(results)
+    (work / "results.json").write_text(json.dumps(rounds, indent=2))
 
     print(f"\n{args.model} on {args.device}, {args.batch} x {args.seq} tokens per step, "
           f"{args.steps - args.warmup} timed steps, W4A16 int4 g32 student"
           f"{', activation checkpointing' if args.activation_checkpointing else ''}, "
-          f"loader reading {args.prefetch_batches} micro-batches ahead")
-    print(table(results))
+          f"loader reading {args.prefetch_batches} micro-batches ahead, {args.rounds} round(s)")
+    print(table(rounds))
 
 
-def table(results: dict[str, dict]) -> str:
-    """Tokens/s and peak memory of every mode, and their ratios to each online row."""
+def table(rounds: list[dict[str, dict]]) -> str:
+    """Tokens/s (median over rounds) and peak memory (largest) of every mode, and their ratios
+    to each online row (the median of each round's paired ratio)."""
     def ratio(mode: str, base: str, key: str) -> str:
-        row, ref = results[mode], results[base]
-        return "-" if "error" in row or "error" in ref else f"{row[key] / ref[key]:.2f}"
+        pairs = [(r[mode], r[base]) for r in rounds]
+        if any("error" in row or "error" in ref for row, ref in pairs):
+            return "-"
+        return f"{statistics.median(row[key] / ref[key] for row, ref in pairs):.2f}"
 
     lines = ["| mode | tokens/s | x online | x online full logits | peak memory GiB | x online "
              "| x online full logits | loader wait | last loss |", "|---|---|---|---|---|---|---|---|---|"]
-    for mode, row in results.items():
-        if "error" in row:
-            lines.append(f"| {mode} | {row['error']} | | | | | | | |")
+    for mode in MODES:
+        runs = [r[mode] for r in rounds]
+        failed = next((row["error"] for row in runs if "error" in row), None)
+        if failed:
+            lines.append(f"| {mode} | {failed} | | | | | | | |")
             continue
-        lines.append(f"| {mode} | {row['tokens_per_s']:.0f} | {ratio(mode, 'online', 'tokens_per_s')} | "
-                     f"{ratio(mode, 'online_full_logits', 'tokens_per_s')} | {row['peak_mem_gib']:.2f} | "
+        tokens = statistics.median(row["tokens_per_s"] for row in runs)
+        memory = max(row["peak_mem_gib"] for row in runs)
+        wait = statistics.median(row["loader_wait"] for row in runs)
+        lines.append(f"| {mode} | {tokens:.0f} | {ratio(mode, 'online', 'tokens_per_s')} | "
+                     f"{ratio(mode, 'online_full_logits', 'tokens_per_s')} | {memory:.2f} | "
                      f"{ratio(mode, 'online', 'peak_mem_gib')} | {ratio(mode, 'online_full_logits', 'peak_mem_gib')} | "
-                     f"{100 * row['loader_wait']:.1f}% | {row['loss']:.5f} |")
+                     f"{100 * wait:.1f}% | {runs[-1]['loss']:.5f} |")
     return "\n".join(lines)
 
 if __name__ == "__main__":

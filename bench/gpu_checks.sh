@@ -71,5 +71,5 @@ step quant_overhead 190 $python bench/quant_overhead.py --device $device --model
 step distill_vs_online 220 $python bench/distill_vs_online.py --device $device --model $model \
   --batch $batch --seq $seq --steps $steps --warmup $warmup --workdir "$work/distill_vs_online"
 step capture_hf 90 $python bench/capture_throughput.py --backend hf --device $device --model $model \
-  --sequences $sequences --length $seq --batch-size $((batch * 2))
+  --sequences $sequences --length $seq --batch-size $((batch * 2)) --repeats 3
 [ -z "$failed" ] || { echo "failed steps:$failed"; exit 1; }

@@ -14,7 +14,9 @@ The same KL over every position, the chat-template prompt included, is printed b
     .venv/bin/python bench/qad_quality.py --steps 20 --prompts 64   # a quick look
 
 Targets: QAD's held-out KL ≤ 0.6 × PTQ's, and QAD's KL < QAT's after the same steps.
-Resumable: the cache and every finished student are reused (delete the workdir to redo).
+``--qat-lr`` gives QAT its own learning rate (default: ``--lr``), so QAT can be tuned as QAD is.
+Resumable: the cache and every finished student are reused, each only if it was made with
+the settings asked for now (``<name>.settings.json`` beside it; another workdir otherwise).
 """
 
 from __future__ import annotations
@@ -50,21 +52,41 @@ def settings(args: argparse.Namespace) -> list[str]:
         f"data.limit={args.prompts}", "data.max_length=256", "generate.mode=generate",
         f"generate.max_new_tokens={args.max_new_tokens}", "generate.include_prompt=false",
         f"cache.path={work / 'cache'}", "cache.k=64", "distill.device=cpu", f"distill.batch_size={args.batch}",
-        f"distill.max_steps={args.steps}", f"distill.lr={args.lr}", "distill.warmup_steps=5",
+        f"distill.max_steps={args.steps}", "distill.warmup_steps=5",
         f"distill.eval_rows={args.eval_rows}", f"distill.eval_every={args.steps}", "distill.log_every=5",
         f"distill.save_every={args.steps}", "distill.loss_chunk_tokens=512",
     ]
 
 
+def reusable(directory: Path, wanted: dict) -> None:
+    """Record the settings that make ``directory`` (in ``<directory>.settings.json`` beside it),
+    or refuse to reuse it for other ones: its figures would be printed under the settings
+    asked for now."""
+    record = directory.with_name(directory.name + ".settings.json")
+    if record.is_file():
+        made = json.loads(record.read_text())
+        changed = {key: (made.get(key), value) for key, value in wanted.items() if made.get(key) != value}
+        if changed:
+            raise SystemExit(f"{directory}: made with {', '.join(f'{k}={v[0]}' for k, v in changed.items())}, "
+                             f"asked for {', '.join(f'{k}={v[1]}' for k, v in changed.items())}; "
+                             "use another --workdir, or delete that directory")
+    else:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(wanted))
+
+
 def train(args: argparse.Namespace, preset: str, mode: str) -> tuple[Path, float]:
     """Train one student (or reuse it) and return its directory and wall seconds, calibration,
     PTQ eval and saving included: the figure the issue's 20-minute budget is about."""
-    out = Path(args.workdir) / preset / mode
+    lr = args.qat_lr if mode == "qat" else args.lr
+    out = Path(args.workdir) / preset / f"{mode}-lr{lr:g}"
+    reusable(out, {"steps": args.steps, "batch": args.batch, "lr": lr, "eval_rows": args.eval_rows})
     timing = out / "bench_seconds.json"
     if not (out / FINAL_DIR).is_dir():
         started = time.perf_counter()
         run_distill(load_config(None, settings(args) + PRESETS[preset] + [f"distill.mode={mode}",
-                                                                             f"distill.output_dir={out}"]),
+                                                                             f"distill.output_dir={out}",
+                                                                             f"distill.lr={lr}"]),
                     resume=True)  # an interrupted bench continues its run
         timing.write_text(json.dumps({"seconds": time.perf_counter() - started}))
     seconds = json.loads(timing.read_text())["seconds"] if timing.exists() else float("nan")
@@ -80,13 +102,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--qat-lr", type=float, default=None, help="QAT's learning rate (default: --lr)")
     parser.add_argument("--eval-rows", type=int, default=24)
     parser.add_argument("--teacher-backend", default="vllm", choices=["vllm", "hf"],
                         help="writes the cache; hf generates one prompt at a time (slow)")
     parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
     args = parser.parse_args()
+    args.qat_lr = args.lr if args.qat_lr is None else args.qat_lr
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     work = Path(args.workdir)
+    reusable(work / "cache", {"prompts": args.prompts, "max_new_tokens": args.max_new_tokens,
+                              "teacher_backend": args.teacher_backend})
     if not (work / "cache" / "manifests").is_dir():
         started = time.perf_counter()
         run_generate(load_config(None, settings(args)))
@@ -112,7 +138,8 @@ def main() -> None:
                                                    "train_seconds": seconds}, indent=2))
 
     print(f"\nheld-out: the answers of {len(sequences)} teacher-written sequences (the positions trained on), "
-          f"full-vocab KL vs the fp32 teacher; {args.steps} steps x {args.batch} sequences, lr {args.lr}. "
+          f"full-vocab KL vs the fp32 teacher; {args.steps} steps x {args.batch} sequences, lr {args.lr} "
+          f"(QAT {args.qat_lr}). "
           "Last two columns: every position, the chat-template prompt included (never a training target)")
     print("| format | model | KL | KL / PTQ | top-1 | ppl | train min | all-pos KL | all-pos KL / PTQ |\n"
           "|---|---|---|---|---|---|---|---|---|")

@@ -117,16 +117,15 @@ def main() -> None:
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {times[n][-1] * 1e3:.0f} ms" for n in names),
               file=sys.stderr, flush=True)
 
-    reference = statistics.median(times["bf16"])
     print(f"\nstep = forward + backward, batch {batch_size} x {seq} tokens, {args.model} bf16 on "
           f"{args.device}{', torch.compile' if args.compile else ''}, fake-quant {args.fake_quant}; "
           f"median of {args.rounds} rounds, "
           f"group {args.group_size} for group-128 presets; torch {torch.__version__}\n")
-    print("| preset | ms / step | x bf16 |")
+    print("| preset | ms / step (median) | x bf16 (median of each round's ratio) |")
     print("|---|---|---|")
     for name in names:
-        median = statistics.median(times[name])
-        print(f"| {name} | {median * 1e3:.0f} | {median / reference:.2f} |")
+        paired = statistics.median(mine / base for mine, base in zip(times[name], times["bf16"]))
+        print(f"| {name} | {statistics.median(times[name]) * 1e3:.0f} | {paired:.2f} |")
 
 
 if __name__ == "__main__":
