@@ -44,8 +44,13 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` so readers see the old file or the new one, never a torn one:
-    temp name ``.<name>.*.tmp`` in the same directory, fsync, rename, fsync the directory."""
+    temp name ``.<name>.*.tmp`` in the same directory, fsync, rename, fsync the directory (and
+    the directories it had to create, each in its parent: a power loss must not take the
+    first shard's ``shards/`` away with it)."""
+    created = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
+    for directory in reversed(created):
+        _fsync_dir(directory.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, file_mode())  # mkstemp's 0600 would make a shared cache unreadable to others
@@ -57,7 +62,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:

@@ -26,3 +26,15 @@ def test_rewriting_replaces_whole_file(tmp_path: Path):
     save_run_record(config, "generate", tmp_path)
     save_run_record(load_config(None, ["cache.k=8"]), "generate", tmp_path)
     assert yaml.safe_load((tmp_path / RUN_FILE).read_text())["config"]["cache"]["k"] == 8
+
+
+def test_atomic_write_syncs_each_directory_it_creates_in_its_parent(tmp_path, monkeypatch):
+    """A power loss after the first commit into a new cache must not lose shards/ itself: the
+    new directories' entries are fsynced too, not only the file's."""
+    from qadpipe import provenance
+
+    synced = []
+    monkeypatch.setattr(provenance, "_fsync_dir", lambda directory: synced.append(Path(directory)))
+    provenance.atomic_write_bytes(tmp_path / "cache" / "shards" / "a.parquet", b"x")
+    assert synced == [tmp_path, tmp_path / "cache", tmp_path / "cache" / "shards"]
+    assert (tmp_path / "cache" / "shards" / "a.parquet").read_bytes() == b"x"
