@@ -63,13 +63,13 @@ for module in ("pyarrow", "zstandard", "safetensors", "tqdm", "yaml", "datasets"
     print(f"  {module}: {'yes' if importlib.util.find_spec(module) else 'MISSING'}")
 EOF
 
-# Limits add up to 9 min 20 s (a device call may run 10).
+# Limits add up to 9 min 30 s (a device call may run 10).
 step quant_compile 60 $python bench/quant_compile.py --device $device --shape $shape \
   --presets nvfp4 mxfp4 fp8 w4a16_int
-step quant_overhead 190 $python bench/quant_overhead.py --device $device --model $model \
+step quant_overhead 180 $python bench/quant_overhead.py --device $device --model $model \
   --presets nvfp4 nvfp4_a16 w4a16_int --group-size 128 --fake-quant both --rounds $rounds --batch $batch --seq $seq
 step distill_vs_online 220 $python bench/distill_vs_online.py --device $device --model $model \
   --batch $batch --seq $seq --steps $steps --warmup $warmup --workdir "$work/distill_vs_online"
-step capture_hf 90 $python bench/capture_throughput.py --backend hf --device $device --model $model \
+step capture_hf 110 $python bench/capture_throughput.py --backend hf --device $device --model $model \
   --sequences $sequences --length $seq --batch-size $((batch * 2)) --repeats 3
 [ -z "$failed" ] || { echo "failed steps:$failed"; exit 1; }

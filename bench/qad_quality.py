@@ -70,6 +70,8 @@ def reusable(directory: Path, wanted: dict) -> None:
             raise SystemExit(f"{directory}: made with {', '.join(f'{k}={v[0]}' for k, v in changed.items())}, "
                              f"asked for {', '.join(f'{k}={v[1]}' for k, v in changed.items())}; "
                              "use another --workdir, or delete that directory")
+    elif directory.exists():   # made before settings were recorded: what made it is unknown
+        raise SystemExit(f"{directory}: exists but records no settings; use another --workdir, or delete it")
     else:
         record.parent.mkdir(parents=True, exist_ok=True)
         record.write_text(json.dumps(wanted))

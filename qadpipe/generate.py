@@ -81,7 +81,8 @@ def teacher_revision(model_dir: Path) -> str:
     size and 1 MiB read at its start, middle and end (a hub snapshot directory's commit,
     when the path has one).  Sizes alone cannot tell a retrained checkpoint of the same
     architecture from the one a cache was made with; hashing every byte of a 100 GB teacher
-    in every array task would cost minutes.  A copy elsewhere keeps the revision."""
+    in every array task would cost minutes.  A copy elsewhere keeps the revision; a fine-tune
+    that leaves those bytes alone does too (give such a teacher a directory of its own)."""
     if model_dir.parent.name == "snapshots":
         return f"snapshot:{model_dir.name}"
     digest = hashlib.sha256((model_dir / "config.json").read_bytes())

@@ -79,7 +79,8 @@ def load_sequences(data: DataConfig, gen: GenerateConfig, tokenizer: Any, vocab_
     """Every sequence of task ``shard_index`` of ``num_shards``, validated and length-limited
     (``source_name``: the config field errors name)."""
     check_data_config(data, gen, source_name)
-    template = getattr(tokenizer, "chat_template", None) if data.field == "messages" or data.chat_template else None
+    rendered_by_template = data.field == "messages" or (data.field == "prompt" and data.chat_template)
+    template = getattr(tokenizer, "chat_template", None) if rendered_by_template else None
     fingerprint = data_fingerprint(data, gen, vocab_size, template if isinstance(template, str) else None)
     if data.source == "random":
         count = min(data.random.num_sequences, data.limit or data.random.num_sequences)
@@ -107,8 +108,8 @@ def load_sequences(data: DataConfig, gen: GenerateConfig, tokenizer: Any, vocab_
         seqs.append(TokenSequence(rid, np.asarray(fitted, dtype=np.int32), min(prompt_len, len(fitted)), position))
     if dropped:
         log.warning("data: dropped %d of %d records of this task (longer than %d tokens with overflow=%s, "
-                    "fewer than 2 tokens, or no completion tokens left to distil)",
-                    dropped, dropped + len(seqs), limit, data.overflow)
+                    "fewer than %d tokens, or no completion tokens left to distil)",
+                    dropped, dropped + len(seqs), limit, data.overflow, shortest)
     return DataSlice(seqs, fingerprint, dropped)
 
 

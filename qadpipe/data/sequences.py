@@ -76,6 +76,8 @@ def _refuse_unencodable(value: Any, where: str, field: str) -> None:
     a scraper); Python keeps it as a string that no tokenizer or UTF-8 encoder accepts."""
     try:
         json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except TypeError:   # not JSON text at all (bytes, a date): the field's own type check says so
+        return
     except UnicodeEncodeError as exc:
         raise DataError(f"{where}: field '{field}' holds {exc.object[exc.start:exc.end]!r}, half of a UTF-16 "
                         "surrogate pair, not text; fix or drop the record") from None

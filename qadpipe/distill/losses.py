@@ -54,6 +54,9 @@ TAIL_EPS = 1e-8
 #: Rows whose student mass off S is below this sum that mass over the complement of S
 #: (see :func:`_student_rest`); above it, log(1 − P) is within ~1e-4 relative.
 EXACT_REST_BELOW = 1e-2
+#: log of the smallest off-S mass the tail term uses (e^-1000: below fp64's range, so it cuts
+#: nothing a model can express but a row of -inf logits off S).
+LOG_REST_FLOOR = -1000.0
 
 KD_LOSSES = ("forward_kl", "renorm_kl", "reverse_kl", "jsd", "cakld", "mse_logprob")
 
@@ -115,7 +118,9 @@ def _student_rest(logp: torch.Tensor, ids: torch.Tensor, student_lp: torch.Tenso
     rest = torch.log(-torch.expm1(lse.clamp(max=-TAIL_EPS)))
     exact_rows = rest < math.log(EXACT_REST_BELOW)
     if exact_rows.any():
-        rest = torch.where(exact_rows, _LogMassOffS.apply(logp, ids, valid), rest)
+        # floored far below any mass fp32 can hold: only a row whose every off-S log-prob is
+        # -inf (a model that rules those tokens out) reaches it, and its loss stays finite
+        rest = torch.where(exact_rows, _LogMassOffS.apply(logp, ids, valid).clamp_min(LOG_REST_FLOOR), rest)
     return rest, valid.sum(-1) < logp.shape[-1]
 
 
@@ -256,7 +261,7 @@ def full_kl(logp: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
 def kl_terms(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> torch.Tensor:
     """t · (log t − log p) elementwise, 0 where t = 0 (where 0 · (−inf) would be NaN)."""
     t = teacher_logp.exp()
-    return torch.where(t > 0, t * (teacher_logp - student_logp), torch.zeros_like(t))
+    return torch.where(t > 0, t * (teacher_logp - student_logp), 0.0)   # a scalar: no [C, V] of zeros
 
 
 def cross_entropy(logp: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:

@@ -75,7 +75,7 @@ class StudentLoss(nn.Module):
 
     def __init__(self, student: nn.Module, chunk_tokens: int) -> None:
         super().__init__()
-        split_lm(student)  # refuse unsupported architectures now, not at the first step
+        split_lm(student)  # no decoder/LM-head split: refused now, not at the first step
         self.student = student  # the only submodule: state_dict keys are "student." + HF names
         self.chunk_tokens = chunk_tokens
 

@@ -48,9 +48,9 @@ def end_of_sequence_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
     checkpoint's generation_config.json lists (an instruct model's end-of-turn, e.g. Gemma's
     <end_of_turn>, Llama-3's <|eot_id|>, is often only there)."""
     listed = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    listed = [listed] if isinstance(listed, int) else list(listed or [])
+    listed = [] if listed is None else np.asarray(listed).reshape(-1).tolist()   # int, list or tensor
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    return tuple(dict.fromkeys(ids + [int(i) for i in listed]))
+    return tuple(dict.fromkeys(int(i) for i in ids + listed))
 
 
 class HFTeacher:

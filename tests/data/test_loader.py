@@ -106,6 +106,18 @@ def test_fingerprint_changes_with_anything_that_shapes_the_rows(tmp_path: Path) 
     assert data_fingerprint(edited.data, edited.generate, 100) != fp
 
 
+def test_the_chat_template_counts_only_where_it_renders_the_records(tmp_path: Path, smollm2_dir: Path) -> None:
+    """A text source with data.chat_template=true is not rendered by the template: editing the
+    template must not make its cache refuse the next task."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2_dir))   # its own copy: the template is edited
+    cfg = _config(tmp_path, TEXTS, chat_template=True)
+    before = load_sequences(cfg.data, cfg.generate, tokenizer, len(tokenizer)).fingerprint
+    tokenizer.chat_template = "{{ messages[0]['content'] }}"
+    assert load_sequences(cfg.data, cfg.generate, tokenizer, len(tokenizer)).fingerprint == before
+
+
 def test_fingerprint_counts_the_source_by_its_bytes_not_its_path_or_unused_settings(tmp_path: Path) -> None:
     """Tasks reading node-local copies of one file wrote fingerprints that differed by the
     path, and the cache refused the second task; so did an unused data.random.seed."""

@@ -65,6 +65,7 @@ def test_messages_in_generate_mode_drop_the_final_answer(tokenizer: Any) -> None
      "src record 0: empty prompt"),
     ({"messages": [{"role": "user", "content": "Hi \ud83d"}]}, "messages",
      "src record 0: field 'messages' holds '\\ud83d', half of a UTF-16 surrogate pair, not text"),
+    ({"text": b"bytes from a parquet binary column"}, "text", "field 'text' must be a string, got bytes"),
     ({"text": "cut \ud83d"}, "text", "src record 0: field 'text' holds '\\ud83d', half of a UTF-16 surrogate pair"),
     ({"messages": [{"role": "user"}]}, "messages", "must hold {role, content} objects"),
     ({"messages": [{"role": "user", "content": None}]}, "messages",

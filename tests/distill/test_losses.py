@@ -221,6 +221,18 @@ def test_full_kl_ignores_tokens_the_teacher_masks(case):
     torch.testing.assert_close(losses.full_kl(logp, t_logp).double(), reference, rtol=1e-5, atol=1e-6)
 
 
+def test_a_student_ruling_out_every_token_off_s_keeps_a_finite_loss(case):
+    """Off-S log-probs all -inf (a model masking those tokens): the log-domain off-S mass is
+    -inf, floored far below fp64's range so the tail term stays finite."""
+    logits = case["student_logits"].float().clone()
+    off_s = torch.ones_like(logits, dtype=torch.bool).scatter(1, case["ids"], False)
+    logits[0][off_s[0]] = float("-inf")
+    z = logits.requires_grad_()
+    value = losses.forward_kl_tail(torch.log_softmax(z, -1), case["ids"], case["teacher_lp"], case["tail"])
+    value.sum().backward()
+    assert torch.isfinite(value).all() and torch.isfinite(z.grad[:, :]).all()
+
+
 def test_reverse_kl_stays_finite_when_the_teacher_tail_is_zero(case):
     zero_tail = dict(case, tail=torch.zeros(C, dtype=torch.float64))
     value, grad = implementation(losses.reverse_kl_tail, zero_tail)

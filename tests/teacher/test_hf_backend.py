@@ -162,6 +162,12 @@ def test_completions_stop_at_every_end_of_sequence_id_the_checkpoint_lists(succe
     finally:
         shipped.eos_token_id = before
     assert eos == (1, 15)
+    for listed in (torch.tensor([1, 15]), np.int64(15)):   # GenerationConfig keeps what it is given
+        shipped.eos_token_id = listed
+        try:
+            assert end_of_sequence_ids(successor, SimpleNamespace(eos_token_id=1)) == (1, 15)
+        finally:
+            shipped.eos_token_id = before
     teacher = HFTeacher(successor, eos_ids=eos, pad_id=0)
     prompt = TokenSequence("p", np.array([10, 11, 12], dtype=np.int32), 3)
     (greedy,) = teacher.complete([prompt], SamplingSpec(temperature=0.0, max_new_tokens=6))
