@@ -8,9 +8,8 @@ and the teacher appends a completion.
 
 from __future__ import annotations
 
-import json
-
 import hashlib
+import json
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Optional
 

@@ -255,13 +255,8 @@ def full_kl(logp: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
     """KL(teacher ‖ student) over the whole vocabulary (online mode); tokens the teacher
     gives no mass (a −inf logit, e.g. a masked or padded vocabulary) add 0, not NaN."""
     teacher_logp = teacher_logp.float()
-    return kl_terms(teacher_logp, logp).sum(-1)
-
-
-def kl_terms(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> torch.Tensor:
-    """t · (log t − log p) elementwise, 0 where t = 0 (where 0 · (−inf) would be NaN)."""
     t = teacher_logp.exp()
-    return torch.where(t > 0, t * (teacher_logp - student_logp), 0.0)   # a scalar: no [C, V] of zeros
+    return torch.where(t > 0, t * (teacher_logp - logp), 0.0).sum(-1)   # a scalar 0: no [C, V] of zeros
 
 
 def cross_entropy(logp: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qadpipe.distill.losses import kl_terms
+from qadpipe.distill.losses import full_kl
 
 
 @dataclass
@@ -42,7 +42,7 @@ class AgreementTotals:
                              f"{tuple(student_logits.shape)}: vocabularies or lengths differ")
         teacher_lp = torch.log_softmax(teacher_logits.float(), dim=-1)
         student_lp = torch.log_softmax(student_logits.float(), dim=-1)
-        kl = kl_terms(teacher_lp, student_lp).sum(-1)
+        kl = full_kl(student_lp, teacher_lp)
         self.kl_sum += float(kl.double().sum())
         self.top1_matches += int((teacher_lp.argmax(-1) == student_lp.argmax(-1)).sum())
         self.positions += int(teacher_lp.shape[0])

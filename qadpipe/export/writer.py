@@ -59,11 +59,8 @@ def staged_dir(output: Path) -> Iterator[Path]:
     old = None
     try:
         yield tmp
-        for path in tmp.rglob("*"):
-            if path.is_file():
-                _fsync(path)
         share_tree(tmp)
-        for path in [*(p for p in tmp.rglob("*") if p.is_dir()), tmp]:   # their entries, before the rename
+        for path in [*(p for p in tmp.rglob("*") if p.is_file() or p.is_dir()), tmp]:   # files, modes, entries
             _fsync(path)
         if output.exists():
             old = Path(tempfile.mkdtemp(prefix=_staging_prefix("old", output) + _owner_tag(), dir=output.parent))

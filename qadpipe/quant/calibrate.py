@@ -15,8 +15,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from fractions import Fraction
 import time
+from fractions import Fraction
 from typing import Iterable, Iterator, Optional
 
 import torch
