@@ -195,8 +195,8 @@ class DistillConfig:
     lr: float = opt(1e-5,
         "peak learning rate (~1e-6 SFT teachers, ~1e-5 RL-tuned, ~1e-4 quant params only)", gt=0.0)
     weight_decay: float = opt(0.0,
-        "AdamW weight decay, on every trainable parameter: norms, LSQ steps and clip ratios too (which it "
-        "pulls toward 0, and toward a 0.5 clip); QAD starts at the teacher's weights, keep 0 unless you mean that",
+        "AdamW weight decay, on weight matrices only (norms, biases, LSQ steps and clip ratios get none); "
+        "QAD starts at the teacher's weights, keep 0 unless you mean to pull them toward 0",
         ge=0.0)
     warmup_steps: int = opt(10, "linear warmup steps", ge=0)
     schedule: Literal["cosine", "linear", "constant"] = opt("cosine", "decay after warmup")

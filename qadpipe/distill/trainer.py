@@ -43,6 +43,7 @@ from qadpipe.distill.checkpoint import (CHECKPOINT_DIR, TrainerState, capture_rn
 from qadpipe.distill.collate import Batch, collate
 from qadpipe.distill.head_loss import STAT_KEYS, LossSpec, PositionTargets, split_lm, summarize
 from qadpipe.distill.loader import TargetLoader
+from qadpipe.distill.optim import adamw, no_decay_names
 from qadpipe.distill.observe import METRICS_FILE, MetricsLog, peak_memory_gib
 from qadpipe.distill.schedule import lr_multiplier
 from qadpipe.distill.student import (FINAL_DIR, PTQ_DIR, StudentLoss, build_student, enable_activation_checkpointing,
@@ -51,6 +52,7 @@ from qadpipe.errors import DistillError, first_line
 from qadpipe.file_modes import check_writable_dir
 from qadpipe.models import output_rows
 from qadpipe.provenance import save_run_record
+from qadpipe.quant.recipe import quant_parameters
 from qadpipe.stop_signals import StopSignals
 from qadpipe.targets import SequenceTargets
 
@@ -181,9 +183,10 @@ class DistillRecipe:
         self._select_trainable(student)
         if cfg.activation_checkpointing:
             enable_activation_checkpointing(student)
+        no_decay = no_decay_names(self.model, quant_parameters(student))
         self.wrapped = dist_utils.wrap(self.model, student.get_decoder().layers, cfg.distributed, self.env)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = adamw(self.model, cfg.lr, cfg.weight_decay, no_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_multiplier(cfg.schedule, cfg.warmup_steps, cfg.max_steps))
         if restored is not None:
@@ -324,8 +327,6 @@ class DistillRecipe:
         if self.cfg.trainable == "all":
             student.requires_grad_(True)
             return
-        from qadpipe.quant.recipe import quant_parameters
-
         keep = {id(p) for p in quant_parameters(student)}
         keep |= {id(p) for name, p in student.named_parameters() if "norm" in name.lower()}
         for param in student.parameters():
@@ -375,6 +376,12 @@ class DistillRecipe:
         return saved
 
     def _restore_state(self, path: Path, state: TrainerState) -> None:
+        saved_decay = [group["weight_decay"] for group in state.optimizer["param_groups"]]
+        decay = [group["weight_decay"] for group in self.optimizer.param_groups]
+        if saved_decay != decay:
+            raise DistillError(f"{path}: AdamW groups with weight decay {saved_decay}, this run builds {decay} (a "
+                               "qadpipe before 2026-12 decayed norms and quantizer parameters too); resume it with "
+                               "the qadpipe that wrote it or start a fresh distill.output_dir")
         dist_utils.load_optimizer_state(self.model, self.optimizer, state.optimizer)
         self.scheduler.load_state_dict(state.scheduler)
         ranks = state.loader.get("ranks", [])
