@@ -241,6 +241,8 @@ _KERNEL_CHOICES = {
     (MXFP8_Q, 8, False): (_MX_KERNELS, "GPUs other than SM100+ with FlashInfer"),
     (FLOAT_Q, 8, True): ("vLLM 0.32 quantizes FP8 activations on SM89+ GPUs (Ada, Hopper, Blackwell) and vLLM-CPU; "
                          "older GPUs (A100) run W8A16", "SM89+ or CPU"),
+    (PACK, 4, True): ("vLLM 0.32 has a kernel for int4 weights with FP8 activations only on SM90 (it matches the "
+                      "capability exactly): other GPUs and vLLM-CPU refuse to load the checkpoint", "SM90 (H100/H200)"),
     (PACK, 4, False): ("vLLM-CPU 0.32 quantizes the activations of 4-bit int layers to int8 on AMX and RISC-V CPUs "
                        "unless VLLM_CPU_INT4_W4A8=0", "GPUs, or vLLM-CPU with VLLM_CPU_INT4_W4A8=0"),
     (PACK, 8, False): ("vLLM-CPU 0.32 has no kernel for 8-bit weight-only int (its int kernels take 4-bit weights)",

@@ -259,10 +259,11 @@ def test_refuses_uncalibrated_static_inputs(tiny_llama_dir, tmp_path):
 
 
 @pytest.mark.parametrize("learnable", ["none", "lsq"])
-def test_w4a8_fp8_writes_codes_and_bf16_group_scales(student, tiny_llama_dir, tmp_path, learnable):
+def test_w4a8_fp8_writes_codes_and_bf16_group_scales(student, tiny_llama_dir, tmp_path, caplog, learnable):
     """W4A8-FP8: vLLM turns the bf16 group scales into FP8 x per-channel factors at load (a
-    Hopper-only kernel, not checked here); what is checked is that the checkpoint holds the
-    student's codes and bf16 scales exactly (learned ones too), with FP8 per-token inputs."""
+    Hopper-only kernel, not run here, which the export says); what is checked is that the
+    checkpoint holds the student's codes and bf16 scales exactly (learned ones too), with FP8
+    per-token inputs."""
     model, config = student(tiny_llama_dir, "w4a16_int", 32, learnable=learnable,
                             rules=[{"targets": r"mlp\.down_proj", "preset": "w4a8_fp8"}])  # K=128
     with torch.no_grad():                  # a learned step moved off its initial value
@@ -271,6 +272,8 @@ def test_w4a8_fp8_writes_codes_and_bf16_group_scales(student, tiny_llama_dir, tm
                 param.mul_(0.93)
     out = tmp_path / "export"
     export_model(model, tiny_llama_dir, out, "compressed-tensors", config)
+    assert any("this W4A8 student is served as trained only on SM90 (H100/H200)" in r.getMessage()
+               for r in caplog.records if r.levelname == "WARNING")
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     (group,) = [g for g in qc["config_groups"].values() if g["input_activations"] is not None]
     assert group["format"] == "pack-quantized" and group["weights"]["group_size"] == 128
