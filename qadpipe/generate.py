@@ -214,6 +214,16 @@ def run_generate(config: PipelineConfig, *, num_shards: Optional[int] = None, sh
                                     written += 1
                         except torch.OutOfMemoryError as exc:
                             raise TeacherError(_out_of_memory(config, task, batch, written, exc)) from None
+                        except TeacherError as exc:
+                            if not stop.received:
+                                raise
+                            # The scheduler's signal reaches vLLM's engine processes too, which stop
+                            # mid-batch: a stop, not a teacher failure (exit 143 so a requeue follows).
+                            log.warning("generate %s: the teacher stopped with %s (%s); its unfinished batch is "
+                                        "recomputed on resume", task, stop.received, first_line(exc))
+                            writer.flush()
+                            stopped_by = stop.received
+                            break
                         batch_tokens = sum(len(s.input_ids) for s in batch)
                         tokens += batch_tokens
                         bar.update(len(batch))

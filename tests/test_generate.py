@@ -240,6 +240,55 @@ def test_out_of_memory_is_one_line_and_keeps_the_rows_written_before_it(small_vo
     _assert_same_cache(tmp_path / "whole", cache)
 
 
+def test_a_teacher_that_dies_of_the_stop_signal_ends_as_a_stop_not_an_error(small_vocab_model: Path,
+                                                                           tmp_path: Path) -> None:
+    """SLURM's SIGTERM (and Ctrl-C) reach vLLM's engine processes too, which stop mid-batch: the
+    run must commit what it has and end stopped (exit 143, resumable), not as a teacher crash."""
+    import os
+    import signal
+
+    from qadpipe.errors import TeacherError
+    from qadpipe.teacher import make_teacher
+
+    class EngineStoppedBySigterm:
+        def __init__(self, teacher: Any) -> None:
+            self.teacher, self.calls = teacher, 0
+
+        def score(self, batch: Any, spec: Any) -> Any:
+            self.calls += 1
+            if self.calls == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+                raise TeacherError("teacher: the vLLM engine died (EngineDeadError)")
+            return self.teacher.score(batch, spec)
+
+        def close(self) -> None:
+            self.teacher.close()
+
+    run_generate(_config(small_vocab_model, tmp_path / "whole"))
+    cache = tmp_path / "cache"
+    stopped = run_generate(_config(small_vocab_model, cache),
+                           teacher_factory=lambda *a, **kw: EngineStoppedBySigterm(make_teacher(*a, **kw)))
+    assert (stopped.stopped_by, stopped.written) == ("SIGTERM", 4)
+    assert len(_rows(cache)) == 4
+    rerun = run_generate(_config(small_vocab_model, cache))
+    assert rerun.skipped == 4 and rerun.written == 8 and rerun.stopped_by is None
+    _assert_same_cache(tmp_path / "whole", cache)
+
+
+def test_a_teacher_error_without_a_stop_signal_is_still_an_error(small_vocab_model: Path, tmp_path: Path) -> None:
+    from qadpipe.errors import TeacherError
+
+    class Broken:
+        def score(self, batch: Any, spec: Any) -> Any:
+            raise TeacherError("teacher: the vLLM engine died (EngineDeadError)")
+
+        def close(self) -> None:
+            pass
+
+    with pytest.raises(TeacherError, match="engine died"):
+        run_generate(_config(small_vocab_model, tmp_path / "cache"), teacher_factory=lambda *a, **kw: Broken())
+
+
 @pytest.fixture(scope="module")
 def small_vocab_model(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Path:
     """A 512-id model (with the SmolLM2 tokenizer files) for the k > vocab case."""
