@@ -120,15 +120,20 @@ class HFTeacher:
         rows = torch.cat(flat_rows).to(self.device)
         selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
         sizes = [len(r) for r in flat_rows]
+        bounds = np.cumsum([0, *sizes])
         if spec.kind == "topk":
             top_ids, top_lps = self._topk(selected, spec.k)
-            bounds = np.cumsum([0, *sizes])
             return [topk_targets(seq, start, top_ids[a:b], top_lps[a:b])
                     for seq, start, a, b in zip(batch, starts, bounds[:-1], bounds[1:])]
         uniforms = np.concatenate([np.random.default_rng(sequence_seed(spec.seed, seq.id)).random((n, spec.num_samples))
                                    for seq, n in zip(batch, sizes)] + [np.zeros((0, spec.num_samples))])
+
+        def where(row: int) -> str:   # a target row of this batch -> its sequence and position
+            i = int(np.searchsorted(bounds, row, side="right")) - 1
+            return f"sequence {batch[i].id!r} position {starts[i] + row - int(bounds[i])}"
+
         draws = np.concatenate([draw_indices(torch.softmax(self.logits(selected[a:a + self.chunk_tokens]), -1),
-                                             uniforms[a:a + self.chunk_tokens])
+                                             uniforms[a:a + self.chunk_tokens], lambda row, a=a: where(a + row))
                                 for a in range(0, len(selected), self.chunk_tokens)]
                                + [np.zeros((0, spec.num_samples), np.int64)])   # a batch with no target rows
         out, first = [], 0

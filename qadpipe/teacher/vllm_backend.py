@@ -69,7 +69,8 @@ def sampled_from_topk(sequence: TokenSequence, start: int, top_ids: np.ndarray, 
 
     probs = np.concatenate([np.exp(top_lps.astype(np.float64)), tail[:, None]], axis=1)
     rng = np.random.default_rng(sequence_seed(spec.seed, sequence.id))
-    draws = draw_indices(torch.from_numpy(probs), rng.random((len(probs), spec.num_samples)))
+    draws = draw_indices(torch.from_numpy(probs), rng.random((len(probs), spec.num_samples)),
+                         lambda row: f"sequence {sequence.id!r} position {start + row}")
     offsets, columns, counts = counts_by_row(draws)
     rows = np.repeat(np.arange(len(probs)), np.diff(offsets))
     padded = np.concatenate([top_ids, np.full((len(top_ids), 1), TAIL_ID, np.int32)], axis=1)

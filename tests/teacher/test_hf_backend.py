@@ -110,6 +110,22 @@ def test_sampled_targets_follow_the_distribution(successor: Any) -> None:
     assert (t.sample_counts == 50).all()
 
 
+def test_sampled_targets_refuse_a_teacher_with_non_finite_logits_naming_the_position() -> None:
+    """A NaN embedding row poisons every position of the sequence holding that token (masked
+    attention still multiplies its NaN value by 0), never another sequence of the batch: the
+    first target row of that sequence, in the second chunk of positions, is the one named."""
+    from conftest import successor_model
+
+    model = successor_model()
+    with torch.no_grad():
+        model.model.embed_tokens.weight[511] = float("nan")
+    teacher = HFTeacher(model, chunk_tokens=2)
+    clean = TokenSequence("clean", np.arange(10, 16, dtype=np.int32), 3)        # target rows: positions 2-4
+    poisoned = TokenSequence("poisoned", np.array([20, 21, 22, 23, 24, 511, 26, 27, 28], dtype=np.int32), 3)
+    with pytest.raises(TeacherError, match=r"^sequence 'poisoned' position 2: the teacher's probabilities are NaN"):
+        teacher.score([clean, poisoned], TargetSpec(kind="sampled", num_samples=50, include_prompt=False))
+
+
 def test_greedy_completion_follows_the_model_and_is_seeded(successor: Any) -> None:
     teacher = HFTeacher(successor, eos_ids=(1,), pad_id=0)
     prompt = TokenSequence("p", np.array([10, 11, 12], dtype=np.int32), 3)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
+from qadpipe.errors import TeacherError
 from qadpipe.teacher.sampling import counts_by_row, draw_indices, sequence_seed
 
 
@@ -40,3 +42,10 @@ def test_sequence_seed_depends_on_seed_and_id_only() -> None:
     assert sequence_seed(0, "abc") == sequence_seed(0, "abc")
     assert len({sequence_seed(0, "abc"), sequence_seed(1, "abc"), sequence_seed(0, "abd")}) == 3
     assert 0 <= sequence_seed(5, "x") < 2 ** 63
+
+
+@pytest.mark.parametrize("bad_row", [[0.5, float("nan"), 0.5], [0.5, float("inf"), 0.5], [0.0, 0.0, 0.0]])
+def test_a_row_without_finite_mass_is_refused_not_drawn_as_the_last_column(bad_row) -> None:
+    probs = torch.tensor([[0.2, 0.3, 0.5], bad_row], dtype=torch.float64)
+    with pytest.raises(TeacherError, match=r"^sequence 's' position 8: the teacher's probabilities are NaN/inf"):
+        draw_indices(probs, np.random.default_rng(0).random((2, 10)), lambda row: f"sequence 's' position {7 + row}")
