@@ -21,7 +21,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from qadpipe.errors import QadpipeError
+from qadpipe.errors import QadpipeError, first_line
 from qadpipe.user_cache import cache_root, file_lock
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,11 @@ def load_kernel(source: Path) -> ctypes.CDLL:
                                    "set QADPIPE_CACHE_DIR to a writable directory") from None
     # torch, already loaded, holds the process's libgomp: the kernel links against the same
     # soname, so its parallel regions run on torch's OpenMP threads rather than a second pool.
-    return ctypes.CDLL(str(target))
+    try:
+        return ctypes.CDLL(str(target))
+    except OSError as exc:   # a noexec mount, or a build another node's libraries cannot run
+        raise KernelBuildError(f"{target}: built but cannot be loaded ({first_line(exc)}); delete it to rebuild, "
+                               "or set QADPIPE_CACHE_DIR to a local directory executables may run from") from None
 
 
 def _compile(compiler: str, source: Path, target: Path) -> None:

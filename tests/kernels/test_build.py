@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from qadpipe.kernels import build
 from qadpipe.kernels.build import KernelBuildError, load_kernel
 
 
@@ -62,3 +63,32 @@ def test_a_cache_directory_that_cannot_be_written_is_named(kernel_dir, tmp_path,
     with pytest.raises(KernelBuildError, match=r"answer\.cpp: cannot build into .*a-file/cache/kernels "
                                                r"\(.*\); set QADPIPE_CACHE_DIR to a writable directory"):
         load_kernel(write_source(tmp_path / "answer.cpp", "return x;"))
+
+
+def test_a_build_that_cannot_be_loaded_is_one_line_naming_the_file(kernel_dir, tmp_path, monkeypatch):
+    """What a noexec cache directory or a build for another node's libraries looks like: the
+    file is there, the dynamic loader refuses it."""
+    monkeypatch.setattr(build, "_compile", lambda compiler, source, target: target.write_bytes(b"not an ELF file"))
+    with pytest.raises(KernelBuildError, match=r"/answer-[0-9a-f]+\.so: built but cannot be loaded \(.*\); "
+                                               r"delete it to rebuild"):
+        load_kernel(write_source(tmp_path / "answer.cpp", "return x;"))
+
+
+def test_the_prompt_logprob_plugin_falls_back_to_torch_ops_when_the_kernel_cannot_load(kernel_dir, caplog,
+                                                                                       monkeypatch):
+    import torch
+
+    from qadpipe.teacher import vllm_fused_logprobs as fused
+
+    monkeypatch.setattr(build, "_compile", lambda compiler, source, target: target.write_bytes(b"not an ELF file"))
+    fused._native_kernel_builds.cache_clear()
+    try:
+        logits = torch.randn(4, 4096)                     # a shape the kernel takes
+        ids, logprobs, _ = fused._topk_logprobs(logits, 8, torch.tensor([0, 1, 2, 3]))
+    finally:
+        fused._native_kernel_builds.cache_clear()
+    reference = torch.log_softmax(logits.double(), -1).topk(8)
+    assert torch.equal(ids[:, 1:].long(), reference.indices)
+    torch.testing.assert_close(logprobs[:, 1:].double(), reference.values, rtol=0, atol=1e-5)
+    assert any("built but cannot be loaded" in r.getMessage() and "fall back to torch ops" in r.getMessage()
+               for r in caplog.records)
