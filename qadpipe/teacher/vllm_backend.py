@@ -131,6 +131,12 @@ def use_fused_logprobs(enabled: bool) -> None:
                     "is not installed (pip install -e .); vLLM's own, slower log_softmax path runs")
 
 
+def fused_plugin_bypassed(vllm_config: Any) -> bool:
+    """Whether the engine runs vLLM's V2 model runner (its default on GPUs with Triton), which
+    computes prompt log-probs in its own code: the plugin patches the V1 runner only."""
+    return bool(vllm_config.use_v2_model_runner)
+
+
 def _engine_error(exc: BaseException) -> str:
     """What vLLM refused, in one line.  Its configs are pydantic dataclasses: a refused setting
     (max_model_len, dtype, tensor_parallel_size) is a ValidationError whose first line only
@@ -185,6 +191,10 @@ class VLLMTeacher:
             llm = LLM(**kwargs)
         except (ValueError, RuntimeError) as exc:
             raise TeacherError(f"teacher: vLLM could not start the engine for {path} ({_engine_error(exc)})") from exc
+        if teacher.fused_logprobs and fused_plugin_bypassed(llm.llm_engine.vllm_config):
+            log.warning("vLLM prompt log-probs: vLLM chose its V2 model runner, which qadpipe's fused plugin does not "
+                        "patch, so vLLM's own prompt log-prob path runs (same values); VLLM_USE_V2_MODEL_RUNNER=0 "
+                        "selects the V1 runner the plugin patches")
         vocab = int(llm.llm_engine.model_config.get_vocab_size())
         return cls(llm, k, vocab)
 

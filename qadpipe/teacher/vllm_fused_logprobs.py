@@ -204,8 +204,9 @@ def register() -> None:
     prompt_logprobs_fused.qadpipe_fused = True
     GPUModelRunner._get_prompt_logprobs_dict = prompt_logprobs_fused
     _register_bulk_prompt_logprobs()
-    log.info("qadpipe: vLLM prompt log-probs from the logits, chunk-wise (on CPU one native logsumexp/rank/"
-             "top-k pass, on GPU a compiled logsumexp pass and torch.topk; FlatLogprobs filled in bulk)")
+    log.info("qadpipe: vLLM's V1 model runner patched: prompt log-probs from the logits, chunk-wise (on CPU one "
+             "native logsumexp/rank/top-k pass, on GPU a compiled logsumexp pass and torch.topk; FlatLogprobs "
+             "filled in bulk)")
 
 
 def _register_bulk_prompt_logprobs() -> None:

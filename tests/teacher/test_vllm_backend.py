@@ -17,7 +17,8 @@ from qadpipe.data.sequences import TokenSequence
 from qadpipe.errors import TeacherError
 from qadpipe.targets import TAIL_ID, tail_mass_from_logprobs
 from qadpipe.teacher.base import TargetSpec
-from qadpipe.teacher.vllm_backend import _engine_error, flat_to_arrays, reserve_cpu_cores, sampled_from_topk
+from qadpipe.teacher.vllm_backend import (_engine_error, flat_to_arrays, fused_plugin_bypassed, reserve_cpu_cores,
+                                          sampled_from_topk)
 
 logprobs_module = pytest.importorskip("vllm.logprobs")
 
@@ -84,6 +85,18 @@ def test_cpu_core_reservation_comes_from_the_config_unless_the_environment_sets_
     monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", "3")
     reserve_cpu_cores(0)
     assert os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "3"
+
+
+def test_the_fused_plugin_is_said_bypassed_where_vllm_picks_its_v2_runner(monkeypatch) -> None:
+    """The plugin patches the V1 runner; vLLM's V2 runner (its GPU default where Triton works)
+    computes prompt log-probs itself. Asked of vLLM's own config, as the engine decides it."""
+    from vllm.config import VllmConfig
+
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
+    config = VllmConfig()          # built where V1 is valid: vLLM-CPU refuses V2 at construction
+    assert not fused_plugin_bypassed(config)
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    assert fused_plugin_bypassed(config)
 
 
 def test_sampled_from_topk_puts_tail_draws_on_tail_id() -> None:
