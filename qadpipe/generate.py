@@ -146,6 +146,8 @@ def _cache_meta(config: PipelineConfig, model_dir: Path, vocab_size: int, tokeni
         teacher_dtype=config.teacher.dtype + ("+fp32_head" if config.teacher.fp32_head else ""),
         tokenizer_fingerprint=tokenizer_fp, vocab_size=vocab_size, target_kind=cache.target, k=cache.k,
         num_samples=cache.num_samples, encoding=cache.encoding, data_fingerprint=data_fp,
+        # the two backends draw from different distributions: tasks must not mix them
+        sampled_from=("vocab" if config.teacher.backend == "hf" else "topk+tail") if cache.target == "sampled" else "",
         config=config_to_dict(config),
     )
 

@@ -44,6 +44,7 @@ def summarize(root: str, *, rehash: bool = False) -> dict:
         "cache": root,
         "format_version": meta.format_version,
         "target_kind": meta.target_kind, "k": meta.k, "num_samples": meta.num_samples, "encoding": meta.encoding,
+        "sampled_from": meta.sampled_from,
         "teacher": {"name": meta.teacher, "revision": meta.teacher_revision, "dtype": meta.teacher_dtype,
                     "logprobs_mode": meta.logprobs_mode, "temperature": meta.temperature},
         "tokenizer_fingerprint": meta.tokenizer_fingerprint, "vocab_size": meta.vocab_size,
@@ -82,6 +83,8 @@ def render(summary: dict) -> str:
     """The human-readable report."""
     s, teacher = summary, summary["teacher"]
     size = f"k={s['k']}" if s["target_kind"] == "topk" else f"N={s['num_samples']} draws"
+    if s["sampled_from"]:
+        size += " from the full vocabulary" if s["sampled_from"] == "vocab" else f" from the top-{s['k']} and a tail bucket"
     lines = [
         f"cache       {s['cache']}",
         f"format      v{s['format_version']}, {s['target_kind']} {size}, {s['encoding']} encoding",

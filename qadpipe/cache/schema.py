@@ -39,6 +39,9 @@ from qadpipe.errors import CacheError
 #: Bump on any change of the on-disk layout; readers refuse versions they do not know.
 FORMAT_VERSION = 1
 TARGET_KINDS = ("topk", "sampled")
+#: What sampled targets were drawn from: the full vocabulary (HF teacher) or vLLM's captured
+#: top-k and one tail bucket (tail draws are dropped in stage two); "" for top-k caches.
+SAMPLED_FROM = ("vocab", "topk+tail")
 ENCODINGS = ("plain", "compact")
 
 #: Parquet schema-metadata key under which every shard carries its :class:`CacheMeta`.
@@ -68,6 +71,7 @@ class CacheMeta:
     logprobs_mode: str = "raw_logprobs"
     temperature: float = 1.0
     data_fingerprint: str = ""
+    sampled_from: str = ""
     config: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
@@ -82,6 +86,8 @@ class CacheMeta:
             raise CacheError(f"cache meta k={self.k}: expected 1 <= k <= vocab_size ({self.vocab_size}) for top-k targets")
         if self.target_kind == "sampled" and self.num_samples < 1:
             raise CacheError(f"cache meta num_samples={self.num_samples}: expected >= 1 draws for sampled targets")
+        if self.sampled_from not in ("", *SAMPLED_FROM):
+            raise CacheError(f"cache meta sampled_from={self.sampled_from!r}: expected one of {SAMPLED_FROM}")
 
     def identity(self) -> dict[str, Any]:
         """The fields two parts of one cache must agree on (all but ``config``)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -30,12 +31,14 @@ def test_inspect_report_and_json(tmp_path):
 
 
 def test_inspect_sampled(tmp_path):
-    meta = cache_meta("sampled")
+    meta = dataclasses.replace(cache_meta("sampled", sampled_from="topk+tail"), k=64)   # vLLM's capture width
     rows = random_rows(meta, 3)
     write_cache(tmp_path, meta, rows)
     data = json.loads(CliRunner().invoke(cli, ["inspect", str(tmp_path), "--json"]).output)
     unique = np.concatenate([np.diff(r.sample_offsets) for r in rows])
     assert data["targets"]["unique_ids_per_position"] == unique.mean()
+    assert data["sampled_from"] == "topk+tail"
+    assert "sampled N=50 draws from the top-64 and a tail bucket" in CliRunner().invoke(cli, ["inspect", str(tmp_path)]).output
 
 
 def test_inspect_verify_flags_a_corrupt_shard(tmp_path):

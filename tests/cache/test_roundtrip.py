@@ -122,6 +122,16 @@ def test_writer_refuses_a_cache_made_differently(tmp_path):
         CacheWriter(str(tmp_path), cache_meta("topk", k=16), task="task-00001")
 
 
+def test_sampled_tasks_drawn_from_different_distributions_do_not_mix(tmp_path):
+    """HF draws from the full vocabulary, vLLM from its top-k and a tail bucket: a task that
+    fell back to the other backend must not add its rows to the same cache."""
+    from_vllm = cache_meta("sampled", sampled_from="topk+tail")
+    write_cache(tmp_path, from_vllm, random_rows(from_vllm, 2))
+    with pytest.raises(CacheError, match=r"cache was written with sampled_from='topk\+tail', this writer has "
+                                         r"sampled_from='vocab'"):
+        CacheWriter(str(tmp_path), cache_meta("sampled", sampled_from="vocab"), task="task-00001")
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("topk_ids", np.zeros((3, 8), np.int32), r"topk_ids has shape \(3, 8\), expected \(\d+, 8\)"),
     ("topk_logprobs", None, "topk_logprobs is not sorted by descending log-prob along k"),
