@@ -227,7 +227,8 @@ def _served_as_trained_only_on(scheme: Scheme) -> str:
 
 
 _MX_KERNELS = ("vLLM 0.32 quantizes MX activations only on SM100+ GPUs with FlashInfer, whatever input_activations "
-               "says (Marlin and emulation are weight-only; vLLM-CPU has no MX kernel)")
+               "says (other GPUs get its weight-only Marlin kernel, or, without Marlin and with amd-quark installed, "
+               "an emulation that quantizes activations with its own scale rounding; vLLM-CPU has no MX kernel)")
 #: (format, weight bits, activations quantized) -> (vLLM 0.32's kernel choice, the machines
 #: that serve the student as trained); read from its kernel selection, not run here.  A
 #: student trained W4A4 but served by a weight-only kernel keeps its activations in bf16, one
