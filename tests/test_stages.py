@@ -119,3 +119,21 @@ def test_generate_launcher_splits_by_num_shards_when_only_some_indices_are_resub
     assert "--set generate.num_shards=64 --set generate.shard_index=17" in shown
     shown = _run(["bash", str(STAGES / "generate.sbatch")], echo, tmp_path).stdout
     assert "--set generate.num_shards=2 --set generate.shard_index=17" in shown
+
+
+def test_distill_launcher_under_slurm_gives_srun_the_cpus_and_sends_sigterm_to_the_tasks(tmp_path: Path) -> None:
+    """Inside an allocation the script execs srun (a stand-in here that prints its arguments):
+    srun must pass the allocation's CPUs per task on (SLURM 22.05-23.02 srun does not inherit
+    them, and all ranks of a node would share one CPU), and SLURM's early SIGTERM must go to the
+    step's tasks, not to the batch shell -- which is srun, and srun turns a SIGTERM of its own
+    into a SIGKILL of every rank, losing the checkpoint the SIGTERM was for."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").write_text('#!/bin/bash\necho "srun $*"\n')
+    (fake / "srun").chmod(0o755)
+    env = {"PATH": f"{fake}:{os.environ['PATH']}", "SLURM_JOB_ID": "7", "SLURM_CPUS_PER_TASK": "64",
+           "SLURM_NNODES": "2", "CONFIG": "c.yaml", "TORCHRUN": "torchrun", "MASTER_ADDR": "node1"}
+    shown = _run(["bash", str(STAGES / "distill.sbatch")], env, tmp_path).stdout
+    assert "srun --kill-on-bad-exit=1 --cpus-per-task=64 torchrun --nnodes=2" in shown
+    headers = [line for line in (STAGES / "distill.sbatch").read_text().splitlines() if line.startswith("#SBATCH")]
+    assert "#SBATCH --signal=TERM@300" in headers
