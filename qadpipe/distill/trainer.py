@@ -358,9 +358,10 @@ class DistillRecipe:
     def _check_same_run(self, path: Path) -> dict[str, Any]:
         """Refuse to continue a checkpoint that another recipe wrote: a stale run's checkpoint
         in the same output_dir would otherwise be resumed on other data or another recipe.
-        Only the schedule-and-bookkeeping fields (RESUMABLE_CHANGES) may differ.  A field the
-        checkpoint's qadpipe predates counts as its default, which is what that version did.
-        Returns the checkpoint's flattened config."""
+        Of the fields this run reads (:meth:`_reads`), only the schedule-and-bookkeeping ones
+        (RESUMABLE_CHANGES) may differ; the other stages' settings in a shared YAML may change
+        freely.  A field the checkpoint's qadpipe predates counts as its default, which is what
+        that version did.  Returns the checkpoint's flattened config."""
         import yaml
 
         from qadpipe.config import build_config, config_to_dict
@@ -369,11 +370,23 @@ class DistillRecipe:
         saved = _flatten(yaml.safe_load((path / RUN_FILE).read_text())["config"])
         defaults = _flatten(config_to_dict(build_config({})))
         changed = [key for key, value in _flatten(config_to_dict(self.config)).items()
-                   if key not in RESUMABLE_CHANGES and saved.get(key, defaults.get(key)) != value]
+                   if self._reads(key) and key not in RESUMABLE_CHANGES and saved.get(key, defaults.get(key)) != value]
         if changed:
             raise DistillError(f"{path}: --resume of a checkpoint written with another config ({', '.join(changed[:4])} "
                                "differ); use a fresh distill.output_dir or resume with the config that made it")
         return saved
+
+    def _reads(self, key: str) -> bool:
+        """Whether config field ``key`` can change what this run trains.  The cache's settings
+        are not among them (its contents are fingerprinted instead), nor generate's, eval's or
+        export's; the teacher's only with a teacher in the loop, the data's only when the
+        tokens come from data.source rather than a cache."""
+        section = key.partition(".")[0]
+        if section in ("model", "quant", "distill"):
+            return True
+        if section == "teacher":
+            return self._needs_teacher() and key in ("teacher.path", "teacher.dtype")
+        return section == "data" and self.target_kind is None
 
     def _restore_state(self, path: Path, state: TrainerState) -> None:
         saved_decay = [group["weight_decay"] for group in state.optimizer["param_groups"]]
@@ -606,14 +619,13 @@ class DistillRecipe:
         dist_utils.shutdown()
 
 
-#: Config fields a resumed run may change: when to stop, log, evaluate and save, where the
-#: run and its cache live (a moved cache is recognised by its fingerprint, not its path), and
-#: how much memory a step takes (the knobs a run that ran out of memory is resumed with).
+#: Fields a resumed run may change among those it reads: when to stop, log, evaluate and
+#: save, where the run lives, and how much memory a step takes (the knobs a run that ran out
+#: of memory is resumed with).  A moved cache is recognised by its fingerprint, not its path.
 RESUMABLE_CHANGES = frozenset({"distill.max_steps", "distill.log_every", "distill.eval_every", "distill.save_every",
                                "distill.save", "distill.activation_checkpointing", "distill.loss_chunk_tokens",
                                "distill.prefetch_batches", "distill.tensorboard", "distill.device",
-                               "distill.output_dir", "cache.path", "eval.output_dir", "export.output_dir",
-                               "export.format"})
+                               "distill.output_dir"})
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -283,6 +283,28 @@ def test_resume_refuses_a_checkpoint_of_another_recipe(peaky_llama_dir, topk_cac
     assert train_rows(tmp_path)[-1]["step"] == 3
 
 
+def test_resume_ignores_the_settings_of_other_stages_in_a_shared_config(peaky_llama_dir, topk_cache, tmp_path):
+    """stages/distill.sbatch always passes --resume, and one YAML serves every stage: editing
+    generate's, the cache writer's, eval's or a teacher-in-the-loop's settings (none of which a
+    run on a cache reads) must not strand the requeued job."""
+    assert distill(peaky_llama_dir, topk_cache, tmp_path, "distill.max_steps=2", "distill.save_every=1").exit_code == 0
+    resumed = distill(peaky_llama_dir, topk_cache, tmp_path, "distill.max_steps=3", "teacher.kv_cache_gib=2",
+                      "teacher.batch_size=7", "teacher.dtype=bfloat16", "generate.seed=5", "cache.rows_per_shard=9",
+                      "eval.max_sequences=3", "data.max_length=16", resume=True)
+    assert resumed.exit_code == 0, resumed.output
+    assert train_rows(tmp_path)[-1]["step"] == 3
+
+
+def test_resume_online_without_a_cache_compares_the_data_and_teacher_it_reads(peaky_llama_dir, tmp_path):
+    no_cache = tmp_path / "no-cache"
+    args = ("distill.mode=online", "distill.max_steps=2", "distill.save_every=1", "data.random.length=16")
+    assert distill(peaky_llama_dir, no_cache, tmp_path, *args).exit_code == 0
+    line = one_line_error(distill(peaky_llama_dir, no_cache, tmp_path, *args, "data.random.seed=9", resume=True))
+    assert "another config (data.random.seed differ)" in line
+    line = one_line_error(distill(peaky_llama_dir, no_cache, tmp_path, *args, "teacher.dtype=bfloat16", resume=True))
+    assert "another config (teacher.dtype differ)" in line
+
+
 def test_a_fresh_run_into_a_previous_runs_directory_is_refused_and_changes_nothing(peaky_llama_dir, topk_cache,
                                                                                  tmp_path):
     assert distill(peaky_llama_dir, topk_cache, tmp_path, "distill.max_steps=2", "distill.save_every=1").exit_code == 0
