@@ -73,8 +73,9 @@ def _fsync_dir(directory: Path) -> None:
         os.close(dir_fd)
 
 
-def run_record(config: Any, stage: str) -> dict[str, Any]:
-    """The record saved beside an output: stage, time, host, versions and resolved config."""
+def run_record(config: Any, stage: str, **facts: Any) -> dict[str, Any]:
+    """The record saved beside an output: stage, time, host, versions, resolved config, and
+    any ``facts`` of the run the config does not say (e.g. the cache contents it trained on)."""
     from qadpipe.config import config_to_dict
 
     return {
@@ -82,14 +83,15 @@ def run_record(config: Any, stage: str) -> dict[str, Any]:
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "host": socket.gethostname(),
         "versions": package_versions(),
+        **facts,
         "config": config_to_dict(config),
     }
 
 
-def save_run_record(config: Any, stage: str, directory: Path) -> Path:
+def save_run_record(config: Any, stage: str, directory: Path, **facts: Any) -> Path:
     """Write ``qadpipe_run.yaml`` into ``directory`` (atomically) and return its path."""
     from qadpipe.config import dump_yaml
 
     path = Path(directory) / RUN_FILE
-    atomic_write_text(path, dump_yaml(run_record(config, stage)))
+    atomic_write_text(path, dump_yaml(run_record(config, stage, **facts)))
     return path

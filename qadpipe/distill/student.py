@@ -88,14 +88,16 @@ class StudentLoss(nn.Module):
 
 
 def save_student(output_dir: Path, model_state: dict[str, torch.Tensor], config: Any,
-                 name: str = FINAL_DIR) -> Path:
-    """Write ``<output_dir>/<name>/`` whole (temp dir → rename), replacing an older one."""
+                 name: str = FINAL_DIR, cache_fingerprint: str = "") -> Path:
+    """Write ``<output_dir>/<name>/`` whole (temp dir → rename), replacing an older one.  Its
+    run record keeps the fingerprint of the cache contents it trained on ("" without a cache),
+    by which eval knows whether a cache's held-out rows are really unseen."""
     final = Path(output_dir) / name
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=output_dir))
     try:
         tensors, aliases = unique_tensors(model_state)
         save_file(tensors, str(tmp / MODEL_FILE), metadata={"aliases": repr(sorted(aliases.items()))})
-        save_run_record(config, "distill", tmp)
+        save_run_record(config, "distill", tmp, cache_fingerprint=cache_fingerprint)
         for path in tmp.iterdir():
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
@@ -133,6 +135,14 @@ def is_student_dir(path: Path) -> bool:
     """Whether ``path`` holds a student in the ``final/`` layout (vs an HF checkpoint)."""
     return (Path(path) / MODEL_FILE).is_file() and (Path(path) / RUN_FILE).is_file() \
         and not (Path(path) / "config.json").is_file()
+
+
+def trained_cache_fingerprint(final_dir: Path) -> Optional[str]:
+    """The cache fingerprint a student's run record holds (None: written before qadpipe kept it)."""
+    import yaml
+
+    record = yaml.safe_load((Path(final_dir) / RUN_FILE).read_text())
+    return record.get("cache_fingerprint") if isinstance(record, dict) else None
 
 
 def trained_config(final_dir: Path) -> Any:

@@ -177,7 +177,7 @@ class DistillRecipe:
             if cfg.save:
                 dist_utils.written_by_main(self.env.is_main, self.env.device,
                                            lambda: save_student(self.output_dir, student.state_dict(), self.config,
-                                                                PTQ_DIR))
+                                                                PTQ_DIR, self._cache_fingerprint()))
             self.ptq_eval = self._evaluate(self.model)
             self._log_eval("ptq", self.ptq_eval)
         self._select_trainable(student)
@@ -608,7 +608,8 @@ class DistillRecipe:
     def save_final(self) -> Optional[Path]:
         model_state = {_strip(k): v for k, v in dist_utils.full_model_state(self.model).items()}
         final = dist_utils.written_by_main(self.env.is_main, self.env.device,
-                                           lambda: save_student(self.output_dir, model_state, self.config))
+                                           lambda: save_student(self.output_dir, model_state, self.config,
+                                                                cache_fingerprint=self._cache_fingerprint()))
         if final is not None:
             log.info("final student written to %s (qadpipe export reads it)", final)
         return final

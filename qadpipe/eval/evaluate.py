@@ -46,6 +46,7 @@ class HeldOut:
     starts: list[int]
     cache_rows: Optional[list[SequenceTargets]]
     description: str
+    cache_fingerprint: Optional[str] = None   # of the cache the rows came from (None: eval.data)
 
 
 def default_models(cfg: PipelineConfig) -> dict[str, str]:
@@ -57,7 +58,20 @@ def default_models(cfg: PipelineConfig) -> dict[str, str]:
     if not found:
         raise ConfigError(f"eval.models: empty and {root} holds no {PTQ_DIR}/ or {FINAL_DIR}/; run "
                           "`qadpipe distill` first or name models with --set eval.models.NAME=DIR")
+    if "qad" not in found:
+        log.warning("eval: %s has no %s/ yet (distill stopped before its last step?): evaluating the PTQ baseline "
+                    "only; finish it with `qadpipe distill --resume`, or name a checkpoint with "
+                    "--set eval.models.NAME=DIR", root, FINAL_DIR)
     return found
+
+
+def check_model_paths(models: dict[str, str]) -> None:
+    """Every model a directory, checked before the first one loads (a typo in the last name
+    would otherwise surface after the others were scored)."""
+    for name, path in models.items():
+        if not Path(path).is_dir():
+            raise ConfigError(f"eval.models.{name}: {path} is not a directory (expected a distill final/ or ptq/ "
+                              "directory or an HF checkpoint)")
 
 
 def load_model(path: str, device: torch.device) -> nn.Module:
@@ -114,6 +128,7 @@ def held_out(cfg: PipelineConfig, tokenizer: Any, vocab_size: int, eval_rows: in
 
     reader = CacheReader(cfg.cache.path)
     reader.check_compatible(tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), vocab_size=vocab_size)
+    _warn_of_another_teacher(cfg, reader.meta)
     count = min(eval_rows, limit)
     if count == 0:
         raise ConfigError("distill.eval_rows: 0 held-out cache rows to evaluate on; set eval.data to a file "
@@ -121,7 +136,41 @@ def held_out(cfg: PipelineConfig, tokenizer: Any, vocab_size: int, eval_rows: in
     rows = list(itertools.islice(reader.iter_sequences(0, 1), count))
     cached = rows if reader.meta.target_kind == "topk" else None
     return HeldOut([r.input_ids.tolist() for r in rows], [r.target_start for r in rows], cached,
-                   f"{len(rows)} held-out rows of the cache {cfg.cache.path} (never trained on)")
+                   f"{len(rows)} held-out rows of the cache {cfg.cache.path}", reader.view.fingerprint)
+
+
+def _warn_of_another_teacher(cfg: PipelineConfig, meta: Any) -> None:
+    """The cache-KL column scores each model against the targets the *cache's* teacher wrote:
+    with another teacher in eval, that column and the teacher-KL columns disagree by design."""
+    from qadpipe.generate import teacher_revision
+
+    revision = teacher_revision(Path(cfg.teacher_path))
+    if meta.teacher_revision and meta.teacher_revision != revision:
+        log.warning("eval: the cache %s was written by the teacher %s (revision %s), this eval's teacher is %s "
+                    "(revision %s): its cache-KL column compares against another model than the teacher columns",
+                    cfg.cache.path, meta.teacher, meta.teacher_revision, cfg.teacher_path, revision)
+
+
+def unseen_claim(data: HeldOut, models: dict[str, str]) -> str:
+    """What the report may say of the cache rows: unseen only if every student trained on
+    exactly these cache contents (rows past its held-out ones of *another* cache may be any
+    rows of this one)."""
+    from qadpipe.distill.student import is_student_dir, trained_cache_fingerprint
+
+    if data.cache_fingerprint is None:
+        return ""
+    recorded = {name: trained_cache_fingerprint(Path(path)) for name, path in models.items()
+                if is_student_dir(Path(path))}
+    other = sorted(name for name, fingerprint in recorded.items()
+                   if fingerprint is not None and fingerprint != data.cache_fingerprint)
+    if other:
+        log.warning("eval: %s trained on other cache contents than the %s: rows it held out there may not be the "
+                    "rows scored here, so the figures may flatter it; evaluate on the cache it trained on, or on "
+                    "eval.data", ", ".join(other), data.description)
+        return f" (NOT verified unseen: {', '.join(other)} trained on other cache contents)"
+    if recorded and all(fingerprint is not None for fingerprint in recorded.values()):
+        return " (never trained on)"
+    return " (held out in training by distill.eval_rows)"
 
 
 def run_eval(cfg: PipelineConfig) -> dict[str, dict[str, float]]:
@@ -133,6 +182,7 @@ def run_eval(cfg: PipelineConfig) -> dict[str, dict[str, float]]:
     device = resolve_device(cfg.eval.device, field="eval.device")
     out = check_writable_dir(Path(cfg.eval.output_dir), "eval.output_dir")
     models = dict(cfg.eval.models) or default_models(cfg)
+    check_model_paths(models)
     tokenizer = load_tokenizer(cfg.teacher_path, trust_remote_code=cfg.model.trust_remote_code)
     teacher = load_causal_lm(cfg.teacher_path, dtype="float32", device=str(device),
                              trust_remote_code=cfg.model.trust_remote_code)
@@ -153,7 +203,7 @@ def run_eval(cfg: PipelineConfig) -> dict[str, dict[str, float]]:
         results[name] = scored[name]
         del student, scored
         release_memory(device)
-    context = {"teacher": cfg.teacher_path, "data": data.description,
+    context = {"teacher": cfg.teacher_path, "data": data.description + unseen_claim(data, models),
                **{f"model {name}": path for name, path in models.items()}}
     # A distill run's curve, once: from its final/ student (ptq/ beside it shares the run's file).
     metrics = {name: Path(path).parent / "metrics.jsonl" for name, path in models.items()

@@ -15,6 +15,7 @@ from qadpipe.cache.reader import CacheReader
 from qadpipe.cli import cli
 from qadpipe.config import load_config
 from qadpipe.distill.trainer import run_distill
+from qadpipe.errors import ConfigError
 from qadpipe.eval.evaluate import run_eval
 
 
@@ -47,6 +48,7 @@ def test_default_models_are_ptq_and_qad_on_the_held_out_cache_rows(trained, tmp_
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["results"]["qad"]["kl"] == pytest.approx(results["qad"]["kl"])
     assert "| ptq |" in (tmp_path / "report.md").read_text()
+    assert saved["context"]["data"].endswith(f"of the cache {topk_cache} (never trained on)")
     assert (tmp_path / "kl_by_model.png").is_file() and (tmp_path / "qadpipe_run.yaml").is_file()
 
 
@@ -138,6 +140,29 @@ def test_eval_without_a_student_is_one_line(tmp_path: Path, peaky_llama_dir: Pat
     assert result.stderr.startswith("qadpipe: error: eval.models: empty and ") and result.stderr.count("\n") == 1
 
 
+def test_a_missing_model_is_named_before_any_model_loads(trained, tmp_path: Path, monkeypatch):
+    from qadpipe.eval import evaluate
+
+    loads = []
+    monkeypatch.setattr(evaluate, "load_model", lambda path, device: loads.append(path))
+    config = load_config(None, [*trained, f"eval.output_dir={tmp_path}", f"eval.models.copy={tmp_path}",
+                                f"eval.models.zbad={tmp_path / 'nonexist'}"])
+    with pytest.raises(ConfigError, match=rf"^eval.models.zbad: {tmp_path / 'nonexist'} is not a directory"):
+        run_eval(config)
+    assert loads == []
+
+
+def test_a_run_stopped_before_final_is_said_to_be_evaluated_as_ptq_only(trained, tmp_path: Path, caplog):
+    import shutil
+
+    student = Path(next(item.split("=", 1)[1] for item in trained if item.startswith("distill.output_dir=")))
+    stopped = tmp_path / "stopped"
+    shutil.copytree(student / "ptq", stopped / "ptq")
+    config = load_config(None, [*trained, f"distill.output_dir={stopped}", f"eval.output_dir={tmp_path / 'out'}"])
+    assert list(run_eval(config)) == ["teacher", "ptq"]
+    assert f"{stopped} has no final/ yet" in caplog.text
+
+
 def test_a_larger_eval_rows_than_the_students_held_out_scores_only_what_they_never_saw(trained, tmp_path: Path,
                                                                                        caplog):
     trained_rows = load_config(None, trained).distill.eval_rows
@@ -148,6 +173,22 @@ def test_a_larger_eval_rows_than_the_students_held_out_scores_only_what_they_nev
     assert saved["context"]["data"].startswith(f"{trained_rows} held-out rows of the cache")
     default = run_eval(load_config(None, [*trained, f"eval.output_dir={tmp_path / 'default'}"]))
     assert results["qad"]["positions"] == default["qad"]["positions"]
+
+
+def test_a_cache_the_students_did_not_train_on_or_of_another_teacher_is_said(trained, tmp_path: Path,
+                                                                           tiny_llama_dir: Path, caplog):
+    """Its first rows need not be the ones the students held out, and its targets come from
+    another model than eval's teacher: the report must not claim the rows unseen, and both are
+    said in the log."""
+    from distill_fixtures import make_cache
+
+    other = make_cache(tmp_path / "other", tiny_llama_dir, "data.random.seed=99")   # the unpeaked model
+    config = load_config(None, [*trained, f"cache.path={other}", f"eval.output_dir={tmp_path / 'out'}"])
+    run_eval(config)
+    claim = json.loads((tmp_path / "out" / "report.json").read_text())["context"]["data"]
+    assert claim.endswith("(NOT verified unseen: ptq, qad trained on other cache contents)")
+    assert "eval: ptq, qad trained on other cache contents than the" in caplog.text
+    assert f"was written by the teacher {tiny_llama_dir}" in caplog.text
 
 
 def test_a_cache_of_another_tokenizer_is_one_line(trained, tmp_path: Path):
