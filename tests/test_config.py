@@ -105,6 +105,10 @@ BAD_CONFIGS = [
                  "distill.seed: got 99999999999999999999999 (int), expected a value < 4294967296", id="seed-too-big"),
     pytest.param(None, ["cache.num_samples=100000000"],
                  "cache.num_samples: got 100000000 (int), expected a value <= 4096", id="draws-too-many"),
+    pytest.param(None, ["distill.output_dir="],   # $OUT unset in `--set distill.output_dir=$OUT`: not the cwd
+                 "distill.output_dir: must not be empty", id="empty-output-dir"),
+    pytest.param(None, ["teacher.path="],
+                 "teacher.path: must not be empty", id="empty-optional-path"),
     pytest.param(None, ["distill={[a]: 1}"],
                  "distill: got '{[a]: 1}' (str), expected a mapping of fields", id="override-with-a-list-key"),
 ]

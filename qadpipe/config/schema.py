@@ -33,7 +33,7 @@ class ModelConfig:
     """The student model (and the teacher too, unless ``teacher.path`` is set)."""
 
     path: str = opt("smollm2-135m",
-        "HF model directory, or the alias 'smollm2-135m' (embedded SmolLM2-135M-Instruct)")
+        "HF model directory, or the alias 'smollm2-135m' (embedded SmolLM2-135M-Instruct)", nonempty=True)
     dtype: Dtype = opt("bfloat16",
         "the student's compute dtype: CUDA autocast in training (master weights stay fp32; CPU trains "
         "in fp32) and the dtype export writes")
@@ -45,7 +45,7 @@ class ModelConfig:
 class TeacherConfig:
     """How stage one serves the full-precision teacher."""
 
-    path: Optional[str] = opt(None, "teacher model; null = model.path")
+    path: Optional[str] = opt(None, "teacher model; null = model.path", nonempty=True)
     backend: Literal["vllm", "hf"] = opt("vllm",
         "vllm (fast, production) or hf (transformers reference, no vLLM needed)")
     dtype: Dtype = opt("bfloat16", "teacher weights dtype")
@@ -129,7 +129,7 @@ class GenerateConfig:
 class CacheConfig:
     """The logit cache written by stage one and read by stage two."""
 
-    path: str = opt("runs/cache", "cache directory, or an object-store URI (s3://, gs://)")
+    path: str = opt("runs/cache", "cache directory, or an object-store URI (s3://, gs://)", nonempty=True)
     target: Literal["topk", "sampled"] = opt("topk",
         "topk: k highest teacher log-probs + tail mass; sampled: N draws (ids + counts)")
     k: int = opt(64, "top-k entries per position", ge=1, le=4096)
@@ -212,7 +212,7 @@ class DistillConfig:
         "recompute each decoder layer in backward, keeping only its input (about a third more "
         "compute; for sequences or batches whose activations do not fit)")
     seed: int = opt(0, "RNG seed (data order, init)", ge=0, lt=2**32)
-    output_dir: str = opt("runs/student", "checkpoints and metrics")
+    output_dir: str = opt("runs/student", "checkpoints and metrics", nonempty=True)
     save_every: int = opt(50, "checkpoint every N steps", ge=1)
     save: bool = opt(True, "write the PTQ student, checkpoints and final/ (false: metrics only, for "
                      "throughput runs; nothing to resume or export)")
@@ -249,7 +249,7 @@ class ExportConfig:
 
     format: Literal["fake", "compressed-tensors"] = opt("compressed-tensors",
         "fake: BF16 weights = dequantized Q(W); compressed-tensors: real packed checkpoint")
-    output_dir: str = opt("runs/export", "export directory")
+    output_dir: str = opt("runs/export", "export directory", nonempty=True)
 
 
 @dataclass
@@ -258,14 +258,14 @@ class EvalConfig:
 
     data: Optional[str] = opt(None,
         "held-out data file (read like data.source, same field) or null = the cache's held-out "
-        "rows (the first distill.eval_rows, never trained on)")
+        "rows (the first distill.eval_rows, never trained on)", nonempty=True)
     models: dict[str, str] = opt(factory=dict, help=
         "name -> directory (a distill final/ or ptq/ dir, or any HF checkpoint, e.g. an export); "
         "empty = ptq and qad from distill.output_dir")
     max_sequences: int = opt(32, "sequences evaluated", ge=1)
     batch_size: int = opt(4, "sequences per forward", ge=1)
     device: str = opt("auto", "auto, cpu, cuda")
-    output_dir: str = opt("runs/eval", "report.json, report.md, plots")
+    output_dir: str = opt("runs/eval", "report.json, report.md, plots", nonempty=True)
 
 
 @dataclass
