@@ -13,7 +13,7 @@ import platform
 import socket
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from qadpipe import __version__
 from qadpipe.file_modes import file_mode
@@ -86,6 +86,20 @@ def run_record(config: Any, stage: str, **facts: Any) -> dict[str, Any]:
         **facts,
         "config": config_to_dict(config),
     }
+
+
+def recorded_stage(directory: Path) -> Optional[str]:
+    """The ``stage`` the run record in ``directory`` names (None: absent, unreadable or not a
+    mapping): which qadpipe command wrote the directory, so another does not write over it."""
+    import yaml
+
+    run_file = Path(directory) / RUN_FILE
+    try:
+        record = yaml.safe_load(run_file.read_text()) if run_file.is_file() else None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    stage = record.get("stage") if isinstance(record, dict) else None
+    return stage if isinstance(stage, str) else None
 
 
 def save_run_record(config: Any, stage: str, directory: Path, **facts: Any) -> Path:

@@ -23,6 +23,8 @@ from qadpipe.provenance import atomic_write_text
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+#: Where TensorBoard event files go (distill.tensorboard).
+TENSORBOARD_DIR = "tensorboard"
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -46,7 +48,7 @@ class MetricsLog:
                 log.warning("distill.tensorboard is on but the tensorboard package is not installed "
                             "(pip install tensorboard); metrics go to %s only", self.path)
             else:
-                self._writer = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+                self._writer = SummaryWriter(str(Path(output_dir) / TENSORBOARD_DIR))
 
     def truncate_after(self, step: int) -> None:
         """Keep only rows up to ``step`` (a resumed run rewrites what came after)."""

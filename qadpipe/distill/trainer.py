@@ -44,14 +44,14 @@ from qadpipe.distill.collate import Batch, collate
 from qadpipe.distill.head_loss import STAT_KEYS, LossSpec, PositionTargets, split_lm, summarize
 from qadpipe.distill.loader import TargetLoader
 from qadpipe.distill.optim import adamw, no_decay_names
-from qadpipe.distill.observe import METRICS_FILE, MetricsLog, peak_memory_gib
+from qadpipe.distill.observe import METRICS_FILE, TENSORBOARD_DIR, MetricsLog, peak_memory_gib
 from qadpipe.distill.schedule import lr_multiplier
 from qadpipe.distill.student import (FINAL_DIR, PTQ_DIR, StudentLoss, build_student, enable_activation_checkpointing,
                                      load_state_into, save_student)
 from qadpipe.errors import DistillError, first_line
 from qadpipe.file_modes import check_writable_dir
 from qadpipe.models import output_rows
-from qadpipe.provenance import save_run_record
+from qadpipe.provenance import RUN_FILE, recorded_stage, save_run_record
 from qadpipe.quant.recipe import quant_parameters
 from qadpipe.stop_signals import StopSignals
 from qadpipe.targets import SequenceTargets
@@ -137,6 +137,7 @@ class DistillRecipe:
             raise DistillError("model.dtype: float16 on CUDA would train without loss scaling (gradients "
                                "underflow in fp16); expected bfloat16 or float32")
         torch.manual_seed(cfg.seed)
+        _refuse_other_files(self.output_dir)
         if not self.resume:
             _refuse_previous_run(self.output_dir)
         check_writable_dir(self.output_dir, "distill.output_dir")
@@ -365,7 +366,6 @@ class DistillRecipe:
         import yaml
 
         from qadpipe.config import build_config, config_to_dict
-        from qadpipe.provenance import RUN_FILE
 
         saved = _flatten(yaml.safe_load((path / RUN_FILE).read_text())["config"])
         defaults = _flatten(config_to_dict(build_config({})))
@@ -635,6 +635,23 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         name = f"{prefix}{key}"
         flat.update(_flatten(value, name + ".") if isinstance(value, dict) else {name: value})
     return flat
+
+
+#: What distill writes into its output_dir (and hidden staging names, see remove_stale_temps).
+OUTPUT_ENTRIES = frozenset({CHECKPOINT_DIR, FINAL_DIR, PTQ_DIR, METRICS_FILE, RUN_FILE, TENSORBOARD_DIR})
+
+
+def _refuse_other_files(output_dir: Path) -> None:
+    """A directory of other files (a model directory, an export, an eval report) would get
+    checkpoints/, final/ and ptq/ mixed into it, and its own run record replaced."""
+    if not output_dir.is_dir():
+        return
+    stage = recorded_stage(output_dir)
+    foreign = sorted(p.name for p in output_dir.iterdir() if p.name not in OUTPUT_ENTRIES and not p.name.startswith("."))
+    if stage not in (None, "distill") or foreign:
+        held = f"the output of qadpipe {stage}" if stage not in (None, "distill") else ", ".join(foreign[:3])
+        raise DistillError(f"distill.output_dir: {output_dir} holds files distill does not write ({held}); set a new "
+                           "or empty directory")
 
 
 def _refuse_previous_run(output_dir: Path) -> None:

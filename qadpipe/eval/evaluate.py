@@ -32,7 +32,7 @@ from qadpipe.eval.report import render_table, write_report
 from qadpipe.eval.runner import compare_to_teacher
 from qadpipe.errors import ConfigError
 from qadpipe.file_modes import check_writable_dir
-from qadpipe.provenance import save_run_record
+from qadpipe.provenance import recorded_stage, save_run_record
 from qadpipe.targets import SequenceTargets
 
 log = logging.getLogger(__name__)
@@ -181,6 +181,9 @@ def run_eval(cfg: PipelineConfig) -> dict[str, dict[str, float]]:
 
     device = resolve_device(cfg.eval.device, field="eval.device")
     out = check_writable_dir(Path(cfg.eval.output_dir), "eval.output_dir")
+    stage = recorded_stage(out)
+    if stage not in (None, "eval"):   # its run record would be replaced by eval's
+        raise ConfigError(f"eval.output_dir: {out} holds the output of qadpipe {stage}; set another directory")
     models = dict(cfg.eval.models) or default_models(cfg)
     check_model_paths(models)
     tokenizer = load_tokenizer(cfg.teacher_path, trust_remote_code=cfg.model.trust_remote_code)

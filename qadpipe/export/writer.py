@@ -19,12 +19,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-import yaml
 from safetensors.torch import save_file
 
 from qadpipe.errors import ExportError
 from qadpipe.file_modes import share_tree
-from qadpipe.provenance import RUN_FILE
+from qadpipe.provenance import RUN_FILE, recorded_stage
 
 log = logging.getLogger(__name__)
 
@@ -139,11 +138,12 @@ def check_replaceable(output: Path) -> None:
     try:
         if not any(output.iterdir()):
             return
-        if _run_stage(output / RUN_FILE) != "export":
-            raise ExportError(
-                f"export output {output}: a non-empty directory that is not a qadpipe export; "
-                "expected a new or empty directory (or a previous export to replace)"
-            )
+        stage = recorded_stage(output)
+        if stage != "export":
+            what = (f"holding the output of qadpipe {stage}, not an export" if stage
+                    else f"that is not a qadpipe export (it holds {_some_entries(output)})")
+            raise ExportError(f"export output {output}: a non-empty directory {what}; expected a new or empty "
+                              "directory (or a previous export to replace)")
         written = _files_written(output / EXPORT_INFO)
         if written is None:    # without the list, a file the user added cannot be told apart
             raise ExportError(f"export output {output}: {EXPORT_INFO}, the previous export's list of the files it "
@@ -159,13 +159,9 @@ def check_replaceable(output: Path) -> None:
                           "write and replacing it would delete; move it, or export to another directory")
 
 
-def _run_stage(run_file: Path) -> object:
-    """The ``stage`` a qadpipe_run.yaml names (None when absent, unreadable or not a mapping)."""
-    try:
-        record = yaml.safe_load(run_file.read_text()) if run_file.is_file() else None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return None
-    return record.get("stage") if isinstance(record, dict) else None
+def _some_entries(directory: Path) -> str:
+    names = sorted(p.name for p in directory.iterdir())
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
 def _files_written(info: Path) -> set[str] | None:

@@ -315,6 +315,19 @@ def test_a_fresh_run_into_a_previous_runs_directory_is_refused_and_changes_nothi
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
+def test_an_output_dir_of_other_files_is_refused_and_changes_nothing(peaky_llama_dir, topk_cache, tmp_path):
+    """A model directory (or an export, or any folder of the user's) as distill.output_dir:
+    checkpoints/, final/ and ptq/ would be mixed into it."""
+    import shutil
+
+    model_copy = tmp_path / "model"
+    shutil.copytree(peaky_llama_dir, model_copy)
+    before = sorted(p.name for p in model_copy.iterdir())
+    line = one_line_error(distill(peaky_llama_dir, topk_cache, model_copy, "distill.max_steps=1"))
+    assert line.startswith(f"qadpipe: error: distill.output_dir: {model_copy} holds files distill does not write (")
+    assert sorted(p.name for p in model_copy.iterdir()) == before
+
+
 def test_resume_follows_a_moved_run_but_refuses_a_regenerated_cache(peaky_llama_dir, tmp_path):
     import shutil
 

@@ -140,6 +140,17 @@ def test_eval_without_a_student_is_one_line(tmp_path: Path, peaky_llama_dir: Pat
     assert result.stderr.startswith("qadpipe: error: eval.models: empty and ") and result.stderr.count("\n") == 1
 
 
+def test_an_output_dir_another_stage_wrote_is_refused(trained, tmp_path: Path):
+    from qadpipe.provenance import save_run_record
+
+    export_dir = tmp_path / "export"
+    export_dir.mkdir()
+    record = save_run_record(load_config(None, trained), "export", export_dir).read_bytes()
+    with pytest.raises(ConfigError, match=rf"^eval.output_dir: {export_dir} holds the output of qadpipe export; "):
+        run_eval(load_config(None, [*trained, f"eval.output_dir={export_dir}"]))
+    assert (export_dir / "qadpipe_run.yaml").read_bytes() == record
+
+
 def test_a_missing_model_is_named_before_any_model_loads(trained, tmp_path: Path, monkeypatch):
     from qadpipe.eval import evaluate
 

@@ -106,5 +106,6 @@ def test_a_previous_export_is_replaced_but_not_a_file_the_user_added_to_it(final
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 2
     assert result.stderr == (f"qadpipe: error: export output {out}: a non-empty directory that is not a qadpipe "
-                             "export; expected a new or empty directory (or a previous export to replace)\n")
+                             "export (it holds NOTES.md, chat_template.jinja, config.json and 6 more); expected a new "
+                             "or empty directory (or a previous export to replace)\n")
     assert (out / "NOTES.md").read_text() == "keep me" and (out / "logs" / "vllm.log").is_file()

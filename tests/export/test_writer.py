@@ -71,12 +71,13 @@ def test_staging_dirs_of_killed_exports_are_removed_once_a_new_export_is_in_plac
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["export", *kept])
 
 
-@pytest.mark.parametrize("content", ["notes.txt", RUN_FILE])
-def test_refuses_a_directory_that_is_not_an_export(tmp_path, content):
+@pytest.mark.parametrize("content, said", [("notes.txt", r"that is not a qadpipe export \(it holds notes.txt\)"),
+                                           (RUN_FILE, "holding the output of qadpipe distill, not an export")])
+def test_refuses_a_directory_that_is_not_an_export(tmp_path, content, said):
     out = tmp_path / "mine"
     out.mkdir()
     (out / content).write_text("stage: distill\n")
-    with pytest.raises(ExportError, match="not a qadpipe export"):
+    with pytest.raises(ExportError, match=said):
         with staged_dir(out):
             pytest.fail("must refuse before staging")
     assert [p.name for p in out.iterdir()] == [content]
