@@ -406,6 +406,10 @@ class DistillRecipe:
         self._resumed_window = window_ranks[self.env.rank] if window_ranks else None
         restore_rng(state.rng)
         self.step = state.step
+        if self.cfg.max_steps < self.step:   # final/ would record a horizon the weights went past
+            raise DistillError(f"{path}: the checkpoint is at step {self.step}, past distill.max_steps="
+                               f"{self.cfg.max_steps}; resume with max_steps >= {self.step}, or export "
+                               f"this checkpoint as it is (qadpipe export --checkpoint {path})")
         self.metrics.truncate_after(self.step)
         log.info("resumed from %s at step %d", path, self.step)
         self._follow_new_horizon()

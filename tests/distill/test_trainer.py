@@ -305,6 +305,12 @@ def test_resume_online_without_a_cache_compares_the_data_and_teacher_it_reads(pe
     assert "another config (teacher.dtype differ)" in line
 
 
+def test_resume_with_a_horizon_the_checkpoint_went_past_is_refused(peaky_llama_dir, topk_cache, tmp_path):
+    assert distill(peaky_llama_dir, topk_cache, tmp_path, "distill.max_steps=3", "distill.save_every=1").exit_code == 0
+    line = one_line_error(distill(peaky_llama_dir, topk_cache, tmp_path, "distill.max_steps=2", resume=True))
+    assert "the checkpoint is at step 3, past distill.max_steps=2; resume with max_steps >= 3" in line
+
+
 def test_a_fresh_run_into_a_previous_runs_directory_is_refused_and_changes_nothing(peaky_llama_dir, topk_cache,
                                                                                  tmp_path):
     assert distill(peaky_llama_dir, topk_cache, tmp_path, "distill.max_steps=2", "distill.save_every=1").exit_code == 0
