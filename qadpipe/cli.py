@@ -77,9 +77,9 @@ class _OneLineUsageErrors(click.Group):
         except click.ClickException as exc:
             where = f" (`{exc.ctx.command_path} -h` shows the usage)" if getattr(exc, "ctx", None) else ""
             _fail(exc.format_message() + where)
-        except click.Abort:
-            click.echo("Aborted!", err=True)
-            sys.exit(1)
+        except click.Abort:   # click's form of a KeyboardInterrupt: before a stage's handler, or a second Ctrl-C
+            click.echo("qadpipe: interrupted (Ctrl-C); what was committed before it is kept", err=True)
+            sys.exit(130)
         if isinstance(code, int):   # ctx.exit(n) returns n here instead of exiting
             sys.exit(code)
         return code

@@ -57,3 +57,17 @@ def test_usage_errors_are_one_line_too(args, message):
 def test_no_command_shows_the_help():
     result = subprocess.run([sys.executable, "-m", "qadpipe.cli"], capture_output=True, text=True)
     assert result.stdout.startswith("Usage: qadpipe") or result.stderr.startswith("Usage: qadpipe")
+
+
+def test_ctrl_c_before_a_stage_handles_it_exits_130_in_one_line(monkeypatch):
+    """Model loading runs before a stage installs its signal handler: a Ctrl-C there reaches
+    click as KeyboardInterrupt, which printed 'Aborted!' and exited 1 (the docs promise 130)."""
+    import qadpipe.config
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(qadpipe.config, "load_config", interrupted)
+    result = CliRunner().invoke(cli, ["distill"])
+    assert result.exit_code == 130
+    assert result.stderr.strip().splitlines()[-1] == "qadpipe: interrupted (Ctrl-C); what was committed before it is kept"
