@@ -30,8 +30,23 @@ class DemoStep:
     what: str
 
 
-def _exists(path_of: Callable[[PipelineConfig], Path], marker: str) -> Callable[[PipelineConfig], bool]:
-    return lambda cfg: (path_of(cfg) / marker).exists()
+def _made_with(path_of: Callable[[PipelineConfig], Path], marker: str) -> Callable[[PipelineConfig], bool]:
+    """Done: the step's output is there and its run record holds this very config (a demo
+    rerun with another --set redoes the step instead of showing the old results)."""
+
+    def done(cfg: PipelineConfig) -> bool:
+        import yaml
+
+        from qadpipe.config import config_to_dict
+        from qadpipe.provenance import RUN_FILE
+
+        out = path_of(cfg)
+        if not (out / marker).exists() or not (out / RUN_FILE).is_file():
+            return False
+        record = yaml.safe_load((out / RUN_FILE).read_text())
+        return isinstance(record, dict) and record.get("config") == config_to_dict(cfg)
+
+    return done
 
 
 def _cache(cfg: PipelineConfig) -> Path:
@@ -58,13 +73,13 @@ STEPS = (
     # generate resumes on its own (it skips the records its shards hold), so it always runs.
     DemoStep("generate", _stage("generate"), _cache, lambda cfg: False,
              "the teacher (vLLM on CPU) answers the bundled prompts and caches its top-k log-probs"),
-    DemoStep("distill", _stage("distill", "--resume"), _student, _exists(_student, "model.safetensors"),
+    DemoStep("distill", _stage("distill", "--resume"), _student, _made_with(_student, "model.safetensors"),
              "the fake-quantized student trains on the cache (PTQ baseline first)"),
-    DemoStep("export", _stage("export"), _export, _exists(_export, "config.json"),
+    DemoStep("export", _stage("export"), _export, _made_with(_export, "config.json"),
              "the student is written as a compressed-tensors checkpoint"),
     DemoStep("serve", lambda cfg, common: ["-m", "qadpipe.export.serve_check", str(_export(cfg))], _export,
              lambda cfg: False, "vLLM (CPU) loads the export and answers one prompt"),
-    DemoStep("eval", _stage("eval"), _eval, _exists(_eval, "report.md"),
+    DemoStep("eval", _stage("eval"), _eval, _made_with(_eval, "report.md"),
              "teacher vs PTQ vs QAD on the cache's held-out rows"),
 )
 
@@ -76,7 +91,7 @@ def run_demo(cfg: PipelineConfig, config_path: str, overrides: tuple[str, ...]) 
     for index, step in enumerate(STEPS, 1):
         header = f"[{index}/{len(STEPS)}] {step.name}: {step.what}"
         if step.done(cfg):
-            click.echo(f"{header}\n      already done -> {step.output(cfg)} (delete it to redo)")
+            click.echo(f"{header}\n      already done with this config -> {step.output(cfg)} (delete it to redo)")
             continue
         click.echo(header, err=False)
         step_start = time.perf_counter()
