@@ -70,4 +70,5 @@ def test_ctrl_c_before_a_stage_handles_it_exits_130_in_one_line(monkeypatch):
     monkeypatch.setattr(qadpipe.config, "load_config", interrupted)
     result = CliRunner().invoke(cli, ["distill"])
     assert result.exit_code == 130
-    assert result.stderr.strip().splitlines()[-1] == "qadpipe: interrupted (Ctrl-C); what was committed before it is kept"
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == "qadpipe: interrupted (Ctrl-C); what was committed before it is kept"

@@ -11,8 +11,9 @@ from qadpipe.provenance import save_run_record
 
 def test_a_step_is_done_only_with_the_same_config(tmp_path: Path) -> None:
     def config(*extra: str):
-        return load_config(None, [f"distill.output_dir={tmp_path / 'student'}", f"export.output_dir={tmp_path / 'export'}",
-                                  f"eval.output_dir={tmp_path / 'eval'}", *extra])
+        return load_config(None, [f"distill.output_dir={tmp_path / 'student'}",
+                                  f"export.output_dir={tmp_path / 'export'}", f"eval.output_dir={tmp_path / 'eval'}",
+                                  *extra])
 
     made = config()
     outputs = {"distill": (tmp_path / "student" / "final", "model.safetensors"),

@@ -370,7 +370,8 @@ class DistillRecipe:
         saved = _flatten(yaml.safe_load((path / RUN_FILE).read_text())["config"])
         defaults = _flatten(config_to_dict(build_config({})))
         changed = [key for key, value in _flatten(config_to_dict(self.config)).items()
-                   if self._reads(key) and key not in RESUMABLE_CHANGES and saved.get(key, defaults.get(key)) != value]
+                   if self._reads(key) and key not in RESUMABLE_CHANGES
+                   and saved.get(key, defaults.get(key)) != value]
         if changed:
             raise DistillError(f"{path}: --resume of a checkpoint written with another config ({', '.join(changed[:4])} "
                                "differ); use a fresh distill.output_dir or resume with the config that made it")
@@ -651,7 +652,8 @@ def _refuse_other_files(output_dir: Path) -> None:
     if not output_dir.is_dir():
         return
     stage = recorded_stage(output_dir)
-    foreign = sorted(p.name for p in output_dir.iterdir() if p.name not in OUTPUT_ENTRIES and not p.name.startswith("."))
+    foreign = sorted(p.name for p in output_dir.iterdir()
+                     if p.name not in OUTPUT_ENTRIES and not p.name.startswith("."))
     if stage not in (None, "distill") or foreign:
         held = f"the output of qadpipe {stage}" if stage not in (None, "distill") else ", ".join(foreign[:3])
         raise DistillError(f"distill.output_dir: {output_dir} holds files distill does not write ({held}); set a new "
