@@ -115,6 +115,25 @@ def test_a_cache_refuses_another_split_and_inspect_names_the_tasks_not_yet_in_it
     _assert_same_cache(cache, tmp_path / "one")
 
 
+def test_a_rerun_with_other_data_settings_names_them_not_just_the_fingerprint(small_vocab_model: Path,
+                                                                             tiny_llama_dir: Path,
+                                                                             tmp_path: Path) -> None:
+    from qadpipe.errors import CacheError
+
+    cache = tmp_path / "cache"
+    run_generate(_config(small_vocab_model, cache))
+    with pytest.raises(CacheError, match=r"this writer has data_fingerprint='sha256:[0-9a-f]+' "
+                                         r"\(data.random.length 24 -> 20\); use a new cache path$"):
+        run_generate(_config(small_vocab_model, cache, **{"data.random.length": 20}))
+    text = tmp_path / "prompts.txt"
+    text.write_text("one prompt\nanother prompt\n")
+    run_generate(_config(tiny_llama_dir, tmp_path / "from-text", **{"data.source": text}))
+    text.write_text("one prompt\nanother prompt, edited\n")
+    with pytest.raises(CacheError, match=r"\(same data and generate settings: the data source's bytes or the chat "
+                                         r"template changed\)"):
+        run_generate(_config(tiny_llama_dir, tmp_path / "from-text", **{"data.source": text}))
+
+
 def test_generate_mode_scores_prompt_plus_completion(small_vocab_model: Path, tmp_path: Path) -> None:
     from qadpipe.data import load_sequences
     from qadpipe.models import load_tokenizer

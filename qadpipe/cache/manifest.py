@@ -172,12 +172,32 @@ def load_manifests(store: Store) -> list[TaskManifest]:
 
 
 def meta_difference(a: CacheMeta, b: CacheMeta) -> tuple[str, str] | None:
-    """('k=64', 'k=32') for the first identity field where two metas differ, else None."""
+    """('k=64', 'k=32') for the first identity field where two metas differ, else None.  A
+    data fingerprint (a hash) is explained by the data/generate settings that changed."""
     left, right = a.identity(), b.identity()
     for key in left:
         if left[key] != right[key]:
-            return f"{key}={left[key]!r}", f"{key}={right[key]!r}"
+            why = _data_settings_changed(a.config, b.config) if key == "data_fingerprint" else ""
+            return f"{key}={left[key]!r}", f"{key}={right[key]!r}{why}"
     return None
+
+
+def _data_settings_changed(old: dict, new: dict) -> str:
+    """' (generate.temperature 0.7 -> 1.2)': what of the recorded configs shapes the data."""
+    def flat(tree: dict, prefix: str = "") -> dict:
+        out: dict = {}
+        for key, value in (tree or {}).items():
+            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+        return out
+
+    sections = ("data", "generate")
+    before, after = flat({k: old.get(k) for k in sections}), flat({k: new.get(k) for k in sections})
+    per_task = ("generate.num_shards", "generate.shard_index")   # differ between the tasks of one cache
+    changed = [f"{key} {before.get(key)!r} -> {after.get(key)!r}" for key in sorted(set(before) | set(after))
+               if before.get(key) != after.get(key) and key not in per_task]
+    if changed:
+        return f" ({'; '.join(changed[:3])})"
+    return " (same data and generate settings: the data source's bytes or the chat template changed)"
 
 
 def load_view(store: Store) -> CacheView:

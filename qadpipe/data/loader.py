@@ -55,8 +55,9 @@ def data_fingerprint(data: DataConfig, gen: GenerateConfig, vocab_size: int, cha
     """Hash of the source bytes and every setting that shapes the sequences or their
     completions (the chat template that renders them included): two tasks writing one cache
     must agree on it, and a rerun with other settings must not silently mix into an existing
-    cache.  The source counts by its bytes, not its path (each task may read its own copy),
-    and ``data.random`` only when it is the source."""
+    cache.  The source counts by its bytes and file name (a directory's: each file's relative
+    path), not by where it lies (each task may read its own copy), and ``data.random`` only
+    when it is the source."""
     shaping = asdict(data)
     del shaping["source"]
     if data.source != "random":
