@@ -125,8 +125,13 @@ def run_export(config: Any, checkpoint: Optional[str] = None, output: Optional[s
 
     final = Path(checkpoint) if checkpoint else Path(config.distill.output_dir) / "final"
     if not (final / "model.safetensors").is_file() or not (final / RUN_FILE).is_file():
-        raise ExportError(f"--checkpoint {final}: expected a distill final/ directory with "
-                          f"model.safetensors and {RUN_FILE} (run qadpipe distill first)")
+        if checkpoint:
+            raise ExportError(f"--checkpoint {final}: expected a distill final/, ptq/ or checkpoints/step-N "
+                              f"directory with model.safetensors and {RUN_FILE}")
+        steps = sorted((final.parent / "checkpoints").glob("step-*"))
+        hint = (f"finish it with `qadpipe distill --resume`, or export its last checkpoint with "
+                f"--checkpoint {steps[-1]}" if steps else "run qadpipe distill first")
+        raise ExportError(f"distill.output_dir: {final.parent} holds no finished student ({final.name}/); {hint}")
     out = Path(output) if output else Path(config.export.output_dir)
     check_replaceable(out)  # before the (slow) model load; staged_dir checks again
     model, trained = load_final_student(final)

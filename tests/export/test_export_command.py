@@ -73,7 +73,22 @@ def test_cli_refusal_is_one_line_and_writes_nothing(final_dir, tmp_path):
 def test_cli_missing_checkpoint(tmp_path):
     result = CliRunner().invoke(cli, ["export", "--checkpoint", str(tmp_path / "nope")])
     assert result.exit_code == 2
-    assert "expected a distill final/ directory" in result.stderr
+    assert "expected a distill final/, ptq/ or checkpoints/step-N directory" in result.stderr
+
+
+def test_an_unfinished_run_without_checkpoint_names_its_last_checkpoint(final_dir, tmp_path):
+    """No --checkpoint given: the message must not blame one, and should offer what is there."""
+    import shutil
+
+    final, _ = final_dir
+    stopped = tmp_path / "stopped"
+    shutil.copytree(final, stopped / "checkpoints" / "step-00000002")
+    result = CliRunner().invoke(cli, ["export", "--set", f"distill.output_dir={stopped}",
+                                      "--set", f"export.output_dir={tmp_path / 'out'}"])
+    assert result.exit_code == 2
+    assert result.stderr == (f"qadpipe: error: distill.output_dir: {stopped} holds no finished student (final/); "
+                             "finish it with `qadpipe distill --resume`, or export its last checkpoint with "
+                             f"--checkpoint {stopped / 'checkpoints' / 'step-00000002'}\n")
 
 
 def test_a_previous_export_is_replaced_but_not_a_file_the_user_added_to_it(final_dir, tmp_path):
