@@ -114,7 +114,7 @@ def _tasks_line(tasks: dict) -> str:
     present, missing, incomplete = len(tasks["present"]), tasks["missing"], tasks["incomplete"]
     line = f"{present} of {present + len(missing)}" if missing else str(present)
     notes = [f"{label}: {_names(names)}" for label, names in
-             (("no manifest yet", missing), ("stopped before their last record", incomplete)) if names]
+             (("no manifest yet", missing), ("not marked complete: still running, or stopped before their last record", incomplete)) if names]
     return line + (f" ({'; '.join(notes)})" if notes else "")
 
 

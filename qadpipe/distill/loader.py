@@ -140,7 +140,8 @@ def _rank_range(num_rows: int, holdout_rows: int, rank: int, world_size: int) ->
     if train < world_size:
         raise DistillError(
             f"not enough cache rows to train on: {train} left after holding out {first} of {num_rows} for "
-            f"eval, for {world_size} rank(s); use a bigger cache, fewer ranks or a smaller distill.eval_rows")
+            f"eval (distill.eval_rows={holdout_rows}), for {world_size} rank(s); use a bigger cache, fewer ranks "
+            "or a smaller distill.eval_rows")
     return first + rank * train // world_size, first + (rank + 1) * train // world_size
 
 

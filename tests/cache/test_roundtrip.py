@@ -192,7 +192,7 @@ def test_a_task_is_complete_once_marked_and_a_later_commit_clears_the_mark(tmp_p
     assert json.loads(manifest.read_text())["complete"] is False
     assert CacheReader(str(tmp_path)).view.incomplete_tasks == ["task-00000"]
     shown = CliRunner().invoke(cli, ["inspect", str(tmp_path)]).output
-    assert "tasks       1 (stopped before their last record: task-00000)" in shown
+    assert "tasks       1 (not marked complete: still running, or stopped before their last record: task-00000)" in shown
     with CacheWriter(str(tmp_path), meta, rows_per_shard=2) as writer:   # the rerun finishes it
         for row in rows[3:]:
             writer.write(row)

@@ -98,7 +98,7 @@ def test_ranks_share_the_rows_after_the_holdout_evenly(make, world_size):
 def test_too_few_rows_for_the_ranks_is_one_clear_error_on_every_rank(make):
     for rank in range(3):
         with pytest.raises(DistillError, match=r"^not enough cache rows to train on: 2 left after holding out "
-                                               r"2 of 4 for eval, for 3 rank\(s\)"):
+                                               r"2 of 4 for eval \(distill.eval_rows=2\), for 3 rank\(s\)"):
             make(ListSource(4), rank=rank, world_size=3)
 
 

@@ -357,9 +357,10 @@ def test_resume_follows_a_moved_run_but_refuses_a_regenerated_cache(peaky_llama_
 
 
 def test_refuses_when_no_rows_are_left_for_this_rank(peaky_llama_dir, topk_cache, tmp_path):
-    line = one_line_error(distill(peaky_llama_dir, topk_cache, tmp_path, "distill.eval_rows=24"))
+    line = one_line_error(distill(peaky_llama_dir, topk_cache, tmp_path, "distill.eval_rows=30"))
     assert line == ("qadpipe: error: not enough cache rows to train on: 0 left after holding out 24 of 24 for "
-                    "eval, for 1 rank(s); use a bigger cache, fewer ranks or a smaller distill.eval_rows")
+                    "eval (distill.eval_rows=30), for 1 rank(s); use a bigger cache, fewer ranks or a smaller "
+                    "distill.eval_rows")
 
 
 def test_tensorboard_asked_but_absent_is_said(peaky_llama_dir, topk_cache, tmp_path, caplog, monkeypatch):
