@@ -143,8 +143,9 @@ def _warn_of_another_teacher(cfg: PipelineConfig, meta: Any) -> None:
     """The cache-KL column scores each model against the targets the *cache's* teacher wrote:
     with another teacher in eval, that column and the teacher-KL columns disagree by design."""
     from qadpipe.generate import teacher_revision
+    from qadpipe.models import resolve_model_path
 
-    revision = teacher_revision(Path(cfg.teacher_path))
+    revision = teacher_revision(resolve_model_path(cfg.teacher_path))   # the alias too, as generate resolves it
     if meta.teacher_revision and meta.teacher_revision != revision:
         log.warning("eval: the cache %s was written by the teacher %s (revision %s), this eval's teacher is %s "
                     "(revision %s): its cache-KL column compares against another model than the teacher columns",

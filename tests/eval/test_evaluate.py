@@ -227,3 +227,21 @@ def test_a_bad_eval_data_names_eval_data(trained, tmp_path: Path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("qadpipe: error:")]
     assert result.exit_code == 2 and errors == [
         f"qadpipe: error: eval.data '{tmp_path / 'empty'}': a directory, but not one written by datasets.save_to_disk"]
+
+
+def test_the_teacher_check_resolves_the_embedded_model_alias(tiny_llama_dir: Path, monkeypatch, caplog):
+    """model.path 'smollm2-135m' (make demo's) is an alias, not a directory: the cache's teacher
+    revision is compared with the model it resolves to, as generate computed it."""
+    import dataclasses
+
+    from cache_rows import cache_meta
+    from qadpipe import models
+    from qadpipe.eval import evaluate
+    from qadpipe.generate import teacher_revision
+
+    monkeypatch.setattr(models, "embedded_smollm2_dir", lambda: tiny_llama_dir)
+    config = load_config(None, ["model.path=smollm2-135m"])
+    evaluate._warn_of_another_teacher(config, cache_meta(teacher_revision=teacher_revision(tiny_llama_dir)))
+    assert "was written by the teacher" not in caplog.text
+    evaluate._warn_of_another_teacher(config, dataclasses.replace(cache_meta(), teacher_revision="sha256:other"))
+    assert "was written by the teacher synthetic (revision sha256:other)" in caplog.text
