@@ -35,16 +35,12 @@ def _made_with(path_of: Callable[[PipelineConfig], Path], marker: str) -> Callab
     rerun with another --set redoes the step instead of showing the old results)."""
 
     def done(cfg: PipelineConfig) -> bool:
-        import yaml
-
         from qadpipe.config import config_to_dict
-        from qadpipe.provenance import RUN_FILE
+        from qadpipe.provenance import read_run_record
 
         out = path_of(cfg)
-        if not (out / marker).exists() or not (out / RUN_FILE).is_file():
-            return False
-        record = yaml.safe_load((out / RUN_FILE).read_text())
-        return isinstance(record, dict) and record.get("config") == config_to_dict(cfg)
+        record = read_run_record(out) if (out / marker).exists() else None
+        return record is not None and record.get("config") == config_to_dict(cfg)
 
     return done
 

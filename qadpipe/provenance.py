@@ -88,9 +88,8 @@ def run_record(config: Any, stage: str, **facts: Any) -> dict[str, Any]:
     }
 
 
-def recorded_stage(directory: Path) -> Optional[str]:
-    """The ``stage`` the run record in ``directory`` names (None: absent, unreadable or not a
-    mapping): which qadpipe command wrote the directory, so another does not write over it."""
+def read_run_record(directory: Path) -> Optional[dict[str, Any]]:
+    """The run record in ``directory`` (None: absent, unreadable or not a mapping)."""
     import yaml
 
     run_file = Path(directory) / RUN_FILE
@@ -98,7 +97,13 @@ def recorded_stage(directory: Path) -> Optional[str]:
         record = yaml.safe_load(run_file.read_text()) if run_file.is_file() else None
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return None
-    stage = record.get("stage") if isinstance(record, dict) else None
+    return record if isinstance(record, dict) else None
+
+
+def recorded_stage(directory: Path) -> Optional[str]:
+    """The ``stage`` the run record in ``directory`` names (None: no readable record):
+    which qadpipe command wrote the directory, so another does not write over it."""
+    stage = (read_run_record(directory) or {}).get("stage")
     return stage if isinstance(stage, str) else None
 
 

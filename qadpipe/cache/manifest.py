@@ -184,14 +184,11 @@ def meta_difference(a: CacheMeta, b: CacheMeta) -> tuple[str, str] | None:
 
 def _data_settings_changed(old: dict, new: dict) -> str:
     """' (generate.temperature 0.7 -> 1.2)': what of the recorded configs shapes the data."""
-    def flat(tree: dict, prefix: str = "") -> dict:
-        out: dict = {}
-        for key, value in (tree or {}).items():
-            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-        return out
+    from qadpipe.config import flatten_config
 
     sections = ("data", "generate")
-    before, after = flat({k: old.get(k) for k in sections}), flat({k: new.get(k) for k in sections})
+    before = flatten_config({k: old.get(k) or {} for k in sections})
+    after = flatten_config({k: new.get(k) or {} for k in sections})
     per_task = ("generate.num_shards", "generate.shard_index")   # differ between the tasks of one cache
     changed = [f"{key} {before.get(key)!r} -> {after.get(key)!r}" for key in sorted(set(before) | set(after))
                if before.get(key) != after.get(key) and key not in per_task]

@@ -83,6 +83,16 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+def flatten_config(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict (``config_to_dict``, a run record's ``config``) as dotted keys:
+    ``{"distill.lr": 1e-05, ...}``, the names ``--set`` and error messages use."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        flat.update(flatten_config(value, name + ".") if isinstance(value, dict) else {name: value})
+    return flat
+
+
 def dump_yaml(data: dict[str, Any]) -> str:
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True)
 

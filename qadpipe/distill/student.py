@@ -32,7 +32,7 @@ from qadpipe.distill.checkpoint import MODEL_FILE, unique_tensors
 from qadpipe.distill.head_loss import LossSpec, PositionTargets, head_loss, split_lm
 from qadpipe.errors import DistillError
 from qadpipe.file_modes import share_tree
-from qadpipe.provenance import RUN_FILE, save_run_record
+from qadpipe.provenance import RUN_FILE, read_run_record, save_run_record
 
 log = logging.getLogger(__name__)
 
@@ -139,10 +139,7 @@ def is_student_dir(path: Path) -> bool:
 
 def trained_cache_fingerprint(final_dir: Path) -> Optional[str]:
     """The cache fingerprint a student's run record holds (None: written before qadpipe kept it)."""
-    import yaml
-
-    record = yaml.safe_load((Path(final_dir) / RUN_FILE).read_text())
-    return record.get("cache_fingerprint") if isinstance(record, dict) else None
+    return (read_run_record(final_dir) or {}).get("cache_fingerprint")
 
 
 def trained_config(final_dir: Path) -> Any:

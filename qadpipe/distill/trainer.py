@@ -365,11 +365,11 @@ class DistillRecipe:
         that version did.  Returns the checkpoint's flattened config."""
         import yaml
 
-        from qadpipe.config import build_config, config_to_dict
+        from qadpipe.config import build_config, config_to_dict, flatten_config
 
-        saved = _flatten(yaml.safe_load((path / RUN_FILE).read_text())["config"])
-        defaults = _flatten(config_to_dict(build_config({})))
-        changed = [key for key, value in _flatten(config_to_dict(self.config)).items()
+        saved = flatten_config(yaml.safe_load((path / RUN_FILE).read_text())["config"])
+        defaults = flatten_config(config_to_dict(build_config({})))
+        changed = [key for key, value in flatten_config(config_to_dict(self.config)).items()
                    if self._reads(key) and key not in RESUMABLE_CHANGES
                    and saved.get(key, defaults.get(key)) != value]
         if changed:
@@ -632,14 +632,6 @@ RESUMABLE_CHANGES = frozenset({"distill.max_steps", "distill.log_every", "distil
                                "distill.save", "distill.activation_checkpointing", "distill.loss_chunk_tokens",
                                "distill.prefetch_batches", "distill.tensorboard", "distill.device",
                                "distill.output_dir"})
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        flat.update(_flatten(value, name + ".") if isinstance(value, dict) else {name: value})
-    return flat
 
 
 #: What distill writes into its output_dir (and hidden staging names, see remove_stale_temps).
