@@ -109,6 +109,17 @@ BAD_CONFIGS = [
                  "distill.output_dir: must not be empty", id="empty-output-dir"),
     pytest.param(None, ["teacher.path="],
                  "teacher.path: must not be empty", id="empty-optional-path"),
+    pytest.param(None, ["quant.preset=nvfp5"],
+                 "quant.preset: unknown preset 'nvfp5'; expected one of nvfp4, nvfp4_a16, mxfp4, mxfp4_a16, "
+                 "mxfp8, mxfp8_a16, fp8, fp8_static, w4a16_int, w4a16_int_asym, w8a16_int, w8a8_int, w4a8_fp8, "
+                 "ternary_twn, bitnet_absmean, sherry_3of4, lsq_int4, lsq_int2; did you mean 'nvfp4'?",
+                 id="unknown-preset-before-any-model"),
+    pytest.param(None, ["quant.preset=mxfp4", "quant.group_size=64"],
+                 "quant.group_size: 64 cannot apply to preset 'mxfp4' (its mxfp4 blocks are 32 by the format); "
+                 "set group_size: null", id="group-size-on-a-fixed-block-format"),
+    pytest.param(None, ["quant.rules=[{targets: down_proj, preset: fp8, group_size: 32}]"],
+                 "quant.rules[0].group_size: 32 cannot apply to preset 'fp8' (its weights have channel scales); "
+                 "set group_size: null", id="group-size-in-a-rule"),
     pytest.param(None, ["distill={[a]: 1}"],
                  "distill: got '{[a]: 1}' (str), expected a mapping of fields", id="override-with-a-list-key"),
 ]

@@ -179,6 +179,20 @@ class QuantConfig:
         "calibrate static input ranges at this percentile of |x| (e.g. 99.99); null = max",
         gt=0.0, le=100.0)
 
+    def validate(self) -> Optional[str]:
+        # Preset names and group sizes are checked here, with the config, so `config show` and
+        # every stage refuse a typo before any model loads (the rest needs the model's shapes).
+        from qadpipe.errors import QuantError
+        from qadpipe.quant.recipe import resolve_preset
+
+        try:
+            resolve_preset(self.preset, self.group_size, section="")
+            for i, rule in enumerate(self.rules):
+                resolve_preset(rule.preset, rule.group_size, section=f"rules[{i}]")
+        except QuantError as exc:
+            return str(exc)
+        return None
+
 
 @dataclass
 class DistillConfig:
@@ -193,7 +207,8 @@ class DistillConfig:
         "KD temperature: teacher and student both softened (a top-k cache: their k+1 buckets), the KD "
         "term scaled by its square; 1 = plain KL, what QAD uses", gt=0.0)
     lr: float = opt(1e-5,
-        "peak learning rate (~1e-6 SFT teachers, ~1e-5 RL-tuned, ~1e-4 quant params only)", gt=0.0)
+        "peak learning rate (~1e-5 when all weights train, as in ModelOpt/Megatron QAD; ~1e-4 when only "
+        "quant params train)", gt=0.0)
     weight_decay: float = opt(0.0,
         "AdamW weight decay, on weight matrices only (norms, biases, LSQ steps and clip ratios get none); "
         "QAD starts at the teacher's weights, keep 0 unless you mean to pull them toward 0",

@@ -26,6 +26,7 @@ from typing import Any, Iterable, Optional
 from torch import nn
 
 from qadpipe.errors import QuantError
+from qadpipe.quant.constants import MX_BLOCK, NVFP4_BLOCK
 from qadpipe.quant.formats import Granularity, Kind, QuantSpec
 from qadpipe.quant.kv_cache import attach_kv_quantizers
 from qadpipe.quant.quantizers import QuantLinear, Quantizer
@@ -113,20 +114,30 @@ class QuantRecipe:
                 f"full precision: {', '.join(self.ignored) or 'none'}{kv}")
 
 
-def resolve_preset(name: str, group_size: Optional[int], where: str = "quant.preset") -> Preset:
-    """A preset by name, with the group-size override applied where the format allows one."""
+def resolve_preset(name: str, group_size: Optional[int], section: str = "quant") -> Preset:
+    """A preset by name, with the group-size override applied where the format allows one.
+
+    ``section`` is the config section holding both fields (``quant`` or ``quant.rules[i]``),
+    so an error names the field that is wrong: the preset, or the group size it cannot take."""
     if name not in PRESETS:
         close = [p for p in PRESETS if p == name.lower()] or difflib.get_close_matches(name.lower(), PRESETS, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise QuantError(f"{where}: unknown preset {name!r}; expected one of {', '.join(PRESETS)}{hint}")
+        raise QuantError(f"{_field(section, 'preset')}: unknown preset {name!r}; expected one of {', '.join(PRESETS)}{hint}")
     preset = PRESETS[name]
     if group_size is None:
         return preset
     weight = preset.weight
-    if weight.kind in (Kind.NVFP4, Kind.MXFP4, Kind.MXFP8) or weight.granularity is not Granularity.GROUP:
-        raise QuantError(f"{where}: group_size {group_size} cannot apply to preset {name!r} "
-                         f"({weight.kind.value}, {weight.granularity.value}); set group_size: null")
+    fixed_blocks = {Kind.NVFP4: NVFP4_BLOCK, Kind.MXFP4: MX_BLOCK, Kind.MXFP8: MX_BLOCK}
+    if weight.kind in fixed_blocks or weight.granularity is not Granularity.GROUP:
+        why = (f"its {weight.kind.value} blocks are {fixed_blocks[weight.kind]} by the format"
+               if weight.kind in fixed_blocks else f"its weights have {weight.granularity.value} scales")
+        raise QuantError(f"{_field(section, 'group_size')}: {group_size} cannot apply to preset {name!r} "
+                         f"({why}); set group_size: null")
     return replace(preset, weight=replace(weight, group_size=group_size))
+
+
+def _field(section: str, name: str) -> str:
+    return f"{section}.{name}" if section else name
 
 
 def apply_recipe(model: nn.Module, quant: Any) -> QuantRecipe:
@@ -135,7 +146,7 @@ def apply_recipe(model: nn.Module, quant: Any) -> QuantRecipe:
     linears = {name: m for name, m in model.named_modules() if type(m) is nn.Linear}
     for pattern in quant.ignore:
         _check_regex(pattern, "quant.ignore", names)
-    rules = [(i, rule, resolve_preset(rule.preset, rule.group_size, f"quant.rules[{i}].preset"))
+    rules = [(i, rule, resolve_preset(rule.preset, rule.group_size, f"quant.rules[{i}]"))
              for i, rule in enumerate(quant.rules)]
     for i, rule, _ in rules:
         _check_regex(rule.targets, f"quant.rules[{i}].targets", list(linears))
@@ -149,9 +160,9 @@ def apply_recipe(model: nn.Module, quant: Any) -> QuantRecipe:
             recipe.ignored.append(name)
             continue
         match = next(((f"quant.rules[{i}]", r.preset, p) for i, r, p in rules if re.search(r.targets, name)),
-                     ("quant.preset", quant.preset, default))
-        where, preset_name, preset = match
-        _check_layer(model, name, linear, preset_name, preset, where)
+                     ("quant", quant.preset, default))
+        section, preset_name, preset = match
+        _check_layer(model, name, linear, preset_name, preset, section)
         chosen[name] = (preset_name, preset)
     if not chosen:
         raise QuantError(f"quant: no nn.Linear left to quantize in {type(model).__name__} "
@@ -198,12 +209,14 @@ def _check_regex(pattern: str, where: str, names: list[str]) -> None:
 
 
 def _check_layer(model: nn.Module, name: str, linear: nn.Linear, preset_name: str, preset: Preset,
-                 where: str) -> None:
+                 section: str) -> None:
+    """Refuse what this Linear cannot take; errors name the field to change in ``section``."""
+    where = f"{section}.preset"
     spec = preset.weight
     if spec.granularity is Granularity.GROUP and linear.in_features % spec.group_size:
         divisors = [g for g in (128, 64, 32, 16) if linear.in_features % g == 0]
-        hint = f"; set quant.group_size to a divisor such as {divisors[0]}" if divisors else ""
-        raise QuantError(f"{where}: {preset_name} group size {spec.group_size} does not divide "
+        hint = f"; set {section}.group_size to a divisor such as {divisors[0]}" if divisors else ""
+        raise QuantError(f"{section}.group_size: {preset_name} group size {spec.group_size} does not divide "
                          f"in_features {linear.in_features} of {name}{hint}")
     if spec.kind is Kind.SHERRY and linear.in_features % spec.sparsity[1]:
         raise QuantError(f"{where}: sherry M={spec.sparsity[1]} does not divide in_features "
