@@ -174,9 +174,8 @@ def run_generate(config: PipelineConfig, *, num_shards: Optional[int] = None, sh
     data = load_sequences(config.data, gen, tokenizer, min(len(tokenizer), info.vocab_size),
                           shard_index=index, num_shards=count)
     if data.dropped and not data.sequences:
-        raise DataError(f"{config.data.source}: all {data.dropped} records of this task were dropped (longer than "
-                        f"data.max_length={config.data.max_length} with overflow={config.data.overflow}, fewer than "
-                        "2 tokens, or no completion tokens left to distil); nothing to generate")
+        raise DataError(f"{config.data.source}: all {data.dropped} records of this task were dropped "
+                        f"({data.drop_summary()}); nothing to generate")
     new_tokens = gen.max_new_tokens if gen.mode == "generate" else 0
     longest_sequence = check_lengths(data, info, new_tokens, config.data.source, config.teacher.backend)
     _refuse_a_directory_that_is_not_a_cache(cache.path)

@@ -332,8 +332,8 @@ def small_vocab_model(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Pat
      "lower data.max_length"),
     ("all dropped", [{"text": "word " * 50}, {"text": "more words " * 30}],
      {"data.max_length": 8, "data.overflow": "drop"},
-     "{tmp}/d.jsonl: all 2 records of this task were dropped (longer than data.max_length=8 with overflow=drop, "
-     "fewer than 2 tokens, or no completion tokens left to distil); nothing to generate"),
+     "{tmp}/d.jsonl: all 2 records of this task were dropped (2 longer than 8 tokens with data.overflow=drop "
+     "(first: record 0)); nothing to generate"),
     ("cache into a model dir", None, {"cache.path": "{vocab512}"},
      "cache.path: {vocab512} is a non-empty directory that is not a cache (it holds {first}); expected a new "
      "or empty directory, or an existing cache to extend"),

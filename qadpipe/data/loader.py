@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -30,7 +30,16 @@ class DataSlice:
 
     sequences: list[TokenSequence]
     fingerprint: str
-    dropped: int = 0
+    drop_reasons: dict[str, int] = field(default_factory=dict)  # why (first record's index) -> how many
+
+    @property
+    def dropped(self) -> int:
+        return sum(self.drop_reasons.values())
+
+    def drop_summary(self) -> str:
+        """``"2 longer than 8 tokens with data.overflow=drop (first: record 0), 1 ..."``: each
+        reason with the setting to change and a record to look at."""
+        return ", ".join(f"{n} {why}" for why, n in self.drop_reasons.items())
 
 
 def check_data_config(data: DataConfig, gen: GenerateConfig, source_name: str = "data.source") -> None:
@@ -100,18 +109,29 @@ def load_sequences(data: DataConfig, gen: GenerateConfig, tokenizer: Any, vocab_
     limit = data.max_length - gen.max_new_tokens if gen.mode == "generate" else data.max_length
     needs_completion = gen.mode == "score" and not gen.include_prompt
     shortest = 1 if gen.mode == "generate" else 2   # a scored sequence needs a next token; a prompt, a token
-    seqs, dropped = [], 0
+    seqs: list[TokenSequence] = []
+    reasons: dict[str, int] = {}
+    first_dropped: dict[str, int] = {}
     for position, rid, ids, prompt_len in _rendered(data, gen, tokenizer, shard_index, num_shards, source_name):
         fitted = fit_length(ids, limit, data.overflow, keep_end=gen.mode == "generate")
-        if fitted is None or len(fitted) < shortest or (needs_completion and prompt_len >= len(fitted)):
-            dropped += 1
+        if fitted is None:
+            reason = f"longer than {limit} tokens with data.overflow=drop"
+        elif len(fitted) < shortest:
+            reason = f"shorter than {shortest} tokens"
+        elif needs_completion and prompt_len >= len(fitted):
+            reason = "with no completion tokens to distil (generate.include_prompt=false)"
+        else:
+            seqs.append(TokenSequence(rid, np.asarray(fitted, dtype=np.int32), min(prompt_len, len(fitted)),
+                                      position))
             continue
-        seqs.append(TokenSequence(rid, np.asarray(fitted, dtype=np.int32), min(prompt_len, len(fitted)), position))
-    if dropped:
-        log.warning("data: dropped %d of %d records of this task (longer than %d tokens with overflow=%s, "
-                    "fewer than %d tokens, or no completion tokens left to distil)",
-                    dropped, dropped + len(seqs), limit, data.overflow, shortest)
-    return DataSlice(seqs, fingerprint, dropped)
+        reasons[reason] = reasons.get(reason, 0) + 1
+        first_dropped.setdefault(reason, position)
+    slice_ = DataSlice(seqs, fingerprint, {f"{why} (first: record {first_dropped[why]})": n
+                                           for why, n in reasons.items()})
+    if reasons:
+        log.warning("data: dropped %d of %d records of this task: %s", slice_.dropped, slice_.dropped + len(seqs),
+                    slice_.drop_summary())
+    return slice_
 
 
 def _rendered(data: DataConfig, gen: GenerateConfig, tokenizer: Any, shard_index: int,
