@@ -34,7 +34,7 @@ def test_atomic_write_syncs_each_directory_it_creates_in_its_parent(tmp_path, mo
     from qadpipe import provenance
 
     synced = []
-    monkeypatch.setattr(provenance, "_fsync_dir", lambda directory: synced.append(Path(directory)))
+    monkeypatch.setattr(provenance, "fsync_path", lambda directory: synced.append(Path(directory)))
     provenance.atomic_write_bytes(tmp_path / "cache" / "shards" / "a.parquet", b"x")
     assert synced == [tmp_path, tmp_path / "cache", tmp_path / "cache" / "shards"]
     assert (tmp_path / "cache" / "shards" / "a.parquet").read_bytes() == b"x"

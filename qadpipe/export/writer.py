@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from qadpipe.errors import ExportError
 from qadpipe.file_modes import share_tree
-from qadpipe.provenance import RUN_FILE, recorded_stage
+from qadpipe.provenance import RUN_FILE, fsync_path, recorded_stage
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +60,12 @@ def staged_dir(output: Path) -> Iterator[Path]:
         yield tmp
         share_tree(tmp)
         for path in [*(p for p in tmp.rglob("*") if p.is_file() or p.is_dir()), tmp]:   # files, modes, entries
-            _fsync(path)
+            fsync_path(path)
         if output.exists():
             old = Path(tempfile.mkdtemp(prefix=_staging_prefix("old", output) + _owner_tag(), dir=output.parent))
             os.replace(output, old / output.name)
         os.replace(tmp, output)
-        _fsync(output.parent)
+        fsync_path(output.parent)
     except OSError as exc:  # a full disk or lost permission mid-write: nothing half-written stays
         _roll_back(tmp, old, output)
         raise ExportError(f"export output {output}: writing failed, nothing was changed "
@@ -171,14 +171,6 @@ def _files_written(info: Path) -> set[str] | None:
     except (OSError, ValueError, AttributeError):
         return None
     return set(files) if isinstance(files, list) else None
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], directory: Path,
