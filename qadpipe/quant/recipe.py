@@ -51,7 +51,8 @@ def _int(bits: int, granularity: str = "group", group: Optional[int] = 128, **kw
     return QuantSpec(Kind.INT, bits, Granularity(granularity), group, **kw)
 
 
-_FP8_TOKEN = QuantSpec(Kind.FP8, granularity=Granularity.TOKEN)
+# Activations: vLLM's QuantFP8 multiplies by the scale's reciprocal (see QuantSpec.fp8_reciprocal).
+_FP8_TOKEN = QuantSpec(Kind.FP8, granularity=Granularity.TOKEN, fp8_reciprocal=True)
 _G128 = dict(granularity=Granularity.GROUP, group_size=128)
 
 PRESETS: dict[str, Preset] = {
@@ -65,7 +66,7 @@ PRESETS: dict[str, Preset] = {
     "fp8": Preset(QuantSpec(Kind.FP8, granularity=Granularity.CHANNEL), _FP8_TOKEN,
                   "FP8 per-channel weights, dynamic per-token inputs (CT FP8_DYNAMIC)"),
     "fp8_static": Preset(QuantSpec(Kind.FP8, granularity=Granularity.TENSOR, dynamic=False),
-                         QuantSpec(Kind.FP8, granularity=Granularity.TENSOR, dynamic=False),
+                         QuantSpec(Kind.FP8, granularity=Granularity.TENSOR, dynamic=False, fp8_reciprocal=True),
                          "FP8 per-tensor weights and calibrated per-tensor inputs (CT FP8)"),
     "w4a16_int": Preset(_int(4), None, "int4 symmetric, group 128 (CT W4A16)"),
     "w4a16_int_asym": Preset(_int(4, symmetric=False), None, "int4 asymmetric, group 128"),

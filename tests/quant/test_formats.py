@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -281,6 +283,41 @@ def test_bad_specs_raise_one_line(kwargs, message):
 def test_group_not_dividing_raises():
     with pytest.raises(QuantError, match="576 is not divisible by the int group size 128"):
         quantize(torch.zeros(4, 576), QuantSpec(Kind.INT, 4, "group", 128))
+
+
+@pytest.mark.parametrize("preset", ["fp8", "fp8_static", "w4a8_fp8"])
+def test_fp8_activation_codes_are_vllms_quant_fp8_codes(preset):
+    """vLLM quantizes FP8 activations with ``QuantFP8`` (vLLM-CPU, and the GPU's compiled
+    graph): ``x * (1/scale)``, not ``x / scale`` -- the two round ~5e-4 of the codes apart.
+    Its own ``forward_native`` is the reference: the same scales and every code, on bf16
+    activations with heavy outlier channels."""
+    from qadpipe.quant.recipe import PRESETS
+
+    pytest.importorskip("vllm")
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.quantization.input_quant_fp8 import QuantFP8
+    from vllm.model_executor.layers.quantization.utils.quant_utils import GroupShape
+
+    spec = PRESETS[preset].input
+    static = not spec.dynamic
+    with set_current_vllm_config(VllmConfig()):
+        vllm_quant = QuantFP8(static=static, group_shape=GroupShape.PER_TENSOR if static else GroupShape.PER_TOKEN,
+                              compile_native=False)
+    torch.manual_seed(0)
+    x = (torch.randn(512, 1024) * torch.rand(1024) * 4).to(torch.bfloat16)
+    x[:, 7] *= 50
+    x[3] = 0                                             # a silent token: the floored scale
+    if static:
+        amax = torch.tensor([208.0])    # a calibrated bf16 amax at which the two roundings part
+        ours = quantize(x, spec, amax=amax)
+        codes, _ = vllm_quant.forward_native(x, ours.scale.reshape(1))
+    else:
+        ours = quantize(x, spec)
+        codes, scale = vllm_quant.forward_native(x)
+        assert torch.equal(ours.scale.reshape(-1), scale.reshape(-1))
+    assert torch.equal(ours.codes.view(torch.uint8), codes.view(torch.uint8))
+    divided = quantize(x, replace(spec, fp8_reciprocal=False), amax=amax if static else None)
+    assert not torch.equal(divided.codes.view(torch.uint8), codes.view(torch.uint8)), "x / s would do as well"
 
 
 def test_int8_per_token_activations_use_fp32_scales_as_vllm_computes_them():
