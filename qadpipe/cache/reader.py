@@ -22,7 +22,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from qadpipe.cache.encoding import decode_batch, shard_id_order
-from qadpipe.cache.manifest import ShardEntry, load_view, meta_difference
+from qadpipe.cache.manifest import CacheView, ShardEntry, load_view, meta_difference
 from qadpipe.cache.schema import META_KEY, CacheMeta
 from qadpipe.cache.store import Store
 from qadpipe.errors import CacheError, folded
@@ -57,10 +57,13 @@ class CacheReader:
     """Streams :class:`SequenceTargets` from a cache (local path or URI)."""
 
     def __init__(self, root: str, *, verify: bool = True, filesystem: pafs.FileSystem | None = None,
-                 batch_rows: int = 64, decode_threads: int = DEFAULT_DECODE_THREADS) -> None:
+                 batch_rows: int = 64, decode_threads: int = DEFAULT_DECODE_THREADS,
+                 view: CacheView | None = None) -> None:
+        """``view``: the manifests as another reader loaded them (``load_view``), so that
+        readers in several processes see the same committed shards of a growing cache."""
         self.root = str(root)
         self.store = Store(root, filesystem)
-        self.view = load_view(self.store)
+        self.view = view if view is not None else load_view(self.store)
         self.meta: CacheMeta = self.view.meta
         self.shards: list[ShardEntry] = self.view.shards
         self.num_rows = sum(shard.rows for shard in self.shards)

@@ -139,6 +139,25 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return out
 
 
+def computed_by_main(is_main: bool, compute: Callable[[], T]) -> T:
+    """``compute()`` on rank 0 and its result on every rank: one answer where ranks asking
+    one by one could get different ones (a cache another job is still extending).  An error
+    on rank 0 is raised on every rank, instead of leaving them waiting for its result."""
+    result, failure = None, None
+    if is_main:
+        try:
+            result = compute()
+        except Exception as exc:   # re-raised below, on every rank
+            failure = exc
+    if dist.is_initialized():
+        box = [(result, failure)]
+        dist.broadcast_object_list(box, src=0)
+        result, failure = box[0]
+    if failure is not None:
+        raise failure
+    return result
+
+
 def written_by_main(is_main: bool, device: torch.device, write: Callable[[], T]) -> Optional[T]:
     """``write()`` on rank 0 while the other ranks wait, then every rank learns whether it
     worked: a write failing on rank 0 (a full disk) raises on all ranks, instead of leaving

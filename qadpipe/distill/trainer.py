@@ -209,13 +209,19 @@ class DistillRecipe:
         """The cache (checked against the student's tokenizer and the loss), or, online
         without a cache, the data source's token sequences."""
         from qadpipe.cache import CacheReader
+        from qadpipe.cache.manifest import load_view
+        from qadpipe.cache.store import Store
         from qadpipe.models import tokenizer_fingerprint
 
         path = self.config.cache.path
         if self.cfg.mode == "online" and not _cache_exists(path):
             log.info("online mode: no cache at %s; tokens come from data.source=%s", path, self.config.data.source)
             return self._data_source(), None
-        reader = CacheReader(path)
+        # One snapshot for every rank: a generate array still committing shards would otherwise
+        # show ranks opening the cache moments apart different rows (held-out rows trained on
+        # elsewhere, rows trained twice or never, a fingerprint that is not what trained).
+        view = dist_utils.computed_by_main(self.env.is_main, lambda: load_view(Store(path)))
+        reader = CacheReader(path, view=view)
         missing, incomplete = reader.view.missing_tasks, reader.view.incomplete_tasks
         if missing:
             log.warning("%s: %d of the generate array's tasks have no manifest yet (%s...): training on the "

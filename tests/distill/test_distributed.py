@@ -148,3 +148,65 @@ def test_a_write_failing_on_rank_0_stops_every_rank(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "rank 0: OSError: [Errno 28] No space left on device" in done.stdout
     assert "rank 1: DistillError: rank 0 could not write its output" in done.stdout
+
+
+def test_a_result_computed_by_rank_0_reaches_every_rank_and_so_does_its_error(tmp_path):
+    """Every rank gets rank 0's answer, not its own; a failure on rank 0 stops every rank."""
+    script = tmp_path / "main.py"
+    script.write_text(
+        "import torch.distributed as dist\n"
+        "from qadpipe.distill.distributed import computed_by_main\n"
+        "from qadpipe.errors import CacheError\n"
+        "dist.init_process_group('gloo')\n"
+        "rank = dist.get_rank()\n"
+        "print(f'rank {rank}: got {computed_by_main(rank == 0, lambda: (\"asked on rank\", rank))}', flush=True)\n"
+        "def fail():\n"
+        "    raise CacheError('cache/manifests: empty cache')\n"
+        "try:\n"
+        "    computed_by_main(rank == 0, fail)\n"
+        "except CacheError as exc:\n"
+        "    print(f'rank {rank}: CacheError: {exc}', flush=True)\n"
+        "dist.destroy_process_group()\n")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(free_port()), str(script)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for rank in (0, 1):
+        assert f"rank {rank}: got ('asked on rank', 0)" in done.stdout
+        assert f"rank {rank}: CacheError: cache/manifests: empty cache" in done.stdout
+
+
+@pytest.mark.slow
+def test_every_rank_trains_on_the_cache_snapshot_rank_0_opened(peaky_llama_dir, topk_cache, tmp_path):
+    """A generate array still committing while distill starts: ranks opening the cache moments
+    apart saw different rows (rank 1 trained rank 0's held-out rows; the run recorded rank 0's
+    fingerprint).  Here rank 1's own look at the manifests would miss task 1; it must not look."""
+    reader = CacheReader(str(topk_cache))
+    rows = list(reader.iter_sequences())[:12]
+    cache = tmp_path / "cache"
+    write_cache(cache, reader.meta, rows[:6], task="task-00000")
+    write_cache(cache, reader.meta, rows[6:], task="task-00001")
+    wrapper = tmp_path / "late_rank.py"
+    wrapper.write_text(
+        "import os, sys\n"
+        "from qadpipe.cache import manifest, reader\n"
+        "real = manifest.load_view\n"
+        "def load_view(store):   # rank 1 looks before task 1 committed\n"
+        "    view = real(store)\n"
+        "    return manifest.CacheView(view.meta, view.tasks[:1]) if os.environ['RANK'] == '1' else view\n"
+        "manifest.load_view = reader.load_view = load_view\n"
+        "init = reader.CacheReader.__init__\n"
+        "def traced(self, *args, **kwargs):\n"
+        "    init(self, *args, **kwargs)\n"
+        "    print(f\"rank {os.environ['RANK']}: {self.num_rows} rows\", flush=True)\n"
+        "reader.CacheReader.__init__ = traced\n"
+        "from qadpipe.cli import main\n"
+        "sys.argv[0] = 'qadpipe'\n"
+        "main()\n")
+    sets = settings(peaky_llama_dir, cache, f"distill.output_dir={tmp_path / 'out'}", "distill.max_steps=1",
+                    "distill.eval_rows=2", "quant.calibration_batches=0")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(wrapper), "distill", *[a for s in sets for a in ("--set", s)]],
+                          capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rank 0: 12 rows" in done.stdout and "rank 1: 12 rows" in done.stdout, done.stdout
