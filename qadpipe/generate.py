@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from qadpipe.config.schema import PipelineConfig
 from qadpipe.data import DataSlice, TokenSequence, load_sequences
+from qadpipe.data.records import record_label
 from qadpipe.errors import ConfigError, DataError, TeacherError, first_line
 from qadpipe.file_modes import check_writable_dir
 from qadpipe.stop_signals import StopSignals
@@ -60,7 +61,10 @@ def resolve_task(gen: Any, num_shards: Optional[int] = None, shard_index: Option
     if count < 1:
         raise ConfigError(f"generate.num_shards: got {count}, expected >= 1")
     if not 0 <= index < count:
-        raise ConfigError(f"generate.shard_index: got {index}, expected 0 <= shard_index < num_shards ({count})")
+        slurm = (f" (from SLURM_ARRAY_TASK_ID; task ids must run 0..N-1: sbatch --array=0-{count - 1})"
+                 if shard_index is None and gen.shard_index is None and "SLURM_ARRAY_TASK_ID" in env else "")
+        raise ConfigError(f"generate.shard_index: got {index}{slurm}, expected 0 <= shard_index < num_shards "
+                          f"({count})")
     return index, count
 
 
@@ -109,7 +113,8 @@ def check_lengths(data: DataSlice, info: TeacherInfo, extra: int, source: str, b
     if needed + past > info.context_length:
         what = f" + {extra} new tokens" if extra else ""
         also = f" + the {past} token {backend} generates after a scored sequence" if past else ""
-        raise DataError(f"{source} record {longest.source_position}: {len(longest.input_ids)} tokens{what}{also} "
+        where = f"{source} {record_label(longest.source_position, longest.source_line)}"
+        raise DataError(f"{where}: {len(longest.input_ids)} tokens{what}{also} "
                         f"exceed the teacher's context of {info.context_length} (max_position_embeddings); "
                         "lower data.max_length")
     return needed
@@ -174,8 +179,13 @@ def run_generate(config: PipelineConfig, *, num_shards: Optional[int] = None, sh
     data = load_sequences(config.data, gen, tokenizer, min(len(tokenizer), info.vocab_size),
                           shard_index=index, num_shards=count)
     if data.dropped and not data.sequences:
-        raise DataError(f"{config.data.source}: all {data.dropped} records of this task were dropped "
-                        f"({data.drop_summary()}); nothing to generate")
+        if count == 1:
+            raise DataError(f"{config.data.source}: all {data.dropped} records of this task were dropped "
+                            f"({data.drop_summary()}); nothing to generate")
+        # One task of an array: its empty manifest says it is done (as a task given no records
+        # does); an error here would leave the cache incomplete for good, its rerun failing too.
+        log.warning("generate %s: all %d records of this task were dropped (%s); committing it empty",
+                    task, data.dropped, data.drop_summary())
     new_tokens = gen.max_new_tokens if gen.mode == "generate" else 0
     longest_sequence = check_lengths(data, info, new_tokens, config.data.source, config.teacher.backend)
     _refuse_a_directory_that_is_not_a_cache(cache.path)

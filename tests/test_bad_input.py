@@ -245,7 +245,7 @@ CASES = {
                                  r"d\.json: expected a JSON list", write("d.json", '{"text": "x"}')),
     "data-garbage-parquet": Case(GEN + ["--set", "data.source={tmp}/d.parquet"] + TMP_CACHE,
                                  r"d\.parquet: not a readable Parquet file", write("d.parquet", GARBAGE)),
-    "data-text-is-a-number": Case(GEN + DATA + TMP_CACHE, r"d\.jsonl record 0: field 'text' must be a string",
+    "data-text-is-a-number": Case(GEN + DATA + TMP_CACHE, r"d\.jsonl record 0, line 1: field 'text' must be a string",
                                   write("d.jsonl", '{"text": 5}\n')),
     "data-unsupported-suffix": Case(GEN + ["--set", "data.source={tmp}/d.csv"] + TMP_CACHE,
                                     r"unsupported file type '\.csv'", write("d.csv", "text\nhello\n")),

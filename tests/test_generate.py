@@ -20,6 +20,7 @@ from click.testing import CliRunner
 from qadpipe.cache import CacheReader
 from qadpipe.cli import cli
 from qadpipe.config import build_config
+from qadpipe.errors import ConfigError, DataError
 from qadpipe.generate import resolve_task, run_generate
 
 TARGET_FIELDS = ("input_ids", "target_start", "topk_ids", "topk_logprobs", "tail_mass", "sample_offsets",
@@ -87,6 +88,24 @@ def test_tasks_split_the_records_and_add_up_to_one_run(small_vocab_model: Path, 
                                        "cache.num_samples": 16}), num_shards=3, shard_index=index)
         assert summary.task == f"task-{index:05d}" and summary.written == 4
     _assert_same_cache(tmp_path / "one", tmp_path / "three")
+
+
+def test_a_task_of_an_array_whose_records_are_all_dropped_commits_empty(small_vocab_model: Path,
+                                                                        tmp_path: Path) -> None:
+    """Records alternate long and 1-token: task 1 of 2 gets only 1-token ones.  It used to fail
+    (and fail again on every rerun), leaving the array's cache incomplete for good."""
+    source = tmp_path / "d.jsonl"
+    source.write_text("".join(json.dumps({"text": text}) + "\n" for text in ["a b c d e f", "a"] * 2))
+    settings = {"data.source": source, "data.max_length": 64}
+    assert run_generate(_config(small_vocab_model, tmp_path / "c", **settings), num_shards=2, shard_index=0).written == 2
+    assert run_generate(_config(small_vocab_model, tmp_path / "c", **settings), num_shards=2, shard_index=1).written == 0
+    view = CacheReader(str(tmp_path / "c")).view
+    assert view.missing_tasks == [] and view.incomplete_tasks == [] and len(view.shards) == 1
+    short = tmp_path / "short.jsonl"   # a run of one task with nothing to do is a mistake, said as one
+    short.write_text('{"text": "a"}\n{"text": "b"}\n')
+    with pytest.raises(DataError, match=r"all 2 records of this task were dropped \(2 shorter than 2 tokens "
+                                        r"\(first: record 0, line 1\)\); nothing to generate"):
+        run_generate(_config(small_vocab_model, tmp_path / "alone", **{**settings, "data.source": short}))
 
 
 def test_a_cache_refuses_another_split_and_inspect_names_the_tasks_not_yet_in_it(small_vocab_model: Path,
@@ -160,6 +179,10 @@ def test_task_defaults_come_from_slurm_array_variables() -> None:
     assert resolve_task(gen, env={}) == (0, 1)
     assert resolve_task(gen, env={"SLURM_ARRAY_TASK_COUNT": "8", "SLURM_ARRAY_TASK_ID": "5"}) == (5, 8)
     assert resolve_task(gen, 4, 1, env={"SLURM_ARRAY_TASK_COUNT": "8", "SLURM_ARRAY_TASK_ID": "5"}) == (1, 4)
+    with pytest.raises(ConfigError) as raised:   # an array submitted as --array=1-4
+        resolve_task(gen, env={"SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_ID": "4"})
+    assert str(raised.value) == ("generate.shard_index: got 4 (from SLURM_ARRAY_TASK_ID; task ids must run 0..N-1: "
+                                 "sbatch --array=0-3), expected 0 <= shard_index < num_shards (4)")
 
 
 def _cli_process(model: Path, cache: Path, **extra: Any) -> subprocess.Popen:
@@ -324,16 +347,16 @@ def small_vocab_model(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Pat
     ("missing file", None, {"data.source": "no/such/data.jsonl"},
      "data.source: got 'no/such/data.jsonl' (str), expected an existing file or directory"),
     ("no field", [{"text": "fine"}, {"body": "x"}], {"data.field": "text"},
-     "{tmp}/d.jsonl record 1: no field 'text' (data.field), record has ['body']"),
+     "{tmp}/d.jsonl record 1, line 2: no field 'text' (data.field), record has ['body']"),
     ("empty prompt", [{"prompt": "ok"}, {"prompt": ""}], {"data.field": "prompt"},
-     "{tmp}/d.jsonl record 1: empty prompt (field 'prompt' is blank)"),
+     "{tmp}/d.jsonl record 1, line 2: empty prompt (field 'prompt' is blank)"),
     ("too long", [{"text": "word " * 1500}], {"data.max_length": 4096},
-     "{tmp}/d.jsonl record 0: 1501 tokens exceed the teacher's context of 1024 (max_position_embeddings); "
+     "{tmp}/d.jsonl record 0, line 1: 1501 tokens exceed the teacher's context of 1024 (max_position_embeddings); "
      "lower data.max_length"),
     ("all dropped", [{"text": "word " * 50}, {"text": "more words " * 30}],
      {"data.max_length": 8, "data.overflow": "drop"},
      "{tmp}/d.jsonl: all 2 records of this task were dropped (2 longer than 8 tokens with data.overflow=drop "
-     "(first: record 0)); nothing to generate"),
+     "(first: record 0, line 1)); nothing to generate"),
     ("cache into a model dir", None, {"cache.path": "{vocab512}"},
      "cache.path: {vocab512} is a non-empty directory that is not a cache (it holds {first}); expected a new "
      "or empty directory, or an existing cache to extend"),
@@ -372,7 +395,7 @@ def test_a_vllm_teacher_keeps_a_position_for_the_token_it_generates_after_a_scor
     from qadpipe.errors import DataError
     from qadpipe.generate import check_lengths
 
-    data = SimpleNamespace(sequences=[SimpleNamespace(input_ids=np.arange(n), source_position=i)
+    data = SimpleNamespace(sequences=[SimpleNamespace(input_ids=np.arange(n), source_position=i, source_line=None)
                                       for i, n in enumerate((100, 1024, 7))])
     info = SimpleNamespace(context_length=1024)
     assert check_lengths(data, info, 0, "d.jsonl", "hf") == 1024

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from qadpipe.config.schema import DataConfig, GenerateConfig
-from qadpipe.data.records import iter_records, record_id, source_fingerprint
+from qadpipe.data.records import SourceRecord, iter_records, record_id, source_fingerprint
 from qadpipe.data.sequences import TokenSequence, content_id, fit_length, pack, random_sequences, render_record
 from qadpipe.errors import ConfigError, DataError
 
@@ -55,12 +55,16 @@ def check_data_config(data: DataConfig, gen: GenerateConfig, source_name: str = 
         if not gen.include_prompt:
             raise ConfigError("data.overflow: got 'pack', expected truncate or drop when "
                               "generate.include_prompt is false (packed windows have no prompt/completion split)")
+    if data.chat_template and data.field == "text" and data.source != "random":
+        log.warning("data.chat_template=true does nothing for data.field=text: texts are scored as written "
+                    "(it renders prompt records; messages records always use the template)")
     if gen.mode == "generate" and data.max_length - gen.max_new_tokens < 1:
         raise ConfigError(f"data.max_length: got {data.max_length}, expected more than generate.max_new_tokens "
                           f"({gen.max_new_tokens}) so prompt + completion fit in it")
 
 
-def data_fingerprint(data: DataConfig, gen: GenerateConfig, vocab_size: int, chat_template: str | None = None) -> str:
+def data_fingerprint(data: DataConfig, gen: GenerateConfig, vocab_size: int, chat_template: str | None = None,
+                     source_name: str = "data.source") -> str:
     """Hash of the source bytes and every setting that shapes the sequences or their
     completions (the chat template that renders them included): two tasks writing one cache
     must agree on it, and a rerun with other settings must not silently mix into an existing
@@ -79,7 +83,7 @@ def data_fingerprint(data: DataConfig, gen: GenerateConfig, vocab_size: int, cha
         # prompt_cut: long prompts keep their end (before 2026-12, their start: other rows)
         settings.update(temperature=gen.temperature, top_p=gen.top_p, max_new_tokens=gen.max_new_tokens,
                         seed=gen.seed, prompt_cut="end")
-    source = "random" if data.source == "random" else source_fingerprint(data.source)
+    source = "random" if data.source == "random" else source_fingerprint(data.source, source_name)
     payload = json.dumps({"source": source, "settings": settings}, sort_keys=True)
     return "sha256:" + hashlib.sha256(payload.encode()).hexdigest()[:32]
 
@@ -91,7 +95,10 @@ def load_sequences(data: DataConfig, gen: GenerateConfig, tokenizer: Any, vocab_
     check_data_config(data, gen, source_name)
     rendered_by_template = data.field == "messages" or (data.field == "prompt" and data.chat_template)
     template = getattr(tokenizer, "chat_template", None) if rendered_by_template else None
-    fingerprint = data_fingerprint(data, gen, vocab_size, template if isinstance(template, str) else None)
+    if isinstance(template, dict):   # several named templates: all of them, in a stable order
+        template = json.dumps(template, sort_keys=True)
+    fingerprint = data_fingerprint(data, gen, vocab_size, template if isinstance(template, str) else None,
+                                   source_name)
     if data.source == "random":
         count = min(data.random.num_sequences, data.limit or data.random.num_sequences)
         # Capped like any record (overflow's truncate): by max_length, less the completion's room.
@@ -111,8 +118,8 @@ def load_sequences(data: DataConfig, gen: GenerateConfig, tokenizer: Any, vocab_
     shortest = 1 if gen.mode == "generate" else 2   # a scored sequence needs a next token; a prompt, a token
     seqs: list[TokenSequence] = []
     reasons: dict[str, int] = {}
-    first_dropped: dict[str, int] = {}
-    for position, rid, ids, prompt_len in _rendered(data, gen, tokenizer, shard_index, num_shards, source_name):
+    first_dropped: dict[str, str] = {}
+    for item, rid, ids, prompt_len in _rendered(data, gen, tokenizer, shard_index, num_shards, source_name):
         fitted = fit_length(ids, limit, data.overflow, keep_end=gen.mode == "generate")
         if fitted is None:
             reason = f"longer than {limit} tokens with data.overflow=drop"
@@ -122,11 +129,11 @@ def load_sequences(data: DataConfig, gen: GenerateConfig, tokenizer: Any, vocab_
             reason = "with no completion tokens to distil (generate.include_prompt=false)"
         else:
             seqs.append(TokenSequence(rid, np.asarray(fitted, dtype=np.int32), min(prompt_len, len(fitted)),
-                                      position))
+                                      item.position, item.line))
             continue
         reasons[reason] = reasons.get(reason, 0) + 1
-        first_dropped.setdefault(reason, position)
-    slice_ = DataSlice(seqs, fingerprint, {f"{why} (first: record {first_dropped[why]})": n
+        first_dropped.setdefault(reason, item.label)
+    slice_ = DataSlice(seqs, fingerprint, {f"{why} (first: {first_dropped[why]})": n
                                            for why, n in reasons.items()})
     if reasons:
         log.warning("data: dropped %d of %d records of this task: %s", slice_.dropped, slice_.dropped + len(seqs),
@@ -135,18 +142,18 @@ def load_sequences(data: DataConfig, gen: GenerateConfig, tokenizer: Any, vocab_
 
 
 def _rendered(data: DataConfig, gen: GenerateConfig, tokenizer: Any, shard_index: int,
-              num_shards: int, source_name: str) -> Iterator[tuple[int, str, list[int], int]]:
-    """``(position, id, token ids, prompt length)`` for the records of this task; a source
+              num_shards: int, source_name: str) -> Iterator[tuple[SourceRecord, str, list[int], int]]:
+    """``(record, id, token ids, prompt length)`` for the records of this task; a source
     without any record is refused (an empty file is a mistake, not an empty cache)."""
     position = -1
-    for position, record in iter_records(data.source, data.field, source_name):
+    for item in iter_records(data.source, data.field, source_name):
+        position = item.position
         if data.limit is not None and position >= data.limit:
             break
         if position % num_shards != shard_index:
             continue
-        where = f"{data.source} record {position}"
-        ids, prompt_len = render_record(record, where, data.field, tokenizer, chat_template=data.chat_template,
-                                        for_generation=gen.mode == "generate")
-        yield position, record_id(record, position), ids, prompt_len
+        ids, prompt_len = render_record(item.record, item.where(data.source), data.field, tokenizer,
+                                        chat_template=data.chat_template, for_generation=gen.mode == "generate")
+        yield item, record_id(item.record, position), ids, prompt_len
     if position < 0:
         raise DataError(f"{source_name} '{data.source}': no records (empty source); expected at least one")

@@ -8,30 +8,74 @@ records at different positions stay distinct rows.
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
+import decimal
 import hashlib
 import json
+import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple, Optional
 
-from qadpipe.errors import DataError
+from qadpipe.errors import DataError, first_line
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 JSON_SUFFIXES = (".json",)
 PARQUET_SUFFIXES = (".parquet",)
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 ID_HEX_CHARS = 20
+PARQUET_BATCH_ROWS = 1024
 
 
 def record_id(record: dict[str, Any], position: int) -> str:
-    """sha256 of the canonical JSON of the record and its position (first 80 bits, hex)."""
-    payload = f"{position}\n" + json.dumps(record, sort_keys=True, ensure_ascii=False, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()[:ID_HEX_CHARS]
+    """sha256 of the canonical JSON of the record and its position (first 80 bits, hex).
+    Every field counts, used or not; a lone UTF-16 surrogate in one is hashed as it is
+    (``surrogatepass``), and a value with no stable text form is refused, not ``str()``-ed:
+    an object's default ``str`` holds its memory address, and a rerun would write every
+    record again under new ids."""
+    payload = f"{position}\n" + json.dumps(record, sort_keys=True, ensure_ascii=False,
+                                           default=lambda value: _stable_form(value, position))
+    return hashlib.sha256(payload.encode("utf-8", "surrogatepass")).hexdigest()[:ID_HEX_CHARS]
+
+
+def _stable_form(value: Any, position: int) -> Any:
+    """JSON for the non-JSON values Parquet and ``datasets`` rows hold."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return "sha256:" + hashlib.sha256(bytes(value)).hexdigest()
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, (decimal.Decimal, uuid.UUID, datetime.timedelta)):
+        return str(value)
+    if hasattr(value, "tolist"):   # numpy scalars and arrays
+        return value.tolist()
+    raise DataError(f"record {position}: a {type(value).__name__} value has no stable form to give the record an "
+                    "id (drop or convert that column)")
+
+
+class SourceRecord(NamedTuple):
+    """A record, its position among the source's records (what its id hashes), and for a
+    line-based file the line it is on: blank lines are skipped, so record 2 may be line 4."""
+
+    position: int
+    record: dict[str, Any]
+    line: Optional[int] = None
+
+    @property
+    def label(self) -> str:
+        return record_label(self.position, self.line)
+
+    def where(self, source: str) -> str:
+        return f"{source} {self.label}"
+
+
+def record_label(position: int, line: Optional[int]) -> str:
+    """How an error names a record: its position, and its line where the file has lines."""
+    return f"record {position}" + (f", line {line}" if line is not None else "")
 
 
 def iter_records(source: str, text_field: str = "text", source_name: str = "data.source"
-                 ) -> Iterator[tuple[int, dict[str, Any]]]:
-    """``(position, record)`` for every record of ``source``, in file order (``source_name``:
-    the config field errors name).
+                 ) -> Iterator[SourceRecord]:
+    """Every record of ``source``, in file order (``source_name``: the config field errors name).
 
     Text files hold one record per non-empty line, stored under ``text_field`` (so a
     ``.txt`` of prompts works with ``data.field: prompt``).
@@ -39,15 +83,16 @@ def iter_records(source: str, text_field: str = "text", source_name: str = "data
     path = Path(source).expanduser()
     if not path.exists():
         raise DataError(f"{source_name} '{source}': no such file or directory")
+    suffix = path.suffix.lower()
     if path.is_dir():
         yield from _iter_saved_dataset(path, source_name)
-    elif path.suffix in JSONL_SUFFIXES:
+    elif suffix in JSONL_SUFFIXES:
         yield from _iter_jsonl(path)
-    elif path.suffix in JSON_SUFFIXES:
+    elif suffix in JSON_SUFFIXES:
         yield from _iter_json(path)
-    elif path.suffix in PARQUET_SUFFIXES:
+    elif suffix in PARQUET_SUFFIXES:
         yield from _iter_parquet(path)
-    elif path.suffix in TEXT_SUFFIXES:
+    elif suffix in TEXT_SUFFIXES:
         yield from _iter_text(path, text_field)
     else:
         expected = ", ".join(JSONL_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES + TEXT_SUFFIXES)
@@ -55,10 +100,12 @@ def iter_records(source: str, text_field: str = "text", source_name: str = "data
                         "or a datasets.save_to_disk directory")
 
 
-def source_fingerprint(source: str) -> str:
-    """A hash of the source's bytes (every file of a directory, in sorted order)."""
+def source_fingerprint(source: str, source_name: str = "data.source") -> str:
+    """A hash of the bytes records are read from: the file, or a ``save_to_disk`` directory's
+    metadata and the data files of the split read (not its cache-*.arrow files that a
+    ``Dataset.map`` leaves there, nor other splits: they change nothing qadpipe reads)."""
     path = Path(source).expanduser()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    files = _saved_dataset_files(path, source_name) if path.is_dir() else [path]
     digest = hashlib.sha256()
     for file in files:
         digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
@@ -66,6 +113,17 @@ def source_fingerprint(source: str) -> str:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
     return "sha256:" + digest.hexdigest()[:32]
+
+
+def _saved_dataset_files(path: Path, source_name: str) -> list[Path]:
+    split = _saved_split(path, source_name)
+    root = path / split if split is not None else path
+    try:
+        data_files = [entry["filename"] for entry in json.loads((root / "state.json").read_text())["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{source_name} '{root}/state.json': unreadable ({first_line(exc)})") from None
+    metadata = [path / "dataset_dict.json"] if split is not None else []
+    return metadata + [root / "dataset_info.json", root / "state.json"] + [root / name for name in data_files]
 
 
 def _object(value: Any, where: str) -> dict[str, Any]:
@@ -84,65 +142,99 @@ def _utf8_lines(path: Path) -> Iterator[str]:
             raise DataError(f"{path}: not UTF-8 text ({exc.reason})") from None
 
 
-def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def _iter_jsonl(path: Path) -> Iterator[SourceRecord]:
     position = 0
     for line_no, line in enumerate(_utf8_lines(path), start=1):
         if not line.strip():
             continue
         try:
-            value = json.loads(line)
+            value = json.loads(line.rstrip("\r\n"))   # error columns on the line, not past its end
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
-        yield position, _object(value, f"{path}:{line_no}")
+            raise DataError(f"{path}:{line_no}: not valid JSON ({exc.msg.removesuffix(' at')} at column {exc.colno})") from None
+        yield SourceRecord(position, _object(value, f"{path}:{line_no}"), line_no)
         position += 1
 
 
-def _iter_json(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def _iter_json(path: Path) -> Iterator[SourceRecord]:
     try:
         value = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: not valid JSON at line {exc.lineno} ({exc.msg})") from None
+        hint = ("; it looks like JSON Lines (one object per line), which a .jsonl name reads"
+                if exc.msg == "Extra data" and exc.lineno > 1 else "")
+        raise DataError(f"{path}: not valid JSON at line {exc.lineno} column {exc.colno} ({exc.msg}){hint}") from None
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text ({exc.reason}); expected a JSON list") from None
     if not isinstance(value, list):
         raise DataError(f"{path}: expected a JSON list of records, got {type(value).__name__}")
     for position, item in enumerate(value):
-        yield position, _object(item, f"{path} record {position}")
+        yield SourceRecord(position, _object(item, f"{path} record {position}"))
 
 
-def _iter_parquet(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def _iter_parquet(path: Path) -> Iterator[SourceRecord]:
     import pyarrow.parquet as pq
 
     try:
         parquet = pq.ParquetFile(path)
     except Exception as exc:  # pyarrow raises ArrowInvalid/OSError subclasses
-        raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
+        raise DataError(f"{path}: not a readable Parquet file ({first_line(exc)})") from None
     position = 0
-    for batch in parquet.iter_batches(batch_size=1024):
+    batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS)
+    while True:
+        try:
+            batch = next(batches, None)
+        except Exception as exc:  # a corrupt page: ArrowInvalid, OSError ("ZSTD decompression failed")
+            raise DataError(f"{path}: cannot read records {position}..{position + PARQUET_BATCH_ROWS - 1} "
+                            f"({first_line(exc)})") from None
+        if batch is None:
+            return
         for row in batch.to_pylist():
-            yield position, row
+            yield SourceRecord(position, row)
             position += 1
 
 
-def _iter_text(path: Path, text_field: str) -> Iterator[tuple[int, dict[str, Any]]]:
+def _iter_text(path: Path, text_field: str) -> Iterator[SourceRecord]:
     position = 0
-    for line in _utf8_lines(path):
+    for line_no, line in enumerate(_utf8_lines(path), start=1):
         line = line.rstrip("\n")
         if line.strip():
-            yield position, {text_field: line}
+            yield SourceRecord(position, {text_field: line}, line_no)
             position += 1
 
 
-def _iter_saved_dataset(path: Path, source_name: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    import datasets
-
-    if not ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
-        raise DataError(f"{source_name} '{path}': a directory, but not one written by datasets.save_to_disk")
-    loaded = datasets.load_from_disk(str(path))
-    if isinstance(loaded, datasets.DatasetDict):
-        if "train" not in loaded and len(loaded) != 1:
-            raise DataError(f"{source_name} '{path}': a DatasetDict with splits {sorted(loaded)}, expected a "
+def _saved_split(path: Path, source_name: str) -> Optional[str]:
+    """The split a ``save_to_disk`` directory is read from: None for a plain Dataset, else
+    'train' or the only split of a DatasetDict."""
+    if (path / "dataset_dict.json").is_file():
+        try:
+            splits = json.loads((path / "dataset_dict.json").read_text())["splits"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise DataError(f"{source_name} '{path}/dataset_dict.json': unreadable ({first_line(exc)})") from None
+        if "train" not in splits and len(splits) != 1:
+            raise DataError(f"{source_name} '{path}': a DatasetDict with splits {sorted(splits)}, expected a "
                             "'train' split or a single split")
-        loaded = loaded["train"] if "train" in loaded else next(iter(loaded.values()))
-    for position, row in enumerate(loaded):
-        yield position, row
+        return "train" if "train" in splits else splits[0]
+    if (path / "dataset_info.json").is_file():
+        return None
+    raise DataError(f"{source_name} '{path}': a directory, but not one written by datasets.save_to_disk")
+
+
+def _iter_saved_dataset(path: Path, source_name: str) -> Iterator[SourceRecord]:
+    import datasets
+    import pyarrow as pa
+
+    split = _saved_split(path, source_name)
+    try:
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            loaded = loaded[split]
+        # Rows as stored: a format saved with the dataset (pandas, arrow, numpy) would hand
+        # over other types, and an Image or Audio column decoded would give objects whose
+        # text form changes from run to run (and so would every record's id).
+        loaded = loaded.with_format(None)
+        for name, feature in loaded.features.items():
+            if getattr(feature, "decode", False):
+                loaded = loaded.cast_column(name, dataclasses.replace(feature, decode=False))
+        for position, row in enumerate(loaded):
+            yield SourceRecord(position, row)
+    except (OSError, ValueError, pa.ArrowException) as exc:   # a truncated copy: ArrowInvalid
+        raise DataError(f"{source_name} '{path}': cannot read the saved dataset ({first_line(exc)})") from None

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Iterator, Optional
 import numpy as np
 
 from qadpipe.data.records import ID_HEX_CHARS
-from qadpipe.errors import DataError
+from qadpipe.errors import DataError, first_line
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,7 @@ class TokenSequence:
     input_ids: np.ndarray
     prompt_len: int = 0
     source_position: int = -1
+    source_line: Optional[int] = None   # in a line-based file (errors name it)
 
 
 def render_record(record: dict[str, Any], where: str, field: str, tokenizer: Any, *,
@@ -52,6 +53,7 @@ def render_record(record: dict[str, Any], where: str, field: str, tokenizer: Any
         completion = None if for_generation else record.get("completion")
         if completion is not None and not isinstance(completion, str):
             raise DataError(f"{where}: field 'completion' must be a string, got {type(completion).__name__}")
+        _refuse_unencodable(completion, where, "completion")
         if chat_template:
             messages = [{"role": "user", "content": prompt}]
             if completion:
@@ -91,13 +93,17 @@ def _nonempty_str(value: Any, where: str, name: str) -> str:
 
 
 def _messages(value: Any, where: str) -> list[dict[str, str]]:
-    if not isinstance(value, list) or not value:
-        raise DataError(f"{where}: empty prompt (field 'messages' must be a non-empty list of "
-                        "{role, content} objects)")
+    if not isinstance(value, list):
+        raise DataError(f"{where}: field 'messages' must be a list of {{role, content}} objects, "
+                        f"got {type(value).__name__}")
+    if not value:
+        raise DataError(f"{where}: empty prompt (field 'messages' is an empty list)")
     turns = []
     for index, turn in enumerate(value):
         if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
             raise DataError(f"{where}: field 'messages' must hold {{role, content}} objects, got {turn!r:.80}")
+        if not isinstance(turn["role"], str) or not turn["role"]:
+            raise DataError(f"{where}: message {index}: role must be a non-empty string, got {turn['role']!r:.40}")
         turns.append({**turn, "content": _text_content(turn["content"], f"{where}: message {index}")})
     if not any(turn["content"].strip() for turn in turns):
         raise DataError(f"{where}: empty prompt (every turn of 'messages' is blank)")
@@ -122,16 +128,27 @@ def _render_chat(messages: list[dict[str, str]], tokenizer: Any, where: str) -> 
     if getattr(tokenizer, "chat_template", None) is None:
         raise DataError(f"{where}: chat records need a tokenizer with a chat template; the teacher's has none")
     has_completion = messages[-1]["role"] == "assistant"
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=not has_completion)
+    text = _apply_template(tokenizer, messages, not has_completion, where)
     ids = tokenizer.encode(text, add_special_tokens=False)
     if not has_completion:
         return ids, len(ids)
-    prompt_text = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    prompt_text = _apply_template(tokenizer, messages[:-1], True, where)
     if not text.startswith(prompt_text):
         raise DataError(f"{where}: the chat template does not render the prompt as a prefix of the "
                         "conversation, so the completion boundary is undefined")
     # Tokens that straddle the boundary (rare) count as completion.
     return ids, _common_prefix(ids, tokenizer.encode(prompt_text, add_special_tokens=False))
+
+
+def _apply_template(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool, where: str) -> str:
+    """The teacher's chat template, rendered; a template that refuses the conversation (Gemma's
+    and Mistral's raise on a system turn or turns that do not alternate) is one line naming
+    the record."""
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as exc:   # jinja2's TemplateError (raise_exception), TypeError, KeyError ... from the template
+        raise DataError(f"{where}: the teacher's chat template refused this conversation "
+                        f"({type(exc).__name__}: {first_line(exc)})") from None
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

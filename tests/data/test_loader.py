@@ -47,7 +47,7 @@ def test_limit_truncate_and_drop(tmp_path: Path, tokenizer: Any) -> None:
     assert kept.dropped == sum(n > cut for n in lengths)
     first = next(i for i, n in enumerate(lengths) if n > cut)
     assert kept.drop_summary() == (f"{kept.dropped} longer than {cut} tokens with data.overflow=drop "
-                                   f"(first: record {first})")
+                                   f"(first: record {first}, line {first + 1})")
 
 
 def test_pack_concatenates_every_record(tmp_path: Path, tokenizer: Any) -> None:
@@ -66,7 +66,7 @@ def test_prompt_only_records_are_dropped_when_the_prompt_is_not_distilled(tmp_pa
     got = load_sequences(cfg.data, cfg.generate, tokenizer, len(tokenizer))
     assert len(got.sequences) == 1 and got.dropped == 1
     assert got.drop_summary() == ("1 with no completion tokens to distil (generate.include_prompt=false) "
-                                  "(first: record 1)")
+                                  "(first: record 1, line 2)")
     assert got.sequences[0].prompt_len == len(tokenizer.encode("a question"))
 
 

@@ -74,11 +74,32 @@ def test_messages_in_generate_mode_drop_the_final_answer(tokenizer: Any) -> None
      "src record 0: message 1: content must be a string"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]}, "messages",
      "src record 0: message 0: content must be a string or a list of {type: text, text} parts"),
+    ({"messages": "hello"}, "messages", "src record 0: field 'messages' must be a list of {role, content} objects, "
+                                        "got str"),
+    ({"messages": [{"role": 1, "content": "hello"}]}, "messages",
+     "src record 0: message 0: role must be a non-empty string, got 1"),
+    ({"prompt": "fine", "completion": "cut \ud83d"}, "prompt",
+     "src record 0: field 'completion' holds '\\ud83d', half of a UTF-16 surrogate pair"),
 ])
 def test_bad_records_are_one_clear_line(tokenizer: Any, record: dict, field: str, message: str) -> None:
     with pytest.raises(DataError) as info:
         _render(record, field, tokenizer)
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_chat_template_that_refuses_the_conversation_is_one_line(tokenizer: Any) -> None:
+    """Gemma's and Mistral's templates raise on a system turn (jinja's raise_exception)."""
+    import copy
+
+    strict = copy.deepcopy(tokenizer)
+    strict.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                            "{{ raise_exception('System role not supported') }}{% endif %}"
+                            "{{ m['content'] }}{% endfor %}")
+    record = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]}
+    with pytest.raises(DataError) as info:
+        _render(record, "messages", strict)
+    assert str(info.value) == ("src record 0: the teacher's chat template refused this conversation "
+                               "(TemplateError: System role not supported)")
 
 
 def test_length_limits() -> None:
