@@ -129,7 +129,9 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], TrainerState]:
     """Model tensors and trainer state of one checkpoint directory (no pickle execution)."""
     try:
         tensors = load_file(str(path / MODEL_FILE))
-        raw = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        # mmap: the ranks of a node share the file's pages instead of each holding its own copy
+        # of the full optimizer state (twice the fp32 weights: ~64 GB per rank for an 8B student)
+        raw = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # safetensors / unpickler errors carry no file name
         raise DistillError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc})") from None
     try:
