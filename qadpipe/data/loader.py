@@ -154,6 +154,10 @@ def _rendered(data: DataConfig, gen: GenerateConfig, tokenizer: Any, shard_index
             continue
         ids, prompt_len = render_record(item.record, item.where(data.source), data.field, tokenizer,
                                         chat_template=data.chat_template, for_generation=gen.mode == "generate")
-        yield item, record_id(item.record, position), ids, prompt_len
+        try:
+            rid = record_id(item.record, position)
+        except DataError as exc:
+            raise DataError(f"{item.where(data.source)}: {exc}") from None
+        yield item, rid, ids, prompt_len
     if position < 0:
         raise DataError(f"{source_name} '{data.source}': no records (empty source); expected at least one")

@@ -33,23 +33,36 @@ def record_id(record: dict[str, Any], position: int) -> str:
     (``surrogatepass``), and a value with no stable text form is refused, not ``str()``-ed:
     an object's default ``str`` holds its memory address, and a rerun would write every
     record again under new ids."""
-    payload = f"{position}\n" + json.dumps(record, sort_keys=True, ensure_ascii=False,
-                                           default=lambda value: _stable_form(value, position))
+    try:
+        payload = f"{position}\n" + _canonical_json(record)
+    except TypeError:
+        column = next(name for name in sorted(record) if not _has_stable_form(record[name]))
+        raise DataError(f"column '{column}' holds a {type(record[column]).__name__} value (or one nested in it), "
+                        "which has no stable form to give the record an id; drop or convert that column") from None
     return hashlib.sha256(payload.encode("utf-8", "surrogatepass")).hexdigest()[:ID_HEX_CHARS]
 
 
-def _stable_form(value: Any, position: int) -> Any:
-    """JSON for the non-JSON values Parquet and ``datasets`` rows hold."""
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return "sha256:" + hashlib.sha256(bytes(value)).hexdigest()
-    if isinstance(value, (datetime.date, datetime.time)):
-        return value.isoformat()
-    if isinstance(value, (decimal.Decimal, uuid.UUID, datetime.timedelta)):
+#: Non-JSON values of Parquet and ``datasets`` rows whose ``str()`` depends on the value alone;
+#: hashed as ``str()``, as ids always hashed them (a cache being resumed keeps its ids).
+_STABLE_STR_TYPES = (bytes, bytearray, datetime.date, datetime.time, datetime.timedelta, decimal.Decimal, uuid.UUID)
+
+
+def _stable_str(value: Any) -> str:
+    if isinstance(value, _STABLE_STR_TYPES):
         return str(value)
-    if hasattr(value, "tolist"):   # numpy scalars and arrays
-        return value.tolist()
-    raise DataError(f"record {position}: a {type(value).__name__} value has no stable form to give the record an "
-                    "id (drop or convert that column)")
+    raise TypeError(type(value).__name__)
+
+
+def _canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, default=_stable_str)
+
+
+def _has_stable_form(value: Any) -> bool:
+    try:
+        _canonical_json(value)
+    except TypeError:
+        return False
+    return True
 
 
 class SourceRecord(NamedTuple):
@@ -113,6 +126,20 @@ def source_fingerprint(source: str, source_name: str = "data.source") -> str:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
     return "sha256:" + digest.hexdigest()[:32]
+
+
+def _undecoded(feature: Any) -> Any:
+    """``feature`` with every Image/Audio/Video in it, however nested, set to ``decode=False``:
+    rows then hold the stored bytes and path instead of decoded objects."""
+    if isinstance(feature, dict):
+        return {name: _undecoded(inner) for name, inner in feature.items()}
+    if isinstance(feature, (list, tuple)):
+        return type(feature)(_undecoded(inner) for inner in feature)
+    if getattr(feature, "decode", False):
+        return dataclasses.replace(feature, decode=False)
+    if dataclasses.is_dataclass(feature) and hasattr(feature, "feature"):   # List, LargeList, Sequence
+        return dataclasses.replace(feature, feature=_undecoded(feature.feature))
+    return feature
 
 
 def _saved_dataset_files(path: Path, source_name: str) -> list[Path]:
@@ -231,9 +258,9 @@ def _iter_saved_dataset(path: Path, source_name: str) -> Iterator[SourceRecord]:
         # over other types, and an Image or Audio column decoded would give objects whose
         # text form changes from run to run (and so would every record's id).
         loaded = loaded.with_format(None)
-        for name, feature in loaded.features.items():
-            if getattr(feature, "decode", False):
-                loaded = loaded.cast_column(name, dataclasses.replace(feature, decode=False))
+        undecoded = _undecoded(dict(loaded.features))
+        if undecoded != dict(loaded.features):
+            loaded = loaded.cast(datasets.Features(undecoded))
         for position, row in enumerate(loaded):
             yield SourceRecord(position, row)
     except (OSError, ValueError, pa.ArrowException) as exc:   # a truncated copy: ArrowInvalid

@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 
-from qadpipe.errors import DistillError
+from qadpipe.errors import DistillError, QadpipeError, first_line
 
 T = TypeVar("T")
 
@@ -147,14 +147,24 @@ def computed_by_main(is_main: bool, compute: Callable[[], T]) -> T:
     if is_main:
         try:
             result = compute()
-        except Exception as exc:   # re-raised below, on every rank
+        except Exception as exc:   # raised below, on every rank
             failure = exc
-    if dist.is_initialized():
-        box = [(result, failure)]
-        dist.broadcast_object_list(box, src=0)
-        result, failure = box[0]
+    if not dist.is_initialized():
+        if failure is not None:
+            raise failure
+        return result
+    # qadpipe's errors travel as they are; any other as its one-line text (it may not pickle)
+    sent = failure if isinstance(failure, QadpipeError) or failure is None else \
+        f"{type(failure).__name__}: {first_line(failure)}"
+    box = [(result, sent)]
+    dist.broadcast_object_list(box, src=0)
+    result, received = box[0]
     if failure is not None:
         raise failure
+    if isinstance(received, Exception):
+        raise received
+    if received is not None:
+        raise DistillError(f"rank 0 failed ({received}); this rank stops too")
     return result
 
 

@@ -214,13 +214,20 @@ class DistillRecipe:
         from qadpipe.models import tokenizer_fingerprint
 
         path = self.config.cache.path
-        if self.cfg.mode == "online" and not _cache_exists(path):
+        online_without_cache = self.cfg.mode == "online"
+
+        def snapshot() -> Optional[Any]:
+            """The cache's committed shards as rank 0 sees them (None: online, and no cache)."""
+            return None if online_without_cache and not _cache_exists(path) else load_view(Store(path))
+
+        # One snapshot for every rank, and one decision whether there is a cache at all: a
+        # generate array still committing shards would otherwise show ranks opening the cache
+        # moments apart different rows (held-out rows trained on elsewhere, rows trained twice
+        # or never, a fingerprint that is not what trained).
+        view = dist_utils.computed_by_main(self.env.is_main, snapshot)
+        if view is None:
             log.info("online mode: no cache at %s; tokens come from data.source=%s", path, self.config.data.source)
             return self._data_source(), None
-        # One snapshot for every rank: a generate array still committing shards would otherwise
-        # show ranks opening the cache moments apart different rows (held-out rows trained on
-        # elsewhere, rows trained twice or never, a fingerprint that is not what trained).
-        view = dist_utils.computed_by_main(self.env.is_main, lambda: load_view(Store(path)))
         reader = CacheReader(path, view=view)
         missing, incomplete = reader.view.missing_tasks, reader.view.incomplete_tasks
         if missing:

@@ -166,6 +166,15 @@ def test_a_result_computed_by_rank_0_reaches_every_rank_and_so_does_its_error(tm
         "    computed_by_main(rank == 0, fail)\n"
         "except CacheError as exc:\n"
         "    print(f'rank {rank}: CacheError: {exc}', flush=True)\n"
+        "class Unpicklable(Exception):\n"
+        "    def __reduce__(self):\n"
+        "        raise TypeError('cannot pickle')\n"
+        "def fail_oddly():\n"
+        "    raise Unpicklable('lost its mount')\n"
+        "try:\n"
+        "    computed_by_main(rank == 0, fail_oddly)\n"
+        "except Exception as exc:\n"
+        "    print(f'rank {rank}: {type(exc).__name__}: {exc}', flush=True)\n"
         "dist.destroy_process_group()\n")
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "--master_port", str(free_port()), str(script)],
@@ -174,6 +183,8 @@ def test_a_result_computed_by_rank_0_reaches_every_rank_and_so_does_its_error(tm
     for rank in (0, 1):
         assert f"rank {rank}: got ('asked on rank', 0)" in done.stdout
         assert f"rank {rank}: CacheError: cache/manifests: empty cache" in done.stdout
+    assert "rank 0: Unpicklable: lost its mount" in done.stdout
+    assert "rank 1: DistillError: rank 0 failed (Unpicklable: lost its mount); this rank stops too" in done.stdout
 
 
 @pytest.mark.slow
