@@ -126,6 +126,15 @@ def test_two_cpu_processes_match_one_process(caches, single, peaky_llama_dir, tm
     assert moved > 1e-4
 
 
+def run_two_ranks(script: Path) -> str:
+    """stdout of ``script`` run by 2 gloo processes under torchrun (which must both exit 0)."""
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(free_port()), str(script)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
 def test_a_write_failing_on_rank_0_stops_every_rank(tmp_path):
     """Rank 0 writes checkpoints while the others wait; when its write failed (a full disk) the
     others sat in a barrier until the process-group timeout (30 minutes under NCCL)."""
@@ -142,12 +151,9 @@ def test_a_write_failing_on_rank_0_stops_every_rank(tmp_path):
         "except Exception as exc:\n"
         "    print(f'rank {rank}: {type(exc).__name__}: {exc}', flush=True)\n"
         "dist.destroy_process_group()\n")
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(free_port()), str(script)],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "rank 0: OSError: [Errno 28] No space left on device" in done.stdout
-    assert "rank 1: DistillError: rank 0 could not write its output" in done.stdout
+    stdout = run_two_ranks(script)
+    assert "rank 0: OSError: [Errno 28] No space left on device" in stdout
+    assert "rank 1: DistillError: rank 0 could not write its output" in stdout
 
 
 def test_a_result_computed_by_rank_0_reaches_every_rank_and_so_does_its_error(tmp_path):
@@ -176,15 +182,12 @@ def test_a_result_computed_by_rank_0_reaches_every_rank_and_so_does_its_error(tm
         "except Exception as exc:\n"
         "    print(f'rank {rank}: {type(exc).__name__}: {exc}', flush=True)\n"
         "dist.destroy_process_group()\n")
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(free_port()), str(script)],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-2000:]
+    stdout = run_two_ranks(script)
     for rank in (0, 1):
-        assert f"rank {rank}: got ('asked on rank', 0)" in done.stdout
-        assert f"rank {rank}: CacheError: cache/manifests: empty cache" in done.stdout
-    assert "rank 0: Unpicklable: lost its mount" in done.stdout
-    assert "rank 1: DistillError: rank 0 failed (Unpicklable: lost its mount); this rank stops too" in done.stdout
+        assert f"rank {rank}: got ('asked on rank', 0)" in stdout
+        assert f"rank {rank}: CacheError: cache/manifests: empty cache" in stdout
+    assert "rank 0: Unpicklable: lost its mount" in stdout
+    assert "rank 1: DistillError: rank 0 failed (Unpicklable: lost its mount); this rank stops too" in stdout
 
 
 @pytest.mark.slow
