@@ -166,7 +166,20 @@ def _utf8_lines(path: Path) -> Iterator[str]:
         try:
             yield from handle
         except UnicodeDecodeError as exc:
-            raise DataError(f"{path}: not UTF-8 text ({exc.reason})") from None
+            raise DataError(f"{path}{_first_undecodable_line(path)}: not UTF-8 text ({exc.reason})") from None
+
+
+def _first_undecodable_line(path: Path) -> str:
+    """``":N"`` for the first line that is not UTF-8 (the text reader decodes ahead in chunks, so
+    its error does not say where).  A 0x0A byte never sits inside a UTF-8 sequence, so lines
+    decode on their own."""
+    with open(path, "rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return f":{line_no}"
+    return ""
 
 
 def _iter_jsonl(path: Path) -> Iterator[SourceRecord]:

@@ -131,6 +131,13 @@ def test_a_truncated_saved_dataset_and_a_corrupt_parquet_page_are_one_line(tmp_p
         list(iter_records(str(tmp_path / "d.parquet")))
 
 
+def test_a_line_that_is_not_utf8_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"".join(b'{"text": "line %d"}\n' % i for i in range(500)) + b'{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=re.escape(f"{path}:501: not UTF-8 text (invalid continuation byte)")):
+        list(iter_records(str(path)))
+
+
 def test_line_based_files_name_the_line_of_a_record(tmp_path: Path) -> None:
     path = tmp_path / "UPPER.JSONL"    # suffixes in any case
     path.write_text('{"text": "a"}\n\n{"text": "b"}\n')
