@@ -113,7 +113,8 @@ def check_lengths(data: DataSlice, info: TeacherInfo, extra: int, source: str, b
     if needed + past > info.context_length:
         what = f" + {extra} new tokens" if extra else ""
         also = f" + the {past} token {backend} generates after a scored sequence" if past else ""
-        where = f"{source} {record_label(longest.source_position, longest.source_line)}"
+        where = (f"{source} {record_label(longest.source_position, longest.source_line)}"
+                 if longest.source_position >= 0 else f"{source} (a packed window)")
         raise DataError(f"{where}: {len(longest.input_ids)} tokens{what}{also} "
                         f"exceed the teacher's context of {info.context_length} (max_position_embeddings); "
                         "lower data.max_length")

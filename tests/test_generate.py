@@ -405,6 +405,10 @@ def test_a_vllm_teacher_keeps_a_position_for_the_token_it_generates_after_a_scor
                                  "exceed the teacher's context of 1024 (max_position_embeddings); lower "
                                  "data.max_length")
     assert check_lengths(data, SimpleNamespace(context_length=1025), 0, "d.jsonl", "vllm") == 1024
+    windows = SimpleNamespace(sequences=[SimpleNamespace(input_ids=np.arange(1024), source_position=-1,
+                                                         source_line=None)])   # data.overflow=pack
+    with pytest.raises(DataError, match=r"^d\.jsonl \(a packed window\): 1024 tokens \+ the 1 token"):
+        check_lengths(windows, info, 0, "d.jsonl", "vllm")
 
 
 def test_teacher_revision_tells_retrained_weights_apart_but_not_a_copy(tmp_path):

@@ -109,7 +109,7 @@ def load_sequences(data: DataConfig, gen: GenerateConfig, tokenizer: Any, vocab_
     if data.overflow == "pack":
         windows = pack((ids for _, _, ids, _ in _rendered(data, gen, tokenizer, 0, 1, source_name)), data.max_length,
                        tokenizer.eos_token_id)
-        seqs = [TokenSequence(content_id("pack", i, arr), arr, 0, i)
+        seqs = [TokenSequence(content_id("pack", i, arr), arr, 0)   # a window is no one record
                 for i, ids in enumerate(windows) if i % num_shards == shard_index
                 for arr in [np.asarray(ids, dtype=np.int32)]]
         return DataSlice(seqs, fingerprint)
