@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import itertools
+import json
 import logging
 from pathlib import Path
 from typing import Any, Optional
@@ -31,6 +32,7 @@ from qadpipe.config import PipelineConfig
 from qadpipe.eval.report import render_table, write_report
 from qadpipe.eval.runner import compare_to_teacher
 from qadpipe.errors import ConfigError
+from qadpipe.export.compressed_tensors import NVFP4_PACK
 from qadpipe.file_modes import check_writable_dir
 from qadpipe.provenance import recorded_stage, save_run_record
 from qadpipe.targets import SequenceTargets
@@ -66,12 +68,26 @@ def default_models(cfg: PipelineConfig) -> dict[str, str]:
 
 
 def check_model_paths(models: dict[str, str]) -> None:
-    """Every model a directory, checked before the first one loads (a typo in the last name
+    """Every model a directory it can load, checked before the first one loads (a typo in the last name
     would otherwise surface after the others were scored)."""
     for name, path in models.items():
         if not Path(path).is_dir():
             raise ConfigError(f"eval.models.{name}: {path} is not a directory (expected a distill final/ or ptq/ "
                               "directory or an HF checkpoint)")
+        if _checkpoint_format(Path(path)) == NVFP4_PACK:
+            # compressed-tensors decompresses NVFP4 to bf16 weights, which eval's fp32 forward cannot mix
+            raise ConfigError(f"eval.models.{name}: {path} is an NVFP4 compressed-tensors export, which transformers "
+                              "runs in bf16 only; evaluate the distill directory it was exported from (its "
+                              "qadpipe_export.json names it) or a --format fake export")
+
+
+def _checkpoint_format(path: Path) -> Optional[str]:
+    """The ``quantization_config.format`` of an HF checkpoint (None: none, or not readable)."""
+    try:
+        quant = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    return quant.get("format") if isinstance(quant, dict) else None
 
 
 def load_model(path: str, device: torch.device) -> nn.Module:
@@ -93,13 +109,35 @@ def release_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def training_dir(path: str) -> Optional[Path]:
+    """The distill directory whose run record says how the model at ``path`` was trained: the
+    model itself, or, for an export, the checkpoint its ``qadpipe_export.json`` names (None:
+    unknown -- another tool's model, or an export whose checkpoint is gone)."""
+    from qadpipe.distill.student import is_student_dir
+    from qadpipe.export.writer import EXPORT_INFO
+
+    if is_student_dir(Path(path)):
+        return Path(path)
+    try:
+        checkpoint = json.loads((Path(path) / EXPORT_INFO).read_text()).get("checkpoint")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return Path(checkpoint) if checkpoint and is_student_dir(Path(checkpoint)) else None
+
+
+def trained_models(models: dict[str, str]) -> dict[str, Path]:
+    """Name -> training directory of the models whose training qadpipe recorded."""
+    found = {name: training_dir(path) for name, path in models.items()}
+    return {name: directory for name, directory in found.items() if directory is not None}
+
+
 def held_out_rows(cfg: PipelineConfig, models: dict[str, str]) -> int:
     """``distill.eval_rows`` as the students were trained with: rows past the number a student
     held out were trained on, and scoring them would flatter it."""
-    from qadpipe.distill.student import is_student_dir, trained_config
+    from qadpipe.distill.student import trained_config
 
-    recorded = {name: trained_config(Path(path)).distill.eval_rows
-                for name, path in models.items() if is_student_dir(Path(path))}
+    recorded = {name: trained_config(directory).distill.eval_rows
+                for name, directory in trained_models(models).items()}
     if recorded and min(recorded.values()) < cfg.distill.eval_rows:
         name = min(recorded, key=recorded.get)
         log.warning("eval: distill.eval_rows is %d, but %s held out only the first %d cache rows when it "
@@ -117,9 +155,16 @@ def held_out(cfg: PipelineConfig, tokenizer: Any, vocab_size: int, eval_rows: in
         from qadpipe.data import load_sequences
         from qadpipe.teacher.base import target_start
 
+        if cfg.eval.data == "random":   # data.random's seed: the very tokens the cache was made from
+            raise ConfigError("eval.data: got 'random', which would draw the training sequences again "
+                              "(data.random.seed); leave eval.data null to score the cache's held-out rows")
         data = dataclasses.replace(cfg.data, source=cfg.eval.data, limit=limit)
         gen = dataclasses.replace(cfg.generate, mode="score")
-        seqs = load_sequences(data, gen, tokenizer, vocab_size, source_name="eval.data").sequences[:limit]
+        loaded = load_sequences(data, gen, tokenizer, vocab_size, source_name="eval.data")
+        seqs = loaded.sequences[:limit]
+        if not seqs:
+            raise ConfigError(f"eval.data: no sequences to score in {cfg.eval.data} (all {loaded.dropped} records "
+                              f"dropped: {loaded.drop_summary()})")
         starts = [target_start(s, gen.include_prompt) for s in seqs]   # the cache's convention, as trained
         return HeldOut([s.input_ids.tolist() for s in seqs], starts, None,
                        f"{len(seqs)} sequences of {cfg.eval.data}")
@@ -156,12 +201,11 @@ def unseen_claim(data: HeldOut, models: dict[str, str]) -> str:
     """What the report may say of the cache rows: unseen only if every student trained on
     exactly these cache contents (rows past its held-out ones of *another* cache may be any
     rows of this one)."""
-    from qadpipe.distill.student import is_student_dir, trained_cache_fingerprint
+    from qadpipe.distill.student import trained_cache_fingerprint
 
     if data.cache_fingerprint is None:
         return ""
-    recorded = {name: trained_cache_fingerprint(Path(path)) for name, path in models.items()
-                if is_student_dir(Path(path))}
+    recorded = {name: trained_cache_fingerprint(directory) for name, directory in trained_models(models).items()}
     other = sorted(name for name, fingerprint in recorded.items()
                    if fingerprint is not None and fingerprint != data.cache_fingerprint)
     if other:
@@ -169,9 +213,17 @@ def unseen_claim(data: HeldOut, models: dict[str, str]) -> str:
                     "rows scored here, so the figures may flatter it; evaluate on the cache it trained on, or on "
                     "eval.data", ", ".join(other), data.description)
         return f" (NOT verified unseen: {', '.join(other)} trained on other cache contents)"
-    if recorded and all(fingerprint is not None for fingerprint in recorded.values()):
-        return " (never trained on)"
-    return " (held out in training by distill.eval_rows)"
+    unknown = sorted(set(models) - set(recorded))
+    if unknown:
+        log.warning("eval: %s: no qadpipe training record (not a distill directory, nor an export whose "
+                    "checkpoint is still there), so whether it trained on the %s is unknown",
+                    ", ".join(unknown), data.description)
+    if not recorded:
+        return f" (whether {', '.join(unknown)} trained on them is unknown)" if unknown else ""
+    caveat = f"; unknown for {', '.join(unknown)}" if unknown else ""
+    if all(fingerprint is not None for fingerprint in recorded.values()):
+        return f" (never trained on{caveat})"
+    return f" (held out in training by distill.eval_rows{caveat})"
 
 
 def run_eval(cfg: PipelineConfig) -> dict[str, dict[str, float]]:

@@ -245,3 +245,63 @@ def test_the_teacher_check_resolves_the_embedded_model_alias(tiny_llama_dir: Pat
     assert "was written by the teacher" not in caplog.text
     evaluate._warn_of_another_teacher(config, dataclasses.replace(cache_meta(), teacher_revision="sha256:other"))
     assert "was written by the teacher synthetic (revision sha256:other)" in caplog.text
+
+
+def _refusal(overrides: list[str]) -> list[str]:
+    result = CliRunner().invoke(cli, ["eval", *[arg for item in overrides for arg in ("--set", item)]])
+    assert result.exit_code == 2 and "Traceback" not in result.stderr, result.output
+    return [line for line in result.stderr.splitlines() if line.startswith("qadpipe: error:")]
+
+
+def test_an_export_is_held_to_the_rows_its_checkpoint_held_out(trained, tmp_path: Path, caplog):
+    """Exports are HF checkpoints: eval did not follow them to the run that trained them, so
+    a larger distill.eval_rows scored rows they trained on, and the report called them held out."""
+    from qadpipe.export.runner import run_export
+
+    config = load_config(None, trained)
+    run_export(config, output=str(tmp_path / "export"), fmt="fake")
+    rows = config.distill.eval_rows
+    results = run_eval(load_config(None, [*trained, f"eval.output_dir={tmp_path / 'out'}", "eval.models={}",
+                                          f"eval.models.fake={tmp_path / 'export'}",
+                                          f"distill.eval_rows={rows + 3}"]))
+    assert f"held out only the first {rows} cache rows when it trained" in caplog.text
+    claim = json.loads((tmp_path / "out" / "report.json").read_text())["context"]["data"]
+    assert claim == f"{rows} held-out rows of the cache {config.cache.path} (never trained on)"
+    assert results["fake"]["positions"] > 0
+
+
+def test_a_model_without_a_training_record_is_not_claimed_unseen(trained, tmp_path: Path, peaky_llama_dir: Path):
+    config = load_config(None, trained)
+    student = Path(config.distill.output_dir) / "final"
+    run_eval(load_config(None, [*trained, f"eval.output_dir={tmp_path / 'out'}", f"eval.models.qad={student}",
+                                f"eval.models.outside={peaky_llama_dir}"]))
+    claim = json.loads((tmp_path / "out" / "report.json").read_text())["context"]["data"]
+    assert claim.endswith("(never trained on; unknown for outside)")
+    run_eval(load_config(None, [*trained, f"eval.output_dir={tmp_path / 'alone'}",
+                                f"eval.models.outside={peaky_llama_dir}"]))
+    claim = json.loads((tmp_path / "alone" / "report.json").read_text())["context"]["data"]
+    assert claim.endswith("(whether outside trained on them is unknown)")
+
+
+def test_eval_data_that_cannot_be_scored_is_one_line(trained, tmp_path: Path):
+    """Random tokens drawn again are the training tokens; prompt-only records with
+    include_prompt=false leave nothing to score (a ValueError traceback before)."""
+    assert _refusal([*trained, f"eval.output_dir={tmp_path / 'a'}", "eval.data=random"]) == [
+        "qadpipe: error: eval.data: got 'random', which would draw the training sequences again (data.random.seed); "
+        "leave eval.data null to score the cache's held-out rows"]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "a first question"}\n{"prompt": "a second question"}\n')
+    assert _refusal([*trained, f"eval.output_dir={tmp_path / 'b'}", f"eval.data={prompts}", "data.field=prompt",
+                     "generate.include_prompt=false"]) == [
+        f"qadpipe: error: eval.data: no sequences to score in {prompts} (all 2 records dropped: 2 with no completion "
+        "tokens to distil (generate.include_prompt=false) (first: record 0, line 1))"]
+
+
+def test_an_nvfp4_compressed_tensors_export_is_refused_before_any_model_loads(trained, tmp_path: Path):
+    export = tmp_path / "nvfp4"
+    export.mkdir()
+    (export / "config.json").write_text(json.dumps({"quantization_config": {"format": "nvfp4-pack-quantized"}}))
+    assert _refusal([*trained, f"eval.output_dir={tmp_path / 'out'}", f"eval.models.ct={export}"]) == [
+        f"qadpipe: error: eval.models.ct: {export} is an NVFP4 compressed-tensors export, which transformers runs in "
+        "bf16 only; evaluate the distill directory it was exported from (its qadpipe_export.json names it) or a "
+        "--format fake export"]
