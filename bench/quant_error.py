@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qadpipe.config import build_config  # noqa: E402
+from qadpipe.errors import ConfigError, QuantError  # noqa: E402
 from qadpipe.eval.metrics import AgreementTotals  # noqa: E402
 from qadpipe.models import load_causal_lm, load_tokenizer  # noqa: E402
 from qadpipe.quant.calibrate import calibrate  # noqa: E402
@@ -103,11 +104,16 @@ def main() -> None:
     for preset in args.presets:
         start = time.perf_counter()
         student = copy.deepcopy(teacher)
-        configurable = PRESETS[preset].weight.group_size == 128
+        # w4a8_fp8 keeps its 128: vLLM's kernel takes no other group (and SmolLM2's 576 is no multiple)
+        configurable = PRESETS[preset].weight.group_size == 128 and not PRESETS[preset].weight.fp8_group_scales
         group = args.group_size if configurable else PRESETS[preset].weight.group_size
-        quant = build_config({"quant": {"preset": preset, "group_size": args.group_size if configurable else None,
-                                        "calibration_batches": args.calib}}).quant
-        apply_recipe(student, quant)
+        try:
+            quant = build_config({"quant": {"preset": preset, "group_size": args.group_size if configurable else None,
+                                            "calibration_batches": args.calib}}).quant
+            apply_recipe(student, quant)
+        except (ConfigError, QuantError) as exc:
+            print(f"{preset}: skipped ({exc})", file=sys.stderr, flush=True)
+            continue
         mse = freeze_weights(student)
         calibrate(student, calib, args.calib)
         result = score(student)

@@ -117,6 +117,9 @@ BAD_CONFIGS = [
     pytest.param(None, ["quant.preset=mxfp4", "quant.group_size=64"],
                  "quant.group_size: 64 cannot apply to preset 'mxfp4' (its mxfp4 blocks are 32 by the format); "
                  "set group_size: null", id="group-size-on-a-fixed-block-format"),
+    pytest.param(None, ["quant.rules=[{targets: down_proj, preset: w4a8_fp8, group_size: 64}]"],
+                 "quant.rules[0].group_size: 64 cannot apply to preset 'w4a8_fp8' (vLLM's W4A8-FP8 kernel takes int4 "
+                 "in groups of 128 only); set group_size: null", id="w4a8-fp8-outside-group-128"),
     pytest.param(None, ["quant.rules=[{targets: down_proj, preset: fp8, group_size: 32}]"],
                  "quant.rules[0].group_size: 32 cannot apply to preset 'fp8' (its weights have channel scales); "
                  "set group_size: null", id="group-size-in-a-rule"),

@@ -102,9 +102,6 @@ def scheme_for(name: str, weight: QuantSpec, inputs: Optional[QuantSpec]) -> Sch
             return Scheme(PACK, w_args, None)
         if weight.fp8_group_scales and inputs is not None and inputs.kind is Kind.FP8 \
                 and inputs.granularity is Granularity.TOKEN:
-            if weight.bits != 4 or weight.group_size != 128:
-                raise ExportError(f"{name}: W4A8-FP8 with {weight.bits}-bit weights in groups of "
-                                  f"{weight.group_size}; vLLM's kernel takes int4 in groups of 128")
             return Scheme(PACK, w_args, _input_args(name, inputs))
         if inputs is not None and inputs.kind is Kind.INT and kind in (Kind.INT, Kind.LSQ) \
                 and weight.bits == 8 and weight.granularity is Granularity.CHANNEL \

@@ -134,6 +134,9 @@ def resolve_preset(name: str, group_size: Optional[int], section: str = "quant")
                if weight.kind in fixed_blocks else f"its weights have {weight.granularity.value} scales")
         raise QuantError(f"{_field(section, 'group_size')}: {group_size} cannot apply to preset {name!r} "
                          f"({why}); set group_size: null")
+    if weight.fp8_group_scales and group_size != weight.group_size:
+        raise QuantError(f"{_field(section, 'group_size')}: {group_size} cannot apply to preset {name!r} (vLLM's "
+                         f"W4A8-FP8 kernel takes int4 in groups of {weight.group_size} only); set group_size: null")
     return replace(preset, weight=replace(weight, group_size=group_size))
 
 

@@ -286,12 +286,6 @@ def test_w4a8_fp8_writes_codes_and_bf16_group_scales(student, tiny_llama_dir, tm
         assert torch.equal(decompressed[name], dequantize(plain).to(decompressed[name].dtype)), name
 
 
-def test_refuses_w4a8_fp8_outside_group_128(student, tiny_llama_dir, tmp_path):
-    model, config = student(tiny_llama_dir, "w4a16_int", 32,
-                            rules=[{"targets": r"mlp\.down_proj", "preset": "w4a8_fp8", "group_size": 64}])
-    _refused(model, tiny_llama_dir, tmp_path, config, r"down_proj: W4A8-FP8 with 4-bit weights in groups of 64")
-
-
 def test_compressed_tensors_export_carries_the_kv_scheme_and_scales(student, tiny_llama_dir, tmp_path):
     from compressed_tensors.quantization import QuantizationConfig
 
