@@ -49,6 +49,7 @@ class HeldOut:
     cache_rows: Optional[list[SequenceTargets]]
     description: str
     cache_fingerprint: Optional[str] = None   # of the cache the rows came from (None: eval.data)
+    random_tokens: bool = False   # uniform random tokens: no text to have a perplexity on
 
 
 def default_models(cfg: PipelineConfig) -> dict[str, str]:
@@ -180,8 +181,10 @@ def held_out(cfg: PipelineConfig, tokenizer: Any, vocab_size: int, eval_rows: in
                           "or distill.eval_rows > 0 (and retrain, so the rows stay unseen)")
     rows = list(itertools.islice(reader.iter_sequences(0, 1), count))
     cached = rows if reader.meta.target_kind == "topk" else None
+    random_tokens = (reader.meta.config.get("data") or {}).get("source") == "random"
     return HeldOut([r.input_ids.tolist() for r in rows], [r.target_start for r in rows], cached,
-                   f"{len(rows)} held-out rows of the cache {cfg.cache.path}", reader.view.fingerprint)
+                   f"{len(rows)} held-out rows of the cache {cfg.cache.path}", reader.view.fingerprint,
+                   random_tokens)
 
 
 def _warn_of_another_teacher(cfg: PipelineConfig, meta: Any) -> None:
@@ -254,7 +257,8 @@ def run_eval(cfg: PipelineConfig) -> dict[str, dict[str, float]]:
         _refuse_another_vocab(name, path, student, cfg.teacher_path, teacher)
         check_logits_are_head_of_hidden(student, f"eval.models.{name}")
         scored = compare_to_teacher(teacher, {name: student}, data.sequences, pad_id=pad_id, starts=data.starts,
-                                    cache_rows=data.cache_rows, batch_size=cfg.eval.batch_size, device=device)
+                                    cache_rows=data.cache_rows, batch_size=cfg.eval.batch_size, device=device,
+                                    with_perplexity=not data.random_tokens)
         results.setdefault("teacher", scored["teacher"])
         results[name] = scored[name]
         del student, scored
