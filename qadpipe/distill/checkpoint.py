@@ -89,7 +89,7 @@ def save_checkpoint(output_dir: Path, model_state: dict[str, torch.Tensor], stat
         tensors, aliases = unique_tensors(model_state)
         save_file(tensors, str(tmp / MODEL_FILE), metadata={"aliases": repr(sorted(aliases.items()))})
         torch.save(state.__dict__, tmp / STATE_FILE)
-        save_run_record(config, "distill", tmp)
+        save_run_record(config, "distill", tmp, cache_fingerprint=state.cache_fingerprint)   # as final/ records it
         for path in tmp.iterdir():
             _fsync_file(path)
         share_tree(tmp)

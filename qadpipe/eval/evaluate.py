@@ -140,11 +140,12 @@ def held_out_rows(cfg: PipelineConfig, models: dict[str, str]) -> int:
     recorded = {name: trained_config(directory).distill.eval_rows
                 for name, directory in trained_models(models).items()}
     if recorded and min(recorded.values()) < cfg.distill.eval_rows:
-        name = min(recorded, key=recorded.get)
-        log.warning("eval: distill.eval_rows is %d, but %s held out only the first %d cache rows when it "
-                    "trained; scoring those %d (the rest were trained on)", cfg.distill.eval_rows, models[name],
-                    recorded[name], recorded[name])
-        return recorded[name]
+        fewest = min(recorded.values())
+        names = ", ".join(models[name] for name, rows in recorded.items() if rows == fewest)
+        log.warning("eval: distill.eval_rows is %d, but the run of %s held out only the first %d cache rows when "
+                    "it trained; scoring those %d (the rest were trained on)", cfg.distill.eval_rows, names,
+                    fewest, fewest)
+        return fewest
     return cfg.distill.eval_rows
 
 

@@ -40,6 +40,17 @@ def test_round_trip_with_tied_weights(tmp_path: Path):
     assert torch.equal(state.rng["torch"], capture_rng()["torch"])
 
 
+def test_a_checkpoints_run_record_keeps_its_cache_fingerprint_as_final_does(tmp_path: Path):
+    """eval (and an export of step-N) read it to say whether the scored cache rows were unseen."""
+    from qadpipe.distill.student import trained_cache_fingerprint
+
+    model = Tied()
+    state = _state(5, model)
+    state.cache_fingerprint = "f" * 64
+    path = save_checkpoint(tmp_path, model.state_dict(), state, load_config(None))
+    assert trained_cache_fingerprint(path) == "f" * 64
+
+
 def test_full_state_keeps_ties_when_offloading_copies_each_tensor(monkeypatch):
     """From a GPU, cpu_offload returns a separate CPU copy per entry (on a CPU it returns the
     tensors themselves, so the copy is simulated): the head must still alias the embedding."""
