@@ -92,22 +92,33 @@ def render(summary: dict) -> str:
         f"{teacher['logprobs_mode']}, T={teacher['temperature']}",
         f"tokenizer   {s['tokenizer_fingerprint']}, vocab {s['vocab_size']}",
         f"tasks       {_tasks_line(s['tasks'])}",
-        f"rows        {s['rows']}",
-        f"tokens      {s['tokens']} target positions",
-        f"on disk     {s['bytes'] / 2**20:.2f} MiB, {s['bytes_per_token'] or 0:.1f} bytes/token",
+        f"rows        {s['rows']}{_in_bad_shards(s, 'rows')}",
+        f"tokens      {s['tokens']} target positions{_in_bad_shards(s, 'tokens')}",
+        f"on disk     {s['bytes'] / 2**20:.2f} MiB, {s['bytes_per_token'] or 0:.1f} bytes/token"
+        + (" (as the manifests list them)" if s["bad_shards"] else ""),
     ]
     stats = s["targets"]
+    over = " (readable shards only)" if s["bad_shards"] else ""
     if "tail_mass_mean" in stats:
         lines.append(f"tail mass   mean {stats['tail_mass_mean']:.4f}, p5 {stats['tail_mass_p5']:.4f}, "
-                     f"p50 {stats['tail_mass_p50']:.4f}")
+                     f"p50 {stats['tail_mass_p50']:.4f}{over}")
     elif stats:
         lines.append(f"samples     {stats['unique_ids_per_position']:.1f} unique ids/position, "
-                     f"{stats['tail_draw_fraction']:.2%} of draws in the tail")
+                     f"{stats['tail_draw_fraction']:.2%} of draws in the tail{over}")
     lines.append(f"shards      {len(s['shards'])}")
     for shard in s["shards"]:
         lines.append(f"  {shard['name']}  rows {shard['rows']}  tokens {shard['tokens']}  "
                      f"bytes {shard['bytes']}  {shard['state']}")
     return "\n".join(lines)
+
+
+def _in_bad_shards(summary: dict, field: str) -> str:
+    """``", 5 of them in 1 bad shard"``: what the manifests list but cannot be read."""
+    bad = [shard for shard in summary["shards"] if shard["name"] in summary["bad_shards"]]
+    if not bad:
+        return ""
+    plural = "s" if len(bad) > 1 else ""
+    return f", {sum(shard[field] for shard in bad)} of them in {len(bad)} bad shard{plural} (listed below)"
 
 
 def _tasks_line(tasks: dict) -> str:

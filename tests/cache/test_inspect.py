@@ -56,6 +56,8 @@ def test_inspect_verify_flags_a_corrupt_shard(tmp_path):
     error = result.stderr.strip().splitlines()
     assert len(error) == 1 and error[0].startswith("qadpipe: error: ")
     assert "1 of 2 shards failed their checks; first: shards/task-00000-000001.parquet: checksum mismatch" in error[0]
+    assert "rows        4, 2 of them in 1 bad shard (listed below)" in result.output
+    assert "(readable shards only)" in result.output and "(as the manifests list them)" in result.output
 
 
 def test_inspect_empty_cache(tmp_path):
