@@ -36,7 +36,10 @@ def record_id(record: dict[str, Any], position: int) -> str:
     try:
         payload = f"{position}\n" + _canonical_json(record)
     except TypeError:
-        column = next(name for name in sorted(record) if not _has_stable_form(record[name]))
+        column = next((name for name in sorted(record, key=str) if not _has_stable_form(record[name])), None)
+        if column is None:
+            raise DataError("the record's keys are not all strings, so it has no stable form to give it an id") \
+                from None
         raise DataError(f"column '{column}' holds a {type(record[column]).__name__} value (or one nested in it), "
                         "which has no stable form to give the record an id; drop or convert that column") from None
     return hashlib.sha256(payload.encode("utf-8", "surrogatepass")).hexdigest()[:ID_HEX_CHARS]
