@@ -264,7 +264,10 @@ def run_eval(cfg: PipelineConfig) -> dict[str, dict[str, float]]:
         results[name] = scored[name]
         del student, scored
         release_memory(device)
+    positions = int(results["teacher"]["positions"])
     context = {"teacher": cfg.teacher_path, "data": data.description + unseen_claim(data, models),
+               "positions": f"{positions} scored per model: those a student trains on (each sequence's target "
+                            "start onward; prompts only where generate.include_prompt was on)",
                **{f"model {name}": path for name, path in models.items()}}
     # A distill run's curve, once: from its final/ student (ptq/ beside it shares the run's file).
     metrics = {name: Path(path).parent / "metrics.jsonl" for name, path in models.items()

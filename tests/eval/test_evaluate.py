@@ -49,6 +49,8 @@ def test_default_models_are_ptq_and_qad_on_the_held_out_cache_rows(trained, tmp_
     assert saved["results"]["qad"]["kl"] == pytest.approx(results["qad"]["kl"])
     assert "| ptq |" in (tmp_path / "report.md").read_text()
     assert saved["context"]["data"].endswith(f"of the cache {topk_cache} (never trained on)")
+    scored = sum(row.num_target_rows for row in held_out)
+    assert f"- positions: {scored} scored per model: those a student trains on" in (tmp_path / "report.md").read_text()
     assert (tmp_path / "kl_by_model.png").is_file() and (tmp_path / "qadpipe_run.yaml").is_file()
 
 
