@@ -43,7 +43,10 @@ def summarize(root: str, *, rehash: bool = False) -> dict:
     return {
         "cache": root,
         "format_version": meta.format_version,
-        "target_kind": meta.target_kind, "k": meta.k, "num_samples": meta.num_samples, "encoding": meta.encoding,
+        # null where the kind has no such setting: a top-k cache has no draws, a full-vocab sampled one no k
+        "target_kind": meta.target_kind,
+        "k": meta.k if meta.target_kind == "topk" or meta.sampled_from == "topk+tail" else None,
+        "num_samples": meta.num_samples if meta.target_kind == "sampled" else None, "encoding": meta.encoding,
         "sampled_from": meta.sampled_from,
         "teacher": {"name": meta.teacher, "revision": meta.teacher_revision, "dtype": meta.teacher_dtype,
                     "logprobs_mode": meta.logprobs_mode, "temperature": meta.temperature},
