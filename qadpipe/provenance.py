@@ -67,11 +67,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def fsync_path(path: Path) -> None:
     """fsync a file or a directory by name (a directory's fsync makes a rename in it durable)."""
-    dir_fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)
+        os.fsync(fd)
     finally:
-        os.close(dir_fd)
+        os.close(fd)
 
 
 def run_record(config: Any, stage: str, **facts: Any) -> dict[str, Any]:

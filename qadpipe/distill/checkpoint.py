@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from qadpipe.errors import DistillError
 from qadpipe.file_modes import share_tree
-from qadpipe.provenance import atomic_write_text, save_run_record
+from qadpipe.provenance import atomic_write_text, fsync_path, save_run_record
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "LATEST"
@@ -91,7 +91,7 @@ def save_checkpoint(output_dir: Path, model_state: dict[str, torch.Tensor], stat
         torch.save(state.__dict__, tmp / STATE_FILE)
         save_run_record(config, "distill", tmp, cache_fingerprint=state.cache_fingerprint)   # as final/ records it
         for path in tmp.iterdir():
-            _fsync_file(path)
+            fsync_path(path)
         share_tree(tmp)
         final = root / name
         if final.exists():  # a re-run of the same step after a crash between rename and LATEST
@@ -138,11 +138,6 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], TrainerState]:
         return tensors, TrainerState(**raw)
     except TypeError as exc:
         raise DistillError(f"{path / STATE_FILE}: unexpected trainer state layout ({exc})") from None
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
 
 
 def _prune(root: Path, keep: int) -> None:

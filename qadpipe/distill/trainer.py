@@ -214,11 +214,10 @@ class DistillRecipe:
         from qadpipe.models import tokenizer_fingerprint
 
         path = self.config.cache.path
-        online_without_cache = self.cfg.mode == "online"
 
         def snapshot() -> Optional[Any]:
             """The cache's committed shards as rank 0 sees them (None: online, and no cache)."""
-            return None if online_without_cache and not _cache_exists(path) else load_view(Store(path))
+            return None if self.cfg.mode == "online" and not _cache_exists(path) else load_view(Store(path))
 
         # One snapshot for every rank, and one decision whether there is a cache at all: a
         # generate array still committing shards would otherwise show ranks opening the cache
