@@ -129,14 +129,16 @@ def resolve_preset(name: str, group_size: Optional[int], section: str = "quant")
         return preset
     weight = preset.weight
     fixed_blocks = {Kind.NVFP4: NVFP4_BLOCK, Kind.MXFP4: MX_BLOCK, Kind.MXFP8: MX_BLOCK}
-    if weight.kind in fixed_blocks or weight.granularity is not Granularity.GROUP:
-        why = (f"its {weight.kind.value} blocks are {fixed_blocks[weight.kind]} by the format"
-               if weight.kind in fixed_blocks else f"its weights have {weight.granularity.value} scales")
+    why = None
+    if weight.kind in fixed_blocks:
+        why = f"its {weight.kind.value} blocks are {fixed_blocks[weight.kind]} by the format"
+    elif weight.granularity is not Granularity.GROUP:
+        why = f"its weights have {weight.granularity.value} scales"
+    elif weight.fp8_group_scales and group_size != weight.group_size:
+        why = f"vLLM's W4A8-FP8 kernel takes int4 in groups of {weight.group_size} only"
+    if why:
         raise QuantError(f"{_field(section, 'group_size')}: {group_size} cannot apply to preset {name!r} "
                          f"({why}); set group_size: null")
-    if weight.fp8_group_scales and group_size != weight.group_size:
-        raise QuantError(f"{_field(section, 'group_size')}: {group_size} cannot apply to preset {name!r} (vLLM's "
-                         f"W4A8-FP8 kernel takes int4 in groups of {weight.group_size} only); set group_size: null")
     return replace(preset, weight=replace(weight, group_size=group_size))
 
 
