@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional
 
 from tqdm import tqdm
 
+from qadpipe.cache.manifest import MAX_TASKS
 from qadpipe.config.schema import PipelineConfig
 from qadpipe.data import DataSlice, TokenSequence, load_sequences
 from qadpipe.data.records import record_label
@@ -58,8 +59,8 @@ def resolve_task(gen: Any, num_shards: Optional[int] = None, shard_index: Option
                        name="generate.num_shards")
     index = _first_int(shard_index, gen.shard_index, env.get("SLURM_ARRAY_TASK_ID"), 0,
                        name="generate.shard_index")
-    if count < 1:
-        raise ConfigError(f"generate.num_shards: got {count}, expected >= 1")
+    if not 1 <= count <= MAX_TASKS:
+        raise ConfigError(f"generate.num_shards: got {count}, expected 1 to {MAX_TASKS} tasks")
     if not 0 <= index < count:
         slurm = (f" (from SLURM_ARRAY_TASK_ID; task ids must run 0..N-1: sbatch --array=0-{count - 1})"
                  if shard_index is None and gen.shard_index is None and "SLURM_ARRAY_TASK_ID" in env else "")

@@ -175,6 +175,11 @@ def _decode_topk_chunk(rank_column: np.ndarray, code_steps: np.ndarray, order: n
     sum of the rank column never decreases along k, so the latest group start always wins.
     """
     codes = np.cumsum(code_steps, axis=1, dtype=np.int32)
+    # Every stored rank (a group's first rank, or a step within a tie group) lies below the table
+    # size; checked before the int32 cast, which would wrap a corrupt uint32 rank to a negative
+    # index that the clipped gather below maps to a valid id.
+    if rank_column.size and int(rank_column.max()) >= order.size:
+        raise CacheError(f"top-k rank {int(rank_column.max())} outside the shard's id table ({order.size} ids)")
     rank_column = rank_column.astype(np.int32)
     running = np.cumsum(rank_column, axis=1, dtype=np.int32)
     base = running - rank_column                     # exclusive prefix sum ...

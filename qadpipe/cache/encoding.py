@@ -152,6 +152,8 @@ def column_values(batch: pa.RecordBatch, name: str, meta: CacheMeta) -> tuple[np
     _, offset_buffer, data = column.buffers()
     offsets = np.frombuffer(offset_buffer, dtype=np.int32)[column.offset:column.offset + len(column) + 1]
     raw = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, np.uint8)
+    if (np.diff(offsets) % dtype.itemsize).any():
+        raise ValueError(f"{name}: a row's bytes are not a whole number of {dtype.itemsize}-byte values")
     blobs = [raw[offsets[i]:offsets[i + 1]] for i in range(len(column))]
     return compact.unpack_planes(blobs, dtype), (offsets - offsets[0]) // dtype.itemsize   # a sliced batch too
 
@@ -185,12 +187,21 @@ def _check_decoded_ids(ids: np.ndarray, vocab_size: int, name: str, allow_tail: 
         raise ValueError(f"{name}: ids span [{int(ids.min())}, {int(ids.max())}], expected [0, {vocab_size})")
 
 
+def _rows_of_k(batch: pa.RecordBatch, name: str, meta: CacheMeta, positions: np.ndarray) -> np.ndarray:
+    """A top-k column as [entries, k], refused unless every row holds exactly k entries per
+    target position: the rows are sliced by the tail column's offsets, and a row one entry
+    short would shift every later row of the batch onto its neighbour's positions."""
+    values, offsets = column_values(batch, name, meta)
+    if not np.array_equal(offsets, meta.k * positions):
+        raise ValueError(f"{name}: entries per row differ from k={meta.k} per target position")
+    return values.reshape(-1, meta.k)
+
+
 def _decode_topk(batch: pa.RecordBatch, meta: CacheMeta, id_order: np.ndarray | None) -> tuple[dict, np.ndarray]:
-    k = meta.k
     if meta.encoding == "plain":
-        topk_ids = column_values(batch, "topk_ids", meta)[0].reshape(-1, k)
-        logprobs = column_values(batch, "topk_logprobs", meta)[0].reshape(-1, k)
         tail, pos = column_values(batch, "tail_mass", meta)
+        topk_ids = _rows_of_k(batch, "topk_ids", meta, pos)
+        logprobs = _rows_of_k(batch, "topk_logprobs", meta, pos)
         _check_decoded_ids(topk_ids, meta.vocab_size, "topk_ids")
         if np.isnan(logprobs).any() or (logprobs > 1e-3).any():
             raise ValueError("topk_logprobs: NaN or positive values, expected log-probs <= 0")
@@ -202,10 +213,10 @@ def _decode_topk(batch: pa.RecordBatch, meta: CacheMeta, id_order: np.ndarray | 
         # by construction; decode_topk checks every index it gathers with.
         if id_order is None:
             raise CacheError("compact top-k shard decoded without its id table")
-        ranks = column_values(batch, "topk_ranks", meta)[0].reshape(-1, k)
-        steps = column_values(batch, "topk_code_steps", meta)[0].reshape(-1, k)
-        topk_ids, logprobs = compact.decode_topk(ranks, steps, id_order)
         codes, pos = column_values(batch, "tail_codes", meta)
+        ranks = _rows_of_k(batch, "topk_ranks", meta, pos)
+        steps = _rows_of_k(batch, "topk_code_steps", meta, pos)
+        topk_ids, logprobs = compact.decode_topk(ranks, steps, id_order)
         tail = compact.decode_tail_codes(codes)
         compact.fit_to_tail(logprobs, tail)
     return {
@@ -242,6 +253,8 @@ def _decode_sampled(batch: pa.RecordBatch, meta: CacheMeta) -> tuple[dict, np.nd
         raise ValueError("sample_ids / sample_counts / sample_unique lengths disagree or a count is < 1")
     cumulative = np.zeros(unique.size + 1, dtype=np.int64)
     np.cumsum(unique, out=cumulative[1:])
+    if not np.array_equal(cumulative[pos], entry):   # each row's draws must be its own positions' draws
+        raise ValueError("sample_ids: entries per row differ from the row's sample_unique counts")
 
     def offsets(i: int) -> np.ndarray:
         window = cumulative[pos[i]:pos[i + 1] + 1]

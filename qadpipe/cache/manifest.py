@@ -22,6 +22,9 @@ from qadpipe.errors import CacheError
 MANIFEST_DIR = "manifests"
 SHARD_DIR = "shards"
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+#: The most tasks one cache is split into: task names have five digits (task-00000 ... task-99999),
+#: and a manifest claiming more (a damaged one) must not make readers list billions of names.
+MAX_TASKS = 100_000
 
 
 @dataclass(frozen=True)
@@ -142,7 +145,13 @@ def parse_manifest(text: str, source: str) -> TaskManifest:
     meta = CacheMeta.from_dict(raw.get("meta"), source)
     if not isinstance(raw.get("shards", []), list):
         raise CacheError(f"{source}: shards={raw.get('shards')!r}, expected a list of shard entries")
+    task = check_task_name(str(raw.get("task")))
     shards = [_shard_entry(entry, source) for entry in raw.get("shards", [])]
+    own = re.compile(rf"{SHARD_DIR}/{re.escape(task)}-\d{{6}}\.parquet")
+    foreign = next((shard.name for shard in shards if not own.fullmatch(shard.name)), None)
+    if foreign is not None:   # a task writes only its own names; another's shard would be read twice
+        raise CacheError(f"{source}: lists shard {foreign}, not one of task {task}'s own "
+                         f"({SHARD_DIR}/{task}-NNNNNN.parquet): a shard listed by two tasks is read twice")
     names = [shard.name for shard in shards]
     if len(set(names)) != len(names):
         twice = next(name for name in names if names.count(name) > 1)
@@ -151,9 +160,10 @@ def parse_manifest(text: str, source: str) -> TaskManifest:
     if complete not in (True, False, None):
         raise CacheError(f"{source}: complete={complete!r}, expected true, false or null")
     num_tasks = raw.get("num_tasks")
-    if num_tasks is not None and (not isinstance(num_tasks, int) or isinstance(num_tasks, bool) or num_tasks < 1):
-        raise CacheError(f"{source}: num_tasks={num_tasks!r}, expected a positive integer or null")
-    return TaskManifest(task=check_task_name(str(raw.get("task"))), meta=meta, shards=shards,
+    if num_tasks is not None and (not isinstance(num_tasks, int) or isinstance(num_tasks, bool)
+                                  or not 1 <= num_tasks <= MAX_TASKS):
+        raise CacheError(f"{source}: num_tasks={num_tasks!r}, expected an integer in [1, {MAX_TASKS}] or null")
+    return TaskManifest(task=task, meta=meta, shards=shards,
                         versions=raw.get("versions", {}), num_tasks=num_tasks, complete=complete)
 
 

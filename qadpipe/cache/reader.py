@@ -3,9 +3,10 @@
 Opening a cache is cheap and strict: the task manifests are merged, every listed shard must
 exist with its recorded size, and (``verify=True``) each shard's footer must carry the
 cache's metadata and its ids must be unique across the whole cache — only the footers and
-the ``id`` column are read for that.  The sha256 of a shard is checked once per reader, the
-first time its rows are streamed (the bytes are read anyway), or for all shards at once by
-:meth:`CacheReader.verify_all` (``qadpipe inspect --verify``).
+the ``id`` column are read for that.  The sha256 of a shard is checked every time its rows
+are streamed, every epoch (the bytes are read anyway, on a read-ahead thread: a shard
+regenerated or damaged in place mid-run is refused, not trained on), or for all shards at
+once by :meth:`CacheReader.verify_all` (``qadpipe inspect --verify``).
 """
 
 from __future__ import annotations
@@ -73,7 +74,6 @@ class CacheReader:
         if decode_threads < 1:
             raise CacheError(f"cache reader decode_threads={decode_threads}: expected >= 1")
         self.decode_threads = decode_threads
-        self._hashed: set[str] = set()
         for shard in self.shards:
             self._raise_if(shard, shard_problem(self.store, shard))
         if verify:
@@ -120,7 +120,6 @@ class CacheReader:
         """Re-hash every shard now (sha256 against the manifest); CacheError on the first mismatch."""
         for shard in self.shards:
             self._raise_if(shard, shard_problem(self.store, shard, rehash=True))
-            self._hashed.add(shard.name)
 
     def check_compatible(self, *, tokenizer_fingerprint: str, vocab_size: int,
                          target_kind: str | None = None) -> None:
@@ -165,13 +164,13 @@ class CacheReader:
                 yield from self._iter_shard(shard, parquet, lo, hi, decoders)
 
     def _open_verified(self, shard: ShardEntry) -> pq.ParquetFile:
-        """One shard opened for reading, its bytes checked against the manifest's sha256 the
-        first time this reader reads it."""
-        if not self.verify or shard.name in self._hashed:
+        """One shard opened for reading, its bytes checked against the manifest's sha256 on
+        every read: checking only the first epoch would train later epochs on whatever the
+        file holds by then."""
+        if not self.verify:
             return self._parquet(shard)
         buffer = self.store.buffer(shard.name)
         self._raise_if(shard, checksum_problem(shard, memoryview(buffer)))
-        self._hashed.add(shard.name)
         return self._parquet(shard, pa.BufferReader(buffer))
 
     def _iter_shard(self, shard: ShardEntry, parquet: pq.ParquetFile, lo: int, hi: int,

@@ -84,8 +84,9 @@ class CacheMeta:
             raise CacheError(f"cache meta vocab_size={self.vocab_size}: expected a positive vocab size")
         if self.target_kind == "topk" and not 1 <= self.k <= self.vocab_size:
             raise CacheError(f"cache meta k={self.k}: expected 1 <= k <= vocab_size ({self.vocab_size}) for top-k targets")
-        if self.target_kind == "sampled" and self.num_samples < 1:
-            raise CacheError(f"cache meta num_samples={self.num_samples}: expected >= 1 draws for sampled targets")
+        if self.target_kind == "sampled" and not 1 <= self.num_samples <= 0xFFFF:
+            raise CacheError(f"cache meta num_samples={self.num_samples}: expected 1 to 65535 draws for sampled "
+                             "targets (counts are stored as uint16)")
         if self.sampled_from not in ("", *SAMPLED_FROM):
             raise CacheError(f"cache meta sampled_from={self.sampled_from!r}: expected one of {SAMPLED_FROM}")
 

@@ -1,6 +1,6 @@
 """CacheWriter: buffered rows -> zstd Parquet shards committed through a task manifest.
 
-One writer per cluster task.  Order of a commit: encode the buffered rows, write the shard
+One writer per cluster task, and one live run per task (``task_lock``).  Order of a commit: encode the buffered rows, write the shard
 (temp name, fsync, rename), then replace the task manifest.  A kill at any point leaves the
 manifest listing only complete shards; a rerun of the same task resumes from
 :meth:`CacheWriter.done_ids` and overwrites any unlisted leftover.
@@ -26,6 +26,7 @@ from qadpipe.cache.manifest import (MANIFEST_DIR, SHARD_DIR, ShardEntry, TaskMan
 from qadpipe.cache.reader import checksum_problem, shard_problem
 from qadpipe.cache.schema import CacheMeta
 from qadpipe.cache.store import Store
+from qadpipe.cache.task_lock import lock_task
 from qadpipe.errors import CacheError, folded
 from qadpipe.provenance import package_versions
 from qadpipe.targets import SequenceTargets
@@ -64,8 +65,13 @@ class CacheWriter:
         self.zstd_level = zstd_level
         self.num_tasks = num_tasks
         self._manifest_rel = manifest_path(task)
-        self._manifest = self._open_manifest(task)
-        self._done = self._committed_ids()
+        self._lock = lock_task(self.store, task)   # before the manifest is read: it is this run's from here on
+        try:
+            self._manifest = self._open_manifest(task)
+            self._done = self._committed_ids()
+        except BaseException:
+            self._release_lock()
+            raise
         self._buffer: list[SequenceTargets] = []
         self._buffered_ids: set[str] = set()
         self._next_index = len(self._manifest.shards)
@@ -186,10 +192,16 @@ class CacheWriter:
         self._manifest, self._marked_complete = updated, True
 
     def close(self) -> None:
-        """Commit what is buffered; the writer takes no more rows."""
+        """Commit what is buffered; the writer takes no more rows, and another run may take the task."""
         if not self._closed:
-            self.flush()
+            self.flush()   # a failed flush keeps the lock: close() may be retried, else process exit drops it
             self._closed = True
+            self._release_lock()
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def __enter__(self) -> "CacheWriter":
         return self

@@ -154,6 +154,29 @@ def test_a_shard_listed_twice_is_refused(cache):
     refused(cache, rf"{MANIFEST}: shard {SHARD0} is listed twice \(its rows would be read twice\)")
 
 
+def test_a_shard_listed_by_two_tasks_is_refused(cache):
+    """Another task's manifest naming this task's shard (a hand-merged cache): its rows would
+    be read twice, and the per-shard duplicate-id check cannot see it."""
+    other = json.loads((cache / MANIFEST).read_text())
+    other.update(task="task-00001", shards=other["shards"][:1])
+    (cache / "manifests/task-00001.json").write_text(json.dumps(other))
+    refused(cache, r"manifests/task-00001.json: lists shard shards/task-00000-000000.parquet, not one of task "
+                   r"task-00001's own \(shards/task-00001-NNNNNN.parquet\)")
+
+
+def test_a_shard_changed_in_place_after_the_first_epoch_is_refused(cache):
+    """Each epoch re-checks the checksum: a shard damaged or rewritten in place mid-run (same
+    size, so only the checksum can tell) is refused, not trained on."""
+    reader = CacheReader(str(cache))
+    assert len(list(reader.iter_sequences())) == 4
+    path = cache / SHARD0
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0x40
+    path.write_bytes(bytes(data))
+    with pytest.raises(CacheError, match=rf"{SHARD0}: checksum mismatch"):
+        list(reader.iter_sequences())
+
+
 def test_a_manifest_write_that_fails_and_is_retried_lists_its_shard_once(tmp_path):
     """A storage error (or a second Ctrl-C) while the manifest is replaced, then the retry that
     closing the writer makes: the shard is committed once, its rows read once."""
@@ -252,3 +275,15 @@ def test_a_decoder_refusal_names_the_shard(cache, monkeypatch):
 def test_a_meta_value_out_of_range_names_the_manifest(cache):
     edit_manifest(cache, lambda data: data["meta"].update(k=0))
     refused(cache, rf"{MANIFEST}: cache meta k=0: expected 1 <= k <= vocab_size")
+
+
+def test_an_absurd_task_count_is_refused_not_listed(cache):
+    """Was a hang: the reader listed the 10^12 task names it thought missing."""
+    edit_manifest(cache, lambda data: data.update(num_tasks=10 ** 12))
+    refused(cache, rf"{MANIFEST}: num_tasks=1000000000000, expected an integer in \[1, 100000\] or null")
+
+
+def test_more_draws_than_a_stored_count_holds_are_refused():
+    """Counts are uint16: 65536 draws of one id would be stored as 0."""
+    with pytest.raises(CacheError, match=r"num_samples=65536: expected 1 to 65535 draws"):
+        cache_meta("sampled", num_samples=65536)

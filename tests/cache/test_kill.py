@@ -25,6 +25,12 @@ def test_kill_mid_shard_then_resume_equals_uninterrupted(tmp_path):
     child = run_writer(killed, "--hang-after", "2")
     try:
         assert child.stdout.readline().strip() == "HANGING"
+        # A second run of the task while the first lives (a requeue racing its own job) is
+        # refused, and touches nothing: its shard names would replace the live run's.
+        second = subprocess.run([sys.executable, str(SCRIPT), str(killed)], capture_output=True, text=True,
+                                timeout=120)
+        assert second.returncode != 0 and "DONE" not in second.stdout
+        assert f"task task-00000 is being written by pid {child.pid} on " in second.stderr
         child.send_signal(signal.SIGKILL)
     finally:
         child.wait(timeout=60)

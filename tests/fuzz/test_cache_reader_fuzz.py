@@ -19,12 +19,17 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cache_rows import cache_meta, random_rows, write_cache
 from qadpipe.cache import CacheReader
+from qadpipe.cache.compact import pack_planes, unpack_planes
+from qadpipe.cache.writer import shard_bytes
 from qadpipe.errors import CacheError
 
 EXAMPLES = int(os.environ.get("QADPIPE_FUZZ_EXAMPLES", "60"))
@@ -275,3 +280,44 @@ def test_footer_with_invalid_utf8_column_name(caches, tmp_path):
     path = root / SHARD0
     path.write_bytes(mutate(path.read_bytes(), [("flip", 5750, 128)]))
     _refused(root, r"task-00000-000000.parquet: .*not a readable Parquet shard")
+
+
+def _rewrite_shard(root: Path, change: Callable[[pa.Table], pa.Table]) -> None:
+    """Re-encode shard 0 with ``change`` applied to its table, then reseal the manifest."""
+    path = root / SHARD0
+    table = pq.read_table(path)
+    path.write_bytes(shard_bytes(change(table).replace_schema_metadata(table.schema.metadata), zstd_level=3))
+    reseal(root)
+
+
+def test_a_plain_row_one_position_short_in_its_top_k_columns_is_refused(tmp_path):
+    """Was decoded silently: the next row was sliced onto this row's last position."""
+    meta = cache_meta("topk", k=4, encoding="plain")
+    root = write_cache(tmp_path / "cache", meta, random_rows(meta, 2, seq_len=8), rows_per_shard=2)
+
+    def shorten_row_0(table: pa.Table) -> pa.Table:
+        for name in ("topk_ids", "topk_logprobs"):
+            rows = table.column(name).to_pylist()
+            rows[0] = rows[0][:-meta.k]
+            table = table.set_column(table.schema.get_field_index(name), name, pa.array(rows, table.schema.field(name).type))
+        return table
+
+    _rewrite_shard(root, shorten_row_0)
+    _refused(root, r"task-00000-000000.parquet: cannot decode shard \(topk_ids: entries per row differ from k=4")
+
+
+def test_a_compact_rank_beyond_int32_is_refused_not_clipped(tmp_path):
+    """vocab > 2^16 stores ranks as uint32; 0xFFFFFFFF wrapped to -1 and the clipped gather
+    decoded it as the shard's most frequent id."""
+    meta = cache_meta("topk", k=4, encoding="compact", vocab_size=2 ** 17)
+    root = write_cache(tmp_path / "cache", meta, random_rows(meta, 1, seq_len=4), rows_per_shard=2)
+
+    def corrupt_rank(table: pa.Table) -> pa.Table:
+        blobs = table.column("topk_ranks").to_pylist()
+        ranks = unpack_planes([np.frombuffer(blobs[0], np.uint8)], np.dtype("<u4"))
+        ranks[1] = 0xFFFFFFFF
+        blobs[0] = pack_planes(ranks, np.dtype("<u4"))
+        return table.set_column(table.schema.get_field_index("topk_ranks"), "topk_ranks", pa.array(blobs, pa.binary()))
+
+    _rewrite_shard(root, corrupt_rank)
+    _refused(root, r"task-00000-000000.parquet: top-k rank 4294967295 outside the shard's id table")
