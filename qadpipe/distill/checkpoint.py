@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from qadpipe.errors import DistillError
 from qadpipe.file_modes import share_tree
 from qadpipe.provenance import atomic_write_text, fsync_path, save_run_record
+from qadpipe.tensor_files import save_tensors
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "LATEST"
@@ -87,7 +88,7 @@ def save_checkpoint(output_dir: Path, model_state: dict[str, torch.Tensor], stat
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
     try:
         tensors, aliases = unique_tensors(model_state)
-        save_file(tensors, str(tmp / MODEL_FILE), metadata={"aliases": repr(sorted(aliases.items()))})
+        save_tensors(tensors, tmp / MODEL_FILE, {"aliases": repr(sorted(aliases.items()))})
         torch.save(state.__dict__, tmp / STATE_FILE)
         save_run_record(config, "distill", tmp, cache_fingerprint=state.cache_fingerprint)   # as final/ records it
         for path in tmp.iterdir():

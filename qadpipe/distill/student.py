@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from qadpipe.distill.checkpoint import MODEL_FILE, unique_tensors
@@ -33,6 +33,7 @@ from qadpipe.distill.head_loss import LossSpec, PositionTargets, head_loss, spli
 from qadpipe.errors import DistillError
 from qadpipe.file_modes import share_tree
 from qadpipe.provenance import RUN_FILE, read_run_record, save_run_record
+from qadpipe.tensor_files import save_tensors
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ def save_student(output_dir: Path, model_state: dict[str, torch.Tensor], config:
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=output_dir))
     try:
         tensors, aliases = unique_tensors(model_state)
-        save_file(tensors, str(tmp / MODEL_FILE), metadata={"aliases": repr(sorted(aliases.items()))})
+        save_tensors(tensors, tmp / MODEL_FILE, {"aliases": repr(sorted(aliases.items()))})
         save_run_record(config, "distill", tmp, cache_fingerprint=cache_fingerprint)
         for path in tmp.iterdir():
             with open(path, "rb") as handle:

@@ -135,8 +135,10 @@ def run_export(config: Any, checkpoint: Optional[str] = None, output: Optional[s
     out = Path(output) if output else Path(config.export.output_dir)
     check_replaceable(out)  # before the (slow) model load; staged_dir checks again
     model, trained = load_final_student(final)
-    for section in ("model", "quant"):
-        if dataclasses.asdict(getattr(trained, section)) != dataclasses.asdict(getattr(config, section)):
+    for section in ("model", "quant"):   # a section left at its defaults (no -c) was not asked for: no warning
+        current = dataclasses.asdict(getattr(config, section))
+        if current not in (dataclasses.asdict(getattr(trained, section)),
+                           dataclasses.asdict(type(getattr(config, section))())):
             log.warning("export uses the %s section recorded in %s (what was trained), not the one "
                         "in the current config", section, final / RUN_FILE)
     fmt = fmt or config.export.format

@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors.torch import save_file
 
 from qadpipe.errors import ExportError
 from qadpipe.file_modes import share_tree
 from qadpipe.provenance import RUN_FILE, fsync_path, recorded_stage
+from qadpipe.tensor_files import save_tensors
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def staged_dir(output: Path) -> Iterator[Path]:
     old one is deleted after the new one is in place.  Any other non-empty directory is
     refused, so nothing a user wrote is lost.
     """
-    output = Path(output)
+    output = Path(os.path.abspath(output))   # "." or "x/..": the parent must be where the staging dir goes
     check_replaceable(output)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -170,7 +170,7 @@ def _files_written(info: Path) -> set[str] | None:
         files = json.loads(info.read_text()).get("files")
     except (OSError, ValueError, AttributeError):
         return None
-    return set(files) if isinstance(files, list) else None
+    return set(files) if isinstance(files, list) and all(isinstance(name, str) for name in files) else None
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], directory: Path,
@@ -189,12 +189,12 @@ def write_safetensors(tensors: dict[str, torch.Tensor], directory: Path,
     metadata = {"format": "pt"}
     if len(shards) == 1:
         path = Path(directory) / WEIGHTS_NAME
-        save_file(shards[0], str(path), metadata=metadata)
+        save_tensors(shards[0], path, metadata)
         return [path]
     paths, weight_map = [], {}
     for i, shard in enumerate(shards, start=1):
         path = Path(directory) / f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(path), metadata=metadata)
+        save_tensors(shard, path, metadata)
         paths.append(path)
         weight_map.update({name: path.name for name in shard})
     total = sum(t.numel() * t.element_size() for t in tensors.values())

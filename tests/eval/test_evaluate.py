@@ -257,6 +257,19 @@ def _refusal(overrides: list[str]) -> list[str]:
     return [line for line in result.stderr.splitlines() if line.startswith("qadpipe: error:")]
 
 
+def test_export_warns_of_a_config_section_only_when_one_was_given(trained, tmp_path: Path, caplog):
+    """Without -c every section is at its defaults: export warned on every --checkpoint run
+    that it used the recorded model/quant "not the one in the current config"."""
+    from qadpipe.export.runner import run_export
+
+    final = next(item for item in trained if item.startswith("distill.output_dir=")).split("=", 1)[1] + "/final"
+    run_export(load_config(None, []), checkpoint=final, output=str(tmp_path / "a"), fmt="fake")
+    assert "export uses the" not in caplog.text
+    run_export(load_config(None, ["quant.preset=nvfp4_a16"]), checkpoint=final, output=str(tmp_path / "b"), fmt="fake")
+    assert "export uses the quant section recorded in" in caplog.text
+    assert "export uses the model section" not in caplog.text
+
+
 def test_an_export_is_held_to_the_rows_its_checkpoint_held_out(trained, tmp_path: Path, caplog):
     """Exports are HF checkpoints: eval did not follow them to the run that trained them, so
     a larger distill.eval_rows scored rows they trained on, and the report called them held out."""

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,6 +35,18 @@ def test_output_appears_only_when_complete(tmp_path):
         assert not out.exists() and tmp.parent == tmp_path
     assert (out / "a.txt").read_text() == "x"
     assert [p.name for p in tmp_path.iterdir()] == ["export"]
+
+
+def test_an_output_named_dot_is_the_current_directory(tmp_path, monkeypatch):
+    """Was always refused after the whole export was built: Path(".").parent is ".", so the
+    staging dir went inside the output and the final rename failed."""
+    out = tmp_path / "export"
+    out.mkdir()
+    monkeypatch.chdir(out)
+    with staged_dir(Path(".")) as tmp:
+        (tmp / "a.txt").write_text("x")
+        assert tmp.parent == tmp_path
+    assert (out / "a.txt").read_text() == "x"
 
 
 def test_a_failure_leaves_the_previous_export_untouched(tmp_path):
@@ -114,3 +127,40 @@ def test_a_failed_swap_puts_the_previous_export_back(tmp_path, monkeypatch):
             (tmp / "new.txt").write_text("new")
     assert sorted(p.name for p in out.iterdir()) == sorted(["old.txt", RUN_FILE, EXPORT_INFO])
     assert [p.name for p in tmp_path.iterdir()] == ["export"]
+
+
+FULL_DISK_EXPORT = """
+import resource, signal, sys, torch
+from pathlib import Path
+from qadpipe.errors import ExportError
+from qadpipe.export.writer import staged_dir, write_safetensors
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)            # the write then fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+try:
+    with staged_dir(Path(sys.argv[1])) as tmp:
+        write_safetensors({"w": torch.zeros(1 << 19)}, tmp)   # 2 MiB: past the limit
+except ExportError as exc:
+    print(exc)
+"""
+
+
+def test_a_weights_file_the_disk_refuses_is_one_export_error(tmp_path):
+    """safetensors raises SafetensorError, not OSError, for a write the OS refuses: it escaped
+    the one-line ExportError as a traceback."""
+    run = subprocess.run([sys.executable, "-c", FULL_DISK_EXPORT, str(tmp_path / "out")], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().endswith("writing failed, nothing was changed (File too large)")
+    assert list(tmp_path.iterdir()) == []                  # the staged directory is gone too
+
+
+@pytest.mark.parametrize("record", ['{"files": [["x"]]}', '{"files": [1, 2]}', '["files"]'])
+def test_a_malformed_file_list_of_a_previous_export_is_refused_in_one_line(tmp_path, record):
+    """A list entry that is not a name was a TypeError traceback (unhashable list)."""
+    out = _previous_export(tmp_path)
+    (out / EXPORT_INFO).write_text(record)
+    with pytest.raises(ExportError, match=f"{EXPORT_INFO}, the previous export's list of the files it wrote, is "
+                                          "missing or unreadable"):
+        with staged_dir(out):
+            pass
+    assert (out / "old.txt").read_text() == "old"
