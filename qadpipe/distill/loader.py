@@ -7,8 +7,10 @@ skips what was already trained, without collating the skipped rows.
 
 The first ``holdout_rows`` rows of the cache (in reader order, identical on every rank)
 are never trained on: they are the held-out split for periodic evaluation.  The rows after
-them are split into contiguous, near-equal ranges, one per rank, so every rank trains on
-as many rows as the others (holding out from one rank's range would starve that rank).
+them are split into contiguous, near-equal ranges, one per rank (holding out from one rank's
+range would starve that rank).  Ranges differ by at most one row, and every rank draws one
+micro-batch per step, so a rank with n rows where another has n + 1 sees its rows (n + 1) / n
+as often -- 1e-3 at a thousand rows a rank -- and the ranks' epoch counters drift apart.
 
 With ``prefetch > 0`` a background thread reads, shuffles and collates that many
 micro-batches ahead (pinning them for an asynchronous copy to the GPU), so the training

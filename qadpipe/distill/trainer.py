@@ -190,6 +190,10 @@ class DistillRecipe:
         self.optimizer = adamw(self.model, cfg.lr, cfg.weight_decay, no_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_multiplier(cfg.schedule, cfg.warmup_steps, cfg.max_steps))
+        if cfg.warmup_steps > cfg.max_steps:
+            log.warning("distill.warmup_steps=%d > max_steps=%d: the lr ends the run at %.2g x distill.lr, "
+                        "warming up, and never decays", cfg.warmup_steps, cfg.max_steps,
+                        cfg.max_steps / cfg.warmup_steps)
         if restored is not None:
             self._restore_state(*restored)
         if self.env.is_main:
@@ -495,11 +499,14 @@ class DistillRecipe:
         for index, batch in enumerate(micro):
             batch = batch.to(env.device)
             targets = self._with_teacher(batch) if self.spec.mode == "online" else batch.targets
-            with dist_utils.gradient_sync(self.wrapped, index == len(micro) - 1), self._autocast():
-                loss_sum, stats = self.wrapped(batch.model_inputs(), batch.target_mask, targets, self.spec,
-                                               self._teacher_head())
-            loss_sums.append(loss_sum.detach())
-            (loss_sum * scale).backward()
+            # The backward too runs with sync off: FSDP2 reads the flag in its post-backward hook
+            # (DDP in forward), so a backward outside reduce-scattered every micro-batch.
+            with dist_utils.gradient_sync(self.wrapped, index == len(micro) - 1):
+                with self._autocast():
+                    loss_sum, stats = self.wrapped(batch.model_inputs(), batch.target_mask, targets, self.spec,
+                                                   self._teacher_head())
+                loss_sums.append(loss_sum.detach())
+                (loss_sum * scale).backward()
             window.add(stats, batch.num_tokens)
         norm = dist_utils.clip_grad_norm(self.params, self.cfg.max_grad_norm)
         # Checked once per step, before the update: a non-finite loss leaves non-finite gradients,

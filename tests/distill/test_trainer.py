@@ -408,3 +408,39 @@ def test_resume_takes_new_memory_knobs_and_a_checkpoint_older_than_a_field(peaky
     line = one_line_error(distill(peaky_llama_dir, topk_cache, tmp_path, "distill.max_steps=4",
                                   "distill.trainable=quant", resume=True))
     assert "another config (distill.trainable differ)" in line
+
+
+def test_every_micro_batch_but_the_last_runs_its_backward_with_gradient_sync_off(peaky_llama_dir, topk_cache,
+                                                                                   tmp_path, monkeypatch):
+    """FSDP2 decides in its post-backward hook whether to reduce-scatter: the backward ran after
+    the no-sync context had closed, so every micro-batch of a grad_accum step communicated."""
+    import contextlib
+
+    from qadpipe.distill import distributed
+
+    sync_at_backward, current = [], [None]
+
+    @contextlib.contextmanager
+    def recording(module, enabled):
+        current[0] = enabled
+        try:
+            yield
+        finally:
+            current[0] = None
+
+    backward = torch.Tensor.backward
+    monkeypatch.setattr(distributed, "gradient_sync", recording)
+    monkeypatch.setattr(torch.Tensor, "backward",
+                        lambda self, *args, **kwargs: (sync_at_backward.append(current[0]), backward(self, *args, **kwargs)))
+    result = distill(peaky_llama_dir, topk_cache, tmp_path / "out", "distill.max_steps=2", "distill.batch_size=2",
+                     "distill.grad_accum=3", "distill.save=false")
+    assert result.exit_code == 0, result.output
+    assert sync_at_backward == [False, False, True] * 2
+
+
+def test_a_warmup_longer_than_the_run_is_said(peaky_llama_dir, topk_cache, tmp_path, caplog):
+    result = distill(peaky_llama_dir, topk_cache, tmp_path / "out", "distill.max_steps=2", "distill.warmup_steps=4",
+                     "distill.save=false")
+    assert result.exit_code == 0, result.output
+    assert "distill.warmup_steps=4 > max_steps=2: the lr ends the run at 0.5 x distill.lr" in caplog.text
+    assert [round(row["lr"] / 1e-4, 6) for row in train_rows(tmp_path / "out")] == [0.25, 0.5]
