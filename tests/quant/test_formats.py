@@ -154,10 +154,23 @@ def test_int_scale_is_rounded_to_bf16_before_codes():
     assert torch.equal(dequantize(q), (torch.round(x / s).clamp(-127, 127) * s))
 
 
+def test_asymmetric_int_hand_worked_zero_point():
+    """int4 asymmetric, one channel [-1.7, 13.3]: scale (13.3 + 1.7) / 15 = 1, zero point
+    round(-8 + 1.7) = -6, codes round(x / 1 - 6) = [-8, 7] -> [-2, 13].  (A zero point
+    floored to -7 shifts the range a step: -1.7 would clip to -1.)"""
+    q = quantize(torch.tensor([[-1.7, 13.3]]), QuantSpec(Kind.INT, 4, "channel", symmetric=False))
+    assert q.scale.item() == 1.0 and q.zero_point.tolist() == [[-6]] and q.codes.tolist() == [[-8, 7]]
+    assert dequantize(q).tolist() == [[-2.0, 13.0]]
+
+
 def test_ternary_hand_worked():
     x = torch.tensor([[1.0, -2.0, 0.1, 3.0]])
-    twn = quantize(x, QuantSpec(Kind.TWN, granularity="channel"))      # delta = 0.75*1.525
+    twn = quantize(x, QuantSpec(Kind.TWN, granularity="channel"))      # delta = 0.7*1.525 = 1.0675
     assert twn.codes.tolist() == [[0, -1, 0, 1]] and twn.scale.item() == 2.5
+    # delta = 0.7*1.55 = 1.085 keeps 1.1 (0.75 would drop it: delta 1.1625)
+    twn = quantize(torch.tensor([[1.1, -2.0, 0.1, 3.0]]), QuantSpec(Kind.TWN, granularity="channel"))
+    assert twn.codes.tolist() == [[1, -1, 0, 1]]
+    assert twn.scale.item() == torch.tensor((1.1 + 2.0 + 3.0) / 3).to(torch.bfloat16).item()
     absmean = quantize(x, QuantSpec(Kind.ABSMEAN, granularity="channel"))   # gamma = 1.525
     assert absmean.codes.tolist() == [[1, -1, 0, 1]]
     assert absmean.scale.item() == torch.tensor(1.525).to(torch.bfloat16).item()
@@ -257,6 +270,29 @@ def test_inside_range_marks_clipped_elements():
     assert inside_range(x, q).tolist() == [[True, True, True, False, False]]
 
 
+def test_inside_range_on_the_exact_bound_follows_half_to_even():
+    """The bound half a step past the last code is a tie: kept where that code is even (int4's
+    -8, E4M3's 448), clipped where it is odd (int4's 7, narrow -7, E2M1's 6).  The mask said
+    "inside" for every tie, so the clipped STE passed a gradient for an element the clamp moved."""
+    for narrow, expected in ((True, [[False, False, True]]), (False, [[False, True, True]])):
+        spec = QuantSpec(Kind.INT, 4, "channel", narrow_range=narrow)
+        scale = torch.tensor([[0.125]], dtype=torch.bfloat16)     # exact: x / scale is the tie itself
+        qmin, qmax = spec.code_range
+        x = torch.tensor([[(qmax + 0.5) * 0.125, (qmin - 0.5) * 0.125, 7.4 * 0.125]])
+        assert inside_range(x, quantize(x, spec, scale=scale)).tolist() == expected
+        unclamped = torch.round(x / 0.125)                        # the reference: did the clamp move it?
+        assert ((unclamped >= qmin) & (unclamped <= qmax)).tolist() == expected
+    fp8 = QuantSpec(Kind.FP8, granularity="tensor")
+    x = torch.tensor([[448.0, 464.0, 464.03125, -464.0]])
+    q = quantize(x, fp8, amax=torch.tensor([448.0]))             # scale 1: 464 rounds to 448
+    assert inside_range(x, q).tolist() == [[True, True, False, True]]
+    mx = QuantSpec(Kind.MXFP4, mx_rule="floor")                  # amax 7 -> scale 1: 7 ties to 8, clipped
+    x = torch.zeros(1, 32)
+    x[0, :3] = torch.tensor([7.0, 5.0, -3.0])
+    assert fake_quantize(x, mx)[0, 0].item() == 6.0
+    assert inside_range(x, quantize(x, mx))[0, :3].tolist() == [False, True, True]
+
+
 def test_mse_best_scale_never_worse_than_max_scale():
     torch.manual_seed(2)
     x = torch.randn(32, 256) ** 3            # heavy tails: clipping pays
@@ -316,27 +352,37 @@ def test_fp8_activation_codes_are_vllms_quant_fp8_codes(preset):
         codes, scale = vllm_quant.forward_native(x)
         assert torch.equal(ours.scale.reshape(-1), scale.reshape(-1))
     assert torch.equal(ours.codes.view(torch.uint8), codes.view(torch.uint8))
-    divided = quantize(x, replace(spec, fp8_reciprocal=False), amax=amax if static else None)
+    divided = quantize(x, replace(spec, reciprocal=False), amax=amax if static else None)
     assert not torch.equal(divided.codes.view(torch.uint8), codes.view(torch.uint8)), "x / s would do as well"
 
 
-def test_int8_per_token_activations_use_fp32_scales_as_vllm_computes_them():
-    """vLLM's dynamic int8 quant (scaled_int8_quant): scale = fp32 amax / 127 per token, codes
-    round(x / scale) in [-127, 127]; a bf16-rounded scale moved ~a quarter of the elements."""
+def test_int8_per_token_activations_are_the_codes_vllm_computes():
+    """vLLM's dynamic int8 quant (``scaled_int8_quant``): scale = fp32 amax / 127 per token,
+    codes round(x * fp32(1 / scale)) in [-127, 127].  Independent references: that formula
+    written out here, and vLLM's own op (code for code, where vLLM is installed).  Dividing,
+    round(x / scale), parted from vLLM on ~3e-4 of the codes; a bf16-rounded scale moved ~a
+    quarter of them."""
     from qadpipe.quant.recipe import PRESETS
 
     spec = PRESETS["w8a8_int"].input
     torch.manual_seed(0)
-    x = (torch.randn(8, 256) * 3).to(torch.bfloat16)
+    x = (torch.randn(512, 576) * torch.rand(512, 1) * 3).to(torch.bfloat16)
+    x[5] = 0                                             # a silent token
     scale = x.float().abs().amax(-1, keepdim=True) / 127
-    reference = torch.round(x.float() / scale).clamp(-127, 127) * scale
-    assert quantize(x, spec).scale.dtype == torch.float32
-    torch.testing.assert_close(fake_quantize(x, spec), reference.to(torch.bfloat16), rtol=0, atol=0)
+    inverse = 1.0 / scale                                # fp32, as vLLM computes it
+    codes = torch.round(x.float() * inverse).clamp(-127, 127)
+    ours = quantize(x, spec)
+    assert ours.scale.dtype == torch.float32
+    assert torch.equal(ours.codes[x.float().abs().amax(-1) > 0].float(), codes[x.float().abs().amax(-1) > 0])
+    assert torch.equal(ours.codes[5], torch.zeros(576, dtype=torch.int8))
+    divided = quantize(x, replace(spec, reciprocal=False))
+    assert not torch.equal(divided.codes, ours.codes), "x / s would do as well"
     ops = pytest.importorskip("vllm._custom_ops")
     try:
-        codes, vllm_scale, _ = ops.scaled_int8_quant(x.contiguous(), symmetric=True)
+        vllm_codes, vllm_scale, _ = ops.scaled_int8_quant(x.contiguous(), symmetric=True)
     except (AttributeError, NotImplementedError, RuntimeError) as exc:
         pytest.skip(f"vLLM's int8 op is not available here ({type(exc).__name__})")
-    served = (codes.float() * vllm_scale.float()).to(torch.bfloat16)
-    # vLLM multiplies by 1/scale, not divides: half-step ties may round the other way
-    assert (served != fake_quantize(x, spec)).float().mean() < 0.005
+    live = x.float().abs().amax(-1) > 0                 # a silent token: codes 0 whatever its scale
+    assert torch.equal(ours.scale.reshape(-1)[live], vllm_scale.float().reshape(-1)[live])
+    assert torch.equal(ours.codes, vllm_codes)
+    assert (divided.codes != vllm_codes).sum() > 0

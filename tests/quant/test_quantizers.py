@@ -110,20 +110,24 @@ def _surrogate_finite_difference(x: torch.Tensor, s: float, weights: torch.Tenso
 
 @pytest.mark.parametrize("bits", [2, 4])
 def test_lsq_step_gradient_matches_paper_and_finite_differences(bits):
+    """Four channels, one step each: the gradient scale counts the elements per step (512),
+    not the whole weight's (2048) -- with one channel the two were the same."""
     torch.manual_seed(bits)
     spec = QuantSpec(Kind.LSQ, bits, Granularity.CHANNEL)
     qmin, qmax = spec.code_range
-    x = torch.randn(1, 512)
+    x = torch.randn(4, 512)
     quantizer = Quantizer(spec, learnable="lsq", weight=x)
     s = 0.25 if bits == 2 else 0.125                  # exactly representable in bf16
     with torch.no_grad():
         quantizer.step.fill_(s)
-    weights = torch.randn(1, 512)
+    weights = torch.randn(4, 512)
     (quantizer(x) * weights).sum().backward()
-    grad = float(quantizer.step.grad)
-    assert grad == pytest.approx(_lsq_reference_grad(x, s, weights, qmin, qmax), rel=1e-4)
-    fd = _surrogate_finite_difference(x, s, weights, qmin, qmax) / (x.numel() * qmax) ** 0.5
-    assert grad == pytest.approx(fd, rel=1e-4)
+    for row in range(4):
+        grad = float(quantizer.step.grad.reshape(-1)[row])
+        xr, wr = x[row:row + 1], weights[row:row + 1]
+        assert grad == pytest.approx(_lsq_reference_grad(xr, s, wr, qmin, qmax), rel=1e-4)
+        fd = _surrogate_finite_difference(xr, s, wr, qmin, qmax) / (xr.numel() * qmax) ** 0.5
+        assert grad == pytest.approx(fd, rel=1e-4)
 
 
 def test_learnable_parameters_start_from_the_data():
