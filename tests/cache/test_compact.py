@@ -124,6 +124,29 @@ def test_tail_codes_keep_the_smaller_of_tail_and_topk_mass_precise():
     assert 1 - decoded[-1] < 1e-50  # a tail of exactly 1 (no top-k mass) stays ~1
 
 
+def test_tail_codes_sweep_keeps_half_a_step_on_the_smaller_side_across_0_to_1():
+    """Guards the 0.5 switch between storing tail and 1 − tail: over the whole of (0, 1) the
+    decoded min(tail, 1 − tail) is within half a log step of the true one, i.e. a relative
+    error <= e^(TAIL_STEP/2) − 1 (hand-derived from code = rint(−log(small) / TAIL_STEP)).
+    Storing −log(tail) up to 0.9 instead would give 1 − tail ~9x that error near 0.9."""
+    near = np.array([1e-50, 1e-30, 1e-12, 1e-6, 1e-3, 0.4999, 0.5, 0.5001, 1 - 1e-3, 1 - 1e-6, 1 - 1e-9])
+    tail = np.concatenate([np.linspace(0.01, 0.99, 197), near])
+    decoded = compact.decode_tail_codes(compact.tail_codes(tail))
+    small, small_decoded = np.minimum(tail, 1 - tail), np.minimum(decoded, 1 - decoded)
+    bound = np.expm1(compact.TAIL_STEP / 2)
+    slack = tail * 2.0 ** -53   # the decoded tail's float64 rounding (2^-53 absolute near tail = 1)
+    off = np.abs(small_decoded - small) > small * bound * (1 + 1e-9) + slack
+    assert not off.any(), tail[off]
+
+
+def test_a_finite_logprob_far_below_the_code_range_is_not_read_as_probability_zero():
+    """Guards the clip of finite log-probs to ZERO_PROB_CODE − 1: -2e4 nats companding past
+    65535 must stay the smallest *finite* code, not turn into the −inf (probability 0) code."""
+    code = compact.logprob_codes(np.array([-2e4, -1e9]))
+    assert (code != compact.ZERO_PROB_CODE).all() and (code == compact.ZERO_PROB_CODE - 1).all()
+    assert np.isfinite(compact.logprob_table()[code]).all()
+
+
 def test_order_table_roundtrip_and_corruption():
     order = np.array([7, 3, 49151, 0], dtype=np.int64)
     np.testing.assert_array_equal(compact.unpack_order(compact.pack_order(order), "x"), order)

@@ -132,3 +132,46 @@ def test_backward_hands_the_built_head_gradient_on_scaled_and_refuses_a_second_b
     torch.testing.assert_close(got, head.weight.grad, rtol=1e-5, atol=1e-6)
     with pytest.raises(RuntimeError, match="backward ran twice"):
         total.backward()
+
+
+@pytest.mark.parametrize("spec", [LossSpec(mode="qat"), LossSpec()], ids=["qat", "forward_kl"])
+def test_backward_scales_hidden_and_head_gradients_by_the_incoming_gradient(spec):
+    """Guards the fused backward honouring grad_out for *hidden* (not only the head): the trainer
+    backpropagates total / N, so a dropped scale makes the body's gradients N x too large.
+    Reference: the plain full-logits loss (qat: torch's own cross_entropy), scaled by 0.37."""
+    gen = torch.Generator().manual_seed(8)
+    targets, _ = make_targets("topk", gen)
+    head = nn.Linear(D, V, bias=True)
+    hidden = torch.randn(N, D, generator=gen, requires_grad=True)
+    total, _ = head_loss(hidden, head, targets, spec, 7)
+    (0.37 * total).backward()
+    got = (hidden.grad.clone(), head.weight.grad.clone(), head.bias.grad.clone())
+    hidden.grad = None
+    head.zero_grad()
+    if spec.mode == "qat":
+        plain = torch.nn.functional.cross_entropy(head(hidden), targets.next_tokens, reduction="sum")
+    else:
+        plain = naive(hidden, head, targets, spec, None)
+    (0.37 * plain).backward()
+    for a, b in zip(got, (hidden.grad, head.weight.grad, head.bias.grad)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_no_grad_chunk_loop_keeps_the_last_partial_chunk():
+    """Guards the eval (no-grad) loop: 23 positions in chunks of 9 is 9 + 9 + 5, and the short
+    last chunk must be scored (positions == 23, the loss equals the plain full-logits sum)."""
+    gen = torch.Generator().manual_seed(9)
+    targets, _ = make_targets("topk", gen)
+    targets = targets.slice(0, 23)
+    head = nn.Linear(D, V, bias=True)
+    hidden = torch.randn(23, D, generator=gen)
+    for spec in (LossSpec(mode="qat"), LossSpec()):
+        with torch.no_grad():
+            total, stats = head_loss(hidden, head, targets, spec, 9)
+            if spec.mode == "qat":
+                plain = torch.nn.functional.cross_entropy(head(hidden), targets.next_tokens, reduction="sum")
+            else:
+                plain = naive(hidden, head, targets, spec, None)
+        assert int(stats["positions"]) == 23
+        torch.testing.assert_close(total, plain, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(float(stats["loss"]), float(plain), rtol=1e-5, atol=1e-5)

@@ -46,6 +46,20 @@ def test_topk_matches_full_log_softmax_of_the_same_batch(tiny_fp32: Any) -> None
         np.testing.assert_allclose(targets.tail_mass, 1 - values.exp().sum(-1).numpy(), atol=1e-5)
 
 
+def test_tail_mass_is_clipped_at_zero_when_fp32_topk_logprobs_sum_past_one() -> None:
+    """Guards the [0, 1] clip of tail_mass_from_logprobs: with k = V the fp32 log-softmax's
+    exp-sum overshoots 1 (here 1 + 2.3e-8), and the tail must read exactly 0, never negative."""
+    from qadpipe.targets import tail_mass_from_logprobs
+
+    lps = torch.log_softmax(torch.tensor([[5.0, 1.0, 0.5, -2.0]]), -1).numpy()
+    assert lps.dtype == np.float32 and np.exp(lps.astype(np.float64)).sum() > 1.0   # the premise
+    assert tail_mass_from_logprobs(lps).tolist() == [0.0]
+    rows = torch.log_softmax(torch.from_numpy(np.random.default_rng(0).standard_normal((2000, 16), np.float32) * 3),
+                             -1).numpy()
+    tails = tail_mass_from_logprobs(rows)
+    assert (tails >= 0).all() and (tails <= 1).all()
+
+
 def test_chunking_and_batching_do_not_change_the_result(tiny_fp32: Any) -> None:
     seqs = _sequences(49152, [30, 12])
     a = HFTeacher(tiny_fp32, batch_size=2, chunk_tokens=5).score(seqs, TargetSpec(k=8))

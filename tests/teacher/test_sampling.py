@@ -22,6 +22,18 @@ def test_draws_follow_a_known_distribution() -> None:
     assert (draws[1] == 4).all()
 
 
+def test_a_uniform_on_a_cdf_step_draws_the_next_column_with_mass() -> None:
+    """Guards searchsorted(right=True): column j owns [cdf_{j-1}, cdf_j), so a uniform exactly
+    at a CDF value belongs to the next column -- a zero-probability column (an empty
+    interval) is never drawn even at u = 0, or where its CDF value repeats."""
+    assert draw_indices(torch.tensor([[0.0, 1.0]], dtype=torch.float64), np.array([[0.0]])).tolist() == [[1]]
+    assert draw_indices(torch.tensor([[0.5, 0.0, 0.5]], dtype=torch.float64), np.array([[0.5]])).tolist() == [[2]]
+    # hand-worked: CDF 0.25, 0.25, 0.75, 1 -> [0, .25) col 0; [.25, .75) col 2; [.75, 1) col 3
+    draws = draw_indices(torch.tensor([[0.25, 0.0, 0.5, 0.25]], dtype=torch.float64),
+                         np.array([[0.0, 0.2499, 0.25, 0.5, 0.7499, 0.75, 0.9999]]))
+    assert draws.tolist() == [[0, 0, 2, 2, 2, 3, 3]]
+
+
 def test_unnormalised_rows_are_scaled_not_skewed() -> None:
     probs = torch.tensor([[0.3, 0.3, 0.3]], dtype=torch.float32)  # sums to 0.9 (fp32 round-off, exaggerated)
     draws = draw_indices(probs, np.random.default_rng(1).random((1, 30000)))
