@@ -200,7 +200,7 @@ class CacheWriter:
 
     def _release_lock(self) -> None:
         if self._lock is not None:
-            self._lock.close()
+            self._lock.release()
             self._lock = None
 
     def __enter__(self) -> "CacheWriter":

@@ -40,9 +40,11 @@ def test_kill_mid_shard_then_resume_equals_uninterrupted(tmp_path):
     assert [s["rows"] for s in manifest["shards"]] == [2, 2]
     assert CacheReader(str(killed)).num_rows == 4          # the buffered 5th row is not visible
 
+    assert (killed / "manifests/task-00000.lock").exists()   # left by the kill, unlocked: no obstacle
     for root in (killed, clean):
         done = run_writer(root)
         assert done.communicate(timeout=120)[0].strip() == "DONE" and done.returncode == 0
+        assert not (root / "manifests/task-00000.lock").exists()   # a run that ends takes its lock away
 
     resumed, reference = CacheReader(str(killed)), CacheReader(str(clean))
     assert resumed.num_rows == reference.num_rows == 9
