@@ -125,6 +125,10 @@ class CacheWriter:
                 raise CacheError(f"{where}: committed shard matches its checksum but has no readable id column "
                                  f"({folded(exc)})") from None
             ids = table.column("id").to_pylist()
+            if len(ids) != shard.rows:   # the manifest's counts add up to what readers index by
+                raise CacheError(f"{where}: committed shard of task {self._manifest.task} holds {len(ids)} rows, its "
+                                 f"manifest says {shard.rows}; delete {self.store.describe(self._manifest_rel)} and "
+                                 "this task's shards to regenerate the task, or use a new cache path")
             repeated = next((row_id for row_id in ids if row_id in done), None)
             if repeated is not None:   # a reader would refuse the cache: resuming must not build on it
                 raise CacheError(f"{where}: row id {repeated!r} is already in another committed shard of task "

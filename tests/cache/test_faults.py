@@ -260,6 +260,16 @@ def test_resuming_a_task_on_a_damaged_shard_is_one_line_and_writes_nothing(cache
     assert "\n" not in str(info.value) and (cache / MANIFEST).read_bytes() == before
 
 
+def test_resuming_on_a_manifest_whose_row_count_is_wrong_is_refused(cache):
+    """A manifest entry claiming 3 rows for a 2-row shard passed the size and checksum checks,
+    and the resumed task rewrote it as it was: readers index rows by these counts."""
+    edit_manifest(cache, lambda data: data["shards"][0].update(rows=3))
+    with pytest.raises(CacheError, match=rf"{SHARD0}: committed shard of task task-00000 holds 2 rows, its manifest "
+                                         "says 3"):
+        CacheWriter(str(cache), cache_meta("topk", k=8), rows_per_shard=2)
+    assert not (cache / "manifests/task-00000.lock").exists()
+
+
 def test_a_decoder_refusal_names_the_shard(cache, monkeypatch):
     """The codec's own range checks (bytes that pass the checksum, or verify=False) know no file."""
     from qadpipe.cache import reader as reader_module
