@@ -26,7 +26,6 @@ from typing import BinaryIO
 from qadpipe.cache.manifest import MANIFEST_DIR, check_task_name
 from qadpipe.cache.store import Store
 from qadpipe.errors import CacheError, first_line
-from qadpipe.file_modes import file_mode
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +53,13 @@ def lock_task(store: Store, task: str) -> TaskLock | None:
     while True:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            handle = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, file_mode()), "r+b")
+            handle = open(path, "a+b")   # created if absent, never truncated before the lock is ours
         except OSError as exc:
             raise CacheError(f"{store.describe(rel)}: cannot create the task lock ({first_line(exc)})") from exc
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            handle.seek(0)
             holder = handle.read(300).decode("utf-8", "replace").strip() or "another process"
             handle.close()
             raise CacheError(f"{store.describe(rel)}: task {task} is being written by {holder}; two runs of one task "

@@ -71,19 +71,22 @@ def test_enospc_mid_checkpoint_keeps_latest(tmp_path, monkeypatch):
     weights = {"w": torch.arange(6, dtype=torch.float32)}
     state = ckpt.TrainerState(step=1, optimizer={"lr": 0.1}, scheduler={}, loader={"ranks": [{"batches": 1}]})
     ckpt.save_checkpoint(tmp_path, weights, state, config)
-    real_save = ckpt.save_file
+    from safetensors import SafetensorError
 
-    def save_file(tensors, path, metadata=None):  # a partial weights file, then the disk is full
+    from qadpipe import tensor_files
+    real_save = tensor_files.save_file
+
+    def save_file(tensors, path, metadata=None):  # a partial weights file, then the disk is full, as safetensors says it
         Path(path).write_bytes(b"\0" * 100)
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr(ckpt, "save_file", save_file)
+    monkeypatch.setattr(tensor_files, "save_file", save_file)
     later = ckpt.TrainerState(step=2, optimizer={"lr": 0.2}, scheduler={}, loader={"ranks": [{"batches": 2}]})
     with pytest.raises(DistillError, match=r"step-00000002: cannot write the checkpoint \(No space left on device\); "
                                            r"LATEST still names the previous one") as info:
         ckpt.save_checkpoint(tmp_path, {"w": torch.zeros(6)}, later, config)
     assert "\n" not in str(info.value)
-    monkeypatch.setattr(ckpt, "save_file", real_save)
+    monkeypatch.setattr(tensor_files, "save_file", real_save)
     latest = ckpt.latest_checkpoint(tmp_path)
     assert latest.name == "step-00000001"
     tensors, restored = ckpt.load_checkpoint(latest)
