@@ -1,9 +1,9 @@
 """CacheWriter: buffered rows -> zstd Parquet shards committed through a task manifest.
 
-One writer per cluster task, and one live run per task (``task_lock``).  Order of a commit: encode the buffered rows, write the shard
-(temp name, fsync, rename), then replace the task manifest.  A kill at any point leaves the
-manifest listing only complete shards; a rerun of the same task resumes from
-:meth:`CacheWriter.done_ids` and overwrites any unlisted leftover.
+One writer per cluster task, and one live run per task (``task_lock``).  Order of a commit:
+encode the buffered rows, write the shard (temp name, fsync, rename), then replace the task
+manifest.  A kill at any point leaves the manifest listing only complete shards; a rerun of
+the same task resumes from :meth:`CacheWriter.done_ids` and overwrites any unlisted leftover.
 """
 
 from __future__ import annotations
