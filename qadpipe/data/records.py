@@ -193,7 +193,8 @@ def _iter_jsonl(path: Path) -> Iterator[SourceRecord]:
         try:
             value = json.loads(line.rstrip("\r\n"))   # error columns on the line, not past its end
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{line_no}: not valid JSON ({exc.msg.removesuffix(' at')} at column {exc.colno})") from None
+            raise DataError(f"{path}:{line_no}: not valid JSON ({exc.msg.removesuffix(' at')} at column "
+                            f"{exc.colno})") from None
         yield SourceRecord(position, _object(value, f"{path}:{line_no}"), line_no)
         position += 1
 

@@ -32,7 +32,7 @@ from qadpipe.distill.checkpoint import MODEL_FILE, unique_tensors
 from qadpipe.distill.head_loss import LossSpec, PositionTargets, head_loss, split_lm
 from qadpipe.errors import DistillError
 from qadpipe.file_modes import share_tree
-from qadpipe.provenance import RUN_FILE, read_run_record, save_run_record
+from qadpipe.provenance import RUN_FILE, fsync_path, read_run_record, save_run_record
 from qadpipe.tensor_files import save_tensors
 
 log = logging.getLogger(__name__)
@@ -100,8 +100,7 @@ def save_student(output_dir: Path, model_state: dict[str, torch.Tensor], config:
         save_tensors(tensors, tmp / MODEL_FILE, {"aliases": repr(sorted(aliases.items()))})
         save_run_record(config, "distill", tmp, cache_fingerprint=cache_fingerprint)
         for path in tmp.iterdir():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
+            fsync_path(path)
         share_tree(tmp)
         if final.exists():
             shutil.rmtree(final)

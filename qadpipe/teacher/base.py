@@ -8,9 +8,7 @@ differ only where their engines differ.
 
 from __future__ import annotations
 
-import dataclasses
-
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
@@ -75,7 +73,7 @@ def target_start(sequence: TokenSequence, include_prompt: bool) -> int:
 def with_completion(prompt: TokenSequence, completion: Completion) -> TokenSequence:
     """The prompt + completion sequence that gets scored (same id: one row per prompt)."""
     ids = np.concatenate([prompt.input_ids, completion.token_ids.astype(np.int32)])
-    return dataclasses.replace(prompt, input_ids=ids, prompt_len=len(prompt.input_ids))
+    return replace(prompt, input_ids=ids, prompt_len=len(prompt.input_ids))
 
 
 def topk_targets(sequence: TokenSequence, start: int, ids: np.ndarray, logprobs: np.ndarray) -> SequenceTargets:
