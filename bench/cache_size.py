@@ -163,7 +163,7 @@ def main() -> None:
     base = dict(teacher="smollm2-135m", teacher_revision="", teacher_dtype="float32",
                 tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), vocab_size=vocab, data_fingerprint=source)
     fp16_zstd = sum(b for b, _ in targets["fp16_zstd"]) / sum(n for _, n in targets["fp16_zstd"])
-    results, table = [], []
+    results = []
     work = Path(tempfile.mkdtemp(prefix="qadpipe-bench-"))
     for k in K_VALUES:
         rows = []

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, TypeVar
@@ -29,7 +28,6 @@ from qadpipe.cache.store import Store
 from qadpipe.errors import CacheError, folded
 from qadpipe.targets import SequenceTargets
 
-log = logging.getLogger(__name__)
 #: Threads decoding record batches (numpy releases the GIL in the decode's cumsums and gathers).
 DEFAULT_DECODE_THREADS = 2
 T = TypeVar("T")

@@ -20,7 +20,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file
@@ -79,32 +79,44 @@ def unique_tensors(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch
     return unique, aliases
 
 
+def write_student_dir(parent: Path, name: str, model_state: dict[str, torch.Tensor], config: Any,
+                      cache_fingerprint: str, extra: Callable[[Path], None] = lambda tmp: None) -> Path:
+    """Write ``<parent>/<name>/`` whole or not at all: the student's tensors (tied aliases
+    dropped, listed in the metadata), the run record, and whatever ``extra(tmp)`` adds, into
+    a temp dir that is fsync'd and renamed over any older ``name``.  Checkpoints and the
+    ``final/``/``ptq/`` students share it, so all three are read back the same way."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=parent))
+    try:
+        tensors, aliases = unique_tensors(model_state)
+        save_tensors(tensors, tmp / MODEL_FILE, {"aliases": repr(sorted(aliases.items()))})
+        extra(tmp)
+        save_run_record(config, "distill", tmp, cache_fingerprint=cache_fingerprint)
+        for path in tmp.iterdir():
+            fsync_path(path)
+        share_tree(tmp)
+        final = Path(parent) / name
+        if final.exists():  # final/ of an earlier run, or a step re-run after a crash between rename and LATEST
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_path(Path(parent))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
 def save_checkpoint(output_dir: Path, model_state: dict[str, torch.Tensor], state: TrainerState,
                     config: Any, keep: int = 2) -> Path:
     """Write step ``state.step`` and make it the latest; keep the newest ``keep`` steps."""
     root = Path(output_dir) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{state.step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
     try:
-        tensors, aliases = unique_tensors(model_state)
-        save_tensors(tensors, tmp / MODEL_FILE, {"aliases": repr(sorted(aliases.items()))})
-        torch.save(state.__dict__, tmp / STATE_FILE)
-        save_run_record(config, "distill", tmp, cache_fingerprint=state.cache_fingerprint)   # as final/ records it
-        for path in tmp.iterdir():
-            fsync_path(path)
-        share_tree(tmp)
-        final = root / name
-        if final.exists():  # a re-run of the same step after a crash between rename and LATEST
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        final = write_student_dir(root, name, model_state, config, state.cache_fingerprint,
+                                  extra=lambda tmp: torch.save(state.__dict__, tmp / STATE_FILE))
     except OSError as exc:  # a full disk mid-checkpoint: the previous LATEST stays the commit point
-        shutil.rmtree(tmp, ignore_errors=True)
         raise DistillError(f"{root / name}: cannot write the checkpoint ({exc.strerror or exc}); "
                            f"{LATEST} still names the previous one") from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     atomic_write_text(root / LATEST, name + "\n")
     _prune(root, keep)
     return final

@@ -17,10 +17,6 @@ away; ``model.dtype`` is the autocast compute dtype on GPU.
 
 from __future__ import annotations
 
-import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -28,14 +24,10 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from qadpipe.distill.checkpoint import MODEL_FILE, unique_tensors
+from qadpipe.distill.checkpoint import MODEL_FILE, write_student_dir
 from qadpipe.distill.head_loss import LossSpec, PositionTargets, head_loss, split_lm
 from qadpipe.errors import DistillError
-from qadpipe.file_modes import share_tree
-from qadpipe.provenance import RUN_FILE, fsync_path, read_run_record, save_run_record
-from qadpipe.tensor_files import save_tensors
-
-log = logging.getLogger(__name__)
+from qadpipe.provenance import RUN_FILE, read_run_record
 
 FINAL_DIR = "final"
 #: The calibrated student before any training (the PTQ baseline), in the same layout.
@@ -93,22 +85,7 @@ def save_student(output_dir: Path, model_state: dict[str, torch.Tensor], config:
     """Write ``<output_dir>/<name>/`` whole (temp dir → rename), replacing an older one.  Its
     run record keeps the fingerprint of the cache contents it trained on ("" without a cache),
     by which eval knows whether a cache's held-out rows are really unseen."""
-    final = Path(output_dir) / name
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=output_dir))
-    try:
-        tensors, aliases = unique_tensors(model_state)
-        save_tensors(tensors, tmp / MODEL_FILE, {"aliases": repr(sorted(aliases.items()))})
-        save_run_record(config, "distill", tmp, cache_fingerprint=cache_fingerprint)
-        for path in tmp.iterdir():
-            fsync_path(path)
-        share_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+    return write_student_dir(Path(output_dir), name, model_state, config, cache_fingerprint)
 
 
 def load_state_into(model: nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:

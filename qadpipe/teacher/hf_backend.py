@@ -13,7 +13,6 @@ to bf16 before the softmax, as vLLM's ``head_dtype=float32`` does.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import numpy as np
@@ -26,8 +25,6 @@ from qadpipe.targets import SequenceTargets
 from qadpipe.teacher.base import (Completion, SamplingSpec, TargetSpec, sampled_targets, target_start,
                                   topk_targets)
 from qadpipe.teacher.sampling import counts_by_row, draw_indices, sequence_seed
-
-log = logging.getLogger(__name__)
 
 
 def resolve_device(device: str) -> torch.device:
