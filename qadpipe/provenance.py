@@ -101,6 +101,21 @@ def read_run_record(directory: Path) -> Optional[dict[str, Any]]:
     return record if isinstance(record, dict) else None
 
 
+def json_field(path: Path, key: str, kind: type) -> Any:
+    """``key`` of the JSON object in ``path`` when it is a ``kind`` (None: file absent or
+    unreadable, not an object, key missing or of another type).  For records another stage or
+    tool wrote (``config.json``, ``qadpipe_export.json``) that only steer a choice: a damaged
+    one means "unknown", never a traceback."""
+    import json
+
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, ValueError):   # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return None
+    value = record.get(key) if isinstance(record, dict) else None
+    return value if isinstance(value, kind) else None
+
+
 def recorded_stage(directory: Path) -> Optional[str]:
     """The ``stage`` the run record in ``directory`` names (None: no readable record):
     which qadpipe command wrote the directory, so another does not write over it."""

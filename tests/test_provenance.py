@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 
 from qadpipe.config import build_config, load_config
-from qadpipe.provenance import RUN_FILE, save_run_record
+from qadpipe.provenance import RUN_FILE, json_field, save_run_record
 
 
 def test_run_record_round_trips_to_the_same_config(tmp_path: Path):
@@ -38,3 +39,19 @@ def test_atomic_write_syncs_each_directory_it_creates_in_its_parent(tmp_path, mo
     provenance.atomic_write_bytes(tmp_path / "cache" / "shards" / "a.parquet", b"x")
     assert synced == [tmp_path, tmp_path / "cache", tmp_path / "cache" / "shards"]
     assert (tmp_path / "cache" / "shards" / "a.parquet").read_bytes() == b"x"
+
+
+@pytest.mark.parametrize("content", [None, b"{not json", b"\xff\xfe{}", b"[1, 2]", b'{"key": 5}', b"{}"])
+def test_json_field_is_none_for_a_record_it_cannot_use(tmp_path: Path, content):
+    path = tmp_path / "record.json"
+    if content is not None:
+        path.write_bytes(content)
+    assert json_field(path, "key", str) is None
+
+
+def test_json_field_returns_a_value_of_the_asked_type(tmp_path: Path):
+    path = tmp_path / "record.json"
+    path.write_text('{"key": "value", "files": ["a", "b"]}')
+    assert json_field(path, "key", str) == "value"
+    assert json_field(path, "files", list) == ["a", "b"]
+    assert json_field(path, "files", dict) is None

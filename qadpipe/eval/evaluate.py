@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import itertools
-import json
 import logging
 from pathlib import Path
 from typing import Any, Optional
@@ -34,7 +33,7 @@ from qadpipe.eval.runner import compare_to_teacher
 from qadpipe.errors import ConfigError
 from qadpipe.export.compressed_tensors import NVFP4_PACK
 from qadpipe.file_modes import check_writable_dir
-from qadpipe.provenance import recorded_stage, save_run_record
+from qadpipe.provenance import json_field, recorded_stage, save_run_record
 from qadpipe.targets import SequenceTargets
 
 log = logging.getLogger(__name__)
@@ -84,11 +83,9 @@ def check_model_paths(models: dict[str, str]) -> None:
 
 def _checkpoint_format(path: Path) -> Optional[str]:
     """The ``quantization_config.format`` of an HF checkpoint (None: none, or not readable)."""
-    try:
-        quant = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
-    except (OSError, ValueError, AttributeError):
-        return None
-    return quant.get("format") if isinstance(quant, dict) else None
+    quant = json_field(path / "config.json", "quantization_config", dict) or {}
+    fmt = quant.get("format")
+    return fmt if isinstance(fmt, str) else None
 
 
 def load_model(path: str, device: torch.device) -> nn.Module:
@@ -119,10 +116,7 @@ def training_dir(path: str) -> Optional[Path]:
 
     if is_student_dir(Path(path)):
         return Path(path)
-    try:
-        checkpoint = json.loads((Path(path) / EXPORT_INFO).read_text()).get("checkpoint")
-    except (OSError, ValueError, AttributeError):
-        return None
+    checkpoint = json_field(Path(path) / EXPORT_INFO, "checkpoint", str)
     return Path(checkpoint) if checkpoint and is_student_dir(Path(checkpoint)) else None
 
 

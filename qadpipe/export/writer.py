@@ -22,7 +22,7 @@ import torch
 
 from qadpipe.errors import ExportError
 from qadpipe.file_modes import share_tree
-from qadpipe.provenance import RUN_FILE, fsync_path, recorded_stage
+from qadpipe.provenance import RUN_FILE, fsync_path, json_field, recorded_stage
 from qadpipe.tensor_files import save_tensors
 
 log = logging.getLogger(__name__)
@@ -166,11 +166,8 @@ def _some_entries(directory: Path) -> str:
 
 def _files_written(info: Path) -> set[str] | None:
     """The files a previous export listed in its record (None: absent or unreadable)."""
-    try:
-        files = json.loads(info.read_text()).get("files")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return set(files) if isinstance(files, list) and all(isinstance(name, str) for name in files) else None
+    files = json_field(info, "files", list)
+    return set(files) if files is not None and all(isinstance(name, str) for name in files) else None
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], directory: Path,
@@ -207,9 +204,12 @@ def read_config(model_dir: Path) -> dict[str, Any]:
     """The source model's ``config.json`` as a dict."""
     path = Path(model_dir) / "config.json"
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:   # ValueError: not JSON, or not UTF-8
         raise ExportError(f"{path}: cannot read the source model config ({exc})") from None
+    if not isinstance(config, dict):
+        raise ExportError(f"{path}: expected a JSON object (an HF model config), got {type(config).__name__}")
+    return config
 
 
 def write_checkpoint(tensors: dict[str, torch.Tensor], config: dict[str, Any], source_dir: Path,

@@ -322,3 +322,28 @@ def test_an_nvfp4_compressed_tensors_export_is_refused_before_any_model_loads(tr
         f"qadpipe: error: eval.models.ct: {export} is an NVFP4 compressed-tensors export, which transformers runs in "
         "bf16 only; evaluate the distill directory it was exported from (its qadpipe_export.json names it) or a "
         "--format fake export"]
+
+
+@pytest.mark.parametrize("named", [5, None, "missing"])
+def test_an_export_whose_record_names_no_student_has_no_training_dir(tmp_path: Path, named):
+    from qadpipe.eval.evaluate import training_dir
+    from qadpipe.export.writer import EXPORT_INFO
+
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / EXPORT_INFO).write_text(json.dumps({"checkpoint": named if named != "missing" else str(tmp_path / "x")}))
+    assert training_dir(str(export)) is None
+
+
+def test_an_export_names_the_student_it_came_from(tmp_path: Path):
+    from qadpipe.eval.evaluate import training_dir
+    from qadpipe.export.writer import EXPORT_INFO
+
+    student, export = tmp_path / "final", tmp_path / "export"
+    for directory in (student, export):
+        directory.mkdir()
+    (student / "model.safetensors").write_bytes(b"")
+    (student / "qadpipe_run.yaml").write_text("stage: distill\n")
+    (export / EXPORT_INFO).write_text(json.dumps({"checkpoint": str(student)}))
+    assert training_dir(str(export)) == student
+    assert training_dir(str(student)) == student

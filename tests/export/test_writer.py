@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from qadpipe.errors import ExportError
-from qadpipe.export.writer import EXPORT_INFO, staged_dir, write_safetensors
+from qadpipe.export.writer import EXPORT_INFO, read_config, staged_dir, write_safetensors
 from qadpipe.provenance import RUN_FILE
 
 
@@ -164,3 +164,11 @@ def test_a_malformed_file_list_of_a_previous_export_is_refused_in_one_line(tmp_p
         with staged_dir(out):
             pass
     assert (out / "old.txt").read_text() == "old"
+
+
+@pytest.mark.parametrize("content", [b"[1, 2]", b"\xff\xfe{}", b"{broken"])
+def test_a_source_config_that_is_not_a_json_object_is_refused_in_one_line(tmp_path: Path, content):
+    (tmp_path / "config.json").write_bytes(content)
+    with pytest.raises(ExportError, match=r"config\.json: .*") as info:
+        read_config(tmp_path)
+    assert "\n" not in str(info.value)
