@@ -28,7 +28,8 @@ from qadpipe.data.records import record_label
 from qadpipe.errors import ConfigError, DataError, TeacherError, first_line
 from qadpipe.file_modes import check_writable_dir
 from qadpipe.stop_signals import StopSignals
-from qadpipe.teacher import POSITIONS_AFTER_SCORED_SEQUENCE, TeacherInfo, make_teacher, require_vllm, teacher_info
+from qadpipe.teacher import (POSITIONS_AFTER_SCORED_SEQUENCE, TeacherInfo, check_teacher_can_start, make_teacher,
+                             teacher_info)
 from qadpipe.teacher.base import SamplingSpec, TargetSpec, with_completion
 
 log = logging.getLogger(__name__)
@@ -114,12 +115,28 @@ def check_lengths(data: DataSlice, info: TeacherInfo, extra: int, source: str, b
     if needed + past > info.context_length:
         what = f" + {extra} new tokens" if extra else ""
         also = f" + the {past} token {backend} generates after a scored sequence" if past else ""
-        where = (f"{source} {record_label(longest.source_position, longest.source_line)}"
-                 if longest.source_position >= 0 else f"{source} (a packed window)")
-        raise DataError(f"{where}: {len(longest.input_ids)} tokens{what}{also} "
+        raise DataError(f"{_where(source, longest)}: {len(longest.input_ids)} tokens{what}{also} "
                         f"exceed the teacher's context of {info.context_length} (max_position_embeddings); "
                         "lower data.max_length")
     return needed
+
+
+def check_token_ids(data: DataSlice, vocab_size: int, source: str) -> None:
+    """Refuse a token id the teacher has no row for: a tokenizer that does not belong to the
+    model.  Found here, before the cache is touched: the teacher's embedding would fail on it
+    mid-run (a device-side assert on CUDA), and vLLM checks ids only against the tokenizer."""
+    for sequence in data.sequences:
+        largest = int(sequence.input_ids.max(initial=0))
+        if largest >= vocab_size:
+            raise DataError(f"{_where(source, sequence)}: token id {largest} >= the teacher's vocab size ({vocab_size}); "
+                            "the tokenizer does not belong to the teacher (model.path)")
+
+
+def _where(source: str, sequence: TokenSequence) -> str:
+    """'d.jsonl record 3, line 4' (or '(a packed window)': packing mixes records)."""
+    if sequence.source_position < 0:
+        return f"{source} (a packed window)"
+    return f"{source} {record_label(sequence.source_position, sequence.source_line)}"
 
 
 def _refuse_a_directory_that_is_not_a_cache(path: str) -> None:
@@ -171,10 +188,9 @@ def run_generate(config: PipelineConfig, *, num_shards: Optional[int] = None, sh
     index, count = resolve_task(config.generate, num_shards, shard_index)
     task = task_name(index)
     gen, cache = config.generate, config.cache
-    if config.teacher.backend == "vllm":
-        require_vllm()
     model_dir = resolve_model_path(config.teacher_path)
     info = teacher_info(model_dir, config.model.trust_remote_code)
+    check_teacher_can_start(config, model_dir, info)
     if cache.k > info.vocab_size:
         raise ConfigError(f"cache.k: got {cache.k}, expected <= the teacher's vocab size ({info.vocab_size})")
     tokenizer = load_tokenizer(str(model_dir), config.model.trust_remote_code)
@@ -190,6 +206,7 @@ def run_generate(config: PipelineConfig, *, num_shards: Optional[int] = None, sh
                     task, data.dropped, data.drop_summary())
     new_tokens = gen.max_new_tokens if gen.mode == "generate" else 0
     longest_sequence = check_lengths(data, info, new_tokens, config.data.source, config.teacher.backend)
+    check_token_ids(data, info.vocab_size, config.data.source)
     _refuse_a_directory_that_is_not_a_cache(cache.path)
     meta = _cache_meta(config, model_dir, info.vocab_size, tokenizer_fingerprint(tokenizer), data.fingerprint)
     spec = TargetSpec(cache.target, cache.k, cache.num_samples, gen.seed, gen.include_prompt)
@@ -216,7 +233,7 @@ def run_generate(config: PipelineConfig, *, num_shards: Optional[int] = None, sh
                 with StopSignals("finishing the current batch and committing the open shard") as stop, \
                         tqdm(total=total, unit="seq", desc=f"generate {task}") as bar:
                     progress = _Progress(task, total)
-                    for batch in todo:
+                    for number, batch in enumerate(todo, start=1):
                         try:
                             if gen.mode == "generate":
                                 batch = [with_completion(p, c)
@@ -242,7 +259,7 @@ def run_generate(config: PipelineConfig, *, num_shards: Optional[int] = None, sh
                         bar.update(len(batch))
                         rate = progress.update(len(batch), batch_tokens)
                         bar.set_postfix(tok_s=f"{rate:.0f}")
-                        if stop.received:
+                        if stop.received and number < len(todo):   # after the last batch: done, not stopped
                             writer.flush()
                             stopped_by = stop.received
                             break

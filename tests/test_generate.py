@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from qadpipe.cache import CacheReader
@@ -362,6 +363,9 @@ def small_vocab_model(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Pat
      "or empty directory, or an existing cache to extend"),
     ("k above vocab", None, {"model.path": "{vocab512}", "cache.k": 600},
      "cache.k: got 600, expected <= the teacher's vocab size (512)"),
+    pytest.param("no cuda", None, {"teacher.device": "cuda"},
+                 "teacher.device: got 'cuda', but torch sees no CUDA device here",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here")),
     ("no vllm", None, {"teacher.backend": "vllm"},
      "teacher.backend: got 'vllm', but vLLM is not installed (pip install 'qadpipe[cpu]' or 'qadpipe[gpu]'), "
      "or set teacher.backend=hf"),
@@ -441,3 +445,59 @@ def test_a_cache_path_under_a_file_is_refused_with_a_tilde_too(tmp_path, monkeyp
     (tmp_path / "afile").write_text("x")
     with pytest.raises(ConfigError, match=r"cache\.path: .*/afile/cache cannot be created"):
         _refuse_a_directory_that_is_not_a_cache("~/afile/cache")
+
+
+def test_a_tokenizer_with_ids_past_the_teachers_vocab_is_refused_before_the_cache_is_made(small_vocab_model: Path,
+                                                                                      tmp_path: Path) -> None:
+    """small_vocab_model has 512 rows and the SmolLM2 tokenizer: real text tokenizes past them.
+    It failed inside the teacher's embedding with an IndexError (a device assert on CUDA)."""
+    from qadpipe.models import load_tokenizer
+
+    text = "Hello world, this is a test"
+    (tmp_path / "d.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    largest = max(load_tokenizer(str(small_vocab_model))(text)["input_ids"])
+    assert largest >= 512
+    with pytest.raises(DataError) as raised:
+        run_generate(_config(small_vocab_model, tmp_path / "cache", **{"data.source": tmp_path / "d.jsonl"}))
+    assert str(raised.value) == (f"{tmp_path}/d.jsonl record 0, line 1: token id {largest} >= the teacher's vocab "
+                                 "size (512); the tokenizer does not belong to the teacher (model.path)")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_tasks_reading_a_copy_of_the_teacher_fill_one_cache(small_vocab_model: Path, tmp_path: Path) -> None:
+    """Array tasks that stage the teacher to node-local scratch name it by another path; the
+    weights are the same (teacher_revision), so the cache is one.  The path used to be refused."""
+    import shutil
+
+    copy = tmp_path / "scratch" / "teacher"
+    shutil.copytree(small_vocab_model, copy)
+    cache = tmp_path / "cache"
+    run_generate(_config(small_vocab_model, cache), num_shards=2, shard_index=0)
+    run_generate(_config(copy, cache), num_shards=2, shard_index=1)
+    run_generate(_config(small_vocab_model, tmp_path / "one"))
+    _assert_same_cache(tmp_path / "one", cache)
+
+
+def test_a_stop_signal_during_the_last_batch_still_completes_the_task(small_vocab_model: Path,
+                                                                      tmp_path: Path) -> None:
+    """Everything was written: the task is done (exit 0), not stopped and requeued for nothing."""
+    from qadpipe.teacher import make_teacher
+
+    class SignalledDuringLastBatch:
+        def __init__(self, teacher: Any) -> None:
+            self.teacher, self.calls = teacher, 0
+
+        def score(self, batch: Any, spec: Any) -> Any:
+            self.calls += 1
+            if self.calls == 6:   # 12 sequences, teacher.batch_size 2
+                os.kill(os.getpid(), signal.SIGTERM)
+            return self.teacher.score(batch, spec)
+
+        def close(self) -> None:
+            self.teacher.close()
+
+    summary = run_generate(_config(small_vocab_model, tmp_path / "cache"),
+                           teacher_factory=lambda *a, **kw: SignalledDuringLastBatch(make_teacher(*a, **kw)))
+    assert (summary.written, summary.stopped_by) == (12, None)
+    view = CacheReader(str(tmp_path / "cache")).view
+    assert view.incomplete_tasks == [] and sum(shard.rows for shard in view.shards) == 12

@@ -54,9 +54,9 @@ ID_ORDER_KEY = b"qadpipe.cache.id_order"
 class CacheMeta:
     """What made a cache and how it is encoded; written into every shard and task manifest.
 
-    Everything but ``config`` identifies the cache: two writers filling one cache must agree
-    on all of it (``data_fingerprint`` therefore describes the whole data source, not one
-    task's slice of it).
+    Everything but ``config`` and ``teacher`` (a path; ``teacher_revision`` identifies the
+    weights) identifies the cache: two writers filling one cache must agree on all of it
+    (``data_fingerprint`` therefore describes the whole data source, not one task's slice).
     """
 
     teacher: str
@@ -91,9 +91,13 @@ class CacheMeta:
             raise CacheError(f"cache meta sampled_from={self.sampled_from!r}: expected one of {SAMPLED_FROM}")
 
     def identity(self) -> dict[str, Any]:
-        """The fields two parts of one cache must agree on (all but ``config``)."""
+        """The fields two parts of one cache must agree on: all but ``config`` and ``teacher``.
+        ``teacher`` is the path or hub id as this task's config spelled it; the weights are
+        identified by ``teacher_revision``, so tasks reading a node-local copy of the teacher,
+        or reaching it by another relative path, still fill one cache."""
         out = dataclasses.asdict(self)
         out.pop("config")
+        out.pop("teacher")
         return out
 
     def to_dict(self) -> dict[str, Any]:

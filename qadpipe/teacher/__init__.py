@@ -52,6 +52,25 @@ def require_vllm() -> None:
                            "'qadpipe[cpu]' or 'qadpipe[gpu]'), or set teacher.backend=hf")
 
 
+def check_teacher_can_start(config: Any, model_dir: Path, info: TeacherInfo) -> None:
+    """What would stop the configured backend from starting, said before any data is read
+    or a cache directory is made: no vLLM, a CUDA device torch does not see, a head size
+    vLLM-CPU has no attention kernel for.  ``make_teacher`` comes only after the cache is
+    open (a rerun that finds its task done loads no teacher)."""
+    if config.teacher.backend == "hf":
+        from qadpipe.teacher.hf_backend import resolve_device
+
+        resolve_device(config.teacher.device)
+        return
+    require_vllm()
+    from vllm.platforms import current_platform
+
+    from qadpipe.teacher.vllm_backend import refuse_unsupported_cpu_head_size
+
+    if current_platform.is_cpu():
+        refuse_unsupported_cpu_head_size(str(model_dir), info.head_dim)
+
+
 def make_teacher(config: Any, model_dir: Path, *, k: int, longest_sequence: int) -> Any:
     """The configured backend, loaded (the vLLM engine starts here)."""
     if config.teacher.backend == "hf":
