@@ -26,7 +26,7 @@ from torch import nn
 
 from qadpipe.distill.checkpoint import MODEL_FILE, write_student_dir
 from qadpipe.distill.head_loss import LossSpec, PositionTargets, head_loss, split_lm
-from qadpipe.errors import DistillError
+from qadpipe.errors import ConfigError, DistillError
 from qadpipe.provenance import RUN_FILE, read_run_record
 
 FINAL_DIR = "final"
@@ -133,6 +133,9 @@ def trained_config(final_dir: Path) -> Any:
         return build_config(yaml.safe_load(run_file.read_text())["config"])
     except (yaml.YAMLError, TypeError, KeyError, UnicodeDecodeError) as exc:
         raise DistillError(f"{run_file}: not a qadpipe run record with a config ({type(exc).__name__})") from None
+    except ConfigError as exc:   # a field this qadpipe no longer has, or no longer accepts: not the user's config
+        raise DistillError(f"{run_file}: the recorded config does not load in this qadpipe version "
+                           f"({exc})") from None
 
 
 def load_final_student(final_dir: Path, device: str = "cpu") -> tuple[nn.Module, Any]:

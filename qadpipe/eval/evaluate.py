@@ -21,6 +21,7 @@ import dataclasses
 import gc
 import itertools
 import logging
+import math
 from pathlib import Path
 from typing import Any, Optional
 
@@ -33,7 +34,7 @@ from qadpipe.eval.runner import compare_to_teacher
 from qadpipe.errors import ConfigError
 from qadpipe.export.compressed_tensors import NVFP4_PACK
 from qadpipe.file_modes import check_writable_dir
-from qadpipe.provenance import json_field, recorded_stage, save_run_record
+from qadpipe.provenance import json_field, read_run_record, recorded_stage, save_run_record
 from qadpipe.targets import SequenceTargets
 
 log = logging.getLogger(__name__)
@@ -67,18 +68,82 @@ def default_models(cfg: PipelineConfig) -> dict[str, str]:
     return found
 
 
+#: The report's reference row: a model of that name would replace the teacher's figures.
+TEACHER_ROW = "teacher"
+
+
 def check_model_paths(models: dict[str, str]) -> None:
     """Every model a directory it can load, checked before the first one loads (a typo in the last name
     would otherwise surface after the others were scored)."""
+    from qadpipe.distill.student import is_student_dir
+
     for name, path in models.items():
+        if name == TEACHER_ROW:
+            raise ConfigError(f"eval.models.{TEACHER_ROW}: the name of the report's reference row (eval's teacher, "
+                              "model.path); give this model another name")
+        if not str(path).strip():
+            raise ConfigError(f"eval.models.{name}: empty; expected a distill final/ or ptq/ directory or an HF "
+                              "checkpoint")
         if not Path(path).is_dir():
             raise ConfigError(f"eval.models.{name}: {path} is not a directory (expected a distill final/ or ptq/ "
                               "directory or an HF checkpoint)")
+        if not is_student_dir(Path(path)) and not (Path(path) / "config.json").is_file():
+            raise ConfigError(f"eval.models.{name}: {path} holds neither a distill student (model.safetensors and "
+                              "qadpipe_run.yaml) nor an HF checkpoint (config.json)")
         if _checkpoint_format(Path(path)) == NVFP4_PACK:
             # compressed-tensors decompresses NVFP4 to bf16 weights, which eval's fp32 forward cannot mix
             raise ConfigError(f"eval.models.{name}: {path} is an NVFP4 compressed-tensors export, which transformers "
                               "runs in bf16 only; evaluate the distill directory it was exported from (its "
                               "qadpipe_export.json names it) or a --format fake export")
+
+
+def check_model_tokenizers(models: dict[str, str], teacher_fingerprint: str, trust_remote_code: bool) -> None:
+    """KL and agreement compare id by id, so a model must read text as the teacher does: an
+    HF checkpoint's own tokenizer (when it ships one), a student's that of the model it was
+    built from.  Checked before any model loads; the vocab size alone misses a remapped id."""
+    from qadpipe.distill.student import is_student_dir, trained_config
+    from qadpipe.models import load_tokenizer, tokenizer_fingerprint
+
+    for name, path in models.items():
+        if is_student_dir(Path(path)):
+            source = trained_config(Path(path)).model.path
+        elif any((Path(path) / file).is_file() for file in TOKENIZER_FILES):
+            source = path
+        else:
+            continue   # another tool's checkpoint without a tokenizer: the vocab-size check still applies
+        if tokenizer_fingerprint(load_tokenizer(source, trust_remote_code)) != teacher_fingerprint:
+            raise ConfigError(f"eval.models.{name}: {path} reads text with another tokenizer than the teacher "
+                              f"({source} vs model.path): its ids would be compared with the teacher's ids for "
+                              "other tokens")
+
+
+#: Files one of which an HF checkpoint ships its tokenizer in.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+#: What eval writes into its output directory (besides qadpipe_run.yaml).
+EVAL_OUTPUTS = frozenset({"report.json", "report.md", "kl_by_model.png", "training_curves.png"})
+
+
+def check_output_dir(path: Path) -> Path:
+    """``eval.output_dir`` is new, empty, or an earlier eval's: never another stage's output,
+    a model, or a directory inside a cache (whose readers take every file in manifests/ for a
+    manifest, and whose next generate refuses files it did not write)."""
+    from qadpipe.cache.manifest import MANIFEST_DIR, SHARD_DIR
+
+    out = check_writable_dir(Path(path).expanduser(), "eval.output_dir")
+    for directory in (out, *out.parents):
+        if (directory / MANIFEST_DIR).is_dir() and (directory / SHARD_DIR).is_dir():
+            raise ConfigError(f"eval.output_dir: {out} is inside the cache {directory}; set another directory")
+    stage = recorded_stage(out)
+    if stage not in (None, "eval"):   # its run record would be replaced by eval's
+        raise ConfigError(f"eval.output_dir: {out} holds the output of qadpipe {stage}; set another directory")
+    if stage is None and out.is_dir():
+        foreign = sorted(entry.name for entry in out.iterdir() if entry.name not in EVAL_OUTPUTS)
+        if foreign:
+            raise ConfigError(f"eval.output_dir: {out} is a non-empty directory that is not an eval output (it holds "
+                              f"{foreign[0]}); expected a new or empty directory, or an earlier eval output")
+    return out
 
 
 def _checkpoint_format(path: Path) -> Optional[str]:
@@ -107,32 +172,46 @@ def release_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def training_dir(path: str) -> Optional[Path]:
-    """The distill directory whose run record says how the model at ``path`` was trained: the
-    model itself, or, for an export, the checkpoint its ``qadpipe_export.json`` names (None:
-    unknown -- another tool's model, or an export whose checkpoint is gone)."""
+@dataclasses.dataclass(frozen=True)
+class TrainingRecord:
+    """What eval must know of how a model was trained: the cache rows it held out and the
+    cache contents it trained on (None: trained before qadpipe recorded them)."""
+
+    eval_rows: int
+    cache_fingerprint: Optional[str]
+
+
+def training_record(path: str) -> Optional[TrainingRecord]:
+    """How the model at ``path`` was trained, from its own run record: a distill student's,
+    or an export's (which copies its student's when written; never read through the path of
+    a checkpoint another run may have replaced since).  None: unknown -- another tool's
+    model, or an export written before exports kept the record."""
     from qadpipe.distill.student import is_student_dir
-    from qadpipe.export.writer import EXPORT_INFO
 
-    if is_student_dir(Path(path)):
-        return Path(path)
-    checkpoint = json_field(Path(path) / EXPORT_INFO, "checkpoint", str)
-    return Path(checkpoint) if checkpoint and is_student_dir(Path(checkpoint)) else None
+    record = read_run_record(Path(path)) or {}
+    if record.get("stage") == "distill" and is_student_dir(Path(path)):
+        distill = (record.get("config") or {}).get("distill") or {}
+        facts = {"eval_rows": distill.get("eval_rows"), "cache_fingerprint": record.get("cache_fingerprint")}
+    elif record.get("stage") == "export":
+        facts = record.get("training")
+    else:
+        return None
+    if not isinstance(facts, dict) or type(facts.get("eval_rows")) is not int:
+        return None
+    fingerprint = facts.get("cache_fingerprint")
+    return TrainingRecord(facts["eval_rows"], fingerprint if isinstance(fingerprint, str) and fingerprint else None)
 
 
-def trained_models(models: dict[str, str]) -> dict[str, Path]:
-    """Name -> training directory of the models whose training qadpipe recorded."""
-    found = {name: training_dir(path) for name, path in models.items()}
-    return {name: directory for name, directory in found.items() if directory is not None}
+def trained_models(models: dict[str, str]) -> dict[str, TrainingRecord]:
+    """Name -> training record of the models whose training qadpipe recorded."""
+    found = {name: training_record(path) for name, path in models.items()}
+    return {name: record for name, record in found.items() if record is not None}
 
 
 def held_out_rows(cfg: PipelineConfig, models: dict[str, str]) -> int:
     """``distill.eval_rows`` as the students were trained with: rows past the number a student
     held out were trained on, and scoring them would flatter it."""
-    from qadpipe.distill.student import trained_config
-
-    recorded = {name: trained_config(directory).distill.eval_rows
-                for name, directory in trained_models(models).items()}
+    recorded = {name: record.eval_rows for name, record in trained_models(models).items()}
     if recorded and min(recorded.values()) < cfg.distill.eval_rows:
         fewest = min(recorded.values())
         names = ", ".join(models[name] for name, rows in recorded.items() if rows == fewest)
@@ -199,11 +278,9 @@ def unseen_claim(data: HeldOut, models: dict[str, str]) -> str:
     """What the report may say of the cache rows: unseen only if every student trained on
     exactly these cache contents (rows past its held-out ones of *another* cache may be any
     rows of this one)."""
-    from qadpipe.distill.student import trained_cache_fingerprint
-
     if data.cache_fingerprint is None:
         return ""
-    recorded = {name: trained_cache_fingerprint(directory) for name, directory in trained_models(models).items()}
+    recorded = {name: record.cache_fingerprint for name, record in trained_models(models).items()}
     other = sorted(name for name, fingerprint in recorded.items()
                    if fingerprint is not None and fingerprint != data.cache_fingerprint)
     if other:
@@ -228,16 +305,16 @@ def run_eval(cfg: PipelineConfig) -> dict[str, dict[str, float]]:
     """Score the models, write report.json / report.md / plots, return the results."""
     from qadpipe.distill.distributed import resolve_device
     from qadpipe.distill.student import FINAL_DIR
-    from qadpipe.models import check_logits_are_head_of_hidden, load_causal_lm, load_tokenizer
+    from qadpipe.generate import teacher_revision
+    from qadpipe.models import (check_logits_are_head_of_hidden, load_causal_lm, load_tokenizer, resolve_model_path,
+                                tokenizer_fingerprint)
 
     device = resolve_device(cfg.eval.device, field="eval.device")
-    out = check_writable_dir(Path(cfg.eval.output_dir), "eval.output_dir")
-    stage = recorded_stage(out)
-    if stage not in (None, "eval"):   # its run record would be replaced by eval's
-        raise ConfigError(f"eval.output_dir: {out} holds the output of qadpipe {stage}; set another directory")
+    out = check_output_dir(Path(cfg.eval.output_dir))
     models = dict(cfg.eval.models) or default_models(cfg)
     check_model_paths(models)
     tokenizer = load_tokenizer(cfg.teacher_path, trust_remote_code=cfg.model.trust_remote_code)
+    check_model_tokenizers(models, tokenizer_fingerprint(tokenizer), cfg.model.trust_remote_code)
     teacher = load_causal_lm(cfg.teacher_path, dtype="float32", device=str(device),
                              trust_remote_code=cfg.model.trust_remote_code)
     check_logits_are_head_of_hidden(teacher, "teacher.path")   # eval runs the LM head on hidden states
@@ -254,11 +331,15 @@ def run_eval(cfg: PipelineConfig) -> dict[str, dict[str, float]]:
         scored = compare_to_teacher(teacher, {name: student}, data.sequences, pad_id=pad_id, starts=data.starts,
                                     cache_rows=data.cache_rows, batch_size=cfg.eval.batch_size, device=device,
                                     with_perplexity=not data.random_tokens)
-        results.setdefault("teacher", scored["teacher"])
+        results.setdefault(TEACHER_ROW, scored[TEACHER_ROW])
         results[name] = scored[name]
+        broken = sorted(key for key, value in scored[name].items() if not math.isfinite(value))
+        if broken:
+            log.warning("eval.models.%s: %s is not finite (%s): the model's logits hold NaN or inf; the table shows "
+                        "nan, report.json null", name, ", ".join(broken), path)
         del student, scored
         release_memory(device)
-    positions = int(results["teacher"]["positions"])
+    positions = int(results[TEACHER_ROW]["positions"])
     context = {"teacher": cfg.teacher_path, "data": data.description + unseen_claim(data, models),
                "positions": f"{positions} scored per model: those a student trains on (each sequence's target "
                             "start onward; prompts only where generate.include_prompt was on)",
@@ -266,8 +347,10 @@ def run_eval(cfg: PipelineConfig) -> dict[str, dict[str, float]]:
     # A distill run's curve, once: from its final/ student (ptq/ beside it shares the run's file).
     metrics = {name: Path(path).parent / "metrics.jsonl" for name, path in models.items()
                if Path(path).name == FINAL_DIR}
+    # The record first: a run killed while writing the report leaves a directory eval may write again.
+    save_run_record(cfg, "eval", out, cache_fingerprint=data.cache_fingerprint,
+                    teacher_revision=teacher_revision(resolve_model_path(cfg.teacher_path)))
     paths = write_report(out, results, context=context, metrics_files=metrics)
-    save_run_record(cfg, "eval", out)
     print(render_table(results))
     log.info("eval report: %s", ", ".join(str(p) for p in paths.values()))
     return results

@@ -8,12 +8,13 @@ what PTQ lost did QAD recover" is the one question every QAD report answers.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from qadpipe.provenance import atomic_write_text
+from qadpipe.provenance import atomic_write_bytes, atomic_write_text
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -48,7 +49,7 @@ def render_table(results: Mapping[str, Mapping[str, float]], baseline: str = "pt
         cells = [name]
         for key, _, fmt in columns:
             value = metrics.get(key)
-            cells.append("–" if value is None or (isinstance(value, float) and math.isnan(value)) else fmt.format(value))
+            cells.append("–" if value is None else fmt.format(value))   # a broken model's NaN shows as nan
         if with_ratio:
             ratio = kl_ratio(results, name, baseline) if name != "teacher" else None
             cells.append("–" if ratio is None else f"{ratio:.2f}×")
@@ -66,7 +67,10 @@ def write_report(out_dir: Path, results: Mapping[str, Mapping[str, float]], *,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / REPORT_JSON, "md": out_dir / REPORT_MD}
-    atomic_write_text(paths["json"], json.dumps({"context": dict(context), "results": results}, indent=2) + "\n")
+    # NaN is not JSON (jq and strict parsers refuse the file): a broken model's figures are null
+    report = {"context": dict(context), "results": {name: {key: _finite_or_none(value) for key, value in metrics.items()}
+                                                    for name, metrics in results.items()}}
+    atomic_write_text(paths["json"], json.dumps(report, indent=2, allow_nan=False) + "\n")
     lines = ["# qadpipe eval", ""]
     lines += [f"- {key}: {value}" for key, value in context.items()]
     lines += ["", render_table(results)]
@@ -75,7 +79,21 @@ def write_report(out_dir: Path, results: Mapping[str, Mapping[str, float]], *,
     curves = {name: read_metrics(path) for name, path in metrics_files.items() if Path(path).is_file()}
     if any(curves.values()):
         paths["curves_plot"] = plot_training_curves(curves, out_dir / CURVES_PLOT)
+    else:   # an earlier eval's curves beside this report would describe other models
+        (out_dir / CURVES_PLOT).unlink(missing_ok=True)
     return paths
+
+
+def _finite_or_none(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _save_figure(fig: Any, path: Path) -> Path:
+    """PNG bytes written whole (temp file, fsync, rename), as every other report file."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -108,7 +126,7 @@ def plot_kl_bars(results: Mapping[str, Mapping[str, float]], path: Path) -> Path
     ax.set_ylabel("KL(teacher ‖ model), nats/token")
     ax.set_title("Distance to the teacher (lower is better)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -132,6 +150,6 @@ def plot_training_curves(curves: Mapping[str, Sequence[Mapping[str, Any]]], path
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save_figure(fig, path)
     plt.close(fig)
     return path

@@ -76,6 +76,8 @@ def layer_recipe(model: nn.Module) -> dict[str, dict[str, Any]]:
 def export_model(model: nn.Module, source_dir: Path, output: Path, fmt: str, config: Any,
                  checkpoint: Optional[Path] = None, dtype: torch.dtype = torch.bfloat16) -> ExportResult:
     """Write an in-memory fake-quantized student to ``output`` (staged, renamed when complete)."""
+    from qadpipe.distill.student import trained_cache_fingerprint
+
     if fmt not in FORMATS:
         raise ExportError(f"export.format: got {fmt!r}, expected one of {', '.join(FORMATS)}")
     if not quant_linears(model):
@@ -96,7 +98,11 @@ def export_model(model: nn.Module, source_dir: Path, output: Path, fmt: str, con
                             + [EXPORT_INFO, RUN_FILE]),
         }
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
-        save_run_record(config, "export", tmp)
+        # What eval needs of the training (rows held out, cache trained on), kept here: the
+        # checkpoint's path may hold another run by the time the export is evaluated.
+        training = {} if checkpoint is None else {"training": {
+            "eval_rows": config.distill.eval_rows, "cache_fingerprint": trained_cache_fingerprint(Path(checkpoint))}}
+        save_run_record(config, "export", tmp, **training)
     result = ExportResult(Path(output), fmt, info["export_bytes"], info["bf16_bytes"])
     log.info("%s (%.1f s)", result.summary(), time.perf_counter() - start)
     return result

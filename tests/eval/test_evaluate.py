@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from click.testing import CliRunner
 
 from distill_fixtures import settings
@@ -155,12 +157,13 @@ def test_an_output_dir_another_stage_wrote_is_refused(trained, tmp_path: Path):
     assert (export_dir / "qadpipe_run.yaml").read_bytes() == record
 
 
-def test_a_missing_model_is_named_before_any_model_loads(trained, tmp_path: Path, monkeypatch):
+def test_a_missing_model_is_named_before_any_model_loads(trained, tmp_path: Path, peaky_llama_dir: Path,
+                                                        monkeypatch):
     from qadpipe.eval import evaluate
 
     loads = []
     monkeypatch.setattr(evaluate, "load_model", lambda path, device: loads.append(path))
-    config = load_config(None, [*trained, f"eval.output_dir={tmp_path}", f"eval.models.copy={tmp_path}",
+    config = load_config(None, [*trained, f"eval.output_dir={tmp_path}", f"eval.models.copy={peaky_llama_dir}",
                                 f"eval.models.zbad={tmp_path / 'nonexist'}"])
     with pytest.raises(ConfigError, match=rf"^eval.models.zbad: {tmp_path / 'nonexist'} is not a directory"):
         run_eval(config)
@@ -324,26 +327,123 @@ def test_an_nvfp4_compressed_tensors_export_is_refused_before_any_model_loads(tr
         "--format fake export"]
 
 
-@pytest.mark.parametrize("named", [5, None, "missing"])
-def test_an_export_whose_record_names_no_student_has_no_training_dir(tmp_path: Path, named):
-    from qadpipe.eval.evaluate import training_dir
-    from qadpipe.export.writer import EXPORT_INFO
+def test_an_export_keeps_its_training_record_when_its_checkpoint_is_replaced(trained, tmp_path: Path):
+    """Eval followed an export's qadpipe_export.json to its checkpoint's path and trusted the
+    run found there: a later run trained into the same directory (on every row) had its
+    export called "never trained on"."""
+    from qadpipe.eval.evaluate import TrainingRecord, training_record
+    from qadpipe.export.runner import run_export
 
-    export = tmp_path / "export"
-    export.mkdir()
-    (export / EXPORT_INFO).write_text(json.dumps({"checkpoint": named if named != "missing" else str(tmp_path / "x")}))
-    assert training_dir(str(export)) is None
+    config = load_config(None, trained)
+    run_export(config, output=str(tmp_path / "export"), fmt="fake")
+    final = Path(config.distill.output_dir) / "final"
+    expected = training_record(str(final))
+    assert expected is not None and expected.eval_rows == config.distill.eval_rows and expected.cache_fingerprint
+    record = yaml.safe_load((final / "qadpipe_run.yaml").read_text())
+    record["config"]["distill"]["eval_rows"], record["cache_fingerprint"] = 0, "f" * 64   # another run there now
+    moved = tmp_path / "replaced"
+    shutil.copytree(final, moved)
+    (moved / "qadpipe_run.yaml").write_text(yaml.safe_dump(record))
+    assert training_record(str(moved)) == TrainingRecord(0, "f" * 64)
+    assert training_record(str(tmp_path / "export")) == expected   # from the export's own record
 
 
-def test_an_export_names_the_student_it_came_from(tmp_path: Path):
-    from qadpipe.eval.evaluate import training_dir
-    from qadpipe.export.writer import EXPORT_INFO
+@pytest.mark.parametrize("record", ["stage: eval\n", "stage: export\n", "stage: export\ntraining: {eval_rows: x}\n",
+                                    "[1, 2]\n", None])
+def test_a_model_without_a_usable_training_record_is_unknown(tmp_path: Path, record):
+    from qadpipe.eval.evaluate import training_record
 
-    student, export = tmp_path / "final", tmp_path / "export"
-    for directory in (student, export):
-        directory.mkdir()
-    (student / "model.safetensors").write_bytes(b"")
-    (student / "qadpipe_run.yaml").write_text("stage: distill\n")
-    (export / EXPORT_INFO).write_text(json.dumps({"checkpoint": str(student)}))
-    assert training_dir(str(export)) == student
-    assert training_dir(str(student)) == student
+    if record is not None:
+        (tmp_path / "qadpipe_run.yaml").write_text(record)
+    assert training_record(str(tmp_path)) is None
+
+
+def test_model_names_and_paths_are_checked_before_any_model_loads(trained, tmp_path: Path, topk_cache: Path,
+                                                                  peaky_llama_dir: Path):
+    out = f"eval.output_dir={tmp_path / 'out'}"
+    assert _refusal([*trained, out, f"eval.models.teacher={peaky_llama_dir}"]) == [
+        "qadpipe: error: eval.models.teacher: the name of the report's reference row (eval's teacher, model.path); "
+        "give this model another name"]
+    assert _refusal([*trained, out, f"eval.models.a={peaky_llama_dir}", f"eval.models.b={topk_cache}"]) == [
+        f"qadpipe: error: eval.models.b: {topk_cache} holds neither a distill student (model.safetensors and "
+        "qadpipe_run.yaml) nor an HF checkpoint (config.json)"]
+    assert _refusal([*trained, out, "eval.models.a="]) == [
+        "qadpipe: error: eval.models.a: empty; expected a distill final/ or ptq/ directory or an HF checkpoint"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_with_another_tokenizer_is_refused(trained, tmp_path: Path, peaky_llama_dir: Path):
+    """Same vocab size, two ids swapped: eval scored it silently, distill refused it."""
+    other = tmp_path / "othertok"
+    shutil.copytree(peaky_llama_dir, other)
+    tokenizer = json.loads((other / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    first, second = list(vocab)[100:102]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    (other / "tokenizer.json").write_text(json.dumps(tokenizer))
+    assert _refusal([*trained, f"eval.output_dir={tmp_path / 'out'}", f"eval.models.other={other}"]) == [
+        f"qadpipe: error: eval.models.other: {other} reads text with another tokenizer than the teacher ({other} vs "
+        "model.path): its ids would be compared with the teacher's ids for other tokens"]
+
+
+@pytest.mark.parametrize("where", ["cache root", "manifests", "new dir in cache", "model dir"])
+def test_an_output_dir_inside_a_cache_or_of_other_files_is_refused(trained, tmp_path: Path, where: str,
+                                                                   peaky_llama_dir: Path):
+    """eval.output_dir=<cache>/manifests wrote report.json among the manifests, and every later
+    read of the cache failed on it."""
+    from cache_rows import cache_meta, random_rows, write_cache
+
+    meta = cache_meta()
+    cache = write_cache(tmp_path / "cache", meta, random_rows(meta, 2))
+    before = sorted(str(p.relative_to(cache)) for p in Path(cache).rglob("*"))
+    out = {"cache root": cache, "manifests": Path(cache) / "manifests", "new dir in cache": Path(cache) / "eval",
+           "model dir": peaky_llama_dir}[where]
+    errors = _refusal([*trained, f"eval.output_dir={out}"])
+    if where == "model dir":
+        assert errors == [f"qadpipe: error: eval.output_dir: {out} is a non-empty directory that is not an eval "
+                          "output (it holds chat_template.jinja); expected a new or empty directory, or an earlier eval output"]
+    else:
+        assert errors == [f"qadpipe: error: eval.output_dir: {out} is inside the cache {cache}; set another directory"]
+    assert sorted(str(p.relative_to(cache)) for p in Path(cache).rglob("*")) == before
+
+
+def test_a_broken_model_reads_nan_in_the_table_and_null_in_json(trained, tmp_path: Path, peaky_llama_dir: Path,
+                                                                caplog):
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(peaky_llama_dir, broken)
+    weights = load_file(str(broken / "model.safetensors"))
+    name = next(key for key in weights if "down_proj" in key)
+    weights[name][0, 0] = float("nan")
+    save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    run_eval(load_config(None, [*trained, f"eval.output_dir={out}", "eval.models={}", f"eval.models.broken={broken}"]))
+    saved = json.loads((out / "report.json").read_text())   # strict JSON: no NaN token
+    assert saved["results"]["broken"]["kl"] is None
+    assert "| broken | nan |" in (out / "report.md").read_text()
+    assert "eval.models.broken: kl" in caplog.text and "is not finite" in caplog.text
+
+
+def test_a_rerun_removes_the_curves_of_models_it_no_longer_has(trained, tmp_path: Path, peaky_llama_dir: Path):
+    out = tmp_path / "out"
+    run_eval(load_config(None, [*trained, f"eval.output_dir={out}"]))
+    assert (out / "training_curves.png").is_file()
+    run_eval(load_config(None, [*trained, f"eval.output_dir={out}", "eval.models={}",
+                                f"eval.models.outside={peaky_llama_dir}"]))
+    assert not (out / "training_curves.png").exists()
+    record = yaml.safe_load((out / "qadpipe_run.yaml").read_text())
+    assert record["stage"] == "eval" and record["cache_fingerprint"] and record["teacher_revision"].startswith("sha256:")
+
+
+def test_a_student_whose_record_this_version_cannot_load_names_the_record(trained, tmp_path: Path):
+    config = load_config(None, trained)
+    student = tmp_path / "old"
+    shutil.copytree(Path(config.distill.output_dir) / "final", student)
+    record = yaml.safe_load((student / "qadpipe_run.yaml").read_text())
+    record["config"]["distill"]["old_option"] = 1
+    (student / "qadpipe_run.yaml").write_text(yaml.safe_dump(record))
+    errors = _refusal([*trained, f"eval.output_dir={tmp_path / 'out'}", f"eval.models.old={student}"])
+    assert len(errors) == 1 and errors[0].startswith(
+        f"qadpipe: error: {student}/qadpipe_run.yaml: the recorded config does not load in this qadpipe version "
+        "(distill.old_option: unknown key")
