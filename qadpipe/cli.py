@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import sys
 from typing import Any, Callable
 
@@ -22,7 +23,8 @@ EXIT_USER_ERROR = 2
 
 
 def _fail(message: str) -> None:
-    click.echo(f"qadpipe: error: {' '.join(message.split())}", err=True)
+    one_line = re.sub(r"\s*[\r\n]+\s*", " ", message).strip()   # line breaks only: a path's own spaces stay
+    click.echo(f"qadpipe: error: {one_line}", err=True)
     sys.exit(EXIT_USER_ERROR)
 
 

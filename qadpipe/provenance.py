@@ -7,10 +7,12 @@ export or report can always be traced back (and re-run) exactly.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import importlib.metadata
 import os
 import platform
 import socket
+import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
@@ -27,14 +29,34 @@ _TRACKED_PACKAGES = (
 
 
 def package_versions() -> dict[str, str]:
-    """Versions of the packages whose behaviour shapes qadpipe's outputs (absent ones omitted)."""
+    """Versions of the packages whose behaviour shapes qadpipe's outputs (absent ones omitted),
+    and, run from a git checkout, the commit of qadpipe's own code."""
     versions = {"qadpipe": __version__, "python": platform.python_version()}
+    commit = source_commit()
+    if commit:
+        versions["qadpipe_git"] = commit
     for name in _TRACKED_PACKAGES:
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             continue
     return versions
+
+
+@functools.lru_cache(maxsize=1)
+def source_commit() -> str:
+    """``git describe --always --dirty`` of the checkout qadpipe runs from ("" when installed
+    from a wheel, or git is missing): ``__version__`` stays 0.1.0 while the code changes, and
+    an output must name the code that made it."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return ""
+    try:
+        done = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty", "--abbrev=12"],
+                              capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return done.stdout.strip() if done.returncode == 0 else ""
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -267,7 +267,7 @@ CASES = {
                                              r"/proc/qadpipe-cache: No such file or directory \(FileNotFoundError; ",
                                              env={"QADPIPE_CACHE_DIR": "/proc/qadpipe-cache"}),
     # --- caches
-    "generate-into-another-teachers-cache": Case(GEN + TMP_CACHE, r"task-00000\.json: cache was written with teacher=",
+    "generate-into-another-teachers-cache": Case(GEN + TMP_CACHE, r"task-00000\.json: cache was written with teacher_revision=",
                                                  synthetic_cache),
     "cache-path-is-a-file": Case(GEN + TMP_CACHE, r"cache\.path: .*/cache exists and is not a directory",
                                  write("cache", GARBAGE)),

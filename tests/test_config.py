@@ -123,6 +123,16 @@ BAD_CONFIGS = [
     pytest.param(None, ["quant.rules=[{targets: down_proj, preset: fp8, group_size: 32}]"],
                  "quant.rules[0].group_size: 32 cannot apply to preset 'fp8' (its weights have channel scales); "
                  "set group_size: null", id="group-size-in-a-rule"),
+    pytest.param(None, ["distill.lr=1:30.5"],
+                 "distill.lr: got '1:30.5' (str), expected a number", id="yaml-1.1-base-60-float-stays-a-string"),
+    pytest.param("distill:\n  lr: 1:30.5\n", [],
+                 "distill.lr: got '1:30.5' (str), expected a number", id="yaml-1.1-base-60-float-in-a-file"),
+    pytest.param(None, ['quant.ignore=["lm_head", "mlp.(up"]'],
+                 "quant.ignore[1]: 'mlp.(up' is not a valid regex (missing ), unterminated subpattern at position 4)",
+                 id="bad-ignore-regex-before-any-model"),
+    pytest.param(None, ['quant.rules=[{targets: "a[", preset: fp8}]'],
+                 "quant.rules[0].targets: 'a[' is not a valid regex (unterminated character set at position 1)",
+                 id="bad-rule-regex-before-any-model"),
     pytest.param(None, ["distill={[a]: 1}"],
                  "distill: got '{[a]: 1}' (str), expected a mapping of fields", id="override-with-a-list-key"),
 ]
@@ -209,3 +219,28 @@ def test_unquoted_on_off_reach_an_on_off_field_as_written(tmp_path: Path, text: 
     path.write_text(f"quant:\n  compile: {text}\n")
     assert load_config(str(path)).quant.compile == expected
     assert load_config(None, [f"quant.compile={text}"]).quant.compile == expected
+
+
+def test_set_takes_a_mapping_key_with_dots_and_names_yaml_reads_as_other_types():
+    config = load_config(None, ["eval.models.qwen3-1.7b-int4=/m/a", "model.path=yes", "export.output_dir=2024",
+                                "teacher.path=null", "eval.data=null"])
+    assert config.eval.models == {"qwen3-1.7b-int4": "/m/a"}
+    assert (config.model.path, config.export.output_dir) == ("yes", "2024")
+    assert config.teacher.path is None and config.eval.data is None
+
+
+def test_path_fields_expand_home_as_a_shell_does(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    path = tmp_path / "c.yaml"
+    path.write_text("eval:\n  output_dir: ~/eval\n  models: {qad: ~/final}\n")
+    config = load_config(path, ["distill.output_dir=~/student", "cache.path=s3://bucket/~x", "data.source=~/d.jsonl"])
+    assert config.eval.output_dir == f"{tmp_path}/eval" and config.eval.models == {"qad": f"{tmp_path}/final"}
+    assert config.distill.output_dir == f"{tmp_path}/student" and config.data.source == f"{tmp_path}/d.jsonl"
+    assert config.cache.path == "s3://bucket/~x"
+    assert load_config(None, ["distill.lr=2e-5"]).distill.output_dir == "runs/student"   # relative stays relative
+
+
+def test_an_error_line_keeps_the_spaces_of_a_path():
+    result = run_cli("config", "show", "-c", "two  spaces.yaml")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "qadpipe: error: two  spaces.yaml: config file not found"

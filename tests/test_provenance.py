@@ -55,3 +55,17 @@ def test_json_field_returns_a_value_of_the_asked_type(tmp_path: Path):
     assert json_field(path, "key", str) == "value"
     assert json_field(path, "files", list) == ["a", "b"]
     assert json_field(path, "files", dict) is None
+
+
+def test_a_run_from_a_checkout_records_its_commit():
+    """__version__ stays 0.1.0 while the code changes: the record must name the commit."""
+    import subprocess
+
+    from qadpipe.provenance import package_versions
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    assert package_versions()["qadpipe_git"].startswith(head)

@@ -12,11 +12,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -27,15 +28,17 @@ from qadpipe.errors import ConfigError
 # strings for float fields, but nothing else that is not a number.
 _FLOAT_LITERAL = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 _INT_TAG = "tag:yaml.org,2002:int"
+_FLOAT_TAG = "tag:yaml.org,2002:float"
 
 
 class _ConfigLoader(yaml.SafeLoader):
     """PyYAML's safe loader, less two YAML 1.1 surprises a config must not meet silently:
-    integers in other bases (``seed: 010`` is 8, ``1:30`` is 90; here they stay strings, which
-    an integer field refuses by name; decimal and 0x hex remain) and a key given twice in one
-    mapping (PyYAML keeps the last: a second ``distill:`` block drops the first one's fields)."""
+    numbers in other bases (``seed: 010`` is 8, ``1:30`` is 90, ``lr: 1:30.5`` is 90.5; here
+    they stay strings, which a number field refuses by name; decimal, 0x hex and ``.inf``
+    remain) and a key given twice in one mapping (PyYAML keeps the last: a second
+    ``distill:`` block drops the first one's fields)."""
 
-    yaml_implicit_resolvers = {first: [(tag, regexp) for tag, regexp in resolvers if tag != _INT_TAG]
+    yaml_implicit_resolvers = {first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_INT_TAG, _FLOAT_TAG)]
                                for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
@@ -55,6 +58,11 @@ class _ConfigLoader(yaml.SafeLoader):
 
 _ConfigLoader.add_implicit_resolver(_INT_TAG, re.compile(r"^(?:[-+]?(?:0|[1-9][0-9_]*)|0x[0-9a-fA-F_]+)$"),
                                     list("-+0123456789"))
+_ConfigLoader.add_implicit_resolver(_FLOAT_TAG, re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?
+                                                        |\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?
+                                                        |[-+]?\.(?:inf|Inf|INF)
+                                                        |\.(?:nan|NaN|NAN))$""", re.X),
+                                    list("-+0123456789."))
 
 
 def _parse_yaml(text: str) -> Any:
@@ -128,7 +136,9 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     if dropped:
         raise ConfigError(f"--set '{item}': YAML reads '{dropped}' as a comment and drops it; "
                           f"quote the value to keep it: {key.strip()}='{text.strip()}'")
-    parts = key.strip().split(".")
+    parts = _key_parts(key.strip())
+    if _is_text_field(parts) and value is not None and not isinstance(value, str):
+        value = text.strip()   # a name YAML reads as another type: model.path=yes, export.output_dir=2024
     node = raw
     for depth, part in enumerate(parts[:-1]):
         if node.get(part) is None:   # absent, or a section whose fields are all commented out
@@ -138,6 +148,40 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
             raise ConfigError(f"--set '{item}': '{'.'.join(parts[: depth + 1])}' is not a section")
         node = child
     node[parts[-1]] = value
+
+
+def _schema_field(parts: list[str]) -> tuple[Any, int]:
+    """The type hint ``parts`` lead to in the schema and how many parts name it (a mapping
+    field's key is the rest of them, dots and all); (None, 0) off the schema."""
+    cls: Any = PipelineConfig
+    for depth, part in enumerate(parts):
+        if not dataclasses.is_dataclass(cls):
+            return None, 0
+        hint = typing.get_type_hints(cls).get(part)
+        if hint is None:
+            return None, 0
+        if typing.get_origin(hint) is dict:
+            return hint, depth + 1
+        cls = hint
+    return cls, len(parts)
+
+
+def _key_parts(key: str) -> list[str]:
+    """``eval.models.qwen3-1.7b-int4`` -> ['eval', 'models', 'qwen3-1.7b-int4']: a mapping's key
+    is one name even when it holds dots."""
+    parts = key.split(".")
+    hint, depth = _schema_field(parts)
+    if typing.get_origin(hint) is dict and depth < len(parts):
+        return parts[:depth] + [".".join(parts[depth:])]
+    return parts
+
+
+def _is_text_field(parts: list[str]) -> bool:
+    """Whether ``parts`` name a string field (or a value of a string mapping)."""
+    hint, depth = _schema_field(parts)
+    if typing.get_origin(hint) is dict:
+        return depth < len(parts) and typing.get_args(hint)[1:] == (str,)
+    return hint is str or hint == Optional[str]
 
 
 def _yaml_comment(text: str) -> str:
@@ -162,11 +206,23 @@ def _build_dataclass(cls: type, raw: Any, prefix: str) -> Any:
         dotted = f"{prefix}.{name}" if prefix else name
         if name in raw:
             value = _coerce(hints[name], raw[name], dotted)
+            if field.metadata.get("path"):
+                value = _expand_home(value)
             _check_metadata(field.metadata, value, dotted)
             values[name] = value
         elif dataclasses.is_dataclass(hints[name]):
             values[name] = _build_dataclass(hints[name], {}, dotted)
     return cls(**values)
+
+
+def _expand_home(value: Any) -> Any:
+    """``~/x`` -> ``/home/me/x`` in a path field (each value of a mapping of paths), as a
+    shell does; an object-store URI and other values stay as they are."""
+    if isinstance(value, dict):
+        return {key: _expand_home(item) for key, item in value.items()}
+    if isinstance(value, str) and value.startswith("~") and "://" not in value:
+        return os.path.expanduser(value)
+    return value
 
 
 def _coerce(hint: Any, value: Any, dotted: str) -> Any:

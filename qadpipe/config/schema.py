@@ -12,6 +12,7 @@ Cross-field rules live in each section's ``validate()``, which returns a problem
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Optional
 
@@ -21,7 +22,8 @@ Dtype = Literal["bfloat16", "float16", "float32"]
 def opt(default: Any = None, help: str = "", *, factory: Optional[Callable[[], Any]] = None,
         **checks: Any) -> Any:
     """A schema field: its default, the help text the README shows, and the checks the
-    loader enforces (``ge``/``gt``/``le``/``lt`` bounds, ``check`` callable, ``nonempty``)."""
+    loader enforces (``ge``/``gt``/``le``/``lt`` bounds, ``check`` callable, ``nonempty``);
+    ``path=True`` marks a file system path, whose ``~`` the loader expands as a shell would."""
     metadata = {"help": help, **checks}
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
@@ -33,7 +35,8 @@ class ModelConfig:
     """The student model (and the teacher too, unless ``teacher.path`` is set)."""
 
     path: str = opt("smollm2-135m",
-        "HF model directory, or the alias 'smollm2-135m' (embedded SmolLM2-135M-Instruct)", nonempty=True)
+        "HF model directory, or the alias 'smollm2-135m' (embedded SmolLM2-135M-Instruct)", nonempty=True,
+        path=True)
     dtype: Dtype = opt("bfloat16",
         "the student's compute dtype: CUDA autocast in training (master weights stay fp32; CPU trains "
         "in fp32) and the dtype export writes")
@@ -45,7 +48,7 @@ class ModelConfig:
 class TeacherConfig:
     """How stage one serves the full-precision teacher."""
 
-    path: Optional[str] = opt(None, "teacher model; null = model.path", nonempty=True)
+    path: Optional[str] = opt(None, "teacher model; null = model.path", nonempty=True, path=True)
     backend: Literal["vllm", "hf"] = opt("vllm",
         "vllm (fast, production) or hf (transformers reference, no vLLM needed)")
     dtype: Dtype = opt("bfloat16", "teacher weights dtype")
@@ -88,7 +91,7 @@ class DataConfig:
     """Where the token sequences come from."""
 
     source: str = opt("random",
-        "jsonl/json/parquet/text file, a datasets.save_to_disk directory, or 'random'", nonempty=True)
+        "jsonl/json/parquet/text file, a datasets.save_to_disk directory, or 'random'", nonempty=True, path=True)
     field: Literal["text", "messages", "prompt"] = opt("text",
         "record field: text, messages (chat template) or prompt (+ optional completion)")
     max_length: int = opt(512, "tokens per sequence", ge=2)
@@ -129,7 +132,8 @@ class GenerateConfig:
 class CacheConfig:
     """The logit cache written by stage one and read by stage two."""
 
-    path: str = opt("runs/cache", "cache directory, or an object-store URI (s3://, gs://)", nonempty=True)
+    path: str = opt("runs/cache", "cache directory, or an object-store URI (s3://, gs://)", nonempty=True,
+                    path=True)
     target: Literal["topk", "sampled"] = opt("topk",
         "topk: k highest teacher log-probs + tail mass; sampled: N draws (ids + counts)")
     k: int = opt(64, "top-k entries per position", ge=1, le=4096)
@@ -191,6 +195,13 @@ class QuantConfig:
                 resolve_preset(rule.preset, rule.group_size, section=f"rules[{i}]")
         except QuantError as exc:
             return str(exc)
+        patterns = [(f"ignore[{i}]", p) for i, p in enumerate(self.ignore)]
+        patterns += [(f"rules[{i}].targets", rule.targets) for i, rule in enumerate(self.rules)]
+        for where, pattern in patterns:   # whether each matches a module needs the model: apply_recipe
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                return f"{where}: {pattern!r} is not a valid regex ({exc})"
         return None
 
 
@@ -227,7 +238,7 @@ class DistillConfig:
         "recompute each decoder layer in backward, keeping only its input (about a third more "
         "compute; for sequences or batches whose activations do not fit)")
     seed: int = opt(0, "RNG seed (data order, init)", ge=0, lt=2**32)
-    output_dir: str = opt("runs/student", "checkpoints and metrics", nonempty=True)
+    output_dir: str = opt("runs/student", "checkpoints and metrics", nonempty=True, path=True)
     save_every: int = opt(50, "checkpoint every N steps", ge=1)
     save: bool = opt(True, "write the PTQ student, checkpoints and final/ (false: metrics only, for "
                      "throughput runs; nothing to resume or export)")
@@ -264,7 +275,7 @@ class ExportConfig:
 
     format: Literal["fake", "compressed-tensors"] = opt("compressed-tensors",
         "fake: BF16 weights = dequantized Q(W); compressed-tensors: real packed checkpoint")
-    output_dir: str = opt("runs/export", "export directory", nonempty=True)
+    output_dir: str = opt("runs/export", "export directory", nonempty=True, path=True)
 
 
 @dataclass
@@ -273,14 +284,14 @@ class EvalConfig:
 
     data: Optional[str] = opt(None,
         "held-out data file (read like data.source, same field) or null = the cache's held-out "
-        "rows (the first distill.eval_rows, never trained on)", nonempty=True)
+        "rows (the first distill.eval_rows, never trained on)", nonempty=True, path=True)
     models: dict[str, str] = opt(factory=dict, help=
         "name -> directory (a distill final/ or ptq/ dir, or any HF checkpoint, e.g. an export); "
-        "empty = ptq and qad from distill.output_dir")
+        "empty = ptq and qad from distill.output_dir", path=True)
     max_sequences: int = opt(32, "sequences evaluated", ge=1)
     batch_size: int = opt(4, "sequences per forward", ge=1)
     device: str = opt("auto", "auto, cpu, cuda")
-    output_dir: str = opt("runs/eval", "report.json, report.md, plots", nonempty=True)
+    output_dir: str = opt("runs/eval", "report.json, report.md, plots", nonempty=True, path=True)
 
 
 @dataclass

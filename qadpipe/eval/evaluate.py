@@ -308,6 +308,7 @@ def run_eval(cfg: PipelineConfig) -> dict[str, dict[str, float]]:
     from qadpipe.generate import teacher_revision
     from qadpipe.models import (check_logits_are_head_of_hidden, load_causal_lm, load_tokenizer, resolve_model_path,
                                 tokenizer_fingerprint)
+    from qadpipe.teacher import teacher_info
 
     device = resolve_device(cfg.eval.device, field="eval.device")
     out = check_output_dir(Path(cfg.eval.output_dir))
@@ -315,10 +316,12 @@ def run_eval(cfg: PipelineConfig) -> dict[str, dict[str, float]]:
     check_model_paths(models)
     tokenizer = load_tokenizer(cfg.teacher_path, trust_remote_code=cfg.model.trust_remote_code)
     check_model_tokenizers(models, tokenizer_fingerprint(tokenizer), cfg.model.trust_remote_code)
+    # The data (a cache that does not fit, a bad eval.data) is refused before the teacher loads.
+    vocab_size = teacher_info(resolve_model_path(cfg.teacher_path), cfg.model.trust_remote_code).vocab_size
+    data = held_out(cfg, tokenizer, vocab_size, held_out_rows(cfg, models))
     teacher = load_causal_lm(cfg.teacher_path, dtype="float32", device=str(device),
                              trust_remote_code=cfg.model.trust_remote_code)
     check_logits_are_head_of_hidden(teacher, "teacher.path")   # eval runs the LM head on hidden states
-    data = held_out(cfg, tokenizer, teacher.config.vocab_size, held_out_rows(cfg, models))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     results: dict[str, dict[str, float]] = {}
     for name, path in models.items():
