@@ -65,7 +65,8 @@ class TeacherConfig:
     fused_logprobs: bool = opt(True,
         "vLLM: take the top-k log-probs from the logits (qadpipe's vLLM plugin: on CPU one native pass "
         "per block of positions, an exact top-k from the 64-entry blocks that can hold it; on GPU a "
-        "compiled logsumexp and torch.topk) instead of vLLM's full-vocab fp32 log_softmax; same values "
+        "compiled logsumexp and torch.topk, in vLLM's V1 runner only: VLLM_USE_V2_MODEL_RUNNER=0, else "
+        "vLLM's own path runs, logged) instead of vLLM's full-vocab fp32 log_softmax; same values "
         "to fp32 rounding")
     cpu_reserved_cores: int = opt(0,
         "vLLM-CPU: cores kept free of the engine for its frontend process (vLLM's own default is 1; "
@@ -161,8 +162,8 @@ class QuantConfig:
         "named recipe: nvfp4, nvfp4_a16, mxfp4(_a16), mxfp8(_a16), fp8, fp8_static, w4a16_int(_asym), "
         "w8a16_int, w8a8_int, w4a8_fp8, ternary_twn, bitnet_absmean, sherry_3of4, lsq_int4, lsq_int2")
     group_size: Optional[int] = opt(None,
-        "override the preset's weight group size (int, ternary and LSQ presets; default 128 "
-        "does not divide SmolLM2's 576)", ge=1)
+        "override the preset's weight group size (int, ternary and LSQ presets, but w4a8_fp8: 128 only, "
+        "vLLM's kernel; default 128 does not divide SmolLM2's 576)", ge=1)
     ignore: list[str] = opt(factory=lambda: ["lm_head", "embed_tokens"], help=
         "regexes of module names left in full precision")
     rules: list[QuantRule] = opt(factory=list, help=
