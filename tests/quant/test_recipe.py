@@ -86,7 +86,6 @@ def test_fused_groups_share_the_nvfp4_weight_global_amax(make_llama, quant_confi
     (dict(preset="fp8", ignore=["lm_head", "vision_tower"]), "quant.ignore: regex 'vision_tower' matches no module"),
     (dict(preset="fp8", rules=[{"targets": "k_proj", "preset": "w8a8_int"}]),
      "q_proj, model.layers.0.self_attn.k_proj, model.layers.0.self_attn.v_proj are fused by vLLM"),
-    (dict(preset="fp8", rules=[{"targets": "(", "preset": "fp8"}]), "is not a valid regex"),
     (dict(preset="nvfp4", learnable="clip"), "quant.learnable: 'clip' needs a symmetric int weight preset"),
 ])
 def test_bad_recipes_fail_with_one_clear_line(fields, message, make_llama, quant_config):
@@ -94,6 +93,16 @@ def test_bad_recipes_fail_with_one_clear_line(fields, message, make_llama, quant
         apply_recipe(make_llama(), quant_config(**fields))
     text = str(info.value)
     assert message in text and "\n" not in text
+
+
+def test_an_invalid_regex_is_one_line_for_a_config_built_without_the_loader(make_llama):
+    """The loader refuses it first (tests/test_config.py); a library caller's QuantConfig
+    reaches apply_recipe unchecked."""
+    from qadpipe.config.schema import QuantConfig, QuantRule
+
+    with pytest.raises(QuantError) as info:
+        apply_recipe(make_llama(), QuantConfig(preset="fp8", rules=[QuantRule(targets="(", preset="fp8")]))
+    assert "'(' is not a valid regex" in str(info.value) and "\n" not in str(info.value)
 
 
 def test_tied_lm_head_refuses_quantization(make_llama, quant_config):
