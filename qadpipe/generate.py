@@ -128,8 +128,8 @@ def check_token_ids(data: DataSlice, vocab_size: int, source: str) -> None:
     for sequence in data.sequences:
         largest = int(sequence.input_ids.max(initial=0))
         if largest >= vocab_size:
-            raise DataError(f"{_where(source, sequence)}: token id {largest} >= the teacher's vocab size ({vocab_size}); "
-                            "the tokenizer does not belong to the teacher (model.path)")
+            raise DataError(f"{_where(source, sequence)}: token id {largest} >= the teacher's vocab size "
+                            f"({vocab_size}); the tokenizer does not belong to the teacher (model.path)")
 
 
 def _where(source: str, sequence: TokenSequence) -> str:

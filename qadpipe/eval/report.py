@@ -68,8 +68,8 @@ def write_report(out_dir: Path, results: Mapping[str, Mapping[str, float]], *,
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / REPORT_JSON, "md": out_dir / REPORT_MD}
     # NaN is not JSON (jq and strict parsers refuse the file): a broken model's figures are null
-    report = {"context": dict(context), "results": {name: {key: _finite_or_none(value) for key, value in metrics.items()}
-                                                    for name, metrics in results.items()}}
+    finite = {name: {key: _finite_or_none(value) for key, value in metrics.items()} for name, metrics in results.items()}
+    report = {"context": dict(context), "results": finite}
     atomic_write_text(paths["json"], json.dumps(report, indent=2, allow_nan=False) + "\n")
     lines = ["# qadpipe eval", ""]
     lines += [f"- {key}: {value}" for key, value in context.items()]

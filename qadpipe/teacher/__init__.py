@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from qadpipe.errors import TeacherError
+from qadpipe.errors import TeacherError, first_line
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,11 @@ def check_teacher_can_start(config: Any, model_dir: Path, info: TeacherInfo) -> 
         resolve_device(config.teacher.device)
         return
     require_vllm()
-    from vllm.platforms import current_platform
+    try:
+        from vllm.platforms import current_platform
+    except ImportError as exc:   # installed, but not importable here (a torch it was not built for, ...)
+        raise TeacherError(f"teacher.backend: got 'vllm', but vLLM does not import ({first_line(exc)}); "
+                           "or set teacher.backend=hf") from None
 
     from qadpipe.teacher.vllm_backend import refuse_unsupported_cpu_head_size
 

@@ -401,7 +401,8 @@ def test_an_output_dir_inside_a_cache_or_of_other_files_is_refused(trained, tmp_
     errors = _refusal([*trained, f"eval.output_dir={out}"])
     if where == "model dir":
         assert errors == [f"qadpipe: error: eval.output_dir: {out} is a non-empty directory that is not an eval "
-                          "output (it holds chat_template.jinja); expected a new or empty directory, or an earlier eval output"]
+                          "output (it holds chat_template.jinja); expected a new or empty directory, or an earlier "
+                          "eval output"]
     else:
         assert errors == [f"qadpipe: error: eval.output_dir: {out} is inside the cache {cache}; set another directory"]
     assert sorted(str(p.relative_to(cache)) for p in Path(cache).rglob("*")) == before
@@ -433,7 +434,8 @@ def test_a_rerun_removes_the_curves_of_models_it_no_longer_has(trained, tmp_path
                                 f"eval.models.outside={peaky_llama_dir}"]))
     assert not (out / "training_curves.png").exists()
     record = yaml.safe_load((out / "qadpipe_run.yaml").read_text())
-    assert record["stage"] == "eval" and record["cache_fingerprint"] and record["teacher_revision"].startswith("sha256:")
+    assert record["stage"] == "eval" and record["cache_fingerprint"]
+    assert record["teacher_revision"].startswith("sha256:")
 
 
 def test_a_student_whose_record_this_version_cannot_load_names_the_record(trained, tmp_path: Path):
