@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pytest
@@ -52,6 +52,27 @@ def _config(model: Path, cache: Path, **extra: Any) -> Any:
     from qadpipe.config import load_config
 
     return load_config(None, _overrides(model, cache, **extra))
+
+
+def _teacher_that(action: Callable[[], None], on_call: int) -> Callable[..., Any]:
+    """A ``teacher_factory`` whose teacher runs ``action`` at its ``on_call``-th score call,
+    then scores the batch (unless ``action`` raised)."""
+    from qadpipe.teacher import make_teacher
+
+    class Wrapped:
+        def __init__(self, teacher: Any) -> None:
+            self.teacher, self.calls = teacher, 0
+
+        def score(self, batch: Any, spec: Any) -> Any:
+            self.calls += 1
+            if self.calls == on_call:
+                action()
+            return self.teacher.score(batch, spec)
+
+        def close(self) -> None:
+            self.teacher.close()
+
+    return lambda *args, **kwargs: Wrapped(make_teacher(*args, **kwargs))
 
 
 def test_cache_holds_what_the_teacher_returned(tiny_llama_dir: Path, tmp_path: Path) -> None:
@@ -250,29 +271,16 @@ def test_sigterm_then_sigkill_then_rerun_equals_an_uninterrupted_run(small_vocab
 
 def test_out_of_memory_is_one_line_and_keeps_the_rows_written_before_it(small_vocab_model: Path,
                                                                         tmp_path: Path) -> None:
-    import torch
-
     from qadpipe.errors import TeacherError
-    from qadpipe.teacher import make_teacher
 
-    class RunsOutOnTheThirdBatch:
-        def __init__(self, teacher: Any) -> None:
-            self.teacher, self.calls = teacher, 0
-
-        def score(self, batch: Any, spec: Any) -> Any:
-            self.calls += 1
-            if self.calls == 3:
-                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.50 GiB.\nmore")
-            return self.teacher.score(batch, spec)
-
-        def close(self) -> None:
-            self.teacher.close()
+    def run_out() -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.50 GiB.\nmore")
 
     run_generate(_config(small_vocab_model, tmp_path / "whole"))
     cache = tmp_path / "cache"
     with pytest.raises(TeacherError) as raised:
         run_generate(_config(small_vocab_model, cache),
-                     teacher_factory=lambda *a, **kw: RunsOutOnTheThirdBatch(make_teacher(*a, **kw)))
+                     teacher_factory=_teacher_that(run_out, on_call=3))
     assert str(raised.value) == ("generate task-00000: out of memory in the hf teacher on 2 sequences of up to 24 "
                                  "tokens (CUDA out of memory. Tried to allocate 1.50 GiB.); the 4 rows written before "
                                  "it are kept and a rerun skips them; lower teacher.batch_size (now 2) or "
@@ -287,30 +295,16 @@ def test_a_teacher_that_dies_of_the_stop_signal_ends_as_a_stop_not_an_error(smal
                                                                            tmp_path: Path) -> None:
     """SLURM's SIGTERM (and Ctrl-C) reach vLLM's engine processes too, which stop mid-batch: the
     run must commit what it has and end stopped (exit 143, resumable), not as a teacher crash."""
-    import os
-    import signal
-
     from qadpipe.errors import TeacherError
-    from qadpipe.teacher import make_teacher
 
-    class EngineStoppedBySigterm:
-        def __init__(self, teacher: Any) -> None:
-            self.teacher, self.calls = teacher, 0
-
-        def score(self, batch: Any, spec: Any) -> Any:
-            self.calls += 1
-            if self.calls == 3:
-                os.kill(os.getpid(), signal.SIGTERM)
-                raise TeacherError("teacher: the vLLM engine died (EngineDeadError)")
-            return self.teacher.score(batch, spec)
-
-        def close(self) -> None:
-            self.teacher.close()
+    def engine_dies_of_sigterm() -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise TeacherError("teacher: the vLLM engine died (EngineDeadError)")
 
     run_generate(_config(small_vocab_model, tmp_path / "whole"))
     cache = tmp_path / "cache"
     stopped = run_generate(_config(small_vocab_model, cache),
-                           teacher_factory=lambda *a, **kw: EngineStoppedBySigterm(make_teacher(*a, **kw)))
+                           teacher_factory=_teacher_that(engine_dies_of_sigterm, on_call=3))
     assert (stopped.stopped_by, stopped.written) == ("SIGTERM", 4)
     assert len(_rows(cache)) == 4
     rerun = run_generate(_config(small_vocab_model, cache))
@@ -420,7 +414,6 @@ def test_teacher_revision_tells_retrained_weights_apart_but_not_a_copy(tmp_path)
     same architecture had the same revision, and a rerun kept the old teacher's rows."""
     import shutil
 
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from qadpipe.generate import teacher_revision
@@ -481,23 +474,9 @@ def test_tasks_reading_a_copy_of_the_teacher_fill_one_cache(small_vocab_model: P
 def test_a_stop_signal_during_the_last_batch_still_completes_the_task(small_vocab_model: Path,
                                                                       tmp_path: Path) -> None:
     """Everything was written: the task is done (exit 0), not stopped and requeued for nothing."""
-    from qadpipe.teacher import make_teacher
-
-    class SignalledDuringLastBatch:
-        def __init__(self, teacher: Any) -> None:
-            self.teacher, self.calls = teacher, 0
-
-        def score(self, batch: Any, spec: Any) -> Any:
-            self.calls += 1
-            if self.calls == 6:   # 12 sequences, teacher.batch_size 2
-                os.kill(os.getpid(), signal.SIGTERM)
-            return self.teacher.score(batch, spec)
-
-        def close(self) -> None:
-            self.teacher.close()
-
+    last_batch = 6   # 12 sequences, teacher.batch_size 2
     summary = run_generate(_config(small_vocab_model, tmp_path / "cache"),
-                           teacher_factory=lambda *a, **kw: SignalledDuringLastBatch(make_teacher(*a, **kw)))
+                           teacher_factory=_teacher_that(lambda: os.kill(os.getpid(), signal.SIGTERM), last_batch))
     assert (summary.written, summary.stopped_by) == (12, None)
     view = CacheReader(str(tmp_path / "cache")).view
     assert view.incomplete_tasks == [] and sum(shard.rows for shard in view.shards) == 12
