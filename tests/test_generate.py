@@ -480,3 +480,16 @@ def test_a_stop_signal_during_the_last_batch_still_completes_the_task(small_voca
     assert (summary.written, summary.stopped_by) == (12, None)
     view = CacheReader(str(tmp_path / "cache")).view
     assert view.incomplete_tasks == [] and sum(shard.rows for shard in view.shards) == 12
+
+
+def test_a_vllm_that_does_not_import_is_one_line_before_the_cache_is_made(tiny_llama_dir: Path, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Installed (find_spec sees it) but broken, e.g. built for another torch: the engine's
+    import raised a traceback, after the cache directory was made."""
+    pytest.importorskip("vllm")
+    monkeypatch.setitem(sys.modules, "vllm.platforms", None)   # `import vllm.platforms` raises ImportError
+    with pytest.raises(Exception) as raised:
+        run_generate(_config(tiny_llama_dir, tmp_path / "cache", **{"teacher.backend": "vllm"}))
+    assert type(raised.value).__name__ == "TeacherError"
+    assert str(raised.value).startswith("teacher.backend: got 'vllm', but vLLM does not import (")
+    assert "\n" not in str(raised.value) and not (tmp_path / "cache").exists()
