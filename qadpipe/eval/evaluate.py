@@ -34,7 +34,7 @@ from qadpipe.eval.runner import compare_to_teacher
 from qadpipe.errors import ConfigError
 from qadpipe.export.compressed_tensors import NVFP4_PACK
 from qadpipe.file_modes import check_writable_dir
-from qadpipe.provenance import json_field, read_run_record, recorded_stage, save_run_record
+from qadpipe.provenance import RUN_FILE, json_field, read_run_record, recorded_stage, save_run_record
 from qadpipe.targets import SequenceTargets
 
 log = logging.getLogger(__name__)
@@ -125,6 +125,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 EVAL_OUTPUTS = frozenset({"report.json", "report.md", "kl_by_model.png", "training_curves.png"})
 
 
+def _written_by_eval(name: str) -> bool:
+    """One of eval's files, or the temp name a killed atomic write of one leaves
+    (``.report.json.<random>.tmp``, see :func:`~qadpipe.provenance.atomic_write_bytes`)."""
+    owned = EVAL_OUTPUTS | {RUN_FILE}
+    return name in owned or any(name.startswith(f".{own}.") and name.endswith(".tmp") for own in owned)
+
+
 def check_output_dir(path: Path) -> Path:
     """``eval.output_dir`` is new, empty, or an earlier eval's: never another stage's output,
     a model, or a directory inside a cache (whose readers take every file in manifests/ for a
@@ -139,7 +146,7 @@ def check_output_dir(path: Path) -> Path:
     if stage not in (None, "eval"):   # its run record would be replaced by eval's
         raise ConfigError(f"eval.output_dir: {out} holds the output of qadpipe {stage}; set another directory")
     if stage is None and out.is_dir():
-        foreign = sorted(entry.name for entry in out.iterdir() if entry.name not in EVAL_OUTPUTS)
+        foreign = sorted(entry.name for entry in out.iterdir() if not _written_by_eval(entry.name))
         if foreign:
             raise ConfigError(f"eval.output_dir: {out} is a non-empty directory that is not an eval output (it holds "
                               f"{foreign[0]}); expected a new or empty directory, or an earlier eval output")

@@ -449,3 +449,14 @@ def test_a_student_whose_record_this_version_cannot_load_names_the_record(traine
     assert len(errors) == 1 and errors[0].startswith(
         f"qadpipe: error: {student}/qadpipe_run.yaml: the recorded config does not load in this qadpipe version "
         "(distill.old_option: unknown key")
+
+
+def test_what_a_killed_eval_left_does_not_refuse_its_rerun(trained, tmp_path: Path):
+    """A SIGKILL while the run record was written leaves only its temp name: the rerun took
+    the directory for someone else's."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".qadpipe_run.yaml.k3x9.tmp").write_text("stage: ev")
+    (out / "report.md").write_text("# qadpipe eval\n")
+    run_eval(load_config(None, [*trained, f"eval.output_dir={out}"]))
+    assert yaml.safe_load((out / "qadpipe_run.yaml").read_text())["stage"] == "eval"
