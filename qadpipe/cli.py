@@ -22,6 +22,7 @@ from qadpipe import __version__
 from qadpipe.errors import QadpipeError
 
 EXIT_USER_ERROR = 2
+INTERRUPTED = "qadpipe: interrupted (Ctrl-C); what was committed before it is kept"
 
 
 def _fail(message: str) -> None:
@@ -64,7 +65,7 @@ def _exit_at_once_under_torchrun(func: Callable[..., Any]) -> Callable[..., Any]
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
         except KeyboardInterrupt:
-            click.echo("qadpipe: interrupted (Ctrl-C); what was committed before it is kept", err=True)
+            click.echo(INTERRUPTED, err=True)
             code = 130
         except BaseException:
             traceback.print_exc()
@@ -113,7 +114,7 @@ class _OneLineUsageErrors(click.Group):
             where = f" (`{exc.ctx.command_path} -h` shows the usage)" if getattr(exc, "ctx", None) else ""
             _fail(exc.format_message() + where)
         except click.Abort:   # click's form of a KeyboardInterrupt: before a stage's handler, or a second Ctrl-C
-            click.echo("qadpipe: interrupted (Ctrl-C); what was committed before it is kept", err=True)
+            click.echo(INTERRUPTED, err=True)
             sys.exit(130)
         if isinstance(code, int):   # ctx.exit(n) returns n here instead of exiting
             sys.exit(code)

@@ -104,6 +104,7 @@ def check_model_tokenizers(models: dict[str, str], teacher_fingerprint: str, tru
     from qadpipe.distill.student import is_student_dir, trained_config
     from qadpipe.models import load_tokenizer, tokenizer_fingerprint
 
+    fingerprints: dict[str, str] = {}   # ptq/ and final/ share their model.path: its tokenizer loads once
     for name, path in models.items():
         if is_student_dir(Path(path)):
             source = trained_config(Path(path)).model.path
@@ -111,7 +112,9 @@ def check_model_tokenizers(models: dict[str, str], teacher_fingerprint: str, tru
             source = path
         else:
             continue   # another tool's checkpoint without a tokenizer: the vocab-size check still applies
-        if tokenizer_fingerprint(load_tokenizer(source, trust_remote_code)) != teacher_fingerprint:
+        if source not in fingerprints:
+            fingerprints[source] = tokenizer_fingerprint(load_tokenizer(source, trust_remote_code))
+        if fingerprints[source] != teacher_fingerprint:
             raise ConfigError(f"eval.models.{name}: {path} reads text with another tokenizer than the teacher "
                               f"({source} vs model.path): its ids would be compared with the teacher's ids for "
                               "other tokens")
