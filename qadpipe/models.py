@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from qadpipe.errors import ModelError, first_line
 from qadpipe.file_modes import share_tree
@@ -161,6 +161,13 @@ def output_rows(model: Any) -> int:
     """How many logits ``model`` scores: its LM head's rows (padded heads exceed the
     tokenizer's vocabulary), what teacher, cache and student must agree on id by id."""
     return int(model.get_output_embeddings().weight.shape[0])
+
+
+def output_head_name(model: Any) -> Optional[str]:
+    """The module name of ``model``'s LM head, found by identity: not every architecture
+    calls it ``lm_head`` (InternLM2 ``output``, ChatGLM ``output_layer``)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return next((name for name, module in model.named_modules() if module is head), None) if head is not None else None
 
 
 #: Config fields of post-head logit transforms (soft-capping, scaling) that a forward on a few

@@ -44,6 +44,7 @@ from torch import nn
 from qadpipe.errors import ExportError, QuantError
 from qadpipe.export.model_tensors import export_tensors, quant_linears, tied_quantized_layers, ties_word_embeddings
 from qadpipe.export.writer import read_config, write_checkpoint
+from qadpipe.models import output_head_name
 from qadpipe.quant.formats import Granularity, Kind, QuantSpec, pack_fp4, pack_int32, quantize
 from qadpipe.quant.kv_cache import kv_cache_scales
 from qadpipe.quant.quantizers import QuantLinear
@@ -197,7 +198,7 @@ def plan_schemes(model: nn.Module) -> dict[str, Scheme]:
             raise ExportError(str(exc)) from None
         inputs = layer.input_quantizer.spec if layer.input_quantizer is not None else None
         schemes[name] = scheme_for(name, spec, inputs)
-    head = _output_head_name(model)
+    head = output_head_name(model)
     if head is not None and head in schemes:
         if schemes[head].format != PACK or schemes[head].input_activations is not None:
             raise ExportError(f"{head}: quantized LM head in {schemes[head].format}; vLLM serves a "
@@ -252,11 +253,6 @@ _KERNEL_CHOICES = {
 }
 
 
-def _output_head_name(model: nn.Module) -> Optional[str]:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return next((name for name, m in model.named_modules() if m is head), None) if head is not None else None
-
-
 def fused_groups(model: nn.Module) -> list[tuple[str, ...]]:
     """Sibling Linears vLLM fuses into one GEMM (q/k/v, gate/up), quantized or not."""
     return sibling_groups(name for name, m in model.named_modules() if isinstance(m, nn.Linear))
@@ -296,7 +292,7 @@ def quantization_config(model: nn.Module, schemes: dict[str, Scheme], kv_cache: 
     single = len(by_key) == 1
     # vLLM matches "Linear" against its own class names (QKVParallelLinear, ...); its LM head
     # is a ParallelLMHead, so a quantized head must be named or it loads as a dense layer.
-    head = _output_head_name(model)
+    head = output_head_name(model)
     named_too = [head] if head in schemes else []
     groups = {}
     for i, names in enumerate(by_key.values()):

@@ -26,6 +26,7 @@ from typing import Any, Iterable, Optional
 from torch import nn
 
 from qadpipe.errors import QuantError
+from qadpipe.models import output_head_name
 from qadpipe.quant.constants import MX_BLOCK, NVFP4_BLOCK
 from qadpipe.quant.formats import Granularity, Kind, QuantSpec
 from qadpipe.quant.kv_cache import attach_kv_quantizers
@@ -128,18 +129,27 @@ def resolve_preset(name: str, group_size: Optional[int], section: str = "quant")
     if group_size is None:
         return preset
     weight = preset.weight
-    fixed_blocks = {Kind.NVFP4: NVFP4_BLOCK, Kind.MXFP4: MX_BLOCK, Kind.MXFP8: MX_BLOCK}
-    why = None
-    if weight.kind in fixed_blocks:
-        why = f"its {weight.kind.value} blocks are {fixed_blocks[weight.kind]} by the format"
-    elif weight.granularity is not Granularity.GROUP:
+    why = _fixed_group_reason(weight)
+    if why is None and weight.granularity is not Granularity.GROUP:
         why = f"its weights have {weight.granularity.value} scales"
-    elif weight.fp8_group_scales and group_size != weight.group_size:
-        why = f"vLLM's W4A8-FP8 kernel takes int4 in groups of {weight.group_size} only"
-    if why:
+    if why and not (weight.fp8_group_scales and group_size == weight.group_size):
         raise QuantError(f"{_field(section, 'group_size')}: {group_size} cannot apply to preset {name!r} "
                          f"({why}); set group_size: null")
-    return replace(preset, weight=replace(weight, group_size=group_size))
+    try:
+        return replace(preset, weight=replace(weight, group_size=group_size))
+    except QuantError as exc:   # the format's own rule (sherry: a multiple of M)
+        raise QuantError(f"{_field(section, 'group_size')}: {group_size} cannot apply to preset {name!r} "
+                         f"({exc})") from None
+
+
+def _fixed_group_reason(weight: QuantSpec) -> Optional[str]:
+    """Why a format's weight group size is not the user's to choose (None: it is)."""
+    fixed_blocks = {Kind.NVFP4: NVFP4_BLOCK, Kind.MXFP4: MX_BLOCK, Kind.MXFP8: MX_BLOCK}
+    if weight.kind in fixed_blocks:
+        return f"its {weight.kind.value} blocks are {fixed_blocks[weight.kind]} by the format"
+    if weight.fp8_group_scales:
+        return f"vLLM's W4A8-FP8 kernel takes int4 in groups of {weight.group_size} only"
+    return None
 
 
 def _field(section: str, name: str) -> str:
@@ -148,19 +158,22 @@ def _field(section: str, name: str) -> str:
 
 def apply_recipe(model: nn.Module, quant: Any) -> QuantRecipe:
     """Replace matching ``nn.Linear`` modules of ``model`` by QuantLinear, in place."""
-    names = [name for name, _ in model.named_modules()]
     linears = {name: m for name, m in model.named_modules() if type(m) is nn.Linear}
-    for pattern in quant.ignore:
-        _check_regex(pattern, "quant.ignore", names)
+    # ignore acts on Linears; embeddings are never quantized, so naming them (the default) is harmless
+    ignorable = [*linears, *(name for name, m in model.named_modules() if isinstance(m, nn.Embedding))]
+    for i, pattern in enumerate(quant.ignore):
+        _check_regex(pattern, f"quant.ignore[{i}]", ignorable, "nn.Linear or embedding")
     rules = [(i, rule, resolve_preset(rule.preset, rule.group_size, f"quant.rules[{i}]"))
              for i, rule in enumerate(quant.rules)]
     for i, rule, _ in rules:
-        _check_regex(rule.targets, f"quant.rules[{i}].targets", list(linears))
+        _check_regex(rule.targets, f"quant.rules[{i}].targets", list(linears), "nn.Linear")
     default = resolve_preset(quant.preset, quant.group_size)
+    head = output_head_name(model)
 
     recipe = QuantRecipe(ste=quant.ste, learnable=quant.learnable)
     compile_mode = getattr(quant, "compile", "off")
     chosen: dict[str, tuple[str, Preset]] = {}
+    section_of: dict[str, str] = {}
     for name, linear in linears.items():
         if any(re.search(p, name) for p in quant.ignore):
             recipe.ignored.append(name)
@@ -168,8 +181,10 @@ def apply_recipe(model: nn.Module, quant: Any) -> QuantRecipe:
         match = next(((f"quant.rules[{i}]", r.preset, p) for i, r, p in rules if re.search(r.targets, name)),
                      ("quant", quant.preset, default))
         section, preset_name, preset = match
-        _check_layer(model, name, linear, preset_name, preset, section)
+        _check_layer(model, name, linear, preset_name, preset, section, is_head=name == head)
         chosen[name] = (preset_name, preset)
+        section_of[name] = section
+    _refuse_dead_rules(quant, linears, section_of)
     if not chosen:
         raise QuantError(f"quant: no nn.Linear left to quantize in {type(model).__name__} "
                          f"(ignore={quant.ignore!r})")
@@ -177,7 +192,7 @@ def apply_recipe(model: nn.Module, quant: Any) -> QuantRecipe:
     groups = _fused_groups(chosen, set(linears))
     group_of = {member: group for group in groups for member in group}
     for name, (preset_name, preset) in chosen.items():
-        weight = _learnable_spec(preset.weight, quant.learnable, preset_name)
+        weight = _learnable_spec(preset.weight, quant.learnable, preset_name, section_of[name])
         new = QuantLinear.from_linear(linears[name], weight, preset.input, ste=quant.ste,
                                       learnable=_learnable_kind(weight, quant.learnable),
                                       compile_mode=compile_mode)
@@ -204,22 +219,46 @@ def quant_parameters(model: nn.Module) -> list[nn.Parameter]:
     return list(params.values())
 
 
-def _check_regex(pattern: str, where: str, names: list[str]) -> None:
+def _check_regex(pattern: str, where: str, names: list[str], kind: str) -> None:
+    """Refuse a regex that matches none of ``names`` (the modules of ``kind`` it acts on)."""
     try:
         compiled = re.compile(pattern)
     except re.error as exc:
         raise QuantError(f"{where}: {pattern!r} is not a valid regex ({exc})") from None
     if not any(compiled.search(n) for n in names):
-        example = names[1] if len(names) > 1 else "<none>"
-        raise QuantError(f"{where}: regex {pattern!r} matches no module (names look like {example!r})")
+        example = names[0] if names else "<none>"
+        raise QuantError(f"{where}: regex {pattern!r} matches no {kind} (names look like {example!r})")
+
+
+def _refuse_dead_rules(quant: Any, linears: dict[str, nn.Linear], section_of: dict[str, str]) -> None:
+    """A rule that decides no Linear is a recipe that does not do what it says: every Linear
+    it matches is ignored (ignore wins), or an earlier rule took them all (the first match wins)."""
+    for i, rule in enumerate(quant.rules):
+        where = f"quant.rules[{i}]"
+        matched = [name for name in linears if re.search(rule.targets, name)]
+        if any(section_of.get(name) == where for name in matched):
+            continue
+        taken = sorted({section_of[name] for name in matched if name in section_of})
+        if taken:
+            raise QuantError(f"{where}.targets: every nn.Linear it matches ({matched[0]}, ...) is taken by "
+                             f"{', '.join(taken)} (the first matching rule wins); put this rule first or "
+                             "narrow the earlier one")
+        raise QuantError(f"{where}.targets: every nn.Linear it matches ({matched[0]}, ...) is in quant.ignore, "
+                         "which wins over rules; remove it from quant.ignore to quantize it")
 
 
 def _check_layer(model: nn.Module, name: str, linear: nn.Linear, preset_name: str, preset: Preset,
-                 section: str) -> None:
-    """Refuse what this Linear cannot take; errors name the field to change in ``section``."""
+                 section: str, *, is_head: bool) -> None:
+    """Refuse what this Linear cannot take; errors name the field to change in ``section``.
+    ``is_head``: it is the model's LM head (found by identity, whatever its name)."""
     where = f"{section}.preset"
     spec = preset.weight
     if spec.granularity is Granularity.GROUP and linear.in_features % spec.group_size:
+        fixed = _fixed_group_reason(spec)
+        if fixed:   # no group size to change: another preset, or keep the layer dense
+            raise QuantError(f"{where}: {preset_name} cannot quantize {name}: its in_features "
+                             f"{linear.in_features} is not a multiple of {spec.group_size} ({fixed}); "
+                             "use another preset for it (a quant.rules entry) or add it to quant.ignore")
         divisors = [g for g in (128, 64, 32, 16) if linear.in_features % g == 0]
         hint = f"; set {section}.group_size to a divisor such as {divisors[0]}" if divisors else ""
         raise QuantError(f"{section}.group_size: {preset_name} group size {spec.group_size} does not divide "
@@ -227,26 +266,26 @@ def _check_layer(model: nn.Module, name: str, linear: nn.Linear, preset_name: st
     if spec.kind is Kind.SHERRY and linear.in_features % spec.sparsity[1]:
         raise QuantError(f"{where}: sherry M={spec.sparsity[1]} does not divide in_features "
                          f"{linear.in_features} of {name}")
-    if name.split(".")[-1] == "lm_head":
+    if is_head:
         servable = spec.kind in (Kind.INT, Kind.LSQ, Kind.TWN, Kind.ABSMEAN, Kind.SHERRY) \
             and preset.input is None and not spec.fp8_group_scales
         if not servable:
-            raise QuantError(f"{where}: lm_head with preset {preset_name!r}: vLLM serves a quantized LM "
-                             "head only as weight-only int (WNA16); use such a preset or keep "
-                             "lm_head in quant.ignore")
+            raise QuantError(f"{where}: the LM head {name} with preset {preset_name!r}: vLLM serves a quantized "
+                             f"LM head only as weight-only int (WNA16); use such a preset or keep {name} in "
+                             "quant.ignore")
         embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         if embeddings is not None and embeddings.weight is linear.weight:
-            raise QuantError(f"{where}: lm_head shares its weight with the input embeddings "
+            raise QuantError(f"{where}: the LM head {name} shares its weight with the input embeddings "
                              "(tie_word_embeddings); quantizing it would quantize the embedding "
-                             "too -- keep lm_head in quant.ignore")
+                             f"too -- keep {name} in quant.ignore")
 
 
-def _learnable_spec(spec: QuantSpec, learnable: str, preset_name: str) -> QuantSpec:
+def _learnable_spec(spec: QuantSpec, learnable: str, preset_name: str, section: str) -> QuantSpec:
     if learnable == "none" or spec.kind is Kind.LSQ:
         return spec
     if spec.kind is not Kind.INT or not spec.symmetric:
         raise QuantError(f"quant.learnable: {learnable!r} needs a symmetric int weight preset, "
-                         f"got {preset_name!r}")
+                         f"{section}.preset is {preset_name!r}")
     return replace(spec, kind=Kind.LSQ) if learnable == "lsq" else spec
 
 
@@ -286,10 +325,15 @@ def _fused_groups(chosen: dict[str, tuple[str, Preset]], linears: set[str]) -> l
                         ", ".join(members), ", ".join(present))
             continue
         if len({chosen[m][1] for m in members}) > 1:
-            raise QuantError(f"quant.rules: {', '.join(members)} are fused by vLLM into one GEMM "
-                             "and must get the same preset")
+            got = ", ".join(f"{m.rpartition('.')[2]}: {chosen[m][0]}{_group_text(chosen[m][1])}" for m in members)
+            raise QuantError(f"quant.rules: {', '.join(members)} are fused by vLLM into one GEMM and must be "
+                             f"quantized alike (same preset and group size); they got {got}")
         groups.append(members)
     return groups
+
+
+def _group_text(preset: Preset) -> str:
+    return f" group {preset.weight.group_size}" if preset.weight.group_size else ""
 
 
 def _share_fused_amax(model: nn.Module, groups: list[tuple[str, ...]]) -> None:

@@ -53,12 +53,12 @@ def test_rules_first_match_wins_and_group_override(make_llama, quant_config):
     recipe = apply_recipe(model, quant_config(preset="w4a16_int", group_size=32, rules=[
         {"targets": r"mlp\.down_proj", "preset": "w8a8_int"},
         {"targets": r"layers\.1\.", "preset": "w4a16_int", "group_size": 16},
-        {"targets": r"down_proj", "preset": "nvfp4"},          # shadowed by rule 0
+        {"targets": r"proj", "preset": "nvfp4"},               # decides only what rules 0 and 1 leave
     ]))
+    assert recipe.layers["model.layers.0.self_attn.o_proj"].preset == "nvfp4"
     assert recipe.layers["model.layers.0.mlp.down_proj"].preset == "w8a8_int"
     assert recipe.layers["model.layers.1.mlp.down_proj"].preset == "w8a8_int"
     assert recipe.layers["model.layers.1.self_attn.o_proj"].weight.group_size == 16
-    assert recipe.layers["model.layers.0.self_attn.o_proj"].weight.group_size == 32
     assert recipe.layers["model.layers.0.mlp.down_proj"].input.kind is Kind.INT
 
 
@@ -80,19 +80,88 @@ def test_fused_groups_share_the_nvfp4_weight_global_amax(make_llama, quant_confi
     (dict(preset="w4a16_int"), "quant.group_size: w4a16_int group size 128 does not divide in_features 64 "
                                "of model.layers.0.self_attn.q_proj; set quant.group_size to a divisor such as 64"),
     (dict(preset="w8a8_int", ignore=["embed_tokens"]),
-     "quant.preset: lm_head with preset 'w8a8_int': vLLM serves a quantized LM head only as weight-only int"),
+     "quant.preset: the LM head lm_head with preset 'w8a8_int': vLLM serves a quantized LM head only as "
+     "weight-only int"),
     (dict(preset="fp8", ignore=["lm_head"], rules=[{"targets": "attn_proj", "preset": "fp8"}]),
-     "quant.rules[0].targets: regex 'attn_proj' matches no module"),
-    (dict(preset="fp8", ignore=["lm_head", "vision_tower"]), "quant.ignore: regex 'vision_tower' matches no module"),
+     "quant.rules[0].targets: regex 'attn_proj' matches no nn.Linear"),
+    (dict(preset="fp8", rules=[{"targets": "embed_tokens", "preset": "w8a16_int"}]),   # a module, not a Linear
+     "quant.rules[0].targets: regex 'embed_tokens' matches no nn.Linear"),
+    (dict(preset="fp8", ignore=["lm_head", "vision_tower"]),
+     "quant.ignore[1]: regex 'vision_tower' matches no nn.Linear or embedding"),
+    # a decoder layer, not its Linears: ignoring it would have kept nothing in full precision
+    (dict(preset="fp8", ignore=["lm_head", r"layers\.0$"]),
+     "quant.ignore[1]: regex 'layers\\\\.0$' matches no nn.Linear or embedding"),
+    (dict(preset="fp8", rules=[{"targets": "lm_head", "preset": "w8a16_int"}]),
+     "quant.rules[0].targets: every nn.Linear it matches (lm_head, ...) is in quant.ignore, which wins over rules"),
+    (dict(preset="fp8", rules=[{"targets": "mlp", "preset": "w8a16_int"}, {"targets": "down_proj", "preset": "fp8"}]),
+     "quant.rules[1].targets: every nn.Linear it matches (model.layers.0.mlp.down_proj, ...) is taken by "
+     "quant.rules[0] (the first matching rule wins)"),
     (dict(preset="fp8", rules=[{"targets": "k_proj", "preset": "w8a8_int"}]),
      "q_proj, model.layers.0.self_attn.k_proj, model.layers.0.self_attn.v_proj are fused by vLLM"),
-    (dict(preset="nvfp4", learnable="clip"), "quant.learnable: 'clip' needs a symmetric int weight preset"),
+    (dict(preset="w4a16_int", group_size=32, rules=[{"targets": "k_proj", "preset": "w4a16_int", "group_size": 16}]),
+     "must be quantized alike (same preset and group size); they got q_proj: w4a16_int group 32, "
+     "k_proj: w4a16_int group 16, v_proj: w4a16_int group 32"),
+    (dict(preset="nvfp4", learnable="clip"),
+     "quant.learnable: 'clip' needs a symmetric int weight preset, quant.preset is 'nvfp4'"),
+    (dict(preset="w4a16_int", group_size=32, learnable="lsq", rules=[{"targets": "mlp", "preset": "nvfp4_a16"}]),
+     "quant.learnable: 'lsq' needs a symmetric int weight preset, quant.rules[0].preset is 'nvfp4_a16'"),
 ])
 def test_bad_recipes_fail_with_one_clear_line(fields, message, make_llama, quant_config):
     with pytest.raises(QuantError) as info:
         apply_recipe(make_llama(), quant_config(**fields))
     text = str(info.value)
     assert message in text and "\n" not in text
+
+
+@pytest.mark.parametrize("preset", ["nvfp4", "mxfp4_a16", "w4a8_fp8"])
+def test_a_layer_off_a_fixed_block_format_gets_a_fix_it_can_apply(preset, make_llama, quant_config):
+    """NVFP4/MX blocks and W4A8-FP8's groups are the format's, not quant.group_size's: the
+    error must not send the user to a field the preset then refuses."""
+    with pytest.raises(QuantError) as info:
+        apply_recipe(make_llama(hidden=72), quant_config(preset=preset))
+    text = str(info.value)
+    assert text.startswith(f"quant.preset: {preset} cannot quantize model.layers.0.self_attn.q_proj: its "
+                           "in_features 72 is not a multiple of") and "group_size" not in text, text
+    assert "quant.rules entry" in text and "\n" not in text
+
+
+def test_a_group_size_the_format_refuses_names_the_field():
+    from qadpipe.config import build_config
+    from qadpipe.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        build_config({"quant": {"preset": "sherry_3of4", "rules": [{"targets": "mlp", "preset": "sherry_3of4",
+                                                                     "group_size": 130}]}})
+    assert "quant.rules[0].group_size: 130 cannot apply to preset 'sherry_3of4' (sherry: group_size 130 must be " \
+           "a multiple of M=4)" in str(info.value)
+
+
+class _HeadNamedOutput(nn.Module):
+    """A causal LM whose head is not called lm_head (InternLM2's ``output``)."""
+
+    def __init__(self, llama: nn.Module) -> None:
+        super().__init__()
+        self.model, self.output = llama.model, llama.lm_head
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.output
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.embed_tokens
+
+
+@pytest.mark.parametrize("tie,preset,message", [
+    (False, "nvfp4", "quant.preset: the LM head output with preset 'nvfp4': vLLM serves a quantized LM head only"),
+    (True, "w4a16_int", "quant.preset: the LM head output shares its weight with the input embeddings"),
+])
+def test_the_lm_head_is_found_whatever_its_name(tie, preset, message, make_llama, quant_config):
+    """The export finds the head by identity and refuses it after training; the recipe must
+    refuse it before."""
+    model = _HeadNamedOutput(make_llama(tie=tie))
+    with pytest.raises(QuantError) as info:
+        apply_recipe(model, quant_config(preset=preset, group_size=32 if preset == "w4a16_int" else None,
+                                         ignore=["embed_tokens"]))
+    assert message in str(info.value)
 
 
 def test_an_invalid_regex_is_one_line_for_a_config_built_without_the_loader(make_llama):
