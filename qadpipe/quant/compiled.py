@@ -100,13 +100,14 @@ def compiled_fake_quant_forward(spec: QuantSpec, clipped: bool) -> FakeQuantForw
 
 @functools.cache
 def checked_fake_quant_forward(spec: QuantSpec, clipped: bool) -> FakeQuantForward:
-    """The compiled forward, checked against eager on its first tensor per (device, dtype);
+    """The compiled forward, checked against eager on its first tensor per (device, dtype,
+    feature size) -- each feature size is a graph of its own, with its own generated code;
     where any value (or clip-mask entry) differs it logs an error and runs eager from then on."""
     compiled = compiled_fake_quant_forward(spec, clipped)
-    agrees: dict[tuple[str, torch.dtype], bool] = {}
+    agrees: dict[tuple[str, torch.dtype, int], bool] = {}
 
     def run(x: Tensor, amax: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
-        key = (x.device.type, x.dtype)
+        key = (x.device.type, x.dtype, x.shape[-1])
         if agrees.get(key) is False:
             return fake_quant_forward(x, amax, spec=spec, clipped=clipped)
         out, mask = compiled(x, amax)
@@ -116,8 +117,8 @@ def checked_fake_quant_forward(spec: QuantSpec, clipped: bool) -> FakeQuantForwa
             differ = int((~same).sum()) + (0 if mask is None else int((mask != want_mask).sum()))
             agrees[key] = differ == 0
             if differ:
-                log.error("quant.compile: the compiled %s fake-quant differs from eager on %s %s (%d of %d "
-                          "values); this format runs eager here (slower, the same bits export writes)",
+                log.error("quant.compile: the compiled %s fake-quant differs from eager on %s %s, %d features "
+                          "(%d of %d values); these tensors run eager (slower, the same bits export writes)",
                           _name(spec, clipped), *key, differ, x.numel())
                 return want, want_mask
         return out, mask

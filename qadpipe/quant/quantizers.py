@@ -105,6 +105,16 @@ def lsq_fake_quantize(x: Tensor, spec: QuantSpec, scale: Tensor) -> Tensor:
     return out.reshape(x.shape).to(x.dtype)
 
 
+def _positive_steps(steps: Tensor, spec: QuantSpec) -> Tensor:
+    """LSQ steps with an all-zero group's 0 replaced by the layer's smallest step (the scale
+    dtype's eps when every group is zero): at 0 the step's gradient is 0 (``|s|``'s, and the
+    forward's substitute for a zero scale), so it could never grow once the weights move off
+    zero."""
+    live = steps[steps > 0]
+    floor = live.min() if live.numel() else torch.tensor(torch.finfo(spec.scale_dtype).eps)
+    return torch.where(steps > 0, steps, floor)
+
+
 class Quantizer(nn.Module):
     """Fake-quantizes one tensor (a weight or a Linear's input) with one spec."""
 
@@ -116,6 +126,8 @@ class Quantizer(nn.Module):
         self.compile_mode = compile_mode
         self.learnable = learnable
         self.calibrated = spec.dynamic
+        # A weight's range is its own (from_linear sets it): even an all-zero weight's 0 is one.
+        self.for_weight = weight is not None
         if not spec.dynamic:
             self.register_buffer("amax", torch.zeros(()))
         if learnable != "none":
@@ -130,7 +142,7 @@ class Quantizer(nn.Module):
                              f"got {spec.kind.value}{'' if spec.symmetric else ' asymmetric'}")
         best = mse_best_scale(weight, spec)
         if self.learnable == "lsq":
-            self.step = nn.Parameter(best.float())
+            self.step = nn.Parameter(_positive_steps(best.float(), spec))
         else:
             qmin, qmax = spec.code_range
             live = _groups(weight.detach().float(), spec).abs().amax(-1).reshape(best.shape)
@@ -139,7 +151,9 @@ class Quantizer(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if prefix + "amax" in state_dict:   # the initial 0 is no range: such a state was never calibrated
+        # An input's initial 0 is no range (calibration refuses all-zero data): such a state
+        # was saved before calibration.
+        if prefix + "amax" in state_dict and not self.for_weight:
             self.calibrated = bool((state_dict[prefix + "amax"] > 0).all())
 
     def set_amax(self, amax: Tensor) -> None:
@@ -187,6 +201,12 @@ class QuantLinear(nn.Linear):
 
     Built from an existing Linear by :meth:`from_linear`, keeping the very same weight and
     bias Parameters (optimizer state, tying and FSDP wrapping are unaffected).
+
+    ``weight_q(W)`` and ``input_q(x)`` are exactly the codes times the scales export writes.
+    Under bf16 autocast (the GPU default) ``F.linear`` then rounds both to bf16, a relative
+    2^-9 per element, whereas vLLM's FP8/NVFP4 kernels multiply the codes exactly and apply
+    the scales to fp32 sums: a difference of the order of the kernels' own accumulation
+    order, 2^5 below FP8's rounding step, not a different quantization.
     """
 
     weight_quantizer: Quantizer

@@ -127,4 +127,32 @@ def test_a_compiled_forward_that_differs_from_eager_is_dropped_loudly(monkeypatc
         checked_fake_quant_forward.cache_clear()
     assert torch.equal(first, want) and torch.equal(second, want)
     assert len(calls) == 1                      # after the mismatch the compiled code is not used
-    assert "differs from eager on cpu torch.float32" in caplog.text
+    assert "differs from eager on cpu torch.float32, 64 features" in caplog.text
+
+
+def test_each_feature_size_is_checked_on_its_own(monkeypatch, caplog):
+    """Features are static: each in_features compiles to its own code, which may be wrong
+    where the first size's was right."""
+    import qadpipe.quant.compiled as compiled_module
+
+    def wrong_at_128_features(fn, **kwargs):
+        def run(x, amax):
+            out, mask = fn(x, amax)
+            return (out * 1.001 if x.shape[-1] == 128 else out), mask
+        return run
+
+    spec = dataclasses.replace(PRESETS["w4a16_int"].weight, group_size=32)
+    monkeypatch.setattr(compiled_module.torch, "compile", wrong_at_128_features)
+    compiled_fake_quant_forward.cache_clear()
+    checked_fake_quant_forward.cache_clear()
+    try:
+        forward = checked_fake_quant_forward(spec, False)
+        narrow, wide = adversarial("random", rows=4, cols=64), adversarial("random", rows=4, cols=128)
+        with caplog.at_level("ERROR", logger="qadpipe.quant.compiled"):
+            forward(narrow, None)
+            got, _ = forward(wide, None)
+    finally:
+        compiled_fake_quant_forward.cache_clear()
+        checked_fake_quant_forward.cache_clear()
+    assert torch.equal(got, fake_quant_forward(wide, None, spec=spec, clipped=False)[0])
+    assert "differs from eager on cpu torch.float32, 128 features" in caplog.text

@@ -142,6 +142,37 @@ def test_learnable_parameters_start_from_the_data():
     assert (ratio <= 0.995 + 1e-6).all() and ratio.min() < 0.9
 
 
+def test_an_all_zero_group_gets_a_step_that_can_train():
+    """mse_best_scale gives an all-zero group step 0, where |s| and the zero-scale
+    substitute pass no gradient: once its weights moved, the step would stay 0 for good."""
+    w = torch.randn(4, 128)
+    w[1, :64] = 0.0
+    spec = QuantSpec(Kind.LSQ, 4, Granularity.GROUP, 64)
+    lsq = Quantizer(spec, learnable="lsq", weight=w)
+    best = mse_best_scale(w, spec).float()
+    assert best[1, 0] == 0 and torch.equal(lsq.step.detach()[best > 0], best[best > 0])
+    assert lsq.step.detach()[1, 0] == best[best > 0].min()
+    moved = w.clone()
+    moved[1, :64] = 0.05 * torch.randn(64)
+    (lsq(moved) - moved).pow(2).sum().backward()   # the quantization error the step can shrink
+    assert lsq.step.grad[1, 0] != 0
+
+
+@pytest.mark.parametrize("preset", ["nvfp4_a16", "fp8_static", "w4a16_int"])
+def test_an_all_zero_weight_reloads_calibrated(preset):
+    """A weight's amax of 0 is its range (an all-zero Linear), not "never calibrated": a
+    reload (--resume, eval of final/) must run it."""
+    from qadpipe.quant.recipe import PRESETS
+
+    spec = PRESETS[preset].weight
+    zero = nn.Linear(128, 16, bias=False)
+    nn.init.zeros_(zero.weight)
+    saved = QuantLinear.from_linear(zero, spec, None).state_dict()
+    rebuilt = QuantLinear.from_linear(nn.Linear(128, 16, bias=False), spec, None)
+    rebuilt.load_state_dict(saved)
+    assert torch.equal(rebuilt(torch.randn(3, 128)), torch.zeros(3, 16))
+
+
 @pytest.mark.parametrize("name,learnable", [(n, "none") for n in sorted(WEIGHT_SPECS)]
                          + [(n, learn) for n in ("w4a16_int", "w8a16_int", "w4a8_fp8") for learn in ("lsq", "clip")])
 def test_forward_weight_is_bitwise_what_export_reads(name, learnable):
