@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as _dt
 import functools
 import importlib.metadata
+import math
 import os
 import platform
 import socket
@@ -121,6 +122,12 @@ def read_run_record(directory: Path) -> Optional[dict[str, Any]]:
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return None
     return record if isinstance(record, dict) else None
+
+
+def finite_or_none(value: Any) -> Any:
+    """``value``, or None for a NaN or infinite float: NaN is not JSON (jq and strict parsers
+    refuse a file holding one), null is."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def json_field(path: Path, key: str, kind: type) -> Any:

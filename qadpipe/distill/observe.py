@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import torch
 
-from qadpipe.provenance import atomic_write_text
+from qadpipe.provenance import atomic_write_text, finite_or_none
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,9 @@ class MetricsLog:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as handle:
-            handle.write(json.dumps(row, sort_keys=True) + "\n")
+            # a diverged run's NaN figures as null: NaN is not JSON
+            handle.write(json.dumps({key: finite_or_none(value) for key, value in row.items()}, sort_keys=True,
+                                    allow_nan=False) + "\n")
         if self._writer is not None:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)):

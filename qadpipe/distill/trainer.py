@@ -52,9 +52,11 @@ from qadpipe.errors import DistillError, first_line
 from qadpipe.file_modes import check_writable_dir
 from qadpipe.models import output_rows
 from qadpipe.provenance import RUN_FILE, recorded_stage, save_run_record
+from qadpipe.quant.quantizers import Quantizer
 from qadpipe.quant.recipe import quant_parameters
 from qadpipe.stop_signals import StopSignals
 from qadpipe.targets import SequenceTargets
+from qadpipe.teacher.hf_backend import head_logits
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +125,9 @@ class DistillRecipe:
         self.step = 0
         self.ptq_eval: dict[str, float] = {}
         self.last_eval: dict[str, float] = {}
+        self.last_eval_step = -1
         self._stop = StopSignals("saving a checkpoint at the end of this step")
-        self._saved_max_steps: Optional[int] = None   # the resumed checkpoint's, see _follow_new_horizon
+        self._saved_schedule: Optional[dict[str, Any]] = None   # the resumed checkpoint's, see _follow_new_schedule
         self._resumed_window: Optional[dict[str, float]] = None   # the resumed checkpoint's log-interval sums
 
     # ------------------------------------------------------------------ setup
@@ -190,10 +193,11 @@ class DistillRecipe:
         self.optimizer = adamw(self.model, cfg.lr, cfg.weight_decay, no_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_multiplier(cfg.schedule, cfg.warmup_steps, cfg.max_steps))
-        if cfg.warmup_steps > cfg.max_steps:
-            log.warning("distill.warmup_steps=%d > max_steps=%d: the lr ends the run at %.2g x distill.lr, "
-                        "warming up, and never decays", cfg.warmup_steps, cfg.max_steps,
-                        cfg.max_steps / cfg.warmup_steps)
+        last = lr_multiplier(cfg.schedule, cfg.warmup_steps, cfg.max_steps)(cfg.max_steps - 1)
+        if cfg.schedule != "constant" and cfg.max_steps > 1 and last >= 1.0 or cfg.warmup_steps > cfg.max_steps:
+            # the decay starts at step warmup_steps + 1: a warmup this long leaves none
+            log.warning("distill.warmup_steps=%d with max_steps=%d: the lr never decays; the last step trains at "
+                        "%.2g x distill.lr", cfg.warmup_steps, cfg.max_steps, last)
         if restored is not None:
             self._restore_state(*restored)
         if self.env.is_main:
@@ -296,21 +300,24 @@ class DistillRecipe:
         if vocab != student_vocab:
             raise DistillError(f"teacher.path: {path} has {vocab} output logits, the student {self.config.model.path} "
                                f"{student_vocab}; distil a student of the teacher's vocabulary")
-        log.info("teacher in the loop: %s (%s)", path, self.config.teacher.dtype)
-        return base, head
+        fp32_head = self.config.teacher.fp32_head
+        log.info("teacher in the loop: %s (%s%s)", path, self.config.teacher.dtype,
+                 ", fp32 LM head" if fp32_head else "")
+        return base, TeacherHead(head, fp32_head)
 
     def _cakld_beta(self) -> float:
         """BitDistiller's β: the teacher's mean top-1 probability, measured on the cache's
-        first rows (identical on every rank and on resume)."""
+        first training rows (past the held-out ones; identical on every rank and on resume)."""
         if self.cfg.loss != "cakld" or self.target_kind != "topk":
             return 0.5
         top1 = []
-        for index, row in enumerate(self.source.iter_rows(0, self.source.num_rows)):
+        first = min(self.cfg.eval_rows, self.source.num_rows)
+        for index, row in enumerate(self.source.iter_rows(first, self.source.num_rows)):
             top1.append(np.exp(row.topk_logprobs[:, 0].astype(np.float64)))
             if index + 1 >= CAKLD_BETA_ROWS:
                 break
         beta = float(np.concatenate(top1).mean())
-        log.info("cakld: beta = %.4f (teacher's mean top-1 probability over %d rows)", beta, len(top1))
+        log.info("cakld: beta = %.4f (teacher's mean top-1 probability over %d training rows)", beta, len(top1))
         return beta
 
     def _collate_train(self, rows: list[SequenceTargets]) -> Batch:
@@ -344,6 +351,8 @@ class DistillRecipe:
         if self.cfg.trainable == "all":
             student.requires_grad_(True)
             return
+        quantizers = {id(p) for module in student.modules() if isinstance(module, Quantizer)
+                      for p in module.parameters()}
         keep = {id(p) for p in quant_parameters(student)}
         keep |= {id(p) for name, p in student.named_parameters() if "norm" in name.lower()}
         for param in student.parameters():
@@ -351,6 +360,19 @@ class DistillRecipe:
         if not any(p.requires_grad for p in student.parameters()):
             raise DistillError("distill.trainable=quant: the quant recipe has no trainable quantization "
                                "parameters and the student no norms; use distill.trainable=all")
+        trained = [p for p in student.parameters() if p.requires_grad]
+        quantizer_values = sum(p.numel() for p in trained if id(p) in quantizers)
+        log.info("distill.trainable=quant: %d quantizer values (quant.learnable=%s) and %d norm values train, "
+                 "%.2f%% of the student", quantizer_values, self.config.quant.learnable,
+                 sum(p.numel() for p in trained) - quantizer_values,
+                 100 * sum(p.numel() for p in trained) / sum(p.numel() for p in student.parameters()))
+        if not quantizer_values:
+            log.warning("distill.trainable=quant with quant.learnable=none: the recipe has no learnable scales, so "
+                        "only the norms train; set quant.learnable (lsq or clip) for scale-only QAD, or "
+                        "distill.trainable=all")
+        if self.cfg.weight_decay:
+            log.warning("distill.weight_decay=%g does nothing with distill.trainable=quant: it applies to weight "
+                        "matrices only, and none train", self.cfg.weight_decay)
 
     def _restore_weights(self, student: torch.nn.Module) -> Optional[tuple[Path, TrainerState]]:
         """Load the latest checkpoint's weights (before wrapping); None when there is none."""
@@ -359,7 +381,8 @@ class DistillRecipe:
             log.warning("--resume: no checkpoint under %s; starting from step 0", self.output_dir)
             self.metrics.truncate_after(-1)   # a killed first attempt's rows: this run writes its own
             return None
-        self._saved_max_steps = self._check_same_run(path).get("distill.max_steps")
+        saved = self._check_same_run(path)
+        self._saved_schedule = {key: saved.get(f"distill.{key}") for key in ("max_steps", "lr")}
         tensors, state = load_checkpoint(path)
         if state.cache_fingerprint != self._cache_fingerprint():
             raise DistillError(f"{path}: --resume of a checkpoint trained on other cache contents than "
@@ -429,24 +452,30 @@ class DistillRecipe:
                                f"this checkpoint as it is (qadpipe export --checkpoint {path})")
         self.metrics.truncate_after(self.step)
         log.info("resumed from %s at step %d", path, self.step)
-        self._follow_new_horizon()
+        self._follow_new_schedule()
 
-    def _follow_new_horizon(self) -> None:
-        """A resume with another ``distill.max_steps`` stretches (or shrinks) the decay.  The
-        loaded optimizer still holds the old horizon's lr for the next step: set the new one,
-        and say where the lr jumps (an unchanged horizon resumes bit-exactly, untouched)."""
-        cfg, saved = self.cfg, self._saved_max_steps
-        if saved is None or saved == cfg.max_steps:
+    def _follow_new_schedule(self) -> None:
+        """A resume with another ``distill.max_steps`` stretches (or shrinks) the decay; one with
+        another ``distill.lr`` (a run that diverged) rescales it.  The loaded optimizer still
+        holds the old schedule's lr for the next step: set the new one, and say where the lr
+        jumps (an unchanged schedule resumes bit-exactly, untouched)."""
+        cfg, saved = self.cfg, self._saved_schedule
+        if saved is None:
+            return
+        saved_steps, saved_lr = saved["max_steps"] or cfg.max_steps, saved["lr"] or cfg.lr
+        if (saved_steps, saved_lr) == (cfg.max_steps, cfg.lr):
             return
         epoch = self.scheduler.last_epoch
-        old = lr_multiplier(cfg.schedule, cfg.warmup_steps, saved)(epoch)
-        new = lr_multiplier(cfg.schedule, cfg.warmup_steps, cfg.max_steps)(epoch)
-        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
-            group["lr"] = base * new
-        if old != new:
-            log.warning("--resume: distill.max_steps changed from %d to %d, so the %s decay is recomputed for the "
-                        "new horizon: the lr of step %d is %.3g (the old horizon gave %.3g)", saved, cfg.max_steps,
-                        cfg.schedule, self.step + 1, cfg.lr * new, cfg.lr * old)
+        old = saved_lr * lr_multiplier(cfg.schedule, cfg.warmup_steps, saved_steps)(epoch)
+        new = cfg.lr * lr_multiplier(cfg.schedule, cfg.warmup_steps, cfg.max_steps)(epoch)
+        self.scheduler.base_lrs = [cfg.lr for _ in self.scheduler.base_lrs]
+        for group in self.optimizer.param_groups:
+            group["initial_lr"], group["lr"] = cfg.lr, new
+        changed = [f"distill.{key} changed from {saved_value:g} to {value:g}"
+                   for key, saved_value, value in (("max_steps", saved_steps, cfg.max_steps), ("lr", saved_lr, cfg.lr))
+                   if saved_value != value]
+        log.warning("--resume: %s, so the %s schedule is recomputed: the lr of step %d is %.3g (the checkpoint's "
+                    "schedule gave %.3g)", " and ".join(changed), cfg.schedule, self.step + 1, new, old)
 
     # ------------------------------------------------------------------ train
     def train(self) -> TrainResult:
@@ -475,9 +504,11 @@ class DistillRecipe:
                 bookkeeping = time.perf_counter()
                 if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
                     self.last_eval = self._evaluate(self.wrapped)
+                    self.last_eval_step = self.step
                     self._log_eval("eval", self.last_eval)
                 stop = self._stop_requested()
                 if cfg.save and (self.step % cfg.save_every == 0 or stop or self.step == cfg.max_steps):
+                    self._refuse_unsound_weights(micro[-1])
                     self.save_checkpoint(window)
                 window.started += time.perf_counter() - bookkeeping   # tokens/s: training, not evals and saves
                 if stop:
@@ -561,7 +592,29 @@ class DistillRecipe:
         what = (f"training {bad[0].replace('_', ' ')} is {bad[1]:g}" if bad
                 else "another rank's training loss or gradient norm")
         raise DistillError(f"step {self.step + 1}: {what} (not finite); stopped without saving this step, "
-                           f"{self._kept_checkpoint('last good')}; lower distill.lr or check the cache")
+                           f"{self._kept_checkpoint('last good')}; {RECOVER_FROM_NAN}")
+
+    def _refuse_unsound_weights(self, batch: Batch) -> None:
+        """Write no checkpoint (nor final/) from weights that give a non-finite loss.  A step's
+        own check comes before its update, so an update that wrecks the weights (an lr far too
+        high) shows only in the next loss: the weights about to be saved are scored on the
+        step's last micro-batch (and the held-out rows, when scored this step), so every
+        checkpoint a run leaves is one to resume from."""
+        batch = batch.to(self.env.device)
+        with torch.no_grad():
+            targets = self._with_teacher(batch) if self.spec.mode == "online" else batch.targets
+            with self._autocast():
+                loss_sum, _ = self.wrapped(batch.model_inputs(), batch.target_mask, targets, self.spec,
+                                           self._teacher_head())
+        values = {"loss on its last micro-batch": float(loss_sum)}
+        if self.last_eval_step == self.step and "loss" in self.last_eval:
+            values["held-out loss"] = self.last_eval["loss"]
+        bad = next(((name, value) for name, value in values.items() if not math.isfinite(value)), None)
+        if dist_utils.all_reduce_number(0.0 if bad is None else 1.0, self.env.device, op="max") == 0:
+            return
+        what = f"a {bad[0]} of {bad[1]:g}" if bad else "a non-finite loss on another rank"
+        raise DistillError(f"step {self.step}: the weights after this step's update give {what}; not saved, "
+                           f"{self._kept_checkpoint('last good')}; {RECOVER_FROM_NAN}")
 
     @torch.no_grad()
     def _evaluate(self, module: torch.nn.Module) -> dict[str, float]:
@@ -644,10 +697,31 @@ class DistillRecipe:
         dist_utils.shutdown()
 
 
+class TeacherHead(torch.nn.Module):
+    """The in-the-loop teacher's LM head, computed as generate's HF backend computes a cache's
+    (``teacher.fp32_head``: fp32 logits from the bf16 weights), so online and cached targets
+    are the same distribution."""
+
+    def __init__(self, head: torch.nn.Module, fp32_head: bool) -> None:
+        super().__init__()
+        self.head, self.fp32_head = head, fp32_head
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return head_logits(self.head, hidden, fp32_head=self.fp32_head)
+
+
+#: What a run stopped by a non-finite loss tells its user: its checkpoints are all sound
+#: (:meth:`DistillRecipe._refuse_unsound_weights`), and --resume replays the same batches, so
+#: only a gentler update gets past the step.
+RECOVER_FROM_NAN = ("lower distill.lr (or set distill.max_grad_norm) and --resume from it, or check the cache for "
+                    "broken targets")
+
 #: Fields a resumed run may change among those it reads: when to stop, log, evaluate and
-#: save, where the run lives, and how much memory a step takes (the knobs a run that ran out
-#: of memory is resumed with).  A moved cache is recognised by its fingerprint, not its path.
-RESUMABLE_CHANGES = frozenset({"distill.max_steps", "distill.log_every", "distill.eval_every", "distill.save_every",
+#: save, where the run lives, how much memory a step takes (the knobs a run that ran out of
+#: memory is resumed with), and the lr and clipping (those a run that diverged is resumed
+#: with).  A moved cache is recognised by its fingerprint, not its path.
+RESUMABLE_CHANGES = frozenset({"distill.max_steps", "distill.lr", "distill.max_grad_norm",
+                               "distill.log_every", "distill.eval_every", "distill.save_every",
                                "distill.save", "distill.activation_checkpointing", "distill.loss_chunk_tokens",
                                "distill.prefetch_batches", "distill.tensorboard", "distill.device",
                                "distill.output_dir"})

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import io
 import json
-import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from qadpipe.provenance import atomic_write_bytes, atomic_write_text
+from qadpipe.provenance import atomic_write_bytes, atomic_write_text, finite_or_none
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -68,7 +67,7 @@ def write_report(out_dir: Path, results: Mapping[str, Mapping[str, float]], *,
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / REPORT_JSON, "md": out_dir / REPORT_MD}
     # NaN is not JSON (jq and strict parsers refuse the file): a broken model's figures are null
-    finite = {name: {key: _finite_or_none(value) for key, value in metrics.items()} for name, metrics in results.items()}
+    finite = {name: {key: finite_or_none(value) for key, value in metrics.items()} for name, metrics in results.items()}
     report = {"context": dict(context), "results": finite}
     atomic_write_text(paths["json"], json.dumps(report, indent=2, allow_nan=False) + "\n")
     lines = ["# qadpipe eval", ""]
@@ -82,10 +81,6 @@ def write_report(out_dir: Path, results: Mapping[str, Mapping[str, float]], *,
     else:   # an earlier eval's curves beside this report would describe other models
         (out_dir / CURVES_PLOT).unlink(missing_ok=True)
     return paths
-
-
-def _finite_or_none(value: Any) -> Any:
-    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def _save_figure(fig: Any, path: Path) -> Path:

@@ -27,6 +27,21 @@ from qadpipe.teacher.base import (Completion, SamplingSpec, TargetSpec, sampled_
 from qadpipe.teacher.sampling import counts_by_row, draw_indices, sequence_seed
 
 
+def head_logits(head: torch.nn.Module, hidden: torch.Tensor, *, fp32_head: bool) -> torch.Tensor:
+    """``head`` (a Linear) on ``[n, hidden]`` rows -> fp32 ``[n, vocab]`` logits; with
+    ``fp32_head`` accumulated and written in fp32 (see the module docstring).  Outside any
+    autocast, which would run the head in bf16 again.  Shared with distill's teacher in the
+    loop, so online targets are the logits a cache would hold."""
+    weight, bias = head.weight, getattr(head, "bias", None)
+    with torch.autocast(hidden.device.type, enabled=False):
+        if not fp32_head:
+            return torch.nn.functional.linear(hidden, weight, bias).float()
+        if hidden.is_cuda and hidden.dtype != torch.float32:
+            out = torch.mm(hidden, weight.t(), out_dtype=torch.float32)
+            return out if bias is None else out + bias.float()
+        return torch.nn.functional.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
+
+
 def resolve_device(device: str) -> torch.device:
     """``auto`` -> the first CUDA device if there is one, else CPU."""
     if device == "auto":
@@ -84,15 +99,7 @@ class HFTeacher:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head on ``[n, hidden]`` rows -> fp32 ``[n, vocab]``."""
-        weight, bias = self.head.weight, getattr(self.head, "bias", None)
-        if not self.fp32_head:
-            out = torch.nn.functional.linear(hidden, weight, bias).float()
-        elif hidden.is_cuda and hidden.dtype != torch.float32:
-            out = torch.mm(hidden, weight.t(), out_dtype=torch.float32)
-            out = out if bias is None else out + bias.float()
-        else:
-            out = torch.nn.functional.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
-        return out
+        return head_logits(self.head, hidden, fp32_head=self.fp32_head)
 
     @torch.no_grad()
     def score(self, sequences: list[TokenSequence], spec: TargetSpec) -> list[SequenceTargets]:

@@ -102,6 +102,73 @@ def test_online_full_kl_bounds_the_cached_tail_bucket_kl_from_above(peaky_llama_
     assert first["online"] >= first["qad"] > 0
 
 
+@pytest.mark.parametrize("fp32_head", [True, False])
+def test_online_targets_follow_teacher_fp32_head(peaky_llama_dir, topk_cache, tmp_path, monkeypatch, fp32_head):
+    """A bf16 teacher in the loop computes its LM head as generate's HF backend does: fp32
+    logits from the bf16 weights with teacher.fp32_head (the default), so online targets are
+    the distribution a cache would hold, not bf16-rounded logits."""
+    import qadpipe.distill.head_loss as head_loss
+
+    chunk_loss, seen = head_loss._chunk_loss, []
+
+    def recording(logits, targets, spec, teacher_logits, stats):
+        if teacher_logits is not None:
+            seen.append((targets.teacher_hidden, teacher_logits))
+        return chunk_loss(logits, targets, spec, teacher_logits, stats)
+
+    monkeypatch.setattr(head_loss, "_chunk_loss", recording)
+    result = distill(peaky_llama_dir, topk_cache, tmp_path, "distill.mode=online", "distill.max_steps=1",
+                     "teacher.dtype=bfloat16", f"teacher.fp32_head={str(fp32_head).lower()}")
+    assert result.exit_code == 0, result.output
+    head = load_file(str(peaky_llama_dir / "model.safetensors"))["lm_head.weight"].to(torch.bfloat16)
+    hidden, logits = seen[0]
+    assert hidden.dtype == torch.bfloat16
+    if fp32_head:
+        assert logits.dtype == torch.float32 and torch.equal(logits, hidden.float() @ head.float().t())
+    else:
+        assert torch.equal(logits, (hidden @ head.t()).float())
+
+
+@pytest.mark.parametrize("learnable", ["none", "lsq"])
+def test_trainable_quant_says_what_trains(peaky_llama_dir, topk_cache, tmp_path, caplog, learnable):
+    """Without learnable scales trainable=quant trains the norms alone, and weight decay (on
+    matrices only) has nothing to act on: both said, not left to be found in the results."""
+    with caplog.at_level("INFO", logger="qadpipe.distill.trainer"):
+        result = distill(peaky_llama_dir, topk_cache, tmp_path, "distill.trainable=quant", "distill.max_steps=1",
+                         f"quant.learnable={learnable}", "distill.weight_decay=0.1")
+    assert result.exit_code == 0, result.output
+    steps = int(caplog.text.split("distill.trainable=quant: ")[1].split(" quantizer values")[0])
+    assert (steps == 0) == (learnable == "none")
+    assert ("only the norms train" in caplog.text) == (learnable == "none")
+    assert "distill.weight_decay=0.1 does nothing with distill.trainable=quant" in caplog.text
+
+
+@pytest.mark.parametrize("warmup, decays", [(0, True), (1, False)])
+def test_a_warmup_that_leaves_no_decay_is_said(peaky_llama_dir, topk_cache, tmp_path, caplog, warmup, decays):
+    """The decay starts the step after warmup: warmup_steps = max_steps - 1 trains its last
+    step at the peak and never decays (longer warmups: the test below)."""
+    with caplog.at_level("WARNING", logger="qadpipe.distill.trainer"):
+        result = distill(peaky_llama_dir, topk_cache, tmp_path, "distill.max_steps=2",
+                         f"distill.warmup_steps={warmup}", "distill.save=false")
+    assert result.exit_code == 0, result.output
+    assert ("the lr never decays" in caplog.text) != decays
+
+
+def test_cakld_beta_is_measured_on_training_rows_only(peaky_llama_dir, topk_cache, tmp_path, caplog):
+    """β (the teacher's mean top-1 probability) is read from the first training rows: the
+    held-out rows the eval scores stay unread by training."""
+    from qadpipe.cache import CacheReader
+
+    with caplog.at_level("INFO", logger="qadpipe.distill.trainer"):
+        result = distill(peaky_llama_dir, topk_cache, tmp_path, "distill.loss=cakld", "distill.max_steps=1",
+                         "distill.save=false")
+    assert result.exit_code == 0, result.output
+    rows = list(CacheReader(str(topk_cache)).iter_sequences())[4:]   # distill.eval_rows=4
+    expected = np.concatenate([np.exp(r.topk_logprobs[:, 0].astype(np.float64)) for r in rows[:64]]).mean()
+    assert f"cakld: beta = {expected:.4f} (teacher's mean top-1 probability over {min(len(rows), 64)} training " \
+           "rows)" in caplog.text
+
+
 @pytest.mark.slow
 def test_sampled_cache_trains_with_sampled_ce(peaky_llama_dir, sampled_cache, tmp_path):
     result = distill(peaky_llama_dir, sampled_cache, tmp_path, "distill.loss=sampled_ce", "distill.max_steps=2")
@@ -223,17 +290,61 @@ def test_refuses_a_student_whose_vocab_differs_from_the_cache(peaky_llama_dir, t
     assert "cache vocab_size=50000, but the student" in line and "has 49152 output logits" in line
 
 
-def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(peaky_llama_dir, topk_cache,
-                                                                                tmp_path):
-    result = distill(peaky_llama_dir, topk_cache, tmp_path, "distill.lr=1e30", "distill.warmup_steps=0",
-                     "distill.max_grad_norm=0", "distill.save_every=1", "distill.max_steps=20")
-    line = one_line_error(result)
-    assert "(not finite); stopped without saving this step, the last good checkpoint is" in line
-    bad_step = int(line.split("step ")[1].split(":")[0])
-    latest = (tmp_path / "checkpoints" / "LATEST").read_text().strip()
-    assert bad_step > 1 and latest == f"step-{bad_step - 1:08d}" and latest in line
-    state = load_file(str(tmp_path / "checkpoints" / latest / "model.safetensors"))
+def test_a_diverged_update_is_never_saved_and_the_run_resumes_with_a_lower_lr(peaky_llama_dir, topk_cache,
+                                                                             tmp_path):
+    """An update that wrecks the weights (lr 1e30) leaves its own step's loss finite: only the
+    next one is NaN.  The weights are scored before every save, so the checkpoint the error
+    calls good is one --resume can continue from, with the lr the error advises."""
+    common = ("distill.warmup_steps=0", "distill.save_every=1")
+    assert distill(peaky_llama_dir, topk_cache, tmp_path, *common, "distill.max_steps=2").exit_code == 0
+    line = one_line_error(distill(peaky_llama_dir, topk_cache, tmp_path, *common, "distill.max_steps=4",
+                                  "distill.lr=1e30", "distill.max_grad_norm=0", resume=True))
+    good = tmp_path / "checkpoints" / "step-00000002"
+    assert line == (f"qadpipe: error: step 3: the weights after this step's update give a loss on its last "
+                    f"micro-batch of nan; not saved, the last good checkpoint is {good}; lower distill.lr (or set "
+                    "distill.max_grad_norm) and --resume from it, or check the cache for broken targets")
+    assert (tmp_path / "checkpoints" / "LATEST").read_text().strip() == good.name
+    resumed = distill(peaky_llama_dir, topk_cache, tmp_path, *common, "distill.max_steps=4", resume=True)
+    assert resumed.exit_code == 0, resumed.output
+    assert [row["step"] for row in train_rows(tmp_path)] == [1, 2, 3, 4]
+    state = load_file(str(tmp_path / "final" / "model.safetensors"))
     assert all(torch.isfinite(t).all() for t in state.values())
+
+
+def test_a_run_whose_last_update_diverged_writes_no_final_student(peaky_llama_dir, topk_cache, tmp_path):
+    result = distill(peaky_llama_dir, topk_cache, tmp_path, "distill.lr=1e30", "distill.warmup_steps=0",
+                     "distill.max_grad_norm=0", "distill.max_steps=1")
+    line = one_line_error(result)
+    assert line.startswith("qadpipe: error: step 1: the weights after this step's update give a") and \
+        "no checkpoint was written before it" in line, line
+    assert not (tmp_path / "final").exists() and not (tmp_path / "checkpoints" / "LATEST").exists()
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"metrics.jsonl holds {constant}, which is not JSON")
+
+    rows = [json.loads(line, parse_constant=refuse) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [row["eval_kl"] for row in rows if row.get("tag") == "eval"] == [None]   # the held-out KL was NaN
+
+
+def test_a_non_finite_training_loss_stops_naming_the_last_checkpoint(peaky_llama_dir, topk_cache, tmp_path,
+                                                                     monkeypatch):
+    """A loss that is NaN before any update (broken targets) stops the step unsaved."""
+    from qadpipe.distill.student import StudentLoss
+
+    forward, calls = StudentLoss.forward, []
+
+    def nan_at_step_4(self, *args, **kwargs):
+        loss_sum, stats = forward(self, *args, **kwargs)
+        calls.append(torch.is_grad_enabled())   # training forwards only
+        return (loss_sum * float("nan"), stats) if calls.count(True) == 4 else (loss_sum, stats)
+
+    monkeypatch.setattr(StudentLoss, "forward", nan_at_step_4)
+    line = one_line_error(distill(peaky_llama_dir, topk_cache, tmp_path, "distill.save_every=2",
+                                  "distill.max_steps=6", "distill.grad_accum=1"))
+    good = tmp_path / "checkpoints" / "step-00000002"
+    assert line == (f"qadpipe: error: step 4: training loss is nan (not finite); stopped without saving this step, "
+                    f"the last good checkpoint is {good}; lower distill.lr (or set distill.max_grad_norm) and "
+                    "--resume from it, or check the cache for broken targets")
 
 
 def test_out_of_memory_is_one_line_naming_the_knobs_and_the_kept_checkpoint(peaky_llama_dir, topk_cache, tmp_path,
@@ -243,8 +354,8 @@ def test_out_of_memory_is_one_line_naming_the_knobs_and_the_kept_checkpoint(peak
     forward, calls = StudentLoss.forward, []
 
     def runs_out_at_step_3(self, *args, **kwargs):
-        calls.append(self.training)
-        if sum(calls) == 3:   # training forwards only (the PTQ eval runs first)
+        calls.append(torch.is_grad_enabled())
+        if sum(calls) == 3:   # training forwards only (not the evals, nor the check of the weights before a save)
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
                                          "capacity of 79.19 GiB of which 1.2 GiB is free.\nmore detail")
         return forward(self, *args, **kwargs)
@@ -270,16 +381,16 @@ def test_out_of_memory_is_one_line_naming_the_knobs_and_the_kept_checkpoint(peak
 
 def test_resume_refuses_a_checkpoint_of_another_recipe(peaky_llama_dir, topk_cache, tmp_path, caplog):
     assert distill(peaky_llama_dir, topk_cache, tmp_path, "distill.max_steps=2", "distill.save_every=1").exit_code == 0
-    line = one_line_error(distill(peaky_llama_dir, topk_cache, tmp_path, "distill.max_steps=4", "distill.lr=3e-4",
-                                  resume=True))
-    assert "--resume of a checkpoint written with another config (distill.lr differ)" in line
+    line = one_line_error(distill(peaky_llama_dir, topk_cache, tmp_path, "distill.max_steps=4",
+                                  "distill.kd_loss_weight=0.5", resume=True))
+    assert "--resume of a checkpoint written with another config (distill.kd_loss_weight differ)" in line
     # Only a longer schedule: resumes, and follows the new horizon from its first step.  Cosine,
     # lr 1e-4, warmup 1: step 3 trains at multiplier(2) -- 0 when the decay ended at step 2,
     # (1 + cos(pi/2)) / 2 = half the peak with 3 steps.
     assert distill(peaky_llama_dir, topk_cache, tmp_path, "distill.max_steps=3", "distill.save_every=1",
                    resume=True).exit_code == 0
-    assert ("distill.max_steps changed from 2 to 3, so the cosine decay is recomputed for the new horizon: "
-            "the lr of step 3 is 5e-05 (the old horizon gave 0)") in caplog.text
+    assert ("distill.max_steps changed from 2 to 3, so the cosine schedule is recomputed: the lr of step 3 is "
+            "5e-05 (the checkpoint's schedule gave 0)") in caplog.text
     assert train_rows(tmp_path)[-1]["step"] == 3
 
 
@@ -442,5 +553,6 @@ def test_a_warmup_longer_than_the_run_is_said(peaky_llama_dir, topk_cache, tmp_p
     result = distill(peaky_llama_dir, topk_cache, tmp_path / "out", "distill.max_steps=2", "distill.warmup_steps=4",
                      "distill.save=false")
     assert result.exit_code == 0, result.output
-    assert "distill.warmup_steps=4 > max_steps=2: the lr ends the run at 0.5 x distill.lr" in caplog.text
+    assert "distill.warmup_steps=4 with max_steps=2: the lr never decays; the last step trains at 0.5 x distill.lr" \
+        in caplog.text
     assert [round(row["lr"] / 1e-4, 6) for row in train_rows(tmp_path / "out")] == [0.25, 0.5]
