@@ -5,8 +5,9 @@ difference is where the targets come from and how the online loss is computed.
 
 * online_full_logits: the teacher (``--dtype``: bf16 on GPU, fp32 on CPU) runs a forward per micro-batch beside the student and
   the loss is the textbook online KD step (what ModelOpt's HF distillation and TRL's GKD
-  without Liger compute): both models' full ``[N, vocab]`` logits, an fp32 log-softmax of
-  each over the whole vocabulary, ``F.kl_div`` -- today's online tools;
+  without Liger compute): both models' full ``[N, vocab]`` logits (the teacher's head in
+  ``--dtype``, as those tools run it), an fp32 log-softmax of each over the whole
+  vocabulary, ``F.kl_div`` -- today's online tools;
 * online:  the same teacher in the loop, through qadpipe's fused chunked head loss (no
   ``[N, vocab]`` tensor at all): a *strong* online baseline, what ``distill.mode=online`` runs;
 * topk:    targets from a top-k cache (k=64, tail bucket);
@@ -14,7 +15,8 @@ difference is where the targets come from and how the online loss is computed.
 
 The online rows read their tokens from the top-k cache, whose targets the reader decodes and
 the trainer then ignores (~1.2M positions/s of decoding: well under 1 % of a step, on the
-online side).  The two online rows compute the same loss (their last-step losses are printed to show it);
+online side).  The two online rows compute the same loss, up to the full-logits row's bf16 teacher head (their
+last-step losses are printed to show it);
 the ratios against each say what removing the teacher buys, and what the fused head buys on
 top.  Each mode runs in its own process, so its peak memory is its own: CUDA
 max_memory_allocated on GPU, peak RSS on CPU (which also counts the Python/torch baseline
@@ -79,6 +81,8 @@ def settings(args: argparse.Namespace, model: Path, mode: str) -> list[str]:
         f"distill.activation_checkpointing={str(args.activation_checkpointing).lower()}",
         f"distill.prefetch_batches={args.prefetch_batches}",
         f"distill.output_dir={work / ('student-' + mode)}",
+        # today's online tools run the teacher's head in bf16; qadpipe's teacher (and cache) in fp32
+        f"teacher.fp32_head={str(mode != 'online_full_logits').lower()}",
     ]
 
 
@@ -180,16 +184,25 @@ def main() -> None:
         for mode in MODES[shift:] + MODES[:shift]:
             command = [sys.executable, __file__, *sys.argv[1:], "--child", mode, "--model-path", str(model)]
             done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ))  # own peak memory
+            for line in done.stderr.splitlines():   # a compiled fake-quant dropped to eager is said, not hidden
+                if "differs from eager" in line:
+                    print(f"{mode}: {line}", file=sys.stderr, flush=True)
             if done.returncode != 0:
                 raise SystemExit(f"{mode} run failed:\n{done.stderr[-3000:]}")
             results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+            # each mode's figures as soon as it ends: a run killed at its time limit keeps them
+            print(json.dumps({"round": index + 1, **results[mode]}), flush=True)
+            (work / "results.json").write_text(json.dumps(rounds + [results], indent=2))
         rounds.append(results)
-    (work / "results.json").write_text(json.dumps(rounds, indent=2))
 
     print(f"\n{args.model} on {args.device}, {args.batch} x {args.seq} tokens per step, "
           f"{args.steps - args.warmup} timed steps, W4A16 int4 g32 student"
           f"{', activation checkpointing' if args.activation_checkpointing else ''}, "
           f"loader reading {args.prefetch_batches} micro-batches ahead, {args.rounds} round(s)")
+    if model.name.endswith("-random"):
+        print("random weights: the teacher's distributions are near-uniform (its top-64 hold ~0.1% of the mass), "
+              "so the loss's exact off-S path seldom runs; a trained teacher's targets cost the offline rows a few "
+              "percent more (bench/tail_loss_cost.py)")
     print(table(rounds))
 
 

@@ -83,15 +83,20 @@ def train(args: argparse.Namespace, preset: str, mode: str) -> tuple[Path, float
     lr = args.qat_lr if mode == "qat" else args.lr
     out = Path(args.workdir) / preset / f"{mode}-lr{lr:g}"
     reusable(out, {"steps": args.steps, "batch": args.batch, "lr": lr, "eval_rows": args.eval_rows})
-    timing = out / "bench_seconds.json"
+    timing = out / "bench_seconds.json"   # wall seconds over every invocation, an interrupted one's too
+    spent = json.loads(timing.read_text())["seconds"] if timing.exists() else 0.0
     if not (out / FINAL_DIR).is_dir():
         started = time.perf_counter()
-        run_distill(load_config(None, settings(args) + PRESETS[preset] + [f"distill.mode={mode}",
-                                                                             f"distill.output_dir={out}",
-                                                                             f"distill.lr={lr}"]),
-                    resume=True)  # an interrupted bench continues its run
-        timing.write_text(json.dumps({"seconds": time.perf_counter() - started}))
-    seconds = json.loads(timing.read_text())["seconds"] if timing.exists() else float("nan")
+        try:
+            run_distill(load_config(None, settings(args) + PRESETS[preset] + [f"distill.mode={mode}",
+                                                                                 f"distill.output_dir={out}",
+                                                                                 f"distill.lr={lr}"]),
+                        resume=True)  # an interrupted bench continues its run
+        finally:
+            spent += time.perf_counter() - started
+            out.mkdir(parents=True, exist_ok=True)
+            timing.write_text(json.dumps({"seconds": spent}))
+    seconds = spent if timing.exists() else float("nan")
     log.info("%s %s: %d steps in %.0f s", preset, mode, args.steps, seconds)
     return out, seconds
 

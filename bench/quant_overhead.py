@@ -2,7 +2,9 @@
 
 All models live at once and every round times one step of each, in rotating order, so a
 noisy shared machine slows them alike; the table reports the median step time and its ratio
-to the unquantized bf16 model of the same round.
+to the unquantized bf16 model of the same round.  The first step of each (compilation
+included) is left out of both and printed on its own; a variant that runs out of GPU memory
+is dropped and listed, the others still measured.
 
 Fake-quant runs as ``quant.compile`` says (auto: compiled on CUDA, eager on CPU);
 ``--fake-quant both`` times every preset both ways, side by side (the compiled rows are
@@ -107,13 +109,35 @@ def main() -> None:
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    for name in names:                      # warm-up (and compilation)
-        timed(models[name])
+    first: dict[str, float] = {}
+    out_of_memory: list[str] = []
+
+    def attempt(name: str) -> float | None:
+        """One timed step; a variant that runs out of GPU memory is dropped (and said), so
+        the others' rows still print."""
+        try:
+            return timed(models[name])
+        except torch.OutOfMemoryError:
+            out_of_memory.append(name)
+            names.remove(name)
+            del models[name]
+            torch.cuda.empty_cache()
+            print(f"{name}: out of memory; left out", file=sys.stderr, flush=True)
+            return None
+
+    for name in list(names):                # warm-up: the first step compiles (its time is printed)
+        seconds = attempt(name)
+        if seconds is not None:
+            first[name] = seconds
+    if "bf16" not in names:
+        raise SystemExit("the bf16 baseline itself ran out of memory; use a smaller --batch or --seq")
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(args.rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
-            times[name].append(timed(models[name]))
+            seconds = attempt(name)
+            if seconds is not None:
+                times[name].append(seconds)
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {times[n][-1] * 1e3:.0f} ms" for n in names),
               file=sys.stderr, flush=True)
 
@@ -121,11 +145,13 @@ def main() -> None:
           f"{args.device}{', torch.compile' if args.compile else ''}, fake-quant {args.fake_quant}; "
           f"median of {args.rounds} rounds, "
           f"group {args.group_size} for group-128 presets; torch {torch.__version__}\n")
-    print("| preset | ms / step (median) | x bf16 (median of each round's ratio) |")
-    print("|---|---|---|")
+    print("| preset | ms / step (median) | x bf16 (median of each round's ratio) | first step s (compile) |")
+    print("|---|---|---|---|")
     for name in names:
         paired = statistics.median(mine / base for mine, base in zip(times[name], times["bf16"]))
-        print(f"| {name} | {statistics.median(times[name]) * 1e3:.0f} | {paired:.2f} |")
+        print(f"| {name} | {statistics.median(times[name]) * 1e3:.0f} | {paired:.2f} | {first[name]:.1f} |")
+    for name in out_of_memory:
+        print(f"| {name} | out of memory | | |")
 
 
 if __name__ == "__main__":

@@ -53,6 +53,20 @@ def test_gpu_checks_script_runs_every_step_on_cpu(tmp_path):
         f"{name}.{ext}" for name in STEPS for ext in ("txt", "err"))
 
 
+def test_gpu_checks_script_stops_before_any_step_when_a_module_is_missing(tmp_path):
+    """The device image lacks zstandard: without its wheel carried, two steps would fail only
+    after minutes of device time."""
+    (tmp_path / "sitecustomize.py").write_text(DEVICE_IMAGE.replace('"vllm"}', '"vllm", "zstandard"}'))
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "out"), "TMPDIR": str(tmp_path),
+           "PYTHONPATH": str(tmp_path)}
+    result = subprocess.run(["bash", "bench/gpu_checks.sh", "--smoke"], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.strip().endswith("bench/gpu_checks.sh: missing zstandard; put their wheels in .whl/ (see "
+                                          "this script's header) and name .whl in the device call's carry")
+    assert "===" not in result.stdout
+
+
 def test_gpu_checks_script_refuses_an_unknown_argument():
     result = subprocess.run(["bash", "bench/gpu_checks.sh", "--smoek"], cwd=REPO, capture_output=True, text=True,
                             timeout=30)
