@@ -133,16 +133,6 @@ BAD_CONFIGS = [
     pytest.param(None, ['quant.rules=[{targets: "a[", preset: fp8}]'],
                  "quant.rules[0].targets: 'a[' is not a valid regex (unterminated character set at position 1)",
                  id="bad-rule-regex-before-any-model"),
-    pytest.param(None, ["distill.mode=qat", "distill.loss=reverse_kl"],
-                 "distill.loss: got 'reverse_kl', but mode=qat trains on cross-entropy alone, unweighted; expected "
-                 "the default 'forward_kl'", id="qat-ignores-the-kd-loss"),
-    pytest.param(None, ["distill.mode=qat", "distill.lm_loss_weight=0.3"],
-                 "distill.lm_loss_weight: got 0.3, but mode=qat trains on cross-entropy alone, unweighted; expected "
-                 "the default 0.0",
-                 id="qat-ignores-loss-weights"),
-    pytest.param(None, ["distill.kd_loss_weight=0"],
-                 "distill.kd_loss_weight and lm_loss_weight: both 0, so mode=qad would train on a zero loss; "
-                 "expected one of them > 0", id="nothing-to-train"),
     pytest.param(None, ["distill={[a]: 1}"],
                  "distill: got '{[a]: 1}' (str), expected a mapping of fields", id="override-with-a-list-key"),
 ]

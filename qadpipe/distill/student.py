@@ -34,15 +34,16 @@ FINAL_DIR = "final"
 PTQ_DIR = "ptq"
 
 
-def build_student(config: Any, device: torch.device) -> nn.Module:
-    """The student from ``model.path`` with the quant recipe applied (fp32 master weights)."""
+def build_student(config: Any, device: torch.device, *, rebuild: bool = False) -> nn.Module:
+    """The student from ``model.path`` with the quant recipe applied (fp32 master weights).
+    ``rebuild``: a student already trained with this recipe (see :func:`apply_recipe`)."""
     from qadpipe.models import check_logits_are_head_of_hidden, load_causal_lm
     from qadpipe.quant.recipe import apply_recipe
 
     model = load_causal_lm(config.model.path, dtype="float32", device=str(device),
                            trust_remote_code=config.model.trust_remote_code)
     check_logits_are_head_of_hidden(model, "model.path")   # before the recipe: no range to calibrate yet
-    apply_recipe(model, config.quant)
+    apply_recipe(model, config.quant, rebuild=rebuild)
     return model.to(device)
 
 
@@ -142,7 +143,7 @@ def load_final_student(final_dir: Path, device: str = "cpu") -> tuple[nn.Module,
     """The trained student and the config it was trained with, from ``final/``."""
     final_dir = Path(final_dir)
     config = trained_config(final_dir)
-    model = build_student(config, torch.device(device))
+    model = build_student(config, torch.device(device), rebuild=True)
     try:
         tensors = load_file(str(final_dir / MODEL_FILE))
     except Exception as exc:  # safetensors' own error type; its message names no file

@@ -140,6 +140,7 @@ class DistillRecipe:
             raise DistillError("model.dtype: float16 on CUDA would train without loss scaling (gradients "
                                "underflow in fp16); expected bfloat16 or float32")
         torch.manual_seed(cfg.seed)
+        _check_loss_weights(cfg)
         _refuse_other_files(self.output_dir)
         if not self.resume:
             _refuse_previous_run(self.output_dir)
@@ -160,7 +161,10 @@ class DistillRecipe:
                                    rank=self.env.rank, world_size=self.env.world_size,
                                    shuffle_buffer=cfg.shuffle_buffer, holdout_rows=cfg.eval_rows,
                                    prefetch=cfg.prefetch_batches, pin_for=self.env.device)
-        student = build_student(self.config, self.env.device)
+        # Resuming, the recipe is the checkpoint's, no-op entries and all (a newer qadpipe's
+        # refusals of those are for new recipes).
+        resuming = self.resume and latest_checkpoint(self.output_dir) is not None
+        student = build_student(self.config, self.env.device, rebuild=resuming)
         vocab = output_rows(student)
         self._check_vocab(vocab)
         self.spec = LossSpec(mode=cfg.mode, loss=cfg.loss, kd_weight=cfg.kd_loss_weight,
@@ -425,7 +429,7 @@ class DistillRecipe:
         if section in ("model", "quant", "distill"):
             return True
         if section == "teacher":
-            return self._needs_teacher() and key in ("teacher.path", "teacher.dtype")
+            return self._needs_teacher() and key in ("teacher.path", "teacher.dtype", "teacher.fp32_head")
         return section == "data" and self.target_kind is None
 
     def _restore_state(self, path: Path, state: TrainerState) -> None:
@@ -599,9 +603,12 @@ class DistillRecipe:
         own check comes before its update, so an update that wrecks the weights (an lr far too
         high) shows only in the next loss: the weights about to be saved are scored on the
         step's last micro-batch (and the held-out rows, when scored this step), so every
-        checkpoint a run leaves is one to resume from."""
+        checkpoint a run leaves is one to resume from.  The RNG is forked around the forward
+        (dropout draws from it): a run that saves, or stops, at a step trains on exactly the
+        stream of one that does not."""
         batch = batch.to(self.env.device)
-        with torch.no_grad():
+        devices = [self.env.device] if self.env.device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
             targets = self._with_teacher(batch) if self.spec.mode == "online" else batch.targets
             with self._autocast():
                 loss_sum, _ = self.wrapped(batch.model_inputs(), batch.target_mask, targets, self.spec,
@@ -695,6 +702,21 @@ class DistillRecipe:
         if hasattr(self, "metrics"):
             self.metrics.close()
         dist_utils.shutdown()
+
+
+def _check_loss_weights(cfg: Any) -> None:
+    """What the loss fields mean for this mode: a zero loss is refused; qat's fixed loss is
+    said when KD fields are set (a shared YAML flipped to qat for the baseline keeps them)."""
+    if cfg.kd_loss_weight == 0.0 and cfg.lm_loss_weight == 0.0:
+        raise DistillError(f"distill.kd_loss_weight and distill.lm_loss_weight: both 0, so mode={cfg.mode} would "
+                           "train on a zero loss; expected one of them > 0")
+    if cfg.mode == "qat":
+        unused = [f"distill.{name}={getattr(cfg, name)}" for name, default in
+                  (("loss", "forward_kl"), ("kd_loss_weight", 1.0), ("lm_loss_weight", 0.0))
+                  if getattr(cfg, name) != default]
+        if unused:
+            log.warning("distill.mode=qat trains on the data's cross-entropy alone, unweighted: %s not used",
+                        ", ".join(unused))
 
 
 class TeacherHead(torch.nn.Module):

@@ -156,13 +156,18 @@ def _field(section: str, name: str) -> str:
     return f"{section}.{name}" if section else name
 
 
-def apply_recipe(model: nn.Module, quant: Any) -> QuantRecipe:
-    """Replace matching ``nn.Linear`` modules of ``model`` by QuantLinear, in place."""
+def apply_recipe(model: nn.Module, quant: Any, *, rebuild: bool = False) -> QuantRecipe:
+    """Replace matching ``nn.Linear`` modules of ``model`` by QuantLinear, in place.
+
+    ``rebuild``: the recipe of a student already trained (export, eval, --resume): it is
+    applied as it was, without the refusals and warnings about its no-op entries that a new
+    recipe gets (a student trained before a refusal existed must still load)."""
+    names = [name for name, _ in model.named_modules() if name]
     linears = {name: m for name, m in model.named_modules() if type(m) is nn.Linear}
-    # ignore acts on Linears; embeddings are never quantized, so naming them (the default) is harmless
-    ignorable = [*linears, *(name for name, m in model.named_modules() if isinstance(m, nn.Embedding))]
     for i, pattern in enumerate(quant.ignore):
-        _check_regex(pattern, f"quant.ignore[{i}]", ignorable, "nn.Linear or embedding")
+        _check_regex(pattern, f"quant.ignore[{i}]", names, "module")
+        if not rebuild:
+            _warn_if_ignore_keeps_nothing(model, i, pattern, linears)
     rules = [(i, rule, resolve_preset(rule.preset, rule.group_size, f"quant.rules[{i}]"))
              for i, rule in enumerate(quant.rules)]
     for i, rule, _ in rules:
@@ -184,7 +189,9 @@ def apply_recipe(model: nn.Module, quant: Any) -> QuantRecipe:
         _check_layer(model, name, linear, preset_name, preset, section, is_head=name == head)
         chosen[name] = (preset_name, preset)
         section_of[name] = section
-    _refuse_dead_rules(quant, linears, section_of)
+    if not rebuild:
+        _refuse_dead_rules(quant, linears, section_of)
+        _warn_of_dense_matrices(model)
     if not chosen:
         raise QuantError(f"quant: no nn.Linear left to quantize in {type(model).__name__} "
                          f"(ignore={quant.ignore!r})")
@@ -228,6 +235,37 @@ def _check_regex(pattern: str, where: str, names: list[str], kind: str) -> None:
     if not any(compiled.search(n) for n in names):
         example = names[0] if names else "<none>"
         raise QuantError(f"{where}: regex {pattern!r} matches no {kind} (names look like {example!r})")
+
+
+def _warn_if_ignore_keeps_nothing(model: nn.Module, index: int, pattern: str, linears: dict[str, nn.Linear]) -> None:
+    """An ignore entry acts on nn.Linear modules only: one matching none (a decoder layer's
+    name, an MoE router that is not an nn.Linear) keeps nothing in full precision."""
+    if any(re.search(pattern, name) for name in linears):
+        return
+    matched = next((name, type(m).__name__) for name, m in model.named_modules() if re.search(pattern, name))
+    if isinstance(model.get_submodule(matched[0]), nn.Embedding):
+        return   # embeddings are never quantized: naming them (the default list does) is documentation
+    log.warning("quant.ignore[%d]: regex '%s' matches no nn.Linear (e.g. %s, a %s): ignore acts on nn.Linear modules, "
+                "so it keeps nothing in full precision; to keep a layer's Linears dense, match their names "
+                "(e.g. '%s')", index, pattern, matched[0], matched[1], re.escape(matched[0]) + r"\.")
+
+
+def _warn_of_dense_matrices(model: nn.Module) -> None:
+    """Weights the recipe cannot reach: matrices of modules other than nn.Linear (MoE experts
+    fused into 3-D tensors, custom heads, convolutions) stay in full precision, and the
+    export serves them so."""
+    kinds: dict[str, int] = {}
+    for module in model.modules():
+        if type(module) is nn.Linear or isinstance(module, nn.Embedding):
+            continue
+        for param in module.parameters(recurse=False):
+            if param.dim() >= 2:
+                kinds[type(module).__name__] = kinds.get(type(module).__name__, 0) + param.numel()
+    if kinds:
+        share = sum(kinds.values()) / sum(p.numel() for p in model.parameters())
+        log.warning("quant: %.1f%% of the model's weights sit in modules that are not nn.Linear (%s) and stay in "
+                    "full precision: qadpipe quantizes nn.Linear layers only", 100 * share,
+                    ", ".join(sorted(kinds)))
 
 
 def _refuse_dead_rules(quant: Any, linears: dict[str, nn.Linear], section_of: dict[str, str]) -> None:

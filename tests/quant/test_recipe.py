@@ -87,10 +87,7 @@ def test_fused_groups_share_the_nvfp4_weight_global_amax(make_llama, quant_confi
     (dict(preset="fp8", rules=[{"targets": "embed_tokens", "preset": "w8a16_int"}]),   # a module, not a Linear
      "quant.rules[0].targets: regex 'embed_tokens' matches no nn.Linear"),
     (dict(preset="fp8", ignore=["lm_head", "vision_tower"]),
-     "quant.ignore[1]: regex 'vision_tower' matches no nn.Linear or embedding"),
-    # a decoder layer, not its Linears: ignoring it would have kept nothing in full precision
-    (dict(preset="fp8", ignore=["lm_head", r"layers\.0$"]),
-     "quant.ignore[1]: regex 'layers\\\\.0$' matches no nn.Linear or embedding"),
+     "quant.ignore[1]: regex 'vision_tower' matches no module (names look like 'model')"),
     (dict(preset="fp8", rules=[{"targets": "lm_head", "preset": "w8a16_int"}]),
      "quant.rules[0].targets: every nn.Linear it matches (lm_head, ...) is in quant.ignore, which wins over rules"),
     (dict(preset="fp8", rules=[{"targets": "mlp", "preset": "w8a16_int"}, {"targets": "down_proj", "preset": "fp8"}]),
@@ -134,6 +131,48 @@ def test_a_group_size_the_format_refuses_names_the_field():
                                                                      "group_size": 130}]}})
     assert "quant.rules[0].group_size: 130 cannot apply to preset 'sherry_3of4' (sherry: group_size 130 must be " \
            "a multiple of M=4)" in str(info.value)
+
+
+def test_an_ignore_entry_that_keeps_nothing_dense_is_said(make_llama, quant_config, caplog):
+    """A decoder layer's name (not its Linears'), or an MoE router that is not an nn.Linear:
+    ignore acts on nn.Linear modules, so such an entry keeps nothing in full precision."""
+    model = make_llama()
+    with caplog.at_level("WARNING", logger="qadpipe.quant.recipe"):
+        recipe = apply_recipe(model, quant_config(preset="fp8", ignore=["lm_head", "embed_tokens", r"layers\.0$"]))
+    assert recipe.ignored == ["lm_head"]
+    assert ("quant.ignore[2]: regex 'layers\\.0$' matches no nn.Linear (e.g. model.layers.0, a LlamaDecoderLayer): "
+            "ignore acts on nn.Linear modules, so it keeps nothing in full precision; to keep a layer's Linears "
+            "dense, match their names (e.g. 'model\\.layers\\.0\\.')") in caplog.text
+    assert "embed_tokens" not in caplog.text   # embeddings are never quantized: naming them is fine
+
+
+def test_weights_outside_nn_linear_are_said_to_stay_dense(make_llama, quant_config, caplog):
+    """MoE experts fused into 3-D tensors (transformers 5's Qwen3MoeExperts) are no nn.Linear:
+    the recipe cannot reach them, and the user hears it."""
+    class FusedExperts(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate_up_proj = nn.Parameter(torch.zeros(4, 64, 256))
+
+    model = make_llama()
+    model.model.layers[0].mlp.experts = FusedExperts()
+    with caplog.at_level("WARNING", logger="qadpipe.quant.recipe"):
+        apply_recipe(model, quant_config(preset="fp8"))
+    assert "% of the model's weights sit in modules that are not nn.Linear (FusedExperts) and stay in full " \
+           "precision" in caplog.text
+
+
+def test_a_trained_students_recipe_rebuilds_with_its_no_op_entries(make_llama, quant_config, caplog):
+    """A student trained before a refusal existed (a rule an earlier one shadows, an ignore
+    entry matching no Linear) must still load for export, eval and --resume."""
+    config = quant_config(preset="fp8", ignore=["lm_head", r"layers\.0$"],
+                          rules=[{"targets": "mlp", "preset": "w8a16_int"}, {"targets": "down_proj", "preset": "fp8"}])
+    with pytest.raises(QuantError, match=r"quant.rules\[1\].targets: every nn.Linear it matches"):
+        apply_recipe(make_llama(), config)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="qadpipe.quant.recipe"):
+        recipe = apply_recipe(make_llama(), config, rebuild=True)
+    assert recipe.layers["model.layers.0.mlp.down_proj"].preset == "w8a16_int" and not caplog.text
 
 
 class _HeadNamedOutput(nn.Module):
