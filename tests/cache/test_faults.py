@@ -177,6 +177,45 @@ def test_a_shard_changed_in_place_after_the_first_epoch_is_refused(cache):
         list(reader.iter_sequences())
 
 
+def test_every_read_checks_the_checksum_not_only_the_first(cache):
+    """The checksum is compared on every read of a shard: one that no longer matches (here
+    the manifest's, as a same-size rewrite that still parses would leave it) is refused."""
+    import dataclasses
+
+    reader = CacheReader(str(cache))
+    assert len(list(reader.iter_sequences())) == 4
+    reader.shards[0] = dataclasses.replace(reader.shards[0], sha256="0" * 64)
+    with pytest.raises(CacheError, match=rf"{SHARD0}: checksum mismatch"):
+        list(reader.iter_sequences())
+
+
+def test_a_row_count_the_manifest_misstates_is_refused(cache):
+    edit_manifest(cache, lambda data: data["shards"][0].update(rows=3))
+    refused(cache, rf"{SHARD0}: 2 rows, manifest says 3")
+
+
+@pytest.mark.parametrize("damage, problem", [
+    ("tail above 1", r"tail_mass: NaN or outside \[0, 1\]"),
+    ("one token too many", r"target rows per sequence differ from len\(input_ids\) - 1 - target_start"),
+])
+def test_a_plain_shard_the_writer_would_have_refused_is_refused_on_read(tmp_path, monkeypatch, damage, problem):
+    """Decoded bytes are untrusted: rows a writer without its checks (another tool, an older
+    bug) put in a valid, correctly hashed shard are refused by the reader, naming the shard."""
+    import numpy as np
+
+    import qadpipe.cache.writer as writer
+
+    monkeypatch.setattr(writer, "validate_row", lambda row, meta: None)
+    meta = cache_meta("topk", k=8, encoding="plain")
+    rows = random_rows(meta, 2)
+    if damage == "tail above 1":
+        rows[1].tail_mass = rows[1].tail_mass + 1.5
+    else:
+        rows[1].input_ids = np.concatenate([rows[1].input_ids, rows[1].input_ids[:1]])
+    write_cache(tmp_path / "cache", meta, rows, rows_per_shard=2)
+    refused(tmp_path / "cache", rf"{SHARD0}: .*{problem}", lambda reader: list(reader.iter_sequences()))
+
+
 def test_a_manifest_write_that_fails_and_is_retried_lists_its_shard_once(tmp_path):
     """A storage error (or a second Ctrl-C) while the manifest is replaced, then the retry that
     closing the writer makes: the shard is committed once, its rows read once."""

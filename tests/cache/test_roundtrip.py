@@ -84,6 +84,24 @@ def test_rank_split_is_a_contiguous_balanced_partition(tmp_path, world_size):
         next(reader.iter_sequences(3, 3))
 
 
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_a_rank_range_starting_in_a_later_row_group_reads_its_own_rows(tmp_path, monkeypatch, world_size):
+    """Shards hold 128-row Parquet row groups: a rank's range that starts inside a later
+    group must be read from that group's first row on, not from the shard's."""
+    import qadpipe.cache.writer as writer
+
+    monkeypatch.setattr(writer, "ROW_GROUP_ROWS", 2)
+    meta = cache_meta("topk", encoding="compact")
+    rows = random_rows(meta, 11, seq_len=8)
+    write_cache(tmp_path, meta, rows, rows_per_shard=11)
+    reader = CacheReader(str(tmp_path), batch_rows=3)
+    ids = [r.id for r in rows]
+    for rank in range(world_size):
+        first, last = rank * len(ids) // world_size, (rank + 1) * len(ids) // world_size
+        assert [r.id for r in reader.iter_sequences(rank, world_size)] == ids[first:last]
+    assert [r.id for r in reader.iter_rows(5, 9)] == ids[5:9]
+
+
 def test_several_tasks_merge_into_one_view(tmp_path):
     meta = cache_meta("topk", encoding="compact")
     rows_b = random_rows(meta, 3, prefix="b", seed=1)
@@ -152,6 +170,16 @@ def test_writer_refuses_bad_rows(tmp_path, field, value, message):
         value = np.concatenate([value, row.input_ids[3:]])
     setattr(row, field, value)
     with CacheWriter(str(tmp_path), meta) as writer, pytest.raises(CacheError, match=f"cache row 'row-00000': {message}"):
+        writer.write(row)
+
+
+def test_writer_refuses_sampled_counts_that_do_not_sum_to_the_draws(tmp_path):
+    meta = cache_meta("sampled")
+    row = random_rows(meta, 1, seq_len=8)[0]
+    row.sample_counts = row.sample_counts.copy()
+    row.sample_counts[0] += 1          # the first position now holds num_samples + 1 draws
+    with CacheWriter(str(tmp_path), meta) as writer, pytest.raises(
+            CacheError, match=r"sample_counts must be >= 1 and sum to num_samples=50 per row"):
         writer.write(row)
 
 

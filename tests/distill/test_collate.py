@@ -45,6 +45,8 @@ def test_targets_follow_the_mask_order_for_random_rows():
             j = i - row.target_start
             assert batch.targets.next_tokens[flat] == int(row.input_ids[i + 1])
             assert batch.targets.topk_ids[flat].tolist() == row.topk_ids[j].tolist()
+            assert batch.targets.topk_logprobs[flat].tolist() == row.topk_logprobs[j].tolist()
+            assert batch.targets.tail_mass[flat] == float(row.tail_mass[j])
             flat += 1
     assert flat == sum(row.num_target_rows for row in rows) == batch.num_positions
 

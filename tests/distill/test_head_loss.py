@@ -87,6 +87,41 @@ def test_figures_are_the_tail_kl_and_top1_agreement_whatever_the_training_loss()
     assert int(stats["top1"]) == int(top1)
 
 
+def test_figures_mass_on_s_by_hand_padded_slots_excluded():
+    """The student's and the teacher's probability mass on the cached top-k: the student's
+    summed over the stored ids only (a padded slot, id -1, counts nothing), the teacher's
+    1 - tail."""
+    gen = torch.Generator().manual_seed(6)
+    targets, _ = make_targets("topk", gen)
+    targets.topk_ids, targets.topk_logprobs = targets.topk_ids.clone(), targets.topk_logprobs.clone()
+    targets.topk_ids[0, -1], targets.topk_logprobs[0, -1] = -1, float("-inf")
+    head = nn.Linear(D, V, bias=False)
+    hidden = torch.randn(N, D, generator=gen)
+    _, stats = head_loss(hidden, head, targets, LossSpec(), 9)
+    with torch.no_grad():
+        p = torch.softmax(head(hidden).double(), -1)
+    student = sum(float(p[n, i]) for n in range(N) for i in targets.topk_ids[n].tolist() if i >= 0)
+    assert float(stats["mass_student"]) == pytest.approx(student, rel=1e-5)
+    assert float(stats["mass_teacher"]) == pytest.approx(float((1 - targets.tail_mass.double()).sum()), rel=1e-12)
+
+
+def test_sampled_top1_agreement_is_against_the_most_drawn_token():
+    """A sampled cache's teacher top-1 is its most-weighted draw: here the student's argmax
+    is that draw at 30 of 40 positions and absent from the draws elsewhere."""
+    gen = torch.Generator().manual_seed(7)
+    head = nn.Linear(D, V, bias=False)
+    hidden = torch.randn(N, D, generator=gen)
+    with torch.no_grad():
+        student_top1 = head(hidden).argmax(-1)
+    others = torch.stack([(student_top1 + 1 + j) % V for j in range(4)], -1)   # never the student's top-1
+    weights = torch.tensor([0.4, 0.3, 0.2, 0.1]).expand(N, 4).clone()
+    draws = others.clone()
+    draws[:30, 0] = student_top1[:30]                                          # the most-weighted draw
+    targets = PositionTargets(torch.randint(V, (N,), generator=gen), sample_ids=draws, sample_weights=weights)
+    _, stats = head_loss(hidden, head, targets, LossSpec(), 9)
+    assert int(stats["top1"]) == 30
+
+
 def test_backward_keeps_no_positions_by_vocab_tensor():
     """The naive path saves [N, V] logits for backward; the fused path saves only [N, D] and [V, D]."""
     gen = torch.Generator().manual_seed(5)

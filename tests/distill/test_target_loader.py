@@ -54,6 +54,12 @@ def test_same_seed_same_order_other_seed_other_order(make):
     assert take(make(source), 8) != take(make(source, seed=2), 8)
 
 
+def test_each_epoch_is_shuffled_anew(make):
+    loader = make(ListSource(20))
+    epochs = [[i for b in take(loader, 6) for i in b] for _ in range(2)]   # 18 training rows / 3, twice
+    assert sorted(epochs[0]) == sorted(epochs[1]) and epochs[0] != epochs[1]
+
+
 def test_epoch_covers_every_training_row_once_and_never_the_holdout(make):
     loader = make(ListSource(20))
     assert ids(loader.holdout()) == ["r0", "r1"]

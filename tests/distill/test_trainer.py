@@ -129,6 +129,19 @@ def test_online_targets_follow_teacher_fp32_head(peaky_llama_dir, topk_cache, tm
         assert torch.equal(logits, (hidden @ head.t()).float())
 
 
+def test_a_zero_loss_is_refused_and_qat_says_what_it_does_not_use(peaky_llama_dir, topk_cache, tmp_path, caplog):
+    line = one_line_error(distill(peaky_llama_dir, topk_cache, tmp_path / "zero", "distill.kd_loss_weight=0"))
+    assert line == ("qadpipe: error: distill.kd_loss_weight and distill.lm_loss_weight: both 0, so mode=qad would "
+                    "train on a zero loss; expected one of them > 0")
+    assert not (tmp_path / "zero").exists()
+    with caplog.at_level("WARNING", logger="qadpipe.distill.trainer"):
+        result = distill(peaky_llama_dir, topk_cache, tmp_path / "qat", "distill.mode=qat", "distill.loss=reverse_kl",
+                         "distill.lm_loss_weight=0.3", "distill.max_steps=1", "distill.save=false")
+    assert result.exit_code == 0, result.output
+    assert ("distill.mode=qat trains on the data's cross-entropy alone, unweighted: distill.loss=reverse_kl, "
+            "distill.lm_loss_weight=0.3 not used") in caplog.text
+
+
 @pytest.mark.parametrize("learnable", ["none", "lsq"])
 def test_trainable_quant_says_what_trains(peaky_llama_dir, topk_cache, tmp_path, caplog, learnable):
     """Without learnable scales trainable=quant trains the norms alone, and weight decay (on
@@ -280,6 +293,27 @@ def test_online_refuses_a_teacher_that_reads_tokens_otherwise(peaky_llama_dir, t
     assert not (tmp_path / "out" / "ptq").exists()
 
 
+def test_grad_accum_weights_micro_batches_by_their_target_positions(peaky_llama_dir, tmp_path):
+    """Two micro-batches of 1 row must give the step one batch of both rows gives: each
+    position weighs the same, however the rows are split (a per-micro-batch mean would give
+    a short row's positions the weight of a long row's)."""
+    from qadpipe.models import load_tokenizer, tokenizer_fingerprint
+
+    meta = cache_meta(tokenizer_fingerprint=tokenizer_fingerprint(load_tokenizer(str(peaky_llama_dir))),
+                      vocab_size=49152)
+    short, long = random_rows(meta, 4, seq_len=6, prefix="short"), random_rows(meta, 4, seq_len=40, prefix="long")
+    cache = write_cache(tmp_path / "cache", meta, [row for pair in zip(short, long) for row in pair])
+    common = ("distill.max_steps=2", "distill.eval_rows=0", "distill.shuffle_buffer=1", "distill.save=false")
+    figures = {}
+    for batch, accum in ((2, 1), (1, 2)):
+        out = tmp_path / f"{batch}x{accum}"
+        result = distill(peaky_llama_dir, cache, out, *common, f"distill.batch_size={batch}",
+                         f"distill.grad_accum={accum}")
+        assert result.exit_code == 0, result.output
+        figures[batch] = [(row["loss"], row["grad_norm"]) for row in train_rows(out)]
+    np.testing.assert_allclose(figures[1], figures[2], rtol=1e-5)
+
+
 def test_refuses_a_student_whose_vocab_differs_from_the_cache(peaky_llama_dir, topk_cache, tmp_path):
     from qadpipe.models import load_tokenizer, tokenizer_fingerprint
 
@@ -309,6 +343,25 @@ def test_a_diverged_update_is_never_saved_and_the_run_resumes_with_a_lower_lr(pe
     assert [row["step"] for row in train_rows(tmp_path)] == [1, 2, 3, 4]
     state = load_file(str(tmp_path / "final" / "model.safetensors"))
     assert all(torch.isfinite(t).all() for t in state.values())
+
+
+def test_the_check_before_a_save_leaves_the_random_stream_alone(peaky_llama_dir, topk_cache, tmp_path):
+    """The weights are scored before each save with the student in train mode: with dropout
+    that forward draws random numbers, which must not shift the next steps' (a run that saves
+    every step, or is stopped and resumed, trains as one that does not)."""
+    from qadpipe.models import load_causal_lm, load_tokenizer
+
+    student = load_causal_lm(str(peaky_llama_dir), dtype="float32")
+    student.config.attention_dropout = 0.2
+    student.save_pretrained(tmp_path / "dropout")
+    load_tokenizer(str(peaky_llama_dir)).save_pretrained(tmp_path / "dropout")
+    losses = {}
+    for every in (100, 1):
+        result = distill(tmp_path / "dropout", topk_cache, tmp_path / f"save-every-{every}", "distill.max_steps=4",
+                         f"distill.save_every={every}")
+        assert result.exit_code == 0, result.output
+        losses[every] = [row["loss"] for row in train_rows(tmp_path / f"save-every-{every}")]
+    assert losses[1] == losses[100]
 
 
 def test_a_run_whose_last_update_diverged_writes_no_final_student(peaky_llama_dir, topk_cache, tmp_path):
@@ -414,6 +467,26 @@ def test_resume_online_without_a_cache_compares_the_data_and_teacher_it_reads(pe
     assert "another config (data.random.seed differ)" in line
     line = one_line_error(distill(peaky_llama_dir, no_cache, tmp_path, *args, "teacher.dtype=bfloat16", resume=True))
     assert "another config (teacher.dtype differ)" in line
+    line = one_line_error(distill(peaky_llama_dir, no_cache, tmp_path, *args, "teacher.fp32_head=false", resume=True))
+    assert "another config (teacher.fp32_head differ)" in line   # the online targets' head precision
+
+
+def test_a_student_whose_recipe_a_later_qadpipe_refuses_still_loads(peaky_llama_dir, topk_cache, tmp_path):
+    """A final/ written before a recipe check existed (here: a rule an earlier one shadows,
+    refused for new runs since) is rebuilt as it was trained, for export and eval."""
+    import yaml
+
+    from qadpipe.distill.student import load_final_student
+
+    assert distill(peaky_llama_dir, topk_cache, tmp_path, "distill.max_steps=1").exit_code == 0
+    record = tmp_path / "final" / "qadpipe_run.yaml"
+    saved = yaml.safe_load(record.read_text())
+    saved["config"]["quant"]["rules"] = [{"targets": "proj", "preset": "w4a16_int", "group_size": 32},
+                                         {"targets": "down_proj", "preset": "w8a16_int"}]
+    record.write_text(yaml.safe_dump(saved))
+    model, config = load_final_student(tmp_path / "final")
+    assert len(config.quant.rules) == 2
+    assert model.model.layers[0].mlp.down_proj.weight_quantizer.spec.bits == 4
 
 
 def test_resume_with_a_horizon_the_checkpoint_went_past_is_refused(peaky_llama_dir, topk_cache, tmp_path):

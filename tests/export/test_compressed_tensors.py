@@ -176,6 +176,21 @@ def test_nvfp4_global_scales_are_reciprocals_shared_by_fused_groups(student, tin
     assert torch.equal(tensors[p + "self_attn.o_proj.weight_global_scale"], (448 * 6 / o_amax).reshape(1))
 
 
+@pytest.mark.parametrize("preset, field, expected", [
+    # x = code * scale, E4M3's largest code 448 (the quotient rounded once to fp32)
+    ("fp8_static", "input_scale", lambda amax: torch.tensor([float(amax) / 448], dtype=torch.float32)),
+    # CT's divisor convention, as its generate_gparam evaluates it (and the weights' test above)
+    ("nvfp4", "input_global_scale", lambda amax: 448 * 6 / amax.reshape(1)),
+])
+def test_static_input_scales_are_the_calibrated_range(student, tiny_llama_dir, tmp_path, preset, field, expected):
+    """The value vLLM scales activations by, computed here from the calibrated amax, for
+    every quantized layer."""
+    model, out = _export(student, tiny_llama_dir, preset, None, tmp_path)
+    _, tensors = load_export(out)
+    for name, layer in quant_linears(model).items():
+        assert torch.equal(tensors[f"{name}.{field}"], expected(layer.input_quantizer.amax.float())), name
+
+
 def test_mixed_presets_get_one_config_group_each(student, tiny_llama_dir, tmp_path):
     model, config = student(tiny_llama_dir, "w4a16_int", 32,
                             rules=[{"targets": r"mlp\.down_proj", "preset": "w8a16_int"}])
@@ -236,6 +251,12 @@ def test_refuses_mismatched_fused_input_scales(student, tiny_llama_dir, tmp_path
     model, config = student(tiny_llama_dir, "fp8_static")
     model.get_submodule("model.layers.0.mlp.up_proj").input_quantizer.amax.mul_(1.5)
     _refused(model, tiny_llama_dir, tmp_path, config, r"mismatched fused scales: input_scale differs")
+
+
+def test_refuses_mismatched_fused_per_tensor_weight_scales(student, tiny_llama_dir, tmp_path):
+    model, config = student(tiny_llama_dir, "fp8_static")
+    model.get_submodule("model.layers.0.self_attn.k_proj").weight_quantizer.amax.mul_(2)
+    _refused(model, tiny_llama_dir, tmp_path, config, r"mismatched fused scales: weight_scale differs")
 
 
 def test_refuses_fused_members_with_different_schemes(student, tiny_llama_dir, tmp_path):
