@@ -227,7 +227,7 @@ def distill(config_path: str | None, overrides: tuple[str, ...], resume: bool) -
 @click.option("--format", "fmt", type=click.Choice(["fake", "compressed-tensors"]), default=None,
               help="override export.format")
 @click.option("--checkpoint", type=click.Path(file_okay=False), default=None, callback=_non_empty,
-              help="distill final/ directory (default: <distill.output_dir>/final)")
+              help="a distill final/, ptq/ or checkpoints/step-N directory (default: <distill.output_dir>/final)")
 @click.option("--output", type=click.Path(), default=None, callback=_non_empty, help="override export.output_dir")
 @_config_options
 @_user_errors_as_one_line

@@ -340,7 +340,8 @@ def small_vocab_model(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Pat
 
 @pytest.mark.parametrize("case, records, extra, message", [
     ("missing file", None, {"data.source": "no/such/data.jsonl"},
-     "data.source: got 'no/such/data.jsonl' (str), expected an existing file or directory"),
+     "data.source: got 'no/such/data.jsonl' (str), expected an existing file or directory (relative paths are "
+     "read from the current directory, {cwd})"),
     ("no field", [{"text": "fine"}, {"body": "x"}], {"data.field": "text"},
      "{tmp}/d.jsonl record 1, line 2: no field 'text' (data.field), record has ['body']"),
     ("empty prompt", [{"prompt": "ok"}, {"prompt": ""}], {"data.field": "prompt"},
@@ -375,7 +376,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case: str, records: lis
 
         real = importlib.util.find_spec
         monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
-    fill = {"tmp": tmp_path, "vocab512": small_vocab_model, "first": sorted(os.listdir(small_vocab_model))[0]}
+    fill = {"tmp": tmp_path, "vocab512": small_vocab_model, "first": sorted(os.listdir(small_vocab_model))[0],
+            "cwd": os.getcwd()}
     args = ["generate"]
     for item in _overrides(tiny_llama_dir, tmp_path / "cache", **{k: str(v).format(**fill) for k, v in extra.items()}):
         args += ["--set", item]

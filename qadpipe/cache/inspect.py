@@ -16,6 +16,11 @@ from qadpipe.errors import folded
 from qadpipe.targets import TAIL_ID
 
 
+#: A good shard's state: listed, its size and footer as the manifest says, and (``--verify``)
+#: its sha256 too.  Without the hash a same-size corruption cannot be seen: the state says so.
+UNHASHED, VERIFIED = "size ok, not hashed", "verified"
+
+
 def summarize(root: str, *, rehash: bool = False) -> dict:
     """A JSON-ready summary; shards that fail their checks are reported, not raised."""
     store = Store(root)
@@ -26,11 +31,11 @@ def summarize(root: str, *, rehash: bool = False) -> dict:
         for shard in task.shards:
             problem = shard_problem(store, shard, rehash=rehash)
             shards.append({"name": shard.name, "task": task.task, "rows": shard.rows, "tokens": shard.tokens,
-                           "bytes": shard.bytes, "state": problem or ("verified" if rehash else "ok")})
+                           "bytes": shard.bytes, "state": problem or (VERIFIED if rehash else UNHASHED)})
     columns = _statistics_columns(meta)
     values: dict[str, list[np.ndarray]] = {column: [] for column in columns}
     for shard, info in zip(view.shards, shards):
-        if info["state"] not in ("ok", "verified"):
+        if info["state"] not in (UNHASHED, VERIFIED):
             continue
         try:
             table = pq.read_table(store.open_input(shard.name), columns=columns)
@@ -58,7 +63,7 @@ def summarize(root: str, *, rehash: bool = False) -> dict:
         "bytes_per_token": total_bytes / tokens if tokens else None,
         "targets": _target_statistics(meta, {c: np.concatenate(v) for c, v in values.items() if v}),
         "shards": shards,
-        "bad_shards": [s["name"] for s in shards if s["state"] not in ("ok", "verified")],
+        "bad_shards": [s["name"] for s in shards if s["state"] not in (UNHASHED, VERIFIED)],
     }
 
 

@@ -174,8 +174,9 @@ class CacheWriter:
         self._manifest, self._next_index, self._done, self._buffer, self._buffered_ids = (
             updated, self._next_index + 1, self._done | self._buffered_ids, [], set())
         seconds = time.perf_counter() - started
-        log.info("cache: committed %s (%d rows, %d tokens, %.1f B/token, %.0f tokens/s)",
-                 name, rows, tokens, len(data) / max(tokens, 1), tokens / max(seconds, 1e-9))
+        # The shard's own cost (encode, compress, write, manifest), not the teacher's speed.
+        log.info("cache: committed %s (%d rows, %d target positions, %.1f B/position; encoded and written in "
+                 "%.2f s)", name, rows, tokens, len(data) / max(tokens, 1), seconds)
 
     def _write_manifest(self, manifest: TaskManifest) -> None:
         """Replace the task manifest file; the in-memory one changes only after this returns,

@@ -39,7 +39,8 @@ class ModelConfig:
         path=True)
     dtype: Dtype = opt("bfloat16",
         "the student's compute dtype: CUDA autocast in training (master weights stay fp32; CPU trains "
-        "in fp32) and the dtype export writes")
+        "in fp32) and the dtype export writes (float32 exports as bfloat16, with a warning: vLLM serves "
+        "16-bit)")
     trust_remote_code: bool = opt(False,
         "run model code shipped inside the checkpoint; off unless you trust its source")
 

@@ -46,8 +46,10 @@ def check_data_config(data: DataConfig, gen: GenerateConfig, source_name: str = 
     """Combinations the data section cannot serve, refused before anything is read.  The
     source's existence is checked here, where it is read, not when the config loads: a
     shared config names a data file that the machines of later stages need not have."""
-    if data.source != "random" and not Path(data.source).expanduser().exists():
-        raise ConfigError(f"{source_name}: got '{data.source}' (str), expected an existing file or directory")
+    source = Path(data.source).expanduser()
+    if data.source != "random" and not source.exists():
+        where = "" if source.is_absolute() else f" (relative paths are read from the current directory, {Path.cwd()})"
+        raise ConfigError(f"{source_name}: got '{data.source}' (str), expected an existing file or directory{where}")
     if data.overflow == "pack":
         if gen.mode == "generate":
             raise ConfigError("data.overflow: got 'pack', expected truncate or drop in generate mode "
@@ -102,7 +104,12 @@ def load_sequences(data: DataConfig, gen: GenerateConfig, tokenizer: Any, vocab_
     if data.source == "random":
         count = min(data.random.num_sequences, data.limit or data.random.num_sequences)
         # Capped like any record (overflow's truncate): by max_length, less the completion's room.
-        length = min(data.random.length, data.max_length - (gen.max_new_tokens if gen.mode == "generate" else 0))
+        room = data.max_length - (gen.max_new_tokens if gen.mode == "generate" else 0)
+        length = min(data.random.length, room)
+        if length < data.random.length and shard_index == 0:
+            log.warning("data.random.length=%d is cut to %d tokens: data.max_length=%d%s", data.random.length,
+                        length, data.max_length,
+                        f" less generate.max_new_tokens={gen.max_new_tokens}" if gen.mode == "generate" else "")
         seqs = list(random_sequences(count, length, vocab_size, data.random.seed,
                                      range(shard_index, count, num_shards)))
         return DataSlice(seqs, fingerprint)

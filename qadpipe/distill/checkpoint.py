@@ -20,7 +20,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from safetensors.torch import load_file
@@ -80,7 +80,8 @@ def unique_tensors(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch
 
 
 def write_student_dir(parent: Path, name: str, model_state: dict[str, torch.Tensor], config: Any,
-                      cache_fingerprint: str, extra: Callable[[Path], None] = lambda tmp: None) -> Path:
+                      cache_fingerprint: str, extra: Callable[[Path], None] = lambda tmp: None,
+                      facts: Optional[dict[str, Any]] = None) -> Path:
     """Write ``<parent>/<name>/`` whole or not at all: the student's tensors (tied aliases
     dropped, listed in the metadata), the run record, and whatever ``extra(tmp)`` adds, into
     a temp dir that is fsync'd and renamed over any older ``name``.  Checkpoints and the
@@ -90,7 +91,7 @@ def write_student_dir(parent: Path, name: str, model_state: dict[str, torch.Tens
         tensors, aliases = unique_tensors(model_state)
         save_tensors(tensors, tmp / MODEL_FILE, {"aliases": repr(sorted(aliases.items()))})
         extra(tmp)
-        save_run_record(config, "distill", tmp, cache_fingerprint=cache_fingerprint)
+        save_run_record(config, "distill", tmp, cache_fingerprint=cache_fingerprint, **(facts or {}))
         for path in tmp.iterdir():
             fsync_path(path)
         share_tree(tmp)

@@ -82,11 +82,12 @@ class StudentLoss(nn.Module):
 
 
 def save_student(output_dir: Path, model_state: dict[str, torch.Tensor], config: Any,
-                 name: str = FINAL_DIR, cache_fingerprint: str = "") -> Path:
+                 name: str = FINAL_DIR, cache_fingerprint: str = "", **facts: Any) -> Path:
     """Write ``<output_dir>/<name>/`` whole (temp dir → rename), replacing an older one.  Its
     run record keeps the fingerprint of the cache contents it trained on ("" without a cache),
-    by which eval knows whether a cache's held-out rows are really unseen."""
-    return write_student_dir(Path(output_dir), name, model_state, config, cache_fingerprint)
+    by which eval knows whether a cache's held-out rows are really unseen, and ``facts``
+    (a resumed run's history)."""
+    return write_student_dir(Path(output_dir), name, model_state, config, cache_fingerprint, facts=facts)
 
 
 def load_state_into(model: nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:

@@ -25,8 +25,11 @@ Output under ``distill.output_dir``: ``checkpoints/`` (see :mod:`qadpipe.distill
 from __future__ import annotations
 
 import contextlib
+import datetime as _dt
 import logging
 import math
+import os
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -129,6 +132,7 @@ class DistillRecipe:
         self._stop = StopSignals("saving a checkpoint at the end of this step")
         self._saved_schedule: Optional[dict[str, Any]] = None   # the resumed checkpoint's, see _follow_new_schedule
         self._resumed_window: Optional[dict[str, float]] = None   # the resumed checkpoint's log-interval sums
+        self.resumes: list[dict[str, Any]] = []   # this run's resume history, see _record_resume
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -147,6 +151,7 @@ class DistillRecipe:
         check_writable_dir(self.output_dir, "distill.output_dir")
         if (self.output_dir / CHECKPOINT_DIR).is_dir():
             check_writable_dir(self.output_dir / CHECKPOINT_DIR, "distill.output_dir")
+        self._made_dir = _first_missing(self.output_dir)
         try:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:   # what the mode bits do not tell: a read-only mount, root on /sys
@@ -205,7 +210,7 @@ class DistillRecipe:
         if restored is not None:
             self._restore_state(*restored)
         if self.env.is_main:
-            save_run_record(self.config, "distill", self.output_dir)
+            save_run_record(self.config, "distill", self.output_dir, **self._history())
 
     def _load_tokenizer(self) -> Any:
         from qadpipe.models import load_tokenizer
@@ -387,11 +392,13 @@ class DistillRecipe:
             return None
         saved = self._check_same_run(path)
         self._saved_schedule = {key: saved.get(f"distill.{key}") for key in ("max_steps", "lr")}
+        self._record_resume(path, saved)
         tensors, state = load_checkpoint(path)
         if state.cache_fingerprint != self._cache_fingerprint():
             raise DistillError(f"{path}: --resume of a checkpoint trained on other cache contents than "
-                               f"{self.config.cache.path} now holds (regenerated or extended since); "
-                               "use a fresh distill.output_dir")
+                               f"{self.config.cache.path} now holds (another cache, or this one regenerated or "
+                               "extended since); resume with the cache it trained on, or use a fresh "
+                               "distill.output_dir")
         load_state_into(student, {_strip(k): v for k, v in tensors.items()}, path)
         return path, state
 
@@ -419,6 +426,21 @@ class DistillRecipe:
             raise DistillError(f"{path}: --resume of a checkpoint written with another config ({', '.join(changed[:4])} "
                                "differ); use a fresh distill.output_dir or resume with the config that made it")
         return saved
+
+    def _record_resume(self, path: Path, saved: dict[str, Any]) -> None:
+        """Add this resume to the run's history (``resumes`` in its run records): the
+        checkpoint, and each field the resume changed with its value before, which the
+        records' config (the latest) no longer shows."""
+        from qadpipe.config import config_to_dict, flatten_config
+        from qadpipe.provenance import read_run_record
+
+        now = flatten_config(config_to_dict(self.config))
+        changed = {key: [saved[key], now[key]] for key in sorted(RESUMABLE_CHANGES)
+                   if key in saved and key in now and saved[key] != now[key]}
+        earlier = (read_run_record(self.output_dir) or {}).get("resumes")
+        self.resumes = [*(earlier if isinstance(earlier, list) else []),
+                        {"checkpoint": path.name, "step": int(path.name.rpartition("-")[2]),
+                         "at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "changed": changed}]
 
     def _reads(self, key: str) -> bool:
         """Whether config field ``key`` can change what this run trains.  The cache's settings
@@ -613,14 +635,16 @@ class DistillRecipe:
             with self._autocast():
                 loss_sum, _ = self.wrapped(batch.model_inputs(), batch.target_mask, targets, self.spec,
                                            self._teacher_head())
-        values = {"loss on its last micro-batch": float(loss_sum)}
-        if self.last_eval_step == self.step and "loss" in self.last_eval:
-            values["held-out loss"] = self.last_eval["loss"]
-        bad = next(((name, value) for name, value in values.items() if not math.isfinite(value)), None)
-        if dist_utils.all_reduce_number(0.0 if bad is None else 1.0, self.env.device, op="max") == 0:
+        problems = [] if math.isfinite(loss_sum) else [f"give a loss on its last micro-batch of {float(loss_sum):g}"]
+        if self.last_eval_step == self.step and not math.isfinite(self.last_eval.get("loss", 0.0)):
+            problems.append(f"give a held-out loss of {self.last_eval['loss']:g}")
+        # weights no batch reached (embedding rows of tokens it lacks); each rank checks its own shards
+        if not all(bool(torch.isfinite(getattr(p, "to_local", lambda: p)()).all()) for p in self.params):
+            problems.append("hold non-finite values")
+        if dist_utils.all_reduce_number(1.0 if problems else 0.0, self.env.device, op="max") == 0:
             return
-        what = f"a {bad[0]} of {bad[1]:g}" if bad else "a non-finite loss on another rank"
-        raise DistillError(f"step {self.step}: the weights after this step's update give {what}; not saved, "
+        what = " and ".join(problems) or "give a non-finite loss or hold non-finite values on another rank"
+        raise DistillError(f"step {self.step}: the weights after this step's update {what}; not saved, "
                            f"{self._kept_checkpoint('last good')}; {RECOVER_FROM_NAN}")
 
     @torch.no_grad()
@@ -689,19 +713,42 @@ class DistillRecipe:
 
         dist_utils.written_by_main(self.env.is_main, self.env.device, write)
 
+    def _history(self) -> dict[str, Any]:
+        """The run-record fact a resumed run adds (none for a run never resumed)."""
+        return {"resumes": self.resumes} if self.resumes else {}
+
     def save_final(self) -> Optional[Path]:
         model_state = {_strip(k): v for k, v in dist_utils.full_model_state(self.model).items()}
         final = dist_utils.written_by_main(self.env.is_main, self.env.device,
                                            lambda: save_student(self.output_dir, model_state, self.config,
-                                                                cache_fingerprint=self._cache_fingerprint()))
+                                                                cache_fingerprint=self._cache_fingerprint(),
+                                                                **self._history()))
         if final is not None:
             log.info("final student written to %s (qadpipe export reads it)", final)
         return final
+
+    def remove_output_dir_if_empty(self) -> None:
+        """A run refused during setup (a bad cache, recipe or field) leaves nothing behind:
+        the directories it created for its output go again while they hold no file.  Single
+        process only: under torchrun another rank may be about to write into them."""
+        made = getattr(self, "_made_dir", None)
+        if made is None or not made.is_dir() or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            return
+        if all(entry.is_dir() and not entry.is_symlink() for entry in made.rglob("*")):
+            shutil.rmtree(made, ignore_errors=True)
 
     def cleanup(self) -> None:
         if hasattr(self, "metrics"):
             self.metrics.close()
         dist_utils.shutdown()
+
+
+def _first_missing(path: Path) -> Optional[Path]:
+    """The outermost directory of ``path`` that does not exist yet (None: it exists)."""
+    missing = None
+    while not path.exists() and path != path.parent:
+        missing, path = path, path.parent
+    return missing
 
 
 def _check_loss_weights(cfg: Any) -> None:
@@ -792,7 +839,11 @@ def run_distill(config: Any, *, resume: bool = False) -> TrainResult:
     """setup → train → cleanup; what ``qadpipe distill`` runs."""
     recipe = DistillRecipe(config, resume=resume)
     try:
-        recipe.setup()
+        try:
+            recipe.setup()
+        except BaseException:
+            recipe.remove_output_dir_if_empty()
+            raise
         return recipe.train()
     finally:
         recipe.cleanup()

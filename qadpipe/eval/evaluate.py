@@ -81,6 +81,9 @@ def check_model_paths(models: dict[str, str]) -> None:
         if name == TEACHER_ROW:
             raise ConfigError(f"eval.models.{TEACHER_ROW}: the name of the report's reference row (eval's teacher, "
                               "model.path); give this model another name")
+        if not name.strip() or any(char in name for char in "|\n\r`"):   # a row name of report.md's table
+            raise ConfigError(f"eval.models: name {name!r} cannot name a report row; expected a non-empty name "
+                              "without '|', '`' or line breaks")
         if not str(path).strip():
             raise ConfigError(f"eval.models.{name}: empty; expected a distill final/ or ptq/ directory or an HF "
                               "checkpoint")

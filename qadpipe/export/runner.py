@@ -26,7 +26,8 @@ from qadpipe.export.compressed_tensors import write_compressed_tensors
 from qadpipe.export.fake import write_fake
 from qadpipe.export.model_tensors import quant_linears
 from qadpipe.export.writer import EXPORT_INFO, check_replaceable, staged_dir, weights_bytes
-from qadpipe.provenance import RUN_FILE, save_run_record
+from qadpipe.provenance import RUN_FILE, read_run_record, save_run_record
+from qadpipe.quant.formats import Kind
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +62,18 @@ def bf16_bytes(model: nn.Module) -> int:
                    if "_quantizer." not in name)
 
 
+#: QuantSpec fields that mean something for some formats only: left out of the record for the
+#: others, where their defaults would read as a property of the layer (3:4 sparsity on an INT4 one).
+_FORMAT_FIELDS = {"sparsity": {Kind.SHERRY}, "mx_rule": {Kind.MXFP4, Kind.MXFP8}}
+
+
 def layer_recipe(model: nn.Module) -> dict[str, dict[str, Any]]:
     """Per quantized layer, the weight and input specs it was trained with (JSON-ready)."""
     def spec_dict(spec: Any) -> Optional[dict[str, Any]]:
         if spec is None:
             return None
-        return {k: (v.value if hasattr(v, "value") else v) for k, v in dataclasses.asdict(spec).items()}
+        return {k: (v.value if hasattr(v, "value") else v) for k, v in dataclasses.asdict(spec).items()
+                if spec.kind in _FORMAT_FIELDS.get(k, {spec.kind})}
 
     return {name: {"weight": spec_dict(layer.weight_quantizer.spec),
                    "input": spec_dict(layer.input_quantizer.spec if layer.input_quantizer else None)}
@@ -135,8 +142,13 @@ def run_export(config: Any, checkpoint: Optional[str] = None, output: Optional[s
             raise ExportError(f"--checkpoint {final}: expected a distill final/, ptq/ or checkpoints/step-N "
                               f"directory with model.safetensors and {RUN_FILE}")
         steps = sorted((final.parent / "checkpoints").glob("step-*"))
+        config_record = (read_run_record(final.parent) or {}).get("config")
+        distill = config_record.get("distill") if isinstance(config_record, dict) else None
+        unsaved = isinstance(distill, dict) and distill.get("save") is False
         hint = (f"finish it with `qadpipe distill --resume`, or export its last checkpoint with "
-                f"--checkpoint {steps[-1]}" if steps else "run qadpipe distill first")
+                f"--checkpoint {steps[-1]}" if steps else
+                "its run had distill.save=false, so it wrote none; rerun it with distill.save=true" if unsaved else
+                "run qadpipe distill first")
         raise ExportError(f"distill.output_dir: {final.parent} holds no finished student ({final.name}/); {hint}")
     out = Path(output) if output else Path(config.export.output_dir)
     check_replaceable(out)  # before the (slow) model load; staged_dir checks again
@@ -151,7 +163,10 @@ def run_export(config: Any, checkpoint: Optional[str] = None, output: Optional[s
     record = dataclasses.replace(trained, export=dataclasses.replace(
         config.export, format=fmt, output_dir=str(out)))
     dtype = getattr(torch, trained.model.dtype)
-    if dtype is torch.float32:
-        dtype = torch.bfloat16  # fp32 is the training master copy; vLLM serves bf16
+    if dtype is torch.float32:   # the training master copy; vLLM's quantized kernels run 16-bit activations
+        log.warning("model.dtype=float32: the export is written in bfloat16, as vLLM serves it; its unquantized "
+                    "tensors (norms, embeddings, LM head) are rounded to bf16, so its figures may differ a little "
+                    "from the fp32 final/ (qadpipe eval scores both)")
+        dtype = torch.bfloat16
     return export_model(model, resolve_model_path(trained.model.path), out, fmt, record,
                         checkpoint=final, dtype=dtype)

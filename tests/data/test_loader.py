@@ -139,13 +139,16 @@ def test_fingerprint_counts_the_source_by_its_bytes_not_its_path_or_unused_setti
                                                                                        random_b.generate, 100)
 
 
-def test_random_source_split_and_size(tokenizer: Any) -> None:
+def test_random_source_split_and_size(tokenizer: Any, caplog: Any) -> None:
     cfg = build_config({"data": {"random": {"num_sequences": 5, "length": 12, "seed": 3}}})
     parts = [load_sequences(cfg.data, cfg.generate, tokenizer, 1000, shard_index=i, num_shards=2) for i in range(2)]
     assert [len(p.sequences) for p in parts] == [3, 2]
     assert all(len(s.input_ids) == 12 and s.input_ids.max() < 1000 for p in parts for s in p.sequences)
+    assert "is cut to" not in caplog.text
     capped = build_config({"data": {"max_length": 8, "random": {"num_sequences": 2, "length": 12}}})
-    assert [len(s.input_ids) for s in load_sequences(capped.data, capped.generate, tokenizer, 1000).sequences] == [8, 8]
+    with caplog.at_level("WARNING", logger="qadpipe.data.loader"):
+        lengths = [len(s.input_ids) for s in load_sequences(capped.data, capped.generate, tokenizer, 1000).sequences]
+    assert lengths == [8, 8] and "data.random.length=12 is cut to 8 tokens: data.max_length=8" in caplog.text
 
 
 def test_a_one_token_prompt_is_kept_in_generate_mode(tmp_path: Path, tokenizer: Any) -> None:

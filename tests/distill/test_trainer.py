@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
@@ -241,8 +242,9 @@ def one_line_error(result) -> str:
 def test_refuses_a_cache_from_another_tokenizer(peaky_llama_dir, tmp_path):
     cache = write_cache(tmp_path / "cache", cache_meta(tokenizer_fingerprint="sha256:other"),
                         random_rows(cache_meta(), 8))
-    line = one_line_error(distill(peaky_llama_dir, cache, tmp_path / "out"))
+    line = one_line_error(distill(peaky_llama_dir, cache, tmp_path / "runs" / "a" / "out"))
     assert "tokenizer_fingerprint='sha256:other'" in line and "expects tokenizer_fingerprint='sha256:" in line
+    assert not (tmp_path / "runs").exists()   # a refused run leaves no (empty) output directories behind
 
 
 def test_refuses_fp16_training_on_cuda_without_touching_the_gpu(peaky_llama_dir, topk_cache, tmp_path, monkeypatch):
@@ -364,6 +366,28 @@ def test_the_check_before_a_save_leaves_the_random_stream_alone(peaky_llama_dir,
     assert losses[1] == losses[100]
 
 
+def test_non_finite_weights_no_batch_reads_are_not_saved(peaky_llama_dir, topk_cache, tmp_path, monkeypatch):
+    """An embedding row of a token no batch holds leaves every loss finite: the weights
+    themselves are checked before a save."""
+    from qadpipe.cache import CacheReader
+    from qadpipe.distill import trainer
+
+    seen = {int(t) for row in CacheReader(str(topk_cache)).iter_sequences() for t in row.input_ids}
+    unused = next(token for token in range(49152) if token not in seen)
+    step = trainer.DistillRecipe._train_step
+
+    def then_poison(self, micro, window):
+        step(self, micro, window)
+        with torch.no_grad():
+            self.model.student.get_input_embeddings().weight[unused] = float("nan")
+
+    monkeypatch.setattr(trainer.DistillRecipe, "_train_step", then_poison)
+    line = one_line_error(distill(peaky_llama_dir, topk_cache, tmp_path, "distill.max_steps=2"))
+    assert line.startswith("qadpipe: error: step 2: the weights after this step's update hold non-finite values; "
+                           "not saved, no checkpoint was written before it;"), line
+    assert not (tmp_path / "final").exists()
+
+
 def test_a_run_whose_last_update_diverged_writes_no_final_student(peaky_llama_dir, topk_cache, tmp_path):
     result = distill(peaky_llama_dir, topk_cache, tmp_path, "distill.lr=1e30", "distill.warmup_steps=0",
                      "distill.max_grad_norm=0", "distill.max_steps=1")
@@ -445,6 +469,12 @@ def test_resume_refuses_a_checkpoint_of_another_recipe(peaky_llama_dir, topk_cac
     assert ("distill.max_steps changed from 2 to 3, so the cosine schedule is recomputed: the lr of step 3 is "
             "5e-05 (the checkpoint's schedule gave 0)") in caplog.text
     assert train_rows(tmp_path)[-1]["step"] == 3
+    # the records' config is the resume's (max_steps 3): the history says what steps 1-2 ran with
+    for record_dir in (tmp_path, tmp_path / "final"):
+        record = yaml.safe_load((record_dir / "qadpipe_run.yaml").read_text())
+        assert record["config"]["distill"]["max_steps"] == 3
+        assert [{k: v for k, v in entry.items() if k != "at"} for entry in record["resumes"]] == [
+            {"checkpoint": "step-00000002", "step": 2, "changed": {"distill.max_steps": [2, 3]}}]
 
 
 def test_resume_ignores_the_settings_of_other_stages_in_a_shared_config(peaky_llama_dir, topk_cache, tmp_path):
@@ -474,8 +504,6 @@ def test_resume_online_without_a_cache_compares_the_data_and_teacher_it_reads(pe
 def test_a_student_whose_recipe_a_later_qadpipe_refuses_still_loads(peaky_llama_dir, topk_cache, tmp_path):
     """A final/ written before a recipe check existed (here: a rule an earlier one shadows,
     refused for new runs since) is rebuilt as it was trained, for export and eval."""
-    import yaml
-
     from qadpipe.distill.student import load_final_student
 
     assert distill(peaky_llama_dir, topk_cache, tmp_path, "distill.max_steps=1").exit_code == 0
@@ -572,8 +600,6 @@ def test_config_resolves_the_new_distill_fields():
 def test_resume_takes_new_memory_knobs_and_a_checkpoint_older_than_a_field(peaky_llama_dir, topk_cache, tmp_path):
     """A run that ran out of memory is resumed with checkpointing on or smaller loss chunks; a
     checkpoint whose qadpipe predates a field resumes as that field's default."""
-    import yaml
-
     assert distill(peaky_llama_dir, topk_cache, tmp_path, "distill.max_steps=2", "distill.save_every=1").exit_code == 0
     records = list((tmp_path / "checkpoints").rglob("qadpipe_run.yaml"))
     assert records

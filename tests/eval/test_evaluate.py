@@ -369,6 +369,9 @@ def test_model_names_and_paths_are_checked_before_any_model_loads(trained, tmp_p
         "qadpipe_run.yaml) nor an HF checkpoint (config.json)"]
     assert _refusal([*trained, out, "eval.models.a="]) == [
         "qadpipe: error: eval.models.a: empty; expected a distill final/ or ptq/ directory or an HF checkpoint"]
+    assert _refusal([*trained, out, f"eval.models.a|b={peaky_llama_dir}"]) == [   # would split report.md's row
+        "qadpipe: error: eval.models: name 'a|b' cannot name a report row; expected a non-empty name without '|', "
+        "'`' or line breaks"]
     assert not (tmp_path / "out").exists()
 
 

@@ -25,12 +25,16 @@ def final_dir(student, tiny_llama_dir, tmp_path):
     return save_student(tmp_path / "student", model.state_dict(), config), model
 
 
-def test_cli_exports_the_trained_student(final_dir, tiny_llama_dir, tmp_path):
+def test_cli_exports_the_trained_student(final_dir, tiny_llama_dir, tmp_path, caplog):
     final, model = final_dir
     out = tmp_path / "export"
-    result = CliRunner().invoke(cli, ["export", "--checkpoint", str(final), "--output", str(out),
-                                      "--format", "compressed-tensors"])
+    with caplog.at_level("WARNING", logger="qadpipe.export.runner"):
+        result = CliRunner().invoke(cli, ["export", "--checkpoint", str(final), "--output", str(out),
+                                          "--format", "compressed-tensors"])
     assert result.exit_code == 0, result.output
+    # trained with model.dtype=float32: written in bf16 as vLLM serves it, and said
+    assert "model.dtype=float32: the export is written in bfloat16" in caplog.text
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     assert "compressed-tensors export:" in result.output and "BF16" in result.output
     decompressed = ct_decompress(out, list(quant_linears(model)))
     for name, layer in quant_linears(model).items():  # the saved weights, not the base model's
@@ -43,6 +47,8 @@ def test_cli_exports_the_trained_student(final_dir, tiny_llama_dir, tmp_path):
     info = json.loads((out / "qadpipe_export.json").read_text())
     assert info["checkpoint"] == str(final.resolve()) and info["checkpoint_sha256"].startswith("sha256:")
     assert info["layers"]["model.layers.0.mlp.down_proj"]["input"]["granularity"] == "token"
+    weight = info["layers"]["model.layers.0.mlp.down_proj"]["weight"]
+    assert weight["kind"] == "int" and "sparsity" not in weight and "mx_rule" not in weight   # not INT8's
     on_disk = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     assert info["export_bytes"] == on_disk
     n_params = sum(p.numel() for n, p in model.named_parameters() if "_quantizer." not in n)
@@ -89,6 +95,22 @@ def test_an_unfinished_run_without_checkpoint_names_its_last_checkpoint(final_di
     assert result.stderr == (f"qadpipe: error: distill.output_dir: {stopped} holds no finished student (final/); "
                              "finish it with `qadpipe distill --resume`, or export its last checkpoint with "
                              f"--checkpoint {stopped / 'checkpoints' / 'step-00000002'}\n")
+
+
+def test_a_run_that_saved_nothing_is_named_as_such(final_dir, tmp_path):
+    """distill.save=false writes only the run record and metrics: 'run distill first' would
+    send the user to rerun what they ran."""
+    final, _ = final_dir
+    record = yaml.safe_load((final / "qadpipe_run.yaml").read_text())
+    record["config"]["distill"]["save"] = False
+    unsaved = tmp_path / "unsaved"
+    unsaved.mkdir()
+    (unsaved / "qadpipe_run.yaml").write_text(yaml.safe_dump(record))
+    result = CliRunner().invoke(cli, ["export", "--set", f"distill.output_dir={unsaved}",
+                                      "--set", f"export.output_dir={tmp_path / 'out'}"])
+    assert result.exit_code == 2
+    assert result.stderr == (f"qadpipe: error: distill.output_dir: {unsaved} holds no finished student (final/); "
+                             "its run had distill.save=false, so it wrote none; rerun it with distill.save=true\n")
 
 
 def test_a_previous_export_is_replaced_but_not_a_file_the_user_added_to_it(final_dir, tmp_path):
