@@ -16,9 +16,10 @@ from qadpipe.errors import folded
 from qadpipe.targets import TAIL_ID
 
 
-#: A good shard's state: listed, its size and footer as the manifest says, and (``--verify``)
-#: its sha256 too.  Without the hash a same-size corruption cannot be seen: the state says so.
-UNHASHED, VERIFIED = "size ok, not hashed", "verified"
+#: A good shard's state in ``--json``: listed, its size and footer as the manifest says ("ok"),
+#: and with ``--verify`` its sha256 too ("verified").  Without the hash a same-size corruption
+#: cannot be seen, which the text output says beside each such shard.
+UNHASHED, VERIFIED = "ok", "verified"
 
 
 def summarize(root: str, *, rehash: bool = False) -> dict:
@@ -115,8 +116,9 @@ def render(summary: dict) -> str:
                      f"{stats['tail_draw_fraction']:.2%} of draws in the tail{over}")
     lines.append(f"shards      {len(s['shards'])}")
     for shard in s["shards"]:
+        state = "size ok, not hashed (--verify)" if shard["state"] == UNHASHED else shard["state"]
         lines.append(f"  {shard['name']}  rows {shard['rows']}  tokens {shard['tokens']}  "
-                     f"bytes {shard['bytes']}  {shard['state']}")
+                     f"bytes {shard['bytes']}  {state}")
     return "\n".join(lines)
 
 

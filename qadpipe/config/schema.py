@@ -262,6 +262,9 @@ class DistillConfig:
                     "losses are for a cache's targets); expected 'forward_kl'")
         if self.temperature != 1.0 and self.mode == "qat":
             return f"temperature: got {self.temperature}, but mode=qat trains on cross-entropy only; expected 1"
+        if self.mode != "qat" and self.kd_loss_weight == 0.0 and self.lm_loss_weight == 0.0:
+            return (f"kd_loss_weight and lm_loss_weight: both 0, so mode={self.mode} would train on a zero loss; "
+                    "expected one of them > 0")
         if self.temperature != 1.0 and self.mode == "qad" and self.loss == "sampled_ce":
             return (f"temperature: got {self.temperature}, but loss=sampled_ce trains on draws made at "
                     "temperature 1, which cannot be re-tempered; expected 1 (or a top-k cache and loss)")

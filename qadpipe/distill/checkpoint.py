@@ -107,14 +107,15 @@ def write_student_dir(parent: Path, name: str, model_state: dict[str, torch.Tens
 
 
 def save_checkpoint(output_dir: Path, model_state: dict[str, torch.Tensor], state: TrainerState,
-                    config: Any, keep: int = 2) -> Path:
-    """Write step ``state.step`` and make it the latest; keep the newest ``keep`` steps."""
+                    config: Any, keep: int = 2, **facts: Any) -> Path:
+    """Write step ``state.step`` and make it the latest; keep the newest ``keep`` steps.
+    ``facts`` go into its run record (a resumed run's history)."""
     root = Path(output_dir) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{state.step:08d}"
     try:
         final = write_student_dir(root, name, model_state, config, state.cache_fingerprint,
-                                  extra=lambda tmp: torch.save(state.__dict__, tmp / STATE_FILE))
+                                  extra=lambda tmp: torch.save(state.__dict__, tmp / STATE_FILE), facts=facts)
     except OSError as exc:  # a full disk mid-checkpoint: the previous LATEST stays the commit point
         raise DistillError(f"{root / name}: cannot write the checkpoint ({exc.strerror or exc}); "
                            f"{LATEST} still names the previous one") from exc

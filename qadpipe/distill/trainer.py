@@ -29,7 +29,6 @@ import datetime as _dt
 import logging
 import math
 import os
-import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -392,8 +391,8 @@ class DistillRecipe:
             return None
         saved = self._check_same_run(path)
         self._saved_schedule = {key: saved.get(f"distill.{key}") for key in ("max_steps", "lr")}
-        self._record_resume(path, saved)
         tensors, state = load_checkpoint(path)
+        self._record_resume(path, state.step, saved)
         if state.cache_fingerprint != self._cache_fingerprint():
             raise DistillError(f"{path}: --resume of a checkpoint trained on other cache contents than "
                                f"{self.config.cache.path} now holds (another cache, or this one regenerated or "
@@ -427,7 +426,7 @@ class DistillRecipe:
                                "differ); use a fresh distill.output_dir or resume with the config that made it")
         return saved
 
-    def _record_resume(self, path: Path, saved: dict[str, Any]) -> None:
+    def _record_resume(self, path: Path, step: int, saved: dict[str, Any]) -> None:
         """Add this resume to the run's history (``resumes`` in its run records): the
         checkpoint, and each field the resume changed with its value before, which the
         records' config (the latest) no longer shows."""
@@ -439,7 +438,7 @@ class DistillRecipe:
                    if key in saved and key in now and saved[key] != now[key]}
         earlier = (read_run_record(self.output_dir) or {}).get("resumes")
         self.resumes = [*(earlier if isinstance(earlier, list) else []),
-                        {"checkpoint": path.name, "step": int(path.name.rpartition("-")[2]),
+                        {"checkpoint": path.name, "step": step,
                          "at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "changed": changed}]
 
     def _reads(self, key: str) -> bool:
@@ -639,7 +638,9 @@ class DistillRecipe:
         if self.last_eval_step == self.step and not math.isfinite(self.last_eval.get("loss", 0.0)):
             problems.append(f"give a held-out loss of {self.last_eval['loss']:g}")
         # weights no batch reached (embedding rows of tokens it lacks); each rank checks its own shards
-        if not all(bool(torch.isfinite(getattr(p, "to_local", lambda: p)()).all()) for p in self.params):
+        # (a parameter's sum is non-finite iff one of its values is: no parameter-sized temporary, one sync)
+        sums = [getattr(p, "to_local", lambda: p)().detach().sum() for p in self.params]
+        if sums and not bool(torch.isfinite(torch.stack(sums)).all()):
             problems.append("hold non-finite values")
         if dist_utils.all_reduce_number(1.0 if problems else 0.0, self.env.device, op="max") == 0:
             return
@@ -709,7 +710,7 @@ class DistillRecipe:
             state = TrainerState(step=self.step, optimizer=optimizer_state, scheduler=self.scheduler.state_dict(),
                                  loader={"ranks": loader_states}, rng=capture_rng(),
                                  cache_fingerprint=self._cache_fingerprint(), log_window={"ranks": window_sums})
-            save_checkpoint(self.output_dir, model_state, state, self.config)
+            save_checkpoint(self.output_dir, model_state, state, self.config, **self._history())
 
         dist_utils.written_by_main(self.env.is_main, self.env.device, write)
 
@@ -728,14 +729,19 @@ class DistillRecipe:
         return final
 
     def remove_output_dir_if_empty(self) -> None:
-        """A run refused during setup (a bad cache, recipe or field) leaves nothing behind:
-        the directories it created for its output go again while they hold no file.  Single
-        process only: under torchrun another rank may be about to write into them."""
+        """A run refused during setup (a bad cache, recipe or field) leaves nothing behind: the
+        directories it created on the way to its output go again, leaf first, each only while
+        empty -- a sibling another job made meanwhile under a new shared parent stops it there.
+        Single process only: under torchrun another rank may be about to write into them."""
         made = getattr(self, "_made_dir", None)
-        if made is None or not made.is_dir() or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if made is None or int(os.environ.get("WORLD_SIZE", "1")) > 1:
             return
-        if all(entry.is_dir() and not entry.is_symlink() for entry in made.rglob("*")):
-            shutil.rmtree(made, ignore_errors=True)
+        chain = [self.output_dir, *self.output_dir.parents]
+        for directory in chain[:chain.index(made) + 1]:
+            try:
+                directory.rmdir()
+            except OSError:   # not empty (or gone): what is above it is not ours to remove
+                return
 
     def cleanup(self) -> None:
         if hasattr(self, "metrics"):
@@ -752,11 +758,8 @@ def _first_missing(path: Path) -> Optional[Path]:
 
 
 def _check_loss_weights(cfg: Any) -> None:
-    """What the loss fields mean for this mode: a zero loss is refused; qat's fixed loss is
-    said when KD fields are set (a shared YAML flipped to qat for the baseline keeps them)."""
-    if cfg.kd_loss_weight == 0.0 and cfg.lm_loss_weight == 0.0:
-        raise DistillError(f"distill.kd_loss_weight and distill.lm_loss_weight: both 0, so mode={cfg.mode} would "
-                           "train on a zero loss; expected one of them > 0")
+    """qat's fixed loss is said when KD fields are set (a shared YAML flipped to qat for the
+    baseline keeps them): a warning, not a refusal, so a student trained so still resumes."""
     if cfg.mode == "qat":
         unused = [f"distill.{name}={getattr(cfg, name)}" for name, default in
                   (("loss", "forward_kl"), ("kd_loss_weight", 1.0), ("lm_loss_weight", 0.0))

@@ -147,7 +147,8 @@ def run_export(config: Any, checkpoint: Optional[str] = None, output: Optional[s
         unsaved = isinstance(distill, dict) and distill.get("save") is False
         hint = (f"finish it with `qadpipe distill --resume`, or export its last checkpoint with "
                 f"--checkpoint {steps[-1]}" if steps else
-                "its run had distill.save=false, so it wrote none; rerun it with distill.save=true" if unsaved else
+                "its run had distill.save=false, so it wrote none; rerun it with distill.save=true and --resume, or "
+                "into a fresh distill.output_dir" if unsaved else
                 "run qadpipe distill first")
         raise ExportError(f"distill.output_dir: {final.parent} holds no finished student ({final.name}/); {hint}")
     out = Path(output) if output else Path(config.export.output_dir)

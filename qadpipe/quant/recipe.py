@@ -238,16 +238,20 @@ def _check_regex(pattern: str, where: str, names: list[str], kind: str) -> None:
 
 
 def _warn_if_ignore_keeps_nothing(model: nn.Module, index: int, pattern: str, linears: dict[str, nn.Linear]) -> None:
-    """An ignore entry acts on nn.Linear modules only: one matching none (a decoder layer's
-    name, an MoE router that is not an nn.Linear) keeps nothing in full precision."""
+    """An ignore entry acts on nn.Linear modules only: one matching a module that holds
+    Linears (a decoder layer's name) keeps none of them dense, which is said with the pattern
+    that would; one matching modules qadpipe never quantizes (an MoE router that is no
+    nn.Linear, the embeddings of the default list) is harmless."""
     if any(re.search(pattern, name) for name in linears):
         return
-    matched = next((name, type(m).__name__) for name, m in model.named_modules() if re.search(pattern, name))
-    if isinstance(model.get_submodule(matched[0]), nn.Embedding):
-        return   # embeddings are never quantized: naming them (the default list does) is documentation
+    name, module = next((name, m) for name, m in model.named_modules() if name and re.search(pattern, name))
+    if not any(type(child) is nn.Linear for child in module.modules()):
+        log.info("quant.ignore[%d]: '%s' matches no nn.Linear (e.g. %s, a %s, which qadpipe does not quantize "
+                 "anyway)", index, pattern, name, type(module).__name__)
+        return
     log.warning("quant.ignore[%d]: regex '%s' matches no nn.Linear (e.g. %s, a %s): ignore acts on nn.Linear modules, "
-                "so it keeps nothing in full precision; to keep a layer's Linears dense, match their names "
-                "(e.g. '%s')", index, pattern, matched[0], matched[1], re.escape(matched[0]) + r"\.")
+                "so it keeps nothing in full precision; to keep its Linears dense, match their names (e.g. '%s')",
+                index, pattern, name, type(module).__name__, re.escape(name) + r"\.")
 
 
 def _warn_of_dense_matrices(model: nn.Module) -> None:

@@ -21,7 +21,9 @@ def test_inspect_report_and_json(tmp_path):
     result = CliRunner().invoke(cli, ["inspect", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert "topk k=8, plain encoding" in result.output and "rows        5" in result.output
-    assert "size ok, not hashed" in result.output   # without --verify a same-size corruption cannot show
+    assert "size ok, not hashed (--verify)" in result.output   # without --verify a same-size corruption cannot show
+    unverified = json.loads(CliRunner().invoke(cli, ["inspect", str(tmp_path), "--json"]).output)
+    assert {s["state"] for s in unverified["shards"]} == {"ok"}
     data = json.loads(CliRunner().invoke(cli, ["inspect", str(tmp_path), "--json", "--verify"]).output)
     tails = np.concatenate([tail_mass_from_logprobs(r.topk_logprobs) for r in rows])
     assert data["tokens"] == tails.size and data["rows"] == 5

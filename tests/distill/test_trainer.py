@@ -130,17 +130,15 @@ def test_online_targets_follow_teacher_fp32_head(peaky_llama_dir, topk_cache, tm
         assert torch.equal(logits, (hidden @ head.t()).float())
 
 
-def test_a_zero_loss_is_refused_and_qat_says_what_it_does_not_use(peaky_llama_dir, topk_cache, tmp_path, caplog):
-    line = one_line_error(distill(peaky_llama_dir, topk_cache, tmp_path / "zero", "distill.kd_loss_weight=0"))
-    assert line == ("qadpipe: error: distill.kd_loss_weight and distill.lm_loss_weight: both 0, so mode=qad would "
-                    "train on a zero loss; expected one of them > 0")
-    assert not (tmp_path / "zero").exists()
+def test_qat_says_which_loss_fields_it_does_not_use(peaky_llama_dir, topk_cache, tmp_path, caplog):
+    """A shared YAML flipped to qat for the baseline keeps its KD fields (kd_loss_weight=0
+    included, which for qad would be a zero loss): they are said to go unused, not refused."""
     with caplog.at_level("WARNING", logger="qadpipe.distill.trainer"):
         result = distill(peaky_llama_dir, topk_cache, tmp_path / "qat", "distill.mode=qat", "distill.loss=reverse_kl",
-                         "distill.lm_loss_weight=0.3", "distill.max_steps=1", "distill.save=false")
+                         "distill.kd_loss_weight=0", "distill.max_steps=1", "distill.save=false")
     assert result.exit_code == 0, result.output
     assert ("distill.mode=qat trains on the data's cross-entropy alone, unweighted: distill.loss=reverse_kl, "
-            "distill.lm_loss_weight=0.3 not used") in caplog.text
+            "distill.kd_loss_weight=0.0 not used") in caplog.text
 
 
 @pytest.mark.parametrize("learnable", ["none", "lsq"])
@@ -245,6 +243,24 @@ def test_refuses_a_cache_from_another_tokenizer(peaky_llama_dir, tmp_path):
     line = one_line_error(distill(peaky_llama_dir, cache, tmp_path / "runs" / "a" / "out"))
     assert "tokenizer_fingerprint='sha256:other'" in line and "expects tokenizer_fingerprint='sha256:" in line
     assert not (tmp_path / "runs").exists()   # a refused run leaves no (empty) output directories behind
+
+
+def test_a_refused_run_removes_only_its_own_directories(peaky_llama_dir, tmp_path, monkeypatch):
+    """Jobs of a sweep start under one new parent: a refused one must leave the directory a
+    sibling made meanwhile (still empty while its model loads)."""
+    from qadpipe.distill import trainer
+
+    cache = write_cache(tmp_path / "cache", cache_meta(tokenizer_fingerprint="sha256:other"),
+                        random_rows(cache_meta(), 8))
+    load_tokenizer = trainer.DistillRecipe._load_tokenizer
+
+    def sibling_starts_meanwhile(self):
+        (tmp_path / "runs" / "sweep" / "b").mkdir()
+        return load_tokenizer(self)
+
+    monkeypatch.setattr(trainer.DistillRecipe, "_load_tokenizer", sibling_starts_meanwhile)
+    one_line_error(distill(peaky_llama_dir, cache, tmp_path / "runs" / "sweep" / "a"))
+    assert sorted(p.name for p in (tmp_path / "runs" / "sweep").iterdir()) == ["b"]
 
 
 def test_refuses_fp16_training_on_cuda_without_touching_the_gpu(peaky_llama_dir, topk_cache, tmp_path, monkeypatch):
@@ -470,7 +486,7 @@ def test_resume_refuses_a_checkpoint_of_another_recipe(peaky_llama_dir, topk_cac
             "5e-05 (the checkpoint's schedule gave 0)") in caplog.text
     assert train_rows(tmp_path)[-1]["step"] == 3
     # the records' config is the resume's (max_steps 3): the history says what steps 1-2 ran with
-    for record_dir in (tmp_path, tmp_path / "final"):
+    for record_dir in (tmp_path, tmp_path / "final", tmp_path / "checkpoints" / "step-00000003"):
         record = yaml.safe_load((record_dir / "qadpipe_run.yaml").read_text())
         assert record["config"]["distill"]["max_steps"] == 3
         assert [{k: v for k, v in entry.items() if k != "at"} for entry in record["resumes"]] == [

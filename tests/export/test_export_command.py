@@ -110,7 +110,8 @@ def test_a_run_that_saved_nothing_is_named_as_such(final_dir, tmp_path):
                                       "--set", f"export.output_dir={tmp_path / 'out'}"])
     assert result.exit_code == 2
     assert result.stderr == (f"qadpipe: error: distill.output_dir: {unsaved} holds no finished student (final/); "
-                             "its run had distill.save=false, so it wrote none; rerun it with distill.save=true\n")
+                             "its run had distill.save=false, so it wrote none; rerun it with distill.save=true and --resume, "
+                             "or into a fresh distill.output_dir\n")
 
 
 def test_a_previous_export_is_replaced_but_not_a_file_the_user_added_to_it(final_dir, tmp_path):

@@ -141,9 +141,30 @@ def test_an_ignore_entry_that_keeps_nothing_dense_is_said(make_llama, quant_conf
         recipe = apply_recipe(model, quant_config(preset="fp8", ignore=["lm_head", "embed_tokens", r"layers\.0$"]))
     assert recipe.ignored == ["lm_head"]
     assert ("quant.ignore[2]: regex 'layers\\.0$' matches no nn.Linear (e.g. model.layers.0, a LlamaDecoderLayer): "
-            "ignore acts on nn.Linear modules, so it keeps nothing in full precision; to keep a layer's Linears "
+            "ignore acts on nn.Linear modules, so it keeps nothing in full precision; to keep its Linears "
             "dense, match their names (e.g. 'model\\.layers\\.0\\.')") in caplog.text
     assert "embed_tokens" not in caplog.text   # embeddings are never quantized: naming them is fine
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="qadpipe.quant.recipe"):   # the hint, followed, keeps layer 0 dense
+        recipe = apply_recipe(make_llama(), quant_config(preset="fp8", ignore=["lm_head", r"model\.layers\.0\."]))
+    assert len(recipe.ignored) == 8 and not caplog.text
+
+
+def test_an_ignore_entry_naming_a_module_that_is_never_quantized_is_harmless(make_llama, quant_config, caplog):
+    """An MoE router is no nn.Linear in transformers 5 ('mlp\\.gate$' is llm-compressor's usual
+    entry): it stays dense anyway, nothing to warn about."""
+    class Router(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(4, 64))
+
+    model = make_llama()
+    model.model.layers[0].mlp.gate = Router()
+    with caplog.at_level("INFO", logger="qadpipe.quant.recipe"):
+        apply_recipe(model, quant_config(preset="fp8", ignore=["lm_head", r"mlp\.gate$"]))
+    assert "quant.ignore[1]: 'mlp\\.gate$' matches no nn.Linear (e.g. model.layers.0.mlp.gate, a Router, which " \
+           "qadpipe does not quantize anyway)" in caplog.text
+    assert not [r for r in caplog.records if r.levelname == "WARNING" and "quant.ignore" in r.getMessage()]
 
 
 def test_weights_outside_nn_linear_are_said_to_stay_dense(make_llama, quant_config, caplog):
