@@ -245,6 +245,8 @@ def _warn_if_ignore_keeps_nothing(model: nn.Module, index: int, pattern: str, li
     if any(re.search(pattern, name) for name in linears):
         return
     name, module = next((name, m) for name, m in model.named_modules() if name and re.search(pattern, name))
+    if isinstance(module, nn.Embedding):   # the default list's embed_tokens: documentation, nothing to say
+        return
     if not any(type(child) is nn.Linear for child in module.modules()):
         log.info("quant.ignore[%d]: '%s' matches no nn.Linear (e.g. %s, a %s, which qadpipe does not quantize "
                  "anyway)", index, pattern, name, type(module).__name__)

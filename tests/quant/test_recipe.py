@@ -137,7 +137,7 @@ def test_an_ignore_entry_that_keeps_nothing_dense_is_said(make_llama, quant_conf
     """A decoder layer's name (not its Linears'), or an MoE router that is not an nn.Linear:
     ignore acts on nn.Linear modules, so such an entry keeps nothing in full precision."""
     model = make_llama()
-    with caplog.at_level("WARNING", logger="qadpipe.quant.recipe"):
+    with caplog.at_level("INFO", logger="qadpipe.quant.recipe"):
         recipe = apply_recipe(model, quant_config(preset="fp8", ignore=["lm_head", "embed_tokens", r"layers\.0$"]))
     assert recipe.ignored == ["lm_head"]
     assert ("quant.ignore[2]: regex 'layers\\.0$' matches no nn.Linear (e.g. model.layers.0, a LlamaDecoderLayer): "
