@@ -67,11 +67,27 @@ def read_everything(root: Path) -> None:
         for verify in (True, False):
             reader = CacheReader(str(root), verify=verify)
             for row in reader.iter_sequences():
-                assert row.input_ids.size >= 1
+                assert_sane(row, reader.meta)
             reader.verify_all()
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def assert_sane(row, meta) -> None:
+    """What a reader may hand a trainer, whatever the bytes: ids inside the vocab, one target
+    row per position after target_start, log-probs <= 0, tails in [0, 1], draws adding up."""
+    n = row.input_ids.size - 1 - row.target_start
+    assert row.input_ids.size >= 1 and n >= 0 and 0 <= row.input_ids.min() and row.input_ids.max() < meta.vocab_size
+    if meta.target_kind == "topk":
+        assert row.topk_ids.shape == row.topk_logprobs.shape == (n, meta.k) and row.tail_mass.shape == (n,)
+        assert (row.topk_ids < meta.vocab_size).all() and not np.isnan(row.topk_logprobs).any()
+        assert (row.topk_logprobs <= 1e-3).all() and ((row.tail_mass >= 0) & (row.tail_mass <= 1)).all()
+    else:
+        assert row.sample_offsets.shape == (n + 1,) and row.sample_offsets[-1] == row.sample_ids.size
+        assert (row.sample_ids < meta.vocab_size).all() and (row.sample_counts >= 1).all()
+        if n:
+            assert (np.add.reduceat(row.sample_counts, row.sample_offsets[:-1]) == meta.num_samples).all()
 
 
 def only_cache_errors(source: Path, damage: Callable[[Path], None]) -> None:
