@@ -117,22 +117,35 @@ def fidelity(exact: list[SequenceTargets], decoded: list[SequenceTargets]) -> di
             "kl_mean": float(kls.mean()), "kl_max": float(kls.max())}
 
 
-def read_throughput(root: Path, meta: CacheMeta, rows: list[SequenceTargets], copies: int) -> dict:
-    """Decoded target positions/s over a cache of ``copies`` x the rows (fresh reader per pass)."""
+def write_copies(root: Path, meta: CacheMeta, rows: list[SequenceTargets], copies: int) -> None:
+    """A cache of ``copies`` x the rows (ids made unique), for the read figure."""
     with CacheWriter(str(root), meta, rows_per_shard=4 * len(rows)) as writer:
         for copy in range(copies):
             for row in rows:
                 writer.write(SequenceTargets(**{**row.__dict__, "id": f"{row.id}-{copy}"}))
-    rates, cpu_rates = [], []
-    for _ in range(3):
-        reader = CacheReader(str(root))
-        started, cpu_started, tokens = time.perf_counter(), time.process_time(), 0
-        for row in reader.iter_sequences():
-            tokens += row.num_target_rows
-        rates.append(tokens / (time.perf_counter() - started))
-        cpu_rates.append(tokens / (time.process_time() - cpu_started))
-    return {"tokens": reader.num_tokens, "tokens_per_s_best": max(rates), "tokens_per_s_median": float(np.median(rates)),
-            "tokens_per_cpu_s_median": float(np.median(cpu_rates))}
+
+
+def read_pass(root: Path) -> tuple[int, float, float]:
+    """One pass of a fresh reader: (target positions, per second, per CPU-second)."""
+    reader = CacheReader(str(root))
+    started, cpu_started, tokens = time.perf_counter(), time.process_time(), 0
+    for row in reader.iter_sequences():
+        tokens += row.num_target_rows
+    return tokens, tokens / (time.perf_counter() - started), tokens / (time.process_time() - cpu_started)
+
+
+def read_throughput(roots: dict[str, Path], rounds: int = 3) -> dict[str, dict]:
+    """Decoded target positions/s per encoding, in interleaved rounds (the order rotated each
+    round), so a slow spell of a shared machine does not land on one encoding."""
+    passes: dict[str, list[tuple[int, float, float]]] = {name: [] for name in roots}
+    names = list(roots)
+    for index in range(rounds):
+        for name in names[index % len(names):] + names[:index % len(names)]:
+            passes[name].append(read_pass(roots[name]))
+    return {name: {"tokens": runs[0][0], "tokens_per_s_best": max(r[1] for r in runs),
+                   "tokens_per_s_median": float(np.median([r[1] for r in runs])),
+                   "tokens_per_cpu_s_median": float(np.median([r[2] for r in runs]))}
+            for name, runs in passes.items()}
 
 
 def main() -> None:
@@ -210,13 +223,14 @@ def main() -> None:
                               topk_logprobs=np.ascontiguousarray(targets["logprobs"][i][:, :64]),
                               tail_mass=tail_mass_from_logprobs(targets["logprobs"][i][:, :64]))
               for i, w in enumerate(windows)]
-    throughput = {}
-    for encoding in ("compact", "plain"):
-        meta = CacheMeta(**base, target_kind="topk", k=64, num_samples=0, encoding=encoding)
-        throughput[encoding] = read_throughput(work / f"read-{encoding}", meta, rows64, args.throughput_copies)
+    roots = {encoding: work / f"read-{encoding}" for encoding in ("compact", "plain")}
+    for encoding, root in roots.items():
+        write_copies(root, CacheMeta(**base, target_kind="topk", k=64, num_samples=0, encoding=encoding), rows64,
+                     args.throughput_copies)
+    throughput = read_throughput(roots)
     print(f"\nread throughput, top-64, {throughput['compact']['tokens']} tokens, sha256 verify on (next shard "
           f"hashed on a second thread), {DEFAULT_DECODE_THREADS} decoding threads, "
-          f"{os.cpu_count()} CPUs, "
+          f"{os.cpu_count()} CPUs, 3 interleaved passes each, "
           f"load average {os.getloadavg()[0]:.1f} (other processes slow this down):")
     for encoding, t in throughput.items():
         print(f"  {encoding:<8} {t['tokens_per_s_best'] / 1e6:.2f} M tokens/s best of 3 "
