@@ -9,6 +9,7 @@ rename, so the rename publishes it with ordinary modes.
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 from pathlib import Path
 
@@ -46,12 +47,19 @@ def share_tree(root: Path) -> None:
             path.chmod(dir_mode() if path.is_dir() else file_mode())
 
 
+def missing_dirs(path: Path) -> list[Path]:
+    """The directories of ``path`` that do not exist yet, ``path`` first: what ``mkdir -p``
+    would create (and a refused run may remove again, in that order)."""
+    chain = (path, *path.parents)
+    return list(itertools.takewhile(lambda p: not p.exists() and p != Path(p.anchor), chain))
+
+
 def check_writable_dir(path: Path, field: str) -> Path:
     """Check this user can create (or write in) the directory config ``field`` names, before
     hours of work rather than when the first result is saved; creates nothing, so a refused
     run leaves no empty directory behind."""
     path = Path(path).absolute()
-    existing = next(p for p in (path, *path.parents) if p.exists() or p == Path(p.anchor))
+    existing = (path, *path.parents)[len(missing_dirs(path))]
     if not existing.is_dir():
         what = "exists and is not a directory" if existing == path else f"cannot be created ({existing} is a file)"
         raise ConfigError(f"{field}: {path} {what}")

@@ -51,7 +51,7 @@ from qadpipe.distill.schedule import lr_multiplier
 from qadpipe.distill.student import (FINAL_DIR, PTQ_DIR, StudentLoss, build_student, enable_activation_checkpointing,
                                      load_state_into, save_student)
 from qadpipe.errors import DistillError, first_line
-from qadpipe.file_modes import check_writable_dir
+from qadpipe.file_modes import check_writable_dir, missing_dirs
 from qadpipe.models import output_rows
 from qadpipe.provenance import RUN_FILE, recorded_stage, save_run_record
 from qadpipe.quant.quantizers import Quantizer
@@ -127,7 +127,6 @@ class DistillRecipe:
         self.step = 0
         self.ptq_eval: dict[str, float] = {}
         self.last_eval: dict[str, float] = {}
-        self.last_eval_step = -1
         self._stop = StopSignals("saving a checkpoint at the end of this step")
         self._saved_schedule: Optional[dict[str, Any]] = None   # the resumed checkpoint's, see _follow_new_schedule
         self._resumed_window: Optional[dict[str, float]] = None   # the resumed checkpoint's log-interval sums
@@ -150,7 +149,7 @@ class DistillRecipe:
         check_writable_dir(self.output_dir, "distill.output_dir")
         if (self.output_dir / CHECKPOINT_DIR).is_dir():
             check_writable_dir(self.output_dir / CHECKPOINT_DIR, "distill.output_dir")
-        self._made_dir = _first_missing(self.output_dir)
+        self._made_dirs = missing_dirs(self.output_dir)
         try:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:   # what the mode bits do not tell: a read-only mount, root on /sys
@@ -167,8 +166,8 @@ class DistillRecipe:
                                    prefetch=cfg.prefetch_batches, pin_for=self.env.device)
         # Resuming, the recipe is the checkpoint's, no-op entries and all (a newer qadpipe's
         # refusals of those are for new recipes).
-        resuming = self.resume and latest_checkpoint(self.output_dir) is not None
-        student = build_student(self.config, self.env.device, rebuild=resuming)
+        checkpoint = latest_checkpoint(self.output_dir) if self.resume else None
+        student = build_student(self.config, self.env.device, rebuild=checkpoint is not None)
         vocab = output_rows(student)
         self._check_vocab(vocab)
         self.spec = LossSpec(mode=cfg.mode, loss=cfg.loss, kd_weight=cfg.kd_loss_weight,
@@ -183,7 +182,7 @@ class DistillRecipe:
         self.holdout_batches = [self._collate_eval(holdout[i:i + cfg.batch_size])
                                 for i in range(0, len(holdout), cfg.batch_size)]
         self.model = StudentLoss(student, cfg.loss_chunk_tokens)
-        restored = self._restore_weights(student) if self.resume else None
+        restored = self._restore_weights(student, checkpoint) if self.resume else None
         if restored is None:
             self._calibrate(student)
             if cfg.save:
@@ -382,9 +381,9 @@ class DistillRecipe:
             log.warning("distill.weight_decay=%g does nothing with distill.trainable=quant: it applies to weight "
                         "matrices only, and none train", self.cfg.weight_decay)
 
-    def _restore_weights(self, student: torch.nn.Module) -> Optional[tuple[Path, TrainerState]]:
-        """Load the latest checkpoint's weights (before wrapping); None when there is none."""
-        path = latest_checkpoint(self.output_dir)
+    def _restore_weights(self, student: torch.nn.Module,
+                         path: Optional[Path]) -> Optional[tuple[Path, TrainerState]]:
+        """Load the latest checkpoint's (``path``) weights, before wrapping; None when there is none."""
         if path is None:
             log.warning("--resume: no checkpoint under %s; starting from step 0", self.output_dir)
             self.metrics.truncate_after(-1)   # a killed first attempt's rows: this run writes its own
@@ -527,13 +526,13 @@ class DistillRecipe:
                     self._log_train(window, progress)
                     window = _Window(env.device)
                 bookkeeping = time.perf_counter()
-                if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
+                evaluated = self.step % cfg.eval_every == 0 or self.step == cfg.max_steps
+                if evaluated:
                     self.last_eval = self._evaluate(self.wrapped)
-                    self.last_eval_step = self.step
                     self._log_eval("eval", self.last_eval)
                 stop = self._stop_requested()
                 if cfg.save and (self.step % cfg.save_every == 0 or stop or self.step == cfg.max_steps):
-                    self._refuse_unsound_weights(micro[-1])
+                    self._refuse_unsound_weights(micro[-1], self.last_eval if evaluated else {})
                     self.save_checkpoint(window)
                 window.started += time.perf_counter() - bookkeeping   # tokens/s: training, not evals and saves
                 if stop:
@@ -554,13 +553,10 @@ class DistillRecipe:
         loss_sums = []
         for index, batch in enumerate(micro):
             batch = batch.to(env.device)
-            targets = self._with_teacher(batch) if self.spec.mode == "online" else batch.targets
             # The backward too runs with sync off: FSDP2 reads the flag in its post-backward hook
             # (DDP in forward), so a backward outside reduce-scattered every micro-batch.
             with dist_utils.gradient_sync(self.wrapped, index == len(micro) - 1):
-                with self._autocast():
-                    loss_sum, stats = self.wrapped(batch.model_inputs(), batch.target_mask, targets, self.spec,
-                                                   self._teacher_head())
+                loss_sum, stats = self._training_loss(batch)
                 loss_sums.append(loss_sum.detach())
                 (loss_sum * scale).backward()
             window.add(stats, batch.num_tokens)
@@ -571,6 +567,13 @@ class DistillRecipe:
         window.grad_norm, window.lr = norm, self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
+
+    def _training_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One micro-batch's (on the device) summed training loss and figures; online, the
+        teacher's hidden states come first."""
+        targets = self._with_teacher(batch) if self.spec.mode == "online" else batch.targets
+        with self._autocast():
+            return self.wrapped(batch.model_inputs(), batch.target_mask, targets, self.spec, self._teacher_head())
 
     def _out_of_memory(self, exc: torch.OutOfMemoryError, micro: list[Batch]) -> str:
         """One line: where it ran out, what was kept, and the knobs that trade memory away --
@@ -619,24 +622,20 @@ class DistillRecipe:
         raise DistillError(f"step {self.step + 1}: {what} (not finite); stopped without saving this step, "
                            f"{self._kept_checkpoint('last good')}; {RECOVER_FROM_NAN}")
 
-    def _refuse_unsound_weights(self, batch: Batch) -> None:
+    def _refuse_unsound_weights(self, batch: Batch, held_out: dict[str, float]) -> None:
         """Write no checkpoint (nor final/) from weights that give a non-finite loss.  A step's
         own check comes before its update, so an update that wrecks the weights (an lr far too
         high) shows only in the next loss: the weights about to be saved are scored on the
-        step's last micro-batch (and the held-out rows, when scored this step), so every
+        step's last micro-batch (and ``held_out``, the figures of this step's eval if any), so every
         checkpoint a run leaves is one to resume from.  The RNG is forked around the forward
         (dropout draws from it): a run that saves, or stops, at a step trains on exactly the
         stream of one that does not."""
-        batch = batch.to(self.env.device)
         devices = [self.env.device] if self.env.device.type == "cuda" else []
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
-            targets = self._with_teacher(batch) if self.spec.mode == "online" else batch.targets
-            with self._autocast():
-                loss_sum, _ = self.wrapped(batch.model_inputs(), batch.target_mask, targets, self.spec,
-                                           self._teacher_head())
+            loss_sum, _ = self._training_loss(batch.to(self.env.device))
         problems = [] if math.isfinite(loss_sum) else [f"give a loss on its last micro-batch of {float(loss_sum):g}"]
-        if self.last_eval_step == self.step and not math.isfinite(self.last_eval.get("loss", 0.0)):
-            problems.append(f"give a held-out loss of {self.last_eval['loss']:g}")
+        if not math.isfinite(held_out.get("loss", 0.0)):
+            problems.append(f"give a held-out loss of {held_out['loss']:g}")
         # weights no batch reached (embedding rows of tokens it lacks); each rank checks its own shards
         # (a parameter's sum is non-finite iff one of its values is: no parameter-sized temporary, one sync)
         sums = [getattr(p, "to_local", lambda: p)().detach().sum() for p in self.params]
@@ -733,11 +732,9 @@ class DistillRecipe:
         directories it created on the way to its output go again, leaf first, each only while
         empty -- a sibling another job made meanwhile under a new shared parent stops it there.
         Single process only: under torchrun another rank may be about to write into them."""
-        made = getattr(self, "_made_dir", None)
-        if made is None or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             return
-        chain = [self.output_dir, *self.output_dir.parents]
-        for directory in chain[:chain.index(made) + 1]:
+        for directory in getattr(self, "_made_dirs", []):
             try:
                 directory.rmdir()
             except OSError:   # not empty (or gone): what is above it is not ours to remove
@@ -747,14 +744,6 @@ class DistillRecipe:
         if hasattr(self, "metrics"):
             self.metrics.close()
         dist_utils.shutdown()
-
-
-def _first_missing(path: Path) -> Optional[Path]:
-    """The outermost directory of ``path`` that does not exist yet (None: it exists)."""
-    missing = None
-    while not path.exists() and path != path.parent:
-        missing, path = path, path.parent
-    return missing
 
 
 def _check_loss_weights(cfg: Any) -> None:

@@ -8,6 +8,7 @@ drops the bf16 rounding of the stored scale), so these tests can fail.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -97,11 +98,28 @@ def test_auto_compiles_on_cuda_only():
         assert chosen.func is fake_quant_forward
 
 
+SPEC_G32 = dataclasses.replace(PRESETS["w4a16_int"].weight, group_size=32)
+
+
+@contextlib.contextmanager
+def checked_forward_compiled_by(monkeypatch, compile_stand_in):
+    """``checked_fake_quant_forward`` for INT4 g32, built on ``compile_stand_in`` in place of
+    torch.compile (the cached forwards cleared before and after, so no other test sees it)."""
+    import qadpipe.quant.compiled as compiled_module
+
+    monkeypatch.setattr(compiled_module.torch, "compile", compile_stand_in)
+    compiled_fake_quant_forward.cache_clear()
+    checked_fake_quant_forward.cache_clear()
+    try:
+        yield checked_fake_quant_forward(SPEC_G32, False)
+    finally:
+        compiled_fake_quant_forward.cache_clear()
+        checked_fake_quant_forward.cache_clear()
+
+
 def test_a_compiled_forward_that_differs_from_eager_is_dropped_loudly(monkeypatch, caplog):
     """Other backends generate other code than the CPU one these tests check; the first tensor
     per (device, dtype) is compared with eager, and a difference keeps that format eager."""
-    import qadpipe.quant.compiled as compiled_module
-
     calls = []
 
     def off_by_a_bit(fn, **kwargs):
@@ -111,20 +129,12 @@ def test_a_compiled_forward_that_differs_from_eager_is_dropped_loudly(monkeypatc
             return out * 1.001, mask
         return run
 
-    spec = dataclasses.replace(PRESETS["w4a16_int"].weight, group_size=32)
-    monkeypatch.setattr(compiled_module.torch, "compile", off_by_a_bit)
-    compiled_fake_quant_forward.cache_clear()
-    checked_fake_quant_forward.cache_clear()
-    try:
-        forward = checked_fake_quant_forward(spec, False)
-        x = adversarial("random", rows=4, cols=64)
-        want, _ = fake_quant_forward(x, None, spec=spec, clipped=False)
-        with caplog.at_level("ERROR", logger="qadpipe.quant.compiled"):
-            first, _ = forward(x, None)
-            second, _ = forward(x, None)
-    finally:
-        compiled_fake_quant_forward.cache_clear()
-        checked_fake_quant_forward.cache_clear()
+    x = adversarial("random", rows=4, cols=64)
+    want, _ = fake_quant_forward(x, None, spec=SPEC_G32, clipped=False)
+    with checked_forward_compiled_by(monkeypatch, off_by_a_bit) as forward, \
+            caplog.at_level("ERROR", logger="qadpipe.quant.compiled"):
+        first, _ = forward(x, None)
+        second, _ = forward(x, None)
     assert torch.equal(first, want) and torch.equal(second, want)
     assert len(calls) == 1                      # after the mismatch the compiled code is not used
     assert "differs from eager on cpu torch.float32, 64 features" in caplog.text
@@ -133,26 +143,16 @@ def test_a_compiled_forward_that_differs_from_eager_is_dropped_loudly(monkeypatc
 def test_each_feature_size_is_checked_on_its_own(monkeypatch, caplog):
     """Features are static: each in_features compiles to its own code, which may be wrong
     where the first size's was right."""
-    import qadpipe.quant.compiled as compiled_module
-
     def wrong_at_128_features(fn, **kwargs):
         def run(x, amax):
             out, mask = fn(x, amax)
             return (out * 1.001 if x.shape[-1] == 128 else out), mask
         return run
 
-    spec = dataclasses.replace(PRESETS["w4a16_int"].weight, group_size=32)
-    monkeypatch.setattr(compiled_module.torch, "compile", wrong_at_128_features)
-    compiled_fake_quant_forward.cache_clear()
-    checked_fake_quant_forward.cache_clear()
-    try:
-        forward = checked_fake_quant_forward(spec, False)
-        narrow, wide = adversarial("random", rows=4, cols=64), adversarial("random", rows=4, cols=128)
-        with caplog.at_level("ERROR", logger="qadpipe.quant.compiled"):
-            forward(narrow, None)
-            got, _ = forward(wide, None)
-    finally:
-        compiled_fake_quant_forward.cache_clear()
-        checked_fake_quant_forward.cache_clear()
-    assert torch.equal(got, fake_quant_forward(wide, None, spec=spec, clipped=False)[0])
+    narrow, wide = adversarial("random", rows=4, cols=64), adversarial("random", rows=4, cols=128)
+    with checked_forward_compiled_by(monkeypatch, wrong_at_128_features) as forward, \
+            caplog.at_level("ERROR", logger="qadpipe.quant.compiled"):
+        forward(narrow, None)
+        got, _ = forward(wide, None)
+    assert torch.equal(got, fake_quant_forward(wide, None, spec=SPEC_G32, clipped=False)[0])
     assert "differs from eager on cpu torch.float32, 128 features" in caplog.text
