@@ -35,20 +35,15 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 class MetricsLog:
-    """Append-only JSONL metrics (rank 0 only), mirrored to TensorBoard when asked and installed."""
+    """Append-only JSONL metrics (rank 0 only), mirrored to TensorBoard when asked."""
 
     def __init__(self, output_dir: Path, *, enabled: bool, tensorboard: bool = False) -> None:
         self.path = Path(output_dir) / METRICS_FILE
         self.enabled = enabled
         self._writer: Optional[Any] = None
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                log.warning("distill.tensorboard is on but the tensorboard package is not installed "
-                            "(pip install tensorboard); metrics go to %s only", self.path)
-            else:
-                self._writer = SummaryWriter(str(Path(output_dir) / TENSORBOARD_DIR))
+        if enabled and tensorboard:   # the trainer refused a missing tensorboard package before any run began
+            from torch.utils.tensorboard import SummaryWriter
+            self._writer = SummaryWriter(str(Path(output_dir) / TENSORBOARD_DIR))
 
     def truncate_after(self, step: int) -> None:
         """Keep only rows up to ``step`` (a resumed run rewrites what came after)."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import importlib.util
 import logging
 import math
 import os
@@ -143,6 +144,9 @@ class DistillRecipe:
                                "underflow in fp16); expected bfloat16 or float32")
         torch.manual_seed(cfg.seed)
         _check_loss_weights(cfg)
+        if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise DistillError("distill.tensorboard: true needs the tensorboard package (pip install tensorboard), "
+                               "which is not installed; install it or set distill.tensorboard: false")
         _refuse_other_files(self.output_dir)
         if not self.resume:
             _refuse_previous_run(self.output_dir)

@@ -591,21 +591,17 @@ def test_refuses_when_no_rows_are_left_for_this_rank(peaky_llama_dir, topk_cache
                     "distill.eval_rows")
 
 
-def test_tensorboard_asked_but_absent_is_said(peaky_llama_dir, topk_cache, tmp_path, caplog, monkeypatch):
-    import builtins
+def test_tensorboard_asked_but_absent_is_refused_before_anything_is_written(peaky_llama_dir, topk_cache, tmp_path,
+                                                                           monkeypatch):
+    import importlib.util
 
-    real_import = builtins.__import__
-
-    def no_tensorboard(name, *args, **kwargs):
-        if name.startswith("torch.utils.tensorboard"):
-            raise ImportError("No module named 'tensorboard'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
-    from qadpipe.distill.observe import MetricsLog
-
-    MetricsLog(tmp_path, enabled=True, tensorboard=True)
-    assert "distill.tensorboard is on but the tensorboard package is not installed" in caplog.text
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "tensorboard" else real_find_spec(name, *a))
+    line = one_line_error(distill(peaky_llama_dir, topk_cache, tmp_path / "runs" / "out", "distill.tensorboard=true"))
+    assert line == ("qadpipe: error: distill.tensorboard: true needs the tensorboard package (pip install "
+                    "tensorboard), which is not installed; install it or set distill.tensorboard: false")
+    assert not (tmp_path / "runs").exists()
 
 
 def test_config_resolves_the_new_distill_fields():
