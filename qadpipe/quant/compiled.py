@@ -89,10 +89,13 @@ def compiled_fake_quant_forward(spec: QuantSpec, clipped: bool) -> FakeQuantForw
     compiled = torch.compile(forward, options=_eager_division())
 
     def run(x: Tensor, amax: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
-        rows = x.reshape(-1, x.shape[-1])
+        # Detached: dynamo guards on requires_grad, and a weight (trains), an activation (trains
+        # or is evaluated) and a frozen tensor would each need a graph of their own per dtype
+        # and feature size, past the limit of 8.  The straight-through backward is the caller's.
+        rows = x.detach().reshape(-1, x.shape[-1])
         torch._dynamo.maybe_mark_dynamic(rows, 0)
         torch._dynamo.mark_static(rows, 1)
-        out, mask = compiled(rows, amax)
+        out, mask = compiled(rows, None if amax is None else amax.detach())
         return out.reshape(x.shape), (None if mask is None else mask.reshape(x.shape))
 
     return run

@@ -88,6 +88,30 @@ def test_compiled_student_forward_and_gradients_equal_eager(make_llama, quant_co
         assert torch.equal(results["on"][1][name], grad), name
 
 
+def test_one_graph_per_feature_size_serves_training_and_evaluation():
+    """Dynamo guards on requires_grad: a weight (trains), an activation in training and the same
+    activation in a no-grad eval would each take a graph of their own per (dtype, feature size)
+    -- a 1.7B student's NVFP4 spec needed 7 of dynamo's 8 before the compiled forward got
+    detached inputs, and any further variant silently ran eager.  With the limit at 1 a second
+    graph is an error here (the autouse fixture)."""
+    from qadpipe.quant.quantizers import Quantizer
+
+    compiled_fake_quant_forward.cache_clear()
+    checked_fake_quant_forward.cache_clear()
+    try:
+        with torch._dynamo.config.patch(recompile_limit=1):
+            quantizer = Quantizer(PRESETS["w8a8_int"].input, compile_mode="on")
+            x = torch.randn(4, 64, requires_grad=True)
+            quantizer(x).sum().backward()
+            assert torch.equal(x.grad, torch.ones_like(x))   # the straight-through gradient is kept
+            quantizer(torch.randn(3, 64))                     # a frozen tensor
+            with torch.no_grad():
+                quantizer(torch.randn(5, 64, requires_grad=True))
+    finally:
+        compiled_fake_quant_forward.cache_clear()
+        checked_fake_quant_forward.cache_clear()
+
+
 def test_auto_compiles_on_cuda_only():
     spec = PRESETS["nvfp4"].weight
     assert forward_for(spec, False, "auto", torch.device("cuda")) is checked_fake_quant_forward(spec, False)
