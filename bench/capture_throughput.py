@@ -195,17 +195,17 @@ def bench_hf(model: Any, seqs: list[Any], ks: list[int], repeats: int, batch_siz
     @torch.no_grad()
     def plain() -> None:
         for ids in batches:
-            model(input_ids=ids).logits
+            model(input_ids=ids, use_cache=False).logits
 
     @torch.no_grad()
     def prefill() -> None:   # the last position's logits only, as vLLM's max_tokens=1 prefill
         for ids in batches:
-            model(input_ids=ids, logits_to_keep=1).logits
+            model(input_ids=ids, logits_to_keep=1, use_cache=False).logits
 
     @torch.no_grad()
     def naive(k: int) -> None:
         for ids in batches:
-            logits = model(input_ids=ids).logits
+            logits = model(input_ids=ids, use_cache=False).logits
             values, index = torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)
             values.cpu(), index.cpu()
 

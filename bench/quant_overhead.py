@@ -58,7 +58,8 @@ def make_student(base: torch.nn.Module, preset: str, group_size: int | None,
 
 
 def step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> None:
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   use_cache=False).logits
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
                                              batch["input_ids"][:, 1:].flatten())
     loss.backward()

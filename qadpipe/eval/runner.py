@@ -70,7 +70,8 @@ class CachedTargets:
 def scored_hidden(base: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The final hidden states ``[N, D]`` of a model's base (see ``split_lm``) at the batch's
     scored positions (row-major)."""
-    hidden = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    hidden = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                  use_cache=False).last_hidden_state
     return hidden[batch["score_mask"]]
 
 

@@ -120,7 +120,8 @@ class HFTeacher:
             starts.append(start)
             # Position p predicts token p + 1: rows start .. T-2.
             flat_rows.append(torch.arange(start, len(seq.input_ids) - 1) + row * length)
-        hidden = self.body(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
+        hidden = self.body(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                           use_cache=False).last_hidden_state   # a KV cache here is GBs never read
         rows = torch.cat(flat_rows).to(self.device)
         selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
         sizes = [len(r) for r in flat_rows]

@@ -46,6 +46,19 @@ def test_topk_matches_full_log_softmax_of_the_same_batch(tiny_fp32: Any) -> None
         np.testing.assert_allclose(targets.tail_mass, 1 - values.exp().sum(-1).numpy(), atol=1e-5)
 
 
+def test_scoring_builds_no_kv_cache(tiny_fp32: Any) -> None:
+    """A one-pass score never reads a KV cache; built by default, it is GBs per 8 x 2048 batch
+    of a 1.7B teacher, GPU memory that bounds the batch."""
+    teacher = HFTeacher(tiny_fp32, batch_size=2)
+    caches = []
+    hook = teacher.body.register_forward_hook(lambda module, args, output: caches.append(output.past_key_values))
+    try:
+        teacher.score(_sequences(teacher.vocab_size, [12, 7]), TargetSpec(k=4))
+    finally:
+        hook.remove()
+    assert caches == [None]
+
+
 def test_tail_mass_is_clipped_at_zero_when_fp32_topk_logprobs_sum_past_one() -> None:
     """Guards the [0, 1] clip of tail_mass_from_logprobs: with k = V the fp32 log-softmax's
     exp-sum overshoots 1 (here 1 + 2.3e-8), and the tail must read exactly 0, never negative."""
