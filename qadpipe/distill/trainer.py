@@ -600,9 +600,11 @@ class DistillRecipe:
         return f"the {which} checkpoint is {last}" if last else "no checkpoint was written before it"
 
     def _with_teacher(self, batch: Batch) -> PositionTargets:
-        """The batch's targets plus the teacher's hidden states at the target positions."""
+        """The batch's targets plus the teacher's hidden states at the target positions.  The
+        teacher runs in its own dtype, as generate runs it, not under the student's autocast:
+        a float32 teacher's targets would be bf16 matmuls, a float16 one's head would fail."""
         base, _ = self.teacher
-        with torch.no_grad(), self._autocast():
+        with torch.no_grad(), torch.autocast(self.env.device.type, enabled=False):
             hidden = base(**batch.model_inputs()).last_hidden_state[batch.target_mask]
         targets = batch.targets.select(slice(None))
         targets.teacher_hidden = hidden

@@ -130,6 +130,29 @@ def test_online_targets_follow_teacher_fp32_head(peaky_llama_dir, topk_cache, tm
         assert torch.equal(logits, (hidden @ head.t()).float())
 
 
+def test_online_teacher_runs_in_its_own_dtype_outside_the_students_autocast(peaky_llama_dir, topk_cache, tmp_path,
+                                                                           monkeypatch):
+    """On a GPU the student trains under bf16 autocast; the teacher in the loop must not (a
+    float32 teacher's targets would come from bf16 matmuls, not the cache's distribution; a
+    float16 one's hidden states come out float32 and its head fails).  CPU stands in for CUDA
+    by forcing the student's autocast on."""
+    import qadpipe.distill.trainer as trainer
+
+    monkeypatch.setattr(trainer.DistillRecipe, "_autocast", lambda self: torch.autocast("cpu", dtype=torch.bfloat16))
+    split, under_autocast = trainer.split_lm, []
+
+    def spying(model):
+        base, head = split(model)
+        base.register_forward_pre_hook(lambda module, args: under_autocast.append(torch.is_autocast_enabled("cpu")))
+        return base, head
+
+    monkeypatch.setattr(trainer, "split_lm", spying)
+    result = distill(peaky_llama_dir, topk_cache, tmp_path, "distill.mode=online", "distill.max_steps=1",
+                     "teacher.dtype=float16", "teacher.fp32_head=false")
+    assert result.exit_code == 0, result.output
+    assert under_autocast and not any(under_autocast)
+
+
 def test_qat_says_which_loss_fields_it_does_not_use(peaky_llama_dir, topk_cache, tmp_path, caplog):
     """A shared YAML flipped to qat for the baseline keeps its KD fields (kd_loss_weight=0
     included, which for qad would be a zero loss): they are said to go unused, not refused."""
