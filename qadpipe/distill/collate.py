@@ -135,7 +135,10 @@ def collate(rows: Sequence[SequenceTargets], *, pad_id: int, pack_length: Option
                 target_mask[target_mask.clone()] = keep
                 targets = targets.select(keep)
     packed = pack_length is not None
-    return Batch(input_ids, None if packed else attention, positions if packed else None, target_mask,
+    # No mask when no row is padded: the causal mask alone is the same attention, and
+    # transformers would otherwise check the mask on the GPU (a host sync) every forward.
+    unpadded = packed or bool(attention.all())
+    return Batch(input_ids, None if unpadded else attention, positions if packed else None, target_mask,
                  targets, len(rows), sum(len(row.input_ids) for row in rows))
 
 

@@ -127,7 +127,10 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
 
 def all_reduce_number(value: float, device: torch.device, op: str = "sum") -> float:
     """Sum/max of one number over ranks.  Its tensor lives on this rank's device: NCCL, the
-    GPU backend, serves CUDA tensors only (a CPU tensor has no backend there)."""
+    GPU backend, serves CUDA tensors only (a CPU tensor has no backend there).  In a world of
+    one, no tensor at all: its ``.item()`` would make the host wait for the GPU every step."""
+    if not dist.is_initialized():
+        return float(value)
     return all_reduce(torch.tensor(float(value), dtype=torch.float64, device=device), op).item()
 
 

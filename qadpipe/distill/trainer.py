@@ -95,6 +95,7 @@ class _Window:
     """Figures summed over one log interval."""
 
     def __init__(self, device: torch.device) -> None:
+        self.device = device
         self.stats = {key: torch.zeros((), dtype=torch.float64, device=device) for key in STAT_KEYS}
         self.tokens = 0
         self.grad_norm = math.nan  # of the window's last step, before clipping
@@ -115,6 +116,19 @@ class _Window:
     def load_sums(self, sums: dict[str, float]) -> None:
         for key in STAT_KEYS:
             self.stats[key].fill_(sums[key])
+
+    @contextlib.contextmanager
+    def not_training(self) -> Iterator[None]:
+        """Leave the time inside (an eval, a save) out of tokens/s.  The step's queued GPU work
+        (the optimizer's) is waited for first: it is training, and the first sync inside would
+        otherwise wait for it on the eval's clock."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.started += time.perf_counter() - start
 
 
 class DistillRecipe:
@@ -529,16 +543,16 @@ class DistillRecipe:
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                     self._log_train(window, progress)
                     window = _Window(env.device)
-                bookkeeping = time.perf_counter()
                 evaluated = self.step % cfg.eval_every == 0 or self.step == cfg.max_steps
                 if evaluated:
-                    self.last_eval = self._evaluate(self.wrapped)
-                    self._log_eval("eval", self.last_eval)
+                    with window.not_training():
+                        self.last_eval = self._evaluate(self.wrapped)
+                        self._log_eval("eval", self.last_eval)
                 stop = self._stop_requested()
                 if cfg.save and (self.step % cfg.save_every == 0 or stop or self.step == cfg.max_steps):
-                    self._refuse_unsound_weights(micro[-1], self.last_eval if evaluated else {})
-                    self.save_checkpoint(window)
-                window.started += time.perf_counter() - bookkeeping   # tokens/s: training, not evals and saves
+                    with window.not_training():
+                        self._refuse_unsound_weights(micro[-1], self.last_eval if evaluated else {})
+                        self.save_checkpoint(window)
                 if stop:
                     outcome = ("checkpoint saved at step %d; rerun with --resume to continue" if cfg.save
                                else "stopped at step %d; nothing saved (distill.save=false)")

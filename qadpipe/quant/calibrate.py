@@ -72,7 +72,7 @@ def static_input_quantizers(model: nn.Module) -> dict[str, Quantizer]:
 def calibrate(model: nn.Module, batches: Iterable[dict[str, Tensor]], num_batches: int,
               percentile: Optional[float] = None) -> None:
     """Fix the amax of every static input quantizer from ``num_batches`` batches (each with
-    ``input_ids`` and ``attention_mask``).  Raises QuantError if the data runs out first, or a
+    ``input_ids`` and, where a row is padded, ``attention_mask``).  Raises QuantError if the data runs out first, or a
     quantizer saw no token, a non-finite value, or only zeros (a range it cannot serve)."""
     quantizers = static_input_quantizers(model)
     if not quantizers:
@@ -93,10 +93,12 @@ def calibrate(model: nn.Module, batches: Iterable[dict[str, Tensor]], num_batche
             if batch is None:
                 raise QuantError(f"quant.calibration_batches: asked for {num_batches} batches, "
                                  f"the data has {seen}")
-            mask = batch["attention_mask"].to(device).bool()
+            ids = batch["input_ids"].to(device)
+            mask = batch.get("attention_mask")   # absent: no padding
+            mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.to(device).bool()
             for observer in observers.values():
                 observer.token_mask = mask
-            model(input_ids=batch["input_ids"].to(device), attention_mask=mask.long())
+            model(input_ids=ids, attention_mask=mask.long(), use_cache=False)
             seen += 1
             tokens += int(mask.sum())
     model.train(was_training)
