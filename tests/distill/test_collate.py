@@ -105,3 +105,20 @@ def test_packed_logits_equal_unpacked_logits(tiny_llama_dir):
     key_b = [tuple(r) for r in torch.cat([packed.targets.topk_ids, packed.targets.next_tokens[:, None]], 1).tolist()]
     perm = [key_a.index(k) for k in key_b]
     torch.testing.assert_close(b, a[perm], rtol=1e-4, atol=1e-4)
+
+
+def test_an_unpadded_batch_carries_no_attention_mask_and_scores_the_same(tiny_llama_dir):
+    """No row padded: no mask, the causal mask alone (transformers would otherwise check an
+    all-ones mask on the GPU, a host sync per forward); the logits are those of the explicit mask."""
+    from qadpipe.models import load_causal_lm
+
+    model = load_causal_lm(str(tiny_llama_dir), dtype="float32")
+    tokens = torch.randint(1, 200, (3, 16), generator=torch.Generator().manual_seed(4)).tolist()
+    rows = [topk_row(f"r{i}", row, target_start=1) for i, row in enumerate(tokens)]
+    batch = collate(rows, pad_id=PAD)
+    assert batch.attention_mask is None and "attention_mask" not in batch.model_inputs()
+    with torch.no_grad():
+        unmasked = model(**batch.model_inputs()).logits
+        masked = model(**batch.model_inputs(), attention_mask=torch.ones_like(batch.input_ids)).logits
+    assert torch.equal(unmasked, masked)
+    assert collate(rows[:2] + [topk_row("short", [1, 2, 3], target_start=0)], pad_id=PAD).attention_mask is not None
