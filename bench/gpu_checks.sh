@@ -41,8 +41,9 @@ work="${TMPDIR:-/tmp}/qadpipe-gpu-checks"           # models and caches (large: 
 mkdir -p "$dest" "$work"
 
 failed=""
+slack=0    # seconds earlier steps left unused: the next step may take them (the total stays the same)
 step() {   # step NAME SECONDS COMMAND...
-  local name=$1 limit=$2; shift 2
+  local name=$1 limit=$(($2 + slack)); shift 2
   echo "=== $name (limit ${limit}s): $*"
   local start=$SECONDS
   timeout -s KILL "$limit" "$@" > "$dest/$name.txt" 2> "$dest/$name.err"   # KILL: a trainer would save on TERM
@@ -51,6 +52,8 @@ step() {   # step NAME SECONDS COMMAND...
   grep -h "differs from eager" "$dest/$name.err"   # a compiled fake-quant that fell back to eager
   [ $rc -eq 0 ] || { echo "--- $name exited $rc; stderr tail:"; tail -n 15 "$dest/$name.err"; failed="$failed $name"; }
   echo "=== $name: rc=$rc, $((SECONDS - start)) s"
+  slack=$((limit - (SECONDS - start)))
+  [ $slack -ge 0 ] || slack=0
 }
 
 if [ "${1:-}" = "--smoke" ]; then
@@ -74,8 +77,9 @@ if missing:
              "header) and name .whl in the device call's carry")
 EOF
 
-# Limits add up to 9 min 40 s (a device call may run 10); quant_compile's cold Triton compiles
-# of four formats get the most slack (60 s was killed on a loaded CPU).
+# Limits add up to 9 min 40 s (a device call may run 10), and what a step leaves unused goes to
+# the next; quant_compile's cold Triton compiles of four formats get the most slack (60 s was
+# killed on a loaded CPU).
 step quant_compile 100 $python bench/quant_compile.py --device $device --shape $shape \
   --presets nvfp4 mxfp4 fp8 w4a16_int
 step quant_overhead 160 $python bench/quant_overhead.py --device $device --model $model \
