@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -305,18 +306,29 @@ def quantization_config(model: nn.Module, schemes: dict[str, Scheme], kv_cache: 
             "format": scheme.format,
         }
     formats = {s.format for s in schemes.values()}
-    dense = sorted(name for name, m in model.named_modules()
-                   if isinstance(m, nn.Linear) and name not in schemes)
     return {
         "quant_method": "compressed-tensors",
         "format": formats.pop() if len(formats) == 1 else MIXED,
         "quantization_status": "compressed",
         "config_groups": groups,
-        "ignore": dense,
+        "ignore": dense_layers(model, schemes),
         "kv_cache_scheme": _args(8, "float", "tensor") if kv_cache else None,
         "sparsity_config": {},
         "transform_config": {},
     }
+
+
+def dense_layers(model: nn.Module, schemes: dict[str, Scheme]) -> list[str]:
+    """``ignore``: what vLLM must load dense.  Every nn.Linear left unquantized, by name, and
+    every other module holding a matrix (transformers 5 fuses an MoE's experts into 3-D
+    tensors and its router is no nn.Linear): vLLM builds those as its own linear and fused-MoE
+    layers, matches them against the ``Linear`` target, and would look for packed weights (it
+    names an expert ``<experts>.0.gate_proj``, hence the pattern over the sub-names)."""
+    dense = sorted(name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in schemes)
+    others = sorted(name for name, m in model.named_modules()
+                    if not isinstance(m, (nn.Linear, nn.Embedding))
+                    and any(p.dim() >= 2 for p in m.parameters(recurse=False)))
+    return dense + [f"re:{re.escape(name)}(\\..*)?$" for name in others]
 
 
 def write_compressed_tensors(model: nn.Module, source_dir: Path, directory: Path,

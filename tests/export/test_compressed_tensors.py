@@ -351,3 +351,36 @@ def test_export_says_which_machines_serve_it_as_trained(student, tiny_llama_dir,
         assert warnings == []
     else:
         assert len(warnings) == 1 and said in warnings[0]
+
+
+def test_moe_experts_and_router_are_listed_dense_under_the_names_vllm_looks_up():
+    """transformers 5 fuses an MoE's experts into 3-D tensors and its router is no nn.Linear, so
+    both stay dense; vLLM builds them as a fused-MoE and a linear layer, matches those against the
+    ``Linear`` target and, unless ``ignore`` names them, looks for packed weights and fails to load
+    (a reviewer's tiny Qwen3-MoE).  vLLM's rule (``is_equal_or_regex_match`` in
+    vllm/model_executor/layers/quantization/utils/config_utils.py): a ``re:`` entry is
+    ``re.match``-ed, any other must equal the name; an expert is looked up as
+    ``<experts>.0.<proj>``."""
+    import re
+
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from qadpipe.config import build_config
+    from qadpipe.export.compressed_tensors import plan_schemes, quantization_config
+    from qadpipe.quant.recipe import apply_recipe
+
+    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=32, num_experts=4, num_experts_per_tok=2))
+    apply_recipe(model, build_config({"quant": {"preset": "w4a16_int", "group_size": 32}}).quant)
+    ignore = quantization_config(model, plan_schemes(model))["ignore"]
+
+    def ignored(name: str) -> bool:
+        return any(re.match(entry[3:], name) if entry.startswith("re:") else entry == name for entry in ignore)
+
+    assert ignored("lm_head")
+    for layer in range(2):
+        assert ignored(f"model.layers.{layer}.mlp.gate")
+        assert all(ignored(f"model.layers.{layer}.mlp.experts.0.{proj}") for proj in ("gate_proj", "up_proj", "down_proj"))
+        assert not any(ignored(f"model.layers.{layer}.self_attn.{proj}") for proj in ("q_proj", "k_proj", "o_proj"))
+    assert not ignored("model.layers.1.mlp.gate_up_proj") and not ignored("model.layers.10.mlp.gate")
