@@ -166,7 +166,9 @@ class QuantConfig:
         "override the preset's weight group size (int, ternary and LSQ presets, but w4a8_fp8: 128 only, "
         "vLLM's kernel; default 128 does not divide SmolLM2's 576)", ge=1)
     ignore: list[str] = opt(factory=lambda: ["lm_head", "embed_tokens"], help=
-        "regexes of module names left in full precision")
+        "regexes of module names left in full precision; 'lm_head' also means the LM head by any "
+        "other name (InternLM2's output), and 'embed_tokens' may match nothing (GPT-NeoX's embed_in: embeddings "
+        "are never quantized)")
     rules: list[QuantRule] = opt(factory=list, help=
         "per-module overrides: [{targets: regex, preset: name, group_size: n}], first match wins")
     ste: Literal["identity", "clipped"] = opt("identity",

@@ -164,7 +164,9 @@ def apply_recipe(model: nn.Module, quant: Any, *, rebuild: bool = False) -> Quan
     recipe gets (a student trained before a refusal existed must still load)."""
     names = [name for name, _ in model.named_modules() if name]
     linears = {name: m for name, m in model.named_modules() if type(m) is nn.Linear}
-    for i, pattern in enumerate(quant.ignore):
+    head = output_head_name(model)
+    ignore = _resolve_ignore(quant.ignore, names, head)
+    for i, pattern in ignore:
         _check_regex(pattern, f"quant.ignore[{i}]", names, "module")
         if not rebuild:
             _warn_if_ignore_keeps_nothing(model, i, pattern, linears)
@@ -173,14 +175,13 @@ def apply_recipe(model: nn.Module, quant: Any, *, rebuild: bool = False) -> Quan
     for i, rule, _ in rules:
         _check_regex(rule.targets, f"quant.rules[{i}].targets", list(linears), "nn.Linear")
     default = resolve_preset(quant.preset, quant.group_size)
-    head = output_head_name(model)
 
     recipe = QuantRecipe(ste=quant.ste, learnable=quant.learnable)
     compile_mode = getattr(quant, "compile", "off")
     chosen: dict[str, tuple[str, Preset]] = {}
     section_of: dict[str, str] = {}
     for name, linear in linears.items():
-        if any(re.search(p, name) for p in quant.ignore):
+        if any(re.search(p, name) for _, p in ignore):
             recipe.ignored.append(name)
             continue
         match = next(((f"quant.rules[{i}]", r.preset, p) for i, r, p in rules if re.search(r.targets, name)),
@@ -224,6 +225,28 @@ def quant_parameters(model: nn.Module) -> list[nn.Parameter]:
         if "norm" in type(module).__name__.lower():
             params.update({id(p): p for p in module.parameters(recurse=False)})
     return list(params.values())
+
+
+def _resolve_ignore(ignore: list[str], names: list[str], head: Optional[str]) -> list[tuple[int, str]]:
+    """``quant.ignore`` as applied to this model, each entry with its index in the config.
+
+    The default list's two names are roles, not only regexes: ``lm_head`` keeps the LM head
+    dense whatever the architecture calls it (InternLM2 ``output``, ChatGLM ``output_layer``),
+    and ``embed_tokens`` matching nothing (GPT-NeoX ``embed_in``) is harmless: embeddings are
+    never quantized.  Any
+    other entry matching nothing is a recipe that does not do what it says, refused by
+    :func:`_check_regex`."""
+    def matches(pattern: str) -> bool:
+        return any(re.search(pattern, name) for name in names)
+
+    resolved = []
+    for i, pattern in enumerate(ignore):
+        if pattern == "lm_head" and not matches(pattern) and head is not None:
+            log.info("quant.ignore[%d]: 'lm_head' keeps this model's LM head, '%s', in full precision", i, head)
+            resolved.append((i, f"^{re.escape(head)}$"))
+        elif not (pattern == "embed_tokens" and not matches(pattern)):
+            resolved.append((i, pattern))
+    return resolved
 
 
 def _check_regex(pattern: str, where: str, names: list[str], kind: str) -> None:

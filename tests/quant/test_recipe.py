@@ -224,6 +224,22 @@ def test_the_lm_head_is_found_whatever_its_name(tie, preset, message, make_llama
     assert message in str(info.value)
 
 
+def test_the_default_ignore_keeps_the_lm_head_dense_whatever_its_name(make_llama, quant_config):
+    """``lm_head`` and ``embed_tokens`` in the default ignore are roles: a model whose head is
+    ``output`` (InternLM2) or whose embeddings are named otherwise (GPT-NeoX ``embed_in``) was
+    refused for "matches no module"; its head must stay dense, as on Llama.  Other entries
+    matching nothing are still refused."""
+    model = _HeadNamedOutput(make_llama())
+    model.model.embed_in = model.model.embed_tokens
+    del model.model.embed_tokens
+    recipe = apply_recipe(model, quant_config(preset="nvfp4"))
+    assert recipe.ignored == ["output"] and type(model.output) is nn.Linear
+    assert "model.layers.0.self_attn.q_proj" in recipe.layers
+    with pytest.raises(QuantError, match=r"quant.ignore\[2\]: regex 'gate_proj_typo' matches no module"):
+        apply_recipe(_HeadNamedOutput(make_llama()), quant_config(preset="nvfp4",
+                                                                  ignore=["lm_head", "embed_tokens", "gate_proj_typo"]))
+
+
 def test_an_invalid_regex_is_one_line_for_a_config_built_without_the_loader(make_llama):
     """The loader refuses it first (tests/test_config.py); a library caller's QuantConfig
     reaches apply_recipe unchecked."""
