@@ -48,7 +48,7 @@ from qadpipe.export.writer import read_config, write_checkpoint
 from qadpipe.models import output_head_name
 from qadpipe.quant.formats import Granularity, Kind, QuantSpec, pack_fp4, pack_int32, quantize
 from qadpipe.quant.kv_cache import kv_cache_scales
-from qadpipe.quant.quantizers import QuantLinear
+from qadpipe.quant.quantizers import QuantLinear, Quantizer
 from qadpipe.quant.recipe import sibling_groups
 
 log = logging.getLogger(__name__)
@@ -323,12 +323,16 @@ def dense_layers(model: nn.Module, schemes: dict[str, Scheme]) -> list[str]:
     every other module holding a matrix (transformers 5 fuses an MoE's experts into 3-D
     tensors and its router is no nn.Linear): vLLM builds those as its own linear and fused-MoE
     layers, matches them against the ``Linear`` target, and would look for packed weights (it
-    names an expert ``<experts>.0.gate_proj``, hence the pattern over the sub-names)."""
+    names an expert ``<experts>.0.gate_proj``, hence the pattern over the sub-names -- only for
+    a module with no quantized layer inside, which the pattern would otherwise take too)."""
     dense = sorted(name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in schemes)
-    others = sorted(name for name, m in model.named_modules()
-                    if not isinstance(m, (nn.Linear, nn.Embedding))
-                    and any(p.dim() >= 2 for p in m.parameters(recurse=False)))
-    return dense + [f"re:{re.escape(name)}(\\..*)?$" for name in others]
+    for name, module in sorted(model.named_modules()):
+        if isinstance(module, (nn.Linear, nn.Embedding, Quantizer)) or not any(   # a quantizer's LSQ steps are 2-D
+                p.dim() >= 2 for p in module.parameters(recurse=False)):
+            continue
+        holds_quantized = any(isinstance(m, QuantLinear) for m in module.modules())
+        dense.append(name if holds_quantized else f"re:{re.escape(name)}(\\..*)?$")
+    return dense
 
 
 def write_compressed_tensors(model: nn.Module, source_dir: Path, directory: Path,

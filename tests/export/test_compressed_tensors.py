@@ -373,6 +373,8 @@ def test_moe_experts_and_router_are_listed_dense_under_the_names_vllm_looks_up()
         vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=1, head_dim=32, num_experts=4, num_experts_per_tok=2))
     apply_recipe(model, build_config({"quant": {"preset": "w4a16_int", "group_size": 32}}).quant)
+    # a module with a matrix of its own around quantized layers: named alone, never its sub-names
+    model.model.layers[1].self_attn.register_parameter("extra", nn.Parameter(torch.zeros(2, 2)))
     ignore = quantization_config(model, plan_schemes(model))["ignore"]
 
     def ignored(name: str) -> bool:
@@ -384,3 +386,4 @@ def test_moe_experts_and_router_are_listed_dense_under_the_names_vllm_looks_up()
         assert all(ignored(f"model.layers.{layer}.mlp.experts.0.{proj}") for proj in ("gate_proj", "up_proj", "down_proj"))
         assert not any(ignored(f"model.layers.{layer}.self_attn.{proj}") for proj in ("q_proj", "k_proj", "o_proj"))
     assert not ignored("model.layers.1.mlp.gate_up_proj") and not ignored("model.layers.10.mlp.gate")
+    assert ignored("model.layers.1.self_attn")
