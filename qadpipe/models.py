@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -170,26 +171,78 @@ def output_head_name(model: Any) -> Optional[str]:
     return next((name for name, module in model.named_modules() if module is head), None) if head is not None else None
 
 
-#: Config fields of post-head logit transforms (soft-capping, scaling) that a forward on a few
-#: tokens of a freshly initialised model may not reveal.
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale",
-                     "lm_head_multiplier")
+@dataclass(frozen=True)
+class LogitTransform:
+    """What an architecture applies to ``lm_head(hidden)`` before the softmax: Gemma 2's
+    soft-capping ``c * tanh(z / c)`` (``final_logit_softcapping``), Granite's ``z /
+    logits_scaling``, Cohere's ``z * logit_scale``.  qadpipe's fused loss, HF teacher and
+    eval run the head on chunks of hidden states, so they apply it themselves; vLLM's
+    logits processor applies the same, so a vLLM cache holds it already."""
+
+    scale: float = 1.0
+    softcap: Optional[float] = None
+
+    def __call__(self, logits: Any) -> Any:
+        import torch
+
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
 
 
-def check_logits_are_head_of_hidden(model: Any, where: str) -> None:
-    """Refuse (ModelError naming ``where``) a model whose logits are not ``lm_head(final
-    hidden state)``: qadpipe's fused loss, its HF teacher and its eval run the head on chunks
-    of hidden states and apply nothing after it.  Checked on the config's known fields and by
-    comparing a forward of 8 tokens with the head applied to the decoder's output, which
-    catches what no field names (Falcon-H1's logit multiplier)."""
+def _applied(field: str, model_type: str, value: float) -> Optional[LogitTransform]:
+    """The transform ``field`` means in ``model_type``'s modeling code (None: not one qadpipe
+    applies).  By family, since one name means different things: Granite divides by its
+    ``logits_scaling``, HyperCLOVAX multiplies; Cohere multiplies by ``logit_scale``, MPT's may
+    be a string."""
+    if field == "final_logit_softcapping":   # the Gemma family's c * tanh(z / c), wherever it is set
+        return LogitTransform(softcap=value) if value > 0 else None
+    if field == "logit_scale" and model_type in ("cohere", "cohere2"):
+        return LogitTransform(scale=value)
+    if field == "logits_scaling" and model_type.startswith("granite") and value > 0:
+        return LogitTransform(scale=1.0 / value)
+    return None
+
+
+#: Config fields of post-head logit transforms.  A forward on a few tokens of a freshly
+#: initialised model may not reveal them, hence the fields (the forward check catches others).
+_LOGIT_TRANSFORM_FIELDS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale",
+                           "lm_head_multiplier")
+
+
+def logit_transform(model_config: Any, where: str = "model.path") -> LogitTransform:
+    """The post-head transform a model's config names (ModelError naming ``where`` for one
+    qadpipe does not apply, or two at once, whose order no field says).  A soft-cap is one at
+    any value (c = 1 is no identity); a scale of 1 is none."""
+    config = model_config.get_text_config()
+    found = {name: value for name in _LOGIT_TRANSFORM_FIELDS if (value := getattr(config, name, None)) is not None
+             and (name == "final_logit_softcapping" or value not in (1, 1.0))}
+    applied = []
+    for name, value in found.items():
+        try:
+            transform = _applied(name, config.model_type, float(value))
+        except (TypeError, ValueError):   # MPT's logit_scale="inv_sqrt_d_model"
+            transform = None
+        applied.append(transform)
+    if None in applied or len(applied) > 1:
+        listed = ", ".join(f"{name}={value!r}" for name, value in found.items())
+        raise ModelError(f"{where}: {config.model_type} sets {listed}, a transform after the LM head that qadpipe's "
+                         "chunked head does not apply; this architecture is not supported")
+    return applied[0] if applied else LogitTransform()
+
+
+def check_logits_are_head_of_hidden(model: Any, where: str) -> LogitTransform:
+    """The transform (:func:`logit_transform`) after which ``model``'s logits are ``lm_head(final
+    hidden state)``, as qadpipe's fused loss, its HF teacher and its eval compute them on chunks
+    of hidden states; ModelError naming ``where`` otherwise.  Checked on the config's known
+    fields and by comparing a forward of 8 tokens with the head applied to the decoder's output,
+    which catches what no field names (Falcon-H1's logit multiplier)."""
     import torch
 
+    transform = logit_transform(model.config, where)
     config = model.config.get_text_config()
-    for name in _LOGIT_TRANSFORMS:
-        value = getattr(config, name, None)
-        if value not in (None, 1, 1.0):
-            raise ModelError(f"{where}: {config.model_type} sets {name}={value}, a transform after the LM head "
-                             "that qadpipe's chunked head does not apply; this architecture is not supported")
     head = model.get_output_embeddings()
     device = head.weight.device
     ids = (torch.arange(1, 9, device=device) % head.weight.shape[0]).unsqueeze(0)
@@ -197,8 +250,8 @@ def check_logits_are_head_of_hidden(model: Any, where: str) -> None:
     model.eval()
     try:
         with torch.no_grad():
-            full = model(input_ids=ids).logits[0].float()
-            ours = head(model.get_decoder()(input_ids=ids).last_hidden_state[0]).float()
+            full = model(input_ids=ids, use_cache=False).logits[0].float()
+            ours = transform(head(model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state[0])).float()
     finally:
         model.train(was_training)
     gap = float((full - ours).abs().max())
@@ -206,6 +259,7 @@ def check_logits_are_head_of_hidden(model: Any, where: str) -> None:
         raise ModelError(f"{where}: {config.model_type}'s logits differ from lm_head(hidden states) by up to "
                          f"{gap:.3g}, a transform after the LM head that qadpipe's chunked head does not apply; "
                          "this architecture is not supported")
+    return transform
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:

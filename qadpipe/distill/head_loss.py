@@ -26,6 +26,7 @@ from torch import nn
 from qadpipe.distill import losses
 from qadpipe.errors import DistillError
 from qadpipe.eval.metrics import perplexity
+from qadpipe.models import LogitTransform
 
 
 @dataclass(frozen=True)
@@ -212,10 +213,11 @@ class _FusedHeadLoss(torch.autograd.Function):
 
 
 def head_loss(hidden: torch.Tensor, head: nn.Module, targets: PositionTargets, spec: LossSpec,
-              chunk_tokens: int, teacher_head: Optional[nn.Module] = None
-              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              chunk_tokens: int, teacher_head: Optional[nn.Module] = None,
+              transform: LogitTransform = LogitTransform()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Summed loss over the ``N`` positions of ``hidden`` ``[N, D]`` (divide by the global
-    position count yourself) and the summed figures ``STAT_KEYS`` (0-d tensors)."""
+    position count yourself) and the summed figures ``STAT_KEYS`` (0-d tensors); ``transform``
+    is the architecture's after the head (Gemma 2's soft-capping, ...)."""
     if len(targets) != hidden.shape[0]:
         raise ValueError(f"{hidden.shape[0]} hidden states vs {len(targets)} target rows")
     stats = {key: torch.zeros((), dtype=torch.float64, device=hidden.device) for key in STAT_KEYS}
@@ -226,7 +228,7 @@ def head_loss(hidden: torch.Tensor, head: nn.Module, targets: PositionTargets, s
         if chunk.teacher_hidden is not None:
             with torch.no_grad():
                 teacher_logits = teacher_head(chunk.teacher_hidden)
-        return _chunk_loss(head(piece), chunk, spec, teacher_logits, stats)
+        return _chunk_loss(transform(head(piece)), chunk, spec, teacher_logits, stats)
 
     params = [p for p in head.parameters() if p.requires_grad] if torch.is_grad_enabled() else []
     if torch.is_grad_enabled() and (hidden.requires_grad or params):

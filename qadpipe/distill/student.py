@@ -27,6 +27,7 @@ from torch import nn
 from qadpipe.distill.checkpoint import MODEL_FILE, write_student_dir
 from qadpipe.distill.head_loss import LossSpec, PositionTargets, head_loss, split_lm
 from qadpipe.errors import ConfigError, DistillError
+from qadpipe.models import logit_transform
 from qadpipe.provenance import RUN_FILE, read_run_record
 
 FINAL_DIR = "final"
@@ -72,13 +73,14 @@ class StudentLoss(nn.Module):
         split_lm(student)  # no decoder/LM-head split: refused now, not at the first step
         self.student = student  # the only submodule: state_dict keys are "student." + HF names
         self.chunk_tokens = chunk_tokens
+        self.logit_transform = logit_transform(student.config)
 
     def forward(self, inputs: dict[str, Any], target_mask: torch.Tensor, targets: PositionTargets,
                 spec: LossSpec, teacher_head: Optional[nn.Module] = None
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         base, head = self.student.get_decoder(), self.student.get_output_embeddings()
         hidden = base(**inputs).last_hidden_state[target_mask]
-        return head_loss(hidden, head, targets, spec, self.chunk_tokens, teacher_head)
+        return head_loss(hidden, head, targets, spec, self.chunk_tokens, teacher_head, self.logit_transform)
 
 
 def save_student(output_dir: Path, model_state: dict[str, torch.Tensor], config: Any,

@@ -53,7 +53,7 @@ from qadpipe.distill.student import (FINAL_DIR, PTQ_DIR, StudentLoss, build_stud
                                      load_state_into, save_student)
 from qadpipe.errors import DistillError, first_line
 from qadpipe.file_modes import check_writable_dir, missing_dirs
-from qadpipe.models import output_rows
+from qadpipe.models import LogitTransform, output_rows
 from qadpipe.provenance import RUN_FILE, recorded_stage, save_run_record
 from qadpipe.quant.quantizers import Quantizer
 from qadpipe.quant.recipe import quant_parameters
@@ -319,7 +319,7 @@ class DistillRecipe:
         teacher = load_causal_lm(path, dtype=self.config.teacher.dtype, device=str(self.env.device),
                                  trust_remote_code=trust)
         teacher.requires_grad_(False)
-        check_logits_are_head_of_hidden(teacher, "teacher.path")
+        transform = check_logits_are_head_of_hidden(teacher, "teacher.path")
         base, head = split_lm(teacher)
         vocab = output_rows(teacher)
         if vocab != student_vocab:
@@ -328,7 +328,7 @@ class DistillRecipe:
         fp32_head = self.config.teacher.fp32_head
         log.info("teacher in the loop: %s (%s%s)", path, self.config.teacher.dtype,
                  ", fp32 LM head" if fp32_head else "")
-        return base, TeacherHead(head, fp32_head)
+        return base, TeacherHead(head, fp32_head, transform)
 
     def _cakld_beta(self) -> float:
         """BitDistiller's β: the teacher's mean top-1 probability, measured on the cache's
@@ -781,14 +781,14 @@ def _check_loss_weights(cfg: Any) -> None:
 class TeacherHead(torch.nn.Module):
     """The in-the-loop teacher's LM head, computed as generate's HF backend computes a cache's
     (``teacher.fp32_head``: fp32 logits from the bf16 weights), so online and cached targets
-    are the same distribution."""
+    are the same distribution; the architecture's logit transform after it."""
 
-    def __init__(self, head: torch.nn.Module, fp32_head: bool) -> None:
+    def __init__(self, head: torch.nn.Module, fp32_head: bool, transform: LogitTransform) -> None:
         super().__init__()
-        self.head, self.fp32_head = head, fp32_head
+        self.head, self.fp32_head, self.transform = head, fp32_head, transform
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return head_logits(self.head, hidden, fp32_head=self.fp32_head)
+        return self.transform(head_logits(self.head, hidden, fp32_head=self.fp32_head))
 
 
 #: What a run stopped by a non-finite loss tells its user: its checkpoints are all sound

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from tqdm import tqdm
 from qadpipe.distill.head_loss import split_lm
 from qadpipe.distill.losses import forward_kl_tail
 from qadpipe.eval.metrics import AgreementTotals
+from qadpipe.models import logit_transform
 from qadpipe.targets import SequenceTargets
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,11 @@ class CachedTargets:
         return float(kl.double().sum())
 
 
+def _logits_of(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    head, transform = split_lm(model)[1], logit_transform(model.config)
+    return lambda hidden: transform(head(hidden))
+
+
 def scored_hidden(base: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The final hidden states ``[N, D]`` of a model's base (see ``split_lm``) at the batch's
     scored positions (row-major)."""
@@ -97,7 +103,8 @@ def compare_to_teacher(
     Logits exist for ``chunk_tokens`` positions at a time, never for a whole batch."""
     if cache_rows is not None and starts is None:
         starts = [row.target_start for row in cache_rows]
-    parts = {name: split_lm(model) for name, model in {"teacher": teacher, **students}.items()}  # (base, head)
+    # (base, logits of hidden states: the head and the architecture's transform after it)
+    parts = {name: (split_lm(model)[0], _logits_of(model)) for name, model in {"teacher": teacher, **students}.items()}
     totals = {name: AgreementTotals() for name in parts}
     tail_sums = {name: 0.0 for name in totals}
     batches: Iterable[int] = range(0, len(sequences), batch_size)

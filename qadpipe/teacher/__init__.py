@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from qadpipe.errors import TeacherError, first_line
+from qadpipe.errors import ModelError, TeacherError, first_line
 
 
 @dataclass(frozen=True)
@@ -54,13 +54,21 @@ def require_vllm() -> None:
 
 def check_teacher_can_start(config: Any, model_dir: Path, info: TeacherInfo) -> None:
     """What would stop the configured backend from starting, said before any data is read
-    or a cache directory is made: no vLLM, a CUDA device torch does not see, a head size
-    vLLM-CPU has no attention kernel for.  ``make_teacher`` comes only after the cache is
+    or a cache directory is made: no vLLM, a CUDA device torch does not see, a logit transform
+    the HF backend does not apply, a head size vLLM-CPU has no attention kernel for.  ``make_teacher`` comes only after the cache is
     open (a rerun that finds its task done loads no teacher)."""
     if config.teacher.backend == "hf":
+        from transformers import AutoConfig
+
+        from qadpipe.models import logit_transform
         from qadpipe.teacher.hf_backend import resolve_device
 
         resolve_device(config.teacher.device)
+        try:   # from the config alone; HFTeacher checks the weights' forward too
+            logit_transform(AutoConfig.from_pretrained(str(model_dir), trust_remote_code=config.model.trust_remote_code),
+                            "teacher")
+        except ModelError as exc:
+            raise TeacherError(f"{exc}; use teacher.backend=vllm") from None
         return
     require_vllm()
     try:

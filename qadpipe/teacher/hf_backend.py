@@ -81,7 +81,7 @@ class HFTeacher:
         self.pad_id = pad_id
         self.eos_ids = eos_ids
         try:   # this backend scores lm_head(hidden states) chunk-wise: another distribution otherwise
-            check_logits_are_head_of_hidden(model, "teacher")
+            self.transform = check_logits_are_head_of_hidden(model, "teacher")
         except ModelError as exc:
             raise TeacherError(f"{exc}; use teacher.backend=vllm") from None
 
@@ -98,8 +98,8 @@ class HFTeacher:
                    chunk_tokens=teacher.chunk_tokens, pad_id=pad or 0, eos_ids=end_of_sequence_ids(model, tokenizer))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """LM head on ``[n, hidden]`` rows -> fp32 ``[n, vocab]``."""
-        return head_logits(self.head, hidden, fp32_head=self.fp32_head)
+        """LM head (and the architecture's logit transform) on ``[n, hidden]`` rows -> fp32 ``[n, vocab]``."""
+        return self.transform(head_logits(self.head, hidden, fp32_head=self.fp32_head))
 
     @torch.no_grad()
     def score(self, sequences: list[TokenSequence], spec: TargetSpec) -> list[SequenceTargets]:

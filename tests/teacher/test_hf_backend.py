@@ -181,13 +181,15 @@ def test_completions_ignore_the_sampling_defaults_a_checkpoint_ships(successor: 
         shipped.repetition_penalty = before
 
 
-def test_logit_transforms_are_refused(tiny_fp32: Any) -> None:
-    tiny_fp32.config.final_logit_softcapping = 30.0
+def test_a_logit_transform_the_backend_does_not_apply_is_refused(tiny_fp32: Any) -> None:
+    """Soft-capping and logit scaling are applied (tests/test_logit_transforms.py); Falcon-H1's
+    lm_head_multiplier is not."""
+    tiny_fp32.config.lm_head_multiplier = 0.5
     try:
-        with pytest.raises(TeacherError, match="final_logit_softcapping=30.0"):
+        with pytest.raises(TeacherError, match="lm_head_multiplier=0.5"):
             HFTeacher(tiny_fp32)
     finally:
-        tiny_fp32.config.final_logit_softcapping = None
+        del tiny_fp32.config.lm_head_multiplier
 
 
 def test_completions_stop_at_every_end_of_sequence_id_the_checkpoint_lists(successor: Any) -> None:
