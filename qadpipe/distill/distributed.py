@@ -214,9 +214,14 @@ def full_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) ->
 
 def load_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
     """Load a full optimizer state (from :func:`full_optimizer_state`) under any strategy
-    (full-state loading needs a process group; a world of one loads it as is)."""
+    (full-state loading needs a process group; a world of one loads it as is).  The kernel
+    choice stays this run's: a checkpoint from before AdamW was fused carries ``fused=None``
+    in its groups, which would otherwise switch a resumed run to the slower foreach path."""
     options = StateDictOptions(full_state_dict=dist.is_initialized())
+    kernels = [{key: group[key] for key in ("fused", "foreach") if key in group} for group in optimizer.param_groups]
     set_optimizer_state_dict(module, optimizer, state, options=options)
+    for group, chosen in zip(optimizer.param_groups, kernels):
+        group.update(chosen)
 
 
 def clip_grad_norm(parameters: list[nn.Parameter], max_norm: float) -> float:

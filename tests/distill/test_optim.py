@@ -44,6 +44,21 @@ def test_without_decay_there_is_one_group_as_older_checkpoints_hold():
     assert len(optimizer.param_groups[0]["params"]) == 2
 
 
+def test_a_checkpoint_from_before_fused_adamw_resumes_fused():
+    """Older checkpoints carry fused=None in their param groups; loading one must not switch
+    the resumed run to the foreach path (the same numbers, slower on a GPU)."""
+    from qadpipe.distill.distributed import load_optimizer_state
+
+    model = nn.Linear(4, 3)
+    older = torch.optim.AdamW(model.parameters(), lr=LR)   # torch's default: fused=None
+    model(torch.ones(2, 4)).sum().backward()
+    older.step()
+    optimizer = adamw(model, LR, 0.0, no_decay_names(model, []))
+    load_optimizer_state(model, optimizer, older.state_dict())
+    assert optimizer.param_groups[0]["fused"] is True
+    assert torch.equal(optimizer.state[model.weight]["exp_avg"], older.state[model.weight]["exp_avg"])
+
+
 def config(model_dir, cache, out, *extra):
     return load_config(None, settings(model_dir, cache, f"distill.output_dir={out}", "distill.max_steps=4",
                                       "distill.save_every=2", "distill.eval_every=100", "distill.shuffle_buffer=4",
