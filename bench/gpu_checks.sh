@@ -52,7 +52,7 @@ step() {   # step NAME SECONDS COMMAND...
   grep -h "differs from eager" "$dest/$name.err"   # a compiled fake-quant that fell back to eager
   [ $rc -eq 0 ] || { echo "--- $name exited $rc; stderr tail:"; tail -n 15 "$dest/$name.err"; failed="$failed $name"; }
   echo "=== $name: rc=$rc, $((SECONDS - start)) s"
-  slack=$((limit - (SECONDS - start)))
+  slack=$((limit - (SECONDS - start) - 1))   # SECONDS counts whole seconds: never hand on more than was left
   [ $slack -ge 0 ] || slack=0
 }
 

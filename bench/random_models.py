@@ -39,13 +39,11 @@ def save_random_qwen3(name: str, out: Any) -> None:
 
     The tokenizer is one word per id (``<t0>`` ... ``<t151935>``): random-token data needs
     nothing more, and it keeps the device machines free of the SmolLM2 package (not installed
-    there, and too large to carry).  Built on the GPU where there is one: the random init of
-    1.7B parameters is slow on a CPU, and a device run has ten minutes in all."""
-    import torch
+    there, and too large to carry).  Built on the CPU: the weights are only saved."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    model = random_qwen3(name, "cuda" if torch.cuda.is_available() else "cpu")
+    model = random_qwen3(name, "cpu")
     vocab = {f"<t{i}>": i for i in range(model.config.vocab_size)}
     words = Tokenizer(models.WordLevel(vocab, unk_token="<t0>"))
     words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
