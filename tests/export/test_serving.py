@@ -113,3 +113,39 @@ def test_vllm_serves_what_was_trained(smollm2_dir, tmp_path, student):
     # without KV quantization are twice as far.
     assert figures["int4_kv_vs_student"] <= 2 * floor, figures
     assert figures["int4_kv_vs_student"] < figures["int4_kv_vs_int4_student"] / 1.5, figures
+
+
+@pytest.mark.slow
+def test_vllm_serves_a_moe_student_with_its_experts_dense(smollm2_dir, tmp_path, student):
+    """transformers 5 fuses an MoE's experts into 3-D tensors and its router is no nn.Linear:
+    both stay dense, and the compressed-tensors export names them in ``ignore`` (without, vLLM
+    matched them against the ``Linear`` target, looked for packed weights and did not load).
+    A tiny random Qwen3-MoE on SmolLM2's tokenizer, its final norm scaled so that its outputs
+    are peaked: vLLM serves the W4A16 student, not the unquantized model."""
+    pytest.importorskip("vllm")
+    from transformers import AutoTokenizer, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from qadpipe.models import load_causal_lm
+
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2_dir))
+    torch.manual_seed(0)
+    base = Qwen3MoeForCausalLM(Qwen3MoeConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32, num_experts=32,
+        num_experts_per_tok=2, max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id))
+    with torch.no_grad():
+        base.model.norm.weight.mul_(20.0)
+    base.to(torch.bfloat16).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    model, config = student(tmp_path / "base", "w4a16_int", 32)
+    export_model(model, tmp_path / "base", tmp_path / "int4", "compressed-tensors", config)
+    ignore = json.loads((tmp_path / "int4" / "config.json").read_text())["quantization_config"]["ignore"]
+    assert any("experts" in entry for entry in ignore), ignore
+    sequences = [tokenizer(text)["input_ids"] for text in TEXTS]
+    student_lp = token_logprobs(model, sequences)
+    base_lp = token_logprobs(load_causal_lm(str(tmp_path / "base")), sequences)
+    served = vllm_logprobs([tmp_path / "int4"], sequences)[str(tmp_path / "int4")]
+    to_student, to_base = mean_abs_diff(served, student_lp), mean_abs_diff(served, base_lp)
+    print(f"MoE W4A16 served vs student {to_student:.4f}, vs unquantized {to_base:.4f} (mean |dlp|)")
+    assert to_student < to_base / 2, (to_student, to_base)
