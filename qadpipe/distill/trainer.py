@@ -788,7 +788,7 @@ class TeacherHead(torch.nn.Module):
         self.head, self.fp32_head, self.transform = head, fp32_head, transform
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.transform(head_logits(self.head, hidden, fp32_head=self.fp32_head))
+        return head_logits(self.head, hidden, fp32_head=self.fp32_head, transform=self.transform)
 
 
 #: What a run stopped by a non-finite loss tells its user: its checkpoints are all sound

