@@ -9,6 +9,7 @@ what is expected (with a "did you mean" for typos).  Range and file checks come 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -84,6 +85,22 @@ def build_config(raw: dict[str, Any]) -> PipelineConfig:
     config = _build_dataclass(PipelineConfig, raw, "")
     _run_validate_hooks(config, "")
     return config
+
+
+#: Fields added after students were already recorded, with what the qadpipe that recorded
+#: one without the field did -- which is not always the field's default for new runs.
+_BEFORE_FIELD = {("quant", "moe_experts"): "dense"}
+
+
+def recorded_config(raw: dict[str, Any]) -> dict[str, Any]:
+    """A run record's ``config`` as the qadpipe that wrote it applied it: a field it predates
+    gets the behaviour it had (its MoE experts stayed dense), not today's default."""
+    upgraded = copy.deepcopy(raw)
+    for (section, name), value in _BEFORE_FIELD.items():
+        fields = upgraded.get(section)
+        if isinstance(fields, dict) and name not in fields:
+            fields[name] = value
+    return upgraded
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

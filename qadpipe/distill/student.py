@@ -127,14 +127,14 @@ def trained_config(final_dir: Path) -> Any:
     """The config a student in the ``final/`` layout was trained with (its run record)."""
     import yaml
 
-    from qadpipe.config import build_config
+    from qadpipe.config import build_config, recorded_config
 
     final_dir = Path(final_dir)
     run_file = final_dir / RUN_FILE
     if not (final_dir / MODEL_FILE).is_file() or not run_file.is_file():
         raise DistillError(f"{final_dir}: expected {MODEL_FILE} and {RUN_FILE} (a distill final/ directory)")
     try:
-        return build_config(yaml.safe_load(run_file.read_text())["config"])
+        return build_config(recorded_config(yaml.safe_load(run_file.read_text())["config"]))
     except (yaml.YAMLError, TypeError, KeyError, UnicodeDecodeError) as exc:
         raise DistillError(f"{run_file}: not a qadpipe run record with a config ({type(exc).__name__})") from None
     except ConfigError as exc:   # a field this qadpipe no longer has, or no longer accepts: not the user's config

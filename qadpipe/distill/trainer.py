@@ -55,6 +55,7 @@ from qadpipe.errors import DistillError, first_line
 from qadpipe.file_modes import check_writable_dir, missing_dirs
 from qadpipe.models import LogitTransform, output_rows
 from qadpipe.provenance import RUN_FILE, recorded_stage, save_run_record
+from qadpipe.quant.experts import has_fused_experts
 from qadpipe.quant.quantizers import Quantizer
 from qadpipe.quant.recipe import quant_parameters
 from qadpipe.stop_signals import StopSignals
@@ -406,7 +407,7 @@ class DistillRecipe:
             log.warning("--resume: no checkpoint under %s; starting from step 0", self.output_dir)
             self.metrics.truncate_after(-1)   # a killed first attempt's rows: this run writes its own
             return None
-        saved = self._check_same_run(path)
+        saved = self._check_same_run(path, student)
         self._saved_schedule = {key: saved.get(f"distill.{key}") for key in ("max_steps", "lr")}
         tensors, state = load_checkpoint(path)
         self._record_resume(path, state.step, saved)
@@ -422,22 +423,24 @@ class DistillRecipe:
         view = getattr(self.source, "view", None)
         return view.fingerprint if view is not None else ""
 
-    def _check_same_run(self, path: Path) -> dict[str, Any]:
+    def _check_same_run(self, path: Path, student: torch.nn.Module) -> dict[str, Any]:
         """Refuse to continue a checkpoint that another recipe wrote: a stale run's checkpoint
         in the same output_dir would otherwise be resumed on other data or another recipe.
         Of the fields this run reads (:meth:`_reads`), only the schedule-and-bookkeeping ones
         (RESUMABLE_CHANGES) may differ; the other stages' settings in a shared YAML may change
-        freely.  A field the checkpoint's qadpipe predates counts as its default, which is what
-        that version did.  Returns the checkpoint's flattened config."""
+        freely.  A field the checkpoint's qadpipe predates counts as what that version did (its
+        default, or :func:`~qadpipe.config.recorded_config`'s value); ``quant.moe_experts`` matters
+        only to a student with MoE experts.  Returns the checkpoint's flattened config."""
         import yaml
 
-        from qadpipe.config import build_config, config_to_dict, flatten_config
+        from qadpipe.config import build_config, config_to_dict, flatten_config, recorded_config
 
-        saved = flatten_config(yaml.safe_load((path / RUN_FILE).read_text())["config"])
+        saved = flatten_config(recorded_config(yaml.safe_load((path / RUN_FILE).read_text())["config"]))
         defaults = flatten_config(config_to_dict(build_config({})))
         changed = [key for key, value in flatten_config(config_to_dict(self.config)).items()
                    if self._reads(key) and key not in RESUMABLE_CHANGES
-                   and saved.get(key, defaults.get(key)) != value]
+                   and saved.get(key, defaults.get(key)) != value
+                   and not (key == "quant.moe_experts" and not has_fused_experts(student))]
         if changed:
             raise DistillError(f"{path}: --resume of a checkpoint written with another config ({', '.join(changed[:4])} "
                                "differ); use a fresh distill.output_dir or resume with the config that made it")

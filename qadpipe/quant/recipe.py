@@ -1,11 +1,12 @@
 """Which Linear gets which format: presets, per-module rules, ignore list, fused groups.
 
 ``apply_recipe(model, config.quant)`` swaps every matching ``nn.Linear`` for a
-:class:`~qadpipe.quant.quantizers.QuantLinear` in place and returns a :class:`QuantRecipe`
+:class:`~qadpipe.quant.quantizers.QuantLinear` (and transformers' fused MoE experts for a
+:class:`~qadpipe.quant.experts.QuantExperts`) in place and returns a :class:`QuantRecipe`
 saying exactly what was done -- per module the weight and input specs, plus the fused groups
 -- which is all an exporter needs besides the modules themselves.
 
-Resolution: a Linear whose name matches an ``ignore`` regex stays full precision; otherwise
+Resolution: a Linear (or experts module) whose name matches an ``ignore`` regex stays full precision; otherwise
 the first ``rules`` entry whose ``targets`` regex matches decides its preset, and the
 top-level ``preset`` covers the rest.  Regexes use ``re.search`` on the dotted module name.
 
@@ -28,6 +29,7 @@ from torch import nn
 from qadpipe.errors import QuantError
 from qadpipe.models import output_head_name
 from qadpipe.quant.constants import MX_BLOCK, NVFP4_BLOCK
+from qadpipe.quant.experts import ExpertsLayout, QuantExperts, experts_layout
 from qadpipe.quant.formats import Granularity, Kind, QuantSpec
 from qadpipe.quant.kv_cache import attach_kv_quantizers
 from qadpipe.quant.quantizers import QuantLinear, Quantizer
@@ -100,6 +102,7 @@ class QuantRecipe:
     """Everything apply_recipe did: per-module specs, fused groups, what stayed dense."""
 
     layers: dict[str, LayerRecipe] = field(default_factory=dict)
+    experts: dict[str, LayerRecipe] = field(default_factory=dict)   # fused MoE experts (weight-only)
     fused_groups: list[tuple[str, ...]] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
     ste: str = "identity"
@@ -112,7 +115,8 @@ class QuantRecipe:
             counts[layer.preset] = counts.get(layer.preset, 0) + 1
         parts = ", ".join(f"{n} x {p}" for p, n in counts.items())
         kv = f"; FP8 KV cache in {len(self.kv_cache)} attention modules" if self.kv_cache else ""
-        return (f"quantized {len(self.layers)} Linear ({parts}); {len(self.fused_groups)} fused groups; "
+        experts = f", {len(self.experts)} MoE experts modules" if self.experts else ""
+        return (f"quantized {len(self.layers)} Linear ({parts}){experts}; {len(self.fused_groups)} fused groups; "
                 f"full precision: {', '.join(self.ignored) or 'none'}{kv}")
 
 
@@ -157,49 +161,62 @@ def _field(section: str, name: str) -> str:
 
 
 def apply_recipe(model: nn.Module, quant: Any, *, rebuild: bool = False) -> QuantRecipe:
-    """Replace matching ``nn.Linear`` modules of ``model`` by QuantLinear, in place.
+    """Replace matching ``nn.Linear`` modules of ``model`` by QuantLinear, and (``quant.moe_experts:
+    quantize``) transformers' fused MoE experts by QuantExperts, in place.
 
     ``rebuild``: the recipe of a student already trained (export, eval, --resume): it is
     applied as it was, without the refusals and warnings about its no-op entries that a new
     recipe gets (a student trained before a refusal existed must still load)."""
     names = [name for name, _ in model.named_modules() if name]
     linears = {name: m for name, m in model.named_modules() if type(m) is nn.Linear}
+    experts = {name: (m, layout) for name, m in model.named_modules()
+               if (layout := experts_layout(m)) is not None} if quant.moe_experts == "quantize" else {}
+    targets = [*linears, *experts]
+    kind = "nn.Linear or MoE experts module" if experts else "nn.Linear"   # what rules act on, as errors say
     head = output_head_name(model)
     ignore = _resolve_ignore(quant.ignore, names, head)
     for i, pattern in ignore:
         _check_regex(pattern, f"quant.ignore[{i}]", names, "module")
         if not rebuild:
-            _warn_if_ignore_keeps_nothing(model, i, pattern, linears)
+            _warn_if_ignore_keeps_nothing(model, i, pattern, targets)
     rules = [(i, rule, resolve_preset(rule.preset, rule.group_size, f"quant.rules[{i}]"))
              for i, rule in enumerate(quant.rules)]
     for i, rule, _ in rules:
-        _check_regex(rule.targets, f"quant.rules[{i}].targets", list(linears), "nn.Linear")
+        _check_regex(rule.targets, f"quant.rules[{i}].targets", targets, kind)
     default = resolve_preset(quant.preset, quant.group_size)
 
     recipe = QuantRecipe(ste=quant.ste, learnable=quant.learnable)
     compile_mode = getattr(quant, "compile", "off")
     chosen: dict[str, tuple[str, Preset]] = {}
     section_of: dict[str, str] = {}
-    for name, linear in linears.items():
+    for name in targets:
         if any(re.search(p, name) for _, p in ignore):
             recipe.ignored.append(name)
             continue
         match = next(((f"quant.rules[{i}]", r.preset, p) for i, r, p in rules if re.search(r.targets, name)),
                      ("quant", quant.preset, default))
         section, preset_name, preset = match
-        _check_layer(model, name, linear, preset_name, preset, section, is_head=name == head)
+        if name in experts:
+            _check_experts(name, *experts[name], preset_name, preset, section, quant.learnable)
+        else:
+            _check_layer(model, name, linears[name], preset_name, preset, section, is_head=name == head)
         chosen[name] = (preset_name, preset)
         section_of[name] = section
     if not rebuild:
-        _refuse_dead_rules(quant, linears, section_of)
-        _warn_of_dense_matrices(model)
+        _refuse_dead_rules(quant, targets, section_of, kind)
     if not chosen:
         raise QuantError(f"quant: no nn.Linear left to quantize in {type(model).__name__} "
                          f"(ignore={quant.ignore!r})")
 
-    groups = _fused_groups(chosen, set(linears))
+    groups = _fused_groups({n: c for n, c in chosen.items() if n in linears}, set(linears))
     group_of = {member: group for group in groups for member in group}
     for name, (preset_name, preset) in chosen.items():
+        if name in experts:
+            module, layout = experts[name]
+            _set_submodule(model, name, QuantExperts(module, layout, preset.weight, ste=quant.ste,
+                                                     compile_mode=compile_mode))
+            recipe.experts[name] = LayerRecipe(name, preset_name, preset.weight, None)
+            continue
         weight = _learnable_spec(preset.weight, quant.learnable, preset_name, section_of[name])
         new = QuantLinear.from_linear(linears[name], weight, preset.input, ste=quant.ste,
                                       learnable=_learnable_kind(weight, quant.learnable),
@@ -210,6 +227,8 @@ def apply_recipe(model: nn.Module, quant: Any, *, rebuild: bool = False) -> Quan
     _share_fused_amax(model, groups)
     if getattr(quant, "kv_cache", None):
         recipe.kv_cache = attach_kv_quantizers(model, quant.kv_cache, quant.ste, compile_mode)
+    if not rebuild:
+        _warn_of_dense_matrices(model, recipe.ignored)
     log.info(recipe.summary())
     return recipe
 
@@ -259,12 +278,12 @@ def _check_regex(pattern: str, where: str, names: list[str], kind: str) -> None:
         raise QuantError(f"{where}: regex {pattern!r} matches no {kind} (names look like {example!r})")
 
 
-def _warn_if_ignore_keeps_nothing(model: nn.Module, index: int, pattern: str, linears: dict[str, nn.Linear]) -> None:
-    """An ignore entry acts on nn.Linear modules only: one matching a module that holds
-    Linears (a decoder layer's name) keeps none of them dense, which is said with the pattern
-    that would; one matching modules qadpipe never quantizes (an MoE router that is no
-    nn.Linear, the embeddings of the default list) is harmless."""
-    if any(re.search(pattern, name) for name in linears):
+def _warn_if_ignore_keeps_nothing(model: nn.Module, index: int, pattern: str, targets: list[str]) -> None:
+    """An ignore entry acts on the modules the recipe quantizes (nn.Linear, MoE experts): one
+    matching a module that holds Linears (a decoder layer's name) keeps none of them dense,
+    which is said with the pattern that would; one matching modules qadpipe never quantizes
+    (an MoE router that is no nn.Linear, the embeddings of the default list) is harmless."""
+    if any(re.search(pattern, name) for name in targets):
         return
     name, module = next((name, m) for name, m in model.named_modules() if name and re.search(pattern, name))
     if isinstance(module, nn.Embedding):   # the default list's embed_tokens: documentation, nothing to say
@@ -278,39 +297,66 @@ def _warn_if_ignore_keeps_nothing(model: nn.Module, index: int, pattern: str, li
                 index, pattern, name, type(module).__name__, re.escape(name) + r"\.")
 
 
-def _warn_of_dense_matrices(model: nn.Module) -> None:
-    """Weights the recipe cannot reach: matrices of modules other than nn.Linear (MoE experts
-    fused into 3-D tensors, custom heads, convolutions) stay in full precision, and the
-    export serves them so."""
+def _warn_of_dense_matrices(model: nn.Module, ignored: list[str]) -> None:
+    """Weights the recipe cannot reach: matrices of modules other than nn.Linear and
+    transformers' fused MoE experts (routers, custom expert or head modules, convolutions;
+    experts under ``quant.moe_experts: dense``) stay in full precision, and the export serves
+    them so.  What ``quant.ignore`` keeps dense is the user's choice, said in the summary."""
     kinds: dict[str, int] = {}
-    for module in model.modules():
-        if type(module) is nn.Linear or isinstance(module, nn.Embedding):
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Embedding, QuantExperts, Quantizer)) or name in ignored:
             continue
         for param in module.parameters(recurse=False):
             if param.dim() >= 2:
                 kinds[type(module).__name__] = kinds.get(type(module).__name__, 0) + param.numel()
     if kinds:
         share = sum(kinds.values()) / sum(p.numel() for p in model.parameters())
-        log.warning("quant: %.1f%% of the model's weights sit in modules that are not nn.Linear (%s) and stay in "
-                    "full precision: qadpipe quantizes nn.Linear layers only", 100 * share,
+        log.warning("quant: %.1f%% of the model's weights sit in modules that are neither nn.Linear nor "
+                    "transformers' fused MoE experts (%s) and stay in full precision", 100 * share,
                     ", ".join(sorted(kinds)))
 
 
-def _refuse_dead_rules(quant: Any, linears: dict[str, nn.Linear], section_of: dict[str, str]) -> None:
-    """A rule that decides no Linear is a recipe that does not do what it says: every Linear
+def _refuse_dead_rules(quant: Any, targets: list[str], section_of: dict[str, str], kind: str) -> None:
+    """A rule that decides no module is a recipe that does not do what it says: every module
     it matches is ignored (ignore wins), or an earlier rule took them all (the first match wins)."""
     for i, rule in enumerate(quant.rules):
         where = f"quant.rules[{i}]"
-        matched = [name for name in linears if re.search(rule.targets, name)]
+        matched = [name for name in targets if re.search(rule.targets, name)]
         if any(section_of.get(name) == where for name in matched):
             continue
         taken = sorted({section_of[name] for name in matched if name in section_of})
         if taken:
-            raise QuantError(f"{where}.targets: every nn.Linear it matches ({matched[0]}, ...) is taken by "
+            raise QuantError(f"{where}.targets: every {kind} it matches ({matched[0]}, ...) is taken by "
                              f"{', '.join(taken)} (the first matching rule wins); put this rule first or "
                              "narrow the earlier one")
-        raise QuantError(f"{where}.targets: every nn.Linear it matches ({matched[0]}, ...) is in quant.ignore, "
+        raise QuantError(f"{where}.targets: every {kind} it matches ({matched[0]}, ...) is in quant.ignore, "
                          "which wins over rules; remove it from quant.ignore to quantize it")
+
+
+def _check_experts(name: str, module: nn.Module, layout: ExpertsLayout, preset_name: str, preset: Preset,
+                   section: str, learnable: str) -> None:
+    """Refuse what fused MoE experts cannot take (weight-only, no learned scales, groups that
+    divide both projections' in-features); errors name the field to change."""
+    where = f"{section}.preset"
+    fix = ("give them a weight-only preset with a quant.rules entry (e.g. {targets: 'experts$', preset: "
+           "nvfp4_a16}) or keep them dense with quant.moe_experts: dense")
+    if preset.input is not None:
+        raise QuantError(f"{where}: {preset_name} quantizes activations, which qadpipe does not do inside "
+                         f"MoE experts ({name}); {fix}")
+    if learnable != "none" or preset.weight.kind is Kind.LSQ:
+        what = f"quant.learnable: {learnable}" if learnable != "none" else f"{where}: {preset_name}"
+        raise QuantError(f"{what}: learned scales are not supported for MoE experts ({name}); {fix}")
+    spec = preset.weight
+    for weight_name in layout.weight_names:
+        weight = getattr(module, weight_name)
+        in_features = weight.shape[1] if layout.transposed else weight.shape[2]
+        if spec.granularity is Granularity.GROUP and in_features % spec.group_size:
+            raise QuantError(f"{section}.group_size: {preset_name} group size {spec.group_size} does not divide "
+                             f"in_features {in_features} of {name}.{weight_name}; set a group size that does, "
+                             "or add the experts to quant.ignore")
+        if spec.kind is Kind.SHERRY and in_features % spec.sparsity[1]:
+            raise QuantError(f"{where}: sherry M={spec.sparsity[1]} does not divide in_features {in_features} "
+                             f"of {name}.{weight_name}")
 
 
 def _check_layer(model: nn.Module, name: str, linear: nn.Linear, preset_name: str, preset: Preset,

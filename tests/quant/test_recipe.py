@@ -168,8 +168,9 @@ def test_an_ignore_entry_naming_a_module_that_is_never_quantized_is_harmless(mak
 
 
 def test_weights_outside_nn_linear_are_said_to_stay_dense(make_llama, quant_config, caplog):
-    """MoE experts fused into 3-D tensors (transformers 5's Qwen3MoeExperts) are no nn.Linear:
-    the recipe cannot reach them, and the user hears it."""
+    """A module holding matrices that is neither an nn.Linear nor an experts module transformers
+    describes (no ``has_gate``/``is_transposed``... attributes): the recipe cannot reach it, and
+    the user hears it."""
     class FusedExperts(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -179,8 +180,8 @@ def test_weights_outside_nn_linear_are_said_to_stay_dense(make_llama, quant_conf
     model.model.layers[0].mlp.experts = FusedExperts()
     with caplog.at_level("WARNING", logger="qadpipe.quant.recipe"):
         apply_recipe(model, quant_config(preset="fp8"))
-    assert "% of the model's weights sit in modules that are not nn.Linear (FusedExperts) and stay in full " \
-           "precision" in caplog.text
+    assert "% of the model's weights sit in modules that are neither nn.Linear nor transformers' fused MoE " \
+           "experts (FusedExperts) and stay in full precision" in caplog.text
 
 
 def test_a_trained_students_recipe_rebuilds_with_its_no_op_entries(make_llama, quant_config, caplog):

@@ -1,0 +1,202 @@
+"""Fake-quantized MoE experts: transformers 5's fused 3-D expert weights, one Linear per expert.
+
+transformers 5 stores an MoE layer's experts as one module holding 3-D tensors --
+``gate_up_proj`` ``[E, 2I, D]`` and ``down_proj`` ``[E, D, I]`` (Qwen2/3-MoE, Mixtral, OLMoE,
+DeepSeek ...) -- and says how they are laid out in the attributes its
+``use_experts_implementation`` decorator sets (``has_gate``, ``is_transposed``,
+``is_concatenated``, ``has_bias``).  Those matrices are most of an MoE model's weights, and
+no ``nn.Linear``; :class:`QuantExperts` takes the module's place and fake-quantizes them
+*per expert*, as if each expert's projections were Linears -- what vLLM serves, one
+quantized GEMM per expert:
+
+* row-local formats (int and ternary per group or channel, MXFP4/MXFP8, FP8 per channel) are
+  computed on all experts at once -- a row's codes do not depend on its expert;
+* formats with a tensor-level range (NVFP4's global scale, FP8 per tensor) get one range per
+  expert, the gate and up halves of an expert sharing theirs (vLLM fuses them into one GEMM,
+  see :data:`qadpipe.quant.recipe.FUSED_SIBLINGS`); a loop over experts.
+
+Weight-only: activation quantization inside the experts would need hooks in every
+implementation's per-expert loop; a recipe that asks for it is refused (see
+``qadpipe.quant.recipe``).  The expert module itself runs unchanged through
+``torch.func.functional_call`` with the fake-quantized tensors in place of its own, so every
+implementation transformers dispatches to (eager loop, grouped_mm, batched_mm) sees them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from qadpipe.quant.compiled import Compile
+from qadpipe.quant.formats import Granularity, Kind, QuantizedTensor, QuantSpec, quantize
+from qadpipe.quant.quantizers import Ste, _FakeQuantSTE
+
+
+@dataclass(frozen=True)
+class ExpertsLayout:
+    """How an experts module stores its matrices (transformers' own attributes)."""
+
+    up_name: str            # "gate_up_proj" (gated) or "up_proj"
+    gated: bool
+    transposed: bool        # stored [E, in, out] rather than [E, out, in]
+    concatenated: bool      # gate rows then up rows (else interleaved gate0, up0, gate1, ...)
+    biased: bool
+
+    @property
+    def weight_names(self) -> tuple[str, str]:
+        return (self.up_name, "down_proj")
+
+    @property
+    def servable_layout(self) -> bool:
+        """Whether vLLM's per-expert checkpoint names (``<experts>.<e>.gate_proj``, ...) can carry
+        it: gate and up concatenated, ``[out, in]``, no biases (the Qwen/Mixtral/OLMoE layout)."""
+        return self.gated and self.concatenated and not self.transposed and not self.biased
+
+
+def experts_layout(module: nn.Module) -> Optional[ExpertsLayout]:
+    """The layout of an experts module transformers describes (its ``use_experts_implementation``
+    attributes, 3-D weights of its own), or None for any other module."""
+    if not all(hasattr(module, a) for a in ("has_gate", "is_transposed", "is_concatenated", "has_bias")):
+        return None
+    up_name = "gate_up_proj" if module.has_gate else "up_proj"
+    params = dict(module.named_parameters(recurse=False))
+    if any(params.get(name) is None or params[name].dim() != 3 for name in (up_name, "down_proj")):
+        return None
+    if any(True for child in module.children() for _ in child.parameters()):
+        return None   # weights below the module: not the fused layout this wraps
+    return ExpertsLayout(up_name, bool(module.has_gate), bool(module.is_transposed),
+                         bool(module.is_concatenated), bool(module.has_bias))
+
+
+def has_fused_experts(model: nn.Module) -> bool:
+    """Whether ``model`` holds transformers' fused MoE experts (quantized or not)."""
+    return any(isinstance(m, QuantExperts) or experts_layout(m) is not None for m in model.modules())
+
+
+def _row_local(spec: QuantSpec) -> bool:
+    """Whether a row's codes depend on that row only (then all experts quantize in one call)."""
+    return spec.granularity in (Granularity.GROUP, Granularity.CHANNEL) and spec.kind is not Kind.NVFP4
+
+
+class ExpertWeightQuantizer(nn.Module):
+    """Fake-quantizes one 3-D expert weight ``[E, out, in]`` expert by expert.
+
+    ``amax`` (buffer ``[E]``, static specs only): each expert's tensor-level range, set from
+    the weight when the recipe is applied (as a Linear's is) and kept through training."""
+
+    def __init__(self, spec: QuantSpec, weight: Tensor, *, ste: Ste = "identity",
+                 compile_mode: Compile = "off") -> None:
+        super().__init__()
+        self.spec = spec
+        self.ste = ste
+        self.compile_mode = compile_mode
+        if not spec.dynamic:
+            self.register_buffer("amax", weight.detach().abs().amax(dim=(1, 2)).float())
+
+    def forward(self, weight: Tensor) -> Tensor:
+        """``weight`` ``[E, out, in]`` -> its fake-quantized value (straight-through gradient)."""
+        clipped = self.ste == "clipped"
+        if _row_local(self.spec):
+            flat = weight.reshape(-1, weight.shape[-1])
+            return _FakeQuantSTE.apply(flat, self.spec, None, clipped, self.compile_mode).reshape(weight.shape)
+        return torch.stack([_FakeQuantSTE.apply(weight[e], self.spec, self._amax(e), clipped, self.compile_mode)
+                            for e in range(weight.shape[0])])
+
+    def _amax(self, expert: int) -> Optional[Tensor]:
+        return None if self.spec.dynamic else self.amax[expert]
+
+    @torch.no_grad()
+    def quantize_expert(self, weight: Tensor, expert: int) -> QuantizedTensor:
+        """The codes and scales ``forward`` uses for one expert's ``[out, in]`` matrix."""
+        return quantize(weight, self.spec, amax=self._amax(expert))
+
+    def extra_repr(self) -> str:
+        group = f", group={self.spec.group_size}" if self.spec.group_size else ""
+        return f"{self.spec.kind.value}, {self.spec.granularity.value}{group}, per expert, ste={self.ste}"
+
+
+class QuantExperts(nn.Module):
+    """Takes an experts module's place: its Parameters under the same names (so the state_dict,
+    the optimizer and FSDP see what they saw), a weight quantizer per projection
+    (``gate_up_proj_quantizer``, ``down_proj_quantizer``), and the original module -- no
+    submodule, and left without parameters -- run with the fake-quantized weights."""
+
+    def __init__(self, experts: nn.Module, layout: ExpertsLayout, spec: QuantSpec, *, ste: Ste = "identity",
+                 compile_mode: Compile = "off") -> None:
+        super().__init__()
+        self.__dict__["_experts"] = experts      # not a submodule: its parameters move here
+        self.layout = layout
+        for name, param in list(experts.named_parameters(recurse=False)):
+            # Moved, not shared: FSDP2 swaps ours for shards, and a reference left in ``experts``
+            # would keep the unsharded tensor alive.  (register_parameter would find the name
+            # through __getattr__.)
+            self._parameters[name] = param
+            del experts._parameters[name]
+        for name in layout.weight_names:
+            quantizer = ExpertWeightQuantizer(spec, self.in_last(name), ste=ste, compile_mode=compile_mode)
+            self.add_module(f"{name}_quantizer", quantizer.to(getattr(self, name).device))
+
+    @property
+    def spec(self) -> QuantSpec:
+        """The weight format (both projections share it)."""
+        return getattr(self, f"{self.layout.up_name}_quantizer").spec
+
+    def in_last(self, name: str) -> Tensor:
+        """A weight as ``[E, out, in]`` (a view: transposed layouts store ``[E, in, out]``)."""
+        weight = getattr(self, name)
+        return weight.transpose(1, 2) if self.layout.transposed else weight
+
+    def fake_quantized(self, name: str) -> Tensor:
+        """Q(W) of one projection, in its stored layout and dtype."""
+        quantizer = getattr(self, f"{name}_quantizer")
+        q = quantizer(self.in_last(name))
+        # back to the stored layout, contiguous like the parameter (the matmuls see the same strides)
+        return q.transpose(1, 2).contiguous() if self.layout.transposed else q
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        tensors = dict(self.named_parameters(recurse=False))   # read now: FSDP swaps them around forward
+        for name in self.layout.weight_names:
+            tensors[name] = self.fake_quantized(name)
+        return functional_call(self._experts, tensors, args, kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:   # num_experts, config, ...: what the MoE block may read
+            experts = self.__dict__.get("_experts")
+            if experts is None:   # mid-construction (copy, unpickling)
+                raise
+            return getattr(experts, name)
+
+    @torch.no_grad()
+    def expert_matrices(self) -> dict[str, list[QuantizedTensor]]:
+        """Per expert, the codes and scales of each projection as vLLM loads it (``gate_proj``,
+        ``up_proj``, ``down_proj``, each ``[out, in]``): what a packed export writes."""
+        if not self.layout.servable_layout:
+            raise ValueError("expert_matrices: only the concatenated, untransposed, unbiased gated layout")
+        gate_up, down = self.gate_up_proj.detach(), self.down_proj.detach()
+        half = gate_up.shape[1] // 2
+        out: dict[str, list[QuantizedTensor]] = {"gate_proj": [], "up_proj": [], "down_proj": []}
+        for e in range(gate_up.shape[0]):
+            # The whole [2I, D] matrix, as forward quantizes it, then split: a per-tensor
+            # range is the pair's, not each half's.
+            both = self.gate_up_proj_quantizer.quantize_expert(gate_up[e], e)
+            out["gate_proj"].append(_rows(both, slice(0, half)))
+            out["up_proj"].append(_rows(both, slice(half, None)))
+            out["down_proj"].append(self.down_proj_quantizer.quantize_expert(down[e], e))
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{type(self._experts).__name__}, {getattr(self, self.layout.up_name).shape[0]} experts"
+
+
+def _rows(q: QuantizedTensor, rows: slice) -> QuantizedTensor:
+    """Rows of a quantized ``[out, in]`` matrix: codes and per-row (channel/group) scales
+    sliced, a per-tensor scale kept."""
+    def cut(t: Optional[Tensor]) -> Optional[Tensor]:
+        return t[rows] if t is not None and t.dim() == 2 and t.shape[0] == q.codes.shape[0] else t
+    return QuantizedTensor(q.codes[rows], cut(q.scale), cut(q.zero_point), q.global_scale, q.spec, q.dtype)

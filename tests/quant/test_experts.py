@@ -1,0 +1,199 @@
+"""Fused MoE experts (transformers 5's 3-D expert weights) fake-quantized per expert.
+
+The reference is what a per-expert nn.Linear would get: each expert's ``[out, in]`` matrix
+through the pure format functions (:func:`qadpipe.quant.formats.fake_quantize`, themselves
+checked against the compressed-tensors library elsewhere), with an expert's own tensor-level
+range where the format has one -- one range for its gate and up halves together, which vLLM
+fuses into one GEMM.  The model's forward and gradients are compared with the same HF model
+whose expert weights were replaced by that reference.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from qadpipe.errors import QuantError
+from qadpipe.quant.experts import QuantExperts, experts_layout
+from qadpipe.quant.formats import fake_quantize
+from qadpipe.quant.recipe import apply_recipe
+
+
+def _qwen3_moe(seed: int = 0) -> nn.Module:
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(seed)
+    return Qwen3MoeForCausalLM(Qwen3MoeConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=32, num_experts=4, num_experts_per_tok=2)).eval()
+
+
+def _gpt_oss(seed: int = 0) -> nn.Module:
+    """Experts stored transposed ([E, in, out]), gate/up interleaved, with biases."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    torch.manual_seed(seed)
+    model = GptOssForCausalLM(GptOssConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, num_local_experts=4, num_experts_per_tok=2,
+        layer_types=["full_attention"])).eval()
+    with torch.no_grad():   # its init leaves expert weights at 0
+        for name, param in model.named_parameters():
+            if "experts" in name:
+                param.normal_(0, 0.05)
+    return model
+
+
+def _reference_experts(weight: torch.Tensor, spec, transposed: bool) -> torch.Tensor:
+    """Each expert's ``[out, in]`` matrix through the pure format functions, its own range."""
+    out = []
+    for expert in weight:
+        matrix = expert.T if transposed else expert
+        amax = None if spec.dynamic else matrix.abs().amax()
+        q = fake_quantize(matrix, spec, amax=amax)
+        out.append(q.T if transposed else q)
+    return torch.stack(out)
+
+
+def _with_reference_experts(original: nn.Module, quantized: nn.Module) -> nn.Module:
+    """``original`` with every quantized expert weight replaced by the per-expert reference."""
+    reference = copy.deepcopy(original)
+    for name, module in quantized.named_modules():
+        if isinstance(module, QuantExperts):
+            target = reference.get_submodule(name)
+            for weight in module.layout.weight_names:
+                value = _reference_experts(getattr(target, weight).detach(), module.spec, module.layout.transposed)
+                getattr(target, weight).data.copy_(value)
+    return reference
+
+
+PRESETS = [("w4a16_int", 32), ("w4a16_int_asym", 32), ("w8a16_int", None), ("nvfp4_a16", None),
+           ("mxfp4_a16", None), ("mxfp8_a16", None), ("ternary_twn", 32), ("bitnet_absmean", 32)]
+
+
+@pytest.mark.parametrize("preset,group", PRESETS, ids=[p for p, _ in PRESETS])
+def test_experts_are_quantized_as_one_linear_per_expert(quant_config, preset, group):
+    original = _qwen3_moe()
+    student = copy.deepcopy(original)
+    recipe = apply_recipe(student, quant_config(preset=preset, group_size=group))
+    assert sorted(recipe.experts) == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    reference = _with_reference_experts(original, student)
+    for name in recipe.experts:
+        experts = student.get_submodule(name)
+        for weight in experts.layout.weight_names:
+            assert torch.equal(experts.fake_quantized(weight), getattr(reference.get_submodule(name), weight)), \
+                (name, weight)
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+    # the Linears are quantized too: compare with the reference's experts AND the student's Linears
+    for name, module in student.named_modules():
+        if type(module).__name__ == "QuantLinear":
+            reference.get_submodule(name).weight.data.copy_(module.fake_quantized_weight())
+    assert torch.equal(student(ids).logits, reference(ids).logits)
+
+
+def test_the_gate_and_up_halves_of_an_expert_share_one_nvfp4_global_scale(quant_config):
+    """vLLM fuses an expert's gate and up projections into one GEMM with one global scale."""
+    student = _qwen3_moe()
+    with torch.no_grad():   # make expert 2's up half ten times larger than its gate half
+        student.model.layers[0].mlp.experts.gate_up_proj[2, 64:] *= 10
+    apply_recipe(student, quant_config(preset="nvfp4_a16"))
+    experts = student.model.layers[0].mlp.experts
+    matrices = experts.expert_matrices()
+    gate, up = matrices["gate_proj"][2], matrices["up_proj"][2]
+    assert torch.equal(gate.global_scale, up.global_scale)
+    weight = experts.gate_up_proj[2].detach()
+    assert torch.equal(experts.gate_up_proj_quantizer.amax[2], weight.abs().amax())
+    assert not torch.equal(matrices["gate_proj"][1].global_scale, gate.global_scale)   # one range per expert
+
+
+def test_straight_through_gradients_reach_the_expert_weights(quant_config):
+    """Identity STE: the expert weights get exactly the gradient the reference model's
+    (already quantized) weights get."""
+    original = _qwen3_moe()
+    student = copy.deepcopy(original)
+    apply_recipe(student, quant_config(preset="nvfp4_a16", ignore=["lm_head", "self_attn"]))
+    reference = _with_reference_experts(original, student)
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(2))
+    student(ids).logits.square().mean().backward()
+    reference(ids).logits.square().mean().backward()
+    for layer in range(2):
+        for weight in ("gate_up_proj", "down_proj"):
+            got = getattr(student.model.layers[layer].mlp.experts, weight).grad
+            expected = getattr(reference.model.layers[layer].mlp.experts, weight).grad
+            assert got is not None and got.abs().sum() > 0
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_transposed_experts_are_quantized_along_their_in_features(quant_config):
+    """gpt-oss stores experts ``[E, in, out]`` with gate/up interleaved and biases: groups run
+    along the input dimension, as a Linear's would."""
+    original = _gpt_oss()
+    layout = experts_layout(original.model.layers[0].mlp.experts)
+    assert layout.transposed and not layout.concatenated and layout.biased
+    student = copy.deepcopy(original)
+    recipe = apply_recipe(student, quant_config(preset="w4a16_int", group_size=16,
+                                                ignore=["lm_head", "self_attn", "router"]))
+    assert list(recipe.experts) == ["model.layers.0.mlp.experts"]
+    reference = _with_reference_experts(original, student)
+    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(student(ids).logits, reference(ids).logits, rtol=0, atol=0)
+    assert not torch.equal(student(ids).logits, original(ids).logits)
+
+
+def test_state_dict_keeps_the_weight_names_and_adds_per_expert_ranges(quant_config):
+    student = _qwen3_moe()
+    before = set(student.state_dict())
+    apply_recipe(student, quant_config(preset="nvfp4_a16"))
+    after = {key for key in student.state_dict() if ".experts." in key}
+    prefix = "model.layers.0.mlp.experts."
+    assert after - before == {f"{p}{w}_quantizer.amax" for p in (prefix, prefix.replace(".0.", ".1."))
+                              for w in ("gate_up_proj", "down_proj")}
+    assert student.state_dict()[prefix + "gate_up_proj_quantizer.amax"].shape == (4,)
+    fresh = _qwen3_moe(seed=5)
+    apply_recipe(fresh, quant_config(preset="nvfp4_a16"), rebuild=True)
+    fresh.load_state_dict(student.state_dict())
+    assert torch.equal(fresh.model.layers[0].mlp.experts.fake_quantized("down_proj"),
+                       student.model.layers[0].mlp.experts.fake_quantized("down_proj"))
+
+
+def test_rules_and_ignore_reach_experts_by_module_name(quant_config, caplog):
+    student = _qwen3_moe()
+    recipe = apply_recipe(student, quant_config(preset="w4a16_int", group_size=32,
+                                                rules=[{"targets": r"layers\.1\.mlp\.experts$", "preset": "nvfp4_a16"}],
+                                                ignore=["lm_head", r"layers\.0\.mlp\.experts$"]))
+    assert recipe.experts["model.layers.1.mlp.experts"].preset == "nvfp4_a16"
+    assert "model.layers.0.mlp.experts" in recipe.ignored
+    assert not isinstance(student.model.layers[0].mlp.experts, QuantExperts)
+    dense = _qwen3_moe()
+    with caplog.at_level("WARNING", logger="qadpipe.quant.recipe"):
+        recipe = apply_recipe(dense, quant_config(preset="w4a16_int", group_size=32, moe_experts="dense"))
+    assert not recipe.experts and "Qwen3MoeExperts" in caplog.text
+
+
+@pytest.mark.parametrize("fields,said", [
+    ({"preset": "nvfp4"}, "quant.preset: nvfp4 quantizes activations, which qadpipe does not do inside MoE "
+                          "experts (model.layers.0.mlp.experts); give them a weight-only preset"),
+    ({"preset": "w4a16_int", "group_size": 32, "learnable": "lsq"},
+     "quant.learnable: lsq: learned scales are not supported for MoE experts"),
+    ({"preset": "lsq_int4", "group_size": 32}, "quant.preset: lsq_int4: learned scales are not supported"),
+    ({"preset": "w4a16_int", "group_size": 48}, "quant.group_size: w4a16_int group size 48 does not divide "
+                                                "in_features 64 of model.layers.0.mlp.experts.gate_up_proj"),
+])
+def test_what_experts_cannot_take_is_one_line(quant_config, fields, said):
+    with pytest.raises(QuantError) as caught:
+        apply_recipe(_qwen3_moe(), quant_config(ignore=["lm_head", "self_attn"], **fields))
+    assert said in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_record_without_moe_experts_rebuilds_its_experts_dense(tmp_path):
+    """A student recorded before ``quant.moe_experts`` existed trained its experts dense."""
+    from qadpipe.config import build_config, recorded_config
+
+    old = {"quant": {"preset": "w4a16_int"}}
+    assert build_config(recorded_config(old)).quant.moe_experts == "dense"
+    assert build_config(old).quant.moe_experts == "quantize"   # new runs quantize them
+    assert old == {"quant": {"preset": "w4a16_int"}}   # the record itself is not changed
+    assert build_config(recorded_config({"quant": {"moe_experts": "quantize"}})).quant.moe_experts == "quantize"
