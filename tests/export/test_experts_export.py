@@ -1,0 +1,133 @@
+"""Export of quantized MoE experts: the fake checkpoint computes what the student computes, and
+the compressed-tensors one holds one weight-only layer per expert and projection -- the layout
+vLLM's fused-MoE loader reads (``<experts>.<e>.gate_proj.weight_packed``, ...) -- which the
+compressed-tensors library decompresses to exactly the student's per-expert weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from ct_reference import ct_decompress, load_export
+from transformers import AutoModelForCausalLM
+
+from qadpipe.errors import ExportError
+from qadpipe.export import export_model
+from qadpipe.quant.experts import QuantExperts
+from qadpipe.quant.formats import dequantize
+
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+@pytest.fixture(scope="module")
+def tiny_moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-qwen3-moe")
+    torch.manual_seed(0)
+    Qwen3MoeForCausalLM(Qwen3MoeConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=32, num_experts=4,
+        num_experts_per_tok=2)).to(torch.bfloat16).save_pretrained(out)
+    return out
+
+
+def _experts(model: torch.nn.Module) -> dict[str, QuantExperts]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantExperts)}
+
+
+@pytest.mark.parametrize("preset,group", [("w4a16_int", 32), ("nvfp4_a16", None)])
+def test_fake_export_of_quantized_experts_computes_what_the_student_computes(student, tiny_moe_dir, tmp_path,
+                                                                             preset, group):
+    model, config = student(tiny_moe_dir, preset, group)
+    export_model(model, tiny_moe_dir, tmp_path / "fake", "fake", config)
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "fake"), dtype=torch.bfloat16).eval()
+    for name, experts in _experts(model).items():
+        for weight in experts.layout.weight_names:
+            stored = getattr(loaded.get_submodule(name), weight)
+            assert torch.equal(stored, experts.fake_quantized(weight)), (name, weight)
+            assert not torch.equal(stored, getattr(experts, weight)), f"{name}.{weight} was not quantized"
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("preset,group,fmt", [("w4a16_int", 32, "pack-quantized"),
+                                              ("w4a16_int_asym", 32, "pack-quantized"),
+                                              ("nvfp4_a16", None, "nvfp4-pack-quantized"),
+                                              ("mxfp4_a16", None, "mxfp4-pack-quantized")])
+def test_packed_experts_decompress_to_the_students_weights(student, tiny_moe_dir, tmp_path, preset, group, fmt):
+    """Per expert and projection, CT's own decompressor gives the codes x scales the student's
+    fake-quant forward multiplies with (in bf16, what vLLM computes in)."""
+    model, config = student(tiny_moe_dir, preset, group)
+    export_model(model, tiny_moe_dir, tmp_path / "ct", "compressed-tensors", config)
+    exported, tensors = load_export(tmp_path / "ct")
+    assert exported["quantization_config"]["format"] == fmt
+    assert not any(key.endswith(("gate_up_proj", "experts.down_proj")) for key in tensors)   # no 3-D copies
+    for name, experts in _experts(model).items():
+        num_experts = experts.gate_up_proj.shape[0]
+        names = [f"{name}.{e}.{p}" for e in range(num_experts) for p in PROJECTIONS]
+        decompressed = ct_decompress(tmp_path / "ct", names)
+        assert set(decompressed) == set(names)
+        matrices = experts.expert_matrices()
+        fake_gate_up, fake_down = experts.fake_quantized("gate_up_proj"), experts.fake_quantized("down_proj")
+        half = fake_gate_up.shape[1] // 2
+        fake = {"gate_proj": fake_gate_up[:, :half], "up_proj": fake_gate_up[:, half:], "down_proj": fake_down}
+        for e in range(num_experts):
+            for p in PROJECTIONS:
+                got = decompressed[f"{name}.{e}.{p}"]
+                exact = dequantize(dataclasses.replace(matrices[p][e], dtype=torch.float32))
+                assert torch.equal(got, exact.to(got.dtype)), (name, e, p)
+                assert torch.equal(got.to(torch.bfloat16), fake[p][e].to(torch.bfloat16)), (name, e, p)
+
+
+def test_quantized_experts_are_targets_and_the_router_stays_dense(student, tiny_moe_dir, tmp_path):
+    """vLLM looks an expert up as ``<experts>.0.<proj>`` (``re:`` entries ``re.match``-ed, others
+    equal): quantized experts must not be in ``ignore``; with two schemes, their config group
+    must name them; the router, no nn.Linear, stays dense."""
+    model, config = student(tiny_moe_dir, "w4a16_int", 32,
+                            rules=[{"targets": r"experts$", "preset": "nvfp4_a16"}])
+    export_model(model, tiny_moe_dir, tmp_path / "ct", "compressed-tensors", config)
+    qconfig = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+
+    def matches(entries: list[str], name: str) -> bool:
+        return any(re.match(e[3:], name) if e.startswith("re:") else e == name for e in entries)
+
+    groups = {g["format"]: g["targets"] for g in qconfig["config_groups"].values()}
+    for layer in range(2):
+        for p in PROJECTIONS:
+            expert = f"model.layers.{layer}.mlp.experts.0.{p}"
+            assert not matches(qconfig["ignore"], expert)
+            assert matches(groups["nvfp4-pack-quantized"], expert) and not matches(groups["pack-quantized"], expert)
+        assert matches(qconfig["ignore"], f"model.layers.{layer}.mlp.gate")
+    assert not matches(groups["nvfp4-pack-quantized"], "model.layers.1.mlp.experts.0.gate_up_proj")
+
+
+def test_experts_vllm_has_no_per_expert_names_for_are_refused_in_one_line(tmp_path):
+    """gpt-oss's experts (transposed, gate/up interleaved, biased) export as fake only."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    from qadpipe.config import build_config
+    from qadpipe.quant.recipe import apply_recipe
+
+    torch.manual_seed(0)
+    GptOssForCausalLM(GptOssConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, num_local_experts=4, num_experts_per_tok=2,
+        layer_types=["full_attention"])).save_pretrained(tmp_path / "base")
+    config = build_config({"model": {"path": str(tmp_path / "base")},
+                           "quant": {"preset": "w4a16_int", "group_size": 16}})
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"))
+    apply_recipe(model, config.quant)
+    with pytest.raises(ExportError) as caught:
+        export_model(model, tmp_path / "base", tmp_path / "ct", "compressed-tensors", config)
+    message = str(caught.value)
+    assert message.startswith("model.layers.0.mlp.experts: GptOssExperts experts are transposed, biased, gate/up "
+                              "interleaved;") and "use --format fake, or quant.moe_experts: dense" in message
+    assert "\n" not in message and not (tmp_path / "ct").exists()
+    export_model(model, tmp_path / "base", tmp_path / "fake", "fake", config)
+    assert (tmp_path / "fake" / "config.json").is_file()
