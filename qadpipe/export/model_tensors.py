@@ -102,6 +102,32 @@ def export_tensors(model: nn.Module, layer_fn: LayerFn, dtype: torch.dtype,
     return out
 
 
+def checkpoint_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` (state_dict names) under the names of the architecture's own checkpoints, as
+    ``save_pretrained`` writes them and vLLM loads them: transformers 5 renames and fuses some
+    weights on load (Mixtral's ``block_sparse_moe.experts.<e>.w1`` becomes ``mlp.experts.gate_up_proj``)
+    and reverts that on save, with the function used here.  Tensors it split out of a fused one
+    are copied (safetensors refuses views of one storage)."""
+    reverted = _revert_weight_conversion(model, tensors)
+    return {key: value if tensors.get(key) is value else value.clone(memory_format=torch.contiguous_format)
+            for key, value in reverted.items()}
+
+
+def checkpoint_names(model: nn.Module, names: list[str]) -> dict[str, str]:
+    """Module names (state_dict prefixes) -> their names in the architecture's checkpoints (see
+    :func:`checkpoint_tensors`), for the quantization config's targets and ignore list.  Each
+    name goes through the same conversion as a probe key that no weight converter matches."""
+    probe = ".qadpipe_name_probe"
+    reverted = _revert_weight_conversion(model, {f"{name}{probe}": torch.tensor([i]) for i, name in enumerate(names)})
+    return {names[int(value)]: key.removesuffix(probe) for key, value in reverted.items()}
+
+
+def _revert_weight_conversion(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return revert_weight_conversion(model, dict(tensors))
+
+
 def _quant_owner(module: str, layers: dict[str, Any]) -> str | None:
     """The quantized layer a state_dict key belongs to (the layer itself or a quantizer)."""
     if module in layers:

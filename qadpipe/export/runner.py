@@ -24,9 +24,10 @@ from torch import nn
 from qadpipe.errors import ExportError
 from qadpipe.export.compressed_tensors import write_compressed_tensors
 from qadpipe.export.fake import write_fake
-from qadpipe.export.model_tensors import quant_linears
+from qadpipe.export.model_tensors import quant_experts, quant_linears
 from qadpipe.export.writer import EXPORT_INFO, check_replaceable, staged_dir, weights_bytes
 from qadpipe.provenance import RUN_FILE, read_run_record, save_run_record
+from qadpipe.quant.experts import has_fused_experts
 from qadpipe.quant.formats import Kind
 
 log = logging.getLogger(__name__)
@@ -68,16 +69,20 @@ _FORMAT_FIELDS = {"sparsity": {Kind.SHERRY}, "mx_rule": {Kind.MXFP4, Kind.MXFP8}
 
 
 def layer_recipe(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """Per quantized layer, the weight and input specs it was trained with (JSON-ready)."""
+    """Per quantized layer (and MoE experts module), the weight and input specs it was trained
+    with (JSON-ready)."""
     def spec_dict(spec: Any) -> Optional[dict[str, Any]]:
         if spec is None:
             return None
         return {k: (v.value if hasattr(v, "value") else v) for k, v in dataclasses.asdict(spec).items()
                 if spec.kind in _FORMAT_FIELDS.get(k, {spec.kind})}
 
-    return {name: {"weight": spec_dict(layer.weight_quantizer.spec),
-                   "input": spec_dict(layer.input_quantizer.spec if layer.input_quantizer else None)}
-            for name, layer in quant_linears(model).items()}
+    layers = {name: {"weight": spec_dict(layer.weight_quantizer.spec),
+                     "input": spec_dict(layer.input_quantizer.spec if layer.input_quantizer else None)}
+              for name, layer in quant_linears(model).items()}
+    layers.update({name: {"weight": spec_dict(experts.spec), "input": None, "per_expert": True}
+                   for name, experts in quant_experts(model).items()})
+    return layers
 
 
 def export_model(model: nn.Module, source_dir: Path, output: Path, fmt: str, config: Any,
@@ -87,8 +92,8 @@ def export_model(model: nn.Module, source_dir: Path, output: Path, fmt: str, con
 
     if fmt not in FORMATS:
         raise ExportError(f"export.format: got {fmt!r}, expected one of {', '.join(FORMATS)}")
-    if not quant_linears(model):
-        raise ExportError("the student has no quantized Linear layer: nothing to export as quantized")
+    if not quant_linears(model) and not quant_experts(model):
+        raise ExportError("the student has no quantized Linear layer or MoE experts: nothing to export as quantized")
     start = time.perf_counter()
     with staged_dir(output) as tmp:
         FORMATS[fmt](model, Path(source_dir), tmp, dtype=dtype)
@@ -155,9 +160,12 @@ def run_export(config: Any, checkpoint: Optional[str] = None, output: Optional[s
     check_replaceable(out)  # before the (slow) model load; staged_dir checks again
     model, trained = load_final_student(final)
     for section in ("model", "quant"):   # a section left at its defaults (no -c) was not asked for: no warning
-        current = dataclasses.asdict(getattr(config, section))
-        if current not in (dataclasses.asdict(getattr(trained, section)),
-                           dataclasses.asdict(type(getattr(config, section))())):
+        current, recorded, default = (dataclasses.asdict(x) for x in (
+            getattr(config, section), getattr(trained, section), type(getattr(config, section))()))
+        if section == "quant" and not has_fused_experts(model):   # an older record says dense: moot here
+            for fields in (current, recorded, default):
+                fields.pop("moe_experts")
+        if current not in (recorded, default):
             log.warning("export uses the %s section recorded in %s (what was trained), not the one "
                         "in the current config", section, final / RUN_FILE)
     fmt = fmt or config.export.format

@@ -9,11 +9,11 @@ no ``nn.Linear``; :class:`QuantExperts` takes the module's place and fake-quanti
 *per expert*, as if each expert's projections were Linears -- what vLLM serves, one
 quantized GEMM per expert:
 
-* row-local formats (int and ternary per group or channel, MXFP4/MXFP8, FP8 per channel) are
-  computed on all experts at once -- a row's codes do not depend on its expert;
-* formats with a tensor-level range (NVFP4's global scale, FP8 per tensor) get one range per
-  expert, the gate and up halves of an expert sharing theirs (vLLM fuses them into one GEMM,
-  see :data:`qadpipe.quant.recipe.FUSED_SIBLINGS`); a loop over experts.
+* row-local formats (int and ternary per group or channel, MXFP4/MXFP8) are computed on all
+  experts at once -- a row's codes do not depend on its expert;
+* a format with a tensor-level range (NVFP4's global scale) gets one range per expert, the
+  gate and up halves of an expert sharing it (vLLM fuses them into one GEMM, see
+  :data:`qadpipe.quant.recipe.FUSED_SIBLINGS`); a loop over experts.
 
 Weight-only: activation quantization inside the experts would need hooks in every
 implementation's per-expert loop; a recipe that asks for it is refused (see
@@ -60,7 +60,8 @@ class ExpertsLayout:
 def experts_layout(module: nn.Module) -> Optional[ExpertsLayout]:
     """The layout of an experts module transformers describes (its ``use_experts_implementation``
     attributes, 3-D weights of its own), or None for any other module."""
-    if not all(hasattr(module, a) for a in ("has_gate", "is_transposed", "is_concatenated", "has_bias")):
+    if isinstance(module, QuantExperts) or not all(
+            hasattr(module, a) for a in ("has_gate", "is_transposed", "is_concatenated", "has_bias")):
         return None
     up_name = "gate_up_proj" if module.has_gate else "up_proj"
     params = dict(module.named_parameters(recurse=False))

@@ -115,8 +115,9 @@ class QuantRecipe:
             counts[layer.preset] = counts.get(layer.preset, 0) + 1
         parts = ", ".join(f"{n} x {p}" for p, n in counts.items())
         kv = f"; FP8 KV cache in {len(self.kv_cache)} attention modules" if self.kv_cache else ""
-        experts = f", {len(self.experts)} MoE experts modules" if self.experts else ""
-        return (f"quantized {len(self.layers)} Linear ({parts}){experts}; {len(self.fused_groups)} fused groups; "
+        quantized = [f"{len(self.layers)} Linear ({parts})" if self.layers else "",
+                     f"{len(self.experts)} MoE experts modules" if self.experts else ""]
+        return (f"quantized {', '.join(q for q in quantized if q)}; {len(self.fused_groups)} fused groups; "
                 f"full precision: {', '.join(self.ignored) or 'none'}{kv}")
 
 
@@ -338,25 +339,40 @@ def _check_experts(name: str, module: nn.Module, layout: ExpertsLayout, preset_n
     """Refuse what fused MoE experts cannot take (weight-only, no learned scales, groups that
     divide both projections' in-features); errors name the field to change."""
     where = f"{section}.preset"
-    fix = ("give them a weight-only preset with a quant.rules entry (e.g. {targets: 'experts$', preset: "
-           "nvfp4_a16}) or keep them dense with quant.moe_experts: dense")
     if preset.input is not None:
         raise QuantError(f"{where}: {preset_name} quantizes activations, which qadpipe does not do inside "
-                         f"MoE experts ({name}); {fix}")
-    if learnable != "none" or preset.weight.kind is Kind.LSQ:
-        what = f"quant.learnable: {learnable}" if learnable != "none" else f"{where}: {preset_name}"
-        raise QuantError(f"{what}: learned scales are not supported for MoE experts ({name}); {fix}")
-    spec = preset.weight
+                         f"MoE experts ({name}); give them a weight-only preset with a quant.rules entry (e.g. "
+                         "{targets: 'experts$', preset: nvfp4_a16}) or keep them dense with quant.moe_experts: dense")
+    if learnable != "none":   # it applies to every layer: a rule cannot take the experts out of it
+        raise QuantError(f"quant.learnable: {learnable}: learned scales are not supported for MoE experts "
+                         f"({name}); keep them dense with quant.moe_experts: dense, or set quant.learnable: none")
+    if preset.weight.kind is Kind.LSQ:
+        raise QuantError(f"{where}: {preset_name}: learned scales are not supported for MoE experts ({name}); "
+                         "give them another preset with a quant.rules entry (e.g. {targets: 'experts$', preset: "
+                         "w4a16_int}) or keep them dense with quant.moe_experts: dense")
     for weight_name in layout.weight_names:
         weight = getattr(module, weight_name)
         in_features = weight.shape[1] if layout.transposed else weight.shape[2]
-        if spec.granularity is Granularity.GROUP and in_features % spec.group_size:
-            raise QuantError(f"{section}.group_size: {preset_name} group size {spec.group_size} does not divide "
-                             f"in_features {in_features} of {name}.{weight_name}; set a group size that does, "
-                             "or add the experts to quant.ignore")
-        if spec.kind is Kind.SHERRY and in_features % spec.sparsity[1]:
-            raise QuantError(f"{where}: sherry M={spec.sparsity[1]} does not divide in_features {in_features} "
-                             f"of {name}.{weight_name}")
+        _check_in_features(f"{name}.{weight_name}", in_features, preset_name, preset.weight, section)
+
+
+def _check_in_features(name: str, in_features: int, preset_name: str, spec: QuantSpec, section: str) -> None:
+    """Refuse a weight whose in-features the format's groups (or sherry's M) do not divide,
+    naming what to change: the group size where the user picks it, else the preset."""
+    where = f"{section}.preset"
+    if spec.granularity is Granularity.GROUP and in_features % spec.group_size:
+        fixed = _fixed_group_reason(spec)
+        if fixed:   # no group size to change: another preset, or keep the layer dense
+            raise QuantError(f"{where}: {preset_name} cannot quantize {name}: its in_features "
+                             f"{in_features} is not a multiple of {spec.group_size} ({fixed}); "
+                             "use another preset for it (a quant.rules entry) or add it to quant.ignore")
+        divisors = [g for g in (128, 64, 32, 16) if in_features % g == 0]
+        hint = f"; set {section}.group_size to a divisor such as {divisors[0]}" if divisors else ""
+        raise QuantError(f"{section}.group_size: {preset_name} group size {spec.group_size} does not divide "
+                         f"in_features {in_features} of {name}{hint}")
+    if spec.kind is Kind.SHERRY and in_features % spec.sparsity[1]:
+        raise QuantError(f"{where}: sherry M={spec.sparsity[1]} does not divide in_features "
+                         f"{in_features} of {name}")
 
 
 def _check_layer(model: nn.Module, name: str, linear: nn.Linear, preset_name: str, preset: Preset,
@@ -365,19 +381,7 @@ def _check_layer(model: nn.Module, name: str, linear: nn.Linear, preset_name: st
     ``is_head``: it is the model's LM head (found by identity, whatever its name)."""
     where = f"{section}.preset"
     spec = preset.weight
-    if spec.granularity is Granularity.GROUP and linear.in_features % spec.group_size:
-        fixed = _fixed_group_reason(spec)
-        if fixed:   # no group size to change: another preset, or keep the layer dense
-            raise QuantError(f"{where}: {preset_name} cannot quantize {name}: its in_features "
-                             f"{linear.in_features} is not a multiple of {spec.group_size} ({fixed}); "
-                             "use another preset for it (a quant.rules entry) or add it to quant.ignore")
-        divisors = [g for g in (128, 64, 32, 16) if linear.in_features % g == 0]
-        hint = f"; set {section}.group_size to a divisor such as {divisors[0]}" if divisors else ""
-        raise QuantError(f"{section}.group_size: {preset_name} group size {spec.group_size} does not divide "
-                         f"in_features {linear.in_features} of {name}{hint}")
-    if spec.kind is Kind.SHERRY and linear.in_features % spec.sparsity[1]:
-        raise QuantError(f"{where}: sherry M={spec.sparsity[1]} does not divide in_features "
-                         f"{linear.in_features} of {name}")
+    _check_in_features(name, linear.in_features, preset_name, spec, section)
     if is_head:
         servable = spec.kind in (Kind.INT, Kind.LSQ, Kind.TWN, Kind.ABSMEAN, Kind.SHERRY) \
             and preset.input is None and not spec.fp8_group_scales

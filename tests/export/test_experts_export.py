@@ -91,6 +91,8 @@ def test_quantized_experts_are_targets_and_the_router_stays_dense(student, tiny_
     must name them; the router, no nn.Linear, stays dense."""
     model, config = student(tiny_moe_dir, "w4a16_int", 32,
                             rules=[{"targets": r"experts$", "preset": "nvfp4_a16"}])
+    # a matrix of the MoE block's own around its quantized experts: named alone, never its sub-names
+    model.model.layers[0].mlp.register_parameter("extra", torch.nn.Parameter(torch.zeros(2, 2)))
     export_model(model, tiny_moe_dir, tmp_path / "ct", "compressed-tensors", config)
     qconfig = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
 
@@ -104,6 +106,7 @@ def test_quantized_experts_are_targets_and_the_router_stays_dense(student, tiny_
             assert not matches(qconfig["ignore"], expert)
             assert matches(groups["nvfp4-pack-quantized"], expert) and not matches(groups["pack-quantized"], expert)
         assert matches(qconfig["ignore"], f"model.layers.{layer}.mlp.gate")
+    assert matches(qconfig["ignore"], "model.layers.0.mlp")
     assert not matches(groups["nvfp4-pack-quantized"], "model.layers.1.mlp.experts.0.gate_up_proj")
 
 
@@ -131,3 +134,40 @@ def test_experts_vllm_has_no_per_expert_names_for_are_refused_in_one_line(tmp_pa
     assert "\n" not in message and not (tmp_path / "ct").exists()
     export_model(model, tmp_path / "base", tmp_path / "fake", "fake", config)
     assert (tmp_path / "fake" / "config.json").is_file()
+
+
+def test_exports_use_the_architectures_checkpoint_names(student, tmp_path):
+    """transformers 5 loads Mixtral's ``block_sparse_moe.experts.<e>.w1`` as ``mlp.experts.gate_up_proj``;
+    exports are written under the names of Mixtral's own checkpoints (as save_pretrained writes
+    them), which vLLM's Mixtral loads (``.gate_proj.`` -> ``.w1.`` by its own mapper), and the
+    quantization config names modules the same way."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    MixtralForCausalLM(MixtralConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, num_local_experts=4, num_experts_per_tok=2)).save_pretrained(tmp_path / "base")
+    model, config = student(tmp_path / "base", "w4a16_int", 32, rules=[{"targets": r"experts$", "preset": "nvfp4_a16"}])
+    export_model(model, tmp_path / "base", tmp_path / "ct", "compressed-tensors", config)
+    export_model(model, tmp_path / "base", tmp_path / "fake", "fake", config)
+    qconfig, tensors = load_export(tmp_path / "ct")
+    assert "model.layers.0.block_sparse_moe.experts.3.gate_proj.weight_packed" in tensors
+    assert "model.layers.0.block_sparse_moe.gate.weight" in tensors
+    assert not any(".mlp." in key for key in tensors)
+    _, fake = load_export(tmp_path / "fake")
+    assert "model.layers.0.block_sparse_moe.experts.3.w1.weight" in fake and not any(".mlp." in k for k in fake)
+    qconfig = qconfig["quantization_config"]
+    targets = [t for g in qconfig["config_groups"].values() for t in g["targets"]]
+    assert "re:^model\\.layers\\.0\\.block_sparse_moe\\.experts\\.\\d+\\.(gate_proj|up_proj|down_proj)$" in targets
+    assert qconfig["ignore"] == ["lm_head", "re:model\\.layers\\.0\\.block_sparse_moe\\.gate(\\..*)?$"]
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "fake"), dtype=torch.bfloat16).eval()
+    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_a_student_with_only_its_experts_quantized_exports(student, tiny_moe_dir, tmp_path):
+    model, config = student(tiny_moe_dir, "w4a16_int", 32, ignore=["lm_head", "self_attn"])
+    result = export_model(model, tiny_moe_dir, tmp_path / "ct", "compressed-tensors", config)
+    info = json.loads((tmp_path / "ct" / "qadpipe_export.json").read_text())
+    assert result is not None and list(info["layers"]) == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]

@@ -115,12 +115,30 @@ def test_vllm_serves_what_was_trained(smollm2_dir, tmp_path, student):
     assert figures["int4_kv_vs_student"] < figures["int4_kv_vs_int4_student"] / 1.5, figures
 
 
+def _tiny_moe(family: str, tokenizer) -> torch.nn.Module:
+    """A tiny random MoE on SmolLM2's tokenizer, its final norm scaled so that its outputs are peaked."""
+    from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    shared = dict(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, head_dim=32, num_experts_per_tok=2, max_position_embeddings=256,
+                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    if family == "qwen3_moe":
+        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(intermediate_size=128, moe_intermediate_size=64, num_experts=32,
+                                                   **shared))
+    else:   # Mixtral's checkpoints name its MoE block block_sparse_moe, its experts w1/w2/w3
+        model = MixtralForCausalLM(MixtralConfig(intermediate_size=64, num_local_experts=8, **shared))
+    with torch.no_grad():
+        model.model.norm.weight.mul_(20.0)
+    return model
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
 @pytest.mark.parametrize("experts", ["quantize", "dense"])
-def test_vllm_serves_a_moe_student(smollm2_dir, tmp_path, student, experts):
-    """transformers 5 fuses an MoE's experts into 3-D tensors and its router is no nn.Linear.
-    A tiny random Qwen3-MoE on SmolLM2's tokenizer, its final norm scaled so that its outputs
-    are peaked; vLLM serves the W4A16 student, not the unquantized model:
+def test_vllm_serves_a_moe_student(smollm2_dir, tmp_path, student, family, experts):
+    """transformers 5 fuses an MoE's experts into 3-D tensors (and renames Mixtral's) and its
+    router is no nn.Linear.  vLLM serves the W4A16 student, not the unquantized model:
 
     * quantize: the experts are quantized per expert; vLLM-CPU serves the fake export (Q(W) in
       bf16).  Its compressed-tensors export needs vLLM-CPU's int4 MoE kernel, which runs on AMX
@@ -130,20 +148,12 @@ def test_vllm_serves_a_moe_student(smollm2_dir, tmp_path, student, experts):
       the router in ``ignore`` (without, vLLM matched them against the ``Linear`` target, looked
       for packed weights and did not load)."""
     pytest.importorskip("vllm")
-    from transformers import AutoTokenizer, Qwen3MoeConfig, Qwen3MoeForCausalLM
+    from transformers import AutoTokenizer
 
     from qadpipe.models import load_causal_lm
 
     tokenizer = AutoTokenizer.from_pretrained(str(smollm2_dir))
-    torch.manual_seed(0)
-    base = Qwen3MoeForCausalLM(Qwen3MoeConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
-        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32, num_experts=32,
-        num_experts_per_tok=2, max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id))
-    with torch.no_grad():
-        base.model.norm.weight.mul_(20.0)
-    base.to(torch.bfloat16).save_pretrained(tmp_path / "base")
+    _tiny_moe(family, tokenizer).to(torch.bfloat16).save_pretrained(tmp_path / "base")
     tokenizer.save_pretrained(tmp_path / "base")
     model, config = student(tmp_path / "base", "w4a16_int", 64, moe_experts=experts)
     fmt = "fake" if experts == "quantize" else "compressed-tensors"
@@ -156,6 +166,6 @@ def test_vllm_serves_a_moe_student(smollm2_dir, tmp_path, student, experts):
     base_lp = token_logprobs(load_causal_lm(str(tmp_path / "base")), sequences)
     served = vllm_logprobs([tmp_path / "export"], sequences)[str(tmp_path / "export")]
     to_student, to_base = mean_abs_diff(served, student_lp), mean_abs_diff(served, base_lp)
-    print(f"MoE W4A16, experts {experts}, {fmt} export: served vs student {to_student:.4f}, "
+    print(f"{family} W4A16, experts {experts}, {fmt} export: served vs student {to_student:.4f}, "
           f"vs unquantized {to_base:.4f} (mean |dlp|)")
     assert to_student < to_base / 2, (to_student, to_base)

@@ -177,7 +177,8 @@ def test_rules_and_ignore_reach_experts_by_module_name(quant_config, caplog):
     ({"preset": "nvfp4"}, "quant.preset: nvfp4 quantizes activations, which qadpipe does not do inside MoE "
                           "experts (model.layers.0.mlp.experts); give them a weight-only preset"),
     ({"preset": "w4a16_int", "group_size": 32, "learnable": "lsq"},
-     "quant.learnable: lsq: learned scales are not supported for MoE experts"),
+     "quant.learnable: lsq: learned scales are not supported for MoE experts (model.layers.0.mlp.experts); "
+     "keep them dense with quant.moe_experts: dense, or set quant.learnable: none"),
     ({"preset": "lsq_int4", "group_size": 32}, "quant.preset: lsq_int4: learned scales are not supported"),
     ({"preset": "w4a16_int", "group_size": 48}, "quant.group_size: w4a16_int group size 48 does not divide "
                                                 "in_features 64 of model.layers.0.mlp.experts.gate_up_proj"),
@@ -186,6 +187,18 @@ def test_what_experts_cannot_take_is_one_line(quant_config, fields, said):
     with pytest.raises(QuantError) as caught:
         apply_recipe(_qwen3_moe(), quant_config(ignore=["lm_head", "self_attn"], **fields))
     assert said in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_block_format_that_does_not_divide_the_experts_names_the_preset_not_the_group_size(quant_config):
+    """NVFP4's blocks of 16 are the format's: the fix is another preset, not a group size."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=40, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=32, num_experts=4, num_experts_per_tok=2))
+    with pytest.raises(QuantError, match=r"^quant.preset: nvfp4_a16 cannot quantize model.layers.0.mlp.experts.down_proj: "
+                                         r"its in_features 40 is not a multiple of 16 \(its nvfp4 blocks are 16"):
+        apply_recipe(model, quant_config(preset="nvfp4_a16", ignore=["lm_head", "self_attn"]))
 
 
 def test_a_record_without_moe_experts_rebuilds_its_experts_dense(tmp_path):
