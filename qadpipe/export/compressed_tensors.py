@@ -165,8 +165,8 @@ def experts_tensors(experts: QuantExperts, scheme: Scheme) -> dict[str, torch.Te
     out: dict[str, torch.Tensor] = {}
     for projection, matrices in experts.expert_matrices().items():
         for expert, q in enumerate(matrices):
-            for local, tensor in weight_tensors(q, scheme).items():
-                out[f"{expert}.{projection}.{local}"] = tensor.clone(memory_format=torch.contiguous_format)   # gate and up halves share storage
+            for local, tensor in weight_tensors(q, scheme).items():   # copied: gate and up share storage
+                out[f"{expert}.{projection}.{local}"] = tensor.clone(memory_format=torch.contiguous_format)
     return out
 
 

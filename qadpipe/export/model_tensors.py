@@ -107,10 +107,16 @@ def checkpoint_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> di
     ``save_pretrained`` writes them and vLLM loads them: transformers 5 renames and fuses some
     weights on load (Mixtral's ``block_sparse_moe.experts.<e>.w1`` becomes ``mlp.experts.gate_up_proj``)
     and reverts that on save, with the function used here.  Tensors it split out of a fused one
-    are copied (safetensors refuses views of one storage)."""
-    reverted = _revert_weight_conversion(model, tensors)
-    return {key: value if tensors.get(key) is value else value.clone(memory_format=torch.contiguous_format)
-            for key, value in reverted.items()}
+    are copied (safetensors refuses views of one storage); renamed ones are not."""
+    out: dict[str, torch.Tensor] = {}
+    storages: set[int] = set()
+    for key, value in _revert_weight_conversion(model, tensors).items():
+        storage = value.untyped_storage().data_ptr()
+        if storage in storages or not value.is_contiguous():
+            value = value.clone(memory_format=torch.contiguous_format)
+        storages.add(value.untyped_storage().data_ptr())
+        out[key] = value
+    return out
 
 
 def checkpoint_names(model: nn.Module, names: list[str]) -> dict[str, str]:

@@ -6,9 +6,9 @@
 saying exactly what was done -- per module the weight and input specs, plus the fused groups
 -- which is all an exporter needs besides the modules themselves.
 
-Resolution: a Linear (or experts module) whose name matches an ``ignore`` regex stays full precision; otherwise
-the first ``rules`` entry whose ``targets`` regex matches decides its preset, and the
-top-level ``preset`` covers the rest.  Regexes use ``re.search`` on the dotted module name.
+Resolution: a Linear (or experts module) whose name matches an ``ignore`` regex stays full
+precision; otherwise the first ``rules`` entry whose ``targets`` regex matches decides its
+preset, and the top-level ``preset`` covers the rest.  Regexes use ``re.search`` on the dotted module name.
 
 Rebuilding a trained or calibrated student: load the model, ``apply_recipe(model, quant)``
 with the same ``quant`` section, then ``model.load_state_dict(state)`` -- quantizer state
