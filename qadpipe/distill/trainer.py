@@ -443,7 +443,8 @@ class DistillRecipe:
                    and saved.get(key, defaults.get(key)) != value
                    and not (key == "quant.moe_experts" and not has_fused_experts(student))]
         if changed:
-            predated = [key for key in changed if key in saved and key not in flatten_config(recorded)]
+            written = flatten_config(recorded)
+            predated = [key for key in changed if key in saved and key not in written]
             hint = (f"; the checkpoint's qadpipe predates {predated[0]} and ran as {predated[0]}="
                     f"{saved[predated[0]]}: resume with --set {predated[0]}={saved[predated[0]]}" if predated else "")
             raise DistillError(f"{path}: --resume of a checkpoint written with another config ({', '.join(changed[:4])} "

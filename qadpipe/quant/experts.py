@@ -50,6 +50,10 @@ class ExpertsLayout:
     def weight_names(self) -> tuple[str, str]:
         return (self.up_name, "down_proj")
 
+    def in_last(self, weight: Tensor) -> Tensor:
+        """A stored expert weight as ``[E, out, in]`` (a view: transposed layouts store ``[E, in, out]``)."""
+        return weight.transpose(1, 2) if self.transposed else weight
+
     @property
     def servable_layout(self) -> bool:
         """Whether vLLM's per-expert checkpoint names (``<experts>.<e>.gate_proj``, ...) can carry
@@ -147,9 +151,8 @@ class QuantExperts(nn.Module):
         return getattr(self, f"{self.layout.up_name}_quantizer").spec
 
     def in_last(self, name: str) -> Tensor:
-        """A weight as ``[E, out, in]`` (a view: transposed layouts store ``[E, in, out]``)."""
-        weight = getattr(self, name)
-        return weight.transpose(1, 2) if self.layout.transposed else weight
+        """Weight ``name`` as ``[E, out, in]`` (see :meth:`ExpertsLayout.in_last`)."""
+        return self.layout.in_last(getattr(self, name))
 
     def fake_quantized(self, name: str) -> Tensor:
         """Q(W) of one projection, in its stored layout and dtype."""

@@ -351,8 +351,7 @@ def _check_experts(name: str, module: nn.Module, layout: ExpertsLayout, preset_n
                          "give them another preset with a quant.rules entry (e.g. {targets: 'experts$', preset: "
                          "w4a16_int}) or keep them dense with quant.moe_experts: dense")
     for weight_name in layout.weight_names:
-        weight = getattr(module, weight_name)
-        in_features = weight.shape[1] if layout.transposed else weight.shape[2]
+        in_features = layout.in_last(getattr(module, weight_name)).shape[-1]
         _check_in_features(f"{name}.{weight_name}", in_features, preset_name, preset.weight, section)
 
 
