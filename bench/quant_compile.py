@@ -65,7 +65,7 @@ def main() -> None:
         def eager(w, amax):
             return fake_quantize(w, spec, amax=amax)
 
-        forward = compiled_fake_quant_forward(spec, False)
+        forward = compiled_fake_quant_forward(spec, False, False)
 
         def compiled(w, amax):
             return forward(w, amax)[0]

@@ -6,6 +6,11 @@ ship.  One table, so every benchmark measures the same model.
 Qwen3's layer types and real vocabulary (151936, so the vocab-sized paths -- chunked losses, top-k
 over the logits -- run at their real width) with a tiny body: ``bench/gpu_checks.sh --smoke`` runs
 every GPU step on a CPU with it, so a script that has never met a GPU does not first fail on one.
+
+The MoE shapes (a ``num_experts`` entry makes a ``Qwen3MoeForCausalLM``) time fake-quantized
+experts: ``qwen3-30b-a3b-4layer-random`` is four of Qwen3-30B-A3B's 48 layers (128 experts, 8
+per token) at their real size, for a GPU; ``qwen3-moe-cpu-random`` keeps its 128 experts with a
+small body and vocabulary, so on a CPU the step is the experts', not the LM head's.
 """
 
 from __future__ import annotations
@@ -19,18 +24,28 @@ QWEN3_SHAPES: dict[str, dict[str, Any]] = {
     "qwen3-tiny-random": dict(vocab_size=151936, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
                               num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                               max_position_embeddings=4096, tie_word_embeddings=True, rope_theta=1000000.0),
+    "qwen3-30b-a3b-4layer-random": dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                                        moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
+                                        num_hidden_layers=4, num_attention_heads=32, num_key_value_heads=4,
+                                        head_dim=128, max_position_embeddings=40960, rope_theta=1000000.0),
+    "qwen3-moe-cpu-random": dict(vocab_size=32768, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
+                                 num_experts=128, num_experts_per_tok=8, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
+                                 rope_theta=1000000.0),
 }
 
 
 def random_qwen3(name: str, device: str, dtype: Any = None) -> Any:
-    """A seeded random ``Qwen3ForCausalLM`` with the shapes ``QWEN3_SHAPES[name]`` (bf16 by default),
-    built directly on ``device``."""
+    """A seeded random ``Qwen3ForCausalLM`` (or ``Qwen3MoeForCausalLM``) with the shapes
+    ``QWEN3_SHAPES[name]`` (bf16 by default), built directly on ``device``."""
     import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
+    shape = QWEN3_SHAPES[name]
+    config, model = (Qwen3MoeConfig, Qwen3MoeForCausalLM) if "num_experts" in shape else (Qwen3Config, Qwen3ForCausalLM)
     torch.manual_seed(0)
     with torch.device(device):
-        return Qwen3ForCausalLM(Qwen3Config(**QWEN3_SHAPES[name])).to(dtype or torch.bfloat16)
+        return model(config(**shape)).to(dtype or torch.bfloat16)
 
 
 def save_random_qwen3(name: str, out: Any) -> None:

@@ -19,6 +19,12 @@ checks every preset's formats on random and adversarial tensors):
   ``eager_numerics.division_rounding`` (see ``_eager_division``).
 * shapes: rows dynamic, features static (see :func:`compiled_fake_quant_forward`), so a
   model needs one graph per format and in-features size.
+* per slice: MoE experts held in one 3-D tensor quantize each expert on its own range
+  (NVFP4's global scale, FP8 per tensor).  ``torch.vmap`` batches the same per-tensor
+  function over the experts (:func:`over_slices`): one call's kernels for all of them, where a
+  Python loop launched every kernel once per expert (128 experts x 48 layers in a
+  Qwen3-30B-A3B).  vmap changes how the ops are dispatched, not what they compute; tests
+  check it bit for bit against the loop, eager and compiled.
 
 Those tests run on the CPU (inductor's C++ code); other backends generate other code (Triton
 on CUDA), so the first tensor of each (device, dtype) a compiled forward sees is also run
@@ -69,8 +75,24 @@ def fake_quant_forward(x: Tensor, amax: Optional[Tensor], *, spec: QuantSpec,
     return dequantize(q), (inside_range(x, q) if clipped else None)
 
 
+def over_slices(forward: FakeQuantForward, clipped: bool) -> FakeQuantForward:
+    """``forward`` of each ``x[i]`` with its own ``amax[i]`` (or each with no amax), stacked:
+    every slice a tensor of its own, in one batched call (``torch.vmap``)."""
+    def run(x: Tensor, amax: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+        return torch.vmap(forward, in_dims=(0, None if amax is None else 0),
+                          out_dims=(0, 0 if clipped else None))(x, amax)
+
+    return run
+
+
+def eager_fake_quant_forward(spec: QuantSpec, clipped: bool, per_slice: bool = False) -> FakeQuantForward:
+    """:func:`fake_quant_forward` for one spec; ``per_slice``: over the leading dimension's slices."""
+    forward = functools.partial(fake_quant_forward, spec=spec, clipped=clipped)
+    return over_slices(forward, clipped) if per_slice else forward
+
+
 @functools.cache
-def compiled_fake_quant_forward(spec: QuantSpec, clipped: bool) -> FakeQuantForward:
+def compiled_fake_quant_forward(spec: QuantSpec, clipped: bool, per_slice: bool) -> FakeQuantForward:
     """:func:`fake_quant_forward` for one spec, compiled once per process, unchecked: what the
     tests and ``bench/quant_compile.py`` compare with eager (training uses
     :func:`checked_fake_quant_forward`).
@@ -81,20 +103,23 @@ def compiled_fake_quant_forward(spec: QuantSpec, clipped: bool) -> FakeQuantForw
     for it is ~20x slower than the static one (measured on an INT4 g64 [1536, 576] weight:
     7.5 ms vs 0.37 ms; eager 1.2 ms).  Each spec gets a function with its *own* code object:
     dynamo keeps graphs per code object and stops compiling one after ``recompile_limit`` (8)
-    variants, after which it runs eager without failing."""
+    variants, after which it runs eager without failing.  ``per_slice`` (see :func:`over_slices`):
+    ``x`` goes in as [slices, rows, features], the rows of each slice dynamic."""
     def forward(x: Tensor, amax: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
         return fake_quant_forward(x, amax, spec=spec, clipped=clipped)
 
-    forward.__code__ = forward.__code__.replace(co_name=_name(spec, clipped))
-    compiled = torch.compile(forward, options=_eager_division())
+    traced = over_slices(forward, clipped) if per_slice else forward
+    traced.__code__ = traced.__code__.replace(co_name=_name(spec, clipped, per_slice))
+    compiled = torch.compile(traced, options=_eager_division())
+    leading = 1 if per_slice else 0
 
     def run(x: Tensor, amax: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
         # Detached: dynamo guards on requires_grad, and a weight (trains), an activation (trains
         # or is evaluated) and a frozen tensor would each need a graph of their own per dtype
         # and feature size, past the limit of 8.  The straight-through backward is the caller's.
-        rows = x.detach().reshape(-1, x.shape[-1])
-        torch._dynamo.maybe_mark_dynamic(rows, 0)
-        torch._dynamo.mark_static(rows, 1)
+        rows = x.detach().reshape(*x.shape[:leading], -1, x.shape[-1])
+        torch._dynamo.maybe_mark_dynamic(rows, leading)
+        torch._dynamo.mark_static(rows, leading + 1)
         out, mask = compiled(rows, None if amax is None else amax.detach())
         return out.reshape(x.shape), (None if mask is None else mask.reshape(x.shape))
 
@@ -102,44 +127,48 @@ def compiled_fake_quant_forward(spec: QuantSpec, clipped: bool) -> FakeQuantForw
 
 
 @functools.cache
-def checked_fake_quant_forward(spec: QuantSpec, clipped: bool) -> FakeQuantForward:
+def checked_fake_quant_forward(spec: QuantSpec, clipped: bool, per_slice: bool) -> FakeQuantForward:
     """The compiled forward, checked against eager on its first tensor per (device, dtype,
     feature size) -- each feature size is a graph of its own, with its own generated code;
-    where any value (or clip-mask entry) differs it logs an error and runs eager from then on."""
-    compiled = compiled_fake_quant_forward(spec, clipped)
+    where any value (or clip-mask entry) differs it logs an error and runs eager from then on.
+    (No defaults here or in :func:`compiled_fake_quant_forward`: ``functools.cache`` would
+    keep ``f(s, c)`` and ``f(s, c, False)`` apart, two compiled copies of one forward.)"""
+    compiled = compiled_fake_quant_forward(spec, clipped, per_slice)
+    eager = eager_fake_quant_forward(spec, clipped, per_slice)
     agrees: dict[tuple[str, torch.dtype, int], bool] = {}
 
     def run(x: Tensor, amax: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
         key = (x.device.type, x.dtype, x.shape[-1])
         if agrees.get(key) is False:
-            return fake_quant_forward(x, amax, spec=spec, clipped=clipped)
+            return eager(x, amax)
         out, mask = compiled(x, amax)
         if key not in agrees:
-            want, want_mask = fake_quant_forward(x, amax, spec=spec, clipped=clipped)
+            want, want_mask = eager(x, amax)
             same = (out == want) | (out.isnan() & want.isnan())
             differ = int((~same).sum()) + (0 if mask is None else int((mask != want_mask).sum()))
             agrees[key] = differ == 0
             if differ:
                 log.error("quant.compile: the compiled %s fake-quant differs from eager on %s %s, %d features "
                           "(%d of %d values); these tensors run eager (slower, the same bits export writes)",
-                          _name(spec, clipped), *key, differ, x.numel())
+                          _name(spec, clipped, per_slice), *key, differ, x.numel())
                 return want, want_mask
         return out, mask
 
     return run
 
 
-def _name(spec: QuantSpec, clipped: bool) -> str:
+def _name(spec: QuantSpec, clipped: bool, per_slice: bool) -> str:
     """A readable name, unique per spec: dynamo keys its automatic-dynamic state by code name
     (and file and line), so two specs sharing a name share it -- after INT4 then INT2, torch
     2.11 traced ``bits`` as a symbol and failed on ``1 << (bits - 1)``."""
     tag = zlib.crc32(repr(spec).encode())
     return (f"fake_quant_{spec.kind.value}{spec.bits}_{spec.granularity.value}"
-            f"{'_clipped' if clipped else ''}_{tag:08x}")
+            f"{'_clipped' if clipped else ''}{'_per_slice' if per_slice else ''}_{tag:08x}")
 
 
-def forward_for(spec: QuantSpec, clipped: bool, mode: Compile, device: torch.device) -> FakeQuantForward:
+def forward_for(spec: QuantSpec, clipped: bool, mode: Compile, device: torch.device,
+                per_slice: bool = False) -> FakeQuantForward:
     """The fake-quant forward ``mode`` asks for on ``device`` (auto: compiled on CUDA)."""
     if mode == "on" or (mode == "auto" and device.type == "cuda"):
-        return checked_fake_quant_forward(spec, clipped)
-    return functools.partial(fake_quant_forward, spec=spec, clipped=clipped)
+        return checked_fake_quant_forward(spec, clipped, per_slice)
+    return eager_fake_quant_forward(spec, clipped, per_slice)

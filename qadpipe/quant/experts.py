@@ -11,9 +11,11 @@ quantized GEMM per expert:
 
 * row-local formats (int and ternary per group or channel, MXFP4/MXFP8) are computed on all
   experts at once -- a row's codes do not depend on its expert;
-* a format with a tensor-level range (NVFP4's global scale) gets one range per expert, the
-  gate and up halves of an expert sharing it (vLLM fuses them into one GEMM, see
-  :data:`qadpipe.quant.recipe.FUSED_SIBLINGS`); a loop over experts.
+* a format with a tensor-level range (NVFP4's global scale, FP8 per tensor) gets one range
+  per expert, the gate and up halves of an expert sharing it (vLLM fuses them into one GEMM,
+  see :data:`qadpipe.quant.recipe.FUSED_SIBLINGS`); the per-tensor function runs batched over
+  the experts (``torch.vmap``, see :func:`qadpipe.quant.compiled.over_slices`), not in a
+  Python loop launching every kernel once per expert.
 
 Weight-only: activation quantization inside the experts would need hooks in every
 implementation's per-expert loop; a recipe that asks for it is refused (see
@@ -108,8 +110,8 @@ class ExpertWeightQuantizer(nn.Module):
         if _row_local(self.spec):
             flat = weight.reshape(-1, weight.shape[-1])
             return _FakeQuantSTE.apply(flat, self.spec, None, clipped, self.compile_mode).reshape(weight.shape)
-        return torch.stack([_FakeQuantSTE.apply(weight[e], self.spec, self._amax(e), clipped, self.compile_mode)
-                            for e in range(weight.shape[0])])
+        amax = None if self.spec.dynamic else self.amax
+        return _FakeQuantSTE.apply(weight, self.spec, amax, clipped, self.compile_mode, True)
 
     def _amax(self, expert: int) -> Optional[Tensor]:
         return None if self.spec.dynamic else self.amax[expert]

@@ -45,8 +45,8 @@ class _FakeQuantSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, spec: QuantSpec, amax: Optional[Tensor], clipped: bool,
-                compile_mode: Compile) -> Tensor:
-        out, mask = forward_for(spec, clipped, compile_mode, x.device)(x, amax)
+                compile_mode: Compile, per_slice: bool = False) -> Tensor:
+        out, mask = forward_for(spec, clipped, compile_mode, x.device, per_slice)(x, amax)
         ctx.clipped = clipped
         if clipped:
             ctx.save_for_backward(mask)
@@ -57,7 +57,7 @@ class _FakeQuantSTE(torch.autograd.Function):
         if ctx.clipped:
             (mask,) = ctx.saved_tensors
             grad = grad * mask
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 class _RoundSTE(torch.autograd.Function):

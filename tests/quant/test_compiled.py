@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from qadpipe.quant.compiled import (
-    checked_fake_quant_forward, compiled_fake_quant_forward, fake_quant_forward, forward_for,
+    checked_fake_quant_forward, compiled_fake_quant_forward, eager_fake_quant_forward, fake_quant_forward,
+    forward_for,
 )
 from qadpipe.quant.recipe import PRESETS, apply_recipe
 from quant_inputs import ADVERSARIAL, adversarial
@@ -41,7 +42,7 @@ def _distinct_specs():
 
 
 def _assert_compiled_equals_eager(spec, clipped: bool, dtype: torch.dtype) -> None:
-    compiled = compiled_fake_quant_forward(spec, clipped)
+    compiled = compiled_fake_quant_forward(spec, clipped, False)
     for case in ADVERSARIAL:
         for shape in SHAPES:
             rows = shape[0] * (shape[1] if len(shape) == 3 else 1)
@@ -53,6 +54,41 @@ def _assert_compiled_equals_eager(spec, clipped: bool, dtype: torch.dtype) -> No
             assert torch.equal(got, want), f"{case} {shape} {dtype}: {(got != want).sum()} values differ"
             if clipped:
                 assert torch.equal(got_mask, want_mask), f"{case} {shape}: clip masks differ"
+
+
+#: Formats with a tensor-level range, the ones MoE experts quantize per slice.
+PER_TENSOR_RANGE = {"nvfp4": PRESETS["nvfp4"].weight, "fp8_static": PRESETS["fp8_static"].weight}
+
+
+def _slices(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every adversarial case as one slice of a [cases, 8, 256] tensor (ranges 0 to 1e4 side by
+    side, so a range leaking from one slice to another changes the codes), and each slice's amax."""
+    x = torch.stack([adversarial(case) for case in ADVERSARIAL]).to(dtype)
+    return x, x.abs().amax(dim=(1, 2)).float()
+
+
+@pytest.mark.parametrize("clipped", [False, True])
+@pytest.mark.parametrize("spec", list(PER_TENSOR_RANGE.values()), ids=list(PER_TENSOR_RANGE))
+def test_per_slice_forward_equals_a_loop_over_slices(spec, clipped):
+    """The vmap'd forward against the plain per-tensor one called slice by slice."""
+    for dtype in (torch.bfloat16, torch.float32):
+        x, amax = _slices(dtype)
+        got, got_mask = eager_fake_quant_forward(spec, clipped, per_slice=True)(x, amax)
+        for i in range(x.shape[0]):
+            want, want_mask = fake_quant_forward(x[i], amax[i], spec=spec, clipped=clipped)
+            assert torch.equal(got[i], want), (ADVERSARIAL[i], dtype)
+            if clipped:
+                assert torch.equal(got_mask[i], want_mask), (ADVERSARIAL[i], dtype)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", list(PER_TENSOR_RANGE.values()), ids=list(PER_TENSOR_RANGE))
+def test_compiled_per_slice_forward_is_bit_identical(spec):
+    compiled = compiled_fake_quant_forward(spec, True, True)
+    for dtype in (torch.bfloat16, torch.float32):
+        x, amax = _slices(dtype)
+        (want, want_mask), (got, got_mask) = eager_fake_quant_forward(spec, True, True)(x, amax), compiled(x, amax)
+        assert torch.equal(got, want) and torch.equal(got_mask, want_mask), dtype
 
 
 @pytest.mark.slow
@@ -114,11 +150,11 @@ def test_one_graph_per_feature_size_serves_training_and_evaluation():
 
 def test_auto_compiles_on_cuda_only():
     spec = PRESETS["nvfp4"].weight
-    assert forward_for(spec, False, "auto", torch.device("cuda")) is checked_fake_quant_forward(spec, False)
-    assert forward_for(spec, False, "on", torch.device("cpu")) is checked_fake_quant_forward(spec, False)
+    assert forward_for(spec, False, "auto", torch.device("cuda")) is checked_fake_quant_forward(spec, False, False)
+    assert forward_for(spec, False, "on", torch.device("cpu")) is checked_fake_quant_forward(spec, False, False)
     for mode, device in (("auto", "cpu"), ("off", "cuda")):
         chosen = forward_for(spec, False, mode, torch.device(device))
-        assert chosen is not checked_fake_quant_forward(spec, False)
+        assert chosen is not checked_fake_quant_forward(spec, False, False)
         assert chosen.func is fake_quant_forward
 
 
@@ -135,7 +171,7 @@ def checked_forward_compiled_by(monkeypatch, compile_stand_in):
     compiled_fake_quant_forward.cache_clear()
     checked_fake_quant_forward.cache_clear()
     try:
-        yield checked_fake_quant_forward(SPEC_G32, False)
+        yield checked_fake_quant_forward(SPEC_G32, False, False)
     finally:
         compiled_fake_quant_forward.cache_clear()
         checked_fake_quant_forward.cache_clear()
