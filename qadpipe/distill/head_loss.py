@@ -165,34 +165,54 @@ def _chunk_loss(logits: torch.Tensor, targets: PositionTargets, spec: LossSpec,
     return loss.sum()
 
 
+#: ``loss_of(logits, start, end)``: the summed loss of positions ``start:end`` from their logits.
+ChunkLoss = Callable[[torch.Tensor, int, int], torch.Tensor]
+
+
 class _FusedHeadLoss(torch.autograd.Function):
-    """Σ over chunks of ``run_chunk(hidden[chunk])``, gradients computed chunk by chunk in forward.
+    """Σ over chunks of ``loss_of(head(hidden[chunk]))``, gradients computed chunk by chunk in forward.
 
     The head's gradient (vocab × hidden, fp32: 1.2 GB at Qwen3-1.7B's 152k × 2048) is built
     once, in forward; backward scales it in place and hands that very tensor on, so autograd
     can keep it as ``.grad`` rather than hold a scaled copy beside it.  Hence one backward
     per forward (``retain_graph`` is refused).
+
+    A plain ``nn.Linear`` head (the usual one) adds each chunk's weight gradient ``dlogitsᵀ x``
+    into that tensor itself (:func:`_add_linear_grads`), where ``autograd.grad`` would return
+    it as a new vocab × hidden tensor per chunk -- in fp32, after a bf16 one under autocast:
+    up to 1.9 GB at Qwen3-1.7B's size beside the accumulator.  Any other head (a quantized
+    one, LSQ steps) goes through ``autograd.grad``.
     """
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, run_chunk: Callable[[torch.Tensor, int, int], torch.Tensor],
-                chunk_tokens: int, *params: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, hidden: torch.Tensor, head: nn.Module, loss_of: ChunkLoss, chunk_tokens: int,
+                *params: torch.Tensor) -> torch.Tensor:
         want_hidden = hidden.requires_grad
         grad_hidden = torch.zeros_like(hidden) if want_hidden else None
         grad_params = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+        linear = type(head) is nn.Linear
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_tokens):
             end = min(start + chunk_tokens, hidden.shape[0])
             piece = hidden[start:end].detach().requires_grad_(want_hidden)
             with torch.enable_grad():
-                loss = run_chunk(piece, start, end)
-            wrt = ([piece] if want_hidden else []) + list(params)
-            grads = list(torch.autograd.grad(loss, wrt, allow_unused=True))
-            if want_hidden:
-                grad_hidden[start:end] = grads.pop(0)
-            for acc, grad in zip(grad_params, grads):
-                if grad is not None:
-                    acc += grad
+                logits = head(piece)
+                if linear:
+                    detached = logits.detach().requires_grad_()
+                    loss = loss_of(detached, start, end)
+                    (grad_logits,) = torch.autograd.grad(loss, [detached])
+                    if want_hidden:   # through the head's input only: its weight is not asked for
+                        (grad_hidden[start:end],) = torch.autograd.grad(logits, [piece], grad_logits)
+                    _add_linear_grads(head, params, grad_params, grad_logits, piece)
+                else:
+                    loss = loss_of(logits, start, end)
+                    wrt = ([piece] if want_hidden else []) + list(params)
+                    grads = list(torch.autograd.grad(loss, wrt, allow_unused=True))
+                    if want_hidden:
+                        grad_hidden[start:end] = grads.pop(0)
+                    for acc, grad in zip(grad_params, grads):
+                        if grad is not None:
+                            acc += grad
             total += loss.detach()
         # On ctx, not save_for_backward: backward must be able to drop the only other reference.
         ctx.grads = (grad_hidden, grad_params)
@@ -209,7 +229,26 @@ class _FusedHeadLoss(torch.autograd.Function):
         if stored_hidden is not None:   # [N, D], small: scaled in fp32 and rounded once
             grad_hidden = (stored_hidden.float() * grad_out).to(stored_hidden.dtype)
         grad_params = [g.mul_(grad_out).to(dtype) for g, dtype in zip(stored_params, ctx.param_dtypes)]
-        return (grad_hidden, None, None, *grad_params)
+        return (grad_hidden, None, None, None, *grad_params)
+
+
+def _add_linear_grads(head: nn.Linear, params: tuple[torch.Tensor, ...], accumulators: list[torch.Tensor],
+                      grad_logits: torch.Tensor, inputs: torch.Tensor) -> None:
+    """Add one chunk's weight (``grad_logitsᵀ x``) and bias gradients of ``head`` to the fp32
+    ``accumulators`` (one per ``params`` entry), the weight in place where dtypes allow.
+
+    ``x`` is the input as the head's matmul took it: in the logits' dtype (autocast casts both
+    operands to it).  Same sums as autograd's, in another order: equal to rounding (tested
+    against the autograd path, and against full logits)."""
+    x = inputs.detach().to(grad_logits.dtype)
+    for param, acc in zip(params, accumulators):
+        if param is head.weight:
+            if acc.dtype == x.dtype:
+                acc.addmm_(grad_logits.t(), x)
+            else:   # bf16 operands: a bf16 product, added (no mixed-dtype addmm)
+                acc.add_(grad_logits.t().mm(x))
+        elif param is head.bias:
+            acc.add_(grad_logits.sum(0))
 
 
 def head_loss(hidden: torch.Tensor, head: nn.Module, targets: PositionTargets, spec: LossSpec,
@@ -222,20 +261,20 @@ def head_loss(hidden: torch.Tensor, head: nn.Module, targets: PositionTargets, s
         raise ValueError(f"{hidden.shape[0]} hidden states vs {len(targets)} target rows")
     stats = {key: torch.zeros((), dtype=torch.float64, device=hidden.device) for key in STAT_KEYS}
 
-    def run_chunk(piece: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    def loss_of(logits: torch.Tensor, start: int, end: int) -> torch.Tensor:
         chunk = targets.slice(start, end)
         teacher_logits = None
         if chunk.teacher_hidden is not None:
             with torch.no_grad():
                 teacher_logits = teacher_head(chunk.teacher_hidden)
-        return _chunk_loss(transform(head(piece)), chunk, spec, teacher_logits, stats)
+        return _chunk_loss(transform(logits), chunk, spec, teacher_logits, stats)
 
     params = [p for p in head.parameters() if p.requires_grad] if torch.is_grad_enabled() else []
     if torch.is_grad_enabled() and (hidden.requires_grad or params):
-        total = _FusedHeadLoss.apply(hidden, run_chunk, chunk_tokens, *params)
+        total = _FusedHeadLoss.apply(hidden, head, loss_of, chunk_tokens, *params)
     else:
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_tokens):
             end = min(start + chunk_tokens, hidden.shape[0])
-            total = total + run_chunk(hidden[start:end], start, end)
+            total = total + loss_of(head(hidden[start:end]), start, end)
     return total, stats

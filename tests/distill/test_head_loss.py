@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from qadpipe.distill import losses
 from qadpipe.distill.head_loss import LossSpec, PositionTargets, head_loss
@@ -210,3 +211,46 @@ def test_no_grad_chunk_loop_keeps_the_last_partial_chunk():
         assert int(stats["positions"]) == 23
         torch.testing.assert_close(total, plain, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(float(stats["loss"]), float(plain), rtol=1e-5, atol=1e-5)
+
+
+class _NewVocabByHidden(TorchDispatchMode):
+    """Records every op that allocates a ``[V, D]`` tensor (not a view, not in place), with its dtype."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.made: list[tuple[str, torch.dtype]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and tuple(out.shape) in ((V, D), (D, V)):
+            storage = out.untyped_storage().data_ptr()
+            if not any(isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() == storage for a in args):
+                self.made.append((func.overloadpacket.__name__, out.dtype))
+        return out
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_a_linear_head_adds_each_chunk_gradient_into_one_fp32_tensor(autocast):
+    """autograd.grad returned a new vocab × hidden weight gradient per chunk (fp32, after a bf16
+    one under autocast) beside the accumulator; a plain Linear head adds into the accumulator.
+    The values against the general path (the same head behind a wrapper, so not a Linear)."""
+    gen = torch.Generator().manual_seed(10)
+    targets, _ = make_targets("topk", gen)
+    head = nn.Linear(D, V, bias=True)
+    hidden = torch.randn(N, D, generator=gen, requires_grad=True)
+    results = []
+    for module in (head, nn.Sequential(head)):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), _NewVocabByHidden() as made:
+            total, _ = head_loss(hidden, module, targets, LossSpec(), 10)
+            total.backward()
+        results.append((total.detach(), hidden.grad.clone(), head.weight.grad.clone(), head.bias.grad.clone(),
+                        made.made))
+        hidden.grad = None
+        head.zero_grad()
+    (*fused, made_fused), (*general, made_general) = results
+    fp32 = [[name for name, dtype in made if dtype == torch.float32] for made in (made_fused, made_general)]
+    assert fp32[0] == ["zeros_like"]                                   # the accumulator, and nothing per chunk
+    assert fp32[1].count("zeros_like") == 1 and len(fp32[1]) == 1 + N // 10   # autograd.grad: one per chunk
+    tolerance = dict(rtol=2e-2, atol=2e-3) if autocast else dict(rtol=1e-5, atol=1e-6)
+    for got, want in zip(fused, general):
+        torch.testing.assert_close(got, want, **tolerance)
