@@ -85,7 +85,8 @@ def _layout(rows: Sequence[SequenceTargets], pack_length: Optional[int]) -> list
         length = len(row.input_ids)
         if length > pack_length:
             raise DistillError(f"cache row {row.id!r} has {length} tokens, more than distill.pack_length="
-                               f"{pack_length}; raise pack_length or set it to null (pad instead of pack)")
+                               f"{pack_length}; raise pack_length or set it to null (pad instead of pack): --resume takes "
+                               "either")
         for window, filled in enumerate(used):
             if filled + length <= pack_length:
                 windows[window].append(index)

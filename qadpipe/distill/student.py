@@ -123,10 +123,24 @@ def trained_cache_fingerprint(final_dir: Path) -> Optional[str]:
     return (read_run_record(final_dir) or {}).get("cache_fingerprint")
 
 
-def trained_config(final_dir: Path) -> Any:
-    """The config a student in the ``final/`` layout was trained with (its run record)."""
+def recorded_run_config(directory: Path) -> dict[str, Any]:
+    """The ``config`` mapping of the run record in a student or checkpoint ``directory``, as
+    written (one line naming the file when it is missing or damaged)."""
     import yaml
 
+    run_file = Path(directory) / RUN_FILE
+    try:
+        config = yaml.safe_load(run_file.read_text())["config"]
+    except (OSError, yaml.YAMLError, TypeError, KeyError, UnicodeDecodeError) as exc:
+        raise DistillError(f"{run_file}: not a qadpipe run record with a config ({type(exc).__name__})") from None
+    if not isinstance(config, dict):
+        raise DistillError(f"{run_file}: not a qadpipe run record with a config (config: "
+                           f"{type(config).__name__}, expected a mapping)")
+    return config
+
+
+def trained_config(final_dir: Path) -> Any:
+    """The config a student in the ``final/`` layout was trained with (its run record)."""
     from qadpipe.config import build_config, recorded_config
 
     final_dir = Path(final_dir)
@@ -134,9 +148,7 @@ def trained_config(final_dir: Path) -> Any:
     if not (final_dir / MODEL_FILE).is_file() or not run_file.is_file():
         raise DistillError(f"{final_dir}: expected {MODEL_FILE} and {RUN_FILE} (a distill final/ directory)")
     try:
-        return build_config(recorded_config(yaml.safe_load(run_file.read_text())["config"]))
-    except (yaml.YAMLError, TypeError, KeyError, UnicodeDecodeError) as exc:
-        raise DistillError(f"{run_file}: not a qadpipe run record with a config ({type(exc).__name__})") from None
+        return build_config(recorded_config(recorded_run_config(final_dir)))
     except ConfigError as exc:   # a field this qadpipe no longer has, or no longer accepts: not the user's config
         raise DistillError(f"{run_file}: the recorded config does not load in this qadpipe version "
                            f"({exc})") from None

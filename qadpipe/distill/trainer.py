@@ -431,11 +431,10 @@ class DistillRecipe:
         freely.  A field the checkpoint's qadpipe predates counts as what that version did (its
         default, or :func:`~qadpipe.config.recorded_config`'s value); ``quant.moe_experts`` matters
         only to a student with MoE experts.  Returns the checkpoint's flattened config."""
-        import yaml
-
         from qadpipe.config import build_config, config_to_dict, flatten_config, recorded_config
+        from qadpipe.distill.student import recorded_run_config
 
-        recorded = yaml.safe_load((path / RUN_FILE).read_text())["config"]
+        recorded = recorded_run_config(path)
         saved = flatten_config(recorded_config(recorded))
         defaults = flatten_config(config_to_dict(build_config({})))
         changed = [key for key, value in flatten_config(config_to_dict(self.config)).items()
@@ -807,13 +806,14 @@ RECOVER_FROM_NAN = ("lower distill.lr (or set distill.max_grad_norm) and --resum
 
 #: Fields a resumed run may change among those it reads: when to stop, log, evaluate and
 #: save, where the run lives, how much memory a step takes (the knobs a run that ran out of
-#: memory is resumed with), and the lr and clipping (those a run that diverged is resumed
-#: with).  A moved cache is recognised by its fingerprint, not its path.
+#: memory is resumed with; pack_length only lays out the rows each micro-batch already holds),
+#: and the lr and clipping (those a run that diverged is resumed with).  A moved cache is
+#: recognised by its fingerprint, not its path.
 RESUMABLE_CHANGES = frozenset({"distill.max_steps", "distill.lr", "distill.max_grad_norm",
                                "distill.log_every", "distill.eval_every", "distill.save_every",
                                "distill.save", "distill.activation_checkpointing", "distill.loss_chunk_tokens",
-                               "distill.prefetch_batches", "distill.tensorboard", "distill.device",
-                               "distill.output_dir"})
+                               "distill.pack_length", "distill.prefetch_batches", "distill.tensorboard",
+                               "distill.device", "distill.output_dir"})
 
 
 #: What distill writes into its output_dir (and hidden staging names, see remove_stale_temps).

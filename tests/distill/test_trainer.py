@@ -633,9 +633,10 @@ def test_config_resolves_the_new_distill_fields():
 
 
 def test_resume_takes_new_memory_knobs_and_a_checkpoint_older_than_a_field(peaky_llama_dir, topk_cache, tmp_path):
-    """A run that ran out of memory is resumed with checkpointing on or smaller loss chunks; a
-    checkpoint whose qadpipe predates a field resumes as that field's default (quant.moe_experts,
-    recorded as dense, matters to MoE students only: this Llama resumes)."""
+    """A run that ran out of memory is resumed with checkpointing on, smaller loss chunks or
+    another packing (a row longer than pack_length stopped runs hours in, and the fix was then
+    refused); a checkpoint whose qadpipe predates a field resumes as that field's default
+    (quant.moe_experts, recorded as dense, matters to MoE students only: this Llama resumes)."""
     assert distill(peaky_llama_dir, topk_cache, tmp_path, "distill.max_steps=2", "distill.save_every=1").exit_code == 0
     records = list((tmp_path / "checkpoints").rglob("qadpipe_run.yaml"))
     assert records
@@ -645,7 +646,8 @@ def test_resume_takes_new_memory_knobs_and_a_checkpoint_older_than_a_field(peaky
         del saved["config"]["quant"]["moe_experts"]
         record.write_text(yaml.safe_dump(saved))
     resumed = distill(peaky_llama_dir, topk_cache, tmp_path, "distill.max_steps=3", "distill.save_every=1",
-                      "distill.activation_checkpointing=true", "distill.loss_chunk_tokens=8", resume=True)
+                      "distill.activation_checkpointing=true", "distill.loss_chunk_tokens=8",
+                      "distill.pack_length=4096", resume=True)
     assert resumed.exit_code == 0, resumed.output
     assert [row["step"] for row in train_rows(tmp_path)] == [1, 2, 3]
     for record in (tmp_path / "checkpoints").rglob("qadpipe_run.yaml"):   # a field it lacks is no free change
