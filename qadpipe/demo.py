@@ -3,7 +3,9 @@
 Each step runs as its own ``qadpipe`` subprocess with the same config, exactly as a user or a
 cluster launcher would run it: vLLM's engine, the trainer and the evaluator never share a
 process (or its memory), and what the demo proves is the CLI users will type.  A step whose
-output is already complete is skipped, so an interrupted demo resumes where it stopped.
+output is already complete -- made with this config, from what the steps before it hold now --
+is skipped, so an interrupted demo resumes where it stopped and a changed input is followed
+through to the report.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class DemoStep:
     output: Callable[[PipelineConfig], Path]
     done: Callable[[PipelineConfig], bool]
     what: str
+    redoes_later: bool = False   # when it runs, every later step's output is stale
 
 
 def _made_with(path_of: Callable[[PipelineConfig], Path], marker: str) -> Callable[[PipelineConfig], bool]:
@@ -43,6 +46,20 @@ def _made_with(path_of: Callable[[PipelineConfig], Path], marker: str) -> Callab
         return record is not None and record.get("config") == config_to_dict(cfg)
 
     return done
+
+
+def _trained_on_this_cache(cfg: PipelineConfig) -> bool:
+    """Done: the student is there, made with this config, from the rows the cache holds now
+    (generate always runs, and a cache regenerated since holds other rows)."""
+    from qadpipe.cache import CacheReader
+    from qadpipe.distill.student import trained_cache_fingerprint
+
+    if not _made_with(_student, "model.safetensors")(cfg):
+        return False
+    try:
+        return trained_cache_fingerprint(_student(cfg)) == CacheReader(str(_cache(cfg))).view.fingerprint
+    except QadpipeError:   # no readable cache: distill runs, and says why
+        return False
 
 
 def _cache(cfg: PipelineConfig) -> Path:
@@ -69,10 +86,10 @@ STEPS = (
     # generate resumes on its own (it skips the records its shards hold), so it always runs.
     DemoStep("generate", _stage("generate"), _cache, lambda cfg: False,
              "the teacher (vLLM on CPU) answers the bundled prompts and caches its top-k log-probs"),
-    DemoStep("distill", _stage("distill", "--resume"), _student, _made_with(_student, "model.safetensors"),
-             "the fake-quantized student trains on the cache (PTQ baseline first)"),
+    DemoStep("distill", _stage("distill", "--resume"), _student, _trained_on_this_cache,
+             "the fake-quantized student trains on the cache (PTQ baseline first)", redoes_later=True),
     DemoStep("export", _stage("export"), _export, _made_with(_export, "config.json"),
-             "the student is written as a compressed-tensors checkpoint"),
+             "the student is written as a compressed-tensors checkpoint", redoes_later=True),
     DemoStep("serve", lambda cfg, common: ["-m", "qadpipe.export.serve_check", str(_export(cfg))], _export,
              lambda cfg: False, "vLLM (CPU) loads the export and answers one prompt"),
     DemoStep("eval", _stage("eval"), _eval, _made_with(_eval, "report.md"),
@@ -84,11 +101,13 @@ def run_demo(cfg: PipelineConfig, config_path: str, overrides: tuple[str, ...]) 
     """Run every step in order; stop at the first that fails, saying which and why."""
     common = ["-c", config_path, *(arg for item in overrides for arg in ("--set", item))]
     started = time.perf_counter()
+    stale = False
     for index, step in enumerate(STEPS, 1):
         header = f"[{index}/{len(STEPS)}] {step.name}: {step.what}"
-        if step.done(cfg):
+        if not stale and step.done(cfg):
             click.echo(f"{header}\n      already done with this config -> {step.output(cfg)} (delete it to redo)")
             continue
+        stale = stale or step.redoes_later
         click.echo(header, err=False)
         step_start = time.perf_counter()
         code = subprocess.call([sys.executable, *step.command(cfg, common)])

