@@ -15,6 +15,7 @@ loading a checkpoint never unpickles arbitrary objects.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -29,6 +30,8 @@ from qadpipe.errors import DistillError
 from qadpipe.file_modes import share_tree
 from qadpipe.provenance import atomic_write_text, fsync_path, save_run_record
 from qadpipe.tensor_files import save_tensors
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "LATEST"
@@ -125,11 +128,19 @@ def save_checkpoint(output_dir: Path, model_state: dict[str, torch.Tensor], stat
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
-    """The committed checkpoint directory named by ``LATEST``, or None when there is none."""
+    """The committed checkpoint directory named by ``LATEST``, or None when there is none.
+
+    Without ``LATEST`` (a kill between the first step directory's rename and its pointer, or
+    a hand-made copy), the newest complete ``step-N`` directory: each is renamed into place
+    whole, so it is a checkpoint -- starting from step 0 would write over it."""
     root = Path(output_dir) / CHECKPOINT_DIR
     pointer = root / LATEST
     if not pointer.is_file():
-        return None
+        steps = sorted(path for path in root.glob("step-*")
+                       if all((path / required).is_file() for required in (MODEL_FILE, STATE_FILE)))
+        if steps:
+            log.warning("%s is missing; the newest complete checkpoint there is %s", pointer, steps[-1].name)
+        return steps[-1] if steps else None
     name = pointer.read_text().strip()
     if not name.startswith("step-") or "/" in name or name in (".", ".."):
         raise DistillError(f"{pointer}: expected a step directory name, got {name!r}")

@@ -80,6 +80,21 @@ def test_latest_is_the_commit_point_and_old_steps_are_pruned(tmp_path: Path):
     assert not list(root.glob(".step-*"))
 
 
+def test_without_latest_the_newest_complete_step_is_the_checkpoint(tmp_path: Path, caplog):
+    """A lost LATEST (a kill right after the first step directory's rename, a hand-made copy)
+    made --resume start from step 0 and write over the checkpoints there."""
+    model = torch.nn.Linear(3, 3)
+    for step in (1, 2):
+        save_checkpoint(tmp_path, model.state_dict(), _state(step, model), load_config(None), keep=2)
+    root = tmp_path / "checkpoints"
+    (root / "LATEST").unlink()
+    (root / "step-00000003").mkdir()                      # not a checkpoint: no trainer state
+    (root / "step-00000003" / "model.safetensors").write_bytes(b"")
+    with caplog.at_level("WARNING", logger="qadpipe.distill.checkpoint"):
+        assert latest_checkpoint(tmp_path) == root / "step-00000002"
+    assert "LATEST is missing; the newest complete checkpoint there is step-00000002" in caplog.text
+
+
 def test_no_checkpoint_and_corrupt_checkpoint(tmp_path: Path):
     assert latest_checkpoint(tmp_path) is None
     model = torch.nn.Linear(3, 3)

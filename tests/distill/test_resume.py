@@ -80,6 +80,19 @@ def test_resume_after_a_kill_continues_the_loss_curve_exactly(peaky_llama_dir, t
 
 
 @pytest.mark.slow
+def test_resume_without_latest_continues_from_the_newest_step_directory(peaky_llama_dir, topk_cache, tmp_path,
+                                                                        uninterrupted):
+    cmd = command(peaky_llama_dir, topk_cache, tmp_path)
+    assert run_until_killed(cmd, tmp_path, STEPS - 2, signal.SIGKILL) == -signal.SIGKILL
+    (tmp_path / "checkpoints" / "LATEST").unlink()
+    resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "LATEST is missing; the newest complete checkpoint there is step-" in resumed.stderr
+    assert "resumed from" in resumed.stderr
+    assert curve(tmp_path) == uninterrupted
+
+
+@pytest.mark.slow
 def test_resume_with_no_checkpoint_yet_starts_over_with_one_curve(peaky_llama_dir, topk_cache, tmp_path,
                                                                   uninterrupted):
     """A kill before the first checkpoint (stages/distill.sbatch always passes --resume): the
