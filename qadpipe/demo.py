@@ -30,36 +30,76 @@ class DemoStep:
     output: Callable[[PipelineConfig], Path]
     done: Callable[[PipelineConfig], bool]
     what: str
-    redoes_later: bool = False   # when it runs, every later step's output is stale
+    prepare: Callable[[PipelineConfig], None] = lambda cfg: None   # before the step runs
 
 
-def _made_with(path_of: Callable[[PipelineConfig], Path], marker: str) -> Callable[[PipelineConfig], bool]:
-    """Done: the step's output is there and its run record holds this very config (a demo
-    rerun with another --set redoes the step instead of showing the old results)."""
+def _made_with(path_of: Callable[[PipelineConfig], Path], marker: str,
+               *inputs: Callable[[PipelineConfig], Path]) -> Callable[[PipelineConfig], bool]:
+    """Done: the step's output is there, its run record holds this very config (a demo rerun
+    with another --set redoes the step instead of showing the old results), and its ``marker``
+    is newer than each of ``inputs`` that exists (an earlier step that ran since -- in this
+    demo or an interrupted one -- made what it was built from)."""
 
     def done(cfg: PipelineConfig) -> bool:
         from qadpipe.config import config_to_dict
         from qadpipe.provenance import read_run_record
 
         out = path_of(cfg)
-        record = read_run_record(out) if (out / marker).exists() else None
-        return record is not None and record.get("config") == config_to_dict(cfg)
+        if not (out / marker).exists():
+            return False
+        record = read_run_record(out)
+        made = (out / marker).stat().st_mtime_ns
+        newer = [path for path in (source(cfg) for source in inputs)
+                 if path.exists() and path.stat().st_mtime_ns > made]
+        return record is not None and record.get("config") == config_to_dict(cfg) and not newer
 
     return done
+
+
+def _cache_fingerprint(cfg: PipelineConfig) -> str | None:
+    from qadpipe.cache import CacheReader
+
+    try:
+        return CacheReader(str(_cache(cfg))).view.fingerprint
+    except QadpipeError:   # no readable cache: distill runs, and says why
+        return None
 
 
 def _trained_on_this_cache(cfg: PipelineConfig) -> bool:
     """Done: the student is there, made with this config, from the rows the cache holds now
     (generate always runs, and a cache regenerated since holds other rows)."""
-    from qadpipe.cache import CacheReader
     from qadpipe.distill.student import trained_cache_fingerprint
 
-    if not _made_with(_student, "model.safetensors")(cfg):
-        return False
-    try:
-        return trained_cache_fingerprint(_student(cfg)) == CacheReader(str(_cache(cfg))).view.fingerprint
-    except QadpipeError:   # no readable cache: distill runs, and says why
-        return False
+    return (_made_with(_student, "model.safetensors")(cfg)
+            and trained_cache_fingerprint(_student(cfg)) == _cache_fingerprint(cfg))
+
+
+#: Sections a student does not depend on: another export or eval setting keeps it.
+_NOT_TRAINED_ON = ("export", "eval")
+
+
+def _move_aside_another_run(cfg: PipelineConfig) -> None:
+    """``distill --resume`` continues what distill.output_dir holds, and refuses a run there
+    made from another cache or recipe; the demo's own earlier run is then moved aside (never
+    deleted) and the student trained afresh."""
+    from qadpipe.config import config_to_dict
+    from qadpipe.distill.checkpoint import latest_checkpoint
+    from qadpipe.provenance import RUN_FILE, read_run_record
+
+    out = Path(cfg.distill.output_dir)
+    made = out / "final" if (out / "final" / RUN_FILE).is_file() else latest_checkpoint(out)
+    record = read_run_record(made) if made is not None else None
+    if not record or not isinstance(record.get("config"), dict):
+        return   # nothing trained yet, or a record distill itself will name
+    now = config_to_dict(cfg)
+    recipe = [section for section in now if section not in _NOT_TRAINED_ON
+              and record["config"].get(section) != now[section]]
+    reason = (f"with other {', '.join(recipe)} settings" if recipe else
+              "on other cache contents" if record.get("cache_fingerprint") != _cache_fingerprint(cfg) else None)
+    if reason:
+        aside = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        out.rename(aside)
+        click.echo(f"      {out} was trained {reason}; moved to {aside}")
 
 
 def _cache(cfg: PipelineConfig) -> Path:
@@ -78,6 +118,14 @@ def _eval(cfg: PipelineConfig) -> Path:
     return Path(cfg.eval.output_dir)
 
 
+def _student_weights(cfg: PipelineConfig) -> Path:
+    return _student(cfg) / "model.safetensors"
+
+
+def _export_config(cfg: PipelineConfig) -> Path:
+    return _export(cfg) / "config.json"
+
+
 def _stage(*args: str) -> Callable[[PipelineConfig, list[str]], list[str]]:
     return lambda cfg, common: ["-m", "qadpipe.cli", *args, *common]
 
@@ -87,12 +135,12 @@ STEPS = (
     DemoStep("generate", _stage("generate"), _cache, lambda cfg: False,
              "the teacher (vLLM on CPU) answers the bundled prompts and caches its top-k log-probs"),
     DemoStep("distill", _stage("distill", "--resume"), _student, _trained_on_this_cache,
-             "the fake-quantized student trains on the cache (PTQ baseline first)", redoes_later=True),
-    DemoStep("export", _stage("export"), _export, _made_with(_export, "config.json"),
-             "the student is written as a compressed-tensors checkpoint", redoes_later=True),
+             "the fake-quantized student trains on the cache (PTQ baseline first)", _move_aside_another_run),
+    DemoStep("export", _stage("export"), _export, _made_with(_export, "config.json", _student_weights),
+             "the student is written as a compressed-tensors checkpoint"),
     DemoStep("serve", lambda cfg, common: ["-m", "qadpipe.export.serve_check", str(_export(cfg))], _export,
              lambda cfg: False, "vLLM (CPU) loads the export and answers one prompt"),
-    DemoStep("eval", _stage("eval"), _eval, _made_with(_eval, "report.md"),
+    DemoStep("eval", _stage("eval"), _eval, _made_with(_eval, "report.md", _student_weights, _export_config),
              "teacher vs PTQ vs QAD on the cache's held-out rows"),
 )
 
@@ -101,14 +149,13 @@ def run_demo(cfg: PipelineConfig, config_path: str, overrides: tuple[str, ...]) 
     """Run every step in order; stop at the first that fails, saying which and why."""
     common = ["-c", config_path, *(arg for item in overrides for arg in ("--set", item))]
     started = time.perf_counter()
-    stale = False
     for index, step in enumerate(STEPS, 1):
         header = f"[{index}/{len(STEPS)}] {step.name}: {step.what}"
-        if not stale and step.done(cfg):
+        if step.done(cfg):
             click.echo(f"{header}\n      already done with this config -> {step.output(cfg)} (delete it to redo)")
             continue
-        stale = stale or step.redoes_later
         click.echo(header, err=False)
+        step.prepare(cfg)
         step_start = time.perf_counter()
         code = subprocess.call([sys.executable, *step.command(cfg, common)])
         if code != 0:

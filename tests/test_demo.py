@@ -12,6 +12,7 @@ import qadpipe.demo as demo
 from cache_rows import cache_meta, random_rows, write_cache
 from qadpipe.cache import CacheReader
 from qadpipe.config import load_config
+from qadpipe.errors import QadpipeError
 from qadpipe.demo import STEPS
 from qadpipe.provenance import save_run_record
 
@@ -68,6 +69,28 @@ def test_a_student_of_a_regenerated_cache_is_not_done(tmp_path: Path) -> None:
     assert not distill.done(made)               # no cache: distill runs and says so
 
 
+def _run_demo(tmp_path: Path, monkeypatch, made, serve_exit: int = 0) -> list[str]:
+    """run_demo with each step's subprocess replaced by writing its output (marker and run
+    record, as the stage would); the names of the steps that ran."""
+    ran = []
+    commands = {tuple(step.command(made, ["-c", "demo.yaml"])): step.name for step in STEPS}
+
+    def call(argv: list[str]) -> int:
+        name = commands[tuple(argv[1:])]
+        ran.append(name)
+        if name in OUTPUTS:
+            directory, marker = OUTPUTS[name]
+            (tmp_path / directory).mkdir(parents=True, exist_ok=True)
+            (tmp_path / directory / marker).write_text(f"made by this run of {name}")
+            save_run_record(made, name, tmp_path / directory,
+                            cache_fingerprint=CacheReader(str(tmp_path / "cache")).view.fingerprint)
+        return serve_exit if name == "serve" else 0
+
+    monkeypatch.setattr(demo.subprocess, "call", call)
+    demo.run_demo(made, "demo.yaml", ())
+    return ran
+
+
 @pytest.mark.parametrize("redone,expected", [
     ("student/final", ["generate", "distill", "export", "serve", "eval"]),
     ("export", ["generate", "export", "serve", "eval"]),
@@ -80,8 +103,36 @@ def test_what_a_step_that_ran_made_is_followed_through_to_the_report(tmp_path, m
     _finish_every_step(tmp_path, made)
     if redone:
         shutil.rmtree(tmp_path / redone)
-    ran = []
-    commands = {tuple(step.command(made, ["-c", "demo.yaml"])): step.name for step in STEPS}
-    monkeypatch.setattr(demo.subprocess, "call", lambda argv: ran.append(commands[tuple(argv[1:])]) or 0)
-    demo.run_demo(made, "demo.yaml", ())
-    assert ran == expected
+    assert _run_demo(tmp_path, monkeypatch, made) == expected
+
+
+def test_an_interrupted_demo_still_follows_what_ran_through_to_the_report(tmp_path, monkeypatch):
+    made = _config(tmp_path)
+    _finish_every_step(tmp_path, made)
+    shutil.rmtree(tmp_path / "student")
+    with pytest.raises(QadpipeError, match="demo step 'serve' failed"):
+        _run_demo(tmp_path, monkeypatch, made, serve_exit=1)
+    assert _run_demo(tmp_path, monkeypatch, made) == ["generate", "serve", "eval"]
+    assert (tmp_path / "eval" / "report.md").read_text() == "made by this run of eval"
+
+
+def test_a_student_of_another_cache_is_moved_aside_and_trained_afresh(tmp_path, monkeypatch, capsys):
+    """distill --resume refuses a run trained on other cache contents; the demo's own old run
+    is kept under another name, not deleted."""
+    made = _config(tmp_path)
+    _finish_every_step(tmp_path, made)
+    _write_cache(tmp_path, seed=1)
+    assert _run_demo(tmp_path, monkeypatch, made) == ["generate", "distill", "export", "serve", "eval"]
+    aside = list(tmp_path.glob("student.replaced-*"))
+    assert len(aside) == 1 and (aside[0] / "final" / "model.safetensors").read_text() == "x"
+    assert "was trained on other cache contents; moved to" in capsys.readouterr().out
+    assert (tmp_path / "student" / "final" / "model.safetensors").read_text() == "made by this run of distill"
+
+
+def test_a_student_of_another_recipe_is_moved_aside_but_not_for_another_eval(tmp_path, monkeypatch, capsys):
+    made = _config(tmp_path)
+    _finish_every_step(tmp_path, made)
+    assert _run_demo(tmp_path, monkeypatch, _config(tmp_path, "eval.max_sequences=3"))[:2] == ["generate", "distill"]
+    assert not list(tmp_path.glob("student.replaced-*"))   # distill --resume takes another eval setting
+    assert "distill" in _run_demo(tmp_path, monkeypatch, _config(tmp_path, "quant.preset=nvfp4_a16"))
+    assert "was trained with other quant settings; moved to" in capsys.readouterr().out

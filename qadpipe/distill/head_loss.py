@@ -190,7 +190,7 @@ class _FusedHeadLoss(torch.autograd.Function):
         want_hidden = hidden.requires_grad
         grad_hidden = torch.zeros_like(hidden) if want_hidden else None
         grad_params = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-        linear = type(head) is nn.Linear
+        linear = _is_plain_linear(head, params)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_tokens):
             end = min(start + chunk_tokens, hidden.shape[0])
@@ -230,6 +230,19 @@ class _FusedHeadLoss(torch.autograd.Function):
             grad_hidden = (stored_hidden.float() * grad_out).to(stored_hidden.dtype)
         grad_params = [g.mul_(grad_out).to(dtype) for g, dtype in zip(stored_params, ctx.param_dtypes)]
         return (grad_hidden, None, None, None, *grad_params)
+
+
+def _is_plain_linear(head: nn.Module, params: tuple[torch.Tensor, ...]) -> bool:
+    """Whether ``head(x)`` is exactly ``F.linear(x, head.weight, head.bias)`` and those are what
+    trains: an ``nn.Linear`` with no hook, no replaced forward and no reparametrized weight
+    (``weight_norm`` trains ``weight_g``/``weight_v``), so :func:`_add_linear_grads` may compute
+    its gradients by hand."""
+    from torch.nn.modules import module
+
+    hooks = (head._forward_hooks, head._forward_pre_hooks, module._global_forward_hooks,
+             module._global_forward_pre_hooks)
+    return (type(head) is nn.Linear and "forward" not in head.__dict__ and not any(hooks)
+            and all(p is head.weight or p is head.bias for p in params))
 
 
 def _add_linear_grads(head: nn.Linear, params: tuple[torch.Tensor, ...], accumulators: list[torch.Tensor],

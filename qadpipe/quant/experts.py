@@ -11,9 +11,9 @@ quantized GEMM per expert:
 
 * row-local formats (int and ternary per group or channel, MXFP4/MXFP8) are computed on all
   experts at once -- a row's codes do not depend on its expert;
-* a format with a tensor-level range (NVFP4's global scale, FP8 per tensor) gets one range
-  per expert, the gate and up halves of an expert sharing it (vLLM fuses them into one GEMM,
-  see :data:`qadpipe.quant.recipe.FUSED_SIBLINGS`); the per-tensor function runs batched over
+* a format with a tensor-level range (NVFP4's global scale) gets one range per expert, the
+  gate and up halves of an expert sharing it (vLLM fuses them into one GEMM, see
+  :data:`qadpipe.quant.recipe.FUSED_SIBLINGS`); the per-tensor function runs batched over
   the experts (``torch.vmap``, see :func:`qadpipe.quant.compiled.over_slices`), not in a
   Python loop launching every kernel once per expert.
 

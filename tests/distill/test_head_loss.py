@@ -254,3 +254,31 @@ def test_a_linear_head_adds_each_chunk_gradient_into_one_fp32_tensor(autocast):
     tolerance = dict(rtol=2e-2, atol=2e-3) if autocast else dict(rtol=1e-5, atol=1e-6)
     for got, want in zip(fused, general):
         torch.testing.assert_close(got, want, **tolerance)
+
+
+def _weight_normed(head: nn.Linear) -> nn.Module:
+    return torch.nn.utils.weight_norm(head)
+
+
+def _output_doubled(head: nn.Linear) -> nn.Module:
+    head.register_forward_hook(lambda module, inputs, output: output * 2)
+    return head
+
+
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
+@pytest.mark.parametrize("change", [_weight_normed, _output_doubled], ids=["weight_norm", "forward-hook"])
+def test_a_linear_whose_output_is_not_its_weight_times_x_takes_the_general_path(change):
+    """Still an nn.Linear, but the weight trains through weight_g/weight_v, or a hook changes
+    the logits: the hand-computed gradient would be zero or half the true one."""
+    gen = torch.Generator().manual_seed(11)
+    targets, _ = make_targets("topk", gen)
+    head = change(nn.Linear(D, V, bias=True))
+    hidden = torch.randn(N, D, generator=gen, requires_grad=True)
+    total, _ = head_loss(hidden, head, targets, LossSpec(), 7)
+    total.backward()
+    got = [hidden.grad.clone()] + [p.grad.clone() for p in head.parameters()]
+    hidden.grad = None
+    head.zero_grad()
+    naive(hidden, head, targets, LossSpec(), None).backward()
+    for a, b in zip(got, [hidden.grad] + [p.grad for p in head.parameters()]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -14,6 +14,7 @@ import dataclasses
 import pytest
 import torch
 
+import qadpipe.quant.compiled as compiled_module
 from qadpipe.quant.compiled import (
     checked_fake_quant_forward, compiled_fake_quant_forward, eager_fake_quant_forward, fake_quant_forward,
     forward_for,
@@ -67,10 +68,14 @@ def _slices(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     return x, x.abs().amax(dim=(1, 2)).float()
 
 
+@pytest.mark.parametrize("batch", [None, 3], ids=["one-batch", "batches-of-3"])
 @pytest.mark.parametrize("clipped", [False, True])
 @pytest.mark.parametrize("spec", list(PER_TENSOR_RANGE.values()), ids=list(PER_TENSOR_RANGE))
-def test_per_slice_forward_equals_a_loop_over_slices(spec, clipped):
-    """The vmap'd forward against the plain per-tensor one called slice by slice."""
+def test_per_slice_forward_equals_a_loop_over_slices(spec, clipped, batch, monkeypatch):
+    """The vmap'd forward against the plain per-tensor one called slice by slice (all 7
+    slices in one call, or in eager's element-bounded batches: 3 + 3 + 1)."""
+    if batch:
+        monkeypatch.setattr(compiled_module, "EAGER_SLICE_BATCH_ELEMENTS", batch * 8 * 256)
     for dtype in (torch.bfloat16, torch.float32):
         x, amax = _slices(dtype)
         got, got_mask = eager_fake_quant_forward(spec, clipped, per_slice=True)(x, amax)
@@ -165,7 +170,6 @@ SPEC_G32 = dataclasses.replace(PRESETS["w4a16_int"].weight, group_size=32)
 def checked_forward_compiled_by(monkeypatch, compile_stand_in):
     """``checked_fake_quant_forward`` for INT4 g32, built on ``compile_stand_in`` in place of
     torch.compile (the cached forwards cleared before and after, so no other test sees it)."""
-    import qadpipe.quant.compiled as compiled_module
 
     monkeypatch.setattr(compiled_module.torch, "compile", compile_stand_in)
     compiled_fake_quant_forward.cache_clear()
