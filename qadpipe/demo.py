@@ -74,16 +74,14 @@ def _trained_on_this_cache(cfg: PipelineConfig) -> bool:
             and trained_cache_fingerprint(_student(cfg)) == _cache_fingerprint(cfg))
 
 
-#: Sections a student does not depend on: another export or eval setting keeps it.
-_NOT_TRAINED_ON = ("export", "eval")
-
-
 def _move_aside_another_run(cfg: PipelineConfig) -> None:
     """``distill --resume`` continues what distill.output_dir holds, and refuses a run there
     made from another cache or recipe; the demo's own earlier run is then moved aside (never
-    deleted) and the student trained afresh."""
-    from qadpipe.config import config_to_dict
+    deleted) and the student trained afresh.  What a resume may change (the trainer's
+    ``RESUMABLE_CHANGES``: max_steps, lr, ...) and the export and eval settings keep it."""
+    from qadpipe.config import config_to_dict, flatten_config
     from qadpipe.distill.checkpoint import latest_checkpoint
+    from qadpipe.distill.trainer import RESUMABLE_CHANGES
     from qadpipe.provenance import RUN_FILE, read_run_record
 
     out = Path(cfg.distill.output_dir)
@@ -91,10 +89,11 @@ def _move_aside_another_run(cfg: PipelineConfig) -> None:
     record = read_run_record(made) if made is not None else None
     if not record or not isinstance(record.get("config"), dict):
         return   # nothing trained yet, or a record distill itself will name
-    now = config_to_dict(cfg)
-    recipe = [section for section in now if section not in _NOT_TRAINED_ON
-              and record["config"].get(section) != now[section]]
-    reason = (f"with other {', '.join(recipe)} settings" if recipe else
+    then = flatten_config(record["config"])
+    recipe = [key for key, value in flatten_config(config_to_dict(cfg)).items()
+              if key.split(".")[0] not in ("export", "eval") and key not in RESUMABLE_CHANGES
+              and then.get(key) != value]
+    reason = (f"with other settings ({', '.join(recipe[:3])})" if recipe else
               "on other cache contents" if record.get("cache_fingerprint") != _cache_fingerprint(cfg) else None)
     if reason:
         aside = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")

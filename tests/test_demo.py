@@ -129,10 +129,11 @@ def test_a_student_of_another_cache_is_moved_aside_and_trained_afresh(tmp_path, 
     assert (tmp_path / "student" / "final" / "model.safetensors").read_text() == "made by this run of distill"
 
 
-def test_a_student_of_another_recipe_is_moved_aside_but_not_for_another_eval(tmp_path, monkeypatch, capsys):
+def test_a_student_of_another_recipe_is_moved_aside_not_one_a_resume_continues(tmp_path, monkeypatch, capsys):
     made = _config(tmp_path)
     _finish_every_step(tmp_path, made)
-    assert _run_demo(tmp_path, monkeypatch, _config(tmp_path, "eval.max_sequences=3"))[:2] == ["generate", "distill"]
-    assert not list(tmp_path.glob("student.replaced-*"))   # distill --resume takes another eval setting
+    for resumable in ("eval.max_sequences=3", "distill.max_steps=70"):   # distill --resume takes these
+        assert _run_demo(tmp_path, monkeypatch, _config(tmp_path, resumable))[:2] == ["generate", "distill"]
+        assert not list(tmp_path.glob("student.replaced-*"))
     assert "distill" in _run_demo(tmp_path, monkeypatch, _config(tmp_path, "quant.preset=nvfp4_a16"))
-    assert "was trained with other quant settings; moved to" in capsys.readouterr().out
+    assert "was trained with other settings (quant.preset); moved to" in capsys.readouterr().out
