@@ -136,8 +136,7 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     root = Path(output_dir) / CHECKPOINT_DIR
     pointer = root / LATEST
     if not pointer.is_file():
-        steps = sorted(path for path in root.glob("step-*")
-                       if all((path / required).is_file() for required in (MODEL_FILE, STATE_FILE)))
+        steps = sorted(path for path in root.glob("step-*") if not _missing_file(path))
         if steps:
             log.warning("%s is missing; the newest complete checkpoint there is %s", pointer, steps[-1].name)
         return steps[-1] if steps else None
@@ -145,10 +144,15 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     if not name.startswith("step-") or "/" in name or name in (".", ".."):
         raise DistillError(f"{pointer}: expected a step directory name, got {name!r}")
     path = root / name
-    for required in (MODEL_FILE, STATE_FILE):
-        if not (path / required).is_file():
-            raise DistillError(f"{path}: checkpoint named by LATEST lacks {required}")
+    missing = _missing_file(path)
+    if missing:
+        raise DistillError(f"{path}: checkpoint named by LATEST lacks {missing}")
     return path
+
+
+def _missing_file(path: Path) -> str | None:
+    """The first file a checkpoint needs that ``path`` lacks (None: it has them all)."""
+    return next((required for required in (MODEL_FILE, STATE_FILE) if not (path / required).is_file()), None)
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], TrainerState]:
