@@ -77,11 +77,12 @@ def _trained_on_this_cache(cfg: PipelineConfig) -> bool:
 def _move_aside_another_run(cfg: PipelineConfig) -> None:
     """``distill --resume`` continues what distill.output_dir holds, and refuses a run there
     made from another cache or recipe; the demo's own earlier run is then moved aside (never
-    deleted) and the student trained afresh.  What a resume may change (the trainer's
-    ``RESUMABLE_CHANGES``: max_steps, lr, ...) and the export and eval settings keep it."""
-    from qadpipe.config import config_to_dict, flatten_config
+    deleted) and the student trained afresh.  The test is the trainer's own
+    (:mod:`qadpipe.distill.same_run`), so what a resume may change (max_steps, lr, ...) keeps
+    the run.  The one field it cannot judge without loading the student,
+    ``quant.moe_experts``, counts: an MoE run is never kept that --resume would refuse."""
     from qadpipe.distill.checkpoint import latest_checkpoint
-    from qadpipe.distill.trainer import RESUMABLE_CHANGES
+    from qadpipe.distill.same_run import distill_reads, unresumable_changes
     from qadpipe.provenance import RUN_FILE, read_run_record
 
     out = Path(cfg.distill.output_dir)
@@ -89,10 +90,8 @@ def _move_aside_another_run(cfg: PipelineConfig) -> None:
     record = read_run_record(made) if made is not None else None
     if not record or not isinstance(record.get("config"), dict):
         return   # nothing trained yet, or a record distill itself will name
-    then = flatten_config(record["config"])
-    recipe = [key for key, value in flatten_config(config_to_dict(cfg)).items()
-              if key.split(".")[0] not in ("export", "eval") and key not in RESUMABLE_CHANGES
-              and then.get(key) != value]
+    recipe = unresumable_changes(record["config"], cfg, lambda key: distill_reads(
+        key, teacher_in_loop=cfg.distill.mode == "online", tokens_from_data=False))
     reason = (f"with other settings ({', '.join(recipe[:3])})" if recipe else
               "on other cache contents" if record.get("cache_fingerprint") != _cache_fingerprint(cfg) else None)
     if reason:

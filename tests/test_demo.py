@@ -132,7 +132,8 @@ def test_a_student_of_another_cache_is_moved_aside_and_trained_afresh(tmp_path, 
 def test_a_student_of_another_recipe_is_moved_aside_not_one_a_resume_continues(tmp_path, monkeypatch, capsys):
     made = _config(tmp_path)
     _finish_every_step(tmp_path, made)
-    for resumable in ("eval.max_sequences=3", "distill.max_steps=70"):   # distill --resume takes these
+    # distill --resume takes these: resumable fields, and those a run from a cache does not read
+    for resumable in ("eval.max_sequences=3", "distill.max_steps=70", "generate.temperature=0.5"):
         assert _run_demo(tmp_path, monkeypatch, _config(tmp_path, resumable))[:2] == ["generate", "distill"]
         assert not list(tmp_path.glob("student.replaced-*"))
     assert "distill" in _run_demo(tmp_path, monkeypatch, _config(tmp_path, "quant.preset=nvfp4_a16"))

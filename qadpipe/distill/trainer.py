@@ -47,6 +47,7 @@ from qadpipe.distill.collate import Batch, collate
 from qadpipe.distill.head_loss import STAT_KEYS, LossSpec, PositionTargets, split_lm, summarize
 from qadpipe.distill.loader import TargetLoader
 from qadpipe.distill.optim import adamw, no_decay_names
+from qadpipe.distill.same_run import RESUMABLE_CHANGES, distill_reads, unresumable_changes
 from qadpipe.distill.observe import METRICS_FILE, TENSORBOARD_DIR, MetricsLog, peak_memory_gib
 from qadpipe.distill.schedule import lr_multiplier
 from qadpipe.distill.student import (FINAL_DIR, PTQ_DIR, StudentLoss, build_student, enable_activation_checkpointing,
@@ -426,21 +427,17 @@ class DistillRecipe:
     def _check_same_run(self, path: Path, student: torch.nn.Module) -> dict[str, Any]:
         """Refuse to continue a checkpoint that another recipe wrote: a stale run's checkpoint
         in the same output_dir would otherwise be resumed on other data or another recipe.
-        Of the fields this run reads (:meth:`_reads`), only the schedule-and-bookkeeping ones
-        (RESUMABLE_CHANGES) may differ; the other stages' settings in a shared YAML may change
-        freely.  A field the checkpoint's qadpipe predates counts as what that version did (its
-        default, or :func:`~qadpipe.config.recorded_config`'s value); ``quant.moe_experts`` matters
-        only to a student with MoE experts.  Returns the checkpoint's flattened config."""
-        from qadpipe.config import build_config, config_to_dict, flatten_config, recorded_config
+        Of the fields this run reads, only RESUMABLE_CHANGES may differ (see
+        :mod:`qadpipe.distill.same_run`); ``quant.moe_experts`` matters only to a student with
+        MoE experts.  Returns the checkpoint's flattened config."""
+        from qadpipe.config import flatten_config, recorded_config
         from qadpipe.distill.student import recorded_run_config
 
         recorded = recorded_run_config(path)
         saved = flatten_config(recorded_config(recorded))
-        defaults = flatten_config(config_to_dict(build_config({})))
-        changed = [key for key, value in flatten_config(config_to_dict(self.config)).items()
-                   if self._reads(key) and key not in RESUMABLE_CHANGES
-                   and saved.get(key, defaults.get(key)) != value
-                   and not (key == "quant.moe_experts" and not has_fused_experts(student))]
+        experts = has_fused_experts(student)
+        changed = unresumable_changes(recorded, self.config, lambda key: self._reads(key) and (
+            experts or key != "quant.moe_experts"))
         if changed:
             written = flatten_config(recorded)
             predated = [key for key in changed if key in saved and key not in written]
@@ -466,16 +463,9 @@ class DistillRecipe:
                          "at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "changed": changed}]
 
     def _reads(self, key: str) -> bool:
-        """Whether config field ``key`` can change what this run trains.  The cache's settings
-        are not among them (its contents are fingerprinted instead), nor generate's, eval's or
-        export's; the teacher's only with a teacher in the loop, the data's only when the
-        tokens come from data.source rather than a cache."""
-        section = key.partition(".")[0]
-        if section in ("model", "quant", "distill"):
-            return True
-        if section == "teacher":
-            return self._needs_teacher() and key in ("teacher.path", "teacher.dtype", "teacher.fp32_head")
-        return section == "data" and self.target_kind is None
+        """Whether config field ``key`` can change what this run trains (see
+        :func:`~qadpipe.distill.same_run.distill_reads`)."""
+        return distill_reads(key, teacher_in_loop=self._needs_teacher(), tokens_from_data=self.target_kind is None)
 
     def _restore_state(self, path: Path, state: TrainerState) -> None:
         saved_decay = [group["weight_decay"] for group in state.optimizer["param_groups"]]
@@ -803,18 +793,6 @@ class TeacherHead(torch.nn.Module):
 #: only a gentler update gets past the step.
 RECOVER_FROM_NAN = ("lower distill.lr (or set distill.max_grad_norm) and --resume from it, or check the cache for "
                     "broken targets")
-
-#: Fields a resumed run may change among those it reads: when to stop, log, evaluate and
-#: save, where the run lives, how much memory a step takes (the knobs a run that ran out of
-#: memory is resumed with; pack_length only lays out the rows each micro-batch already holds),
-#: and the lr and clipping (those a run that diverged is resumed with).  A moved cache is
-#: recognised by its fingerprint, not its path.
-RESUMABLE_CHANGES = frozenset({"distill.max_steps", "distill.lr", "distill.max_grad_norm",
-                               "distill.log_every", "distill.eval_every", "distill.save_every",
-                               "distill.save", "distill.activation_checkpointing", "distill.loss_chunk_tokens",
-                               "distill.pack_length", "distill.prefetch_batches", "distill.tensorboard",
-                               "distill.device", "distill.output_dir"})
-
 
 #: What distill writes into its output_dir (and hidden staging names, see remove_stale_temps).
 OUTPUT_ENTRIES = frozenset({CHECKPOINT_DIR, FINAL_DIR, PTQ_DIR, METRICS_FILE, RUN_FILE, TENSORBOARD_DIR})
