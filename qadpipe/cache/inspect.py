@@ -32,7 +32,8 @@ def summarize(root: str, *, rehash: bool = False) -> dict:
         for shard in task.shards:
             problem = shard_problem(store, shard, rehash=rehash)
             shards.append({"name": shard.name, "task": task.task, "rows": shard.rows, "tokens": shard.tokens,
-                           "bytes": shard.bytes, "state": problem or (VERIFIED if rehash else UNHASHED)})
+                           "longest_row": shard.longest_row, "bytes": shard.bytes,
+                           "state": problem or (VERIFIED if rehash else UNHASHED)})
     columns = _statistics_columns(meta)
     values: dict[str, list[np.ndarray]] = {column: [] for column in columns}
     for shard, info in zip(view.shards, shards):
@@ -61,6 +62,8 @@ def summarize(root: str, *, rehash: bool = False) -> dict:
         "tasks": {"present": [task.task for task in view.tasks], "missing": view.missing_tasks,
                   "incomplete": view.incomplete_tasks},
         "rows": sum(s["rows"] for s in shards), "tokens": tokens, "bytes": total_bytes,
+        # the smallest distill.pack_length that packs every row; null when a manifest predates the field
+        "longest_row": None if any(s["longest_row"] is None for s in shards) else max(s["longest_row"] for s in shards),
         "bytes_per_token": total_bytes / tokens if tokens else None,
         "targets": _target_statistics(meta, {c: np.concatenate(v) for c, v in values.items() if v}),
         "shards": shards,
@@ -103,6 +106,8 @@ def render(summary: dict) -> str:
         f"tasks       {_tasks_line(s['tasks'])}",
         f"rows        {s['rows']}{_in_bad_shards(s, 'rows')}",
         f"tokens      {s['tokens']} target positions{_in_bad_shards(s, 'tokens')}",
+        f"longest row {s['longest_row']} input tokens (the least distill.pack_length)" if s["longest_row"] is not None
+        else "longest row not recorded (manifests written before qadpipe recorded it)",
         f"on disk     {s['bytes'] / 2**20:.2f} MiB, {s['bytes_per_token'] or 0:.1f} bytes/token"
         + (" (as the manifests list them)" if s["bad_shards"] else ""),
     ]

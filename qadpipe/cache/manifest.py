@@ -34,6 +34,9 @@ class ShardEntry:
     tokens: int      # target positions
     bytes: int
     sha256: str
+    #: input tokens of the shard's longest row: distill checks its pack_length against it
+    #: before training (None in manifests written before qadpipe recorded it).
+    longest_row: int | None = None
 
 
 @dataclass
@@ -117,11 +120,11 @@ def _shard_entry(raw: object, source: str) -> ShardEntry:
         entry = ShardEntry(**raw)  # type: ignore[arg-type]
     except TypeError as exc:
         raise CacheError(f"{source}: malformed shard entry {raw!r}") from exc
-    counts = (entry.rows, entry.tokens, entry.bytes)
+    counts = (entry.rows, entry.tokens, entry.bytes, 0 if entry.longest_row is None else entry.longest_row)
     if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts) \
             or not isinstance(entry.name, str) or not isinstance(entry.sha256, str):
         raise CacheError(f"{source}: malformed shard entry {raw!r}: expected a string name and sha256 and "
-                         "non-negative integer rows, tokens and bytes")
+                         "non-negative integer rows, tokens, bytes and longest_row (or no longest_row)")
     prefix, _, base = entry.name.partition("/")
     if prefix != SHARD_DIR or not _SAFE_NAME.fullmatch(base) or ".." in base or not base.endswith(".parquet"):
         raise CacheError(

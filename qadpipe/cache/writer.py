@@ -166,7 +166,8 @@ class CacheWriter:
         tokens = sum(row.num_target_rows for row in self._buffer)
         rows = len(self._buffer)
         updated = self._with_manifest(ShardEntry(name=name, rows=rows, tokens=tokens, bytes=len(data),
-                                                 sha256=hashlib.sha256(data).hexdigest()))
+                                                 sha256=hashlib.sha256(data).hexdigest(),
+                                                 longest_row=max(len(row.input_ids) for row in self._buffer)))
         self._write_manifest(updated)
         # All bookkeeping of the commit in one assignment, which no signal handler (a second
         # Ctrl-C's KeyboardInterrupt) can split: retried after a partial update, the flush in

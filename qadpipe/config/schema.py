@@ -259,7 +259,8 @@ class DistillConfig:
     prefetch_batches: int = opt(2, "micro-batches read and collated ahead by a background thread, pinned "
                                 "for the GPU (0 = read in the training loop)", ge=0)
     pack_length: Optional[int] = opt(None,
-        "pack each micro-batch's rows into windows of this many tokens (null = pad each row)", ge=2)
+        "pack each micro-batch's rows into windows of this many tokens (null = pad each row); at least the "
+        "cache's longest row (qadpipe inspect)", ge=2)
     tensorboard: bool = opt(False, "also write TensorBoard events (needs the tensorboard package)")
 
     def validate(self) -> Optional[str]:

@@ -180,6 +180,7 @@ class DistillRecipe:
         # Tokenizer and cache first: a cache that does not fit refuses before any model loads.
         self.tokenizer = self._load_tokenizer()
         self.source, self.target_kind = self._open_source()
+        self._check_rows_fit_packing()
         self.loader = TargetLoader(self.source, self._collate_train, batch_size=cfg.batch_size, seed=cfg.seed,
                                    rank=self.env.rank, world_size=self.env.world_size,
                                    shuffle_buffer=cfg.shuffle_buffer, holdout_rows=cfg.eval_rows,
@@ -283,6 +284,26 @@ class DistillRecipe:
         if self.cfg.mode == "online":
             log.info("online mode: tokens from the cache at %s (its targets only score the held-out rows)", path)
         return reader, kind
+
+    def _check_rows_fit_packing(self) -> None:
+        """Refuse a pack_length below the longest row now, not when the row is met hours into
+        the run: the manifests record each shard's longest row (those written before qadpipe
+        recorded it leave the check to collation), online rows from data.source are at hand."""
+        limit = self.cfg.pack_length
+        if limit is None:
+            return
+        view = getattr(self.source, "view", None)
+        if view is None:
+            row = max(self.source.rows, key=lambda row: len(row.input_ids))
+            length, what = len(row.input_ids), f"data.source row {row.id!r} has"
+        elif all(shard.longest_row is not None for shard in view.shards):
+            shard = max(view.shards, key=lambda entry: entry.longest_row)
+            length, what = shard.longest_row, f"{self.config.cache.path}: shard {shard.name} holds a row of"
+        else:
+            return
+        if length > limit:
+            raise DistillError(f"{what} {length} tokens, more than distill.pack_length={limit}; set pack_length to "
+                               f"at least {length}, or to null (pad instead of pack)")
 
     def _data_source(self) -> DataSource:
         from qadpipe.data.loader import load_sequences

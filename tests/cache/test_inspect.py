@@ -27,6 +27,8 @@ def test_inspect_report_and_json(tmp_path):
     data = json.loads(CliRunner().invoke(cli, ["inspect", str(tmp_path), "--json", "--verify"]).output)
     tails = np.concatenate([tail_mass_from_logprobs(r.topk_logprobs) for r in rows])
     assert data["tokens"] == tails.size and data["rows"] == 5
+    assert data["longest_row"] == max(len(r.input_ids) for r in rows)
+    assert f"longest row {data['longest_row']} input tokens" in result.output
     assert data["k"] == 8 and data["num_samples"] is None   # a top-k cache has no draws
     assert data["targets"]["tail_mass_mean"] == np.float64(tails.mean())
     assert data["targets"]["tail_mass_p50"] == np.percentile(tails, 50)

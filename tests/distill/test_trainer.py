@@ -4,6 +4,8 @@ its modes mean what they say, and every bad input is one line with exit code 2."
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -575,7 +577,6 @@ def test_a_fresh_run_into_a_previous_runs_directory_is_refused_and_changes_nothi
 def test_an_output_dir_of_other_files_is_refused_and_changes_nothing(peaky_llama_dir, topk_cache, tmp_path):
     """A model directory (or an export, or any folder of the user's) as distill.output_dir:
     checkpoints/, final/ and ptq/ would be mixed into it."""
-    import shutil
 
     model_copy = tmp_path / "model"
     shutil.copytree(peaky_llama_dir, model_copy)
@@ -586,7 +587,6 @@ def test_an_output_dir_of_other_files_is_refused_and_changes_nothing(peaky_llama
 
 
 def test_resume_follows_a_moved_run_but_refuses_a_regenerated_cache(peaky_llama_dir, tmp_path):
-    import shutil
 
     from distill_fixtures import make_cache
 
@@ -657,6 +657,38 @@ def test_resume_takes_new_memory_knobs_and_a_checkpoint_older_than_a_field(peaky
     line = one_line_error(distill(peaky_llama_dir, topk_cache, tmp_path, "distill.max_steps=4",
                                   "distill.trainable=quant", resume=True))
     assert "another config (distill.trainable differ)" in line
+
+
+def test_a_pack_length_below_the_longest_row_is_refused_before_the_student_loads(peaky_llama_dir, topk_cache,
+                                                                                  tmp_path):
+    """The row stopped the run only when it was met, possibly hours in; the manifests now record
+    each shard's longest row.  A cache whose manifests predate that is still caught, at the row."""
+    from qadpipe.cache import CacheReader
+
+    reader = CacheReader(str(topk_cache))
+    longest = max(len(row.input_ids) for row in reader.iter_rows(0, reader.num_rows))
+    assert [shard.longest_row for shard in reader.view.shards] and longest > 1
+    out = tmp_path / "out"
+    line = one_line_error(distill(peaky_llama_dir, topk_cache, out, f"distill.pack_length={longest - 1}"))
+    assert re.fullmatch(rf"qadpipe: error: {re.escape(str(topk_cache))}: shard shards/task-\d+-\d+\.parquet holds a "
+                        rf"row of {longest} tokens, more than distill\.pack_length={longest - 1}; set pack_length to "
+                        rf"at least {longest}, or to null \(pad instead of pack\)", line), line
+    assert not (out / "ptq").exists()
+    assert distill(peaky_llama_dir, topk_cache, out, f"distill.pack_length={longest}",
+                   "distill.max_steps=1").exit_code == 0
+    old = tmp_path / "old-cache"
+    shutil.copytree(topk_cache, old)
+    for manifest in (old / "manifests").glob("*.json"):
+        raw = json.loads(manifest.read_text())
+        for shard in raw["shards"]:
+            del shard["longest_row"]
+        manifest.write_text(json.dumps(raw))
+    line = one_line_error(distill(peaky_llama_dir, old, tmp_path / "old-out", f"distill.pack_length={longest - 1}"))
+    assert f"tokens, more than distill.pack_length={longest - 1}" in line and "cache row" in line
+    line = one_line_error(distill(peaky_llama_dir, tmp_path / "no-cache", tmp_path / "online", "distill.mode=online",
+                                  "data.random.length=16", "distill.pack_length=15"))
+    assert re.fullmatch(r"qadpipe: error: data.source row '\S+' has 16 tokens, more than "
+                        r"distill.pack_length=15; .*", line), line
 
 
 def test_every_micro_batch_but_the_last_runs_its_backward_with_gradient_sync_off(peaky_llama_dir, topk_cache,

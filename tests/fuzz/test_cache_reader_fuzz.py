@@ -259,7 +259,8 @@ def test_truncated_resealed_shard_message_is_one_line(caches, tmp_path):
 
 
 @pytest.mark.parametrize("field,value", [("rows", None), ("name", None), ("bytes", "12"), ("rows", -1),
-                                         ("sha256", 7)])
+                                         ("sha256", 7), ("longest_row", "9"), ("longest_row", -1),
+                                         ("longest_row", True)])
 def test_wrongly_typed_shard_entry(caches, tmp_path, field, value):
     """Was TypeError (sum over None) or AttributeError (None.partition)."""
     root = shutil.copytree(caches[("topk", "compact")], tmp_path / "cache")
