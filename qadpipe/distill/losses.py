@@ -49,6 +49,12 @@ import torch
 
 #: Floor for the tail masses inside logs: a teacher (or student) that puts exactly 0 outside
 #: S would make the reverse direction infinite; 1e-8 is Megatron-LM's ghost-token epsilon.
+#: It also stops noise from setting the reverse-KL (and CAKLD) penalty on the student's mass
+#: off S: a cached tail is 1 − Σ exp(top-k log-probs), and an fp32 teacher's log-probs
+#: (logit minus a log-sum-exp of magnitude ~10-30) carry absolute errors of ~1e-7 or more, so
+#: a tail of 1e-10 or 1e-14 is not measured, and its log (-23 vs -32) would weigh that mass
+#: by rounding noise.  Forward KL and JSD barely notice: their tail terms are weighted by the
+#: tail itself (JSD's by the mixture, which the student's tail dominates).
 TAIL_EPS = 1e-8
 
 #: Rows whose student mass off S is below this sum that mass over the complement of S

@@ -295,7 +295,8 @@ def exact_quotient(numerator: Tensor | float, denominator: Tensor | float) -> Te
 
 
 def _store(scale: Tensor, dtype: torch.dtype) -> Tensor:
-    """Round an fp32 scale to its storage dtype; zeros become the dtype's smallest step."""
+    """Round a scale (fp32; fp64 for the ternary means) to its storage dtype; zeros become the
+    dtype's smallest step."""
     eps = torch.finfo(dtype).eps
     stored = round_to_storage(scale, dtype).to(dtype)
     return torch.where(stored == 0, torch.tensor(eps, dtype=dtype, device=scale.device), stored)

@@ -33,23 +33,29 @@ def ternary_codes(xg: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
     """``xg``: fp32 ``[..., G, n]`` groups -> (int8 codes like ``xg``, bf16 scale ``[..., G, 1]``)."""
     magnitude = xg.abs()
     if spec.kind is Kind.TWN:
-        delta = 0.7 * magnitude.mean(-1, keepdim=True)
-        keep = magnitude > delta
+        keep = magnitude > 0.7 * _mean(magnitude, xg.shape[-1])
         count = keep.sum(-1, keepdim=True).clamp(min=1)
-        scale = _store((magnitude * keep).sum(-1, keepdim=True) / count, spec.scale_dtype)
+        scale = _store(_mean(magnitude * keep, count), spec.scale_dtype)
         codes = torch.sign(xg) * keep
     elif spec.kind is Kind.ABSMEAN:
-        scale = _store(magnitude.mean(-1, keepdim=True), spec.scale_dtype)
+        scale = _store(_mean(magnitude, xg.shape[-1]), spec.scale_dtype)
         codes = torch.round(xg / scale.float()).clamp(-1, 1)
     elif spec.kind is Kind.SHERRY:
         keep = _n_of_m_mask(magnitude, *spec.sparsity)
         n_keep, m = spec.sparsity
-        kept_count = xg.shape[-1] * n_keep / m
-        scale = _store((magnitude * keep).sum(-1, keepdim=True) / kept_count, spec.scale_dtype)
+        scale = _store(_mean(magnitude * keep, xg.shape[-1] * n_keep / m), spec.scale_dtype)
         codes = torch.sign(xg) * keep
     else:
         raise ValueError(f"ternary_codes: {spec.kind} is not a ternary kind")
     return codes.to(torch.int8), scale
+
+
+def _mean(values: Tensor, count: Tensor | float) -> Tensor:
+    """Sum of the last dimension over ``count``, in fp64: an fp32 sum depends on the order it
+    is taken in, which differs between CPU and CUDA (and between kernels), and near a bf16
+    rounding boundary that changed the stored scale -- a student trained on one device and
+    exported on the other got another.  fp64's error is far below a bf16 step."""
+    return values.sum(-1, keepdim=True, dtype=torch.float64) / count
 
 
 def _n_of_m_mask(magnitude: Tensor, n: int, m: int) -> Tensor:

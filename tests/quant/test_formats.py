@@ -178,6 +178,43 @@ def test_ternary_hand_worked():
     assert sherry.codes.tolist() == [[1, -1, 0, 1]] and sherry.scale.item() == 2.0
 
 
+#: Groups whose exact scale lies just above a bf16 rounding boundary, reached only when the
+#: 4e-7s and 2e-7s count: summed into the 8.03s (6.02s) first, fp32 drops each of them (half
+#: an fp32 step there is 4.8e-7 (2.4e-7)).  ABSMEAN: the mean of all 16 is 1.0039063 > the
+#: 1.00390625 midpoint; Sherry keeps both big values and ten small ones (three of each four).
+_ORDER_SENSITIVE_GROUPS = {
+    Kind.ABSMEAN: [8.03125 - 2.0 ** -20] * 2 + [4e-7] * 14,
+    Kind.SHERRY: [6.0234375 - 2.0 ** -21, 2e-7, 2e-7, 0.0] * 2 + [2e-7, 2e-7, 2e-7, 0.0] * 2,
+}
+
+
+@pytest.mark.parametrize("kind", list(_ORDER_SENSITIVE_GROUPS))
+def test_ternary_scales_do_not_depend_on_the_summation_order(kind):
+    """CUDA and CPU sum a group in different orders; in fp32 the stored scale of these groups
+    was 1.0 in some orders and 1.0078125 in others, so a student trained on one device and
+    exported on the other could get another scale.  Reference: the exact mean (fractions) of
+    the values the format keeps, rounded to fp32 and then bf16, whatever the order."""
+    from fractions import Fraction
+    import random
+
+    group = torch.tensor(_ORDER_SENSITIVE_GROUPS[kind]).tolist()   # as fp32 values
+    exact = [Fraction(v) for v in group]
+    if kind is Kind.SHERRY:   # Sherry keeps 3 of each run of 4, so shuffle within runs, and runs
+        exact = [v for run in range(4) for v in sorted(exact[4 * run:4 * run + 4], reverse=True)[:3]]
+    expected = torch.tensor(float(sum(exact) / len(exact)), dtype=torch.float32).to(torch.bfloat16).item()
+    shuffle = random.Random(0).shuffle
+    for _ in range(50):
+        runs = [group[i:i + 4] for i in range(0, len(group), 4)]
+        for run in runs:
+            shuffle(run)
+        shuffle(runs)
+        order = [v for run in runs for v in run]
+        if kind is Kind.ABSMEAN:
+            shuffle(order)
+        scale = quantize(torch.tensor([order]), QuantSpec(kind, granularity="channel")).scale.item()
+        assert scale == expected, order
+
+
 def test_sherry_breaks_ties_by_position_lowest_first():
     """Equal magnitudes at the 3:4 boundary (common in bf16 weights): the last of them is
     dropped, on every device alike -- topk's tie order is unspecified (on this CPU it dropped
