@@ -135,5 +135,9 @@ def test_distill_launcher_under_slurm_gives_srun_the_cpus_and_sends_sigterm_to_t
            "SLURM_NNODES": "2", "CONFIG": "c.yaml", "TORCHRUN": "torchrun", "MASTER_ADDR": "node1"}
     shown = _run(["bash", str(STAGES / "distill.sbatch")], env, tmp_path).stdout
     assert "srun --kill-on-bad-exit=1 --cpus-per-task=64 torchrun --nnodes=2" in shown
+    # its own rendezvous port: another job on the node with the fixed 29500 joined this one's store
+    assert "--rdzv_endpoint=node1:10007" in shown
+    env["SLURM_JOB_ID"] = "20008"
+    assert "--rdzv_endpoint=node1:10008" in _run(["bash", str(STAGES / "distill.sbatch")], env, tmp_path).stdout
     headers = [line for line in (STAGES / "distill.sbatch").read_text().splitlines() if line.startswith("#SBATCH")]
     assert "#SBATCH --signal=TERM@300" in headers

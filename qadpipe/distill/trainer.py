@@ -500,7 +500,8 @@ class DistillRecipe:
         ranks = state.loader.get("ranks", [])
         if len(ranks) != self.env.world_size:
             raise DistillError(f"{path}: saved by {len(ranks)} rank(s), resumed with {self.env.world_size}; "
-                               "resume with the same number of processes")
+                               "resume with the same number of processes (nodes x processes per node): each rank continues "
+                               "its own slice of the cache from the position it saved")
         self.loader.load_state_dict(ranks[self.env.rank])
         window_ranks = state.log_window.get("ranks")
         self._resumed_window = window_ranks[self.env.rank] if window_ranks else None
