@@ -60,7 +60,7 @@ def summarize(root: str, *, rehash: bool = False) -> dict:
         "tokenizer_fingerprint": meta.tokenizer_fingerprint, "vocab_size": meta.vocab_size,
         "data_fingerprint": meta.data_fingerprint,
         "tasks": {"present": [task.task for task in view.tasks], "missing": view.missing_tasks,
-                  "incomplete": view.incomplete_tasks},
+                  "incomplete": view.incomplete_tasks, "split_ways": view.split_ways},
         "rows": sum(s["rows"] for s in shards), "tokens": tokens, "bytes": total_bytes,
         # the smallest distill.pack_length that packs every row; null when a manifest predates the field
         "longest_row": None if any(s["longest_row"] is None for s in shards) else max(s["longest_row"] for s in shards),
@@ -141,6 +141,9 @@ def _tasks_line(tasks: dict) -> str:
     line = f"{present} of {present + len(missing)}" if missing else str(present)
     notes = [f"{label}: {_names(names)}" for label, names in
              (("no manifest yet", missing), ("not marked complete: still running, or stopped before their last record", incomplete)) if names]
+    if tasks["split_ways"]:
+        notes.append(f"written by runs that split the records {' and '.join(map(str, tasks['split_ways']))} ways: some "
+                     "records are in no task; regenerate into a new cache with one --num-shards")
     return line + (f" ({'; '.join(notes)})" if notes else "")
 
 

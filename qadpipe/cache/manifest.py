@@ -81,6 +81,15 @@ class CacheView:
         return [name for name in map(task_name, range(counts.pop())) if name not in present]
 
     @property
+    def split_ways(self) -> list[int]:
+        """The different ``num_tasks`` the tasks were written with, when there are several: two
+        arrays (or resubmissions) that split the records differently and started together, each
+        before the other's first manifest, so the writer's check saw neither; some records are
+        then in no task.  Empty for a consistent cache."""
+        ways = sorted({task.num_tasks for task in self.tasks if task.num_tasks is not None})
+        return ways if len(ways) > 1 else []
+
+    @property
     def incomplete_tasks(self) -> list[str]:
         """Tasks whose manifest says they stopped before committing all their rows."""
         return [task.task for task in self.tasks if task.complete is False]

@@ -53,6 +53,7 @@ from qadpipe.distill.schedule import lr_multiplier
 from qadpipe.distill.student import (FINAL_DIR, PTQ_DIR, StudentLoss, build_student, enable_activation_checkpointing,
                                      load_state_into, save_student)
 from qadpipe.errors import DistillError, first_line
+from qadpipe.file_lock import lock_for_one_run
 from qadpipe.file_modes import check_writable_dir, missing_dirs
 from qadpipe.models import LogitTransform, output_rows
 from qadpipe.provenance import RUN_FILE, recorded_stage, save_run_record
@@ -174,6 +175,7 @@ class DistillRecipe:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:   # what the mode bits do not tell: a read-only mount, root on /sys
             raise DistillError(f"distill.output_dir: {self.output_dir} cannot be created ({exc.strerror})") from None
+        dist_utils.computed_by_main(self.env.is_main, self._lock_output_dir)
         if self.env.is_main:
             remove_stale_temps(self.output_dir)
         self.metrics = MetricsLog(self.output_dir, enabled=self.env.is_main, tensorboard=cfg.tensorboard)
@@ -231,6 +233,22 @@ class DistillRecipe:
         if self.env.is_main:
             save_run_record(self.config, "distill", self.output_dir, **self._history())
 
+    def _lock_output_dir(self) -> None:
+        """One live run per output_dir (rank 0 holds it): two -- a job submitted twice, a requeue
+        racing the live run, ranks a killed torchrun left behind -- would both write, prune and
+        log the same checkpoints, and either could delete the other's staging directories.
+        stages/distill.sbatch always passes --resume, so the previous-run guard never sees them."""
+        self._output_lock = lock_for_one_run(
+            self.output_dir / OUTPUT_LOCK, where="distill.output_dir", error=DistillError,
+            busy=lambda holder: f"{self.output_dir} is being trained by {holder}; two runs would overwrite each "
+                                "other's checkpoints: wait for that run to end, or stop it, then rerun",
+            unguarded=f"nothing stops a second distill run from writing into {self.output_dir} beside this one")
+
+    def _release_output_dir(self) -> None:
+        lock = getattr(self, "_output_lock", None)
+        if lock is not None:
+            lock.release()
+
     def _load_tokenizer(self) -> Any:
         from qadpipe.models import load_tokenizer
 
@@ -272,6 +290,11 @@ class DistillRecipe:
             log.warning("%s: %d generate tasks stopped before their last record (%s...; a time limit or a "
                         "preemption): training on the rows they committed; rerun them to finish the cache",
                         path, len(incomplete), incomplete[0])
+        if reader.view.split_ways:
+            log.warning("%s: its generate tasks split the records %s ways (two arrays or resubmissions started "
+                        "together): some records are in no task, and training covers only the rows committed; "
+                        "regenerate into a new cache with one --num-shards for all of them", path,
+                        " and ".join(map(str, reader.view.split_ways)))
         kind = reader.meta.target_kind
         if self.cfg.mode == "qad":
             wanted = "sampled" if self.cfg.loss == "sampled_ce" else "topk"
@@ -771,6 +794,7 @@ class DistillRecipe:
         directories it created on the way to its output go again, leaf first, each only while
         empty -- a sibling another job made meanwhile under a new shared parent stops it there.
         Single process only: under torchrun another rank may be about to write into them."""
+        self._release_output_dir()   # its lock file is the one entry a refused run made there
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             return
         for directory in getattr(self, "_made_dirs", []):
@@ -782,6 +806,7 @@ class DistillRecipe:
     def cleanup(self) -> None:
         if hasattr(self, "metrics"):
             self.metrics.close()
+        self._release_output_dir()
         dist_utils.shutdown()
 
 
@@ -815,6 +840,9 @@ class TeacherHead(torch.nn.Module):
 #: only a gentler update gets past the step.
 RECOVER_FROM_NAN = ("lower distill.lr (or set distill.max_grad_norm) and --resume from it, or check the cache for "
                     "broken targets")
+
+#: The lock file of the run writing an output_dir (hidden: not one of OUTPUT_ENTRIES).
+OUTPUT_LOCK = ".distill.lock"
 
 #: What distill writes into its output_dir (and hidden staging names, see remove_stale_temps).
 OUTPUT_ENTRIES = frozenset({CHECKPOINT_DIR, FINAL_DIR, PTQ_DIR, METRICS_FILE, RUN_FILE, TENSORBOARD_DIR})

@@ -303,8 +303,9 @@ def unseen_claim(data: HeldOut, models: dict[str, str]) -> str:
         return f" (NOT verified unseen: {', '.join(other)} trained on other cache contents)"
     unknown = sorted(set(models) - set(recorded))
     if unknown:
-        log.warning("eval: %s: no qadpipe training record (not a distill directory, nor an export whose "
-                    "checkpoint is still there), so whether it trained on the %s is unknown",
+        log.warning("eval: %s: no qadpipe training record (not a distill student, nor an export that records "
+                    "its training: another tool's model, or an export written before exports kept it -- export "
+                    "it again), so whether it trained on the %s is unknown",
                     ", ".join(unknown), data.description)
     if not recorded:
         return f" (whether {', '.join(unknown)} trained on them is unknown)" if unknown else ""

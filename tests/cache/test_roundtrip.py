@@ -268,3 +268,27 @@ def test_a_shard_beyond_arrows_int32_offsets_is_refused_before_anything_is_writt
                                          r"\d+ per column of one shard; lower cache.rows_per_shard"):
         write_cache(tmp_path, meta, rows, rows_per_shard=4)
     assert not list((tmp_path / "shards").glob("*.parquet")) and not list((tmp_path / "manifests").glob("*.json"))
+
+
+def test_tasks_that_split_the_records_different_ways_are_flagged(tmp_path):
+    """Two arrays with different --num-shards that start together each open before the other's
+    first manifest exists, so neither writer sees the other's split; the cache then misses
+    records (4-way task 1 and 2-way task 0 leave records 3, 7, ... in no task), and inspect
+    reported it complete."""
+    meta = cache_meta("topk", k=8)
+    rows = random_rows(meta, 4)
+    with CacheWriter(str(tmp_path), meta, task="task-00000", num_tasks=2) as halves, \
+            CacheWriter(str(tmp_path), meta, task="task-00001", num_tasks=4) as quarters:
+        for writer, row in zip((halves, quarters, halves, quarters), rows):
+            writer.write(row)
+        halves.mark_complete()
+        quarters.mark_complete()
+    view = CacheReader(str(tmp_path)).view
+    assert view.split_ways == [2, 4] and view.incomplete_tasks == []
+    shown = CliRunner().invoke(cli, ["inspect", str(tmp_path)]).output
+    assert ("tasks       2 (written by runs that split the records 2 and 4 ways: some records are in no task; "
+            "regenerate into a new cache with one --num-shards)") in shown
+    assert json.loads(CliRunner().invoke(cli, ["inspect", str(tmp_path), "--json"]).output)["tasks"]["split_ways"] \
+        == [2, 4]
+    write_cache(tmp_path / "consistent", meta, rows)
+    assert CacheReader(str(tmp_path / "consistent")).view.split_ways == []

@@ -4,6 +4,7 @@ its modes mean what they say, and every bad input is one line with exit code 2."
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -657,6 +658,30 @@ def test_resume_takes_new_memory_knobs_and_a_checkpoint_older_than_a_field(peaky
     line = one_line_error(distill(peaky_llama_dir, topk_cache, tmp_path, "distill.max_steps=4",
                                   "distill.trainable=quant", resume=True))
     assert "another config (distill.trainable differ)" in line
+
+
+def test_a_second_live_run_in_one_output_dir_is_refused_and_the_lock_goes_with_the_run(peaky_llama_dir, topk_cache,
+                                                                                        tmp_path):
+    """Two runs (stages/distill.sbatch submitted twice: both --resume) trained into one
+    directory, logging every step twice and pruning each other's checkpoints."""
+    from qadpipe.distill.trainer import OUTPUT_LOCK
+    from qadpipe.file_lock import take_lock
+
+    out = tmp_path / "out"
+    assert distill(peaky_llama_dir, topk_cache, out, "distill.max_steps=1").exit_code == 0
+    assert not (out / OUTPUT_LOCK).exists()
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    live = take_lock(out / OUTPUT_LOCK)   # another process's run, as the kernel sees it: another open file
+    try:
+        line = one_line_error(distill(peaky_llama_dir, topk_cache, out, "distill.max_steps=2", resume=True))
+        assert re.fullmatch(rf"qadpipe: error: distill.output_dir: {re.escape(str(out))} is being trained by pid "
+                            rf"{os.getpid()} on \S+ since [\d: -]+; two runs would overwrite each other's "
+                            "checkpoints: wait for that run to end, or stop it, then rerun", line), line
+        assert sorted(p.relative_to(out) for p in out.rglob("*") if p.name != OUTPUT_LOCK) == before
+    finally:
+        live.release()
+    assert distill(peaky_llama_dir, topk_cache, out, "distill.max_steps=2", resume=True).exit_code == 0
+    assert [row["step"] for row in train_rows(out)] == [1, 2] and not (out / OUTPUT_LOCK).exists()
 
 
 def test_a_pack_length_below_the_longest_row_is_refused_before_the_student_loads(peaky_llama_dir, topk_cache,
