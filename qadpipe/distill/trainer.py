@@ -642,13 +642,14 @@ class DistillRecipe:
         rows, width = micro[0].input_ids.shape
         resumable = [] if cfg.activation_checkpointing else ["distill.activation_checkpointing=true"]
         resumable.append(f"a smaller distill.loss_chunk_tokens (now {cfg.loss_chunk_tokens})")
-        fresh = [f"a smaller distill.batch_size with a larger distill.grad_accum (same global batch; now "
-                 f"{cfg.batch_size} x {cfg.grad_accum})"]
         if cfg.distributed != "fsdp2":
-            fresh.append("distill.distributed=fsdp2 under torchrun")
+            resumable.append("distill.distributed=fsdp2 under torchrun")
+        fresh = (f"a smaller distill.batch_size with a larger distill.grad_accum (same global batch; now "
+                 f"{cfg.batch_size} x {cfg.grad_accum})")
         return (f"step {self.step + 1}: out of memory on {self.env.device} with micro-batches of {rows} x {width} "
                 f"tokens ({first_line(exc)}); {self._kept_checkpoint('last')}; try " + " or ".join(resumable)
-                + " (--resume accepts both), or, in a fresh distill.output_dir, " + " or ".join(fresh))
+                + f" (--resume accepts {'each' if len(resumable) > 2 else 'both'}), or, in a fresh "
+                f"distill.output_dir, {fresh}")
 
     def _kept_checkpoint(self, which: str) -> str:
         """What a run that stops on an error leaves to --resume from."""

@@ -39,7 +39,7 @@ def free_port() -> int:
 
 
 def run(model_dir: Path, cache: Path, out: Path, nproc: int, *extra: str,
-        via_launcher: bool = False) -> dict[str, list[float]]:
+        via_launcher: bool = False, resume: bool = False) -> dict[str, list[float]]:
     """Train with ``nproc`` processes: torchrun directly, or (``via_launcher``) through
     stages/distill.sbatch as a workstation runs it, with an empty config and the settings as
     ``--set`` arguments the script forwards."""
@@ -58,7 +58,7 @@ def run(model_dir: Path, cache: Path, out: Path, nproc: int, *extra: str,
     else:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
             if nproc > 1 else [sys.executable]
-        command = launcher + ["-m", "qadpipe.cli", "distill", *overrides]
+        command = launcher + ["-m", "qadpipe.cli", "distill", *overrides, *(["--resume"] if resume else [])]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -123,6 +123,31 @@ def test_two_cpu_processes_match_one_process(caches, single, peaky_llama_dir, tm
     # and training moved the weights well beyond that tolerance
     moved = (one["model.layers.0.mlp.up_proj.weight"] - start["model.layers.0.mlp.up_proj.weight"]).abs().max()
     assert moved > 1e-4
+
+
+@pytest.mark.slow
+def test_a_ddp_run_resumes_under_fsdp2_but_not_on_another_number_of_processes(caches, single, peaky_llama_dir,
+                                                                                tmp_path):
+    """Checkpoints hold full state dicts whatever the strategy, so a DDP run that ran out of
+    memory continues under FSDP2 (the out-of-memory line offers it) along the same loss curve;
+    each rank's loader position is its own slice of the cache, so one process is refused."""
+    single_curves, _ = single
+    out = tmp_path / "student"
+    run(peaky_llama_dir, caches[0], out, 2, "distill.batch_size=1", "distill.distributed=ddp",
+        f"distill.max_steps={STEPS - 1}", "distill.save_every=1")
+    resumed = run(peaky_llama_dir, caches[0], out, 2, "distill.batch_size=1", "distill.distributed=fsdp2",
+                  "distill.save_every=1", resume=True)
+    np.testing.assert_allclose(resumed["loss"], single_curves["loss"], rtol=2e-4)
+    np.testing.assert_allclose(resumed["grad_norm"], single_curves["grad_norm"], rtol=1e-4)
+    alone = subprocess.run([sys.executable, "-m", "qadpipe.cli", "distill", "--resume",
+                            *[a for s in settings(peaky_llama_dir, caches[0], f"distill.output_dir={out}",
+                                                  f"distill.max_steps={STEPS + 1}", "distill.eval_rows=0",
+                                                  "distill.shuffle_buffer=1", "quant.calibration_batches=0",
+                                                  "distill.batch_size=1") for a in ("--set", s)]],
+                           capture_output=True, text=True, timeout=600)
+    assert alone.returncode == 2
+    assert (f"step-{STEPS:08d}: saved by 2 rank(s), resumed with 1; resume with the same number of processes"
+            in alone.stderr.strip().splitlines()[-1]), alone.stderr[-2000:]
 
 
 def run_two_ranks(script: Path) -> str:
