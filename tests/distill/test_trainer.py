@@ -684,6 +684,21 @@ def test_a_second_live_run_in_one_output_dir_is_refused_and_the_lock_goes_with_t
     assert [row["step"] for row in train_rows(out)] == [1, 2] and not (out / OUTPUT_LOCK).exists()
 
 
+def test_distill_warns_of_a_cache_whose_tasks_split_the_records_different_ways(peaky_llama_dir, topk_cache,
+                                                                               tmp_path, caplog):
+    """Two arrays with other --num-shards started together: some records are in no task."""
+    cache = tmp_path / "cache"
+    shutil.copytree(topk_cache, cache)
+    manifest = json.loads((cache / "manifests" / "task-00000.json").read_text())
+    (cache / "manifests" / "task-00000.json").write_text(json.dumps({**manifest, "num_tasks": 2}))
+    (cache / "manifests" / "task-00003.json").write_text(json.dumps({**manifest, "task": "task-00003", "shards": [],
+                                                                     "num_tasks": 4}))
+    with caplog.at_level("WARNING", logger="qadpipe.distill.trainer"):
+        assert distill(peaky_llama_dir, cache, tmp_path / "out", "distill.max_steps=1").exit_code == 0
+    assert (f"{cache}: its generate tasks split the records 2 and 4 ways (two arrays or resubmissions started "
+            "together): some records are in no task") in caplog.text
+
+
 def test_a_pack_length_below_the_longest_row_is_refused_before_the_student_loads(peaky_llama_dir, topk_cache,
                                                                                   tmp_path):
     """The row stopped the run only when it was met, possibly hours in; the manifests now record
