@@ -648,7 +648,7 @@ class DistillRecipe:
                  f"{cfg.batch_size} x {cfg.grad_accum})")
         return (f"step {self.step + 1}: out of memory on {self.env.device} with micro-batches of {rows} x {width} "
                 f"tokens ({first_line(exc)}); {self._kept_checkpoint('last')}; try " + " or ".join(resumable)
-                + f" (--resume accepts {'each' if len(resumable) > 2 else 'both'}), or, in a fresh "
+                + f" (--resume accepts {('it', 'both', 'each')[min(len(resumable), 3) - 1]}), or, in a fresh "
                 f"distill.output_dir, {fresh}")
 
     def _kept_checkpoint(self, which: str) -> str:

@@ -471,8 +471,9 @@ def w4a8_served_values(codes: Tensor, scale: Tensor, spec: QuantSpec) -> Tensor:
     scale as a table of its products with the codes' magnitudes 1..8, each rounded to E4M3
     (``ops.cutlass_pack_scale_fp8``, CUTLASS's ``packed_scale_t``), which the mainloop looks
     codes up in; the row factor 8c comes after the accumulation.  So a weight is
-    ``fp8(code * s8) * 8c``: codes 3, 5, 6 and 7 need more than E4M3's 3 mantissa bits beside
-    s8's and round (17% of a random weight's elements), which ``code * s8 * 8c`` missed.
+    ``fp8(code * s8) * 8c``: the products with codes 3, 5, 6 and 7 can need more than E4M3's
+    3 mantissa bits, and round (17% of a random weight's elements), which ``code * s8 * 8c``
+    missed.
     Formula-level emulation from vLLM's and CUTLASS's sources (the kernel needs a Hopper
     GPU; not bit-verified against it here)."""
     s8, row = w4a8_served_factors(scale)
