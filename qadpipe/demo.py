@@ -86,7 +86,7 @@ def _move_aside_another_run(cfg: PipelineConfig) -> None:
     from qadpipe.provenance import RUN_FILE, read_run_record
 
     out = Path(cfg.distill.output_dir)
-    made = out / "final" if (out / "final" / RUN_FILE).is_file() else latest_checkpoint(out)
+    made = _student(cfg) if (_student(cfg) / RUN_FILE).is_file() else latest_checkpoint(out)
     record = read_run_record(made) if made is not None else None
     if not record or not isinstance(record.get("config"), dict):
         return   # nothing trained yet, or a record distill itself will name
