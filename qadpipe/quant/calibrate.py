@@ -32,15 +32,21 @@ log = logging.getLogger(__name__)
 class _Observer:
     """Running range of the real-token activations one quantizer sees."""
 
-    def __init__(self, percentile: Optional[float]) -> None:
+    def __init__(self, name: str, percentile: Optional[float]) -> None:
+        self.name = name
         self.percentile = percentile
         self.amax: Optional[Tensor] = None
+        #: The batch's real tokens, [batch, seq]; None when no row is padded.
         self.token_mask: Optional[Tensor] = None
 
     def observe(self, x: Tensor) -> None:
         values = x.detach()
         mask = self.token_mask
-        if mask is not None and values.shape[:mask.ndim] == mask.shape:
+        if mask is not None:
+            if values.shape[:mask.ndim] != mask.shape:   # the padding cannot be told apart
+                raise QuantError(f"calibrate: {self.name} sees activations shaped {tuple(values.shape)}, not "
+                                 f"[batch, seq, ...] = {tuple(mask.shape)} like the batch, so its range would "
+                                 "count padded positions; calibrate on unpadded rows, or leave it out (quant.ignore)")
             values = values[mask]
         magnitude = values.float().abs().flatten()
         if magnitude.numel() == 0:
@@ -82,7 +88,7 @@ def calibrate(model: nn.Module, batches: Iterable[dict[str, Tensor]], num_batche
     if num_batches < 1:
         raise QuantError(f"quant.calibration_batches: got {num_batches}, but {len(quantizers)} static "
                          "input quantizers need at least 1 batch")
-    observers = {name: _Observer(percentile) for name in quantizers}
+    observers = {name: _Observer(name, percentile) for name in quantizers}
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -97,8 +103,9 @@ def calibrate(model: nn.Module, batches: Iterable[dict[str, Tensor]], num_batche
             ids = batch["input_ids"].to(device)
             mask = batch.get("attention_mask")   # absent: no padding
             mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.to(device).bool()
+            padded = not bool(mask.all())
             for observer in observers.values():
-                observer.token_mask = mask
+                observer.token_mask = mask if padded else None
             model(input_ids=ids, attention_mask=mask.long(), use_cache=False)
             seen += 1
             tokens += int(mask.sum())

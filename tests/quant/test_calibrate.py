@@ -12,6 +12,10 @@ from qadpipe.quant.calibrate import calibrate, static_input_quantizers
 from qadpipe.quant.recipe import apply_recipe
 
 
+#: The token make_llama(loud_token=...) makes ~100x louder than any other; no real position holds it.
+LOUD_TOKEN = 255
+
+
 def _padded_batches(n: int) -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(3)
     batches = []
@@ -19,7 +23,7 @@ def _padded_batches(n: int) -> list[dict[str, torch.Tensor]]:
         mask = torch.ones(3, 10, dtype=torch.long)
         mask[1, 6:] = 0
         mask[2, 3:] = 0
-        batches.append({"input_ids": torch.randint(0, 256, (3, 10), generator=g), "attention_mask": mask})
+        batches.append({"input_ids": torch.randint(0, LOUD_TOKEN, (3, 10), generator=g), "attention_mask": mask})
     return batches
 
 
@@ -59,18 +63,21 @@ def test_static_input_amax_is_max_or_percentile_of_real_tokens(percentile, make_
 
 
 def test_padding_does_not_reach_the_range(make_llama, quant_config):
-    batches = _padded_batches(1)
-    model = make_llama()
-    apply_recipe(model, quant_config(preset="fp8_static"))
-    calibrate(model, batches, 1)
-    clean = model.get_submodule("model.layers.0.self_attn.q_proj").input_quantizer.amax.clone()
-    loud = [dict(batches[0])]
-    loud[0]["input_ids"] = batches[0]["input_ids"].clone()
-    loud[0]["input_ids"][2, 5:] = 7          # change only padded positions
-    model2 = make_llama()
-    apply_recipe(model2, quant_config(preset="fp8_static"))
-    calibrate(model2, loud, 1)
-    assert torch.equal(model2.get_submodule("model.layers.0.self_attn.q_proj").input_quantizer.amax, clean)
+    """The loud token at the padded positions, ~100x any real input, leaves the range as it was."""
+    batch = _padded_batches(1)[0]
+    padded = batch["attention_mask"] == 0
+    name = "model.layers.0.self_attn.q_proj"
+    ranges = []
+    for ids in (batch["input_ids"], batch["input_ids"].masked_fill(padded, LOUD_TOKEN)):
+        model = make_llama(loud_token=LOUD_TOKEN)
+        apply_recipe(model, quant_config(preset="fp8_static"))
+        calibrate(model, [{"input_ids": ids, "attention_mask": batch["attention_mask"]}], 1)
+        ranges.append(model.get_submodule(name).input_quantizer.amax.clone())
+    everywhere = {"input_ids": batch["input_ids"].masked_fill(padded, LOUD_TOKEN),
+                  "attention_mask": torch.ones_like(batch["attention_mask"])}
+    loud = _captured_inputs(make_llama(loud_token=LOUD_TOKEN), [everywhere], name).abs().max()
+    assert loud > 10 * ranges[0]      # counted, the padded positions would have moved the range
+    assert torch.equal(ranges[1], ranges[0])
 
 
 def test_every_static_input_gets_a_range_and_model_runs(make_llama, quant_config):
@@ -102,9 +109,25 @@ def test_percentile_rank_is_exact_for_the_decimal_given():
     floats 41000 * 99.9 / 100 is 40959.00000000001, whose ceiling picked 40960."""
     from qadpipe.quant.calibrate import _Observer
 
-    observer = _Observer(99.9)
+    observer = _Observer("x", 99.9)
     observer.observe(torch.arange(1, 41001, dtype=torch.float32)[torch.randperm(41000)])
     assert observer.amax.item() == 40959.0
+
+
+def test_a_padded_batch_whose_activations_are_not_batch_by_seq_is_refused(make_llama, quant_config):
+    """A quantizer that sees its input in another layout cannot tell padding from tokens: one
+    line naming it, not a range that silently counts the padding."""
+    model = make_llama()
+    apply_recipe(model, quant_config(preset="fp8_static"))
+    q_proj = model.get_submodule("model.layers.0.self_attn.q_proj")
+    flatten = q_proj.register_forward_pre_hook(lambda m, args: (args[0].flatten(0, 1),))
+    with pytest.raises(QuantError, match=r"model\.layers\.0\.self_attn\.q_proj\.input_quantizer sees activations "
+                                         r"shaped \(30, 64\), not \[batch, seq, \.\.\.\] = \(3, 10\)"):
+        calibrate(model, _padded_batches(1), 1)
+    unpadded = {"input_ids": _padded_batches(1)[0]["input_ids"]}   # nothing to tell apart: calibrates
+    calibrate(model, [unpadded], 1)
+    flatten.remove()
+    assert float(q_proj.input_quantizer.amax) > 0
 
 
 @pytest.mark.parametrize("percentile", [None, 99.0])

@@ -114,15 +114,21 @@ def test_compiled_student_forward_and_gradients_equal_eager(make_llama, quant_co
     """The fast-suite guard (~15 s of inductor on 2 cores): INT4 codes of a random Llama's
     weights differ when the stored-scale rounding is dropped, so the logits would too -- and the
     training path's self-check would log it and fall back to eager, hence the log assertion."""
+    from torch._dynamo.utils import counters
+
     caplog.set_level("ERROR", logger="qadpipe.quant.compiled")
     inputs = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
-    results = {}
+    results, graphs = {}, {}
     for mode in ("off", "on"):
+        torch._dynamo.reset()      # graphs an earlier test compiled would be reused without a count
+        counters.clear()
         model = make_llama(seed=1).train()
         apply_recipe(model, quant_config(preset="w4a16_int", group_size=32, compile=mode))
         logits = model(input_ids=inputs).logits
         logits.float().logsumexp(-1).sum().backward()
         results[mode] = (logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+        graphs[mode] = counters["stats"]["unique_graphs"]
+    assert graphs["off"] == 0 < graphs["on"]       # "on" ran compiled graphs: not eager against eager
     assert "differs from eager" not in caplog.text
     assert torch.equal(results["on"][0], results["off"][0])
     for name, grad in results["off"][1].items():
