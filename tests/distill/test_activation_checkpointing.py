@@ -55,9 +55,19 @@ def test_checkpointed_layers_keep_less_and_give_the_same_gradients(peaky_llama_d
 
 @pytest.mark.parametrize("extra", [(), ("quant.preset=lsq_int4", "distill.trainable=quant")],
                          ids=["all-params", "quant-params-only"])
-def test_training_with_checkpointing_follows_the_same_loss_curve(peaky_llama_dir, topk_cache, tmp_path, extra):
+def test_training_with_checkpointing_follows_the_same_loss_curve(peaky_llama_dir, topk_cache, tmp_path, extra,
+                                                               monkeypatch):
     """``trainable=quant`` freezes the embeddings, so no layer input needs a gradient; the
     quantizer parameters inside the checkpointed layers must still get theirs."""
+    import qadpipe.distill.trainer as trainer
+
+    checkpointed = []
+
+    def spy(model: nn.Module) -> None:
+        enable_activation_checkpointing(model)
+        checkpointed.append(model.is_gradient_checkpointing)
+
+    monkeypatch.setattr(trainer, "enable_activation_checkpointing", spy)
     runs = {}
     for flag in ("false", "true"):
         out = tmp_path / flag
@@ -65,6 +75,7 @@ def test_training_with_checkpointing_follows_the_same_loss_curve(peaky_llama_dir
                          f"distill.activation_checkpointing={flag}", *extra)
         assert result.exit_code == 0, result.output
         runs[flag] = train_rows(out)
+        assert checkpointed == ([True] if flag == "true" else [])   # the flag reached the student
     losses = {flag: [row["loss"] for row in rows] for flag, rows in runs.items()}
     grad_norms = {flag: [row["grad_norm"] for row in rows] for flag, rows in runs.items()}
     assert min(grad_norms["false"]) > 0   # there are gradients to lose

@@ -152,8 +152,8 @@ def test_a_ddp_run_resumes_under_fsdp2_but_not_on_another_number_of_processes(ca
 
 def run_two_ranks(script: Path) -> str:
     """stdout of ``script`` run by 2 gloo processes under torchrun (which must both exit 0)."""
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(free_port()), str(script)],
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script)],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout

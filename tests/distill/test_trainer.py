@@ -215,13 +215,31 @@ def test_sampled_cache_trains_with_sampled_ce(peaky_llama_dir, sampled_cache, tm
 
 
 @pytest.mark.slow
-def test_packed_batches_give_the_padded_loss(peaky_llama_dir, topk_cache, tmp_path):
-    losses = {}
+def test_packed_batches_give_the_padded_loss(peaky_llama_dir, topk_cache, tmp_path, monkeypatch):
+    import qadpipe.distill.trainer as trainer
+    from qadpipe.distill.collate import collate
+
+    layouts = []    # (rows, windows, packed) of each training micro-batch
+
+    def spy(rows, **kwargs):
+        batch = collate(rows, **kwargs)
+        if "pack_length" in kwargs:          # training batches (eval batches are never packed)
+            layouts.append((len(rows), batch.input_ids.shape[0], batch.position_ids is not None))
+        return batch
+
+    monkeypatch.setattr(trainer, "collate", spy)
+    losses, packed_layouts = {}, {}
     for name, extra in (("padded", []), ("packed", ["distill.pack_length=64"])):
         out = tmp_path / name
+        layouts.clear()
         result = distill(peaky_llama_dir, topk_cache, out, "distill.max_steps=1", *extra)
         assert result.exit_code == 0, result.output
         losses[name] = [r["loss"] for r in train_rows(out)]
+        packed_layouts[name] = list(layouts)
+    assert packed_layouts["padded"] and all(windows == rows and not packed
+                                            for rows, windows, packed in packed_layouts["padded"])
+    # the packed run laid several rows into one window: the comparison is not padded against padded
+    assert packed_layouts["packed"] and all(windows < rows and packed for rows, windows, packed in packed_layouts["packed"])
     np.testing.assert_allclose(losses["packed"], losses["padded"], rtol=1e-4)
 
 

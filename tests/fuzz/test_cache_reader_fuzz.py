@@ -5,7 +5,8 @@ Each example copies a small valid cache, damages it, then opens it, streams ever
 re-hashes every shard.  "Resealed" damage also rewrites the manifest's size and sha256 so
 the bytes get past the checksum and reach the Parquet and compact decoders — the case of a
 writer that hashed already-corrupt bytes.  Example counts are bounded (``EXAMPLES``) so the
-whole module runs in seconds; raise them locally with ``QADPIPE_FUZZ_EXAMPLES=5000``.
+whole module runs in seconds; raise them locally with ``QADPIPE_FUZZ_EXAMPLES=5000``, and
+draw new examples each run with ``QADPIPE_FUZZ_EXPLORE=1`` (by default every run draws the same).
 """
 
 from __future__ import annotations
@@ -37,7 +38,10 @@ EXAMPLES = int(os.environ.get("QADPIPE_FUZZ_EXAMPLES", "60"))
 HANG_SECONDS = 10
 SHARD0 = "shards/task-00000-000000.parquet"
 MANIFEST = "manifests/task-00000.json"
+#: The same examples in every run unless QADPIPE_FUZZ_EXPLORE is set: CI fails on what a change
+#: broke, not on a case one run happened to draw (exploring runs print the failing example).
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
+                derandomize=not os.environ.get("QADPIPE_FUZZ_EXPLORE"),
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 #: (kind, encoding): the three decoders a shard can reach.
