@@ -88,7 +88,7 @@ def _check_capacity(total: int, unit: str) -> None:
     """Refuse a shard too large for an int32-offset column (it would wrap, not fail)."""
     if total > COLUMN_CAPACITY:
         raise CacheError(f"cache shard: a column would hold {total} {unit}, over Arrow's {COLUMN_CAPACITY} per "
-                         "column of one shard; lower cache.rows_per_shard")
+                         "column of one shard; write fewer or shorter rows to a shard")
 
 
 def _list(values: list[np.ndarray], dtype: pa.DataType) -> pa.ListArray:

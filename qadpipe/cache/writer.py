@@ -16,6 +16,7 @@ import time
 from dataclasses import replace
 from types import TracebackType
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -35,6 +36,21 @@ log = logging.getLogger(__name__)
 
 #: Rows per Parquet row group: the unit a rank skips to when it reads its slice of a shard.
 ROW_GROUP_ROWS = 128
+
+#: Entries (top-k slots or distinct sampled ids, or tokens where more) one shard may buffer
+#: before it is committed, whatever ``rows_per_shard`` says.  Long rows at a large k would
+#: otherwise fill a column past the 2^31 one shard can hold (``COLUMN_CAPACITY``; a compact
+#: rank plane takes up to 4 bytes an entry): 1024 rows of 8,192 tokens at k=128 are 2^30
+#: entries, and the flush failed after the teacher had made them all.  2^28 also bounds a
+#: flush's memory (about 3x the ~8 bytes an entry the buffered rows hold); the default 1024
+#: rows of 2,048 tokens at k=64 stay under it.
+SHARD_ENTRY_BUDGET = 2**28
+
+
+def row_entries(row: SequenceTargets) -> int:
+    """What ``row`` adds to its shard's fullest column (see :data:`SHARD_ENTRY_BUDGET`)."""
+    targets = row.topk_ids.size if row.kind == "topk" else np.asarray(row.sample_ids).size
+    return max(int(targets), int(np.asarray(row.input_ids).size))
 
 
 def shard_bytes(table: pa.Table, zstd_level: int) -> bytes:
@@ -74,6 +90,7 @@ class CacheWriter:
             raise
         self._buffer: list[SequenceTargets] = []
         self._buffered_ids: set[str] = set()
+        self._buffered_entries = 0
         self._next_index = len(self._manifest.shards)
         self._closed = False
         self._marked_complete = False
@@ -142,7 +159,8 @@ class CacheWriter:
         return set(self._done)
 
     def write(self, row: SequenceTargets) -> None:
-        """Buffer one row; a shard is committed every ``rows_per_shard`` rows."""
+        """Buffer one row; a shard is committed every ``rows_per_shard`` rows, or sooner once
+        its rows hold :data:`SHARD_ENTRY_BUDGET` entries."""
         if self._closed or self._marked_complete:   # a row after that would sit beside complete: true
             state = "marked complete" if self._marked_complete else "closed"
             raise CacheError(f"{self.store.describe(self._manifest_rel)}: writer already {state}")
@@ -151,7 +169,8 @@ class CacheWriter:
             raise CacheError(f"cache row id {row.id!r}: already written by task {self._manifest.task}")
         self._buffer.append(row)
         self._buffered_ids.add(row.id)
-        if len(self._buffer) >= self.rows_per_shard:
+        self._buffered_entries += row_entries(row)
+        if len(self._buffer) >= self.rows_per_shard or self._buffered_entries >= SHARD_ENTRY_BUDGET:
             self.flush()
 
     def flush(self) -> None:
@@ -172,8 +191,8 @@ class CacheWriter:
         # All bookkeeping of the commit in one assignment, which no signal handler (a second
         # Ctrl-C's KeyboardInterrupt) can split: retried after a partial update, the flush in
         # close() listed the shard twice, or wrote its rows again as the next shard.
-        self._manifest, self._next_index, self._done, self._buffer, self._buffered_ids = (
-            updated, self._next_index + 1, self._done | self._buffered_ids, [], set())
+        self._manifest, self._next_index, self._done, self._buffer, self._buffered_ids, self._buffered_entries = (
+            updated, self._next_index + 1, self._done | self._buffered_ids, [], set(), 0)
         seconds = time.perf_counter() - started
         # The shard's own cost (encode, compress, write, manifest), not the teacher's speed.
         log.info("cache: committed %s (%d rows, %d target positions, %.1f B/position; encoded and written in "

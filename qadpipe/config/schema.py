@@ -143,7 +143,8 @@ class CacheConfig:
     encoding: Literal["plain", "compact"] = opt("compact",
         "plain: int32 ids + fp32 log-probs; compact: narrowed ids + log-domain quantized probs")
     zstd_level: int = opt(3, "zstd compression level", ge=1, le=22)
-    rows_per_shard: int = opt(1024, "sequences per Parquet shard", ge=1)
+    rows_per_shard: int = opt(1024, "sequences per Parquet shard (at most: a shard of long rows closes at 2^28 "
+                              "target entries)", ge=1)
 
 
 @dataclass

@@ -255,19 +255,43 @@ def test_a_sliced_record_batch_decodes_to_its_own_rows(kind, encoding):
 
 @pytest.mark.parametrize("encoding", ["plain", "compact"])
 def test_a_shard_beyond_arrows_int32_offsets_is_refused_before_anything_is_written(tmp_path, monkeypatch, encoding):
-    """Arrow's list and binary offsets are int32: past 2**31 - 1 they would wrap silently
-    (rows_per_shard x positions x k reaches it at k=512 and 8k tokens).  The limit is lowered
-    here to one below the rows' top-k entries (a plain column's entries, a compact one's bytes
-    at one byte or more each)."""
+    """Arrow's list and binary offsets are int32: past 2**31 - 1 they would wrap silently.  The
+    writer's entry budget keeps its shards far below (next test); this is the encoder's own
+    guard, the limit lowered here to one below the rows' top-k entries (a plain column's
+    entries, a compact one's bytes at one byte or more each)."""
     from qadpipe.cache import encoding as encoding_module
 
     meta = cache_meta("topk", encoding=encoding, k=8)
     rows = random_rows(meta, 4, seq_len=16)
     monkeypatch.setattr(encoding_module, "COLUMN_CAPACITY", sum(row.num_target_rows for row in rows) * 8 - 1)
     with pytest.raises(CacheError, match=r"cache shard: a column would hold \d+ (list entries|bytes), over Arrow's "
-                                         r"\d+ per column of one shard; lower cache.rows_per_shard"):
+                                         r"\d+ per column of one shard; write fewer or shorter rows to a shard"):
         write_cache(tmp_path, meta, rows, rows_per_shard=4)
     assert not list((tmp_path / "shards").glob("*.parquet")) and not list((tmp_path / "manifests").glob("*.json"))
+
+
+@pytest.mark.parametrize("kind", ["topk", "sampled"])
+@pytest.mark.parametrize("encoding", ["plain", "compact"])
+def test_long_rows_close_a_shard_before_its_columns_overflow(tmp_path, monkeypatch, kind, encoding):
+    """rows_per_shard counts rows, but a column's limit counts entries: 1024 rows of 8k tokens
+    at k=128 overflowed it, and the flush failed with every row the teacher made for that shard
+    (a scale review).  Here the limit is lowered until 4 rows overflow one shard, and the
+    writer's entry budget to what 2 rows hold: the writer closes shards of 2 rows."""
+    from qadpipe.cache import encoding as encoding_module
+    from qadpipe.cache import writer as writer_module
+    from qadpipe.cache.schema import compact_dtypes
+
+    meta = cache_meta(kind, encoding=encoding, k=8, num_samples=8)
+    rows = random_rows(meta, 4, seq_len=16)
+    per_row = [writer_module.row_entries(row) for row in rows]
+    entry_bytes = max(d.itemsize for d in compact_dtypes(meta).values()) if encoding == "compact" else 1
+    monkeypatch.setattr(encoding_module, "COLUMN_CAPACITY", sum(per_row) * entry_bytes - 1)
+    monkeypatch.setattr(writer_module, "SHARD_ENTRY_BUDGET", sum(per_row[:2]))
+    write_cache(tmp_path, meta, rows, rows_per_shard=1024)
+    reader = CacheReader(str(tmp_path))
+    assert [shard.rows for shard in reader.shards] == [2, 2]
+    for written, got in zip(rows, reader.iter_sequences()):
+        assert_same_targets(written, got, encoding)
 
 
 def test_tasks_that_split_the_records_different_ways_are_flagged(tmp_path):
