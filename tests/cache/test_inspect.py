@@ -7,11 +7,13 @@ import json
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 from click.testing import CliRunner
 
 from cache_rows import cache_meta, random_rows, write_cache
+from qadpipe.cache import CacheReader, compact
 from qadpipe.cli import cli
-from qadpipe.targets import tail_mass_from_logprobs
+from qadpipe.targets import TAIL_ID, tail_mass_from_logprobs
 
 
 def test_inspect_report_and_json(tmp_path):
@@ -30,10 +32,23 @@ def test_inspect_report_and_json(tmp_path):
     assert data["longest_row"] == max(len(r.input_ids) for r in rows)
     assert f"longest row {data['longest_row']} input tokens" in result.output
     assert data["k"] == 8 and data["num_samples"] is None   # a top-k cache has no draws
-    assert data["targets"]["tail_mass_mean"] == np.float64(tails.mean())
-    assert data["targets"]["tail_mass_p50"] == np.percentile(tails, 50)
+    assert data["targets"]["tail_mass_mean"] == pytest.approx(tails.mean(), rel=1e-12)
+    # a plain cache's percentiles are read at the compact tail code's resolution
+    assert data["targets"]["tail_mass_p50"] == pytest.approx(np.percentile(tails, 50), rel=compact.TAIL_STEP)
     assert data["bytes_per_token"] == sum(s["bytes"] for s in data["shards"]) / tails.size
     assert {s["state"] for s in data["shards"]} == {"verified"}
+
+
+def test_compact_tail_statistics_are_exact_and_streamed(tmp_path):
+    """Percentiles come from a histogram of the stored tail codes, shard by shard (the positions
+    never all sit in memory); against numpy over every decoded tail the reader yields."""
+    meta = cache_meta("topk", k=8, encoding="compact")
+    write_cache(tmp_path, meta, random_rows(meta, 40, seq_len=30), rows_per_shard=7)
+    tails = np.concatenate([row.tail_mass for row in CacheReader(str(tmp_path)).iter_sequences()])
+    data = json.loads(CliRunner().invoke(cli, ["inspect", str(tmp_path), "--json"]).output)["targets"]
+    assert data["tail_mass_mean"] == pytest.approx(tails.mean(), rel=1e-12)
+    assert data["tail_mass_p5"] == pytest.approx(np.percentile(tails, 5), rel=1e-12, abs=1e-15)
+    assert data["tail_mass_p50"] == pytest.approx(np.percentile(tails, 50), rel=1e-12, abs=1e-15)
 
 
 def test_inspect_sampled(tmp_path):
@@ -42,7 +57,10 @@ def test_inspect_sampled(tmp_path):
     write_cache(tmp_path, meta, rows)
     data = json.loads(CliRunner().invoke(cli, ["inspect", str(tmp_path), "--json"]).output)
     unique = np.concatenate([np.diff(r.sample_offsets) for r in rows])
-    assert data["targets"]["unique_ids_per_position"] == unique.mean()
+    assert data["targets"]["unique_ids_per_position"] == pytest.approx(unique.mean(), rel=1e-12)
+    draws = {"tail": sum(int(r.sample_counts[r.sample_ids == TAIL_ID].sum()) for r in rows),
+             "all": sum(int(r.sample_counts.sum()) for r in rows)}
+    assert 0 < draws["tail"] and data["targets"]["tail_draw_fraction"] == pytest.approx(draws["tail"] / draws["all"])
     assert data["sampled_from"] == "topk+tail"
     assert "sampled N=50 draws from the top-64 and a tail bucket" in CliRunner().invoke(cli, ["inspect", str(tmp_path)]).output
 
