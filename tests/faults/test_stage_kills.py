@@ -41,7 +41,7 @@ def _config(root: Path, model: Path, out: str, max_steps: int = 12) -> Path:
         "cache": {"path": str(root / "cache"), "k": 8, "rows_per_shard": 2},
         "quant": {"group_size": 32, "calibration_batches": 1},
         "distill": {"output_dir": str(root / out / "student"), "max_steps": max_steps, "batch_size": 2, "eval_rows": 2,
-                    "save_every": 1, "eval_every": 100, "log_every": 1, "device": "cpu", "lr": 1e-3,
+                    "save_every": 1, "eval_every": 3, "shuffle_buffer": 4, "log_every": 1, "device": "cpu", "lr": 1e-3,
                     "warmup_steps": 1, "loss_chunk_tokens": 64},
         "export": {"format": "fake", "output_dir": str(root / out / "export")},
     }
