@@ -140,8 +140,14 @@ class CacheReader:
         """This rank's rows (:meth:`rank_range`) in cache order."""
         return self.iter_rows(*self.rank_range(rank, world_size))
 
-    def iter_rows(self, start: int, end: int) -> Iterator[SequenceTargets]:
+    def iter_rows(self, start: int, end: int,
+                  needed: Callable[[int, int], bool] | None = None) -> Iterator[SequenceTargets | None]:
         """Rows ``[start, end)`` in cache order, streamed one record batch at a time.
+
+        ``needed(lo, hi)`` says whether any of rows ``[lo, hi)`` is wanted; a shard it says
+        no to is not read, a row group not decoded, and their rows come as None (a resumed
+        loader passes over the rows it trained on before the checkpoint: reading and decoding
+        them took ~3 ms a row at k=128).
 
         The next shard is read and sha256-checked on a second thread while this one decodes
         (hashlib and pyarrow release the GIL): verification costs no wall time on a 2-core
@@ -151,15 +157,26 @@ class CacheReader:
         for shard in self.shards:
             last = first + shard.rows
             if first < end and last > start:
-                spans.append((shard, max(start - first, 0), min(end, last) - first))
+                lo, hi = max(start - first, 0), min(end, last) - first
+                if needed is None or needed(first + lo, first + hi):
+                    spans.append((shard, first, lo, hi))
+                else:
+                    spans.append((None, first, lo, hi))   # not read
             first = last
+        to_open = iter([span[0] for span in spans if span[0] is not None])
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qadpipe-cache-read") as pool, \
                 ThreadPoolExecutor(max_workers=self.decode_threads, thread_name_prefix="qadpipe-cache-decode") as decoders:
-            pending = pool.submit(self._open_verified, spans[0][0]) if spans else None
-            for index, (shard, lo, hi) in enumerate(spans):
+            upcoming = next(to_open, None)
+            pending = pool.submit(self._open_verified, upcoming) if upcoming is not None else None
+            for shard, shard_first, lo, hi in spans:
+                if shard is None:
+                    yield from [None] * (hi - lo)
+                    continue
                 parquet = pending.result()
-                pending = pool.submit(self._open_verified, spans[index + 1][0]) if index + 1 < len(spans) else None
-                yield from self._iter_shard(shard, parquet, lo, hi, decoders)
+                upcoming = next(to_open, None)
+                pending = pool.submit(self._open_verified, upcoming) if upcoming is not None else None
+                wanted = None if needed is None else lambda a, b, at=shard_first: needed(at + a, at + b)
+                yield from self._iter_shard(shard, parquet, lo, hi, decoders, wanted)
 
     def _open_verified(self, shard: ShardEntry) -> pq.ParquetFile:
         """One shard opened for reading, its bytes checked against the manifest's sha256 on
@@ -172,26 +189,37 @@ class CacheReader:
         return self._parquet(shard, pa.BufferReader(buffer))
 
     def _iter_shard(self, shard: ShardEntry, parquet: pq.ParquetFile, lo: int, hi: int,
-                    decoders: ThreadPoolExecutor) -> Iterator[SequenceTargets]:
-        """Rows [lo, hi) of one shard, reading only the row groups that hold them.
+                    decoders: ThreadPoolExecutor,
+                    needed: Callable[[int, int], bool] | None) -> Iterator[SequenceTargets | None]:
+        """Rows [lo, hi) of one shard, reading only the row groups that hold them (and of
+        those, decoding only the ones ``needed`` wants, if given; the others' rows are None).
 
         Record batches are decoded on ``decode_threads`` threads, at most twice that many in
         flight, and yielded in order: numpy releases the GIL in the decode's cumsums and
         gathers, so two threads decode ~1.4x faster than one on 2 cores (bench/cache_size.py)."""
         where = self.store.describe(shard.name)
-        groups, group_first, row = [], None, 0
+        groups, row = [], 0   # (row group, its first row, its rows) over [lo, hi)
         for index in range(parquet.metadata.num_row_groups):
             size = parquet.metadata.row_group(index).num_rows
             if row < hi and row + size > lo:
-                groups.append(index)
-                group_first = row if group_first is None else group_first
+                groups.append((index, row, size))
             row += size
-        row = group_first or 0
         id_order = shard_id_order(parquet.schema_arrow, self.meta, where)
+
+        def pieces() -> Iterator[pa.RecordBatch | int]:
+            """Each wanted group's record batches; for a group nobody wants, its row count."""
+            for index, first, size in groups:
+                if needed is None or needed(max(first, lo), min(first + size, hi)):
+                    yield from parquet.iter_batches(batch_size=self.batch_rows, row_groups=[index])
+                else:
+                    yield size
+
+        def decode(piece: pa.RecordBatch | int) -> list[SequenceTargets | None]:
+            return [None] * piece if isinstance(piece, int) else decode_batch(piece, self.meta, id_order)
+
+        row = groups[0][1] if groups else 0
         try:
-            batches = parquet.iter_batches(batch_size=self.batch_rows, row_groups=groups)
-            for rows in ordered_map(decoders, lambda batch: decode_batch(batch, self.meta, id_order), batches,
-                                    ahead=2 * self.decode_threads):
+            for rows in ordered_map(decoders, decode, pieces(), ahead=2 * self.decode_threads):
                 for item in rows[max(lo - row, 0):max(hi - row, 0)]:
                     yield item
                 row += len(rows)

@@ -102,6 +102,44 @@ def test_a_rank_range_starting_in_a_later_row_group_reads_its_own_rows(tmp_path,
     assert [r.id for r in reader.iter_rows(5, 9)] == ids[5:9]
 
 
+def test_row_groups_nobody_needs_are_not_decoded_and_come_as_none(tmp_path, monkeypatch):
+    """``needed`` is asked about each shard, then each row group of the shards it wants, over
+    the range, in cache-wide row numbers; a shard it turns down is never read, a group never
+    decoded (a resumed loader's trained rows)."""
+    from qadpipe.cache import encoding as encoding_module
+    from qadpipe.cache import reader as reader_module
+    from qadpipe.cache import writer as writer_module
+
+    monkeypatch.setattr(writer_module, "ROW_GROUP_ROWS", 4)
+    meta = cache_meta("topk", k=4)
+    rows = random_rows(meta, 30, seq_len=8)
+    write_cache(tmp_path, meta, rows, rows_per_shard=10)   # shards of 10 rows: groups 4 + 4 + 2
+    decoded = []
+    monkeypatch.setattr(reader_module, "decode_batch",
+                        lambda batch, *args: decoded.extend(batch.column("id").to_pylist()) or
+                        encoding_module.decode_batch(batch, *args))
+    asked = []
+
+    def needed(lo: int, hi: int) -> bool:
+        asked.append((lo, hi))
+        return not (6 <= lo and hi <= 24)
+
+    opened = []
+    open_verified = CacheReader._open_verified
+    monkeypatch.setattr(CacheReader, "_open_verified", lambda self, shard: opened.append(shard.name) or
+                        open_verified(self, shard))
+    got = list(CacheReader(str(tmp_path)).iter_rows(3, 27, needed))
+    assert asked == [(3, 10), (10, 20), (20, 27), (3, 4), (4, 8), (8, 10), (20, 24), (24, 27)]   # shards, then groups
+    assert [name.rsplit("-", 1)[1] for name in opened] == ["000000.parquet", "000002.parquet"]
+    wanted = [i for i in range(3, 27) if not 8 <= i < 24]
+    assert [row.id if row is not None else None for row in got] == \
+        [rows[i].id if i in wanted else None for i in range(3, 27)]
+    assert sorted(decoded) == sorted(rows[i].id for i in [*range(0, 8), *range(24, 28)])   # whole row groups
+    for i, row in zip(range(3, 27), got):
+        if row is not None:
+            assert_same_targets(rows[i], row, "compact")
+
+
 def test_several_tasks_merge_into_one_view(tmp_path):
     meta = cache_meta("topk", encoding="compact")
     rows_b = random_rows(meta, 3, prefix="b", seed=1)
