@@ -30,6 +30,10 @@ from qadpipe.targets import SequenceTargets
 
 #: Threads decoding record batches (numpy releases the GIL in the decode's cumsums and gathers).
 DEFAULT_DECODE_THREADS = 2
+#: Input tokens one decoded record batch may hold (64 rows of 2,048): a shard of longer rows is
+#: decoded fewer rows at a time.  Rows of 32k tokens at k=128 decode to ~130 MB each, so 64 of
+#: them made a batch of 8 GB, and two threads keep up to four batches in flight.
+BATCH_TOKENS = 64 * 2048
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -205,12 +209,14 @@ class CacheReader:
                 groups.append((index, row, size))
             row += size
         id_order = shard_id_order(parquet.schema_arrow, self.meta, where)
+        rows_per_batch = self.batch_rows if shard.longest_row is None else \
+            max(1, min(self.batch_rows, BATCH_TOKENS // max(shard.longest_row, 1)))
 
         def pieces() -> Iterator[pa.RecordBatch | int]:
             """Each wanted group's record batches; for a group nobody wants, its row count."""
             for index, first, size in groups:
                 if needed is None or needed(max(first, lo), min(first + size, hi)):
-                    yield from parquet.iter_batches(batch_size=self.batch_rows, row_groups=[index])
+                    yield from parquet.iter_batches(batch_size=rows_per_batch, row_groups=[index])
                 else:
                     yield size
 

@@ -149,7 +149,8 @@ class TargetLoader:
                 while streamed <= index:
                     row = next(rows)
                     if not trained[streamed]:
-                        held[streamed] = row
+                        # a row held for later gets arrays of its own: a view kept its record batch alive
+                        held[streamed] = row.owned() if streamed < index else row
                     streamed += 1
                 yield held.pop(index)
         finally:   # a cache reader's threads end now, not whenever its generator is collected

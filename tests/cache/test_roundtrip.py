@@ -140,6 +140,29 @@ def test_row_groups_nobody_needs_are_not_decoded_and_come_as_none(tmp_path, monk
             assert_same_targets(rows[i], row, "compact")
 
 
+def test_long_rows_are_decoded_fewer_at_a_time(tmp_path, monkeypatch):
+    """A record batch holds at most BATCH_TOKENS input tokens (by the shard's longest row), so
+    long rows do not decode batch_rows at once; the rows read are the same."""
+    from qadpipe.cache import encoding as encoding_module
+    from qadpipe.cache import reader as reader_module
+
+    meta = cache_meta("topk", k=4)
+    rows = random_rows(meta, 12, seq_len=40)
+    write_cache(tmp_path, meta, rows, rows_per_shard=12)
+    sizes = []
+    monkeypatch.setattr(reader_module, "decode_batch",
+                        lambda batch, *args: sizes.append(batch.num_rows) or encoding_module.decode_batch(batch, *args))
+    monkeypatch.setattr(reader_module, "BATCH_TOKENS", 130)    # 3 rows of 40 tokens
+    got = list(CacheReader(str(tmp_path), batch_rows=8).iter_rows(0, 12))
+    assert sizes == [3, 3, 3, 3]
+    monkeypatch.setattr(reader_module, "BATCH_TOKENS", 64 * 2048)
+    sizes.clear()
+    assert [row.id for row in CacheReader(str(tmp_path), batch_rows=8).iter_rows(0, 12)] == [row.id for row in got]
+    assert sizes == [8, 4]    # short rows: batch_rows as asked
+    for written, read in zip(rows, got):
+        assert_same_targets(written, read, "compact")
+
+
 def test_several_tasks_merge_into_one_view(tmp_path):
     meta = cache_meta("topk", encoding="compact")
     rows_b = random_rows(meta, 3, prefix="b", seed=1)

@@ -105,6 +105,23 @@ def test_a_resume_does_not_decode_the_rows_trained_before_it(make, batches_done)
         assert len(undecoded) > len(trained) / 2
 
 
+def test_rows_held_in_the_shuffle_buffer_own_their_arrays(make):
+    """Decoded rows are views into their record batch's arrays; a held one kept the whole batch
+    alive.  Rows are read as the order reaches them, so a row is held when a later one was
+    popped first; only a row popped as it is read stays a view (no copy needed)."""
+    source = ListSource(20)
+    batch_arrays = np.arange(4 * 20, dtype=np.int32)
+    for index, row in enumerate(source.rows):
+        row.input_ids = batch_arrays[4 * index:4 * index + 4]
+    rows = [row for batch in itertools.islice(iter(make(source)), 6) for row in batch]   # the 18 training rows
+    popped = [int(row.id[1:]) for row in rows]
+    held = [max(popped[:turn], default=-1) > index for turn, index in enumerate(popped)]
+    assert 0 < sum(held) < len(rows)
+    for row, was_held in zip(rows, held):
+        assert np.shares_memory(row.input_ids, batch_arrays) != was_held, row.id
+        assert np.array_equal(row.input_ids, batch_arrays[4 * int(row.id[1:]):][:4])
+
+
 def first_epoch(loader) -> list[str]:
     """The row ids one rank trains on in its first epoch."""
     rows = []
