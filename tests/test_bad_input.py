@@ -125,6 +125,14 @@ def reseal(cache: Path) -> None:
     (cache / MANIFEST).write_text(json.dumps(data))
 
 
+def wrong_checksums(cache: Path) -> None:
+    """Every shard's manifest sha256 no longer its bytes' (sizes still right)."""
+    data = json.loads((cache / MANIFEST).read_text())
+    for shard in data["shards"]:
+        shard["sha256"] = "0" * 64
+    (cache / MANIFEST).write_text(json.dumps(data))
+
+
 def rewrite_shard(edit: Callable[[dict], None]) -> Callable[[Path], None]:
     """Re-encode shard 0 of a plain cache with ``edit`` applied to its columns, resealed."""
     def change(cache: Path) -> None:
@@ -286,6 +294,9 @@ CASES = {
                                       copy_cache(lambda c: (c / MANIFEST).write_text("{not json")), pipeline=True),
     "distill-garbage-shard": Case(DIS + TMP_CACHE + TMP_STUDENT, r"task-00000-000000\.parquet: .*not a readable Parquet shard",
                                   copy_cache(lambda c: (write(SHARD0, GARBAGE)(c, c), reseal(c))), pipeline=True),
+    "distill-checksum-mismatch": Case(DIS + TMP_CACHE + TMP_STUDENT,   # a same-size rewrite in place
+                                      r"task-00000-000000\.parquet: checksum mismatch: sha256 [0-9a-f]+\.\.\., "
+                                      r"manifest says 0000", copy_cache(wrong_checksums), pipeline=True),
     "distill-nan-in-cache": Case(DIS + TMP_CACHE + TMP_STUDENT, r"task-00000-000000\.parquet.*NaN",
                                  copy_cache(rewrite_shard(nan_logprob)), pipeline=True),
     "distill-huge-token-id": Case(DIS + TMP_CACHE + TMP_STUDENT, r"task-00000-000000\.parquet.*input_ids",

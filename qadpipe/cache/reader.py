@@ -1,9 +1,9 @@
 """CacheReader: a verified, streaming, rank-sharded view of a logit cache.
 
 Opening a cache is cheap and strict: the task manifests are merged, every listed shard must
-exist with its recorded size, and (``verify=True``) each shard's footer must carry the
-cache's metadata and its ids must be unique across the whole cache — only the footers and
-the ``id`` column are read for that.  The sha256 of a shard is checked every time its rows
+exist with its recorded size, and (``check_footers``, by default with ``verify``) each
+shard's footer must carry the cache's metadata and its ids must be unique across the whole
+cache — only the footers and the ``id`` column are read for that.  The sha256 of a shard is checked every time its rows
 are streamed, every epoch (the bytes are read anyway, on a read-ahead thread: a shard
 regenerated or damaged in place mid-run is refused, not trained on), or for all shards at
 once by :meth:`CacheReader.verify_all` (``qadpipe inspect --verify``).
@@ -61,8 +61,11 @@ class CacheReader:
 
     def __init__(self, root: str, *, verify: bool = True, filesystem: pafs.FileSystem | None = None,
                  batch_rows: int = 64, decode_threads: int = DEFAULT_DECODE_THREADS,
-                 view: CacheView | None = None) -> None:
-        """``view``: the manifests as another reader loaded them (``load_view``), so that
+                 view: CacheView | None = None, check_footers: bool | None = None) -> None:
+        """``verify``: check each shard's sha256 every time it is read.  ``check_footers``
+        (default: ``verify``): read every shard's footer and id column now (cache metadata,
+        row counts, ids unique across the cache), once per cache, not once per process.
+        ``view``: the manifests as another reader loaded them (``load_view``), so that
         readers in several processes see the same committed shards of a growing cache."""
         self.root = str(root)
         self.store = Store(root, filesystem)
@@ -78,7 +81,7 @@ class CacheReader:
         self.decode_threads = decode_threads
         for shard in self.shards:
             self._raise_if(shard, shard_problem(self.store, shard))
-        if verify:
+        if verify if check_footers is None else check_footers:
             self._check_footers_and_ids()
 
     def _raise_if(self, shard: ShardEntry, problem: str | None) -> None:

@@ -49,7 +49,7 @@ SHARD_ENTRY_BUDGET = 2**28
 
 def row_entries(row: SequenceTargets) -> int:
     """What ``row`` adds to its shard's fullest column (see :data:`SHARD_ENTRY_BUDGET`)."""
-    targets = row.topk_ids.size if row.kind == "topk" else np.asarray(row.sample_ids).size
+    targets = np.asarray(row.topk_ids if row.kind == "topk" else row.sample_ids).size
     return max(int(targets), int(np.asarray(row.input_ids).size))
 
 
@@ -167,9 +167,10 @@ class CacheWriter:
         validate_row(row, self.meta)
         if row.id in self._done or row.id in self._buffered_ids:
             raise CacheError(f"cache row id {row.id!r}: already written by task {self._manifest.task}")
+        entries = row_entries(row)
         self._buffer.append(row)
         self._buffered_ids.add(row.id)
-        self._buffered_entries += row_entries(row)
+        self._buffered_entries += entries
         if len(self._buffer) >= self.rows_per_shard or self._buffered_entries >= SHARD_ENTRY_BUDGET:
             self.flush()
 

@@ -277,7 +277,7 @@ class DistillRecipe:
             if self.cfg.mode == "online" and not _cache_exists(path):
                 return None
             view = load_view(Store(path))
-            CacheReader(path, view=view, verify=True)
+            CacheReader(path, view=view, check_footers=True)
             return view
 
         # One snapshot for every rank, and one decision whether there is a cache at all: a
@@ -288,7 +288,8 @@ class DistillRecipe:
         if view is None:
             log.info("online mode: no cache at %s; tokens come from data.source=%s", path, self.config.data.source)
             return self._data_source(), None
-        reader = CacheReader(path, view=view, verify=False)   # rank 0 checked this view's shards
+        # rank 0 checked this view's footers and ids; every read still checks the shard's sha256
+        reader = CacheReader(path, view=view, check_footers=False)
         missing, incomplete = reader.view.missing_tasks, reader.view.incomplete_tasks
         if missing:
             log.warning("%s: %d of the generate array's tasks have no manifest yet (%s...): training on the "

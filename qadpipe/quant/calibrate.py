@@ -43,11 +43,14 @@ class _Observer:
         values = x.detach()
         mask = self.token_mask
         if mask is not None:
-            if values.shape[:mask.ndim] != mask.shape:   # the padding cannot be told apart
-                raise QuantError(f"calibrate: {self.name} sees activations shaped {tuple(values.shape)}, not "
-                                 f"[batch, seq, ...] = {tuple(mask.shape)} like the batch, so its range would "
-                                 "count padded positions; calibrate on unpadded rows, or leave it out (quant.ignore)")
-            values = values[mask]
+            if values.shape[:mask.ndim] == mask.shape:
+                values = values[mask]
+            elif values.shape[0] == mask.numel():   # [batch * seq, ...]: e.g. Qwen2-MoE's shared expert
+                values = values[mask.reshape(-1)]
+            else:   # the padding cannot be told apart
+                raise QuantError(f"calibrate: {self.name} sees activations shaped {tuple(values.shape)}, neither "
+                                 f"[batch, seq, ...] = {tuple(mask.shape)} nor [batch * seq, ...] like the batch, so "
+                                 "its range would count padded positions; leave it out (quant.ignore)")
         magnitude = values.float().abs().flatten()
         if magnitude.numel() == 0:
             return

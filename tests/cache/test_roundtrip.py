@@ -3,6 +3,7 @@ rank splits, several writer tasks, resume."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -161,6 +162,18 @@ def test_long_rows_are_decoded_fewer_at_a_time(tmp_path, monkeypatch):
     assert sizes == [8, 4]    # short rows: batch_rows as asked
     for written, read in zip(rows, got):
         assert_same_targets(written, read, "compact")
+
+
+def test_rows_of_array_likes_are_written(tmp_path):
+    """validate_row and the encoders take array-likes (nested lists); the shard budget's
+    entry count does too, and counts a row before it is buffered."""
+    meta = cache_meta("topk", k=4, encoding="plain")
+    rows = random_rows(meta, 3, seq_len=8)
+    listed = [dataclasses.replace(row, topk_ids=row.topk_ids.tolist(), topk_logprobs=row.topk_logprobs.tolist())
+              for row in rows]
+    write_cache(tmp_path, meta, listed)
+    for written, read in zip(rows, CacheReader(str(tmp_path)).iter_sequences()):
+        assert_same_targets(written, read, "plain")
 
 
 def test_several_tasks_merge_into_one_view(tmp_path):

@@ -114,20 +114,29 @@ def test_percentile_rank_is_exact_for_the_decimal_given():
     assert observer.amax.item() == 40959.0
 
 
-def test_a_padded_batch_whose_activations_are_not_batch_by_seq_is_refused(make_llama, quant_config):
-    """A quantizer that sees its input in another layout cannot tell padding from tokens: one
-    line naming it, not a range that silently counts the padding."""
-    model = make_llama()
+@pytest.mark.parametrize("layout", ["flattened", "transposed"])
+def test_inputs_seen_in_another_layout_are_masked_or_refused(make_llama, quant_config, layout):
+    """An MoE's shared expert sees [batch * seq, features]: masked like [batch, seq, features],
+    so the loud padding stays out of its range.  A layout where padding cannot be told apart
+    ([seq, batch, ...]) is refused in one line naming the quantizer, not counted silently."""
+    reshape = {"flattened": lambda x: x.flatten(0, 1), "transposed": lambda x: x.transpose(0, 1)}[layout]
+    batch = _padded_batches(1)[0]
+    batch = {**batch, "input_ids": batch["input_ids"].masked_fill(batch["attention_mask"] == 0, LOUD_TOKEN)}
+    name = "model.layers.0.self_attn.q_proj"
+    plain = make_llama(loud_token=LOUD_TOKEN)
+    apply_recipe(plain, quant_config(preset="fp8_static"))
+    calibrate(plain, [batch], 1)
+    model = make_llama(loud_token=LOUD_TOKEN)
     apply_recipe(model, quant_config(preset="fp8_static"))
-    q_proj = model.get_submodule("model.layers.0.self_attn.q_proj")
-    flatten = q_proj.register_forward_pre_hook(lambda m, args: (args[0].flatten(0, 1),))
+    model.get_submodule(name).register_forward_pre_hook(lambda m, args: (reshape(args[0]),))
+    if layout == "flattened":
+        calibrate(model, [batch], 1)
+        assert torch.equal(model.get_submodule(name).input_quantizer.amax, plain.get_submodule(name).input_quantizer.amax)
+        return
     with pytest.raises(QuantError, match=r"model\.layers\.0\.self_attn\.q_proj\.input_quantizer sees activations "
-                                         r"shaped \(30, 64\), not \[batch, seq, \.\.\.\] = \(3, 10\)"):
-        calibrate(model, _padded_batches(1), 1)
-    unpadded = {"input_ids": _padded_batches(1)[0]["input_ids"]}   # nothing to tell apart: calibrates
-    calibrate(model, [unpadded], 1)
-    flatten.remove()
-    assert float(q_proj.input_quantizer.amax) > 0
+                                         r"shaped \(10, 3, 64\), neither \[batch, seq, \.\.\.\] = \(3, 10\) nor "
+                                         r"\[batch \* seq, \.\.\.\]"):
+        calibrate(model, [batch], 1)
 
 
 @pytest.mark.parametrize("percentile", [None, 99.0])
