@@ -3,10 +3,11 @@
 Opening a cache is cheap and strict: the task manifests are merged, every listed shard must
 exist with its recorded size, and (``check_footers``, by default with ``verify``) each
 shard's footer must carry the cache's metadata and its ids must be unique across the whole
-cache — only the footers and the ``id`` column are read for that.  The sha256 of a shard is checked every time its rows
-are streamed, every epoch (the bytes are read anyway, on a read-ahead thread: a shard
-regenerated or damaged in place mid-run is refused, not trained on), or for all shards at
-once by :meth:`CacheReader.verify_all` (``qadpipe inspect --verify``).
+cache — only the footers and the ``id`` column are read for that.  The sha256 of a shard is
+checked (``verify``) every time its rows are streamed, every epoch (the bytes are read
+anyway, on a read-ahead thread: a shard regenerated or damaged in place mid-run is refused,
+not trained on), or for all shards at once by :meth:`CacheReader.verify_all` (``qadpipe
+inspect --verify``).
 """
 
 from __future__ import annotations

@@ -134,7 +134,8 @@ class TargetLoader:
 
         The pops are drawn on indices; rows are read as the order reaches them and held
         until their turn (as many as the buffer holds).  The first ``skip`` pops are drawn
-        before any row is read, and the reader leaves row groups that hold only those undecoded."""
+        before any row is read, and the reader leaves the shards and row groups that hold only
+        those unread and undecoded."""
         start, end = self.train_range
         order = _shuffle_order(end - start, self.shuffle_buffer, generator)
         trained = np.zeros(end - start, dtype=bool)   # popped before the resume point
