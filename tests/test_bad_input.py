@@ -226,7 +226,8 @@ def final_copy(change: Callable[[Path], None]) -> Callable[[Path, Path], None]:
 
 CASES = {
     # --- configs
-    "config-binary-garbage": Case(["generate", "-c", "{tmp}/c.yaml"], r"c\.yaml: not a text file, expected YAML", write("c.yaml", GARBAGE)),
+    "config-binary-garbage": Case(["generate", "-c", "{tmp}/c.yaml"], r"c\.yaml: not a text file, expected YAML",
+                                  write("c.yaml", GARBAGE)),
     "config-wrong-json-type": Case(["generate", "-c", "{tmp}/c.json"], r"cache\.k: got 'eight' \(str\)",
                                    write("c.json", '{"cache": {"k": "eight"}}')),
     "config-missing-file": Case(["export", "-c", "{tmp}/nope.yaml"], r"nope\.yaml: config file not found"),
