@@ -189,8 +189,10 @@ class DistillRecipe:
                                    shuffle_buffer=cfg.shuffle_buffer, holdout_rows=cfg.eval_rows,
                                    prefetch=cfg.prefetch_batches, pin_for=self.env.device)
         # Resuming, the recipe is the checkpoint's, no-op entries and all (a newer qadpipe's
-        # refusals of those are for new recipes).
-        checkpoint = latest_checkpoint(self.output_dir) if self.resume else None
+        # refusals of those are for new recipes).  Rank 0 names the checkpoint for all: ranks
+        # looking one by one could see different steps through a stale NFS directory cache.
+        checkpoint = dist_utils.computed_by_main(self.env.is_main, lambda: latest_checkpoint(self.output_dir)) \
+            if self.resume else None
         student = build_student(self.config, self.env.device, rebuild=checkpoint is not None)
         vocab = output_rows(student)
         self._check_vocab(vocab)
@@ -603,6 +605,10 @@ class DistillRecipe:
                     with window.not_training():
                         self._refuse_unsound_weights(micro[-1], self.last_eval if evaluated else {})
                         self.save_checkpoint(window)
+                    if not stop and self.step < cfg.max_steps:
+                        # A signal during the save (an 8B student's takes minutes) stops at the
+                        # checkpoint just written, not after one more step and a second save.
+                        stop = self._stop_requested()
                 if stop:
                     outcome = ("checkpoint saved at step %d; rerun with --resume to continue" if cfg.save
                                else "stopped at step %d; nothing saved (distill.save=false)")

@@ -4,6 +4,7 @@ their values under decay, and checkpoints of either layout resume or are refused
 from __future__ import annotations
 
 import json
+import signal
 
 import pytest
 import torch
@@ -97,6 +98,23 @@ def test_a_resume_with_two_groups_continues_the_curve_exactly(peaky_llama_dir, t
         return [(row["step"], row["loss"]) for row in rows if "loss" in row]
 
     assert losses(tmp_path / "stopped") == losses(tmp_path / "straight")
+
+
+def test_a_stop_signal_during_a_save_stops_at_that_checkpoint(peaky_llama_dir, topk_cache, tmp_path, monkeypatch):
+    """A signal that lands while step 2's checkpoint is written (an 8B student's save takes
+    minutes, a preemption grace period not many more) stops there: no step 3, no second save."""
+    save = trainer.DistillRecipe.save_checkpoint
+    saved = []
+
+    def save_then_signal(self, window):
+        save(self, window)
+        saved.append(self.step)
+        if self.step == 2:
+            self._stop.signum = signal.SIGTERM   # as the handler records it
+
+    monkeypatch.setattr(trainer.DistillRecipe, "save_checkpoint", save_then_signal)
+    result = trainer.run_distill(config(peaky_llama_dir, topk_cache, tmp_path))   # saves every 2 steps of 4
+    assert (result.status, result.step, result.stop_signal, saved) == ("preempted", 2, "SIGTERM", [2])
 
 
 def test_a_checkpoint_that_decayed_every_parameter_is_refused_in_one_line(peaky_llama_dir, topk_cache, tmp_path,
