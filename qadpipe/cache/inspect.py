@@ -90,7 +90,7 @@ class TargetTally:
             self.columns = ["tail_mass" if meta.encoding == "plain" else "tail_codes"]
         else:
             self.columns = ["sample_unique", "sample_ids", "sample_counts"]
-        self.positions, self.tail_sum = 0, 0.0
+        self.positions, self.tail_sum, self.unique_ids = 0, 0.0, 0
         self.tail_histogram = np.zeros(2**16, dtype=np.int64)
         self.tail_draws, self.draws = 0, 0
 
@@ -110,13 +110,14 @@ class TargetTally:
         tail_id = TAIL_ID if self.meta.encoding == "plain" else self.meta.vocab_size   # raw column values
         counts = values["sample_counts"].astype(np.int64)
         self.positions += values["sample_unique"].size
-        self.tail_sum += float(values["sample_unique"].sum())   # unique ids, summed over positions
+        self.unique_ids += int(values["sample_unique"].sum())
         self.tail_draws += int(counts[values["sample_ids"] == tail_id].sum())
         self.draws += int(counts.sum())
 
     def merge(self, other: "TargetTally") -> None:
         self.positions += other.positions
         self.tail_sum += other.tail_sum
+        self.unique_ids += other.unique_ids
         self.tail_histogram += other.tail_histogram
         self.tail_draws += other.tail_draws
         self.draws += other.draws
@@ -127,7 +128,7 @@ class TargetTally:
         if self.meta.target_kind == "topk":
             return {"tail_mass_mean": self.tail_sum / self.positions,
                     "tail_mass_p5": self._tail_percentile(5), "tail_mass_p50": self._tail_percentile(50)}
-        return {"unique_ids_per_position": self.tail_sum / self.positions,
+        return {"unique_ids_per_position": self.unique_ids / self.positions,
                 "tail_draw_fraction": self.tail_draws / max(self.draws, 1)}
 
     def _tail_percentile(self, q: float) -> float:
