@@ -10,10 +10,7 @@ import torch
 from qadpipe.errors import QuantError
 from qadpipe.quant.calibrate import calibrate, static_input_quantizers
 from qadpipe.quant.recipe import apply_recipe
-
-
-#: The token make_llama(loud_token=...) makes ~100x louder than any other; no real position holds it.
-LOUD_TOKEN = 255
+from quant_inputs import LOUD_TOKEN
 
 
 def _padded_batches(n: int) -> list[dict[str, torch.Tensor]]:

@@ -10,6 +10,7 @@ import torch
 from qadpipe.quant.calibrate import calibrate
 from qadpipe.quant.kv_cache import KV_ATTENTION, attach_kv_quantizers, kv_cache_scales
 from qadpipe.quant.recipe import apply_recipe
+from quant_inputs import LOUD_TOKEN
 
 
 def spy_on_attention(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -26,10 +27,6 @@ def spy_on_attention(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.T
     AttentionInterface.register("test_kv_spy", spy)
     model.config._attn_implementation = "test_kv_spy"
     return seen
-
-
-#: The token make_llama(loud_token=...) makes ~100x louder than any other: only padding holds it.
-LOUD_TOKEN = 255
 
 
 def batches(pad_last: int = 0) -> list[dict[str, torch.Tensor]]:
