@@ -251,6 +251,9 @@ class DistillConfig:
     save_every: int = opt(50, "checkpoint every N steps", ge=1)
     save: bool = opt(True, "write the PTQ student, checkpoints and final/ (false: metrics only, for "
                      "throughput runs; nothing to resume or export)")
+    save_in_background: bool = opt(True, "rank 0 writes each checkpoint on a thread while training goes on "
+                                   "(the steps wait for the snapshot, not the disk; host memory holds one "
+                                   "snapshot until written, as a synchronous save does)")
     eval_every: int = opt(25, "held-out eval every N steps", ge=1)
     eval_rows: int = opt(16, "cache rows held out for eval", ge=0)
     log_every: int = opt(5, "log line every N steps", ge=1)

@@ -182,11 +182,17 @@ def written_by_main(is_main: bool, device: torch.device, write: Callable[[], T])
             result = write()
         except Exception as exc:   # re-raised below, once the other ranks know
             failure = exc
+    raise_if_any_failed(failure, device)
+    return result
+
+
+def raise_if_any_failed(failure: Optional[BaseException], device: torch.device) -> None:
+    """Every rank learns whether rank 0's write failed (``failure`` there): rank 0 raises its
+    own error, the others one line saying so (every rank must call)."""
     if all_reduce_number(float(failure is not None), device, op="max"):
         if failure is not None:
             raise failure
         raise DistillError("rank 0 could not write its output (its own error says why); this rank stops too")
-    return result
 
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)

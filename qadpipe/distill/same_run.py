@@ -19,7 +19,7 @@ from qadpipe.config import PipelineConfig, build_config, config_to_dict, flatten
 #: cache is recognised by its fingerprint, not its path.
 RESUMABLE_CHANGES = frozenset({"distill.max_steps", "distill.lr", "distill.max_grad_norm",
                                "distill.log_every", "distill.eval_every", "distill.save_every",
-                               "distill.save", "distill.activation_checkpointing", "distill.loss_chunk_tokens",
+                               "distill.save", "distill.save_in_background", "distill.activation_checkpointing", "distill.loss_chunk_tokens",
                                "distill.pack_length", "distill.prefetch_batches", "distill.tensorboard",
                                "distill.device", "distill.output_dir", "distill.distributed"})
 

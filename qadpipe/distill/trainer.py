@@ -25,6 +25,7 @@ Output under ``distill.output_dir``: ``checkpoints/`` (see :mod:`qadpipe.distill
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime as _dt
 import importlib.util
 import logging
@@ -41,6 +42,7 @@ import torch
 from tqdm import tqdm
 
 from qadpipe.distill import distributed as dist_utils
+from qadpipe.distill.background_save import BackgroundWriter, detached_snapshot, live_tensors
 from qadpipe.distill.checkpoint import (CHECKPOINT_DIR, TrainerState, capture_rng, latest_checkpoint,
                                         load_checkpoint, remove_stale_temps, restore_rng, save_checkpoint)
 from qadpipe.distill.collate import Batch, collate
@@ -155,6 +157,7 @@ class DistillRecipe:
     def setup(self) -> None:
         cfg = self.cfg
         self.env = dist_utils.init_distributed(cfg.device)
+        self.writer = BackgroundWriter(self.env.is_main, self.env.device)
         if self.env.device.type == "cuda" and self.config.model.dtype == "float16":
             # fp16 autocast needs loss scaling: the loss is divided by the batch's position
             # count, and activation gradients of ~1e-6 fall below fp16's normal range.
@@ -610,10 +613,12 @@ class DistillRecipe:
                         # checkpoint just written, not after one more step and a second save.
                         stop = self._stop_requested()
                 if stop:
+                    self.writer.finish()
                     outcome = ("checkpoint saved at step %d; rerun with --resume to continue" if cfg.save
                                else "stopped at step %d; nothing saved (distill.save=false)")
                     log.warning("%s: " + outcome, stop, self.step)
                     return TrainResult("preempted", self.step, self.ptq_eval, self.last_eval, stop_signal=stop)
+        self.writer.finish()
         final = self.save_final() if cfg.save else None
         return TrainResult("done", self.step, self.ptq_eval, self.last_eval, final)
 
@@ -667,6 +672,7 @@ class DistillRecipe:
 
     def _kept_checkpoint(self, which: str) -> str:
         """What a run that stops on an error leaves to --resume from."""
+        self.writer.wait()   # a checkpoint being written is the last one once it is
         last = latest_checkpoint(self.output_dir)
         return f"the {which} checkpoint is {last}" if last else "no checkpoint was written before it"
 
@@ -776,19 +782,30 @@ class DistillRecipe:
     # ------------------------------------------------------------------ save / cleanup
     def save_checkpoint(self, window: _Window) -> None:
         """Model + quantizer state, optimizer, scheduler, RNG, and every rank's loader position
-        and log-interval sums."""
+        and log-interval sums.  With ``distill.save_in_background`` the loop waits for this
+        step's snapshot only, and rank 0 writes it while training goes on (see
+        :mod:`qadpipe.distill.background_save`)."""
+        self.writer.finish()   # the previous checkpoint is committed before this one is taken
+        taken = time.perf_counter()
         model_state = {_strip(k): v for k, v in dist_utils.full_model_state(self.model).items()}
         optimizer_state = dist_utils.full_optimizer_state(self.model, self.optimizer)
         loader_states = dist_utils.all_gather_objects(self.loader.state_dict())
         window_sums = dist_utils.all_gather_objects(window.sums())
-
-        def write() -> None:
-            state = TrainerState(step=self.step, optimizer=optimizer_state, scheduler=self.scheduler.state_dict(),
-                                 loader={"ranks": loader_states}, rng=capture_rng(),
-                                 cache_fingerprint=self._cache_fingerprint(), log_window={"ranks": window_sums})
-            save_checkpoint(self.output_dir, model_state, state, self.config, **self._history())
-
-        dist_utils.written_by_main(self.env.is_main, self.env.device, write)
+        state = TrainerState(step=self.step, optimizer=optimizer_state,
+                             scheduler=copy.deepcopy(self.scheduler.state_dict()),
+                             loader={"ranks": loader_states}, rng=capture_rng(),
+                             cache_fingerprint=self._cache_fingerprint(), log_window={"ranks": window_sums})
+        history = self._history()
+        if not self.cfg.save_in_background:
+            dist_utils.written_by_main(self.env.is_main, self.env.device, lambda: save_checkpoint(
+                self.output_dir, model_state, state, self.config, **history))
+            return
+        model_state, state.optimizer = detached_snapshot((model_state, state.optimizer),
+                                                         live_tensors(self.model, self.optimizer))
+        self.writer.start(lambda: save_checkpoint(self.output_dir, model_state, state, self.config, **history),
+                          f"checkpoint step {self.step}")
+        log.info("checkpoint step %d: snapshot taken in %.1f s, written in the background", self.step,
+                 time.perf_counter() - taken)
 
     def _history(self) -> dict[str, Any]:
         """The run-record fact a resumed run adds (none for a run never resumed)."""
@@ -819,6 +836,8 @@ class DistillRecipe:
                 return
 
     def cleanup(self) -> None:
+        if hasattr(self, "writer"):
+            self.writer.wait()   # a run stopping on an error still commits the checkpoint it began
         if hasattr(self, "metrics"):
             self.metrics.close()
         self._release_output_dir()

@@ -1,0 +1,129 @@
+"""Checkpoints written by rank 0 on a thread while every rank trains on.
+
+Why: a checkpoint's cost is mostly the disk, not the gather.  An 8B student's (fp32 weights
+and AdamW's two moments, ~100 GB) reaches rank 0's host memory in seconds, then takes one to
+two minutes to write at 1-2 GB/s, and with a synchronous save every GPU of the job waits for
+that write.  Here the training loop waits only for the snapshot; the write overlaps the next
+steps.  The checkpoint's commit point is unchanged (``LATEST``, replaced once the step
+directory is whole), so a kill mid-write leaves the previous checkpoint, as before.
+
+Rules that keep it exact:
+
+* The snapshot is the step's state: every tensor in it that shares memory with the live
+  model or optimizer (a world of one on CPU returns its parameters themselves; AdamW keeps its
+  ``step`` counters on the host even on a GPU) is copied first, since the optimizer updates
+  those in place during the write (:func:`detached_snapshot`).
+* One write at a time: the next save, a stop signal, the last step and ``final/`` first wait
+  for the write under way (:meth:`BackgroundWriter.finish`), so host memory holds at most one
+  snapshot -- what a synchronous save holds while it writes.
+* A failed write (a full disk) is raised on every rank at that wait, naming the checkpoint,
+  and ``LATEST`` still names the previous one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+
+from qadpipe.distill.distributed import raise_if_any_failed
+from qadpipe.errors import first_line
+
+log = logging.getLogger(__name__)
+
+
+def _storage_key(tensor: torch.Tensor) -> tuple[str, int]:
+    local = tensor.to_local() if hasattr(tensor, "to_local") else tensor   # FSDP2's DTensors: this rank's shard
+    return str(local.device), local.untyped_storage().data_ptr()
+
+
+def detached_snapshot(state: Any, live: Iterable[torch.Tensor]) -> Any:
+    """``state`` (nested dicts/lists of tensors and plain values) with every tensor that shares
+    storage with one of ``live`` replaced by a copy; tensors that were already copies (the GPU's
+    state offloaded to the host) are kept as they are.  Tensors that alias each other (tied
+    embeddings) still alias each other's copy, so the checkpoint stores them once."""
+    live_storages = {_storage_key(tensor) for tensor in live}
+    copies: dict[tuple[Any, ...], torch.Tensor] = {}
+
+    def visit(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            if _storage_key(value) not in live_storages:
+                return value
+            key = (*_storage_key(value), value.storage_offset(), tuple(value.shape), value.stride())
+            if key not in copies:
+                copies[key] = value.detach().clone()
+            return copies[key]
+        if isinstance(value, dict):
+            return {name: visit(item) for name, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(visit(item) for item in value)
+        return value
+
+    return visit(state)
+
+
+def live_tensors(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """What training updates in place: parameters, buffers and the optimizer's state."""
+    tensors = [*module.parameters(), *module.buffers()]
+    for per_param in optimizer.state.values():
+        tensors.extend(value for value in per_param.values() if isinstance(value, torch.Tensor))
+    return tensors
+
+
+class BackgroundWriter:
+    """Runs rank 0's checkpoint writes one at a time on a thread.  :meth:`start` and
+    :meth:`finish` are collective (every rank calls them at the same steps); the thread runs
+    on rank 0 only."""
+
+    def __init__(self, is_main: bool, device: torch.device) -> None:
+        self.is_main, self.device = is_main, device
+        self._thread: Optional[threading.Thread] = None
+        self._failure: Optional[BaseException] = None
+        self._pending = False   # every rank: a write was started and not yet finished
+        self._label = ""
+
+    def start(self, write: Callable[[], Any], label: str) -> None:
+        """Begin ``write()`` on rank 0 (after :meth:`finish` of any earlier one)."""
+        if self._pending:
+            raise RuntimeError("BackgroundWriter.start: the previous write was not finished")
+        self._pending, self._label = True, label
+        if self.is_main:
+            self._failure = None
+            # not a daemon: an interpreter exiting on an error elsewhere still completes the write
+            self._thread = threading.Thread(target=self._run, args=(write,), name="qadpipe-checkpoint-writer")
+            self._thread.start()
+
+    def _run(self, write: Callable[[], Any]) -> None:
+        started = time.perf_counter()
+        try:
+            write()
+        except BaseException as exc:   # re-raised on the training thread, see finish()
+            self._failure = exc
+            return
+        log.info("%s written in the background in %.1f s", self._label, time.perf_counter() - started)
+
+    def finish(self) -> None:
+        """Wait for the write under way; a failure raises on every rank."""
+        if not self._pending:
+            return
+        self._pending = False
+        raise_if_any_failed(self._join(), self.device)
+
+    def wait(self) -> None:
+        """Let rank 0's write under way end, on this rank alone (no collective: for a run
+        stopping on an error, which may be this rank's only); a failure is logged."""
+        failure = self._join()
+        if failure is not None:
+            log.error("%s was not written: %s", self._label, first_line(failure))
+
+    def _join(self) -> Optional[BaseException]:
+        if self._thread is not None:
+            if self._thread.is_alive():
+                log.info("waiting for %s to be written", self._label)
+            self._thread.join()
+            self._thread = None
+        failure, self._failure = self._failure, None
+        return failure

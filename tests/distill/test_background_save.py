@@ -1,0 +1,120 @@
+"""Checkpoints written in the background hold the step they name, whatever training does
+meanwhile, and a background write that fails stops the run in one line with LATEST intact."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from qadpipe.config import load_config
+from qadpipe.distill import trainer
+from qadpipe.distill.background_save import detached_snapshot, live_tensors
+from qadpipe.distill.checkpoint import CHECKPOINT_DIR, LATEST, MODEL_FILE, STATE_FILE
+from qadpipe.errors import DistillError
+
+from distill_fixtures import settings
+
+
+def test_a_snapshot_keeps_its_values_through_the_next_optimizer_step():
+    """The state dict of a model on the CPU is the live parameters, and AdamW updates them and
+    its moments in place: the snapshot copies exactly those, and keeps tied weights tied."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(8, 4), nn.Linear(4, 8, bias=False))
+    model[1].weight = model[0].weight   # tied, as an LM head and its embeddings
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+
+    def step() -> None:
+        optimizer.zero_grad()
+        model(torch.arange(8)).square().sum().backward()
+        optimizer.step()
+
+    step()
+    unrelated = torch.ones(3)   # already a copy (what a GPU's state offloaded to the host is)
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "other": unrelated}
+    expected = {"weight": model[0].weight.detach().clone(),
+                "exp_avg": optimizer.state[model[0].weight]["exp_avg"].clone(),
+                "step": optimizer.state[model[0].weight]["step"].clone()}
+    snapshot = detached_snapshot(state, live_tensors(model, optimizer))
+    step()
+
+    assert not torch.equal(model[0].weight, expected["weight"]), "the second step should move the weights"
+    assert torch.equal(snapshot["model"]["0.weight"], expected["weight"])
+    assert snapshot["model"]["1.weight"] is snapshot["model"]["0.weight"]
+    moments = snapshot["optimizer"]["state"][0]
+    assert torch.equal(moments["exp_avg"], expected["exp_avg"]) and torch.equal(moments["step"], expected["step"])
+    assert snapshot["other"] is unrelated
+    assert snapshot["optimizer"]["param_groups"] == optimizer.state_dict()["param_groups"]
+
+
+def config(model_dir, cache, out, *extra):
+    return load_config(None, settings(model_dir, cache, f"distill.output_dir={out}", "distill.max_steps=4",
+                                      "distill.save_every=1", "distill.eval_every=100", "distill.shuffle_buffer=4",
+                                      "distill.lr=1e-3", *extra))
+
+
+def lagging_writes(monkeypatch, last_step: int, fail_at: int = 0) -> list[int]:
+    """Hold each checkpoint write until the next step has trained (the optimizer has updated
+    the weights and moments the snapshot was taken from), and fail the one of step
+    ``fail_at`` as a full disk does; returns the steps whose write began."""
+    write, train_step = trainer.save_checkpoint, trainer.DistillRecipe._train_step
+    trained, began = [], []
+
+    def step_then_record(self, micro, window):
+        train_step(self, micro, window)
+        trained.append(self.step + 1)
+
+    def lagging(output_dir, model_state, state, config, **facts):
+        began.append(state.step)
+        deadline = time.monotonic() + 120
+        while state.step < last_step and state.step + 1 not in trained and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert state.step == last_step or state.step + 1 in trained, "the write should overlap the next step"
+        if state.step == fail_at:
+            raise DistillError(f"{output_dir}/checkpoints/step-{fail_at:08d}: cannot write the checkpoint "
+                               "(No space left on device); LATEST still names the previous one")
+        return write(output_dir, model_state, state, config, **facts)
+
+    monkeypatch.setattr(trainer.DistillRecipe, "_train_step", step_then_record)
+    monkeypatch.setattr(trainer, "save_checkpoint", lagging)
+    return began
+
+
+def checkpoint(out, step):
+    path = out / CHECKPOINT_DIR / f"step-{step:08d}"
+    return load_file(str(path / MODEL_FILE)), torch.load(path / STATE_FILE, weights_only=True)
+
+
+def test_a_checkpoint_written_while_training_goes_on_is_the_one_a_synchronous_save_writes(
+        peaky_llama_dir, topk_cache, tmp_path, monkeypatch):
+    trainer.run_distill(config(peaky_llama_dir, topk_cache, tmp_path / "sync", "distill.save_in_background=false"))
+    with monkeypatch.context() as patch:
+        began = lagging_writes(patch, last_step=4)
+        result = trainer.run_distill(config(peaky_llama_dir, topk_cache, tmp_path / "background"))
+    assert (result.status, began) == ("done", [1, 2, 3, 4])
+    for step in (3, 4):   # the two kept
+        weights, state = checkpoint(tmp_path / "sync", step)
+        weights_bg, state_bg = checkpoint(tmp_path / "background", step)
+        assert weights.keys() == weights_bg.keys()
+        for name in weights:
+            assert torch.equal(weights[name], weights_bg[name]), (step, name)
+        moments, moments_bg = state["optimizer"]["state"], state_bg["optimizer"]["state"]
+        assert moments.keys() == moments_bg.keys()
+        for name in moments:
+            for key in moments[name]:
+                assert torch.equal(moments[name][key], moments_bg[name][key]), (step, name, key)
+        assert state["loader"] == state_bg["loader"] and state["scheduler"] == state_bg["scheduler"]
+        assert all(torch.equal(state["rng"][key], state_bg["rng"][key]) for key in state["rng"])
+
+
+def test_a_background_write_that_fails_stops_the_run_and_leaves_latest_on_the_previous_step(
+        peaky_llama_dir, topk_cache, tmp_path, monkeypatch):
+    lagging_writes(monkeypatch, last_step=4, fail_at=2)
+    with pytest.raises(DistillError) as stopped:
+        trainer.run_distill(config(peaky_llama_dir, topk_cache, tmp_path))
+    assert "step-00000002: cannot write the checkpoint (No space left on device)" in str(stopped.value)
+    assert (tmp_path / CHECKPOINT_DIR / LATEST).read_text().strip() == "step-00000001"
+    assert not (tmp_path / "final").exists()
