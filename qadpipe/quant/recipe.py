@@ -36,9 +36,22 @@ from qadpipe.quant.quantizers import QuantLinear, Quantizer
 
 log = logging.getLogger(__name__)
 
-# Layers vLLM fuses into one GEMM: they must share one weight global scale (NVFP4) or
-# per-tensor scale (static FP8), or the served model differs from the trained one.
-FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+# Sibling Linears vLLM fuses into one GEMM (its models' ``packed_modules_mapping``, vLLM 0.32):
+# they must share one weight global scale (NVFP4) or per-tensor scale (static FP8), or vLLM
+# serves the fused GEMM with the largest member's scale and the others rescaled.  Longer
+# groups first: a layer with q/k/v/g gets the four-member group, not q/k/v.  A test checks
+# this table against every mapping of the installed vLLM.  Grouping siblings vLLM keeps
+# apart costs precision, not fidelity: the export writes the shared scale they trained with.
+FUSED_SIBLINGS = (
+    ("q_proj", "k_proj", "v_proj", "g_proj"),     # OLMo hybrid's linear attention
+    ("q_proj", "k_proj", "v_proj", "b_proj"),     # Bailing MoE v3
+    ("q_proj", "k_proj", "v_proj"),
+    ("query", "key", "value"), ("wq", "wk", "wv"), ("q", "k", "v"),
+    ("q_a_proj", "kv_a_proj_with_mqa"),           # DeepSeek-V2/V3 MLA, Kimi, GLM-4 MoE lite
+    ("in_proj_qkv", "in_proj_z"), ("in_proj_b", "in_proj_a"),   # Qwen3.5 gated delta net
+    ("k_proj", "v_proj"), ("q_proj", "k_proj"),   # cross-attention, where q (or v) stands apart
+    ("gate_proj", "up_proj"), ("w1", "w3"), ("fc1", "fc3"), ("c_fc_0", "c_fc_1"), ("gate_proj", "dense_h_to_4h"),
+)
 
 
 @dataclass(frozen=True)
@@ -412,16 +425,19 @@ def _learnable_kind(spec: QuantSpec, learnable: str) -> str:
 
 def sibling_groups(linears: Iterable[str]) -> list[tuple[str, ...]]:
     """The sibling Linears among ``linears`` (module names) that vLLM fuses into one GEMM:
-    each q/k/v and gate/up group whose every member is there."""
+    for each :data:`FUSED_SIBLINGS` entry in order, the groups whose every member is there
+    and in no earlier group."""
     names = set(linears)
+    grouped: set[str] = set()
     groups = []
     for siblings in FUSED_SIBLINGS:
         for name in sorted(names):
             parent, _, leaf = name.rpartition(".")
             if leaf == siblings[0]:
                 members = tuple(f"{parent}.{s}" if parent else s for s in siblings)
-                if all(m in names for m in members):
+                if all(m in names and m not in grouped for m in members):
                     groups.append(members)
+                    grouped.update(members)
     return groups
 
 

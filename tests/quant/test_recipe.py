@@ -10,7 +10,7 @@ from qadpipe.errors import QuantError
 from qadpipe.quant.calibrate import calibrate
 from qadpipe.quant.formats import Kind
 from qadpipe.quant.quantizers import QuantLinear, Quantizer
-from qadpipe.quant.recipe import PRESETS, apply_recipe, quant_parameters
+from qadpipe.quant.recipe import PRESETS, apply_recipe, quant_parameters, sibling_groups
 
 LINEARS_PER_LAYER = 7   # q k v o gate up down
 
@@ -74,6 +74,61 @@ def test_fused_groups_share_the_nvfp4_weight_global_amax(make_llama, quant_confi
     assert torch.equal(attn.q_proj.quantized_weight().global_scale,
                        attn.v_proj.quantized_weight().global_scale)
     assert attn.o_proj.weight_quantizer.amax == attn.o_proj.weight.abs().max()
+
+
+def test_sibling_groups_take_the_longest_group_and_never_a_layer_twice():
+    layers = [f"attn.{leaf}" for leaf in ("q_proj", "k_proj", "v_proj", "g_proj", "o_proj")] + \
+             [f"cross.{leaf}" for leaf in ("k_proj", "v_proj")] + ["mla.q_a_proj", "mla.kv_a_proj_with_mqa"]
+    assert sorted(sibling_groups(layers)) == [("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.g_proj"),
+                                              ("cross.k_proj", "cross.v_proj"),
+                                              ("mla.q_a_proj", "mla.kv_a_proj_with_mqa")]
+
+
+def _vllm_fused_groups() -> set[tuple[str, ...]]:
+    """Every group of two or more layers a model of the installed vLLM fuses, as leaf names,
+    read from the ``packed_modules_mapping`` literals of its model sources."""
+    import ast
+    from pathlib import Path
+
+    vllm = pytest.importorskip("vllm")
+    groups = set()
+    for source in (Path(vllm.__file__).parent / "model_executor" / "models").glob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text())):
+            target = node.target if isinstance(node, ast.AnnAssign) else \
+                node.targets[0] if isinstance(node, ast.Assign) else None
+            if getattr(target, "id", None) == "packed_modules_mapping" and isinstance(node.value, ast.Dict):
+                for value in node.value.values:   # a "**base" entry's value is the base's name: skipped
+                    if isinstance(value, ast.List) and len(value.elts) > 1:
+                        groups.add(tuple(member.rpartition(".")[2] for member in ast.literal_eval(value)))
+    return groups
+
+
+def test_every_group_vllm_fuses_shares_its_scales_here():
+    """A group vLLM fuses but qadpipe trained apart is served with its largest member's NVFP4
+    global scale, the others rescaled (DeepSeek's q_a_proj + kv_a_proj_with_mqa: x0.83)."""
+    groups = _vllm_fused_groups()
+    assert ("q_a_proj", "kv_a_proj_with_mqa") in groups and len(groups) > 10   # the parse found them
+    for leaves in groups:
+        found = sibling_groups(f"layer.{leaf}" for leaf in leaves)
+        assert len(found) == 1 and {f"layer.{leaf}" for leaf in leaves} <= set(found[0]), leaves
+
+
+def test_deepseek_mla_projections_share_the_nvfp4_weight_global_amax(quant_config):
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    torch.manual_seed(0)
+    model = DeepseekV3ForCausalLM(DeepseekV3Config(
+        vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
+        q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16,
+        first_k_dense_replace=1, n_group=1, topk_group=1))
+    attn = model.model.layers[0].self_attn
+    with torch.no_grad():
+        attn.kv_a_proj_with_mqa.weight.mul_(3.0)
+    expected = attn.kv_a_proj_with_mqa.weight.abs().max()
+    apply_recipe(model, quant_config(preset="nvfp4_a16", moe_experts="dense"))
+    assert torch.equal(attn.q_a_proj.weight_quantizer.amax, expected)
+    assert torch.equal(attn.kv_a_proj_with_mqa.weight_quantizer.amax, expected)
 
 
 @pytest.mark.parametrize("fields,message", [
