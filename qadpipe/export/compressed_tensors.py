@@ -376,9 +376,12 @@ def quantization_config(model: nn.Module, schemes: dict[str, Scheme], kv_cache: 
 
 
 def _target(name: str, is_experts: bool) -> str:
-    """A layer's CT target by name; fused experts by vLLM's per-expert names (``<experts>.<e>.gate_proj``).
-    (One scheme for all needs no names: vLLM's ``Linear`` target covers its fused-MoE layers.)"""
-    return f"re:^{re.escape(name)}\\.\\d+\\.(gate_proj|up_proj|down_proj)$" if is_experts else name
+    """A layer's CT target by name; fused experts by the per-expert names vLLM looks their
+    scheme up by: ``<experts>.<e>.<ckpt name>``, where the checkpoint names are the
+    architecture's (Mixtral's ``w1``/``w3``/``w2``, most others' ``gate_proj``/``up_proj``/
+    ``down_proj``) and vLLM's name mapper leaves ``re:`` targets as they are.  (One scheme
+    for all needs no names: vLLM's ``Linear`` target covers its fused-MoE layers.)"""
+    return f"re:^{re.escape(name)}\\.\\d+\\.(gate_proj|up_proj|down_proj|w1|w2|w3)$" if is_experts else name
 
 
 def dense_layers(model: nn.Module, schemes: dict[str, Scheme], renamed: dict[str, str]) -> list[str]:

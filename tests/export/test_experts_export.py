@@ -158,12 +158,50 @@ def test_exports_use_the_architectures_checkpoint_names(student, tmp_path):
     assert "model.layers.0.block_sparse_moe.experts.3.w1.weight" in fake and not any(".mlp." in k for k in fake)
     qconfig = qconfig["quantization_config"]
     targets = [t for g in qconfig["config_groups"].values() for t in g["targets"]]
-    assert "re:^model\\.layers\\.0\\.block_sparse_moe\\.experts\\.\\d+\\.(gate_proj|up_proj|down_proj)$" in targets
+    assert "re:^model\\.layers\\.0\\.block_sparse_moe\\.experts\\.\\d+\\.(gate_proj|up_proj|down_proj|w1|w2|w3)$" in targets
     assert qconfig["ignore"] == ["lm_head", "re:model\\.layers\\.0\\.block_sparse_moe\\.gate(\\..*)?$"]
     loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "fake"), dtype=torch.bfloat16).eval()
     ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_vllm_finds_the_experts_scheme_of_an_export_with_two_schemes(family, student, tiny_moe_dir, tmp_path):
+    """With more than one scheme the experts are named in the config, and vLLM looks their
+    scheme up by the architecture's checkpoint names: Mixtral's w1/w3/w2.  A pattern over
+    gate_proj/up_proj/down_proj only left Mixtral's experts without one: vLLM built them
+    unquantized and failed to load the packed weights.  Checked with vLLM's own matching."""
+    pytest.importorskip("vllm")
+    from torch import nn
+    from transformers import MixtralConfig, MixtralForCausalLM
+    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import (
+        CompressedTensorsConfig)
+    from vllm.model_executor.models.mixtral import MixtralForCausalLM as VllmMixtral
+    from vllm.model_executor.models.qwen3_moe import Qwen3MoeForCausalLM as VllmQwen3Moe
+
+    if family == "mixtral":
+        torch.manual_seed(0)
+        MixtralForCausalLM(MixtralConfig(
+            vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=1, head_dim=32, num_local_experts=4, num_experts_per_tok=2)).save_pretrained(
+            tmp_path / "base")
+        base, vllm_class, experts, names = tmp_path / "base", VllmMixtral, "model.layers.0.block_sparse_moe.experts", \
+            ("w1", "w3", "w2")
+    else:
+        base, vllm_class, experts, names = tiny_moe_dir, VllmQwen3Moe, "model.layers.0.mlp.experts", PROJECTIONS
+    model, config = student(base, "w4a16_int", 32, rules=[{"targets": r"experts$", "preset": "nvfp4_a16"}])
+    export_model(model, base, tmp_path / "ct", "compressed-tensors", config)
+    qconfig, _ = load_export(tmp_path / "ct")
+    vllm_config = CompressedTensorsConfig.from_config(qconfig["quantization_config"])
+    vllm_config.packed_modules_mapping = dict(getattr(vllm_class, "packed_modules_mapping", {}))
+    if getattr(vllm_class, "hf_to_vllm_mapper", None) is not None:
+        vllm_config.apply_vllm_mapper(vllm_class.hf_to_vllm_mapper)
+    vllm_config._add_fused_moe_to_target_scheme_map()
+    layer = type("RoutedExperts", (nn.Module,), {})()
+    for name in names:
+        scheme = vllm_config.get_scheme_dict(layer, f"{experts}.0.{name}")
+        assert scheme is not None and scheme["format"] == "nvfp4-pack-quantized", (name, scheme)
 
 
 def test_a_student_with_only_its_experts_quantized_exports(student, tiny_moe_dir, tmp_path):
