@@ -18,7 +18,8 @@ import numpy as np
 
 from qadpipe.config.schema import DataConfig, GenerateConfig
 from qadpipe.data.records import SourceRecord, iter_records, record_id, source_fingerprint
-from qadpipe.data.sequences import TokenSequence, content_id, fit_length, pack, random_sequences, render_record
+from qadpipe.data.sequences import (TokenSequence, content_id, fit_length, pack, prompt_head, random_sequences,
+                                    render_record)
 from qadpipe.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -79,12 +80,18 @@ def data_fingerprint(data: DataConfig, gen: GenerateConfig, vocab_size: int, cha
         del shaping["random"]
     settings: dict[str, Any] = {"data": shaping, "vocab_size": vocab_size, "mode": gen.mode,
                                 "include_prompt": gen.include_prompt}
+    if data.field == "prompt" and not data.chat_template and gen.mode == "score":
+        # prompt + completion: one text, then EOS (before 2026-12 tokenized apart, no EOS: other rows)
+        settings["completion_rendering"] = "joint+eos"
+    if data.overflow == "pack" and (data.field == "messages" or (data.field == "prompt" and data.chat_template)):
+        settings["pack_separator"] = "none after a chat"   # before 2026-12: EOS after each (other windows)
     if chat_template is not None:
         settings["chat_template"] = hashlib.sha256(chat_template.encode()).hexdigest()
     if gen.mode == "generate":
-        # prompt_cut: long prompts keep their end (before 2026-12, their start: other rows)
+        # prompt_cut: long prompts keep their head (BOS, the template's start) and their end (before
+        # 2026-12: their start, then their end alone: other rows)
         settings.update(temperature=gen.temperature, top_p=gen.top_p, max_new_tokens=gen.max_new_tokens,
-                        seed=gen.seed, prompt_cut="end")
+                        seed=gen.seed, prompt_cut="head+end")
     source = "random" if data.source == "random" else source_fingerprint(data.source, source_name)
     payload = json.dumps({"source": source, "settings": settings}, sort_keys=True)
     return "sha256:" + hashlib.sha256(payload.encode()).hexdigest()[:32]
@@ -96,6 +103,11 @@ def load_sequences(data: DataConfig, gen: GenerateConfig, tokenizer: Any, vocab_
     (``source_name``: the config field errors name)."""
     check_data_config(data, gen, source_name)
     rendered_by_template = data.field == "messages" or (data.field == "prompt" and data.chat_template)
+    if gen.mode == "generate" and data.field == "prompt" and not data.chat_template \
+            and getattr(tokenizer, "chat_template", None):
+        log.warning("data.chat_template=false: the prompts reach the teacher as raw text, which an instruct "
+                    "teacher continues rather than answers; its tokenizer has a chat template: set "
+                    "data.chat_template: true to ask them as user turns")
     template = getattr(tokenizer, "chat_template", None) if rendered_by_template else None
     if isinstance(template, dict):   # several named templates: all of them, in a stable order
         template = json.dumps(template, sort_keys=True)
@@ -114,8 +126,9 @@ def load_sequences(data: DataConfig, gen: GenerateConfig, tokenizer: Any, vocab_
                                      range(shard_index, count, num_shards)))
         return DataSlice(seqs, fingerprint)
     if data.overflow == "pack":
+        # a template-rendered record ends with its end of turn (ChatML's "<|im_end|>\n"): no EOS after it
         windows = pack((ids for _, _, ids, _ in _rendered(data, gen, tokenizer, 0, 1, source_name)), data.max_length,
-                       tokenizer.eos_token_id)
+                       None if rendered_by_template else tokenizer.eos_token_id)
         seqs = [TokenSequence(content_id("pack", i, arr), arr, 0)   # a window is no one record
                 for i, ids in enumerate(windows) if i % num_shards == shard_index
                 for arr in [np.asarray(ids, dtype=np.int32)]]
@@ -127,7 +140,10 @@ def load_sequences(data: DataConfig, gen: GenerateConfig, tokenizer: Any, vocab_
     reasons: dict[str, int] = {}
     first_dropped: dict[str, str] = {}
     for item, rid, ids, prompt_len in _rendered(data, gen, tokenizer, shard_index, num_shards, source_name):
-        fitted = fit_length(ids, limit, data.overflow, keep_end=gen.mode == "generate")
+        generating = gen.mode == "generate"
+        head = prompt_head(item.record, item.where(data.source), data.field, tokenizer, ids,
+                           chat_template=data.chat_template) if generating and len(ids) > limit else 0
+        fitted = fit_length(ids, limit, data.overflow, keep_end=generating, head=head)
         if fitted is None:
             reason = f"longer than {limit} tokens with data.overflow=drop"
         elif len(fitted) < shortest:

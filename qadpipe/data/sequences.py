@@ -36,11 +36,17 @@ def render_record(record: dict[str, Any], where: str, field: str, tokenizer: Any
     """One record -> (token ids, prompt length).
 
     * ``text``: the whole text, prompt length 0.
-    * ``prompt`` (+ optional ``completion``): prompt and completion tokenized separately,
-      so the boundary is exact; with ``chat_template`` they become a user and an
-      assistant turn of the teacher's template.
+    * ``prompt`` (+ optional ``completion``): the text ``prompt + completion`` tokenized as
+      one, as written (tokenized apart, a SentencePiece tokenizer's completion would start
+      with a word-boundary "▁" that is no space of the data), then the tokenizer's EOS, so the
+      student learns where a completion ends, as a chat template's end of turn teaches it
+      (TRL's SFT appends it too); with ``chat_template`` they become a user and an assistant
+      turn of the teacher's template.
     * ``messages``: a chat rendered with the teacher's template; a final assistant turn
       is the completion (in generate mode it is dropped: the teacher writes its own).
+
+    The prompt length is where the tokens of ``prompt`` alone stop matching: a token that
+    straddles the boundary (``"=4"`` merged) counts as completion.
     """
     if field not in record:
         raise DataError(f"{where}: no field '{field}' (data.field), record has {sorted(record)}")
@@ -60,8 +66,12 @@ def render_record(record: dict[str, Any], where: str, field: str, tokenizer: Any
                 messages.append({"role": "assistant", "content": completion})
             return _render_chat(messages, tokenizer, where)
         prompt_ids = tokenizer.encode(prompt)
-        completion_ids = tokenizer.encode(completion, add_special_tokens=False) if completion else []
-        return prompt_ids + completion_ids, len(prompt_ids)
+        if not completion:
+            return prompt_ids, len(prompt_ids)
+        ids = tokenizer.encode(prompt + completion)
+        if tokenizer.eos_token_id is not None and ids[-1] != tokenizer.eos_token_id:
+            ids.append(tokenizer.eos_token_id)
+        return ids, _common_prefix(ids, prompt_ids)
     messages = _messages(record["messages"], where)
     asked = messages[:-1] if messages[-1]["role"] == "assistant" else messages
     if not any(m["content"].strip() for m in asked if m["role"] != "assistant"):   # an answer to nothing
@@ -160,17 +170,42 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def fit_length(ids: list[int], max_length: int, overflow: str, *, keep_end: bool = False) -> Optional[list[int]]:
+def fit_length(ids: list[int], max_length: int, overflow: str, *, keep_end: bool = False,
+               head: int = 0) -> Optional[list[int]]:
     """Apply the length limit to one record: truncate or drop (return ``None``).  Truncation
     keeps the first tokens of a sequence to score, the last of a prompt to complete
-    (``keep_end``, as vLLM's ``truncate_prompt_tokens``): a prompt cut at its end would lose
-    the chat template's assistant header, and the teacher would continue the user's text
-    instead of answering.  Packing works across records: see :func:`pack`."""
+    (``keep_end``): a prompt cut at its end would lose the chat template's assistant header,
+    and the teacher would continue the user's text instead of answering.  Its first ``head``
+    tokens stay too (see :func:`prompt_head`: the BOS and the template's start, which a
+    Llama-family teacher without them answers worse) while they take at most half the room;
+    the cut falls in the text after them.  Packing works across records: see :func:`pack`."""
     if len(ids) <= max_length:
         return ids
     if overflow != "truncate":
         return None
-    return ids[len(ids) - max_length:] if keep_end else ids[:max_length]
+    if not keep_end:
+        return ids[:max_length]
+    head = head if head <= max_length // 2 else 0
+    return ids[:head] + ids[len(ids) - (max_length - head):]
+
+
+def prompt_head(record: dict[str, Any], where: str, field: str, tokenizer: Any, ids: list[int], *,
+                chat_template: bool) -> int:
+    """How many leading tokens of a prompt to complete (``ids``, from :func:`render_record`)
+    come before its last user turn's text: for a chat, the template's start up to that turn's
+    header (BOS, system prompt, earlier turns), found by rendering the turn empty; for plain
+    text, the tokenizer's leading special tokens (BOS).  Only called for a prompt too long."""
+    if field == "messages" or (field == "prompt" and chat_template):
+        messages = ([{"role": "user", "content": record["prompt"]}] if field == "prompt"
+                    else _messages(record["messages"], where))
+        if messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+        last = max(i for i, message in enumerate(messages) if message["role"] != "assistant")
+        emptied = [*messages[:last], {**messages[last], "content": ""}, *messages[last + 1:]]
+        return _common_prefix(ids, tokenizer.encode(_apply_template(tokenizer, emptied, True, where),
+                                                    add_special_tokens=False))
+    special = set(tokenizer.all_special_ids)
+    return next((i for i, token in enumerate(ids) if token not in special), len(ids))
 
 
 def pack(sequences: Iterable[list[int]], max_length: int, separator: Optional[int]) -> Iterator[list[int]]:

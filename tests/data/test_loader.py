@@ -60,6 +60,19 @@ def test_pack_concatenates_every_record(tmp_path: Path, tokenizer: Any) -> None:
     assert all(len(w.input_ids) == 16 for w in windows[:-1]) and all(w.prompt_len == 0 for w in windows)
 
 
+def test_packed_chats_follow_each_other_as_the_template_ends_them(tmp_path: Path, tokenizer: Any) -> None:
+    """A chat record ends with its end of turn ("<|im_end|>\n" in ChatML); an EOS appended after
+    it put "<|im_end|>\n<|im_end|>" in every window, once per conversation."""
+    chats = [{"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"A{i}."}]}
+             for i in range(4)]
+    cfg = _config(tmp_path, chats, field="messages", max_length=32, overflow="pack")
+    windows = load_sequences(cfg.data, cfg.generate, tokenizer, len(tokenizer)).sequences
+    stream = [t for chat in chats for t in tokenizer.encode(
+        tokenizer.apply_chat_template(chat["messages"], tokenize=False), add_special_tokens=False)]
+    expected = stream if len(stream) % 32 != 1 else stream[:-1]   # a 1-token last window has no target
+    assert np.concatenate([w.input_ids for w in windows]).tolist() == expected
+
+
 def test_prompt_only_records_are_dropped_when_the_prompt_is_not_distilled(tmp_path: Path, tokenizer: Any) -> None:
     records = [{"prompt": "a question", "completion": " an answer"}, {"prompt": "no answer here"}]
     cfg = _config(tmp_path, records, field="prompt", generate={"include_prompt": False})
@@ -77,14 +90,28 @@ def test_generate_mode_leaves_room_for_the_completion(tmp_path: Path, tokenizer:
     assert len(seq.input_ids) == 20 and seq.prompt_len == 20
 
 
+def test_raw_prompts_for_a_teacher_with_a_chat_template_are_said(tmp_path: Path, tokenizer: Any, caplog) -> None:
+    cfg = _config(tmp_path, [{"prompt": "Name a colour."}], field="prompt", generate={"mode": "generate"})
+    load_sequences(cfg.data, cfg.generate, tokenizer, len(tokenizer))
+    assert "data.chat_template=false: the prompts reach the teacher as raw text" in caplog.text
+    caplog.clear()
+    cfg = _config(tmp_path, [{"prompt": "Name a colour."}], field="prompt", chat_template=True,
+                  generate={"mode": "generate"})
+    load_sequences(cfg.data, cfg.generate, tokenizer, len(tokenizer))
+    assert "raw text" not in caplog.text
+
+
 def test_a_long_chat_prompt_keeps_its_end_with_the_assistant_header(tmp_path: Path, tokenizer: Any) -> None:
     """Cut at its end, the prompt would lose '<|im_start|>assistant' and the teacher would go on
     with the user's words instead of answering them."""
     cfg = _config(tmp_path, [{"prompt": "word " * 60 + "What is the sea?"}], field="prompt", chat_template=True,
-                  max_length=60, generate={"mode": "generate", "max_new_tokens": 20})
+                  max_length=80, generate={"mode": "generate", "max_new_tokens": 20})
     (seq,) = load_sequences(cfg.data, cfg.generate, tokenizer, len(tokenizer)).sequences
     text = tokenizer.decode(seq.input_ids.tolist())
-    assert len(seq.input_ids) == 40 and text.endswith("What is the sea?<|im_end|>\n<|im_start|>assistant\n"), text
+    assert len(seq.input_ids) == 60 and text.endswith("What is the sea?<|im_end|>\n<|im_start|>assistant\n"), text
+    # and its start, the template's system turn and user header, as the teacher is always prompted
+    start = tokenizer.apply_chat_template([{"role": "user", "content": ""}], tokenize=False).split("<|im_start|>user")[0]
+    assert text.startswith(start + "<|im_start|>user\n word word"), text   # the cut falls in the user's text
 
 
 @pytest.mark.parametrize("data, generate, message", [

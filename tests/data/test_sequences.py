@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from qadpipe.data.sequences import fit_length, pack, random_sequences, render_record
+from qadpipe.data.sequences import fit_length, pack, prompt_head, random_sequences, render_record
 from qadpipe.errors import DataError
 
 
@@ -23,9 +23,44 @@ def test_text_is_all_target(tokenizer: Any) -> None:
 def test_prompt_completion_boundary_is_exact(tokenizer: Any) -> None:
     ids, prompt_len = _render({"prompt": "Q: two plus two?", "completion": " A: four."}, "prompt", tokenizer)
     assert ids[:prompt_len] == tokenizer.encode("Q: two plus two?")
-    assert tokenizer.decode(ids[prompt_len:]) == " A: four."
+    assert ids[prompt_len:] == tokenizer.encode(" A: four.") + [tokenizer.eos_token_id]   # the end is taught too
     gen_ids, gen_len = _render({"prompt": "Q: two plus two?", "completion": " A: four."}, "prompt", tokenizer, gen=True)
     assert gen_ids == ids[:prompt_len] and gen_len == prompt_len  # generate mode: the teacher writes the completion
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_style_tokenizer() -> Any:
+    """A Llama-2/Mistral-style tokenizer (Metaspace, "▁" prepended to the first word, BOS added),
+    trained on a few sentences: a text encoded on its own starts with a word boundary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    core.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    core.train_from_iterator(["The answer is 4.", "Q: what is two plus two? A: four.", "2+2=4"] * 50,
+                             trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.mark.parametrize("prompt, completion", [("Q: what is two plus two? A:", " four."), ("2+2=", "4")])
+def test_a_completion_gets_no_space_the_data_does_not_have(sentencepiece_style_tokenizer, prompt, completion):
+    """Encoded on its own, the completion "4" became "▁4": the student learned "2+2= 4"."""
+    tokenizer = sentencepiece_style_tokenizer
+    ids, prompt_len = _render({"prompt": prompt, "completion": completion}, "prompt", tokenizer)
+    assert tokenizer.decode(ids, skip_special_tokens=True) == prompt + completion
+    assert ids[-1] == tokenizer.eos_token_id and ids[:prompt_len] == tokenizer.encode(prompt)[:prompt_len]
+    assert tokenizer.decode(ids[prompt_len:-1]).endswith(completion.strip())
+
+
+def test_a_plain_prompt_to_complete_keeps_its_bos_when_cut(sentencepiece_style_tokenizer):
+    tokenizer = sentencepiece_style_tokenizer
+    record = {"prompt": "The answer is 4. " * 20 + "Q: what is two plus two? A:"}
+    ids, _ = _render(record, "prompt", tokenizer, gen=True)
+    head = prompt_head(record, "src record 0", "prompt", tokenizer, ids, chat_template=False)
+    cut = fit_length(ids, 12, "truncate", keep_end=True, head=head)
+    assert head == 1 and cut[0] == tokenizer.bos_token_id and cut[1:] == ids[-11:]
 
 
 def test_chat_prompt_completion_matches_the_template(tokenizer: Any) -> None:
@@ -107,6 +142,8 @@ def test_length_limits() -> None:
     assert fit_length([1, 2, 3, 4], 3, "truncate") == [1, 2, 3]
     assert fit_length([1, 2, 3, 4], 3, "drop") is None
     assert fit_length([1, 2, 3, 4], 3, "truncate", keep_end=True) == [2, 3, 4]   # a prompt keeps its end
+    assert fit_length([1, 2, 3, 4, 5, 6], 4, "truncate", keep_end=True, head=1) == [1, 4, 5, 6]   # and its BOS
+    assert fit_length([1, 2, 3, 4, 5, 6], 4, "truncate", keep_end=True, head=3) == [3, 4, 5, 6]   # > half: the end
     assert fit_length([1, 2, 3, 4], 3, "drop", keep_end=True) is None
     windows = list(pack([[1, 2], [3, 4, 5], [6, 9]], 3, separator=9))
     # separator appended unless the record already ends with it; a last window needs 2 tokens
