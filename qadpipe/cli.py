@@ -90,6 +90,9 @@ def _load(config_path: str | None, overrides: tuple[str, ...]) -> Any:
     from qadpipe.config import load_config
 
     config = load_config(config_path, overrides)
+    if config_path is None:
+        logging.getLogger("qadpipe.cli").info("no -c CONFIG.yaml: the built-in defaults%s (qadpipe config show "
+                                              "prints them)", " and --set" if overrides else "")
     if config.model.trust_remote_code:
         logging.getLogger("qadpipe.cli").warning(
             "model.trust_remote_code is on: Python code shipped inside %s (and the teacher %s) will run "
@@ -134,7 +137,7 @@ def _non_empty(ctx: click.Context, param: click.Parameter, value: str | None) ->
 def cli(verbose: bool) -> None:
     """Quantization-Aware Distillation with an offline teacher-logit cache.
 
-    generate (vLLM teacher -> cache) -> distill (fake-quant student) -> export (vLLM
+    generate (vLLM or HF teacher -> cache) -> distill (fake-quant student) -> export (vLLM
     checkpoint) -> eval.
     """
     logging.basicConfig(
@@ -216,7 +219,8 @@ def distill(config_path: str | None, overrides: tuple[str, ...], resume: bool) -
                    err=True)
         sys.exit(128 + signal.Signals[result.stop_signal])
     ptq, last = result.ptq_eval.get("kl"), result.last_eval.get("kl")
-    figures = f"; held-out KL {ptq:.4f} (PTQ) -> {last:.4f}" if ptq is not None and last is not None else ""
+    figures = (f"; held-out {result.eval_measure} {ptq:.4f} (PTQ) -> {last:.4f}"
+               if ptq is not None and last is not None else "")
     if result.final_dir is not None:
         click.echo(f"distill: {result.step} steps{figures}; student in {result.final_dir}")
     elif not saved:

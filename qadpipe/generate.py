@@ -188,7 +188,7 @@ def run_generate(config: PipelineConfig, *, num_shards: Optional[int] = None, sh
     index, count = resolve_task(config.generate, num_shards, shard_index)
     task = task_name(index)
     gen, cache = config.generate, config.cache
-    model_dir = resolve_model_path(config.teacher_path)
+    model_dir = resolve_model_path(config.teacher_path, config.teacher_field)
     info = teacher_info(model_dir, config.model.trust_remote_code)
     check_teacher_can_start(config, model_dir, info)
     if cache.k > info.vocab_size:

@@ -113,14 +113,15 @@ def embedded_smollm2_dir() -> Path:
     return target
 
 
-def resolve_model_path(path_or_alias: str) -> Path:
-    """An alias or a local HF directory -> a directory that holds ``config.json``."""
+def resolve_model_path(path_or_alias: str, field: str = "model.path") -> Path:
+    """An alias or a local HF directory -> a directory that holds ``config.json`` (``field``:
+    the config field an error names)."""
     if path_or_alias == SMOLLM2_ALIAS:
         return embedded_smollm2_dir()
     path = Path(path_or_alias).expanduser()
     if not path.is_dir():
         raise ModelError(
-            f"model '{path_or_alias}': expected a local Hugging Face directory or the alias "
+            f"{field} '{path_or_alias}': expected a local Hugging Face directory or the alias "
             f"'{SMOLLM2_ALIAS}' (qadpipe never downloads from a hub)"
         )
     if not (path / "config.json").is_file():

@@ -15,7 +15,7 @@ from qadpipe.models import load_causal_lm, load_tokenizer, resolve_model_path, t
 
 
 def test_missing_model_dir_is_one_clear_error(tmp_path: Path):
-    with pytest.raises(ModelError, match=r"^model '.*nope': expected a local Hugging Face directory or the alias"):
+    with pytest.raises(ModelError, match=r"^model\.path '.*nope': expected a local Hugging Face directory or the alias"):
         resolve_model_path(str(tmp_path / "nope"))
     with pytest.raises(ModelError, match=r"no config.json, expected a Hugging Face model directory$"):
         resolve_model_path(str(tmp_path))

@@ -327,3 +327,8 @@ class PipelineConfig:
     @property
     def teacher_path(self) -> str:
         return self.teacher.path or self.model.path
+
+    @property
+    def teacher_field(self) -> str:
+        """The config field :attr:`teacher_path` comes from (what an error about it names)."""
+        return "teacher.path" if self.teacher.path else "model.path"

@@ -83,6 +83,8 @@ class TrainResult:
     last_eval: dict[str, float] = field(default_factory=dict)
     final_dir: Optional[Path] = None
     stop_signal: Optional[str] = None
+    #: what the evals' "kl" measures: qadpipe eval's full-vocabulary KL only when the teacher is in the loop
+    eval_measure: str = "KL"
 
 
 class DataSource:
@@ -368,9 +370,10 @@ class DistillRecipe:
         """The teacher in the loop, refused unless it reads the tokens as the student does: the
         KL compares the two distributions id by id (the cache path checks the same)."""
         from qadpipe.models import (check_logits_are_head_of_hidden, load_causal_lm, load_tokenizer,
-                                    tokenizer_fingerprint)
+                                    resolve_model_path, tokenizer_fingerprint)
 
         path, trust = self.config.teacher_path, self.config.model.trust_remote_code
+        resolve_model_path(path, self.config.teacher_field)   # a wrong teacher.path named as such
         if Path(path).resolve() != Path(self.config.model.path).resolve() and tokenizer_fingerprint(
                 load_tokenizer(str(path), trust)) != tokenizer_fingerprint(self.tokenizer):
             raise DistillError(f"teacher.path: {path} has another tokenizer than the student {self.config.model.path}; "
@@ -617,10 +620,17 @@ class DistillRecipe:
                     outcome = ("checkpoint saved at step %d; rerun with --resume to continue" if cfg.save
                                else "stopped at step %d; nothing saved (distill.save=false)")
                     log.warning("%s: " + outcome, stop, self.step)
-                    return TrainResult("preempted", self.step, self.ptq_eval, self.last_eval, stop_signal=stop)
+                    return TrainResult("preempted", self.step, self.ptq_eval, self.last_eval, stop_signal=stop,
+                                       eval_measure=self._eval_measure())
         self.writer.finish()
         final = self.save_final() if cfg.save else None
-        return TrainResult("done", self.step, self.ptq_eval, self.last_eval, final)
+        return TrainResult("done", self.step, self.ptq_eval, self.last_eval, final, eval_measure=self._eval_measure())
+
+    def _eval_measure(self) -> str:
+        """The held-out "kl", named as ``qadpipe eval``'s report names it: against a top-k
+        cache it is the tail-bucket KL (eval's last column, below its full-vocabulary KL)."""
+        return {None: "KL to the teacher", "topk": "tail-bucket KL vs cache",
+                "sampled": "KL vs the cache's sampled targets"}[self.target_kind]
 
     def _train_step(self, micro: list[Batch], window: _Window) -> None:
         env = self.env

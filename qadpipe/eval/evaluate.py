@@ -31,7 +31,7 @@ from torch import nn
 from qadpipe.config import PipelineConfig
 from qadpipe.eval.report import render_table, write_report
 from qadpipe.eval.runner import compare_to_teacher
-from qadpipe.errors import ConfigError
+from qadpipe.errors import ConfigError, QadpipeError
 from qadpipe.export.compressed_tensors import NVFP4_PACK
 from qadpipe.file_modes import check_writable_dir
 from qadpipe.provenance import RUN_FILE, json_field, read_run_record, recorded_stage, save_run_record
@@ -254,8 +254,14 @@ def held_out(cfg: PipelineConfig, tokenizer: Any, vocab_size: int, eval_rows: in
             raise ConfigError(f"eval.data: no sequences to score in {cfg.eval.data} (all {loaded.dropped} records "
                               f"dropped: {loaded.drop_summary()})")
         starts = [target_start(s, gen.include_prompt) for s in seqs]   # the cache's convention, as trained
-        return HeldOut([s.input_ids.tolist() for s in seqs], starts, None,
-                       f"{len(seqs)} sequences of {cfg.eval.data}")
+        description = f"{len(seqs)} sequences of {cfg.eval.data}"
+        trained_on = _training_source_among(cfg)
+        if trained_on is not None:
+            log.warning("eval: eval.data %s holds the same records as %s, which the cache was made from: the "
+                        "students trained on them, so the figures flatter them; score the cache's held-out rows "
+                        "(eval.data: null) or a file kept out of training", cfg.eval.data, trained_on)
+            description += f" (NOT unseen: the cache was made from {trained_on})"
+        return HeldOut([s.input_ids.tolist() for s in seqs], starts, None, description)
     from qadpipe.cache.reader import CacheReader
     from qadpipe.models import tokenizer_fingerprint
 
@@ -266,12 +272,42 @@ def held_out(cfg: PipelineConfig, tokenizer: Any, vocab_size: int, eval_rows: in
     if count == 0:
         raise ConfigError("distill.eval_rows: 0 held-out cache rows to evaluate on; set eval.data to a file "
                           "or distill.eval_rows > 0 (and retrain, so the rows stay unseen)")
+    if count < eval_rows:
+        log.warning("eval: scoring %d of the %d held-out cache rows (eval.max_sequences=%d); distill's held-out "
+                    "figures are over all %d, so the two differ", count, eval_rows, limit, eval_rows)
     rows = list(itertools.islice(reader.iter_sequences(0, 1), count))
     cached = rows if reader.meta.target_kind == "topk" else None
     random_tokens = (reader.meta.config.get("data") or {}).get("source") == "random"
     return HeldOut([r.input_ids.tolist() for r in rows], [r.target_start for r in rows], cached,
                    f"{len(rows)} held-out rows of the cache {cfg.cache.path}", reader.view.fingerprint,
                    random_tokens)
+
+
+def _training_source_among(cfg: PipelineConfig) -> Optional[str]:
+    """The training source (``data.source``, and the cache's own record of it) that holds the
+    same bytes as ``eval.data``, if one does (a copy counts)."""
+    import filecmp
+    import os
+
+    from qadpipe.cache.manifest import MANIFEST_DIR
+    from qadpipe.cache.store import Store
+
+    sources = {cfg.data.source}
+    try:
+        if Store(cfg.cache.path).list(MANIFEST_DIR):
+            from qadpipe.cache.reader import CacheReader
+
+            sources.add((CacheReader(cfg.cache.path).meta.config.get("data") or {}).get("source"))
+    except QadpipeError:   # no readable cache: eval.data needs none, data.source is still compared
+        pass
+    evaluated = Path(cfg.eval.data).expanduser()
+    for source in sorted(str(s) for s in sources if s and s != "random"):
+        path = Path(source).expanduser()
+        if not path.exists() or path.is_dir() != evaluated.is_dir():
+            continue
+        if os.path.samefile(path, evaluated) or (not path.is_dir() and filecmp.cmp(path, evaluated, shallow=False)):
+            return source
+    return None
 
 
 def _warn_of_another_teacher(cfg: PipelineConfig, meta: Any) -> None:
@@ -328,6 +364,7 @@ def run_eval(cfg: PipelineConfig) -> dict[str, dict[str, float]]:
     out = check_output_dir(Path(cfg.eval.output_dir))
     models = dict(cfg.eval.models) or default_models(cfg)
     check_model_paths(models)
+    resolve_model_path(cfg.teacher_path, cfg.teacher_field)   # a wrong teacher.path named as such
     tokenizer = load_tokenizer(cfg.teacher_path, trust_remote_code=cfg.model.trust_remote_code)
     check_model_tokenizers(models, tokenizer_fingerprint(tokenizer), cfg.model.trust_remote_code)
     # The data (a cache that does not fit, a bad eval.data) is refused before the teacher loads.

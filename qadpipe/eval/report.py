@@ -140,7 +140,7 @@ def plot_training_curves(curves: Mapping[str, Sequence[Mapping[str, Any]]], path
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("training loss")
     ax_eval.set_xlabel("step")
-    ax_eval.set_ylabel("held-out KL (nats/token)")
+    ax_eval.set_ylabel("distill's held-out KL vs its targets\n(nats/token; top-k cache: tail-bucket)", fontsize=8)
     for ax in (ax_loss, ax_eval):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)

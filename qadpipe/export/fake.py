@@ -23,6 +23,7 @@ from qadpipe.export.model_tensors import (
 )
 from qadpipe.export.writer import read_config, write_checkpoint
 from qadpipe.quant.experts import QuantExperts
+from qadpipe.quant.formats import Kind
 from qadpipe.quant.kv_cache import has_kv_quantizers
 from qadpipe.quant.quantizers import QuantLinear
 
@@ -41,6 +42,19 @@ def _fake_experts(dtype: torch.dtype):
         with torch.no_grad():
             return {weight: experts.fake_quantized(weight).to(dtype) for weight in experts.layout.weight_names}
     return experts_fn
+
+
+def _say_rounded_int8(model: nn.Module, dtype: torch.dtype) -> None:
+    """An 8-bit integer weight (codes up to 127) times its scale is no bf16 value: the cast
+    moves it by up to ~0.4 of a quantization step (a 4-bit code's or an FP8 value's by
+    < 0.02), where vLLM's int8 kernels multiply the exact codes."""
+    wide = [name for name, layer in quant_linears(model).items()
+            if layer.weight_quantizer.spec.kind in (Kind.INT, Kind.LSQ) and layer.weight_quantizer.spec.bits >= 8
+            and layer.weight.dtype.itemsize > dtype.itemsize]
+    if wide:
+        log.warning("fake export: %d layers hold 8-bit integer weights (%s ...), which %s rounds by up to ~0.4 of "
+                    "a quantization step; --format compressed-tensors keeps the exact codes the student trained "
+                    "with", len(wide), wide[0], str(dtype).removeprefix("torch."))
 
 
 def write_fake(model: nn.Module, source_dir: Path, directory: Path,
@@ -64,6 +78,7 @@ def write_fake(model: nn.Module, source_dir: Path, directory: Path,
         log.warning("fake export: the student was trained with an FP8 KV cache, but a fake BF16 "
                     "checkpoint carries no KV-cache scales; use --format compressed-tensors to serve "
                     "the KV cache as trained")
+    _say_rounded_int8(model, dtype)
     tensors = checkpoint_tensors(model, export_tensors(model, _fake_layer(dtype), dtype, tie_word_embeddings=tie,
                                                        experts_fn=_fake_experts(dtype)))
     write_checkpoint(tensors, config, source_dir, directory, dtype, max_shard_bytes)

@@ -207,9 +207,11 @@ class QuantLinear(nn.Linear):
 
     ``weight_q(W)`` and ``input_q(x)`` are exactly the codes times the scales export writes.
     Under bf16 autocast (the GPU default) ``F.linear`` then rounds both to bf16, a relative
-    2^-9 per element, whereas vLLM's FP8/NVFP4 kernels multiply the codes exactly and apply
-    the scales to fp32 sums: a difference of the order of the kernels' own accumulation
-    order, 2^5 below FP8's rounding step, not a different quantization.
+    2^-9 per element, whereas vLLM's kernels multiply the codes exactly and apply the scales
+    to fp32 sums.  For FP8 values and 4-bit codes that is under 2^-5 of a quantization step,
+    the order of the kernels' own accumulation order; for 8-bit integer codes (up to 127) it
+    is up to ~0.4 of a step: a W8A8-int student trained under bf16 autocast saw weights a
+    fraction of a step off the codes vLLM serves (fp32 on CPU: none).
     """
 
     weight_quantizer: Quantizer

@@ -54,6 +54,12 @@ def test_default_models_are_ptq_and_qad_on_the_held_out_cache_rows(trained, tmp_
     scored = sum(row.num_target_rows for row in held_out)
     assert f"- positions: {scored} scored per model: those a student trains on" in (tmp_path / "report.md").read_text()
     assert (tmp_path / "kl_by_model.png").is_file() and (tmp_path / "qadpipe_run.yaml").is_file()
+    # distill's last held-out eval scored the same student on the same rows: eval's tail-bucket column
+    student_dir = Path(next(item.split("=", 1)[1] for item in trained if item.startswith("distill.output_dir=")))
+    rows = [json.loads(line) for line in (student_dir / "metrics.jsonl").read_text().splitlines()]
+    last = [row for row in rows if row.get("tag") == "eval"][-1]
+    assert last["eval_kl"] == pytest.approx(results["qad"]["tail_kl"], rel=1e-4)
+    assert last["eval_top1"] == pytest.approx(results["qad"]["top1_agreement"], rel=1e-6)
 
 
 def test_one_student_at_a_time_sits_beside_the_teacher(trained, tmp_path: Path, peaky_llama_dir: Path,
@@ -94,6 +100,26 @@ def test_one_student_at_a_time_sits_beside_the_teacher(trained, tmp_path: Path, 
     assert results.keys() == joint.keys()
     for name in joint:
         assert results[name] == pytest.approx(joint[name], rel=1e-9), name
+
+
+def test_eval_data_that_is_the_training_data_is_said_not_unseen(trained, tmp_path: Path, caplog):
+    """A copy of the file the cache was made from scores sequences the students trained on."""
+    from qadpipe.eval import evaluate
+    from qadpipe.models import load_tokenizer
+
+    records = "\n".join(json.dumps({"text": f"Sentence number {i} about the sea."}) for i in range(4))
+    (tmp_path / "train.jsonl").write_text(records)
+    (tmp_path / "copy.jsonl").write_text(records)
+    (tmp_path / "other.jsonl").write_text(records.replace("sea", "sky"))
+    model_dir = next(item.split("=", 1)[1] for item in trained if item.startswith("model.path="))
+    tokenizer = load_tokenizer(model_dir)
+    for data, flagged in (("copy.jsonl", True), ("train.jsonl", True), ("other.jsonl", False)):
+        caplog.clear()
+        config = load_config(None, [*trained, f"data.source={tmp_path / 'train.jsonl'}",
+                                    f"eval.data={tmp_path / data}"])
+        description = evaluate.held_out(config, tokenizer, len(tokenizer), 4).description
+        assert (f"(NOT unseen: the cache was made from {tmp_path / 'train.jsonl'})" in description) is flagged, data
+        assert ("the students trained on them" in caplog.text) is flagged, data
 
 
 def test_named_hf_model_and_a_data_file(trained, tmp_path: Path, peaky_llama_dir: Path):
@@ -301,6 +327,13 @@ def test_a_model_without_a_training_record_is_not_claimed_unseen(trained, tmp_pa
                                 f"eval.models.outside={peaky_llama_dir}"]))
     claim = json.loads((tmp_path / "alone" / "report.json").read_text())["context"]["data"]
     assert claim.endswith("(whether outside trained on them is unknown)")
+
+
+def test_a_wrong_teacher_path_is_named_as_teacher_path(trained, tmp_path: Path):
+    """It said "model '/nope'", the line a wrong model.path gives: which field was wrong?"""
+    assert _refusal([*trained, f"eval.output_dir={tmp_path / 'a'}", f"teacher.path={tmp_path / 'nope'}"]) == [
+        f"qadpipe: error: teacher.path '{tmp_path / 'nope'}': expected a local Hugging Face directory or the alias "
+        "'smollm2-135m' (qadpipe never downloads from a hub)"]
 
 
 def test_eval_data_that_cannot_be_scored_is_one_line(trained, tmp_path: Path):

@@ -92,3 +92,19 @@ def test_tied_dense_head_is_written_once(student, tiny_tied_llama_dir, tmp_path)
         tensors = load_file(str(out / "model.safetensors"))
         assert "lm_head.weight" not in tensors and "model.embed_tokens.weight" in tensors
         assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+
+
+@pytest.mark.parametrize("preset,group,said", [("w8a8_int", None, True), ("w4a16_int", 32, False)])
+def test_a_fake_export_of_int8_weights_says_bf16_rounds_them(student, tiny_llama_dir, tmp_path, caplog, preset, group,
+                                                            said):
+    """bf16 holds an int4 code times its scale to < 0.02 of a step, an int8 one only to ~0.4."""
+    model, config = student(tiny_llama_dir, preset, group, dtype="float32")
+    export_model(model, tiny_llama_dir, tmp_path / "fake", "fake", config)
+    assert ("8-bit integer weights" in caplog.text) is said
+    worst = 0.0
+    for layer in quant_linears(model).values():
+        exact = layer.fake_quantized_weight()
+        scale = layer.quantized_weight().scale.float()
+        step = scale.repeat_interleave(exact.shape[1] // scale.shape[-1], -1)
+        worst = max(worst, float(((exact.to(torch.bfloat16).float() - exact).abs() / step).max()))
+    assert (worst > 0.1) is said and worst < 0.5, worst
