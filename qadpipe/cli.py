@@ -115,6 +115,9 @@ class _OneLineUsageErrors(click.Group):
             sys.exit(exc.exit_code)
         except click.ClickException as exc:
             where = f" (`{exc.ctx.command_path} -h` shows the usage)" if getattr(exc, "ctx", None) else ""
+            extra = re.match(r"Got unexpected extra argument \((\S+\.ya?ml)\)", exc.format_message())
+            if extra:   # `qadpipe eval cfg.yaml`: the config goes after -c
+                where = f"; a config file goes after -c: {exc.ctx.command_path} -c {extra.group(1)}"
             _fail(exc.format_message() + where)
         except click.Abort:   # click's form of a KeyboardInterrupt: before a stage's handler, or a second Ctrl-C
             click.echo(INTERRUPTED, err=True)

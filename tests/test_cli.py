@@ -44,6 +44,8 @@ def test_a_bad_override_fails_before_any_stage_runs():
                                  "the config's (`qadpipe export -h` shows the usage)"),
     (["inspect", " "], "Invalid value for '[CACHE]': got an empty path; leave the option out to use the config's "
                        "(`qadpipe inspect -h` shows the usage)"),
+    (["eval", "my.yaml"], "Got unexpected extra argument (my.yaml); a config file goes after -c: qadpipe eval -c "
+                          "my.yaml"),
 ])
 def test_usage_errors_are_one_line_too(args, message):
     """click's own refusals printed a three-line usage block; an empty path silently meant the
