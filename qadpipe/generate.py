@@ -214,7 +214,7 @@ def run_generate(config: PipelineConfig, *, num_shards: Optional[int] = None, sh
     per_call = config.teacher.batch_size if config.teacher.backend == "hf" else VLLM_SEQUENCES_PER_CALL
 
     started = time.perf_counter()
-    written = tokens = 0
+    written = tokens = cut_completions = 0
     rate = 0.0  # tokens/s of the teacher loop (engine start-up excluded)
     stopped_by = None
     with CacheWriter(cache.path, meta, task=task, rows_per_shard=cache.rows_per_shard,
@@ -236,8 +236,9 @@ def run_generate(config: PipelineConfig, *, num_shards: Optional[int] = None, sh
                     for number, batch in enumerate(todo, start=1):
                         try:
                             if gen.mode == "generate":
-                                batch = [with_completion(p, c)
-                                         for p, c in zip(batch, teacher.complete(batch, sampling))]
+                                completions = teacher.complete(batch, sampling)
+                                cut_completions += sum(len(c.token_ids) >= sampling.max_new_tokens for c in completions)
+                                batch = [with_completion(p, c) for p, c in zip(batch, completions)]
                             for row in teacher.score(batch, spec):
                                 if row.id not in done:
                                     writer.write(row)
@@ -270,6 +271,10 @@ def run_generate(config: PipelineConfig, *, num_shards: Optional[int] = None, sh
         writer.store.write_atomic(f"runs/{task}/{RUN_FILE}", dump_yaml(run_record(config, "generate")).encode())
     seconds = time.perf_counter() - started
     summary = GenerateSummary(task, len(data.sequences), written, skipped, tokens, seconds, stopped_by)
+    if cut_completions:
+        log.warning("generate %s: %d of the completions written ran to generate.max_new_tokens=%d, most likely cut "
+                    "before their end (the student learns them so); raise it if that is many", task, cut_completions,
+                    gen.max_new_tokens)
     if stopped_by:
         log.warning("generate %s: stopped by %s after committing %d new sequences; rerun the same command "
                     "to resume", task, stopped_by, written)
