@@ -142,7 +142,7 @@ def load_sequences(data: DataConfig, gen: GenerateConfig, tokenizer: Any, vocab_
     for item, rid, ids, prompt_len in _rendered(data, gen, tokenizer, shard_index, num_shards, source_name):
         generating = gen.mode == "generate"
         head = prompt_head(item.record, item.where(data.source), data.field, tokenizer, ids,
-                           chat_template=data.chat_template) if generating and len(ids) > limit else 0
+                           chat_template=data.chat_template, room=limit) if generating and len(ids) > limit else 0
         fitted = fit_length(ids, limit, data.overflow, keep_end=generating, head=head)
         if fitted is None:
             reason = f"longer than {limit} tokens with data.overflow=drop"

@@ -69,7 +69,7 @@ def render_record(record: dict[str, Any], where: str, field: str, tokenizer: Any
         if not completion:
             return prompt_ids, len(prompt_ids)
         ids = tokenizer.encode(prompt + completion)
-        if tokenizer.eos_token_id is not None and ids[-1] != tokenizer.eos_token_id:
+        if tokenizer.eos_token_id is not None and not completion.rstrip().endswith(tokenizer.eos_token):
             ids.append(tokenizer.eos_token_id)
         return ids, _common_prefix(ids, prompt_ids)
     messages = _messages(record["messages"], where)
@@ -190,11 +190,13 @@ def fit_length(ids: list[int], max_length: int, overflow: str, *, keep_end: bool
 
 
 def prompt_head(record: dict[str, Any], where: str, field: str, tokenizer: Any, ids: list[int], *,
-                chat_template: bool) -> int:
+                chat_template: bool, room: int) -> int:
     """How many leading tokens of a prompt to complete (``ids``, from :func:`render_record`)
-    come before its last user turn's text: for a chat, the template's start up to that turn's
-    header (BOS, system prompt, earlier turns), found by rendering the turn empty; for plain
-    text, the tokenizer's leading special tokens (BOS).  Only called for a prompt too long."""
+    a cut to ``room`` tokens keeps: for a chat, the template's start up to its last turn's
+    text (BOS, system prompt, earlier turns, that turn's header), found by rendering the turn
+    empty, while that takes at most half the room; else, and for plain text, the BOS the
+    prompt starts with, if any.  Only called for a prompt too long."""
+    leading = int(bool(ids) and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id)
     if field == "messages" or (field == "prompt" and chat_template):
         messages = ([{"role": "user", "content": record["prompt"]}] if field == "prompt"
                     else _messages(record["messages"], where))
@@ -202,10 +204,11 @@ def prompt_head(record: dict[str, Any], where: str, field: str, tokenizer: Any, 
             messages = messages[:-1]
         last = max(i for i, message in enumerate(messages) if message["role"] != "assistant")
         emptied = [*messages[:last], {**messages[last], "content": ""}, *messages[last + 1:]]
-        return _common_prefix(ids, tokenizer.encode(_apply_template(tokenizer, emptied, True, where),
+        head = _common_prefix(ids, tokenizer.encode(_apply_template(tokenizer, emptied, True, where),
                                                     add_special_tokens=False))
-    special = set(tokenizer.all_special_ids)
-    return next((i for i, token in enumerate(ids) if token not in special), len(ids))
+        if head <= room // 2:
+            return head
+    return min(leading, room // 2)
 
 
 def pack(sequences: Iterable[list[int]], max_length: int, separator: Optional[int]) -> Iterator[list[int]]:

@@ -16,8 +16,9 @@ Rules that keep it exact:
 * One write at a time: the next save, a stop signal, the last step and ``final/`` first wait
   for the write under way (:meth:`BackgroundWriter.finish`), so host memory holds at most one
   snapshot -- what a synchronous save holds while it writes.
-* A failed write (a full disk) is raised on every rank at that wait, naming the checkpoint,
-  and ``LATEST`` still names the previous one.
+* A failed write (a full disk) stops the run at the end of the step during which it is seen
+  (every rank: see ``DistillRecipe._stop_requested``), raised on every rank naming the
+  checkpoint, and ``LATEST`` still names the previous one.
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ class BackgroundWriter:
         try:
             write()
         except BaseException as exc:   # re-raised on the training thread, see finish()
+            log.error("%s was not written: %s", self._label, first_line(exc))
             self._failure = exc
             return
         log.info("%s written in the background in %.1f s", self._label, time.perf_counter() - started)
@@ -112,12 +114,16 @@ class BackgroundWriter:
         self._pending = False
         raise_if_any_failed(self._join(), self.device)
 
+    @property
+    def failed(self) -> bool:
+        """Whether rank 0's write under way has failed (seen by the training loop at its next
+        step: the stop it makes raises the failure through :meth:`finish`)."""
+        return self._failure is not None
+
     def wait(self) -> None:
         """Let rank 0's write under way end, on this rank alone (no collective: for a run
-        stopping on an error, which may be this rank's only); a failure is logged."""
-        failure = self._join()
-        if failure is not None:
-            log.error("%s was not written: %s", self._label, first_line(failure))
+        stopping on an error, which may be this rank's only); a failure was logged."""
+        self._join()
 
     def _join(self) -> Optional[BaseException]:
         if self._thread is not None:

@@ -622,8 +622,9 @@ class DistillRecipe:
                     log.warning("%s: " + outcome, stop, self.step)
                     return TrainResult("preempted", self.step, self.ptq_eval, self.last_eval, stop_signal=stop,
                                        eval_measure=self._eval_measure())
-        self.writer.finish()
-        final = self.save_final() if cfg.save else None
+            # still under the stop handlers: a SIGTERM now lets the last checkpoint and final/ be written
+            self.writer.finish()
+            final = self.save_final() if cfg.save else None
         return TrainResult("done", self.step, self.ptq_eval, self.last_eval, final, eval_measure=self._eval_measure())
 
     def _eval_measure(self) -> str:
@@ -785,8 +786,13 @@ class DistillRecipe:
         self.metrics.write({"step": self.step, "tag": tag, **{f"eval_{k}": v for k, v in figures.items()}})
 
     def _stop_requested(self) -> Optional[str]:
-        """The stop signal any rank received (SIGTERM wins over SIGINT), else None."""
-        signum = dist_utils.all_reduce_number(self._stop.signum, self.env.device, op="max")
+        """The stop signal any rank received (SIGTERM wins over SIGINT), else None.  A failed
+        background write stops the run too, at the step it is seen (the stop's save raises it),
+        not up to ``save_every`` steps later at the next save."""
+        mine = WRITE_FAILED if self.writer.failed else self._stop.signum
+        signum = dist_utils.all_reduce_number(mine, self.env.device, op="max")
+        if signum == WRITE_FAILED:
+            return "a failed checkpoint write"
         return signal.Signals(int(signum)).name if signum else None
 
     # ------------------------------------------------------------------ save / cleanup
@@ -847,7 +853,10 @@ class DistillRecipe:
 
     def cleanup(self) -> None:
         if hasattr(self, "writer"):
-            self.writer.wait()   # a run stopping on an error still commits the checkpoint it began
+            # a run stopping on an error (another rank's: torchrun then sends SIGTERM) still
+            # commits the checkpoint it began
+            with StopSignals("finishing the checkpoint being written"):
+                self.writer.wait()
         if hasattr(self, "metrics"):
             self.metrics.close()
         self._release_output_dir()
@@ -884,6 +893,9 @@ class TeacherHead(torch.nn.Module):
 #: only a gentler update gets past the step.
 RECOVER_FROM_NAN = ("lower distill.lr (or set distill.max_grad_norm) and --resume from it, or check the cache for "
                     "broken targets")
+
+#: What :meth:`DistillRecipe._stop_requested` reduces for a failed background write (above any signal number).
+WRITE_FAILED = 255
 
 #: The lock file of the run writing an output_dir (hidden: not one of OUTPUT_ENTRIES).
 OUTPUT_LOCK = ".distill.lock"

@@ -257,10 +257,10 @@ def held_out(cfg: PipelineConfig, tokenizer: Any, vocab_size: int, eval_rows: in
         description = f"{len(seqs)} sequences of {cfg.eval.data}"
         trained_on = _training_source_among(cfg)
         if trained_on is not None:
-            log.warning("eval: eval.data %s holds the same records as %s, which the cache was made from: the "
-                        "students trained on them, so the figures flatter them; score the cache's held-out rows "
+            log.warning("eval: eval.data %s holds the same records as %s, the training data: the students "
+                        "trained on them, so the figures flatter them; score the cache's held-out rows "
                         "(eval.data: null) or a file kept out of training", cfg.eval.data, trained_on)
-            description += f" (NOT unseen: the cache was made from {trained_on})"
+            description += f" (NOT unseen: the same records as the training data {trained_on})"
         return HeldOut([s.input_ids.tolist() for s in seqs], starts, None, description)
     from qadpipe.cache.reader import CacheReader
     from qadpipe.models import tokenizer_fingerprint

@@ -58,9 +58,28 @@ def test_a_plain_prompt_to_complete_keeps_its_bos_when_cut(sentencepiece_style_t
     tokenizer = sentencepiece_style_tokenizer
     record = {"prompt": "The answer is 4. " * 20 + "Q: what is two plus two? A:"}
     ids, _ = _render(record, "prompt", tokenizer, gen=True)
-    head = prompt_head(record, "src record 0", "prompt", tokenizer, ids, chat_template=False)
+    head = prompt_head(record, "src record 0", "prompt", tokenizer, ids, chat_template=False, room=12)
     cut = fit_length(ids, 12, "truncate", keep_end=True, head=head)
     assert head == 1 and cut[0] == tokenizer.bos_token_id and cut[1:] == ids[-11:]
+
+
+def test_a_long_history_leaves_the_cut_in_it_and_keeps_the_last_turn(tokenizer: Any) -> None:
+    """The head of a multi-turn chat runs to its last turn: when that takes more than half the
+    room, the cut keeps the BOS it starts with (SmolLM2 calls <|im_start|> its BOS) and the end."""
+    messages = [{"role": "user", "content": "word " * 40}, {"role": "assistant", "content": "ok " * 40},
+                {"role": "user", "content": "Name a colour."}]
+    record = {"messages": messages}
+    ids, _ = _render(record, "messages", tokenizer, gen=True)
+    head = prompt_head(record, "r", "messages", tokenizer, ids, chat_template=False, room=400)
+    assert tokenizer.decode(ids[:head]).endswith("ok <|im_end|>\n<|im_start|>user\n")
+    assert tokenizer.decode(ids[head:]) == "Name a colour.<|im_end|>\n<|im_start|>assistant\n"
+    assert ids[0] == tokenizer.bos_token_id
+    assert prompt_head(record, "r", "messages", tokenizer, ids, chat_template=False, room=60) == 1
+
+
+def test_a_completion_ending_with_eos_gets_no_second_one(tokenizer: Any) -> None:
+    ids, _ = _render({"prompt": "Q?", "completion": " A.<|im_end|>\n"}, "prompt", tokenizer)
+    assert ids.count(tokenizer.eos_token_id) == 1
 
 
 def test_chat_prompt_completion_matches_the_template(tokenizer: Any) -> None:

@@ -50,10 +50,12 @@ def test_a_snapshot_keeps_its_values_through_the_next_optimizer_step():
     assert snapshot["optimizer"]["param_groups"] == optimizer.state_dict()["param_groups"]
 
 
+_CONFIG = ("distill.max_steps=4", "distill.save_every=1", "distill.eval_every=100", "distill.shuffle_buffer=4",
+           "distill.lr=1e-3")
+
+
 def config(model_dir, cache, out, *extra):
-    return load_config(None, settings(model_dir, cache, f"distill.output_dir={out}", "distill.max_steps=4",
-                                      "distill.save_every=1", "distill.eval_every=100", "distill.shuffle_buffer=4",
-                                      "distill.lr=1e-3", *extra))
+    return load_config(None, settings(model_dir, cache, f"distill.output_dir={out}", *_CONFIG, *extra))
 
 
 def lagging_writes(monkeypatch, last_step: int, fail_at: int = 0) -> list[int]:
@@ -118,3 +120,79 @@ def test_a_background_write_that_fails_stops_the_run_and_leaves_latest_on_the_pr
     assert "step-00000002: cannot write the checkpoint (No space left on device)" in str(stopped.value)
     assert (tmp_path / CHECKPOINT_DIR / LATEST).read_text().strip() == "step-00000001"
     assert not (tmp_path / "final").exists()
+
+
+def test_a_write_failure_stops_the_run_at_the_step_it_is_seen(peaky_llama_dir, topk_cache, tmp_path, monkeypatch):
+    """Not at the next save, save_every steps later: those steps would be trained for nothing."""
+    write, train_step = trainer.save_checkpoint, trainer.DistillRecipe._train_step
+    trained = []
+
+    def failing(output_dir, model_state, state, config, **facts):
+        if state.step == 2:
+            raise DistillError(f"{output_dir}/checkpoints/step-00000002: cannot write the checkpoint (No space left "
+                               "on device); LATEST still names the previous one")
+        return write(output_dir, model_state, state, config, **facts)
+
+    def step_seeing_the_failure(self, micro, window):
+        deadline = time.monotonic() + 60
+        while self.step == 2 and not self.writer.failed and time.monotonic() < deadline:
+            time.sleep(0.01)
+        train_step(self, micro, window)
+        trained.append(self.step + 1)
+
+    monkeypatch.setattr(trainer, "save_checkpoint", failing)
+    monkeypatch.setattr(trainer.DistillRecipe, "_train_step", step_seeing_the_failure)
+    with pytest.raises(DistillError, match="step-00000002: cannot write the checkpoint"):
+        trainer.run_distill(config(peaky_llama_dir, topk_cache, tmp_path, "distill.save_every=2",
+                                   "distill.max_steps=8"))
+    assert trained in ([1, 2], [1, 2, 3]), trained   # seen right after the save, or at step 3's end (not 4's save)
+
+
+def test_a_run_stopping_on_an_error_commits_the_checkpoint_being_written(peaky_llama_dir, topk_cache, tmp_path,
+                                                                        monkeypatch):
+    write, train_step = trainer.save_checkpoint, trainer.DistillRecipe._train_step
+
+    def slow(output_dir, model_state, state, config, **facts):
+        time.sleep(1.0)
+        return write(output_dir, model_state, state, config, **facts)
+
+    def failing_third_step(self, micro, window):
+        if self.step == 2:
+            raise RuntimeError("a failure of step 3")
+        train_step(self, micro, window)
+
+    monkeypatch.setattr(trainer, "save_checkpoint", slow)
+    monkeypatch.setattr(trainer.DistillRecipe, "_train_step", failing_third_step)
+    with pytest.raises(RuntimeError, match="a failure of step 3"):
+        trainer.run_distill(config(peaky_llama_dir, topk_cache, tmp_path))
+    assert (tmp_path / CHECKPOINT_DIR / LATEST).read_text().strip() == "step-00000002"
+
+
+def test_a_sigterm_while_the_last_checkpoint_is_written_lets_it_and_final_be_written(peaky_llama_dir, topk_cache,
+                                                                                     tmp_path):
+    """After the last step the stop handlers were gone: a SIGTERM killed the write under way."""
+    import subprocess
+    import sys
+
+    sets = settings(peaky_llama_dir, topk_cache, *_CONFIG, f"distill.output_dir={tmp_path / 'out'}")
+    script = tmp_path / "stopped_while_writing.py"
+    script.write_text(
+        "import os, signal, time\n"
+        "from qadpipe.config import load_config\n"
+        "from qadpipe.distill import trainer\n"
+        "from qadpipe.distill.background_save import BackgroundWriter\n"
+        "write, finish = trainer.save_checkpoint, BackgroundWriter.finish\n"
+        "def slow(*args, **kwargs):\n"
+        "    time.sleep(2)\n"
+        "    return write(*args, **kwargs)\n"
+        "def signalled_finish(self):\n"
+        "    if self._pending and self._label == 'checkpoint step 4':\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return finish(self)\n"
+        "trainer.save_checkpoint, BackgroundWriter.finish = slow, signalled_finish\n"
+        f"result = trainer.run_distill(load_config(None, {sets!r}))\n"
+        "print('RESULT', result.status, result.step, flush=True)\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "RESULT done 4" in done.stdout, done.stderr[-2000:]
+    assert (tmp_path / "out" / CHECKPOINT_DIR / LATEST).read_text().strip() == "step-00000004"
+    assert (tmp_path / "out" / "final" / MODEL_FILE).is_file()

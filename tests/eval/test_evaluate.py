@@ -118,8 +118,19 @@ def test_eval_data_that_is_the_training_data_is_said_not_unseen(trained, tmp_pat
         config = load_config(None, [*trained, f"data.source={tmp_path / 'train.jsonl'}",
                                     f"eval.data={tmp_path / data}"])
         description = evaluate.held_out(config, tokenizer, len(tokenizer), 4).description
-        assert (f"(NOT unseen: the cache was made from {tmp_path / 'train.jsonl'})" in description) is flagged, data
+        assert (f"(NOT unseen: the same records as the training data {tmp_path / 'train.jsonl'})" in description) \
+            is flagged, data
         assert ("the students trained on them" in caplog.text) is flagged, data
+
+
+def test_scoring_fewer_rows_than_distill_held_out_is_said(trained, tmp_path: Path, caplog):
+    from qadpipe.eval import evaluate
+    from qadpipe.models import load_tokenizer
+
+    config = load_config(None, [*trained, "eval.max_sequences=2"])
+    tokenizer = load_tokenizer(config.model.path)
+    assert len(evaluate.held_out(config, tokenizer, len(tokenizer), 4).sequences) == 2
+    assert "scoring 2 of the 4 held-out cache rows (eval.max_sequences=2)" in caplog.text
 
 
 def test_named_hf_model_and_a_data_file(trained, tmp_path: Path, peaky_llama_dir: Path):
@@ -144,7 +155,8 @@ def test_a_data_file_without_prompt_positions_scores_every_completion_token(trai
     data = tmp_path / "answers.jsonl"
     data.write_text("".join(json.dumps(record) + "\n" for record in records))
     tokenizer = load_tokenizer(str(peaky_llama_dir))
-    answer_tokens = sum(len(tokenizer(r["completion"], add_special_tokens=False).input_ids) for r in records)
+    answer_tokens = sum(len(tokenizer(r["completion"], add_special_tokens=False).input_ids) + 1   # + EOS
+                        for r in records)
     config = load_config(None, [*trained, f"eval.output_dir={tmp_path / 'out'}", f"eval.data={data}",
                                 "data.field=prompt", "generate.include_prompt=false",
                                 f"eval.models.copy={peaky_llama_dir}"])
