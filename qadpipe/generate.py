@@ -214,7 +214,7 @@ def run_generate(config: PipelineConfig, *, num_shards: Optional[int] = None, sh
     per_call = config.teacher.batch_size if config.teacher.backend == "hf" else VLLM_SEQUENCES_PER_CALL
 
     started = time.perf_counter()
-    written = tokens = cut_completions = 0
+    written = tokens = completed = cut_completions = 0
     rate = 0.0  # tokens/s of the teacher loop (engine start-up excluded)
     stopped_by = None
     with CacheWriter(cache.path, meta, task=task, rows_per_shard=cache.rows_per_shard,
@@ -238,6 +238,7 @@ def run_generate(config: PipelineConfig, *, num_shards: Optional[int] = None, sh
                             if gen.mode == "generate":
                                 completions = teacher.complete(batch, sampling)
                                 cut_completions += sum(len(c.token_ids) >= sampling.max_new_tokens for c in completions)
+                                completed += len(completions)
                                 batch = [with_completion(p, c) for p, c in zip(batch, completions)]
                             for row in teacher.score(batch, spec):
                                 if row.id not in done:
@@ -272,9 +273,9 @@ def run_generate(config: PipelineConfig, *, num_shards: Optional[int] = None, sh
     seconds = time.perf_counter() - started
     summary = GenerateSummary(task, len(data.sequences), written, skipped, tokens, seconds, stopped_by)
     if cut_completions:
-        log.warning("generate %s: %d of the completions written ran to generate.max_new_tokens=%d, most likely cut "
-                    "before their end (the student learns them so); raise it if that is many", task, cut_completions,
-                    gen.max_new_tokens)
+        log.warning("generate %s: %d of the %d completions ran to generate.max_new_tokens=%d, most likely cut before "
+                    "their end (the student learns them so); raise it if that is many", task, cut_completions,
+                    completed, gen.max_new_tokens)
     if stopped_by:
         log.warning("generate %s: stopped by %s after committing %d new sequences; rerun the same command "
                     "to resume", task, stopped_by, written)

@@ -193,7 +193,7 @@ def test_generate_mode_scores_prompt_plus_completion(small_vocab_model: Path, tm
         assert 1 <= len(row.input_ids) - 8 <= 6  # the teacher's completion, stopped at EOS or max_new_tokens
         assert row.target_start == 7 and row.num_target_rows == len(row.input_ids) - 8
     cut = sum(len(row.input_ids) - 8 == 6 for row in rows.values())   # a random model rarely stops
-    assert cut > 0 and f"generate task-00000: {cut} of the completions written ran to generate.max_new_tokens=6" \
+    assert cut > 0 and f"generate task-00000: {cut} of the 4 completions ran to generate.max_new_tokens=6" \
         in caplog.text
     run_generate(_config(small_vocab_model, tmp_path / "again", **extra))
     _assert_same_cache(tmp_path / "gen", tmp_path / "again")  # completions are seeded per prompt
