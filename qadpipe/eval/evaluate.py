@@ -232,6 +232,10 @@ def held_out_rows(cfg: PipelineConfig, models: dict[str, str]) -> int:
                     "it trained; scoring those %d (the rest were trained on)", cfg.distill.eval_rows, names,
                     fewest, fewest)
         return fewest
+    if cfg.distill.eval_rows == 0 and cfg.eval.data is None and recorded and min(recorded.values()) > 0:
+        raise ConfigError(f"distill.eval_rows: 0 held-out cache rows to evaluate on, but the students held out "
+                          f"the first {min(recorded.values())} when they trained: set distill.eval_rows="
+                          f"{min(recorded.values())} to score those, or eval.data to a file")
     return cfg.distill.eval_rows
 
 

@@ -341,6 +341,13 @@ def test_a_model_without_a_training_record_is_not_claimed_unseen(trained, tmp_pa
     assert claim.endswith("(whether outside trained on them is unknown)")
 
 
+def test_no_held_out_rows_names_the_rows_the_students_held_out(trained, tmp_path: Path):
+    """The record says how many rows the students never saw: 'retrain' was the wrong advice."""
+    assert _refusal([*trained, f"eval.output_dir={tmp_path / 'a'}", "distill.eval_rows=0"]) == [
+        "qadpipe: error: distill.eval_rows: 0 held-out cache rows to evaluate on, but the students held out the "
+        "first 4 when they trained: set distill.eval_rows=4 to score those, or eval.data to a file"]
+
+
 def test_a_wrong_teacher_path_is_named_as_teacher_path(trained, tmp_path: Path):
     """It said "model '/nope'", the line a wrong model.path gives: which field was wrong?"""
     assert _refusal([*trained, f"eval.output_dir={tmp_path / 'a'}", f"teacher.path={tmp_path / 'nope'}"]) == [
