@@ -133,14 +133,14 @@ def load_sequences(data: DataConfig, gen: GenerateConfig, tokenizer: Any, vocab_
                 for i, ids in enumerate(windows) if i % num_shards == shard_index
                 for arr in [np.asarray(ids, dtype=np.int32)]]
         return DataSlice(seqs, fingerprint)
-    limit = data.max_length - gen.max_new_tokens if gen.mode == "generate" else data.max_length
+    generating = gen.mode == "generate"
+    limit = data.max_length - gen.max_new_tokens if generating else data.max_length
     needs_completion = gen.mode == "score" and not gen.include_prompt
-    shortest = 1 if gen.mode == "generate" else 2   # a scored sequence needs a next token; a prompt, a token
+    shortest = 1 if generating else 2   # a scored sequence needs a next token; a prompt, a token
     seqs: list[TokenSequence] = []
     reasons: dict[str, int] = {}
     first_dropped: dict[str, str] = {}
     for item, rid, ids, prompt_len in _rendered(data, gen, tokenizer, shard_index, num_shards, source_name):
-        generating = gen.mode == "generate"
         head = prompt_head(item.record, item.where(data.source), data.field, tokenizer, ids,
                            chat_template=data.chat_template, room=limit) if generating and len(ids) > limit else 0
         fitted = fit_length(ids, limit, data.overflow, keep_end=generating, head=head)

@@ -51,9 +51,10 @@ def detached_snapshot(state: Any, live: Iterable[torch.Tensor]) -> Any:
 
     def visit(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
-            if _storage_key(value) not in live_storages:
+            storage = _storage_key(value)
+            if storage not in live_storages:
                 return value
-            key = (*_storage_key(value), value.storage_offset(), tuple(value.shape), value.stride())
+            key = (*storage, value.storage_offset(), tuple(value.shape), value.stride())
             if key not in copies:
                 copies[key] = value.detach().clone()
             return copies[key]

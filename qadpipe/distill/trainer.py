@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime as _dt
+import functools
 import importlib.util
 import logging
 import math
@@ -811,15 +812,14 @@ class DistillRecipe:
                              scheduler=copy.deepcopy(self.scheduler.state_dict()),
                              loader={"ranks": loader_states}, rng=capture_rng(),
                              cache_fingerprint=self._cache_fingerprint(), log_window={"ranks": window_sums})
-        history = self._history()
+        if self.cfg.save_in_background:
+            model_state, state.optimizer = detached_snapshot((model_state, state.optimizer),
+                                                             live_tensors(self.model, self.optimizer))
+        write = functools.partial(save_checkpoint, self.output_dir, model_state, state, self.config, **self._history())
         if not self.cfg.save_in_background:
-            dist_utils.written_by_main(self.env.is_main, self.env.device, lambda: save_checkpoint(
-                self.output_dir, model_state, state, self.config, **history))
+            dist_utils.written_by_main(self.env.is_main, self.env.device, write)
             return
-        model_state, state.optimizer = detached_snapshot((model_state, state.optimizer),
-                                                         live_tensors(self.model, self.optimizer))
-        self.writer.start(lambda: save_checkpoint(self.output_dir, model_state, state, self.config, **history),
-                          f"checkpoint step {self.step}")
+        self.writer.start(write, f"checkpoint step {self.step}")
         log.info("checkpoint step %d: snapshot taken in %.1f s, written in the background", self.step,
                  time.perf_counter() - taken)
 

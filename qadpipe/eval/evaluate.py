@@ -293,15 +293,12 @@ def _training_source_among(cfg: PipelineConfig) -> Optional[str]:
     import filecmp
     import os
 
-    from qadpipe.cache.manifest import MANIFEST_DIR
+    from qadpipe.cache.manifest import load_view
     from qadpipe.cache.store import Store
 
     sources = {cfg.data.source}
-    try:
-        if Store(cfg.cache.path).list(MANIFEST_DIR):
-            from qadpipe.cache.reader import CacheReader
-
-            sources.add((CacheReader(cfg.cache.path).meta.config.get("data") or {}).get("source"))
+    try:   # its manifests alone: a reader would check every shard's footer and ids first
+        sources.add((load_view(Store(cfg.cache.path)).meta.config.get("data") or {}).get("source"))
     except QadpipeError:   # no readable cache: eval.data needs none, data.source is still compared
         pass
     evaluated = Path(cfg.eval.data).expanduser()
@@ -368,11 +365,11 @@ def run_eval(cfg: PipelineConfig) -> dict[str, dict[str, float]]:
     out = check_output_dir(Path(cfg.eval.output_dir))
     models = dict(cfg.eval.models) or default_models(cfg)
     check_model_paths(models)
-    resolve_model_path(cfg.teacher_path, cfg.teacher_field)   # a wrong teacher.path named as such
+    teacher_dir = resolve_model_path(cfg.teacher_path, cfg.teacher_field)   # a wrong teacher.path named as such
     tokenizer = load_tokenizer(cfg.teacher_path, trust_remote_code=cfg.model.trust_remote_code)
     check_model_tokenizers(models, tokenizer_fingerprint(tokenizer), cfg.model.trust_remote_code)
     # The data (a cache that does not fit, a bad eval.data) is refused before the teacher loads.
-    vocab_size = teacher_info(resolve_model_path(cfg.teacher_path), cfg.model.trust_remote_code).vocab_size
+    vocab_size = teacher_info(teacher_dir, cfg.model.trust_remote_code).vocab_size
     data = held_out(cfg, tokenizer, vocab_size, held_out_rows(cfg, models))
     teacher = load_causal_lm(cfg.teacher_path, dtype="float32", device=str(device),
                              trust_remote_code=cfg.model.trust_remote_code)
@@ -407,7 +404,7 @@ def run_eval(cfg: PipelineConfig) -> dict[str, dict[str, float]]:
                if Path(path).name == FINAL_DIR}
     # The record first: a run killed while writing the report leaves a directory eval may write again.
     save_run_record(cfg, "eval", out, cache_fingerprint=data.cache_fingerprint,
-                    teacher_revision=teacher_revision(resolve_model_path(cfg.teacher_path)))
+                    teacher_revision=teacher_revision(teacher_dir))
     paths = write_report(out, results, context=context, metrics_files=metrics)
     print(render_table(results))
     log.info("eval report: %s", ", ".join(str(p) for p in paths.values()))
