@@ -176,16 +176,17 @@ def fit_length(ids: list[int], max_length: int, overflow: str, *, keep_end: bool
     keeps the first tokens of a sequence to score, the last of a prompt to complete
     (``keep_end``): a prompt cut at its end would lose the chat template's assistant header,
     and the teacher would continue the user's text instead of answering.  Its first ``head``
-    tokens stay too (see :func:`prompt_head`: the BOS and the template's start, which a
-    Llama-family teacher without them answers worse) while they take at most half the room;
+    tokens stay too (see :func:`prompt_head`, which decides them: the BOS and the template's
+    start, which a Llama-family teacher without them answers worse, at most half the room);
     the cut falls in the text after them.  Packing works across records: see :func:`pack`."""
+    if head > max_length // 2:   # prompt_head's bound: a longer head would leave the prompt's end no room
+        raise ValueError(f"head={head} is over half of max_length={max_length}")
     if len(ids) <= max_length:
         return ids
     if overflow != "truncate":
         return None
     if not keep_end:
         return ids[:max_length]
-    head = head if head <= max_length // 2 else 0
     return ids[:head] + ids[len(ids) - (max_length - head):]
 
 

@@ -75,6 +75,9 @@ def test_a_long_history_leaves_the_cut_in_it_and_keeps_the_last_turn(tokenizer: 
     assert tokenizer.decode(ids[head:]) == "Name a colour.<|im_end|>\n<|im_start|>assistant\n"
     assert ids[0] == tokenizer.bos_token_id
     assert prompt_head(record, "r", "messages", tokenizer, ids, chat_template=False, room=60) == 1
+    for room in (1, 2, 3, 60, 400):   # never over half the room, which fit_length needs for the end
+        head = prompt_head(record, "r", "messages", tokenizer, ids, chat_template=False, room=room)
+        assert head <= room // 2 and len(fit_length(ids, room, "truncate", keep_end=True, head=head)) == min(room, len(ids))
 
 
 def test_a_completion_ending_with_eos_gets_no_second_one(tokenizer: Any) -> None:
@@ -162,7 +165,8 @@ def test_length_limits() -> None:
     assert fit_length([1, 2, 3, 4], 3, "drop") is None
     assert fit_length([1, 2, 3, 4], 3, "truncate", keep_end=True) == [2, 3, 4]   # a prompt keeps its end
     assert fit_length([1, 2, 3, 4, 5, 6], 4, "truncate", keep_end=True, head=1) == [1, 4, 5, 6]   # and its BOS
-    assert fit_length([1, 2, 3, 4, 5, 6], 4, "truncate", keep_end=True, head=3) == [3, 4, 5, 6]   # > half: the end
+    with pytest.raises(ValueError, match="over half"):   # prompt_head keeps a head to half the room
+        fit_length([1, 2, 3, 4, 5, 6], 4, "truncate", keep_end=True, head=3)
     assert fit_length([1, 2, 3, 4], 3, "drop", keep_end=True) is None
     windows = list(pack([[1, 2], [3, 4, 5], [6, 9]], 3, separator=9))
     # separator appended unless the record already ends with it; a last window needs 2 tokens
