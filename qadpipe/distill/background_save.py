@@ -121,6 +121,12 @@ class BackgroundWriter:
         step: the stop it makes raises the failure through :meth:`finish`)."""
         return self._failure is not None
 
+    @property
+    def unconfirmed(self) -> Optional[str]:
+        """On a rank other than 0, the write rank 0 may still be making (its label): this rank
+        cannot wait for it, so the checkpoint directory it sees may not show it yet."""
+        return self._label if self._pending and not self.is_main else None
+
     def wait(self) -> None:
         """Let rank 0's write under way end, on this rank alone (no collective: for a run
         stopping on an error, which may be this rank's only); a failure was logged."""

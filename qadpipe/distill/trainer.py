@@ -686,7 +686,10 @@ class DistillRecipe:
         """What a run that stops on an error leaves to --resume from."""
         self.writer.wait()   # a checkpoint being written is the last one once it is
         last = latest_checkpoint(self.output_dir)
-        return f"the {which} checkpoint is {last}" if last else "no checkpoint was written before it"
+        kept = f"the {which} checkpoint is {last}" if last else "no checkpoint was written before it"
+        if self.writer.unconfirmed:
+            kept += f" (or {self.writer.unconfirmed}, if rank 0 finished writing it)"
+        return kept
 
     def _with_teacher(self, batch: Batch) -> PositionTargets:
         """The batch's targets plus the teacher's hidden states at the target positions.  The

@@ -4,6 +4,7 @@ meanwhile, and a background write that fails stops the run in one line with LATE
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from torch import nn
 
 from qadpipe.config import load_config
 from qadpipe.distill import trainer
-from qadpipe.distill.background_save import detached_snapshot, live_tensors
+from qadpipe.distill.background_save import BackgroundWriter, detached_snapshot, live_tensors
 from qadpipe.distill.checkpoint import CHECKPOINT_DIR, LATEST, MODEL_FILE, STATE_FILE
 from qadpipe.errors import DistillError
 
@@ -196,3 +197,20 @@ def test_a_sigterm_while_the_last_checkpoint_is_written_lets_it_and_final_be_wri
     assert done.returncode == 0 and "RESULT done 4" in done.stdout, done.stderr[-2000:]
     assert (tmp_path / "out" / CHECKPOINT_DIR / LATEST).read_text().strip() == "step-00000004"
     assert (tmp_path / "out" / "final" / MODEL_FILE).is_file()
+
+
+def test_a_rank_that_cannot_wait_for_rank_0s_write_names_it_beside_the_last_checkpoint_it_sees(tmp_path):
+    """A rank stopping on its own error (an OOM) cannot wait for rank 0's write, so the
+    checkpoint directory may not show it yet: the message names both."""
+    other_rank = BackgroundWriter(is_main=False, device=torch.device("cpu"))
+    recipe = SimpleNamespace(writer=other_rank, output_dir=tmp_path)
+    assert trainer.DistillRecipe._kept_checkpoint(recipe, "last") == "no checkpoint was written before it"
+    other_rank.start(lambda: None, "checkpoint step 40")
+    assert trainer.DistillRecipe._kept_checkpoint(recipe, "last") == (
+        "no checkpoint was written before it (or checkpoint step 40, if rank 0 finished writing it)")
+    rank_0 = BackgroundWriter(is_main=True, device=torch.device("cpu"))
+    rank_0.start(lambda: None, "checkpoint step 40")
+    assert rank_0.unconfirmed is None   # rank 0 waits for its own write and reads the directory after it
+    other_rank.finish()
+    rank_0.finish()
+    assert other_rank.unconfirmed is None
