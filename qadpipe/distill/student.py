@@ -41,11 +41,26 @@ def build_student(config: Any, device: torch.device, *, rebuild: bool = False) -
     from qadpipe.models import check_logits_are_head_of_hidden, load_causal_lm
     from qadpipe.quant.recipe import apply_recipe
 
-    model = load_causal_lm(config.model.path, dtype="float32", device=str(device),
-                           trust_remote_code=config.model.trust_remote_code)
+    model = load_causal_lm(config.model.path, dtype="float32", trust_remote_code=config.model.trust_remote_code)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        check_weights_fit(sum(p.numel() * p.element_size() for p in model.parameters()), free, device)
+    model.to(device)
     check_logits_are_head_of_hidden(model, "model.path")   # before the recipe: no range to calibrate yet
     apply_recipe(model, config.quant, rebuild=rebuild)
     return model.to(device)
+
+
+def check_weights_fit(weight_bytes: int, free_bytes: int, device: torch.device) -> None:
+    """Refuse, before the copy, a student whose fp32 weights alone exceed the GPU's free memory:
+    each process builds and calibrates the whole student on its GPU, and FSDP2 shards it only
+    after (sharding the build itself is not implemented), so such a run could only fail, with
+    a CUDA out-of-memory error, after minutes of loading."""
+    if weight_bytes > free_bytes:
+        raise DistillError(f"model.path: the student's fp32 weights take {weight_bytes / 2**30:.1f} GiB, more than "
+                           f"the {free_bytes / 2**30:.1f} GiB free on {device}; every process builds and calibrates "
+                           "the whole student on its GPU before DDP or FSDP2 shards its training state, so it needs "
+                           "a GPU that holds 4 bytes per parameter and more (a smaller student, or a larger GPU)")
 
 
 def enable_activation_checkpointing(student: nn.Module) -> None:

@@ -228,6 +228,7 @@ class DistillRecipe:
             enable_activation_checkpointing(student)
         no_decay = no_decay_names(self.model, quant_parameters(student))
         self.wrapped = dist_utils.wrap(self.model, student.get_decoder().layers, cfg.distributed, self.env)
+        self._warn_if_training_state_outgrows_the_gpu()   # after FSDP2 has sharded the weights
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = adamw(self.model, cfg.lr, cfg.weight_decay, no_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -241,6 +242,23 @@ class DistillRecipe:
             self._restore_state(*restored)
         if self.env.is_main:
             save_run_record(self.config, "distill", self.output_dir, **self._history())
+
+    def _warn_if_training_state_outgrows_the_gpu(self) -> None:
+        """Say before the first step what would make it run out of GPU memory (see
+        :func:`training_state_bytes`)."""
+        if self.env.device.type != "cuda":
+            return
+        trained = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        strategy = self.cfg.distributed if self.env.distributed else "single"
+        need = training_state_bytes(trained, strategy, self.env.world_size)
+        device = self.env.device
+        free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        if need > free:
+            hint = ("distill.distributed: fsdp2 shards it" if strategy != "fsdp2" else "more GPUs shard it thinner") + \
+                   (", distill.trainable: quant trains a fraction" if self.cfg.trainable == "all" else "")
+            log.warning("gradients and AdamW state will take at least %.1f GiB on %s, more than its %.1f GiB free "
+                        "beside the weights: the first step will likely run out of memory (%s)",
+                        need / 2**30, device, free / 2**30, hint)
 
     def _lock_output_dir(self) -> None:
         """One live run per output_dir (rank 0 holds it): two -- a job submitted twice, a requeue
@@ -864,6 +882,16 @@ class DistillRecipe:
             self.metrics.close()
         self._release_output_dir()
         dist_utils.shutdown()
+
+
+def training_state_bytes(trained_params: int, strategy: str, world_size: int) -> float:
+    """GPU memory a rank needs for training state beyond the weights, a lower bound (activations
+    left out): fp32 gradients and AdamW's two moments, 12 bytes per trained parameter; DDP's
+    gradient buckets 4 more (``strategy`` ddp under torchrun; "single" alone); FSDP2 shards all
+    of it over ``world_size``."""
+    if strategy == "fsdp2":
+        return 12 * trained_params / world_size
+    return (16 if strategy == "ddp" else 12) * trained_params
 
 
 def _check_loss_weights(cfg: Any) -> None:
