@@ -263,6 +263,36 @@ def check_logits_are_head_of_hidden(model: Any, where: str) -> LogitTransform:
     return transform
 
 
+def check_packed_rows_are_isolated(model: Any, where: str) -> None:
+    """Refuse ``distill.pack_length`` for a model that lets a packed row attend to the rows
+    before it in its window.  Packing passes no attention mask and restarts ``position_ids`` at
+    each row; transformers derives the block-diagonal mask from those restarts only where the
+    model builds its mask through ``masking_utils`` (Llama, Qwen, Gemma, GPT-NeoX ...), not for
+    OPT, Bloom or Falcon, whose later rows would see earlier documents the teacher never
+    scored with them.  Checked by a forward of two rows packed against the second alone."""
+    import torch
+
+    head = model.get_output_embeddings()
+    device, vocab = head.weight.device, head.weight.shape[0]
+    ids = (torch.arange(3, 14, device=device) * 7919 % vocab).unsqueeze(0)   # rows of 6 and 5 tokens
+    positions = torch.cat([torch.arange(6, device=device), torch.arange(5, device=device)]).unsqueeze(0)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            base = model.get_decoder()
+            packed = base(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state[0, 6:].float()
+            alone = base(input_ids=ids[:, 6:], use_cache=False).last_hidden_state[0].float()
+    finally:
+        model.train(was_training)
+    gap = float((packed - alone).abs().max())
+    relative = 1e-3 if head.weight.dtype == torch.float32 else 2e-2
+    if gap > relative * float(alone.abs().max()) + 1e-4:
+        raise ModelError(f"distill.pack_length: {where}'s {model.config.get_text_config().model_type} lets a packed "
+                         f"row attend to the rows before it (its hidden states differ by up to {gap:.3g} from the row "
+                         "alone); set distill.pack_length: null (pad each row)")
+
+
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """A hash of the vocabulary and special tokens: two tokenizers that map text to the
     same ids have the same fingerprint, so a cache can refuse a student that would read

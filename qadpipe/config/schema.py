@@ -264,7 +264,8 @@ class DistillConfig:
                                 "for the GPU (0 = read in the training loop)", ge=0)
     pack_length: Optional[int] = opt(None,
         "pack each micro-batch's rows into windows of this many tokens (null = pad each row); at least the "
-        "cache's longest row (qadpipe inspect)", ge=2)
+        "cache's longest row (qadpipe inspect); refused for models whose attention would cross rows (OPT, Bloom, "
+        "Falcon: probed before training)", ge=2)
     tensorboard: bool = opt(False, "also write TensorBoard events (needs the tensorboard package)")
 
     def validate(self) -> Optional[str]:

@@ -10,7 +10,9 @@ Padding: rows are right-padded; ``attention_mask`` is 0 on padding.  Packing
 (``pack_length``): rows are laid end to end into windows of ``pack_length`` tokens and
 ``position_ids`` restart at 0 for each row; with ``attention_mask=None`` transformers
 derives a block-diagonal causal mask from those restarts, so a row never attends to its
-neighbour (tests/distill/test_collate.py checks packed logits equal unpacked ones).
+neighbour (tests/distill/test_collate.py checks packed logits equal unpacked ones) -- for
+models that build their mask through ``masking_utils``; the student and an online teacher
+are probed before training and refused otherwise (``check_packed_rows_are_isolated``).
 
 Sampled targets become ``sample_ids`` ``[N, m]`` (−1 padded) and ``sample_weights`` =
 count / (draws that named a token).  Draws recorded as :data:`~qadpipe.targets.TAIL_ID`

@@ -35,10 +35,11 @@ FINAL_DIR = "final"
 PTQ_DIR = "ptq"
 
 
-def build_student(config: Any, device: torch.device, *, rebuild: bool = False) -> nn.Module:
+def build_student(config: Any, device: torch.device, *, rebuild: bool = False, packed: bool = False) -> nn.Module:
     """The student from ``model.path`` with the quant recipe applied (fp32 master weights).
-    ``rebuild``: a student already trained with this recipe (see :func:`apply_recipe`)."""
-    from qadpipe.models import check_logits_are_head_of_hidden, load_causal_lm
+    ``rebuild``: a student already trained with this recipe (see :func:`apply_recipe`);
+    ``packed``: it will train on packed rows, which its attention must keep apart."""
+    from qadpipe.models import check_logits_are_head_of_hidden, check_packed_rows_are_isolated, load_causal_lm
     from qadpipe.quant.recipe import apply_recipe
 
     model = load_causal_lm(config.model.path, dtype="float32", trust_remote_code=config.model.trust_remote_code)
@@ -47,6 +48,8 @@ def build_student(config: Any, device: torch.device, *, rebuild: bool = False) -
         check_weights_fit(sum(p.numel() * p.element_size() for p in model.parameters()), free, device)
     model.to(device)
     check_logits_are_head_of_hidden(model, "model.path")   # before the recipe: no range to calibrate yet
+    if packed:   # before it too: a per-tensor activation scale mixes the rows of any batch, packed or padded
+        check_packed_rows_are_isolated(model, "model.path")
     apply_recipe(model, config.quant, rebuild=rebuild)
     return model.to(device)
 

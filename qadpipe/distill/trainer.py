@@ -199,7 +199,8 @@ class DistillRecipe:
         # looking one by one could see different steps through a stale NFS directory cache.
         checkpoint = dist_utils.computed_by_main(self.env.is_main, lambda: latest_checkpoint(self.output_dir)) \
             if self.resume else None
-        student = build_student(self.config, self.env.device, rebuild=checkpoint is not None)
+        student = build_student(self.config, self.env.device, rebuild=checkpoint is not None,
+                                packed=cfg.pack_length is not None)
         vocab = output_rows(student)
         self._check_vocab(vocab)
         self.spec = LossSpec(mode=cfg.mode, loss=cfg.loss, kd_weight=cfg.kd_loss_weight,
@@ -388,8 +389,8 @@ class DistillRecipe:
     def _load_teacher(self, student_vocab: int) -> tuple[torch.nn.Module, torch.nn.Module]:
         """The teacher in the loop, refused unless it reads the tokens as the student does: the
         KL compares the two distributions id by id (the cache path checks the same)."""
-        from qadpipe.models import (check_logits_are_head_of_hidden, load_causal_lm, load_tokenizer,
-                                    resolve_model_path, tokenizer_fingerprint)
+        from qadpipe.models import (check_logits_are_head_of_hidden, check_packed_rows_are_isolated, load_causal_lm,
+                                    load_tokenizer, resolve_model_path, tokenizer_fingerprint)
 
         path, trust = self.config.teacher_path, self.config.model.trust_remote_code
         resolve_model_path(path, self.config.teacher_field)   # a wrong teacher.path named as such
@@ -401,6 +402,8 @@ class DistillRecipe:
                                  trust_remote_code=trust)
         teacher.requires_grad_(False)
         transform = check_logits_are_head_of_hidden(teacher, "teacher.path")
+        if self.cfg.pack_length is not None:   # the teacher in the loop reads the same packed windows
+            check_packed_rows_are_isolated(teacher, "teacher.path")
         base, head = split_lm(teacher)
         vocab = output_rows(teacher)
         if vocab != student_vocab:
