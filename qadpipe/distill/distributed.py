@@ -17,7 +17,7 @@ import contextlib
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -133,6 +133,14 @@ def all_reduce_number(value: float, device: torch.device, op: str = "sum") -> fl
     if not dist.is_initialized():
         return float(value)
     return all_reduce(torch.tensor(float(value), dtype=torch.float64, device=device), op).item()
+
+
+def broadcast_from_main(tensors: Iterable[torch.Tensor]) -> None:
+    """Rank 0's values, in place, on every rank (every rank must call, with its tensors in the
+    same order; nothing to do in a world of one)."""
+    if dist.is_initialized():
+        for tensor in tensors:
+            dist.broadcast(tensor.data, src=0)
 
 
 def all_gather_objects(obj: Any) -> list[Any]:

@@ -454,6 +454,11 @@ class DistillRecipe:
                     break
         with self._autocast():
             calibrate(student, batches, count, percentile=self.config.quant.activation_percentile)
+        # Every rank calibrated on the same rows, but GPUs need not sum them in one order: rank
+        # 0's ranges (the ones its PTQ baseline and checkpoints save) are every rank's.  DDP
+        # would broadcast buffers at wrap; FSDP2 would shard each rank's own.
+        dist_utils.broadcast_from_main(tensor for module in student.modules() if isinstance(module, Quantizer)
+                                       for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)))
 
     def _select_trainable(self, student: torch.nn.Module) -> None:
         """``all``: every parameter; ``quant``: quantization parameters and norms only."""

@@ -214,6 +214,24 @@ def test_a_result_computed_by_rank_0_reaches_every_rank_and_so_does_its_error(tm
     assert "rank 1: DistillError: rank 0 failed (Unpicklable: lost its mount); this rank stops too" in stdout
 
 
+def test_rank_0s_calibrated_ranges_become_every_ranks(tmp_path):
+    """GPUs may sum a calibration batch in different orders; FSDP2 would then shard each rank's
+    own ranges, so rank 0's are broadcast to all after calibration."""
+    script = tmp_path / "ranges.py"
+    script.write_text(
+        "import torch, torch.distributed as dist\n"
+        "from qadpipe.distill.distributed import broadcast_from_main\n"
+        "dist.init_process_group('gloo')\n"
+        "rank = dist.get_rank()\n"
+        "amax, step = torch.tensor(1.5 + rank), torch.nn.Parameter(torch.full((3,), 0.25 * (rank + 1)))\n"
+        "broadcast_from_main([amax, step])\n"
+        "print(f'rank {rank}: {amax.item()} {step.tolist()} {step.requires_grad}', flush=True)\n"
+        "dist.destroy_process_group()\n")
+    stdout = run_two_ranks(script)
+    for rank in (0, 1):
+        assert f"rank {rank}: 1.5 [0.25, 0.25, 0.25] True" in stdout
+
+
 @pytest.mark.slow
 def test_every_rank_trains_on_the_cache_snapshot_rank_0_opened(peaky_llama_dir, topk_cache, tmp_path):
     """A generate array still committing while distill starts: ranks opening the cache moments
