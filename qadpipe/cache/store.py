@@ -67,10 +67,12 @@ class Store:
         return self.buffer(rel).to_pybytes()
 
     def buffer(self, rel: str) -> pa.Buffer:
-        """The whole file; memory-mapped on local disk (no copy, pages read on demand)."""
+        """The whole file, read into memory.  Not memory-mapped: a file truncated or replaced
+        while mapped (a generate task rerun over a shard distill is reading; NFS's stale handles)
+        would kill the process with SIGBUS at the next page, where a read fails as an error."""
         try:
             if self.local:
-                with pa.memory_map(self._path(rel)) as source:
+                with pa.OSFile(self._path(rel)) as source:
                     return source.read_buffer()
             with self.fs.open_input_file(self._path(rel)) as source:
                 return source.read_buffer()
@@ -80,11 +82,11 @@ class Store:
             raise CacheError(f"{self.describe(rel)}: cannot read ({first_line(exc)})") from exc
 
     def open_input(self, rel: str) -> pa.NativeFile:
-        """A random-access handle (memory map locally, ranged reads remotely): reading a
-        Parquet footer or one column this way does not fetch the whole file."""
+        """A random-access handle (positioned reads, not a memory map: see :meth:`buffer`):
+        reading a Parquet footer or one column this way does not fetch the whole file."""
         try:
             if self.local:
-                return pa.memory_map(self._path(rel))
+                return pa.OSFile(self._path(rel))
             return self.fs.open_input_file(self._path(rel))
         except FileNotFoundError as exc:
             raise CacheError(f"{self.describe(rel)}: missing") from exc

@@ -336,3 +336,28 @@ def test_more_draws_than_a_stored_count_holds_are_refused():
     """Counts are uint16: 65536 draws of one id would be stored as 0."""
     with pytest.raises(CacheError, match=r"num_samples=65536: expected 1 to 65535 draws"):
         cache_meta("sampled", num_samples=65536)
+
+
+def test_a_shard_truncated_while_it_is_read_is_no_crash(cache, tmp_path):
+    """A generate task rerun over a shard distill is reading (or NFS dropping a replaced file)
+    truncated it under a memory map, and the next page read killed the reader with SIGBUS; read
+    into memory, the bytes taken stay valid and a later read is refused in one line."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "truncate.py"
+    script.write_text(
+        "import hashlib, os, sys\n"
+        "from qadpipe.cache import CacheReader\n"
+        "reader = CacheReader(sys.argv[1])\n"
+        f"taken = reader.store.buffer({SHARD0!r})\n"
+        f"os.truncate(reader.store.describe({SHARD0!r}), 0)\n"
+        "print(hashlib.sha256(memoryview(taken)).hexdigest() == reader.shards[0].sha256, flush=True)\n"
+        "try:\n"
+        "    list(reader.iter_rows(0, 4))\n"
+        "except Exception as exc:\n"
+        "    print(f'{type(exc).__name__}: {exc}')\n")
+    done = subprocess.run([sys.executable, str(script), str(cache)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, (done.returncode, done.stderr[-1000:])
+    assert done.stdout.splitlines()[0] == "True"
+    assert done.stdout.splitlines()[1].startswith(f"CacheError: {cache / SHARD0}: ")
