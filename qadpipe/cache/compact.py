@@ -149,7 +149,12 @@ def encode_topk(topk_ids: np.ndarray, topk_logprobs: np.ndarray, ranks_of: np.nd
     tie[:, 1:] = code_steps[:, 1:] == 0
     previous = np.zeros_like(ranks)
     previous[:, 1:] = ranks[:, :-1]
-    return np.where(tie, ranks - previous, ranks), code_steps
+    rank_column = np.where(tie, ranks - previous, ranks)
+    # the decoder sums a row's rank column in int32 (its speed): refuse here what it could not read
+    if rank_column.size and int(rank_column.sum(axis=1).max()) >= 2**31:
+        raise CacheError(f"a top-k row's id ranks sum past 2^31 (k={rank_column.shape[1]}, {ranks_of.size} ids), "
+                         "beyond the compact encoding's range; use cache.encoding: plain")
+    return rank_column, code_steps
 
 
 #: Rows of [rows, k] decoded at a time: the ~8 passes of :func:`decode_topk` then run on

@@ -197,10 +197,11 @@ def meta_difference(a: CacheMeta, b: CacheMeta) -> tuple[str, str] | None:
     """('k=64', 'k=32') for the first identity field where two metas differ, else None.  A
     data fingerprint (a hash) is explained by the data/generate settings that changed."""
     left, right = a.identity(), b.identity()
-    for key in left:
-        if left[key] != right[key]:
+    # what decides which settings count first: a sampled cache's k counts only when drawn from the top-k
+    for key in dict.fromkeys(["target_kind", "sampled_from", *left, *right]):
+        if left.get(key) != right.get(key):
             why = _data_settings_changed(a.config, b.config) if key == "data_fingerprint" else ""
-            return f"{key}={left[key]!r}", f"{key}={right[key]!r}{why}"
+            return f"{key}={left.get(key)!r}", f"{key}={right.get(key)!r}{why}"
     return None
 
 

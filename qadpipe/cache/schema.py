@@ -94,10 +94,16 @@ class CacheMeta:
         """The fields two parts of one cache must agree on: all but ``config`` and ``teacher``.
         ``teacher`` is the path or hub id as this task's config spelled it; the weights are
         identified by ``teacher_revision``, so tasks reading a node-local copy of the teacher,
-        or reaching it by another relative path, still fill one cache."""
+        or reaching it by another relative path, still fill one cache.  Nor a setting its
+        targets do not depend on: ``num_samples`` of a top-k cache, ``k`` of one sampled from
+        the full vocabulary (HF backend; vLLM samples from its top-k)."""
         out = dataclasses.asdict(self)
         out.pop("config")
         out.pop("teacher")
+        if self.target_kind == "topk":
+            out.pop("num_samples")
+        if self.sampled_from == "vocab":
+            out.pop("k")
         return out
 
     def to_dict(self) -> dict[str, Any]:

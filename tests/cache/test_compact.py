@@ -163,3 +163,19 @@ def test_decode_refuses_out_of_range_indices():
     big = np.array([[0xFFFF, 0xFFFF, 0]], dtype=np.uint16)
     with pytest.raises(Exception, match=r"top-k log-prob code 131070 outside \[0, 65535\]"):
         compact.decode_topk(np.array([[0, 1, 1]], dtype=np.uint16), big, order)
+
+
+def test_a_row_whose_ranks_the_int32_decoder_could_not_sum_is_refused_at_write():
+    """4096 distinct codes at ranks around 2^20 sum past 2^31: decoded in int32 such a row came
+    back unreadable ("rank outside the id table"), after its shard had been accepted."""
+    vocab, k = 2**21, 4096
+    ranks_of = np.arange(vocab, dtype=np.int64)
+    ids = np.arange(vocab - k, vocab, dtype=np.int64)[None, :]
+    logprobs = np.linspace(-0.5, -1200.0, k)[None, :]
+    assert len(np.unique(compact.logprob_codes(logprobs))) == k   # no ties: every entry stores its whole rank
+    with pytest.raises(compact.CacheError, match=r"id ranks sum past 2\^31 .*use cache.encoding: plain"):
+        compact.encode_topk(ids, logprobs, ranks_of)
+    rank_column, steps = compact.encode_topk(ids[:, :1024], logprobs[:, :1024], ranks_of)   # 2^31 - 2^30: fits
+    order = np.arange(vocab, dtype=np.int32)
+    decoded, _ = compact.decode_topk(rank_column.astype(np.uint32), steps.astype(np.uint16), order)
+    np.testing.assert_array_equal(decoded, ids[:, :1024])

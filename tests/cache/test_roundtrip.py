@@ -224,6 +224,26 @@ def test_sampled_tasks_drawn_from_different_distributions_do_not_mix(tmp_path):
         CacheWriter(str(tmp_path), cache_meta("sampled", sampled_from="vocab"), task="task-00001")
 
 
+def test_tasks_may_differ_in_a_setting_their_targets_do_not_depend_on(tmp_path):
+    """A top-k cache's num_samples, and the k of one sampled from the full vocabulary, do not
+    change a row: tasks that set them differently fill one cache.  The k of draws from vLLM's
+    top-k does."""
+    topk = cache_meta("topk", k=8, num_samples=50)
+    write_cache(tmp_path / "topk", topk, random_rows(topk, 2))
+    CacheWriter(str(tmp_path / "topk"), cache_meta("topk", k=8, num_samples=20), task="task-00001").close()
+    def sampled(sampled_from: str, k: int):   # cache_meta gives a sampled cache k=0
+        return dataclasses.replace(cache_meta("sampled", sampled_from=sampled_from), k=k)
+
+    write_cache(tmp_path / "vocab", sampled("vocab", 64), random_rows(sampled("vocab", 64), 2))
+    CacheWriter(str(tmp_path / "vocab"), sampled("vocab", 32), task="task-00001").close()
+    write_cache(tmp_path / "top", sampled("topk+tail", 64), random_rows(sampled("topk+tail", 64), 2))
+    with pytest.raises(CacheError, match=r"cache was written with k=64, this writer has k=32"):
+        CacheWriter(str(tmp_path / "top"), sampled("topk+tail", 32), task="task-00001")
+    with pytest.raises(CacheError, match=r"cache was written with sampled_from='topk\+tail', this writer has "
+                                         r"sampled_from='vocab'"):
+        CacheWriter(str(tmp_path / "top"), sampled("vocab", 32), task="task-00001")
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("topk_ids", np.zeros((3, 8), np.int32), r"topk_ids has shape \(3, 8\), expected \(\d+, 8\)"),
     ("topk_logprobs", None, "topk_logprobs is not sorted by descending log-prob along k"),
