@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable
 
 from qadpipe.errors import QadpipeError, first_line
+from qadpipe.provenance import make_dirs_durably
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ def lock_for_one_run(path: Path, *, where: str, error: type[QadpipeError], busy:
     another live run holds it; where the filesystem refuses ``flock``, a warning that says what
     goes ``unguarded``, and None (the run goes on unlocked)."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs_durably(path.parent)   # the cache or output root may be new: the lock is its first entry
         return take_lock(path)
     except LockHeld as held:
         raise error(f"{where}: {busy(held.holder)}") from None

@@ -70,10 +70,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     temp name ``.<name>.*.tmp`` in the same directory, fsync, rename, fsync the directory (and
     the directories it had to create, each in its parent: a power loss must not take the
     first shard's ``shards/`` away with it)."""
-    created = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for directory in reversed(created):
-        fsync_path(directory.parent)
+    make_dirs_durably(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, file_mode())  # mkstemp's 0600 would make a shared cache unreadable to others
@@ -86,6 +83,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_path(path.parent)
+
+
+def make_dirs_durably(directory: Path) -> None:
+    """``mkdir -p`` whose new directories survive a power loss: each one's parent is fsynced
+    (only a directory's own fsync makes an entry in it durable)."""
+    created = [p for p in (directory, *directory.parents) if not p.exists()]
+    directory.mkdir(parents=True, exist_ok=True)
+    for made in reversed(created):
+        fsync_path(made.parent)
 
 
 def fsync_path(path: Path) -> None:

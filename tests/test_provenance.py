@@ -41,6 +41,21 @@ def test_atomic_write_syncs_each_directory_it_creates_in_its_parent(tmp_path, mo
     assert (tmp_path / "cache" / "shards" / "a.parquet").read_bytes() == b"x"
 
 
+def test_a_cache_whose_first_entry_is_its_task_lock_syncs_the_directories_the_lock_made(tmp_path, monkeypatch):
+    """generate takes its task lock before the first write: the lock's mkdir made the cache root
+    and manifests/, which the first atomic write then found existing and did not sync."""
+    from qadpipe import provenance
+    from qadpipe.errors import CacheError
+    from qadpipe.file_lock import lock_for_one_run
+
+    synced = []
+    monkeypatch.setattr(provenance, "fsync_path", lambda directory: synced.append(Path(directory)))
+    held = lock_for_one_run(tmp_path / "new" / "cache" / "manifests" / "task-00000.lock", where="cache.path",
+                            error=CacheError, busy=str, unguarded="")
+    assert synced == [tmp_path, tmp_path / "new", tmp_path / "new" / "cache"]
+    held.release()
+
+
 @pytest.mark.parametrize("content", [None, b"{not json", b"\xff\xfe{}", b"[1, 2]", b'{"key": 5}', b"{}"])
 def test_json_field_is_none_for_a_record_it_cannot_use(tmp_path: Path, content):
     path = tmp_path / "record.json"
