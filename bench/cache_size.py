@@ -21,8 +21,10 @@ included).
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import site
 import sys
 import tempfile
@@ -178,6 +180,7 @@ def main() -> None:
     fp16_zstd = sum(b for b, _ in targets["fp16_zstd"]) / sum(n for _, n in targets["fp16_zstd"])
     results = []
     work = Path(tempfile.mkdtemp(prefix="qadpipe-bench-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)   # a few hundred MB of caches
     for k in K_VALUES:
         rows = []
         for i, window in enumerate(windows):

@@ -19,6 +19,7 @@ GPUs and the host's cores are idle.
 from __future__ import annotations
 
 import argparse
+import atexit
 import shutil
 import statistics
 import tempfile
@@ -103,6 +104,8 @@ def main() -> None:
     from qadpipe.generate import run_generate
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="qadpipe-ckpt-stall-"))
+    if not args.workdir:   # its checkpoints take gigabytes: gone with the run, however it ends
+        atexit.register(shutil.rmtree, work, ignore_errors=True)
     model = model_dir(args.model, work)
     cache = work / f"cache-{model.name}-{args.steps}x{args.batch}x{args.seq}"
     base = settings(args, model, cache)
