@@ -61,9 +61,9 @@ def check_weights_fit(weight_bytes: int, free_bytes: int, device: torch.device) 
     a CUDA out-of-memory error, after minutes of loading."""
     if weight_bytes > free_bytes:
         raise DistillError(f"model.path: the student's fp32 weights take {weight_bytes / 2**30:.1f} GiB, more than "
-                           f"the {free_bytes / 2**30:.1f} GiB free on {device}; every process builds and calibrates "
-                           "the whole student on its GPU before DDP or FSDP2 shards its training state, so it needs "
-                           "a GPU that holds 4 bytes per parameter and more (a smaller student, or a larger GPU)")
+                           f"the {free_bytes / 2**30:.1f} GiB free on {device}; qadpipe builds the whole student on "
+                           "one GPU (distill: on each, before DDP or FSDP2 shards its training state), so it needs a "
+                           "GPU that holds 4 bytes per parameter and more (a smaller student, or a larger GPU)")
 
 
 def enable_activation_checkpointing(student: nn.Module) -> None:
