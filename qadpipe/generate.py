@@ -11,7 +11,6 @@ cleanly (a second Ctrl-C aborts at once).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -27,6 +26,7 @@ from qadpipe.data import DataSlice, TokenSequence, load_sequences
 from qadpipe.data.records import record_label
 from qadpipe.errors import ConfigError, DataError, TeacherError, first_line
 from qadpipe.file_modes import check_writable_dir
+from qadpipe.models import model_revision
 from qadpipe.stop_signals import StopSignals
 from qadpipe.teacher import (POSITIONS_AFTER_SCORED_SEQUENCE, TeacherInfo, check_teacher_can_start, make_teacher,
                              teacher_info)
@@ -76,31 +76,6 @@ def _first_int(*values: Any, name: str) -> int:
         return int(value)
     except ValueError:
         raise ConfigError(f"{name}: got {value!r} (from SLURM_ARRAY_* environment), expected an integer") from None
-
-
-#: Bytes read at each of three places (start, middle, end) of every weight file.
-REVISION_SAMPLE_BYTES = 1 << 20
-
-
-def teacher_revision(model_dir: Path) -> str:
-    """Cheap identity of the teacher's weights: config.json plus each weight file's name,
-    size and 1 MiB read at its start, middle and end (a hub snapshot directory's commit,
-    when the path has one).  Sizes alone cannot tell a retrained checkpoint of the same
-    architecture from the one a cache was made with; hashing every byte of a 100 GB teacher
-    in every array task would cost minutes.  A copy elsewhere keeps the revision; a fine-tune
-    that leaves those bytes alone does too (give such a teacher a directory of its own)."""
-    if model_dir.parent.name == "snapshots":
-        return f"snapshot:{model_dir.name}"
-    digest = hashlib.sha256((model_dir / "config.json").read_bytes())
-    for file in sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin")):
-        size = file.stat().st_size
-        digest.update(f"{file.name}:{size}".encode())
-        with open(file, "rb") as handle:
-            middle, last = max(size // 2 - REVISION_SAMPLE_BYTES // 2, 0), max(size - REVISION_SAMPLE_BYTES, 0)
-            for offset in sorted({0, middle, last}):
-                handle.seek(offset)
-                digest.update(handle.read(REVISION_SAMPLE_BYTES))
-    return "sha256:" + digest.hexdigest()[:32]
 
 
 def check_lengths(data: DataSlice, info: TeacherInfo, extra: int, source: str, backend: str) -> int:
@@ -166,7 +141,7 @@ def _cache_meta(config: PipelineConfig, model_dir: Path, vocab_size: int, tokeni
 
     cache = config.cache
     return CacheMeta(
-        teacher=str(config.teacher_path), teacher_revision=teacher_revision(model_dir),
+        teacher=str(config.teacher_path), teacher_revision=model_revision(model_dir),
         teacher_dtype=config.teacher.dtype + ("+fp32_head" if config.teacher.fp32_head else ""),
         tokenizer_fingerprint=tokenizer_fp, vocab_size=vocab_size, target_kind=cache.target, k=cache.k,
         num_samples=cache.num_samples, encoding=cache.encoding, data_fingerprint=data_fp,

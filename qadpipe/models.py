@@ -113,6 +113,31 @@ def embedded_smollm2_dir() -> Path:
     return target
 
 
+#: Bytes read at each of three places (start, middle, end) of every weight file.
+REVISION_SAMPLE_BYTES = 1 << 20
+
+
+def model_revision(model_dir: Path) -> str:
+    """Cheap identity of a model's weights (a cache's teacher, a student's base model): config.json plus each weight file's name,
+    size and 1 MiB read at its start, middle and end (a hub snapshot directory's commit,
+    when the path has one).  Sizes alone cannot tell a retrained checkpoint of the same
+    architecture from the one a cache was made with; hashing every byte of a 100 GB teacher
+    in every array task would cost minutes.  A copy elsewhere keeps the revision; a fine-tune
+    that leaves those bytes alone does too (give such a model a directory of its own)."""
+    if model_dir.parent.name == "snapshots":
+        return f"snapshot:{model_dir.name}"
+    digest = hashlib.sha256((model_dir / "config.json").read_bytes())
+    for file in sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin")):
+        size = file.stat().st_size
+        digest.update(f"{file.name}:{size}".encode())
+        with open(file, "rb") as handle:
+            middle, last = max(size // 2 - REVISION_SAMPLE_BYTES // 2, 0), max(size - REVISION_SAMPLE_BYTES, 0)
+            for offset in sorted({0, middle, last}):
+                handle.seek(offset)
+                digest.update(handle.read(REVISION_SAMPLE_BYTES))
+    return "sha256:" + digest.hexdigest()[:32]
+
+
 def resolve_model_path(path_or_alias: str, field: str = "model.path") -> Path:
     """An alias or a local HF directory -> a directory that holds ``config.json`` (``field``:
     the config field an error names)."""

@@ -421,7 +421,7 @@ def test_teacher_revision_tells_retrained_weights_apart_but_not_a_copy(tmp_path)
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from qadpipe.generate import teacher_revision
+    from qadpipe.models import model_revision
 
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1)
@@ -429,8 +429,8 @@ def test_teacher_revision_tells_retrained_weights_apart_but_not_a_copy(tmp_path)
         torch.manual_seed(seed)
         LlamaForCausalLM(config).save_pretrained(tmp_path / f"seed{seed}")
     shutil.copytree(tmp_path / "seed0", tmp_path / "copy")
-    assert teacher_revision(tmp_path / "seed0") != teacher_revision(tmp_path / "seed1")
-    assert teacher_revision(tmp_path / "seed0") == teacher_revision(tmp_path / "copy")
+    assert model_revision(tmp_path / "seed0") != model_revision(tmp_path / "seed1")
+    assert model_revision(tmp_path / "seed0") == model_revision(tmp_path / "copy")
 
 
 def test_a_cache_path_under_a_file_is_refused_with_a_tilde_too(tmp_path, monkeypatch):

@@ -314,10 +314,10 @@ def _training_source_among(cfg: PipelineConfig) -> Optional[str]:
 def _warn_of_another_teacher(cfg: PipelineConfig, meta: Any) -> None:
     """The cache-KL column scores each model against the targets the *cache's* teacher wrote:
     with another teacher in eval, that column and the teacher-KL columns disagree by design."""
-    from qadpipe.generate import teacher_revision
+    from qadpipe.models import model_revision
     from qadpipe.models import resolve_model_path
 
-    revision = teacher_revision(resolve_model_path(cfg.teacher_path))   # the alias too, as generate resolves it
+    revision = model_revision(resolve_model_path(cfg.teacher_path))   # the alias too, as generate resolves it
     if meta.teacher_revision and meta.teacher_revision != revision:
         log.warning("eval: the cache %s was written by the teacher %s (revision %s), this eval's teacher is %s "
                     "(revision %s): its cache-KL column compares against another model than the teacher columns",
@@ -356,7 +356,7 @@ def run_eval(cfg: PipelineConfig) -> dict[str, dict[str, float]]:
     """Score the models, write report.json / report.md / plots, return the results."""
     from qadpipe.distill.distributed import resolve_device
     from qadpipe.distill.student import FINAL_DIR
-    from qadpipe.generate import teacher_revision
+    from qadpipe.models import model_revision
     from qadpipe.models import (check_logits_are_head_of_hidden, load_causal_lm, load_tokenizer, resolve_model_path,
                                 tokenizer_fingerprint)
     from qadpipe.teacher import teacher_info
@@ -404,7 +404,7 @@ def run_eval(cfg: PipelineConfig) -> dict[str, dict[str, float]]:
                if Path(path).name == FINAL_DIR}
     # The record first: a run killed while writing the report leaves a directory eval may write again.
     save_run_record(cfg, "eval", out, cache_fingerprint=data.cache_fingerprint,
-                    teacher_revision=teacher_revision(teacher_dir))
+                    teacher_revision=model_revision(teacher_dir))
     paths = write_report(out, results, context=context, metrics_files=metrics)
     print(render_table(results))
     log.info("eval report: %s", ", ".join(str(p) for p in paths.values()))

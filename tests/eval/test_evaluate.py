@@ -282,11 +282,11 @@ def test_the_teacher_check_resolves_the_embedded_model_alias(tiny_llama_dir: Pat
     from cache_rows import cache_meta
     from qadpipe import models
     from qadpipe.eval import evaluate
-    from qadpipe.generate import teacher_revision
+    from qadpipe.models import model_revision
 
     monkeypatch.setattr(models, "embedded_smollm2_dir", lambda: tiny_llama_dir)
     config = load_config(None, ["model.path=smollm2-135m"])
-    evaluate._warn_of_another_teacher(config, cache_meta(teacher_revision=teacher_revision(tiny_llama_dir)))
+    evaluate._warn_of_another_teacher(config, cache_meta(teacher_revision=model_revision(tiny_llama_dir)))
     assert "was written by the teacher" not in caplog.text
     evaluate._warn_of_another_teacher(config, dataclasses.replace(cache_meta(), teacher_revision="sha256:other"))
     assert "was written by the teacher synthetic (revision sha256:other)" in caplog.text
