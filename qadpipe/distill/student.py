@@ -17,6 +17,8 @@ away; ``model.dtype`` is the autocast compute dtype on GPU.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from pathlib import Path
 from typing import Any, Optional
 
@@ -26,9 +28,11 @@ from torch import nn
 
 from qadpipe.distill.checkpoint import MODEL_FILE, write_student_dir
 from qadpipe.distill.head_loss import LossSpec, PositionTargets, head_loss, split_lm
-from qadpipe.errors import ConfigError, DistillError
+from qadpipe.errors import ConfigError, DistillError, ModelError
 from qadpipe.models import logit_transform
 from qadpipe.provenance import RUN_FILE, read_run_record
+
+log = logging.getLogger(__name__)
 
 FINAL_DIR = "final"
 #: The calibrated student before any training (the PTQ baseline), in the same layout.
@@ -158,7 +162,8 @@ def recorded_run_config(directory: Path) -> dict[str, Any]:
 
 
 def trained_config(final_dir: Path) -> Any:
-    """The config a student in the ``final/`` layout was trained with (its run record)."""
+    """The config a student in the ``final/`` layout was trained with (its run record), its
+    ``model.path`` naming the model it was built from (see :func:`located_base_model`)."""
     from qadpipe.config import build_config, recorded_config
 
     final_dir = Path(final_dir)
@@ -166,10 +171,59 @@ def trained_config(final_dir: Path) -> Any:
     if not (final_dir / MODEL_FILE).is_file() or not run_file.is_file():
         raise DistillError(f"{final_dir}: expected {MODEL_FILE} and {RUN_FILE} (a distill final/ directory)")
     try:
-        return build_config(recorded_config(recorded_run_config(final_dir)))
+        config = build_config(recorded_config(recorded_run_config(final_dir)))
     except ConfigError as exc:   # a field this qadpipe no longer has, or no longer accepts: not the user's config
         raise DistillError(f"{run_file}: the recorded config does not load in this qadpipe version "
                            f"({exc})") from None
+    path = located_base_model(read_run_record(final_dir) or {}, config.model.path, run_file)
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, path=path))
+
+
+#: Run-record fact: the model a student is built from, as the directory ``model.path`` named
+#: when the run started (absolute) and its :func:`~qadpipe.models.model_revision`.  A relative
+#: ``model.path`` names another directory from another working directory, and a directory can
+#: be replaced in place: the trained weights loaded into another model would score as garbage,
+#: or, same shapes, quietly wrong.
+BASE_MODEL = "base_model"
+
+
+def base_model_fact(model_path: str) -> dict[str, str]:
+    """The :data:`BASE_MODEL` fact for ``model.path`` as it resolves now."""
+    from qadpipe.models import model_revision, resolve_model_path
+
+    directory = resolve_model_path(model_path)
+    return {"dir": str(directory.resolve()), "revision": model_revision(directory)}
+
+
+def located_base_model(record: dict[str, Any], model_path: str, run_file: Path) -> str:
+    """The ``model.path`` to rebuild a recorded student from: ``model_path`` (the recorded one)
+    while it still names the model the run started from; else the directory it named then, if
+    that still holds the model (a relative path, read from another working directory);
+    DistillError otherwise.  A record from before qadpipe kept the fact: ``model_path``."""
+    from qadpipe.models import model_revision, resolve_model_path
+
+    base = record.get(BASE_MODEL)
+    if not isinstance(base, dict) or not isinstance(base.get("dir"), str) or not isinstance(base.get("revision"), str):
+        return model_path
+    try:
+        here: Optional[Path] = resolve_model_path(model_path)
+        if model_revision(here) == base["revision"]:
+            return model_path
+    except (ModelError, OSError):
+        here = None
+    recorded = Path(base["dir"])
+    try:
+        kept = (recorded / "config.json").is_file() and model_revision(recorded) == base["revision"]
+    except OSError:
+        kept = False
+    if kept:
+        log.warning("%s: model.path '%s' names %s from here, not the model the student was trained from; it is "
+                    "rebuilt from %s, where that model still is", run_file, model_path,
+                    here or "no model directory", recorded)
+        return str(recorded)
+    raise DistillError(f"{run_file}: the student was trained from the model at {recorded} (revision "
+                       f"{base['revision']}), which neither that directory nor model.path '{model_path}' "
+                       f"({here or 'no model directory'} from here) holds now; put that model back at {recorded}")
 
 
 def load_final_student(final_dir: Path, device: str = "cpu") -> tuple[nn.Module, Any]:

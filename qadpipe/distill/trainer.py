@@ -53,8 +53,8 @@ from qadpipe.distill.optim import adamw, no_decay_names
 from qadpipe.distill.same_run import RESUMABLE_CHANGES, distill_reads, unresumable_changes
 from qadpipe.distill.observe import METRICS_FILE, TENSORBOARD_DIR, MetricsLog, peak_memory_gib
 from qadpipe.distill.schedule import lr_multiplier
-from qadpipe.distill.student import (FINAL_DIR, PTQ_DIR, StudentLoss, build_student, enable_activation_checkpointing,
-                                     load_state_into, save_student)
+from qadpipe.distill.student import (BASE_MODEL, FINAL_DIR, PTQ_DIR, StudentLoss, base_model_fact, build_student,
+                                     enable_activation_checkpointing, load_state_into, save_student)
 from qadpipe.errors import DistillError, first_line
 from qadpipe.file_lock import lock_for_one_run
 from qadpipe.file_modes import check_writable_dir, missing_dirs
@@ -199,6 +199,7 @@ class DistillRecipe:
         # looking one by one could see different steps through a stale NFS directory cache.
         checkpoint = dist_utils.computed_by_main(self.env.is_main, lambda: latest_checkpoint(self.output_dir)) \
             if self.resume else None
+        self.base_model = dist_utils.computed_by_main(self.env.is_main, lambda: base_model_fact(self.config.model.path))
         student = build_student(self.config, self.env.device, rebuild=checkpoint is not None,
                                 packed=cfg.pack_length is not None)
         vocab = output_rows(student)
@@ -221,7 +222,8 @@ class DistillRecipe:
             if cfg.save:
                 dist_utils.written_by_main(self.env.is_main, self.env.device,
                                            lambda: save_student(self.output_dir, student.state_dict(), self.config,
-                                                                PTQ_DIR, self._cache_fingerprint()))
+                                                                PTQ_DIR, self._cache_fingerprint(),
+                                                                **self._record_facts()))
             self.ptq_eval = self._evaluate(self.model)
             self._log_eval("ptq", self.ptq_eval)
         self._select_trainable(student)
@@ -242,7 +244,7 @@ class DistillRecipe:
         if restored is not None:
             self._restore_state(*restored)
         if self.env.is_main:
-            save_run_record(self.config, "distill", self.output_dir, **self._history())
+            save_run_record(self.config, "distill", self.output_dir, **self._record_facts())
 
     def _warn_if_training_state_outgrows_the_gpu(self) -> None:
         """Say before the first step what would make it run out of GPU memory (see
@@ -519,8 +521,15 @@ class DistillRecipe:
         MoE experts.  Returns the checkpoint's flattened config."""
         from qadpipe.config import flatten_config, recorded_config
         from qadpipe.distill.student import recorded_run_config
+        from qadpipe.provenance import read_run_record
 
         recorded = recorded_run_config(path)
+        base = (read_run_record(path) or {}).get(BASE_MODEL)
+        if isinstance(base, dict) and base.get("revision") not in (None, self.base_model["revision"]):
+            raise DistillError(f"{path}: --resume of a run trained from the model at {base.get('dir')} (revision "
+                               f"{base['revision']}), but model.path '{self.config.model.path}' names "
+                               f"{self.base_model['dir']}, another model ({self.base_model['revision']}); resume with "
+                               "model.path set to the model it trained from")
         saved = flatten_config(recorded_config(recorded))
         experts = has_fused_experts(student)
         changed = unresumable_changes(recorded, self.config, lambda key: self._reads(key) and (
@@ -844,7 +853,7 @@ class DistillRecipe:
         if self.cfg.save_in_background:
             model_state, state.optimizer = detached_snapshot((model_state, state.optimizer),
                                                              live_tensors(self.model, self.optimizer))
-        write = functools.partial(save_checkpoint, self.output_dir, model_state, state, self.config, **self._history())
+        write = functools.partial(save_checkpoint, self.output_dir, model_state, state, self.config, **self._record_facts())
         if not self.cfg.save_in_background:
             dist_utils.written_by_main(self.env.is_main, self.env.device, write)
             return
@@ -852,16 +861,17 @@ class DistillRecipe:
         log.info("checkpoint step %d: snapshot taken in %.1f s, written in the background", self.step,
                  time.perf_counter() - taken)
 
-    def _history(self) -> dict[str, Any]:
-        """The run-record fact a resumed run adds (none for a run never resumed)."""
-        return {"resumes": self.resumes} if self.resumes else {}
+    def _record_facts(self) -> dict[str, Any]:
+        """What the run records keep beyond the config: the model the student is built from
+        (see :data:`~qadpipe.distill.student.BASE_MODEL`) and a resumed run's history."""
+        return {BASE_MODEL: self.base_model, **({"resumes": self.resumes} if self.resumes else {})}
 
     def save_final(self) -> Optional[Path]:
         model_state = {_strip(k): v for k, v in dist_utils.full_model_state(self.model).items()}
         final = dist_utils.written_by_main(self.env.is_main, self.env.device,
                                            lambda: save_student(self.output_dir, model_state, self.config,
                                                                 cache_fingerprint=self._cache_fingerprint(),
-                                                                **self._history()))
+                                                                **self._record_facts()))
         if final is not None:
             log.info("final student written to %s (qadpipe export reads it)", final)
         return final

@@ -21,7 +21,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from qadpipe.errors import ExportError
+from qadpipe.errors import ExportError, ModelError
 from qadpipe.export.compressed_tensors import write_compressed_tensors
 from qadpipe.export.fake import write_fake
 from qadpipe.export.model_tensors import quant_experts, quant_linears
@@ -130,6 +130,15 @@ def _sha256(path: Path) -> Optional[str]:
     return "sha256:" + digest.hexdigest()
 
 
+def _same_directory(a: str, b: str) -> bool:
+    from qadpipe.models import resolve_model_path
+
+    try:
+        return resolve_model_path(a).resolve() == resolve_model_path(b).resolve()
+    except ModelError:   # one names no model directory here: they differ
+        return False
+
+
 def run_export(config: Any, checkpoint: Optional[str] = None, output: Optional[str] = None,
                fmt: Optional[str] = None) -> ExportResult:
     """The ``qadpipe export`` command: load ``final/`` (default ``<distill.output_dir>/final``),
@@ -165,6 +174,8 @@ def run_export(config: Any, checkpoint: Optional[str] = None, output: Optional[s
         if section == "quant" and not has_fused_experts(model):   # an older record says dense: moot here
             for fields in (current, recorded, default):
                 fields.pop("moe_experts")
+        if section == "model" and _same_directory(current["path"], recorded["path"]):   # ./m and /abs/m
+            current["path"] = recorded["path"]
         if current not in (recorded, default):
             log.warning("export uses the %s section recorded in %s (what was trained), not the one "
                         "in the current config", section, final / RUN_FILE)

@@ -1,0 +1,75 @@
+"""A student is rebuilt (export, eval, --resume) on the model it was trained from, not on
+whatever its recorded ``model.path`` names now: a relative path read from another working
+directory, or a directory replaced in place, would take the trained weights into another
+model (same shapes: quietly wrong figures)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from qadpipe.config import load_config
+from qadpipe.distill.student import (FINAL_DIR, base_model_fact, build_student, save_student, trained_config)
+from qadpipe.errors import DistillError
+from qadpipe.export.runner import run_export
+
+from test_trainer import distill, one_line_error
+
+
+def another_model(directory: Path) -> None:
+    """Same shapes, another model: what a retrained or differently configured copy looks like."""
+    config = json.loads((directory / "config.json").read_text())
+    config["rms_norm_eps"] = 0.5
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+def test_a_relative_model_path_read_from_elsewhere_rebuilds_on_the_model_it_trained_from(
+        tiny_llama_dir, tmp_path, monkeypatch, caplog):
+    started, elsewhere = tmp_path / "started", tmp_path / "elsewhere"
+    shutil.copytree(tiny_llama_dir, started / "m")
+    shutil.copytree(tiny_llama_dir, elsewhere / "m")
+    another_model(elsewhere / "m")
+    monkeypatch.chdir(started)
+    recipe = ["quant.preset=w4a16_int", "quant.group_size=32"]
+    config = load_config(None, ["model.path=m", *recipe])
+    student = build_student(config, torch.device("cpu"))
+    (tmp_path / "run").mkdir()
+    final = save_student(tmp_path / "run", student.state_dict(), config, FINAL_DIR, base_model=base_model_fact("m"))
+    assert trained_config(final).model.path == "m" and "rebuilt from" not in caplog.text
+
+    with caplog.at_level(logging.WARNING):   # the same directory spelled otherwise is the same model section
+        run_export(load_config(None, [f"model.path={started}/m/", *recipe]), checkpoint=str(final),
+                   output=str(tmp_path / "export-there"), fmt="fake")
+    assert "export uses the model section" not in caplog.text
+
+    monkeypatch.chdir(elsewhere)
+    with caplog.at_level(logging.WARNING):
+        assert trained_config(final).model.path == str((started / "m").resolve())
+        run_export(load_config(None, ["model.path=m", *recipe]), checkpoint=str(final),
+                   output=str(tmp_path / "export-elsewhere"), fmt="fake")
+    assert f"model.path 'm' names {Path('m')} from here, not the model the student was trained from" in caplog.text
+    exported = json.loads((tmp_path / "export-elsewhere" / "config.json").read_text())
+    assert exported["rms_norm_eps"] != 0.5   # the model it trained from, not the one at ./m here
+
+    another_model(started / "m")   # the directory it trained from, replaced in place
+    with pytest.raises(DistillError) as info:
+        trained_config(final)
+    assert str(info.value).startswith(f"{final / 'qadpipe_run.yaml'}: the student was trained from the model at "
+                                      f"{(started / 'm').resolve()} (revision sha256:")
+    assert str(info.value).endswith(f"put that model back at {(started / 'm').resolve()}")
+
+
+def test_resume_on_another_model_at_the_same_path_is_refused(tiny_llama_dir, topk_cache, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model)
+    out = tmp_path / "run"
+    assert distill(model, topk_cache, out, "distill.max_steps=2", "distill.save_every=1").exit_code == 0
+    another_model(model)
+    line = one_line_error(distill(model, topk_cache, out, "distill.max_steps=3", resume=True))
+    assert f"--resume of a run trained from the model at {model.resolve()} (revision sha256:" in line
+    assert line.endswith("resume with model.path set to the model it trained from")
