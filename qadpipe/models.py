@@ -154,10 +154,24 @@ def resolve_model_path(path_or_alias: str, field: str = "model.path") -> Path:
     return path
 
 
+def load_model_config(model_dir: Path, trust_remote_code: bool = False) -> Any:
+    """``config.json`` as transformers reads it; one line naming the file for one it cannot
+    (not a JSON object, a field of the wrong type, heads that do not divide the hidden size:
+    errors of many types, deep inside transformers and huggingface_hub)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    except Exception as exc:   # TypeError, StrictDataclass*ValidationError, ValueError, OSError ...
+        raise ModelError(f"{model_dir}/config.json: transformers cannot read it "
+                         f"({type(exc).__name__}: {first_line(exc)})") from None
+
+
 def load_tokenizer(path_or_alias: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
     path = resolve_model_path(path_or_alias)
+    load_model_config(path, trust_remote_code)   # a damaged config.json named as such, not as a tokenizer error
     try:
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:

@@ -139,3 +139,27 @@ def test_a_student_that_cannot_pack_is_refused_when_it_is_built_to_pack(tmp_path
     build_student(config, torch.device("cpu"))
     with pytest.raises(ModelError, match="^distill.pack_length: model.path's opt"):
         build_student(config, torch.device("cpu"), packed=True)
+
+
+@pytest.mark.parametrize("damage", ["[1]", "null", "hidden_size", "heads"])
+def test_a_damaged_config_json_is_one_line_naming_it_in_every_stage(tiny_llama_dir: Path, tmp_path: Path, damage):
+    """Each gave a 55-73 line traceback (TypeError, huggingface_hub's StrictDataclass*Error)."""
+    import json
+    import shutil
+
+    from qadpipe.teacher import teacher_info
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_llama_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    text = {"[1]": "[1]", "null": "null",
+            "hidden_size": json.dumps({**config, "hidden_size": str(config["hidden_size"])}),
+            "heads": json.dumps({**config, "num_attention_heads": 3})}[damage]
+    (model / "config.json").write_text(text)
+    for load in (lambda: load_tokenizer(str(model)), lambda: teacher_info(model), lambda: load_causal_lm(str(model))):
+        with pytest.raises(ModelError) as info:
+            load()
+        assert str(info.value).startswith(f"{model}") and "\n" not in str(info.value)
+    assert str(info.value).startswith(f"{model}: cannot load model (")
+    with pytest.raises(ModelError, match=rf"^{model}/config.json: transformers cannot read it \("):
+        load_tokenizer(str(model))

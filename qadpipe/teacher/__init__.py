@@ -29,14 +29,9 @@ POSITIONS_AFTER_SCORED_SEQUENCE = {"hf": 0, "vllm": 1}
 
 def teacher_info(model_dir: Path, trust_remote_code: bool = False) -> TeacherInfo:
     """Read the teacher's config.json (cheap: no weights)."""
-    from transformers import AutoConfig
+    from qadpipe.models import load_model_config, logit_transform
 
-    from qadpipe.models import logit_transform
-
-    try:
-        config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code).get_text_config()
-    except (OSError, ValueError) as exc:
-        raise TeacherError(f"{model_dir}/config.json: cannot read the teacher config ({exc})") from None
+    config = load_model_config(model_dir, trust_remote_code).get_text_config()
     context = next((getattr(config, name) for name in ("max_position_embeddings", "max_seq_len", "n_positions")
                     if getattr(config, name, None)), None)
     if context is None:
