@@ -140,7 +140,7 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
         if steps:
             log.warning("%s is missing; the newest complete checkpoint there is %s", pointer, steps[-1].name)
         return steps[-1] if steps else None
-    name = pointer.read_text().strip()
+    name = pointer.read_text(errors="replace").strip()   # not text: refused as any other bad name
     if not name.startswith("step-") or "/" in name or name in (".", ".."):
         raise DistillError(f"{pointer}: expected a step directory name, got {name!r}")
     path = root / name

@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 import torch
 
+from qadpipe.errors import DistillError
 from qadpipe.provenance import atomic_write_text, finite_or_none
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,8 @@ class MetricsLog:
     def __init__(self, output_dir: Path, *, enabled: bool, tensorboard: bool = False) -> None:
         self.path = Path(output_dir) / METRICS_FILE
         self.enabled = enabled
+        if enabled and self.path.exists() and not self.path.is_file():   # not at the first log step, steps in
+            raise DistillError(f"{self.path}: not a file; move it away (distill writes its metrics there)")
         self._writer: Optional[Any] = None
         if enabled and tensorboard:   # the trainer refused a missing tensorboard package before any run began
             from torch.utils.tensorboard import SummaryWriter
@@ -49,14 +52,19 @@ class MetricsLog:
         """Keep only rows up to ``step`` (a resumed run rewrites what came after)."""
         if not self.enabled or not self.path.is_file():
             return
-        kept = []
-        for line in self.path.read_text().splitlines():
+        kept, dropped = [], 0
+        for line in self.path.read_text(errors="replace").splitlines():
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:  # a torn last line of a killed writer
+                row = None
+            if not isinstance(row, dict) or not isinstance(row.get("step", 0), int):   # not a line distill wrote
+                dropped += bool(line.strip())
                 continue
             if row.get("step", 0) <= step:
                 kept.append(line)
+        if dropped > 1:   # more than a killed writer's torn last line
+            log.warning("%s: dropped %d lines that are not metrics rows", self.path, dropped)
         atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, row: dict[str, Any]) -> None:

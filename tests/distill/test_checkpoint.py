@@ -105,6 +105,9 @@ def test_no_checkpoint_and_corrupt_checkpoint(tmp_path: Path):
     (tmp_path / "checkpoints" / "LATEST").write_text("../../etc\n")
     with pytest.raises(DistillError, match=r"LATEST: expected a step directory name"):
         latest_checkpoint(tmp_path)
+    (tmp_path / "checkpoints" / "LATEST").write_bytes(b"\xff\xfe")   # not text: was a UnicodeDecodeError
+    with pytest.raises(DistillError, match=r"LATEST: expected a step directory name"):
+        latest_checkpoint(tmp_path)
 
 
 def test_pickled_code_is_refused(tmp_path: Path):
