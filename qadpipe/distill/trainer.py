@@ -440,15 +440,20 @@ class DistillRecipe:
 
     def _calibrate(self, student: torch.nn.Module) -> None:
         """PTQ calibration on training rows, the same on every rank (rank-independent order)."""
-        from qadpipe.quant.calibrate import calibrate
+        from qadpipe.quant.calibrate import calibrate, static_input_quantizers
 
         count = self.config.quant.calibration_batches
         batches = []   # none at count 0: calibrate() itself refuses a recipe with static input ranges
-        if count:
+        if count and static_input_quantizers(student):
             loader = TargetLoader(self.source, lambda rows: collate(rows, pad_id=self.pad_id, with_targets=False),
                                   batch_size=self.cfg.batch_size, seed=self.cfg.seed + 1,
                                   shuffle_buffer=self.cfg.shuffle_buffer, holdout_rows=self.cfg.eval_rows)
             for batch in loader:
+                if loader.position.epoch:   # the training rows ran out: a second pass adds no range
+                    log.warning("quant.calibration_batches=%d: the training rows make %d batches of %d; "
+                                "calibrating on those", count, len(batches), self.cfg.batch_size)
+                    count = len(batches)
+                    break
                 inputs = batch.to(self.env.device).model_inputs()
                 inputs.pop("use_cache")
                 batches.append(inputs)

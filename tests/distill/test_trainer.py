@@ -4,6 +4,7 @@ its modes mean what they say, and every bad input is one line with exit code 2."
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -264,6 +265,26 @@ def test_static_input_ranges_with_no_calibration_batches_is_one_line_and_saves_n
                                   "quant.group_size=null", "quant.calibration_batches=0"))
     assert "quant.calibration_batches: got 0, but 14 static input quantizers need at least 1 batch" in line
     assert not (tmp_path / "ptq").exists()
+
+
+def test_more_calibration_batches_than_the_rows_make_calibrate_on_one_pass_and_say_so(peaky_llama_dir, topk_cache,
+                                                                                        tmp_path, caplog):
+    """The calibration loader cycled epochs: a large count repeated rows silently, keeping every
+    batch on the device, and a weight-only recipe (nothing to calibrate) loaded them all first."""
+    with caplog.at_level(logging.INFO):
+        result = distill(peaky_llama_dir, topk_cache, tmp_path / "static", "quant.preset=fp8_static",
+                         "quant.group_size=null", "quant.calibration_batches=100000", "distill.max_steps=1")
+    assert result.exit_code == 0, result.output
+    made = re.search(r"quant.calibration_batches=100000: the training rows make (\d+) batches of 4; calibrating on "
+                     r"those", caplog.text)
+    assert made and f"calibrate: 14 static input ranges from {made.group(1)} batches" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        weight_only = distill(peaky_llama_dir, topk_cache, tmp_path / "weights", "quant.calibration_batches=100000",
+                              "distill.max_steps=1")
+    assert weight_only.exit_code == 0, weight_only.output
+    assert "calibrate: no static input quantizer in this recipe; nothing to calibrate" in caplog.text
+    assert "the training rows make" not in caplog.text   # no batch was read for it
 
 
 def test_each_logged_lr_is_the_one_its_step_used(peaky_llama_dir, topk_cache, tmp_path):
