@@ -47,7 +47,10 @@ def staged_dir(output: Path) -> Iterator[Path]:
     old one is deleted after the new one is in place.  Any other non-empty directory is
     refused, so nothing a user wrote is lost.
     """
-    output = Path(os.path.abspath(output))   # "." or "x/..": the parent must be where the staging dir goes
+    # "." or "x/..": the parent must be where the staging dir goes; a symlink (to a directory on
+    # another filesystem, say): the export replaces its target and the link keeps naming it,
+    # rather than a new directory taking the link's place
+    output = Path(os.path.realpath(output))
     check_replaceable(output)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)

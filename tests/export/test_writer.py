@@ -49,6 +49,20 @@ def test_an_output_named_dot_is_the_current_directory(tmp_path, monkeypatch):
     assert (out / "a.txt").read_text() == "x"
 
 
+def test_an_output_that_is_a_symlink_replaces_its_target_and_stays_a_link(tmp_path):
+    """A link to an export elsewhere (another filesystem, say) was replaced by a new directory
+    staged beside the link, leaving the old export at the target."""
+    target = _previous_export(tmp_path)
+    (tmp_path / "links").mkdir()
+    link = tmp_path / "links" / "current"
+    link.symlink_to(target)
+    with staged_dir(link) as tmp:
+        (tmp / "new.txt").write_text("new")
+        assert tmp.parent == tmp_path
+    assert link.is_symlink() and link.resolve() == target
+    assert [p.name for p in target.iterdir()] == ["new.txt"]
+
+
 def test_a_failure_leaves_the_previous_export_untouched(tmp_path):
     out = _previous_export(tmp_path)
     with pytest.raises(RuntimeError, match="killed"):
