@@ -130,7 +130,8 @@ class _OneLineUsageErrors(click.Group):
 def _non_empty(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """An empty path would silently mean the config's default; say so instead."""
     if value is not None and not value.strip():
-        raise click.BadParameter("got an empty path; leave the option out to use the config's", ctx, param)
+        what = "the argument" if isinstance(param, click.Argument) else "the option"
+        raise click.BadParameter(f"got an empty path; leave {what} out to use the config's", ctx, param)
     return value
 
 

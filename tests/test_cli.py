@@ -42,7 +42,7 @@ def test_a_bad_override_fails_before_any_stage_runs():
     (["distill", "--bogus"], "--bogus"),   # click's wording varies by version
     (["export", "--output", ""], "Invalid value for '--output': got an empty path; leave the option out to use "
                                  "the config's (`qadpipe export -h` shows the usage)"),
-    (["inspect", " "], "Invalid value for '[CACHE]': got an empty path; leave the option out to use the config's "
+    (["inspect", " "], "Invalid value for '[CACHE]': got an empty path; leave the argument out to use the config's "
                        "(`qadpipe inspect -h` shows the usage)"),
     (["eval", "my.yaml"], "Got unexpected extra argument (my.yaml); a config file goes after -c: qadpipe eval -c "
                           "my.yaml"),

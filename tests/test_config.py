@@ -247,3 +247,18 @@ def test_an_error_line_keeps_the_spaces_of_a_path():
     result = run_cli("config", "show", "-c", "two  spaces.yaml")
     assert result.exit_code == 2
     assert result.stderr.strip() == "qadpipe: error: two  spaces.yaml: config file not found"
+
+
+def test_yaml_nested_past_the_recursion_limit_is_one_line(tmp_path: Path):
+    path = tmp_path / "deep.yaml"
+    path.write_text("a: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: YAML nested too deeply to be a config$"):
+        load_config(path)
+
+
+def test_off_for_an_optional_choice_says_null_is_none():
+    """YAML 1.1 reads off as false: the error named a False the user never typed."""
+    with pytest.raises(ConfigError, match=r"^quant.kv_cache: got False \(bool\), expected one of 'fp8', 'fp8_cpu'; "
+                                          r"for none, null \(YAML reads off and no as false\)$"):
+        load_config(None, ["quant.kv_cache=off"])
+    assert load_config(None, ["quant.kv_cache=null"]).quant.kv_cache is None

@@ -134,6 +134,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid YAML{where} ({problem})") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a text file, expected YAML") from None
+    except RecursionError:   # PyYAML's composer recurses once per nesting level
+        raise ConfigError(f"{path}: YAML nested too deeply to be a config") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -258,6 +260,8 @@ def _coerce(hint: Any, value: Any, dotted: str) -> Any:
             except ConfigError as exc:
                 errors.append(exc)
         if len(options) == 1:
+            if value is False:   # YAML 1.1 reads an unquoted off/no/false as a bool: the way to say none is null
+                raise ConfigError(f"{errors[0]}; for none, null (YAML reads off and no as false)")
             raise errors[0]
         raise ConfigError(f"{dotted}: got {_show(value)}, expected {_describe(hint)}")
     if origin is Literal:

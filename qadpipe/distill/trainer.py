@@ -731,6 +731,13 @@ class DistillRecipe:
             kept += f" (or {self.writer.unconfirmed}, if rank 0 finished writing it)"
         return kept
 
+    def _recovery_from_non_finite(self) -> str:
+        """The checkpoint a run stopped by a non-finite figure leaves, and what to do next."""
+        kept = self._kept_checkpoint("last good")
+        resume = ("--resume from it" if self.writer.unconfirmed or latest_checkpoint(self.output_dir)
+                  else "rerun with --resume (it starts from step 0)")
+        return f"{kept}; lower distill.lr (or set distill.max_grad_norm) and {resume}, or check the cache for broken targets"
+
     def _with_teacher(self, batch: Batch) -> PositionTargets:
         """The batch's targets plus the teacher's hidden states at the target positions.  The
         teacher runs in its own dtype, as generate runs it, not under the student's autocast:
@@ -758,7 +765,7 @@ class DistillRecipe:
         what = (f"training {bad[0].replace('_', ' ')} is {bad[1]:g}" if bad
                 else "another rank's training loss or gradient norm")
         raise DistillError(f"step {self.step + 1}: {what} (not finite); stopped without saving this step, "
-                           f"{self._kept_checkpoint('last good')}; {RECOVER_FROM_NAN}")
+                           f"{self._recovery_from_non_finite()}")
 
     def _refuse_unsound_weights(self, batch: Batch, held_out: dict[str, float]) -> None:
         """Write no checkpoint (nor final/) from weights that give a non-finite loss.  A step's
@@ -783,7 +790,7 @@ class DistillRecipe:
             return
         what = " and ".join(problems) or "give a non-finite loss or hold non-finite values on another rank"
         raise DistillError(f"step {self.step}: the weights after this step's update {what}; not saved, "
-                           f"{self._kept_checkpoint('last good')}; {RECOVER_FROM_NAN}")
+                           f"{self._recovery_from_non_finite()}")
 
     @torch.no_grad()
     def _evaluate(self, module: torch.nn.Module) -> dict[str, float]:
@@ -945,8 +952,6 @@ class TeacherHead(torch.nn.Module):
 #: What a run stopped by a non-finite loss tells its user: its checkpoints are all sound
 #: (:meth:`DistillRecipe._refuse_unsound_weights`), and --resume replays the same batches, so
 #: only a gentler update gets past the step.
-RECOVER_FROM_NAN = ("lower distill.lr (or set distill.max_grad_norm) and --resume from it, or check the cache for "
-                    "broken targets")
 
 #: What :meth:`DistillRecipe._stop_requested` reduces for a failed background write (above any signal number).
 WRITE_FAILED = 255

@@ -151,6 +151,9 @@ def run_export(config: Any, checkpoint: Optional[str] = None, output: Optional[s
     from qadpipe.models import resolve_model_path
 
     final = Path(checkpoint) if checkpoint else Path(config.distill.output_dir) / "final"
+    if checkpoint and (final / "config.json").is_file():   # an export (or an HF model) beside a run record
+        raise ExportError(f"--checkpoint {final}: an HF checkpoint (it has config.json: an export?), expected a distill "
+                          "final/, ptq/ or checkpoints/step-N directory")
     if not (final / "model.safetensors").is_file() or not (final / RUN_FILE).is_file():
         if checkpoint:
             raise ExportError(f"--checkpoint {final}: expected a distill final/, ptq/ or checkpoints/step-N "

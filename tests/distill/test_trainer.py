@@ -423,6 +423,11 @@ def test_a_diverged_update_is_never_saved_and_the_run_resumes_with_a_lower_lr(pe
     assert (tmp_path / "checkpoints" / "LATEST").read_text().strip() == good.name
     resumed = distill(peaky_llama_dir, topk_cache, tmp_path, *common, "distill.max_steps=4", resume=True)
     assert resumed.exit_code == 0, resumed.output
+    # with no checkpoint yet, nothing to resume "from": the advice says --resume starts again
+    line = one_line_error(distill(peaky_llama_dir, topk_cache, tmp_path / "fresh", "distill.warmup_steps=0",
+                                  "distill.max_steps=4", "distill.lr=1e30", "distill.max_grad_norm=0"))
+    assert line.endswith("no checkpoint was written before it; lower distill.lr (or set distill.max_grad_norm) and "
+                         "rerun with --resume (it starts from step 0), or check the cache for broken targets")
     assert [row["step"] for row in train_rows(tmp_path)] == [1, 2, 3, 4]
     state = load_file(str(tmp_path / "final" / "model.safetensors"))
     assert all(torch.isfinite(t).all() for t in state.values())

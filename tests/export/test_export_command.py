@@ -82,6 +82,20 @@ def test_cli_missing_checkpoint(tmp_path):
     assert "expected a distill final/, ptq/ or checkpoints/step-N directory" in result.stderr
 
 
+def test_an_export_given_as_checkpoint_is_refused(final_dir, tmp_path):
+    """It has model.safetensors and a run record too: it was re-exported, recording the export
+    as the checkpoint that was trained."""
+    final, _ = final_dir
+    export = tmp_path / "export"
+    assert CliRunner().invoke(cli, ["export", "--checkpoint", str(final), "--output", str(export),
+                                    "--format", "fake"]).exit_code == 0
+    result = CliRunner().invoke(cli, ["export", "--checkpoint", str(export), "--output", str(tmp_path / "again")])
+    assert result.exit_code == 2
+    assert result.stderr == (f"qadpipe: error: --checkpoint {export}: an HF checkpoint (it has config.json: an "
+                             "export?), expected a distill final/, ptq/ or checkpoints/step-N directory\n")
+    assert not (tmp_path / "again").exists()
+
+
 def test_an_unfinished_run_without_checkpoint_names_its_last_checkpoint(final_dir, tmp_path):
     """No --checkpoint given: the message must not blame one, and should offer what is there."""
     import shutil
