@@ -87,3 +87,18 @@ def test_inspect_verify_flags_a_corrupt_shard(tmp_path):
 def test_inspect_empty_cache(tmp_path):
     result = CliRunner().invoke(cli, ["inspect", str(tmp_path / "nothing")])
     assert result.exit_code == 2 and "nothing: no cache here (the path does not exist)" in result.stderr
+
+
+def test_inspect_flags_shards_whose_own_metadata_the_edited_manifest_contradicts(tmp_path):
+    """A manifest edited to k=4 over k=8 shards: inspect --verify called every shard verified
+    (its bytes match) and exited 0, while distill refused the cache."""
+    meta = cache_meta("topk", k=8)
+    write_cache(tmp_path, meta, random_rows(meta, 4))
+    manifest = tmp_path / "manifests/task-00000.json"
+    data = json.loads(manifest.read_text())
+    data["meta"]["k"] = 4
+    manifest.write_text(json.dumps(data))
+    result = CliRunner().invoke(cli, ["inspect", str(tmp_path), "--verify"])
+    assert result.exit_code == 2
+    assert "2 of 2 shards failed their checks; first: shards/task-00000-000000.parquet: shard has k=8, the manifest " \
+           "says k=4" in result.stderr
