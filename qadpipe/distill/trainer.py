@@ -732,7 +732,9 @@ class DistillRecipe:
         return kept
 
     def _recovery_from_non_finite(self) -> str:
-        """The checkpoint a run stopped by a non-finite figure leaves, and what to do next."""
+        """The checkpoint a run stopped by a non-finite figure leaves, and what to do next: its
+        checkpoints are all sound (:meth:`_refuse_unsound_weights`), and --resume replays the
+        same batches, so only a gentler update gets past the step."""
         kept = self._kept_checkpoint("last good")
         resume = ("--resume from it" if self.writer.unconfirmed or latest_checkpoint(self.output_dir)
                   else "rerun with --resume (it starts from step 0)")
@@ -948,10 +950,6 @@ class TeacherHead(torch.nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return head_logits(self.head, hidden, fp32_head=self.fp32_head, transform=self.transform)
 
-
-#: What a run stopped by a non-finite loss tells its user: its checkpoints are all sound
-#: (:meth:`DistillRecipe._refuse_unsound_weights`), and --resume replays the same batches, so
-#: only a gentler update gets past the step.
 
 #: What :meth:`DistillRecipe._stop_requested` reduces for a failed background write (above any signal number).
 WRITE_FAILED = 255
