@@ -11,6 +11,7 @@ cleanly (a second Ctrl-C aborts at once).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -199,14 +200,18 @@ def run_generate(config: PipelineConfig, *, num_shards: Optional[int] = None, sh
         skipped = sum(s.id in done for s in data.sequences)
         log.info("generate %s (%d of %d): %d sequences, %d already in the cache, %s teacher, %s mode",
                  task, index, count, len(data.sequences), len(done), config.teacher.backend, gen.mode)
-        if todo:
-            import torch
+        with contextlib.ExitStack() as running:
+            if todo:
+                import torch
 
-            teacher = teacher_factory(config, model_dir, k=cache.k, longest_sequence=longest_sequence)
-            try:
+                teacher = teacher_factory(config, model_dir, k=cache.k, longest_sequence=longest_sequence)
+                # From here to the run record a stop signal waits for a safe point (a kill before
+                # it costs nothing: no row is held yet).  The teacher closes first, under it too:
+                # a signal after the last batch used to kill the process with rows unwritten.
+                stop = running.enter_context(StopSignals("finishing the current batch and committing the open shard"))
+                running.callback(teacher.close)
                 total = sum(len(b) for b in todo)
-                with StopSignals("finishing the current batch and committing the open shard") as stop, \
-                        tqdm(total=total, unit="seq", desc=f"generate {task}") as bar:
+                with tqdm(total=total, unit="seq", desc=f"generate {task}") as bar:
                     progress = _Progress(task, total)
                     for number, batch in enumerate(todo, start=1):
                         try:
@@ -240,11 +245,9 @@ def run_generate(config: PipelineConfig, *, num_shards: Optional[int] = None, sh
                             writer.flush()
                             stopped_by = stop.received
                             break
-            finally:
-                teacher.close()
-        if stopped_by is None:
-            writer.mark_complete()
-        writer.store.write_atomic(f"runs/{task}/{RUN_FILE}", dump_yaml(run_record(config, "generate")).encode())
+            if stopped_by is None:
+                writer.mark_complete()
+            writer.store.write_atomic(f"runs/{task}/{RUN_FILE}", dump_yaml(run_record(config, "generate")).encode())
     seconds = time.perf_counter() - started
     summary = GenerateSummary(task, len(data.sequences), written, skipped, tokens, seconds, stopped_by)
     if cut_completions:

@@ -487,6 +487,30 @@ def test_a_stop_signal_during_the_last_batch_still_completes_the_task(small_voca
     assert view.incomplete_tasks == [] and sum(shard.rows for shard in view.shards) == 12
 
 
+def test_a_stop_signal_while_the_teacher_closes_still_commits_the_rows_held(small_vocab_model: Path,
+                                                                           tmp_path: Path) -> None:
+    """After the last batch the stop handlers were gone: a SIGTERM while vLLM shut down (seconds)
+    killed the process with up to rows_per_shard scored rows never written."""
+    from qadpipe.teacher import make_teacher
+
+    class SignalledWhileClosing:
+        def __init__(self, teacher: Any) -> None:
+            self.teacher = teacher
+
+        def score(self, batch: Any, spec: Any) -> Any:
+            return self.teacher.score(batch, spec)
+
+        def close(self) -> None:
+            os.kill(os.getpid(), signal.SIGTERM)
+            self.teacher.close()
+
+    summary = run_generate(_config(small_vocab_model, tmp_path / "cache", **{"cache.rows_per_shard": 100}),
+                           teacher_factory=lambda *a, **kw: SignalledWhileClosing(make_teacher(*a, **kw)))
+    assert (summary.written, summary.stopped_by) == (12, None)
+    view = CacheReader(str(tmp_path / "cache")).view
+    assert view.incomplete_tasks == [] and sum(shard.rows for shard in view.shards) == 12
+
+
 def test_a_vllm_that_does_not_import_is_one_line_before_the_cache_is_made(tiny_llama_dir: Path, tmp_path: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """Installed (find_spec sees it) but broken, e.g. built for another torch: the engine's
