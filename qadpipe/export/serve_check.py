@@ -36,8 +36,9 @@ def serve_once(export_dir: Path, prompt: str, max_tokens: int = 48) -> str:
     os.environ.setdefault("VLLM_CPU_INT4_W4A8", "0")
     from vllm import LLM, SamplingParams
 
-    from qadpipe.teacher.vllm_backend import shutdown_llm
+    from qadpipe.teacher.vllm_backend import shutdown_llm, use_private_ipc_dir
 
+    use_private_ipc_dir()
     llm = LLM(model=str(export_dir), dtype="bfloat16", max_model_len=512, enforce_eager=True,
               **vllm_engine_args(export_dir))
     try:

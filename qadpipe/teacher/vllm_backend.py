@@ -24,9 +24,12 @@ distribution whatever the sampling temperature.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -90,6 +93,28 @@ def shutdown_llm(llm: Any) -> None:
     gc.collect()
 
 
+_ipc_dir: Optional[Path] = None
+
+
+def use_private_ipc_dir() -> None:
+    """Give this process's vLLM engines a socket directory of their own, removed at exit.
+
+    vLLM names its ZMQ IPC sockets ``<VLLM_RPC_BASE_PATH>/<uuid4>`` (default: the temp dir) and
+    never deletes them: each run left 7-28 socket files in /tmp, thousands over a test suite.
+    A ``VLLM_RPC_BASE_PATH`` the user set is theirs: kept, and left as it is."""
+    global _ipc_dir
+    if _ipc_dir is not None or "VLLM_RPC_BASE_PATH" in os.environ:
+        return
+    _ipc_dir = Path(tempfile.mkdtemp(prefix="qadpipe-vllm-ipc-"))
+    os.environ["VLLM_RPC_BASE_PATH"] = str(_ipc_dir)   # read by vLLM when it opens each socket; inherited by its workers
+    atexit.register(remove_private_ipc_dir)
+
+
+def remove_private_ipc_dir() -> None:
+    if _ipc_dir is not None:
+        shutil.rmtree(_ipc_dir, ignore_errors=True)
+
+
 def exit_now(code: int) -> None:
     """End a process that ran a vLLM engine, skipping C++ static destructors.
 
@@ -99,6 +124,7 @@ def exit_now(code: int) -> None:
     caller wrote is flushed first, so skipping the destructors loses nothing."""
     sys.stdout.flush()
     sys.stderr.flush()
+    remove_private_ipc_dir()   # os._exit runs no atexit handler
     os._exit(code)
 
 
@@ -213,6 +239,7 @@ class VLLMTeacher:
             reserve_cpu_cores(teacher.cpu_reserved_cores)
         else:
             kwargs["gpu_memory_utilization"] = teacher.gpu_memory_utilization
+        use_private_ipc_dir()
         try:
             llm = LLM(**kwargs)
         except (ValueError, RuntimeError) as exc:

@@ -18,7 +18,9 @@ if __name__ == "__main__":
     from vllm import LLM, SamplingParams, TokensPrompt
 
     from qadpipe.export.serve_check import vllm_engine_args
-    from qadpipe.teacher.vllm_backend import exit_now, shutdown_llm
+    from qadpipe.teacher.vllm_backend import exit_now, shutdown_llm, use_private_ipc_dir
+
+    use_private_ipc_dir()
 
     params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False, temperature=0.0)
     prompts = [TokensPrompt(prompt_token_ids=ids) for ids in request["sequences"]]

@@ -105,6 +105,29 @@ def test_cpu_core_reservation_comes_from_the_config_unless_the_environment_sets_
     assert os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "3"
 
 
+def test_vllm_sockets_go_to_a_directory_of_this_process_that_goes_with_it(monkeypatch, tmp_path) -> None:
+    """vLLM leaves its ZMQ IPC sockets (/tmp/<uuid4>) behind: 7-28 files a run, ~1,800 stale
+    ones in this machine's /tmp.  A directory the user chose is left to them."""
+    from qadpipe.teacher import vllm_backend
+
+    monkeypatch.delenv("VLLM_RPC_BASE_PATH", raising=False)
+    monkeypatch.setattr(vllm_backend, "_ipc_dir", None)
+    monkeypatch.setattr(vllm_backend.tempfile, "tempdir", str(tmp_path))
+    vllm_backend.use_private_ipc_dir()
+    private = Path(os.environ["VLLM_RPC_BASE_PATH"])
+    assert private.is_dir() and private.parent == tmp_path and private.name.startswith("qadpipe-vllm-ipc-")
+    (private / "3f9c-socket").touch()
+    vllm_backend.use_private_ipc_dir()   # a second engine in the same process: the same directory
+    assert os.environ["VLLM_RPC_BASE_PATH"] == str(private)
+    vllm_backend.remove_private_ipc_dir()
+    assert not private.exists()
+
+    monkeypatch.setattr(vllm_backend, "_ipc_dir", None)
+    monkeypatch.setenv("VLLM_RPC_BASE_PATH", str(tmp_path / "mine"))
+    vllm_backend.use_private_ipc_dir()
+    assert os.environ["VLLM_RPC_BASE_PATH"] == str(tmp_path / "mine") and vllm_backend._ipc_dir is None
+
+
 def test_the_fused_plugin_is_said_bypassed_where_vllm_picks_its_v2_runner(monkeypatch) -> None:
     """The plugin patches the V1 runner; vLLM's V2 runner (its GPU default where Triton works)
     computes prompt log-probs itself. Asked of vLLM's own config, as the engine decides it."""
