@@ -83,6 +83,7 @@ class BackgroundWriter:
     def __init__(self, is_main: bool, device: torch.device) -> None:
         self.is_main, self.device = is_main, device
         self._thread: Optional[threading.Thread] = None
+        self._written = threading.Event()   # the write under way has ended (see _join)
         self._failure: Optional[BaseException] = None
         self._pending = False   # every rank: a write was started and not yet finished
         self._label = ""
@@ -94,6 +95,7 @@ class BackgroundWriter:
         self._pending, self._label = True, label
         if self.is_main:
             self._failure = None
+            self._written.clear()
             # not a daemon: an interpreter exiting on an error elsewhere still completes the write
             self._thread = threading.Thread(target=self._run, args=(write,), name="qadpipe-checkpoint-writer")
             self._thread.start()
@@ -106,6 +108,8 @@ class BackgroundWriter:
             log.error("%s was not written: %s", self._label, first_line(exc))
             self._failure = exc
             return
+        finally:
+            self._written.set()
         log.info("%s written in the background in %.1f s", self._label, time.perf_counter() - started)
 
     def finish(self) -> None:
@@ -134,8 +138,13 @@ class BackgroundWriter:
 
     def _join(self) -> Optional[BaseException]:
         if self._thread is not None:
-            if self._thread.is_alive():
+            if not self._written.is_set():
                 log.info("waiting for %s to be written", self._label)
+            # Not Thread.join alone: on CPython 3.11-3.12 a Ctrl-C interrupting join() marks the
+            # running thread stopped, so a later wait (cleanup's) and interpreter exit no longer
+            # wait for it and the write dies half done.  An interrupted Event.wait leaves no trace.
+            while not self._written.wait(0.5):
+                pass
             self._thread.join()
             self._thread = None
         failure, self._failure = self._failure, None

@@ -214,3 +214,26 @@ def test_a_rank_that_cannot_wait_for_rank_0s_write_names_it_beside_the_last_chec
     other_rank.finish()
     rank_0.finish()
     assert other_rank.unconfirmed is None
+
+
+def test_a_ctrl_c_during_the_wait_for_a_write_leaves_the_next_wait_waiting(tmp_path):
+    """On CPython 3.11-3.12 a KeyboardInterrupt in Thread.join marks the running thread stopped:
+    cleanup's wait then returned at once and the interpreter exited mid-write (a second Ctrl-C
+    during the stop's wait left no checkpoint)."""
+    import os
+    import signal
+    import threading
+
+    written = tmp_path / "written"
+    writer = BackgroundWriter(is_main=True, device=torch.device("cpu"))
+    writer.start(lambda: (time.sleep(1.5), written.write_text("whole")), "checkpoint step 2")
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+        with pytest.raises(KeyboardInterrupt):
+            writer.wait()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert not written.exists()
+    writer.wait()   # what cleanup does, under its own stop handlers
+    assert written.read_text() == "whole"
