@@ -9,6 +9,7 @@ for a user who cannot wait for the current batch or step.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from typing import Any, Optional
@@ -24,6 +25,7 @@ class StopSignals:
     def __init__(self, action: str) -> None:
         self.action = action   # what the loop does before stopping, for the log line
         self.signum = 0
+        self._interrupts = 0   # Ctrl-Cs so far, whatever signal came first
         self._previous: dict[int, Any] = {}
 
     @property
@@ -37,10 +39,17 @@ class StopSignals:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if signum == signal.SIGINT and self.signum == signal.SIGINT:
-            raise KeyboardInterrupt
+        if signum == signal.SIGINT:
+            self._interrupts += 1
+            if self._interrupts > 1:
+                raise KeyboardInterrupt
         self.signum = self.signum or signum
-        again = "; Ctrl-C again aborts now" if signum == signal.SIGINT else ""
+        again = ""
+        if signum == signal.SIGINT:
+            # under torchrun a Ctrl-C reaches torchrun, which sends the ranks SIGINT the first time
+            # and SIGTERM the second (a stop they already make), then kills them after its timeout
+            again = ("; Ctrl-C again aborts now" if int(os.environ.get("WORLD_SIZE", "1")) <= 1 else
+                     "; a second Ctrl-C makes torchrun kill the ranks after its shutdown timeout")
         log.warning("%s: %s, then stopping%s", signal.Signals(signum).name, self.action, again)
 
     def __exit__(self, *exc: Any) -> None:
