@@ -576,6 +576,13 @@ class DistillRecipe:
                                "qadpipe before 2026-12 decayed norms and quantizer parameters too); resume it with "
                                "the qadpipe that wrote it or start a fresh distill.output_dir")
         dist_utils.load_optimizer_state(self.model, self.optimizer, state.optimizer)
+        if self.env.device.type == "cpu":
+            # loaded on the device they live on, AdamW's moments stayed views of the checkpoint file's
+            # memory map: pruned later, the file kept its disk space (on NFS, a .nfs file) all run
+            for per_param in self.optimizer.state.values():
+                for key, value in per_param.items():
+                    if isinstance(value, torch.Tensor):
+                        per_param[key] = value.clone()
         self.scheduler.load_state_dict(state.scheduler)
         ranks = state.loader.get("ranks", [])
         if len(ranks) != self.env.world_size:

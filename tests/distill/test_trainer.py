@@ -563,6 +563,26 @@ def test_resume_refuses_a_checkpoint_of_another_recipe(peaky_llama_dir, topk_cac
             {"checkpoint": "step-00000002", "step": 2, "changed": {"distill.max_steps": [2, 3]}}]
 
 
+def test_a_resumed_cpu_run_holds_no_map_of_the_checkpoint_it_resumed(peaky_llama_dir, topk_cache, tmp_path,
+                                                                    monkeypatch):
+    """Loaded on CPU, AdamW's moments stayed views of trainer_state.pt's memory map for the whole
+    run: pruning the checkpoint later freed no disk space (on NFS it left .nfs files)."""
+    from qadpipe.distill import trainer
+
+    assert distill(peaky_llama_dir, topk_cache, tmp_path, "distill.max_steps=2", "distill.save_every=1").exit_code == 0
+    train, mapped = trainer.DistillRecipe.train, []
+
+    def train_noting_maps(self):
+        maps = Path("/proc/self/maps").read_text()
+        mapped.extend(line.split()[-1] for line in maps.splitlines() if str(tmp_path) in line)
+        return train(self)
+
+    monkeypatch.setattr(trainer.DistillRecipe, "train", train_noting_maps)
+    resumed = distill(peaky_llama_dir, topk_cache, tmp_path, "distill.max_steps=3", "distill.save_every=1", resume=True)
+    assert resumed.exit_code == 0, resumed.output
+    assert mapped == []
+
+
 def test_resume_ignores_the_settings_of_other_stages_in_a_shared_config(peaky_llama_dir, topk_cache, tmp_path):
     """stages/distill.sbatch always passes --resume, and one YAML serves every stage: editing
     generate's, the cache writer's, eval's or a teacher-in-the-loop's settings (none of which a
