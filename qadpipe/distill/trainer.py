@@ -634,8 +634,9 @@ class DistillRecipe:
         self.wrapped.train()
         progress = tqdm(total=cfg.max_steps, initial=self.step, desc="distill", unit="step",
                         disable=not env.is_main, dynamic_ncols=True)
-        # closing the bar first keeps an error on its own line; closing batches stops the read-ahead
-        with contextlib.closing(iter(self.loader)) as batches, progress, self._stop:
+        # closing the bar first keeps an error on its own line; closing batches stops the read-ahead,
+        # under the stop handlers still (it may wait for a shard's hash while rank 0 writes a checkpoint)
+        with self._stop, contextlib.closing(iter(self.loader)) as batches, progress:
             while self.step < cfg.max_steps:
                 waited = time.perf_counter()
                 micro = [next(batches) for _ in range(cfg.grad_accum)]
