@@ -10,10 +10,12 @@ rotated: for each mode the loop's mean wait per checkpoint (the time spent in th
 ``save_checkpoint``, plus the wait for the last write before ``final/``) and the training
 wall time.  On a machine with few cores the writer thread takes CPU from the training
 threads, so the wall time gains less than the wait does; on a GPU node training runs on the
-GPUs and the host's cores are idle.
+GPUs and the host's cores are idle.  The last write before ``final/`` is always waited for
+whole, and it counts in the mean: with fewer than ~6 steps it dominates (3 steps measured the
+background mode at 1.21x the synchronous wait).
 
     .venv/bin/python bench/checkpoint_stall.py                  # CPU, SmolLM2-135M, 6 steps, a save each
-    .venv/bin/python bench/checkpoint_stall.py --model qwen3-0.6b-random --device cuda --steps 10
+    .venv/bin/python bench/checkpoint_stall.py --model qwen3-1.7b-random --device cuda --steps 10
 """
 
 from __future__ import annotations

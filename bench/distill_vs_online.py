@@ -148,7 +148,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--model", default="smollm2-135m",
-                        help="smollm2-135m, qwen3-1.7b-random, or a local HF directory")
+                        help="smollm2-135m, a bench/random_models.py shape (" + ", ".join(QWEN3_SHAPES) + "), "
+                             "or a local HF directory")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--steps", type=int, default=8)

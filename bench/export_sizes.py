@@ -68,7 +68,7 @@ def round_trip_mismatches(model: torch.nn.Module, out: Path) -> tuple[int, int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", default=None, help="comma-separated subset of presets")
     parser.add_argument("--serve", action="store_true", help="also run the vLLM-CPU serving comparison")
     parser.add_argument("--json", default=None, help="write the rows to this file")

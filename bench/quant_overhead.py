@@ -37,12 +37,12 @@ DEFAULT_PRESETS = ["w4a16_int", "nvfp4", "nvfp4_a16", "mxfp4", "fp8", "w8a8_int"
 
 
 def build_base(name: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
-    if name == "smollm2":
+    if name in ("smollm2", "smollm2-135m"):   # the other benches call it by its alias
         from qadpipe.models import load_causal_lm
         return load_causal_lm("smollm2-135m", dtype=str(dtype).split(".")[-1], device=device)
     if name in QWEN3_SHAPES:
         return random_qwen3(name, device, dtype)
-    raise SystemExit(f"--model: unknown {name!r}; expected smollm2 or one of {', '.join(QWEN3_SHAPES)}")
+    raise SystemExit(f"--model: unknown {name!r}; expected smollm2, smollm2-135m or one of {', '.join(QWEN3_SHAPES)}")
 
 
 def make_student(base: torch.nn.Module, preset: str, group_size: int | None,
@@ -69,7 +69,7 @@ def step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--model", default="smollm2", help="smollm2 | " + " | ".join(QWEN3_SHAPES))
+    parser.add_argument("--model", default="smollm2", help="smollm2 (or smollm2-135m) | " + " | ".join(QWEN3_SHAPES))
     parser.add_argument("--presets", nargs="+", default=DEFAULT_PRESETS)
     parser.add_argument("--group-size", type=int, default=64, help="for the group-128 presets (SmolLM2: 576)")
     parser.add_argument("--batch", type=int, default=None)

@@ -1,5 +1,5 @@
 """Random-weight models with a real model's shapes, for the benchmarks that need a GPU-sized
-student: the device machines have no model hub, and a model built from a config costs nothing to
+student (imported by them, not a benchmark to run itself): the device machines have no model hub, and a model built from a config costs nothing to
 ship.  One table, so every benchmark measures the same model.
 
 ``qwen3-1.7b-random`` is the model the issues name for GPU figures.  ``qwen3-tiny-random`` keeps
