@@ -80,8 +80,8 @@ class BackgroundWriter:
     :meth:`finish` are collective (every rank calls them at the same steps); the thread runs
     on rank 0 only."""
 
-    def __init__(self, is_main: bool, device: torch.device) -> None:
-        self.is_main, self.device = is_main, device
+    def __init__(self, is_main: bool) -> None:
+        self.is_main = is_main
         self._thread: Optional[threading.Thread] = None
         self._written = threading.Event()   # the write under way has ended (see _join)
         self._failure: Optional[BaseException] = None
@@ -117,7 +117,7 @@ class BackgroundWriter:
         if not self._pending:
             return
         self._pending = False
-        raise_if_any_failed(self._join(), self.device)
+        raise_if_any_failed(self._join())
 
     @property
     def failed(self) -> bool:

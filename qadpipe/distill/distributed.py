@@ -62,6 +62,14 @@ def resolve_device(device: str, local_rank: int = 0, field: str = "distill.devic
     return torch.device("cpu")
 
 
+#: How long the training collectives wait for a rank (NCCL's watchdog then ends the job).
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
+#: How long the other ranks wait for rank 0's output write (see :func:`init_control_group`).
+WRITE_TIMEOUT = datetime.timedelta(hours=12)
+
+_control_group: Optional[Any] = None
+
+
 def init_distributed(device: str) -> DistEnv:
     """Join the torchrun process group when launched by torchrun; otherwise a world of one."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -71,14 +79,27 @@ def init_distributed(device: str) -> DistEnv:
     if resolved.type == "cuda":   # also alone on cuda:N: the RNG state a checkpoint keeps is the current GPU's
         torch.cuda.set_device(resolved)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if resolved.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(minutes=30))
+        dist.init_process_group("nccl" if resolved.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
+        init_control_group()
     return DistEnv(rank, world_size, local_rank, resolved)
 
 
+def init_control_group() -> None:
+    """A gloo group, with a timeout of hours, for the one wait that may last: the other ranks
+    waiting to learn whether rank 0's checkpoint or final/ write worked.  An 8B student's
+    ~100 GB at a shared filesystem's 50 MB/s takes half an hour, past the training collectives'
+    timeout, and a rank waiting in an NCCL all-reduce that long is ended by NCCL's watchdog
+    (with the job).  A gloo wait on the host is no NCCL work: nothing times it out but this
+    group, and a rank 0 that dies closes its connections, which ends the wait at once."""
+    global _control_group
+    _control_group = dist.new_group(backend="gloo", timeout=WRITE_TIMEOUT)
+
+
 def shutdown() -> None:
+    global _control_group
     if dist.is_initialized():
-        dist.destroy_process_group()
+        dist.destroy_process_group()   # every group, the control group too
+    _control_group = None
 
 
 def wrap(module: nn.Module, layers: nn.ModuleList, strategy: str, env: DistEnv) -> nn.Module:
@@ -180,24 +201,28 @@ def computed_by_main(is_main: bool, compute: Callable[[], T]) -> T:
     return result
 
 
-def written_by_main(is_main: bool, device: torch.device, write: Callable[[], T]) -> Optional[T]:
+def written_by_main(is_main: bool, write: Callable[[], T]) -> Optional[T]:
     """``write()`` on rank 0 while the other ranks wait, then every rank learns whether it
     worked: a write failing on rank 0 (a full disk) raises on all ranks, instead of leaving
-    them in a barrier until the process-group timeout (30 minutes under NCCL)."""
+    them in a barrier until the process-group timeout."""
     result, failure = None, None
     if is_main:
         try:
             result = write()
         except Exception as exc:   # re-raised below, once the other ranks know
             failure = exc
-    raise_if_any_failed(failure, device)
+    raise_if_any_failed(failure)
     return result
 
 
-def raise_if_any_failed(failure: Optional[BaseException], device: torch.device) -> None:
+def raise_if_any_failed(failure: Optional[BaseException]) -> None:
     """Every rank learns whether rank 0's write failed (``failure`` there): rank 0 raises its
-    own error, the others one line saying so (every rank must call)."""
-    if all_reduce_number(float(failure is not None), device, op="max"):
+    own error, the others one line saying so (every rank must call; they wait for rank 0's
+    write on the control group, see :func:`init_control_group`)."""
+    failed = torch.tensor(float(failure is not None))
+    if dist.is_initialized():
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=_control_group)
+    if failed.item():
         if failure is not None:
             raise failure
         raise DistillError("rank 0 could not write its output (its own error says why); this rank stops too")

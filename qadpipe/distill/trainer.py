@@ -160,7 +160,7 @@ class DistillRecipe:
     def setup(self) -> None:
         cfg = self.cfg
         self.env = dist_utils.init_distributed(cfg.device)
-        self.writer = BackgroundWriter(self.env.is_main, self.env.device)
+        self.writer = BackgroundWriter(self.env.is_main)
         if self.env.device.type == "cuda" and self.config.model.dtype == "float16":
             # fp16 autocast needs loss scaling: the loss is divided by the batch's position
             # count, and activation gradients of ~1e-6 fall below fp16's normal range.
@@ -220,7 +220,7 @@ class DistillRecipe:
         if restored is None:
             self._calibrate(student)
             if cfg.save:
-                dist_utils.written_by_main(self.env.is_main, self.env.device,
+                dist_utils.written_by_main(self.env.is_main,
                                            lambda: save_student(self.output_dir, student.state_dict(), self.config,
                                                                 PTQ_DIR, self._cache_fingerprint(),
                                                                 **self._record_facts()))
@@ -877,7 +877,7 @@ class DistillRecipe:
                                                              live_tensors(self.model, self.optimizer))
         write = functools.partial(save_checkpoint, self.output_dir, model_state, state, self.config, **self._record_facts())
         if not self.cfg.save_in_background:
-            dist_utils.written_by_main(self.env.is_main, self.env.device, write)
+            dist_utils.written_by_main(self.env.is_main, write)
             return
         self.writer.start(write, f"checkpoint step {self.step}")
         log.info("checkpoint step %d: snapshot taken in %.1f s, written in the background", self.step,
@@ -890,7 +890,7 @@ class DistillRecipe:
 
     def save_final(self) -> Optional[Path]:
         model_state = {_strip(k): v for k, v in dist_utils.full_model_state(self.model).items()}
-        final = dist_utils.written_by_main(self.env.is_main, self.env.device,
+        final = dist_utils.written_by_main(self.env.is_main,
                                            lambda: save_student(self.output_dir, model_state, self.config,
                                                                 cache_fingerprint=self._cache_fingerprint(),
                                                                 **self._record_facts()))

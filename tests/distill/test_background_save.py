@@ -202,13 +202,13 @@ def test_a_sigterm_while_the_last_checkpoint_is_written_lets_it_and_final_be_wri
 def test_a_rank_that_cannot_wait_for_rank_0s_write_names_it_beside_the_last_checkpoint_it_sees(tmp_path):
     """A rank stopping on its own error (an OOM) cannot wait for rank 0's write, so the
     checkpoint directory may not show it yet: the message names both."""
-    other_rank = BackgroundWriter(is_main=False, device=torch.device("cpu"))
+    other_rank = BackgroundWriter(is_main=False)
     recipe = SimpleNamespace(writer=other_rank, output_dir=tmp_path)
     assert trainer.DistillRecipe._kept_checkpoint(recipe, "last") == "no checkpoint was written before it"
     other_rank.start(lambda: None, "checkpoint step 40")
     assert trainer.DistillRecipe._kept_checkpoint(recipe, "last") == (
         "no checkpoint was written before it (or checkpoint step 40, if rank 0 finished writing it)")
-    rank_0 = BackgroundWriter(is_main=True, device=torch.device("cpu"))
+    rank_0 = BackgroundWriter(is_main=True)
     rank_0.start(lambda: None, "checkpoint step 40")
     assert rank_0.unconfirmed is None   # rank 0 waits for its own write and reads the directory after it
     other_rank.finish()
@@ -225,7 +225,7 @@ def test_a_ctrl_c_during_the_wait_for_a_write_leaves_the_next_wait_waiting(tmp_p
     import threading
 
     written = tmp_path / "written"
-    writer = BackgroundWriter(is_main=True, device=torch.device("cpu"))
+    writer = BackgroundWriter(is_main=True)
     writer.start(lambda: (time.sleep(1.5), written.write_text("whole")), "checkpoint step 2")
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:

@@ -171,13 +171,30 @@ def test_a_write_failing_on_rank_0_stops_every_rank(tmp_path):
         "def write():\n"
         "    raise OSError(28, 'No space left on device')\n"
         "try:\n"
-        "    written_by_main(rank == 0, torch.device('cpu'), write)\n"
+        "    written_by_main(rank == 0, write)\n"
         "except Exception as exc:\n"
         "    print(f'rank {rank}: {type(exc).__name__}: {exc}', flush=True)\n"
         "dist.destroy_process_group()\n")
     stdout = run_two_ranks(script)
     assert "rank 0: OSError: [Errno 28] No space left on device" in stdout
     assert "rank 1: DistillError: rank 0 could not write its output" in stdout
+
+
+def test_the_other_ranks_wait_past_the_collective_timeout_for_rank_0s_write(tmp_path):
+    """An 8B student's checkpoint on a 50 MB/s shared filesystem takes half an hour, the training
+    collectives' timeout: the other ranks waited for it in an NCCL all-reduce, which NCCL's
+    watchdog ends.  Here the default group times out after 2 s and rank 0 writes for 5."""
+    script = tmp_path / "slow_write.py"
+    script.write_text(
+        "import datetime, time, torch.distributed as dist\n"
+        "from qadpipe.distill.distributed import init_control_group, written_by_main\n"
+        "dist.init_process_group('gloo', timeout=datetime.timedelta(seconds=2))\n"
+        "init_control_group()\n"
+        "rank = dist.get_rank()\n"
+        "print(f'rank {rank}: got {written_by_main(rank == 0, lambda: time.sleep(5) or \"written\")}', flush=True)\n"
+        "dist.destroy_process_group()\n")
+    stdout = run_two_ranks(script)
+    assert "rank 0: got written" in stdout and "rank 1: got None" in stdout
 
 
 def test_a_result_computed_by_rank_0_reaches_every_rank_and_so_does_its_error(tmp_path):
