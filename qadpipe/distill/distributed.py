@@ -92,7 +92,12 @@ def init_control_group() -> None:
     (with the job).  A gloo wait on the host is no NCCL work: nothing times it out but this
     group, and a rank 0 that dies closes its connections, which ends the wait at once."""
     global _control_group
-    _control_group = dist.new_group(backend="gloo", timeout=WRITE_TIMEOUT)
+    try:
+        _control_group = dist.new_group(backend="gloo", timeout=WRITE_TIMEOUT)
+    except Exception as exc:   # gloo's own error types; the usual cause is the interface it picked
+        raise DistillError(f"distill: cannot connect the ranks' gloo group ({first_line(exc)}); where the host names "
+                           "resolve to an interface the nodes cannot reach each other on, set GLOO_SOCKET_IFNAME "
+                           "(as NCCL_SOCKET_IFNAME)") from None
 
 
 def shutdown() -> None:
