@@ -283,3 +283,18 @@ def test_every_rank_trains_on_the_cache_snapshot_rank_0_opened(peaky_llama_dir, 
                           capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "rank 0: 12 rows" in done.stdout and "rank 1: 12 rows" in done.stdout, done.stdout
+
+
+def test_a_gloo_group_that_cannot_connect_is_one_line_naming_the_interface_setting(monkeypatch):
+    from qadpipe.distill import distributed
+    from qadpipe.errors import DistillError
+
+    def refuse(**kwargs):
+        raise RuntimeError("Gloo connectFullMesh failed with [../third_party/gloo/gloo/transport/tcp/pair.cc:144] "
+                           "no error\nmore lines")
+
+    monkeypatch.setattr(distributed.dist, "new_group", refuse)
+    with pytest.raises(DistillError) as info:
+        distributed.init_control_group()
+    assert str(info.value).startswith("distill: cannot connect the ranks' gloo group (Gloo connectFullMesh failed")
+    assert "GLOO_SOCKET_IFNAME" in str(info.value) and "\n" not in str(info.value)
