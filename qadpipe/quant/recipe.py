@@ -174,6 +174,12 @@ def _field(section: str, name: str) -> str:
     return f"{section}.{name}" if section else name
 
 
+#: Linears vLLM builds dense whatever a checkpoint's quantization config says (``quant_config=None``
+#: in its model code: Qwen2-MoE's, Qwen3-Next's and InternS2's one-output shared-expert gate):
+#: quantized, their packed tensors would not load.  Kept dense by role, as an LM head can be.
+DENSE_IN_VLLM = ("shared_expert_gate",)
+
+
 def apply_recipe(model: nn.Module, quant: Any, *, rebuild: bool = False) -> QuantRecipe:
     """Replace matching ``nn.Linear`` modules of ``model`` by QuantLinear, and (``quant.moe_experts:
     quantize``) transformers' fused MoE experts by QuantExperts, in place.
@@ -203,8 +209,12 @@ def apply_recipe(model: nn.Module, quant: Any, *, rebuild: bool = False) -> Quan
     compile_mode = getattr(quant, "compile", "off")
     chosen: dict[str, tuple[str, Preset]] = {}
     section_of: dict[str, str] = {}
+    served_dense = [name for name in linears if name.rsplit(".", 1)[-1] in DENSE_IN_VLLM]
+    if served_dense:
+        log.info("quant: %d layers (%s ...) stay in full precision: vLLM serves them dense", len(served_dense),
+                 served_dense[0])
     for name in targets:
-        if any(re.search(p, name) for _, p in ignore):
+        if any(re.search(p, name) for _, p in ignore) or name in served_dense:
             recipe.ignored.append(name)
             continue
         match = next(((f"quant.rules[{i}]", r.preset, p) for i, r, p in rules if re.search(r.targets, name)),

@@ -230,3 +230,22 @@ def test_compiled_experts_train_bit_identical_to_eager(quant_config, caplog):
     assert "differs from eager" not in caplog.text
     for got, want in zip(results["on"], results["off"]):
         assert torch.equal(got, want)
+
+
+def test_a_shared_expert_gate_stays_dense_as_vllm_serves_it(quant_config):
+    """Qwen2-MoE's shared_expert_gate is an nn.Linear(hidden, 1) that vLLM builds with
+    quant_config=None: quantized, its weight_packed did not load ("no module or parameter named
+    'shared_expert_gate.weight_packed'"), after the training."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    from qadpipe.quant.quantizers import QuantLinear
+
+    torch.manual_seed(0)
+    student = Qwen2MoeForCausalLM(Qwen2MoeConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
+        shared_expert_intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        num_experts=4, num_experts_per_tok=2)).eval()
+    recipe = apply_recipe(student, quant_config(preset="w4a16_int", group_size=32))
+    mlp = student.model.layers[0].mlp
+    assert type(mlp.shared_expert_gate) is nn.Linear and "model.layers.0.mlp.shared_expert_gate" in recipe.ignored
+    assert isinstance(mlp.shared_expert.down_proj, QuantLinear)
