@@ -62,7 +62,7 @@ from qadpipe.models import LogitTransform, output_rows
 from qadpipe.provenance import RUN_FILE, recorded_stage, save_run_record
 from qadpipe.quant.experts import has_fused_experts
 from qadpipe.quant.quantizers import Quantizer
-from qadpipe.quant.recipe import quant_parameters
+from qadpipe.quant.recipe import partly_quantized_groups, quant_parameters
 from qadpipe.stop_signals import StopSignals
 from qadpipe.targets import SequenceTargets
 from qadpipe.teacher.hf_backend import head_logits
@@ -204,6 +204,12 @@ class DistillRecipe:
                                 packed=cfg.pack_length is not None)
         vocab = output_rows(student)
         self._check_vocab(vocab)
+        partial = partly_quantized_groups(student)
+        if partial and checkpoint is None and self.config.export.format == "compressed-tensors":
+            raise DistillError(f"quant: {', '.join(partial[0])} are fused by vLLM into one GEMM, but the recipe "
+                               "quantizes only some of them, which the compressed-tensors export (export.format) "
+                               "refuses after training; quantize all of them or none (quant.ignore, quant.rules), or "
+                               "set export.format: fake")
         self.spec = LossSpec(mode=cfg.mode, loss=cfg.loss, kd_weight=cfg.kd_loss_weight,
                              lm_weight=cfg.lm_loss_weight, cakld_beta=self._cakld_beta(), temperature=cfg.temperature)
         if cfg.temperature != 1.0 and cfg.mode == "qad":

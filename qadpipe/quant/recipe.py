@@ -419,6 +419,9 @@ def _check_layer(model: nn.Module, name: str, linear: nn.Linear, preset_name: st
 
 
 def _learnable_spec(spec: QuantSpec, learnable: str, preset_name: str, section: str) -> QuantSpec:
+    if spec.kind is Kind.LSQ and learnable == "clip":   # trained LSQ all the same, silently
+        raise QuantError(f"quant.learnable: 'clip' with {section}.preset {preset_name!r}, whose scales are learned LSQ "
+                         "steps already; set quant.learnable: none (or lsq)")
     if learnable == "none" or spec.kind is Kind.LSQ:
         return spec
     if spec.kind is not Kind.INT or not spec.symmetric:
@@ -431,6 +434,14 @@ def _learnable_kind(spec: QuantSpec, learnable: str) -> str:
     if spec.kind is Kind.LSQ:
         return "lsq"
     return learnable
+
+
+def partly_quantized_groups(model: nn.Module) -> list[tuple[str, ...]]:
+    """The sibling groups of ``model`` (see :func:`sibling_groups`) that only some members of
+    are quantized: a student the compressed-tensors export refuses."""
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    return [members for members in sibling_groups(linears)
+            if len({isinstance(linears[m], QuantLinear) for m in members}) > 1]
 
 
 def sibling_groups(linears: Iterable[str]) -> list[tuple[str, ...]]:
@@ -461,7 +472,7 @@ def _fused_groups(chosen: dict[str, tuple[str, Preset]], linears: set[str]) -> l
         if not present:
             continue
         if len(present) < len(members):
-            log.warning("quant: %s are fused by vLLM into one GEMM but only %s is quantized; this student "
+            log.warning("quant: %s are fused by vLLM into one GEMM but only %s quantized; this student "
                         "trains and exports with --format fake, not compressed-tensors",
                         ", ".join(members), ", ".join(present))
             continue

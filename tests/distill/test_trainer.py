@@ -287,6 +287,18 @@ def test_more_calibration_batches_than_the_rows_make_calibrate_on_one_pass_and_s
     assert "the training rows make" not in caplog.text   # no batch was read for it
 
 
+def test_a_fused_group_quantized_in_part_is_refused_before_training_unless_the_export_is_fake(peaky_llama_dir,
+                                                                                               topk_cache, tmp_path):
+    """It trained with a warning, then the compressed-tensors export refused the student."""
+    partial = ("quant.preset=w4a16_int", "quant.group_size=32", "quant.ignore=[lm_head, 'layers\\.0\\..*k_proj']")
+    line = one_line_error(distill(peaky_llama_dir, topk_cache, tmp_path / "ct", *partial))
+    assert ("quant: model.layers.0.self_attn.q_proj, model.layers.0.self_attn.k_proj, model.layers.0.self_attn.v_proj "
+            "are fused by vLLM into one GEMM, but the recipe quantizes only some of them") in line
+    assert not (tmp_path / "ct" / "ptq").exists()
+    fake = distill(peaky_llama_dir, topk_cache, tmp_path / "fake", *partial, "export.format=fake", "distill.max_steps=1")
+    assert fake.exit_code == 0, fake.output
+
+
 def test_each_logged_lr_is_the_one_its_step_used(peaky_llama_dir, topk_cache, tmp_path):
     """Linear schedule, peak 1e-4, 2 warmup steps of 4, by hand: 0.5, 1, 1 (decay starts), 0.5."""
     result = distill(peaky_llama_dir, topk_cache, tmp_path, "distill.max_steps=4", "distill.warmup_steps=2",

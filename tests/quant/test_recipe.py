@@ -317,6 +317,20 @@ def test_untied_lm_head_with_weight_only_int_is_allowed(make_llama, quant_config
     assert "lm_head" in recipe.layers and isinstance(model.lm_head, QuantLinear)
 
 
+def test_clip_on_an_lsq_preset_is_refused_not_trained_as_lsq(make_llama, quant_config):
+    with pytest.raises(QuantError, match=r"^quant.learnable: 'clip' with quant.preset 'lsq_int4', whose scales are "
+                                         r"learned LSQ steps already; set quant.learnable: none \(or lsq\)$"):
+        apply_recipe(make_llama(), quant_config(preset="lsq_int4", group_size=32, learnable="clip"))
+
+
+def test_a_partly_quantized_fused_group_is_found(make_llama, quant_config):
+    from qadpipe.quant.recipe import partly_quantized_groups
+
+    model = make_llama()
+    apply_recipe(model, quant_config(preset="w4a16_int", group_size=32, ignore=["lm_head", r"layers\.0\..*k_proj"]))
+    assert partly_quantized_groups(model) == [tuple(f"model.layers.0.self_attn.{p}_proj" for p in "qkv")]
+
+
 def test_static_input_quantizer_refuses_to_run_uncalibrated(make_llama, quant_config):
     model = make_llama()
     apply_recipe(model, quant_config(preset="nvfp4"))
@@ -370,5 +384,5 @@ def test_a_partly_quantized_fused_group_is_said_before_training(make_llama, quan
     assert "model.layers.0.self_attn.k_proj" in recipe.ignored
     assert ("model.layers.0.self_attn.q_proj, model.layers.0.self_attn.k_proj, model.layers.0.self_attn.v_proj are "
             "fused by vLLM into one GEMM but only model.layers.0.self_attn.q_proj, model.layers.0.self_attn.v_proj "
-            "is quantized") in caplog.text
+            "quantized") in caplog.text
     assert "gate_proj" not in caplog.text
