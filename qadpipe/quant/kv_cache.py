@@ -68,8 +68,11 @@ def attach_kv_quantizers(model: nn.Module, kind: str = "fp8", ste: Ste = "identi
 
     modules = attention_modules(model)
     if not modules:
-        raise QuantError(f"quant.kv_cache={kind}: {type(model).__name__} has no attention module with "
-                         "k_proj/v_proj; only HF decoder models are supported")
+        fused = next((name for name, _ in model.named_modules() if name.endswith(("qkv_proj", "query_key_value"))), None)
+        why = (f"this architecture fuses them into one projection ({fused})" if fused
+               else "only HF decoders whose attention has them are supported")
+        raise QuantError(f"quant.kv_cache={kind}: qadpipe finds the attention modules by their k_proj and v_proj, "
+                         f"and {type(model).__name__} has none: {why}; set quant.kv_cache: null")
     config = model.config
     base = config._attn_implementation
     if base == KV_ATTENTION:

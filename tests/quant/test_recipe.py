@@ -386,3 +386,16 @@ def test_a_partly_quantized_fused_group_is_said_before_training(make_llama, quan
             "fused by vLLM into one GEMM but only model.layers.0.self_attn.q_proj, model.layers.0.self_attn.v_proj "
             "quantized") in caplog.text
     assert "gate_proj" not in caplog.text
+
+
+def test_kv_cache_on_a_model_with_a_fused_qkv_projection_names_it(quant_config):
+    """The message said "only HF decoder models are supported" of Phi-3, an HF decoder."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    model = Phi3ForCausalLM(Phi3Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                       num_attention_heads=2, num_key_value_heads=2, pad_token_id=0))
+    with pytest.raises(QuantError, match=r"^quant.kv_cache=fp8: qadpipe finds the attention modules by their k_proj "
+                                         r"and v_proj, and Phi3ForCausalLM has none: this architecture fuses them into "
+                                         r"one projection \(model.layers.0.self_attn.qkv_proj\); set quant.kv_cache: "
+                                         r"null$"):
+        apply_recipe(model, quant_config(preset="w4a16_int", group_size=32, kv_cache="fp8"))
