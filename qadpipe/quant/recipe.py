@@ -201,7 +201,14 @@ def apply_recipe(model: nn.Module, quant: Any, *, rebuild: bool = False) -> Quan
             _warn_if_ignore_keeps_nothing(model, i, pattern, targets)
     rules = [(i, rule, resolve_preset(rule.preset, rule.group_size, f"quant.rules[{i}]"))
              for i, rule in enumerate(quant.rules)]
+    dense_experts = [name for name, m in model.named_modules()
+                     if quant.moe_experts != "quantize" and experts_layout(m) is not None]
     for i, rule, _ in rules:
+        if dense_experts and not any(re.search(rule.targets, name) for name in targets) \
+                and any(re.search(rule.targets, name) for name in dense_experts):
+            raise QuantError(f"quant.rules[{i}].targets: regex {rule.targets!r} matches MoE experts "
+                             f"({dense_experts[0]} ...), which quant.moe_experts: {quant.moe_experts} keeps dense; "
+                             "set quant.moe_experts: quantize to quantize them")
         _check_regex(rule.targets, f"quant.rules[{i}].targets", targets, kind)
     default = resolve_preset(quant.preset, quant.group_size)
 

@@ -249,3 +249,12 @@ def test_a_shared_expert_gate_stays_dense_as_vllm_serves_it(quant_config):
     mlp = student.model.layers[0].mlp
     assert type(mlp.shared_expert_gate) is nn.Linear and "model.layers.0.mlp.shared_expert_gate" in recipe.ignored
     assert isinstance(mlp.shared_expert.down_proj, QuantLinear)
+
+
+def test_a_rule_for_experts_kept_dense_names_moe_experts(quant_config):
+    """It said the regex "matches no nn.Linear (names look like ...q_proj)"."""
+    with pytest.raises(QuantError, match=r"^quant.rules\[0\].targets: regex 'experts\$' matches MoE experts "
+                                         r"\(model.layers.0.mlp.experts ...\), which quant.moe_experts: dense keeps "
+                                         r"dense; set quant.moe_experts: quantize to quantize them$"):
+        apply_recipe(_qwen3_moe(), quant_config(preset="w4a16_int", group_size=32, moe_experts="dense",
+                                                rules=[{"targets": "experts$", "preset": "nvfp4_a16"}]))
