@@ -126,6 +126,12 @@ def model_revision(model_dir: Path) -> str:
     that leaves those bytes alone does too (give such a model a directory of its own)."""
     if model_dir.parent.name == "snapshots":
         return f"snapshot:{model_dir.name}"
+    return content_revision(model_dir)
+
+
+def content_revision(model_dir: Path) -> str:
+    """:func:`model_revision` from the files alone, whatever the directory's name: a hub snapshot
+    and a plain copy of it agree."""
     digest = hashlib.sha256((model_dir / "config.json").read_bytes())
     for file in sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin")):
         size = file.stat().st_size

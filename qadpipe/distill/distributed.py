@@ -92,12 +92,14 @@ def init_control_group() -> None:
     (with the job).  A gloo wait on the host is no NCCL work: nothing times it out but this
     group, and a rank 0 that dies closes its connections, which ends the wait at once."""
     global _control_group
-    try:
-        _control_group = dist.new_group(backend="gloo", timeout=WRITE_TIMEOUT)
+    try:   # connected within the collectives' timeout: a wrong interface fails as soon as NCCL's would
+        group = dist.new_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT)
     except Exception as exc:   # gloo's own error types; the usual cause is the interface it picked
         raise DistillError(f"distill: cannot connect the ranks' gloo group ({first_line(exc)}); where the host names "
                            "resolve to an interface the nodes cannot reach each other on, set GLOO_SOCKET_IFNAME "
                            "(as NCCL_SOCKET_IFNAME)") from None
+    dist.distributed_c10d._set_pg_timeout(WRITE_TIMEOUT, group)   # then waits for hours
+    _control_group = group
 
 
 def shutdown() -> None:
@@ -226,6 +228,8 @@ def raise_if_any_failed(failure: Optional[BaseException]) -> None:
     write on the control group, see :func:`init_control_group`)."""
     failed = torch.tensor(float(failure is not None))
     if dist.is_initialized():
+        if _control_group is None:   # a process group set up by another caller than init_distributed
+            init_control_group()
         dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=_control_group)
     if failed.item():
         if failure is not None:

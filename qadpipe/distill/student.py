@@ -180,7 +180,8 @@ def trained_config(final_dir: Path) -> Any:
 
 
 #: Run-record fact: the model a student is built from, as the directory ``model.path`` named
-#: when the run started (absolute) and its :func:`~qadpipe.models.model_revision`.  A relative
+#: when the run started (absolute, links resolved) and its :func:`~qadpipe.models.content_revision`
+#: (a hub snapshot and a node-local copy of it are one model).  A relative
 #: ``model.path`` names another directory from another working directory, and a directory can
 #: be replaced in place: the trained weights loaded into another model would score as garbage,
 #: or, same shapes, quietly wrong.
@@ -189,10 +190,10 @@ BASE_MODEL = "base_model"
 
 def base_model_fact(model_path: str) -> dict[str, str]:
     """The :data:`BASE_MODEL` fact for ``model.path`` as it resolves now."""
-    from qadpipe.models import model_revision, resolve_model_path
+    from qadpipe.models import content_revision, resolve_model_path
 
-    directory = resolve_model_path(model_path)
-    return {"dir": str(directory.resolve()), "revision": model_revision(directory)}
+    directory = resolve_model_path(model_path).resolve()
+    return {"dir": str(directory), "revision": content_revision(directory)}
 
 
 def located_base_model(record: dict[str, Any], model_path: str, run_file: Path) -> str:
@@ -200,20 +201,20 @@ def located_base_model(record: dict[str, Any], model_path: str, run_file: Path) 
     while it still names the model the run started from; else the directory it named then, if
     that still holds the model (a relative path, read from another working directory);
     DistillError otherwise.  A record from before qadpipe kept the fact: ``model_path``."""
-    from qadpipe.models import model_revision, resolve_model_path
+    from qadpipe.models import content_revision, resolve_model_path
 
     base = record.get(BASE_MODEL)
     if not isinstance(base, dict) or not isinstance(base.get("dir"), str) or not isinstance(base.get("revision"), str):
         return model_path
     try:
-        here: Optional[Path] = resolve_model_path(model_path)
-        if model_revision(here) == base["revision"]:
+        here: Optional[Path] = resolve_model_path(model_path).resolve()
+        if content_revision(here) == base["revision"]:
             return model_path
     except (ModelError, OSError):
         here = None
     recorded = Path(base["dir"])
     try:
-        kept = (recorded / "config.json").is_file() and model_revision(recorded) == base["revision"]
+        kept = (recorded / "config.json").is_file() and content_revision(recorded) == base["revision"]
     except OSError:
         kept = False
     if kept:

@@ -135,7 +135,7 @@ def _same_directory(a: str, b: str) -> bool:
 
     try:
         return resolve_model_path(a).resolve() == resolve_model_path(b).resolve()
-    except ModelError:   # one names no model directory here: they differ
+    except (ModelError, OSError):   # one names no model directory here (or the alias cannot be made): they differ
         return False
 
 
@@ -177,7 +177,8 @@ def run_export(config: Any, checkpoint: Optional[str] = None, output: Optional[s
         if section == "quant" and not has_fused_experts(model):   # an older record says dense: moot here
             for fields in (current, recorded, default):
                 fields.pop("moe_experts")
-        if section == "model" and _same_directory(current["path"], recorded["path"]):   # ./m and /abs/m
+        if section == "model" and current not in (recorded, default) and current["path"] != recorded["path"] \
+                and _same_directory(current["path"], recorded["path"]):   # ./m and /abs/m
             current["path"] = recorded["path"]
         if current not in (recorded, default):
             log.warning("export uses the %s section recorded in %s (what was trained), not the one "

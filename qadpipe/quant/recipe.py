@@ -255,6 +255,8 @@ def apply_recipe(model: nn.Module, quant: Any, *, rebuild: bool = False) -> Quan
         _set_submodule(model, name, new)
         recipe.layers[name] = LayerRecipe(name, preset_name, weight, preset.input, group_of.get(name))
     recipe.fused_groups = groups
+    if quant.learnable == "clip" and not rebuild:
+        _say_where_clip_does_not_apply(recipe)
     _share_fused_amax(model, groups)
     if getattr(quant, "kv_cache", None):
         recipe.kv_cache = attach_kv_quantizers(model, quant.kv_cache, quant.ste, compile_mode)
@@ -426,15 +428,26 @@ def _check_layer(model: nn.Module, name: str, linear: nn.Linear, preset_name: st
 
 
 def _learnable_spec(spec: QuantSpec, learnable: str, preset_name: str, section: str) -> QuantSpec:
-    if spec.kind is Kind.LSQ and learnable == "clip":   # trained LSQ all the same, silently
-        raise QuantError(f"quant.learnable: 'clip' with {section}.preset {preset_name!r}, whose scales are learned LSQ "
-                         "steps already; set quant.learnable: none (or lsq)")
-    if learnable == "none" or spec.kind is Kind.LSQ:
+    if learnable == "none" or spec.kind is Kind.LSQ:   # an lsq_* preset learns LSQ steps whatever quant.learnable says
         return spec
     if spec.kind is not Kind.INT or not spec.symmetric:
         raise QuantError(f"quant.learnable: {learnable!r} needs a symmetric int weight preset, "
                          f"{section}.preset is {preset_name!r}")
     return replace(spec, kind=Kind.LSQ) if learnable == "lsq" else spec
+
+
+def _say_where_clip_does_not_apply(recipe: QuantRecipe) -> None:
+    """``quant.learnable: clip`` is one setting for the whole recipe, while an ``lsq_*`` preset's
+    layers learn LSQ steps whatever it says: said, and warned of when no layer is left to clip."""
+    lsq = [name for name, layer in recipe.layers.items() if layer.weight.kind is Kind.LSQ]
+    if not lsq:
+        return
+    if len(lsq) == len(recipe.layers):
+        log.warning("quant.learnable: clip does nothing here: every quantized layer has an lsq_* preset, which "
+                    "learns LSQ steps instead; set quant.learnable: none")
+    else:
+        log.info("quant.learnable: clip: %d layers with an lsq_* preset (%s ...) learn LSQ steps instead",
+                 len(lsq), lsq[0])
 
 
 def _learnable_kind(spec: QuantSpec, learnable: str) -> str:

@@ -46,13 +46,21 @@ def test_a_relative_model_path_read_from_elsewhere_rebuilds_on_the_model_it_trai
         run_export(load_config(None, [f"model.path={started}/m/", *recipe]), checkpoint=str(final),
                    output=str(tmp_path / "export-there"), fmt="fake")
     assert "export uses the model section" not in caplog.text
+    from qadpipe import models
+
+    def no_conversion():
+        raise NotADirectoryError("the user cache is not writable")
+
+    monkeypatch.setattr(models, "embedded_smollm2_dir", no_conversion)   # without -c: the default alias, not asked for
+    run_export(load_config(None, []), checkpoint=str(final), output=str(tmp_path / "export-no-c"), fmt="fake")
 
     monkeypatch.chdir(elsewhere)
     with caplog.at_level(logging.WARNING):
         assert trained_config(final).model.path == str((started / "m").resolve())
         run_export(load_config(None, ["model.path=m", *recipe]), checkpoint=str(final),
                    output=str(tmp_path / "export-elsewhere"), fmt="fake")
-    assert f"model.path 'm' names {Path('m')} from here, not the model the student was trained from" in caplog.text
+    assert f"model.path 'm' names {(elsewhere / 'm').resolve()} from here, not the model the student was trained " \
+           "from" in caplog.text
     exported = json.loads((tmp_path / "export-elsewhere" / "config.json").read_text())
     assert exported["rms_norm_eps"] != 0.5   # the model it trained from, not the one at ./m here
 
@@ -73,3 +81,24 @@ def test_resume_on_another_model_at_the_same_path_is_refused(tiny_llama_dir, top
     line = one_line_error(distill(model, topk_cache, out, "distill.max_steps=3", resume=True))
     assert f"--resume of a run trained from the model at {model.resolve()} (revision sha256:" in line
     assert line.endswith("resume with model.path set to the model it trained from")
+
+
+def test_a_model_path_linked_to_a_hub_snapshot_is_the_model_in_it(tiny_llama_dir, tmp_path, monkeypatch):
+    """The fact kept the link's target but the revision of the link's name: from another
+    directory the snapshot, unchanged, was refused as "put that model back"."""
+    snapshot = tmp_path / "hub" / "models--x--y" / "snapshots" / "abc123"
+    shutil.copytree(tiny_llama_dir, snapshot)
+    (tmp_path / "started").mkdir()
+    (tmp_path / "started" / "m").symlink_to(snapshot)
+    monkeypatch.chdir(tmp_path / "started")
+    config = load_config(None, ["model.path=m", "quant.preset=w4a16_int", "quant.group_size=32"])
+    fact = base_model_fact("m")
+    assert fact["dir"] == str(snapshot.resolve())
+    (tmp_path / "run").mkdir()
+    final = save_student(tmp_path / "run", build_student(config, torch.device("cpu")).state_dict(), config,
+                         FINAL_DIR, base_model=fact)
+    monkeypatch.chdir(tmp_path)   # no ./m here
+    assert trained_config(final).model.path == str(snapshot.resolve())
+    copy = tmp_path / "node-local"
+    shutil.copytree(snapshot, copy)   # a plain copy of the snapshot is the same model
+    assert base_model_fact(str(copy))["revision"] == fact["revision"]

@@ -317,10 +317,18 @@ def test_untied_lm_head_with_weight_only_int_is_allowed(make_llama, quant_config
     assert "lm_head" in recipe.layers and isinstance(model.lm_head, QuantLinear)
 
 
-def test_clip_on_an_lsq_preset_is_refused_not_trained_as_lsq(make_llama, quant_config):
-    with pytest.raises(QuantError, match=r"^quant.learnable: 'clip' with quant.preset 'lsq_int4', whose scales are "
-                                         r"learned LSQ steps already; set quant.learnable: none \(or lsq\)$"):
-        apply_recipe(make_llama(), quant_config(preset="lsq_int4", group_size=32, learnable="clip"))
+def test_clip_on_an_lsq_preset_is_said_to_do_nothing_and_a_trained_one_still_rebuilds(make_llama, quant_config,
+                                                                                         caplog):
+    """An lsq_* preset learns LSQ steps whatever quant.learnable says: clip trained LSQ silently."""
+    config = quant_config(preset="lsq_int4", group_size=32, learnable="clip")
+    with caplog.at_level("WARNING", logger="qadpipe.quant.recipe"):
+        apply_recipe(make_llama(), config)
+    assert ("quant.learnable: clip does nothing here: every quantized layer has an lsq_* preset, which learns LSQ "
+            "steps instead; set quant.learnable: none") in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="qadpipe.quant.recipe"):
+        apply_recipe(make_llama(), config, rebuild=True)   # a student trained so: no word, it loads
+    assert "clip does nothing" not in caplog.text
 
 
 def test_a_partly_quantized_fused_group_is_found(make_llama, quant_config):
