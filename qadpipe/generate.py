@@ -169,6 +169,11 @@ def run_generate(config: PipelineConfig, *, num_shards: Optional[int] = None, sh
     check_teacher_can_start(config, model_dir, info)
     if cache.k > info.vocab_size:
         raise ConfigError(f"cache.k: got {cache.k}, expected <= the teacher's vocab size ({info.vocab_size})")
+    if cache.encoding == "compact" and cache.target == "topk" and cache.k * info.vocab_size >= 2**31:
+        # the compact decoder sums a row's id ranks in int32: a row of k rare ids could pass it
+        log.warning("cache.k=%d with a vocabulary of %d: a position whose top-k are all rare ids is beyond the compact "
+                    "encoding's range and stops the task when its shard is written; cache.encoding: plain has no "
+                    "such limit", cache.k, info.vocab_size)
     tokenizer = load_tokenizer(str(model_dir), config.model.trust_remote_code)
     data = load_sequences(config.data, gen, tokenizer, min(len(tokenizer), info.vocab_size),
                           shard_index=index, num_shards=count)
@@ -205,9 +210,9 @@ def run_generate(config: PipelineConfig, *, num_shards: Optional[int] = None, sh
                 import torch
 
                 teacher = teacher_factory(config, model_dir, k=cache.k, longest_sequence=longest_sequence)
-                # From here to the run record a stop signal waits for a safe point (a kill before
-                # it costs nothing: no row is held yet).  The teacher closes first, under it too:
-                # a signal after the last batch used to kill the process with rows unwritten.
+                # From here to the teacher's close (after the last shard's commit and the run record)
+                # a stop signal waits for a safe point; a kill before it costs nothing (no row is held
+                # yet).  A signal after the last batch used to kill the process with rows unwritten.
                 stop = running.enter_context(StopSignals("finishing the current batch and committing the open shard"))
                 running.callback(teacher.close)
                 total = sum(len(b) for b in todo)

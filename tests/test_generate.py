@@ -490,23 +490,29 @@ def test_a_stop_signal_during_the_last_batch_still_completes_the_task(small_voca
 def test_a_stop_signal_while_the_teacher_closes_still_commits_the_rows_held(small_vocab_model: Path,
                                                                            tmp_path: Path) -> None:
     """After the last batch the stop handlers were gone: a SIGTERM while vLLM shut down (seconds)
-    killed the process with up to rows_per_shard scored rows never written."""
-    from qadpipe.teacher import make_teacher
-
-    class SignalledWhileClosing:
-        def __init__(self, teacher: Any) -> None:
-            self.teacher = teacher
-
-        def score(self, batch: Any, spec: Any) -> Any:
-            return self.teacher.score(batch, spec)
-
-        def close(self) -> None:
-            os.kill(os.getpid(), signal.SIGTERM)
-            self.teacher.close()
-
-    summary = run_generate(_config(small_vocab_model, tmp_path / "cache", **{"cache.rows_per_shard": 100}),
-                           teacher_factory=lambda *a, **kw: SignalledWhileClosing(make_teacher(*a, **kw)))
-    assert (summary.written, summary.stopped_by) == (12, None)
+    killed the process with up to rows_per_shard scored rows never written.  In a process of its
+    own, which the signal would kill."""
+    script = tmp_path / "closing.py"
+    script.write_text(
+        "import os, signal, sys\n"
+        "from qadpipe.config import load_config\n"
+        "from qadpipe.generate import run_generate\n"
+        "from qadpipe.teacher import make_teacher\n"
+        "class SignalledWhileClosing:\n"
+        "    def __init__(self, teacher):\n"
+        "        self.teacher = teacher\n"
+        "    def score(self, batch, spec):\n"
+        "        return self.teacher.score(batch, spec)\n"
+        "    def close(self):\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        self.teacher.close()\n"
+        "summary = run_generate(load_config(None, sys.argv[1:]),\n"
+        "                       teacher_factory=lambda *a, **kw: SignalledWhileClosing(make_teacher(*a, **kw)))\n"
+        "print('written', summary.written, 'stopped by', summary.stopped_by)\n")
+    overrides = _overrides(small_vocab_model, tmp_path / "cache", **{"cache.rows_per_shard": 100})
+    done = subprocess.run([sys.executable, str(script), *overrides], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.returncode, done.stderr[-1500:])
+    assert "written 12 stopped by None" in done.stdout
     view = CacheReader(str(tmp_path / "cache")).view
     assert view.incomplete_tasks == [] and sum(shard.rows for shard in view.shards) == 12
 

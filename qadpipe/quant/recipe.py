@@ -492,8 +492,8 @@ def _fused_groups(chosen: dict[str, tuple[str, Preset]], linears: set[str]) -> l
         if not present:
             continue
         if len(present) < len(members):
-            log.warning("quant: %s are fused by vLLM into one GEMM but only %s quantized; this student "
-                        "trains and exports with --format fake, not compressed-tensors",
+            log.warning("quant: %s are fused by vLLM into one GEMM but only %s quantized; the compressed-tensors "
+                        "export refuses such a student (export it with --format fake)",
                         ", ".join(members), ", ".join(present))
             continue
         if len({chosen[m][1] for m in members}) > 1:
