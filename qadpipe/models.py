@@ -10,6 +10,7 @@ directory.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -19,7 +20,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from qadpipe.errors import ModelError, first_line
 from qadpipe.file_modes import share_tree
@@ -118,9 +119,9 @@ REVISION_SAMPLE_BYTES = 1 << 20
 
 
 def model_revision(model_dir: Path) -> str:
-    """Cheap identity of a model's weights (a cache's teacher, a student's base model): config.json plus each weight file's name,
-    size and 1 MiB read at its start, middle and end (a hub snapshot directory's commit,
-    when the path has one).  Sizes alone cannot tell a retrained checkpoint of the same
+    """Cheap identity of a model's weights (a cache's teacher, a student's base model):
+    config.json plus each weight file's name, size and 1 MiB read at its start, middle and end
+    (a hub snapshot directory's commit, when the path has one).  Sizes alone cannot tell a retrained checkpoint of the same
     architecture from the one a cache was made with; hashing every byte of a 100 GB teacher
     in every array task would cost minutes.  A copy elsewhere keeps the revision; a fine-tune
     that leaves those bytes alone does too (give such a model a directory of its own)."""
@@ -279,6 +280,20 @@ def logit_transform(model_config: Any, where: str = "model.path") -> LogitTransf
     return applied[0] if applied else LogitTransform()
 
 
+@contextlib.contextmanager
+def _probing(model: Any) -> Iterator[None]:
+    """A check's forward: eval mode (no dropout) without gradients, the model's mode restored after."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
 def check_logits_are_head_of_hidden(model: Any, where: str) -> LogitTransform:
     """The transform (:func:`logit_transform`) after which ``model``'s logits are ``lm_head(final
     hidden state)``, as qadpipe's fused loss, its HF teacher and its eval compute them on chunks
@@ -292,14 +307,9 @@ def check_logits_are_head_of_hidden(model: Any, where: str) -> LogitTransform:
     head = model.get_output_embeddings()
     device = head.weight.device
     ids = (torch.arange(1, 9, device=device) % head.weight.shape[0]).unsqueeze(0)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            full = model(input_ids=ids, use_cache=False).logits[0].float()
-            ours = transform(head(model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state[0])).float()
-    finally:
-        model.train(was_training)
+    with _probing(model):
+        full = model(input_ids=ids, use_cache=False).logits[0].float()
+        ours = transform(head(model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state[0])).float()
     gap = float((full - ours).abs().max())
     if gap > 0.02 * float(full.abs().max()) + 1e-3:
         raise ModelError(f"{where}: {config.model_type}'s logits differ from lm_head(hidden states) by up to "
@@ -324,13 +334,8 @@ def check_packed_rows_are_isolated(model: Any, where: str) -> None:
     windows = torch.stack([torch.cat([torch.arange(3, 9, device=device) * 104729 % vocab, second]),
                            torch.cat([torch.arange(40, 46, device=device) * 15485863 % vocab, second])])
     positions = torch.cat([torch.arange(6, device=device), torch.arange(5, device=device)]).expand(2, -1)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            hidden = model.get_decoder()(input_ids=windows, position_ids=positions, use_cache=False).last_hidden_state
-    finally:
-        model.train(was_training)
+    with _probing(model):
+        hidden = model.get_decoder()(input_ids=windows, position_ids=positions, use_cache=False).last_hidden_state
     rows = hidden[:, 6:].float()
     gap = float((rows[0] - rows[1]).abs().max())
     if gap > 1e-3 * float(rows.abs().max()) + 1e-5:

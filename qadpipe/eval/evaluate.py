@@ -314,8 +314,7 @@ def _training_source_among(cfg: PipelineConfig) -> Optional[str]:
 def _warn_of_another_teacher(cfg: PipelineConfig, meta: Any) -> None:
     """The cache-KL column scores each model against the targets the *cache's* teacher wrote:
     with another teacher in eval, that column and the teacher-KL columns disagree by design."""
-    from qadpipe.models import model_revision
-    from qadpipe.models import resolve_model_path
+    from qadpipe.models import model_revision, resolve_model_path
 
     revision = model_revision(resolve_model_path(cfg.teacher_path))   # the alias too, as generate resolves it
     if meta.teacher_revision and meta.teacher_revision != revision:
@@ -356,9 +355,8 @@ def run_eval(cfg: PipelineConfig) -> dict[str, dict[str, float]]:
     """Score the models, write report.json / report.md / plots, return the results."""
     from qadpipe.distill.distributed import resolve_device
     from qadpipe.distill.student import FINAL_DIR
-    from qadpipe.models import model_revision
-    from qadpipe.models import (check_logits_are_head_of_hidden, load_causal_lm, load_tokenizer, resolve_model_path,
-                                tokenizer_fingerprint)
+    from qadpipe.models import (check_logits_are_head_of_hidden, load_causal_lm, load_tokenizer, model_revision,
+                                resolve_model_path, tokenizer_fingerprint)
     from qadpipe.teacher import teacher_info
 
     device = resolve_device(cfg.eval.device, field="eval.device")
