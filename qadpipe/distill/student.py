@@ -213,8 +213,9 @@ def located_base_model(record: dict[str, Any], model_path: str, run_file: Path) 
     except (ModelError, OSError):
         here = None
     recorded = Path(base["dir"])
-    try:
-        kept = (recorded / "config.json").is_file() and content_revision(recorded) == base["revision"]
+    try:   # where model.path still names that directory, its files were just hashed
+        kept = recorded != here and (recorded / "config.json").is_file() \
+            and content_revision(recorded) == base["revision"]
     except OSError:
         kept = False
     if kept:

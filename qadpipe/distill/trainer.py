@@ -732,26 +732,26 @@ class DistillRecipe:
         fresh = (f"a smaller distill.batch_size with a larger distill.grad_accum (same global batch; now "
                  f"{cfg.batch_size} x {cfg.grad_accum})")
         return (f"step {self.step + 1}: out of memory on {self.env.device} with micro-batches of {rows} x {width} "
-                f"tokens ({first_line(exc)}); {self._kept_checkpoint('last')}; try " + " or ".join(resumable)
+                f"tokens ({first_line(exc)}); {self._kept_checkpoint('last')[0]}; try " + " or ".join(resumable)
                 + f" (--resume accepts {('it', 'both', 'each')[min(len(resumable), 3) - 1]}), or, in a fresh "
                 f"distill.output_dir, {fresh}")
 
-    def _kept_checkpoint(self, which: str) -> str:
-        """What a run that stops on an error leaves to --resume from."""
+    def _kept_checkpoint(self, which: str) -> tuple[str, bool]:
+        """What a run that stops on an error leaves to --resume from: the words, and whether
+        there is a checkpoint (or may be one: rank 0's write this rank cannot wait for)."""
         self.writer.wait()   # a checkpoint being written is the last one once it is
         last = latest_checkpoint(self.output_dir)
         kept = f"the {which} checkpoint is {last}" if last else "no checkpoint was written before it"
         if self.writer.unconfirmed:
             kept += f" (or {self.writer.unconfirmed}, if rank 0 finished writing it)"
-        return kept
+        return kept, bool(last or self.writer.unconfirmed)
 
     def _recovery_from_non_finite(self) -> str:
         """The checkpoint a run stopped by a non-finite figure leaves, and what to do next: its
         checkpoints are all sound (:meth:`_refuse_unsound_weights`), and --resume replays the
         same batches, so only a gentler update gets past the step."""
-        kept = self._kept_checkpoint("last good")
-        resume = ("--resume from it" if self.writer.unconfirmed or latest_checkpoint(self.output_dir)
-                  else "rerun with --resume (it starts from step 0)")
+        kept, any_checkpoint = self._kept_checkpoint("last good")
+        resume = "--resume from it" if any_checkpoint else "rerun with --resume (it starts from step 0)"
         return f"{kept}; lower distill.lr (or set distill.max_grad_norm) and {resume}, or check the cache for broken targets"
 
     def _with_teacher(self, batch: Batch) -> PositionTargets:

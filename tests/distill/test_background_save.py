@@ -204,10 +204,10 @@ def test_a_rank_that_cannot_wait_for_rank_0s_write_names_it_beside_the_last_chec
     checkpoint directory may not show it yet: the message names both."""
     other_rank = BackgroundWriter(is_main=False)
     recipe = SimpleNamespace(writer=other_rank, output_dir=tmp_path)
-    assert trainer.DistillRecipe._kept_checkpoint(recipe, "last") == "no checkpoint was written before it"
+    assert trainer.DistillRecipe._kept_checkpoint(recipe, "last") == ("no checkpoint was written before it", False)
     other_rank.start(lambda: None, "checkpoint step 40")
     assert trainer.DistillRecipe._kept_checkpoint(recipe, "last") == (
-        "no checkpoint was written before it (or checkpoint step 40, if rank 0 finished writing it)")
+        "no checkpoint was written before it (or checkpoint step 40, if rank 0 finished writing it)", True)
     rank_0 = BackgroundWriter(is_main=True)
     rank_0.start(lambda: None, "checkpoint step 40")
     assert rank_0.unconfirmed is None   # rank 0 waits for its own write and reads the directory after it
