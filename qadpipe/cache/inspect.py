@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from qadpipe.cache import compact
 from qadpipe.cache.encoding import column_values
-from qadpipe.cache.manifest import load_view, meta_difference
-from qadpipe.cache.reader import shard_problem
-from qadpipe.cache.schema import META_KEY, CacheMeta
+from qadpipe.cache.manifest import load_view
+from qadpipe.cache.reader import shard_meta_problem, shard_problem
+from qadpipe.cache.schema import CacheMeta
 from qadpipe.cache.store import Store
 from qadpipe.errors import CacheError, folded
 from qadpipe.targets import TAIL_ID
@@ -42,11 +40,9 @@ def summarize(root: str, *, rehash: bool = False) -> dict:
             continue
         try:
             table = pq.read_table(store.open_input(shard.name), columns=tally.columns)
-            raw = (table.schema.metadata or {}).get(META_KEY)
-            difference = meta_difference(meta, CacheMeta.from_dict(json.loads(raw), shard.name)) if raw else None
-            if raw is None or difference:   # a manifest edited apart from its shards: distill refuses them
-                info["state"] = (f"shard has {difference[1]}, the manifest says {difference[0]}" if difference
-                                 else "carries no qadpipe cache metadata")
+            problem = shard_meta_problem(meta, table.schema.metadata, shard.name)
+            if problem:   # distill refuses such a shard
+                info["state"] = problem
                 continue
             shard_tally = TargetTally(meta)   # a shard that fails halfway adds nothing
             for batch in table.to_batches():

@@ -49,6 +49,16 @@ def shard_problem(store: Store, shard: ShardEntry, rehash: bool = False) -> str 
     return checksum_problem(shard, memoryview(store.buffer(shard.name))) if rehash else None
 
 
+def shard_meta_problem(expected: CacheMeta, schema_metadata: dict | None, where: str) -> str | None:
+    """What a shard's own metadata (its Parquet schema's) says against the manifest's ``expected``
+    (a manifest edited apart from its shards), or None."""
+    raw = (schema_metadata or {}).get(META_KEY)
+    if raw is None:
+        return "shard carries no qadpipe cache metadata"
+    difference = meta_difference(expected, CacheMeta.from_dict(json.loads(raw), where))
+    return f"shard has {difference[1]}, the cache manifest says {difference[0]}" if difference else None
+
+
 def checksum_problem(shard: ShardEntry, data: bytes | memoryview) -> str | None:
     """A mismatch of ``data`` (the shard's bytes) with the manifest's sha256, or None."""
     digest = hashlib.sha256(data).hexdigest()
@@ -103,16 +113,12 @@ class CacheReader:
             where = self.store.describe(shard.name)
             parquet = self._parquet(shard)
             try:  # a footer or id column that parses as garbage (bad bytes with a matching hash)
-                raw = (parquet.schema_arrow.metadata or {}).get(META_KEY)
-                meta = None if raw is None else CacheMeta.from_dict(json.loads(raw), where)
+                problem = shard_meta_problem(self.meta, parquet.schema_arrow.metadata, where)
                 ids = parquet.read(columns=["id"]).column("id").to_pylist()
             except (pa.ArrowException, OSError, ValueError, KeyError) as exc:
                 raise CacheError(f"{where}: unreadable shard footer or id column ({folded(exc)})") from exc
-            if meta is None:
-                raise CacheError(f"{where}: shard carries no qadpipe cache metadata")
-            difference = meta_difference(self.meta, meta)
-            if difference:
-                raise CacheError(f"{where}: shard has {difference[1]}, the cache manifest says {difference[0]}")
+            if problem:
+                raise CacheError(f"{where}: {problem}")
             if parquet.metadata.num_rows != shard.rows:
                 raise CacheError(f"{where}: {parquet.metadata.num_rows} rows, manifest says {shard.rows}")
             if len(set(ids)) != len(ids):

@@ -100,5 +100,5 @@ def test_inspect_flags_shards_whose_own_metadata_the_edited_manifest_contradicts
     manifest.write_text(json.dumps(data))
     result = CliRunner().invoke(cli, ["inspect", str(tmp_path), "--verify"])
     assert result.exit_code == 2
-    assert "2 of 2 shards failed their checks; first: shards/task-00000-000000.parquet: shard has k=8, the manifest " \
-           "says k=4" in result.stderr
+    assert "2 of 2 shards failed their checks; first: shards/task-00000-000000.parquet: shard has k=8, the cache " \
+           "manifest says k=4" in result.stderr
