@@ -7,8 +7,8 @@ on the root), as ``distill.distributed`` says.
 
 Checkpoints hold *full* (unsharded, FQN-keyed) model and optimizer state dicts, gathered
 with ``torch.distributed.checkpoint.state_dict``: one format whatever the strategy or world
-size, readable by ``qadpipe export`` and by a plain ``load_state_dict``.  (``--resume`` still
-needs the world size that saved it: each rank's loader position is its own slice of the cache.)
+size, readable by ``qadpipe export`` and by a plain ``load_state_dict``; ``--resume`` on another
+world size shares out the cache rows the saved ranks had left (:mod:`qadpipe.distill.loader`).
 """
 
 from __future__ import annotations

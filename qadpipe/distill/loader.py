@@ -15,6 +15,15 @@ range would starve that rank).  Ranges differ by at most one row, and every rank
 micro-batch per step, so a rank with n rows where another has n + 1 sees its rows (n + 1) / n
 as often -- 1e-3 at a thousand rows a rank -- and the ranks' epoch counters drift apart.
 
+A resume on another number of ranks (a requeued job given fewer nodes), or with another
+micro-batch size (a run that ran out of memory), cannot continue each rank's own order.  Its
+ranks first share out the *remainder*: the rows the saved ranks had not yet trained in their
+epochs, recomputed from the saved positions (each saved order is a pure function of seed,
+epoch, rank and the rank split; a position counts batches of the saved size), split into
+contiguous near-equal parts and shuffled anew; then every rank starts the next epoch on its
+new range.  No row is trained twice or skipped within the epoch, but the order is not an
+uninterrupted run's.
+
 With ``prefetch > 0`` a background thread reads, shuffles and collates that many
 micro-batches ahead (pinning them for an asynchronous copy to the GPU), so the training
 loop does not wait on Parquet decoding and collation between steps.  The position the
@@ -29,7 +38,7 @@ import logging
 import queue
 import threading
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Generator, Iterator, Optional, Protocol
+from typing import Any, Callable, Generator, Iterator, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -59,6 +68,24 @@ class SequenceSource(Protocol):
 class LoaderPosition:
     epoch: int = 0
     batches_done: int = 0
+    #: Set while this rank trains its part of the remainder of ``epoch`` that ranks of another
+    #: number or batch size left (see the module docstring): ``{"world_size": W, "ranks":
+    #: [their W saved states]}``.
+    remainder: Optional[dict[str, Any]] = None
+
+
+def state_on_other_ranks(saved: list[dict[str, Any]], batch_size: int, where: str) -> dict[str, Any]:
+    """The loader state every rank of a resume starts from when ``saved`` (one state per rank,
+    counting batches of ``batch_size`` where a state does not say) came from another number of
+    ranks or another batch size: the remainder of the saved ranks' epochs (the furthest epoch
+    any of them was in names it).  ``where`` names the checkpoint in the refusal of positions
+    saved before ranks split rows this way, whose untrained rows cannot be told."""
+    if not saved or any(not isinstance(state, dict) or state.get("split") != ROW_SPLIT for state in saved):
+        raise DistillError(f"{where}: its loader positions were saved before ranks split the rows after the held-out "
+                           f"ones (2026-12), so which rows are left cannot be told; resume with the number of "
+                           f"processes ({len(saved)}) and distill.batch_size ({batch_size}) it was saved with")
+    return {"epoch": max(int(state["epoch"]) for state in saved), "batches_done": 0, "split": ROW_SPLIT,
+            "remainder": {"world_size": len(saved), "ranks": [{"batch_size": batch_size, **state} for state in saved]}}
 
 
 class TargetLoader:
@@ -79,17 +106,26 @@ class TargetLoader:
         self.prefetch = prefetch
         self.pin_for = pin_for if pin_for is not None and pin_for.type == "cuda" else None
         self.position = LoaderPosition()
-        self.train_range = _rank_range(source.num_rows, holdout_rows, rank, world_size)
+        _rank_range(source.num_rows, holdout_rows, rank, world_size)   # a rank left without rows: refused now
 
     def holdout(self) -> list[SequenceTargets]:
         """The held-out rows (the same on every rank)."""
         return list(self.source.iter_rows(0, min(self.holdout_rows, self.source.num_rows)))
 
     def state_dict(self) -> dict[str, Any]:
-        return {**asdict(self.position), "split": ROW_SPLIT}
+        state = {**asdict(self.position), "split": ROW_SPLIT, "batch_size": self.batch_size}
+        if state["remainder"] is None:
+            del state["remainder"]
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state``, saved by this rank with this batch size (else see
+        :func:`state_on_other_ranks`)."""
         state = dict(state)
+        saved_batch = state.pop("batch_size", self.batch_size)
+        if saved_batch != self.batch_size:
+            raise DistillError(f"a loader position counting batches of {saved_batch} rows, loaded by a loader of "
+                               f"{self.batch_size}; move it with state_on_other_ranks")
         if state.pop("split", None) != ROW_SPLIT and self.world_size > 1:
             log.warning("--resume: the checkpoint's loader position was saved before ranks split the rows after the "
                         "held-out ones (2026-12); this run's ranks continue on other rows than it trained on")
@@ -110,18 +146,41 @@ class TargetLoader:
             # A new thread's current GPU is 0: pinning from there would open a CUDA context on
             # GPU 0 for every rank (what torch's DataLoader pin thread avoids the same way).
             torch.cuda.set_device(self.pin_for)
-        epoch, skip = start.epoch, start.batches_done
-        while True:
-            for index, rows in enumerate(self._epoch_batches(epoch, skip), start=skip):
-                batch = self.collate(rows)
-                yield LoaderPosition(epoch, index + 1), (batch.pin_memory() if self.pin_for is not None else batch)
-            epoch, skip = epoch + 1, 0
+        epoch, skip, remainder = start.epoch, start.batches_done, start.remainder
+        while True:   # a pass: the remainder of an epoch (a resume on other ranks), or a whole epoch
+            rows = self._pass_rows(self.rank, self.world_size, remainder)
+            for index, batch_rows in enumerate(self._pass_batches(rows, epoch, skip), start=skip):
+                batch = self.collate(batch_rows)
+                yield (LoaderPosition(epoch, index + 1, remainder),
+                       batch.pin_memory() if self.pin_for is not None else batch)
+            epoch, skip, remainder = epoch + 1, 0, None
 
-    def _epoch_batches(self, epoch: int, skip: int) -> Iterator[list[SequenceTargets]]:
-        """The epoch's batches after its first ``skip`` (only the last batch may be short)."""
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch * 7919 + self.rank)
+    def _pass_rows(self, rank: int, world_size: int, remainder: Optional[dict[str, Any]]) -> Sequence[int]:
+        """The rows (ascending cache positions) ``rank`` of ``world_size`` trains in a pass:
+        its range, or its part of ``remainder``'s untrained rows."""
+        if remainder is None:
+            return range(*_rank_range(self.source.num_rows, self.holdout_rows, rank, world_size))
+        saved = remainder["ranks"]
+        left = np.sort(np.concatenate([self._untrained_rows(state, saved_rank, len(saved))
+                                       for saved_rank, state in enumerate(saved)]))
+        return left[rank * len(left) // world_size:(rank + 1) * len(left) // world_size]
+
+    def _untrained_rows(self, state: dict[str, Any], rank: int, world_size: int) -> np.ndarray:
+        """The rows of saved rank ``rank``'s pass that its ``state`` had not yet trained."""
+        rows = self._pass_rows(rank, world_size, state.get("remainder"))
+        order = _shuffle_order(len(rows), self.shuffle_buffer, self._generator(int(state["epoch"]), rank))
+        untrained = np.ones(len(rows), dtype=bool)
+        untrained[np.fromiter(itertools.islice(order, int(state["batches_done"]) * int(state["batch_size"])),
+                              dtype=np.int64)] = False
+        return np.asarray(rows, dtype=np.int64)[untrained]
+
+    def _generator(self, epoch: int, rank: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + epoch * 7919 + rank)
+
+    def _pass_batches(self, rows: Sequence[int], epoch: int, skip: int) -> Iterator[list[SequenceTargets]]:
+        """The pass's batches after its first ``skip`` (only the last batch may be short)."""
         batch: list[SequenceTargets] = []
-        for row in self._shuffled(generator, skip * self.batch_size):
+        for row in self._shuffled(rows, self._generator(epoch, self.rank), skip * self.batch_size):
             batch.append(row)
             if len(batch) == self.batch_size:
                 yield batch
@@ -129,33 +188,44 @@ class TargetLoader:
         if batch:
             yield batch
 
-    def _shuffled(self, generator: torch.Generator, skip: int) -> Iterator[SequenceTargets]:
-        """This rank's rows through the shuffle buffer, after the first ``skip`` it pops.
+    def _shuffled(self, rows: Sequence[int], generator: torch.Generator, skip: int) -> Iterator[SequenceTargets]:
+        """``rows`` through the shuffle buffer, after the first ``skip`` it pops.
 
         The pops are drawn on indices; rows are read as the order reaches them and held
         until their turn (as many as the buffer holds).  The first ``skip`` pops are drawn
         before any row is read, and the reader leaves the shards and row groups that hold only
-        those unread and undecoded."""
-        start, end = self.train_range
-        order = _shuffle_order(end - start, self.shuffle_buffer, generator)
-        trained = np.zeros(end - start, dtype=bool)   # popped before the resume point
+        those, or rows of no pass of this rank (a remainder's gaps), unread and undecoded."""
+        order = _shuffle_order(len(rows), self.shuffle_buffer, generator)
+        if not len(rows):
+            return
+        first = int(rows[0])
+        span = int(rows[-1]) - first + 1
+        if isinstance(rows, range):   # a whole range: no index array as long as it
+            wanted = np.ones(span, dtype=bool)   # this pass's rows not yet trained
+        else:
+            wanted = np.zeros(span, dtype=bool)
+            wanted[np.asarray(rows) - first] = True
         for index in itertools.islice(order, skip):
-            trained[index] = True
-        rows = self.source.iter_rows(start, end, needed=lambda lo, hi: not trained[lo - start:hi - start].all()) \
-            if skip else self.source.iter_rows(start, end)
+            wanted[rows[index] - first] = False
+        stream = self.source.iter_rows(first, first + span,
+                                       needed=lambda lo, hi: bool(wanted[lo - first:hi - first].any()))
         held: dict[int, SequenceTargets] = {}
-        streamed = 0
+        reached = 0      # rows[:reached] have been streamed
+        streamed = first  # the cache position the stream yields next
         try:
             for index in order:
-                while streamed <= index:
-                    row = next(rows)
-                    if not trained[streamed]:
+                while reached <= index:
+                    for _ in range(int(rows[reached]) - streamed):   # a gap between a remainder's rows
+                        next(stream)
+                    row = next(stream)
+                    streamed = int(rows[reached]) + 1
+                    if wanted[streamed - 1 - first]:
                         # a row held for later gets arrays of its own: a view kept its record batch alive
-                        held[streamed] = row.owned() if streamed < index else row
-                    streamed += 1
+                        held[reached] = row.owned() if reached < index else row
+                    reached += 1
                 yield held.pop(index)
         finally:   # a cache reader's threads end now, not whenever its generator is collected
-            getattr(rows, "close", lambda: None)()
+            getattr(stream, "close", lambda: None)()
 
 
 def _rank_range(num_rows: int, holdout_rows: int, rank: int, world_size: int) -> tuple[int, int]:

@@ -15,9 +15,12 @@ from qadpipe.config import PipelineConfig, build_config, config_to_dict, flatten
 #: save, where the run lives, how much memory a step takes (the knobs a run that ran out of
 #: memory is resumed with; pack_length only lays out the rows each micro-batch already holds;
 #: checkpoints hold full state dicts whatever the strategy, so DDP and FSDP2 continue each
-#: other's runs), and the lr and clipping (those a run that diverged is resumed with).  A moved
-#: cache is recognised by its fingerprint, not its path.
+#: other's runs; a smaller batch_size with a larger grad_accum keeps the global batch, and the
+#: loader shares out the rows left in the epoch as on another number of ranks), and the lr and
+#: clipping (those a run that diverged is resumed with).  A moved cache is recognised by its
+#: fingerprint, not its path.
 RESUMABLE_CHANGES = frozenset({"distill.max_steps", "distill.lr", "distill.max_grad_norm",
+                               "distill.batch_size", "distill.grad_accum",
                                "distill.log_every", "distill.eval_every", "distill.save_every",
                                "distill.save", "distill.save_in_background", "distill.activation_checkpointing", "distill.loss_chunk_tokens",
                                "distill.pack_length", "distill.prefetch_batches", "distill.tensorboard",

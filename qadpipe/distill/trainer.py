@@ -48,7 +48,7 @@ from qadpipe.distill.checkpoint import (CHECKPOINT_DIR, TrainerState, capture_rn
                                         load_checkpoint, remove_stale_temps, restore_rng, save_checkpoint)
 from qadpipe.distill.collate import Batch, collate
 from qadpipe.distill.head_loss import STAT_KEYS, LossSpec, PositionTargets, split_lm, summarize
-from qadpipe.distill.loader import TargetLoader
+from qadpipe.distill.loader import TargetLoader, state_on_other_ranks
 from qadpipe.distill.optim import adamw, no_decay_names
 from qadpipe.distill.same_run import RESUMABLE_CHANGES, distill_reads, unresumable_changes
 from qadpipe.distill.observe import METRICS_FILE, TENSORBOARD_DIR, MetricsLog, peak_memory_gib
@@ -152,7 +152,7 @@ class DistillRecipe:
         self.ptq_eval: dict[str, float] = {}
         self.last_eval: dict[str, float] = {}
         self._stop = StopSignals("saving a checkpoint at the end of this step")
-        self._saved_schedule: Optional[dict[str, Any]] = None   # the resumed checkpoint's, see _follow_new_schedule
+        self._saved_distill: Optional[dict[str, Any]] = None   # the resumed checkpoint's schedule and batch
         self._resumed_window: Optional[dict[str, float]] = None   # the resumed checkpoint's log-interval sums
         self.resumes: list[dict[str, Any]] = []   # this run's resume history, see _record_resume
 
@@ -509,9 +509,10 @@ class DistillRecipe:
             self.metrics.truncate_after(-1)   # a killed first attempt's rows: this run writes its own
             return None
         saved = self._check_same_run(path, student)
-        self._saved_schedule = {key: saved.get(f"distill.{key}") for key in ("max_steps", "lr")}
+        self._saved_distill = {key: saved.get(f"distill.{key}")
+                               for key in ("max_steps", "lr", "batch_size", "grad_accum")}
         tensors, state = load_checkpoint(path)
-        self._record_resume(path, state.step, saved)
+        self._record_resume(path, state, saved)
         if state.cache_fingerprint != self._cache_fingerprint():
             raise DistillError(f"{path}: --resume of a checkpoint trained on other cache contents than "
                                f"{self.config.cache.path} now holds (another cache, or this one regenerated or "
@@ -554,19 +555,22 @@ class DistillRecipe:
                                f"differ); use a fresh distill.output_dir or resume with the config that made it{hint}")
         return saved
 
-    def _record_resume(self, path: Path, step: int, saved: dict[str, Any]) -> None:
+    def _record_resume(self, path: Path, state: TrainerState, saved: dict[str, Any]) -> None:
         """Add this resume to the run's history (``resumes`` in its run records): the
         checkpoint, and each field the resume changed with its value before, which the
-        records' config (the latest) no longer shows."""
+        records' config (the latest) no longer shows; ``ranks`` too, when their number changed."""
         from qadpipe.config import config_to_dict, flatten_config
         from qadpipe.provenance import read_run_record
 
         now = flatten_config(config_to_dict(self.config))
         changed = {key: [saved[key], now[key]] for key in sorted(RESUMABLE_CHANGES)
                    if key in saved and key in now and saved[key] != now[key]}
+        saved_ranks = len(state.loader.get("ranks", []))
+        if saved_ranks != self.env.world_size:
+            changed["ranks"] = [saved_ranks, self.env.world_size]
         earlier = (read_run_record(self.output_dir) or {}).get("resumes")
         self.resumes = [*(earlier if isinstance(earlier, list) else []),
-                        {"checkpoint": path.name, "step": step,
+                        {"checkpoint": path.name, "step": state.step,
                          "at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "changed": changed}]
 
     def _reads(self, key: str) -> bool:
@@ -590,14 +594,7 @@ class DistillRecipe:
                     if isinstance(value, torch.Tensor):
                         per_param[key] = value.clone()
         self.scheduler.load_state_dict(state.scheduler)
-        ranks = state.loader.get("ranks", [])
-        if len(ranks) != self.env.world_size:
-            raise DistillError(f"{path}: saved by {len(ranks)} rank(s), resumed with {self.env.world_size}; "
-                               "resume with the same number of processes (nodes x processes per node): each rank continues "
-                               "its own slice of the cache from the position it saved")
-        self.loader.load_state_dict(ranks[self.env.rank])
-        window_ranks = state.log_window.get("ranks")
-        self._resumed_window = window_ranks[self.env.rank] if window_ranks else None
+        self._restore_loader(path, state)
         restore_rng(state.rng)
         self.step = state.step
         if self.cfg.max_steps < self.step:   # final/ would record a horizon the weights went past
@@ -608,12 +605,34 @@ class DistillRecipe:
         log.info("resumed from %s at step %d", path, self.step)
         self._follow_new_schedule()
 
+    def _restore_loader(self, path: Path, state: TrainerState) -> None:
+        """Each rank continues its saved loader position; on another number of ranks, or with
+        another ``distill.batch_size``, the ranks share out the rows the saved ones had left in
+        their epoch instead (see :mod:`qadpipe.distill.loader`), and say so."""
+        cfg, env = self.cfg, self.env
+        ranks, window_ranks = state.loader.get("ranks", []), state.log_window.get("ranks")
+        saved_batch = (self._saved_distill or {}).get("batch_size") or cfg.batch_size
+        if len(ranks) == env.world_size and saved_batch == cfg.batch_size:
+            self.loader.load_state_dict(ranks[env.rank])
+            self._resumed_window = window_ranks[env.rank] if window_ranks else None
+            return
+        self.loader.load_state_dict(state_on_other_ranks(ranks, saved_batch, str(path)))
+        # the interval's sums, all on one rank: logging adds the ranks' sums up
+        self._resumed_window = {key: sum(sums[key] for sums in window_ranks) for key in window_ranks[0]} \
+            if window_ranks and env.is_main else None
+        saved_accum = (self._saved_distill or {}).get("grad_accum") or cfg.grad_accum
+        log.warning("--resume: %s was saved by %d rank(s) of %d-row micro-batches, this run has %d of %d: they "
+                    "first train the rows those left untrained in their epoch (each once, in a new order), then each "
+                    "epoch on the new split; a step takes %d rows (distill.batch_size x grad_accum x ranks), "
+                    "it took %d", path.name, len(ranks), saved_batch, env.world_size, cfg.batch_size,
+                    cfg.batch_size * cfg.grad_accum * env.world_size, saved_batch * saved_accum * len(ranks))
+
     def _follow_new_schedule(self) -> None:
         """A resume with another ``distill.max_steps`` stretches (or shrinks) the decay; one with
         another ``distill.lr`` (a run that diverged) rescales it.  The loaded optimizer still
         holds the old schedule's lr for the next step: set the new one, and say where the lr
         jumps (an unchanged schedule resumes bit-exactly, untouched)."""
-        cfg, saved = self.cfg, self._saved_schedule
+        cfg, saved = self.cfg, self._saved_distill
         if saved is None:
             return
         saved_steps, saved_lr = saved["max_steps"] or cfg.max_steps, saved["lr"] or cfg.lr
@@ -721,20 +740,20 @@ class DistillRecipe:
             return self.wrapped(batch.model_inputs(), batch.target_mask, targets, self.spec, self._teacher_head())
 
     def _out_of_memory(self, exc: torch.OutOfMemoryError, micro: list[Batch]) -> str:
-        """One line: where it ran out, what was kept, and the knobs that trade memory away --
-        first those --resume accepts (RESUMABLE_CHANGES), then those that need a new run."""
+        """One line: where it ran out, what was kept, and the knobs that trade memory away
+        (all of them RESUMABLE_CHANGES)."""
         cfg = self.cfg
         rows, width = micro[0].input_ids.shape
-        resumable = [] if cfg.activation_checkpointing else ["distill.activation_checkpointing=true"]
-        resumable.append(f"a smaller distill.loss_chunk_tokens (now {cfg.loss_chunk_tokens})")
+        knobs = [] if cfg.activation_checkpointing else ["distill.activation_checkpointing=true"]
+        knobs.append(f"a smaller distill.loss_chunk_tokens (now {cfg.loss_chunk_tokens})")
         if cfg.distributed != "fsdp2":
-            resumable.append("distill.distributed=fsdp2 under torchrun")
-        fresh = (f"a smaller distill.batch_size with a larger distill.grad_accum (same global batch; now "
-                 f"{cfg.batch_size} x {cfg.grad_accum})")
+            knobs.append("distill.distributed=fsdp2 under torchrun")
+        if cfg.batch_size > 1:
+            knobs.append(f"a smaller distill.batch_size with a larger distill.grad_accum (the same global batch; now "
+                         f"{cfg.batch_size} x {cfg.grad_accum})")
         return (f"step {self.step + 1}: out of memory on {self.env.device} with micro-batches of {rows} x {width} "
-                f"tokens ({first_line(exc)}); {self._kept_checkpoint('last')[0]}; try " + " or ".join(resumable)
-                + f" (--resume accepts {('it', 'both', 'each')[min(len(resumable), 3) - 1]}), or, in a fresh "
-                f"distill.output_dir, {fresh}")
+                f"tokens ({first_line(exc)}); {self._kept_checkpoint('last')[0]}; try " + " or ".join(knobs)
+                + f" (--resume accepts {('it', 'both', 'each')[min(len(knobs), 3) - 1]})")
 
     def _kept_checkpoint(self, which: str) -> tuple[str, bool]:
         """What a run that stops on an error leaves to --resume from: the words, and whether

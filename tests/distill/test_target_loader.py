@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import pytest
 
-from qadpipe.distill.loader import TargetLoader
+from qadpipe.distill.loader import TargetLoader, state_on_other_ranks
 from qadpipe.errors import DistillError
 from qadpipe.targets import SequenceTargets
 
@@ -75,7 +75,8 @@ def test_epoch_covers_every_training_row_once_and_never_the_holdout(make):
     first_epoch = take(loader, 6)  # 18 training rows / 3
     flat = [i for b in first_epoch for i in b]
     assert sorted(flat) == sorted(f"r{i}" for i in range(2, 20))
-    assert loader.state_dict() == {"epoch": 0, "batches_done": 6, "split": "contiguous-after-holdout"}
+    assert loader.state_dict() == {"epoch": 0, "batches_done": 6, "split": "contiguous-after-holdout",
+                                  "batch_size": 3}
 
 
 def test_resume_continues_exactly_across_an_epoch_boundary(make):
@@ -172,7 +173,8 @@ def test_read_ahead_collates_the_next_batches_while_the_loop_holds_one_and_stops
     first = ids(next(batches))
     # the thread fills the queue (2) and collates one more that waits for room
     assert wait_for(lambda: len(collated) == 4), collated
-    assert collated[0] == first and loader.state_dict() == {"epoch": 0, "batches_done": 1, "split": "contiguous-after-holdout"}
+    assert collated[0] == first
+    assert loader.state_dict() == {"epoch": 0, "batches_done": 1, "split": "contiguous-after-holdout", "batch_size": 3}
     assert len(loader_threads()) == 1
     batches.close()
     assert not loader_threads()   # joined: a thread left inside C++ code at exit aborts the process
@@ -205,7 +207,7 @@ sys.path.insert(0, {tests!r})
 from cache_rows import cache_meta, random_rows, write_cache
 from qadpipe.cache import CacheReader
 from qadpipe.distill.collate import collate
-from qadpipe.distill.loader import TargetLoader
+from qadpipe.distill.loader import TargetLoader, state_on_other_ranks
 meta = cache_meta("topk", k=64, vocab_size=151936)
 write_cache({cache!r}, meta, random_rows(meta, 24, seq_len=2048, seed=1), rows_per_shard=4)
 loader = TargetLoader(CacheReader({cache!r}), lambda rows: collate(rows, pad_id=0), batch_size=1, seed=0,
@@ -237,3 +239,89 @@ def test_a_position_saved_before_the_split_changed_resumes_with_a_warning(make, 
     caplog.clear()
     loader.load_state_dict(loader.state_dict())
     assert "saved before" not in caplog.text
+
+
+
+def trained_rows(loader, batches: int) -> list[int]:
+    """The cache positions of the rows ``loader`` hands out in its next ``batches`` batches."""
+    return [int(row_id[1:]) for batch in itertools.islice(iter(loader), batches) for row_id in ids(batch)]
+
+
+def passes(loader, count: int) -> list[list[int]]:
+    """The rows (cache positions) ``loader`` hands out in its next ``count`` passes (an epoch's
+    remainder or a whole epoch), told apart by the position after each batch."""
+    done: list[list[int]] = []
+    rows: list[int] = []
+    key = None
+    for batch in loader:
+        state = loader.state_dict()
+        now = (state["epoch"], "remainder" in state)
+        if key is not None and now != key:
+            done.append(rows)
+            if len(done) == count:
+                return done
+            rows = []
+        key = now
+        rows += [int(row_id[1:]) for row_id in ids(batch)]
+    raise AssertionError("unreachable: the loader is endless")
+
+
+def test_a_resume_on_other_ranks_trains_the_rest_of_the_epoch_once_then_the_new_split(make):
+    """2 ranks trained 4 batches each of their epoch; 3 ranks resume from their positions:
+    between them they train each row the 2 had not, exactly once, shuffled anew, then start
+    the next epoch on the 3-way split."""
+    source = ListSource(53)   # 2 held out, 51 to train: 25 + 26 rows on 2 ranks, 17 each on 3
+    old = [make(source, rank=rank, world_size=2) for rank in range(2)]
+    before = [row for loader in old for row in trained_rows(loader, 4)]
+    saved = [loader.state_dict() for loader in old]
+    resumed = [make(source, rank=rank, world_size=3) for rank in range(3)]
+    for loader in resumed:
+        loader.load_state_dict(state_on_other_ranks(saved, 3, "step-4"))
+    rest, after = zip(*(passes(loader, 2) for loader in resumed))
+    assert sorted(before + [row for part in rest for row in part]) == list(range(2, 53))
+    assert [len(part) for part in rest] == [9, 9, 9]   # the 27 untrained rows, split three ways
+    assert any(part != sorted(part) for part in rest)   # shuffled, not read out in cache order
+    assert [sorted(rows) for rows in after] == [list(range(2, 19)), list(range(19, 36)), list(range(36, 53))]
+    assert all(loader.state_dict()["epoch"] == 2 for loader in resumed)
+
+
+def test_resumes_on_other_ranks_within_one_epoch_still_train_each_row_once(make):
+    """2 ranks, then 3 (a few batches into the remainder), then 1: the epoch's rows are each
+    trained once across the three runs, and the remainder's own position resumes exactly."""
+    source = ListSource(53)
+    first = [make(source, rank=rank, world_size=2) for rank in range(2)]
+    trained = [row for loader in first for row in trained_rows(loader, 3)]
+    second = [make(source, rank=rank, world_size=3) for rank in range(3)]
+    for loader in second:
+        loader.load_state_dict(state_on_other_ranks([one.state_dict() for one in first], 3, "step-3"))
+    trained += [row for loader in second for row in trained_rows(loader, 2)]
+    in_remainder = [loader.state_dict() for loader in second]
+    assert all("remainder" in state for state in in_remainder)
+    again = make(source, rank=1, world_size=3)   # the same 3 ranks resume inside the remainder: exactly
+    again.load_state_dict(in_remainder[1])
+    assert passes(again, 1) == passes(second[1], 1)
+    last = make(source)
+    last.load_state_dict(state_on_other_ranks(in_remainder, 3, "step-5"))
+    rest = passes(last, 1)[0]
+    assert sorted(trained + rest) == list(range(2, 53))
+
+
+def test_a_resume_with_smaller_batches_trains_the_rest_of_the_epoch_once(make):
+    """Batches of 3 (a run out of memory), resumed with batches of 2: a saved position counts
+    batches of the size that saved it, so the rows left are those of 5 x 3, not 5 x 2."""
+    source = ListSource(53)
+    saved = make(source)
+    trained = trained_rows(saved, 5)
+    smaller = make(source, batch_size=2)
+    with pytest.raises(DistillError, match="counting batches of 3 rows, loaded by a loader of 2"):
+        smaller.load_state_dict(saved.state_dict())
+    smaller.load_state_dict(state_on_other_ranks([saved.state_dict()], 3, "step-5"))
+    rest = passes(smaller, 1)[0]
+    assert sorted(trained + rest) == list(range(2, 53))
+
+
+def test_positions_saved_before_the_split_cannot_move_to_other_ranks():
+    with pytest.raises(DistillError, match=r"^step-9: its loader positions were saved before ranks split .* the "
+                                           r"number of processes \(2\) and distill.batch_size \(4\) it was saved "
+                                           r"with$"):
+        state_on_other_ranks([{"epoch": 0, "batches_done": 3}, {"epoch": 0, "batches_done": 3}], 4, "step-9")

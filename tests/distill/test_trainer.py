@@ -543,15 +543,16 @@ def test_out_of_memory_is_one_line_naming_the_knobs_and_the_kept_checkpoint(peak
     assert line == (f"qadpipe: error: step 3: out of memory on cpu with micro-batches of 4 x 24 tokens (CUDA out of "
                     "memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 1.2 GiB is "
                     f"free.); the last checkpoint is {latest}; try distill.activation_checkpointing=true or a smaller "
-                    "distill.loss_chunk_tokens (now 32) or distill.distributed=fsdp2 under torchrun (--resume accepts "
-                    "each), or, in a fresh distill.output_dir, a smaller distill.batch_size with a larger "
-                    "distill.grad_accum (same global batch; now 4 x 1)")
+                    "distill.loss_chunk_tokens (now 32) or distill.distributed=fsdp2 under torchrun or a smaller "
+                    "distill.batch_size with a larger distill.grad_accum (the same global batch; now 4 x 1) (--resume "
+                    "accepts each)")
     assert (tmp_path / "checkpoints" / "LATEST").read_text().strip() == latest.name
     monkeypatch.setattr(StudentLoss, "forward", forward)   # what the line says --resume accepts, it does
     resumed = distill(peaky_llama_dir, topk_cache, tmp_path, "distill.save_every=1", "distill.max_steps=5",
-                      "distill.grad_accum=1", "distill.activation_checkpointing=true", "distill.loss_chunk_tokens=16",
-                      resume=True)
+                      "distill.grad_accum=2", "distill.batch_size=2", "distill.activation_checkpointing=true",
+                      "distill.loss_chunk_tokens=16", resume=True)
     assert resumed.exit_code == 0, resumed.output
+    assert [row["step"] for row in train_rows(tmp_path)] == [1, 2, 3, 4, 5]
 
 
 def test_resume_refuses_a_checkpoint_of_another_recipe(peaky_llama_dir, topk_cache, tmp_path, caplog):
