@@ -17,12 +17,14 @@ as often -- 1e-3 at a thousand rows a rank -- and the ranks' epoch counters drif
 
 A resume on another number of ranks (a requeued job given fewer nodes), or with another
 micro-batch size (a run that ran out of memory), cannot continue each rank's own order.  Its
-ranks first share out the *remainder*: the rows the saved ranks had not yet trained in their
-epochs, recomputed from the saved positions (each saved order is a pure function of seed,
-epoch, rank and the rank split; a position counts batches of the saved size), split into
-contiguous near-equal parts and shuffled anew; then every rank starts the next epoch on its
-new range.  No row is trained twice or skipped within the epoch, but the order is not an
-uninterrupted run's.
+ranks first share out the *remainder*: what the saved ranks had left to train up to the end
+of the furthest epoch any of them had reached -- the rest of each one's epoch, and whole
+epochs of its range for a rank that epoch drift left behind -- recomputed from the saved
+positions (each saved order is a pure function of seed, epoch, rank and the rank split; a
+position counts batches of the saved size).  The remainder is sorted, split into contiguous
+near-equal parts and each part shuffled anew (a row left twice, by a rank an epoch behind,
+comes twice); then every rank starts the next epoch on its new range.  So by the end of that
+epoch every row is trained as often as in an uninterrupted run, in another order.
 
 With ``prefetch > 0`` a background thread reads, shuffles and collates that many
 micro-batches ahead (pinning them for an asynchronous copy to the GPU), so the training
@@ -68,18 +70,21 @@ class SequenceSource(Protocol):
 class LoaderPosition:
     epoch: int = 0
     batches_done: int = 0
-    #: Set while this rank trains its part of the remainder of ``epoch`` that ranks of another
-    #: number or batch size left (see the module docstring): ``{"world_size": W, "ranks":
-    #: [their W saved states]}``.
+    #: Set while this rank trains its part of the remainder, up to the end of ``epoch``, that
+    #: ranks of another number or batch size left (see the module docstring): ``{"world_size":
+    #: W, "ranks": [their W saved states]}``.
     remainder: Optional[dict[str, Any]] = None
 
 
 def state_on_other_ranks(saved: list[dict[str, Any]], batch_size: int, where: str) -> dict[str, Any]:
     """The loader state every rank of a resume starts from when ``saved`` (one state per rank,
     counting batches of ``batch_size`` where a state does not say) came from another number of
-    ranks or another batch size: the remainder of the saved ranks' epochs (the furthest epoch
-    any of them was in names it).  ``where`` names the checkpoint in the refusal of positions
-    saved before ranks split rows this way, whose untrained rows cannot be told."""
+    ranks or another batch size: the remainder up to the end of the furthest epoch any of them
+    was in.  ``where`` names the checkpoint in the refusal of positions saved by several ranks
+    before they split rows this way, whose untrained rows cannot be told (one rank's range was
+    the same then)."""
+    if len(saved) == 1 and isinstance(saved[0], dict):
+        saved = [{"split": ROW_SPLIT, **saved[0]}]
     if not saved or any(not isinstance(state, dict) or state.get("split") != ROW_SPLIT for state in saved):
         raise DistillError(f"{where}: its loader positions were saved before ranks split the rows after the held-out "
                            f"ones (2026-12), so which rows are left cannot be told; resume with the number of "
@@ -107,6 +112,7 @@ class TargetLoader:
         self.pin_for = pin_for if pin_for is not None and pin_for.type == "cuda" else None
         self.position = LoaderPosition()
         _rank_range(source.num_rows, holdout_rows, rank, world_size)   # a rank left without rows: refused now
+        self._remainders: dict[str, np.ndarray] = {}   # see _remainder_rows
 
     def holdout(self) -> list[SequenceTargets]:
         """The held-out rows (the same on every rank)."""
@@ -148,31 +154,49 @@ class TargetLoader:
             torch.cuda.set_device(self.pin_for)
         epoch, skip, remainder = start.epoch, start.batches_done, start.remainder
         while True:   # a pass: the remainder of an epoch (a resume on other ranks), or a whole epoch
-            rows = self._pass_rows(self.rank, self.world_size, remainder)
+            rows = self._pass_rows(self.rank, self.world_size, epoch, remainder)
             for index, batch_rows in enumerate(self._pass_batches(rows, epoch, skip), start=skip):
                 batch = self.collate(batch_rows)
                 yield (LoaderPosition(epoch, index + 1, remainder),
                        batch.pin_memory() if self.pin_for is not None else batch)
             epoch, skip, remainder = epoch + 1, 0, None
+            self._remainders.clear()
 
-    def _pass_rows(self, rank: int, world_size: int, remainder: Optional[dict[str, Any]]) -> Sequence[int]:
-        """The rows (ascending cache positions) ``rank`` of ``world_size`` trains in a pass:
-        its range, or its part of ``remainder``'s untrained rows."""
+    def _pass_rows(self, rank: int, world_size: int, epoch: int,
+                   remainder: Optional[dict[str, Any]]) -> Sequence[int]:
+        """The rows (ascending cache positions, a row left twice twice) ``rank`` of ``world_size``
+        trains in a pass of ``epoch``: its range, or its part of ``remainder``."""
         if remainder is None:
-            return range(*_rank_range(self.source.num_rows, self.holdout_rows, rank, world_size))
-        saved = remainder["ranks"]
-        left = np.sort(np.concatenate([self._untrained_rows(state, saved_rank, len(saved))
-                                       for saved_rank, state in enumerate(saved)]))
+            return self._range(rank, world_size)
+        left = self._remainder_rows(epoch, remainder)
         return left[rank * len(left) // world_size:(rank + 1) * len(left) // world_size]
 
-    def _untrained_rows(self, state: dict[str, Any], rank: int, world_size: int) -> np.ndarray:
-        """The rows of saved rank ``rank``'s pass that its ``state`` had not yet trained."""
-        rows = self._pass_rows(rank, world_size, state.get("remainder"))
-        order = _shuffle_order(len(rows), self.shuffle_buffer, self._generator(int(state["epoch"]), rank))
+    def _range(self, rank: int, world_size: int) -> range:
+        return range(*_rank_range(self.source.num_rows, self.holdout_rows, rank, world_size))
+
+    def _remainder_rows(self, epoch: int, remainder: dict[str, Any]) -> np.ndarray:
+        """What the saved ranks of ``remainder`` left to train up to the end of ``epoch``, sorted.
+        Kept per remainder: each saved rank of a resume inside a remainder holds the same inner
+        one, which would otherwise be replayed once per saved rank, on every rank."""
+        key = repr((epoch, remainder))
+        if key not in self._remainders:
+            saved = remainder["ranks"]
+            self._remainders[key] = np.sort(np.concatenate(
+                [self._untrained_rows(state, saved_rank, len(saved), epoch) for saved_rank, state in enumerate(saved)]))
+        return self._remainders[key]
+
+    def _untrained_rows(self, state: dict[str, Any], rank: int, world_size: int, through: int) -> np.ndarray:
+        """What saved rank ``rank`` had left to train up to the end of epoch ``through``: the
+        rows of its pass its ``state`` had not yet trained, then its whole range for each epoch
+        it had not begun."""
+        epoch = int(state["epoch"])
+        rows = self._pass_rows(rank, world_size, epoch, state.get("remainder"))
+        order = _shuffle_order(len(rows), self.shuffle_buffer, self._generator(epoch, rank))
         untrained = np.ones(len(rows), dtype=bool)
         untrained[np.fromiter(itertools.islice(order, int(state["batches_done"]) * int(state["batch_size"])),
                               dtype=np.int64)] = False
-        return np.asarray(rows, dtype=np.int64)[untrained]
+        later = [np.asarray(self._range(rank, world_size), dtype=np.int64)] * (through - epoch)
+        return np.concatenate([np.asarray(rows, dtype=np.int64)[untrained], *later])
 
     def _generator(self, epoch: int, rank: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed * 1_000_003 + epoch * 7919 + rank)
@@ -199,27 +223,30 @@ class TargetLoader:
         if not len(rows):
             return
         first = int(rows[0])
-        span = int(rows[-1]) - first + 1
-        if isinstance(rows, range):   # a whole range: no index array as long as it
-            wanted = np.ones(span, dtype=bool)   # this pass's rows not yet trained
-        else:
-            wanted = np.zeros(span, dtype=bool)
-            wanted[np.asarray(rows) - first] = True
+        pending = np.ones(len(rows), dtype=bool)   # by index into rows: not yet trained
         for index in itertools.islice(order, skip):
-            wanted[rows[index] - first] = False
-        stream = self.source.iter_rows(first, first + span,
-                                       needed=lambda lo, hi: bool(wanted[lo - first:hi - first].any()))
+            pending[index] = False
+        if isinstance(rows, range):
+            def needed(lo: int, hi: int) -> bool:
+                return bool(pending[lo - first:hi - first].any())
+        else:   # sorted, perhaps with a row twice: the indices of positions [lo, hi) by bisection
+            def needed(lo: int, hi: int) -> bool:
+                below, above = np.searchsorted(rows, (lo, hi))
+                return bool(pending[below:above].any())
+        stream = self.source.iter_rows(first, int(rows[-1]) + 1, needed=needed)
         held: dict[int, SequenceTargets] = {}
-        reached = 0      # rows[:reached] have been streamed
-        streamed = first  # the cache position the stream yields next
+        reached = 0        # rows[:reached] have been streamed
+        streamed = first   # the cache position the stream yields next
+        row = None
         try:
             for index in order:
                 while reached <= index:
-                    for _ in range(int(rows[reached]) - streamed):   # a gap between a remainder's rows
-                        next(stream)
-                    row = next(stream)
-                    streamed = int(rows[reached]) + 1
-                    if wanted[streamed - 1 - first]:
+                    position = int(rows[reached])
+                    if position >= streamed:   # else a row left twice: the one just read again
+                        for _ in range(position - streamed):   # a gap between a remainder's rows
+                            next(stream)
+                        row, streamed = next(stream), position + 1
+                    if pending[reached]:
                         # a row held for later gets arrays of its own: a view kept its record batch alive
                         held[reached] = row.owned() if reached < index else row
                     reached += 1

@@ -607,25 +607,29 @@ class DistillRecipe:
 
     def _restore_loader(self, path: Path, state: TrainerState) -> None:
         """Each rank continues its saved loader position; on another number of ranks, or with
-        another ``distill.batch_size``, the ranks share out the rows the saved ones had left in
-        their epoch instead (see :mod:`qadpipe.distill.loader`), and say so."""
+        another ``distill.batch_size``, the ranks share out what the saved ones had left to train
+        instead (see :mod:`qadpipe.distill.loader`).  Either way, a step of another number of
+        rows than the checkpoint's is said."""
         cfg, env = self.cfg, self.env
         ranks, window_ranks = state.loader.get("ranks", []), state.log_window.get("ranks")
-        saved_batch = (self._saved_distill or {}).get("batch_size") or cfg.batch_size
+        saved = self._saved_distill or {}
+        saved_batch, saved_accum = saved.get("batch_size") or cfg.batch_size, saved.get("grad_accum") or cfg.grad_accum
+        rows, saved_rows = cfg.batch_size * cfg.grad_accum * env.world_size, saved_batch * saved_accum * len(ranks)
         if len(ranks) == env.world_size and saved_batch == cfg.batch_size:
             self.loader.load_state_dict(ranks[env.rank])
             self._resumed_window = window_ranks[env.rank] if window_ranks else None
-            return
-        self.loader.load_state_dict(state_on_other_ranks(ranks, saved_batch, str(path)))
-        # the interval's sums, all on one rank: logging adds the ranks' sums up
-        self._resumed_window = {key: sum(sums[key] for sums in window_ranks) for key in window_ranks[0]} \
-            if window_ranks and env.is_main else None
-        saved_accum = (self._saved_distill or {}).get("grad_accum") or cfg.grad_accum
-        log.warning("--resume: %s was saved by %d rank(s) of %d-row micro-batches, this run has %d of %d: they "
-                    "first train the rows those left untrained in their epoch (each once, in a new order), then each "
-                    "epoch on the new split; a step takes %d rows (distill.batch_size x grad_accum x ranks), "
-                    "it took %d", path.name, len(ranks), saved_batch, env.world_size, cfg.batch_size,
-                    cfg.batch_size * cfg.grad_accum * env.world_size, saved_batch * saved_accum * len(ranks))
+        else:
+            self.loader.load_state_dict(state_on_other_ranks(ranks, saved_batch, str(path)))
+            # the interval's sums, all on one rank: logging adds the ranks' sums up
+            self._resumed_window = {key: sum(sums[key] for sums in window_ranks) for key in window_ranks[0]} \
+                if window_ranks and env.is_main else None
+            log.warning("--resume: %s was saved by %d rank(s) of %d-row micro-batches, this run has %d of %d: they "
+                        "first train what those had left up to the end of their furthest epoch (in a new order), "
+                        "then each epoch on the new split", path.name, len(ranks), saved_batch, env.world_size,
+                        cfg.batch_size)
+        if rows != saved_rows:
+            log.warning("--resume: a step now takes %d rows (distill.batch_size x grad_accum x ranks: %d x %d x %d), "
+                        "%s took %d", rows, cfg.batch_size, cfg.grad_accum, env.world_size, path.name, saved_rows)
 
     def _follow_new_schedule(self) -> None:
         """A resume with another ``distill.max_steps`` stretches (or shrinks) the decay; one with
@@ -749,11 +753,11 @@ class DistillRecipe:
         if cfg.distributed != "fsdp2":
             knobs.append("distill.distributed=fsdp2 under torchrun")
         if cfg.batch_size > 1:
-            knobs.append(f"a smaller distill.batch_size with a larger distill.grad_accum (the same global batch; now "
-                         f"{cfg.batch_size} x {cfg.grad_accum})")
+            knobs.append(f"a smaller distill.batch_size with a larger distill.grad_accum (now {cfg.batch_size} x "
+                         f"{cfg.grad_accum}: keep the product)")
         return (f"step {self.step + 1}: out of memory on {self.env.device} with micro-batches of {rows} x {width} "
                 f"tokens ({first_line(exc)}); {self._kept_checkpoint('last')[0]}; try " + " or ".join(knobs)
-                + f" (--resume accepts {('it', 'both', 'each')[min(len(knobs), 3) - 1]})")
+                + f"; --resume accepts {('it', 'both', 'each')[min(len(knobs), 3) - 1]}")
 
     def _kept_checkpoint(self, which: str) -> tuple[str, bool]:
         """What a run that stops on an error leaves to --resume from: the words, and whether

@@ -4,6 +4,7 @@ the same whether batches are read in the loop or ahead by a background thread.""
 from __future__ import annotations
 
 import itertools
+import random
 import subprocess
 import sys
 import threading
@@ -318,6 +319,94 @@ def test_a_resume_with_smaller_batches_trains_the_rest_of_the_epoch_once(make):
     smaller.load_state_dict(state_on_other_ranks([saved.state_dict()], 3, "step-5"))
     rest = passes(smaller, 1)[0]
     assert sorted(trained + rest) == list(range(2, 53))
+
+
+def through_epoch(loader, epoch: int) -> list[int]:
+    """The rows ``loader`` hands out until its position passes ``epoch`` (that batch left out)."""
+    rows = []
+    for batch in loader:
+        if loader.state_dict()["epoch"] > epoch:
+            return rows
+        rows += [int(row_id[1:]) for row_id in ids(batch)]
+    raise AssertionError("unreachable: the loader is endless")
+
+
+def moved(saved_loaders, make, source, world_size, **kw):
+    """Loaders for ``world_size`` ranks resuming ``saved_loaders``' positions (batch_size from kw)."""
+    saved = [loader.state_dict() for loader in saved_loaders]
+    loaders = [make(source, rank=rank, world_size=world_size, **kw) for rank in range(world_size)]
+    for loader in loaders:
+        loader.load_state_dict(state_on_other_ranks(saved, saved[0]["batch_size"], "step-N"))
+    return loaders
+
+
+def test_a_rank_an_epoch_ahead_of_another_leaves_no_row_short(make):
+    """25 rows take rank 1 nine batches of 3, 24 take rank 0 eight: at step 9 rank 0 is a batch
+    into epoch 1 while rank 1 ends epoch 0.  Resumed on one rank, each row is trained twice by
+    the end of epoch 1, as without the resume (rank 1's epoch-1 rows were skipped)."""
+    source = ListSource(51)
+    old = [make(source, rank=rank, world_size=2) for rank in range(2)]
+    trained = [row for loader in old for row in trained_rows(loader, 9)]
+    assert [(state["epoch"], state["batches_done"]) for state in (loader.state_dict() for loader in old)] == \
+        [(1, 1), (0, 9)]
+    [one] = moved(old, make, source, 1)
+    trained += through_epoch(one, 1)
+    assert np.bincount(trained, minlength=51).tolist() == [0, 0] + [2] * 49
+
+
+def test_nested_resumes_with_ranks_at_different_epochs_leave_no_row_short_or_over(make):
+    """2 ranks, then 3 whose remainder parts differ by a row (batches of 1: the short one ends
+    its part a step early and starts epoch 1), then 1: by the end of epoch 1 every row is
+    trained twice (rows were trained 2 and 1 times)."""
+    source = ListSource(20)
+    first = [make(source, rank=rank, world_size=2, batch_size=1, shuffle_buffer=4, holdout_rows=0)
+             for rank in range(2)]
+    trained = [row for loader in first for row in trained_rows(loader, 3)]
+    second = moved(first, make, source, 3, batch_size=1, shuffle_buffer=4, holdout_rows=0)
+    trained += [row for loader in second for row in trained_rows(loader, 5)]
+    assert [state["epoch"] for state in (loader.state_dict() for loader in second)] == [1, 0, 0]
+    [last] = moved(second, make, source, 1, batch_size=1, shuffle_buffer=4, holdout_rows=0)
+    trained += through_epoch(last, 1)
+    assert np.bincount(trained, minlength=20).tolist() == [2] * 20
+
+
+def test_a_single_rank_position_older_than_the_split_moves_to_another_batch_size(make):
+    """One rank's range was the same before ranks split the rows after the held-out ones."""
+    source = ListSource(53)
+    saved = make(source)
+    trained = trained_rows(saved, 5)
+    legacy = {key: value for key, value in saved.state_dict().items() if key not in ("split", "batch_size")}
+    smaller = make(source, batch_size=2)
+    smaller.load_state_dict(state_on_other_ranks([legacy], 3, "step-5"))
+    assert sorted(trained + passes(smaller, 1)[0]) == list(range(2, 53))
+
+
+def test_any_chain_of_resumes_trains_every_row_as_often_as_an_uninterrupted_run():
+    """Random chains of up to 4 runs, each on 1-4 ranks with batches of 1-4 for 0-25 steps,
+    then every rank of the last trained to the end of the furthest epoch E: each training row
+    is then trained E + 1 times (whatever the ranks' epoch drift at each move), the held-out
+    rows never.  Counts, not the loader's own bookkeeping, are the reference."""
+    rng = random.Random(0)
+    for _ in range(80):
+        rows, holdout = rng.randint(8, 60), rng.choice([0, 3])
+        source = ListSource(rows, group=rng.choice([1, 4, 7]))
+        buffer = rng.choice([1, 2, 5, 100])
+        trained: list[int] = []
+        loaders: list[TargetLoader] = []
+        for _ in range(rng.randint(1, 4)):
+            world_size, batch_size = rng.randint(1, min(4, rows - holdout)), rng.randint(1, 4)
+            saved = [loader.state_dict() for loader in loaders]
+            loaders = [TargetLoader(source, list, batch_size=batch_size, seed=7, rank=rank, world_size=world_size,
+                                    shuffle_buffer=buffer, holdout_rows=holdout) for rank in range(world_size)]
+            same = len(saved) == world_size and saved[0]["batch_size"] == batch_size
+            for rank, loader in enumerate(loaders if saved else []):
+                loader.load_state_dict(saved[rank] if same else
+                                       state_on_other_ranks(saved, saved[0]["batch_size"], "step-N"))
+            steps = rng.randint(0, 25)
+            trained += [row for loader in loaders for row in trained_rows(loader, steps)]
+        furthest = max(loader.state_dict()["epoch"] for loader in loaders)
+        trained += [row for loader in loaders for row in through_epoch(loader, furthest)]
+        assert np.bincount(trained, minlength=rows).tolist() == [0] * holdout + [furthest + 1] * (rows - holdout)
 
 
 def test_positions_saved_before_the_split_cannot_move_to_other_ranks():

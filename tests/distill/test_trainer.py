@@ -544,8 +544,8 @@ def test_out_of_memory_is_one_line_naming_the_knobs_and_the_kept_checkpoint(peak
                     "memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 1.2 GiB is "
                     f"free.); the last checkpoint is {latest}; try distill.activation_checkpointing=true or a smaller "
                     "distill.loss_chunk_tokens (now 32) or distill.distributed=fsdp2 under torchrun or a smaller "
-                    "distill.batch_size with a larger distill.grad_accum (the same global batch; now 4 x 1) (--resume "
-                    "accepts each)")
+                    "distill.batch_size with a larger distill.grad_accum (now 4 x 1: keep the product); --resume "
+                    "accepts each")
     assert (tmp_path / "checkpoints" / "LATEST").read_text().strip() == latest.name
     monkeypatch.setattr(StudentLoss, "forward", forward)   # what the line says --resume accepts, it does
     resumed = distill(peaky_llama_dir, topk_cache, tmp_path, "distill.save_every=1", "distill.max_steps=5",
@@ -553,6 +553,25 @@ def test_out_of_memory_is_one_line_naming_the_knobs_and_the_kept_checkpoint(peak
                       "distill.loss_chunk_tokens=16", resume=True)
     assert resumed.exit_code == 0, resumed.output
     assert [row["step"] for row in train_rows(tmp_path)] == [1, 2, 3, 4, 5]
+
+
+def test_resume_with_another_batch_says_how_many_rows_a_step_takes(peaky_llama_dir, topk_cache, tmp_path, caplog):
+    """grad_accum alone changes the global batch without moving the loader: said all the same;
+    with another batch_size the loader shares out the rows left, and says that too."""
+    assert distill(peaky_llama_dir, topk_cache, tmp_path, "distill.max_steps=2", "distill.save_every=1").exit_code == 0
+    with caplog.at_level("WARNING", logger="qadpipe.distill.trainer"):
+        assert distill(peaky_llama_dir, topk_cache, tmp_path, "distill.max_steps=3", "distill.save_every=1",
+                       "distill.grad_accum=2", resume=True).exit_code == 0
+    assert "--resume: a step now takes 8 rows (distill.batch_size x grad_accum x ranks: 4 x 2 x 1), step-00000002 " \
+           "took 4" in caplog.text
+    assert "micro-batches" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="qadpipe.distill.trainer"):
+        assert distill(peaky_llama_dir, topk_cache, tmp_path, "distill.max_steps=4", "distill.save_every=1",
+                       "distill.grad_accum=4", "distill.batch_size=2", resume=True).exit_code == 0
+    assert "--resume: step-00000003 was saved by 1 rank(s) of 4-row micro-batches, this run has 1 of 2" in caplog.text
+    assert "a step now takes" not in caplog.text
+    assert [row["step"] for row in train_rows(tmp_path)] == [1, 2, 3, 4]
 
 
 def test_resume_refuses_a_checkpoint_of_another_recipe(peaky_llama_dir, topk_cache, tmp_path, caplog):
