@@ -228,10 +228,11 @@ def located_base_model(record: dict[str, Any], model_path: str, run_file: Path) 
                        f"({here or 'no model directory'} from here) holds now; put that model back at {recorded}")
 
 
-def load_final_student(final_dir: Path, device: str = "cpu") -> tuple[nn.Module, Any]:
-    """The trained student and the config it was trained with, from ``final/``."""
+def load_final_student(final_dir: Path, device: str = "cpu", config: Optional[Any] = None) -> tuple[nn.Module, Any]:
+    """The trained student and the config it was trained with (``config``: already read by
+    :func:`trained_config`), from ``final/``."""
     final_dir = Path(final_dir)
-    config = trained_config(final_dir)
+    config = config if config is not None else trained_config(final_dir)
     model = build_student(config, torch.device(device), rebuild=True)
     try:
         tensors = load_file(str(final_dir / MODEL_FILE))

@@ -100,17 +100,26 @@ def check_model_paths(models: dict[str, str]) -> None:
                               "qadpipe_export.json names it) or a --format fake export")
 
 
-def check_model_tokenizers(models: dict[str, str], teacher_fingerprint: str, trust_remote_code: bool) -> None:
-    """KL and agreement compare id by id, so a model must read text as the teacher does: an
-    HF checkpoint's own tokenizer (when it ships one), a student's that of the model it was
-    built from.  Checked before any model loads; the vocab size alone misses a remapped id."""
+def student_configs(models: dict[str, str]) -> dict[str, Any]:
+    """The config each distill student among ``models`` was trained with, by name: read (and
+    its base model located) once, for the tokenizer check and the load."""
     from qadpipe.distill.student import is_student_dir, trained_config
+
+    return {name: trained_config(Path(path)) for name, path in models.items() if is_student_dir(Path(path))}
+
+
+def check_model_tokenizers(models: dict[str, str], students: dict[str, Any], teacher_fingerprint: str,
+                           trust_remote_code: bool) -> None:
+    """KL and agreement compare id by id, so a model must read text as the teacher does: an
+    HF checkpoint's own tokenizer (when it ships one), a student's (``students``: their
+    :func:`student_configs`) that of the model it was built from.  Checked before any model
+    loads; the vocab size alone misses a remapped id."""
     from qadpipe.models import load_tokenizer, tokenizer_fingerprint
 
     fingerprints: dict[str, str] = {}   # ptq/ and final/ share their model.path: its tokenizer loads once
     for name, path in models.items():
-        if is_student_dir(Path(path)):
-            source = trained_config(Path(path)).model.path
+        if name in students:
+            source = students[name].model.path
         elif any((Path(path) / file).is_file() for file in TOKENIZER_FILES):
             source = path
         else:
@@ -166,13 +175,14 @@ def _checkpoint_format(path: Path) -> Optional[str]:
     return fmt if isinstance(fmt, str) else None
 
 
-def load_model(path: str, device: torch.device) -> nn.Module:
-    """A distill student directory or an HF checkpoint, in fp32 eval mode."""
+def load_model(path: str, device: torch.device, trained: Optional[Any] = None) -> nn.Module:
+    """A distill student directory (``trained``: the config it was trained with, when already
+    read) or an HF checkpoint, in fp32 eval mode."""
     from qadpipe.distill.student import is_student_dir, load_final_student
     from qadpipe.models import load_causal_lm
 
     if is_student_dir(Path(path)):
-        model, _ = load_final_student(Path(path), device=str(device))
+        model, _ = load_final_student(Path(path), device=str(device), config=trained)
         return model.float().eval()
     return load_causal_lm(path, dtype="float32", device=str(device))
 
@@ -365,7 +375,8 @@ def run_eval(cfg: PipelineConfig) -> dict[str, dict[str, float]]:
     check_model_paths(models)
     teacher_dir = resolve_model_path(cfg.teacher_path, cfg.teacher_field)   # a wrong teacher.path named as such
     tokenizer = load_tokenizer(cfg.teacher_path, trust_remote_code=cfg.model.trust_remote_code)
-    check_model_tokenizers(models, tokenizer_fingerprint(tokenizer), cfg.model.trust_remote_code)
+    students = student_configs(models)
+    check_model_tokenizers(models, students, tokenizer_fingerprint(tokenizer), cfg.model.trust_remote_code)
     # The data (a cache that does not fit, a bad eval.data) is refused before the teacher loads.
     vocab_size = teacher_info(teacher_dir, cfg.model.trust_remote_code).vocab_size
     data = held_out(cfg, tokenizer, vocab_size, held_out_rows(cfg, models))
@@ -378,7 +389,7 @@ def run_eval(cfg: PipelineConfig) -> dict[str, dict[str, float]]:
         # One student beside the teacher at a time: all of them at once in fp32 would need
         # (1 + students) x 4 bytes a parameter (96 GB for an 8B teacher, PTQ and QAD).  The
         # teacher's forward is repeated per student instead; eval sets are small.
-        student = load_model(path, device)
+        student = load_model(path, device, students.get(name))
         _refuse_another_vocab(name, path, student, cfg.teacher_path, teacher)
         check_logits_are_head_of_hidden(student, f"eval.models.{name}")
         scored = compare_to_teacher(teacher, {name: student}, data.sequences, pad_id=pad_id, starts=data.starts,

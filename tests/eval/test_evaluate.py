@@ -74,9 +74,9 @@ def test_one_student_at_a_time_sits_beside_the_teacher(trained, tmp_path: Path, 
 
     loaded, alive_at_load, load_model = [], [], evaluate.load_model
 
-    def tracked(path: str, device):
+    def tracked(path: str, device, trained=None):
         alive_at_load.append(sum(ref() is not None for ref in loaded))
-        model = load_model(path, device)
+        model = load_model(path, device, trained)
         loaded.append(weakref.ref(model))
         return model
 
