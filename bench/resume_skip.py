@@ -9,7 +9,10 @@ batch of a loader resumed at a fraction of the epoch, side by side in one run:
 * ``fresh``: the same loader at the epoch's start (the floor: shuffle buffer fill);
 * ``resume, skipping``: resumed as ``qadpipe distill --resume`` does;
 * ``resume, decoding all``: resumed through a reader that reads and decodes every row, as
-  qadpipe did before it skipped them.
+  qadpipe did before it skipped them;
+* ``resume on 2 of 4 ranks``: rank 0 of 2 resuming where 4 ranks stopped, each the same
+  fraction into its own range: the 4 saved shuffle orders are replayed to find the rows
+  they left, which rank 0 then shares with rank 1.
 
 The cache is synthetic (random top-k rows, compact encoding) and written to a temp dir.
 
@@ -26,7 +29,7 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 
 from qadpipe.cache import CacheMeta, CacheReader, CacheWriter
-from qadpipe.distill.loader import TargetLoader
+from qadpipe.distill.loader import ROW_SPLIT, TargetLoader, state_on_other_ranks
 from qadpipe.targets import SequenceTargets, tail_mass_from_logprobs
 
 VOCAB = 49152
@@ -54,13 +57,19 @@ class DecodingAll:
         return self.reader.iter_rows(start, end)
 
 
-def first_batch_seconds(source: Any, batches_done: int, repeats: int) -> float:
-    """Best of ``repeats``: time from creating the resumed loader to its first batch."""
+BATCH = 4
+
+
+def first_batch_seconds(source: Any, batches_done: int, repeats: int, saved_ranks: int = 1, ranks: int = 1) -> float:
+    """Best of ``repeats``: time from creating the loader of rank 0 of ``ranks``, resumed where
+    ``saved_ranks`` stopped ``batches_done`` batches into the epoch between them, to its first batch."""
+    saved = [{"epoch": 0, "batches_done": batches_done // saved_ranks, "split": ROW_SPLIT, "batch_size": BATCH}
+             for _ in range(saved_ranks)]
     best = float("inf")
     for _ in range(repeats):
         started = time.perf_counter()
-        loader = TargetLoader(source, list, batch_size=4, seed=0, shuffle_buffer=256)
-        loader.load_state_dict({"epoch": 0, "batches_done": batches_done})
+        loader = TargetLoader(source, list, batch_size=BATCH, seed=0, shuffle_buffer=256, world_size=ranks)
+        loader.load_state_dict(saved[0] if saved_ranks == ranks else state_on_other_ranks(saved, BATCH, "bench"))
         batches = iter(loader)
         next(batches)
         best = min(best, time.perf_counter() - started)
@@ -88,15 +97,18 @@ def main() -> None:
         reader = CacheReader(root)
         print(f"cache: {args.rows} rows x {args.length} tokens, k={args.k}, {len(reader.shards)} shards, written in "
               f"{time.perf_counter() - started:.1f} s")
-        batches_done = int(args.at * args.rows) // 4
+        batches_done = int(args.at * args.rows) // BATCH
         fresh = first_batch_seconds(reader, 0, args.repeats)
         skipping = first_batch_seconds(reader, batches_done, args.repeats)
         decoding = first_batch_seconds(DecodingAll(reader), batches_done, args.repeats)
-    print(f"first batch (best of {args.repeats}), resumed {batches_done * 4} rows into the epoch:")
+        moved = first_batch_seconds(reader, batches_done, args.repeats, saved_ranks=4, ranks=2)
+    print(f"first batch (best of {args.repeats}), resumed {batches_done * BATCH} rows into the epoch:")
     print(f"  {'fresh start':<22} {fresh:7.2f} s")
     print(f"  {'resume, skipping':<22} {skipping:7.2f} s  ({skipping / fresh:.2f}x the fresh start)")
     print(f"  {'resume, decoding all':<22} {decoding:7.2f} s  ({decoding / fresh:.2f}x the fresh start, "
           f"{decoding / skipping:.1f}x skipping)")
+    print(f"  {'resume on 2 of 4 ranks':<22} {moved:7.2f} s  ({moved / fresh:.2f}x the fresh start, "
+          f"{moved / skipping:.1f}x skipping)")
 
 
 if __name__ == "__main__":
