@@ -164,8 +164,8 @@ class TargetLoader:
 
     def _pass_rows(self, rank: int, world_size: int, epoch: int,
                    remainder: Optional[dict[str, Any]]) -> Sequence[int]:
-        """The rows (ascending cache positions, a row left twice twice) ``rank`` of ``world_size``
-        trains in a pass of ``epoch``: its range, or its part of ``remainder``."""
+        """The rows ``rank`` of ``world_size`` trains in a pass of ``epoch``, as ascending cache
+        positions: its range, or its part of ``remainder`` (where a row left twice is listed twice)."""
         if remainder is None:
             return self._range(rank, world_size)
         left = self._remainder_rows(epoch, remainder)
