@@ -574,6 +574,26 @@ def test_resume_with_another_batch_says_how_many_rows_a_step_takes(peaky_llama_d
     assert [row["step"] for row in train_rows(tmp_path)] == [1, 2, 3, 4]
 
 
+def test_a_resume_inside_the_rows_another_batch_size_left_continues_exactly(peaky_llama_dir, topk_cache, tmp_path):
+    """A run moved to batches of 2 is itself stopped and resumed: its checkpoint's loader
+    position (inside the rows the batches of 4 left) survives the checkpoint round trip, and
+    the run goes on as the one never stopped does, loss for loss (a constant lr: stopping at
+    another max_steps does not change it)."""
+    base = ["distill.save_every=1", "distill.eval_rows=0", "distill.schedule=constant", "distill.warmup_steps=0"]
+    assert distill(peaky_llama_dir, topk_cache, tmp_path / "a", *base, "distill.max_steps=2").exit_code == 0
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    moved = [*base, "distill.batch_size=2", "distill.grad_accum=2"]
+    assert distill(peaky_llama_dir, topk_cache, tmp_path / "a", *moved, "distill.max_steps=5",
+                   resume=True).exit_code == 0
+    assert distill(peaky_llama_dir, topk_cache, tmp_path / "b", *moved, "distill.max_steps=3",
+                   resume=True).exit_code == 0
+    assert distill(peaky_llama_dir, topk_cache, tmp_path / "b", *moved, "distill.max_steps=5",
+                   resume=True).exit_code == 0
+    straight, stopped = train_rows(tmp_path / "a"), train_rows(tmp_path / "b")
+    assert [row["step"] for row in stopped] == [1, 2, 3, 4, 5]
+    assert [row["loss"] for row in stopped] == [row["loss"] for row in straight]
+
+
 def test_resume_refuses_a_checkpoint_of_another_recipe(peaky_llama_dir, topk_cache, tmp_path, caplog):
     assert distill(peaky_llama_dir, topk_cache, tmp_path, "distill.max_steps=2", "distill.save_every=1").exit_code == 0
     line = one_line_error(distill(peaky_llama_dir, topk_cache, tmp_path, "distill.max_steps=4",
