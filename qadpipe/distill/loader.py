@@ -72,7 +72,8 @@ class LoaderPosition:
     batches_done: int = 0
     #: Set while this rank trains its part of the remainder, up to the end of ``epoch``, that
     #: ranks of another number or batch size left (see the module docstring): ``{"world_size":
-    #: W, "ranks": [their W saved states]}``.
+    #: W, "ranks": [their W saved states, each saying whether it was "in_remainder"], "inner":
+    #: the remainder those were in, or None}``.
     remainder: Optional[dict[str, Any]] = None
 
 
@@ -89,8 +90,16 @@ def state_on_other_ranks(saved: list[dict[str, Any]], batch_size: int, where: st
         raise DistillError(f"{where}: its loader positions were saved before ranks split the rows after the held-out "
                            f"ones (2026-12), so which rows are left cannot be told; resume with the number of "
                            f"processes ({len(saved)}) and distill.batch_size ({batch_size}) it was saved with")
+    # The saved ranks still in a remainder all hold the same one (they moved together): kept
+    # once, not once per rank, or each move inside an epoch would multiply its size by the ranks.
+    inner = [state["remainder"] for state in saved if "remainder" in state]
+    if any(other != inner[0] for other in inner):
+        raise DistillError(f"{where}: its ranks' loader positions are inside different remainders; resume with the "
+                           f"number of processes ({len(saved)}) and distill.batch_size ({batch_size}) it was saved with")
+    ranks = [{"batch_size": batch_size, **{key: value for key, value in state.items() if key != "remainder"},
+              "in_remainder": "remainder" in state} for state in saved]
     return {"epoch": max(int(state["epoch"]) for state in saved), "batches_done": 0, "split": ROW_SPLIT,
-            "remainder": {"world_size": len(saved), "ranks": [{"batch_size": batch_size, **state} for state in saved]}}
+            "remainder": {"world_size": len(saved), "ranks": ranks, "inner": inner[0] if inner else None}}
 
 
 class TargetLoader:
@@ -176,21 +185,23 @@ class TargetLoader:
 
     def _remainder_rows(self, epoch: int, remainder: dict[str, Any]) -> np.ndarray:
         """What the saved ranks of ``remainder`` left to train up to the end of ``epoch``, sorted.
-        Kept per remainder: each saved rank of a resume inside a remainder holds the same inner
-        one, which would otherwise be replayed once per saved rank, on every rank."""
+        Kept per remainder: each saved rank of a resume inside a remainder takes its part of the
+        same inner one, which would otherwise be replayed once per saved rank, on every rank."""
         key = repr((epoch, remainder))
         if key not in self._remainders:
-            saved = remainder["ranks"]
+            saved, inner = remainder["ranks"], remainder["inner"]
             self._remainders[key] = np.sort(np.concatenate(
-                [self._untrained_rows(state, saved_rank, len(saved), epoch) for saved_rank, state in enumerate(saved)]))
+                [self._untrained_rows(state, saved_rank, len(saved), epoch, inner if state["in_remainder"] else None)
+                 for saved_rank, state in enumerate(saved)]))
         return self._remainders[key]
 
-    def _untrained_rows(self, state: dict[str, Any], rank: int, world_size: int, through: int) -> np.ndarray:
+    def _untrained_rows(self, state: dict[str, Any], rank: int, world_size: int, through: int,
+                        remainder: Optional[dict[str, Any]]) -> np.ndarray:
         """What saved rank ``rank`` had left to train up to the end of epoch ``through``: the
-        rows of its pass its ``state`` had not yet trained, then its whole range for each epoch
-        it had not begun."""
+        rows of its pass (its range, or its part of ``remainder``) its ``state`` had not yet
+        trained, then its whole range for each epoch it had not begun."""
         epoch = int(state["epoch"])
-        rows = self._pass_rows(rank, world_size, epoch, state.get("remainder"))
+        rows = self._pass_rows(rank, world_size, epoch, remainder)
         order = _shuffle_order(len(rows), self.shuffle_buffer, self._generator(epoch, rank))
         untrained = np.ones(len(rows), dtype=bool)
         untrained[np.fromiter(itertools.islice(order, int(state["batches_done"]) * int(state["batch_size"])),
