@@ -258,7 +258,8 @@ class DistillConfig:
     eval_rows: int = opt(16, "cache rows held out for eval", ge=0)
     log_every: int = opt(5, "log line every N steps", ge=1)
     device: str = opt("auto", "auto, cpu, cuda")
-    distributed: Literal["ddp", "fsdp2"] = opt("ddp", "strategy under torchrun")
+    distributed: Literal["ddp", "fsdp2"] = opt("ddp", "strategy under torchrun; fsdp2 also builds the student "
+                                               "sharded (rank 0 loads it on the host, each GPU gets its shards)")
     shuffle_buffer: int = opt(256, "cache rows in the seeded shuffle buffer (1 = cache order)", ge=1)
     prefetch_batches: int = opt(2, "micro-batches read and collated ahead by a background thread, pinned "
                                 "for the GPU (0 = read in the training loop)", ge=0)

@@ -157,15 +157,28 @@ def _missing_file(path: Path) -> str | None:
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], TrainerState]:
     """Model tensors and trainer state of one checkpoint directory (no pickle execution)."""
+    return load_checkpoint_weights(path), load_trainer_state(path)
+
+
+def load_checkpoint_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's student tensors (in a sharded build rank 0 alone reads them: the other
+    ranks receive their shards from it)."""
     try:
-        tensors = load_file(str(path / MODEL_FILE))
+        return load_file(str(path / MODEL_FILE))
+    except Exception as exc:  # safetensors' errors carry no file name
+        raise DistillError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc})") from None
+
+
+def load_trainer_state(path: Path) -> TrainerState:
+    """A checkpoint's trainer state (every rank's), unpickling nothing but tensors and plain values."""
+    try:
         # mmap: the ranks of a node share the file's pages instead of each holding its own copy
         # of the full optimizer state (twice the fp32 weights: ~64 GB per rank for an 8B student)
         raw = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # safetensors / unpickler errors carry no file name
+    except Exception as exc:  # unpickler errors carry no file name
         raise DistillError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc})") from None
     try:
-        return tensors, TrainerState(**raw)
+        return TrainerState(**raw)
     except TypeError as exc:
         raise DistillError(f"{path / STATE_FILE}: unexpected trainer state layout ({exc})") from None
 

@@ -3,7 +3,10 @@
 Launched plainly (``qadpipe distill``) this is a world of one and nothing is wrapped.  Under
 ``torchrun`` (``RANK``/``WORLD_SIZE`` set) the process group is gloo on CPU and nccl on
 GPU; the student is wrapped with DDP or FSDP2 (``fully_shard`` on every decoder layer, then
-on the root), as ``distill.distributed`` says.
+on the root), as ``distill.distributed`` says.  Under FSDP2 the student is built sharded: every
+rank shards a skeleton of it on the meta device and receives its shards of the values rank 0
+built on the host (:func:`load_sharded_from_main`), so a GPU holds 1/world of the fp32
+weights from the start, never the whole student.
 
 Checkpoints hold *full* (unsharded, FQN-keyed) model and optimizer state dicts, gathered
 with ``torch.distributed.checkpoint.state_dict``: one format whatever the strategy or world
@@ -24,7 +27,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
 
 from qadpipe.errors import DistillError, QadpipeError, first_line
 
@@ -125,6 +129,24 @@ def wrap(module: nn.Module, layers: nn.ModuleList, strategy: str, env: DistEnv) 
     raise DistillError(f"distill.distributed: got '{strategy}', expected ddp or fsdp2")
 
 
+def load_sharded_from_main(module: nn.Module, whole: Optional[nn.Module], device: torch.device, prefix: str) -> None:
+    """Give ``module`` -- a skeleton on the meta device that :func:`wrap` has sharded with
+    FSDP2 -- the values of ``whole``, rank 0's complete student on the host (None on the other
+    ranks; its names are ``module``'s without ``prefix``).  Each rank allocates only its shards
+    on ``device``, and receives them one tensor at a time (``broadcast_from_rank0``): no rank
+    but 0 ever holds the whole student, and rank 0 on the host only.  Buffers the state dict
+    leaves out (rotary frequencies) are rank 0's too.  Every rank must call."""
+    module.to_empty(device=device)
+    state = {prefix + name: value for name, value in whole.state_dict().items()} if whole is not None else {}
+    set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    buffers = dict(module.named_buffers())
+    if whole is not None:
+        with torch.no_grad():
+            for name, value in whole.named_buffers():
+                buffers[prefix + name].copy_(value)
+    broadcast_from_main(buffers.values())
+
+
 def unwrap(module: nn.Module) -> nn.Module:
     return getattr(module, "module", module)
 
@@ -208,24 +230,25 @@ def computed_by_main(is_main: bool, compute: Callable[[], T]) -> T:
     return result
 
 
-def written_by_main(is_main: bool, write: Callable[[], T]) -> Optional[T]:
-    """``write()`` on rank 0 while the other ranks wait, then every rank learns whether it
+def done_by_main(is_main: bool, work: Callable[[], T], what: str = "write its output") -> Optional[T]:
+    """``work()`` on rank 0 while the other ranks wait, then every rank learns whether it
     worked: a write failing on rank 0 (a full disk) raises on all ranks, instead of leaving
-    them in a barrier until the process-group timeout."""
+    them in a barrier until the process-group timeout.  ``what`` it does, for their error line.
+    Returns ``work()``'s result on rank 0, None on the others."""
     result, failure = None, None
     if is_main:
         try:
-            result = write()
+            result = work()
         except Exception as exc:   # re-raised below, once the other ranks know
             failure = exc
-    raise_if_any_failed(failure)
+    raise_if_any_failed(failure, what)
     return result
 
 
-def raise_if_any_failed(failure: Optional[BaseException]) -> None:
-    """Every rank learns whether rank 0's write failed (``failure`` there): rank 0 raises its
-    own error, the others one line saying so (every rank must call; they wait for rank 0's
-    write on the control group, see :func:`init_control_group`)."""
+def raise_if_any_failed(failure: Optional[BaseException], what: str = "write its output") -> None:
+    """Every rank learns whether rank 0's work failed (``failure`` there): rank 0 raises its
+    own error, the others one line saying it could not do ``what`` (every rank must call; they
+    wait for rank 0 on the control group, see :func:`init_control_group`)."""
     failed = torch.tensor(float(failure is not None))
     if dist.is_initialized():
         if _control_group is None:   # a process group set up by another caller than init_distributed
@@ -234,7 +257,7 @@ def raise_if_any_failed(failure: Optional[BaseException]) -> None:
     if failed.item():
         if failure is not None:
             raise failure
-        raise DistillError("rank 0 could not write its output (its own error says why); this rank stops too")
+        raise DistillError(f"rank 0 could not {what} (its own error says why); this rank stops too")
 
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)

@@ -28,7 +28,7 @@ from torch import nn
 
 from qadpipe.distill.checkpoint import MODEL_FILE, write_student_dir
 from qadpipe.distill.head_loss import LossSpec, PositionTargets, head_loss, split_lm
-from qadpipe.errors import ConfigError, DistillError, ModelError
+from qadpipe.errors import ConfigError, DistillError, ModelError, first_line
 from qadpipe.models import logit_transform
 from qadpipe.provenance import RUN_FILE, read_run_record
 
@@ -58,16 +58,47 @@ def build_student(config: Any, device: torch.device, *, rebuild: bool = False, p
     return model.to(device)
 
 
-def check_weights_fit(weight_bytes: int, free_bytes: int, device: torch.device) -> None:
-    """Refuse, before the copy, a student whose fp32 weights alone exceed the GPU's free memory:
-    each process builds and calibrates the whole student on its GPU, and FSDP2 shards it only
-    after (sharding the build itself is not implemented), so such a run could only fail, with
-    a CUDA out-of-memory error, after minutes of loading."""
-    if weight_bytes > free_bytes:
+def build_student_skeleton(config: Any) -> nn.Module:
+    """The student's modules with the quant recipe applied, on the meta device: every shape and
+    name, no value.  What each rank of a sharded build (FSDP2 under torchrun) shards before it
+    holds a weight; the values are rank 0's :func:`build_student` on the host (see
+    :func:`~qadpipe.distill.distributed.load_sharded_from_main`), which also made the recipe's
+    checks and its weight-derived state (ranges, LSQ steps): the skeleton's recipe is applied
+    as a rebuild, refusing nothing rank 0 has not refused already."""
+    from transformers import AutoModelForCausalLM
+
+    from qadpipe.models import load_model_config, resolve_model_path
+    from qadpipe.quant.recipe import apply_recipe
+
+    path = resolve_model_path(config.model.path)
+    trust = config.model.trust_remote_code
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(load_model_config(path, trust), dtype=torch.float32,
+                                                     trust_remote_code=trust)
+    except Exception as exc:   # an architecture whose init computes on its weights' values
+        raise ModelError(f"model.path: {path} cannot be built on the meta device for distill.distributed: fsdp2's "
+                         f"sharded build ({type(exc).__name__}: {first_line(exc)}); use distill.distributed: ddp, "
+                         "which builds the whole student on each GPU") from None
+    apply_recipe(model, config.quant, rebuild=True)
+    return model.eval()
+
+
+def check_weights_fit(weight_bytes: int, free_bytes: int, device: torch.device, shards: int = 1) -> None:
+    """Refuse, before the copy, a student whose fp32 weights (their 1/``shards``, FSDP2's
+    sharded build) exceed the GPU's free memory: such a run could only fail, with a CUDA
+    out-of-memory error, after minutes of loading."""
+    need = weight_bytes / shards
+    if need <= free_bytes:
+        return
+    if shards == 1:
         raise DistillError(f"model.path: the student's fp32 weights take {weight_bytes / 2**30:.1f} GiB, more than "
-                           f"the {free_bytes / 2**30:.1f} GiB free on {device}; qadpipe builds the whole student on "
-                           "one GPU (distill: on each, before DDP or FSDP2 shards its training state), so it needs a "
-                           "GPU that holds 4 bytes per parameter and more (a smaller student, or a larger GPU)")
+                           f"the {free_bytes / 2**30:.1f} GiB free on {device}; without FSDP2 each process holds the "
+                           "whole student (4 bytes per parameter): set distill.distributed: fsdp2 under torchrun to "
+                           "shard it over the GPUs, or use a larger GPU")
+    raise DistillError(f"model.path: the student's fp32 weights take {weight_bytes / 2**30:.1f} GiB, "
+                       f"{need / 2**30:.1f} GiB a GPU over {shards} ranks, more than the {free_bytes / 2**30:.1f} GiB "
+                       f"free on {device}; run on more GPUs (torchrun --nnodes, --nproc_per_node)")
 
 
 def enable_activation_checkpointing(student: nn.Module) -> None:
@@ -97,9 +128,13 @@ class StudentLoss(nn.Module):
         self.chunk_tokens = chunk_tokens
         self.logit_transform = logit_transform(student.config)
 
-    def forward(self, inputs: dict[str, Any], target_mask: torch.Tensor, targets: PositionTargets,
-                spec: LossSpec, teacher_head: Optional[nn.Module] = None
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, inputs: dict[str, Any], target_mask: Optional[torch.Tensor] = None,
+                targets: Optional[PositionTargets] = None, spec: Optional[LossSpec] = None,
+                teacher_head: Optional[nn.Module] = None) -> Any:
+        """The summed loss and its figures; without ``target_mask``, the student's plain forward
+        (calibration's), run here so that FSDP2's root gathers the embeddings and head for it."""
+        if target_mask is None:
+            return self.student(**inputs)
         base, head = self.student.get_decoder(), self.student.get_output_embeddings()
         hidden = base(**inputs).last_hidden_state[target_mask]
         return head_loss(hidden, head, targets, spec, self.chunk_tokens, teacher_head, self.logit_transform)

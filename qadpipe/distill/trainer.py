@@ -45,7 +45,8 @@ from tqdm import tqdm
 from qadpipe.distill import distributed as dist_utils
 from qadpipe.distill.background_save import BackgroundWriter, detached_snapshot, live_tensors
 from qadpipe.distill.checkpoint import (CHECKPOINT_DIR, TrainerState, capture_rng, latest_checkpoint,
-                                        load_checkpoint, remove_stale_temps, restore_rng, save_checkpoint)
+                                        load_checkpoint_weights, load_trainer_state, remove_stale_temps, restore_rng,
+                                        save_checkpoint)
 from qadpipe.distill.collate import Batch, collate
 from qadpipe.distill.head_loss import STAT_KEYS, LossSpec, PositionTargets, split_lm, summarize
 from qadpipe.distill.loader import TargetLoader, state_on_other_ranks
@@ -54,7 +55,8 @@ from qadpipe.distill.same_run import RESUMABLE_CHANGES, distill_reads, unresumab
 from qadpipe.distill.observe import METRICS_FILE, TENSORBOARD_DIR, MetricsLog, peak_memory_gib
 from qadpipe.distill.schedule import lr_multiplier
 from qadpipe.distill.student import (BASE_MODEL, FINAL_DIR, PTQ_DIR, StudentLoss, base_model_fact, build_student,
-                                     enable_activation_checkpointing, load_state_into, save_student)
+                                     build_student_skeleton, check_weights_fit, enable_activation_checkpointing,
+                                     load_state_into, save_student)
 from qadpipe.errors import DistillError, first_line
 from qadpipe.file_lock import lock_for_one_run
 from qadpipe.file_modes import check_writable_dir, missing_dirs
@@ -200,8 +202,12 @@ class DistillRecipe:
         checkpoint = dist_utils.computed_by_main(self.env.is_main, lambda: latest_checkpoint(self.output_dir)) \
             if self.resume else None
         self.base_model = dist_utils.computed_by_main(self.env.is_main, lambda: base_model_fact(self.config.model.path))
-        student = build_student(self.config, self.env.device, rebuild=checkpoint is not None,
-                                packed=cfg.pack_length is not None)
+        sharded = cfg.distributed == "fsdp2" and self.env.distributed
+        if sharded:   # the skeleton first: it refuses shards too large for the GPU at once
+            student, whole = self._skeleton(), self._build_on_main_host(rebuild=checkpoint is not None)
+        else:
+            student, whole = build_student(self.config, self.env.device, rebuild=checkpoint is not None,
+                                           packed=cfg.pack_length is not None), None
         vocab = output_rows(student)
         self._check_vocab(vocab)
         partial = partly_quantized_groups(student)
@@ -222,21 +228,26 @@ class DistillRecipe:
         self.holdout_batches = [self._collate_eval(holdout[i:i + cfg.batch_size])
                                 for i in range(0, len(holdout), cfg.batch_size)]
         self.model = StudentLoss(student, cfg.loss_chunk_tokens)
-        restored = self._restore_weights(student, checkpoint) if self.resume else None
-        if restored is None:
-            self._calibrate(student)
-            if cfg.save:
-                dist_utils.written_by_main(self.env.is_main,
-                                           lambda: save_student(self.output_dir, student.state_dict(), self.config,
-                                                                PTQ_DIR, self._cache_fingerprint(),
-                                                                **self._record_facts()))
-            self.ptq_eval = self._evaluate(self.model)
-            self._log_eval("ptq", self.ptq_eval)
+        restored = self._restore_weights(student, checkpoint, into=whole if sharded else student) \
+            if self.resume else None
         self._select_trainable(student)
         if cfg.activation_checkpointing:
             enable_activation_checkpointing(student)
         no_decay = no_decay_names(self.model, quant_parameters(student))
         self.wrapped = dist_utils.wrap(self.model, student.get_decoder().layers, cfg.distributed, self.env)
+        if sharded:
+            dist_utils.load_sharded_from_main(self.model, whole, self.env.device, prefix="student.")
+            del whole   # rank 0's host copy: the shards are the student now
+        if restored is None:
+            self._calibrate(student)
+            if cfg.save:
+                ptq_state = {_strip(k): v for k, v in dist_utils.full_model_state(self.model).items()}
+                dist_utils.done_by_main(self.env.is_main,
+                                        lambda: save_student(self.output_dir, ptq_state, self.config, PTQ_DIR,
+                                                             self._cache_fingerprint(), **self._record_facts()))
+                del ptq_state
+            self.ptq_eval = self._evaluate(self.model)
+            self._log_eval("ptq", self.ptq_eval)
         self._warn_if_training_state_outgrows_the_gpu()   # after FSDP2 has sharded the weights
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = adamw(self.model, cfg.lr, cfg.weight_decay, no_decay)
@@ -251,6 +262,26 @@ class DistillRecipe:
             self._restore_state(*restored)
         if self.env.is_main:
             save_run_record(self.config, "distill", self.output_dir, **self._record_facts())
+
+    def _build_on_main_host(self, rebuild: bool) -> Optional[torch.nn.Module]:
+        """A sharded build's values: rank 0 builds the whole student on the host (recipe,
+        checks and weight-derived quantizer state as any build), the other ranks wait for it
+        on the control group (loading and initialising a large student on the host can outlast
+        the collectives' timeout).  None on those ranks."""
+        return dist_utils.done_by_main(
+            self.env.is_main, lambda: build_student(self.config, torch.device("cpu"), rebuild=rebuild,
+                                                    packed=self.cfg.pack_length is not None),
+            what="build the student")
+
+    def _skeleton(self) -> torch.nn.Module:
+        """A sharded build's modules, on the meta device; refused before any shard is allocated
+        when this rank's fp32 shards alone exceed its GPU's free memory."""
+        skeleton = build_student_skeleton(self.config)
+        device = self.env.device
+        if device.type == "cuda":
+            check_weights_fit(sum(p.numel() * p.element_size() for p in skeleton.parameters()),
+                              torch.cuda.mem_get_info(device)[0], device, shards=self.env.world_size)
+        return skeleton
 
     def _warn_if_training_state_outgrows_the_gpu(self) -> None:
         """Say before the first step what would make it run out of GPU memory (see
@@ -445,7 +476,8 @@ class DistillRecipe:
         return collate(rows, pad_id=self.pad_id, with_targets=self.target_kind is not None)
 
     def _calibrate(self, student: torch.nn.Module) -> None:
-        """PTQ calibration on training rows, the same on every rank (rank-independent order)."""
+        """PTQ calibration on training rows, the same on every rank (rank-independent order),
+        run on the wrapped student (a sharded build has no other)."""
         from qadpipe.quant.calibrate import calibrate, static_input_quantizers
 
         count = self.config.quant.calibration_batches
@@ -465,13 +497,13 @@ class DistillRecipe:
                 batches.append(inputs)
                 if len(batches) == count:
                     break
-        with self._autocast():
-            calibrate(student, batches, count, percentile=self.config.quant.activation_percentile)
+        with self._autocast():   # through the wrapped module: FSDP2's root gathers the embeddings and head
+            calibrate(student, batches, count, percentile=self.config.quant.activation_percentile,
+                      forward=lambda **inputs: self.model(inputs))
         # Every rank calibrated on the same rows, but GPUs need not sum them in one order: rank
-        # 0's ranges (the ones its PTQ baseline and checkpoints save) are every rank's.  DDP
-        # would broadcast buffers at wrap; FSDP2 would shard each rank's own.
-        dist_utils.broadcast_from_main(tensor for module in student.modules() if isinstance(module, Quantizer)
-                                       for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)))
+        # 0's ranges (the ones its PTQ baseline and checkpoints save) are every rank's.
+        dist_utils.broadcast_from_main(buffer for module in student.modules() if isinstance(module, Quantizer)
+                                       for buffer in module.buffers(recurse=False))
 
     def _select_trainable(self, student: torch.nn.Module) -> None:
         """``all``: every parameter; ``quant``: quantization parameters and norms only."""
@@ -501,9 +533,11 @@ class DistillRecipe:
             log.warning("distill.weight_decay=%g does nothing with distill.trainable=quant: it applies to weight "
                         "matrices only, and none train", self.cfg.weight_decay)
 
-    def _restore_weights(self, student: torch.nn.Module,
-                         path: Optional[Path]) -> Optional[tuple[Path, TrainerState]]:
-        """Load the latest checkpoint's (``path``) weights, before wrapping; None when there is none."""
+    def _restore_weights(self, student: torch.nn.Module, path: Optional[Path],
+                         into: Optional[torch.nn.Module]) -> Optional[tuple[Path, TrainerState]]:
+        """Load the latest checkpoint's (``path``) weights into ``into``, before wrapping: ``student``
+        itself, or in a sharded build rank 0's whole student (None on the other ranks, which read
+        the trainer state alone); None when there is no checkpoint."""
         if path is None:
             log.warning("--resume: no checkpoint under %s; starting from step 0", self.output_dir)
             self.metrics.truncate_after(-1)   # a killed first attempt's rows: this run writes its own
@@ -511,14 +545,21 @@ class DistillRecipe:
         saved = self._check_same_run(path, student)
         self._saved_distill = {key: saved.get(f"distill.{key}")
                                for key in ("max_steps", "lr", "batch_size", "grad_accum")}
-        tensors, state = load_checkpoint(path)
+        state = load_trainer_state(path)
         self._record_resume(path, state, saved)
         if state.cache_fingerprint != self._cache_fingerprint():
             raise DistillError(f"{path}: --resume of a checkpoint trained on other cache contents than "
                                f"{self.config.cache.path} now holds (another cache, or this one regenerated or "
                                "extended since); resume with the cache it trained on, or use a fresh "
                                "distill.output_dir")
-        load_state_into(student, {_strip(k): v for k, v in tensors.items()}, path)
+
+        def load_weights() -> None:
+            load_state_into(into, {_strip(k): v for k, v in load_checkpoint_weights(path).items()}, path)
+
+        if into is student:   # each rank its own whole student
+            load_weights()
+        else:   # a sharded build: rank 0's host copy, the other ranks waiting to learn that it loaded
+            dist_utils.done_by_main(self.env.is_main, load_weights, what="load the checkpoint's weights")
         return path, state
 
     def _cache_fingerprint(self) -> str:
@@ -906,7 +947,7 @@ class DistillRecipe:
                                                              live_tensors(self.model, self.optimizer))
         write = functools.partial(save_checkpoint, self.output_dir, model_state, state, self.config, **self._record_facts())
         if not self.cfg.save_in_background:
-            dist_utils.written_by_main(self.env.is_main, write)
+            dist_utils.done_by_main(self.env.is_main, write)
             return
         self.writer.start(write, f"checkpoint step {self.step}")
         log.info("checkpoint step %d: snapshot taken in %.1f s, written in the background", self.step,
@@ -919,10 +960,10 @@ class DistillRecipe:
 
     def save_final(self) -> Optional[Path]:
         model_state = {_strip(k): v for k, v in dist_utils.full_model_state(self.model).items()}
-        final = dist_utils.written_by_main(self.env.is_main,
-                                           lambda: save_student(self.output_dir, model_state, self.config,
-                                                                cache_fingerprint=self._cache_fingerprint(),
-                                                                **self._record_facts()))
+        final = dist_utils.done_by_main(self.env.is_main,
+                                        lambda: save_student(self.output_dir, model_state, self.config,
+                                                             cache_fingerprint=self._cache_fingerprint(),
+                                                             **self._record_facts()))
         if final is not None:
             log.info("final student written to %s (qadpipe export reads it)", final)
         return final

@@ -17,7 +17,7 @@ import logging
 import math
 import time
 from fractions import Fraction
-from typing import Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -79,10 +79,12 @@ def static_input_quantizers(model: nn.Module) -> dict[str, Quantizer]:
 
 @torch.no_grad()
 def calibrate(model: nn.Module, batches: Iterable[dict[str, Tensor]], num_batches: int,
-              percentile: Optional[float] = None) -> None:
+              percentile: Optional[float] = None, forward: Optional[Callable[..., Any]] = None) -> None:
     """Fix the amax of every static input quantizer from ``num_batches`` batches (each with
-    ``input_ids`` and, where a row is padded, ``attention_mask``).  Raises QuantError if the
-    data runs out first, or a quantizer saw no token, a non-finite value, or only zeros (a
+    ``input_ids`` and, where a row is padded, ``attention_mask``).  ``forward`` runs ``model``
+    on a batch's keyword arguments (default: ``model`` itself; a model sharded with FSDP2 runs
+    through the module wrapping it, whose hooks gather its parameters).  Raises QuantError if
+    the data runs out first, or a quantizer saw no token, a non-finite value, or only zeros (a
     range it cannot serve)."""
     quantizers = static_input_quantizers(model)
     if not quantizers:
@@ -109,7 +111,7 @@ def calibrate(model: nn.Module, batches: Iterable[dict[str, Tensor]], num_batche
             padded = not bool(mask.all())
             for observer in observers.values():
                 observer.token_mask = mask if padded else None
-            model(input_ids=ids, attention_mask=mask.long(), use_cache=False)
+            (forward or model)(input_ids=ids, attention_mask=mask.long(), use_cache=False)
             seen += 1
             tokens += int(mask.sum())
     model.train(was_training)

@@ -113,6 +113,8 @@ def _positive_steps(steps: Tensor, spec: QuantSpec) -> Tensor:
     dtype's eps when every group is zero): at 0 the step's gradient is 0 (``|s|``'s, and the
     forward's substitute for a zero scale), so it could never grow once the weights move off
     zero."""
+    if steps.is_meta:   # a sharded build's skeleton: shapes only (see build_student_skeleton)
+        return steps
     live = steps[steps > 0]
     floor = live.min() if live.numel() else torch.tensor(torch.finfo(spec.scale_dtype).eps)
     return torch.where(steps > 0, steps, floor)

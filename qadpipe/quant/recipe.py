@@ -512,7 +512,7 @@ def _share_fused_amax(model: nn.Module, groups: list[tuple[str, ...]]) -> None:
     """One static weight amax per fused group: the max over its members."""
     for members in groups:
         quantizers = [model.get_submodule(m).weight_quantizer for m in members]
-        if quantizers[0].spec.dynamic:
+        if quantizers[0].spec.dynamic or quantizers[0].amax.is_meta:   # a sharded build's skeleton: see build_student_skeleton
             continue
         shared = max(float(q.amax) for q in quantizers)
         for q in quantizers:

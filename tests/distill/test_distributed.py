@@ -16,10 +16,12 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
 import yaml
+import torch
 from safetensors.torch import load_file
 
 from cache_rows import write_cache
@@ -40,10 +42,11 @@ def free_port() -> int:
 
 
 def run(model_dir: Path, cache: Path, out: Path, nproc: int, *extra: str,
-        via_launcher: bool = False, resume: bool = False) -> dict[str, list[float]]:
+        via_launcher: bool = False, resume: bool = False, entry: Optional[Path] = None) -> dict[str, list[float]]:
     """Train with ``nproc`` processes: torchrun directly, or (``via_launcher``) through
     stages/distill.sbatch as a workstation runs it, with an empty config and the settings as
-    ``--set`` arguments the script forwards."""
+    ``--set`` arguments the script forwards.  ``entry``: a script to run in place of
+    ``python -m qadpipe.cli``, with the same arguments."""
     sets = settings(model_dir, cache, f"distill.output_dir={out}", f"distill.max_steps={STEPS}",
                     "distill.eval_rows=0", "distill.shuffle_buffer=1", "distill.save_every=100",
                     "quant.calibration_batches=0", *extra)
@@ -59,7 +62,8 @@ def run(model_dir: Path, cache: Path, out: Path, nproc: int, *extra: str,
     else:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
             if nproc > 1 else [sys.executable]
-        command = launcher + ["-m", "qadpipe.cli", "distill", *overrides, *(["--resume"] if resume else [])]
+        command = launcher + ([str(entry)] if entry else ["-m", "qadpipe.cli"]) + \
+            ["distill", *overrides, *(["--resume"] if resume else [])]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -163,6 +167,61 @@ def test_a_run_of_two_processes_resumes_on_one(caches, peaky_llama_dir, tmp_path
                                                 "ranks": [2, 1]}
 
 
+#: ``qadpipe`` that appends to <QADPIPE_SPY_DIR>/rank-<RANK>.txt the name of each call that reads
+#: the whole student: from the model directory, or a checkpoint's weights.
+LOAD_SPY = """\
+import os
+from pathlib import Path
+import qadpipe.distill.checkpoint as checkpoint
+import qadpipe.models as models
+from qadpipe.cli import main
+record = Path(os.environ["QADPIPE_SPY_DIR"]) / f"rank-{os.environ.get('RANK', '0')}.txt"
+def spied(module, name):
+    original = getattr(module, name)
+    def call(*args, **kwargs):
+        with record.open("a") as out:
+            out.write(name + "\\n")
+        return original(*args, **kwargs)
+    setattr(module, name, call)
+spied(models, "load_causal_lm")
+spied(checkpoint, "load_file")
+main()
+"""
+
+
+def whole_loads(spy_dir: Path, rank: int) -> list[str]:
+    record = spy_dir / f"rank-{rank}.txt"
+    return record.read_text().split() if record.exists() else []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", [("quant.preset=nvfp4", "quant.group_size=null", "quant.calibration_batches=2"),
+                                    ("quant.learnable=lsq",)], ids=["nvfp4-calibrated", "int4-lsq"])
+def test_fsdp2_builds_the_student_from_rank_0_alone_and_trains_it_as_ddp_does(caches, peaky_llama_dir, tmp_path,
+                                                                              monkeypatch, recipe):
+    """FSDP2's sharded build against DDP's whole student on each rank: the same PTQ student bit
+    for bit (input ranges calibrated through the sharded forward, LSQ steps set from the
+    weights by rank 0), the same loss curve through a stop and a resume, and only rank 0 ever
+    reads the whole student, from the model directory or from the checkpoint it resumes."""
+    ddp = run(peaky_llama_dir, caches[0], tmp_path / "ddp", 2, "distill.batch_size=1", "distill.distributed=ddp",
+              *recipe)
+    spy = tmp_path / "spy.py"
+    spy.write_text(LOAD_SPY)
+    monkeypatch.setenv("QADPIPE_SPY_DIR", str(tmp_path))
+    out = tmp_path / "fsdp2"
+    fsdp2 = [*recipe, "distill.batch_size=1", "distill.distributed=fsdp2", "distill.save_every=1"]
+    run(peaky_llama_dir, caches[0], out, 2, *fsdp2, f"distill.max_steps={STEPS - 1}", entry=spy)
+    assert (whole_loads(tmp_path, 0), whole_loads(tmp_path, 1)) == (["load_causal_lm"], [])
+    ptq, reference = load_file(str(out / "ptq" / "model.safetensors")), \
+        load_file(str(tmp_path / "ddp" / "ptq" / "model.safetensors"))
+    assert ptq.keys() == reference.keys()
+    assert [name for name in ptq if not torch.equal(ptq[name], reference[name])] == []
+    resumed = run(peaky_llama_dir, caches[0], out, 2, *fsdp2, resume=True, entry=spy)
+    assert (whole_loads(tmp_path, 0), whole_loads(tmp_path, 1)) == (["load_causal_lm"] * 2 + ["load_file"], [])
+    np.testing.assert_allclose(resumed["loss"], ddp["loss"], rtol=2e-4)
+    np.testing.assert_allclose(resumed["grad_norm"], ddp["grad_norm"], rtol=1e-4)
+
+
 def run_two_ranks(script: Path) -> str:
     """stdout of ``script`` run by 2 gloo processes under torchrun (which must both exit 0)."""
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -178,13 +237,13 @@ def test_a_write_failing_on_rank_0_stops_every_rank(tmp_path):
     script = tmp_path / "fail.py"
     script.write_text(
         "import torch, torch.distributed as dist\n"
-        "from qadpipe.distill.distributed import written_by_main\n"
+        "from qadpipe.distill.distributed import done_by_main\n"
         "dist.init_process_group('gloo')\n"
         "rank = dist.get_rank()\n"
         "def write():\n"
         "    raise OSError(28, 'No space left on device')\n"
         "try:\n"
-        "    written_by_main(rank == 0, write)\n"
+        "    done_by_main(rank == 0, write)\n"
         "except Exception as exc:\n"
         "    print(f'rank {rank}: {type(exc).__name__}: {exc}', flush=True)\n"
         "dist.destroy_process_group()\n")
@@ -201,10 +260,10 @@ def test_the_other_ranks_wait_past_the_collective_timeout_for_rank_0s_write(tmp_
     script = tmp_path / "slow_write.py"
     script.write_text(
         "import datetime, time, torch.distributed as dist\n"
-        "from qadpipe.distill.distributed import written_by_main\n"
+        "from qadpipe.distill.distributed import done_by_main\n"
         "dist.init_process_group('gloo', timeout=datetime.timedelta(seconds=2))\n"
         "rank = dist.get_rank()\n"
-        "print(f'rank {rank}: got {written_by_main(rank == 0, lambda: time.sleep(5) or \"written\")}', flush=True)\n"
+        "print(f'rank {rank}: got {done_by_main(rank == 0, lambda: time.sleep(5) or \"written\")}', flush=True)\n"
         "dist.destroy_process_group()\n")
     stdout = run_two_ranks(script)
     assert "rank 0: got written" in stdout and "rank 1: got None" in stdout
@@ -260,6 +319,53 @@ def test_rank_0s_calibrated_ranges_become_every_ranks(tmp_path):
     stdout = run_two_ranks(script)
     for rank in (0, 1):
         assert f"rank {rank}: 1.5 [0.25, 0.25, 0.25] True" in stdout
+
+
+def test_a_sharded_build_holds_rank_0s_whole_student_tie_and_rotary_frequencies_included(tmp_path):
+    """FSDP2's sharded build: a meta-device skeleton on each rank, filled from rank 0's whole
+    student.  Gathered back it is that student bit for bit; the tied head is still the
+    embedding; the rotary frequencies, a buffer outside the state dict (uninitialised memory
+    after ``to_empty``), are rank 0's on every rank; and a forward gives the whole student's
+    logits exactly."""
+    script = tmp_path / "sharded_build.py"
+    script.write_text(
+        "import torch, torch.distributed as dist\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        "from qadpipe.distill.distributed import DistEnv, full_model_state, load_sharded_from_main, wrap\n"
+        "from qadpipe.distill.student import StudentLoss\n"
+        "dist.init_process_group('gloo')\n"
+        "rank = dist.get_rank()\n"
+        "config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,\n"
+        "                     num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)\n"
+        "config.rope_parameters = {'rope_type': 'default', 'rope_theta': 123.0}\n"
+        "torch.manual_seed(0)\n"
+        "whole = LlamaForCausalLM(config).eval() if rank == 0 else None\n"
+        "with torch.device('meta'):\n"
+        "    skeleton = LlamaForCausalLM(config).eval()\n"
+        "model = StudentLoss(skeleton, chunk_tokens=8)\n"
+        "wrap(model, skeleton.model.layers, 'fsdp2', DistEnv(rank, 2, rank, torch.device('cpu')))\n"
+        "load_sharded_from_main(model, whole, torch.device('cpu'), 'student.')\n"
+        "gathered = {k[len('student.'):]: v for k, v in full_model_state(model).items()}\n"
+        "ids = torch.arange(3, 15).unsqueeze(0)\n"
+        "with torch.no_grad():\n"
+        "    logits = model({'input_ids': ids, 'use_cache': False}).logits\n"
+        "tied = skeleton.lm_head.weight is skeleton.model.embed_tokens.weight\n"
+        "inv_freq = skeleton.model.rotary_emb.inv_freq\n"
+        "print(f'rank {rank}: tied {tied} inv_freq {inv_freq.tolist()}', flush=True)\n"
+        "if rank == 0:\n"
+        "    state = whole.state_dict()\n"
+        "    same = gathered.keys() == state.keys() and all(torch.equal(gathered[k], state[k]) for k in state)\n"
+        "    with torch.no_grad():\n"
+        "        gap = (logits - whole(input_ids=ids, use_cache=False).logits).abs().max().item()\n"
+        "    print(f'gathered state equal {same}; logits gap {gap}; whole inv_freq '\n"
+        "          f'{whole.model.rotary_emb.inv_freq.tolist()}', flush=True)\n"
+        "dist.destroy_process_group()\n")
+    stdout = run_two_ranks(script)
+    assert "gathered state equal True; logits gap 0.0;" in stdout
+    expected = stdout.split("whole inv_freq ")[1].splitlines()[0]
+    np.testing.assert_allclose(eval(expected), 1.0 / 123.0 ** (np.arange(0, 8, 2) / 8), rtol=1e-6)   # head_dim 8
+    for rank in (0, 1):
+        assert f"rank {rank}: tied True inv_freq {expected}" in stdout
 
 
 @pytest.mark.slow

@@ -1,6 +1,6 @@
 """What stage two says about GPU memory before it spends minutes loading: the student's fp32
-weights must fit one GPU whole (each process builds and calibrates it there), and the
-training state's lower bound is named when it will not fit.  Hand-worked figures; the CUDA
+weights must fit one GPU whole (a single process, or DDP's), or their 1/world shards (FSDP2's
+sharded build), and the training state's lower bound is named when it will not fit.  Hand-worked figures; the CUDA
 query is stood in for, so these run without a GPU."""
 
 from __future__ import annotations
@@ -20,6 +20,15 @@ def test_weights_over_the_free_memory_are_refused_in_one_line_and_those_that_fit
     assert str(info.value).startswith("model.path: the student's fp32 weights take 10.0 GiB, more than the 8.0 GiB "
                                       "free on cuda:3;")
     check_weights_fit(8 * 2**30, 8 * 2**30, torch.device("cuda:0"))
+
+
+def test_fsdp2_needs_only_each_ranks_shard_of_the_weights_to_fit():
+    # a 70B student's 280 GB: 35 GB a GPU over 8 ranks fit 40 GB free; over 4 (70 GB each) they do not
+    check_weights_fit(280 * 10**9, 40 * 10**9, torch.device("cuda:0"), shards=8)
+    with pytest.raises(DistillError) as info:
+        check_weights_fit(280 * 10**9, 40 * 10**9, torch.device("cuda:0"), shards=4)
+    assert str(info.value).startswith("model.path: the student's fp32 weights take 260.8 GiB, 65.2 GiB a GPU over 4 "
+                                      "ranks, more than the 37.3 GiB free on cuda:0; run on more GPUs")
 
 
 def test_a_student_too_large_for_its_gpu_is_refused_before_it_is_copied_there(peaky_llama_dir, monkeypatch):

@@ -1,0 +1,74 @@
+"""FSDP2's sharded build starts from a skeleton: the student's modules, recipe applied, on the
+meta device.  Rank 0's whole student fills it name by name (``set_model_state_dict``), so the
+skeleton must have exactly the names and shapes of :func:`build_student`'s student, whatever
+the recipe adds (input ranges, LSQ steps, learned clips, KV-cache quantizers, fused MoE
+experts), and no value.  The whole-run checks (2 ranks against 1 process) are the slow tests
+of test_distributed.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qadpipe.config import load_config
+from qadpipe.distill.student import build_student, build_student_skeleton
+from qadpipe.errors import ModelError
+from qadpipe.quant.experts import QuantExperts
+
+
+@pytest.fixture(scope="module")
+def tiny_moe_dir(tmp_path_factory, smollm2_dir):
+    from transformers import AutoTokenizer, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2_dir))
+    torch.manual_seed(0)
+    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32, num_experts=4,
+        num_experts_per_tok=2, tie_word_embeddings=True))
+    out = tmp_path_factory.mktemp("tiny-moe")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+RECIPES = [("nvfp4", ()), ("w4a16_int", ("quant.group_size=32", "quant.learnable=lsq")),
+           ("w4a16_int", ("quant.group_size=32", "quant.learnable=clip")), ("fp8", ("quant.kv_cache=fp8",))]
+
+
+@pytest.mark.parametrize("preset,extra", RECIPES, ids=[f"{p}-{'-'.join(e)}" for p, e in RECIPES])
+def test_the_skeleton_has_the_built_students_names_and_shapes_and_no_value(peaky_llama_dir, preset, extra):
+    config = load_config(None, [f"model.path={peaky_llama_dir}", f"quant.preset={preset}", *extra])
+    whole = build_student(config, torch.device("cpu")).state_dict()
+    skeleton = build_student_skeleton(config)
+    shapes = {name: tuple(value.shape) for name, value in skeleton.state_dict().items()}
+    assert shapes == {name: tuple(value.shape) for name, value in whole.items()}
+    assert all(tensor.is_meta for tensor in (*skeleton.parameters(), *skeleton.buffers()))
+    assert any("quantizer" in name for name in shapes)   # the recipe's state is there to be filled
+
+
+def test_a_skeleton_of_fused_moe_experts_keeps_the_tie_of_its_embeddings(tiny_moe_dir):
+    config = load_config(None, [f"model.path={tiny_moe_dir}", "quant.preset=w4a16_int", "quant.group_size=32",
+                                "quant.moe_experts=quantize"])
+    whole = build_student(config, torch.device("cpu"))
+    skeleton = build_student_skeleton(config)
+    assert {n: tuple(v.shape) for n, v in skeleton.state_dict().items()} == \
+        {n: tuple(v.shape) for n, v in whole.state_dict().items()}
+    assert skeleton.get_output_embeddings().weight is skeleton.get_input_embeddings().weight
+    assert isinstance(skeleton.model.layers[0].mlp.experts, QuantExperts)
+
+
+def test_an_architecture_that_cannot_be_built_on_meta_is_refused_in_one_line(peaky_llama_dir, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    def computes_on_values(*args, **kwargs):
+        raise NotImplementedError("Cannot copy out of meta tensor; no data!")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_config", computes_on_values)
+    config = load_config(None, [f"model.path={peaky_llama_dir}", "quant.preset=fp8"])
+    with pytest.raises(ModelError) as info:
+        build_student_skeleton(config)
+    assert str(info.value) == (f"model.path: {peaky_llama_dir} cannot be built on the meta device for "
+                               "distill.distributed: fsdp2's sharded build (NotImplementedError: Cannot copy out of "
+                               "meta tensor; no data!); use distill.distributed: ddp, which builds the whole student "
+                               "on each GPU")
