@@ -110,7 +110,11 @@ def test_vllm_sockets_go_to_a_directory_of_this_process_that_goes_with_it(monkey
     ones in this machine's /tmp.  A directory the user chose is left to them."""
     from qadpipe.teacher import vllm_backend
 
-    monkeypatch.delenv("VLLM_RPC_BASE_PATH", raising=False)
+    # setenv first: it records the variable's state, which teardown restores (delenv alone records
+    # nothing when it is unset, and the private directory this test makes stayed in VLLM_RPC_BASE_PATH
+    # for the vLLM tests after it: sockets under this long tmp_path exceeded the 107-byte IPC limit)
+    monkeypatch.setenv("VLLM_RPC_BASE_PATH", "unset by the next line")
+    monkeypatch.delenv("VLLM_RPC_BASE_PATH")
     monkeypatch.setattr(vllm_backend, "_ipc_dir", None)
     monkeypatch.setattr(vllm_backend.tempfile, "tempdir", str(tmp_path))
     vllm_backend.use_private_ipc_dir()
