@@ -31,18 +31,27 @@ SECRET = "qadpipe-FAKE-secret-7f3a9c"
 KEY_ID = "AKIAQADPIPEFAKEKEY01"
 
 
+def _subclasses(tree: ast.AST, module: str, bases: set[str]) -> list[ast.ClassDef]:
+    return [node for node in ast.walk(tree) if isinstance(node, ast.ClassDef)
+            and any(isinstance(b, ast.Attribute) and isinstance(b.value, ast.Name) and b.value.id == module
+                    and b.attr in bases for b in node.bases)]
+
+
 def unsafe_calls(source: str) -> list[str]:
     """Calls that can run code hidden in data: pickle/marshal/dill loads, torch.load without
-    weights_only=True, yaml.load without a safe loader, eval/exec, np.load(allow_pickle=True)."""
+    weights_only=True, yaml.load without a safe loader, eval/exec, np.load(allow_pickle=True).
+    A module may import pickle only to subclass ``pickle.Unpickler`` with its own ``find_class``
+    (an allowlist: DCP's checkpoint metadata); it may still call no pickle loader itself."""
     found = []
     tree = ast.parse(source)
-    safe_loaders = {node.name for node in ast.walk(tree) if isinstance(node, ast.ClassDef)   # subclasses here
-                    and any(isinstance(b, ast.Attribute) and isinstance(b.value, ast.Name) and b.value.id == "yaml"
-                            and b.attr in {"SafeLoader", "CSafeLoader"} for b in node.bases)}
+    safe_loaders = {node.name for node in _subclasses(tree, "yaml", {"SafeLoader", "CSafeLoader"})}
+    restricts_pickle = any(isinstance(item, ast.FunctionDef) and item.name == "find_class"
+                           for node in _subclasses(tree, "pickle", {"Unpickler"}) for item in node.body)
     for node in ast.walk(tree):
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             names = [alias.name for alias in node.names] + [getattr(node, "module", None) or ""]
-            found += [f"import {n}" for n in names if n.split(".")[0] in {"pickle", "dill", "cloudpickle", "marshal"}]
+            found += [f"import {n}" for n in names if n.split(".")[0] in {"dill", "cloudpickle", "marshal"}
+                      or n.split(".")[0] == "pickle" and not (restricts_pickle and isinstance(node, ast.Import))]
         if not isinstance(node, ast.Call):
             continue
         func = node.func
@@ -51,6 +60,8 @@ def unsafe_calls(source: str) -> list[str]:
         keywords = {k.arg: k.value for k in node.keywords}
         if isinstance(func, ast.Name) and name in {"eval", "exec"}:
             found.append(f"{name}(")
+        elif owner == "pickle" and name in {"load", "loads", "Unpickler"}:
+            found.append(f"pickle.{name}(")
         elif owner == "torch" and name == "load":
             flag = keywords.get("weights_only")
             if not (isinstance(flag, ast.Constant) and flag.value is True):
@@ -77,6 +88,12 @@ def test_the_checker_finds_each_unsafe_call():
     ok = ("torch.load(p, map_location='cpu', weights_only=True)\nyaml.safe_load(s)\n"
           "yaml.load(s, Loader=yaml.SafeLoader)\nclass Strict(yaml.SafeLoader): pass\nyaml.load(s, Loader=Strict)\n")
     assert unsafe_calls(ok) == []
+    restricted = ("import pickle\nclass Allowlist(pickle.Unpickler):\n    def find_class(self, module, name):\n"
+                  "        raise pickle.UnpicklingError(name)\nAllowlist(stream).load()\n")
+    assert unsafe_calls(restricted) == []
+    assert unsafe_calls(restricted + "pickle.loads(data)\npickle.Unpickler(stream).load()\n") == \
+        ["pickle.loads(", "pickle.Unpickler("]
+    assert unsafe_calls(restricted.replace("find_class", "persistent_load")) == ["import pickle"]
 
 
 def test_package_source_has_no_unsafe_deserialization():

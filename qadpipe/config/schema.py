@@ -254,6 +254,10 @@ class DistillConfig:
     save_in_background: bool = opt(True, "rank 0 writes each checkpoint on a thread while training goes on "
                                    "(the steps wait for the snapshot, not the disk; host memory holds one "
                                    "snapshot until written, as a synchronous save does)")
+    checkpoint_format: Literal["full", "sharded"] = opt(
+        "full", "full: rank 0 gathers the state and writes model.safetensors (12 bytes per trained parameter "
+        "on its host); sharded: every rank writes its own shards (torch.distributed.checkpoint), nothing gathered "
+        "(for students whose state outgrows rank 0's host; export, eval and --resume on any ranks read both)")
     eval_every: int = opt(25, "held-out eval every N steps", ge=1)
     eval_rows: int = opt(16, "cache rows held out for eval", ge=0)
     log_every: int = opt(5, "log line every N steps", ge=1)

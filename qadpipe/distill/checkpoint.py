@@ -7,6 +7,10 @@ Layout under ``<output_dir>/checkpoints``::
     step-00000050/qadpipe_run.yaml      config + versions
     LATEST                              name of the newest complete step directory
 
+With ``distill.checkpoint_format: sharded`` the student and the optimizer state are instead
+``model/`` and ``optimizer/``, each rank's shards written by that rank (see
+:mod:`qadpipe.distill.sharded_checkpoint`), and ``trainer_state.pt`` holds the rest.
+
 A step directory is written under a temp name, fsync'd and renamed; ``LATEST`` is then
 replaced atomically — it is the commit point, so a kill at any moment leaves the previous
 checkpoint intact and loadable.  ``trainer_state.pt`` is read with ``weights_only=True``:
@@ -26,6 +30,7 @@ from typing import Any, Callable, Optional
 import torch
 from safetensors.torch import load_file
 
+from qadpipe.distill.sharded_checkpoint import MODEL_SHARDS, missing_shards
 from qadpipe.errors import DistillError
 from qadpipe.file_modes import share_tree
 from qadpipe.provenance import atomic_write_text, fsync_path, save_run_record
@@ -83,26 +88,35 @@ def unique_tensors(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch
 
 
 def write_student_dir(parent: Path, name: str, model_state: dict[str, torch.Tensor], config: Any,
-                      cache_fingerprint: str, extra: Callable[[Path], None] = lambda tmp: None,
-                      facts: Optional[dict[str, Any]] = None) -> Path:
+                      cache_fingerprint: str, facts: Optional[dict[str, Any]] = None) -> Path:
     """Write ``<parent>/<name>/`` whole or not at all: the student's tensors (tied aliases
-    dropped, listed in the metadata), the run record, and whatever ``extra(tmp)`` adds, into
-    a temp dir that is fsync'd and renamed over any older ``name``.  Checkpoints and the
-    ``final/``/``ptq/`` students share it, so all three are read back the same way."""
+    dropped, listed in the metadata) and the run record.  The ``final/`` and ``ptq/``
+    students and full checkpoints share the layout, so all three are read back the same way."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=parent))
+    return _commit_dir(tmp, name, config, cache_fingerprint, lambda: _save_student_tensors(tmp, model_state), facts)
+
+
+def _save_student_tensors(directory: Path, model_state: dict[str, torch.Tensor]) -> None:
+    tensors, aliases = unique_tensors(model_state)
+    save_tensors(tensors, directory / MODEL_FILE, {"aliases": repr(sorted(aliases.items()))})
+
+
+def _commit_dir(tmp: Path, name: str, config: Any, cache_fingerprint: str, write: Callable[[], None],
+                facts: Optional[dict[str, Any]]) -> Path:
+    """``write()`` into the temp dir ``tmp`` and add the run record; then fsync it all and rename
+    ``tmp`` over any older ``<tmp's parent>/<name>``.  ``tmp`` is removed on any failure."""
+    parent = tmp.parent
     try:
-        tensors, aliases = unique_tensors(model_state)
-        save_tensors(tensors, tmp / MODEL_FILE, {"aliases": repr(sorted(aliases.items()))})
-        extra(tmp)
+        write()
         save_run_record(config, "distill", tmp, cache_fingerprint=cache_fingerprint, **(facts or {}))
         for path in tmp.iterdir():
             fsync_path(path)
         share_tree(tmp)
-        final = Path(parent) / name
+        final = parent / name
         if final.exists():  # final/ of an earlier run, or a step re-run after a crash between rename and LATEST
             shutil.rmtree(final)
         os.replace(tmp, final)
-        fsync_path(Path(parent))
+        fsync_path(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -111,14 +125,38 @@ def write_student_dir(parent: Path, name: str, model_state: dict[str, torch.Tens
 
 def save_checkpoint(output_dir: Path, model_state: dict[str, torch.Tensor], state: TrainerState,
                     config: Any, keep: int = 2, **facts: Any) -> Path:
-    """Write step ``state.step`` and make it the latest; keep the newest ``keep`` steps.
-    ``facts`` go into its run record (a resumed run's history)."""
+    """Write step ``state.step`` (a full checkpoint) and make it the latest; keep the newest
+    ``keep`` steps.  ``facts`` go into its run record (a resumed run's history)."""
+    tmp = staged_step_dir(output_dir, state.step)
+
+    def write() -> None:
+        _save_student_tensors(tmp, model_state)
+        torch.save(state.__dict__, tmp / STATE_FILE)
+
+    return _commit_checkpoint(tmp, state, config, keep, write, facts)
+
+
+def staged_step_dir(output_dir: Path, step: int) -> Path:
+    """A new temp directory for step ``step``'s checkpoint (rank 0 makes it; in a sharded
+    checkpoint every rank then writes its shards into it, see :func:`commit_sharded_checkpoint`)."""
     root = Path(output_dir) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
-    name = f"step-{state.step:08d}"
+    return Path(tempfile.mkdtemp(prefix=f".step-{step:08d}.", dir=root))
+
+
+def commit_sharded_checkpoint(staged: Path, state: TrainerState, config: Any, keep: int = 2, **facts: Any) -> Path:
+    """Rank 0, once every rank's shards are in ``staged`` (:func:`staged_step_dir`): add the
+    trainer state (``state.optimizer`` empty: the shards hold it) and the run record, rename it
+    into place and make it the latest, as :func:`save_checkpoint` does."""
+    return _commit_checkpoint(staged, state, config, keep, lambda: torch.save(state.__dict__, staged / STATE_FILE),
+                              facts)
+
+
+def _commit_checkpoint(tmp: Path, state: TrainerState, config: Any, keep: int, write: Callable[[], None],
+                       facts: dict[str, Any]) -> Path:
+    root, name = tmp.parent, f"step-{state.step:08d}"
     try:
-        final = write_student_dir(root, name, model_state, config, state.cache_fingerprint,
-                                  extra=lambda tmp: torch.save(state.__dict__, tmp / STATE_FILE), facts=facts)
+        final = _commit_dir(tmp, name, config, state.cache_fingerprint, write, facts)
     except OSError as exc:  # a full disk mid-checkpoint: the previous LATEST stays the commit point
         raise DistillError(f"{root / name}: cannot write the checkpoint ({exc.strerror or exc}); "
                            f"{LATEST} still names the previous one") from exc
@@ -151,8 +189,13 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 
 
 def _missing_file(path: Path) -> str | None:
-    """The first file a checkpoint needs that ``path`` lacks (None: it has them all)."""
-    return next((required for required in (MODEL_FILE, STATE_FILE) if not (path / required).is_file()), None)
+    """The first file a checkpoint needs that ``path`` lacks (None: it has them all): the
+    trainer state, and the student whole or as shards."""
+    if not (path / STATE_FILE).is_file():
+        return STATE_FILE
+    if (path / MODEL_SHARDS).is_dir():
+        return missing_shards(path)
+    return None if (path / MODEL_FILE).is_file() else MODEL_FILE
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], TrainerState]:

@@ -10,8 +10,10 @@ weights from the start, never the whole student.
 
 Checkpoints hold *full* (unsharded, FQN-keyed) model and optimizer state dicts, gathered
 with ``torch.distributed.checkpoint.state_dict``: one format whatever the strategy or world
-size, readable by ``qadpipe export`` and by a plain ``load_state_dict``; ``--resume`` on another
-world size shares out the cache rows the saved ranks had left (:mod:`qadpipe.distill.loader`).
+size, readable by ``qadpipe export`` and by a plain ``load_state_dict``; or, with
+``distill.checkpoint_format: sharded``, each rank's own (:func:`local_model_state`, written by
+:mod:`qadpipe.distill.sharded_checkpoint`, resharded on load).  ``--resume`` on another world
+size shares out the cache rows the saved ranks had left (:mod:`qadpipe.distill.loader`).
 """
 
 from __future__ import annotations
@@ -284,12 +286,31 @@ def full_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) ->
     return get_optimizer_state_dict(module, optimizer, options=_FULL)
 
 
-def load_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+def local_model_state(module: nn.Module) -> dict[str, Any]:
+    """The model state dict as this rank holds it (FSDP2: its shards, as DTensors): what a
+    sharded checkpoint writes, and fills in place when read (every rank must call)."""
+    return get_model_state_dict(module)
+
+
+def load_local_model_state(module: nn.Module, state: dict[str, Any]) -> None:
+    """Load a :func:`local_model_state`-shaped state (quantizers see it: an input's range marks
+    it calibrated)."""
+    set_model_state_dict(module, state)
+
+
+def local_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer state as this rank holds it, keyed by parameter names (every rank must call)."""
+    return get_optimizer_state_dict(module, optimizer)
+
+
+def load_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+                         full: bool = True) -> None:
     """Load a full optimizer state (from :func:`full_optimizer_state`) under any strategy
-    (full-state loading needs a process group; a world of one loads it as is).  The kernel
-    choice stays this run's: a checkpoint from before AdamW was fused carries ``fused=None``
-    in its groups, which would otherwise switch a resumed run to the slower foreach path."""
-    options = StateDictOptions(full_state_dict=dist.is_initialized())
+    (full-state loading needs a process group; a world of one loads it as is), or, not
+    ``full``, one shaped by :func:`local_optimizer_state`.  The kernel choice stays this run's:
+    a checkpoint from before AdamW was fused carries ``fused=None`` in its groups, which would
+    otherwise switch a resumed run to the slower foreach path."""
+    options = StateDictOptions(full_state_dict=full and dist.is_initialized())
     kernels = [{key: group[key] for key in ("fused", "foreach") if key in group} for group in optimizer.param_groups]
     set_optimizer_state_dict(module, optimizer, state, options=options)
     for group, chosen in zip(optimizer.param_groups, kernels):

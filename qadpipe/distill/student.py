@@ -28,6 +28,7 @@ from torch import nn
 
 from qadpipe.distill.checkpoint import MODEL_FILE, write_student_dir
 from qadpipe.distill.head_loss import LossSpec, PositionTargets, head_loss, split_lm
+from qadpipe.distill.sharded_checkpoint import MODEL_SHARDS, is_sharded, load_shards
 from qadpipe.errors import ConfigError, DistillError, ModelError, first_line
 from qadpipe.models import logit_transform
 from qadpipe.provenance import RUN_FILE, read_run_record
@@ -169,9 +170,15 @@ def _is_alias(model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> 
     return any(state[other].data_ptr() == target.data_ptr() for other in tensors if other in state)
 
 
+def has_student_weights(path: Path) -> bool:
+    """Whether ``path`` holds a student's tensors: ``model.safetensors``, or the shards of a
+    sharded checkpoint."""
+    return (Path(path) / MODEL_FILE).is_file() or is_sharded(Path(path))
+
+
 def is_student_dir(path: Path) -> bool:
-    """Whether ``path`` holds a student in the ``final/`` layout (vs an HF checkpoint)."""
-    return (Path(path) / MODEL_FILE).is_file() and (Path(path) / RUN_FILE).is_file() \
+    """Whether ``path`` holds a student in the ``final/`` layout, or a checkpoint (vs an HF checkpoint)."""
+    return has_student_weights(path) and (Path(path) / RUN_FILE).is_file() \
         and not (Path(path) / "config.json").is_file()
 
 
@@ -203,8 +210,9 @@ def trained_config(final_dir: Path) -> Any:
 
     final_dir = Path(final_dir)
     run_file = final_dir / RUN_FILE
-    if not (final_dir / MODEL_FILE).is_file() or not run_file.is_file():
-        raise DistillError(f"{final_dir}: expected {MODEL_FILE} and {RUN_FILE} (a distill final/ directory)")
+    if not has_student_weights(final_dir) or not run_file.is_file():
+        raise DistillError(f"{final_dir}: expected {MODEL_FILE} (or a sharded checkpoint's {MODEL_SHARDS}/) and "
+                           f"{RUN_FILE} (a distill final/ directory)")
     try:
         config = build_config(recorded_config(recorded_run_config(final_dir)))
     except ConfigError as exc:   # a field this qadpipe no longer has, or no longer accepts: not the user's config
@@ -269,9 +277,25 @@ def load_final_student(final_dir: Path, device: str = "cpu", config: Optional[An
     final_dir = Path(final_dir)
     config = config if config is not None else trained_config(final_dir)
     model = build_student(config, torch.device(device), rebuild=True)
+    if is_sharded(final_dir):
+        load_sharded_student(model, final_dir)
+        return model.eval(), config
     try:
         tensors = load_file(str(final_dir / MODEL_FILE))
     except Exception as exc:  # safetensors' own error type; its message names no file
         raise DistillError(f"{final_dir / MODEL_FILE}: unreadable weights ({exc})") from None
     load_state_into(model, tensors, final_dir)
     return model.eval(), config
+
+
+def load_sharded_student(model: nn.Module, directory: Path) -> None:
+    """Load a sharded checkpoint's student into ``model`` (built with its recipe), in this one
+    process: every rank's shards are read and put together.  The shards are keyed by the
+    trainer's names (:class:`StudentLoss`'s: ``student.`` + the model's)."""
+    from qadpipe.distill.distributed import load_local_model_state, local_model_state
+
+    holder = nn.Module()
+    holder.student = model
+    state = local_model_state(holder)
+    load_shards(directory, MODEL_SHARDS, state)
+    load_local_model_state(holder, state)

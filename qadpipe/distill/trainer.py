@@ -32,6 +32,7 @@ import importlib.util
 import logging
 import math
 import os
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -44,9 +45,9 @@ from tqdm import tqdm
 
 from qadpipe.distill import distributed as dist_utils
 from qadpipe.distill.background_save import BackgroundWriter, detached_snapshot, live_tensors
-from qadpipe.distill.checkpoint import (CHECKPOINT_DIR, TrainerState, capture_rng, latest_checkpoint,
-                                        load_checkpoint_weights, load_trainer_state, remove_stale_temps, restore_rng,
-                                        save_checkpoint)
+from qadpipe.distill.checkpoint import (CHECKPOINT_DIR, TrainerState, capture_rng, commit_sharded_checkpoint,
+                                        latest_checkpoint, load_checkpoint_weights, load_trainer_state,
+                                        remove_stale_temps, restore_rng, save_checkpoint, staged_step_dir)
 from qadpipe.distill.collate import Batch, collate
 from qadpipe.distill.head_loss import STAT_KEYS, LossSpec, PositionTargets, split_lm, summarize
 from qadpipe.distill.loader import TargetLoader, state_on_other_ranks
@@ -54,6 +55,7 @@ from qadpipe.distill.optim import adamw, no_decay_names
 from qadpipe.distill.same_run import RESUMABLE_CHANGES, distill_reads, unresumable_changes
 from qadpipe.distill.observe import METRICS_FILE, TENSORBOARD_DIR, MetricsLog, peak_memory_gib
 from qadpipe.distill.schedule import lr_multiplier
+from qadpipe.distill.sharded_checkpoint import MODEL_SHARDS, OPTIMIZER_SHARDS, is_sharded, load_shards, save_shards
 from qadpipe.distill.student import (BASE_MODEL, FINAL_DIR, PTQ_DIR, StudentLoss, base_model_fact, build_student,
                                      build_student_skeleton, check_weights_fit, enable_activation_checkpointing,
                                      load_state_into, save_student)
@@ -188,6 +190,9 @@ class DistillRecipe:
         if self.env.is_main:
             remove_stale_temps(self.output_dir)
         self.metrics = MetricsLog(self.output_dir, enabled=self.env.is_main, tensorboard=cfg.tensorboard)
+        if cfg.save and cfg.checkpoint_format == "sharded" and cfg.save_in_background:
+            log.info("distill.checkpoint_format: sharded: every rank writes its own shards at each save while the "
+                     "steps wait (distill.save_in_background applies to full checkpoints, which rank 0 writes alone)")
         # Tokenizer and cache first: a cache that does not fit refuses before any model loads.
         self.tokenizer = self._load_tokenizer()
         self.source, self.target_kind = self._open_source()
@@ -556,6 +561,8 @@ class DistillRecipe:
         def load_weights() -> None:
             load_state_into(into, {_strip(k): v for k, v in load_checkpoint_weights(path).items()}, path)
 
+        if is_sharded(path):   # each rank reads its shards once the student is wrapped (_restore_state)
+            return path, state
         if into is student:   # each rank its own whole student
             load_weights()
         else:   # a sharded build: rank 0's host copy, the other ranks waiting to learn that it loaded
@@ -620,13 +627,15 @@ class DistillRecipe:
         return distill_reads(key, teacher_in_loop=self._needs_teacher(), tokens_from_data=self.target_kind is None)
 
     def _restore_state(self, path: Path, state: TrainerState) -> None:
-        saved_decay = [group["weight_decay"] for group in state.optimizer["param_groups"]]
+        sharded = is_sharded(path)
+        optimizer_state = self._read_shards(path) if sharded else state.optimizer
+        saved_decay = [group["weight_decay"] for group in optimizer_state["param_groups"]]
         decay = [group["weight_decay"] for group in self.optimizer.param_groups]
         if saved_decay != decay:
             raise DistillError(f"{path}: AdamW groups with weight decay {saved_decay}, this run builds {decay} (a "
                                "qadpipe before 2026-12 decayed norms and quantizer parameters too); resume it with "
                                "the qadpipe that wrote it or start a fresh distill.output_dir")
-        dist_utils.load_optimizer_state(self.model, self.optimizer, state.optimizer)
+        dist_utils.load_optimizer_state(self.model, self.optimizer, optimizer_state, full=not sharded)
         if self.env.device.type == "cpu":
             # loaded on the device they live on, AdamW's moments stayed views of the checkpoint file's
             # memory map: pruned later, the file kept its disk space (on NFS, a .nfs file) all run
@@ -645,6 +654,16 @@ class DistillRecipe:
         self.metrics.truncate_after(self.step)
         log.info("resumed from %s at step %d", path, self.step)
         self._follow_new_schedule()
+
+    def _read_shards(self, path: Path) -> dict[str, Any]:
+        """A sharded checkpoint's student, loaded, and its optimizer state, read into this run's
+        layout (resharded: it may have been written by another number of ranks or strategy)."""
+        model_state = dist_utils.local_model_state(self.model)
+        load_shards(path, MODEL_SHARDS, model_state)
+        dist_utils.load_local_model_state(self.model, model_state)
+        optimizer_state = dist_utils.local_optimizer_state(self.model, self.optimizer)
+        load_shards(path, OPTIMIZER_SHARDS, optimizer_state)
+        return optimizer_state
 
     def _restore_loader(self, path: Path, state: TrainerState) -> None:
         """Each rank continues its saved loader position; on another number of ranks, or with
@@ -934,14 +953,16 @@ class DistillRecipe:
         :mod:`qadpipe.distill.background_save`)."""
         self.writer.finish()   # the previous checkpoint is committed before this one is taken
         taken = time.perf_counter()
+        state = TrainerState(step=self.step, optimizer={}, scheduler=copy.deepcopy(self.scheduler.state_dict()),
+                             loader={"ranks": dist_utils.all_gather_objects(self.loader.state_dict())},
+                             rng=capture_rng(), cache_fingerprint=self._cache_fingerprint(),
+                             log_window={"ranks": dist_utils.all_gather_objects(window.sums())})
+        if self.cfg.checkpoint_format == "sharded":
+            self._save_sharded_checkpoint(state)
+            log.info("checkpoint step %d: every rank wrote its shards in %.1f s", self.step, time.perf_counter() - taken)
+            return
         model_state = {_strip(k): v for k, v in dist_utils.full_model_state(self.model).items()}
-        optimizer_state = dist_utils.full_optimizer_state(self.model, self.optimizer)
-        loader_states = dist_utils.all_gather_objects(self.loader.state_dict())
-        window_sums = dist_utils.all_gather_objects(window.sums())
-        state = TrainerState(step=self.step, optimizer=optimizer_state,
-                             scheduler=copy.deepcopy(self.scheduler.state_dict()),
-                             loader={"ranks": loader_states}, rng=capture_rng(),
-                             cache_fingerprint=self._cache_fingerprint(), log_window={"ranks": window_sums})
+        state.optimizer = dist_utils.full_optimizer_state(self.model, self.optimizer)
         if self.cfg.save_in_background:
             model_state, state.optimizer = detached_snapshot((model_state, state.optimizer),
                                                              live_tensors(self.model, self.optimizer))
@@ -952,6 +973,21 @@ class DistillRecipe:
         self.writer.start(write, f"checkpoint step {self.step}")
         log.info("checkpoint step %d: snapshot taken in %.1f s, written in the background", self.step,
                  time.perf_counter() - taken)
+
+    def _save_sharded_checkpoint(self, state: TrainerState) -> None:
+        """Every rank writes its shards of the student and of AdamW's state into a staged step
+        directory rank 0 made, then rank 0 adds ``state`` and commits it (see
+        :mod:`qadpipe.distill.sharded_checkpoint`)."""
+        staged = dist_utils.computed_by_main(self.env.is_main, lambda: staged_step_dir(self.output_dir, self.step))
+        try:
+            save_shards(staged, dist_utils.local_model_state(self.model),
+                        dist_utils.local_optimizer_state(self.model, self.optimizer))
+        except DistillError as exc:   # raised on every rank (DCP gathers their results)
+            if self.env.is_main:
+                shutil.rmtree(staged, ignore_errors=True)
+            raise DistillError(f"{exc}; checkpoints/LATEST still names the previous checkpoint") from None
+        dist_utils.done_by_main(self.env.is_main, lambda: commit_sharded_checkpoint(
+            staged, state, self.config, **self._record_facts()))
 
     def _record_facts(self) -> dict[str, Any]:
         """What the run records keep beyond the config: the model the student is built from

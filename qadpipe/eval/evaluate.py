@@ -91,8 +91,8 @@ def check_model_paths(models: dict[str, str]) -> None:
             raise ConfigError(f"eval.models.{name}: {path} is not a directory (expected a distill final/ or ptq/ "
                               "directory or an HF checkpoint)")
         if not is_student_dir(Path(path)) and not (Path(path) / "config.json").is_file():
-            raise ConfigError(f"eval.models.{name}: {path} holds neither a distill student (model.safetensors and "
-                              "qadpipe_run.yaml) nor an HF checkpoint (config.json)")
+            raise ConfigError(f"eval.models.{name}: {path} holds neither a distill student (model.safetensors or "
+                              "model/ shards, and qadpipe_run.yaml) nor an HF checkpoint (config.json)")
         if _checkpoint_format(Path(path)) == NVFP4_PACK:
             # compressed-tensors decompresses NVFP4 to bf16 weights, which eval's fp32 forward cannot mix
             raise ConfigError(f"eval.models.{name}: {path} is an NVFP4 compressed-tensors export, which transformers "

@@ -101,7 +101,7 @@ def export_model(model: nn.Module, source_dir: Path, output: Path, fmt: str, con
             "format": fmt,
             "source_model": str(Path(source_dir).resolve()),
             "checkpoint": None if checkpoint is None else str(Path(checkpoint).resolve()),
-            "checkpoint_sha256": None if checkpoint is None else _sha256(Path(checkpoint) / "model.safetensors"),
+            "checkpoint_sha256": None if checkpoint is None else _weights_sha256(Path(checkpoint)),
             "export_bytes": weights_bytes(tmp),
             "bf16_bytes": bf16_bytes(model),
             "layers": layer_recipe(model),
@@ -120,13 +120,22 @@ def export_model(model: nn.Module, source_dir: Path, output: Path, fmt: str, con
     return result
 
 
-def _sha256(path: Path) -> Optional[str]:
-    if not path.is_file():
+def _weights_sha256(student_dir: Path) -> Optional[str]:
+    """sha256 of a student's weights: its ``model.safetensors``, or a sharded checkpoint's model
+    shard files in name order (each name hashed before its bytes)."""
+    from qadpipe.distill.checkpoint import MODEL_FILE
+    from qadpipe.distill.sharded_checkpoint import MODEL_SHARDS, is_sharded
+
+    files = sorted((student_dir / MODEL_SHARDS).iterdir()) if is_sharded(student_dir) else [student_dir / MODEL_FILE]
+    if not all(path.is_file() for path in files):
         return None
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+    for path in files:
+        if len(files) > 1:
+            digest.update(path.name.encode() + b"\0")
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
     return "sha256:" + digest.hexdigest()
 
 
@@ -147,17 +156,17 @@ def run_export(config: Any, checkpoint: Optional[str] = None, output: Optional[s
     The student is rebuilt from the config recorded in the checkpoint (what was trained); a
     differing ``model``/``quant`` section in the current config is reported and not used.
     """
-    from qadpipe.distill.student import load_final_student
+    from qadpipe.distill.student import has_student_weights, load_final_student
     from qadpipe.models import resolve_model_path
 
     final = Path(checkpoint) if checkpoint else Path(config.distill.output_dir) / "final"
     if checkpoint and (final / "config.json").is_file():   # an export (or an HF model) beside a run record
         raise ExportError(f"--checkpoint {final}: an HF checkpoint (it has config.json: an export?), expected a distill "
                           "final/, ptq/ or checkpoints/step-N directory")
-    if not (final / "model.safetensors").is_file() or not (final / RUN_FILE).is_file():
+    if not has_student_weights(final) or not (final / RUN_FILE).is_file():
         if checkpoint:
             raise ExportError(f"--checkpoint {final}: expected a distill final/, ptq/ or checkpoints/step-N "
-                              f"directory with model.safetensors and {RUN_FILE}")
+                              f"directory with model.safetensors (or model/ shards) and {RUN_FILE}")
         steps = sorted((final.parent / "checkpoints").glob("step-*"))
         config_record = (read_run_record(final.parent) or {}).get("config")
         distill = config_record.get("distill") if isinstance(config_record, dict) else None

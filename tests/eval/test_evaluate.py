@@ -417,8 +417,8 @@ def test_model_names_and_paths_are_checked_before_any_model_loads(trained, tmp_p
         "qadpipe: error: eval.models.teacher: the name of the report's reference row (eval's teacher, model.path); "
         "give this model another name"]
     assert _refusal([*trained, out, f"eval.models.a={peaky_llama_dir}", f"eval.models.b={topk_cache}"]) == [
-        f"qadpipe: error: eval.models.b: {topk_cache} holds neither a distill student (model.safetensors and "
-        "qadpipe_run.yaml) nor an HF checkpoint (config.json)"]
+        f"qadpipe: error: eval.models.b: {topk_cache} holds neither a distill student (model.safetensors or "
+        "model/ shards, and qadpipe_run.yaml) nor an HF checkpoint (config.json)"]
     assert _refusal([*trained, out, "eval.models.a="]) == [
         "qadpipe: error: eval.models.a: empty; expected a distill final/ or ptq/ directory or an HF checkpoint"]
     assert _refusal([*trained, out, f"eval.models.a|b={peaky_llama_dir}"]) == [   # would split report.md's row
