@@ -247,15 +247,24 @@ def done_by_main(is_main: bool, work: Callable[[], T], what: str = "write its ou
     return result
 
 
+def control_group() -> Optional[Any]:
+    """The gloo group with hours of timeout (see :func:`init_control_group`) for waits that may
+    outlast the collectives' timeout: rank 0's writes, and every rank's shard writes; None in a
+    world of one."""
+    if not dist.is_initialized():
+        return None
+    if _control_group is None:   # a process group set up by another caller than init_distributed
+        init_control_group()
+    return _control_group
+
+
 def raise_if_any_failed(failure: Optional[BaseException], what: str = "write its output") -> None:
     """Every rank learns whether rank 0's work failed (``failure`` there): rank 0 raises its
     own error, the others one line saying it could not do ``what`` (every rank must call; they
     wait for rank 0 on the control group, see :func:`init_control_group`)."""
     failed = torch.tensor(float(failure is not None))
     if dist.is_initialized():
-        if _control_group is None:   # a process group set up by another caller than init_distributed
-            init_control_group()
-        dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=_control_group)
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=control_group())
     if failed.item():
         if failure is not None:
             raise failure

@@ -19,7 +19,7 @@ or in one process, and ``qadpipe export``/``eval`` read the student from it in o
 DCP's own reader unpickles ``.metadata`` with ``pickle.load`` and its non-tensor entries with
 ``torch.load(weights_only=False)``: a crafted checkpoint would run code.  Here ``.metadata`` is
 read by an unpickler that builds DCP's metadata classes, torch sizes and dtypes and paths only,
-and the entries with ``weights_only=True``, as ``trainer_state.pt`` is read.
+and the entries with ``weights_only=True`` alone, as ``trainer_state.pt`` is read.
 """
 
 from __future__ import annotations
@@ -31,13 +31,13 @@ import pickle
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, set_element   # the setter it uses
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from qadpipe.errors import DistillError, first_line
@@ -59,28 +59,34 @@ def missing_shards(path: Path) -> str | None:
                  if not (Path(path) / name / _METADATA).is_file()), None)
 
 
-def save_shards(directory: Path, model_state: dict[str, Any], optimizer_state: dict[str, Any]) -> None:
+def save_shards(directory: Path, model_state: dict[str, Any], optimizer_state: dict[str, Any],
+                process_group: Optional[Any] = None) -> None:
     """Every rank writes its shards of ``model_state`` and ``optimizer_state`` (as
     ``get_model_state_dict`` / ``get_optimizer_state_dict`` return them) under ``directory``,
-    each file fsync'd.  Collective; a failed write on any rank raises on every rank (DCP
-    gathers the ranks' results)."""
+    each file fsync'd.  Collective over ``process_group``: DCP exchanges only plans and results
+    there, and the ranks done first wait in it for the slowest writer, so the trainer passes
+    its long-timeout gloo group (a slow shared filesystem must not trip NCCL's watchdog).  A
+    failed write on any rank raises on every rank (DCP gathers the ranks' results)."""
     for name, state in ((MODEL_SHARDS, model_state), (OPTIMIZER_SHARDS, optimizer_state)):
         try:
             with _alone_said_once():
-                dcp.save(state, storage_writer=FileSystemWriter(Path(directory) / name, sync_files=True))
+                dcp.save(state, storage_writer=FileSystemWriter(Path(directory) / name, sync_files=True),
+                         process_group=process_group)
         except (Exception, CheckpointException) as exc:   # CheckpointException (a BaseException): every rank's
             raise DistillError(f"{Path(directory) / name}: cannot write the shards ({_failure(exc)})") from None
 
 
-def load_shards(directory: Path, name: str, state: dict[str, Any]) -> None:
+def load_shards(directory: Path, name: str, state: dict[str, Any], process_group: Optional[Any] = None) -> None:
     """Fill ``state`` (a state dict of this run's model or optimizer, sharded or whole) in place
     from the DCP directory ``name`` of ``directory``, resharded to this run's layout.  Every rank
-    must call when a process group is up; alone, the one process reads every rank's shards."""
+    of ``process_group`` must call when a process group is up (see :func:`save_shards`); alone,
+    the one process reads every rank's shards."""
     path = Path(directory) / name
     _SafeReader(path).read_metadata()   # refused here in one line, not wrapped in DCP's per-rank report
     try:
         with _alone_said_once():
-            dcp.load(state, storage_reader=_SafeReader(path), planner=_SafeLoadPlanner())
+            dcp.load(state, storage_reader=_SafeReader(path), planner=_SafeLoadPlanner(),
+                     process_group=process_group)
     except (Exception, CheckpointException) as exc:   # CheckpointException (a BaseException): every rank's
         raise DistillError(f"{path}: unreadable sharded checkpoint ({_failure(exc)})") from None
 
@@ -114,7 +120,7 @@ class _MetadataUnpickler(pickle.Unpickler):
             found = super().find_class(module, name)
             if isinstance(found, type) and found.__module__ == module or name == "_get_layout":
                 return found
-        if module == "pathlib" and name in self._PATHS:
+        if module in ("pathlib", "pathlib._local") and name in self._PATHS:   # Python 3.13 writes the latter
             return getattr(pathlib, name)
         if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
             return getattr(torch, name)
@@ -137,16 +143,19 @@ class _SafeReader(FileSystemReader):
 
 
 class _SafeLoadPlanner(DefaultLoadPlanner):
-    """Non-tensor entries (the optimizer's hyperparameters) checked as ``trainer_state.pt`` is
-    read (``weights_only``: plain values and tensors) before DCP's own ``torch.load`` of them."""
+    """Non-tensor entries (the optimizer's hyperparameters) read as ``trainer_state.pt`` is
+    (``weights_only``: plain values and tensors), where DCP's planner unpickles them whole; the
+    value is then stored as DCP's planner stores it."""
 
     def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
         try:
-            torch.load(value, weights_only=True)
+            loaded = torch.load(value, weights_only=True)
         except pickle.UnpicklingError as exc:   # its message is a page of advice; the global it refused is the news
             refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
             raise pickle.UnpicklingError(f"entry {read_item.dest_index.fqn} would unpickle "
                                          f"{refused.group(1) if refused else 'an object'}, not a tensor or plain "
                                          "value") from None
-        value.seek(0)
-        super().load_bytes(read_item, value)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = loaded

@@ -104,6 +104,29 @@ def test_a_failed_shard_write_leaves_the_previous_checkpoint_latest(peaky_llama_
     assert (checkpoints / "LATEST").read_text().strip() == "step-00000002"
 
 
+def test_metadata_pickled_by_python_3_13_reads(tmp_path, monkeypatch):
+    """DCP's metadata holds the checkpoint's path; Python 3.13 pickles a PosixPath as
+    ``pathlib._local.PosixPath``, which the restricted unpickler must take as the path it is
+    (reading every sharded checkpoint written under 3.13 failed).  Written here as 3.13 writes it."""
+    import pathlib
+    import sys
+    import types
+
+    save_shards(tmp_path, {"weight": torch.arange(3.0)}, {"param_groups": []})
+    metadata_file = tmp_path / MODEL_SHARDS / ".metadata"
+    metadata = pickle.loads(metadata_file.read_bytes())   # our own file, just written
+    as_in_3_13 = types.ModuleType("pathlib._local")
+    as_in_3_13.PosixPath = pathlib.PosixPath
+    monkeypatch.setitem(sys.modules, "pathlib._local", as_in_3_13)
+    monkeypatch.setattr(pathlib.PosixPath, "__module__", "pathlib._local")
+    metadata_file.write_bytes(pickle.dumps(metadata))
+    monkeypatch.undo()
+    assert b"pathlib._local" in metadata_file.read_bytes()
+    loaded = {"weight": torch.zeros(3)}
+    load_shards(tmp_path, MODEL_SHARDS, loaded)
+    assert torch.equal(loaded["weight"], torch.arange(3.0))
+
+
 class Payload:
     def __reduce__(self):
         return (Path.touch, (Path(self.target),))
