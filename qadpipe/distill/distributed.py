@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
@@ -138,7 +139,7 @@ def load_sharded_from_main(module: nn.Module, whole: Optional[nn.Module], device
     on ``device``, and receives them one tensor at a time (``broadcast_from_rank0``): no rank
     but 0 ever holds the whole student, and rank 0 on the host only.  Buffers the state dict
     leaves out (rotary frequencies) are rank 0's too.  Every rank must call."""
-    module.to_empty(device=device)
+    materialize(module, device)
     state = {prefix + name: value for name, value in whole.state_dict().items()} if whole is not None else {}
     set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     buffers = dict(module.named_buffers())
@@ -147,6 +148,29 @@ def load_sharded_from_main(module: nn.Module, whole: Optional[nn.Module], device
             for name, value in whole.named_buffers():
                 buffers[prefix + name].copy_(value)
     broadcast_from_main(buffers.values())
+
+
+def materialize(module: nn.Module, device: torch.device) -> None:
+    """Allocate the meta tensors of ``module`` (a skeleton :func:`wrap` has sharded: each rank
+    its own shards) on ``device``, uninitialised, for a state dict to fill; the buffers it
+    already holds (what its init computed from the config: rotary frequencies) keep their values."""
+    kept = {name: buffer.detach().clone() for name, buffer in module.named_buffers() if not buffer.is_meta}
+    module.to_empty(device=device)
+    with torch.no_grad():
+        for name, buffer in module.named_buffers():
+            if name in kept:
+                buffer.copy_(kept[name])
+
+
+def reshard(module: nn.Module) -> None:
+    """Put FSDP2's shards back in ``module`` after a forward outside training (calibration, a
+    held-out eval).  FSDP2 leaves the root's parameters (embeddings, final norm, head) gathered
+    after a forward and reshards them in the backward; with no backward they stay gathered,
+    registered as plain tensors: an optimizer built then holds those, which training never
+    updates, and a state dict taken then no longer matches the optimizer's parameters."""
+    for submodule in module.modules():
+        if isinstance(submodule, FSDPModule):
+            submodule.reshard()
 
 
 def unwrap(module: nn.Module) -> nn.Module:

@@ -60,12 +60,15 @@ def build_student(config: Any, device: torch.device, *, rebuild: bool = False, p
 
 
 def build_student_skeleton(config: Any) -> nn.Module:
-    """The student's modules with the quant recipe applied, on the meta device: every shape and
-    name, no value.  What each rank of a sharded build (FSDP2 under torchrun) shards before it
-    holds a weight; the values are rank 0's :func:`build_student` on the host (see
-    :func:`~qadpipe.distill.distributed.load_sharded_from_main`), which also made the recipe's
-    checks and its weight-derived state (ranges, LSQ steps): the skeleton's recipe is applied
-    as a rebuild, refusing nothing rank 0 has not refused already."""
+    """The student's modules with the quant recipe applied, its parameters and the recipe's
+    state on the meta device: every shape and name, no value.  What each rank of a sharded
+    build (FSDP2 under torchrun) shards before it holds a weight; the values are rank 0's
+    :func:`build_student` on the host (see :func:`~qadpipe.distill.distributed.load_sharded_from_main`),
+    which also made the recipe's checks and its weight-derived state (ranges, LSQ steps): the
+    skeleton's recipe is applied as a rebuild, refusing nothing rank 0 has not refused already,
+    or a sharded checkpoint's.  The model's own buffers are real: those outside the state dict
+    (rotary frequencies) come from the config, so a resume from shards needs no whole student."""
+    from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     from qadpipe.models import load_model_config, resolve_model_path
@@ -74,9 +77,10 @@ def build_student_skeleton(config: Any) -> nn.Module:
     path = resolve_model_path(config.model.path)
     trust = config.model.trust_remote_code
     try:
-        with torch.device("meta"):
+        with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(load_model_config(path, trust), dtype=torch.float32,
                                                      trust_remote_code=trust)
+        model.tie_weights()   # init_empty_weights re-registers each parameter: a tied head came apart
     except Exception as exc:   # an architecture whose init computes on its weights' values
         raise ModelError(f"model.path: {path} cannot be built on the meta device for distill.distributed: fsdp2's "
                          f"sharded build ({type(exc).__name__}: {first_line(exc)}); use distill.distributed: ddp, "

@@ -208,8 +208,12 @@ class DistillRecipe:
             if self.resume else None
         self.base_model = dist_utils.computed_by_main(self.env.is_main, lambda: base_model_fact(self.config.model.path))
         sharded = cfg.distributed == "fsdp2" and self.env.distributed
+        # a sharded checkpoint holds every value of a sharded build: no whole student to load
+        from_shards = checkpoint is not None and dist_utils.computed_by_main(self.env.is_main,
+                                                                              lambda: is_sharded(checkpoint))
         if sharded:   # the skeleton first: it refuses shards too large for the GPU at once
-            student, whole = self._skeleton(), self._build_on_main_host(rebuild=checkpoint is not None)
+            student = self._skeleton()
+            whole = None if from_shards else self._build_on_main_host(rebuild=checkpoint is not None)
         else:
             student, whole = build_student(self.config, self.env.device, rebuild=checkpoint is not None,
                                            packed=cfg.pack_length is not None), None
@@ -240,7 +244,9 @@ class DistillRecipe:
             enable_activation_checkpointing(student)
         no_decay = no_decay_names(self.model, quant_parameters(student))
         self.wrapped = dist_utils.wrap(self.model, student.get_decoder().layers, cfg.distributed, self.env)
-        if sharded:
+        if sharded and from_shards:   # filled by _restore_state, once the optimizer exists
+            dist_utils.materialize(self.model, self.env.device)
+        elif sharded:
             dist_utils.load_sharded_from_main(self.model, whole, self.env.device, prefix="student.")
             del whole   # rank 0's host copy: the shards are the student now
         if restored is None:
@@ -505,6 +511,7 @@ class DistillRecipe:
         with self._autocast():   # through the wrapped module: FSDP2's root gathers the embeddings and head
             calibrate(student, batches, count, percentile=self.config.quant.activation_percentile,
                       forward=lambda **inputs: self.model(inputs))
+        dist_utils.reshard(self.model)
         # Every rank calibrated on the same rows, but GPUs need not sum them in one order: rank
         # 0's ranges (the ones its PTQ baseline and checkpoints save) are every rank's.
         dist_utils.broadcast_from_main(buffer for module in student.modules() if isinstance(module, Quantizer)
@@ -907,6 +914,7 @@ class DistillRecipe:
             for key in STAT_KEYS:
                 totals[key] += stats[key]
         module.train()
+        dist_utils.reshard(module)
         return summarize(totals)
 
     # ------------------------------------------------------------------ observability

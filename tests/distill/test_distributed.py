@@ -204,6 +204,7 @@ def test_fsdp2_builds_the_student_from_rank_0_alone_and_trains_it_as_ddp_does(ca
     for bit (input ranges calibrated through the sharded forward, LSQ steps set from the
     weights by rank 0), the same loss curve through a stop and a resume, and only rank 0 ever
     reads the whole student, from the model directory or from the checkpoint it resumes."""
+    recipe = (*recipe, "distill.eval_rows=2")   # a held-out eval through the sharded student before AdamW exists
     ddp = run(peaky_llama_dir, caches[0], tmp_path / "ddp", 2, "distill.batch_size=1", "distill.distributed=ddp",
               *recipe)
     spy = tmp_path / "spy.py"
@@ -227,8 +228,9 @@ def test_fsdp2_builds_the_student_from_rank_0_alone_and_trains_it_as_ddp_does(ca
 def test_a_sharded_checkpoint_of_two_fsdp2_ranks_resumes_on_two_and_on_one_process(caches, single, peaky_llama_dir,
                                                                                    tmp_path, monkeypatch):
     """Each rank writes its own shards (nothing gathered: no full optimizer state is ever built),
-    and the checkpoint reshards on load: resumed by the 2 ranks, or by one process (grad_accum 2:
-    the same global batch), the run follows the loss curve of one process trained from the start."""
+    and the checkpoint reshards on load: resumed by the 2 ranks (rank 0 loading no whole student:
+    the shards hold every value), or by one process (grad_accum 2: the same global batch), the
+    run follows the loss curve of one process trained from the start."""
     single_curves, _ = single
     spy = tmp_path / "spy.py"
     spy.write_text(LOAD_SPY.replace('spied(checkpoint, "load_file")', 'spied(checkpoint, "load_file")\n'
@@ -245,7 +247,8 @@ def test_a_sharded_checkpoint_of_two_fsdp2_ranks_resumes_on_two_and_on_one_proce
     moved = tmp_path / "moved"
     shutil.copytree(out, moved)
     resumed = run(peaky_llama_dir, caches[0], out, 2, *sharded, "distill.batch_size=1", "distill.distributed=fsdp2",
-                  resume=True)
+                  resume=True, entry=spy)
+    assert whole_loads(tmp_path, 0) == ["load_causal_lm"]   # the first run's: the shards hold every value
     np.testing.assert_allclose(resumed["loss"], single_curves["loss"], rtol=2e-4)
     np.testing.assert_allclose(resumed["grad_norm"], single_curves["grad_norm"], rtol=1e-4)
     alone = run(peaky_llama_dir, caches[0], moved, 1, *sharded, "distill.batch_size=1", "distill.grad_accum=2",
