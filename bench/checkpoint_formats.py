@@ -111,7 +111,8 @@ def main() -> None:
                 shutil.rmtree(out, ignore_errors=True)
             print(f"round {round_index + 1} {name}: {results[name][-1]}", flush=True)
     median = {name: {"seconds": statistics.median(r["seconds"] for r in results[name]),
-                     "peaks": [statistics.median(r["peaks"][rank] for r in results[name]) for rank in range(args.ranks)],
+                     "peaks": [statistics.median(r["peaks"][rank] for r in results[name])
+                               for rank in range(args.ranks)],
                      "size": results[name][0]["size"]} for name in FORMATS}
     print(f"\n{args.ranks} CPU ranks, SmolLM2-135M W4A16 under FSDP2, {args.rounds} saves of each format, each in "
           "fresh processes (medians)\n")

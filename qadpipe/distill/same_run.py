@@ -15,15 +15,16 @@ from qadpipe.config import PipelineConfig, build_config, config_to_dict, flatten
 #: save, where the run lives, how much memory a step takes (the knobs a run that ran out of
 #: memory is resumed with; pack_length only lays out the rows each micro-batch already holds;
 #: checkpoints, full or sharded, load under any strategy, so DDP and FSDP2 continue each
-#: other's runs, in either checkpoint format; a smaller batch_size with a larger grad_accum keeps the global batch, and the
-#: loader shares out the rows left in the epoch as on another number of ranks), and the lr and
-#: clipping (those a run that diverged is resumed with).  A moved cache is recognised by its
-#: fingerprint, not its path.
+#: other's runs, in either checkpoint format; a smaller batch_size with a larger grad_accum
+#: keeps the global batch, and the loader shares out the rows left in the epoch as on another
+#: number of ranks), and the lr and clipping (those a run that diverged is resumed with).  A
+#: moved cache is recognised by its fingerprint, not its path.
 RESUMABLE_CHANGES = frozenset({"distill.max_steps", "distill.lr", "distill.max_grad_norm",
                                "distill.batch_size", "distill.grad_accum",
                                "distill.log_every", "distill.eval_every", "distill.save_every",
                                "distill.save", "distill.save_in_background", "distill.checkpoint_format",
-                               "distill.activation_checkpointing", "distill.loss_chunk_tokens", "distill.pack_length", "distill.prefetch_batches", "distill.tensorboard",
+                               "distill.activation_checkpointing", "distill.loss_chunk_tokens", "distill.pack_length",
+                               "distill.prefetch_batches", "distill.tensorboard",
                                "distill.device", "distill.output_dir", "distill.distributed"})
 
 #: The teacher's fields that shape a run with the teacher in the loop.

@@ -158,6 +158,8 @@ class DistillRecipe:
         self._stop = StopSignals("saving a checkpoint at the end of this step")
         self._saved_distill: Optional[dict[str, Any]] = None   # the resumed checkpoint's schedule and batch
         self._resumed_window: Optional[dict[str, float]] = None   # the resumed checkpoint's log-interval sums
+        # whether the resumed checkpoint is sharded: rank 0 looks once, every rank follows it
+        self._from_shards = False
         self.resumes: list[dict[str, Any]] = []   # this run's resume history, see _record_resume
 
     # ------------------------------------------------------------------ setup
@@ -209,11 +211,11 @@ class DistillRecipe:
         self.base_model = dist_utils.computed_by_main(self.env.is_main, lambda: base_model_fact(self.config.model.path))
         sharded = cfg.distributed == "fsdp2" and self.env.distributed
         # a sharded checkpoint holds every value of a sharded build: no whole student to load
-        from_shards = checkpoint is not None and dist_utils.computed_by_main(self.env.is_main,
-                                                                              lambda: is_sharded(checkpoint))
+        self._from_shards = checkpoint is not None and dist_utils.computed_by_main(self.env.is_main,
+                                                                                    lambda: is_sharded(checkpoint))
         if sharded:   # the skeleton first: it refuses shards too large for the GPU at once
             student = self._skeleton()
-            whole = None if from_shards else self._build_on_main_host(rebuild=checkpoint is not None)
+            whole = None if self._from_shards else self._build_on_main_host(rebuild=checkpoint is not None)
         else:
             student, whole = build_student(self.config, self.env.device, rebuild=checkpoint is not None,
                                            packed=cfg.pack_length is not None), None
@@ -244,7 +246,7 @@ class DistillRecipe:
             enable_activation_checkpointing(student)
         no_decay = no_decay_names(self.model, quant_parameters(student))
         self.wrapped = dist_utils.wrap(self.model, student.get_decoder().layers, cfg.distributed, self.env)
-        if sharded and from_shards:   # filled by _restore_state, once the optimizer exists
+        if sharded and self._from_shards:   # filled by _restore_state, once the optimizer exists
             dist_utils.materialize(self.model, self.env.device)
         elif sharded:
             dist_utils.load_sharded_from_main(self.model, whole, self.env.device, prefix="student.")
@@ -568,7 +570,7 @@ class DistillRecipe:
         def load_weights() -> None:
             load_state_into(into, {_strip(k): v for k, v in load_checkpoint_weights(path).items()}, path)
 
-        if is_sharded(path):   # each rank reads its shards once the student is wrapped (_restore_state)
+        if self._from_shards:   # each rank reads its shards once the student is wrapped (_restore_state)
             return path, state
         if into is student:   # each rank its own whole student
             load_weights()
@@ -634,15 +636,14 @@ class DistillRecipe:
         return distill_reads(key, teacher_in_loop=self._needs_teacher(), tokens_from_data=self.target_kind is None)
 
     def _restore_state(self, path: Path, state: TrainerState) -> None:
-        sharded = is_sharded(path)
-        optimizer_state = self._read_shards(path) if sharded else state.optimizer
+        optimizer_state = self._read_shards(path) if self._from_shards else state.optimizer
         saved_decay = [group["weight_decay"] for group in optimizer_state["param_groups"]]
         decay = [group["weight_decay"] for group in self.optimizer.param_groups]
         if saved_decay != decay:
             raise DistillError(f"{path}: AdamW groups with weight decay {saved_decay}, this run builds {decay} (a "
                                "qadpipe before 2026-12 decayed norms and quantizer parameters too); resume it with "
                                "the qadpipe that wrote it or start a fresh distill.output_dir")
-        dist_utils.load_optimizer_state(self.model, self.optimizer, optimizer_state, full=not sharded)
+        dist_utils.load_optimizer_state(self.model, self.optimizer, optimizer_state, full=not self._from_shards)
         if self.env.device.type == "cpu":
             # loaded on the device they live on, AdamW's moments stayed views of the checkpoint file's
             # memory map: pruned later, the file kept its disk space (on NFS, a .nfs file) all run
@@ -967,7 +968,8 @@ class DistillRecipe:
                              log_window={"ranks": dist_utils.all_gather_objects(window.sums())})
         if self.cfg.checkpoint_format == "sharded":
             self._save_sharded_checkpoint(state)
-            log.info("checkpoint step %d: every rank wrote its shards in %.1f s", self.step, time.perf_counter() - taken)
+            log.info("checkpoint step %d: every rank wrote its shards in %.1f s", self.step,
+                     time.perf_counter() - taken)
             return
         model_state = {_strip(k): v for k, v in dist_utils.full_model_state(self.model).items()}
         state.optimizer = dist_utils.full_optimizer_state(self.model, self.optimizer)

@@ -1,9 +1,9 @@
 """FSDP2's sharded build starts from a skeleton: the student's modules, recipe applied, its
-state dict on the meta device.  Rank 0's whole student fills it name by name (``set_model_state_dict``), so the
-skeleton must have exactly the names and shapes of :func:`build_student`'s student, whatever
-the recipe adds (input ranges, LSQ steps, learned clips, KV-cache quantizers, fused MoE
-experts), and no value but the buffers its config sets.  The whole-run checks (2 ranks against 1 process) are the slow tests
-of test_distributed.py."""
+state dict on the meta device.  Rank 0's whole student fills it name by name
+(``set_model_state_dict``), so the skeleton must have exactly the names and shapes of
+:func:`build_student`'s student, whatever the recipe adds (input ranges, LSQ steps, learned
+clips, KV-cache quantizers, fused MoE experts), and no value but the buffers its config sets.
+The whole-run checks (2 ranks against 1 process) are the slow tests of test_distributed.py."""
 
 from __future__ import annotations
 
