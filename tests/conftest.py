@@ -63,6 +63,24 @@ def tiny_qwen3_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) 
 
 
 @pytest.fixture(scope="session")
+def tied_qwen3_moe_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Path:
+    """A tiny random Qwen3-MoE (4 experts, top 2, tied embeddings) with SmolLM2's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2_dir))
+    torch.manual_seed(0)
+    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32, num_experts=4,
+        num_experts_per_tok=2, tie_word_embeddings=True))
+    out = tmp_path_factory.mktemp("tiny-moe")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def peaky_llama_dir(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> Path:
     """The tiny random Llama with its final norm scaled ×30, so its next-token distributions
     are peaked like a trained LM's (the raw random model is near-uniform: KL ~1e-4, no signal)."""

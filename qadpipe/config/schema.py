@@ -173,9 +173,10 @@ class QuantConfig:
     rules: list[QuantRule] = opt(factory=list, help=
         "per-module overrides: [{targets: regex, preset: name, group_size: n}], first match wins")
     moe_experts: Literal["quantize", "dense"] = opt("quantize",
-        "transformers' fused MoE experts (3-D gate_up_proj/down_proj): quantize them per expert, "
-        "weight-only, with the preset (or a rule) their module name gets; dense: keep them in full "
-        "precision (a student recorded before this field existed kept them dense)")
+        "transformers' fused MoE experts (3-D gate_up_proj/down_proj): quantize them per expert with "
+        "the preset (or a rule) their module name gets, activations included (one input range per "
+        "projection for all the experts, as vLLM serves them); dense: keep them in full precision (a "
+        "student recorded before this field existed kept them dense)")
     ste: Literal["identity", "clipped"] = opt("identity",
         "straight-through gradient: identity, or zero where the quantizer clips")
     learnable: Literal["none", "lsq", "clip"] = opt("none",

@@ -155,17 +155,25 @@ def _input_args(name: str, spec: QuantSpec) -> dict[str, Any]:
 def layer_tensors(name: str, layer: QuantLinear, scheme: Scheme) -> dict[str, torch.Tensor]:
     """One layer's CT tensors (local names) from the codes and scales its forward uses."""
     out = weight_tensors(layer.quantized_weight(), scheme)
-    out.update(_input_tensors(name, layer))
+    out.update(_input_tensors(name, layer.input_quantizer))
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def experts_tensors(experts: QuantExperts, scheme: Scheme) -> dict[str, torch.Tensor]:
-    """Fused MoE experts as vLLM loads a quantized MoE: one weight-only layer per expert and
-    projection, named ``<e>.gate_proj.weight_packed``, ... (local to the experts module)."""
+#: The experts' input quantizer each per-expert projection vLLM loads takes its scale from.
+_EXPERT_INPUTS = {"gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj"}
+
+
+def experts_tensors(name: str, experts: QuantExperts, scheme: Scheme) -> dict[str, torch.Tensor]:
+    """Fused MoE experts as vLLM loads a quantized MoE: one layer per expert and projection,
+    named ``<e>.gate_proj.weight_packed``, ... (local to the experts module).  A static input
+    scale is the experts module's one range, written for every expert: vLLM serves the max
+    over them, which is then that range."""
+    inputs = experts.input_quantizers()
     out: dict[str, torch.Tensor] = {}
     for projection, matrices in experts.expert_matrices().items():
+        scales = _input_tensors(f"{name}.{_EXPERT_INPUTS[projection]}", inputs.get(_EXPERT_INPUTS[projection]))
         for expert, q in enumerate(matrices):
-            for local, tensor in weight_tensors(q, scheme).items():   # copied: gate and up share storage
+            for local, tensor in {**weight_tensors(q, scheme), **scales}.items():   # copied: storage is shared
                 out[f"{expert}.{projection}.{local}"] = tensor.clone(memory_format=torch.contiguous_format)
     return out
 
@@ -191,9 +199,8 @@ def weight_tensors(q: QuantizedTensor, scheme: Scheme) -> dict[str, torch.Tensor
     return out
 
 
-def _input_tensors(name: str, layer: QuantLinear) -> dict[str, torch.Tensor]:
+def _input_tensors(name: str, quantizer: Optional[Quantizer]) -> dict[str, torch.Tensor]:
     """Static input scales, computed by ``quantize`` itself from the calibrated amax."""
-    quantizer = layer.input_quantizer
     if quantizer is None or quantizer.spec.dynamic:
         return {}
     spec = quantizer.spec
@@ -255,7 +262,7 @@ def _experts_scheme(name: str, experts: QuantExperts) -> Scheme:
             spec.check_shape(tuple(experts.in_last(weight).shape[1:]), f"{name}.{weight}")
         except QuantError as exc:
             raise ExportError(str(exc)) from None
-    return scheme_for(name, spec, None)
+    return scheme_for(name, spec, experts.input_spec)
 
 
 def _served_as_trained_only_on(scheme: Scheme) -> str:
@@ -431,7 +438,7 @@ def write_compressed_tensors(model: nn.Module, source_dir: Path, directory: Path
     config = read_config(source_dir)
     tie = ties_word_embeddings(model)
     def experts_fn(name: str, experts: QuantExperts) -> dict[str, torch.Tensor]:
-        return experts_tensors(experts, schemes[name])
+        return experts_tensors(name, experts, schemes[name])
 
     tensors = export_tensors(model, layer_fn, dtype, tie_word_embeddings=tie, experts_fn=experts_fn)
     check_fused(fused_groups(model), schemes, tensors)

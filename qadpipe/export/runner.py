@@ -80,7 +80,8 @@ def layer_recipe(model: nn.Module) -> dict[str, dict[str, Any]]:
     layers = {name: {"weight": spec_dict(layer.weight_quantizer.spec),
                      "input": spec_dict(layer.input_quantizer.spec if layer.input_quantizer else None)}
               for name, layer in quant_linears(model).items()}
-    layers.update({name: {"weight": spec_dict(experts.spec), "input": None, "per_expert": True}
+    layers.update({name: {"weight": spec_dict(experts.spec), "input": spec_dict(experts.input_spec),
+                          "per_expert": True}
                    for name, experts in quant_experts(model).items()})
     return layers
 

@@ -17,25 +17,36 @@ quantized GEMM per expert:
   the experts (``torch.vmap``, see :func:`qadpipe.quant.compiled.over_slices`), not in a
   Python loop launching every kernel once per expert.
 
-Weight-only: activation quantization inside the experts would need hooks in every
-implementation's per-expert loop; a recipe that asks for it is refused (see
-``qadpipe.quant.recipe``).  The expert module itself runs unchanged through
+Weight-only experts run the expert module itself, unchanged, through
 ``torch.func.functional_call`` with the fake-quantized tensors in place of its own, so every
 implementation transformers dispatches to (eager loop, grouped_mm, batched_mm) sees them.
+
+Activation quantization (W4A4, W8A8 ...) needs the input of each expert's two GEMMs, which
+transformers' implementations compute inside their own loops (the eager one inline).  Such
+experts run :meth:`QuantExperts._routed_forward` instead: the routed tokens sorted by expert,
+one GEMM per expert over its rows, as vLLM's fused MoE computes them.  The inputs get **one
+range per experts module and projection**, not one per expert: vLLM serves a quantized MoE
+layer with the largest of its experts' input scales (``amax_for_moe_activation_quant``;
+its NVFP4 emulation warns and takes the max too), so a range per expert would train numbers
+it never serves.  The gate/up input is the layer's hidden states, quantized once (the formats
+are row-local, so each expert's copy of a token quantizes alike); the down input is quantized
+in token-major order, ``[tokens, top_k, I]``, so calibration can leave padded tokens out.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from qadpipe.quant.compiled import Compile
 from qadpipe.quant.formats import Granularity, Kind, QuantizedTensor, QuantSpec, quantize
-from qadpipe.quant.quantizers import Ste, _FakeQuantSTE
+from qadpipe.quant.quantizers import Quantizer, Ste, _FakeQuantSTE
 
 
 @dataclass(frozen=True)
@@ -129,11 +140,13 @@ class ExpertWeightQuantizer(nn.Module):
 class QuantExperts(nn.Module):
     """Takes an experts module's place: its Parameters under the same names (so the state_dict,
     the optimizer and FSDP see what they saw), a weight quantizer per projection
-    (``gate_up_proj_quantizer``, ``down_proj_quantizer``), and the original module -- no
-    submodule, and left without parameters -- run with the fake-quantized weights."""
+    (``gate_up_proj_quantizer``, ``down_proj_quantizer``), with ``input_spec`` an input
+    quantizer per projection (``gate_up_proj_input_quantizer``, ``down_proj_input_quantizer``),
+    and the original module -- no submodule, and left without parameters -- run with the
+    fake-quantized weights."""
 
     def __init__(self, experts: nn.Module, layout: ExpertsLayout, spec: QuantSpec, *, ste: Ste = "identity",
-                 compile_mode: Compile = "off") -> None:
+                 compile_mode: Compile = "off", input_spec: Optional[QuantSpec] = None) -> None:
         super().__init__()
         self.__dict__["_experts"] = experts      # not a submodule: its parameters move here
         self.layout = layout
@@ -146,6 +159,9 @@ class QuantExperts(nn.Module):
         for name in layout.weight_names:
             quantizer = ExpertWeightQuantizer(spec, self.in_last(name), ste=ste, compile_mode=compile_mode)
             self.add_module(f"{name}_quantizer", quantizer.to(getattr(self, name).device))
+            if input_spec is not None:   # a static range comes from calibration, as a Linear input's
+                inputs = Quantizer(input_spec, ste=ste, compile_mode=compile_mode)
+                self.add_module(f"{name}_input_quantizer", inputs.to(getattr(self, name).device))
 
     @property
     def spec(self) -> QuantSpec:
@@ -163,11 +179,58 @@ class QuantExperts(nn.Module):
         # back to the stored layout, contiguous like the parameter (the matmuls see the same strides)
         return q.transpose(1, 2).contiguous() if self.layout.transposed else q
 
+    @property
+    def input_spec(self) -> Optional[QuantSpec]:
+        """The activation format (None: weight-only)."""
+        inputs = self.input_quantizers()
+        return inputs[self.layout.up_name].spec if inputs else None
+
+    def input_quantizers(self) -> dict[str, Quantizer]:
+        """Per projection (``gate_up_proj``/``up_proj``, ``down_proj``), its input quantizer
+        ({} when weight-only)."""
+        return {name: getattr(self, f"{name}_input_quantizer") for name in self.layout.weight_names
+                if f"{name}_input_quantizer" in self._modules}
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         tensors = dict(self.named_parameters(recurse=False))   # read now: FSDP swaps them around forward
         for name in self.layout.weight_names:
             tensors[name] = self.fake_quantized(name)
+        if self.input_quantizers():
+            # the module's own argument names (gpt-oss: router_indices, routing_weights)
+            bound = inspect.signature(self._experts.forward).bind(*args, **kwargs)
+            return self._routed_forward(tensors, *bound.arguments.values())
         return functional_call(self._experts, tensors, args, kwargs)
+
+    def _routed_forward(self, tensors: dict[str, Tensor], hidden_states: Tensor, top_k_index: Tensor,
+                        top_k_weights: Tensor) -> Tensor:
+        """The experts with quantized inputs (see the module docstring): ``hidden_states``
+        ``[N, D]``, ``top_k_index``/``top_k_weights`` ``[N, k]`` -> ``[N, D]``, the sum over a
+        token's experts taken as transformers' grouped and batched implementations take it."""
+        up_name = self.layout.up_name
+        inputs = self.input_quantizers()
+        tokens, top_k = top_k_index.shape
+        pairs = top_k_index.reshape(-1)
+        order = torch.argsort(pairs, stable=True)          # (token, slot) pairs grouped by expert
+        token_major = torch.argsort(order)                  # and back
+        rows_per_expert = torch.bincount(pairs, minlength=tensors[up_name].shape[0]).tolist()
+        x = inputs[up_name](hidden_states)[order // top_k]
+        hidden = self._per_expert(x, tensors, up_name, rows_per_expert)
+        hidden = self._experts._apply_gate(hidden) if self.layout.gated else self._experts.act_fn(hidden)
+        hidden = inputs["down_proj"](hidden[token_major].unflatten(0, (tokens, top_k))).flatten(0, 1)[order]
+        out = self._per_expert(hidden, tensors, "down_proj", rows_per_expert)[token_major]
+        out = out.unflatten(0, (tokens, top_k)) * top_k_weights.unsqueeze(-1)
+        return out.sum(dim=1).to(hidden_states.dtype)
+
+    def _per_expert(self, rows: Tensor, tensors: dict[str, Tensor], name: str, rows_per_expert: list[int]) -> Tensor:
+        """Projection ``name`` of ``rows`` (sorted by expert, ``rows_per_expert`` of each): one
+        GEMM per expert that has rows, in the stored layout, plus its bias."""
+        weight, bias = tensors[name], tensors.get(f"{name}_bias")
+        out = []
+        for expert, chunk in enumerate(rows.split(rows_per_expert)):
+            if chunk.shape[0]:
+                matrix = weight[expert].T if self.layout.transposed else weight[expert]
+                out.append(F.linear(chunk, matrix, None if bias is None else bias[expert]))
+        return torch.cat(out)
 
     def __getattr__(self, name: str) -> Any:
         try:

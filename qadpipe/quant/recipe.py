@@ -115,7 +115,7 @@ class QuantRecipe:
     """Everything apply_recipe did: per-module specs, fused groups, what stayed dense."""
 
     layers: dict[str, LayerRecipe] = field(default_factory=dict)
-    experts: dict[str, LayerRecipe] = field(default_factory=dict)   # fused MoE experts (weight-only)
+    experts: dict[str, LayerRecipe] = field(default_factory=dict)   # fused MoE experts
     fused_groups: list[tuple[str, ...]] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
     ste: str = "identity"
@@ -245,8 +245,8 @@ def apply_recipe(model: nn.Module, quant: Any, *, rebuild: bool = False) -> Quan
         if name in experts:
             module, layout = experts[name]
             _set_submodule(model, name, QuantExperts(module, layout, preset.weight, ste=quant.ste,
-                                                     compile_mode=compile_mode))
-            recipe.experts[name] = LayerRecipe(name, preset_name, preset.weight, None)
+                                                     compile_mode=compile_mode, input_spec=preset.input))
+            recipe.experts[name] = LayerRecipe(name, preset_name, preset.weight, preset.input)
             continue
         weight = _learnable_spec(preset.weight, quant.learnable, preset_name, section_of[name])
         new = QuantLinear.from_linear(linears[name], weight, preset.input, ste=quant.ste,
@@ -368,13 +368,9 @@ def _refuse_dead_rules(quant: Any, targets: list[str], section_of: dict[str, str
 
 def _check_experts(name: str, module: nn.Module, layout: ExpertsLayout, preset_name: str, preset: Preset,
                    section: str, learnable: str) -> None:
-    """Refuse what fused MoE experts cannot take (weight-only, no learned scales, groups that
-    divide both projections' in-features); errors name the field to change."""
+    """Refuse what fused MoE experts cannot take (no learned scales, groups that divide both
+    projections' in-features); errors name the field to change."""
     where = f"{section}.preset"
-    if preset.input is not None:
-        raise QuantError(f"{where}: {preset_name} quantizes activations, which qadpipe does not do inside "
-                         f"MoE experts ({name}); give them a weight-only preset with a quant.rules entry (e.g. "
-                         "{targets: 'experts$', preset: nvfp4_a16}) or keep them dense with quant.moe_experts: dense")
     if learnable != "none":   # it applies to every layer: a rule cannot take the experts out of it
         raise QuantError(f"quant.learnable: {learnable}: learned scales are not supported for MoE experts "
                          f"({name}); keep them dense with quant.moe_experts: dense, or set quant.learnable: none")

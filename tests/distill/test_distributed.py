@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file
 
 from cache_rows import write_cache
-from distill_fixtures import settings
+from distill_fixtures import make_cache, settings
 from qadpipe.cache import CacheReader
 from qadpipe.targets import SequenceTargets
 
@@ -222,6 +222,24 @@ def test_fsdp2_builds_the_student_from_rank_0_alone_and_trains_it_as_ddp_does(ca
     assert (whole_loads(tmp_path, 0), whole_loads(tmp_path, 1)) == (["load_causal_lm"] * 2 + ["load_file"], [])
     np.testing.assert_allclose(resumed["loss"], ddp["loss"], rtol=2e-4)
     np.testing.assert_allclose(resumed["grad_norm"], ddp["grad_norm"], rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_fsdp2_trains_moe_experts_with_quantized_inputs_as_ddp_does(tied_qwen3_moe_dir, tmp_path):
+    """NVFP4 W4A4 experts (one input range per projection, calibrated through the sharded
+    forward) under FSDP2's sharded build: DDP's PTQ student bit for bit, and its loss curve."""
+    cache = make_cache(tmp_path / "cache", tied_qwen3_moe_dir)
+    recipe = ("quant.preset=nvfp4", "quant.group_size=null", "quant.calibration_batches=2", "distill.batch_size=1",
+              "distill.eval_rows=2")
+    ddp = run(tied_qwen3_moe_dir, cache, tmp_path / "ddp", 2, *recipe, "distill.distributed=ddp")
+    fsdp2 = run(tied_qwen3_moe_dir, cache, tmp_path / "fsdp2", 2, *recipe, "distill.distributed=fsdp2")
+    ptq, reference = (load_file(str(tmp_path / tag / "ptq" / "model.safetensors")) for tag in ("fsdp2", "ddp"))
+    assert any(name.endswith("experts.down_proj_input_quantizer.amax") for name in ptq)
+    assert ptq.keys() == reference.keys()
+    assert [name for name in ptq if not torch.equal(ptq[name], reference[name])] == []
+    assert len(fsdp2["loss"]) == STEPS
+    np.testing.assert_allclose(fsdp2["loss"], ddp["loss"], rtol=2e-4)
+    np.testing.assert_allclose(fsdp2["grad_norm"], ddp["grad_norm"], rtol=1e-4)
 
 
 @pytest.mark.slow

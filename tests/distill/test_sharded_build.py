@@ -16,22 +16,6 @@ from qadpipe.errors import ModelError
 from qadpipe.quant.experts import QuantExperts
 
 
-@pytest.fixture(scope="module")
-def tiny_moe_dir(tmp_path_factory, smollm2_dir):
-    from transformers import AutoTokenizer, Qwen3MoeConfig, Qwen3MoeForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(str(smollm2_dir))
-    torch.manual_seed(0)
-    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
-        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32, num_experts=4,
-        num_experts_per_tok=2, tie_word_embeddings=True))
-    out = tmp_path_factory.mktemp("tiny-moe")
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
 def shared_names(model: torch.nn.Module) -> list[list[str]]:
     """Groups of parameter names that are one tensor (a tied head)."""
     groups: dict[int, list[str]] = {}
@@ -60,9 +44,10 @@ def test_the_skeleton_has_the_built_students_names_and_shapes_and_no_value(peaky
     assert any("quantizer" in name for name in shapes)   # the recipe's state is there to be filled
 
 
-def test_a_skeleton_of_fused_moe_experts_keeps_the_tie_of_its_embeddings(tiny_moe_dir):
-    config = load_config(None, [f"model.path={tiny_moe_dir}", "quant.preset=w4a16_int", "quant.group_size=32",
-                                "quant.moe_experts=quantize"])
+@pytest.mark.parametrize("recipe", [("quant.preset=w4a16_int", "quant.group_size=32"), ("quant.preset=nvfp4",)],
+                         ids=["w4a16_int", "nvfp4"])
+def test_a_skeleton_of_fused_moe_experts_keeps_the_tie_of_its_embeddings(tied_qwen3_moe_dir, recipe):
+    config = load_config(None, [f"model.path={tied_qwen3_moe_dir}", *recipe, "quant.moe_experts=quantize"])
     whole = build_student(config, torch.device("cpu"))
     skeleton = build_student_skeleton(config)
     assert {n: tuple(v.shape) for n, v in skeleton.state_dict().items()} == \

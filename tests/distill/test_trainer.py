@@ -21,7 +21,7 @@ from cache_rows import cache_meta, random_rows, write_cache
 from qadpipe.cli import cli
 from qadpipe.config import load_config
 
-from distill_fixtures import settings
+from distill_fixtures import make_cache, settings
 
 
 def distill(model_dir: Path, cache: Path, out: Path, *extra: str, resume: bool = False):
@@ -882,3 +882,31 @@ def test_a_warmup_longer_than_the_run_is_said(peaky_llama_dir, topk_cache, tmp_p
     assert "distill.warmup_steps=4 with max_steps=2: the lr never decays; the last step trains at 0.5 x distill.lr" \
         in caplog.text
     assert [round(row["lr"] / 1e-4, 6) for row in train_rows(tmp_path / "out")] == [0.25, 0.5]
+
+
+def test_a_moe_student_with_quantized_expert_inputs_calibrates_trains_and_exports_them(tied_qwen3_moe_dir, tmp_path):
+    """NVFP4 W4A4 through the experts too: calibration gives each experts module one range per
+    projection (in ptq/), training moves the expert weights, and the export writes every
+    expert's input_global_scale from the trained student's ranges."""
+    cache = make_cache(tmp_path / "cache", tied_qwen3_moe_dir)
+    out = tmp_path / "run"
+    result = distill(tied_qwen3_moe_dir, cache, out, "quant.preset=nvfp4", "quant.group_size=null",
+                     "quant.calibration_batches=1", "distill.max_steps=3", "distill.eval_every=3")
+    assert result.exit_code == 0, result.output
+    ptq, final = (load_file(str(out / tag / "model.safetensors")) for tag in ("ptq", "final"))
+    experts = "model.layers.1.mlp.experts."
+    ranges = {p: ptq[f"{experts}{p}_input_quantizer.amax"] for p in ("gate_up_proj", "down_proj")}
+    assert all(r.shape == () and r > 0 for r in ranges.values()), ranges
+    assert not torch.equal(ptq[experts + "gate_up_proj"], final[experts + "gate_up_proj"])
+    assert all(np.isfinite(r["loss"]) for r in train_rows(out))
+    exported = CliRunner().invoke(cli, ["export", "--checkpoint", str(out / "final"), "--format",
+                                        "compressed-tensors", "--output", str(tmp_path / "ct")])
+    assert exported.exit_code == 0, exported.output
+    tensors = {}
+    for shard in (tmp_path / "ct").glob("*.safetensors"):
+        tensors.update(load_file(str(shard)))
+    for e in range(4):
+        for projection, source in (("gate_proj", "gate_up_proj"), ("up_proj", "gate_up_proj"),
+                                   ("down_proj", "down_proj")):
+            scale = tensors[f"{experts}{e}.{projection}.input_global_scale"]
+            assert torch.equal(scale, 448 * 6 / final[f"{experts}{source}_input_quantizer.amax"].float().reshape(1))

@@ -23,17 +23,21 @@ from qadpipe.quant.formats import dequantize
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
-@pytest.fixture(scope="module")
-def tiny_moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def _save_qwen3_moe(out: Path, width: int, layers: int) -> Path:
+    """A random bf16 Qwen3-MoE (4 experts, top 2) whose experts' in-features are ``width``."""
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    out = tmp_path_factory.mktemp("tiny-qwen3-moe")
     torch.manual_seed(0)
     Qwen3MoeForCausalLM(Qwen3MoeConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=32, num_experts=4,
+        vocab_size=256, hidden_size=width, intermediate_size=128, moe_intermediate_size=width,
+        num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1, head_dim=width // 2, num_experts=4,
         num_experts_per_tok=2)).to(torch.bfloat16).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def tiny_moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _save_qwen3_moe(tmp_path_factory.mktemp("tiny-qwen3-moe"), 64, 2)
 
 
 def _experts(model: torch.nn.Module) -> dict[str, QuantExperts]:
@@ -209,3 +213,77 @@ def test_a_student_with_only_its_experts_quantized_exports(student, tiny_moe_dir
     result = export_model(model, tiny_moe_dir, tmp_path / "ct", "compressed-tensors", config)
     info = json.loads((tmp_path / "ct" / "qadpipe_export.json").read_text())
     assert result is not None and list(info["layers"]) == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+
+
+#: The MoE method vLLM 0.32 builds for experts exported with each activation-quantizing preset.
+MOE_METHODS = {"nvfp4": ("CompressedTensorsW4A4Nvfp4MoEMethod", {"use_a16": False}),
+               "fp8": ("CompressedTensorsW8A8Fp8MoEMethod", {}),
+               "fp8_static": ("CompressedTensorsW8A8Fp8MoEMethod", {}),
+               "w8a8_int": ("CompressedTensorsW8A8Int8MoEMethod", {}),
+               "w4a8_fp8": ("CompressedTensorsW4A8Fp8MoEMethod", {}),
+               "mxfp8": ("CompressedTensorsW8A8Mxfp8MoEMethod", {}),
+               "mxfp4": ("CompressedTensorsW4A4Mxfp4MoEMethod", {})}
+#: Each static input scale as vLLM reads it, from the calibrated range (the Linear's convention,
+#: checked in test_compressed_tensors.py).
+STATIC_INPUT_SCALES = {"nvfp4": ("input_global_scale", lambda amax: 448 * 6 / amax.reshape(1)),
+                       "fp8_static": ("input_scale", lambda amax: torch.tensor([float(amax) / 448]))}
+
+
+@pytest.fixture(scope="module")
+def wide_moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """In-features of 128: w4a8_fp8's int4 groups are 128 wide."""
+    return _save_qwen3_moe(tmp_path_factory.mktemp("wide-qwen3-moe"), 128, 1)
+
+
+def _vllm_moe_method(qconfig: dict, experts: str, monkeypatch: pytest.MonkeyPatch) -> tuple[str, dict]:
+    """The MoE method vLLM's own selection (``get_moe_method``) builds for ``experts``, each
+    method class replaced by a recorder of its name (building one needs a GPU backend)."""
+    import importlib
+    import pkgutil
+
+    from torch import nn
+    from vllm.model_executor.layers.quantization.compressed_tensors import compressed_tensors_moe as package
+    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import (
+        CompressedTensorsConfig)
+    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe.compressed_tensors_moe \
+        import CompressedTensorsMoEMethod
+
+    for info in pkgutil.iter_modules(package.__path__):
+        try:
+            module = importlib.import_module(f"{package.__name__}.{info.name}")
+        except ImportError:   # a ROCm-only method (flydsl): never chosen here
+            continue
+        for name in dir(module):
+            if name.startswith("CompressedTensors") and name.endswith("MoEMethod") \
+                    and name != CompressedTensorsMoEMethod.__name__:
+                monkeypatch.setattr(module, name, lambda *args, _name=name, **kwargs: (_name, kwargs))
+    layer = type("RoutedExperts", (nn.Module,), {})()
+    layer.ckpt_gate_proj_name, layer.ckpt_up_proj_name, layer.ckpt_down_proj_name = PROJECTIONS
+    layer.moe_config = None
+    return CompressedTensorsMoEMethod.get_moe_method(CompressedTensorsConfig.from_config(qconfig), layer, experts)
+
+
+@pytest.mark.parametrize("preset", list(MOE_METHODS))
+def test_experts_with_quantized_inputs_export_what_vllms_moe_method_for_them_loads(student, wide_moe_dir, tmp_path,
+                                                                                    monkeypatch, preset):
+    """vLLM picks its W?A? MoE method for the exported scheme (not the weight-only one), and
+    every expert's static input scale is the experts module's one calibrated range per
+    projection (vLLM serves the max over the experts: that range)."""
+    pytest.importorskip("vllm")
+    model, config = student(wide_moe_dir, preset)
+    export_model(model, wide_moe_dir, tmp_path / "ct", "compressed-tensors", config)
+    qconfig, tensors = load_export(tmp_path / "ct")
+    name, experts = next(iter(_experts(model).items()))
+    assert _vllm_moe_method(qconfig["quantization_config"], name, monkeypatch) == MOE_METHODS[preset]
+    inputs = experts.input_quantizers()
+    field, expected = STATIC_INPUT_SCALES.get(preset, (None, None))
+    for e in range(experts.gate_up_proj.shape[0]):
+        for projection in PROJECTIONS:
+            written = {k.rsplit(".", 1)[1]: v for k, v in tensors.items()
+                       if k.startswith(f"{name}.{e}.{projection}.input")}
+            assert set(written) == ({field} if field else set()), (e, projection)
+            if field:
+                source = inputs["down_proj" if projection == "down_proj" else "gate_up_proj"]
+                assert torch.equal(written[field], expected(source.amax.float())), (e, projection)
+    info = json.loads((tmp_path / "ct" / "qadpipe_export.json").read_text())
+    assert info["layers"][name]["input"]["kind"] == experts.input_spec.kind.value

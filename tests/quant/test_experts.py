@@ -14,11 +14,14 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from qadpipe.errors import QuantError
+from qadpipe.quant.calibrate import calibrate
 from qadpipe.quant.experts import QuantExperts, experts_layout
 from qadpipe.quant.formats import fake_quantize
+from qadpipe.quant.recipe import PRESETS as ALL_PRESETS
 from qadpipe.quant.recipe import apply_recipe
 
 
@@ -174,8 +177,6 @@ def test_rules_and_ignore_reach_experts_by_module_name(quant_config, caplog):
 
 
 @pytest.mark.parametrize("fields,said", [
-    ({"preset": "nvfp4"}, "quant.preset: nvfp4 quantizes activations, which qadpipe does not do inside MoE "
-                          "experts (model.layers.0.mlp.experts); give them a weight-only preset"),
     ({"preset": "w4a16_int", "group_size": 32, "learnable": "lsq"},
      "quant.learnable: lsq: learned scales are not supported for MoE experts (model.layers.0.mlp.experts); "
      "keep them dense with quant.moe_experts: dense, or set quant.learnable: none"),
@@ -258,3 +259,152 @@ def test_a_rule_for_experts_kept_dense_names_moe_experts(quant_config):
                                          r"dense; set quant.moe_experts: quantize to quantize them$"):
         apply_recipe(_qwen3_moe(), quant_config(preset="w4a16_int", group_size=32, moe_experts="dense",
                                                 rules=[{"targets": "experts$", "preset": "nvfp4_a16"}]))
+
+
+# ----------------------------------------------------------------- quantized expert inputs
+#
+# The reference is vLLM's fused MoE as a loop written here: each expert's GEMMs over the
+# tokens routed to it (in token order), its input rows fake-quantized by the pure format
+# functions with the experts module's one range per projection -- the max over the experts
+# that vLLM serves (amax_for_moe_activation_quant) -- then silu(gate) * up, the routing
+# weights, and the sum over a token's experts.
+
+ACTIVATION_PRESETS = ["nvfp4", "mxfp4", "mxfp8", "fp8", "fp8_static", "w8a8_int", "w4a8_fp8"]
+
+
+def _wide_qwen3_moe(seed: int = 0) -> nn.Module:
+    """In-features of 128: w4a8_fp8's int4 groups are 128 wide."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(seed)
+    return Qwen3MoeForCausalLM(Qwen3MoeConfig(
+        vocab_size=256, hidden_size=128, intermediate_size=128, moe_intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=64, num_experts=4, num_experts_per_tok=2)).eval()
+
+
+def _ste(x: torch.Tensor, spec, amax) -> torch.Tensor:
+    """fake_quantize with the identity straight-through gradient."""
+    return x + (fake_quantize(x, spec, amax=amax) - x).detach()
+
+
+def _reference_routed(experts: QuantExperts, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
+                      quantize_inputs: bool = True) -> torch.Tensor:
+    """The weights are the student's Q(W) (checked against the pure functions above)."""
+    spec = experts.input_spec
+    ranges = {name: None if q.spec.dynamic else q.amax for name, q in experts.input_quantizers().items()}
+    inputs = (lambda x, name: _ste(x, spec, ranges[name])) if quantize_inputs else (lambda x, name: x)
+    gate_up, down = experts.fake_quantized("gate_up_proj"), experts.fake_quantized("down_proj")
+    x = inputs(hidden, "gate_up_proj")
+    out = torch.zeros_like(hidden)
+    for e in range(gate_up.shape[0]):
+        tokens, slots = torch.nonzero(index == e, as_tuple=True)   # token order
+        if tokens.numel() == 0:
+            continue
+        gate, up = F.linear(x[tokens], gate_up[e]).chunk(2, dim=-1)
+        h = inputs(F.silu(gate) * up, "down_proj")
+        out = out.index_add(0, tokens, F.linear(h, down[e]) * weights[tokens, slots, None])
+    return out
+
+
+def _routing(experts_shape: tuple[int, ...], tokens: int, top_k: int = 2, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    index = torch.stack([torch.randperm(experts_shape[0], generator=g)[:top_k] for _ in range(tokens)])
+    weights = torch.rand(tokens, top_k, generator=g).softmax(-1)
+    return index, weights
+
+
+@pytest.mark.parametrize("preset", ACTIVATION_PRESETS)
+def test_quantized_expert_inputs_compute_what_vllms_fused_moe_computes(quant_config, preset):
+    student = _wide_qwen3_moe()
+    recipe = apply_recipe(student, quant_config(preset=preset, ignore=["lm_head", "self_attn"]))
+    assert recipe.experts["model.layers.0.mlp.experts"].input == ALL_PRESETS[preset].input
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+    calibrate(student, [{"input_ids": ids}], 1)
+    experts = student.model.layers[0].mlp.experts
+    assert set(experts.input_quantizers()) == {"gate_up_proj", "down_proj"}
+    hidden = torch.randn(24, 128, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    index, weights = _routing(tuple(experts.gate_up_proj.shape), 24)
+    got = experts(hidden, index, weights)
+    expected = _reference_routed(experts, hidden, index, weights)
+    assert torch.equal(got, expected)
+    assert not torch.equal(got, _reference_routed(experts, hidden, index, weights, quantize_inputs=False))
+    # identity STE: the gradients of the reference, for the hidden states and the expert weights
+    got.square().sum().backward()
+    grads = (hidden.grad.clone(), experts.gate_up_proj.grad.clone(), experts.down_proj.grad.clone())
+    for t in (hidden, experts.gate_up_proj, experts.down_proj):
+        t.grad = None
+    expected.square().sum().backward()
+    for mine, reference in zip(grads, (hidden.grad, experts.gate_up_proj.grad, experts.down_proj.grad)):
+        assert mine.abs().sum() > 0
+        torch.testing.assert_close(mine, reference, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("build", [_qwen3_moe, _gpt_oss], ids=["qwen3_moe", "gpt_oss"])
+def test_with_inputs_passed_through_the_routed_forward_is_transformers_own(quant_config, build):
+    """The experts' own implementation (grouped_mm) on the same fake-quantized weights:
+    gpt-oss's transposed, interleaved, biased experts and its clamped gate included."""
+    student = build()
+    apply_recipe(student, quant_config(preset="mxfp8", ignore=["lm_head", "self_attn", "gate$|router"]))
+    experts = student.model.layers[0].mlp.experts
+    for quantizer in experts.input_quantizers().values():
+        quantizer.forward = lambda x: x
+    hidden = torch.randn(16, 64, generator=torch.Generator().manual_seed(3))
+    index, weights = _routing(tuple(experts.gate_up_proj.shape), 16, seed=4)
+    tensors = {name: experts.fake_quantized(name) for name in experts.layout.weight_names}
+    tensors.update({n: p for n, p in experts.named_parameters(recurse=False) if n not in tensors})
+    with torch.no_grad():
+        own = torch.func.functional_call(experts._experts, tensors, (hidden, index, weights))
+        torch.testing.assert_close(experts(hidden, index, weights), own, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(own, torch.zeros_like(own))
+
+
+def test_calibration_ranges_the_experts_inputs_over_real_tokens_only(quant_config):
+    """One range per experts module and projection, the max over the routed real tokens; a
+    padded position counts in neither (its embedding, one large channel, survives the RMSNorm
+    before the experts as an outlier, which the experts' weights on that channel amplify)."""
+    student = _wide_qwen3_moe()
+    pad = 255
+    with torch.no_grad():
+        student.model.embed_tokens.weight[pad] = 0
+        student.model.embed_tokens.weight[pad, 0] = 1000
+        student.model.layers[1].mlp.experts.gate_up_proj[:, :, 0] *= 20
+    apply_recipe(student, quant_config(preset="nvfp4", ignore=["lm_head", "self_attn"]))
+    ids = torch.randint(0, 200, (2, 10), generator=torch.Generator().manual_seed(5))
+    ids[1, 6:] = pad
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[1, 6:] = False
+    experts = student.model.layers[1].mlp.experts
+    seen = {}
+    hook = experts.register_forward_pre_hook(lambda m, args: seen.update(hidden=args[0].detach(), index=args[1]))
+    calibrate(student, [{"input_ids": ids, "attention_mask": mask.long()}], 1)
+    hook.remove()
+    real = mask.reshape(-1)
+    hidden, index = seen["hidden"], seen["index"]
+    gate_up = experts.fake_quantized("gate_up_proj").detach()
+    down_inputs = torch.stack([torch.stack([F.silu(gate) * up for gate, up in
+                                            ((gate_up[e] @ hidden[token]).chunk(2) for e in index[token])])
+                               for token in range(hidden.shape[0])])   # [tokens, top_k, I]
+    inputs = experts.input_quantizers()
+    assert inputs["gate_up_proj"].amax.shape == () and inputs["down_proj"].amax.shape == ()
+    torch.testing.assert_close(inputs["gate_up_proj"].amax, hidden[real].abs().max(), rtol=0, atol=0)
+    torch.testing.assert_close(inputs["down_proj"].amax, down_inputs[real].abs().max(), rtol=1e-6, atol=0)
+    # the padded rows were there, and left out
+    assert hidden.abs().max() > 2 * inputs["gate_up_proj"].amax
+    assert down_inputs.abs().max() > 1.5 * inputs["down_proj"].amax
+
+
+def test_the_experts_input_ranges_are_state_and_reload_into_a_rebuilt_student(quant_config):
+    student = _qwen3_moe()
+    apply_recipe(student, quant_config(preset="nvfp4", ignore=["lm_head", "self_attn"]))
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(6))
+    calibrate(student, [{"input_ids": ids}], 1)
+    prefix = "model.layers.0.mlp.experts."
+    assert {f"{prefix}gate_up_proj_input_quantizer.amax", f"{prefix}down_proj_input_quantizer.amax"} <= \
+        set(student.state_dict())
+    fresh = _qwen3_moe(seed=5)
+    apply_recipe(fresh, quant_config(preset="nvfp4", ignore=["lm_head", "self_attn"]), rebuild=True)
+    with pytest.raises(QuantError, match="used before calibration"):
+        fresh(ids)
+    fresh.load_state_dict(student.state_dict())
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, student(ids).logits)
