@@ -231,6 +231,8 @@ def plan_schemes(model: nn.Module) -> dict[str, Scheme]:
         schemes[name] = _experts_scheme(name, module)
     if experts:
         log.warning("%s", _EXPERTS_ON_VLLM_CPU)
+    if any(module.input_spec is not None for module in experts.values()):
+        log.warning("%s", _EXPERTS_WITH_QUANTIZED_INPUTS)
     head = output_head_name(model)
     if head is not None and head in schemes:
         if schemes[head].format != PACK or schemes[head].input_activations is not None:
@@ -262,6 +264,12 @@ def _experts_scheme(name: str, experts: QuantExperts) -> Scheme:
             spec.check_shape(tuple(experts.in_last(weight).shape[1:]), f"{name}.{weight}")
         except QuantError as exc:
             raise ExportError(str(exc)) from None
+    if spec.fp8_group_scales:   # W4A8: CompressedTensorsW4A8Fp8MoEMethod.create_weights asserts these
+        hidden, intermediate = experts.in_last("down_proj").shape[1:]
+        if hidden % 256 or intermediate % 256:
+            raise ExportError(f"{name}: vLLM 0.32 loads W4A8 experts only with hidden and intermediate sizes that are "
+                              f"multiples of 256 (per tensor-parallel rank), these are {hidden} and {intermediate}; "
+                              "use another preset for the experts (a quant.rules entry) or --format fake")
     return scheme_for(name, spec, experts.input_spec)
 
 
@@ -307,6 +315,11 @@ _KERNEL_CHOICES = {
                        "GPUs"),
 }
 
+
+_EXPERTS_WITH_QUANTIZED_INPUTS = (
+    "MoE experts with quantized activations: vLLM 0.32 serves them with the first MoE backend in its list for the "
+    "format that the GPU runs, and its last resorts (Marlin; FP8's CPU backend) compute with bf16 activations -- "
+    "where vLLM logs one of those, the student is served with activations it did not train with")
 
 _EXPERTS_ON_VLLM_CPU = (
     "quantized MoE experts: vLLM-CPU 0.32 has int4 MoE kernels only -- symmetric int4 on AMX CPUs in groups "

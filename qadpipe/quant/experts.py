@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from qadpipe.errors import QuantError
 from qadpipe.quant.compiled import Compile
 from qadpipe.quant.formats import Granularity, Kind, QuantizedTensor, QuantSpec, quantize
 from qadpipe.quant.quantizers import Quantizer, Ste, _FakeQuantSTE
@@ -156,6 +157,8 @@ class QuantExperts(nn.Module):
             # through __getattr__.)
             self._parameters[name] = param
             del experts._parameters[name]
+        # the module's own argument names (gpt-oss: router_indices, routing_weights), read once
+        self._signature = inspect.signature(experts.forward)
         for name in layout.weight_names:
             quantizer = ExpertWeightQuantizer(spec, self.in_last(name), ste=ste, compile_mode=compile_mode)
             self.add_module(f"{name}_quantizer", quantizer.to(getattr(self, name).device))
@@ -196,9 +199,7 @@ class QuantExperts(nn.Module):
         for name in self.layout.weight_names:
             tensors[name] = self.fake_quantized(name)
         if self.input_quantizers():
-            # the module's own argument names (gpt-oss: router_indices, routing_weights)
-            bound = inspect.signature(self._experts.forward).bind(*args, **kwargs)
-            return self._routed_forward(tensors, *bound.arguments.values())
+            return self._routed_forward(tensors, *self._signature.bind(*args, **kwargs).arguments.values())
         return functional_call(self._experts, tensors, args, kwargs)
 
     def _routed_forward(self, tensors: dict[str, Tensor], hidden_states: Tensor, top_k_index: Tensor,
@@ -209,10 +210,16 @@ class QuantExperts(nn.Module):
         up_name = self.layout.up_name
         inputs = self.input_quantizers()
         tokens, top_k = top_k_index.shape
+        if tokens == 0:
+            return torch.zeros_like(hidden_states)
         pairs = top_k_index.reshape(-1)
         order = torch.argsort(pairs, stable=True)          # (token, slot) pairs grouped by expert
         token_major = torch.argsort(order)                  # and back
-        rows_per_expert = torch.bincount(pairs, minlength=tensors[up_name].shape[0]).tolist()
+        num_experts = tensors[up_name].shape[0]
+        rows_per_expert = torch.bincount(pairs, minlength=num_experts).tolist()
+        if len(rows_per_expert) > num_experts:   # expert parallelism's "not on this rank" index
+            raise QuantError(f"{type(self._experts).__name__}: a token routed to expert {len(rows_per_expert) - 1} of "
+                             f"{num_experts}; experts with quantized inputs take no expert parallelism")
         x = inputs[up_name](hidden_states)[order // top_k]
         hidden = self._per_expert(x, tensors, up_name, rows_per_expert)
         hidden = self._experts._apply_gate(hidden) if self.layout.gated else self._experts.act_fn(hidden)

@@ -231,8 +231,8 @@ STATIC_INPUT_SCALES = {"nvfp4": ("input_global_scale", lambda amax: 448 * 6 / am
 
 @pytest.fixture(scope="module")
 def wide_moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """In-features of 128: w4a8_fp8's int4 groups are 128 wide."""
-    return _save_qwen3_moe(tmp_path_factory.mktemp("wide-qwen3-moe"), 128, 1)
+    """Sizes of 256: vLLM's W4A8 MoE method loads no smaller multiple."""
+    return _save_qwen3_moe(tmp_path_factory.mktemp("wide-qwen3-moe"), 256, 1)
 
 
 def _vllm_moe_method(qconfig: dict, experts: str, monkeypatch: pytest.MonkeyPatch) -> tuple[str, dict]:
@@ -287,3 +287,15 @@ def test_experts_with_quantized_inputs_export_what_vllms_moe_method_for_them_loa
                 assert torch.equal(written[field], expected(source.amax.float())), (e, projection)
     info = json.loads((tmp_path / "ct" / "qadpipe_export.json").read_text())
     assert info["layers"][name]["input"]["kind"] == experts.input_spec.kind.value
+
+
+def test_w4a8_experts_vllm_would_not_load_are_refused_in_one_line(student, tmp_path):
+    """vLLM's W4A8 MoE method asserts hidden and intermediate sizes divisible by 256 (its
+    create_weights): 128-wide experts train (groups of 128) but do not export."""
+    base = _save_qwen3_moe(tmp_path / "base", 128, 1)
+    model, config = student(base, "w4a8_fp8")
+    with pytest.raises(ExportError, match=r"^model.layers.0.mlp.experts: vLLM 0.32 loads W4A8 experts only with hidden "
+                                          r"and intermediate sizes that are multiples of 256 .* these are 128 and 128;"):
+        export_model(model, base, tmp_path / "ct", "compressed-tensors", config)
+    assert not (tmp_path / "ct").exists()
+    export_model(model, base, tmp_path / "fake", "fake", config)

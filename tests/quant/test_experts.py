@@ -408,3 +408,15 @@ def test_the_experts_input_ranges_are_state_and_reload_into_a_rebuilt_student(qu
     fresh.load_state_dict(student.state_dict())
     with torch.no_grad():
         assert torch.equal(fresh(ids).logits, student(ids).logits)
+
+
+def test_the_routed_forward_takes_no_token_and_refuses_expert_parallel_routing(quant_config):
+    student = _qwen3_moe()
+    apply_recipe(student, quant_config(preset="mxfp8", ignore=["lm_head", "self_attn"]))
+    experts = student.model.layers[0].mlp.experts
+    nothing = experts(torch.zeros(0, 64), torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2))
+    assert nothing.shape == (0, 64)
+    index = torch.tensor([[0, 4], [1, 2]])   # 4: expert parallelism's "not on this rank"
+    with pytest.raises(QuantError, match=r"^Qwen3MoeExperts: a token routed to expert 4 of 4; experts with quantized "
+                                         r"inputs take no expert parallelism$"):
+        experts(torch.randn(2, 64), index, torch.full((2, 2), 0.5))
