@@ -8,8 +8,7 @@ the next one's peak), the order alternating.  Per save: the wall time (barrier t
 commit included) and each rank's peak host memory above what it held just before (VmHWM,
 reset there).  A full checkpoint is 12 bytes per parameter (fp32 weights and two moments)
 gathered into rank 0's memory whatever the number of ranks; a sharded one is each rank's 1/N,
-written in place from its shards (it stores a tied embedding under both of its names: +0.1 GiB
-for SmolLM2, nothing for an untied student).  Run on a GPU cluster, the same script (``--device cuda``
+written in place from its shards (a tied embedding once, as the trainer writes it).  Run on a GPU cluster, the same script (``--device cuda``
 under torchrun with more ranks) measures the host side of a real node.
 
     .venv/bin/python bench/checkpoint_formats.py            # 2 CPU ranks, 3 rounds
@@ -75,7 +74,8 @@ def worker(name: str, out: Path) -> None:
             save_checkpoint(out, model_state, state, config)
     else:
         staged = dist_utils.computed_by_main(env.is_main, lambda: staged_step_dir(out, 1))
-        save_shards(staged, dist_utils.local_model_state(model), dist_utils.local_optimizer_state(model, optimizer))
+        save_shards(staged, dist_utils.stored_once(model, dist_utils.local_model_state(model)),
+                    dist_utils.local_optimizer_state(model, optimizer))
         if env.is_main:
             commit_sharded_checkpoint(staged, state, config)
     dist.barrier()

@@ -325,6 +325,21 @@ def local_model_state(module: nn.Module) -> dict[str, Any]:
     return get_model_state_dict(module)
 
 
+def stored_once(module: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` (``module``'s :func:`local_model_state`) without the second name of a tied
+    parameter (an LM head tied to the embeddings), which a sharded checkpoint would otherwise
+    store twice.  Both names' tensors share the parameter's storage, so reading the first
+    fills the other."""
+    inner = module.module if isinstance(module, DistributedDataParallel) else module
+    first: set[int] = set()
+    tied = set()
+    for name, param in inner.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            tied.add(name)
+        first.add(id(param))
+    return {name: value for name, value in state.items() if name not in tied}
+
+
 def load_local_model_state(module: nn.Module, state: dict[str, Any]) -> None:
     """Load a :func:`local_model_state`-shaped state (quantizers see it: an input's range marks
     it calibrated)."""

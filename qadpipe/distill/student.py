@@ -296,10 +296,10 @@ def load_sharded_student(model: nn.Module, directory: Path) -> None:
     """Load a sharded checkpoint's student into ``model`` (built with its recipe), in this one
     process: every rank's shards are read and put together.  The shards are keyed by the
     trainer's names (:class:`StudentLoss`'s: ``student.`` + the model's)."""
-    from qadpipe.distill.distributed import load_local_model_state, local_model_state
+    from qadpipe.distill.distributed import load_local_model_state, local_model_state, stored_once
 
     holder = nn.Module()
     holder.student = model
     state = local_model_state(holder)
-    load_shards(directory, MODEL_SHARDS, state)
+    load_shards(directory, MODEL_SHARDS, stored_once(holder, state))
     load_local_model_state(holder, state)

@@ -667,7 +667,7 @@ class DistillRecipe:
         """A sharded checkpoint's student, loaded, and its optimizer state, read into this run's
         layout (resharded: it may have been written by another number of ranks or strategy)."""
         model_state = dist_utils.local_model_state(self.model)
-        load_shards(path, MODEL_SHARDS, model_state, dist_utils.control_group())
+        load_shards(path, MODEL_SHARDS, dist_utils.stored_once(self.model, model_state), dist_utils.control_group())
         dist_utils.load_local_model_state(self.model, model_state)
         optimizer_state = dist_utils.local_optimizer_state(self.model, self.optimizer)
         load_shards(path, OPTIMIZER_SHARDS, optimizer_state, dist_utils.control_group())
@@ -990,7 +990,7 @@ class DistillRecipe:
         :mod:`qadpipe.distill.sharded_checkpoint`)."""
         staged = dist_utils.computed_by_main(self.env.is_main, lambda: staged_step_dir(self.output_dir, self.step))
         try:
-            save_shards(staged, dist_utils.local_model_state(self.model),
+            save_shards(staged, dist_utils.stored_once(self.model, dist_utils.local_model_state(self.model)),
                         dist_utils.local_optimizer_state(self.model, self.optimizer), dist_utils.control_group())
         except DistillError as exc:   # raised on every rank (DCP gathers their results)
             if self.env.is_main:

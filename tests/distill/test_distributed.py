@@ -227,12 +227,15 @@ def test_fsdp2_builds_the_student_from_rank_0_alone_and_trains_it_as_ddp_does(ca
 @pytest.mark.slow
 def test_fsdp2_trains_moe_experts_with_quantized_inputs_as_ddp_does(tied_qwen3_moe_dir, tmp_path):
     """NVFP4 W4A4 experts (one input range per projection, calibrated through the sharded
-    forward) under FSDP2's sharded build: DDP's PTQ student bit for bit, and its loss curve."""
+    forward) under FSDP2's sharded build: DDP's PTQ student bit for bit, and its loss curve
+    through a stop and a resume from sharded checkpoints (the tied head stored once)."""
     cache = make_cache(tmp_path / "cache", tied_qwen3_moe_dir)
     recipe = ("quant.preset=nvfp4", "quant.group_size=null", "quant.calibration_batches=2", "distill.batch_size=1",
               "distill.eval_rows=2")
     ddp = run(tied_qwen3_moe_dir, cache, tmp_path / "ddp", 2, *recipe, "distill.distributed=ddp")
-    fsdp2 = run(tied_qwen3_moe_dir, cache, tmp_path / "fsdp2", 2, *recipe, "distill.distributed=fsdp2")
+    sharded = (*recipe, "distill.distributed=fsdp2", "distill.checkpoint_format=sharded", "distill.save_every=1")
+    run(tied_qwen3_moe_dir, cache, tmp_path / "fsdp2", 2, *sharded, f"distill.max_steps={STEPS - 1}")
+    fsdp2 = run(tied_qwen3_moe_dir, cache, tmp_path / "fsdp2", 2, *sharded, resume=True)
     ptq, reference = (load_file(str(tmp_path / tag / "ptq" / "model.safetensors")) for tag in ("fsdp2", "ddp"))
     assert any(name.endswith("experts.down_proj_input_quantizer.amax") for name in ptq)
     assert ptq.keys() == reference.keys()

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distill_fixtures import settings
+from distill_fixtures import make_cache, settings
 from qadpipe.distill.sharded_checkpoint import MODEL_SHARDS, OPTIMIZER_SHARDS, is_sharded, load_shards, save_shards
 from qadpipe.errors import DistillError
 from test_resume import curve
@@ -168,3 +168,33 @@ def test_reading_a_sharded_checkpoint_executes_no_pickle(tmp_path):
 
     dcp.load({"param_groups": [{"lr": 0.0}]}, checkpoint_id=tmp_path / "evil" / OPTIMIZER_SHARDS)
     assert ran.exists()
+
+
+def test_a_tied_head_is_stored_once_and_a_checkpoint_storing_it_twice_still_resumes(tied_qwen3_moe_dir, tmp_path,
+                                                                                    monkeypatch):
+    """DCP would write a tied LM head under both its names; stored once, both are filled on
+    reading.  A checkpoint from before, holding both names, resumes the same."""
+    from qadpipe.distill import distributed
+    from qadpipe.distill.sharded_checkpoint import _SafeReader
+    from qadpipe.distill.trainer import run_distill
+
+    cache = make_cache(tmp_path / "cache", tied_qwen3_moe_dir)
+    reference = tmp_path / "reference"
+    run_distill(config(tied_qwen3_moe_dir, cache, reference))
+    stored = {}
+    for name, keep_both in (("once", False), ("twice", True)):
+        out = tmp_path / name
+        sharded = config(tied_qwen3_moe_dir, cache, out, "distill.checkpoint_format=sharded")
+        if keep_both:   # as written before: every name of the state dict
+            monkeypatch.setattr(distributed, "stored_once", lambda module, state: state)
+        stopped_at(3, monkeypatch, lambda: run_distill(sharded))
+        monkeypatch.undo()
+        step = out / "checkpoints" / "step-00000003" / MODEL_SHARDS
+        stored[name] = set(_SafeReader(step).read_metadata().state_dict_metadata)
+        assert run_distill(sharded, resume=True).status == "done"
+        assert curve(out) == curve(reference), name
+        final, expected = load_file(str(out / "final" / "model.safetensors")), \
+            load_file(str(reference / "final" / "model.safetensors"))
+        assert final.keys() == expected.keys() and all(torch.equal(final[k], expected[k]) for k in expected), name
+    assert stored["twice"] - stored["once"] == {"student.lm_head.weight"}
+    assert "student.model.embed_tokens.weight" in stored["once"]
