@@ -47,7 +47,7 @@ from torch.func import functional_call
 from qadpipe.errors import QuantError
 from qadpipe.quant.compiled import Compile
 from qadpipe.quant.formats import Granularity, Kind, QuantizedTensor, QuantSpec, quantize
-from qadpipe.quant.quantizers import Quantizer, Ste, _FakeQuantSTE
+from qadpipe.quant.quantizers import Learnable, Quantizer, Ste, _FakeQuantSTE
 
 
 @dataclass(frozen=True)
@@ -105,19 +105,31 @@ class ExpertWeightQuantizer(nn.Module):
     """Fake-quantizes one 3-D expert weight ``[E, out, in]`` expert by expert.
 
     ``amax`` (buffer ``[E]``, static specs only): each expert's tensor-level range, set from
-    the weight when the recipe is applied (as a Linear's is) and kept through training."""
+    the weight when the recipe is applied (as a Linear's is) and kept through training.
+    ``learned`` (``learnable`` lsq or clip, symmetric int formats): a :class:`Quantizer` over the
+    experts' rows stacked as one ``[E * out, in]`` matrix -- the scales are per row group, so
+    each expert's are its own, initialised from its own weights."""
 
-    def __init__(self, spec: QuantSpec, weight: Tensor, *, ste: Ste = "identity",
+    def __init__(self, spec: QuantSpec, weight: Tensor, *, ste: Ste = "identity", learnable: Learnable = "none",
                  compile_mode: Compile = "off") -> None:
         super().__init__()
         self.spec = spec
         self.ste = ste
         self.compile_mode = compile_mode
-        if not spec.dynamic:
+        if learnable != "none":
+            self.learned = Quantizer(spec, ste=ste, learnable=learnable, weight=_stacked(weight.detach()),
+                                     compile_mode=compile_mode)
+        elif not spec.dynamic:
             self.register_buffer("amax", weight.detach().abs().amax(dim=(1, 2)).float())
+
+    @property
+    def learnable(self) -> Learnable:
+        return self.learned.learnable if "learned" in self._modules else "none"
 
     def forward(self, weight: Tensor) -> Tensor:
         """``weight`` ``[E, out, in]`` -> its fake-quantized value (straight-through gradient)."""
+        if self.learnable != "none":
+            return self.learned(_stacked(weight)).reshape(weight.shape)
         clipped = self.ste == "clipped"
         if _row_local(self.spec):
             flat = weight.reshape(-1, weight.shape[-1])
@@ -125,17 +137,26 @@ class ExpertWeightQuantizer(nn.Module):
         amax = None if self.spec.dynamic else self.amax
         return _FakeQuantSTE.apply(weight, self.spec, amax, clipped, self.compile_mode, True)
 
-    def _amax(self, expert: int) -> Optional[Tensor]:
-        return None if self.spec.dynamic else self.amax[expert]
-
     @torch.no_grad()
-    def quantize_expert(self, weight: Tensor, expert: int) -> QuantizedTensor:
-        """The codes and scales ``forward`` uses for one expert's ``[out, in]`` matrix."""
-        return quantize(weight, self.spec, amax=self._amax(expert))
+    def quantize_experts(self, weight: Tensor) -> list[QuantizedTensor]:
+        """The codes and scales ``forward`` uses for ``weight`` ``[E, out, in]``, one
+        ``[out, in]`` matrix per expert."""
+        if self.learnable != "none":
+            rows = weight.shape[1]
+            both = self.learned.quantize(_stacked(weight))
+            return [_rows(both, slice(e * rows, (e + 1) * rows)) for e in range(weight.shape[0])]
+        return [quantize(matrix, self.spec, amax=None if self.spec.dynamic else self.amax[e])
+                for e, matrix in enumerate(weight)]
 
     def extra_repr(self) -> str:
         group = f", group={self.spec.group_size}" if self.spec.group_size else ""
-        return f"{self.spec.kind.value}, {self.spec.granularity.value}{group}, per expert, ste={self.ste}"
+        return (f"{self.spec.kind.value}, {self.spec.granularity.value}{group}, per expert, ste={self.ste}, "
+                f"learnable={self.learnable}")
+
+
+def _stacked(weight: Tensor) -> Tensor:
+    """``[E, out, in]`` -> ``[E * out, in]``: the experts' rows as one matrix."""
+    return weight.reshape(-1, weight.shape[-1])
 
 
 class QuantExperts(nn.Module):
@@ -147,7 +168,8 @@ class QuantExperts(nn.Module):
     fake-quantized weights."""
 
     def __init__(self, experts: nn.Module, layout: ExpertsLayout, spec: QuantSpec, *, ste: Ste = "identity",
-                 compile_mode: Compile = "off", input_spec: Optional[QuantSpec] = None) -> None:
+                 learnable: Learnable = "none", compile_mode: Compile = "off",
+                 input_spec: Optional[QuantSpec] = None) -> None:
         super().__init__()
         self.__dict__["_experts"] = experts      # not a submodule: its parameters move here
         self.layout = layout
@@ -160,7 +182,8 @@ class QuantExperts(nn.Module):
         # the module's own argument names (gpt-oss: router_indices, routing_weights), read once
         self._signature = inspect.signature(experts.forward)
         for name in layout.weight_names:
-            quantizer = ExpertWeightQuantizer(spec, self.in_last(name), ste=ste, compile_mode=compile_mode)
+            quantizer = ExpertWeightQuantizer(spec, self.in_last(name), ste=ste, learnable=learnable,
+                                              compile_mode=compile_mode)
             self.add_module(f"{name}_quantizer", quantizer.to(getattr(self, name).device))
             if input_spec is not None:   # a static range comes from calibration, as a Linear input's
                 inputs = Quantizer(input_spec, ste=ste, compile_mode=compile_mode)
@@ -257,17 +280,13 @@ class QuantExperts(nn.Module):
         ``up_proj``, ``down_proj``, each ``[out, in]``): what a packed export writes."""
         if not self.layout.servable_layout:
             raise ValueError("expert_matrices: only the concatenated, untransposed, unbiased gated layout")
-        gate_up, down = self.gate_up_proj.detach(), self.down_proj.detach()
-        half = gate_up.shape[1] // 2
-        out: dict[str, list[QuantizedTensor]] = {"gate_proj": [], "up_proj": [], "down_proj": []}
-        for e in range(gate_up.shape[0]):
-            # The whole [2I, D] matrix, as forward quantizes it, then split: a per-tensor
-            # range is the pair's, not each half's.
-            both = self.gate_up_proj_quantizer.quantize_expert(gate_up[e], e)
-            out["gate_proj"].append(_rows(both, slice(0, half)))
-            out["up_proj"].append(_rows(both, slice(half, None)))
-            out["down_proj"].append(self.down_proj_quantizer.quantize_expert(down[e], e))
-        return out
+        gate_up = self.gate_up_proj_quantizer.quantize_experts(self.gate_up_proj.detach())
+        half = self.gate_up_proj.shape[1] // 2
+        # each expert's whole [2I, D] matrix, as forward quantizes it, then split: a per-tensor
+        # range is the pair's, not each half's
+        return {"gate_proj": [_rows(both, slice(0, half)) for both in gate_up],
+                "up_proj": [_rows(both, slice(half, None)) for both in gate_up],
+                "down_proj": self.down_proj_quantizer.quantize_experts(self.down_proj.detach())}
 
     def extra_repr(self) -> str:
         return f"{type(self._experts).__name__}, {getattr(self, self.layout.up_name).shape[0]} experts"

@@ -228,7 +228,7 @@ def apply_recipe(model: nn.Module, quant: Any, *, rebuild: bool = False) -> Quan
                      ("quant", quant.preset, default))
         section, preset_name, preset = match
         if name in experts:
-            _check_experts(name, *experts[name], preset_name, preset, section, quant.learnable)
+            _check_experts(name, *experts[name], preset_name, preset, section)
         else:
             _check_layer(model, name, linears[name], preset_name, preset, section, is_head=name == head)
         chosen[name] = (preset_name, preset)
@@ -242,13 +242,14 @@ def apply_recipe(model: nn.Module, quant: Any, *, rebuild: bool = False) -> Quan
     groups = _fused_groups({n: c for n, c in chosen.items() if n in linears}, set(linears))
     group_of = {member: group for group in groups for member in group}
     for name, (preset_name, preset) in chosen.items():
+        weight = _learnable_spec(preset.weight, quant.learnable, preset_name, section_of[name])
         if name in experts:
             module, layout = experts[name]
-            _set_submodule(model, name, QuantExperts(module, layout, preset.weight, ste=quant.ste,
+            _set_submodule(model, name, QuantExperts(module, layout, weight, ste=quant.ste,
+                                                     learnable=_learnable_kind(weight, quant.learnable),
                                                      compile_mode=compile_mode, input_spec=preset.input))
-            recipe.experts[name] = LayerRecipe(name, preset_name, preset.weight, preset.input)
+            recipe.experts[name] = LayerRecipe(name, preset_name, weight, preset.input)
             continue
-        weight = _learnable_spec(preset.weight, quant.learnable, preset_name, section_of[name])
         new = QuantLinear.from_linear(linears[name], weight, preset.input, ste=quant.ste,
                                       learnable=_learnable_kind(weight, quant.learnable),
                                       compile_mode=compile_mode)
@@ -367,17 +368,9 @@ def _refuse_dead_rules(quant: Any, targets: list[str], section_of: dict[str, str
 
 
 def _check_experts(name: str, module: nn.Module, layout: ExpertsLayout, preset_name: str, preset: Preset,
-                   section: str, learnable: str) -> None:
-    """Refuse what fused MoE experts cannot take (no learned scales, groups that divide both
-    projections' in-features); errors name the field to change."""
-    where = f"{section}.preset"
-    if learnable != "none":   # it applies to every layer: a rule cannot take the experts out of it
-        raise QuantError(f"quant.learnable: {learnable}: learned scales are not supported for MoE experts "
-                         f"({name}); keep them dense with quant.moe_experts: dense, or set quant.learnable: none")
-    if preset.weight.kind is Kind.LSQ:
-        raise QuantError(f"{where}: {preset_name}: learned scales are not supported for MoE experts ({name}); "
-                         "give them another preset with a quant.rules entry (e.g. {targets: 'experts$', preset: "
-                         "w4a16_int}) or keep them dense with quant.moe_experts: dense")
+                   section: str) -> None:
+    """Refuse what fused MoE experts cannot take (groups that divide both projections'
+    in-features); errors name the field to change."""
     for weight_name in layout.weight_names:
         in_features = layout.in_last(getattr(module, weight_name)).shape[-1]
         _check_in_features(f"{name}.{weight_name}", in_features, preset_name, preset.weight, section)

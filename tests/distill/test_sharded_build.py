@@ -44,8 +44,9 @@ def test_the_skeleton_has_the_built_students_names_and_shapes_and_no_value(peaky
     assert any("quantizer" in name for name in shapes)   # the recipe's state is there to be filled
 
 
-@pytest.mark.parametrize("recipe", [("quant.preset=w4a16_int", "quant.group_size=32"), ("quant.preset=nvfp4",)],
-                         ids=["w4a16_int", "nvfp4"])
+@pytest.mark.parametrize("recipe", [("quant.preset=w4a16_int", "quant.group_size=32"), ("quant.preset=nvfp4",),
+                                    ("quant.preset=w4a16_int", "quant.group_size=32", "quant.learnable=clip")],
+                         ids=["w4a16_int", "nvfp4", "int4-clip"])
 def test_a_skeleton_of_fused_moe_experts_keeps_the_tie_of_its_embeddings(tied_qwen3_moe_dir, recipe):
     config = load_config(None, [f"model.path={tied_qwen3_moe_dir}", *recipe, "quant.moe_experts=quantize"])
     whole = build_student(config, torch.device("cpu"))

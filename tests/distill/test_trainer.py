@@ -910,3 +910,18 @@ def test_a_moe_student_with_quantized_expert_inputs_calibrates_trains_and_export
                                    ("down_proj", "down_proj")):
             scale = tensors[f"{experts}{e}.{projection}.input_global_scale"]
             assert torch.equal(scale, 448 * 6 / final[f"{experts}{source}_input_quantizer.amax"].float().reshape(1))
+
+
+def test_quant_only_training_learns_the_lsq_steps_of_moe_experts_and_leaves_their_weights(tied_qwen3_moe_dir,
+                                                                                          tmp_path):
+    """distill.trainable: quant trains every quantizer parameter: the experts' LSQ steps too."""
+    cache = make_cache(tmp_path / "cache", tied_qwen3_moe_dir)
+    out = tmp_path / "run"
+    result = distill(tied_qwen3_moe_dir, cache, out, "quant.preset=lsq_int4", "distill.trainable=quant",
+                     "distill.max_steps=3", "distill.lr=1e-3")
+    assert result.exit_code == 0, result.output
+    ptq, final = (load_file(str(out / tag / "model.safetensors")) for tag in ("ptq", "final"))
+    experts = "model.layers.1.mlp.experts."
+    assert torch.equal(ptq[experts + "down_proj"], final[experts + "down_proj"])
+    step = experts + "down_proj_quantizer.learned.step"
+    assert step in ptq and not torch.equal(ptq[step], final[step])

@@ -61,6 +61,7 @@ def test_fake_export_of_quantized_experts_computes_what_the_student_computes(stu
 
 
 @pytest.mark.parametrize("preset,group,fmt", [("w4a16_int", 32, "pack-quantized"),
+                                              ("lsq_int4", 32, "pack-quantized"),
                                               ("w4a16_int_asym", 32, "pack-quantized"),
                                               ("nvfp4_a16", None, "nvfp4-pack-quantized"),
                                               ("mxfp4_a16", None, "mxfp4-pack-quantized")])

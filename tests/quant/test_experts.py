@@ -177,10 +177,6 @@ def test_rules_and_ignore_reach_experts_by_module_name(quant_config, caplog):
 
 
 @pytest.mark.parametrize("fields,said", [
-    ({"preset": "w4a16_int", "group_size": 32, "learnable": "lsq"},
-     "quant.learnable: lsq: learned scales are not supported for MoE experts (model.layers.0.mlp.experts); "
-     "keep them dense with quant.moe_experts: dense, or set quant.learnable: none"),
-    ({"preset": "lsq_int4", "group_size": 32}, "quant.preset: lsq_int4: learned scales are not supported"),
     ({"preset": "w4a16_int", "group_size": 48}, "quant.group_size: w4a16_int group size 48 does not divide "
                                                 "in_features 64 of model.layers.0.mlp.experts.gate_up_proj"),
 ])
@@ -420,3 +416,37 @@ def test_the_routed_forward_takes_no_token_and_refuses_expert_parallel_routing(q
     with pytest.raises(QuantError, match=r"^Qwen3MoeExperts: a token routed to expert 4 of 4; experts with quantized "
                                          r"inputs take no expert parallelism$"):
         experts(torch.randn(2, 64), index, torch.full((2, 2), 0.5))
+
+
+@pytest.mark.parametrize("learnable", ["lsq", "clip"])
+def test_experts_learn_the_scales_a_linear_per_expert_learns(quant_config, learnable):
+    """The reference is the Linear path (QuantLinear, checked against finite differences and
+    the pure functions in test_quantizers.py): one per expert, initialised from its matrix.
+    The experts' fake-quantized weights, and the gradients of their learned scales and weights,
+    are those Linears', expert by expert."""
+    from qadpipe.quant.quantizers import QuantLinear
+
+    student = _qwen3_moe()
+    apply_recipe(student, quant_config(preset="w4a16_int", group_size=32, learnable=learnable,
+                                       ignore=["lm_head", "self_attn"]))
+    experts = student.model.layers[0].mlp.experts
+    for name in ("gate_up_proj", "down_proj"):
+        weight = getattr(experts, name)
+        linears = []
+        for matrix in weight.detach():
+            linear = nn.Linear(matrix.shape[1], matrix.shape[0], bias=False)
+            linear.weight = nn.Parameter(matrix.clone())
+            linears.append(QuantLinear.from_linear(linear, experts.spec, None, learnable=learnable))
+        got = experts.fake_quantized(name)
+        expected = torch.stack([q.weight_quantizer(q.weight) for q in linears])
+        assert torch.equal(got, expected), name
+        direction = torch.randn(got.shape, generator=torch.Generator().manual_seed(7))
+        (got * direction).sum().backward()
+        (expected * direction).sum().backward()
+        learned = getattr(experts, f"{name}_quantizer").learned
+        param = learned.step if learnable == "lsq" else learned.clip_logit
+        reference = torch.cat([(q.weight_quantizer.step if learnable == "lsq" else q.weight_quantizer.clip_logit).grad
+                               for q in linears])
+        assert param.grad.abs().sum() > 0
+        torch.testing.assert_close(param.grad, reference, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(weight.grad, torch.stack([q.weight.grad for q in linears]), rtol=1e-6, atol=1e-9)
