@@ -75,7 +75,8 @@ def export_tensors(model: nn.Module, layer_fn: LayerFn, dtype: torch.dtype,
     seen: set[tuple[int, int, tuple[int, ...]]] = set()
     for key, tensor in model.state_dict(keep_vars=False).items():
         module, _, local = key.rpartition(".")
-        if module.endswith("_quantizer"):  # quantizer state (e.g. the KV cache's): training state
+        # quantizer state (the KV cache's, an experts quantizer's learned steps below it): training state
+        if any(part.endswith("_quantizer") for part in module.split(".")):
             continue
         if module in experts and local in experts[module].layout.weight_names:
             if local == experts[module].layout.weight_names[0]:

@@ -428,10 +428,11 @@ def _learnable_spec(spec: QuantSpec, learnable: str, preset_name: str, section: 
 def _say_where_clip_does_not_apply(recipe: QuantRecipe) -> None:
     """``quant.learnable: clip`` is one setting for the whole recipe, while an ``lsq_*`` preset's
     layers learn LSQ steps whatever it says: said, and warned of when no layer is left to clip."""
-    lsq = [name for name, layer in recipe.layers.items() if layer.weight.kind is Kind.LSQ]
+    quantized = {**recipe.layers, **recipe.experts}
+    lsq = [name for name, layer in quantized.items() if layer.weight.kind is Kind.LSQ]
     if not lsq:
         return
-    if len(lsq) == len(recipe.layers):
+    if len(lsq) == len(quantized):
         log.warning("quant.learnable: clip does nothing here: every quantized layer has an lsq_* preset, which "
                     "learns LSQ steps instead; set quant.learnable: none")
     else:

@@ -44,11 +44,13 @@ def _experts(model: torch.nn.Module) -> dict[str, QuantExperts]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantExperts)}
 
 
-@pytest.mark.parametrize("preset,group", [("w4a16_int", 32), ("nvfp4_a16", None)])
+@pytest.mark.parametrize("preset,group", [("w4a16_int", 32), ("nvfp4_a16", None), ("lsq_int4", 32)])
 def test_fake_export_of_quantized_experts_computes_what_the_student_computes(student, tiny_moe_dir, tmp_path,
                                                                              preset, group):
     model, config = student(tiny_moe_dir, preset, group)
     export_model(model, tiny_moe_dir, tmp_path / "fake", "fake", config)
+    _, tensors = load_export(tmp_path / "fake")
+    assert sorted(k for k in tensors if "quantizer" in k) == []   # training state (LSQ steps) stays out
     loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "fake"), dtype=torch.bfloat16).eval()
     for name, experts in _experts(model).items():
         for weight in experts.layout.weight_names:
@@ -72,6 +74,7 @@ def test_packed_experts_decompress_to_the_students_weights(student, tiny_moe_dir
     export_model(model, tiny_moe_dir, tmp_path / "ct", "compressed-tensors", config)
     exported, tensors = load_export(tmp_path / "ct")
     assert exported["quantization_config"]["format"] == fmt
+    assert sorted(k for k in tensors if "quantizer" in k) == []   # training state (LSQ steps) stays out
     assert not any(key.endswith(("gate_up_proj", "experts.down_proj")) for key in tensors)   # no 3-D copies
     for name, experts in _experts(model).items():
         num_experts = experts.gate_up_proj.shape[0]

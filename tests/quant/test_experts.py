@@ -450,3 +450,14 @@ def test_experts_learn_the_scales_a_linear_per_expert_learns(quant_config, learn
         assert param.grad.abs().sum() > 0
         torch.testing.assert_close(param.grad, reference, rtol=1e-6, atol=1e-9)
         torch.testing.assert_close(weight.grad, torch.stack([q.weight.grad for q in linears]), rtol=1e-6, atol=1e-9)
+
+
+def test_clip_is_not_said_to_do_nothing_while_experts_learn_clips(quant_config, caplog):
+    """Attention on lsq_int4 by a rule, experts on w4a16_int: the experts learn clips, so the
+    warning to set quant.learnable: none (which would turn their clipping off) is not given."""
+    config = quant_config(preset="w4a16_int", group_size=32, learnable="clip", ignore=["lm_head"],
+                          rules=[{"targets": "self_attn", "preset": "lsq_int4", "group_size": 32}])
+    with caplog.at_level("INFO", logger="qadpipe.quant.recipe"):
+        recipe = apply_recipe(_qwen3_moe(), config)
+    assert recipe.experts["model.layers.0.mlp.experts"].weight.kind.value == "int"
+    assert "clip does nothing" not in caplog.text and "learn LSQ steps instead" in caplog.text
