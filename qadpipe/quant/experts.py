@@ -46,8 +46,8 @@ from torch.func import functional_call
 
 from qadpipe.errors import QuantError
 from qadpipe.quant.compiled import Compile
-from qadpipe.quant.formats import Granularity, Kind, QuantizedTensor, QuantSpec, quantize
-from qadpipe.quant.quantizers import Learnable, Quantizer, Ste, _FakeQuantSTE
+from qadpipe.quant.formats import Granularity, Kind, QuantizedTensor, QuantSpec, _groups, quantize
+from qadpipe.quant.quantizers import Learnable, Quantizer, Ste, _FakeQuantSTE, _positive_steps
 
 
 @dataclass(frozen=True)
@@ -119,12 +119,23 @@ class ExpertWeightQuantizer(nn.Module):
         if learnable != "none":
             self.learned = Quantizer(spec, ste=ste, learnable=learnable, weight=_stacked(weight.detach()),
                                      compile_mode=compile_mode)
+            if learnable == "lsq" and not weight.is_meta:
+                self._floor_steps_per_expert(weight)
         elif not spec.dynamic:
             self.register_buffer("amax", weight.detach().abs().amax(dim=(1, 2)).float())
 
     @property
     def learnable(self) -> Learnable:
         return self.learned.learnable if "learned" in self._modules else "none"
+
+    @torch.no_grad()
+    def _floor_steps_per_expert(self, weight: Tensor) -> None:
+        """An all-zero group's LSQ step starts at its own expert's smallest step, as one Linear
+        per expert would start it (the stacked Quantizer took the smallest over all experts)."""
+        step, experts = self.learned.step, weight.shape[0]
+        dead = (_groups(_stacked(weight.detach()).float(), self.spec).abs().amax(-1) == 0).reshape(experts, -1)
+        raw = torch.where(dead, 0.0, step.reshape(experts, -1))
+        step.copy_(torch.stack([_positive_steps(steps, self.spec) for steps in raw]).reshape(step.shape))
 
     def forward(self, weight: Tensor) -> Tensor:
         """``weight`` ``[E, out, in]`` -> its fake-quantized value (straight-through gradient)."""

@@ -423,10 +423,16 @@ def test_experts_learn_the_scales_a_linear_per_expert_learns(quant_config, learn
     """The reference is the Linear path (QuantLinear, checked against finite differences and
     the pure functions in test_quantizers.py): one per expert, initialised from its matrix.
     The experts' fake-quantized weights, and the gradients of their learned scales and weights,
-    are those Linears', expert by expert."""
+    are those Linears', expert by expert -- an all-zero group's starting step included (its
+    expert's smallest, not all the experts')."""
     from qadpipe.quant.quantizers import QuantLinear
 
     student = _qwen3_moe()
+    with torch.no_grad():
+        experts = student.model.layers[0].mlp.experts
+        for weight, expert in ((experts.gate_up_proj, 1), (experts.down_proj, 2)):
+            weight[expert] *= 10               # its smallest step above the other experts' smallest
+            weight[expert, 3, :32] = 0         # and one group of it all zero
     apply_recipe(student, quant_config(preset="w4a16_int", group_size=32, learnable=learnable,
                                        ignore=["lm_head", "self_attn"]))
     experts = student.model.layers[0].mlp.experts
@@ -437,13 +443,15 @@ def test_experts_learn_the_scales_a_linear_per_expert_learns(quant_config, learn
             linear = nn.Linear(matrix.shape[1], matrix.shape[0], bias=False)
             linear.weight = nn.Parameter(matrix.clone())
             linears.append(QuantLinear.from_linear(linear, experts.spec, None, learnable=learnable))
+        learned = getattr(experts, f"{name}_quantizer").learned
+        if learnable == "lsq":
+            assert torch.equal(learned.step.detach(), torch.cat([q.weight_quantizer.step.detach() for q in linears]))
         got = experts.fake_quantized(name)
         expected = torch.stack([q.weight_quantizer(q.weight) for q in linears])
         assert torch.equal(got, expected), name
         direction = torch.randn(got.shape, generator=torch.Generator().manual_seed(7))
         (got * direction).sum().backward()
         (expected * direction).sum().backward()
-        learned = getattr(experts, f"{name}_quantizer").learned
         param = learned.step if learnable == "lsq" else learned.clip_logit
         reference = torch.cat([(q.weight_quantizer.step if learnable == "lsq" else q.weight_quantizer.clip_logit).grad
                                for q in linears])
