@@ -330,10 +330,9 @@ def stored_once(module: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
     parameter (an LM head tied to the embeddings), which a sharded checkpoint would otherwise
     store twice.  Both names' tensors share the parameter's storage, so reading the first
     fills the other."""
-    inner = module.module if isinstance(module, DistributedDataParallel) else module
     first: set[int] = set()
     tied = set()
-    for name, param in inner.named_parameters(remove_duplicate=False):
+    for name, param in unwrap(module).named_parameters(remove_duplicate=False):
         if id(param) in first:
             tied.add(name)
         first.add(id(param))

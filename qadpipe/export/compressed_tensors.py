@@ -168,12 +168,13 @@ def experts_tensors(name: str, experts: QuantExperts, scheme: Scheme) -> dict[st
     named ``<e>.gate_proj.weight_packed``, ... (local to the experts module).  A static input
     scale is the experts module's one range, written for every expert: vLLM serves the max
     over them, which is then that range."""
-    inputs = experts.input_quantizers()
+    scales = {source: _input_tensors(f"{name}.{source}", quantizer)
+              for source, quantizer in experts.input_quantizers().items()}
     out: dict[str, torch.Tensor] = {}
     for projection, matrices in experts.expert_matrices().items():
-        scales = _input_tensors(f"{name}.{_EXPERT_INPUTS[projection]}", inputs.get(_EXPERT_INPUTS[projection]))
+        inputs = scales.get(_EXPERT_INPUTS[projection], {})
         for expert, q in enumerate(matrices):
-            for local, tensor in {**weight_tensors(q, scheme), **scales}.items():   # copied: storage is shared
+            for local, tensor in {**weight_tensors(q, scheme), **inputs}.items():   # copied: storage is shared
                 out[f"{expert}.{projection}.{local}"] = tensor.clone(memory_format=torch.contiguous_format)
     return out
 

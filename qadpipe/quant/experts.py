@@ -143,8 +143,8 @@ class ExpertWeightQuantizer(nn.Module):
             return self.learned(_stacked(weight)).reshape(weight.shape)
         clipped = self.ste == "clipped"
         if _row_local(self.spec):
-            flat = weight.reshape(-1, weight.shape[-1])
-            return _FakeQuantSTE.apply(flat, self.spec, None, clipped, self.compile_mode).reshape(weight.shape)
+            rows = _FakeQuantSTE.apply(_stacked(weight), self.spec, None, clipped, self.compile_mode)
+            return rows.reshape(weight.shape)
         amax = None if self.spec.dynamic else self.amax
         return _FakeQuantSTE.apply(weight, self.spec, amax, clipped, self.compile_mode, True)
 
@@ -232,17 +232,17 @@ class QuantExperts(nn.Module):
         tensors = dict(self.named_parameters(recurse=False))   # read now: FSDP swaps them around forward
         for name in self.layout.weight_names:
             tensors[name] = self.fake_quantized(name)
-        if self.input_quantizers():
-            return self._routed_forward(tensors, *self._signature.bind(*args, **kwargs).arguments.values())
+        inputs = self.input_quantizers()
+        if inputs:
+            return self._routed_forward(tensors, inputs, *self._signature.bind(*args, **kwargs).arguments.values())
         return functional_call(self._experts, tensors, args, kwargs)
 
-    def _routed_forward(self, tensors: dict[str, Tensor], hidden_states: Tensor, top_k_index: Tensor,
-                        top_k_weights: Tensor) -> Tensor:
+    def _routed_forward(self, tensors: dict[str, Tensor], inputs: dict[str, Quantizer], hidden_states: Tensor,
+                        top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         """The experts with quantized inputs (see the module docstring): ``hidden_states``
         ``[N, D]``, ``top_k_index``/``top_k_weights`` ``[N, k]`` -> ``[N, D]``, the sum over a
         token's experts taken as transformers' grouped and batched implementations take it."""
         up_name = self.layout.up_name
-        inputs = self.input_quantizers()
         tokens, top_k = top_k_index.shape
         if tokens == 0:
             return torch.zeros_like(hidden_states)

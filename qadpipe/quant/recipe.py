@@ -243,15 +243,14 @@ def apply_recipe(model: nn.Module, quant: Any, *, rebuild: bool = False) -> Quan
     group_of = {member: group for group in groups for member in group}
     for name, (preset_name, preset) in chosen.items():
         weight = _learnable_spec(preset.weight, quant.learnable, preset_name, section_of[name])
+        learnable = _learnable_kind(weight, quant.learnable)
         if name in experts:
             module, layout = experts[name]
-            _set_submodule(model, name, QuantExperts(module, layout, weight, ste=quant.ste,
-                                                     learnable=_learnable_kind(weight, quant.learnable),
+            _set_submodule(model, name, QuantExperts(module, layout, weight, ste=quant.ste, learnable=learnable,
                                                      compile_mode=compile_mode, input_spec=preset.input))
             recipe.experts[name] = LayerRecipe(name, preset_name, weight, preset.input)
             continue
-        new = QuantLinear.from_linear(linears[name], weight, preset.input, ste=quant.ste,
-                                      learnable=_learnable_kind(weight, quant.learnable),
+        new = QuantLinear.from_linear(linears[name], weight, preset.input, ste=quant.ste, learnable=learnable,
                                       compile_mode=compile_mode)
         _set_submodule(model, name, new)
         recipe.layers[name] = LayerRecipe(name, preset_name, weight, preset.input, group_of.get(name))

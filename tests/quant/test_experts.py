@@ -25,13 +25,15 @@ from qadpipe.quant.recipe import PRESETS as ALL_PRESETS
 from qadpipe.quant.recipe import apply_recipe
 
 
-def _qwen3_moe(seed: int = 0) -> nn.Module:
+def _qwen3_moe(seed: int = 0, width: int = 64) -> nn.Module:
+    """A random Qwen3-MoE (4 experts, top 2) whose experts' in-features are ``width``."""
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     torch.manual_seed(seed)
     return Qwen3MoeForCausalLM(Qwen3MoeConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=32, num_experts=4, num_experts_per_tok=2)).eval()
+        vocab_size=256, hidden_size=width, intermediate_size=128, moe_intermediate_size=width, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=width // 2, num_experts=4,
+        num_experts_per_tok=2)).eval()
 
 
 def _gpt_oss(seed: int = 0) -> nn.Module:
@@ -268,16 +270,6 @@ def test_a_rule_for_experts_kept_dense_names_moe_experts(quant_config):
 ACTIVATION_PRESETS = ["nvfp4", "mxfp4", "mxfp8", "fp8", "fp8_static", "w8a8_int", "w4a8_fp8"]
 
 
-def _wide_qwen3_moe(seed: int = 0) -> nn.Module:
-    """In-features of 128: w4a8_fp8's int4 groups are 128 wide."""
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
-
-    torch.manual_seed(seed)
-    return Qwen3MoeForCausalLM(Qwen3MoeConfig(
-        vocab_size=256, hidden_size=128, intermediate_size=128, moe_intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=64, num_experts=4, num_experts_per_tok=2)).eval()
-
-
 def _ste(x: torch.Tensor, spec, amax) -> torch.Tensor:
     """fake_quantize with the identity straight-through gradient."""
     return x + (fake_quantize(x, spec, amax=amax) - x).detach()
@@ -311,7 +303,7 @@ def _routing(experts_shape: tuple[int, ...], tokens: int, top_k: int = 2, seed: 
 
 @pytest.mark.parametrize("preset", ACTIVATION_PRESETS)
 def test_quantized_expert_inputs_compute_what_vllms_fused_moe_computes(quant_config, preset):
-    student = _wide_qwen3_moe()
+    student = _qwen3_moe(width=128)   # w4a8_fp8's int4 groups are 128 wide
     recipe = apply_recipe(student, quant_config(preset=preset, ignore=["lm_head", "self_attn"]))
     assert recipe.experts["model.layers.0.mlp.experts"].input == ALL_PRESETS[preset].input
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -358,7 +350,7 @@ def test_calibration_ranges_the_experts_inputs_over_real_tokens_only(quant_confi
     """One range per experts module and projection, the max over the routed real tokens; a
     padded position counts in neither (its embedding, one large channel, survives the RMSNorm
     before the experts as an outlier, which the experts' weights on that channel amplify)."""
-    student = _wide_qwen3_moe()
+    student = _qwen3_moe(width=128)
     pad = 255
     with torch.no_grad():
         student.model.embed_tokens.weight[pad] = 0
