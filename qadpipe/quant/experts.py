@@ -24,13 +24,14 @@ implementation transformers dispatches to (eager loop, grouped_mm, batched_mm) s
 Activation quantization (W4A4, W8A8 ...) needs the input of each expert's two GEMMs, which
 transformers' implementations compute inside their own loops (the eager one inline).  Such
 experts run :meth:`QuantExperts._routed_forward` instead: the routed tokens sorted by expert,
-one GEMM per expert over its rows, as vLLM's fused MoE computes them.  The inputs get **one
-range per experts module and projection**, not one per expert: vLLM serves a quantized MoE
-layer with the largest of its experts' input scales (``amax_for_moe_activation_quant``;
-its NVFP4 emulation warns and takes the max too), so a range per expert would train numbers
-it never serves.  The gate/up input is the layer's hidden states, quantized once (the formats
-are row-local, so each expert's copy of a token quantizes alike); the down input is quantized
-in token-major order, ``[tokens, top_k, I]``, so calibration can leave padded tokens out.
+each expert's GEMM over its rows (one grouped GEMM for all), as vLLM's fused MoE computes
+them.  The inputs get **one range per experts module and projection**, not one per expert:
+vLLM serves a quantized MoE layer with the largest of its experts' input scales
+(``amax_for_moe_activation_quant``; its NVFP4 emulation warns and takes the max too), so a
+range per expert would train numbers it never serves.  The gate/up input is the layer's
+hidden states, quantized once (the formats are row-local, so each expert's copy of a token
+quantizes alike); the down input is quantized in token-major order, ``[tokens, top_k, I]``,
+so calibration can leave padded tokens out.
 """
 
 from __future__ import annotations
@@ -246,35 +247,37 @@ class QuantExperts(nn.Module):
         tokens, top_k = top_k_index.shape
         if tokens == 0:
             return torch.zeros_like(hidden_states)
-        pairs = top_k_index.reshape(-1)
-        order = torch.argsort(pairs, stable=True)          # (token, slot) pairs grouped by expert
-        token_major = torch.argsort(order)                  # and back
+        if getattr(self._experts, "_is_expert_parallel", False):   # its out-of-range "not on this rank" index
+            raise QuantError(f"{type(self._experts).__name__}: experts with quantized inputs take no expert parallelism")
         num_experts = tensors[up_name].shape[0]
-        rows_per_expert = torch.bincount(pairs, minlength=num_experts).tolist()
-        if len(rows_per_expert) > num_experts:   # expert parallelism's "not on this rank" index
-            raise QuantError(f"{type(self._experts).__name__}: a token routed to expert {len(rows_per_expert) - 1} of "
-                             f"{num_experts}; experts with quantized inputs take no expert parallelism")
+        expert_of_row, order = torch.sort(top_k_index.reshape(-1), stable=True)   # (token, slot) pairs by expert
+        token_major = torch.argsort(order)                                       # and back
+        # where each expert's rows end: computed on the device, never read back (no host sync)
+        ends = torch.searchsorted(expert_of_row, torch.arange(num_experts, device=expert_of_row.device),
+                                  right=True).to(torch.int32)
         x = inputs[up_name](hidden_states)[order // top_k]
-        hidden = self._per_expert(x, tensors, up_name, rows_per_expert)
+        hidden = self._grouped_linear(x, tensors, up_name, ends, expert_of_row)
         hidden = self._experts._apply_gate(hidden) if self.layout.gated else self._experts.act_fn(hidden)
         hidden = inputs["down_proj"](hidden[token_major].unflatten(0, (tokens, top_k))).flatten(0, 1)[order]
-        out = self._per_expert(hidden, tensors, "down_proj", rows_per_expert)[token_major]
+        out = self._grouped_linear(hidden, tensors, "down_proj", ends, expert_of_row)[token_major]
         out = out.unflatten(0, (tokens, top_k)) * top_k_weights.unsqueeze(-1)
         return out.sum(dim=1).to(hidden_states.dtype)
 
-    def _per_expert(self, rows: Tensor, tensors: dict[str, Tensor], name: str, rows_per_expert: list[int]) -> Tensor:
-        """Projection ``name`` of ``rows`` (sorted by expert, ``rows_per_expert`` of each): one
-        GEMM per expert that has rows, in the stored layout, plus its bias."""
-        # unbind, not weight[e]: its backward builds one gradient for all experts, where each
-        # indexing's backward built a full-size one (30x slower for 128 experts on a CPU)
-        matrices = tensors[name].unbind(0)
+    def _grouped_linear(self, rows: Tensor, tensors: dict[str, Tensor], name: str, ends: Tensor,
+                        expert_of_row: Tensor) -> Tensor:
+        """Projection ``name`` of ``rows`` (sorted by expert, expert ``e``'s ending at ``ends[e]``):
+        each expert's ``F.linear`` over its rows, as one grouped GEMM (``F.grouped_mm``) rather
+        than a Python loop launching one per expert -- 128 experts, 48 layers, 3 projections
+        are ~18k launches a step forward and back.  The same numbers as the loop: bit-identical
+        on CPU (tested).  grouped_mm is not autocast-enabled, so the autocast dtype is taken
+        here, as ``F.linear`` takes it."""
+        weight = tensors[name]
+        device = rows.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        weight = weight.to(dtype)
+        out = F.grouped_mm(rows.to(dtype), weight if self.layout.transposed else weight.transpose(1, 2), offs=ends)
         bias = tensors.get(f"{name}_bias")
-        biases = bias.unbind(0) if bias is not None else [None] * len(matrices)
-        out = []
-        for matrix, expert_bias, chunk in zip(matrices, biases, rows.split(rows_per_expert)):
-            if chunk.shape[0]:
-                out.append(F.linear(chunk, matrix.T if self.layout.transposed else matrix, expert_bias))
-        return torch.cat(out)
+        return out if bias is None else out + bias.to(dtype)[expert_of_row]
 
     def __getattr__(self, name: str) -> Any:
         try:

@@ -327,6 +327,24 @@ def test_quantized_expert_inputs_compute_what_vllms_fused_moe_computes(quant_con
         torch.testing.assert_close(mine, reference, rtol=1e-6, atol=1e-7)
 
 
+def test_under_autocast_the_routed_experts_compute_in_its_dtype_as_linears_do(quant_config):
+    """grouped_mm is not autocast-enabled: the routed forward must take bf16 itself, as the
+    reference's F.linear does under the GPU's training autocast (here CPU's)."""
+    student = _qwen3_moe(width=128)
+    apply_recipe(student, quant_config(preset="nvfp4", ignore=["lm_head", "self_attn"]))
+    calibrate(student, [{"input_ids": torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))}], 1)
+    experts = student.model.layers[0].mlp.experts
+    hidden = torch.randn(24, 128, generator=torch.Generator().manual_seed(2))
+    index, weights = _routing(tuple(experts.gate_up_proj.shape), 24)
+    with torch.no_grad():
+        full = experts(hidden, index, weights)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = experts(hidden, index, weights)
+            expected = _reference_routed(experts, hidden, index, weights)
+    assert torch.equal(got, expected)
+    assert not torch.equal(got, full)
+
+
 @pytest.mark.parametrize("build", [_qwen3_moe, _gpt_oss], ids=["qwen3_moe", "gpt_oss"])
 def test_with_inputs_passed_through_the_routed_forward_is_transformers_own(quant_config, build):
     """The experts' own implementation (grouped_mm) on the same fake-quantized weights:
@@ -404,10 +422,10 @@ def test_the_routed_forward_takes_no_token_and_refuses_expert_parallel_routing(q
     experts = student.model.layers[0].mlp.experts
     nothing = experts(torch.zeros(0, 64), torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2))
     assert nothing.shape == (0, 64)
-    index = torch.tensor([[0, 4], [1, 2]])   # 4: expert parallelism's "not on this rank"
-    with pytest.raises(QuantError, match=r"^Qwen3MoeExperts: a token routed to expert 4 of 4; experts with quantized "
-                                         r"inputs take no expert parallelism$"):
-        experts(torch.randn(2, 64), index, torch.full((2, 2), 0.5))
+    experts._experts._is_expert_parallel = True   # what transformers' expert parallelism sets
+    with pytest.raises(QuantError, match=r"^Qwen3MoeExperts: experts with quantized inputs take no expert "
+                                         r"parallelism$"):
+        experts(torch.randn(2, 64), torch.tensor([[0, 4], [1, 2]]), torch.full((2, 2), 0.5))
 
 
 @pytest.mark.parametrize("learnable", ["lsq", "clip"])
