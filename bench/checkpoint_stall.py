@@ -1,9 +1,10 @@
 """How long training waits for its checkpoints: a synchronous save vs one written in the background.
 
 A checkpoint (fp32 weights and AdamW's two moments: 12 bytes a parameter) is taken at the end
-of a step.  With ``distill.save_in_background=false`` every rank waits while rank 0 writes it;
-with ``true`` (the default) the loop waits for the snapshot (and for the previous checkpoint's
-write, if still under way), and rank 0 writes it on a thread while the next steps train.
+of a step.  With ``distill.save_in_background=false`` every rank waits while rank 0 writes it
+(sharded: while every rank writes its shards); with ``true`` (the default) the loop waits for
+the snapshot (and for the previous checkpoint's write, if still under way), and rank 0 (every
+rank) writes it on a thread while the next steps train.
 
 Side by side in one run, on the same cache and config, ``--rounds`` times with the order
 rotated: for each mode the loop's mean wait per checkpoint (the time spent in the trainer's
@@ -15,6 +16,7 @@ whole, and it counts in the mean: with fewer than ~6 steps it dominates (3 steps
 background mode at 1.21x the synchronous wait).
 
     .venv/bin/python bench/checkpoint_stall.py                  # CPU, SmolLM2-135M, 6 steps, a save each
+    .venv/bin/python bench/checkpoint_stall.py --checkpoint-format sharded
     .venv/bin/python bench/checkpoint_stall.py --model qwen3-1.7b-random --device cuda --steps 10
 """
 
@@ -42,7 +44,7 @@ def settings(args: argparse.Namespace, model: Path, cache: Path) -> list[str]:
             f"model.dtype={args.dtype}", f"distill.device={args.device}", f"distill.batch_size={args.batch}",
             f"distill.max_steps={args.steps}", "distill.save_every=1", "distill.eval_rows=0",
             f"distill.eval_every={args.steps + 1}", "distill.log_every=1", "distill.warmup_steps=0",
-            "distill.shuffle_buffer=1", "distill.lr=1e-5"]
+            "distill.shuffle_buffer=1", "distill.lr=1e-5", f"distill.checkpoint_format={args.checkpoint_format}"]
 
 
 def timed_run(config, output_dir: Path) -> dict[str, float]:
@@ -83,7 +85,7 @@ def timed_run(config, output_dir: Path) -> dict[str, float]:
         trainer.DistillRecipe.save_checkpoint, BackgroundWriter.finish = save, finish
     assert result.status == "done", result
     last = latest_checkpoint(output_dir)
-    size = sum(path.stat().st_size for path in last.iterdir())
+    size = sum(path.stat().st_size for path in last.rglob("*") if path.is_file())
     return {"wait": (sum(waits) + outside["seconds"]) / len(waits), "wall": wall, "saves": len(waits),
             "size_gb": size / 1e9}
 
@@ -98,6 +100,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--checkpoint-format", choices=("full", "sharded"), default="full",
+                        help="sharded: every rank (here the one process) writes its shards, staged on the host "
+                             "first when written in the background")
     parser.add_argument("--workdir", default=None, help="kept between runs (the cache); default: a temp dir")
     args = parser.parse_args()
     args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
@@ -125,8 +130,8 @@ def main() -> None:
     sync, background = ({key: statistics.median(run[key] for run in figures[mode]) for key in ("wait", "wall")}
                         for mode in MODES)
     size = figures["synchronous"][0]["size_gb"]
-    print(f"\n{args.model} on {args.device}, {args.steps} steps of {args.batch}x{args.seq} tokens, a checkpoint "
-          f"({size:.2f} GB) after each; medians of {args.rounds} round(s)\n")
+    print(f"\n{args.model} on {args.device}, {args.steps} steps of {args.batch}x{args.seq} tokens, a "
+          f"{args.checkpoint_format} checkpoint ({size:.2f} GB) after each; medians of {args.rounds} round(s)\n")
     print("| mode | loop waits per checkpoint (s) | training wall (s) |\n|---|---|---|")
     for mode, row in zip(MODES, (sync, background)):
         print(f"| {mode} | {row['wait']:.2f} | {row['wall']:.1f} |")

@@ -252,9 +252,11 @@ class DistillConfig:
     save_every: int = opt(50, "checkpoint every N steps", ge=1)
     save: bool = opt(True, "write the PTQ student, checkpoints and final/ (false: metrics only, for "
                      "throughput runs; nothing to resume or export)")
-    save_in_background: bool = opt(True, "rank 0 writes each checkpoint on a thread while training goes on "
-                                   "(the steps wait for the snapshot, not the disk; host memory holds one "
-                                   "snapshot until written, as a synchronous save does)")
+    save_in_background: bool = opt(True, "each checkpoint is written on a thread while training goes on (the "
+                                   "steps wait for the snapshot, not the disk). full: rank 0 writes it, host "
+                                   "memory holding one snapshot until written, as a synchronous save does; "
+                                   "sharded: every rank writes a host copy of its shards (one more copy of them "
+                                   "in host memory, which a synchronous sharded save does not hold)")
     checkpoint_format: Literal["full", "sharded"] = opt(
         "full", "full: rank 0 gathers the state and writes model.safetensors (12 bytes per trained parameter "
         "on its host); sharded: every rank writes its own shards (torch.distributed.checkpoint), nothing gathered "

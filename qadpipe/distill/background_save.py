@@ -1,4 +1,5 @@
-"""Checkpoints written by rank 0 on a thread while every rank trains on.
+"""Checkpoints written on a thread while every rank trains on: a full one by rank 0, a
+sharded one by every rank (its own shards, staged on the host first).
 
 Why: a checkpoint's cost is mostly the disk, not the gather.  An 8B student's (fp32 weights
 and AdamW's two moments, ~100 GB) reaches rank 0's host memory in seconds, then takes one to
@@ -12,10 +13,15 @@ Rules that keep it exact:
 * The snapshot is the step's state: every tensor in it that shares memory with the live
   model or optimizer (a world of one on CPU returns its parameters themselves; AdamW keeps its
   ``step`` counters on the host even on a GPU) is copied first, since the optimizer updates
-  those in place during the write (:func:`detached_snapshot`).
+  those in place during the write (:func:`detached_snapshot`).  A sharded checkpoint's
+  snapshot is a host copy of all of the rank's shards
+  (:func:`qadpipe.distill.sharded_checkpoint.staged_on_host`).
 * One write at a time: the next save, a stop signal, the last step and ``final/`` first wait
   for the write under way (:meth:`BackgroundWriter.finish`), so host memory holds at most one
-  snapshot -- what a synchronous save holds while it writes.
+  snapshot -- what a synchronous full save holds while it writes.  (A synchronous sharded save
+  holds none: DCP copies the shards out of GPU memory as it writes them.)
+* The ranks' shard writes exchange DCP's plans and results on a gloo group of their own
+  (:func:`qadpipe.distill.distributed.writer_group`), never on one the training threads use.
 * A failed write (a full disk) stops the run at the end of the step during which it is seen
   (every rank: see ``DistillRecipe._stop_requested``), raised on every rank naming the
   checkpoint, and ``LATEST`` still names the previous one.
@@ -76,9 +82,9 @@ def live_tensors(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> l
 
 
 class BackgroundWriter:
-    """Runs rank 0's checkpoint writes one at a time on a thread.  :meth:`start` and
-    :meth:`finish` are collective (every rank calls them at the same steps); the thread runs
-    on rank 0 only."""
+    """Runs checkpoint writes one at a time on a thread: rank 0's (a full checkpoint) or every
+    rank's (its shards).  :meth:`start` and :meth:`finish` are collective (every rank calls
+    them at the same steps)."""
 
     def __init__(self, is_main: bool) -> None:
         self.is_main = is_main
@@ -88,12 +94,12 @@ class BackgroundWriter:
         self._pending = False   # every rank: a write was started and not yet finished
         self._label = ""
 
-    def start(self, write: Callable[[], Any], label: str) -> None:
-        """Begin ``write()`` on rank 0 (after :meth:`finish` of any earlier one)."""
+    def start(self, write: Callable[[], Any], label: str, every_rank: bool = False) -> None:
+        """Begin ``write()`` on rank 0, or on ``every_rank`` (after :meth:`finish` of any earlier one)."""
         if self._pending:
             raise RuntimeError("BackgroundWriter.start: the previous write was not finished")
         self._pending, self._label = True, label
-        if self.is_main:
+        if self.is_main or every_rank:
             self._failure = None
             self._written.clear()
             # not a daemon: an interpreter exiting on an error elsewhere still completes the write
@@ -121,18 +127,19 @@ class BackgroundWriter:
 
     @property
     def failed(self) -> bool:
-        """Whether rank 0's write under way has failed (seen by the training loop at its next
-        step: the stop it makes raises the failure through :meth:`finish`)."""
+        """Whether this rank's write under way has failed (seen by the training loop at its
+        next step: the stop it makes raises the failure through :meth:`finish`)."""
         return self._failure is not None
 
     @property
     def unconfirmed(self) -> Optional[str]:
-        """On a rank other than 0, the write rank 0 may still be making (its label): this rank
-        cannot wait for it, so the checkpoint directory it sees may not show it yet."""
+        """On a rank other than 0, the write rank 0 may still be making or committing (its
+        label): this rank cannot wait for it, so the checkpoint directory it sees may not show
+        it yet."""
         return self._label if self._pending and not self.is_main else None
 
     def wait(self) -> None:
-        """Let rank 0's write under way end, on this rank alone (no collective: for a run
+        """Let this rank's write under way end, on this rank alone (no collective: for a run
         stopping on an error, which may be this rank's only); a failure was logged."""
         self._join()
 

@@ -75,6 +75,7 @@ COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
 WRITE_TIMEOUT = datetime.timedelta(hours=12)
 
 _control_group: Optional[Any] = None
+_writer_group: Optional[Any] = None
 
 
 def init_distributed(device: str) -> DistEnv:
@@ -99,6 +100,26 @@ def init_control_group() -> None:
     (with the job).  A gloo wait on the host is no NCCL work: nothing times it out but this
     group, and a rank 0 that dies closes its connections, which ends the wait at once."""
     global _control_group
+    _control_group = _long_wait_group()
+
+
+def writer_group() -> Optional[Any]:
+    """A second such group, for the shard writes that run on every rank's writer thread while
+    its training thread goes on (see :mod:`qadpipe.distill.background_save`): the ranks
+    exchange DCP's plans and results there, and two threads' collectives on one group would
+    interleave.  Made at the first background shard write (every rank calls); None in a world
+    of one."""
+    global _writer_group
+    if not dist.is_initialized():
+        return None
+    if _writer_group is None:
+        _writer_group = _long_wait_group()
+    return _writer_group
+
+
+def _long_wait_group() -> Any:
+    """A new gloo group that connects within the collectives' timeout and then waits for hours
+    (:data:`WRITE_TIMEOUT`).  Collective: every rank calls."""
     try:   # connected within the collectives' timeout: a wrong interface fails as soon as NCCL's would
         group = dist.new_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT)
     except Exception as exc:   # gloo's own error types; the usual cause is the interface it picked
@@ -106,14 +127,14 @@ def init_control_group() -> None:
                            "resolve to an interface the nodes cannot reach each other on, set GLOO_SOCKET_IFNAME "
                            "(as NCCL_SOCKET_IFNAME)") from None
     dist.distributed_c10d._set_pg_timeout(WRITE_TIMEOUT, group)   # then waits for hours
-    _control_group = group
+    return group
 
 
 def shutdown() -> None:
-    global _control_group
+    global _control_group, _writer_group
     if dist.is_initialized():
-        dist.destroy_process_group()   # every group, the control group too
-    _control_group = None
+        dist.destroy_process_group()   # every group, the control and writer groups too
+    _control_group = _writer_group = None
 
 
 def wrap(module: nn.Module, layers: nn.ModuleList, strategy: str, env: DistEnv) -> nn.Module:

@@ -39,6 +39,7 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, set_element   # the setter it uses
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.staging import BlockingAsyncStager
 
 from qadpipe.errors import DistillError, first_line
 
@@ -74,6 +75,15 @@ def save_shards(directory: Path, model_state: dict[str, Any], optimizer_state: d
                          process_group=process_group)
         except (Exception, CheckpointException) as exc:   # CheckpointException (a BaseException): every rank's
             raise DistillError(f"{Path(directory) / name}: cannot write the shards ({_failure(exc)})") from None
+
+
+def staged_on_host(state: dict[str, Any]) -> dict[str, Any]:
+    """A host copy of ``state`` (as :func:`save_shards` takes it: this rank's shards, FSDP2's
+    DTensors kept DTensors) for a write that overlaps the next steps, which update the
+    originals in place.  DCP's own stager (what its ``async_save`` stages with); DCP's
+    ``async_save`` itself is not used: it would run the model's and the optimizer's writes on
+    two threads at once, and their collectives on one group would interleave."""
+    return BlockingAsyncStager().stage(state)
 
 
 def load_shards(directory: Path, name: str, state: dict[str, Any], process_group: Optional[Any] = None) -> None:

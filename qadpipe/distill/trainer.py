@@ -55,7 +55,8 @@ from qadpipe.distill.optim import adamw, no_decay_names
 from qadpipe.distill.same_run import RESUMABLE_CHANGES, distill_reads, unresumable_changes
 from qadpipe.distill.observe import METRICS_FILE, TENSORBOARD_DIR, MetricsLog, peak_memory_gib
 from qadpipe.distill.schedule import lr_multiplier
-from qadpipe.distill.sharded_checkpoint import MODEL_SHARDS, OPTIMIZER_SHARDS, is_sharded, load_shards, save_shards
+from qadpipe.distill.sharded_checkpoint import (MODEL_SHARDS, OPTIMIZER_SHARDS, is_sharded, load_shards, save_shards,
+                                                staged_on_host)
 from qadpipe.distill.student import (BASE_MODEL, FINAL_DIR, PTQ_DIR, StudentLoss, base_model_fact, build_student,
                                      build_student_skeleton, check_weights_fit, enable_activation_checkpointing,
                                      load_state_into, save_student)
@@ -192,9 +193,6 @@ class DistillRecipe:
         if self.env.is_main:
             remove_stale_temps(self.output_dir)
         self.metrics = MetricsLog(self.output_dir, enabled=self.env.is_main, tensorboard=cfg.tensorboard)
-        if cfg.save and cfg.checkpoint_format == "sharded" and cfg.save_in_background:
-            log.info("distill.checkpoint_format: sharded: every rank writes its own shards at each save while the "
-                     "steps wait (distill.save_in_background applies to full checkpoints, which rank 0 writes alone)")
         # Tokenizer and cache first: a cache that does not fit refuses before any model loads.
         self.tokenizer = self._load_tokenizer()
         self.source, self.target_kind = self._open_source()
@@ -967,9 +965,7 @@ class DistillRecipe:
                              rng=capture_rng(), cache_fingerprint=self._cache_fingerprint(),
                              log_window={"ranks": dist_utils.all_gather_objects(window.sums())})
         if self.cfg.checkpoint_format == "sharded":
-            self._save_sharded_checkpoint(state)
-            log.info("checkpoint step %d: every rank wrote its shards in %.1f s", self.step,
-                     time.perf_counter() - taken)
+            self._save_sharded_checkpoint(state, taken)
             return
         model_state = {_strip(k): v for k, v in dist_utils.full_model_state(self.model).items()}
         state.optimizer = dist_utils.full_optimizer_state(self.model, self.optimizer)
@@ -984,20 +980,41 @@ class DistillRecipe:
         log.info("checkpoint step %d: snapshot taken in %.1f s, written in the background", self.step,
                  time.perf_counter() - taken)
 
-    def _save_sharded_checkpoint(self, state: TrainerState) -> None:
+    def _save_sharded_checkpoint(self, state: TrainerState, taken: float) -> None:
         """Every rank writes its shards of the student and of AdamW's state into a staged step
         directory rank 0 made, then rank 0 adds ``state`` and commits it (see
-        :mod:`qadpipe.distill.sharded_checkpoint`)."""
+        :mod:`qadpipe.distill.sharded_checkpoint`).  With ``distill.save_in_background`` every
+        rank writes a host copy of its shards on its writer thread, and rank 0's commits."""
         staged = dist_utils.computed_by_main(self.env.is_main, lambda: staged_step_dir(self.output_dir, self.step))
+        shards = (dist_utils.stored_once(self.model, dist_utils.local_model_state(self.model)),
+                  dist_utils.local_optimizer_state(self.model, self.optimizer))
+        commit = functools.partial(commit_sharded_checkpoint, staged, state, self.config, **self._record_facts())
+        if not self.cfg.save_in_background:
+            self._write_shards(staged, *shards, dist_utils.control_group())
+            dist_utils.done_by_main(self.env.is_main, commit)
+            log.info("checkpoint step %d: every rank wrote its shards in %.1f s", self.step,
+                     time.perf_counter() - taken)
+            return
+        shards = tuple(staged_on_host(part) for part in shards)
+        group = dist_utils.writer_group()
+
+        def write_and_commit() -> None:
+            self._write_shards(staged, *shards, group)
+            if self.env.is_main:   # DCP returns on rank 0 once every rank's shards are written
+                commit()
+
+        self.writer.start(write_and_commit, f"checkpoint step {self.step}", every_rank=True)
+        log.info("checkpoint step %d: shards copied to the host in %.1f s, written in the background", self.step,
+                 time.perf_counter() - taken)
+
+    def _write_shards(self, staged: Path, model_state: dict[str, Any], optimizer_state: dict[str, Any],
+                      group: Optional[Any]) -> None:
         try:
-            save_shards(staged, dist_utils.stored_once(self.model, dist_utils.local_model_state(self.model)),
-                        dist_utils.local_optimizer_state(self.model, self.optimizer), dist_utils.control_group())
+            save_shards(staged, model_state, optimizer_state, group)
         except DistillError as exc:   # raised on every rank (DCP gathers their results)
             if self.env.is_main:
                 shutil.rmtree(staged, ignore_errors=True)
             raise DistillError(f"{exc}; checkpoints/LATEST still names the previous checkpoint") from None
-        dist_utils.done_by_main(self.env.is_main, lambda: commit_sharded_checkpoint(
-            staged, state, self.config, **self._record_facts()))
 
     def _record_facts(self) -> dict[str, Any]:
         """What the run records keep beyond the config: the model the student is built from

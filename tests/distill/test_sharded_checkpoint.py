@@ -8,6 +8,8 @@ test_distributed.py (slow)."""
 from __future__ import annotations
 
 import pickle
+import re
+import time
 from pathlib import Path
 
 import pytest
@@ -82,8 +84,9 @@ def test_export_reads_a_sharded_checkpoint_as_the_full_one_of_the_same_step(peak
     assert sharded.keys() == full.keys() and all(torch.equal(sharded[k], full[k]) for k in full)
 
 
+@pytest.mark.parametrize("background", ["true", "false"])
 def test_a_failed_shard_write_leaves_the_previous_checkpoint_latest(peaky_llama_dir, topk_cache, tmp_path,
-                                                                    monkeypatch):
+                                                                    monkeypatch, background):
     from qadpipe.distill import sharded_checkpoint
     from qadpipe.distill.trainer import run_distill
 
@@ -96,12 +99,76 @@ def test_a_failed_shard_write_leaves_the_previous_checkpoint_latest(peaky_llama_
     monkeypatch.setattr(sharded_checkpoint, "FileSystemWriter", FullDisk)
     out = tmp_path / "student"
     with pytest.raises(DistillError) as info:
-        run_distill(config(peaky_llama_dir, topk_cache, out, "distill.checkpoint_format=sharded"))
+        run_distill(config(peaky_llama_dir, topk_cache, out, "distill.checkpoint_format=sharded",
+                           f"distill.save_in_background={background}"))
     assert str(info.value).endswith("/model: cannot write the shards (rank 0: OSError: [Errno 28] No space left on "
                                     "device); checkpoints/LATEST still names the previous checkpoint")
     checkpoints = out / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["LATEST", "step-00000002"]   # the staged one removed
     assert (checkpoints / "LATEST").read_text().strip() == "step-00000002"
+
+
+def _dcp_contents(directory: Path, scratch: Path) -> dict:
+    """A DCP directory as one nested dict, through DCP's own converter (its unpickling reader:
+    these are the test's own files)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    converted = scratch / f"{directory.parent.name}-{directory.name}.pt"
+    dcp_to_torch_save(directory, converted)
+    return torch.load(converted, weights_only=False)
+
+
+def _assert_same(a, b, where: str) -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            _assert_same(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for index, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{where}[{index}]")
+    else:
+        assert a == b, where
+
+
+def test_shards_written_while_training_goes_on_are_the_ones_a_synchronous_save_writes(
+        peaky_llama_dir, topk_cache, tmp_path, monkeypatch):
+    """Each write is held until the next step has trained -- AdamW has updated in place the
+    weights and moments the shards were taken from -- and still writes that step's state."""
+    from qadpipe.distill import trainer
+
+    every_step = ("distill.checkpoint_format=sharded", "distill.save_every=1", "quant.learnable=lsq")
+    trainer.run_distill(config(peaky_llama_dir, topk_cache, tmp_path / "sync", *every_step,
+                               "distill.save_in_background=false"))
+    write, train_step = trainer.save_shards, trainer.DistillRecipe._train_step
+    trained, began = [], []
+
+    def step_then_record(self, micro, window):
+        train_step(self, micro, window)
+        trained.append(self.step + 1)
+
+    def lagging(directory, model_state, optimizer_state, group):
+        step = int(re.search(r"\.step-(\d{8})\.", directory.name).group(1))
+        began.append(step)
+        deadline = time.monotonic() + 120
+        while step < 4 and step + 1 not in trained and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert step == 4 or step + 1 in trained, "the write should overlap the next step"
+        return write(directory, model_state, optimizer_state, group)
+
+    monkeypatch.setattr(trainer.DistillRecipe, "_train_step", step_then_record)
+    monkeypatch.setattr(trainer, "save_shards", lagging)
+    assert trainer.run_distill(config(peaky_llama_dir, topk_cache, tmp_path / "background", *every_step)).status == "done"
+    assert began == [1, 2, 3, 4]
+    for step in (3, 4):   # the two kept
+        sync, background = (tmp_path / run / "checkpoints" / f"step-{step:08d}" for run in ("sync", "background"))
+        for part in (MODEL_SHARDS, OPTIMIZER_SHARDS):
+            _assert_same(_dcp_contents(sync / part, tmp_path), _dcp_contents(background / part, tmp_path),
+                         f"step {step} {part}")
+        _assert_same(*(torch.load(run / "trainer_state.pt", weights_only=True) for run in (sync, background)),
+                     f"step {step} trainer state")
 
 
 def test_metadata_pickled_by_python_3_13_reads(tmp_path, monkeypatch):
