@@ -256,7 +256,8 @@ class DistillConfig:
                                    "steps wait for the snapshot, not the disk). full: rank 0 writes it, host "
                                    "memory holding one snapshot until written, as a synchronous save does; "
                                    "sharded: every rank writes a host copy of its shards (one more copy of them "
-                                   "in host memory, which a synchronous sharded save does not hold)")
+                                   "in host memory, which a synchronous sharded save does not hold; under DDP "
+                                   "rank 0 alone, of the whole state)")
     checkpoint_format: Literal["full", "sharded"] = opt(
         "full", "full: rank 0 gathers the state and writes model.safetensors (12 bytes per trained parameter "
         "on its host); sharded: every rank writes its own shards (torch.distributed.checkpoint), nothing gathered "

@@ -89,6 +89,9 @@ def init_distributed(device: str) -> DistEnv:
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if resolved.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
         init_control_group()
+        # made now, not at the first background shard write: a rank that fails before it (its
+        # host copy out of memory) would leave the others waiting in new_group for the timeout
+        writer_group()
     return DistEnv(rank, world_size, local_rank, resolved)
 
 
@@ -107,8 +110,8 @@ def writer_group() -> Optional[Any]:
     """A second such group, for the shard writes that run on every rank's writer thread while
     its training thread goes on (see :mod:`qadpipe.distill.background_save`): the ranks
     exchange DCP's plans and results there, and two threads' collectives on one group would
-    interleave.  Made at the first background shard write (every rank calls); None in a world
-    of one."""
+    interleave.  Made by :func:`init_distributed` (else at first use: every rank calls); None
+    in a world of one."""
     global _writer_group
     if not dist.is_initialized():
         return None

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
@@ -113,7 +114,12 @@ def _failure(exc: BaseException) -> str:
 @contextlib.contextmanager
 def _alone_said_once() -> Iterator[None]:
     """Without a process group DCP reads and writes as one process (what qadpipe means there:
-    a single-process run, export, eval), and warns so at every call; the warning is dropped."""
+    a single-process run, export, eval), and warns so at every call; the warning is dropped.
+    (Not touched with a process group up: ``catch_warnings`` swaps the process's filters, and
+    the ranks' shard writes run beside the training thread.)"""
+    if dist.is_initialized():
+        yield
+        return
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
         yield

@@ -995,7 +995,15 @@ class DistillRecipe:
             log.info("checkpoint step %d: every rank wrote its shards in %.1f s", self.step,
                      time.perf_counter() - taken)
             return
-        shards = tuple(staged_on_host(part) for part in shards)
+        # Under DDP every rank holds the whole state: rank 0 alone copies it and writes it (DCP
+        # takes a replicated tensor from any one rank), not a whole copy per rank on each host.
+        copies_here = self.env.is_main or self.cfg.distributed != "ddp"
+        try:
+            shards = tuple(staged_on_host(part) if copies_here else {} for part in shards)
+        except BaseException:   # the host out of memory: no staged directory left behind
+            if self.env.is_main:
+                shutil.rmtree(staged, ignore_errors=True)
+            raise
         group = dist_utils.writer_group()
 
         def write_and_commit() -> None:

@@ -247,7 +247,7 @@ class QuantExperts(nn.Module):
         tokens, top_k = top_k_index.shape
         if tokens == 0:
             return torch.zeros_like(hidden_states)
-        if getattr(self._experts, "_is_expert_parallel", False):   # its out-of-range "not on this rank" index
+        if getattr(self, "_is_expert_parallel", False):   # its out-of-range "not on this rank" index
             raise QuantError(f"{type(self._experts).__name__}: experts with quantized inputs take no expert parallelism")
         num_experts = tensors[up_name].shape[0]
         expert_of_row, order = torch.sort(top_k_index.reshape(-1), stable=True)   # (token, slot) pairs by expert
@@ -268,8 +268,10 @@ class QuantExperts(nn.Module):
         """Projection ``name`` of ``rows`` (sorted by expert, expert ``e``'s ending at ``ends[e]``):
         each expert's ``F.linear`` over its rows, as one grouped GEMM (``F.grouped_mm``) rather
         than a Python loop launching one per expert -- 128 experts, 48 layers, 3 projections
-        are ~18k launches a step forward and back.  The same numbers as the loop: bit-identical
-        on CPU (tested).  grouped_mm is not autocast-enabled, so the autocast dtype is taken
+        are ~18k launches a step forward and back.  The same numbers as the loop on CPU
+        (tested), bit-identical but for a bias under autocast: grouped_mm takes none, so it is
+        added after the GEMM's bf16 rounding, where ``F.linear`` adds it before (one bf16 ulp
+        apart, gpt-oss).  grouped_mm is not autocast-enabled, so the autocast dtype is taken
         here, as ``F.linear`` takes it."""
         weight = tensors[name]
         device = rows.device.type
