@@ -272,11 +272,15 @@ class QuantExperts(nn.Module):
         (tested), bit-identical but for a bias under autocast: grouped_mm takes none, so it is
         added after the GEMM's bf16 rounding, where ``F.linear`` adds it before (one bf16 ulp
         apart, gpt-oss).  grouped_mm is not autocast-enabled, so the autocast dtype is taken
-        here, as ``F.linear`` takes it."""
+        here, as ``F.linear`` takes it.  An expert given no rows gets no gradient: Blackwell's
+        grouped_mm backward writes non-zero ones for empty groups (pytorch#172439), and AdamW
+        would move experts no token reached."""
         weight = tensors[name]
         device = rows.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
         weight = weight.to(dtype)
+        has_rows = torch.diff(ends, prepend=ends.new_zeros(1)) > 0
+        weight = torch.where(has_rows[:, None, None], weight, weight.detach())
         out = F.grouped_mm(rows.to(dtype), weight if self.layout.transposed else weight.transpose(1, 2), offs=ends)
         bias = tensors.get(f"{name}_bias")
         return out if bias is None else out + bias.to(dtype)[expert_of_row]

@@ -364,6 +364,37 @@ def test_under_autocast_the_routed_experts_compute_in_its_dtype_as_linears_do(qu
     assert apart.max() > 0   # the bias does land after the rounding (else this would be the qwen3 case)
 
 
+def test_experts_no_token_reached_get_no_gradient_whatever_grouped_mm_says(quant_config, monkeypatch):
+    """Blackwell's grouped_mm backward writes non-zero weight gradients for empty groups
+    (pytorch#172439): simulated here by a grouped_mm whose backward adds ones to every group's."""
+    from qadpipe.quant import experts as experts_module
+
+    real = F.grouped_mm
+
+    class Blackwell(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a, b, offs):
+            ctx.save_for_backward(a, b, offs)
+            return real(a, b, offs=offs)
+
+        @staticmethod
+        def backward(ctx, grad):
+            a, b, offs = ctx.saved_tensors
+            with torch.enable_grad():
+                a_, b_ = a.detach().requires_grad_(), b.detach().requires_grad_()
+                grad_a, grad_b = torch.autograd.grad(real(a_, b_, offs=offs), (a_, b_), grad)
+            return grad_a, grad_b + 1, None
+
+    student = _qwen3_moe(width=128)
+    apply_recipe(student, quant_config(preset="fp8", ignore=["lm_head", "self_attn"]))
+    experts = student.model.layers[0].mlp.experts
+    index = torch.tensor([[0, 1], [1, 0], [0, 1]])   # experts 2 and 3 get no token
+    monkeypatch.setattr(experts_module.F, "grouped_mm", lambda a, b, offs: Blackwell.apply(a, b, offs))
+    experts(torch.randn(3, 128), index, torch.full((3, 2), 0.5)).square().sum().backward()
+    for weight in (experts.gate_up_proj, experts.down_proj):
+        assert weight.grad[2:].abs().sum() == 0 and weight.grad[:2].abs().sum() > 0
+
+
 def _sorted_rows(hidden: torch.Tensor, index: torch.Tensor, experts: QuantExperts):
     """Keyword arguments of ``_grouped_linear``: the (token, slot) rows sorted by expert (as
     _routed_forward sorts them), where each expert's end, and each row's expert."""
