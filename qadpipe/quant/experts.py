@@ -252,7 +252,7 @@ class QuantExperts(nn.Module):
         num_experts = tensors[up_name].shape[0]
         expert_of_row, order = torch.sort(top_k_index.reshape(-1), stable=True)   # (token, slot) pairs by expert
         token_major = torch.argsort(order)                                       # and back
-        # where each expert's rows end: computed on the device, never read back (no host sync)
+        # where each expert's rows end, computed on the device: qadpipe reads none back (no host sync)
         ends = torch.searchsorted(expert_of_row, torch.arange(num_experts, device=expert_of_row.device),
                                   right=True).to(torch.int32)
         x = inputs[up_name](hidden_states)[order // top_k]
