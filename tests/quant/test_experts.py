@@ -352,13 +352,16 @@ def test_under_autocast_the_routed_experts_compute_in_its_dtype_as_linears_do(qu
     index, weights = _routing(tuple(experts.gate_up_proj.shape), 16, seed=4)
     tensors = {name: experts.fake_quantized(name) for name in experts.layout.weight_names}
     tensors.update({n: p for n, p in experts.named_parameters(recurse=False) if n not in tensors})
+    expert_of_row, order = torch.sort(index.reshape(-1), stable=True)   # the rows as _routed_forward sorts them
+    rows = hidden[order // index.shape[1]]
+    ends = torch.searchsorted(expert_of_row, torch.arange(experts.gate_up_proj.shape[0]), right=True).to(torch.int32)
+    weight, bias = tensors["gate_up_proj"].transpose(1, 2), tensors["gate_up_proj_bias"]   # [E, out, in]
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        mine = experts._grouped_linear(tensors=tensors, name="gate_up_proj", **_sorted_rows(hidden, index, experts))
-        loop = _linear_per_expert(hidden, tensors["gate_up_proj"].transpose(1, 2), tensors["gate_up_proj_bias"],
-                                  index)
+        mine = experts._grouped_linear(rows, tensors, "gate_up_proj", ends, expert_of_row)
+        loop = torch.stack([F.linear(row, weight[e], bias[e]) for row, e in zip(rows, expert_of_row.tolist())])
     assert mine.dtype == loop.dtype == torch.bfloat16
     # bf16(bf16(g) + b) vs bf16(g + b): apart by at most the roundings of g and of the sum
-    bias_rows = tensors["gate_up_proj_bias"][torch.sort(index.reshape(-1), stable=True).values].float()
+    bias_rows = bias[expert_of_row].float()
     apart = (mine.float() - loop.float()).abs()
     assert (apart <= 2 ** -7 * (loop.float().abs() + bias_rows.abs())).all()
     assert apart.max() > 0   # the bias does land after the rounding (else this would be the qwen3 case)
@@ -393,22 +396,6 @@ def test_experts_no_token_reached_get_no_gradient_whatever_grouped_mm_says(quant
     experts(torch.randn(3, 128), index, torch.full((3, 2), 0.5)).square().sum().backward()
     for weight in (experts.gate_up_proj, experts.down_proj):
         assert weight.grad[2:].abs().sum() == 0 and weight.grad[:2].abs().sum() > 0
-
-
-def _sorted_rows(hidden: torch.Tensor, index: torch.Tensor, experts: QuantExperts):
-    """Keyword arguments of ``_grouped_linear``: the (token, slot) rows sorted by expert (as
-    _routed_forward sorts them), where each expert's end, and each row's expert."""
-    expert_of_row, order = torch.sort(index.reshape(-1), stable=True)
-    ends = torch.searchsorted(expert_of_row, torch.arange(experts.gate_up_proj.shape[0]), right=True)
-    return {"rows": hidden[order // index.shape[1]], "ends": ends.to(torch.int32), "expert_of_row": expert_of_row}
-
-
-def _linear_per_expert(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                       index: torch.Tensor) -> torch.Tensor:
-    """Each (token, slot) row's F.linear with its expert's [out, in] matrix and bias, in expert order."""
-    expert_of_row, order = torch.sort(index.reshape(-1), stable=True)
-    rows = hidden[order // index.shape[1]]
-    return torch.stack([F.linear(row, weight[e], bias[e]) for row, e in zip(rows, expert_of_row.tolist())])
 
 
 @pytest.mark.parametrize("build", [_qwen3_moe, _gpt_oss], ids=["qwen3_moe", "gpt_oss"])
