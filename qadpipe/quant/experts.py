@@ -20,6 +20,7 @@ quantized GEMM per expert:
 Weight-only experts run the expert module itself, unchanged, through
 ``torch.func.functional_call`` with the fake-quantized tensors in place of its own, so every
 implementation transformers dispatches to (eager loop, grouped_mm, batched_mm) sees them.
+Either way an expert no token reached gets no gradient (see :meth:`QuantExperts.forward`).
 
 Activation quantization (W4A4, W8A8 ...) needs the input of each expert's two GEMMs, which
 transformers' implementations compute inside their own loops (the eager one inline).  Such
@@ -230,12 +231,19 @@ class QuantExperts(nn.Module):
                 if f"{name}_input_quantizer" in self._modules}
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        arguments = tuple(self._signature.bind(*args, **kwargs).arguments.values())
         tensors = dict(self.named_parameters(recurse=False))   # read now: FSDP swaps them around forward
+        reached = _experts_reached(arguments[1], tensors[self.layout.up_name].shape[0])
         for name in self.layout.weight_names:
-            tensors[name] = self.fake_quantized(name)
+            # An expert no token reached gets no gradient, whatever the GEMM's backward says:
+            # Blackwell's grouped_mm writes non-zero ones for empty groups (pytorch#172439),
+            # and AdamW would move experts no token reached.  Masked here, before either
+            # forward, so transformers' own implementation (weight-only) is guarded too.
+            weight = self.fake_quantized(name)
+            tensors[name] = torch.where(reached[:, None, None], weight, weight.detach())
         inputs = self.input_quantizers()
         if inputs:
-            return self._routed_forward(tensors, inputs, *self._signature.bind(*args, **kwargs).arguments.values())
+            return self._routed_forward(tensors, inputs, *arguments)
         return functional_call(self._experts, tensors, args, kwargs)
 
     def _routed_forward(self, tensors: dict[str, Tensor], inputs: dict[str, Quantizer], hidden_states: Tensor,
@@ -272,15 +280,11 @@ class QuantExperts(nn.Module):
         (tested), bit-identical but for a bias under autocast: grouped_mm takes none, so it is
         added after the GEMM's bf16 rounding, where ``F.linear`` adds it before (one bf16 ulp
         apart, gpt-oss).  grouped_mm is not autocast-enabled, so the autocast dtype is taken
-        here, as ``F.linear`` takes it.  An expert given no rows gets no gradient: Blackwell's
-        grouped_mm backward writes non-zero ones for empty groups (pytorch#172439), and AdamW
-        would move experts no token reached."""
+        here, as ``F.linear`` takes it."""
         weight = tensors[name]
         device = rows.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
         weight = weight.to(dtype)
-        has_rows = torch.diff(ends, prepend=ends.new_zeros(1)) > 0
-        weight = torch.where(has_rows[:, None, None], weight, weight.detach())
         out = F.grouped_mm(rows.to(dtype), weight if self.layout.transposed else weight.transpose(1, 2), offs=ends)
         bias = tensors.get(f"{name}_bias")
         return out if bias is None else out + bias.to(dtype)[expert_of_row]
@@ -310,6 +314,14 @@ class QuantExperts(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{type(self._experts).__name__}, {getattr(self, self.layout.up_name).shape[0]} experts"
+
+
+def _experts_reached(top_k_index: Tensor, num_experts: int) -> Tensor:
+    """``[E]`` bool: which experts a token of ``top_k_index`` ``[N, k]`` was routed to, computed
+    on the device (no host sync, as ``bincount`` would take).  An index of ``E`` or more --
+    expert parallelism's "on another rank" -- reaches none here."""
+    reached = torch.zeros(num_experts + 1, dtype=torch.bool, device=top_k_index.device)
+    return reached.index_fill_(0, top_k_index.reshape(-1).clamp(0, num_experts), True)[:num_experts]
 
 
 def _rows(q: QuantizedTensor, rows: slice) -> QuantizedTensor:

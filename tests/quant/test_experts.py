@@ -367,11 +367,13 @@ def test_under_autocast_the_routed_experts_compute_in_its_dtype_as_linears_do(qu
     assert apart.max() > 0   # the bias does land after the rounding (else this would be the qwen3 case)
 
 
-def test_experts_no_token_reached_get_no_gradient_whatever_grouped_mm_says(quant_config, monkeypatch):
+@pytest.mark.parametrize("build", [_qwen3_moe, _gpt_oss], ids=["qwen3_moe", "gpt_oss"])
+@pytest.mark.parametrize("preset", ["fp8", "nvfp4_a16"], ids=["routed", "transformers_own"])
+def test_experts_no_token_reached_get_no_gradient_whatever_grouped_mm_says(quant_config, monkeypatch, build,
+                                                                            preset):
     """Blackwell's grouped_mm backward writes non-zero weight gradients for empty groups
-    (pytorch#172439): simulated here by a grouped_mm whose backward adds ones to every group's."""
-    from qadpipe.quant import experts as experts_module
-
+    (pytorch#172439): simulated here by a grouped_mm whose backward adds ones to every group's,
+    under qadpipe's routed forward (quantized inputs) and transformers' own (weight-only)."""
     real = F.grouped_mm
 
     class Blackwell(torch.autograd.Function):
@@ -388,14 +390,23 @@ def test_experts_no_token_reached_get_no_gradient_whatever_grouped_mm_says(quant
                 grad_a, grad_b = torch.autograd.grad(real(a_, b_, offs=offs), (a_, b_), grad)
             return grad_a, grad_b + 1, None
 
-    student = _qwen3_moe(width=128)
-    apply_recipe(student, quant_config(preset="fp8", ignore=["lm_head", "self_attn"]))
+    student = build()
+    apply_recipe(student, quant_config(preset=preset, ignore=["lm_head", "self_attn", "gate$|router"]))
     experts = student.model.layers[0].mlp.experts
+    assert bool(experts.input_quantizers()) == (preset == "fp8")
+    calls = []
+
+    def blackwell(a, b, offs):
+        calls.append(offs)
+        return Blackwell.apply(a, b, offs)
+
     index = torch.tensor([[0, 1], [1, 0], [0, 1]])   # experts 2 and 3 get no token
-    monkeypatch.setattr(experts_module.F, "grouped_mm", lambda a, b, offs: Blackwell.apply(a, b, offs))
-    experts(torch.randn(3, 128), index, torch.full((3, 2), 0.5)).square().sum().backward()
-    for weight in (experts.gate_up_proj, experts.down_proj):
-        assert weight.grad[2:].abs().sum() == 0 and weight.grad[:2].abs().sum() > 0
+    monkeypatch.setattr(F, "grouped_mm", blackwell)   # the one transformers calls too
+    experts(torch.randn(3, 64), index, torch.full((3, 2), 0.5)).square().sum().backward()
+    assert len(calls) == 2   # both projections went through it
+    for weight in experts.layout.weight_names:
+        grad = getattr(experts, weight).grad
+        assert grad[2:].abs().sum() == 0 and grad[:2].abs().sum() > 0
 
 
 @pytest.mark.parametrize("build", [_qwen3_moe, _gpt_oss], ids=["qwen3_moe", "gpt_oss"])
