@@ -20,7 +20,8 @@ quantized GEMM per expert:
 Weight-only experts run the expert module itself, unchanged, through
 ``torch.func.functional_call`` with the fake-quantized tensors in place of its own, so every
 implementation transformers dispatches to (eager loop, grouped_mm, batched_mm) sees them.
-Either way an expert no token reached gets no gradient (see :meth:`QuantExperts.forward`).
+Either way an expert no token reached gets no gradient, on Blackwell too (see
+:meth:`QuantExperts.forward`).
 
 Activation quantization (W4A4, W8A8 ...) needs the input of each expert's two GEMMs, which
 transformers' implementations compute inside their own loops (the eager one inline).  Such
@@ -233,14 +234,15 @@ class QuantExperts(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         arguments = tuple(self._signature.bind(*args, **kwargs).arguments.values())
         tensors = dict(self.named_parameters(recurse=False))   # read now: FSDP swaps them around forward
-        reached = _experts_reached(arguments[1], tensors[self.layout.up_name].shape[0])
+        up = tensors[self.layout.up_name]
+        # An expert no token reached must get no gradient, or AdamW moves it.  Blackwell's
+        # grouped_mm backward writes non-zero ones for empty groups (pytorch#172439), so there
+        # the weights are masked, before either forward (transformers' own, weight-only, too).
+        # Only there: the mask copies every expert weight (+13% of a weight-only MoE step on CPU).
+        reached = _experts_reached(arguments[1], up.shape[0]) if empty_groups_get_gradients(up.device) else None
         for name in self.layout.weight_names:
-            # An expert no token reached gets no gradient, whatever the GEMM's backward says:
-            # Blackwell's grouped_mm writes non-zero ones for empty groups (pytorch#172439),
-            # and AdamW would move experts no token reached.  Masked here, before either
-            # forward, so transformers' own implementation (weight-only) is guarded too.
             weight = self.fake_quantized(name)
-            tensors[name] = torch.where(reached[:, None, None], weight, weight.detach())
+            tensors[name] = weight if reached is None else torch.where(reached[:, None, None], weight, weight.detach())
         inputs = self.input_quantizers()
         if inputs:
             return self._routed_forward(tensors, inputs, *arguments)
@@ -314,6 +316,13 @@ class QuantExperts(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{type(self._experts).__name__}, {getattr(self, self.layout.up_name).shape[0]} experts"
+
+
+def empty_groups_get_gradients(device: torch.device) -> bool:
+    """Whether ``grouped_mm``'s backward on ``device`` writes weight gradients for groups given
+    no rows: on Blackwell (CUDA compute capability 10 and up), where pytorch#172439 reports it;
+    Hopper's leave them at zero (the issue's H800 run), as the CPU's do (tested)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 10
 
 
 def _experts_reached(top_k_index: Tensor, num_experts: int) -> Tensor:

@@ -374,6 +374,8 @@ def test_experts_no_token_reached_get_no_gradient_whatever_grouped_mm_says(quant
     """Blackwell's grouped_mm backward writes non-zero weight gradients for empty groups
     (pytorch#172439): simulated here by a grouped_mm whose backward adds ones to every group's,
     under qadpipe's routed forward (quantized inputs) and transformers' own (weight-only)."""
+    from qadpipe.quant import experts as experts_module
+
     real = F.grouped_mm
 
     class Blackwell(torch.autograd.Function):
@@ -402,11 +404,34 @@ def test_experts_no_token_reached_get_no_gradient_whatever_grouped_mm_says(quant
 
     index = torch.tensor([[0, 1], [1, 0], [0, 1]])   # experts 2 and 3 get no token
     monkeypatch.setattr(F, "grouped_mm", blackwell)   # the one transformers calls too
+    monkeypatch.setattr(experts_module, "empty_groups_get_gradients", lambda device: True)
     experts(torch.randn(3, 64), index, torch.full((3, 2), 0.5)).square().sum().backward()
     assert len(calls) == 2   # both projections went through it
     for weight in experts.layout.weight_names:
         grad = getattr(experts, weight).grad
         assert grad[2:].abs().sum() == 0 and grad[:2].abs().sum() > 0
+
+
+@pytest.mark.parametrize("preset", ["fp8", "nvfp4_a16"], ids=["routed", "transformers_own"])
+def test_off_blackwell_grouped_mm_itself_leaves_experts_no_token_reached_at_zero(quant_config, preset):
+    """Why the mask is applied on Blackwell only: the CPU's grouped_mm (here, unmasked) gives
+    empty groups no gradient; capability 10 and up gets the mask, Hopper (9.0) does not."""
+    from qadpipe.quant import experts as experts_module
+
+    student = _qwen3_moe()
+    apply_recipe(student, quant_config(preset=preset, ignore=["lm_head", "self_attn", "gate$|router"]))
+    experts = student.model.layers[0].mlp.experts
+    assert not experts_module.empty_groups_get_gradients(experts.down_proj.device)
+    index = torch.tensor([[0, 1], [1, 0], [0, 1]])
+    experts(torch.randn(3, 64), index, torch.full((3, 2), 0.5)).square().sum().backward()
+    for weight in experts.layout.weight_names:
+        grad = getattr(experts, weight).grad
+        assert grad[2:].abs().sum() == 0 and grad[:2].abs().sum() > 0
+    capability = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.cuda, "get_device_capability", lambda device: capability["now"])
+        for capability["now"], masked in (((9, 0), False), ((10, 0), True), ((12, 0), True)):
+            assert experts_module.empty_groups_get_gradients(torch.device("cuda", 0)) == masked
 
 
 @pytest.mark.parametrize("build", [_qwen3_moe, _gpt_oss], ids=["qwen3_moe", "gpt_oss"])
