@@ -104,22 +104,36 @@ def _save_student_tensors(directory: Path, model_state: dict[str, torch.Tensor])
 def _commit_dir(tmp: Path, name: str, config: Any, cache_fingerprint: str, write: Callable[[], None],
                 facts: Optional[dict[str, Any]]) -> Path:
     """``write()`` into the temp dir ``tmp`` and add the run record; then fsync it all and rename
-    ``tmp`` over any older ``<tmp's parent>/<name>``.  ``tmp`` is removed on any failure."""
+    ``tmp`` to ``<tmp's parent>/<name>``.  ``tmp`` is removed on any failure.
+
+    An older ``<name>`` (``final/`` of an earlier run, a step re-run after a crash between its
+    rename and ``LATEST``) is moved aside first and deleted only once the new one is in place:
+    a failure between the two renames puts it back, and a kill there leaves it aside for
+    :func:`remove_stale_temps` to put back -- never neither copy."""
     parent = tmp.parent
+    final = parent / name
+    aside = None
     try:
         write()
         save_run_record(config, "distill", tmp, cache_fingerprint=cache_fingerprint, **(facts or {}))
         for path in tmp.iterdir():
             fsync_path(path)
         share_tree(tmp)
-        final = parent / name
-        if final.exists():  # final/ of an earlier run, or a step re-run after a crash between rename and LATEST
-            shutil.rmtree(final)
+        fsync_path(tmp)
+        if final.exists():   # a directory cannot be renamed over a non-empty one
+            aside = Path(tempfile.mkdtemp(prefix=f".{name}{_ASIDE}", dir=parent))
+            os.replace(final, aside / name)
         os.replace(tmp, final)
         fsync_path(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if aside is not None and not final.exists():
+            os.replace(aside / name, final)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
         raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
     return final
 
 
@@ -226,6 +240,20 @@ def load_trainer_state(path: Path) -> TrainerState:
         raise DistillError(f"{path / STATE_FILE}: unexpected trainer state layout ({exc})") from None
 
 
+#: In the name of the directory an older ``final/``, ``ptq/`` or step is moved aside to while its
+#: replacement is renamed into place.
+_ASIDE = ".aside."
+
+
+def _put_back(aside: Path, directory: Path) -> None:
+    for moved in aside.iterdir():
+        if moved.is_dir() and not (directory / moved.name).exists():
+            os.replace(moved, directory / moved.name)
+            fsync_path(directory)
+            log.warning("%s: put back %s, moved aside by a run killed while replacing it",
+                        directory, moved.name)
+
+
 def _prune(root: Path, keep: int) -> None:
     steps = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
     for old in steps[:-keep]:
@@ -236,13 +264,18 @@ def _prune(root: Path, keep: int) -> None:
 def remove_stale_temps(output_dir: Path) -> None:
     """Delete what a killed run left mid-write in ``output_dir``: checkpoint and student
     staging dirs (``.step-*``, ``.final.*``, ``.ptq.*``) and atomic-write temps (``.*.tmp``,
-    e.g. ``checkpoints/.LATEST.*.tmp``).  One run writes a distill output dir at a time."""
+    e.g. ``checkpoints/.LATEST.*.tmp``).  One run writes a distill output dir at a time.
+
+    A directory a kill left moved aside (see :func:`_commit_dir`) goes back to its name when
+    nothing took its place, and is deleted only when its replacement is there."""
     output_dir = Path(output_dir)
     for directory in (output_dir, output_dir / CHECKPOINT_DIR):
         if not directory.is_dir():
             continue
         for stale in directory.glob(".*"):
             if stale.is_dir() and stale.name.startswith((".step-", ".final.", ".ptq.")):
+                if _ASIDE in stale.name:
+                    _put_back(stale, directory)
                 shutil.rmtree(stale, ignore_errors=True)
             elif stale.is_file() and stale.name.endswith(".tmp"):
                 stale.unlink(missing_ok=True)

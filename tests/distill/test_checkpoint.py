@@ -139,3 +139,58 @@ def test_what_a_killed_run_left_mid_write_is_removed_and_nothing_else(tmp_path: 
     remove_stale_temps(tmp_path)
     assert sorted(tmp_path.rglob("*")) == kept
     assert latest_checkpoint(tmp_path) == path
+
+
+def _student_dir(parent: Path, value: float) -> Path:
+    from qadpipe.distill.checkpoint import write_student_dir
+
+    return write_student_dir(parent, "final", {"w": torch.full((2,), value)}, load_config(None), "")
+
+
+def _weight(path: Path) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))["w"]
+
+
+@pytest.mark.parametrize("failure", [KeyboardInterrupt, OSError])
+def test_a_failure_while_replacing_a_student_keeps_the_old_one(tmp_path: Path, monkeypatch, failure):
+    """final/ is replaced by renames; a failure at the rename into place puts the old one back."""
+    import os
+
+    from qadpipe.distill import checkpoint
+
+    _student_dir(tmp_path, 1.0)
+    real = os.replace
+
+    def interrupted(src, dst):
+        if Path(dst).name == "final" and ".aside." not in str(src):   # the new one's rename
+            raise failure()
+        return real(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", interrupted)
+    with pytest.raises(failure):
+        _student_dir(tmp_path, 2.0)
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["final"]
+    assert torch.equal(_weight(tmp_path / "final"), torch.ones(2))
+    _student_dir(tmp_path, 2.0)   # and replacing it works, leaving nothing aside
+    assert [p.name for p in tmp_path.iterdir()] == ["final"]
+    assert torch.equal(_weight(tmp_path / "final"), torch.full((2,), 2.0))
+
+
+@pytest.mark.parametrize("replaced", [False, True], ids=["killed_between_renames", "killed_after"])
+def test_a_student_a_kill_left_aside_is_put_back_unless_replaced(tmp_path: Path, replaced):
+    from qadpipe.distill.checkpoint import remove_stale_temps
+
+    old = _student_dir(tmp_path, 1.0)
+    aside = tmp_path / ".final.aside.k1"
+    aside.mkdir()
+    old.rename(aside / "final")
+    (tmp_path / "elsewhere").mkdir()
+    new = _student_dir(tmp_path / "elsewhere", 2.0)
+    new.rename(tmp_path / ("final" if replaced else ".final.n2"))   # in place, or still staged
+    (tmp_path / "elsewhere").rmdir()
+    remove_stale_temps(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["final"]
+    assert torch.equal(_weight(tmp_path / "final"), torch.full((2,), 2.0 if replaced else 1.0))
