@@ -176,7 +176,12 @@ class Quantizer(nn.Module):
             return _grad_scale(self.step.abs(), (per_scale * qmax) ** -0.5)
         qmin, qmax = self.spec.code_range
         live = _groups(x.float(), self.spec).abs().amax(-1).reshape(self.clip_logit.shape)
-        return torch.sigmoid(self.clip_logit) * live / ((qmax - qmin) / 2)
+        # In fp64, rounded once to fp32: in fp32 the export (on the CPU) would round scales a
+        # GPU trained otherwise -- CUDA divides by a constant as a multiply by its reciprocal
+        # (see exact_quotient), and sigmoid may differ by an ulp.  An fp64 value lands within
+        # those few fp64 ulps of an fp32 rounding boundary with probability ~2**-29.
+        ratio = torch.sigmoid(self.clip_logit.double())
+        return (ratio * live.double() / ((qmax - qmin) / 2)).float()
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.calibrated:
