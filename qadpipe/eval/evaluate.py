@@ -32,9 +32,8 @@ from qadpipe.config import PipelineConfig
 from qadpipe.eval.report import render_table, write_report
 from qadpipe.eval.runner import compare_to_teacher
 from qadpipe.errors import ConfigError, QadpipeError
-from qadpipe.export.compressed_tensors import NVFP4_PACK
 from qadpipe.file_modes import check_writable_dir
-from qadpipe.provenance import RUN_FILE, json_field, read_run_record, recorded_stage, save_run_record
+from qadpipe.provenance import RUN_FILE, read_run_record, recorded_stage, save_run_record
 from qadpipe.targets import SequenceTargets
 
 log = logging.getLogger(__name__)
@@ -93,11 +92,6 @@ def check_model_paths(models: dict[str, str]) -> None:
         if not is_student_dir(Path(path)) and not (Path(path) / "config.json").is_file():
             raise ConfigError(f"eval.models.{name}: {path} holds neither a distill student (model.safetensors or "
                               "model/ shards, and qadpipe_run.yaml) nor an HF checkpoint (config.json)")
-        if _checkpoint_format(Path(path)) == NVFP4_PACK:
-            # compressed-tensors decompresses NVFP4 to bf16 weights, which eval's fp32 forward cannot mix
-            raise ConfigError(f"eval.models.{name}: {path} is an NVFP4 compressed-tensors export, which transformers "
-                              "runs in bf16 only; evaluate the distill directory it was exported from (its "
-                              "qadpipe_export.json names it) or a --format fake export")
 
 
 def student_configs(models: dict[str, str]) -> dict[str, Any]:
@@ -168,13 +162,6 @@ def check_output_dir(path: Path) -> Path:
     return out
 
 
-def _checkpoint_format(path: Path) -> Optional[str]:
-    """The ``quantization_config.format`` of an HF checkpoint (None: none, or not readable)."""
-    quant = json_field(path / "config.json", "quantization_config", dict) or {}
-    fmt = quant.get("format")
-    return fmt if isinstance(fmt, str) else None
-
-
 def load_model(path: str, device: torch.device, trained: Optional[Any] = None) -> nn.Module:
     """A distill student directory (``trained``: the config it was trained with, when already
     read) or an HF checkpoint, in fp32 eval mode."""
@@ -184,7 +171,22 @@ def load_model(path: str, device: torch.device, trained: Optional[Any] = None) -
     if is_student_dir(Path(path)):
         model, _ = load_final_student(Path(path), device=str(device), config=trained)
         return model.float().eval()
-    return load_causal_lm(path, dtype="float32", device=str(device))
+    return _decompressed(load_causal_lm(path, dtype="float32", device=str(device)))
+
+
+def _decompressed(model: nn.Module) -> nn.Module:
+    """``model`` with its compressed-tensors weights decompressed, in fp32.  transformers loads
+    such a checkpoint packed and decompresses it on its first forward, to its scales' dtype --
+    bf16 for NVFP4 and MX, which eval's fp32 forward cannot mix (and a packed quantized
+    ``lm_head`` has no ``weight`` to size the vocab by).  Decompressed here instead, then its
+    bf16/fp16 tensors cast to fp32 (exact; transformers refuses ``.float()`` on a quantized
+    model, and FP8 tensors stay FP8).  Input quantization (W4A4, W8A8) stays on, as
+    compressed-tensors runs it."""
+    compressor = getattr(getattr(model, "hf_quantizer", None), "compressor", None)
+    if compressor is None:
+        return model
+    compressor.decompress_model(model)
+    return model._apply(lambda t: t.float() if t.dtype in (torch.bfloat16, torch.float16) else t)
 
 
 def release_memory(device: torch.device) -> None:

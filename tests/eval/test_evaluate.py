@@ -369,16 +369,6 @@ def test_eval_data_that_cannot_be_scored_is_one_line(trained, tmp_path: Path):
         "tokens to distil (generate.include_prompt=false) (first: record 0, line 1))"]
 
 
-def test_an_nvfp4_compressed_tensors_export_is_refused_before_any_model_loads(trained, tmp_path: Path):
-    export = tmp_path / "nvfp4"
-    export.mkdir()
-    (export / "config.json").write_text(json.dumps({"quantization_config": {"format": "nvfp4-pack-quantized"}}))
-    assert _refusal([*trained, f"eval.output_dir={tmp_path / 'out'}", f"eval.models.ct={export}"]) == [
-        f"qadpipe: error: eval.models.ct: {export} is an NVFP4 compressed-tensors export, which transformers runs in "
-        "bf16 only; evaluate the distill directory it was exported from (its qadpipe_export.json names it) or a "
-        "--format fake export"]
-
-
 def test_an_export_keeps_its_training_record_when_its_checkpoint_is_replaced(trained, tmp_path: Path):
     """Eval followed an export's qadpipe_export.json to its checkpoint's path and trusted the
     run found there: a later run trained into the same directory (on every row) had its
@@ -515,3 +505,4 @@ def test_what_a_killed_eval_left_does_not_refuse_its_rerun(trained, tmp_path: Pa
     (out / "report.md").write_text("# qadpipe eval\n")
     run_eval(load_config(None, [*trained, f"eval.output_dir={out}"]))
     assert yaml.safe_load((out / "qadpipe_run.yaml").read_text())["stage"] == "eval"
+
