@@ -200,7 +200,8 @@ def release_memory(device: torch.device) -> None:
 @dataclasses.dataclass(frozen=True)
 class TrainingRecord:
     """What eval must know of how a model was trained: the cache rows it held out and the
-    cache contents it trained on (None: trained before qadpipe recorded them)."""
+    cache contents it trained on (None: trained before qadpipe recorded them; "": on no
+    cache, online from ``data.source``, whose first rows it held out)."""
 
     eval_rows: int
     cache_fingerprint: Optional[str]
@@ -224,7 +225,7 @@ def training_record(path: str) -> Optional[TrainingRecord]:
     if not isinstance(facts, dict) or type(facts.get("eval_rows")) is not int:
         return None
     fingerprint = facts.get("cache_fingerprint")
-    return TrainingRecord(facts["eval_rows"], fingerprint if isinstance(fingerprint, str) and fingerprint else None)
+    return TrainingRecord(facts["eval_rows"], fingerprint if isinstance(fingerprint, str) else None)
 
 
 def trained_models(models: dict[str, str]) -> dict[str, TrainingRecord]:
@@ -342,13 +343,20 @@ def unseen_claim(data: HeldOut, models: dict[str, str]) -> str:
     if data.cache_fingerprint is None:
         return ""
     recorded = {name: record.cache_fingerprint for name, record in trained_models(models).items()}
-    other = sorted(name for name, fingerprint in recorded.items()
-                   if fingerprint is not None and fingerprint != data.cache_fingerprint)
+    other = sorted(name for name, fingerprint in recorded.items() if fingerprint and fingerprint != data.cache_fingerprint)
+    no_cache = sorted(name for name, fingerprint in recorded.items() if fingerprint == "")
     if other:
         log.warning("eval: %s trained on other cache contents than the %s: rows it held out there may not be the "
                     "rows scored here, so the figures may flatter it; evaluate on the cache it trained on, or on "
                     "eval.data", ", ".join(other), data.description)
-        return f" (NOT verified unseen: {', '.join(other)} trained on other cache contents)"
+    if no_cache:   # a generate array strides records over its tasks: cache order is not data order
+        log.warning("eval: %s trained online without a cache, holding out the first rows of its data.source, which "
+                    "need not be the rows scored here, so the figures may flatter it; evaluate on eval.data",
+                    ", ".join(no_cache))
+    if other or no_cache:
+        said = [f"{', '.join(other)} trained on other cache contents"] if other else []
+        said += [f"{', '.join(no_cache)} trained without a cache"] if no_cache else []
+        return f" (NOT verified unseen: {'; '.join(said)})"
     unknown = sorted(set(models) - set(recorded))
     if unknown:
         log.warning("eval: %s: no qadpipe training record (not a distill student, nor an export that records "

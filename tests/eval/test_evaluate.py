@@ -506,3 +506,22 @@ def test_what_a_killed_eval_left_does_not_refuse_its_rerun(trained, tmp_path: Pa
     run_eval(load_config(None, [*trained, f"eval.output_dir={out}"]))
     assert yaml.safe_load((out / "qadpipe_run.yaml").read_text())["stage"] == "eval"
 
+
+def test_a_student_trained_online_without_a_cache_is_not_claimed_unseen_on_a_cache(trained, tmp_path: Path):
+    """Its run record's empty cache fingerprint was read as "recorded before fingerprints",
+    and the cache's first rows were claimed held out: it held out the first rows of its
+    data.source, which a generate array's stride puts elsewhere in the cache."""
+    from qadpipe.eval.evaluate import HeldOut, training_record, unseen_claim
+
+    final = Path(load_config(None, trained).distill.output_dir) / "final"
+    online = tmp_path / "online"
+    shutil.copytree(final, online)
+    record = yaml.safe_load((online / "qadpipe_run.yaml").read_text())
+    record["cache_fingerprint"] = ""   # what distill records with no cache
+    (online / "qadpipe_run.yaml").write_text(yaml.safe_dump(record))
+    assert training_record(str(online)).cache_fingerprint == ""
+    fingerprint = training_record(str(final)).cache_fingerprint
+    rows = HeldOut([[1, 2]], [1], None, "held-out cache rows", cache_fingerprint=fingerprint)
+    assert unseen_claim(rows, {"qad": str(final)}) == " (never trained on)"
+    assert unseen_claim(rows, {"qad": str(final), "online": str(online)}) == \
+        " (NOT verified unseen: online trained without a cache)"
