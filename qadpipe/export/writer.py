@@ -58,7 +58,7 @@ def staged_dir(output: Path) -> Iterator[Path]:
     except OSError as exc:
         raise ExportError(f"export output {output}: cannot create a directory in {output.parent} "
                           f"({exc.strerror or exc})") from None
-    old = None
+    old, swapped = None, False
     try:
         yield tmp
         share_tree(tmp)
@@ -68,13 +68,14 @@ def staged_dir(output: Path) -> Iterator[Path]:
             old = Path(tempfile.mkdtemp(prefix=_staging_prefix("old", output) + _owner_tag(), dir=output.parent))
             os.replace(output, old / output.name)
         os.replace(tmp, output)
+        swapped = True
         fsync_path(output.parent)
     except OSError as exc:  # a full disk or lost permission mid-write: nothing half-written stays
-        _roll_back(tmp, old, output)
+        _roll_back(tmp, old, output, swapped)
         raise ExportError(f"export output {output}: writing failed, nothing was changed "
                           f"({exc.strerror or exc})") from exc
     except BaseException:
-        _roll_back(tmp, old, output)
+        _roll_back(tmp, old, output, swapped)
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
@@ -118,8 +119,11 @@ def remove_stale_staging(output: Path) -> None:
             log.info("removed %s, left by a killed export (pid %s)", path, owner[1])
 
 
-def _roll_back(tmp: Path, old: Path | None, output: Path) -> None:
-    """Drop the staging dir; put a previous export moved aside back if the swap failed."""
+def _roll_back(tmp: Path, old: Path | None, output: Path, swapped: bool) -> None:
+    """Drop the new export (``swapped``: already renamed to ``output``, whose directory entry
+    then failed to sync) and put a previous export moved aside back: nothing changed."""
+    if swapped:
+        os.replace(output, tmp)
     shutil.rmtree(tmp, ignore_errors=True)
     if old is not None:
         if not output.exists():

@@ -143,6 +143,29 @@ def test_a_failed_swap_puts_the_previous_export_back(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["export"]
 
 
+@pytest.mark.parametrize("previous", [True, False], ids=["replacing", "new"])
+def test_a_directory_sync_failing_after_the_swap_changes_nothing(tmp_path, monkeypatch, previous):
+    """The new export was in place when the parent's fsync failed: the previous one was
+    deleted, and the error said nothing had changed."""
+    from qadpipe.export import writer
+
+    out = _previous_export(tmp_path) if previous else tmp_path / "export"
+    real_fsync = writer.fsync_path
+
+    def fsync(path):
+        if Path(path) == tmp_path:
+            raise OSError(5, "Input/output error")
+        return real_fsync(path)
+
+    monkeypatch.setattr(writer, "fsync_path", fsync)
+    with pytest.raises(ExportError, match="writing failed, nothing was changed"):
+        with staged_dir(out) as tmp:
+            (tmp / "new.txt").write_text("new")
+    if previous:
+        assert sorted(p.name for p in out.iterdir()) == sorted(["old.txt", RUN_FILE, EXPORT_INFO])
+    assert [p.name for p in tmp_path.iterdir()] == (["export"] if previous else [])
+
+
 FULL_DISK_EXPORT = """
 import resource, signal, sys, torch
 from pathlib import Path
