@@ -359,6 +359,41 @@ def check_fused(groups: list[tuple[str, ...]], schemes: dict[str, Scheme],
                                   "something else than was trained)")
 
 
+def moved_by_fp16_requantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Which per-tensor FP8 weight codes vLLM serves otherwise in a fused GEMM
+    (``requantize_with_max_scale``, applied even when the members' scales are equal): it
+    dequantizes them in fp16 (``per_tensor_dequantize``: fp16 codes times a 0-dim fp32 scale
+    stay fp16) and quantizes them again with the same scale.  Exact while ``code * scale`` is
+    a normal fp16 number; below that (a weight amax under ~0.02) the smallest codes move.
+    A code counts as moved when either way vLLM's kernels divide (``/ s``, ``* (1 / s)``)
+    moves it."""
+    scale = scale.float().reshape(())
+    dequantized = (codes.to(torch.float16) * scale).float()
+    moved = torch.zeros(codes.shape, dtype=torch.bool, device=codes.device)
+    for requantized in (dequantized / scale, dequantized * (1 / scale)):
+        moved |= requantized.clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8) != codes.view(torch.uint8)
+    return moved
+
+
+def warn_fp16_requantized(groups: list[tuple[str, ...]], schemes: dict[str, Scheme],
+                          tensors: dict[str, torch.Tensor]) -> None:
+    """Say when vLLM would serve fused per-tensor FP8 weights other than trained (see
+    :func:`moved_by_fp16_requantize`): a warning, as only the smallest codes of unusually small
+    weights move, and nothing qadpipe can write avoids vLLM's round trip."""
+    for members in groups:
+        scheme = schemes.get(members[0])
+        if scheme is None or scheme.weights["strategy"] != "tensor" or scheme.weights["type"] != "float":
+            continue
+        moved = sum(int(moved_by_fp16_requantize(tensors[f"{m}.weight"], tensors[f"{m}.weight_scale"]).sum())
+                    for m in members)
+        if moved:
+            total = sum(tensors[f"{m}.weight"].numel() for m in members)
+            log.warning("%s: vLLM requantizes these fused per-tensor FP8 weights through fp16 and serves %d of "
+                        "their %d codes one step or more from those trained (weight scale %.3g: the smallest "
+                        "codes fall below fp16's normal range)", ", ".join(members), moved, total,
+                        float(tensors[f"{members[0]}.weight_scale"].float().reshape(-1)[0]))
+
+
 def quantization_config(model: nn.Module, schemes: dict[str, Scheme], kv_cache: bool = False) -> dict[str, Any]:
     """config.json's ``quantization_config``: one config group per distinct scheme (and the
     FP8 KV-cache scheme when the student was trained with one).  Modules are named as the
@@ -456,6 +491,7 @@ def write_compressed_tensors(model: nn.Module, source_dir: Path, directory: Path
 
     tensors = export_tensors(model, layer_fn, dtype, tie_word_embeddings=tie, experts_fn=experts_fn)
     check_fused(fused_groups(model), schemes, tensors)
+    warn_fp16_requantized(fused_groups(model), schemes, tensors)
     kv_scales = kv_cache_scales(model)  # <attn>.k_scale / .v_scale: vLLM maps them to <attn>.attn.*
     tensors.update(kv_scales)
     config["quantization_config"] = quantization_config(model, schemes, kv_cache=bool(kv_scales))

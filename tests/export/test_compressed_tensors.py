@@ -388,3 +388,39 @@ def test_moe_experts_and_router_are_listed_dense_under_the_names_vllm_looks_up()
         assert not any(ignored(f"model.layers.{layer}.self_attn.{proj}") for proj in ("q_proj", "k_proj", "o_proj"))
     assert not ignored("model.layers.1.mlp.gate_up_proj") and not ignored("model.layers.10.mlp.gate")
     assert ignored("model.layers.1.self_attn")
+
+
+def test_codes_vllm_moves_requantizing_fused_fp8_through_fp16_hand_counted():
+    """Scale 2**-20: code * scale is a multiple of 2**-24 (fp16's subnormal step) exactly when
+    code is a multiple of 1/16, which every code of 0.5 and above is.  Below 0.5 per sign:
+    [1/4, 1/2) 4 of 8 codes are not, [1/8, 1/4) 6, [1/16, 1/8) 7, [1/32, 1/16) 8,
+    [1/64, 1/32) 8, the 7 subnormals 7: 40, so 80 of the 254 codes move.  At a usual
+    scale (amax 0.5) none does."""
+    from qadpipe.export.compressed_tensors import moved_by_fp16_requantize
+
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    codes = codes[~codes.float().isnan()]
+    moved = moved_by_fp16_requantize(codes, torch.tensor([2.0 ** -20]))
+    values = codes.float()
+    assert torch.equal(moved, (values.abs() < 0.5) & (values * 16 != (values * 16).round()))
+    assert int(moved.sum()) == 80
+    assert not moved_by_fp16_requantize(codes, torch.tensor([0.5 / 448])).any()
+
+
+def test_fused_fp8_weights_vllm_would_requantize_otherwise_are_warned_of(student, tiny_llama_dir, tmp_path, caplog):
+    model, config = student(tiny_llama_dir, "fp8_static")
+    out = tmp_path / "export"
+    with caplog.at_level("WARNING", logger="qadpipe.export.compressed_tensors"):
+        export_model(model, tiny_llama_dir, out, "compressed-tensors", config)
+    assert "requantizes" not in caplog.text   # random-init weights: amax ~0.08, exact in fp16
+    attention = model.get_submodule("model.layers.0.self_attn")
+    with torch.no_grad():   # 1/64: the same codes, a scale 64 times smaller
+        for name in ("q_proj", "k_proj", "v_proj"):
+            layer = getattr(attention, name)
+            layer.weight.div_(64)
+            layer.weight_quantizer.set_amax(layer.weight_quantizer.amax / 64)
+    with caplog.at_level("WARNING", logger="qadpipe.export.compressed_tensors"):
+        export_model(model, tiny_llama_dir, tmp_path / "small", "compressed-tensors", config)
+    (said,) = [r.getMessage() for r in caplog.records if "requantizes" in r.getMessage()]
+    assert said.startswith("model.layers.0.self_attn.q_proj, model.layers.0.self_attn.k_proj, "
+                           "model.layers.0.self_attn.v_proj: vLLM requantizes")
