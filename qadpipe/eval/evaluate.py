@@ -422,6 +422,8 @@ def run_eval(cfg: PipelineConfig) -> dict[str, dict[str, float]]:
     metrics = {name: Path(path).parent / "metrics.jsonl" for name, path in models.items()
                if Path(path).name == FINAL_DIR}
     # The record first: a run killed while writing the report leaves a directory eval may write again.
+    for name in EVAL_OUTPUTS:   # a rerun failing mid-write leaves no earlier figures beside its record
+        (out / name).unlink(missing_ok=True)
     save_run_record(cfg, "eval", out, cache_fingerprint=data.cache_fingerprint,
                     teacher_revision=model_revision(teacher_dir))
     paths = write_report(out, results, context=context, metrics_files=metrics)

@@ -78,8 +78,6 @@ def write_report(out_dir: Path, results: Mapping[str, Mapping[str, float]], *,
     curves = {name: read_metrics(path) for name, path in metrics_files.items() if Path(path).is_file()}
     if any(curves.values()):
         paths["curves_plot"] = plot_training_curves(curves, out_dir / CURVES_PLOT)
-    else:   # an earlier eval's curves beside this report would describe other models
-        (out_dir / CURVES_PLOT).unlink(missing_ok=True)
     return paths
 
 

@@ -496,6 +496,25 @@ def test_a_student_whose_record_this_version_cannot_load_names_the_record(traine
         "(distill.old_option: unknown key")
 
 
+def test_a_rerun_failing_while_it_writes_leaves_no_earlier_figures_beside_its_record(trained, tmp_path: Path,
+                                                                                      monkeypatch):
+    from qadpipe.eval import report
+
+    out = tmp_path / "out"
+    run_eval(load_config(None, [*trained, f"eval.output_dir={out}"]))
+    assert {"report.md", "kl_by_model.png", "training_curves.png"} <= {p.name for p in out.iterdir()}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report, "plot_kl_bars", full_disk)   # after report.json and report.md
+    with pytest.raises(OSError):
+        run_eval(load_config(None, [*trained, f"eval.output_dir={out}", "eval.models={}",
+                                    f"eval.models.outside={Path(load_config(None, trained).model.path)}"]))
+    assert sorted(p.name for p in out.iterdir()) == ["qadpipe_run.yaml", "report.json", "report.md"]
+    assert "| outside |" in (out / "report.md").read_text()
+
+
 def test_what_a_killed_eval_left_does_not_refuse_its_rerun(trained, tmp_path: Path):
     """A SIGKILL while the run record was written leaves only its temp name: the rerun took
     the directory for someone else's."""
