@@ -136,6 +136,11 @@ BAD_CONFIGS = [
     pytest.param(None, ["distill.kd_loss_weight=0"],
                  "distill.kd_loss_weight and lm_loss_weight: both 0, so mode=qad would train on a zero loss; "
                  "expected one of them > 0", id="nothing-to-train"),
+    pytest.param("data:\n  chat_date: 2026-13-01\n", [],
+                 "data.chat_date: got '2026-13-01' (str), expected a date as YYYY-MM-DD",
+                 id="yaml-1.1-date-stays-a-string-the-field-refuses"),
+    pytest.param(None, ["data.chat_date=7 Dec 2026"],
+                 "data.chat_date: got '7 Dec 2026' (str), expected a date as YYYY-MM-DD", id="chat-date-not-iso"),
     pytest.param(None, ["distill={[a]: 1}"],
                  "distill: got '{[a]: 1}' (str), expected a mapping of fields", id="override-with-a-list-key"),
 ]
@@ -154,6 +159,12 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path: Path, content, overrides, m
     assert result.exit_code == 2
     assert result.stderr == f"qadpipe: error: {message}\n"
     assert result.stdout == ""
+
+
+def test_an_unquoted_date_in_a_file_is_the_text_a_string_field_takes(tmp_path: Path):
+    path = tmp_path / "dated.yaml"
+    path.write_text("data:\n  chat_date: 2026-12-07\n")
+    assert load_config(path).data.chat_date == "2026-12-07"   # PyYAML alone gives a datetime.date
 
 
 def test_file_level_problems_name_the_file(tmp_path: Path):

@@ -30,16 +30,19 @@ from qadpipe.errors import ConfigError
 _FLOAT_LITERAL = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 _INT_TAG = "tag:yaml.org,2002:int"
 _FLOAT_TAG = "tag:yaml.org,2002:float"
+_TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
 
 
 class _ConfigLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, less two YAML 1.1 surprises a config must not meet silently:
+    """PyYAML's safe loader, less three YAML 1.1 surprises a config must not meet silently:
     numbers in other bases (``seed: 010`` is 8, ``1:30`` is 90, ``lr: 1:30.5`` is 90.5; here
     they stay strings, which a number field refuses by name; decimal, 0x hex and ``.inf``
-    remain) and a key given twice in one mapping (PyYAML keeps the last: a second
-    ``distill:`` block drops the first one's fields)."""
+    remain), dates (``data.chat_date: 2026-12-07`` stays the text a string field takes, and
+    ``2026-13-01`` is refused by the field, not by PyYAML) and a key given twice in one
+    mapping (PyYAML keeps the last: a second ``distill:`` block drops the first one's fields)."""
 
-    yaml_implicit_resolvers = {first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_INT_TAG, _FLOAT_TAG)]
+    yaml_implicit_resolvers = {first: [(tag, regexp) for tag, regexp in resolvers
+                                       if tag not in (_INT_TAG, _FLOAT_TAG, _TIMESTAMP_TAG)]
                                for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:

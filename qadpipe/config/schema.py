@@ -12,6 +12,7 @@ Cross-field rules live in each section's ``validate()``, which returns a problem
 
 from __future__ import annotations
 
+import datetime
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Optional
@@ -88,6 +89,14 @@ class RandomTokensConfig:
     seed: int = opt(0, "RNG seed", ge=0, lt=2**32)
 
 
+def _is_iso_date(value: str) -> bool:
+    try:
+        datetime.date.fromisoformat(value)
+    except (TypeError, ValueError):
+        return False
+    return len(value) == 10
+
+
 @dataclass
 class DataConfig:
     """Where the token sequences come from."""
@@ -103,6 +112,10 @@ class DataConfig:
     limit: Optional[int] = opt(None, "use only the first N records", ge=1)
     chat_template: bool = opt(False,
         "render prompt (+completion) records as a user (+assistant) turn of the teacher's chat template")
+    chat_date: Optional[str] = opt(None,
+        "YYYY-MM-DD: today's date for a chat template that prints it (strftime_now: Llama 3.x, Granite, "
+        "SmolLM3), which such a teacher needs: the wall clock would render other tokens in tasks and "
+        "resumes on other days", check=lambda value: None if _is_iso_date(value) else "expected a date as YYYY-MM-DD")
     random: RandomTokensConfig = opt(factory=RandomTokensConfig)
 
 

@@ -76,6 +76,8 @@ def data_fingerprint(data: DataConfig, gen: GenerateConfig, vocab_size: int, cha
     when it is the source."""
     shaping = asdict(data)
     del shaping["source"]
+    if shaping["chat_date"] is None:   # fingerprints from before the field existed stay as they were
+        del shaping["chat_date"]
     if data.source != "random":
         del shaping["random"]
     settings: dict[str, Any] = {"data": shaping, "vocab_size": vocab_size, "mode": gen.mode,
@@ -142,7 +144,8 @@ def load_sequences(data: DataConfig, gen: GenerateConfig, tokenizer: Any, vocab_
     first_dropped: dict[str, str] = {}
     for item, rid, ids, prompt_len in _rendered(data, gen, tokenizer, shard_index, num_shards, source_name):
         head = prompt_head(item.record, item.where(data.source), data.field, tokenizer, ids,
-                           chat_template=data.chat_template, room=limit) if generating and len(ids) > limit else 0
+                           chat_template=data.chat_template, room=limit, chat_date=data.chat_date) \
+            if generating and len(ids) > limit else 0
         fitted = fit_length(ids, limit, data.overflow, keep_end=generating, head=head)
         if fitted is None:
             reason = f"longer than {limit} tokens with data.overflow=drop"
@@ -176,7 +179,8 @@ def _rendered(data: DataConfig, gen: GenerateConfig, tokenizer: Any, shard_index
         if position % num_shards != shard_index:
             continue
         ids, prompt_len = render_record(item.record, item.where(data.source), data.field, tokenizer,
-                                        chat_template=data.chat_template, for_generation=gen.mode == "generate")
+                                        chat_template=data.chat_template, for_generation=gen.mode == "generate",
+                                        chat_date=data.chat_date)
         try:
             rid = record_id(item.record, position)
         except DataError as exc:

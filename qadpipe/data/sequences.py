@@ -8,6 +8,7 @@ and the teacher appends a completion.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ class TokenSequence:
 
 
 def render_record(record: dict[str, Any], where: str, field: str, tokenizer: Any, *,
-                  chat_template: bool, for_generation: bool) -> tuple[list[int], int]:
+                  chat_template: bool, for_generation: bool, chat_date: Optional[str] = None) -> tuple[list[int], int]:
     """One record -> (token ids, prompt length).
 
     * ``text``: the whole text, prompt length 0.
@@ -44,6 +45,8 @@ def render_record(record: dict[str, Any], where: str, field: str, tokenizer: Any
       turn of the teacher's template.
     * ``messages``: a chat rendered with the teacher's template; a final assistant turn
       is the completion (in generate mode it is dropped: the teacher writes its own).
+
+    A template that prints today's date renders ``chat_date`` (``data.chat_date``) instead.
 
     The prompt length is where the tokens of ``prompt`` alone stop matching: a token that
     straddles the boundary (``"=4"`` merged) counts as completion.
@@ -64,7 +67,7 @@ def render_record(record: dict[str, Any], where: str, field: str, tokenizer: Any
             messages = [{"role": "user", "content": prompt}]
             if completion:
                 messages.append({"role": "assistant", "content": completion})
-            return _render_chat(messages, tokenizer, where)
+            return _render_chat(messages, tokenizer, where, chat_date)
         prompt_ids = tokenizer.encode(prompt)
         if not completion:
             return prompt_ids, len(prompt_ids)
@@ -79,7 +82,7 @@ def render_record(record: dict[str, Any], where: str, field: str, tokenizer: Any
                         "before its last answer)")
     if for_generation and messages[-1]["role"] == "assistant":
         messages = messages[:-1]
-    return _render_chat(messages, tokenizer, where)
+    return _render_chat(messages, tokenizer, where, chat_date)
 
 
 def _refuse_unencodable(value: Any, where: str, field: str) -> None:
@@ -133,16 +136,17 @@ def _text_content(content: Any, where: str) -> str:
                     f"got {content!r:.60}")
 
 
-def _render_chat(messages: list[dict[str, str]], tokenizer: Any, where: str) -> tuple[list[int], int]:
+def _render_chat(messages: list[dict[str, str]], tokenizer: Any, where: str,
+                 chat_date: Optional[str]) -> tuple[list[int], int]:
     """Template-render a chat; a final assistant turn is the completion."""
     if getattr(tokenizer, "chat_template", None) is None:
         raise DataError(f"{where}: chat records need a tokenizer with a chat template; the teacher's has none")
     has_completion = messages[-1]["role"] == "assistant"
-    text = _apply_template(tokenizer, messages, not has_completion, where)
+    text = _apply_template(tokenizer, messages, not has_completion, where, chat_date)
     ids = tokenizer.encode(text, add_special_tokens=False)
     if not has_completion:
         return ids, len(ids)
-    prompt_text = _apply_template(tokenizer, messages[:-1], True, where)
+    prompt_text = _apply_template(tokenizer, messages[:-1], True, where, chat_date)
     if not text.startswith(prompt_text):
         raise DataError(f"{where}: the chat template does not render the prompt as a prefix of the "
                         "conversation, so the completion boundary is undefined")
@@ -150,12 +154,27 @@ def _render_chat(messages: list[dict[str, str]], tokenizer: Any, where: str) -> 
     return ids, _common_prefix(ids, tokenizer.encode(prompt_text, add_special_tokens=False))
 
 
-def _apply_template(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool, where: str) -> str:
+def _apply_template(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool, where: str,
+                    chat_date: Optional[str]) -> str:
     """The teacher's chat template, rendered; a template that refuses the conversation (Gemma's
     and Mistral's raise on a system turn or turns that do not alternate) is one line naming
-    the record."""
+    the record.
+
+    A template that prints today's date (transformers' ``strftime_now``: Llama 3.x, Granite,
+    SmolLM3) renders ``chat_date`` instead of the wall clock's, which would give a record other
+    tokens in a task or resume run on another day, under the same id and fingerprint.  Without
+    one it is refused: no date is right for every cache."""
+    clock = {}
+    if "strftime_now" in str(tokenizer.chat_template):
+        if chat_date is None:
+            raise DataError("data.chat_date: the teacher's chat template prints today's date (strftime_now), so "
+                            "tasks and resumes on other days would render other tokens; set the date it renders, "
+                            f"e.g. --set data.chat_date={datetime.date.today().isoformat()}")
+        day = datetime.datetime.fromisoformat(chat_date)
+        clock["strftime_now"] = day.strftime   # a render variable: it shadows transformers' global
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
+                                             **clock)
     except Exception as exc:   # jinja2's TemplateError (raise_exception), TypeError, KeyError ... from the template
         raise DataError(f"{where}: the teacher's chat template refused this conversation "
                         f"({type(exc).__name__}: {first_line(exc)})") from None
@@ -191,7 +210,7 @@ def fit_length(ids: list[int], max_length: int, overflow: str, *, keep_end: bool
 
 
 def prompt_head(record: dict[str, Any], where: str, field: str, tokenizer: Any, ids: list[int], *,
-                chat_template: bool, room: int) -> int:
+                chat_template: bool, room: int, chat_date: Optional[str] = None) -> int:
     """How many leading tokens of a prompt to complete (``ids``, from :func:`render_record`)
     a cut to ``room`` tokens keeps: for a chat, the template's start up to its last turn's
     text (BOS, system prompt, earlier turns, that turn's header), found by rendering the turn
@@ -205,7 +224,7 @@ def prompt_head(record: dict[str, Any], where: str, field: str, tokenizer: Any, 
             messages = messages[:-1]
         last = max(i for i, message in enumerate(messages) if message["role"] != "assistant")
         emptied = [*messages[:last], {**messages[last], "content": ""}, *messages[last + 1:]]
-        head = _common_prefix(ids, tokenizer.encode(_apply_template(tokenizer, emptied, True, where),
+        head = _common_prefix(ids, tokenizer.encode(_apply_template(tokenizer, emptied, True, where, chat_date),
                                                     add_special_tokens=False))
         if head <= room // 2:
             return head

@@ -12,7 +12,7 @@ import pytest
 from qadpipe.config import build_config
 from qadpipe.data import load_sequences
 from qadpipe.data.loader import data_fingerprint
-from qadpipe.errors import ConfigError
+from qadpipe.errors import ConfigError, DataError
 
 
 def _config(tmp_path: Path, records: list[dict], **data: Any) -> Any:
@@ -136,6 +136,45 @@ def test_fingerprint_changes_with_anything_that_shapes_the_rows(tmp_path: Path) 
     assert data_fingerprint(base.data, base.generate, 100, chat_template="{{ messages }}") != fp
     edited = _config(tmp_path, TEXTS[:-1])
     assert data_fingerprint(edited.data, edited.generate, 100) != fp
+    dated = _config(tmp_path, TEXTS, chat_date="2031-05-17")
+    assert data_fingerprint(dated.data, dated.generate, 100) != fp
+
+
+def test_a_fingerprint_without_a_chat_date_is_the_one_written_before_the_field_existed(tmp_path: Path) -> None:
+    """Computed by the previous qadpipe (9076001) for these very bytes: resuming an existing
+    cache must not be refused as another data source."""
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"}]}) + "\n" for i in range(3)))
+    cfg = build_config({"data": {"source": str(path), "field": "messages"}})
+    assert data_fingerprint(cfg.data, cfg.generate, 100, chat_template="{{ messages }}") \
+        == "sha256:948c9d9db5b46893c28c32d8dc755df4"
+
+
+DATED_TEMPLATE = ('{{- "Today Date: " + strftime_now("%d %b %Y") + "\\n" }}{% for m in messages %}'
+                  '{{ m["role"] }}: {{ m["content"] }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}')
+
+
+def test_a_template_that_prints_today_renders_the_chat_date_whatever_the_clock(tmp_path: Path, tokenizer: Any,
+                                                                             monkeypatch) -> None:
+    """Llama 3.x's template prints strftime_now's date: a task or resume on another day got other
+    tokens under the same ids and fingerprint."""
+    import datetime
+
+    from transformers.utils import chat_template_utils
+
+    monkeypatch.setattr(tokenizer, "chat_template", DATED_TEMPLATE)
+    chats = [{"messages": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Red."}]}]
+    undated = _config(tmp_path, chats, field="messages")
+    with pytest.raises(DataError, match=r"^data\.chat_date: the teacher's chat template prints today's date"):
+        load_sequences(undated.data, undated.generate, tokenizer, len(tokenizer))
+    dated = _config(tmp_path, chats, field="messages", chat_date="2031-05-17")
+    rendered = []
+    for today in (datetime.datetime(2026, 12, 7), datetime.datetime(2027, 1, 1)):
+        clock = type("Clock", (datetime.datetime,), {"now": classmethod(lambda cls, tz=None, day=today: day)})
+        monkeypatch.setattr(chat_template_utils, "datetime", clock)
+        rendered.append(load_sequences(dated.data, dated.generate, tokenizer, len(tokenizer)).sequences[0].input_ids)
+    assert rendered[0].tolist() == rendered[1].tolist()
+    assert tokenizer.decode(rendered[0]).startswith("Today Date: 17 May 2031\nuser: Name a colour.")
 
 
 def test_the_chat_template_counts_only_where_it_renders_the_records(tmp_path: Path, smollm2_dir: Path) -> None:
