@@ -16,6 +16,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -118,14 +119,22 @@ def embedded_smollm2_dir() -> Path:
 REVISION_SAMPLE_BYTES = 1 << 20
 
 
+#: A hub snapshot directory's name: the commit it holds.
+_HUB_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
 def model_revision(model_dir: Path) -> str:
     """Cheap identity of a model's weights (a cache's teacher, a student's base model):
     config.json plus each weight file's name, size and 1 MiB read at its start, middle and end
-    (a hub snapshot directory's commit, when the path has one).  Sizes alone cannot tell a retrained checkpoint of the same
-    architecture from the one a cache was made with; hashing every byte of a 100 GB teacher
-    in every array task would cost minutes.  A copy elsewhere keeps the revision; a fine-tune
-    that leaves those bytes alone does too (give such a model a directory of its own)."""
-    if model_dir.parent.name == "snapshots":
+    (a Hugging Face hub cache snapshot's commit, when the path is one:
+    ``models--<org>--<name>/snapshots/<40 hex>``).  Sizes alone cannot tell a retrained
+    checkpoint of the same architecture from the one a cache was made with; hashing every byte
+    of a 100 GB teacher in every array task would cost minutes.  A copy elsewhere keeps the
+    revision (but for a hub snapshot's: its copy has a content revision); a fine-tune that
+    leaves those bytes alone does too (give such a model a directory of its own).  Any other
+    directory under ``snapshots/`` is hashed too: its name says nothing of its weights."""
+    if _HUB_COMMIT.fullmatch(model_dir.name) and model_dir.parent.name == "snapshots" \
+            and model_dir.parent.parent.name.startswith("models--"):
         return f"snapshot:{model_dir.name}"
     return content_revision(model_dir)
 

@@ -431,6 +431,15 @@ def test_teacher_revision_tells_retrained_weights_apart_but_not_a_copy(tmp_path)
     shutil.copytree(tmp_path / "seed0", tmp_path / "copy")
     assert model_revision(tmp_path / "seed0") != model_revision(tmp_path / "seed1")
     assert model_revision(tmp_path / "seed0") == model_revision(tmp_path / "copy")
+    # a directory under snapshots/ is known by its name only in a hub cache's layout: elsewhere
+    # two teachers' weights in same-named directories were one revision
+    for seed in (0, 1):
+        shutil.copytree(tmp_path / f"seed{seed}", tmp_path / f"run{seed}" / "snapshots" / "latest")
+    assert model_revision(tmp_path / "run0/snapshots/latest") != model_revision(tmp_path / "run1/snapshots/latest")
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    hub = tmp_path / "hub" / "models--org--teacher" / "snapshots" / commit
+    shutil.copytree(tmp_path / "seed0", hub)
+    assert model_revision(hub) == f"snapshot:{commit}"
 
 
 def test_a_cache_path_under_a_file_is_refused_with_a_tilde_too(tmp_path, monkeypatch):
