@@ -363,8 +363,9 @@ def moved_by_fp16_requantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.
     """Which per-tensor FP8 weight codes vLLM serves otherwise in a fused GEMM
     (``requantize_with_max_scale``, applied even when the members' scales are equal): it
     dequantizes them in fp16 (``per_tensor_dequantize``: fp16 codes times a 0-dim fp32 scale
-    stay fp16) and quantizes them again with the same scale.  Exact while ``code * scale`` is
-    a normal fp16 number; below that (a weight amax under ~0.02) the smallest codes move.
+    stay fp16) and quantizes them again with the same scale.  The round trip gives the codes
+    back while ``code * scale`` is a normal fp16 number; below that (a weight amax under
+    ~0.02) the smallest codes move.
     A code counts as moved when either way vLLM's kernels divide (``/ s``, ``* (1 / s)``)
     moves it."""
     scale = scale.float().reshape(())
