@@ -170,8 +170,12 @@ def load_sequences(data: DataConfig, gen: GenerateConfig, tokenizer: Any, vocab_
 def _rendered(data: DataConfig, gen: GenerateConfig, tokenizer: Any, shard_index: int,
               num_shards: int, source_name: str) -> Iterator[tuple[SourceRecord, str, list[int], int]]:
     """``(record, id, token ids, prompt length)`` for the records of this task; a source
-    without any record is refused (an empty file is a mistake, not an empty cache)."""
+    without any record is refused (an empty file is a mistake, not an empty cache).  Records
+    that start with two BOS tokens are said: text already rendered by a chat template begins
+    with the BOS's text, and the tokenizer adds its own (TRL warns of the same)."""
     position = -1
+    doubled: list[str] = []
+    bos = tokenizer.bos_token_id
     for item in iter_records(data.source, data.field, source_name):
         position = item.position
         if data.limit is not None and position >= data.limit:
@@ -185,6 +189,12 @@ def _rendered(data: DataConfig, gen: GenerateConfig, tokenizer: Any, shard_index
             rid = record_id(item.record, position)
         except DataError as exc:
             raise DataError(f"{item.where(data.source)}: {exc}") from None
+        if bos is not None and ids[:2] == [bos, bos]:
+            doubled.append(item.label)
         yield item, rid, ids, prompt_len
     if position < 0:
         raise DataError(f"{source_name} '{data.source}': no records (empty source); expected at least one")
+    if doubled:
+        log.warning("data: %d records of this task start with two BOS tokens (first: %s): their %s already "
+                    "begins with %r and the tokenizer adds one; the teacher scores them so -- remove it from the "
+                    "data to score one", len(doubled), doubled[0], data.field, tokenizer.bos_token)

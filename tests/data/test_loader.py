@@ -225,3 +225,22 @@ def test_a_one_token_prompt_is_kept_in_generate_mode(tmp_path: Path, tokenizer: 
                   generate={"mode": "generate", "max_new_tokens": 8})
     data = load_sequences(cfg.data, cfg.generate, tokenizer, len(tokenizer))
     assert data.dropped == 0 and [len(s.input_ids) for s in data.sequences][0] == 1
+
+
+def test_records_that_start_with_two_bos_tokens_are_said(tmp_path: Path, tokenizer: Any, monkeypatch, caplog) -> None:
+    """Text a chat template already rendered begins with the BOS's text; a tokenizer that adds
+    BOS makes it two, which the teacher scores (and the student learns) as data."""
+    monkeypatch.setattr(tokenizer, "add_bos_token", True)
+    records = [{"text": "plain words"}, {"text": tokenizer.bos_token + "rendered words"},
+               {"text": tokenizer.bos_token + "more rendered words"}]
+    cfg = _config(tmp_path, records)
+    with caplog.at_level("WARNING", logger="qadpipe.data.loader"):
+        seqs = load_sequences(cfg.data, cfg.generate, tokenizer, len(tokenizer)).sequences
+    assert [s.input_ids[:2].tolist().count(tokenizer.bos_token_id) for s in seqs] == [1, 2, 2]
+    assert f"data: 2 records of this task start with two BOS tokens (first: record 1, line 2): their text already " \
+           f"begins with '{tokenizer.bos_token}'" in caplog.text
+    caplog.clear()
+    cfg = _config(tmp_path, records[:1])
+    with caplog.at_level("WARNING", logger="qadpipe.data.loader"):
+        load_sequences(cfg.data, cfg.generate, tokenizer, len(tokenizer))
+    assert "BOS" not in caplog.text
