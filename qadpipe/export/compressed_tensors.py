@@ -360,8 +360,9 @@ def check_fused(groups: list[tuple[str, ...]], schemes: dict[str, Scheme],
 
 
 def moved_by_fp16_requantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Which per-tensor FP8 weight codes vLLM serves otherwise in a fused GEMM
-    (``requantize_with_max_scale``, applied even when the members' scales are equal): it
+    """Which per-tensor FP8 weight codes vLLM serves otherwise: it passes every per-tensor FP8
+    Linear, fused or alone, through ``requantize_with_max_scale`` (and each MoE expert's gate
+    and up projections through its MoE twin), even when the scales are equal; that
     dequantizes them in fp16 (``per_tensor_dequantize``: fp16 codes times a 0-dim fp32 scale
     stay fp16) and quantizes them again with the same scale.  The round trip gives the codes
     back while ``code * scale`` is a normal fp16 number; below that (a weight amax under
@@ -376,23 +377,27 @@ def moved_by_fp16_requantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.
     return moved
 
 
-def warn_fp16_requantized(groups: list[tuple[str, ...]], schemes: dict[str, Scheme],
-                          tensors: dict[str, torch.Tensor]) -> None:
-    """Say when vLLM would serve fused per-tensor FP8 weights other than trained (see
-    :func:`moved_by_fp16_requantize`): a warning, as only the smallest codes of unusually small
+def warn_fp16_requantized(tensors: dict[str, torch.Tensor], experts: list[str]) -> None:
+    """Say when vLLM would serve per-tensor FP8 weights other than trained (see
+    :func:`moved_by_fp16_requantize`; ``experts``: the MoE experts modules, whose down
+    projections vLLM leaves alone): a warning, as only the smallest codes of unusually small
     weights move, and nothing qadpipe can write avoids vLLM's round trip."""
-    for members in groups:
-        scheme = schemes.get(members[0])
-        if scheme is None or scheme.weights["strategy"] != "tensor" or scheme.weights["type"] != "float":
+    moved: dict[str, tuple[int, int]] = {}
+    for key, codes in tensors.items():
+        layer = key.removesuffix(".weight")
+        scale = tensors.get(f"{layer}.weight_scale")
+        if layer == key or codes.dtype != torch.float8_e4m3fn or scale is None or scale.numel() != 1:
             continue
-        moved = sum(int(moved_by_fp16_requantize(tensors[f"{m}.weight"], tensors[f"{m}.weight_scale"]).sum())
-                    for m in members)
-        if moved:
-            total = sum(tensors[f"{m}.weight"].numel() for m in members)
-            log.warning("%s: vLLM requantizes these fused per-tensor FP8 weights through fp16 and serves %d of "
-                        "their %d codes one step or more from those trained (weight scale %.3g: the smallest "
-                        "codes fall below fp16's normal range)", ", ".join(members), moved, total,
-                        float(tensors[f"{members[0]}.weight_scale"].float().reshape(-1)[0]))
+        if layer.endswith(".down_proj") and any(layer.startswith(f"{module}.") for module in experts):
+            continue
+        count = int(moved_by_fp16_requantize(codes, scale).sum())
+        if count:
+            moved[layer] = (count, codes.numel())
+    if moved:
+        log.warning("%d layers (first: %s): vLLM requantizes per-tensor FP8 weights through fp16 and serves %d of "
+                    "their %d codes one step or more from those trained (weights with an amax under ~0.02: their "
+                    "smallest codes fall below fp16's normal range)", len(moved), next(iter(moved)),
+                    sum(count for count, _ in moved.values()), sum(total for _, total in moved.values()))
 
 
 def quantization_config(model: nn.Module, schemes: dict[str, Scheme], kv_cache: bool = False) -> dict[str, Any]:
@@ -492,7 +497,7 @@ def write_compressed_tensors(model: nn.Module, source_dir: Path, directory: Path
 
     tensors = export_tensors(model, layer_fn, dtype, tie_word_embeddings=tie, experts_fn=experts_fn)
     check_fused(fused_groups(model), schemes, tensors)
-    warn_fp16_requantized(fused_groups(model), schemes, tensors)
+    warn_fp16_requantized(tensors, list(quant_experts(model)))
     kv_scales = kv_cache_scales(model)  # <attn>.k_scale / .v_scale: vLLM maps them to <attn>.attn.*
     tensors.update(kv_scales)
     config["quantization_config"] = quantization_config(model, schemes, kv_cache=bool(kv_scales))

@@ -407,20 +407,21 @@ def test_codes_vllm_moves_requantizing_fused_fp8_through_fp16_hand_counted():
     assert not moved_by_fp16_requantize(codes, torch.tensor([0.5 / 448])).any()
 
 
-def test_fused_fp8_weights_vllm_would_requantize_otherwise_are_warned_of(student, tiny_llama_dir, tmp_path, caplog):
+def test_fp8_weights_vllm_would_requantize_otherwise_are_warned_of(student, tiny_llama_dir, tmp_path, caplog):
+    """vLLM round-trips every per-tensor FP8 Linear through fp16, fused or alone."""
     model, config = student(tiny_llama_dir, "fp8_static")
     out = tmp_path / "export"
     with caplog.at_level("WARNING", logger="qadpipe.export.compressed_tensors"):
         export_model(model, tiny_llama_dir, out, "compressed-tensors", config)
     assert "requantizes" not in caplog.text   # random-init weights: amax ~0.08, exact in fp16
-    attention = model.get_submodule("model.layers.0.self_attn")
+    scaled = [model.get_submodule(f"model.layers.1.self_attn.{name}") for name in ("o_proj", "q_proj", "k_proj", "v_proj")]
     with torch.no_grad():   # 1/64: the same codes, a scale 64 times smaller
-        for name in ("q_proj", "k_proj", "v_proj"):
-            layer = getattr(attention, name)
+        for layer in scaled:
             layer.weight.div_(64)
             layer.weight_quantizer.set_amax(layer.weight_quantizer.amax / 64)
     with caplog.at_level("WARNING", logger="qadpipe.export.compressed_tensors"):
         export_model(model, tiny_llama_dir, tmp_path / "small", "compressed-tensors", config)
     (said,) = [r.getMessage() for r in caplog.records if "requantizes" in r.getMessage()]
-    assert said.startswith("model.layers.0.self_attn.q_proj, model.layers.0.self_attn.k_proj, "
-                           "model.layers.0.self_attn.v_proj: vLLM requantizes")
+    assert said.startswith("4 layers (first: model.layers.1.self_attn.q_proj): vLLM requantizes per-tensor FP8 "
+                           "weights through fp16 and serves ")
+    assert said.split(" serves ")[1].split(" of ")[1].startswith(f"their {sum(layer.weight.numel() for layer in scaled)} codes")
