@@ -178,14 +178,15 @@ def _decompressed(model: nn.Module) -> nn.Module:
     """``model`` with its compressed-tensors weights decompressed, in fp32.  transformers loads
     such a checkpoint packed and decompresses it on its first forward, to its scales' dtype --
     bf16 for NVFP4 and MX, which eval's fp32 forward cannot mix (and a packed quantized
-    ``lm_head`` has no ``weight`` to size the vocab by).  Decompressed here instead, then its
-    bf16/fp16 tensors cast to fp32 (exact; transformers refuses ``.float()`` on a quantized
-    model, and FP8 tensors stay FP8).  Input quantization (W4A4, W8A8) stays on, as
-    compressed-tensors runs it."""
+    ``lm_head`` has no ``weight`` to size the vocab by); one whose config asks for it
+    (``run_compressed: false``) it decompresses while loading, to bf16 too, and keeps no
+    compressor or quantization config.  So: decompressed here when still packed, then every
+    bf16/fp16 tensor cast to fp32 (exact; a model loaded in fp32 has none else; transformers
+    refuses ``.float()`` on a quantized model, and FP8 tensors stay FP8).  Input quantization
+    (W4A4, W8A8) stays on, as compressed-tensors runs it."""
     compressor = getattr(getattr(model, "hf_quantizer", None), "compressor", None)
-    if compressor is None:
-        return model
-    compressor.decompress_model(model)
+    if compressor is not None:
+        compressor.decompress_model(model)
     return model._apply(lambda t: t.float() if t.dtype in (torch.bfloat16, torch.float16) else t)
 
 

@@ -9,6 +9,8 @@ weight-only formats agree to bf16 rounding.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -31,9 +33,14 @@ def _logits(model: torch.nn.Module) -> torch.Tensor:
         return model(input_ids=ids).logits.float()
 
 
-def _evaluated_export(student, model_dir, tmp_path, preset, group, quant):
+def _evaluated_export(student, model_dir, tmp_path, preset, group, quant, **config_fields):
     model, config = student(model_dir, preset, group, **quant)
     export_model(model, model_dir, tmp_path / "export", "compressed-tensors", config)
+    if config_fields:   # as a user may edit an export's quantization_config
+        path = tmp_path / "export" / "config.json"
+        written = json.loads(path.read_text())
+        written["quantization_config"].update(config_fields)
+        path.write_text(json.dumps(written))
     loaded = load_model(str(tmp_path / "export"), torch.device("cpu"))
     assert output_rows(loaded) == output_rows(model)
     check_logits_are_head_of_hidden(loaded, "export")   # eval's own check, which crashed first
@@ -43,6 +50,14 @@ def _evaluated_export(student, model_dir, tmp_path, preset, group, quant):
 @pytest.mark.parametrize("case", list(WEIGHT_ONLY))
 def test_a_weight_only_export_evaluates_as_its_student_computes(student, tiny_llama_dir, tmp_path, case):
     exported, trained = _evaluated_export(student, tiny_llama_dir, tmp_path, *WEIGHT_ONLY[case])
+    torch.testing.assert_close(exported, trained, rtol=0, atol=2 ** -8 * float(trained.abs().max()))
+
+
+def test_an_export_transformers_decompresses_at_load_evaluates_too(student, tiny_llama_dir, tmp_path):
+    """``run_compressed: false``: transformers decompresses it while loading and keeps no
+    compressor; its bf16 weights crashed eval's fp32 forward."""
+    exported, trained = _evaluated_export(student, tiny_llama_dir, tmp_path, *WEIGHT_ONLY["nvfp4"],
+                                          run_compressed=False)
     torch.testing.assert_close(exported, trained, rtol=0, atol=2 ** -8 * float(trained.abs().max()))
 
 
