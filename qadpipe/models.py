@@ -133,9 +133,10 @@ def model_revision(model_dir: Path) -> str:
     revision (but for a hub snapshot's: its copy has a content revision); a fine-tune that
     leaves those bytes alone does too (give such a model a directory of its own).  Any other
     directory under ``snapshots/`` is hashed too: its name says nothing of its weights."""
-    if _HUB_COMMIT.fullmatch(model_dir.name) and model_dir.parent.name == "snapshots" \
-            and model_dir.parent.parent.name.startswith("models--"):
-        return f"snapshot:{model_dir.name}"
+    where = model_dir.absolute()   # "snapshots/<commit>" from inside models--*/ is the same snapshot
+    if _HUB_COMMIT.fullmatch(where.name) and where.parent.name == "snapshots" \
+            and where.parent.parent.name.startswith("models--"):
+        return f"snapshot:{where.name}"
     return content_revision(model_dir)
 
 

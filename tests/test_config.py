@@ -139,6 +139,8 @@ BAD_CONFIGS = [
     pytest.param("data:\n  chat_date: 2026-13-01\n", [],
                  "data.chat_date: got '2026-13-01' (str), expected a date as YYYY-MM-DD",
                  id="yaml-1.1-date-stays-a-string-the-field-refuses"),
+    pytest.param(None, ["data.chat_date=2026-W49-1"],
+                 "data.chat_date: got '2026-W49-1' (str), expected a date as YYYY-MM-DD", id="chat-date-iso-week"),
     pytest.param(None, ["data.chat_date=7 Dec 2026"],
                  "data.chat_date: got '7 Dec 2026' (str), expected a date as YYYY-MM-DD", id="chat-date-not-iso"),
     pytest.param(None, ["distill={[a]: 1}"],

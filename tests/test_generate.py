@@ -414,7 +414,7 @@ def test_a_vllm_teacher_keeps_a_position_for_the_token_it_generates_after_a_scor
         check_lengths(windows, info, 0, "d.jsonl", "vllm")
 
 
-def test_teacher_revision_tells_retrained_weights_apart_but_not_a_copy(tmp_path):
+def test_teacher_revision_tells_retrained_weights_apart_but_not_a_copy(tmp_path, monkeypatch):
     """It hashed config.json and the weight files' names and sizes: a retrained teacher of the
     same architecture had the same revision, and a rerun kept the old teacher's rows."""
     import shutil
@@ -440,6 +440,8 @@ def test_teacher_revision_tells_retrained_weights_apart_but_not_a_copy(tmp_path)
     hub = tmp_path / "hub" / "models--org--teacher" / "snapshots" / commit
     shutil.copytree(tmp_path / "seed0", hub)
     assert model_revision(hub) == f"snapshot:{commit}"
+    monkeypatch.chdir(hub.parent.parent)   # the same snapshot, reached by a relative path
+    assert model_revision(Path("snapshots") / commit) == f"snapshot:{commit}"
 
 
 def test_a_cache_path_under_a_file_is_refused_with_a_tilde_too(tmp_path, monkeypatch):

@@ -90,11 +90,14 @@ class RandomTokensConfig:
 
 
 def _is_iso_date(value: str) -> bool:
+    """YYYY-MM-DD and a real day (``fromisoformat`` also takes week dates: 2026-W49-1)."""
+    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
+        return False
     try:
         datetime.date.fromisoformat(value)
-    except (TypeError, ValueError):
+    except ValueError:
         return False
-    return len(value) == 10
+    return True
 
 
 @dataclass

@@ -165,7 +165,11 @@ def _apply_template(tokenizer: Any, messages: list[dict[str, str]], generation_p
     tokens in a task or resume run on another day, under the same id and fingerprint.  Without
     one it is refused: no date is right for every cache."""
     clock = {}
-    if "strftime_now" in str(tokenizer.chat_template):
+    try:
+        template = tokenizer.get_chat_template()   # the one rendered: of named templates, the default
+    except ValueError:   # none at all: apply_chat_template says so below
+        template = ""
+    if "strftime_now" in template:
         if chat_date is None:
             raise DataError("data.chat_date: the teacher's chat template prints today's date (strftime_now), so "
                             "tasks and resumes on other days would render other tokens; set the date it renders, "

@@ -175,6 +175,11 @@ def test_a_template_that_prints_today_renders_the_chat_date_whatever_the_clock(t
         rendered.append(load_sequences(dated.data, dated.generate, tokenizer, len(tokenizer)).sequences[0].input_ids)
     assert rendered[0].tolist() == rendered[1].tolist()
     assert tokenizer.decode(rendered[0]).startswith("Today Date: 17 May 2031\nuser: Name a colour.")
+    # named templates: only the one rendered (the default) decides; a dated tool_use one does not
+    monkeypatch.setattr(tokenizer, "chat_template", {"default": DATED_TEMPLATE.split("}}", 1)[1],
+                                                     "tool_use": DATED_TEMPLATE})
+    plain = load_sequences(undated.data, undated.generate, tokenizer, len(tokenizer)).sequences[0]
+    assert tokenizer.decode(plain.input_ids).startswith("user: Name a colour.")
 
 
 def test_the_chat_template_counts_only_where_it_renders_the_records(tmp_path: Path, smollm2_dir: Path) -> None:
