@@ -50,7 +50,8 @@ from qadpipe.export.model_tensors import (
 from qadpipe.export.writer import read_config, write_checkpoint
 from qadpipe.models import output_head_name
 from qadpipe.quant.experts import ExpertWeightQuantizer, QuantExperts
-from qadpipe.quant.formats import Granularity, Kind, QuantizedTensor, QuantSpec, pack_fp4, pack_int32, quantize
+from qadpipe.quant.formats import (Granularity, Kind, QuantizedTensor, QuantSpec, pack_fp4, pack_int32, quantize,
+                                   round_to_fp8)
 from qadpipe.quant.kv_cache import kv_cache_scales
 from qadpipe.quant.quantizers import QuantLinear, Quantizer
 from qadpipe.quant.recipe import sibling_groups
@@ -373,7 +374,7 @@ def moved_by_fp16_requantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.
     dequantized = (codes.to(torch.float16) * scale).float()
     moved = torch.zeros(codes.shape, dtype=torch.bool, device=codes.device)
     for requantized in (dequantized / scale, dequantized * (1 / scale)):
-        moved |= requantized.clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8) != codes.view(torch.uint8)
+        moved |= round_to_fp8(requantized).view(torch.uint8) != codes.view(torch.uint8)
     return moved
 
 

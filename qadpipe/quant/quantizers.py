@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from qadpipe.errors import QuantError
 from qadpipe.quant.compiled import Compile, forward_for
 from qadpipe.quant.formats import (
-    Kind, QuantizedTensor, QuantSpec, _groups, _groups_like_scale, dequantize, mse_best_scale, quantize,
+    Kind, QuantizedTensor, QuantSpec, _groups, _groups_like_scale, dequantize, exact_quotient, mse_best_scale, quantize,
     round_to_storage, w4a8_served_values,
 )
 
@@ -176,12 +176,11 @@ class Quantizer(nn.Module):
             return _grad_scale(self.step.abs(), (per_scale * qmax) ** -0.5)
         qmin, qmax = self.spec.code_range
         live = _groups(x.float(), self.spec).abs().amax(-1).reshape(self.clip_logit.shape)
-        # In fp64, rounded once to fp32: in fp32 the export (on the CPU) would round scales a
-        # GPU trained otherwise -- CUDA divides by a constant as a multiply by its reciprocal
-        # (see exact_quotient), and sigmoid may differ by an ulp.  An fp64 value lands within
-        # those few fp64 ulps of an fp32 rounding boundary with probability ~2**-29.
-        ratio = torch.sigmoid(self.clip_logit.double())
-        return (ratio * live.double() / ((qmax - qmin) / 2)).float()
+        # In fp64, rounded once to fp32 (exact_quotient): in fp32 the export (on the CPU) would
+        # round scales a GPU trained otherwise -- CUDA divides by a constant as a multiply by its
+        # reciprocal, and sigmoid may differ by an ulp.  An fp64 value lands within those few
+        # fp64 ulps of an fp32 rounding boundary with probability ~2**-29.
+        return exact_quotient(torch.sigmoid(self.clip_logit.double()) * live.double(), (qmax - qmin) / 2)
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.calibrated:
