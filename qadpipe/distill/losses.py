@@ -168,8 +168,17 @@ def _temper(lp: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.T
 
 
 def _kl(a_lp: torch.Tensor, b_lp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Σ exp(a)(a − b) over the masked entries (a, b: log-probs on one support)."""
-    return torch.where(mask, a_lp.exp() * (a_lp - b_lp), torch.zeros_like(a_lp)).sum(-1)
+    """Σ exp(a)(a − b) over the masked entries (a, b: log-probs on one support).
+
+    An entry where ``a`` is −inf adds 0 (the 0·log 0 = 0 convention): a student that rules
+    out a cached token (a −inf logit) has no mass there for reverse KL, JSD or CAKLD to charge.
+    Both operands are replaced there *before* the product, as ``0 · −inf`` would be NaN in
+    the value and in the gradient even where :func:`torch.where` discards it.
+    """
+    live = mask & (a_lp > float("-inf"))
+    a = torch.where(live, a_lp, 0.0)
+    b = torch.where(live, b_lp, 0.0)
+    return torch.where(live, a.exp() * (a - b), 0.0).sum(-1)
 
 
 def _forward(teacher: torch.Tensor, student: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:

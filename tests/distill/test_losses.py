@@ -21,7 +21,9 @@ V, C, K = 50, 6, 8
 def kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Σ a log(a/b) in float64, 0 where a = 0.  Not torch.distributions' Categorical KL: it
     clamps probabilities to fp64's eps (2.2e-16), which the confident-student rows go far below."""
-    return torch.where(a > 0, a * (a.log() - b.log()), torch.zeros_like(a)).sum(-1)
+    live = a > 0
+    a_live = torch.where(live, a, 1.0)   # so a = 0 sends no 0 · log 0 NaN into the gradient
+    return torch.where(live, a_live * (a_live.log() - b.log()), torch.zeros_like(a)).sum(-1)
 
 
 @pytest.fixture
@@ -255,3 +257,22 @@ def test_unknown_loss_name_is_refused():
     with pytest.raises(ValueError, match="unknown top-k loss 'kl2'"):
         losses.topk_kd_loss("kl2", torch.zeros(1, 3), torch.zeros(1, 1, dtype=torch.long),
                             torch.zeros(1, 1), torch.zeros(1))
+
+
+@pytest.mark.parametrize("fn, ref, kw", [
+    (losses.reverse_kl_tail, ref_reverse, {}),
+    (losses.jsd_tail, functools.partial(ref_jsd, beta=0.3), {"beta": 0.3}),
+    (losses.reverse_kl_tail, None, {"temperature": 2.0}),
+], ids=["reverse_kl", "jsd", "reverse_kl_tau2"])
+def test_a_student_ruling_out_a_cached_token_adds_nothing_where_it_has_no_mass(case, fn, ref, kw):
+    """A −inf student logit on a cached id: the student's bucket there is 0, and 0·log 0 = 0.
+    exp(−inf)·(−inf − log t) made the loss and every gradient of its row NaN.  (Forward KL,
+    and CAKLD's forward term, are +inf there: the teacher puts mass where the student has none.)"""
+    masked = dict(case, student_logits=case["student_logits"].clone())
+    masked["student_logits"][0, case["ids"][0, 3]] = float("-inf")
+    value, grad = implementation(fn, masked, **kw)
+    assert torch.isfinite(value).all() and torch.isfinite(grad).all()
+    if ref is not None:
+        ref_value, ref_grad = reference(ref, masked)
+        torch.testing.assert_close(value, ref_value, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-3, atol=1e-6)
