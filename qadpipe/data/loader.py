@@ -76,7 +76,10 @@ def data_fingerprint(data: DataConfig, gen: GenerateConfig, vocab_size: int, cha
     when it is the source."""
     shaping = asdict(data)
     del shaping["source"]
-    if shaping["chat_date"] is None:   # fingerprints from before the field existed stay as they were
+    if shaping["chat_date"] is None or "strftime_now" not in (chat_template or ""):
+        # the date counts only where a template prints it (and fingerprints from before the
+        # field existed stay as they were): a task setting it for a template that ignores it
+        # renders the same tokens and must not be refused as another data source
         del shaping["chat_date"]
     if data.source != "random":
         del shaping["random"]

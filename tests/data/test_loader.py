@@ -137,7 +137,12 @@ def test_fingerprint_changes_with_anything_that_shapes_the_rows(tmp_path: Path) 
     edited = _config(tmp_path, TEXTS[:-1])
     assert data_fingerprint(edited.data, edited.generate, 100) != fp
     dated = _config(tmp_path, TEXTS, chat_date="2031-05-17")
-    assert data_fingerprint(dated.data, dated.generate, 100) != fp
+    assert data_fingerprint(dated.data, dated.generate, 100, chat_template=DATED_TEMPLATE) \
+        != data_fingerprint(base.data, base.generate, 100, chat_template=DATED_TEMPLATE)
+    # a date no template prints renders nothing: the tasks setting it and those not agree
+    assert data_fingerprint(dated.data, dated.generate, 100) == fp
+    assert data_fingerprint(dated.data, dated.generate, 100, chat_template="{{ messages }}") \
+        == data_fingerprint(base.data, base.generate, 100, chat_template="{{ messages }}")
 
 
 def test_a_fingerprint_without_a_chat_date_is_the_one_written_before_the_field_existed(tmp_path: Path) -> None:
