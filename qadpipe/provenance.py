@@ -9,9 +9,11 @@ from __future__ import annotations
 import datetime as _dt
 import functools
 import importlib.metadata
+import logging
 import math
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -20,6 +22,8 @@ from typing import Any, Optional
 
 from qadpipe import __version__
 from qadpipe.file_modes import file_mode
+
+log = logging.getLogger(__name__)
 
 RUN_FILE = "qadpipe_run.yaml"
 
@@ -83,6 +87,50 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_path(path.parent)
+
+
+def replace_dir(staged: Path, target: Path, aside_prefix: str) -> None:
+    """Rename the (fsynced) directory ``staged`` to ``target``, replacing a directory there:
+    :func:`atomic_write_bytes` for directories, which cannot be renamed over a non-empty one.
+
+    The old ``target`` is first moved aside, into a fresh ``<aside_prefix>*`` directory beside
+    it, and deleted only once the new one is in place and the parent synced.  Any failure
+    (OSError, Ctrl-C) removes ``staged``, takes the new directory back out if it was renamed
+    in, and puts the old one back, then re-raises: either both renames happened and are
+    durable, or nothing changed.  A put-back that itself fails leaves the old copy aside, named
+    in an error log, rather than deleting the only one.  A kill between the renames leaves it
+    aside too; the caller's stale-temp sweep knows ``aside_prefix``.
+    """
+    aside: Optional[Path] = None
+    swapped = False
+    try:
+        if target.exists():
+            aside = Path(tempfile.mkdtemp(prefix=aside_prefix, dir=target.parent))
+            os.replace(target, aside / target.name)
+        os.replace(staged, target)
+        swapped = True
+        fsync_path(target.parent)
+    except BaseException:
+        _undo_replace(staged, target, aside, swapped)
+        raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _undo_replace(staged: Path, target: Path, aside: Optional[Path], swapped: bool) -> None:
+    try:
+        if swapped:
+            os.replace(target, staged)
+        shutil.rmtree(staged, ignore_errors=True)
+        if aside is not None and not target.exists():
+            os.replace(aside / target.name, target)
+    except OSError as exc:
+        if aside is not None:
+            log.error("%s: could not be put back (%s); the previous copy is kept at %s", target,
+                       exc.strerror or exc, aside / target.name)
+        return
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def make_dirs_durably(directory: Path) -> None:

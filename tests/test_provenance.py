@@ -84,3 +84,57 @@ def test_a_run_from_a_checkout_records_its_commit():
     head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
                           text=True, check=True).stdout.strip()
     assert package_versions()["qadpipe_git"].startswith(head)
+
+
+def _dir_with(path: Path, text: str) -> Path:
+    path.mkdir()
+    (path / "f.txt").write_text(text)
+    return path
+
+
+def test_replace_dir_swaps_a_directory_in_and_leaves_nothing_beside_it(tmp_path: Path):
+    from qadpipe.provenance import replace_dir
+
+    replace_dir(_dir_with(tmp_path / ".staged1", "one"), tmp_path / "out", ".out.aside.")
+    replace_dir(_dir_with(tmp_path / ".staged2", "two"), tmp_path / "out", ".out.aside.")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert (tmp_path / "out" / "f.txt").read_text() == "two"
+
+
+def test_replace_dir_failing_after_the_swap_puts_the_old_one_back(tmp_path: Path, monkeypatch):
+    """The parent's fsync fails once the new directory is renamed in: the rename is not
+    durable, so the old directory goes back and the caller's error means nothing changed."""
+    from qadpipe import provenance
+
+    _dir_with(tmp_path / "out", "old")
+    real_fsync = provenance.fsync_path
+    monkeypatch.setattr(provenance, "fsync_path",
+                        lambda p: (_ for _ in ()).throw(OSError(5, "EIO")) if Path(p) == tmp_path else real_fsync(p))
+    with pytest.raises(OSError):
+        provenance.replace_dir(_dir_with(tmp_path / ".staged", "new"), tmp_path / "out", ".out.aside.")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert (tmp_path / "out" / "f.txt").read_text() == "old"
+
+
+def test_replace_dir_keeps_the_old_copy_aside_when_putting_it_back_fails(tmp_path: Path, monkeypatch, caplog):
+    """The rename in fails and so does the put-back: the old copy stays aside, named in the log,
+    rather than being deleted with the aside directory (the only copy left)."""
+    import os
+
+    from qadpipe import provenance
+
+    _dir_with(tmp_path / "out", "old")
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if ".staged" in str(src) or ".aside." in str(src):   # the rename in, then the put-back
+            raise OSError(30, "Read-only file system")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="Read-only"):
+        provenance.replace_dir(_dir_with(tmp_path / ".staged", "new"), tmp_path / "out", ".out.aside.")
+    monkeypatch.undo()
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith(".out.aside.")]
+    assert len(aside) == 1 and (aside[0] / "out" / "f.txt").read_text() == "old"
+    assert f"the previous copy is kept at {aside[0] / 'out'}" in caplog.text

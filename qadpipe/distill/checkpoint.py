@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 from qadpipe.distill.sharded_checkpoint import MODEL_SHARDS, missing_shards
 from qadpipe.errors import DistillError
 from qadpipe.file_modes import share_tree
-from qadpipe.provenance import atomic_write_text, fsync_path, save_run_record
+from qadpipe.provenance import atomic_write_text, fsync_path, replace_dir, save_run_record
 from qadpipe.tensor_files import save_tensors
 
 log = logging.getLogger(__name__)
@@ -107,12 +107,10 @@ def _commit_dir(tmp: Path, name: str, config: Any, cache_fingerprint: str, write
     ``tmp`` to ``<tmp's parent>/<name>``.  ``tmp`` is removed on any failure.
 
     An older ``<name>`` (``final/`` of an earlier run, a step re-run after a crash between its
-    rename and ``LATEST``) is moved aside first and deleted only once the new one is in place:
-    a failure between the two renames puts it back, and a kill there leaves it aside for
+    rename and ``LATEST``) is replaced by :func:`~qadpipe.provenance.replace_dir`: a failure
+    puts it back, and a kill between the renames leaves it aside for
     :func:`remove_stale_temps` to put back -- never neither copy."""
-    parent = tmp.parent
-    final = parent / name
-    aside = None
+    final = tmp.parent / name
     try:
         write()
         save_run_record(config, "distill", tmp, cache_fingerprint=cache_fingerprint, **(facts or {}))
@@ -120,20 +118,10 @@ def _commit_dir(tmp: Path, name: str, config: Any, cache_fingerprint: str, write
             fsync_path(path)
         share_tree(tmp)
         fsync_path(tmp)
-        if final.exists():   # a directory cannot be renamed over a non-empty one
-            aside = Path(tempfile.mkdtemp(prefix=f".{name}{_ASIDE}", dir=parent))
-            os.replace(final, aside / name)
-        os.replace(tmp, final)
-        fsync_path(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if aside is not None and not final.exists():
-            os.replace(aside / name, final)
-        if aside is not None:
-            shutil.rmtree(aside, ignore_errors=True)
         raise
-    if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
+    replace_dir(tmp, final, f".{name}{_ASIDE}")
     return final
 
 

@@ -22,7 +22,7 @@ import torch
 
 from qadpipe.errors import ExportError
 from qadpipe.file_modes import share_tree
-from qadpipe.provenance import RUN_FILE, fsync_path, json_field, recorded_stage
+from qadpipe.provenance import RUN_FILE, fsync_path, json_field, recorded_stage, replace_dir
 from qadpipe.tensor_files import save_tensors
 
 log = logging.getLogger(__name__)
@@ -58,27 +58,19 @@ def staged_dir(output: Path) -> Iterator[Path]:
     except OSError as exc:
         raise ExportError(f"export output {output}: cannot create a directory in {output.parent} "
                           f"({exc.strerror or exc})") from None
-    old, swapped = None, False
     try:
-        yield tmp
-        share_tree(tmp)
-        for path in [*(p for p in tmp.rglob("*") if p.is_file() or p.is_dir()), tmp]:   # files, modes, entries
-            fsync_path(path)
-        if output.exists():
-            old = Path(tempfile.mkdtemp(prefix=_staging_prefix("old", output) + _owner_tag(), dir=output.parent))
-            os.replace(output, old / output.name)
-        os.replace(tmp, output)
-        swapped = True
-        fsync_path(output.parent)
+        try:
+            yield tmp
+            share_tree(tmp)
+            for path in [*(p for p in tmp.rglob("*") if p.is_file() or p.is_dir()), tmp]:   # files, modes, entries
+                fsync_path(path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        replace_dir(tmp, output, _staging_prefix("old", output) + _owner_tag())
     except OSError as exc:  # a full disk or lost permission mid-write: nothing half-written stays
-        _roll_back(tmp, old, output, swapped)
         raise ExportError(f"export output {output}: writing failed, nothing was changed "
                           f"({exc.strerror or exc})") from exc
-    except BaseException:
-        _roll_back(tmp, old, output, swapped)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
     remove_stale_staging(output)
 
 
@@ -117,18 +109,6 @@ def remove_stale_staging(output: Path) -> None:
                 continue
             shutil.rmtree(path, ignore_errors=True)
             log.info("removed %s, left by a killed export (pid %s)", path, owner[1])
-
-
-def _roll_back(tmp: Path, old: Path | None, output: Path, swapped: bool) -> None:
-    """Drop the new export (``swapped``: already renamed to ``output``, whose directory entry
-    then failed to sync) and put a previous export moved aside back: nothing changed."""
-    if swapped:
-        os.replace(output, tmp)
-    shutil.rmtree(tmp, ignore_errors=True)
-    if old is not None:
-        if not output.exists():
-            os.replace(old / output.name, output)
-        shutil.rmtree(old, ignore_errors=True)
 
 
 #: The export's record (format, sizes, layers, and the files it wrote), next to its qadpipe_run.yaml.

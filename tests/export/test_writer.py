@@ -147,17 +147,17 @@ def test_a_failed_swap_puts_the_previous_export_back(tmp_path, monkeypatch):
 def test_a_directory_sync_failing_after_the_swap_changes_nothing(tmp_path, monkeypatch, previous):
     """The new export was in place when the parent's fsync failed: the previous one was
     deleted, and the error said nothing had changed."""
-    from qadpipe.export import writer
+    from qadpipe import provenance
 
     out = _previous_export(tmp_path) if previous else tmp_path / "export"
-    real_fsync = writer.fsync_path
+    real_fsync = provenance.fsync_path
 
     def fsync(path):
         if Path(path) == tmp_path:
             raise OSError(5, "Input/output error")
         return real_fsync(path)
 
-    monkeypatch.setattr(writer, "fsync_path", fsync)
+    monkeypatch.setattr(provenance, "fsync_path", fsync)
     with pytest.raises(ExportError, match="writing failed, nothing was changed"):
         with staged_dir(out) as tmp:
             (tmp / "new.txt").write_text("new")
