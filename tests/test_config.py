@@ -133,6 +133,9 @@ BAD_CONFIGS = [
     pytest.param(None, ['quant.rules=[{targets: "a[", preset: fp8}]'],
                  "quant.rules[0].targets: 'a[' is not a valid regex (unterminated character set at position 1)",
                  id="bad-rule-regex-before-any-model"),
+    pytest.param(None, ['quant.rules=[{preset: nvfp4}]'],   # its empty default regex matched every layer
+                 "quant.rules[0].targets: missing, expected regex searched in the dotted module name, e.g. 'mlp\\.down_proj'",
+                 id="rule-without-targets"),
     pytest.param(None, ["distill.kd_loss_weight=0"],
                  "distill.kd_loss_weight and lm_loss_weight: both 0, so mode=qad would train on a zero loss; "
                  "expected one of them > 0", id="nothing-to-train"),

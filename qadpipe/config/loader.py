@@ -232,6 +232,8 @@ def _build_dataclass(cls: type, raw: Any, prefix: str) -> Any:
                 value = _expand_home(value)
             _check_metadata(field.metadata, value, dotted)
             values[name] = value
+        elif field.metadata.get("required"):   # a default no one means (a rule's empty regex matches all)
+            raise ConfigError(f"{dotted}: missing, expected {field.metadata['help']}")
         elif dataclasses.is_dataclass(hints[name]):
             values[name] = _build_dataclass(hints[name], {}, dotted)
     return cls(**values)

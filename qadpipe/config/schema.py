@@ -23,7 +23,8 @@ Dtype = Literal["bfloat16", "float16", "float32"]
 def opt(default: Any = None, help: str = "", *, factory: Optional[Callable[[], Any]] = None,
         **checks: Any) -> Any:
     """A schema field: its default, the help text the README shows, and the checks the
-    loader enforces (``ge``/``gt``/``le``/``lt`` bounds, ``check`` callable, ``nonempty``);
+    loader enforces (``ge``/``gt``/``le``/``lt`` bounds, ``check`` callable, ``nonempty``,
+    ``required``: a file must set it, the default being only the dataclass's);
     ``path=True`` marks a file system path, whose ``~`` the loader expands as a shell would."""
     metadata = {"help": help, **checks}
     if factory is not None:
@@ -167,7 +168,8 @@ class CacheConfig:
 class QuantRule:
     """One per-module override of ``quant.preset`` (the first matching rule wins)."""
 
-    targets: str = opt("", "regex searched in the dotted module name, e.g. 'mlp\\.down_proj'", nonempty=True)
+    targets: str = opt("", "regex searched in the dotted module name, e.g. 'mlp\\.down_proj'", nonempty=True,
+                       required=True)
     preset: str = opt("w4a16_int", "preset for the matching Linear modules")
     group_size: Optional[int] = opt(None, "override this preset's weight group size", ge=1)
 
