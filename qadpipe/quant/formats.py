@@ -180,7 +180,7 @@ class QuantSpec:
         if self.kind in TERNARY:
             return -1, 1
         half = 1 << (self.bits - 1)
-        if self.kind is Kind.INT and self.symmetric and self.narrow_range:
+        if self.kind in (Kind.INT, Kind.LSQ) and self.symmetric and self.narrow_range:
             return -(half - 1), half - 1
         return -half, half - 1
 
@@ -553,12 +553,15 @@ def mse_best_scale(x: Tensor, spec: QuantSpec, ratios: Optional[Tensor] = None) 
     qmin, qmax = spec.code_range
     xf = x.detach().float()
     xg = _groups(xf, spec)
-    base = exact_quotient(xg.abs().amax(-1), (qmax - qmin) / 2)
-    base = base.reshape(_scale_shape(x.shape, spec))
+    amax = xg.abs().amax(-1)
+    base = exact_quotient(amax, (qmax - qmin) / 2).reshape(_scale_shape(x.shape, spec))
+    # errors relative to the group's range: squared in absolute terms, those of a group of tiny
+    # weights (amax < ~1e-19) underflow to 0 and tie every ratio
+    unit = torch.where(amax > 0, amax, 1.0).unsqueeze(-1)
     best_err = best = None
     for r in ratios.tolist():
         candidate = base * r
-        err = _groups((fake_quantize(xf, spec, scale=candidate) - xf) ** 2, spec).sum(-1)
+        err = (_groups(fake_quantize(xf, spec, scale=candidate) - xf, spec) / unit).square().sum(-1)
         err = err.reshape(candidate.shape)
         if best is None:
             best, best_err = candidate, err

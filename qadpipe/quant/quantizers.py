@@ -151,7 +151,8 @@ class Quantizer(nn.Module):
         else:
             qmin, qmax = spec.code_range
             live = _groups(weight.detach().float(), spec).abs().amax(-1).reshape(best.shape)
-            ratio = (best * ((qmax - qmin) / 2) / live.clamp(min=1e-12)).clamp(1e-3, 0.995)
+            # the ratio of the weights' own scale, whatever their size (an all-zero group: none to clip)
+            ratio = torch.where(live > 0, best * ((qmax - qmin) / 2) / live, 1.0).clamp(1e-3, 0.995)
             self.clip_logit = nn.Parameter(torch.logit(ratio))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

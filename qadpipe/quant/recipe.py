@@ -94,8 +94,11 @@ PRESETS: dict[str, Preset] = {
     "ternary_twn": Preset(QuantSpec(Kind.TWN, **_G128), None, "TWN ternary, group 128"),
     "bitnet_absmean": Preset(QuantSpec(Kind.ABSMEAN, **_G128), None, "BitNet b1.58 absmean ternary, group 128"),
     "sherry_3of4": Preset(QuantSpec(Kind.SHERRY, **_G128), None, "3:4 sparse ternary, group 128"),
-    "lsq_int4": Preset(QuantSpec(Kind.LSQ, 4, **_G128), None, "LSQ learned step, int4, group 128"),
-    "lsq_int2": Preset(QuantSpec(Kind.LSQ, 2, **_G128), None, "LSQ learned step, int2 [-2, 1], group 128"),
+    # the LSQ paper's grid, [-2^(b-1), 2^(b-1) - 1]
+    "lsq_int4": Preset(QuantSpec(Kind.LSQ, 4, narrow_range=False, **_G128), None,
+                       "LSQ learned step, int4 [-8, 7], group 128"),
+    "lsq_int2": Preset(QuantSpec(Kind.LSQ, 2, narrow_range=False, **_G128), None,
+                       "LSQ learned step, int2 [-2, 1], group 128"),
 }
 
 
@@ -421,6 +424,7 @@ def _learnable_spec(spec: QuantSpec, learnable: str, preset_name: str, section: 
     if spec.kind is not Kind.INT or not spec.symmetric:
         raise QuantError(f"quant.learnable: {learnable!r} needs a symmetric int weight preset, "
                          f"{section}.preset is {preset_name!r}")
+    # the preset's grid stays (w4a16_int's [-7, 7]): learning the step must not also change the codes
     return replace(spec, kind=Kind.LSQ) if learnable == "lsq" else spec
 
 

@@ -142,6 +142,20 @@ def test_learnable_parameters_start_from_the_data():
     assert (ratio <= 0.995 + 1e-6).all() and ratio.min() < 0.9
 
 
+def test_learnable_starts_do_not_depend_on_the_weights_size():
+    """A power of two scales every rounding of the format alike, so weights times 2^-70 must start
+    at the same clip ratios and at steps times 2^-70.  The search's squared errors underflowed
+    (every ratio tied) and the ratio's 1e-12 floor moved the start of groups below it."""
+    torch.manual_seed(6)
+    w = torch.randn(16, 64)
+    spec = QuantSpec(Kind.INT, 4, Granularity.GROUP, 32)
+    tiny = 2.0 ** -70
+    clip, clip_tiny = (Quantizer(spec, learnable="clip", weight=x) for x in (w, w * tiny))
+    assert torch.equal(clip.clip_logit, clip_tiny.clip_logit)
+    assert torch.equal(mse_best_scale(w * tiny, spec), mse_best_scale(w, spec) * tiny)
+    assert torch.sigmoid(clip.clip_logit).min() < 0.99    # some groups do clip
+
+
 def test_a_learned_clip_scale_is_rounded_once_whatever_the_device_computes_in_between():
     """sigmoid(logit) * amax / 7 (symmetric int4: codes -7..7) correctly rounded to fp32 (against mpmath):
     the scale a GPU trains with is the one the CPU export writes.  In fp32 three roundings gave

@@ -368,6 +368,18 @@ def test_rebuild_from_state_dict_reproduces_the_model(preset, learnable, make_ll
                or k.endswith("weight_quantizer.clip_logit") or k.endswith("input_quantizer.amax") for k in state)
 
 
+@pytest.mark.parametrize("preset,learnable,grid", [("w4a16_int", "none", (-7, 7)), ("w4a16_int", "lsq", (-7, 7)),
+                                                   ("w4a16_int", "clip", (-7, 7)), ("lsq_int4", "none", (-8, 7)),
+                                                   ("lsq_int2", "none", (-2, 1))])
+def test_learning_the_step_keeps_the_presets_code_grid(preset, learnable, grid, make_llama, quant_config):
+    """learnable: lsq on w4a16_int moved its layers to [-8, 7] (and the PTQ start to amax/7.5):
+    the comparison with none and clip ran on another grid.  lsq_* presets keep the LSQ paper's."""
+    model = make_llama()
+    apply_recipe(model, quant_config(preset=preset, learnable=learnable, group_size=32))
+    codes = [m.quantized_weight().codes for m in model.modules() if isinstance(m, QuantLinear)]
+    assert (min(int(c.min()) for c in codes), max(int(c.max()) for c in codes)) == grid
+
+
 def test_quant_parameters_are_quantizer_params_and_norms(make_llama, quant_config):
     model = make_llama()
     apply_recipe(model, quant_config(preset="lsq_int4", group_size=32))
