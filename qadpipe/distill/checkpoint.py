@@ -34,7 +34,7 @@ from qadpipe.distill.sharded_checkpoint import MODEL_SHARDS, missing_shards
 from qadpipe.errors import DistillError
 from qadpipe.file_modes import share_tree
 from qadpipe.provenance import atomic_write_text, fsync_path, replace_dir, save_run_record
-from qadpipe.tensor_files import save_tensors
+from qadpipe.tensor_files import save_tensors, save_torch
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def save_checkpoint(output_dir: Path, model_state: dict[str, torch.Tensor], stat
 
     def write() -> None:
         _save_student_tensors(tmp, model_state)
-        torch.save(state.__dict__, tmp / STATE_FILE)
+        save_torch(state.__dict__, tmp / STATE_FILE)
 
     return _commit_checkpoint(tmp, state, config, keep, write, facts)
 
@@ -150,7 +150,7 @@ def commit_sharded_checkpoint(staged: Path, state: TrainerState, config: Any, ke
     """Rank 0, once every rank's shards are in ``staged`` (:func:`staged_step_dir`): add the
     trainer state (``state.optimizer`` empty: the shards hold it) and the run record, rename it
     into place and make it the latest, as :func:`save_checkpoint` does."""
-    return _commit_checkpoint(staged, state, config, keep, lambda: torch.save(state.__dict__, staged / STATE_FILE),
+    return _commit_checkpoint(staged, state, config, keep, lambda: save_torch(state.__dict__, staged / STATE_FILE),
                               facts)
 
 

@@ -194,3 +194,37 @@ def test_a_student_a_kill_left_aside_is_put_back_unless_replaced(tmp_path: Path,
     remove_stale_temps(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["final"]
     assert torch.equal(_weight(tmp_path / "final"), torch.full((2,), 2.0 if replaced else 1.0))
+
+
+FULL_DISK_CHECKPOINT = """
+import resource, signal, sys, torch
+from pathlib import Path
+from qadpipe.config import load_config
+from qadpipe.distill import checkpoint as ckpt
+from qadpipe.errors import DistillError
+out, config = Path(sys.argv[1]), load_config(None)
+state = lambda step, n: ckpt.TrainerState(step=step, optimizer={"exp_avg": torch.zeros(n)}, scheduler={},
+                                          loader={"ranks": [{}]})
+ckpt.save_checkpoint(out, {"w": torch.zeros(8)}, state(1, 8), config)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)            # the write then fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 18, resource.RLIM_INFINITY))
+try:
+    ckpt.save_checkpoint(out, {"w": torch.ones(8)}, state(2, 1 << 18), config)   # 1 MiB of optimizer state
+except DistillError as exc:
+    print(exc)
+"""
+
+
+def test_optimizer_state_the_disk_refuses_is_one_distill_error(tmp_path: Path):
+    """torch.save reports a refused write as RuntimeError ('unexpected pos'), which escaped the
+    one-line 'cannot write the checkpoint' as a traceback."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", FULL_DISK_CHECKPOINT, str(tmp_path)], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().endswith("step-00000002: cannot write the checkpoint (File too large); "
+                                       "LATEST still names the previous one"), run.stdout
+    assert latest_checkpoint(tmp_path).name == "step-00000001"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["LATEST", "step-00000001"]
