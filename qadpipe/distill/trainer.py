@@ -599,8 +599,11 @@ class DistillRecipe:
                                "model.path set to the model it trained from")
         saved = flatten_config(recorded_config(recorded))
         experts = has_fused_experts(student)
+        # a run that recorded its model's revision is checked by it just above: model.path may then
+        # name that model otherwise (a node-local copy, the same directory spelled another way)
+        by_revision = isinstance(base, dict) and base.get("revision") is not None
         changed = unresumable_changes(recorded, self.config, lambda key: self._reads(key) and (
-            experts or key != "quant.moe_experts"))
+            experts or key != "quant.moe_experts") and not (by_revision and key == "model.path"))
         if changed:
             written = flatten_config(recorded)
             predated = [key for key in changed if key in saved and key not in written]

@@ -72,14 +72,17 @@ def test_a_relative_model_path_read_from_elsewhere_rebuilds_on_the_model_it_trai
     assert str(info.value).endswith(f"put that model back at {(started / 'm').resolve()}")
 
 
-def test_resume_on_another_model_at_the_same_path_is_refused(tiny_llama_dir, topk_cache, tmp_path):
+def test_resume_follows_the_model_not_its_path(tiny_llama_dir, topk_cache, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(tiny_llama_dir, model)
     out = tmp_path / "run"
     assert distill(model, topk_cache, out, "distill.max_steps=2", "distill.save_every=1").exit_code == 0
+    copy = tmp_path / "node-local" / "model"   # the same model elsewhere resumes (it was refused: model.path differ)
+    shutil.copytree(model, copy)
+    assert distill(copy, topk_cache, out, "distill.max_steps=3", "distill.save_every=1", resume=True).exit_code == 0
     another_model(model)
-    line = one_line_error(distill(model, topk_cache, out, "distill.max_steps=3", resume=True))
-    assert f"--resume of a run trained from the model at {model.resolve()} (revision sha256:" in line
+    line = one_line_error(distill(model, topk_cache, out, "distill.max_steps=4", resume=True))
+    assert f"--resume of a run trained from the model at {copy.resolve()} (revision sha256:" in line
     assert line.endswith("resume with model.path set to the model it trained from")
 
 
