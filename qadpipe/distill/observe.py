@@ -44,12 +44,13 @@ class MetricsLog:
         if enabled and self.path.exists() and not self.path.is_file():   # not at the first log step, steps in
             raise DistillError(f"{self.path}: not a file; move it away (distill writes its metrics there)")
         self._writer: Optional[Any] = None
-        if enabled and tensorboard:   # the trainer refused a missing tensorboard package before any run began
-            from torch.utils.tensorboard import SummaryWriter
-            self._writer = SummaryWriter(str(Path(output_dir) / TENSORBOARD_DIR))
+        self._tensorboard_dir = Path(output_dir) / TENSORBOARD_DIR if enabled and tensorboard else None
+        self._purge_from: Optional[int] = None
 
     def truncate_after(self, step: int) -> None:
-        """Keep only rows up to ``step`` (a resumed run rewrites what came after)."""
+        """Keep only rows up to ``step`` (a resumed run rewrites what came after); TensorBoard's
+        events past it are purged when its writer opens."""
+        self._purge_from = step + 1
         if not self.enabled or not self.path.is_file():
             return
         kept, dropped = [], 0
@@ -75,6 +76,10 @@ class MetricsLog:
             # a diverged run's NaN figures as null: NaN is not JSON
             handle.write(json.dumps({key: finite_or_none(value) for key, value in row.items()}, sort_keys=True,
                                     allow_nan=False) + "\n")
+        if self._tensorboard_dir is not None and self._writer is None:
+            # the trainer refused a missing tensorboard package before any run began
+            from torch.utils.tensorboard import SummaryWriter
+            self._writer = SummaryWriter(str(self._tensorboard_dir), purge_step=self._purge_from)
         if self._writer is not None:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)):

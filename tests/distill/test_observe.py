@@ -26,3 +26,32 @@ def test_a_metrics_path_that_is_a_directory_is_refused_before_training(tmp_path)
     (tmp_path / METRICS_FILE).mkdir()
     with pytest.raises(DistillError, match=rf"^{tmp_path / METRICS_FILE}: not a file; move it away"):
         MetricsLog(tmp_path, enabled=True)
+
+
+def test_a_resume_purges_tensorboard_events_past_its_step(tmp_path, monkeypatch):
+    """TensorBoard kept the killed run's points beside the resumed run's for the same steps,
+    where metrics.jsonl keeps one curve: its writer now opens with purge_step = the first step
+    the resume writes (SummaryWriter drops the log's events from there on)."""
+    import sys
+    import types
+
+    opened = []
+
+    class Writer:   # tensorboard's SummaryWriter as this test needs it (the package is optional)
+        def __init__(self, log_dir, purge_step=None):
+            opened.append((log_dir, purge_step))
+
+        def add_scalar(self, *args):
+            pass
+
+        def flush(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    first = MetricsLog(tmp_path, enabled=True, tensorboard=True)
+    first.truncate_after(-1)
+    first.write({"step": 1, "loss": 1.0})
+    resumed = MetricsLog(tmp_path, enabled=True, tensorboard=True)
+    resumed.truncate_after(3)
+    resumed.write({"step": 4, "loss": 0.5})
+    assert [purge for _, purge in opened] == [0, 4]
