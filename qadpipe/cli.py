@@ -38,6 +38,8 @@ def _user_errors_as_one_line(func: Callable[..., Any]) -> Callable[..., Any]:
             return func(*args, **kwargs)
         except QadpipeError as exc:
             _fail(str(exc))
+        except BrokenPipeError:   # `qadpipe inspect ... | head` closed stdout: click ends quietly, not an error
+            raise
         except OSError as exc:  # an output or input path the OS refuses: say which, not a traceback
             if logging.getLogger().isEnabledFor(logging.DEBUG):
                 raise

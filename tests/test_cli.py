@@ -74,3 +74,11 @@ def test_ctrl_c_before_a_stage_handles_it_exits_130_in_one_line(monkeypatch):
     assert result.exit_code == 130
     last = result.stderr.strip().splitlines()[-1]
     assert last == "qadpipe: interrupted (Ctrl-C); what was committed before it is kept"
+
+
+def test_a_reader_closing_the_pipe_early_is_not_an_error():
+    """`qadpipe inspect BIG | head`: the closed pipe was caught as an OSError and printed as
+    'qadpipe: error: Broken pipe' (exit 2); click's own handling ends quietly."""
+    run = subprocess.run(f"'{sys.executable}' -m qadpipe.cli config show -c configs/demo.yaml | true",
+                         shell=True, capture_output=True, text=True, executable="/bin/bash")
+    assert "error" not in run.stderr and "Traceback" not in run.stderr, run.stderr
