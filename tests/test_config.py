@@ -166,6 +166,18 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path: Path, content, overrides, m
     assert result.stdout == ""
 
 
+def test_yaml_merge_keys_reuse_a_block_and_the_keys_written_beside_them_win(tmp_path: Path):
+    """`<<: *rule` was refused as 'not valid YAML' (no constructor for the merge tag): the
+    duplicate-key check built every key node, the merge key among them."""
+    path = tmp_path / "merged.yaml"
+    path.write_text("distill:\n  <<: {lr: 3.0e-5, max_steps: 7}\n  max_steps: 9\n"
+                    "quant:\n  group_size: 32\n  rules:\n    - &int8 {targets: down_proj, preset: w8a16_int}\n"
+                    "    - <<: *int8\n      targets: up_proj\n")
+    config = load_config(path)
+    assert (config.distill.lr, config.distill.max_steps) == (3.0e-5, 9)
+    assert [(r.targets, r.preset) for r in config.quant.rules] == [("down_proj", "w8a16_int"), ("up_proj", "w8a16_int")]
+
+
 def test_an_unquoted_date_in_a_file_is_the_text_a_string_field_takes(tmp_path: Path):
     path = tmp_path / "dated.yaml"
     path.write_text("data:\n  chat_date: 2026-12-07\n")
