@@ -57,8 +57,15 @@ def resolve_task(gen: Any, num_shards: Optional[int] = None, shard_index: Option
                  env: Optional[dict[str, str]] = None) -> tuple[int, int]:
     """(shard_index, num_shards): command line, then config, then SLURM array variables, then (0, 1)."""
     env = dict(os.environ) if env is None else env
-    count = _first_int(num_shards, gen.num_shards, env.get("SLURM_ARRAY_TASK_COUNT"), 1,
-                       name="generate.num_shards")
+    array_count = env.get("SLURM_ARRAY_TASK_COUNT")
+    if array_count is None and "SLURM_ARRAY_TASK_MAX" in env:   # SLURM before 17.02 sets no COUNT
+        array_count = str(_first_int(env["SLURM_ARRAY_TASK_MAX"], name="generate.num_shards") + 1)
+    if num_shards is None and gen.num_shards is None and array_count is None and "SLURM_ARRAY_TASK_ID" in env \
+            and shard_index is None and gen.shard_index is None:
+        # as task 0 of 1 it would score every record, and so would every other task
+        raise ConfigError("generate.num_shards: SLURM_ARRAY_TASK_ID is set but neither SLURM_ARRAY_TASK_COUNT "
+                          "nor SLURM_ARRAY_TASK_MAX, so the number of tasks is unknown; pass --num-shards N")
+    count = _first_int(num_shards, gen.num_shards, array_count, 1, name="generate.num_shards")
     index = _first_int(shard_index, gen.shard_index, env.get("SLURM_ARRAY_TASK_ID"), 0,
                        name="generate.shard_index")
     if not 1 <= count <= MAX_TASKS:

@@ -208,6 +208,12 @@ def test_task_defaults_come_from_slurm_array_variables() -> None:
         resolve_task(gen, env={"SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_ID": "4"})
     assert str(raised.value) == ("generate.shard_index: got 4 (from SLURM_ARRAY_TASK_ID; task ids must run 0..N-1: "
                                  "sbatch --array=0-3), expected 0 <= shard_index < num_shards (4)")
+    # SLURM before 17.02 sets no COUNT: its MAX tells the size; with neither, task 0 ran as 0 of 1 (every record)
+    assert resolve_task(gen, env={"SLURM_ARRAY_TASK_MAX": "7", "SLURM_ARRAY_TASK_ID": "5"}) == (5, 8)
+    assert resolve_task(gen, 4, env={"SLURM_ARRAY_TASK_ID": "3"}) == (3, 4)
+    with pytest.raises(ConfigError, match=r"^generate\.num_shards: SLURM_ARRAY_TASK_ID is set but neither "
+                                          r"SLURM_ARRAY_TASK_COUNT nor SLURM_ARRAY_TASK_MAX"):
+        resolve_task(gen, env={"SLURM_ARRAY_TASK_ID": "0"})
 
 
 def _cli_process(model: Path, cache: Path, **extra: Any) -> subprocess.Popen:
@@ -362,7 +368,7 @@ def small_vocab_model(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Pat
     ("k above vocab", None, {"model.path": "{vocab512}", "cache.k": 600},
      "cache.k: got 600, expected <= the teacher's vocab size (512)"),
     pytest.param("no cuda", None, {"teacher.device": "cuda"},
-                 "teacher.device: got 'cuda', but torch sees no CUDA device here",
+                 "teacher.device: got 'cuda', but no CUDA device is available",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here")),
     ("no vllm", None, {"teacher.backend": "vllm"},
      "teacher.backend: got 'vllm', but vLLM is not installed (pip install 'qadpipe[cpu]' or 'qadpipe[gpu]'), "
