@@ -283,7 +283,7 @@ class DistillConfig:
     eval_every: int = opt(25, "held-out eval every N steps", ge=1)
     eval_rows: int = opt(16, "cache rows held out for eval", ge=0)
     log_every: int = opt(5, "log line every N steps", ge=1)
-    device: str = opt("auto", "auto, cpu, cuda")
+    device: str = opt("auto", "auto, cpu, cuda (each process its LOCAL_RANK's GPU), cuda:N (one process)")
     distributed: Literal["ddp", "fsdp2"] = opt("ddp", "strategy under torchrun; fsdp2 also builds the student "
                                                "sharded (rank 0 loads it on the host, each GPU gets its shards)")
     shuffle_buffer: int = opt(256, "cache rows in the seeded shuffle buffer (1 = cache order)", ge=1)
@@ -334,7 +334,7 @@ class EvalConfig:
         "empty = ptq and qad from distill.output_dir", path=True)
     max_sequences: int = opt(32, "sequences evaluated", ge=1)
     batch_size: int = opt(4, "sequences per forward", ge=1)
-    device: str = opt("auto", "auto, cpu, cuda")
+    device: str = opt("auto", "auto, cpu, cuda, cuda:N")
     output_dir: str = opt("runs/eval", "report.json, report.md, plots", nonempty=True, path=True)
 
 

@@ -33,6 +33,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
+from qadpipe.devices import resolve_device
 from qadpipe.errors import DistillError, QadpipeError, first_line
 
 T = TypeVar("T")
@@ -56,19 +57,6 @@ class DistEnv:
         return self.world_size > 1
 
 
-def resolve_device(device: str, local_rank: int = 0, field: str = "distill.device") -> torch.device:
-    """``auto`` -> this rank's GPU when there is one, else CPU; ``cuda`` -> ``cuda:<local_rank>``."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise DistillError(f"{field}: got '{device}', but no CUDA device is available")
-        return torch.device(device if ":" in device else f"cuda:{local_rank}")
-    if device != "cpu":
-        raise DistillError(f"{field}: got '{device}', expected auto, cpu, cuda or cuda:N")
-    return torch.device("cpu")
-
-
 #: How long the training collectives wait for a rank (NCCL's watchdog then ends the job).
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
 #: How long the other ranks wait for rank 0's output write (see :func:`init_control_group`).
@@ -83,7 +71,7 @@ def init_distributed(device: str) -> DistEnv:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    resolved = resolve_device(device, local_rank)
+    resolved = resolve_device(device, "distill.device", local_rank, world_size)
     if resolved.type == "cuda":   # also alone on cuda:N: the RNG state a checkpoint keeps is the current GPU's
         torch.cuda.set_device(resolved)
     if world_size > 1 and not dist.is_initialized():

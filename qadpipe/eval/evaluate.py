@@ -374,7 +374,7 @@ def unseen_claim(data: HeldOut, models: dict[str, str]) -> str:
 
 def run_eval(cfg: PipelineConfig) -> dict[str, dict[str, float]]:
     """Score the models, write report.json / report.md / plots, return the results."""
-    from qadpipe.distill.distributed import resolve_device
+    from qadpipe.devices import resolve_device
     from qadpipe.distill.student import FINAL_DIR
     from qadpipe.models import (check_logits_are_head_of_hidden, load_causal_lm, load_tokenizer, model_revision,
                                 resolve_model_path, tokenizer_fingerprint)

