@@ -8,9 +8,10 @@ baseline)::
                               (tied aliases dropped; the metadata key "aliases" lists them)
     final/qadpipe_run.yaml    resolved config (model.path, quant.*) + package versions
 
-To rebuild the trained student: ``load_causal_lm(model.path)`` → ``apply_recipe(model,
-quant)`` → ``load_state_dict(final/model.safetensors)`` — which :func:`load_final_student`
-does.  Master weights are kept in fp32 whatever ``model.dtype`` says: at QAD learning rates
+To rebuild the trained student: the model of ``model.path`` built on the meta device →
+``apply_recipe(model, quant)`` → ``load_state_dict(final/model.safetensors, assign=True)`` —
+which :func:`load_final_student` does (the base model's weights are never read: ``final/``
+holds them all, trained).  Master weights are kept in fp32 whatever ``model.dtype`` says: at QAD learning rates
 (1e-5 relative to weights of ~1e-2) an update is below bf16's resolution and would round
 away; ``model.dtype`` is the autocast compute dtype on GPU.
 """
@@ -154,24 +155,38 @@ def save_student(output_dir: Path, model_state: dict[str, torch.Tensor], config:
     return write_student_dir(Path(output_dir), name, model_state, config, cache_fingerprint, facts=facts)
 
 
-def load_state_into(model: nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
-    """Load saved tensors (tied aliases restored by the model itself); every key must match."""
+def load_state_into(model: nn.Module, tensors: dict[str, torch.Tensor], source: Path, *,
+                    assign: bool = False) -> None:
+    """Load saved tensors (tied aliases restored by the model itself); every key must match.
+    ``assign``: the tensors *become* the model's (cast to its dtypes), as a skeleton built on
+    the meta device (:func:`build_student_skeleton`) needs; its tied aliases are re-tied."""
     expected = set(model.state_dict())
-    missing = sorted(expected - set(tensors))
-    aliases = {name for name in missing if _is_alias(model, name, tensors)}
-    missing = [name for name in missing if name not in aliases]
-    unexpected = sorted(set(tensors) - expected)
+    tied = _tied_names(model)
+    saved = set(tensors)
+    missing = sorted(name for name in expected - saved if not (tied.get(name, set()) & saved))
+    unexpected = sorted(saved - expected)
     if missing or unexpected:
         raise DistillError(f"{source}: state does not fit the student built from the config "
                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    model.load_state_dict(tensors, strict=False)
+    if not assign:
+        model.load_state_dict(tensors, strict=False)
+        return
+    own = model.state_dict()
+    model.load_state_dict({name: tensor.to(own[name].dtype) for name, tensor in tensors.items()}, strict=False,
+                          assign=True)
+    for name, others in tied.items():   # an alias still names its skeleton's meta parameter
+        if name not in saved:
+            holder = model.get_parameter(next(iter(others & saved)))
+            owner, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner), attr, holder)
 
 
-def _is_alias(model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> bool:
-    """Whether ``name`` shares storage with a tensor that was saved (tied embeddings)."""
-    state = model.state_dict()
-    target = state[name]
-    return any(state[other].data_ptr() == target.data_ptr() for other in tensors if other in state)
+def _tied_names(model: nn.Module) -> dict[str, set[str]]:
+    """name -> the other names of the same parameter object (tied embeddings), for tied ones."""
+    groups: dict[int, set[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), set()).add(name)
+    return {name: names - {name} for names in groups.values() if len(names) > 1 for name in names}
 
 
 def has_student_weights(path: Path) -> bool:
@@ -280,16 +295,26 @@ def load_final_student(final_dir: Path, device: str = "cpu", config: Optional[An
     :func:`trained_config`), from ``final/``."""
     final_dir = Path(final_dir)
     config = config if config is not None else trained_config(final_dir)
-    model = build_student(config, torch.device(device), rebuild=True)
     if is_sharded(final_dir):
+        model = build_student(config, torch.device(device), rebuild=True)
         load_sharded_student(model, final_dir)
         return model.eval(), config
     try:
         tensors = load_file(str(final_dir / MODEL_FILE))
     except Exception as exc:  # safetensors' own error type; its message names no file
         raise DistillError(f"{final_dir / MODEL_FILE}: unreadable weights ({exc})") from None
-    load_state_into(model, tensors, final_dir)
-    return model.eval(), config
+    # final/ holds every weight: the base model's own would only be overwritten, so the student
+    # is built on the meta device and takes the saved tensors (half the peak memory of export)
+    try:
+        model = build_student_skeleton(config)
+    except ModelError as exc:
+        log.warning("the student is built whole, then overwritten by %s (twice the memory): %s", final_dir,
+                    first_line(exc).split(" (", 1)[0])
+        model = build_student(config, torch.device(device), rebuild=True)
+        load_state_into(model, tensors, final_dir)
+        return model.eval(), config
+    load_state_into(model, tensors, final_dir, assign=True)
+    return model.to(device).eval(), config
 
 
 def load_sharded_student(model: nn.Module, directory: Path) -> None:
