@@ -106,6 +106,9 @@ def recorded_config(raw: dict[str, Any]) -> dict[str, Any]:
         fields = upgraded.get(section)
         if isinstance(fields, dict) and name not in fields:
             fields[name] = value
+    quant = upgraded.get("quant")
+    if isinstance(quant, dict) and "lsq_grid" not in quant and quant.get("learnable") == "lsq":
+        quant["lsq_grid"] = "full"   # learnable: lsq moved an int preset to the full grid before the field
     return upgraded
 
 

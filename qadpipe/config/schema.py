@@ -199,6 +199,9 @@ class QuantConfig:
         "straight-through gradient: identity, or zero where the quantizer clips")
     learnable: Literal["none", "lsq", "clip"] = opt("none",
         "learn int weight scales: lsq (step size) or clip (per-group clip ratio); init from the weights")
+    lsq_grid: Literal["preset", "full"] = opt("preset",
+        "learnable: lsq on an int preset: its codes stay on the preset's grid (w4a16_int's [-7, 7]), or full: "
+        "the LSQ paper's [-2^(b-1), 2^(b-1)-1] (a student recorded before this field existed took full)")
     kv_cache: Optional[Literal["fp8", "fp8_cpu"]] = opt(None,
         "fp8: also fake-quantize the KV cache as vLLM's kv_cache_dtype=fp8 stores it (post-RoPE K "
         "and V, E4M3, one calibrated scale per layer each; export writes k_scale/v_scale); "

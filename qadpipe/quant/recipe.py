@@ -245,7 +245,7 @@ def apply_recipe(model: nn.Module, quant: Any, *, rebuild: bool = False) -> Quan
     groups = _fused_groups({n: c for n, c in chosen.items() if n in linears}, set(linears))
     group_of = {member: group for group in groups for member in group}
     for name, (preset_name, preset) in chosen.items():
-        weight = _learnable_spec(preset.weight, quant.learnable, preset_name, section_of[name])
+        weight = _learnable_spec(preset.weight, quant.learnable, quant.lsq_grid, preset_name, section_of[name])
         learnable = _learnable_kind(weight, quant.learnable)
         if name in experts:
             module, layout = experts[name]
@@ -418,14 +418,16 @@ def _check_layer(model: nn.Module, name: str, linear: nn.Linear, preset_name: st
                              f"too -- keep {name} in quant.ignore")
 
 
-def _learnable_spec(spec: QuantSpec, learnable: str, preset_name: str, section: str) -> QuantSpec:
+def _learnable_spec(spec: QuantSpec, learnable: str, lsq_grid: str, preset_name: str, section: str) -> QuantSpec:
     if learnable == "none" or spec.kind is Kind.LSQ:   # an lsq_* preset learns LSQ steps whatever quant.learnable says
         return spec
     if spec.kind is not Kind.INT or not spec.symmetric:
         raise QuantError(f"quant.learnable: {learnable!r} needs a symmetric int weight preset, "
                          f"{section}.preset is {preset_name!r}")
-    # the preset's grid stays (w4a16_int's [-7, 7]): learning the step must not also change the codes
-    return replace(spec, kind=Kind.LSQ) if learnable == "lsq" else spec
+    if learnable == "clip":
+        return spec
+    # quant.lsq_grid: preset keeps the preset's grid (w4a16_int's [-7, 7]): learning the step alone
+    return replace(spec, kind=Kind.LSQ, narrow_range=spec.narrow_range and lsq_grid == "preset")
 
 
 def _say_where_clip_does_not_apply(recipe: QuantRecipe) -> None:

@@ -37,3 +37,17 @@ def test_a_field_the_record_predates_counts_as_what_that_version_did():
     assert unresumable_changes(recorded, load_config(None, ["quant.moe_experts=dense"]), _reads_from_cache) == []
     del recorded["distill"]["seed"]            # a field with no recorded past: today's default
     assert unresumable_changes(recorded, load_config(None, ["quant.moe_experts=dense"]), _reads_from_cache) == []
+
+
+def test_an_lsq_student_recorded_before_lsq_grid_took_the_full_grid():
+    """learnable: lsq moved w4a16_int to [-8, 7] before quant.lsq_grid: its record rebuilds so,
+    and resuming it on today's default grid is another run; other records are unaffected."""
+    lsq = config_to_dict(load_config(None, ["quant.learnable=lsq"]))
+    del lsq["quant"]["lsq_grid"]
+    assert unresumable_changes(lsq, load_config(None, ["quant.learnable=lsq"]), _reads_from_cache) \
+        == ["quant.lsq_grid"]
+    assert unresumable_changes(lsq, load_config(None, ["quant.learnable=lsq", "quant.lsq_grid=full"]),
+                               _reads_from_cache) == []
+    plain = config_to_dict(load_config(None, []))
+    del plain["quant"]["lsq_grid"]
+    assert unresumable_changes(plain, load_config(None, []), _reads_from_cache) == []

@@ -368,14 +368,16 @@ def test_rebuild_from_state_dict_reproduces_the_model(preset, learnable, make_ll
                or k.endswith("weight_quantizer.clip_logit") or k.endswith("input_quantizer.amax") for k in state)
 
 
-@pytest.mark.parametrize("preset,learnable,grid", [("w4a16_int", "none", (-7, 7)), ("w4a16_int", "lsq", (-7, 7)),
-                                                   ("w4a16_int", "clip", (-7, 7)), ("lsq_int4", "none", (-8, 7)),
-                                                   ("lsq_int2", "none", (-2, 1))])
-def test_learning_the_step_keeps_the_presets_code_grid(preset, learnable, grid, make_llama, quant_config):
+@pytest.mark.parametrize("preset,learnable,lsq_grid,grid", [
+    ("w4a16_int", "none", "preset", (-7, 7)), ("w4a16_int", "lsq", "preset", (-7, 7)),
+    ("w4a16_int", "clip", "preset", (-7, 7)), ("w4a16_int", "lsq", "full", (-8, 7)),
+    ("lsq_int4", "none", "preset", (-8, 7)), ("lsq_int2", "none", "preset", (-2, 1))])
+def test_learning_the_step_keeps_the_presets_code_grid(preset, learnable, lsq_grid, grid, make_llama, quant_config):
     """learnable: lsq on w4a16_int moved its layers to [-8, 7] (and the PTQ start to amax/7.5):
-    the comparison with none and clip ran on another grid.  lsq_* presets keep the LSQ paper's."""
+    the comparison with none and clip ran on another grid.  lsq_* presets keep the LSQ paper's,
+    and quant.lsq_grid: full asks for it (what a student recorded before the field took)."""
     model = make_llama()
-    apply_recipe(model, quant_config(preset=preset, learnable=learnable, group_size=32))
+    apply_recipe(model, quant_config(preset=preset, learnable=learnable, lsq_grid=lsq_grid, group_size=32))
     codes = [m.quantized_weight().codes for m in model.modules() if isinstance(m, QuantLinear)]
     assert (min(int(c.min()) for c in codes), max(int(c.max()) for c in codes)) == grid
 
