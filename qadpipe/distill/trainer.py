@@ -602,6 +602,10 @@ class DistillRecipe:
         # a run that recorded its model's revision is checked by it just above: model.path may then
         # name that model otherwise (a node-local copy, the same directory spelled another way)
         by_revision = isinstance(base, dict) and base.get("revision") is not None
+        if by_revision and isinstance(base.get("dir"), str) and (Path(base["dir"]) / "config.json").is_file():
+            # the records keep naming where the run started, which outlives a node-local copy:
+            # export and eval follow it back there (located_base_model) once the copy is gone
+            self.base_model = {"dir": base["dir"], "revision": base["revision"]}
         changed = unresumable_changes(recorded, self.config, lambda key: self._reads(key) and (
             experts or key != "quant.moe_experts") and not (by_revision and key == "model.path"))
         if changed:

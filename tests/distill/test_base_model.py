@@ -80,9 +80,11 @@ def test_resume_follows_the_model_not_its_path(tiny_llama_dir, topk_cache, tmp_p
     copy = tmp_path / "node-local" / "model"   # the same model elsewhere resumes (it was refused: model.path differ)
     shutil.copytree(model, copy)
     assert distill(copy, topk_cache, out, "distill.max_steps=3", "distill.save_every=1", resume=True).exit_code == 0
+    shutil.rmtree(copy.parent)   # the scratch copy is gone: the student is rebuilt where the run started
+    assert trained_config(out / FINAL_DIR).model.path == str(model.resolve())
     another_model(model)
     line = one_line_error(distill(model, topk_cache, out, "distill.max_steps=4", resume=True))
-    assert f"--resume of a run trained from the model at {copy.resolve()} (revision sha256:" in line
+    assert f"--resume of a run trained from the model at {model.resolve()} (revision sha256:" in line
     assert line.endswith("resume with model.path set to the model it trained from")
 
 
