@@ -12,6 +12,7 @@ import functools
 import logging
 import os
 import re
+import select
 import sys
 import traceback
 from typing import Any, Callable
@@ -31,6 +32,17 @@ def _fail(message: str) -> None:
     sys.exit(EXIT_USER_ERROR)
 
 
+def _stdout_closed() -> bool:
+    """Whether the reader of stdout went away (a pipe's write end then polls POLLERR), rather
+    than some other pipe or socket breaking inside a stage."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, ValueError, OSError):   # no real file behind stdout (a test runner's buffer)
+        return False
+
+
 def _user_errors_as_one_line(func: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -38,8 +50,10 @@ def _user_errors_as_one_line(func: Callable[..., Any]) -> Callable[..., Any]:
             return func(*args, **kwargs)
         except QadpipeError as exc:
             _fail(str(exc))
-        except BrokenPipeError:   # `qadpipe inspect ... | head` closed stdout: click ends quietly, not an error
-            raise
+        except BrokenPipeError as exc:
+            if _stdout_closed():   # `qadpipe inspect ... | head`: click ends quietly, not an error
+                raise
+            _fail(f"{exc.strerror or exc} ({type(exc).__name__}; `qadpipe -v ...` shows the traceback)")
         except OSError as exc:  # an output or input path the OS refuses: say which, not a traceback
             if logging.getLogger().isEnabledFor(logging.DEBUG):
                 raise

@@ -82,3 +82,19 @@ def test_a_reader_closing_the_pipe_early_is_not_an_error():
     run = subprocess.run(f"'{sys.executable}' -m qadpipe.cli config show -c configs/demo.yaml | true",
                          shell=True, capture_output=True, text=True, executable="/bin/bash")
     assert "error" not in run.stderr and "Traceback" not in run.stderr, run.stderr
+
+
+def test_a_broken_pipe_inside_a_stage_is_still_one_line(monkeypatch):
+    """Only stdout's own reader going away ends quietly: a pipe or socket a stage writes to
+    breaking is an error, said in one line with exit 2 (not swallowed by click with exit 1)."""
+    from click.testing import CliRunner
+
+    from qadpipe import cli as cli_module
+    from qadpipe import generate
+
+    def broken(*args, **kwargs):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(generate, "run_generate", broken)
+    result = CliRunner().invoke(cli_module.cli, ["generate"])
+    assert result.exit_code == 2 and "qadpipe: error: Broken pipe (BrokenPipeError;" in result.output
