@@ -71,7 +71,7 @@ def init_distributed(device: str) -> DistEnv:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    resolved = resolve_device(device, "distill.device", local_rank, world_size)
+    resolved = resolve_device(device, "distill.device", local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if resolved.type == "cuda":   # also alone on cuda:N: the RNG state a checkpoint keeps is the current GPU's
         torch.cuda.set_device(resolved)
     if world_size > 1 and not dist.is_initialized():
