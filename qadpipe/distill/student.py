@@ -314,7 +314,11 @@ def load_final_student(final_dir: Path, device: str = "cpu", config: Optional[An
         load_state_into(model, tensors, final_dir)
         return model.eval(), config
     load_state_into(model, tensors, final_dir, assign=True)
-    return model.to(device).eval(), config
+    target = torch.device(device)
+    if target.type == "cuda":   # refused in one line, not a CUDA out-of-memory error after the copy
+        check_weights_fit(sum(t.numel() * t.element_size() for t in tensors.values()),
+                          torch.cuda.mem_get_info(target)[0], target)
+    return model.to(target).eval(), config
 
 
 def load_sharded_student(model: nn.Module, directory: Path) -> None:

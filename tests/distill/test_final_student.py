@@ -62,3 +62,14 @@ def test_a_model_the_meta_device_cannot_build_is_built_whole_with_a_warning(tiny
     assert "the student is built whole, then overwritten by" in caplog.text
     with torch.no_grad():
         assert torch.equal(rebuilt(input_ids=ids).logits, trained(input_ids=ids).logits)
+
+
+def test_a_student_too_large_for_the_gpu_is_refused_before_the_copy(tiny_llama_dir, tmp_path, monkeypatch):
+    """build_student refused it before loading; the meta-device rebuild went straight to .to(cuda)."""
+    from qadpipe.errors import DistillError
+
+    _, final, _ = _trained(tiny_llama_dir, tmp_path, ["quant.preset=w4a16_int", "quant.group_size=32"])
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 << 20, 1 << 30))
+    with pytest.raises(DistillError, match=r"^model\.path: the student's fp32 weights take .* more than the 0\.0 GiB "
+                                           r"free on cuda:0"):
+        load_final_student(final, device="cuda:0")
