@@ -10,12 +10,13 @@ through to the report.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import click
 
@@ -143,6 +144,31 @@ STEPS = (
 )
 
 
+def _run_step(command: list[str]) -> tuple[int, Optional[str]]:
+    """Run one step's process to its end: (exit code, the stop signal the demo got, if any).
+
+    A Ctrl-C reaches the step from the terminal (one process group) and a SIGTERM sent to the
+    demo is passed on, so the step stops as it does when run alone -- generate commits its open
+    shard, distill checkpoints the step it is in -- while the demo waits for it.
+    ``subprocess.call`` killed it instead, 0.25 s after the KeyboardInterrupt reached the demo.
+    A second Ctrl-C is the step's own to act on (it aborts)."""
+    child = subprocess.Popen(command)
+    received: list[str] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        received.append(signal.Signals(signum).name)
+        if signum == signal.SIGTERM:
+            child.send_signal(signal.SIGTERM)
+
+    previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = child.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return code, received[0] if received else None
+
+
 def run_demo(cfg: PipelineConfig, config_path: str, overrides: tuple[str, ...]) -> None:
     """Run every step in order; stop at the first that fails, saying which and why."""
     common = ["-c", config_path, *(arg for item in overrides for arg in ("--set", item))]
@@ -155,7 +181,10 @@ def run_demo(cfg: PipelineConfig, config_path: str, overrides: tuple[str, ...]) 
         click.echo(header, err=False)
         step.prepare(cfg)
         step_start = time.perf_counter()
-        code = subprocess.call([sys.executable, *step.command(cfg, common)])
+        code, stopped_by = _run_step([sys.executable, *step.command(cfg, common)])
+        if stopped_by is not None:
+            raise QadpipeError(f"demo stopped by {stopped_by} in step '{step.name}' (exit {code}); what it "
+                               "committed is kept: rerun `make demo` to go on")
         if code != 0:
             raise QadpipeError(f"demo step '{step.name}' failed (exit {code}); fix the error above and rerun "
                                "`make demo`: finished steps are skipped")

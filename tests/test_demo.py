@@ -138,3 +138,50 @@ def test_a_student_of_another_recipe_is_moved_aside_not_one_a_resume_continues(t
         assert not list(tmp_path.glob("student.replaced-*"))
     assert "distill" in _run_demo(tmp_path, monkeypatch, _config(tmp_path, "quant.preset=nvfp4_a16"))
     assert "was trained with other settings (quant.preset); moved to" in capsys.readouterr().out
+
+
+STEP_THAT_SAVES_ON_A_STOP = """
+import signal, sys, time
+from pathlib import Path
+out = Path(sys.argv[1])
+def stop(signum, frame):
+    time.sleep(1.0)                      # committing its open shard, or a checkpoint
+    (out / "committed").write_text(signal.Signals(signum).name)
+    sys.exit(128 + signum)
+signal.signal(signal.SIGINT, stop)
+signal.signal(signal.SIGTERM, stop)
+(out / "ready").write_text("")
+time.sleep(60)
+"""
+
+DEMO_RUNNING_THE_STEP = """
+import sys
+from qadpipe.demo import _run_step
+print(_run_step([sys.executable, "-c", sys.argv[1], sys.argv[2]]))
+"""
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_a_stopped_demo_waits_for_its_step_to_save_what_it_did(tmp_path: Path, how: str) -> None:
+    """subprocess.call killed the step 0.25 s after Ctrl-C reached the demo, before the step's
+    own stop handling had committed its shard or checkpoint; a SIGTERM to the demo alone never
+    reached the step at all."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    demo_run = subprocess.Popen([sys.executable, "-c", DEMO_RUNNING_THE_STEP, STEP_THAT_SAVES_ON_A_STOP,
+                                 str(tmp_path)], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "ready").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if how == "ctrl-c":   # the terminal signals its whole foreground process group
+        os.killpg(demo_run.pid, signal.SIGINT)
+    else:
+        demo_run.send_signal(signal.SIGTERM)
+    out, _ = demo_run.communicate(timeout=60)
+    name = "SIGINT" if how == "ctrl-c" else "SIGTERM"
+    assert (tmp_path / "committed").read_text() == name
+    assert out.strip() == f"({128 + getattr(signal, name)}, '{name}')"
