@@ -35,14 +35,32 @@ class KernelBuildError(QadpipeError):
     """The C++ compiler is missing or failed on a kernel."""
 
 
+#: The /proc/cpuinfo fields that say what -march=native compiles for: x86's model and flags,
+#: Arm's implementer/part and Features, POWER's cpu, s390's features.
+_CPU_FIELDS = frozenset({"model name", "flags", "Features", "CPU implementer", "CPU architecture", "CPU variant",
+                         "CPU part", "CPU revision", "cpu", "features"})
+#: Fields that differ between the cores or the boots of one kind of CPU.
+_VOLATILE_FIELDS = frozenset({"processor", "BogoMIPS", "bogomips", "cpu MHz", "clock", "core id", "apicid",
+                              "initial apicid", "physical id", "siblings", "cpu cores"})
+
+
+def cpu_signature(cpuinfo: str) -> str:
+    """The CPU model and feature flags in ``cpuinfo`` (what -march=native compiles for): a
+    cluster's nodes share one kernel build per kind of CPU.  A format with none of the known
+    fields keeps every line but the per-core ones, never an empty key (on Arm, model name and
+    flags are absent: every Arm node shared one build, -march=native of whichever built it)."""
+    fields = [(line.split(":", 1)[0].strip(), line) for line in cpuinfo.splitlines() if ":" in line]
+    wanted = [line for name, line in fields if name in _CPU_FIELDS]
+    if not wanted:
+        wanted = [line for name, line in fields if name not in _VOLATILE_FIELDS]
+    return "\n".join(sorted(set(wanted))) or platform.machine()
+
+
 def _cpu_signature() -> str:
-    """The CPU model and feature flags (what -march=native compiles for)."""
     try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return cpu_signature(Path("/proc/cpuinfo").read_text())
     except OSError:
         return platform.processor() or platform.machine()
-    wanted = [line for line in lines if line.split(":")[0].strip() in ("model name", "flags")]
-    return "\n".join(sorted(set(wanted)))
 
 
 def _compiler() -> str:

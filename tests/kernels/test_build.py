@@ -92,3 +92,28 @@ def test_the_prompt_logprob_plugin_falls_back_to_torch_ops_when_the_kernel_canno
     torch.testing.assert_close(logprobs[:, 1:].double(), reference.values, rtol=0, atol=1e-5)
     assert any("built but cannot be loaded" in r.getMessage() and "fall back to torch ops" in r.getMessage()
                for r in caplog.records)
+
+
+GRAVITON2 = """processor\t: 0
+BogoMIPS\t: 243.75
+Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp ssbs
+CPU implementer\t: 0x41
+CPU architecture: 8
+CPU variant\t: 0x3
+CPU part\t: 0xd0c
+CPU revision\t: 1
+"""
+GRAVITON3 = GRAVITON2.replace("0xd0c", "0xd40").replace("asimddp ssbs", "asimddp ssbs sve sve2 bf16")
+
+
+def test_each_kind_of_cpu_gets_its_own_kernel_build():
+    """Arm's cpuinfo has no 'model name' or 'flags': every Arm node got the signature '' and so
+    one shared .so, built -march=native for whichever node built it first (SVE on a node without)."""
+    from qadpipe.kernels.build import cpu_signature
+
+    n1, v1 = cpu_signature(GRAVITON2), cpu_signature(GRAVITON3)
+    assert n1 and v1 and n1 != v1
+    assert cpu_signature(GRAVITON2.replace("processor\t: 0", "processor\t: 7")) == n1   # any core of it
+    x86 = "processor\t: 0\nmodel name\t: Xeon\nflags\t\t: avx512f\ncpu MHz\t\t: 2100.0\n"
+    assert cpu_signature(x86) == cpu_signature(x86.replace("2100.0", "3400.5").replace(": 0", ": 1"))
+    assert cpu_signature(x86) != cpu_signature(x86.replace("avx512f", "avx2"))
