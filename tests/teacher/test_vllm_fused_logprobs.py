@@ -228,3 +228,18 @@ def test_the_compiled_statistics_of_the_gpu_path_match_fp64():
     torch.testing.assert_close(lse.double(), torch.logsumexp(x, -1, keepdim=True), atol=2e-6, rtol=1e-6)
     assert torch.equal(token_logit, logits.gather(1, token_ids[:, None]))
     assert torch.equal(ranks, (x >= x.gather(1, token_ids[:, None])).sum(-1))
+
+
+def test_cpu_logits_the_kernel_does_not_take_are_said_once(caplog):
+    """fp16 logits (vLLM-CPU's default dtype where bf16 is missing) and k above vocab // 64 ran
+    on torch ops without a word: slower, and tied log-probs in another id order."""
+    vllm_fused_logprobs._say_the_kernel_does_not_take.cache_clear()
+    logits = torch.randn(3, 640)
+    with caplog.at_level("WARNING", logger="vllm.qadpipe_fused_logprobs"):
+        for _ in range(2):
+            topk_logprobs_from_logits(logits.half(), 4, torch.tensor([0, 1, 2]))
+            topk_logprobs_from_logits(logits, 11, torch.tensor([0, 1, 2]))
+            topk_logprobs_from_logits(logits, 4, torch.tensor([0, 1, 2]))   # taken: nothing said
+    assert caplog.text.count("does not take torch.float16 logits (it takes bf16 and fp32)") == 1
+    assert caplog.text.count(f"does not take k above vocab // {BLOCK}") == 1
+    assert caplog.text.count("native top-k kernel does not take") == 2
