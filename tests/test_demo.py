@@ -75,7 +75,7 @@ def _run_demo(tmp_path: Path, monkeypatch, made, serve_exit: int = 0) -> list[st
     ran = []
     commands = {tuple(step.command(made, ["-c", "demo.yaml"])): step.name for step in STEPS}
 
-    def call(argv: list[str]) -> int:
+    def run_step(argv: list[str]) -> tuple[int, None]:
         name = commands[tuple(argv[1:])]
         ran.append(name)
         if name in OUTPUTS:
@@ -84,9 +84,9 @@ def _run_demo(tmp_path: Path, monkeypatch, made, serve_exit: int = 0) -> list[st
             (tmp_path / directory / marker).write_text(f"made by this run of {name}")
             save_run_record(made, name, tmp_path / directory,
                             cache_fingerprint=CacheReader(str(tmp_path / "cache")).view.fingerprint)
-        return serve_exit if name == "serve" else 0
+        return (serve_exit if name == "serve" else 0), None
 
-    monkeypatch.setattr(demo.subprocess, "call", call)
+    monkeypatch.setattr(demo, "_run_step", run_step)
     demo.run_demo(made, "demo.yaml", ())
     return ran
 
