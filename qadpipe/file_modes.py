@@ -1,50 +1,62 @@
-"""Modes of what qadpipe writes: what the user's umask allows, as for any file they create.
+"""Modes of what qadpipe writes: those any file the user creates there gets.
 
-``mkstemp``/``mkdtemp`` create private entries (0600/0700), and so does the safetensors
-writer; but a cache, a checkpoint or an export lives on a shared cluster filesystem and is
+``mkdtemp`` creates private directories (0700), and so does the safetensors writer its files
+(0600); but a cache, a checkpoint or an export lives on a shared cluster filesystem and is
 read by other jobs and users.  Every staged output goes through here before its atomic
-rename, so the rename publishes it with ordinary modes.
+rename, so the rename publishes it with ordinary modes: the umask's, or, in a directory with a
+default ACL (which the kernel applies instead of the umask), the ACL's -- whose group bits are
+the mask that lets the ACL's named groups in, so a mode computed from the umask alone would
+shut a project group out.
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
 import os
+import secrets
 from pathlib import Path
 
 from qadpipe.errors import ConfigError
 
 
-@functools.lru_cache(maxsize=1)
-def _umask() -> int:
-    """The process umask, read without changing it where Linux shows it (no race with threads)."""
+def create_exclusive(directory: Path, prefix: str, suffix: str = "") -> tuple[int, Path]:
+    """A new file ``<prefix><random><suffix>`` in ``directory``, open for writing: (fd, path).
+    ``mkstemp`` with the ordinary create mode 0666, so the kernel applies the umask or the
+    directory's default ACL, as to any file the user creates."""
+    while True:
+        path = Path(directory) / f"{prefix}{secrets.token_hex(4)}{suffix}"
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), path
+        except FileExistsError:
+            continue
+
+
+def new_entry_modes(directory: Path) -> tuple[int, int]:
+    """(file mode, directory mode) that a file created with 0666 and a directory with 0777 get
+    in ``directory``: measured on a probe of each, as the kernel decides (umask or default ACL)."""
+    fd, probe = create_exclusive(directory, ".qadpipe-mode-probe-")
     try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def file_mode() -> int:
-    return 0o666 & ~_umask()
-
-
-def dir_mode() -> int:
-    return 0o777 & ~_umask()
+        file_mode = os.fstat(fd).st_mode & 0o7777
+    finally:
+        os.close(fd)
+        probe.unlink()
+    probe_dir = Path(directory) / f".qadpipe-mode-probe-{secrets.token_hex(4)}"
+    probe_dir.mkdir(0o777)
+    try:
+        return file_mode, probe_dir.stat().st_mode & 0o7777
+    finally:
+        probe_dir.rmdir()
 
 
 def share_tree(root: Path) -> None:
-    """Give ``root`` and everything under it the umask's modes (a staged output, before its rename)."""
-    root.chmod(dir_mode())
+    """Give ``root`` and everything under it the modes new entries get in its parent (a staged
+    output, before its rename).  On an ACL the chmod sets the mask and the owner and other
+    entries; the named entries the default ACL gave each entry at creation stay."""
+    file_mode, dir_mode = new_entry_modes(Path(root).parent)
+    root.chmod(dir_mode)
     for path in root.rglob("*"):
         if not path.is_symlink():
-            path.chmod(dir_mode() if path.is_dir() else file_mode())
+            path.chmod(dir_mode if path.is_dir() else file_mode)
 
 
 def missing_dirs(path: Path) -> list[Path]:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from qadpipe import __version__
-from qadpipe.file_modes import file_mode
+from qadpipe.file_modes import create_exclusive
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +75,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     the directories it had to create, each in its parent: a power loss must not take the
     first shard's ``shards/`` away with it)."""
     make_dirs_durably(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # not mkstemp: its 0600 would make a shared cache unreadable to others
+    fd, tmp = create_exclusive(path.parent, f".{path.name}.", ".tmp")
     try:
-        os.fchmod(fd, file_mode())  # mkstemp's 0600 would make a shared cache unreadable to others
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from cache_rows import cache_meta, random_rows, write_cache
-from qadpipe import file_modes
 from qadpipe.config import load_config
 from qadpipe.distill.checkpoint import TrainerState, save_checkpoint
 from qadpipe.distill.student import save_student
@@ -23,10 +22,8 @@ from qadpipe.export.writer import staged_dir, write_safetensors
 @pytest.fixture(params=[0o022, 0o077, 0o002], ids=["umask022", "umask077", "umask002"])
 def umask(request):
     previous = os.umask(request.param)
-    file_modes._umask.cache_clear()
     yield request.param
     os.umask(previous)
-    file_modes._umask.cache_clear()
 
 
 def write_everything(root: Path) -> None:
@@ -46,3 +43,47 @@ def test_outputs_get_the_umask_modes(tmp_path, umask):
     for path in entries:
         expected = (0o777 if path.is_dir() else 0o666) & ~umask
         assert stat.S_IMODE(path.stat().st_mode) == expected, path.relative_to(tmp_path)
+
+
+def _acl(entries: list[tuple[int, int, int]]) -> bytes:
+    """A POSIX ACL xattr value (version 2; (tag, perm, id) entries), as setfacl writes it."""
+    import struct
+
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *entry) for entry in entries)
+
+
+def _acl_entries(path: Path) -> list[tuple[int, int, int]]:
+    import struct
+
+    raw = os.getxattr(path, "system.posix_acl_access")
+    return [struct.unpack("<HHI", raw[4 + 8 * i:12 + 8 * i]) for i in range((len(raw) - 4) // 8)]
+
+
+def test_outputs_under_a_default_acl_keep_the_acl_s_named_group(tmp_path):
+    """A project directory with a default ACL granting a group: the kernel applies the ACL, not
+    the umask, to new entries; qadpipe chmod'ed its outputs to 0666 & ~umask, which set the ACL
+    mask to --- under umask 077 and shut the group out of every shard, checkpoint and export."""
+    undefined, group = 0xFFFFFFFF, 4242
+    shared = tmp_path / "project"
+    shared.mkdir()
+    try:
+        os.setxattr(shared, "system.posix_acl_default", _acl([(0x01, 7, undefined), (0x04, 5, undefined),
+                                                             (0x08, 7, group), (0x10, 7, undefined),
+                                                             (0x20, 0, undefined)]))
+    except OSError as exc:
+        pytest.skip(f"no POSIX ACLs on this filesystem ({exc.strerror})")
+    previous = os.umask(0o077)
+    try:
+        write_everything(shared)
+        plain = shared / "plain.txt"   # what an ordinary open() gets here
+        plain.write_text("x")
+    finally:
+        os.umask(previous)
+    entries = [p for p in shared.rglob("*") if not p.name.endswith(".lock")]
+    assert len([p for p in entries if p.is_file()]) >= 8
+    for path in entries:
+        mask = next(perm for tag, perm, _ in _acl_entries(path) if tag == 0x10)
+        assert mask == (7 if path.is_dir() else 6), path.relative_to(shared)
+        assert (0x08, 7, group) in _acl_entries(path), path.relative_to(shared)
+    assert stat.S_IMODE(plain.stat().st_mode) == 0o660
+    assert not list(shared.rglob(".qadpipe-mode-probe-*"))
