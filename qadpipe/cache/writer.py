@@ -15,6 +15,7 @@ import re
 import time
 from dataclasses import replace
 from types import TracebackType
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -108,7 +109,8 @@ class CacheWriter:
             if difference:
                 raise CacheError(
                     f"{self.store.describe(manifest_path(existing.task))}: cache was written with "
-                    f"{difference[0]}, this writer has {difference[1]}; use a new cache path"
+                    f"{difference[0]}, this writer has {difference[1]}{_another_qadpipe(existing.versions)}; "
+                    "use a new cache path"
                 )
             if None not in (existing.num_tasks, self.num_tasks) and existing.num_tasks != self.num_tasks:
                 raise CacheError(
@@ -236,3 +238,15 @@ class CacheWriter:
                  tb: TracebackType | None) -> None:
         # Rows buffered before an error are complete and valid: keep them.
         self.close()
+
+
+def _another_qadpipe(versions: dict[str, Any]) -> str:
+    """'; that task ran qadpipe <commit>, this is <commit>' when they differ: a refusal whose
+    settings all match may then come from a rule the newer qadpipe computes otherwise."""
+    now = package_versions()
+    for key in ("qadpipe_git", "qadpipe"):
+        if versions.get(key) and now.get(key):
+            if versions[key] != now[key]:
+                return f"; that task ran qadpipe {versions[key]}, this is {now[key]}"
+            return ""
+    return ""

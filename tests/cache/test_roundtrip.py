@@ -208,9 +208,20 @@ def test_resume_skips_done_ids_and_appends_shards(tmp_path):
     assert [r.id for r in CacheReader(str(tmp_path)).iter_sequences()] == [r.id for r in rows]
 
 
-def test_writer_refuses_a_cache_made_differently(tmp_path):
+def test_writer_refuses_a_cache_made_differently(tmp_path, monkeypatch):
     write_cache(tmp_path, cache_meta("topk", k=8), random_rows(cache_meta("topk", k=8), 2))
-    with pytest.raises(CacheError, match=r"task-00000.json: cache was written with k=8, this writer has k=16"):
+    with pytest.raises(CacheError, match=r"task-00000.json: cache was written with k=8, this writer has k=16; "
+                                         r"use a new cache path$"):
+        CacheWriter(str(tmp_path), cache_meta("topk", k=16), task="task-00001")
+    # a task of another qadpipe: said, as a refusal whose settings all match may come from its rules
+    from qadpipe.cache import writer as writer_module
+
+    now = writer_module.package_versions()
+    monkeypatch.setattr(writer_module, "package_versions",
+                        lambda: {**now, "qadpipe_git": "0123456789ab", "qadpipe": "9.9"})
+    then, later = (now["qadpipe_git"], "0123456789ab") if now.get("qadpipe_git") else (now["qadpipe"], "9.9")
+    with pytest.raises(CacheError, match=rf"this writer has k=16; that task ran qadpipe {then}, this is {later}; "
+                                         r"use a new"):
         CacheWriter(str(tmp_path), cache_meta("topk", k=16), task="task-00001")
 
 
