@@ -92,7 +92,10 @@ class CacheWriter:
         self._buffer: list[SequenceTargets] = []
         self._buffered_ids: set[str] = set()
         self._buffered_entries = 0
-        self._next_index = len(self._manifest.shards)
+        # past the highest listed shard, not their count: a manifest with a shard taken out by
+        # hand (to regenerate its rows) would have the next one written over a listed one
+        self._next_index = max((int(shard.name[-len("000000.parquet"):-len(".parquet")])
+                                for shard in self._manifest.shards), default=-1) + 1
         self._closed = False
         self._marked_complete = False
         # Temp files a killed run of this task left mid-write (only this task writes these names).

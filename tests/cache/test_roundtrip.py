@@ -443,3 +443,29 @@ def test_a_well_formed_task_name_is_accepted():
 
     assert manifest_path("task-00003") == "manifests/task-00003.json"
     assert shard_path("my_run.2", 7) == "shards/my_run.2-000007.parquet"
+
+
+def test_a_rerun_after_a_shard_was_taken_out_by_hand_writes_past_the_last_listed_one(tmp_path):
+    """A user drops one bad shard (its manifest entry and file) to regenerate its rows.  The next
+    shard was named after the count of listed ones, so the rerun wrote over shard 2 (still listed):
+    its rows were lost and the manifest listed it twice, which no reader opens."""
+    import json
+
+    meta = cache_meta("topk")
+    rows = random_rows(meta, 6)
+    write_cache(tmp_path, meta, rows, rows_per_shard=2)
+    manifest = tmp_path / "manifests" / "task-00000.json"
+    raw = json.loads(manifest.read_text())
+    dropped = raw["shards"].pop(1)
+    raw["complete"] = False
+    manifest.write_text(json.dumps(raw))
+    (tmp_path / dropped["name"]).unlink()
+    with CacheWriter(str(tmp_path), meta, task="task-00000", rows_per_shard=2) as writer:
+        for row in rows:
+            if row.id not in writer.done_ids():
+                writer.write(row)
+        writer.mark_complete()
+    reader = CacheReader(str(tmp_path))
+    assert sorted(r.id for r in reader.iter_sequences()) == sorted(r.id for r in rows)
+    assert [s.name.rsplit("-", 1)[1] for s in reader.view.tasks[0].shards] == ["000000.parquet", "000002.parquet",
+                                                                            "000003.parquet"]
