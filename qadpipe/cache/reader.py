@@ -112,21 +112,29 @@ class CacheReader:
         for shard in self.shards:
             where = self.store.describe(shard.name)
             parquet = self._parquet(shard)
-            try:  # a footer or id column that parses as garbage (bad bytes with a matching hash)
-                problem = shard_meta_problem(self.meta, parquet.schema_arrow.metadata, where)
-                ids = parquet.read(columns=["id"]).column("id").to_pylist()
-            except (pa.ArrowException, OSError, ValueError, KeyError) as exc:
-                raise CacheError(f"{where}: unreadable shard footer or id column ({folded(exc)})") from exc
-            if problem:
-                raise CacheError(f"{where}: {problem}")
-            if parquet.metadata.num_rows != shard.rows:
-                raise CacheError(f"{where}: {parquet.metadata.num_rows} rows, manifest says {shard.rows}")
-            if len(set(ids)) != len(ids):
-                raise CacheError(f"{where}: duplicate row ids within the shard")
+            problem, ids = self._footer_and_ids_problem(shard, parquet, where)
+            if problem:   # bit rot reads as anything (another teacher, a version, a row count): say it first
+                raise CacheError(f"{where}: {shard_problem(self.store, shard, rehash=True) or problem}")
             for row_id in ids:
                 other = seen.setdefault(row_id, shard.name)
                 if other != shard.name:
                     raise CacheError(f"{where}: duplicate row id {row_id!r} (also in {other})")
+
+    def _footer_and_ids_problem(self, shard: ShardEntry, parquet: pq.ParquetFile, where: str
+                                ) -> tuple[str | None, list[str]]:
+        """What is wrong with a shard's footer and id column (None: nothing), and its ids."""
+        try:
+            problem = shard_meta_problem(self.meta, parquet.schema_arrow.metadata, where)
+            ids = parquet.read(columns=["id"]).column("id").to_pylist()
+        except (pa.ArrowException, OSError, ValueError, KeyError) as exc:
+            return f"unreadable shard footer or id column ({folded(exc)})", []
+        if problem:
+            return problem, ids
+        if parquet.metadata.num_rows != shard.rows:
+            return f"{parquet.metadata.num_rows} rows, manifest says {shard.rows}", ids
+        if len(set(ids)) != len(ids):
+            return "duplicate row ids within the shard", ids
+        return None, ids
 
     def verify_all(self) -> None:
         """Re-hash every shard now (sha256 against the manifest); CacheError on the first mismatch."""

@@ -235,11 +235,23 @@ def _refused(root: Path, pattern: str) -> None:
 
 
 def test_flipped_page_header_byte_without_reseal(caches, tmp_path):
-    """Was OSError from reading the id column during open (the size still matched)."""
+    """Was OSError from reading the id column during open (the size still matched); then
+    'unreadable shard footer or id column', where the bytes no longer match the checksum."""
     root = shutil.copytree(caches[("topk", "compact")], tmp_path / "cache")
     path = root / SHARD0
     path.write_bytes(mutate(path.read_bytes(), [("flip", 4, 1)]))
-    _refused(root, r"task-00000-000000.parquet: unreadable shard footer or id column")
+    _refused(root, r"task-00000-000000.parquet: checksum mismatch")
+
+
+def test_a_flipped_footer_byte_is_said_to_be_a_checksum_mismatch(caches, tmp_path):
+    """A byte flipped in the footer's cache meta read as another teacher's shard ('shard has
+    tokenizer_fingerprint=...'), pointing at mixed caches rather than at damaged bytes."""
+    root = shutil.copytree(caches[("topk", "plain")], tmp_path / "cache")
+    path = root / SHARD0
+    data = path.read_bytes()
+    at = data.index(b"tokenizer_fingerprint") + len(b"tokenizer_fingerprint") + 8
+    path.write_bytes(data[:at] + bytes([data[at] ^ 1]) + data[at + 1:])
+    _refused(root, r"task-00000-000000.parquet: checksum mismatch: sha256 ")
 
 
 def test_garbage_cache_meta_in_a_resealed_footer(caches, tmp_path):
