@@ -149,6 +149,8 @@ def parse_manifest(text: str, source: str) -> TaskManifest:
         raw = json.loads(text)
     except json.JSONDecodeError as exc:
         raise CacheError(f"{source}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+    except RecursionError:   # thousands of nested brackets: no manifest qadpipe writes
+        raise CacheError(f"{source}: not a manifest (JSON nested too deeply to read)") from None
     if not isinstance(raw, dict):
         raise CacheError(f"{source}: expected a JSON object")
     if raw.get("format_version") != FORMAT_VERSION:

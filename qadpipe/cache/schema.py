@@ -50,6 +50,11 @@ META_KEY = b"qadpipe.cache.meta"
 ID_ORDER_KEY = b"qadpipe.cache.id_order"
 
 
+#: The largest vocabulary a cache stores: ids are int32 (plain encoding, sampled draws), and a
+#: sampled cache's tail draws take the id ``vocab_size`` as their sentinel.
+MAX_VOCAB = 2**31 - 2
+
+
 @dataclass(frozen=True)
 class CacheMeta:
     """What made a cache and how it is encoded; written into every shard and task manifest.
@@ -80,8 +85,9 @@ class CacheMeta:
             raise CacheError(f"cache meta target_kind={self.target_kind!r}: expected one of {TARGET_KINDS}")
         if self.encoding not in ENCODINGS:
             raise CacheError(f"cache meta encoding={self.encoding!r}: expected one of {ENCODINGS}")
-        if self.vocab_size < 1:
-            raise CacheError(f"cache meta vocab_size={self.vocab_size}: expected a positive vocab size")
+        if not 1 <= self.vocab_size <= MAX_VOCAB:
+            raise CacheError(f"cache meta vocab_size={self.vocab_size}: expected 1 to {MAX_VOCAB} (ids are "
+                             "stored as int32, with a sentinel for tail draws)")
         if self.target_kind == "topk" and not 1 <= self.k <= self.vocab_size:
             raise CacheError(f"cache meta k={self.k}: expected 1 <= k <= vocab_size ({self.vocab_size}) for top-k targets")
         if self.target_kind == "sampled" and not 1 <= self.num_samples <= 0xFFFF:

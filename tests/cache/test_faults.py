@@ -110,6 +110,8 @@ def test_manifest_entry_escaping_the_cache_is_refused(cache):
 def test_corrupt_manifest_json(cache):
     (cache / MANIFEST).write_text("{not json")
     refused(cache, rf"{MANIFEST}: not valid JSON")
+    (cache / MANIFEST).write_text("[" * 5000 + "]" * 5000)   # was a RecursionError traceback
+    refused(cache, rf"{MANIFEST}: not a manifest \(JSON nested too deeply to read\)")
 
 
 def test_unlisted_and_temp_files_are_invisible_and_replaced(cache):
@@ -324,6 +326,16 @@ def test_a_decoder_refusal_names_the_shard(cache, monkeypatch):
 def test_a_meta_value_out_of_range_names_the_manifest(cache):
     edit_manifest(cache, lambda data: data["meta"].update(k=0))
     refused(cache, rf"{MANIFEST}: cache meta k=0: expected 1 <= k <= vocab_size")
+
+
+def test_a_vocabulary_int32_ids_cannot_hold_is_refused_before_anything_is_written(tmp_path):
+    """Accepted before: plain ids past 2^32 wrapped silently (4294967300 read back as 4), and
+    2^31-sized vocabularies wrote shards no reader could read."""
+    from qadpipe.cache import CacheWriter
+
+    with pytest.raises(CacheError, match=r"cache meta vocab_size=2147483648: expected 1 to 2147483646"):
+        CacheWriter(str(tmp_path / "c"), cache_meta("topk", vocab_size=2**31), task="task-00000")
+    assert not (tmp_path / "c").exists()
 
 
 def test_an_absurd_task_count_is_refused_not_listed(cache):
