@@ -20,7 +20,7 @@ TORCH_INDEX ?=
 .PHONY: install test test-slow test-all demo readme clean help
 
 help:
-	@echo "make demo       generate -> distill -> export -> eval on the embedded SmolLM2 (CPU, minutes)"
+	@echo "make demo       generate -> distill -> export -> serve -> eval on the embedded SmolLM2 (CPU, minutes)"
 	@echo "make test       fast test suite (tiny random models)"
 	@echo "make test-slow  slow tests: real SmolLM2, vLLM on CPU"
 	@echo "make install    create .venv with everything this machine needs"
