@@ -243,7 +243,10 @@ CASES = {
     "num-shards-zero": Case(GEN + ["--num-shards", "0"], r"generate\.num_shards: got 0"),
     "shard-index-out-of-range": Case(GEN + ["--num-shards", "2", "--shard-index", "2"],
                                      r"generate\.shard_index: got 2"),
-    "slurm-task-id-garbage": Case(GEN, r"generate\.shard_index: got 'abc'", env={"SLURM_ARRAY_TASK_ID": "abc"}),
+    "slurm-task-id-garbage": Case(GEN, r"generate\.shard_index: got 'abc'",
+                                  env={"SLURM_ARRAY_TASK_ID": "abc", "SLURM_ARRAY_TASK_COUNT": "4"}),
+    "slurm-task-id-without-count": Case(GEN, r"generate\.num_shards: SLURM_ARRAY_TASK_ID is set but neither",
+                                        env={"SLURM_ARRAY_TASK_ID": "0"}),
     "set-without-value": Case(DIS + ["--set", "distill.lr"], r"--set 'distill\.lr': expected KEY=VALUE"),
     # --- data files
     "data-empty-file": Case(GEN + DATA + TMP_CACHE, r"d\.jsonl': no records \(empty source\)",
