@@ -927,6 +927,8 @@ class DistillRecipe:
     def _log_train(self, window: _Window, progress: tqdm) -> None:
         totals = {key: dist_utils.all_reduce(value.clone()) for key, value in window.stats.items()}
         tokens = dist_utils.all_reduce_number(window.tokens, self.env.device)
+        if self.env.device.type == "cuda":   # the optimizer step, queued last, is this window's time too
+            torch.cuda.synchronize(self.env.device)
         elapsed = time.perf_counter() - window.started
         row = {"step": self.step, **summarize(totals), "grad_norm": window.grad_norm,
                "lr": window.lr,
