@@ -246,6 +246,8 @@ class CacheWriter:
 def _another_qadpipe(versions: dict[str, Any]) -> str:
     """'; that task ran qadpipe <commit>, this is <commit>' when they differ: a refusal whose
     settings all match may then come from a rule the newer qadpipe computes otherwise."""
+    if not isinstance(versions, dict):   # a manifest edited by hand: nothing to say
+        return ""
     now = package_versions()
     for key in ("qadpipe_git", "qadpipe"):
         if versions.get(key) and now.get(key):

@@ -213,6 +213,11 @@ def test_writer_refuses_a_cache_made_differently(tmp_path, monkeypatch):
     with pytest.raises(CacheError, match=r"task-00000.json: cache was written with k=8, this writer has k=16; "
                                          r"use a new cache path$"):
         CacheWriter(str(tmp_path), cache_meta("topk", k=16), task="task-00001")
+    manifest = tmp_path / "manifests" / "task-00000.json"   # versions edited away by hand: the same line
+    manifest.write_text(manifest.read_text().replace('"versions": {', '"versions": null, "was": {'))
+    with pytest.raises(CacheError, match=r"this writer has k=16; use a new cache path$"):
+        CacheWriter(str(tmp_path), cache_meta("topk", k=16), task="task-00001")
+    write_cache(tmp_path, cache_meta("topk", k=8), [], task="task-00000")
     # a task of another qadpipe: said, as a refusal whose settings all match may come from its rules
     from qadpipe.cache import writer as writer_module
 
