@@ -33,7 +33,8 @@ def create_exclusive(directory: Path, prefix: str, suffix: str = "") -> tuple[in
 
 def new_entry_modes(directory: Path) -> tuple[int, int]:
     """(file mode, directory mode) that a file created with 0666 and a directory with 0777 get
-    in ``directory``: measured on a probe of each, as the kernel decides (umask or default ACL)."""
+    in ``directory``: measured on a probe of each, as the kernel decides (umask or default ACL).
+    The probes are removed at once; a kill in between leaves them in ``directory``."""
     fd, probe = create_exclusive(directory, ".qadpipe-mode-probe-")
     try:
         file_mode = os.fstat(fd).st_mode & 0o7777
@@ -51,8 +52,11 @@ def new_entry_modes(directory: Path) -> tuple[int, int]:
 def share_tree(root: Path) -> None:
     """Give ``root`` and everything under it the modes new entries get in its parent (a staged
     output, before its rename).  On an ACL the chmod sets the mask and the owner and other
-    entries; the named entries the default ACL gave each entry at creation stay."""
-    file_mode, dir_mode = new_entry_modes(Path(root).parent)
+    entries; the named entries the default ACL gave each entry at creation stay.  Measured in
+    ``root`` itself, which inherited its parent's default ACL as its own (as every new
+    directory does): a kill mid-probe leaves the probes inside the staged directory, which the
+    stages' stale-temp sweeps remove whole."""
+    file_mode, dir_mode = new_entry_modes(Path(root))
     root.chmod(dir_mode)
     for path in root.rglob("*"):
         if not path.is_symlink():
