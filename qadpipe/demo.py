@@ -147,18 +147,18 @@ STEPS = (
 def _run_step(command: list[str]) -> tuple[int, Optional[str]]:
     """Run one step's process to its end: (exit code, the stop signal the demo got, if any).
 
-    A Ctrl-C reaches the step from the terminal (one process group) and a SIGTERM sent to the
-    demo is passed on, so the step stops as it does when run alone -- generate commits its open
-    shard, distill checkpoints the step it is in -- while the demo waits for it.
-    ``subprocess.call`` killed it instead, 0.25 s after the KeyboardInterrupt reached the demo.
-    A second Ctrl-C is the step's own to act on (it aborts)."""
-    child = subprocess.Popen(command)
+    The step runs in a process group of its own, and each SIGINT or SIGTERM the demo gets is
+    passed on to it once, whoever sent it (the terminal's Ctrl-C, ``kill -INT``, a job
+    scheduler): the step stops as it does when run alone -- generate commits its open shard,
+    distill checkpoints the step it is in -- while the demo waits for it, and a second Ctrl-C
+    is the step's own to act on (it aborts).  ``subprocess.call`` killed it instead, 0.25 s
+    after the KeyboardInterrupt reached the demo."""
+    child = subprocess.Popen(command, process_group=0)
     received: list[str] = []
 
     def on_signal(signum: int, frame: object) -> None:
         received.append(signal.Signals(signum).name)
-        if signum == signal.SIGTERM:
-            child.send_signal(signal.SIGTERM)
+        child.send_signal(signum)
 
     previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
