@@ -127,7 +127,7 @@ def _undo_replace(staged: Path, target: Path, aside: Optional[Path], swapped: bo
     except OSError as exc:
         if aside is not None:
             log.error("%s: could not be put back (%s); the previous copy is kept at %s", target,
-                       exc.strerror or exc, aside / target.name)
+                      exc.strerror or exc, aside / target.name)
         return
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)

@@ -11,9 +11,9 @@ baseline)::
 To rebuild the trained student: the model of ``model.path`` built on the meta device →
 ``apply_recipe(model, quant)`` → ``load_state_dict(final/model.safetensors, assign=True)`` —
 which :func:`load_final_student` does (the base model's weights are never read: ``final/``
-holds them all, trained).  Master weights are kept in fp32 whatever ``model.dtype`` says: at QAD learning rates
-(1e-5 relative to weights of ~1e-2) an update is below bf16's resolution and would round
-away; ``model.dtype`` is the autocast compute dtype on GPU.
+holds them all, trained).  Master weights are kept in fp32 whatever ``model.dtype`` says: at
+QAD learning rates (1e-5 relative to weights of ~1e-2) an update is below bf16's resolution
+and would round away; ``model.dtype`` is the autocast compute dtype on GPU.
 """
 
 from __future__ import annotations
@@ -308,8 +308,8 @@ def load_final_student(final_dir: Path, device: str = "cpu", config: Optional[An
     try:
         model = build_student_skeleton(config)
     except ModelError as exc:
-        log.warning("the student is built whole, then overwritten by %s (twice the memory): %s", final_dir,
-                    first_line(exc).split(" (", 1)[0])
+        log.warning("the student is built whole, then overwritten by %s (twice the memory): its architecture "
+                    "cannot be built on the meta device (%s)", final_dir, first_line(exc))
         model = build_student(config, torch.device(device), rebuild=True)
         load_state_into(model, tensors, final_dir)
         return model.eval(), config
