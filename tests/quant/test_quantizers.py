@@ -113,7 +113,7 @@ def test_lsq_step_gradient_matches_paper_and_finite_differences(bits):
     """Four channels, one step each: the gradient scale counts the elements per step (512),
     not the whole weight's (2048) -- with one channel the two were the same."""
     torch.manual_seed(bits)
-    spec = QuantSpec(Kind.LSQ, bits, Granularity.CHANNEL)
+    spec = QuantSpec(Kind.LSQ, bits, Granularity.CHANNEL, narrow_range=False)   # the paper's grid
     qmin, qmax = spec.code_range
     x = torch.randn(4, 512)
     quantizer = Quantizer(spec, learnable="lsq", weight=x)
@@ -133,7 +133,7 @@ def test_lsq_step_gradient_matches_paper_and_finite_differences(bits):
 def test_learnable_parameters_start_from_the_data():
     torch.manual_seed(5)
     w = torch.randn(32, 128) ** 3
-    spec = QuantSpec(Kind.LSQ, 4, Granularity.GROUP, 64)
+    spec = QuantSpec(Kind.LSQ, 4, Granularity.GROUP, 64, narrow_range=False)
     lsq = Quantizer(spec, learnable="lsq", weight=w)
     assert torch.equal(lsq.step.detach(), mse_best_scale(w, spec).float())
     assert lsq.step.detach().unique().numel() > 10        # one per group, not a constant
@@ -184,7 +184,7 @@ def test_an_all_zero_group_gets_a_step_that_can_train():
     substitute pass no gradient: once its weights moved, the step would stay 0 for good."""
     w = torch.randn(4, 128)
     w[1, :64] = 0.0
-    spec = QuantSpec(Kind.LSQ, 4, Granularity.GROUP, 64)
+    spec = QuantSpec(Kind.LSQ, 4, Granularity.GROUP, 64, narrow_range=False)
     lsq = Quantizer(spec, learnable="lsq", weight=w)
     best = mse_best_scale(w, spec).float()
     assert best[1, 0] == 0 and torch.equal(lsq.step.detach()[best > 0], best[best > 0])
