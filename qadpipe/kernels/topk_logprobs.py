@@ -11,7 +11,7 @@ from __future__ import annotations
 import ctypes
 import functools
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -22,10 +22,23 @@ BLOCK = 64          # the kernel's block of vocabulary entries; k may be at most
 _ENTRY = {torch.bfloat16: "qadpipe_topk_logprobs_bf16", torch.float32: "qadpipe_topk_logprobs_fp32"}
 
 
+def refusal(logits: torch.Tensor, k: int) -> Optional[str]:
+    """Why the kernel does not take these logits (None: it does): it takes CPU, bf16 or fp32,
+    2-D logits and ``1 <= k <= vocab // 64``."""
+    if logits.device.type != "cpu":
+        return f"{logits.device.type} logits"
+    if logits.dtype not in _ENTRY:
+        return f"{logits.dtype} logits (it takes bf16 and fp32)"
+    if logits.dim() != 2:
+        return f"{logits.dim()}-D logits"
+    if not 1 <= k <= logits.shape[1] // BLOCK:
+        return f"k above vocab // {BLOCK}" if k >= 1 else f"k={k}"
+    return None
+
+
 def supports(logits: torch.Tensor, k: int) -> bool:
-    """Whether the kernel takes these logits: CPU, bf16 or fp32, 2-D, ``1 <= k <= vocab // 64``."""
-    return (logits.device.type == "cpu" and logits.dtype in _ENTRY and logits.dim() == 2
-            and 1 <= k <= logits.shape[1] // BLOCK)
+    """Whether the kernel takes these logits (see :func:`refusal`)."""
+    return refusal(logits, k) is None
 
 
 def topk_logprobs(logits: torch.Tensor, k: int,

@@ -81,11 +81,11 @@ _compiled_row_statistics = torch.compile(_row_statistics, dynamic=True)
 
 def _topk_logprobs(logits: torch.Tensor, num_logprobs: int,
                    token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    supported = native_topk.supports(logits, num_logprobs)
-    if supported and _native_kernel_builds():
+    refusal = native_topk.refusal(logits, num_logprobs)
+    if refusal is None and _native_kernel_builds():
         return native_topk.topk_logprobs(logits, num_logprobs, token_ids)
-    if not supported and logits.device.type == "cpu":
-        _say_the_kernel_does_not_take(logits.dtype, num_logprobs > logits.shape[-1] // native_topk.BLOCK)
+    if refusal is not None and logits.device.type == "cpu":
+        _say_the_kernel_does_not_take(refusal)
     statistics = _row_statistics if logits.device.type == "cpu" else _compiled_row_statistics
     lse, token_logit, ranks = statistics(logits, token_ids)
     top_logits, top_ids = torch.topk(logits, num_logprobs, dim=-1)
@@ -94,12 +94,10 @@ def _topk_logprobs(logits: torch.Tensor, num_logprobs: int,
 
 
 @functools.cache
-def _say_the_kernel_does_not_take(dtype: torch.dtype, k_too_large: bool) -> None:
+def _say_the_kernel_does_not_take(refusal: str) -> None:
     """Once per reason: CPU logits the native kernel does not take run on torch ops."""
-    why = (f"k above vocab // {native_topk.BLOCK}" if k_too_large else
-           f"{dtype} logits (it takes bf16 and fp32)")
     log.warning("qadpipe: the native top-k kernel does not take %s; prompt log-probs run on torch ops (same "
-                "values, slower; tied log-probs may come in another id order)", why)
+                "values, slower; tied log-probs may come in another id order)", refusal)
 
 
 @functools.cache
