@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from qadpipe.errors import ModelError, first_line
-from qadpipe.file_modes import share_tree
+from qadpipe.provenance import fsync_path, seal_tree
 from qadpipe.user_cache import cache_root, file_lock
 
 # Offline by construction: set before transformers is imported anywhere in the process.
@@ -107,8 +107,9 @@ def embedded_smollm2_dir() -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
         try:
             _convert_smollm2(gguf, tmp)
-            share_tree(tmp)
+            seal_tree(tmp)
             os.replace(tmp, target)
+            fsync_path(target.parent)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

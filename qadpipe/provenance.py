@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from qadpipe import __version__
-from qadpipe.file_modes import create_exclusive
+from qadpipe.file_modes import create_exclusive, share_tree
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,18 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_path(path.parent)
+
+
+def seal_tree(staged: Path) -> None:
+    """Make a staged directory ready for its rename into place: every entry gets the modes new
+    entries get in its parent (:func:`~qadpipe.file_modes.share_tree`), then every file and
+    directory under it, and itself, is fsynced -- the modes included, and the files a library
+    wrote without syncing them (a sharded checkpoint's subdirectories).  Otherwise a power loss
+    after the rename could leave a name that promises a whole output over truncated files."""
+    share_tree(staged)
+    for path in [*staged.rglob("*"), staged]:
+        if path.is_file() or path.is_dir():   # not a link (its target is not ours to sync), nor a socket
+            fsync_path(path)
 
 
 def replace_dir(staged: Path, target: Path, aside_prefix: str) -> None:

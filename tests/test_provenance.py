@@ -138,3 +138,33 @@ def test_replace_dir_keeps_the_old_copy_aside_when_putting_it_back_fails(tmp_pat
     aside = [p for p in tmp_path.iterdir() if p.name.startswith(".out.aside.")]
     assert len(aside) == 1 and (aside[0] / "out" / "f.txt").read_text() == "old"
     assert f"the previous copy is kept at {aside[0] / 'out'}" in caplog.text
+
+
+def test_sealing_a_staged_directory_syncs_every_entry_below_it_after_its_modes(tmp_path, monkeypatch):
+    """A sharded checkpoint's files lie in subdirectories: syncing only the staged directory's
+    own entries left them (and the modes share_tree gives them) to the page cache when the
+    rename made the checkpoint look whole.  Links are not followed."""
+    import os
+    import stat
+
+    from qadpipe import provenance
+    from qadpipe.file_modes import new_entry_modes
+
+    staged = tmp_path / "staged"
+    (staged / "shards" / "model").mkdir(parents=True)
+    (staged / "a.safetensors").write_bytes(b"a")
+    (staged / "shards" / "model" / "0.distcp").write_bytes(b"b")
+    os.symlink(tmp_path / "elsewhere", staged / "link")
+    (staged / "shards" / "model" / "0.distcp").chmod(0o600)
+    synced = []
+
+    def fsync(path):   # the mode a synced entry has must be its final one
+        synced.append((Path(path), stat.S_IMODE(Path(path).stat().st_mode)))
+
+    monkeypatch.setattr(provenance, "fsync_path", fsync)
+    file_mode, dir_mode = new_entry_modes(tmp_path)
+    provenance.seal_tree(staged)
+    assert sorted(synced) == sorted([(staged, dir_mode), (staged / "a.safetensors", file_mode),
+                                     (staged / "shards", dir_mode), (staged / "shards" / "model", dir_mode),
+                                     (staged / "shards" / "model" / "0.distcp", file_mode)])
+    assert synced[-1][0] == staged   # the directory itself last: its entries' inodes are durable first

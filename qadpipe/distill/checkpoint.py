@@ -32,8 +32,7 @@ from safetensors.torch import load_file
 
 from qadpipe.distill.sharded_checkpoint import MODEL_SHARDS, missing_shards
 from qadpipe.errors import DistillError
-from qadpipe.file_modes import share_tree
-from qadpipe.provenance import atomic_write_text, fsync_path, replace_dir, save_run_record
+from qadpipe.provenance import atomic_write_text, fsync_path, replace_dir, save_run_record, seal_tree
 from qadpipe.tensor_files import save_tensors, save_torch
 
 log = logging.getLogger(__name__)
@@ -114,10 +113,7 @@ def _commit_dir(tmp: Path, name: str, config: Any, cache_fingerprint: str, write
     try:
         write()
         save_run_record(config, "distill", tmp, cache_fingerprint=cache_fingerprint, **(facts or {}))
-        for path in tmp.iterdir():
-            fsync_path(path)
-        share_tree(tmp)
-        fsync_path(tmp)
+        seal_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

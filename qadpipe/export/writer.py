@@ -21,8 +21,7 @@ from typing import Any, Iterator
 import torch
 
 from qadpipe.errors import ExportError
-from qadpipe.file_modes import share_tree
-from qadpipe.provenance import RUN_FILE, fsync_path, json_field, recorded_stage, replace_dir
+from qadpipe.provenance import RUN_FILE, json_field, recorded_stage, replace_dir, seal_tree
 from qadpipe.tensor_files import save_tensors
 
 log = logging.getLogger(__name__)
@@ -61,9 +60,7 @@ def staged_dir(output: Path) -> Iterator[Path]:
     try:
         try:
             yield tmp
-            share_tree(tmp)
-            for path in [*(p for p in tmp.rglob("*") if p.is_file() or p.is_dir()), tmp]:   # files, modes, entries
-                fsync_path(path)
+            seal_tree(tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
