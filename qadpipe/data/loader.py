@@ -19,7 +19,7 @@ import numpy as np
 from qadpipe.config.schema import DataConfig, GenerateConfig
 from qadpipe.data.records import SourceRecord, iter_records, record_id, source_fingerprint
 from qadpipe.data.sequences import (TokenSequence, content_id, fit_length, pack, prompt_head, random_sequences,
-                                    render_record)
+                                    render_record, template_prints_date)
 from qadpipe.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -67,16 +67,17 @@ def check_data_config(data: DataConfig, gen: GenerateConfig, source_name: str = 
 
 
 def data_fingerprint(data: DataConfig, gen: GenerateConfig, vocab_size: int, chat_template: str | None = None,
-                     source_name: str = "data.source") -> str:
+                     source_name: str = "data.source", *, prints_date: bool = False) -> str:
     """Hash of the source bytes and every setting that shapes the sequences or their
     completions (the chat template that renders them included): two tasks writing one cache
     must agree on it, and a rerun with other settings must not silently mix into an existing
     cache.  The source counts by its bytes and file name (a directory's: each file's relative
     path), not by where it lies (each task may read its own copy), and ``data.random`` only
-    when it is the source."""
+    when it is the source; ``data.chat_date`` only when the rendered template prints it
+    (``prints_date``, see :func:`~qadpipe.data.sequences.template_prints_date`)."""
     shaping = asdict(data)
     del shaping["source"]
-    if shaping["chat_date"] is None or "strftime_now" not in (chat_template or ""):
+    if shaping["chat_date"] is None or not prints_date:
         # the date counts only where a template prints it (and fingerprints from before the
         # field existed stay as they were): a task setting it for a template that ignores it
         # renders the same tokens and must not be refused as another data source
@@ -117,7 +118,7 @@ def load_sequences(data: DataConfig, gen: GenerateConfig, tokenizer: Any, vocab_
     if isinstance(template, dict):   # several named templates: all of them, in a stable order
         template = json.dumps(template, sort_keys=True)
     fingerprint = data_fingerprint(data, gen, vocab_size, template if isinstance(template, str) else None,
-                                   source_name)
+                                   source_name, prints_date=bool(template) and template_prints_date(tokenizer))
     if data.source == "random":
         count = min(data.random.num_sequences, data.limit or data.random.num_sequences)
         # Capped like any record (overflow's truncate): by max_length, less the completion's room.

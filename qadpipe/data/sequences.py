@@ -154,6 +154,16 @@ def _render_chat(messages: list[dict[str, str]], tokenizer: Any, where: str,
     return ids, _common_prefix(ids, tokenizer.encode(prompt_text, add_special_tokens=False))
 
 
+def template_prints_date(tokenizer: Any) -> bool:
+    """Whether the chat template ``apply_chat_template`` renders (of several named templates, the
+    default one) prints today's date (transformers' ``strftime_now``): what decides whether
+    ``data.chat_date`` shapes the tokens, for rendering and for the data fingerprint alike."""
+    try:
+        return "strftime_now" in tokenizer.get_chat_template()
+    except ValueError:   # no template at all: rendering says so
+        return False
+
+
 def _apply_template(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool, where: str,
                     chat_date: Optional[str]) -> str:
     """The teacher's chat template, rendered; a template that refuses the conversation (Gemma's
@@ -165,11 +175,7 @@ def _apply_template(tokenizer: Any, messages: list[dict[str, str]], generation_p
     tokens in a task or resume run on another day, under the same id and fingerprint.  Without
     one it is refused: no date is right for every cache."""
     clock = {}
-    try:
-        template = tokenizer.get_chat_template()   # the one rendered: of named templates, the default
-    except ValueError:   # none at all: apply_chat_template says so below
-        template = ""
-    if "strftime_now" in template:
+    if template_prints_date(tokenizer):
         if chat_date is None:
             raise DataError("data.chat_date: the teacher's chat template prints today's date (strftime_now), so "
                             "tasks and resumes on other days would render other tokens; set the date it renders, "

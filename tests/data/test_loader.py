@@ -137,8 +137,8 @@ def test_fingerprint_changes_with_anything_that_shapes_the_rows(tmp_path: Path) 
     edited = _config(tmp_path, TEXTS[:-1])
     assert data_fingerprint(edited.data, edited.generate, 100) != fp
     dated = _config(tmp_path, TEXTS, chat_date="2031-05-17")
-    assert data_fingerprint(dated.data, dated.generate, 100, chat_template=DATED_TEMPLATE) \
-        != data_fingerprint(base.data, base.generate, 100, chat_template=DATED_TEMPLATE)
+    assert data_fingerprint(dated.data, dated.generate, 100, chat_template=DATED_TEMPLATE, prints_date=True) \
+        != data_fingerprint(base.data, base.generate, 100, chat_template=DATED_TEMPLATE, prints_date=True)
     # a date no template prints renders nothing: the tasks setting it and those not agree
     assert data_fingerprint(dated.data, dated.generate, 100) == fp
     assert data_fingerprint(dated.data, dated.generate, 100, chat_template="{{ messages }}") \
@@ -183,8 +183,10 @@ def test_a_template_that_prints_today_renders_the_chat_date_whatever_the_clock(t
     # named templates: only the one rendered (the default) decides; a dated tool_use one does not
     monkeypatch.setattr(tokenizer, "chat_template", {"default": DATED_TEMPLATE.split("}}", 1)[1],
                                                      "tool_use": DATED_TEMPLATE})
-    plain = load_sequences(undated.data, undated.generate, tokenizer, len(tokenizer)).sequences[0]
-    assert tokenizer.decode(plain.input_ids).startswith("user: Name a colour.")
+    plain = load_sequences(undated.data, undated.generate, tokenizer, len(tokenizer))
+    assert tokenizer.decode(plain.sequences[0].input_ids).startswith("user: Name a colour.")
+    # and the date it does not print is not in the fingerprint either: tasks setting it and not agree
+    assert load_sequences(dated.data, dated.generate, tokenizer, len(tokenizer)).fingerprint == plain.fingerprint
 
 
 def test_the_chat_template_counts_only_where_it_renders_the_records(tmp_path: Path, smollm2_dir: Path) -> None:
