@@ -90,7 +90,9 @@ def data_fingerprint(data: DataConfig, gen: GenerateConfig, vocab_size: int, cha
         # prompt + completion: one text, then EOS (before 2026-12 tokenized apart, no EOS: other rows)
         settings["completion_rendering"] = "joint+eos"
     if data.overflow == "pack" and (data.field == "messages" or (data.field == "prompt" and data.chat_template)):
-        settings["pack_separator"] = "none after a chat"   # before 2026-12: EOS after each (other windows)
+        # before 2026-12: EOS after each; before 2026-12-07 an unanswered chat ended with an open
+        # assistant turn, the next record after it (other windows)
+        settings["pack_separator"] = "none after a chat, which ends at its last turn"
     if chat_template is not None:
         settings["chat_template"] = hashlib.sha256(chat_template.encode()).hexdigest()
     if gen.mode == "generate":
@@ -188,7 +190,7 @@ def _rendered(data: DataConfig, gen: GenerateConfig, tokenizer: Any, shard_index
             continue
         ids, prompt_len = render_record(item.record, item.where(data.source), data.field, tokenizer,
                                         chat_template=data.chat_template, for_generation=gen.mode == "generate",
-                                        chat_date=data.chat_date)
+                                        chat_date=data.chat_date, packed=data.overflow == "pack")
         try:
             rid = record_id(item.record, position)
         except DataError as exc:

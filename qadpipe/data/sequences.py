@@ -33,7 +33,8 @@ class TokenSequence:
 
 
 def render_record(record: dict[str, Any], where: str, field: str, tokenizer: Any, *,
-                  chat_template: bool, for_generation: bool, chat_date: Optional[str] = None) -> tuple[list[int], int]:
+                  chat_template: bool, for_generation: bool, chat_date: Optional[str] = None,
+                  packed: bool = False) -> tuple[list[int], int]:
     """One record -> (token ids, prompt length).
 
     * ``text``: the whole text, prompt length 0.
@@ -45,6 +46,10 @@ def render_record(record: dict[str, Any], where: str, field: str, tokenizer: Any
       turn of the teacher's template.
     * ``messages``: a chat rendered with the teacher's template; a final assistant turn
       is the completion (in generate mode it is dropped: the teacher writes its own).
+
+    A chat without an answer ends with the template's open assistant turn (its generation
+    prompt), the teacher's cue to answer -- except when ``packed``: there the next record
+    follows, and an open turn would teach that a new conversation answers it.
 
     A template that prints today's date renders ``chat_date`` (``data.chat_date``) instead.
 
@@ -67,7 +72,8 @@ def render_record(record: dict[str, Any], where: str, field: str, tokenizer: Any
             messages = [{"role": "user", "content": prompt}]
             if completion:
                 messages.append({"role": "assistant", "content": completion})
-            return _render_chat(messages, tokenizer, where, chat_date)
+            return _render_chat(messages, tokenizer, where, chat_date, answered=bool(completion),
+                                open_turn=not packed)
         prompt_ids = tokenizer.encode(prompt)
         if not completion:
             return prompt_ids, len(prompt_ids)
@@ -80,9 +86,11 @@ def render_record(record: dict[str, Any], where: str, field: str, tokenizer: Any
     if not any(m["content"].strip() for m in asked if m["role"] != "assistant"):   # an answer to nothing
         raise DataError(f"{where}: empty prompt (field 'messages' has no non-blank turn but the assistant's "
                         "before its last answer)")
-    if for_generation and messages[-1]["role"] == "assistant":
-        messages = messages[:-1]
-    return _render_chat(messages, tokenizer, where, chat_date)
+    if for_generation:   # the teacher answers after the prompt, even one ending in an assistant turn
+        messages = messages[:-1] if messages[-1]["role"] == "assistant" else messages
+        return _render_chat(messages, tokenizer, where, chat_date, answered=False, open_turn=True)
+    return _render_chat(messages, tokenizer, where, chat_date, answered=messages[-1]["role"] == "assistant",
+                        open_turn=not packed)
 
 
 def _refuse_unencodable(value: Any, where: str, field: str) -> None:
@@ -136,15 +144,15 @@ def _text_content(content: Any, where: str) -> str:
                     f"got {content!r:.60}")
 
 
-def _render_chat(messages: list[dict[str, str]], tokenizer: Any, where: str,
-                 chat_date: Optional[str]) -> tuple[list[int], int]:
-    """Template-render a chat; a final assistant turn is the completion."""
+def _render_chat(messages: list[dict[str, str]], tokenizer: Any, where: str, chat_date: Optional[str], *,
+                 answered: bool, open_turn: bool) -> tuple[list[int], int]:
+    """Template-render a chat: ``answered``, its final (assistant) turn is the completion;
+    else all of it is the prompt, followed by the open assistant turn when ``open_turn``."""
     if getattr(tokenizer, "chat_template", None) is None:
         raise DataError(f"{where}: chat records need a tokenizer with a chat template; the teacher's has none")
-    has_completion = messages[-1]["role"] == "assistant"
-    text = _apply_template(tokenizer, messages, not has_completion, where, chat_date)
+    text = _apply_template(tokenizer, messages, not answered and open_turn, where, chat_date)
     ids = tokenizer.encode(text, add_special_tokens=False)
-    if not has_completion:
+    if not answered:
         return ids, len(ids)
     prompt_text = _apply_template(tokenizer, messages[:-1], True, where, chat_date)
     if not text.startswith(prompt_text):

@@ -62,11 +62,16 @@ def test_pack_concatenates_every_record(tmp_path: Path, tokenizer: Any) -> None:
 
 def test_packed_chats_follow_each_other_as_the_template_ends_them(tmp_path: Path, tokenizer: Any) -> None:
     """A chat record ends with its end of turn ("<|im_end|>\n" in ChatML); an EOS appended after
-    it put "<|im_end|>\n<|im_end|>" in every window, once per conversation."""
+    it put "<|im_end|>\n<|im_end|>" in every window, once per conversation.  One without an
+    answer ends there too: its open assistant turn ("<|im_start|>assistant\n") was followed by
+    the next conversation, which the student learned as the answer."""
     chats = [{"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"A{i}."}]}
              for i in range(4)]
+    chats[1]["messages"].pop()
+    chats[2]["messages"].pop()
     cfg = _config(tmp_path, chats, field="messages", max_length=32, overflow="pack")
     windows = load_sequences(cfg.data, cfg.generate, tokenizer, len(tokenizer)).sequences
+    assert "assistant\n<|im_start|>" not in tokenizer.decode(np.concatenate([w.input_ids for w in windows]))
     stream = [t for chat in chats for t in tokenizer.encode(
         tokenizer.apply_chat_template(chat["messages"], tokenize=False), add_special_tokens=False)]
     expected = stream if len(stream) % 32 != 1 else stream[:-1]   # a 1-token last window has no target

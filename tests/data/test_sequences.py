@@ -110,6 +110,17 @@ def test_messages_in_generate_mode_drop_the_final_answer(tokenizer: Any) -> None
     assert tokenizer.decode(ids) == expected and prompt_len == len(ids)
 
 
+def test_a_prompt_ending_in_an_assistant_turn_still_asks_for_an_answer_in_generate_mode(tokenizer: Any) -> None:
+    """Two assistant turns at the end: with the last one dropped, the other was taken for the
+    completion and rendered closed, so the teacher continued after an end of turn, unasked."""
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "a"},
+                {"role": "assistant", "content": "b"}]
+    ids, prompt_len = _render({"messages": messages}, "messages", tokenizer, gen=True)
+    expected = tokenizer.apply_chat_template(messages[:2], tokenize=False, add_generation_prompt=True)
+    assert tokenizer.decode(ids) == expected and prompt_len == len(ids)
+    assert expected.endswith("<|im_start|>assistant\n")
+
+
 @pytest.mark.parametrize("record, field, message", [
     ({"content": "x"}, "text", "src record 0: no field 'text' (data.field), record has ['content']"),
     ({"prompt": "   "}, "prompt", "src record 0: empty prompt"),
