@@ -163,9 +163,12 @@ def _object(value: Any, where: str) -> dict[str, Any]:
 
 
 def _utf8_lines(path: Path) -> Iterator[str]:
-    """Lines of a text file (a leading BOM, as Windows editors write, dropped); a binary or
-    non-UTF-8 file is a DataError naming it."""
-    with open(path, encoding="utf-8-sig") as handle:
+    """Lines of a text file, each with its line end (a leading BOM, as Windows editors write,
+    dropped); a binary or non-UTF-8 file is a DataError naming it.  Lines end at "\n" only (a
+    "\r\n" keeps its "\r"), as JSON Lines defines them and as the line numbers of errors count
+    them: universal newlines also ended one at a lone "\r", splitting a text record in two and
+    a JSON object that has one as whitespace."""
+    with open(path, encoding="utf-8-sig", newline="\n") as handle:
         try:
             yield from handle
         except UnicodeDecodeError as exc:
@@ -239,7 +242,7 @@ def _iter_parquet(path: Path) -> Iterator[SourceRecord]:
 def _iter_text(path: Path, text_field: str) -> Iterator[SourceRecord]:
     position = 0
     for line_no, line in enumerate(_utf8_lines(path), start=1):
-        line = line.rstrip("\n")
+        line = line.removesuffix("\n").removesuffix("\r")
         if line.strip():
             yield SourceRecord(position, {text_field: line}, line_no)
             position += 1

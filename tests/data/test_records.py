@@ -43,6 +43,23 @@ def test_a_leading_byte_order_mark_is_dropped_in_every_text_format(tmp_path: Pat
             assert [(r.position, r.record) for r in iter_records(str(path))] == list(enumerate(RECORDS)), kind
 
 
+def test_lines_end_at_a_newline_only_and_windows_line_ends_read_as_unix_ones(tmp_path: Path) -> None:
+    """Universal newlines ended a line at a lone carriage return: a text record was split in
+    two (other ids, line numbers past the file's), a JSON object using one as whitespace was
+    "not valid JSON"."""
+    for kind, path in _write_all_formats(tmp_path).items():
+        if kind in ("jsonl", "txt"):   # CRLF line ends: the same records, the same ids
+            path.write_bytes(path.read_bytes().replace(b"\n", b"\r\n"))
+            assert [(r.position, r.record) for r in iter_records(str(path))] == list(enumerate(RECORDS)), kind
+    text = tmp_path / "cr.txt"
+    text.write_bytes(b"one record\rwith a carriage return\nsecond\n")
+    assert [(r.record["text"], r.line) for r in iter_records(str(text))] == [
+        ("one record\rwith a carriage return", 1), ("second", 2)]
+    lines = tmp_path / "cr.jsonl"
+    lines.write_bytes(b'{"text": "hello",\r "meta": 1}\n')
+    assert [r.record for r in iter_records(str(lines))] == [{"text": "hello", "meta": 1}]
+
+
 def test_ids_are_stable_and_distinguish_position_and_content() -> None:
     ids = [record_id(r, i) for i, r in enumerate(RECORDS)]
     assert ids == [record_id(r, i) for i, r in enumerate(RECORDS)]
