@@ -68,6 +68,13 @@ def resolve_task(gen: Any, num_shards: Optional[int] = None, shard_index: Option
     count = _first_int(num_shards, gen.num_shards, array_count, 1, name="generate.num_shards")
     index = _first_int(shard_index, gen.shard_index, env.get("SLURM_ARRAY_TASK_ID"), 0,
                        name="generate.shard_index")
+    first, step = env.get("SLURM_ARRAY_TASK_MIN", "0"), env.get("SLURM_ARRAY_TASK_STEP", "1")
+    if shard_index is None and gen.shard_index is None and num_shards is None and gen.num_shards is None \
+            and "SLURM_ARRAY_TASK_ID" in env and (first.strip() != "0" or step.strip() != "1"):
+        # --array=1-4 or 0-6:2: the tasks' ids leave out some of 0..N-1, whose records no task scores
+        # (a resubmission of some tasks, --array=3,17, names the first array's size: --num-shards)
+        raise ConfigError(f"generate.shard_index: the SLURM array's task ids start at {first} in steps of {step}; "
+                          f"qadpipe's tasks are 0..N-1 (sbatch --array=0-{count - 1}), or pass --shard-index")
     if not 1 <= count <= MAX_TASKS:
         raise ConfigError(f"generate.num_shards: got {count}, expected 1 to {MAX_TASKS} tasks")
     if not 0 <= index < count:

@@ -211,6 +211,15 @@ def test_task_defaults_come_from_slurm_array_variables() -> None:
     # SLURM before 17.02 sets no COUNT: its MAX tells the size; with neither, task 0 ran as 0 of 1 (every record)
     assert resolve_task(gen, env={"SLURM_ARRAY_TASK_MAX": "7", "SLURM_ARRAY_TASK_ID": "5"}) == (5, 8)
     assert resolve_task(gen, 4, env={"SLURM_ARRAY_TASK_ID": "3"}) == (3, 4)
+    # an array from 1, or in steps: some of 0..N-1 would be no task's, their records never scored
+    for first, step in (("1", "1"), ("0", "2")):
+        with pytest.raises(ConfigError, match=rf"^generate\.shard_index: the SLURM array's task ids start at {first} "
+                                              rf"in steps of {step}; qadpipe's tasks are 0\.\.N-1"):
+            resolve_task(gen, env={"SLURM_ARRAY_TASK_MAX": "4", "SLURM_ARRAY_TASK_MIN": first,
+                                   "SLURM_ARRAY_TASK_STEP": step, "SLURM_ARRAY_TASK_ID": "2"})
+    # a resubmission of some tasks names the first array's size
+    assert resolve_task(gen, 64, env={"SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_MIN": "3",
+                                      "SLURM_ARRAY_TASK_ID": "17"}) == (17, 64)
     with pytest.raises(ConfigError, match=r"^generate\.num_shards: SLURM_ARRAY_TASK_ID is set but neither "
                                           r"SLURM_ARRAY_TASK_COUNT nor SLURM_ARRAY_TASK_MAX"):
         resolve_task(gen, env={"SLURM_ARRAY_TASK_ID": "0"})

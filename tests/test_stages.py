@@ -135,3 +135,18 @@ def test_distill_launcher_under_slurm_gives_srun_the_cpus_and_sends_sigterm_to_t
     assert "--rdzv_endpoint=node1:10008" in _run(["bash", str(STAGES / "distill.sbatch")], env, tmp_path).stdout
     headers = [line for line in (STAGES / "distill.sbatch").read_text().splitlines() if line.startswith("#SBATCH")]
     assert "#SBATCH --signal=TERM@300" in headers
+
+
+def test_generate_launcher_refuses_an_array_that_leaves_out_some_shard_indices(tmp_path: Path) -> None:
+    """--array=1-4 (or 0-6:2) without NUM_SHARDS: some of 0..N-1 would be no task's."""
+    for first, step in (("1", "1"), ("0", "2")):
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}, "QADPIPE": "echo",
+               "CONFIG": "c.yaml", "SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_COUNT": "4",
+               "SLURM_ARRAY_TASK_MIN": first, "SLURM_ARRAY_TASK_STEP": step}
+        proc = subprocess.run(["bash", str(STAGES / "generate.sbatch")], env=env, capture_output=True, text=True,
+                              cwd=tmp_path)
+        assert proc.returncode == 2 and "submit --array=0-N" in proc.stderr and not proc.stdout.count("--set")
+    shown = _run(["bash", str(STAGES / "generate.sbatch")],
+                 {"QADPIPE": "echo", "CONFIG": "c.yaml", "SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_COUNT": "4",
+                  "SLURM_ARRAY_TASK_MIN": "1", "NUM_SHARDS": "5"}, tmp_path).stdout
+    assert "--set generate.num_shards=5 --set generate.shard_index=2" in shown
