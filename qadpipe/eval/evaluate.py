@@ -183,11 +183,39 @@ def _decompressed(model: nn.Module) -> nn.Module:
     compressor or quantization config.  So: decompressed here when still packed, then every
     bf16/fp16 tensor cast to fp32 (exact; a model loaded in fp32 has none else; transformers
     refuses ``.float()`` on a quantized model, and FP8 tensors stay FP8).  Input quantization
-    (W4A4, W8A8) stays on, as compressed-tensors runs it."""
+    (W4A4, W8A8) stays on, as compressed-tensors runs it.  W4A8 weights become the values vLLM
+    serves (:func:`_w4a8_served_weights`), not the library's code x bf16 scale."""
     compressor = getattr(getattr(model, "hf_quantizer", None), "compressor", None)
     if compressor is not None:
+        served = _w4a8_served_weights(model)
         compressor.decompress_model(model)
+        for name, weight in served.items():
+            model.get_submodule(name).weight.data = weight
     return model._apply(lambda t: t.float() if t.dtype in (torch.bfloat16, torch.float16) else t)
+
+
+def _w4a8_served_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The fp32 weights of each packed int4-weight, FP8-input layer (W4A8) as vLLM serves them:
+    its kernel turns the bf16 group scales into FP8 tables at load
+    (:func:`~qadpipe.quant.formats.w4a8_served_values`), which the student trained with;
+    compressed-tensors' decompression multiplies codes by the bf16 scales, weights up to a few
+    % of a layer's largest off (another model than the one trained and served)."""
+    from qadpipe.quant.formats import w4a8_served_values
+    from qadpipe.quant.packing import unpack_int32
+    from qadpipe.quant.recipe import PRESETS
+
+    served = {}
+    for name, module in model.named_modules():
+        scheme = getattr(module, "quantization_scheme", None)
+        weights, inputs = getattr(scheme, "weights", None), getattr(scheme, "input_activations", None)
+        if not (hasattr(module, "weight_packed") and weights is not None and inputs is not None
+                and (weights.type, weights.num_bits, inputs.type, inputs.num_bits) == ("int", 4, "float", 8)):
+            continue
+        rows, cols = (int(size) for size in module.weight_shape)
+        spec = dataclasses.replace(PRESETS["w4a8_fp8"].weight, group_size=weights.group_size)
+        codes = unpack_int32(module.weight_packed, 4, (rows, cols)).float().unflatten(-1, (-1, weights.group_size))
+        served[name] = w4a8_served_values(codes, module.weight_scale.float(), spec).reshape(rows, cols)
+    return served
 
 
 def release_memory(device: torch.device) -> None:
