@@ -222,6 +222,16 @@ def output_rows(model: Any) -> int:
     return int(model.get_output_embeddings().weight.shape[0])
 
 
+def padding_id(tokenizer: Any, model: Any) -> int:
+    """The id a batch's padded positions get.  They are masked out, so any id ``model`` embeds
+    will do: the tokenizer's pad (else EOS) where the embedding has a row for it, else 0.  A
+    ``[PAD]`` added to a tokenizer after training, its embedding not resized (Llama 2's 32000
+    of 32000 rows), failed the lookup of the first batch of mixed lengths."""
+    rows = int(model.get_input_embeddings().num_embeddings)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return int(pad) if pad is not None and 0 <= pad < rows else 0
+
+
 def output_head_name(model: Any) -> Optional[str]:
     """The module name of ``model``'s LM head, found by identity: not every architecture
     calls it ``lm_head`` (InternLM2 ``output``, ChatGLM ``output_layer``)."""

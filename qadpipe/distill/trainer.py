@@ -63,7 +63,7 @@ from qadpipe.distill.student import (BASE_MODEL, FINAL_DIR, PTQ_DIR, StudentLoss
 from qadpipe.errors import DistillError, first_line
 from qadpipe.file_lock import lock_for_one_run
 from qadpipe.file_modes import check_writable_dir, missing_dirs
-from qadpipe.models import LogitTransform, output_rows
+from qadpipe.models import LogitTransform, output_rows, padding_id
 from qadpipe.provenance import RUN_FILE, recorded_stage, save_run_record
 from qadpipe.quant.experts import has_fused_experts
 from qadpipe.quant.quantizers import Quantizer
@@ -219,6 +219,7 @@ class DistillRecipe:
                                            packed=cfg.pack_length is not None), None
         vocab = output_rows(student)
         self._check_vocab(vocab)
+        self.pad_id = padding_id(self.tokenizer, student)
         partial = partly_quantized_groups(student)
         if partial and checkpoint is None and self.config.export.format == "compressed-tensors":
             raise DistillError(f"quant: {', '.join(partial[0])} are fused by vLLM into one GEMM, but the recipe "
@@ -331,11 +332,6 @@ class DistillRecipe:
         from qadpipe.models import load_tokenizer
 
         return load_tokenizer(self.config.model.path, self.config.model.trust_remote_code)
-
-    @property
-    def pad_id(self) -> int:
-        pad = self.tokenizer.pad_token_id
-        return int(pad if pad is not None else (self.tokenizer.eos_token_id or 0))
 
     def _open_source(self) -> tuple[Any, Optional[str]]:
         """The cache (checked against the student's tokenizer and the loss), or, online

@@ -405,7 +405,7 @@ def run_eval(cfg: PipelineConfig) -> dict[str, dict[str, float]]:
     from qadpipe.devices import resolve_device
     from qadpipe.distill.student import FINAL_DIR
     from qadpipe.models import (check_logits_are_head_of_hidden, load_causal_lm, load_tokenizer, model_revision,
-                                resolve_model_path, tokenizer_fingerprint)
+                                padding_id, resolve_model_path, tokenizer_fingerprint)
     from qadpipe.teacher import teacher_info
 
     device = resolve_device(cfg.eval.device, field="eval.device")
@@ -422,7 +422,7 @@ def run_eval(cfg: PipelineConfig) -> dict[str, dict[str, float]]:
     teacher = load_causal_lm(cfg.teacher_path, dtype="float32", device=str(device),
                              trust_remote_code=cfg.model.trust_remote_code)
     check_logits_are_head_of_hidden(teacher, "teacher.path")   # eval runs the LM head on hidden states
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = padding_id(tokenizer, teacher)   # the students' vocabularies are the teacher's (checked)
     results: dict[str, dict[str, float]] = {}
     for name, path in models.items():
         # One student beside the teacher at a time: all of them at once in fp32 would need

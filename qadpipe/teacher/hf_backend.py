@@ -80,14 +80,13 @@ class HFTeacher:
     @classmethod
     def from_config(cls, path: str, teacher: Any, trust_remote_code: bool = False) -> "HFTeacher":
         """Load ``path`` with the ``teacher`` config section (dtype, device, batching)."""
-        from qadpipe.models import load_causal_lm, load_tokenizer
+        from qadpipe.models import load_causal_lm, load_tokenizer, padding_id
 
         device = resolve_device(teacher.device, field="teacher.device")
         model = load_causal_lm(path, teacher.dtype, str(device), trust_remote_code)
         tokenizer = load_tokenizer(path, trust_remote_code)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        return cls(model, fp32_head=teacher.fp32_head, batch_size=teacher.batch_size,
-                   chunk_tokens=teacher.chunk_tokens, pad_id=pad or 0, eos_ids=end_of_sequence_ids(model, tokenizer))
+        return cls(model, fp32_head=teacher.fp32_head, batch_size=teacher.batch_size, chunk_tokens=teacher.chunk_tokens,
+                   pad_id=padding_id(tokenizer, model), eos_ids=end_of_sequence_ids(model, tokenizer))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head (and the architecture's logit transform) on ``[n, hidden]`` rows -> fp32 ``[n, vocab]``."""

@@ -217,3 +217,31 @@ def test_completions_stop_at_every_end_of_sequence_id_the_checkpoint_lists(succe
     prompt = TokenSequence("p", np.array([10, 11, 12], dtype=np.int32), 3)
     (greedy,) = teacher.complete([prompt], SamplingSpec(temperature=0.0, max_new_tokens=6))
     assert greedy.token_ids.tolist() == [13, 14, 15]
+
+
+def test_a_pad_token_the_embedding_has_no_row_for_pads_nothing(tiny_llama_dir: Any, tmp_path: Any) -> None:
+    """A [PAD] added to the tokenizer after training (Llama 2's id 32000 of 32000 rows): the
+    first batch of mixed lengths failed the embedding lookup with an IndexError traceback.
+    Padded positions are masked, so any id the model embeds pads them."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from qadpipe.config import build_config
+    from qadpipe.models import padding_id
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+    tokenizer.save_pretrained(str(model_dir))
+    teacher = HFTeacher.from_config(str(model_dir), build_config({"teacher": {"device": "cpu"}}).teacher)
+    rows = teacher.model.get_input_embeddings().num_embeddings
+    assert tokenizer.pad_token_id == rows and padding_id(tokenizer, teacher.model) == 0 == teacher.pad_id
+    seqs = _sequences(rows, [9, 4, 6])
+    together = teacher.score(seqs, TargetSpec(k=8))
+    alone = [row for seq in seqs for row in teacher.score([seq], TargetSpec(k=8))]
+    for a, b in zip(together, alone):
+        assert np.array_equal(a.topk_ids, b.topk_ids) and np.allclose(a.topk_logprobs, b.topk_logprobs, atol=1e-5)
+    tokenizer.pad_token = tokenizer.eos_token   # one it has a row for is kept
+    assert padding_id(tokenizer, teacher.model) == tokenizer.eos_token_id
