@@ -64,7 +64,7 @@ class HFTeacher:
                  pad_id: int = 0, eos_ids: tuple[int, ...] = ()) -> None:
         self.model = model
         self.device = next(model.parameters()).device
-        self.body = model.base_model
+        self.body = model.get_decoder()   # the module check_logits_are_head_of_hidden checks, as distill runs it
         self.head = model.get_output_embeddings()
         self.vocab_size = int(self.head.weight.shape[0])
         self.fp32_head = fp32_head
