@@ -108,16 +108,17 @@ def test_figures_mass_on_s_by_hand_padded_slots_excluded():
 
 def test_sampled_top1_agreement_is_against_the_most_drawn_token():
     """A sampled cache's teacher top-1 is its most-weighted draw: here the student's argmax
-    is that draw at 30 of 40 positions and absent from the draws elsewhere."""
+    is that draw at 30 of 40 positions and absent from the draws elsewhere.  Not the first
+    column: collate orders a position's draws by id, not by weight."""
     gen = torch.Generator().manual_seed(7)
     head = nn.Linear(D, V, bias=False)
     hidden = torch.randn(N, D, generator=gen)
     with torch.no_grad():
         student_top1 = head(hidden).argmax(-1)
     others = torch.stack([(student_top1 + 1 + j) % V for j in range(4)], -1)   # never the student's top-1
-    weights = torch.tensor([0.4, 0.3, 0.2, 0.1]).expand(N, 4).clone()
+    weights = torch.tensor([0.1, 0.4, 0.3, 0.2]).expand(N, 4).clone()
     draws = others.clone()
-    draws[:30, 0] = student_top1[:30]                                          # the most-weighted draw
+    draws[:30, 1] = student_top1[:30]                                          # the most-weighted draw
     targets = PositionTargets(torch.randint(V, (N,), generator=gen), sample_ids=draws, sample_weights=weights)
     _, stats = head_loss(hidden, head, targets, LossSpec(), 9)
     assert int(stats["top1"]) == 30

@@ -253,6 +253,42 @@ def test_reverse_kl_stays_finite_when_the_teacher_tail_is_zero(case):
     assert torch.isfinite(value).all() and torch.isfinite(grad).all()
 
 
+@pytest.mark.parametrize("name, ref", [
+    ("forward_kl", ref_forward), ("reverse_kl", ref_reverse), ("jsd", functools.partial(ref_jsd, beta=0.3)),
+    ("cakld", ref_cakld), ("renorm_kl", ref_renorm), ("mse_logprob", ref_mse),
+])
+def test_each_config_name_trains_its_own_loss(case, name, ref):
+    """``distill.loss`` reaches the trainer by name (topk_kd_loss_and_kl): a table mapping
+    reverse_kl to the forward loss, or swapping jsd and cakld, passed every test that called
+    the loss functions directly.  β = 0.3 reaches CAKLD and JSD's mixture (at 0.5 JSD's
+    weights could be swapped unseen)."""
+    def by_name(logp, ids, teacher_lp, tail):
+        loss, kl_figure = losses.topk_kd_loss_and_kl(name, logp, ids, teacher_lp, tail, cakld_beta=0.3)
+        torch.testing.assert_close(kl_figure.double(), reference(ref_forward, case)[0], rtol=1e-4, atol=1e-6)
+        return loss
+
+    value, grad = implementation(by_name, case)
+    ref_value, ref_grad = reference(ref, case)
+    torch.testing.assert_close(value, ref_value, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("tail", [0.0, 1e-10, 1e-6])
+def test_reverse_kl_floors_the_teachers_tail_at_megatrons_1e_8(case, tail):
+    """A cached tail below 1e-8 is rounding noise of the teacher's fp32 log-probs: the reverse
+    direction weighs the student's mass off S by log(P / max(tail, 1e-8)), not by that noise."""
+    tails = torch.full((C,), tail, dtype=torch.float64)
+
+    def ref(p, c):
+        floored = torch.full((C, 1), max(tail, 1e-8), dtype=torch.float64)
+        return kl(buckets(p, c["ids"], c["complement"]), torch.cat([c["t"].gather(1, c["ids"]), floored], 1))
+
+    value, grad = implementation(losses.reverse_kl_tail, dict(case, tail=tails))
+    ref_value, ref_grad = reference(ref, case)
+    torch.testing.assert_close(value, ref_value, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-3, atol=1e-6)
+
+
 def test_unknown_loss_name_is_refused():
     with pytest.raises(ValueError, match="unknown top-k loss 'kl2'"):
         losses.topk_kd_loss("kl2", torch.zeros(1, 3), torch.zeros(1, 1, dtype=torch.long),
