@@ -260,25 +260,34 @@ def test_tasks_may_differ_in_a_setting_their_targets_do_not_depend_on(tmp_path):
         CacheWriter(str(tmp_path / "top"), sampled("vocab", 32), task="task-00001")
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("topk_ids", np.zeros((3, 8), np.int32), r"topk_ids has shape \(3, 8\), expected \(\d+, 8\)"),
-    ("topk_logprobs", None, "topk_logprobs is not sorted by descending log-prob along k"),
-    ("tail_mass", None, r"tail_mass outside \[0, 1\]"),
-    ("input_ids", np.array([0, 49152, 5]), r"input_ids: ids span \[0, 49152\], expected \[0, 49152\)"),
-    ("topk_ids", "as float", r"topk_ids: expected integer token ids, got float64"),   # broke a whole compact shard
+def _with_entry(values: np.ndarray, index: tuple[int, int], value: float) -> np.ndarray:
+    changed = values.copy()
+    changed[index] = value
+    return changed
+
+
+@pytest.mark.parametrize("field,make,message", [
+    ("topk_ids", lambda row: np.zeros((3, 8), np.int32), r"topk_ids has shape \(3, 8\), expected \(\d+, 8\)"),
+    ("topk_logprobs", lambda row: row.topk_logprobs[:, ::-1].copy(),
+     "topk_logprobs is not sorted by descending log-prob along k"),
+    # one inversion of 1e-4 between neighbours
+    ("topk_logprobs", lambda row: _with_entry(row.topk_logprobs, (0, 3), row.topk_logprobs[0, 2] + 1e-4),
+     "topk_logprobs is not sorted by descending log-prob along k"),
+    ("topk_logprobs", lambda row: _with_entry(row.topk_logprobs, (0, 0), 0.5),
+     "topk_logprobs has NaN or positive values"),
+    ("topk_logprobs", lambda row: _with_entry(row.topk_logprobs, (1, 0), np.nan),
+     "topk_logprobs has NaN or positive values"),
+    ("tail_mass", lambda row: row.tail_mass + 2.0, r"tail_mass outside \[0, 1\]"),
+    ("tail_mass", lambda row: row.tail_mass - 2.0, r"tail_mass outside \[0, 1\]"),   # the reader refuses it
+    ("input_ids", lambda row: np.concatenate([np.array([0, 49152, 5]), row.input_ids[3:]]),
+     r"input_ids: ids span \[0, 49152\], expected \[0, 49152\)"),
+    # broke a whole compact shard
+    ("topk_ids", lambda row: row.topk_ids.astype(np.float64), r"topk_ids: expected integer token ids, got float64"),
 ])
-def test_writer_refuses_bad_rows(tmp_path, field, value, message):
+def test_writer_refuses_bad_rows(tmp_path, field, make, message):
     meta = cache_meta("topk")
     row = random_rows(meta, 1, seq_len=8)[0]
-    if isinstance(value, str):
-        value = row.topk_ids.astype(np.float64)
-    if field == "topk_logprobs":
-        value = row.topk_logprobs[:, ::-1].copy()
-    if field == "tail_mass":
-        value = row.tail_mass + 2.0
-    if field == "input_ids":
-        value = np.concatenate([value, row.input_ids[3:]])
-    setattr(row, field, value)
+    setattr(row, field, make(row))
     with CacheWriter(str(tmp_path), meta) as writer, pytest.raises(CacheError, match=f"cache row 'row-00000': {message}"):
         writer.write(row)
 

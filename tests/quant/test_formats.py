@@ -84,7 +84,9 @@ def test_int4_symmetric_hand_worked():
     assert q.codes.tolist() == [[7, -4, 0, 2, -7, 1, 7, 0]]
     full = quantize(x, QuantSpec(Kind.INT, 4, "channel", narrow_range=False))   # scale 7/7.5
     assert full.scale.dtype == torch.bfloat16
-    assert full.codes.min() >= -8 and full.codes.max() <= 7
+    assert full.scale.item() == 239 / 256       # 7/7.5 = 0.9333 -> bf16 1.1101111b x 2^-1
+    # x / 0.93359375 = 7.498, -3.749, 0.536, 2.678, -7.498, 1.596, 7.069, 0 -> nearest
+    assert full.codes.tolist() == [[7, -4, 1, 3, -7, 2, 7, 0]]
 
 
 def test_int4_asymmetric_hand_worked():

@@ -73,6 +73,21 @@ def test_tail_mass_is_clipped_at_zero_when_fp32_topk_logprobs_sum_past_one() -> 
     assert (tails >= 0).all() and (tails <= 1).all()
 
 
+def test_a_tail_of_a_billionth_keeps_its_digits() -> None:
+    """1 − Σ exp(top-k) is summed in float64: in fp32 the sum's rounding (~6e-8) is 50 times a
+    tail of 1e-9, which the compact encoding then stores to a relative precision.  Reference:
+    math.fsum of the same fp32 log-probs' exponentials."""
+    import math
+
+    from qadpipe.targets import tail_mass_from_logprobs
+
+    logits = torch.tensor([[4.0, 3.0, 2.5, 1.0, 0.0, -18.0], [1.0, 1.0, 1.0, 1.0, 1.0, -19.5]])
+    lps = torch.log_softmax(logits, -1)[:, :5].numpy()   # the top 5; the 6th is the tail
+    expected = [1.0 - math.fsum(math.exp(float(v)) for v in row) for row in lps]
+    assert 1e-10 < min(expected) and max(expected) < 1e-7   # the premise: tails of ~1e-9 to 1e-8
+    np.testing.assert_allclose(tail_mass_from_logprobs(lps), expected, rtol=1e-6)
+
+
 def test_chunking_and_batching_do_not_change_the_result(tiny_fp32: Any) -> None:
     seqs = _sequences(49152, [30, 12])
     a = HFTeacher(tiny_fp32, batch_size=2, chunk_tokens=5).score(seqs, TargetSpec(k=8))
