@@ -78,6 +78,16 @@ def test_decode_kl_below_target_at_k64():
     np.testing.assert_allclose(decoded_tail, tail, rtol=compact.TAIL_STEP)
 
 
+def test_fit_to_tail_leaves_a_row_without_top_k_mass_alone():
+    """A tail of 1 leaves no mass to scale the entries to (log 0 made them all -inf), and a row
+    of -inf entries has none to scale: both stay as decoded; the row beside them is fitted."""
+    rows = np.array([[np.log(0.5), np.log(0.25)], [-np.inf, -np.inf], [np.log(0.5), np.log(0.2)]], dtype=np.float32)
+    tails = np.array([1.0, 0.3, 0.3])
+    fitted = compact.fit_to_tail(rows.copy(), tails)
+    assert np.array_equal(fitted[:2], rows[:2])
+    np.testing.assert_allclose(np.exp(fitted[2].astype(np.float64)), [0.5, 0.2], rtol=1e-6)
+
+
 def test_fit_to_tail_makes_each_decoded_row_a_distribution_that_reads_as_a_kl():
     """Entries and tail are rounded independently: decoded rows sum to 1 ± 1 %.  After
     fit_to_tail they sum to exactly 1 with the (untouched) tail, and the forward-KL-with-tail

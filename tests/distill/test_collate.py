@@ -81,6 +81,9 @@ def test_pack_layout_and_position_restarts():
                                           [False, True, True, False, False, False]]
     # targets in mask order: a's rows, c's row, then b's rows
     assert batch.targets.next_tokens.tolist() == [6, 7, 13, 10, 11]
+    # rows that fill a window exactly share it
+    exact = collate([topk_row("a", [5, 6, 7], 0), topk_row("d", [1, 2, 3], 0)], pad_id=PAD, pack_length=6)
+    assert exact.input_ids.tolist() == [[5, 6, 7, 1, 2, 3]]
 
 
 def test_a_row_longer_than_the_pack_window_is_one_clear_error():

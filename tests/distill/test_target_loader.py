@@ -65,6 +65,27 @@ def test_same_seed_same_order_other_seed_other_order(make):
     assert take(make(source), 8) != take(make(source, seed=2), 8)
 
 
+def test_the_buffer_size_bounds_how_far_a_row_moves(make):
+    """A buffer of 1 keeps the cache's order (its documented meaning); of 2, the first row out
+    is one of the first two, whatever the seed (the buffer pops once it holds its size)."""
+    source = ListSource(20)
+    assert [i for b in take(make(source, shuffle_buffer=1), 6) for i in b] == [f"r{i}" for i in range(2, 20)]
+    firsts = {take(make(source, shuffle_buffer=2, seed=seed), 1)[0][0] for seed in range(40)}
+    assert firsts == {"r2", "r3"}
+
+
+def test_ranks_shuffle_their_rows_independently(make):
+    """Each rank's order comes from its own generator: ranks holding as many rows would
+    otherwise visit them in the same pattern (row i of every range in the same step)."""
+    source = ListSource(22)   # 20 training rows, 10 a rank
+
+    def pattern(rank):
+        rows = [int(i[1:]) for i in first_epoch(make(source, rank=rank, world_size=2))]
+        return [row - min(rows) for row in rows]
+
+    assert sorted(pattern(0)) == sorted(pattern(1)) and pattern(0) != pattern(1)
+
+
 def test_each_epoch_is_shuffled_anew(make):
     loader = make(ListSource(20))
     epochs = [[i for b in take(loader, 6) for i in b] for _ in range(2)]   # 18 training rows / 3, twice
