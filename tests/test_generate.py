@@ -247,6 +247,26 @@ def _wait_for_shards(proc: subprocess.Popen, manifest: Path, count: int) -> None
         time.sleep(0.005)
 
 
+def test_a_batch_committed_in_part_is_finished_on_resume(small_vocab_model: Path, tmp_path: Path) -> None:
+    """A kill between two shard commits inside one teacher batch (rows_per_shard not a multiple
+    of the batch, vLLM's call size, a flush by size): the rerun scores that batch again and
+    keeps only its rows not yet committed.  Skipping the batch lost its other rows in a task
+    marked complete; writing them all repeated the committed ones."""
+    from qadpipe.cache import CacheWriter
+
+    run_generate(_config(small_vocab_model, tmp_path / "whole"))   # 12 rows, batches of 2
+    whole = CacheReader(str(tmp_path / "whole"))
+    rows = list(whole.iter_sequences())
+    manifest = json.loads((tmp_path / "whole" / "manifests" / "task-00000.json").read_text())
+    with CacheWriter(str(tmp_path / "cut"), whole.meta, task="task-00000", rows_per_shard=3,
+                     num_tasks=manifest["num_tasks"]) as writer:   # what a kill after the first shard leaves
+        for row in rows[:3]:
+            writer.write(row)
+    rerun = run_generate(_config(small_vocab_model, tmp_path / "cut"))
+    assert (rerun.skipped, rerun.written) == (3, 9)
+    _assert_same_cache(tmp_path / "whole", tmp_path / "cut")
+
+
 def test_sigterm_then_sigkill_then_rerun_equals_an_uninterrupted_run(small_vocab_model: Path, tmp_path: Path) -> None:
     many = {"data.random.num_sequences": 160, "data.random.length": 32, "cache.rows_per_shard": 4}
     run_generate(_config(small_vocab_model, tmp_path / "whole", **many))

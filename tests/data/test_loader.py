@@ -60,6 +60,16 @@ def test_pack_concatenates_every_record(tmp_path: Path, tokenizer: Any) -> None:
     assert all(len(w.input_ids) == 16 for w in windows[:-1]) and all(w.prompt_len == 0 for w in windows)
 
 
+def test_packed_windows_split_across_tasks_add_up_to_one_run(tmp_path: Path, tokenizer: Any) -> None:
+    """Windows are cut from the whole stream, then dealt to the tasks: packing each task's own
+    records would give other windows (and, cut apart, lose their ends)."""
+    cfg = _config(tmp_path, TEXTS, max_length=16, overflow="pack")
+    whole = load_sequences(cfg.data, cfg.generate, tokenizer, len(tokenizer)).sequences
+    parts = [load_sequences(cfg.data, cfg.generate, tokenizer, len(tokenizer), shard_index=i, num_shards=3).sequences
+             for i in range(3)]
+    assert sorted(s.id for part in parts for s in part) == sorted(s.id for s in whole)
+
+
 def test_packed_chats_follow_each_other_as_the_template_ends_them(tmp_path: Path, tokenizer: Any) -> None:
     """A chat record ends with its end of turn ("<|im_end|>\n" in ChatML); an EOS appended after
     it put "<|im_end|>\n<|im_end|>" in every window, once per conversation.  One without an

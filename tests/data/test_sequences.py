@@ -182,6 +182,7 @@ def test_length_limits() -> None:
     windows = list(pack([[1, 2], [3, 4, 5], [6, 9]], 3, separator=9))
     # separator appended unless the record already ends with it; a last window needs 2 tokens
     assert windows == [[1, 2, 9], [3, 4, 5], [9, 6, 9]]
+    assert list(pack([[1, 2, 9], [3, 4]], 4, separator=9)) == [[1, 2, 9, 3], [4, 9]]   # no second 9 after the first
     assert list(pack([[1, 2, 3, 4]], 3, separator=None)) == [[1, 2, 3]]
 
 
