@@ -151,6 +151,25 @@ def test_id_table_outside_the_vocab_is_refused():
         shard_id_order(schema, meta, "s.parquet")
 
 
+def test_a_manifest_under_another_tasks_name_is_refused(cache):
+    """A manifest copied by hand to the next task's name would list its shards twice over."""
+    shutil.copy(cache / MANIFEST, cache / "manifests" / "task-00001.json")
+    refused(cache, r"task-00001\.json: names task 'task-00000', expected 'task-00001'")
+
+
+def test_a_shard_holding_one_id_twice_is_refused(tmp_path):
+    """A shard another writer made (the writer refuses the repeat) with one row id twice: ids
+    are what resume skips and eval holds out, so the reader refuses it by name."""
+    meta = cache_meta("topk", k=8)
+    rows = random_rows(meta, 2)
+    rows[1].id = rows[0].id
+    with CacheWriter(str(tmp_path), meta, rows_per_shard=2) as writer:
+        writer._buffered_ids = type("Forgetful", (set,), {"__contains__": lambda self, item: False})()
+        for row in rows:
+            writer.write(row)
+    refused(tmp_path, rf"{SHARD0}: duplicate row ids within the shard", lambda reader: list(reader.iter_sequences()))
+
+
 def test_a_shard_listed_twice_is_refused(cache):
     edit_manifest(cache, lambda data: data["shards"].append(data["shards"][0]))
     refused(cache, rf"{MANIFEST}: shard {SHARD0} is listed twice \(its rows would be read twice\)")

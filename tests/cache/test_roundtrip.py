@@ -176,14 +176,16 @@ def test_rows_of_array_likes_are_written(tmp_path):
         assert_same_targets(written, read, "plain")
 
 
-def test_several_tasks_merge_into_one_view(tmp_path):
+def test_several_tasks_merge_into_one_view_in_task_order(tmp_path):
+    """Tasks merge in name order, whatever order the directory lists them in (ext4's hash
+    order returned two names sorted, six as 2, 3, 0, 1, ...): the order decides the ranks'
+    ranges, the cache fingerprint and resume positions."""
     meta = cache_meta("topk", encoding="compact")
-    rows_b = random_rows(meta, 3, prefix="b", seed=1)
-    rows_a = random_rows(meta, 4, prefix="a", seed=2)
-    write_cache(tmp_path, meta, rows_b, task="task-00001")
-    write_cache(tmp_path, meta, rows_a, task="task-00000")
+    rows = {task: random_rows(meta, 2 + task % 2, prefix=f"t{task}", seed=task) for task in range(6)}
+    for task in reversed(range(6)):
+        write_cache(tmp_path, meta, rows[task], task=f"task-{task:05d}")
     reader = CacheReader(str(tmp_path))
-    assert [r.id for r in reader.iter_sequences()] == [r.id for r in rows_a + rows_b]
+    assert [r.id for r in reader.iter_sequences()] == [r.id for task in range(6) for r in rows[task]]
 
 
 def test_duplicate_ids_across_tasks_are_refused(tmp_path):
@@ -206,6 +208,19 @@ def test_resume_skips_done_ids_and_appends_shards(tmp_path):
         for row in rows[3:]:
             writer.write(row)
     assert [r.id for r in CacheReader(str(tmp_path)).iter_sequences()] == [r.id for r in rows]
+
+
+def test_an_id_committed_earlier_in_the_same_run_is_refused_by_the_writer(tmp_path):
+    """A shard committed by this writer adds its ids to the done ones: a repeat after the flush
+    was accepted and left a cache every reader refuses."""
+    meta = cache_meta("topk")
+    rows = random_rows(meta, 2)
+    with CacheWriter(str(tmp_path), meta, rows_per_shard=2) as writer:
+        writer.write(rows[0])
+        writer.write(rows[1])   # the shard is committed here
+        with pytest.raises(CacheError, match="'row-00000': already written by task task-00000"):
+            writer.write(rows[0])
+    assert [r.id for r in CacheReader(str(tmp_path)).iter_sequences()] == ["row-00000", "row-00001"]
 
 
 def test_writer_refuses_a_cache_made_differently(tmp_path, monkeypatch):

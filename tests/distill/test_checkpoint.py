@@ -110,6 +110,18 @@ def test_no_checkpoint_and_corrupt_checkpoint(tmp_path: Path):
         latest_checkpoint(tmp_path)
 
 
+
+@pytest.mark.parametrize("lost", ["trainer_state.pt", "model.safetensors"])
+def test_a_checkpoint_named_by_latest_that_lacks_a_file_is_refused_by_name(tmp_path: Path, lost: str):
+    """A step directory damaged by hand (or a sync that dropped a file) would resume from a
+    traceback deep in torch.load or safetensors, or not at all."""
+    model = torch.nn.Linear(3, 3)
+    path = save_checkpoint(tmp_path, model.state_dict(), _state(1, model), load_config(None))
+    (path / lost).unlink()
+    with pytest.raises(DistillError, match=rf"^{path}: checkpoint named by LATEST lacks {lost}$"):
+        latest_checkpoint(tmp_path)
+
+
 def test_pickled_code_is_refused(tmp_path: Path):
     model = torch.nn.Linear(3, 3)
     path = save_checkpoint(tmp_path, model.state_dict(), _state(1, model), load_config(None))

@@ -17,8 +17,6 @@ from qadpipe.cache import CacheReader, CacheWriter
 from qadpipe.config import load_config
 from qadpipe.errors import CacheError, DistillError
 
-pytestmark = pytest.mark.slow
-
 
 class _FullDisk:
     """A file handle that writes half of what it is given, then fails like a full disk."""
