@@ -940,3 +940,8 @@ def test_quant_only_training_learns_the_lsq_steps_of_moe_experts_and_leaves_thei
     assert torch.equal(ptq[experts + "down_proj"], final[experts + "down_proj"])
     step = experts + "down_proj_quantizer.learned.step"
     assert step in ptq and not torch.equal(ptq[step], final[step])
+    # only the quantizers' parameters and the norms train (AngelSlim's scale-only QAD): every
+    # weight matrix, embeddings and linears included, stays as calibrated
+    frozen = [key for key in ptq if ptq[key].ndim >= 2 and "quantizer" not in key]
+    assert frozen and all(torch.equal(ptq[key], final[key]) for key in frozen)
+    assert any(not torch.equal(ptq[key], final[key]) for key in ptq if "norm" in key)

@@ -428,3 +428,29 @@ def test_fp8_weights_vllm_would_requantize_otherwise_are_warned_of(student, tiny
     assert said.startswith("4 layers (first: model.layers.1.self_attn.q_proj): vLLM requantizes per-tensor FP8 "
                            "weights through fp16 and serves ")
     assert said.split(" serves ")[1].split(" of ")[1].startswith(f"their {sum(layer.weight.numel() for layer in scaled)} codes")
+
+
+@pytest.mark.parametrize("preset, group, ct_preset", [
+    ("fp8_static", None, "FP8"), ("fp8", None, "FP8_DYNAMIC"), ("w8a8_int", None, "W8A8"),
+    ("w4a16_int", 32, "W4A16"), ("w4a16_int_asym", 32, "W4A16_ASYM"), ("nvfp4", None, "NVFP4"),
+    ("nvfp4_a16", None, "NVFP4A16"), ("mxfp4", None, "MXFP4"), ("mxfp8", None, "MXFP8"),
+    ("mxfp4_a16", None, "MXFP4A16"), ("mxfp8_a16", None, "MXFP8A16"),
+])
+def test_each_config_group_declares_what_compressed_tensors_own_preset_does(student, tiny_llama_dir, tmp_path,
+                                                                            preset, group, ct_preset):
+    """The reference is compressed-tensors' own published scheme (PRESET_SCHEMES), field by
+    field: a static FP8 input scale declared dynamic would have vLLM compute per-batch scales
+    instead of serving the calibrated one; MX inputs declared static promise scales the
+    checkpoint does not hold."""
+    from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
+
+    _, out = _export(student, tiny_llama_dir, preset, group, tmp_path)
+    (written,) = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"].values()
+    fields = ("num_bits", "type", "strategy", "symmetric", "dynamic", "group_size")
+    for side in ("weights", "input_activations"):
+        args = PRESET_SCHEMES[ct_preset].get(side)
+        expected = None if args is None else {key: args.model_dump(mode="json")[key] for key in fields}
+        if side == "weights" and group is not None:
+            expected["group_size"] = group   # CT's W4A16 presets group by 128, which the tiny model's 64 cannot
+        got = written[side] and {key: written[side][key] for key in fields}
+        assert got == expected, side
