@@ -191,13 +191,19 @@ def test_static_input_scales_are_the_calibrated_range(student, tiny_llama_dir, t
         assert torch.equal(tensors[f"{name}.{field}"], expected(layer.input_quantizer.amax.float())), name
 
 
-def test_mixed_presets_get_one_config_group_each(student, tiny_llama_dir, tmp_path):
-    model, config = student(tiny_llama_dir, "w4a16_int", 32,
-                            rules=[{"targets": r"mlp\.down_proj", "preset": "w8a16_int"}])
+@pytest.mark.parametrize("other, formats", [
+    ("w8a16_int", {"pack-quantized"}),
+    ("nvfp4_a16", {"pack-quantized", "nvfp4-pack-quantized"}),   # two formats: the config says mixed
+])
+def test_mixed_presets_get_one_config_group_each(student, tiny_llama_dir, tmp_path, other, formats):
+    from compressed_tensors.config import CompressionFormat
+
+    model, config = student(tiny_llama_dir, "w4a16_int", 32, rules=[{"targets": r"mlp\.down_proj", "preset": other}])
     out = tmp_path / "export"
     export_model(model, tiny_llama_dir, out, "compressed-tensors", config)
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert qc["format"] == "pack-quantized" and len(qc["config_groups"]) == 2
+    assert len(qc["config_groups"]) == 2 and {g["format"] for g in qc["config_groups"].values()} == formats
+    assert qc["format"] == (formats.pop() if len(formats) == 1 else CompressionFormat.mixed_precision.value)
     targets = sorted(t for g in qc["config_groups"].values() for t in g["targets"])
     assert targets == sorted(quant_linears(model))
     decompressed = ct_decompress(out, list(quant_linears(model)))

@@ -31,6 +31,21 @@ def test_fake_export_loads_and_computes_what_the_student_computes(student, tiny_
         assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 
+def test_a_quantized_source_models_quantization_config_is_not_carried_over(student, tiny_llama_dir, tmp_path):
+    """A student of an FP8 release (its config.json holds a quantization_config): the fake
+    checkpoint holds BF16 weights, which vLLM would read as FP8 ones under that config."""
+    import shutil
+
+    source = tmp_path / "fp8-release"
+    shutil.copytree(tiny_llama_dir, source)
+    config_json = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config_json, "quantization_config": {"quant_method": "fp8"}}))
+    model, config = student(tiny_llama_dir, "w4a16_int", 32)
+    export_model(model, source, tmp_path / "fake", "fake", config)
+    written = json.loads((tmp_path / "fake" / "config.json").read_text())
+    assert "quantization_config" not in written and written["architectures"] == ["LlamaForCausalLM"]
+
+
 def test_fake_export_carries_tokenizer_chat_template_and_generation_config(student, smollm2_dir, tiny_llama_dir, tmp_path):
     model, config = student(tiny_llama_dir, "w4a16_int", 32)
     out = tmp_path / "fake"

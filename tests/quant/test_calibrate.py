@@ -87,6 +87,15 @@ def test_every_static_input_gets_a_range_and_model_runs(make_llama, quant_config
     assert torch.isfinite(model(**_padded_batches(1)[0]).logits).all()
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_calibration_leaves_the_model_in_the_mode_it_found_it(make_llama, quant_config, training):
+    model = make_llama()
+    apply_recipe(model, quant_config(preset="nvfp4"))
+    model.train(training)
+    calibrate(model, _padded_batches(1), 1)
+    assert model.training is training
+
+
 def test_running_out_of_batches_is_an_error(make_llama, quant_config):
     model = make_llama()
     apply_recipe(model, quant_config(preset="nvfp4"))

@@ -178,6 +178,14 @@ def test_ternary_hand_worked():
     assert absmean.scale.item() == torch.tensor(1.525).to(torch.bfloat16).item()
     sherry = quantize(x, QuantSpec(Kind.SHERRY, granularity="channel"))    # drop 0.1 of 4
     assert sherry.codes.tolist() == [[1, -1, 0, 1]] and sherry.scale.item() == 2.0
+    # TWN keeps |x| > delta (Li et al.): 7 is exactly 0.7 x mean 10, so it is dropped
+    tie = quantize(torch.tensor([[7.0, 13.0, 10.0, 10.0]]), QuantSpec(Kind.TWN, granularity="channel"))
+    assert tie.codes.tolist() == [[0, 1, 1, 1]] and tie.scale.item() == 11.0
+    # absmean's codes are taken against the stored (bf16) gamma: 4.014 / 4 = 1.0035 is stored as
+    # 1.0 (below the 1.00390625 midpoint), so 0.501 rounds to 1 as the exported scale serves it
+    # (against 1.0035 it would be 0.499 -> 0)
+    near = quantize(torch.tensor([[0.501, 1.171, 1.171, 1.171]]), QuantSpec(Kind.ABSMEAN, granularity="channel"))
+    assert near.scale.item() == 1.0 and near.codes.tolist() == [[1, 1, 1, 1]]
 
 
 #: Groups whose exact scale lies just above a bf16 rounding boundary, reached only when the

@@ -105,6 +105,19 @@ def test_recipe_adds_kv_quantizers_and_gradients_pass_straight_through(make_llam
     assert model.model.layers[0].self_attn.k_proj.weight.grad.abs().sum() > 0
 
 
+def test_quant_ste_clipped_reaches_the_key_and_the_value_quantizers(make_llama, quant_config):
+    """The clipped STE passes no gradient through what its clamp changed (1000, far beyond any
+    calibrated range) and all of it elsewhere -- on keys and values alike."""
+    model = make_llama()
+    apply_recipe(model, quant_config(preset="w4a16_int", group_size=32, ste="clipped", kv_cache="fp8"))
+    calibrate(model, batches(), 1)
+    for layer in model.model.layers:
+        for quantizer in (layer.self_attn.key_quantizer, layer.self_attn.value_quantizer):
+            x = torch.tensor([0.0, 1000.0], requires_grad=True)
+            quantizer(x).sum().backward()
+            assert x.grad.tolist() == [1.0, 0.0]
+
+
 def test_uncalibrated_kv_quantizers_refuse_to_run_or_export(make_llama):
     from qadpipe.errors import QuantError
 

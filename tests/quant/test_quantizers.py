@@ -195,6 +195,18 @@ def test_an_all_zero_group_gets_a_step_that_can_train():
     assert lsq.step.grad[1, 0] != 0
 
 
+def test_an_lsq_step_that_an_update_made_negative_quantizes_by_its_size():
+    """The step is used as |s| (LSQ's scale is a magnitude): an optimizer step past zero must
+    not mirror the grid, whose [-8, 7] codes are not symmetric."""
+    w = torch.randn(4, 64)
+    spec = QuantSpec(Kind.LSQ, 4, Granularity.GROUP, 32, narrow_range=False)
+    positive, negative = Quantizer(spec, learnable="lsq", weight=w), Quantizer(spec, learnable="lsq", weight=w)
+    with torch.no_grad():
+        positive.step.fill_(0.125)
+        negative.step.fill_(-0.125)
+    assert torch.equal(positive(w), negative(w)) and positive(w).min() >= -8 * 0.125
+
+
 @pytest.mark.parametrize("preset", ["nvfp4_a16", "fp8_static", "w4a16_int"])
 def test_an_all_zero_weight_reloads_calibrated(preset):
     """A weight's amax of 0 is its range (an all-zero Linear), not "never calibrated": a

@@ -137,6 +137,15 @@ def test_deepseek_mla_projections_share_the_nvfp4_weight_global_amax(quant_confi
     (dict(preset="w8a8_int", ignore=["embed_tokens"]),
      "quant.preset: the LM head lm_head with preset 'w8a8_int': vLLM serves a quantized LM head only as "
      "weight-only int"),
+    (dict(preset="nvfp4_a16", ignore=["embed_tokens"]),   # weight-only, but float
+     "quant.preset: the LM head lm_head with preset 'nvfp4_a16': vLLM serves a quantized LM head only as "
+     "weight-only int"),
+    (dict(preset="mxfp4_a16", ignore=["embed_tokens"]),   # weight-only, but float
+     "quant.preset: the LM head lm_head with preset 'mxfp4_a16': vLLM serves a quantized LM head only as "
+     "weight-only int"),
+    (dict(preset="mxfp8_a16", ignore=["embed_tokens"]),   # weight-only, but float
+     "quant.preset: the LM head lm_head with preset 'mxfp8_a16': vLLM serves a quantized LM head only as "
+     "weight-only int"),
     (dict(preset="fp8", ignore=["lm_head"], rules=[{"targets": "attn_proj", "preset": "fp8"}]),
      "quant.rules[0].targets: regex 'attn_proj' matches no nn.Linear"),
     (dict(preset="fp8", rules=[{"targets": "embed_tokens", "preset": "w8a16_int"}]),   # a module, not a Linear
