@@ -563,14 +563,27 @@ def test_a_stop_signal_while_the_teacher_closes_still_commits_the_rows_held(smal
     assert view.incomplete_tasks == [] and sum(shard.rows for shard in view.shards) == 12
 
 
+class _NoPlatform:
+    """vllm.platforms whose lazy current_platform finds no platform, as vLLM says it."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "current_platform":
+            raise RuntimeError("Failed to infer device type")
+        raise AttributeError(name)
+
+
+@pytest.mark.parametrize("broken, said", [(None, "ModuleNotFoundError: "), (_NoPlatform(), "RuntimeError: Failed to infer")],
+                         ids=["not-importable", "no-platform"])
 def test_a_vllm_that_does_not_import_is_one_line_before_the_cache_is_made(tiny_llama_dir: Path, tmp_path: Path,
-                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Installed (find_spec sees it) but broken, e.g. built for another torch: the engine's
-    import raised a traceback, after the cache directory was made."""
+                                                                         monkeypatch: pytest.MonkeyPatch, broken: Any,
+                                                                         said: str) -> None:
+    """Installed (find_spec sees it) but broken, e.g. built for another torch (None in
+    sys.modules: `import vllm.platforms` raises ImportError), or on a machine it resolves no
+    platform for: the engine's import raised a traceback, after the cache directory was made."""
     pytest.importorskip("vllm")
-    monkeypatch.setitem(sys.modules, "vllm.platforms", None)   # `import vllm.platforms` raises ImportError
+    monkeypatch.setitem(sys.modules, "vllm.platforms", broken)
     with pytest.raises(Exception) as raised:
         run_generate(_config(tiny_llama_dir, tmp_path / "cache", **{"teacher.backend": "vllm"}))
     assert type(raised.value).__name__ == "TeacherError"
-    assert str(raised.value).startswith("teacher.backend: got 'vllm', but vLLM does not import (")
+    assert str(raised.value).startswith(f"teacher.backend: got 'vllm', but vLLM does not import ({said}")
     assert "\n" not in str(raised.value) and not (tmp_path / "cache").exists()

@@ -71,9 +71,10 @@ def check_teacher_can_start(config: Any, model_dir: Path, info: TeacherInfo) -> 
     require_vllm()
     try:
         from vllm.platforms import current_platform
-    except ImportError as exc:   # installed, but not importable here (a torch it was not built for, ...)
-        raise TeacherError(f"teacher.backend: got 'vllm', but vLLM does not import ({first_line(exc)}); "
-                           "or set teacher.backend=hf") from None
+    except Exception as exc:   # installed, but not importable here: a torch it was not built
+        # for (ImportError), or no platform it can resolve (its lazy current_platform raises RuntimeError)
+        raise TeacherError(f"teacher.backend: got 'vllm', but vLLM does not import ({type(exc).__name__}: "
+                           f"{first_line(exc)}); or set teacher.backend=hf") from None
 
     from qadpipe.teacher.vllm_backend import refuse_unsupported_cpu_head_size
 
