@@ -74,7 +74,8 @@ def resolve_task(gen: Any, num_shards: Optional[int] = None, shard_index: Option
         # --array=1-4 or 0-6:2: the tasks' ids leave out some of 0..N-1, whose records no task scores
         # (a resubmission of some tasks, --array=3,17, names the first array's size: --num-shards)
         raise ConfigError(f"generate.shard_index: the SLURM array's task ids start at {first} in steps of {step}; "
-                          f"qadpipe's tasks are 0..N-1 (sbatch --array=0-{count - 1}), or pass --shard-index")
+                          f"qadpipe's tasks are 0..N-1 (sbatch --array=0-{count - 1}); to run some tasks of an "
+                          "array, pass --num-shards N, its size")
     if not 1 <= count <= MAX_TASKS:
         raise ConfigError(f"generate.num_shards: got {count}, expected 1 to {MAX_TASKS} tasks")
     if not 0 <= index < count:

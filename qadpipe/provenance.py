@@ -97,7 +97,7 @@ def seal_tree(staged: Path) -> None:
     after the rename could leave a name that promises a whole output over truncated files."""
     share_tree(staged)
     for path in [*staged.rglob("*"), staged]:
-        if path.is_file() or path.is_dir():   # not a link (its target is not ours to sync), nor a socket
+        if not path.is_symlink() and (path.is_file() or path.is_dir()):   # not a link's target, nor a socket
             fsync_path(path)
 
 

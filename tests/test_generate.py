@@ -170,8 +170,8 @@ def test_a_rerun_with_other_data_settings_names_them_not_just_the_fingerprint(sm
     text.write_text("one prompt\nanother prompt\n")
     run_generate(_config(tiny_llama_dir, tmp_path / "from-text", **{"data.source": text}))
     text.write_text("one prompt\nanother prompt, edited\n")
-    with pytest.raises(CacheError, match=r"\(same data and generate settings: the data source's bytes or the chat "
-                                         r"template changed\)"):
+    with pytest.raises(CacheError, match=r"\(same data and generate settings: the data source's bytes, the chat "
+                                         r"template, or how the qadpipe that made the cache renders them changed; "):
         run_generate(_config(tiny_llama_dir, tmp_path / "from-text", **{"data.source": text}))
 
 

@@ -154,6 +154,7 @@ def test_sealing_a_staged_directory_syncs_every_entry_below_it_after_its_modes(t
     (staged / "shards" / "model").mkdir(parents=True)
     (staged / "a.safetensors").write_bytes(b"a")
     (staged / "shards" / "model" / "0.distcp").write_bytes(b"b")
+    (tmp_path / "elsewhere").write_bytes(b"not ours")
     os.symlink(tmp_path / "elsewhere", staged / "link")
     (staged / "shards" / "model" / "0.distcp").chmod(0o600)
     synced = []

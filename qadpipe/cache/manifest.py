@@ -219,7 +219,8 @@ def _data_settings_changed(old: dict, new: dict) -> str:
                if before.get(key) != after.get(key) and key not in per_task]
     if changed:
         return f" ({'; '.join(changed[:3])})"
-    return " (same data and generate settings: the data source's bytes or the chat template changed)"
+    return (" (same data and generate settings: the data source's bytes, the chat template, or how the qadpipe "
+            "that made the cache renders them changed; its runs/<task>/qadpipe_run.yaml names that qadpipe)")
 
 
 def load_view(store: Store) -> CacheView:

@@ -100,6 +100,8 @@ def data_fingerprint(data: DataConfig, gen: GenerateConfig, vocab_size: int, cha
         # 2026-12: their start, then their end alone: other rows)
         settings.update(temperature=gen.temperature, top_p=gen.top_p, max_new_tokens=gen.max_new_tokens,
                         seed=gen.seed, prompt_cut="head+end")
+        if data.field == "messages":   # before 2026-12-07 a prompt ending in an assistant turn was not asked
+            settings["chat_prompt"] = "always asked"
     source = "random" if data.source == "random" else source_fingerprint(data.source, source_name)
     payload = json.dumps({"source": source, "settings": settings}, sort_keys=True)
     return "sha256:" + hashlib.sha256(payload.encode()).hexdigest()[:32]

@@ -242,7 +242,7 @@ def _iter_parquet(path: Path) -> Iterator[SourceRecord]:
 def _iter_text(path: Path, text_field: str) -> Iterator[SourceRecord]:
     position = 0
     for line_no, line in enumerate(_utf8_lines(path), start=1):
-        line = line.removesuffix("\n").removesuffix("\r")
+        line = line.removesuffix("\n").rstrip("\r")   # a CRLF converted twice ends "\r\r\n"
         if line.strip():
             yield SourceRecord(position, {text_field: line}, line_no)
             position += 1

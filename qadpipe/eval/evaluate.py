@@ -186,20 +186,23 @@ def _decompressed(model: nn.Module) -> nn.Module:
     (W4A4, W8A8) stays on, as compressed-tensors runs it.  W4A8 weights become the values vLLM
     serves (:func:`_w4a8_served_weights`), not the library's code x bf16 scale."""
     compressor = getattr(getattr(model, "hf_quantizer", None), "compressor", None)
+    served = _w4a8_served_weights(model)
     if compressor is not None:
-        served = _w4a8_served_weights(model)
         compressor.decompress_model(model)
-        for name, weight in served.items():
-            model.get_submodule(name).weight.data = weight
+    for name, weight in served.items():
+        model.get_submodule(name).weight.data = weight
     return model._apply(lambda t: t.float() if t.dtype in (torch.bfloat16, torch.float16) else t)
 
 
 def _w4a8_served_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The fp32 weights of each packed int4-weight, FP8-input layer (W4A8) as vLLM serves them:
-    its kernel turns the bf16 group scales into FP8 tables at load
+    """The fp32 weights of each int4-weight, FP8-input layer (W4A8) as vLLM serves them: its
+    kernel turns the bf16 group scales into FP8 tables at load
     (:func:`~qadpipe.quant.formats.w4a8_served_values`), which the student trained with;
     compressed-tensors' decompression multiplies codes by the bf16 scales, weights up to a few
-    % of a layer's largest off (another model than the one trained and served)."""
+    % of a layer's largest off (another model than the one trained and served).  The codes come
+    from the packed weight, or, where transformers decompressed it while loading
+    (``run_compressed: false``), from that weight divided by its scale: code x scale is off its
+    code by under 2**-9 of it (a bf16 rounding), and |code| <= 8 rounds back exactly."""
     from qadpipe.quant.formats import w4a8_served_values
     from qadpipe.quant.packing import unpack_int32
     from qadpipe.quant.recipe import PRESETS
@@ -208,13 +211,19 @@ def _w4a8_served_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, module in model.named_modules():
         scheme = getattr(module, "quantization_scheme", None)
         weights, inputs = getattr(scheme, "weights", None), getattr(scheme, "input_activations", None)
-        if not (hasattr(module, "weight_packed") and weights is not None and inputs is not None
+        if not (weights is not None and inputs is not None and weights.symmetric and hasattr(module, "weight_scale")
                 and (weights.type, weights.num_bits, inputs.type, inputs.num_bits) == ("int", 4, "float", 8)):
             continue
-        rows, cols = (int(size) for size in module.weight_shape)
-        spec = dataclasses.replace(PRESETS["w4a8_fp8"].weight, group_size=weights.group_size)
-        codes = unpack_int32(module.weight_packed, 4, (rows, cols)).float().unflatten(-1, (-1, weights.group_size))
-        served[name] = w4a8_served_values(codes, module.weight_scale.float(), spec).reshape(rows, cols)
+        scale = module.weight_scale.float()
+        if hasattr(module, "weight_packed"):
+            rows, cols = (int(size) for size in module.weight_shape)
+            codes = unpack_int32(module.weight_packed, 4, (rows, cols)).float()
+        else:
+            rows, cols = module.weight.shape
+            codes = torch.round(module.weight.float().unflatten(-1, (scale.shape[-1], -1)) / scale.unsqueeze(-1))
+        group = cols // scale.shape[-1]   # per channel: one group of the whole row
+        spec = dataclasses.replace(PRESETS["w4a8_fp8"].weight, group_size=group)
+        served[name] = w4a8_served_values(codes.reshape(rows, -1, group), scale, spec).reshape(rows, cols)
     return served
 
 

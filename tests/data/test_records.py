@@ -55,6 +55,9 @@ def test_lines_end_at_a_newline_only_and_windows_line_ends_read_as_unix_ones(tmp
     text.write_bytes(b"one record\rwith a carriage return\nsecond\n")
     assert [(r.record["text"], r.line) for r in iter_records(str(text))] == [
         ("one record\rwith a carriage return", 1), ("second", 2)]
+    twice = tmp_path / "crcr.txt"   # CRLF converted twice: the records of the text, no carriage return in them
+    twice.write_bytes(b"first line\r\r\nsecond\r\r\n")
+    assert [(r.record["text"], r.line) for r in iter_records(str(twice))] == [("first line", 1), ("second", 2)]
     lines = tmp_path / "cr.jsonl"
     lines.write_bytes(b'{"text": "hello",\r "meta": 1}\n')
     assert [r.record for r in iter_records(str(lines))] == [{"text": "hello", "meta": 1}]

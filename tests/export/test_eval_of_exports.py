@@ -70,13 +70,20 @@ def test_an_nvfp4_w4a4_export_evaluates_with_its_inputs_quantized(student, tiny_
     assert not torch.allclose(exported, weight_only)   # its inputs were quantized
 
 
-def test_a_w4a8_export_evaluates_with_the_weights_vllm_serves(student, tiny_llama_dir, tmp_path):
+@pytest.mark.parametrize("decompressed_at_load", [False, True], ids=["packed", "run_compressed-false"])
+def test_a_w4a8_export_evaluates_with_the_weights_vllm_serves(student, tiny_llama_dir, tmp_path, decompressed_at_load):
     """vLLM's W4A8 kernel turns the bf16 group scales into FP8 tables at load, as the student
     trained; compressed-tensors' decompression (code x bf16 scale) gave eval weights up to ~4%
-    of a layer's largest off.  Its inputs are FP8 per token in both."""
+    of a layer's largest off -- also when transformers decompresses while loading.  Its inputs
+    are FP8 per token in both."""
     model, config = student(tiny_llama_dir, "w4a16_int", 32, dtype="float32",   # fp32 master weights, as distill's
                             rules=[{"targets": r"mlp\.down_proj", "preset": "w4a8_fp8"}])   # K=128
     export_model(model, tiny_llama_dir, tmp_path / "export", "compressed-tensors", config)
+    if decompressed_at_load:
+        path = tmp_path / "export" / "config.json"
+        written = json.loads(path.read_text())
+        written["quantization_config"]["run_compressed"] = False
+        path.write_text(json.dumps(written))
     loaded = load_model(str(tmp_path / "export"), torch.device("cpu"))
     for name in ("model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"):
         trained = model.get_submodule(name).fake_quantized_weight()
