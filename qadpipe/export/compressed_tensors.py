@@ -226,8 +226,7 @@ def plan_schemes(model: nn.Module) -> dict[str, Scheme]:
             spec.check_shape(tuple(layer.weight.shape), name)
         except QuantError as exc:
             raise ExportError(str(exc)) from None
-        inputs = layer.input_quantizer.spec if layer.input_quantizer is not None else None
-        schemes[name] = scheme_for(name, spec, inputs)
+        schemes[name] = _layer_scheme(name, layer)
     experts = quant_experts(model)
     for name, module in experts.items():
         schemes[name] = _experts_scheme(name, module)
@@ -294,12 +293,17 @@ def weight_groups_no_gpu_serves(model: nn.Module) -> list[str]:
     another reason are the export's to refuse."""
     caveats = set()
     for name, layer in quant_linears(model).items():
-        inputs = layer.input_quantizer.spec if layer.input_quantizer is not None else None
         try:
-            caveats.add(_no_gpu_kernel_for_its_groups(scheme_for(name, layer.weight_quantizer.spec, inputs)))
+            caveats.add(_no_gpu_kernel_for_its_groups(_layer_scheme(name, layer)))
         except ExportError:
             continue
     return sorted(caveats - {""})
+
+
+def _layer_scheme(name: str, layer: QuantLinear) -> Scheme:
+    """:func:`scheme_for` a quantized Linear's weight and input specs."""
+    inputs = layer.input_quantizer.spec if layer.input_quantizer is not None else None
+    return scheme_for(name, layer.weight_quantizer.spec, inputs)
 
 
 def _no_gpu_kernel_for_its_groups(scheme: Scheme) -> str:
