@@ -163,6 +163,7 @@ def _cache_meta(config: PipelineConfig, model_dir: Path, vocab_size: int, tokeni
         num_samples=cache.num_samples, encoding=cache.encoding, data_fingerprint=data_fp,
         # the two backends draw from different distributions: tasks must not mix them
         sampled_from=("vocab" if config.teacher.backend == "hf" else "topk+tail") if cache.target == "sampled" else "",
+        draw_seed=config.generate.seed if cache.target == "sampled" else -1,
         config=config_to_dict(config),
     )
 

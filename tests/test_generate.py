@@ -112,6 +112,23 @@ def test_tasks_split_the_records_and_add_up_to_one_run(small_vocab_model: Path, 
     _assert_same_cache(tmp_path / "one", tmp_path / "three")
 
 
+def test_a_sampled_cache_refuses_a_task_drawing_with_another_seed(small_vocab_model: Path, tmp_path: Path) -> None:
+    """In score mode the seed shapes only the draws, not the data: it used to be in no part of the
+    cache's identity, so a resume or a second task with another seed mixed two runs' draws."""
+    from qadpipe.errors import CacheError
+
+    sampled = {"cache.target": "sampled", "cache.num_samples": 16}
+    cache = tmp_path / "cache"
+    run_generate(_config(small_vocab_model, cache, **sampled), num_shards=2, shard_index=0)
+    assert CacheReader(str(cache)).meta.draw_seed == 0
+    with pytest.raises(CacheError, match=r"cache was written with draw_seed=0, this writer has draw_seed=7"):
+        run_generate(_config(small_vocab_model, cache, **sampled, **{"generate.seed": 7}), num_shards=2, shard_index=1)
+    top_k = tmp_path / "top-k"   # top-k targets draw nothing: the seed does not split their caches
+    run_generate(_config(small_vocab_model, top_k), num_shards=2, shard_index=0)
+    run_generate(_config(small_vocab_model, top_k, **{"generate.seed": 7}), num_shards=2, shard_index=1)
+    assert CacheReader(str(top_k)).meta.draw_seed == -1
+
+
 def test_a_task_of_an_array_whose_records_are_all_dropped_commits_empty(small_vocab_model: Path,
                                                                         tmp_path: Path) -> None:
     """Records alternate long and 1-token: task 1 of 2 gets only 1-token ones.  It used to fail

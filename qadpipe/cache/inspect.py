@@ -59,7 +59,7 @@ def summarize(root: str, *, rehash: bool = False) -> dict:
         "target_kind": meta.target_kind,
         "k": meta.k if meta.target_kind == "topk" or meta.sampled_from == "topk+tail" else None,
         "num_samples": meta.num_samples if meta.target_kind == "sampled" else None, "encoding": meta.encoding,
-        "sampled_from": meta.sampled_from,
+        "sampled_from": meta.sampled_from, "draw_seed": meta.draw_seed if meta.draw_seed >= 0 else None,
         "teacher": {"name": meta.teacher, "revision": meta.teacher_revision, "dtype": meta.teacher_dtype,
                     "logprobs_mode": meta.logprobs_mode, "temperature": meta.temperature},
         "tokenizer_fingerprint": meta.tokenizer_fingerprint, "vocab_size": meta.vocab_size,
@@ -151,6 +151,8 @@ def render(summary: dict) -> str:
     size = f"k={s['k']}" if s["target_kind"] == "topk" else f"N={s['num_samples']} draws"
     if s["sampled_from"]:
         size += " from the full vocabulary" if s["sampled_from"] == "vocab" else f" from the top-{s['k']} and a tail bucket"
+    if s["draw_seed"] is not None:
+        size += f" (seed {s['draw_seed']})"
     lines = [
         f"cache       {s['cache']}",
         f"format      v{s['format_version']}, {s['target_kind']} {size}, {s['encoding']} encoding",

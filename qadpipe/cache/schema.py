@@ -77,6 +77,9 @@ class CacheMeta:
     temperature: float = 1.0
     data_fingerprint: str = ""
     sampled_from: str = ""
+    # the seed of a sampled cache's draws (-1: top-k targets, or a sampled cache from before
+    # 2026-12-08, which did not record it): tasks or a resume with another seed would mix draws
+    draw_seed: int = -1
     config: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
@@ -95,6 +98,8 @@ class CacheMeta:
                              "targets (counts are stored as uint16)")
         if self.sampled_from not in ("", *SAMPLED_FROM):
             raise CacheError(f"cache meta sampled_from={self.sampled_from!r}: expected one of {SAMPLED_FROM}")
+        if not -1 <= self.draw_seed < 2**32:
+            raise CacheError(f"cache meta draw_seed={self.draw_seed}: expected -1 (not recorded) or a seed 0 to 2**32-1")
 
     def identity(self) -> dict[str, Any]:
         """The fields two parts of one cache must agree on: all but ``config`` and ``teacher``.

@@ -135,7 +135,7 @@ class GenerateConfig:
         "sampling temperature for completions (targets stay the raw T=1 distribution)", ge=0.0)
     top_p: float = opt(0.95, "nucleus sampling for completions", gt=0.0, le=1.0)
     max_new_tokens: int = opt(128, "completion length limit", ge=1)
-    seed: int = opt(0, "sampling seed", ge=0, lt=2**32)
+    seed: int = opt(0, "sampling seed: completions, and the draws of a sampled cache", ge=0, lt=2**32)
     num_shards: Optional[int] = opt(None,
         "split records across this many tasks (default: SLURM_ARRAY_TASK_COUNT or 1)", ge=1)
     shard_index: Optional[int] = opt(None,

@@ -52,7 +52,7 @@ def test_compact_tail_statistics_are_exact_and_streamed(tmp_path):
 
 
 def test_inspect_sampled(tmp_path):
-    meta = dataclasses.replace(cache_meta("sampled", sampled_from="topk+tail"), k=64)   # vLLM's capture width
+    meta = dataclasses.replace(cache_meta("sampled", sampled_from="topk+tail", draw_seed=5), k=64)   # vLLM's capture width
     rows = random_rows(meta, 3)
     write_cache(tmp_path, meta, rows)
     data = json.loads(CliRunner().invoke(cli, ["inspect", str(tmp_path), "--json"]).output)
@@ -61,8 +61,9 @@ def test_inspect_sampled(tmp_path):
     draws = {"tail": sum(int(r.sample_counts[r.sample_ids == TAIL_ID].sum()) for r in rows),
              "all": sum(int(r.sample_counts.sum()) for r in rows)}
     assert 0 < draws["tail"] and data["targets"]["tail_draw_fraction"] == pytest.approx(draws["tail"] / draws["all"])
-    assert data["sampled_from"] == "topk+tail"
-    assert "sampled N=50 draws from the top-64 and a tail bucket" in CliRunner().invoke(cli, ["inspect", str(tmp_path)]).output
+    assert (data["sampled_from"], data["draw_seed"]) == ("topk+tail", 5)
+    assert "sampled N=50 draws from the top-64 and a tail bucket (seed 5)," in CliRunner().invoke(
+        cli, ["inspect", str(tmp_path)]).output
 
 
 def test_inspect_verify_flags_a_corrupt_shard(tmp_path):

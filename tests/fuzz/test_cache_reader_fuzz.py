@@ -311,7 +311,10 @@ def test_footer_with_invalid_utf8_column_name(caches, tmp_path):
     flipped bit in the footer's schema, size unchanged so the open-time checks reach it)."""
     root = shutil.copytree(caches[("topk", "compact")], tmp_path / "cache")
     path = root / SHARD0
-    path.write_bytes(mutate(path.read_bytes(), [("flip", 5750, 128)]))
+    data = path.read_bytes()
+    footer = len(data) - 8 - int.from_bytes(data[-8:-4], "little")
+    name = data.index(b"topk_ranks", footer)   # the schema's column name (the metadata holds none)
+    path.write_bytes(mutate(data, [("flip", name, 128)]))
     _refused(root, r"task-00000-000000.parquet: .*not a readable Parquet shard")
 
 
