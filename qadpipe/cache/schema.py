@@ -77,8 +77,8 @@ class CacheMeta:
     temperature: float = 1.0
     data_fingerprint: str = ""
     sampled_from: str = ""
-    # the seed of a sampled cache's draws (-1: top-k targets, or a sampled cache from before
-    # 2026-12-08, which did not record it): tasks or a resume with another seed would mix draws
+    # the seed of a sampled cache's draws (-1: top-k targets, or a sampled cache written before
+    # qadpipe recorded it, which a task now refuses to extend): another seed would mix draws
     draw_seed: int = -1
     config: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
