@@ -13,6 +13,7 @@ import datetime
 import decimal
 import hashlib
 import json
+import re
 import uuid
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple, Optional
@@ -125,10 +126,23 @@ def source_fingerprint(source: str, source_name: str = "data.source") -> str:
     digest = hashlib.sha256()
     for file in files:
         digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+        # before 2026-12-07 a text file was also split at a lone "\r" (other records, other ids)
+        scan = file.suffix.lower() in TEXT_SUFFIXES
+        lone_carriage_return, carried = False, b""
         with open(file, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
+                if scan and not lone_carriage_return:
+                    window = carried + block   # a run of "\r" split between two blocks
+                    lone_carriage_return = _LONE_CARRIAGE_RETURN.search(window) is not None
+                    carried = window[len(window.rstrip(b"\r")):]
+        if lone_carriage_return:
+            digest.update(b"\0lines end at \\n only")
     return "sha256:" + digest.hexdigest()[:32]
+
+
+# "\r" that ends no line: not followed by "\n" once the "\r" of a CRLF converted twice are skipped
+_LONE_CARRIAGE_RETURN = re.compile(rb"\r+[^\r\n]")
 
 
 def _undecoded(feature: Any) -> Any:

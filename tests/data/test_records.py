@@ -63,6 +63,34 @@ def test_lines_end_at_a_newline_only_and_windows_line_ends_read_as_unix_ones(tmp
     assert [r.record for r in iter_records(str(lines))] == [{"text": "hello", "meta": 1}]
 
 
+def _bytes_hash(path: Path) -> str:
+    """The fingerprint of a file as it was before the line-end change: its name, then its bytes."""
+    return "sha256:" + hashlib.sha256(path.name.encode() + path.read_bytes()).hexdigest()[:32]
+
+
+@pytest.mark.parametrize("content, read_as_before", [
+    (b"a\nb\n", True), (b"a\r\nb\r\n", True), (b"a\r\r\nb\r\r\n", True), (b"end without a newline\r", True),
+    (b"a\rb\n", False), (b"a\r \n", False), (b"a\r\r\r", True), (b"a\r\r\rx\n", False),
+])
+def test_a_text_file_that_a_lone_carriage_return_used_to_split_has_another_fingerprint(
+        tmp_path: Path, content: bytes, read_as_before: bool) -> None:
+    """Its records changed with the line ends (see above): a cache of the old records must not
+    take the new ones under the same fingerprint.  Files read as before keep theirs."""
+    path = tmp_path / "d.txt"
+    path.write_bytes(content)
+    assert (source_fingerprint(str(path)) == _bytes_hash(path)) == read_as_before
+    lines = tmp_path / "d.jsonl"   # a lone "\r" there reads the same records or is refused: nothing mixes
+    lines.write_bytes(b'{"text": "a"}\r ' + content.replace(b"\n", b" ") + b"\n")
+    assert source_fingerprint(str(lines)) == _bytes_hash(lines)
+
+
+def test_a_run_of_carriage_returns_split_between_two_read_blocks_is_judged_whole(tmp_path: Path) -> None:
+    path = tmp_path / "d.txt"
+    for tail, lone in ((b"\r\n", False), (b"x\n", True)):
+        path.write_bytes(b"x" * ((1 << 20) - 3) + b"\r\r\r" + tail)   # the first block ends with the run
+        assert (source_fingerprint(str(path)) != _bytes_hash(path)) == lone
+
+
 def test_ids_are_stable_and_distinguish_position_and_content() -> None:
     ids = [record_id(r, i) for i, r in enumerate(RECORDS)]
     assert ids == [record_id(r, i) for i, r in enumerate(RECORDS)]
