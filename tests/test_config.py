@@ -148,6 +148,22 @@ BAD_CONFIGS = [
                  "data.chat_date: got '7 Dec 2026' (str), expected a date as YYYY-MM-DD", id="chat-date-not-iso"),
     pytest.param(None, ["distill={[a]: 1}"],
                  "distill: got '{[a]: 1}' (str), expected a mapping of fields", id="override-with-a-list-key"),
+    # each bound one step past the value it still takes (see test_bounds_take_their_own_endpoint)
+    pytest.param(None, ["cache.k=0"], "cache.k: got 0 (int), expected a value >= 1", id="k-zero"),
+    pytest.param(None, ["cache.k=4097"], "cache.k: got 4097 (int), expected a value <= 4096", id="k-past-4096"),
+    pytest.param(None, ["distill.lr=0"], "distill.lr: got 0.0 (float), expected a value > 0.0", id="lr-zero"),
+    pytest.param(None, ["distill.seed=4294967296"],
+                 "distill.seed: got 4294967296 (int), expected a value < 4294967296", id="seed-2-to-the-32"),
+    pytest.param(None, ["eval.batch_size=0"], "eval.batch_size: got 0 (int), expected a value >= 1",
+                 id="eval-batch-zero"),
+    pytest.param(None, ["model.trust_remote_code=1"],
+                 "model.trust_remote_code: got 1 (int), expected true or false", id="bool-from-int"),
+    pytest.param(None, ["distill.lr=true"], "distill.lr: got True (bool), expected a number", id="float-from-bool"),
+    pytest.param(None, ["generate.num_shards=2", "generate.shard_index=2"],
+                 "generate.shard_index: got 2, expected a value < num_shards (2)", id="shard-index-equals-num-shards"),
+    pytest.param(None, ["distill.mode=online", "distill.kd_loss_weight=0"],
+                 "distill.kd_loss_weight and lm_loss_weight: both 0, so mode=online would train on a zero loss; "
+                 "expected one of them > 0", id="nothing-to-train-online"),
 ]
 
 
@@ -290,3 +306,19 @@ def test_off_for_an_optional_choice_says_null_is_none():
                                           r"for none, null \(YAML reads off and no as false\)$"):
         load_config(None, ["quant.kv_cache=off"])
     assert load_config(None, ["quant.kv_cache=null"]).quant.kv_cache is None
+
+
+def test_bounds_take_their_own_endpoint():
+    """The inclusive ends of the ranges BAD_CONFIGS refuses one step past."""
+    config = load_config(None, ["cache.k=4096", "generate.top_p=1.0", "teacher.gpu_memory_utilization=1",
+                                "distill.seed=4294967295", "generate.num_shards=2", "generate.shard_index=1",
+                                "distill.max_grad_norm=0", "quant.activation_percentile=100"])
+    assert (config.cache.k, config.generate.top_p, config.teacher.gpu_memory_utilization) == (4096, 1.0, 1.0)
+    assert (config.distill.seed, config.generate.shard_index) == (2**32 - 1, 1)
+    assert load_config(None, ["cache.k=1"]).cache.k == 1
+
+
+def test_the_last_set_of_a_field_wins(tmp_path: Path):
+    """`--set` overrides apply in order, as a shell script appending one expects."""
+    config = load_config(None, ["distill.lr=1e-4", "distill.max_steps=3", "distill.lr=2e-5"])
+    assert config.distill.lr == pytest.approx(2e-5) and config.distill.max_steps == 3

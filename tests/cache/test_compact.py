@@ -189,3 +189,23 @@ def test_a_row_whose_ranks_the_int32_decoder_could_not_sum_is_refused_at_write()
     order = np.arange(vocab, dtype=np.int32)
     decoded, _ = compact.decode_topk(rank_column.astype(np.uint32), steps.astype(np.uint16), order)
     np.testing.assert_array_equal(decoded, ids[:, :1024])
+
+
+def test_hand_worked_tail_codes_and_their_documented_precision():
+    """code = rint(-ln(tail) * 256): tail 0.01 -> rint(1178.92) = 1179, 0.5 -> rint(177.45) = 177;
+    above 0.5 the top-k mass is coded and the high bit set: 0.99 -> 0x8000 | 1179.  Each decodes
+    within the README's 0.2 % (half a step of 1/256 nat is 0.195 %), written out here rather than
+    read from the module's own constant."""
+    tail = np.array([0.01, 0.5, 0.99, 1e-6])
+    codes = compact.tail_codes(tail)
+    assert codes.tolist() == [1179, 177, 0x8000 | 1179, 3537]   # -ln(1e-6) * 256 = 3536.75
+    decoded = compact.decode_tail_codes(codes)
+    small, small_decoded = np.minimum(tail, 1 - tail), np.minimum(decoded, 1 - decoded)
+    assert (np.abs(small_decoded / small - 1) <= 0.002).all()
+
+
+def test_id_order_is_most_frequent_first_ties_by_id():
+    """The id table behind the compact ranks: 9 occurs 3 times, 2 and 7 twice (tie: the lower id
+    first), 4 once."""
+    ids = np.array([[7, 9, 2], [9, 4, 2], [9, 7, 0]])
+    assert compact.id_order(ids).tolist() == [9, 2, 7, 0, 4]

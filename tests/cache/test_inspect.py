@@ -103,3 +103,66 @@ def test_inspect_flags_shards_whose_own_metadata_the_edited_manifest_contradicts
     assert result.exit_code == 2
     assert "2 of 2 shards failed their checks; first: shards/task-00000-000000.parquet: shard has k=8, the cache " \
            "manifest says k=4" in result.stderr
+
+
+def test_a_full_vocabulary_sampled_cache_has_no_k(tmp_path):
+    """The HF backend draws from the whole vocabulary: there is no top-K, so --json says null
+    (not the 0 the metadata holds) and the text names the full vocabulary."""
+    meta = cache_meta("sampled", sampled_from="vocab")
+    write_cache(tmp_path, meta, random_rows(meta, 2))
+    data = json.loads(CliRunner().invoke(cli, ["inspect", str(tmp_path), "--json"]).output)
+    assert data["k"] is None and data["num_samples"] == 50 and data["sampled_from"] == "vocab"
+    assert "sampled N=50 draws from the full vocabulary" in CliRunner().invoke(cli, ["inspect", str(tmp_path)]).output
+
+
+def _corrupt_id_column(shard):
+    id_chunk = pq.ParquetFile(shard).metadata.row_group(0).column(0)   # not read by the tally
+    data = bytearray(shard.read_bytes())
+    data[id_chunk.data_page_offset + id_chunk.total_compressed_size // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+
+
+def test_a_bad_shards_targets_stay_out_of_the_statistics_and_its_tokens_are_counted(tmp_path):
+    """Tail statistics say "(readable shards only)": a shard that fails --verify adds nothing to
+    them, even when the column they read is intact; "N of them in 1 bad shard" counts the bad
+    shard's tokens on the tokens line and its rows on the rows line."""
+    meta = cache_meta("topk", k=8, encoding="plain")
+    rows = random_rows(meta, 4, seq_len=12)
+    write_cache(tmp_path, meta, rows)   # two rows per shard
+    _corrupt_id_column(tmp_path / "shards/task-00000-000001.parquet")
+    result = CliRunner().invoke(cli, ["inspect", str(tmp_path), "--json", "--verify"])
+    assert result.exit_code == 2
+    data = json.loads(result.stdout)
+    good = np.concatenate([rows[0].tail_mass, rows[1].tail_mass])
+    assert data["targets"]["tail_mass_mean"] == pytest.approx(good.mean(), rel=1e-12)
+    positions = [len(row.input_ids) - 1 for row in rows]
+    assert data["tokens"] == sum(positions)
+    text = CliRunner().invoke(cli, ["inspect", str(tmp_path), "--verify"]).stdout
+    bad = positions[2] + positions[3]
+    assert f"tokens      {sum(positions)} target positions, {bad} of them in 1 bad shard" in text
+    assert "rows        4, 2 of them in 1 bad shard" in text
+    stats = data["targets"]
+    assert (f"tail mass   mean {stats['tail_mass_mean']:.4f}, p5 {stats['tail_mass_p5']:.4f}, "
+            f"p50 {stats['tail_mass_p50']:.4f} (readable shards only)") in text
+
+
+def test_a_missing_shard_fails_inspect_without_verify(tmp_path):
+    """No re-hash is needed to see a shard the manifest lists but the store lacks: exit 2."""
+    meta = cache_meta("topk")
+    write_cache(tmp_path, meta, random_rows(meta, 4))
+    (tmp_path / "shards/task-00000-000001.parquet").unlink()
+    result = CliRunner().invoke(cli, ["inspect", str(tmp_path)])
+    assert result.exit_code == 2
+    error = result.stderr.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("qadpipe: error: ")
+    assert "1 of 2 shards failed their checks; first: shards/task-00000-000001.parquet" in error[0]
+
+
+def test_the_cache_argument_wins_over_the_config(tmp_path):
+    """`qadpipe inspect CACHE -c cfg.yaml` reads CACHE; cache.path is only the default."""
+    meta = cache_meta("topk", k=8)
+    write_cache(tmp_path / "named", meta, random_rows(meta, 3))
+    result = CliRunner().invoke(cli, ["inspect", str(tmp_path / "named"), "--json",
+                                      "--set", f"cache.path={tmp_path / 'elsewhere'}"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["rows"] == 3

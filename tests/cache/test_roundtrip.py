@@ -317,6 +317,21 @@ def test_writer_refuses_sampled_counts_that_do_not_sum_to_the_draws(tmp_path):
         writer.write(row)
 
 
+def test_writer_refuses_a_sampled_id_drawn_zero_times(tmp_path):
+    """A count of 0 keeps the row's sum at num_samples but lists an id never drawn: the reader
+    refuses such a shard ("a count is < 1"), so the writer must refuse the row first."""
+    meta = cache_meta("sampled")
+    row = random_rows(meta, 1, seq_len=8)[0]
+    counts = row.sample_counts.copy()
+    assert row.sample_offsets[1] >= 2          # the first position drew at least two distinct ids
+    counts[1] += counts[0]
+    counts[0] = 0
+    row.sample_counts = counts
+    with CacheWriter(str(tmp_path), meta) as writer, pytest.raises(
+            CacheError, match=r"sample_counts must be >= 1 and sum to num_samples=50 per row"):
+        writer.write(row)
+
+
 def test_file_uri_and_plain_path_name_the_same_cache(tmp_path):
     meta = cache_meta("topk")
     write_cache(f"file://{tmp_path}", meta, random_rows(meta, 3))

@@ -544,3 +544,54 @@ def test_a_student_trained_online_without_a_cache_is_not_claimed_unseen_on_a_cac
     assert unseen_claim(rows, {"qad": str(final)}) == " (never trained on)"
     assert unseen_claim(rows, {"qad": str(final), "online": str(online)}) == \
         " (NOT verified unseen: online trained without a cache)"
+
+
+def test_the_fewest_rows_any_model_held_out_are_the_ones_scored(tmp_path: Path, caplog):
+    """Two exports recording 5 and 3 held-out rows, distill.eval_rows 16: rows 3 and 4 trained the
+    second model, so only the first 3 are unseen by both (whichever order the models come in)."""
+    from qadpipe.eval.evaluate import held_out_rows
+
+    models = {}
+    for name, rows in (("five", 5), ("three", 3), ("four", 4)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "qadpipe_run.yaml").write_text(f"stage: export\ntraining: {{eval_rows: {rows}}}\n")
+        models[name] = str(tmp_path / name)
+    config = load_config(None, ["distill.eval_rows=16"])
+    with caplog.at_level("WARNING", logger="qadpipe.eval.evaluate"):
+        assert held_out_rows(config, models) == 3
+    assert f"the run of {tmp_path / 'three'} held out only the first 3 cache rows" in caplog.text
+
+
+def test_eval_data_scores_at_most_max_sequences(tiny_llama_dir: Path, tmp_path: Path):
+    """eval.max_sequences caps a data file as it caps the cache's rows: 5 records, 3 scored."""
+    from qadpipe.eval.evaluate import held_out
+    from qadpipe.models import load_tokenizer
+
+    data = tmp_path / "held_out.jsonl"
+    data.write_text("".join(json.dumps({"text": f"Record {i} about the sea."}) + "\n" for i in range(5)))
+    config = load_config(None, [f"model.path={tiny_llama_dir}", f"eval.data={data}", "eval.max_sequences=3",
+                                f"cache.path={tmp_path / 'no-cache'}"])
+    tokenizer = load_tokenizer(str(tiny_llama_dir))
+    first = tokenizer("Record 0 about the sea.").input_ids
+    scored = held_out(config, tokenizer, len(tokenizer), 16)
+    assert len(scored.sequences) == 3 and scored.description.startswith("3 sequences of ")
+    assert scored.sequences[0][-len(first):] == first   # the file's first records, in order
+    more = load_config(None, [f"model.path={tiny_llama_dir}", f"eval.data={data}", "eval.max_sequences=8",
+                              f"cache.path={tmp_path / 'no-cache'}"])
+    assert len(held_out(more, tokenizer, len(tokenizer), 16).sequences) == 5
+
+
+def test_one_model_without_a_recorded_cache_fingerprint_weakens_the_unseen_claim(tmp_path: Path):
+    """"never trained on" needs every model's record to name the cache it trained on; one that
+    records only its eval_rows (an older export) leaves "held out in training by distill.eval_rows"."""
+    from qadpipe.eval.evaluate import HeldOut, unseen_claim
+
+    records = {"new": "training: {eval_rows: 4, cache_fingerprint: fp}", "old": "training: {eval_rows: 4}"}
+    models = {}
+    for name, training in records.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "qadpipe_run.yaml").write_text(f"stage: export\n{training}\n")
+        models[name] = str(tmp_path / name)
+    data = HeldOut([[1, 2, 3]], [0], None, "1 held-out row of the cache c", cache_fingerprint="fp")
+    assert unseen_claim(data, models) == " (held out in training by distill.eval_rows)"
+    assert unseen_claim(data, {"new": models["new"]}) == " (never trained on)"

@@ -38,3 +38,12 @@ def test_write_report_files(tmp_path: Path):
     for key in ("kl_plot", "curves_plot"):
         assert paths[key].read_bytes()[:8] == PNG_MAGIC
     assert [row["step"] for row in read_metrics(metrics)] == [1, 2]  # the torn last line is skipped
+
+
+def test_a_baseline_with_no_kl_gets_no_ratio_rather_than_a_crash():
+    """A PTQ baseline at KL 0 (e.g. eval.models.ptq naming the teacher itself) has no ratio to
+    give: the table shows '–' for every row instead of dividing by zero."""
+    results = {"teacher": {"kl": 0.0}, "ptq": {"kl": 0.0}, "qad": {"kl": 0.05}}
+    assert kl_ratio(results, "qad") is None
+    table = render_table(results).splitlines()
+    assert table[3] == "| ptq | 0.0000 | – |" and table[4] == "| qad | 0.0500 | – |"

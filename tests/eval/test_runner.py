@@ -98,3 +98,30 @@ def test_small_chunks_give_the_same_figures_without_any_whole_batch_logits(model
     for name in reference:   # abs: the teacher's KL to itself is rounding noise (~1e-11) either way
         assert chunked[name] == pytest.approx(reference[name], rel=1e-6, abs=1e-9), name
     assert chunked["noisy"]["positions"] == 27 + 18 + 2
+
+
+def test_each_sequence_keeps_its_own_start_in_every_batch(models):
+    """starts[i] belongs to sequence i whatever batch it lands in (eval.data with
+    generate.include_prompt=false gives every record its own start).  Against a float64
+    reference, one full forward per sequence, scoring positions start..len-2 by hand."""
+    teacher, student = models
+    sequences = [list(range(100, 130)), list(range(200, 212)), list(range(300, 321)), list(range(400, 409))]
+    starts = [0, 7, 3, 5]
+    kl_sum, matches, nll_sum, count = 0.0, 0, 0.0, 0
+    for seq, start in zip(sequences, starts):
+        with torch.no_grad():
+            t = torch.log_softmax(teacher(input_ids=torch.tensor([seq])).logits[0].double(), -1)
+            s = torch.log_softmax(student(input_ids=torch.tensor([seq])).logits[0].double(), -1)
+        for pos in range(start, len(seq) - 1):
+            kl_sum += float((t[pos].exp() * (t[pos] - s[pos])).sum())
+            matches += int(t[pos].argmax() == s[pos].argmax())
+            nll_sum += -float(s[pos, seq[pos + 1]])
+            count += 1
+    assert count == 29 + 4 + 17 + 3
+    for batch_size in (1, 3, 4):
+        result = compare_to_teacher(teacher, {"noisy": student}, sequences, pad_id=0, starts=starts,
+                                    batch_size=batch_size)["noisy"]
+        assert result["positions"] == count, batch_size
+        assert result["kl"] == pytest.approx(kl_sum / count, rel=1e-4), batch_size
+        assert result["top1_agreement"] == matches / count, batch_size
+        assert result["nll"] == pytest.approx(nll_sum / count, rel=1e-5), batch_size

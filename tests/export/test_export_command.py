@@ -161,3 +161,15 @@ def test_a_previous_export_is_replaced_but_not_a_file_the_user_added_to_it(final
                              "export (it holds NOTES.md, chat_template.jinja, config.json and 6 more); expected a new "
                              "or empty directory (or a previous export to replace)\n")
     assert (out / "NOTES.md").read_text() == "keep me" and (out / "logs" / "vllm.log").is_file()
+
+
+def test_the_format_option_wins_over_the_config(final_dir, tmp_path):
+    """`--format fake` over a config asking for compressed-tensors (the default): a BF16
+    checkpoint with no quantization config, and the record says fake."""
+    final, _ = final_dir
+    out = tmp_path / "export"
+    result = CliRunner().invoke(cli, ["export", "--checkpoint", str(final), "--output", str(out), "--format", "fake",
+                                      "--set", "export.format=compressed-tensors"])
+    assert result.exit_code == 0, result.output
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    assert yaml.safe_load((out / "qadpipe_run.yaml").read_text())["config"]["export"]["format"] == "fake"
