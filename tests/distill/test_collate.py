@@ -34,6 +34,7 @@ def test_padded_masks_and_alignment_by_hand():
     assert batch.targets.topk_ids[:, 0].tolist() == [100, 110, 100, 110]
     torch.testing.assert_close(batch.targets.tail_mass, torch.full((4,), 0.4))
     assert batch.position_ids is None and batch.num_positions == 4 and batch.num_sequences == 2
+    assert batch.num_tokens == 8   # the rows' own tokens (5 + 3): tokens/s counts no padding
 
 
 def test_targets_follow_the_mask_order_for_random_rows():
@@ -81,6 +82,7 @@ def test_pack_layout_and_position_restarts():
                                           [False, True, True, False, False, False]]
     # targets in mask order: a's rows, c's row, then b's rows
     assert batch.targets.next_tokens.tolist() == [6, 7, 13, 10, 11]
+    assert batch.num_tokens == 9 and batch.num_sequences == 3   # 12 slots, 3 of them padding
     # rows that fill a window exactly share it
     exact = collate([topk_row("a", [5, 6, 7], 0), topk_row("d", [1, 2, 3], 0)], pad_id=PAD, pack_length=6)
     assert exact.input_ids.tolist() == [[5, 6, 7, 1, 2, 3]]

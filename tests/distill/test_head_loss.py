@@ -106,6 +106,34 @@ def test_figures_mass_on_s_by_hand_padded_slots_excluded():
     assert float(stats["mass_teacher"]) == pytest.approx(float((1 - targets.tail_mass.double()).sum()), rel=1e-12)
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_summarized_figures_are_per_position_means_whatever_the_chunking(chunk):
+    """What metrics.jsonl and the held-out eval report (kl, top1, mass on S, loss, ce) are
+    means over positions: the summed figures divided by the positions they were summed over,
+    not by the number of chunks (or batches) that carried them."""
+    from qadpipe.distill.head_loss import summarize
+
+    gen = torch.Generator().manual_seed(10)
+    targets, _ = make_targets("topk", gen)
+    head = nn.Linear(D, V, bias=False)
+    hidden = torch.randn(N, D, generator=gen)
+    spec = LossSpec(kd_weight=0.8, lm_weight=0.3)
+    with torch.no_grad():
+        _, stats = head_loss(hidden, head, targets, spec, chunk)
+        logp = torch.log_softmax(head(hidden).double(), -1)
+    kl = losses.forward_kl_tail(logp, targets.topk_ids, targets.topk_logprobs.double(), targets.tail_mass.double())
+    ce = -logp.gather(1, targets.next_tokens[:, None]).squeeze(1)
+    got = summarize(stats)
+    assert got["positions"] == N
+    assert got["kl"] == pytest.approx(float(kl.mean()), rel=1e-5)
+    assert got["top1"] == pytest.approx(float((logp.argmax(-1) == targets.topk_ids[:, 0]).double().mean()), abs=1e-12)
+    assert got["ce"] == pytest.approx(float(ce.mean()), rel=1e-5)
+    assert got["loss"] == pytest.approx(float((0.8 * kl + 0.3 * ce).mean()), rel=1e-5)
+    assert got["topk_mass_student"] == pytest.approx(float(logp.gather(1, targets.topk_ids).exp().sum(-1).mean()),
+                                                     rel=1e-5)
+    assert got["topk_mass_teacher"] == pytest.approx(float((1 - targets.tail_mass.double()).mean()), rel=1e-9)
+
+
 def test_sampled_top1_agreement_is_against_the_most_drawn_token():
     """A sampled cache's teacher top-1 is its most-weighted draw: here the student's argmax
     is that draw at 30 of 40 positions and absent from the draws elsewhere.  Not the first

@@ -18,3 +18,11 @@ def test_linear_constant_and_no_warmup():
     linear = lr_multiplier("linear", warmup_steps=0, max_steps=10, floor=0.1)
     assert linear(0) == pytest.approx(1.0) and linear(5) == pytest.approx(0.55) and linear(10) == pytest.approx(0.1)
     assert lr_multiplier("constant", warmup_steps=2, max_steps=10)(7) == 1.0
+
+
+def test_cosine_decays_to_the_floor_by_hand():
+    """floor + (1 - floor) * (1 + cos(pi * progress)) / 2: the floor at 0.1, half-way 0.55."""
+    f = lr_multiplier("cosine", warmup_steps=0, max_steps=10, floor=0.1)
+    assert f(0) == pytest.approx(1.0)
+    assert f(5) == pytest.approx(0.55)
+    assert f(10) == pytest.approx(0.1) and f(50) == pytest.approx(0.1)

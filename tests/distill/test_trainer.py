@@ -89,6 +89,7 @@ def test_qat_trains_on_data_cross_entropy_only_and_final_keeps_calibrated_quanti
     assert result.exit_code == 0, result.output
     for row in train_rows(tmp_path):
         assert row["loss"] == pytest.approx(row["ce"], rel=1e-9)
+        assert "kl" not in row and "top1" not in row   # qat batches carry no cache targets to score
     saved = load_file(str(tmp_path / "final" / "model.safetensors"))
     amax = saved["model.layers.0.mlp.up_proj.weight_quantizer.amax"]
     assert torch.isfinite(amax).all() and (amax > 0).all()
