@@ -604,3 +604,19 @@ def test_a_vllm_that_does_not_import_is_one_line_before_the_cache_is_made(tiny_l
     assert type(raised.value).__name__ == "TeacherError"
     assert str(raised.value).startswith(f"teacher.backend: got 'vllm', but vLLM does not import ({said}")
     assert "\n" not in str(raised.value) and not (tmp_path / "cache").exists()
+
+
+def test_a_token_id_equal_to_the_vocab_size_is_past_the_teachers_rows() -> None:
+    """Rows run 0..vocab_size-1: the id vocab_size has none (the off-by-one an embedding meets)."""
+    from types import SimpleNamespace
+
+    from qadpipe.generate import check_token_ids
+
+    def data(largest: int) -> Any:
+        return SimpleNamespace(sequences=[SimpleNamespace(input_ids=np.array([3, largest, 1], dtype=np.int32),
+                                                          source_position=2, source_line=3)])
+
+    check_token_ids(data(511), 512, "d.jsonl")
+    with pytest.raises(DataError, match=r"^d\.jsonl record 2, line 3: token id 512 >= the teacher's vocab "
+                                        r"size \(512\)"):
+        check_token_ids(data(512), 512, "d.jsonl")

@@ -271,3 +271,58 @@ def test_records_that_start_with_two_bos_tokens_are_said(tmp_path: Path, tokeniz
     with caplog.at_level("WARNING", logger="qadpipe.data.loader"):
         load_sequences(cfg.data, cfg.generate, tokenizer, len(tokenizer))
     assert "BOS" not in caplog.text
+
+
+def test_limit_takes_the_first_records_of_the_source_whatever_the_split(tmp_path: Path, tokenizer: Any) -> None:
+    """data.limit: the first N records of the source, then dealt to the tasks (not N per task)."""
+    cfg = _config(tmp_path, TEXTS, limit=4)
+    parts = [load_sequences(cfg.data, cfg.generate, tokenizer, len(tokenizer), shard_index=i, num_shards=2)
+             for i in range(2)]
+    assert [[s.source_position for s in p.sequences] for p in parts] == [[0, 2], [1, 3]]
+
+
+def test_packed_windows_are_dealt_to_tasks_by_index_modulo_the_task_count(tmp_path: Path, tokenizer: Any) -> None:
+    cfg = _config(tmp_path, TEXTS, max_length=8, overflow="pack")
+    whole = load_sequences(cfg.data, cfg.generate, tokenizer, len(tokenizer)).sequences
+    assert len(whole) >= 6
+    for i in range(3):
+        part = load_sequences(cfg.data, cfg.generate, tokenizer, len(tokenizer), shard_index=i, num_shards=3)
+        assert [s.id for s in part.sequences] == [s.id for s in whole[i::3]]
+
+
+def test_random_sequences_follow_limit_and_leave_room_for_the_completion(tokenizer: Any) -> None:
+    """data.limit caps a random source as it does a file; in generate mode a sequence is a prompt
+    and gets data.max_length less generate.max_new_tokens (16 - 6 = 10), as data.random.length says."""
+    full = build_config({"data": {"random": {"num_sequences": 5, "length": 12, "seed": 3}}})
+    capped = build_config({"data": {"limit": 3, "random": {"num_sequences": 5, "length": 12, "seed": 3}}})
+    every = load_sequences(full.data, full.generate, tokenizer, 1000).sequences
+    first = load_sequences(capped.data, capped.generate, tokenizer, 1000).sequences
+    assert [s.id for s in first] == [s.id for s in every[:3]]
+    prompts = build_config({"data": {"max_length": 16, "random": {"num_sequences": 2, "length": 12}},
+                            "generate": {"mode": "generate", "max_new_tokens": 6}})
+    assert [len(s.input_ids) for s in load_sequences(prompts.data, prompts.generate, tokenizer, 1000).sequences] \
+        == [10, 10]
+
+
+def test_fingerprint_counts_the_sampling_settings_in_generate_mode_only(tmp_path: Path) -> None:
+    """Completions sampled at another temperature, top_p, seed or length are other rows: a rerun
+    with them must not mix into the cache; in score mode they shape nothing."""
+    def fp(**generate: Any) -> str:
+        cfg = _config(tmp_path, [{"prompt": "q"}], field="prompt", generate=generate)
+        return data_fingerprint(cfg.data, cfg.generate, 100)
+
+    base = fp(mode="generate")
+    for change in ({"temperature": 0.5}, {"top_p": 0.9}, {"seed": 1}, {"max_new_tokens": 64}):
+        assert fp(mode="generate", **change) != base, change
+        assert fp(mode="score", **change) == fp(mode="score"), change
+
+
+def test_prompts_to_complete_are_kept_when_the_prompt_is_not_distilled(tmp_path: Path, tokenizer: Any) -> None:
+    """generate.include_prompt=false in generate mode: the teacher writes the completion, so a
+    record that is all prompt is what is wanted, not a record with nothing to distil."""
+    records = [{"prompt": "Name a colour."}, {"messages": [{"role": "user", "content": "Hi"}]}]
+    for field, record in zip(("prompt", "messages"), records):
+        cfg = _config(tmp_path, [record], field=field, chat_template=True,
+                      generate={"mode": "generate", "include_prompt": False})
+        got = load_sequences(cfg.data, cfg.generate, tokenizer, len(tokenizer))
+        assert got.dropped == 0 and [s.prompt_len for s in got.sequences] == [len(got.sequences[0].input_ids)]

@@ -230,3 +230,33 @@ def test_missing_source_and_foreign_directory(tmp_path: Path) -> None:
         list(iter_records(str(tmp_path / "absent.jsonl")))
     with pytest.raises(DataError, match="not one written by datasets.save_to_disk"):
         list(iter_records(str(tmp_path)))
+
+
+def test_a_text_file_skips_blank_lines_as_json_lines_do_and_keeps_a_line_as_written(tmp_path: Path) -> None:
+    """Blank lines are no records and take no position (a position is what an id hashes and what
+    the task split deals), in a .txt as in a .jsonl; a line keeps its own spaces (indented code)."""
+    path = tmp_path / "d.txt"
+    path.write_text("first\n\n   \n    indented code  \t\nlast\n")
+    assert [(r.position, r.line, r.record) for r in iter_records(str(path))] == [
+        (0, 1, {"text": "first"}), (1, 4, {"text": "    indented code  \t"}), (2, 5, {"text": "last"})]
+
+
+def test_parquet_positions_run_on_across_read_batches(tmp_path: Path) -> None:
+    """Parquet is read in batches of 1024 rows: positions (and so ids) run on through all of them."""
+    table = pa.Table.from_pylist([{"text": "same"}] * 2500)
+    pq.write_table(table, tmp_path / "d.parquet")
+    records = list(iter_records(str(tmp_path / "d.parquet")))
+    assert [r.position for r in records] == list(range(2500))
+    assert len({record_id(r.record, r.position) for r in records}) == 2500
+
+
+def test_a_dataset_dict_is_read_from_its_train_split_whatever_its_order(tmp_path: Path) -> None:
+    splits = datasets.DatasetDict({"test": datasets.Dataset.from_list([{"text": "held out"}]),
+                                   "train": datasets.Dataset.from_list(RECORDS)})
+    splits.save_to_disk(str(tmp_path / "dd"))
+    assert [r.record for r in iter_records(str(tmp_path / "dd"))] == RECORDS
+    before = source_fingerprint(str(tmp_path / "dd"))
+    datasets.Dataset.from_list([{"text": "other"}]).save_to_disk(str(tmp_path / "other"))
+    for name in ("data-00000-of-00001.arrow",):   # the test split changes: not what is read
+        (tmp_path / "dd" / "test" / name).write_bytes((tmp_path / "other" / name).read_bytes())
+    assert source_fingerprint(str(tmp_path / "dd")) == before

@@ -199,3 +199,45 @@ def test_random_tokens_are_uniform_seeded_and_sliceable() -> None:
     assert chi2 < 100  # 49 degrees of freedom: p < 1e-4 beyond ~95
     other = list(random_sequences(1, 4000, 50, seed=2, indices=range(1)))
     assert not np.array_equal(other[0].input_ids, every[0].input_ids)
+
+
+def test_a_chat_prompt_without_an_answer_ends_at_its_turn_when_packed(tokenizer: Any) -> None:
+    """Packed, the next record follows: an open assistant turn there would teach that a new
+    conversation is the answer (prompt records with data.chat_template, as messages records)."""
+    user = [{"role": "user", "content": "Name a colour."}]
+    record = {"prompt": "Name a colour."}
+    packed = render_record(record, "r", "prompt", tokenizer, chat_template=True, for_generation=False, packed=True)
+    closed = tokenizer.encode(tokenizer.apply_chat_template(user, tokenize=False), add_special_tokens=False)
+    assert packed == (closed, len(closed))
+    assert tokenizer.decode(closed).endswith("Name a colour.<|im_end|>\n")
+    alone = _render(record, "prompt", tokenizer, chat=True)   # unpacked: the teacher's cue to answer
+    assert tokenizer.decode(alone[0]).endswith("Name a colour.<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_an_empty_completion_is_no_completion_with_or_without_the_chat_template(tokenizer: Any) -> None:
+    """"completion": "" is a record with no answer (as a missing one), not an empty assistant
+    turn closed and then asked again."""
+    for chat in (False, True):
+        assert _render({"prompt": "Q?", "completion": ""}, "prompt", tokenizer, chat=chat) \
+            == _render({"prompt": "Q?"}, "prompt", tokenizer, chat=chat)
+
+
+def test_a_chat_head_of_exactly_half_the_room_is_kept(tokenizer: Any) -> None:
+    """The template's start (system turn, user header) is kept while it takes at most half the
+    room: at exactly half it stays, one token less room and only the BOS does."""
+    record = {"messages": [{"role": "user", "content": "word " * 40 + "Name a colour."}]}
+    ids, _ = _render(record, "messages", tokenizer, gen=True)
+    head_text = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+                 "<|im_end|>\n<|im_start|>user\n")
+    head = len(tokenizer.encode(head_text, add_special_tokens=False))
+    assert tokenizer.decode(ids[:head]) == head_text and len(ids) > 2 * head
+    assert prompt_head(record, "r", "messages", tokenizer, ids, chat_template=False, room=2 * head) == head
+    assert prompt_head(record, "r", "messages", tokenizer, ids, chat_template=False, room=2 * head - 1) == 1
+
+
+def test_random_sequences_of_two_seeds_share_none_and_stop_at_their_number() -> None:
+    """Another data.random.seed gives other sequences, not the same ones shifted by an index."""
+    one = {tuple(s.input_ids.tolist()) for s in random_sequences(8, 16, 1000, seed=1, indices=range(8))}
+    two = {tuple(s.input_ids.tolist()) for s in random_sequences(8, 16, 1000, seed=2, indices=range(8))}
+    assert len(one) == len(two) == 8 and not one & two
+    assert [s.source_position for s in random_sequences(4, 4, 10, seed=0, indices=range(0, 100, 2))] == [0, 2]
