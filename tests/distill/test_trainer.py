@@ -946,3 +946,31 @@ def test_quant_only_training_learns_the_lsq_steps_of_moe_experts_and_leaves_thei
     frozen = [key for key in ptq if ptq[key].ndim >= 2 and "quantizer" not in key]
     assert frozen and all(torch.equal(ptq[key], final[key]) for key in frozen)
     assert any(not torch.equal(ptq[key], final[key]) for key in ptq if "norm" in key)
+
+
+def test_trainable_quant_leaves_biases_frozen():
+    """Scale-only QAD trains quantizer parameters and norms, nothing else: a model with biases
+    (Qwen2's q/k/v, here a Llama with attention and MLP biases) keeps them as calibrated.  A
+    rule by dimension (1-D parameters train) would take the biases with the norms."""
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qadpipe.config import build_config
+    from qadpipe.distill.trainer import DistillRecipe
+    from qadpipe.quant.recipe import apply_recipe
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, attention_bias=True,
+                                         mlp_bias=True))
+    config = build_config({"quant": {"preset": "w4a16_int", "group_size": 32, "learnable": "lsq"},
+                           "distill": {"trainable": "quant", "weight_decay": 0.0}})
+    apply_recipe(model, config.quant)
+    DistillRecipe._select_trainable(SimpleNamespace(cfg=config.distill, config=config), model)
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    biases = {name for name, _ in model.named_parameters() if name.endswith(".bias")}
+    assert len(biases) == 7 and not trained & biases   # q, k, v, o, gate, up, down
+    assert {"model.norm.weight", "model.layers.0.input_layernorm.weight"} <= trained
+    assert any("quantizer" in name for name in trained)
+    assert all("quantizer" in name or "norm" in name for name in trained)
