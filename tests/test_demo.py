@@ -185,3 +185,36 @@ def test_a_stopped_demo_waits_for_its_step_to_save_what_it_did(tmp_path: Path, h
     name = "SIGTERM" if how == "sigterm" else "SIGINT"
     assert (tmp_path / "committed").read_text() == name
     assert out.strip() == f"({128 + getattr(signal, name)}, '{name}')"
+
+
+def test_after_a_step_a_stop_signal_reaches_the_demo_again() -> None:
+    """The demo passes SIGINT/SIGTERM on to the step it runs; once the step has ended they are
+    the demo's own again (a Ctrl-C between steps stops the demo, not a finished step)."""
+    import os
+    import signal
+    import sys
+
+    from qadpipe.demo import _run_step
+
+    seen: list[int] = []
+    previous = {signum: signal.signal(signum, lambda s, f: seen.append(s))
+                for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        assert _run_step([sys.executable, "-c", "pass"]) == (0, None)
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert seen == [signal.SIGINT, signal.SIGTERM]
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def test_a_step_runs_in_a_process_group_of_its_own() -> None:
+    """The terminal's Ctrl-C signals its foreground group: a step in the demo's group would get it
+    from the terminal and again from the demo, and a second Ctrl-C aborts a step uncommitted."""
+    import sys
+
+    from qadpipe.demo import _run_step
+
+    own_group = "import os, sys; sys.exit(0 if os.getpgid(0) == os.getpid() else 7)"
+    assert _run_step([sys.executable, "-c", own_group]) == (0, None)

@@ -87,3 +87,19 @@ def test_outputs_under_a_default_acl_keep_the_acl_s_named_group(tmp_path):
         assert (0x08, 7, group) in _acl_entries(path), path.relative_to(shared)
     assert stat.S_IMODE(plain.stat().st_mode) == 0o660
     assert not list(shared.rglob(".qadpipe-mode-probe-*"))
+
+
+def test_sharing_a_staged_tree_leaves_what_its_links_point_at_alone(tmp_path):
+    """A link in a staged output (a model file linked, not copied) names someone else's file:
+    chmod through it would change that file's modes, outside the output."""
+    from qadpipe.file_modes import share_tree
+
+    outside = tmp_path / "private.bin"
+    outside.write_bytes(b"x")
+    outside.chmod(0o600)
+    staged = tmp_path / "staged"
+    staged.mkdir(0o700)
+    (staged / "weights.bin").symlink_to(outside)
+    (staged / "config.json").write_text("{}")
+    share_tree(staged)
+    assert stat.S_IMODE(outside.stat().st_mode) == 0o600

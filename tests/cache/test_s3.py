@@ -85,3 +85,20 @@ def test_an_unreachable_gcs_cache_fails_in_seconds_not_minutes(monkeypatch):
     assert time.monotonic() - start < 30
     assert len(str(error.value)) < 600, "the client's kilobyte status is cut to its gist"
     store.Store(uri + "&retry_limit_seconds=1")   # the user's own limit: no probe, nothing fetched yet
+
+
+def test_a_uri_with_a_trailing_slash_and_a_query_names_the_same_objects_and_no_query(s3):
+    """``s3://qad/run3/`` and ``s3://qad/run3`` are one cache: a doubled slash is another object
+    key on S3, whose cache no reader of the other spelling would find.  A message names the object
+    by its URI, not the endpoint query pasted in before its key."""
+    endpoint, client = s3
+    meta = cache_meta("sampled", encoding="plain")
+    write_cache(f"s3://qad/run3/?endpoint_override={endpoint}&scheme=http", meta, random_rows(meta, 2))
+    keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket="qad", Prefix="run3/")["Contents"])
+    assert keys == ["run3/manifests/task-00000.json", "run3/shards/task-00000-000000.parquet"]
+    key = keys[1]
+    data = bytearray(client.get_object(Bucket="qad", Key=key)["Body"].read())
+    data[len(data) // 3] ^= 1
+    client.put_object(Bucket="qad", Key=key, Body=bytes(data))
+    with pytest.raises(CacheError, match=rf"^s3://qad/{key}: checksum mismatch"):
+        CacheReader(f"s3://qad/run3?endpoint_override={endpoint}&scheme=http").verify_all()

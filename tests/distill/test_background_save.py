@@ -237,3 +237,38 @@ def test_a_ctrl_c_during_the_wait_for_a_write_leaves_the_next_wait_waiting(tmp_p
     assert not written.exists()
     writer.wait()   # what cleanup does, under its own stop handlers
     assert written.read_text() == "whole"
+
+
+def test_a_second_write_is_refused_until_the_first_is_finished():
+    """One write at a time: host memory holds one snapshot, and two writes of one directory
+    would race.  A save that skipped finish() must fail loudly, not start beside it."""
+    import threading
+
+    release = threading.Event()
+    writer = BackgroundWriter(is_main=True)
+    writer.start(release.wait, "checkpoint step 1")
+    try:
+        with pytest.raises(RuntimeError, match="previous write was not finished"):
+            writer.start(lambda: None, "checkpoint step 2")
+    finally:
+        release.set()
+        writer.finish()
+    writer.start(lambda: None, "checkpoint step 2")
+    writer.finish()
+
+
+def test_an_interpreter_exiting_on_an_error_still_completes_the_write_under_way(tmp_path):
+    """The main thread dies (an error elsewhere, sys.exit) while the checkpoint is written: the
+    process must not end with the write half done."""
+    import subprocess
+    import sys
+
+    written = tmp_path / "written"
+    script = ("import pathlib, sys, time\n"
+              "from qadpipe.distill.background_save import BackgroundWriter\n"
+              "writer = BackgroundWriter(is_main=True)\n"
+              "writer.start(lambda: (time.sleep(1.0), pathlib.Path(sys.argv[1]).write_text('whole')), 'step 3')\n"
+              "raise SystemExit(3)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(written)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert written.read_text() == "whole"

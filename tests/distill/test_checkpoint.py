@@ -240,3 +240,36 @@ def test_optimizer_state_the_disk_refuses_is_one_distill_error(tmp_path: Path):
                                        "LATEST still names the previous one"), run.stdout
     assert latest_checkpoint(tmp_path).name == "step-00000001"
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["LATEST", "step-00000001"]
+
+
+def test_every_file_of_a_checkpoint_is_synced_before_its_rename_and_the_rename_before_latest(tmp_path: Path,
+                                                                                             monkeypatch):
+    """The rename and LATEST promise a whole checkpoint: after a power loss the step directory
+    must not name truncated files, nor LATEST a step directory the rename did not make durable.
+    Every file and directory staged is fsynced before the rename; checkpoints/ between it and
+    LATEST's own rename."""
+    import os
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.fstat(fd).st_ino))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        staged = {p.stat().st_ino for p in [Path(src), *Path(src).rglob("*")]} if Path(src).is_dir() else None
+        events.append(("rename", Path(dst).name, staged))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    model = Tied()
+    path = save_checkpoint(tmp_path, model.state_dict(), _state(3, model), load_config(None))
+    monkeypatch.undo()
+    renames = {event[1]: index for index, event in enumerate(events) if event[0] == "rename"}
+    step, latest = renames[path.name], renames["LATEST"]
+    staged = events[step][2]
+    assert len(staged) >= 4   # the directory, the weights, the trainer state, the run record
+    assert staged <= {event[1] for event in events[:step] if event[0] == "fsync"}
+    assert path.parent.stat().st_ino in {event[1] for event in events[step:latest] if event[0] == "fsync"}

@@ -333,6 +333,24 @@ def test_the_other_ranks_wait_past_the_collective_timeout_for_rank_0s_write(tmp_
     assert "rank 0: got written" in stdout and "rank 1: got None" in stdout
 
 
+def test_the_control_group_connects_within_the_collectives_timeout_and_then_waits_for_hours(tmp_path):
+    """As init_distributed makes it: the control group is connected in the collectives' timeout
+    (here 2 s, as the default group's), and then must wait past it for rank 0's 5 s write."""
+    script = tmp_path / "slow_write.py"
+    script.write_text(
+        "import datetime, time, torch.distributed as dist\n"
+        "from qadpipe.distill import distributed\n"
+        "distributed.COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=2)\n"
+        "dist.init_process_group('gloo', timeout=distributed.COLLECTIVE_TIMEOUT)\n"
+        "distributed.init_control_group()\n"
+        "rank = dist.get_rank()\n"
+        "got = distributed.done_by_main(rank == 0, lambda: time.sleep(5) or 'written')\n"
+        "print(f'rank {rank}: got {got}', flush=True)\n"
+        "dist.destroy_process_group()\n")
+    stdout = run_two_ranks(script)
+    assert "rank 0: got written" in stdout and "rank 1: got None" in stdout
+
+
 def test_a_result_computed_by_rank_0_reaches_every_rank_and_so_does_its_error(tmp_path):
     """Every rank gets rank 0's answer, not its own; a failure on rank 0 stops every rank."""
     script = tmp_path / "main.py"

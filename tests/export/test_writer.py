@@ -209,3 +209,32 @@ def test_a_source_config_that_is_not_a_json_object_is_refused_in_one_line(tmp_pa
     with pytest.raises(ExportError, match=r"config\.json: .*") as info:
         read_config(tmp_path)
     assert "\n" not in str(info.value)
+
+
+def test_every_staged_file_is_synced_before_the_export_is_renamed_into_place(tmp_path, monkeypatch):
+    """vLLM or the next job may load an export right after a power loss: the rename must not
+    publish a name over files (a subdirectory's too) still in the page cache."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.fstat(fd).st_ino))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        staged = {p.stat().st_ino for p in [Path(src), *Path(src).rglob("*")]} if Path(src).is_dir() else set()
+        events.append(("rename", Path(dst), staged))
+        real_replace(src, dst)
+
+    out = tmp_path / "export"
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    with staged_dir(out) as tmp:
+        (tmp / "config.json").write_text("{}")
+        (tmp / "extra").mkdir()
+        (tmp / "extra" / "tokenizer.json").write_text("{}")
+    monkeypatch.undo()
+    index = next(i for i, event in enumerate(events) if event[0] == "rename" and event[1] == out)
+    assert len(events[index][2]) == 4
+    assert events[index][2] <= {event[1] for event in events[:index] if event[0] == "fsync"}
+    assert tmp_path.stat().st_ino in {event[1] for event in events[index:] if event[0] == "fsync"}
