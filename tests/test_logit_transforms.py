@@ -90,6 +90,7 @@ def test_config_fields_map_to_what_each_family_computes(model_type, fields, expe
     ("hyperclovax", {"logits_scaling": 0.5}),              # multiplies by the field Granite divides by
     ("falcon_h1", {"lm_head_multiplier": 0.5}),
     ("gemma2", {"final_logit_softcapping": 30.0, "logits_scaling": 2.0}),   # two: their order unknown
+    ("granite", {"final_logit_softcapping": 30.0, "logits_scaling": 2.0}),  # two known ones: still no order
 ])
 def test_other_transforms_are_refused_in_one_line(model_type, fields):
     from qadpipe.errors import ModelError
@@ -173,3 +174,27 @@ def test_generate_refuses_a_transform_it_does_not_apply_before_making_the_cache(
         "qadpipe: error: teacher: llama sets lm_head_multiplier=0.5, a transform after the LM head that qadpipe's "
         "chunked head does not apply; this architecture is not supported; use teacher.backend=vllm")
     assert not (tmp_path / "cache").exists()
+
+
+def test_hf_teacher_sampled_targets_draw_from_the_models_own_distribution(transformed):
+    """Sampled targets too: each row's draws are the inverse CDF (float64, side='right') of
+    the model's own softmax at the sequence's seeded uniforms -- the transformed logits, not
+    lm_head(hidden) alone."""
+    from qadpipe.data.sequences import TokenSequence
+    from qadpipe.teacher.base import TargetSpec
+    from qadpipe.teacher.hf_backend import HFTeacher
+    from qadpipe.teacher.sampling import sequence_seed
+
+    model, _ = transformed
+    ids = _ids(model)
+    seqs = [TokenSequence(f"s{i}", row.numpy().astype(np.int32), 0) for i, row in enumerate(ids)]
+    got = HFTeacher(model, batch_size=2, chunk_tokens=5).score(seqs, TargetSpec(kind="sampled", num_samples=40, seed=2))
+    probs = _reference_logprobs(model, ids).exp().numpy()
+    for row, (seq, targets) in enumerate(zip(seqs, got)):
+        uniforms = np.random.default_rng(sequence_seed(2, seq.id)).random((ids.shape[1] - 1, 40))
+        for position, (p, u) in enumerate(zip(probs[row, :-1], uniforms)):
+            cdf = np.cumsum(p)
+            want = np.unique(np.searchsorted(cdf, u * cdf[-1], side="right"), return_counts=True)
+            a, b = targets.sample_offsets[position], targets.sample_offsets[position + 1]
+            assert targets.sample_ids[a:b].tolist() == want[0].tolist()
+            assert targets.sample_counts[a:b].tolist() == want[1].tolist()

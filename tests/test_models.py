@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -164,3 +165,94 @@ def test_a_damaged_config_json_is_one_line_naming_it_in_every_stage(tiny_llama_d
     assert str(info.value).startswith(f"{model}: cannot load model (")
     with pytest.raises(ModelError, match=rf"^{model}/config.json: transformers cannot read it \("):
         load_tokenizer(str(model))
+
+
+def test_tokenizer_fingerprint_covers_each_ids_token_and_the_special_tokens():
+    """The same tokens under other ids read a cache's ids differently; the same vocabulary with
+    another special-token set (another EOS, which qadpipe appends after each completion) writes
+    other ids for the same record.  The order the vocabulary dict lists its entries in is not
+    part of it."""
+    from types import SimpleNamespace
+
+    def fake(vocab, special):
+        return SimpleNamespace(get_vocab=lambda: dict(vocab), all_special_tokens=list(special))
+
+    base = fake({"a": 0, "b": 1, "</s>": 2}, ["</s>"])
+    assert tokenizer_fingerprint(base) == tokenizer_fingerprint(fake({"</s>": 2, "b": 1, "a": 0}, ["</s>"]))
+    assert tokenizer_fingerprint(base) != tokenizer_fingerprint(fake({"a": 1, "b": 0, "</s>": 2}, ["</s>"]))
+    assert tokenizer_fingerprint(base) != tokenizer_fingerprint(fake({"a": 0, "b": 1, "</s>": 2}, ["b"]))
+
+
+def _weights_dir(path: Path, weights: dict[str, bytes], config: str = '{"model_type": "llama"}') -> Path:
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(config)
+    for name, data in weights.items():
+        (path / name).write_bytes(data)
+    return path
+
+
+def test_model_revision_reads_config_start_middle_end_and_size_of_every_weight_file(tmp_path: Path):
+    """model_revision's documented sample: config.json, and each weight file's (.safetensors and
+    .bin) name, size and 1 MiB at its start, middle and end.  Each change below is in exactly one
+    of those, so each must change the revision; a byte outside all three samples does not."""
+    from qadpipe.models import REVISION_SAMPLE_BYTES, model_revision
+
+    size = 3 * REVISION_SAMPLE_BYTES   # samples [0, 1M), [1M, 2M), [2M, 3M)
+    blob = random.Random(0).randbytes(size)
+
+    def changed(at: int, data: bytes = blob) -> bytes:
+        return data[:at] + bytes([data[at] ^ 1]) + data[at + 1:]
+
+    base = model_revision(_weights_dir(tmp_path / "base", {"model.safetensors": blob}))
+    variants = {
+        "config": _weights_dir(tmp_path / "config", {"model.safetensors": blob}, '{"model_type": "llama", "x": 1}'),
+        "start": _weights_dir(tmp_path / "start", {"model.safetensors": changed(10)}),
+        "middle": _weights_dir(tmp_path / "middle", {"model.safetensors": changed(size // 2)}),
+        "end": _weights_dir(tmp_path / "end", {"model.safetensors": changed(size - 10)}),
+    }
+    for what, path in variants.items():
+        assert model_revision(path) != base, what
+    zeros = bytes(size)   # the same bytes at every sample, only the size differs
+    assert model_revision(_weights_dir(tmp_path / "z0", {"model.safetensors": zeros})) != \
+        model_revision(_weights_dir(tmp_path / "z1", {"model.safetensors": zeros + bytes(1)}))
+    bins = [model_revision(_weights_dir(tmp_path / f"bin{i}", {"pytorch_model.bin": data}))
+            for i, data in enumerate([blob, changed(size // 2)])]
+    assert bins[0] != bins[1]
+    big = 5 * REVISION_SAMPLE_BYTES   # a byte at 1.2M: between the start and middle samples
+    wide = random.Random(1).randbytes(big)
+    between = changed(int(1.2 * REVISION_SAMPLE_BYTES), wide)
+    assert model_revision(_weights_dir(tmp_path / "w0", {"model.safetensors": wide})) == \
+        model_revision(_weights_dir(tmp_path / "w1", {"model.safetensors": between}))
+
+
+def test_a_commit_named_directory_outside_a_hub_cache_is_known_by_its_content(tmp_path: Path):
+    """Only ``models--<org>--<name>/snapshots/<40 hex>`` names its commit; the same layout
+    without the ``models--`` parent is a directory like any other."""
+    from qadpipe.models import model_revision
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    hub = _weights_dir(tmp_path / "models--org--m" / "snapshots" / commit, {"model.safetensors": b"w" * 100})
+    mine = _weights_dir(tmp_path / "my-runs" / "snapshots" / commit, {"model.safetensors": b"w" * 100})
+    assert model_revision(hub) == f"snapshot:{commit}"
+    assert model_revision(mine).startswith("sha256:")
+
+
+def test_a_tenth_off_logits_are_refused_by_the_forward_check():
+    """Logits 10% below lm_head(hidden) are another distribution (a temperature of 1.11): the
+    forward check's tolerance is for dtype rounding, not for a transform that small."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qadpipe.models import check_logits_are_head_of_hidden
+
+    class Scaled(LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 0.9
+            return out
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2)
+    with pytest.raises(ModelError, match=r"^teacher: llama's logits differ from lm_head\(hidden states\)"):
+        check_logits_are_head_of_hidden(Scaled(config), "teacher")

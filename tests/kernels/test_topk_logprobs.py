@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -100,3 +102,21 @@ def test_no_rows_and_what_the_kernel_refuses():
         topk_logprobs(torch.zeros(3, 640), 4, torch.tensor([0, 1, 640]))
     with pytest.raises(ValueError, match=r"3 token ids"):
         topk_logprobs(torch.zeros(3, 640), 4, torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_long_tail_of_blocks_each_below_half_an_ulp_of_the_sum_is_counted(dtype):
+    """One logit 0, 49151 at -21: each 64-entry block adds 64 e^-21 = 4.9e-8 to a running sum
+    near 1, under half an fp32 ulp (6e-8), so a float sum of the blocks drops all 768 of them
+    and the log-probs lose the tail's 3.7e-5 (the fp64 sum of fp32 partial sums keeps it).
+    Hand-worked: logsumexp = log(1 + 49151 e^-21) = 3.7268e-5."""
+    vocab = 49152
+    logits = torch.full((2, vocab), -21.0)
+    logits[0, 0] = logits[1, vocab - 1] = 0.0                 # the maximum in the first block / the last
+    token_ids = torch.tensor([5, vocab - 1])
+    assert_matches_reference(logits.to(dtype), 4, token_ids)
+    _, logprobs, _ = topk_logprobs(logits.to(dtype), 4, token_ids)
+    lse = math.log1p(49151 * math.exp(-21.0))
+    assert abs(lse - 3.7268e-5) < 1e-9
+    torch.testing.assert_close(logprobs[:, 1].double(), torch.full((2,), -lse, dtype=torch.float64),
+                               atol=2e-7, rtol=0)

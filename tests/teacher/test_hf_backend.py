@@ -260,3 +260,88 @@ def test_a_pad_token_the_embedding_has_no_row_for_pads_nothing(tiny_llama_dir: A
         assert np.array_equal(a.topk_ids, b.topk_ids) and np.allclose(a.topk_logprobs, b.topk_logprobs, atol=1e-5)
     tokenizer.pad_token = tokenizer.eos_token   # one it has a row for is kept
     assert padding_id(tokenizer, teacher.model) == tokenizer.eos_token_id
+
+
+def _inverse_cdf_draws(probs: np.ndarray, uniforms: np.ndarray) -> list[dict[int, int]]:
+    """A second, plain implementation of the sampled targets: per row the float64 CDF, each
+    uniform scaled by the row's total and looked up with side='right' (a uniform on a CDF step
+    belongs to the next column); returns {column: count} per row."""
+    out = []
+    for p, u in zip(probs.astype(np.float64), uniforms):
+        cdf = np.cumsum(p)
+        cols = np.searchsorted(cdf, u * cdf[-1], side="right")
+        out.append(dict(zip(*(x.tolist() for x in np.unique(cols, return_counts=True)))))
+    return out
+
+
+def _as_rows(targets: Any) -> list[dict[int, int]]:
+    o = targets.sample_offsets
+    return [dict(zip(targets.sample_ids[a:b].tolist(), targets.sample_counts[a:b].tolist()))
+            for a, b in zip(o[:-1], o[1:])]
+
+
+def test_sampled_targets_are_inverse_cdf_draws_of_the_full_softmax_whatever_the_chunking(tiny_fp32: Any) -> None:
+    """Each row's N draws are the inverse CDF of that row's float64 softmax at the uniforms of
+    the sequence's own generator (seeded by run seed + id), row after row: with positions cut into
+    chunks of 5, each chunk must take its own rows' uniforms, not the first chunk's again."""
+    from qadpipe.teacher.sampling import sequence_seed
+
+    teacher = HFTeacher(tiny_fp32, batch_size=2, chunk_tokens=5)
+    seqs = _sequences(teacher.vocab_size, [13, 9], prompt_len=4)
+    spec = TargetSpec(kind="sampled", num_samples=30, seed=3, include_prompt=False)
+    got = teacher.score(seqs, spec)
+    for seq, targets in zip(seqs, got):
+        ids = torch.from_numpy(seq.input_ids.astype(np.int64))[None]
+        with torch.no_grad():
+            probs = torch.softmax(tiny_fp32(input_ids=ids).logits[0].double(), -1).numpy()[3:-1]
+        uniforms = np.random.default_rng(sequence_seed(3, seq.id)).random((len(probs), 30))
+        assert targets.target_start == 3 and _as_rows(targets) == _inverse_cdf_draws(probs, uniforms)
+
+
+def test_the_fp32_head_is_fp32_on_cpu_too(tiny_llama_dir: Any) -> None:
+    """teacher.fp32_head: bf16 weights and hidden states, the head accumulated *and written* in
+    fp32, so the log-probs are those of the exact product (float64 reference here), not of
+    logits rounded to bf16 (~3 significant digits).  Without it, the bf16 head's rounding shows."""
+    from qadpipe.models import load_causal_lm
+
+    model = load_causal_lm(str(tiny_llama_dir), "bfloat16", "cpu")
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40)   # logits of a few units: bf16 rounds them by ~1e-2
+    seqs = _sequences(model.config.vocab_size, [12])
+    ids = torch.from_numpy(seqs[0].input_ids.astype(np.int64))[None]
+    with torch.no_grad():
+        hidden = model.get_decoder()(input_ids=ids).last_hidden_state[0, :-1]
+        exact = torch.log_softmax(hidden.double() @ model.lm_head.weight.double().t(), -1)
+    values, index = exact.topk(8)
+    (fp32,) = HFTeacher(model, fp32_head=True).score(seqs, TargetSpec(k=8))
+    assert np.array_equal(fp32.topk_ids, index.numpy())
+    np.testing.assert_allclose(fp32.topk_logprobs, values.numpy(), atol=5e-5)
+    (bf16,) = HFTeacher(model, fp32_head=False).score(seqs, TargetSpec(k=8))
+    assert np.abs(bf16.topk_logprobs - exact.gather(1, torch.from_numpy(bf16.topk_ids).long()).numpy()).max() > 1e-3
+
+
+def test_completions_keep_to_top_p_and_the_run_seed(successor: Any) -> None:
+    """At temperature 50 the successor's top token holds ~0.4% of the mass: top_p = 0.001 keeps
+    that token alone (the nucleus is the smallest set reaching top_p), so the completion is the
+    greedy one; another sampling.seed writes another completion of the same prompt."""
+    teacher = HFTeacher(successor, eos_ids=(1,), pad_id=0)
+    prompt = TokenSequence("p", np.array([10, 11, 12], dtype=np.int32), 3)
+    (nucleus,) = teacher.complete([prompt], SamplingSpec(temperature=50.0, top_p=0.001, max_new_tokens=6, seed=1))
+    assert nucleus.token_ids.tolist() == [13, 14, 15, 16, 17, 18]
+    hot = [teacher.complete([prompt], SamplingSpec(temperature=50.0, top_p=1.0, max_new_tokens=8, seed=s))[0].token_ids
+           for s in (1, 2)]
+    assert not np.array_equal(hot[0], hot[1])
+
+
+def test_a_sequence_without_a_prompt_is_all_targets_when_prompt_positions_are_not_distilled(successor: Any) -> None:
+    """A text record has prompt_len 0: with include_prompt false there is no prompt position to
+    leave out, so its targets are the same rows 0..T-2 as with include_prompt true."""
+    teacher = HFTeacher(successor, batch_size=2, chunk_tokens=4)
+    text = TokenSequence("text", np.arange(200, 211, dtype=np.int32), prompt_len=0)
+    other = TokenSequence("other", np.arange(50, 57, dtype=np.int32), prompt_len=2)
+    for spec in (TargetSpec(k=2, include_prompt=False),
+                 TargetSpec(kind="sampled", num_samples=8, include_prompt=False)):
+        (got, _) = teacher.score([text, other], spec)
+        assert got.target_start == 0 and got.num_target_rows == 10
+        ids = got.topk_ids[:, 0] if spec.kind == "topk" else got.sample_ids
+        assert ids.tolist() == list(range(201, 211))   # the successor model: each next token

@@ -61,3 +61,19 @@ def test_a_row_without_finite_mass_is_refused_not_drawn_as_the_last_column(bad_r
     probs = torch.tensor([[0.2, 0.3, 0.5], bad_row], dtype=torch.float64)
     with pytest.raises(TeacherError, match=r"^sequence 's' position 8: the teacher's probabilities are NaN/inf"):
         draw_indices(probs, np.random.default_rng(0).random((2, 10)), lambda row: f"sequence 's' position {7 + row}")
+
+
+def test_a_column_of_a_billionth_keeps_its_interval_in_the_float64_cdf() -> None:
+    """Hand-worked: CDF 0.5, 0.5 + 1e-9, 1.  The uniform 0.5 + 5e-10 lies in column 1's
+    interval; a float32 CDF (0.5 + 1e-9 rounds to 0.5) would give that column no interval at all,
+    and over a 49k vocabulary every column of the long tail would lose its share."""
+    probs = torch.tensor([[0.5, 1e-9, 0.5 - 1e-9]], dtype=torch.float64)
+    assert draw_indices(probs, np.array([[0.5 + 5e-10, 0.4999999, 0.5 + 2e-9]])).tolist() == [[1, 0, 2]]
+
+
+def test_sequence_seeds_are_pinned_across_versions() -> None:
+    """A cache resumed (or rerun) by a later qadpipe must draw the same sampled targets for the
+    same (seed, id): these values are fixed, not recomputed, and (1, '2x') is not (12, 'x')."""
+    assert sequence_seed(0, "abc") == 3423306031300463063
+    assert sequence_seed(7, "doc-3") == 2391537939962129126
+    assert sequence_seed(1, "2x") != sequence_seed(12, "x")

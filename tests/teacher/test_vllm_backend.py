@@ -157,6 +157,104 @@ def test_sampled_from_topk_puts_tail_draws_on_tail_id() -> None:
     assert TAIL_ID not in row1  # tail mass 0 (up to fp32 rounding, clamped) is never drawn
 
 
+class _FakeLLM:
+    """Stands in for ``vllm.LLM`` in ``VLLMTeacher.score``: answers each prompt with the flat
+    prompt log-probs vLLM returns (built by :func:`_flat` from a known per-position table)."""
+
+    def __init__(self, tables: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]]) -> None:
+        self.tables = tables
+
+    def generate(self, prompts: list[Any], params: Any, use_tqdm: bool = False) -> list[Any]:
+        from types import SimpleNamespace
+
+        assert params.prompt_logprobs == 4 and params.flat_logprobs
+        out = []
+        for prompt in prompts:
+            ids = np.asarray(prompt["prompt_token_ids"], dtype=np.int32)
+            top, lps = self.tables[tuple(ids.tolist())]
+            out.append(SimpleNamespace(prompt_logprobs=_flat(ids, top, lps, np.full(len(top), -9.0))))
+        return out
+
+
+def test_score_keeps_the_rows_from_the_last_prompt_token_and_draws_from_top_k_and_tail() -> None:
+    """Row p of vLLM's prompt log-probs predicts token p + 1; with include_prompt false the
+    targets start at the last prompt token (row prompt_len - 1).  Sampled: the draws are the
+    inverse CDF (float64, side='right') of [exp(top-k log-probs), 1 - their sum] at the uniforms
+    of the sequence's own generator, the tail column stored as TAIL_ID.  A NaN row is named by
+    its position in the sequence."""
+    from qadpipe.teacher.sampling import sequence_seed
+    from qadpipe.teacher.vllm_backend import VLLMTeacher
+
+    input_ids, top, lps = _example(n=6, k=4)
+    seq = TokenSequence("doc", input_ids, prompt_len=3)
+    other_ids = input_ids[::-1].copy()
+    other = TokenSequence("other", other_ids, prompt_len=3)
+    teacher = VLLMTeacher(_FakeLLM({tuple(input_ids.tolist()): (top, lps), tuple(other_ids.tolist()): (top, lps)}),
+                          k=4, vocab_size=200)
+
+    (t,) = teacher.score([seq], TargetSpec(k=4, include_prompt=False))
+    assert t.target_start == 2 and np.array_equal(t.topk_ids, top[2:]) and np.array_equal(t.topk_logprobs, lps[2:])
+    np.testing.assert_allclose(t.tail_mass, 1 - np.exp(lps[2:].astype(np.float64)).sum(1), rtol=1e-12)
+
+    spec = TargetSpec(kind="sampled", num_samples=400, seed=5, include_prompt=False)
+    got = teacher.score([seq, other], spec)
+    for s, targets in zip([seq, other], got):
+        probs = np.exp(lps[2:].astype(np.float64))
+        probs = np.concatenate([probs, 1 - probs.sum(1, keepdims=True)], axis=1)
+        uniforms = np.random.default_rng(sequence_seed(5, s.id)).random((len(probs), 400))
+        columns = np.concatenate([top[2:], np.full((len(probs), 1), TAIL_ID)], axis=1)
+        assert targets.target_start == 2
+        for row, (p, u) in enumerate(zip(probs, uniforms)):
+            cdf = np.cumsum(p)
+            drawn, counts = np.unique(np.searchsorted(cdf, u * cdf[-1], side="right"), return_counts=True)
+            a, b = targets.sample_offsets[row], targets.sample_offsets[row + 1]
+            assert sorted(zip(targets.sample_ids[a:b].tolist(), targets.sample_counts[a:b].tolist())) == \
+                sorted(zip(columns[row, drawn].tolist(), counts.tolist()))
+    assert TAIL_ID in got[0].sample_ids   # premise: the tail is ~0.3 of the mass here
+    assert not np.array_equal(got[0].sample_counts, got[1].sample_counts)   # each id its own draws
+
+    lps[4, 1] = np.nan
+    with pytest.raises(TeacherError, match=r"^sequence 'doc' position 4: the teacher's probabilities are NaN"):
+        teacher.score([seq], spec)
+
+
+def test_the_engine_is_built_for_raw_logprobs_k_and_one_position_past_the_longest_sequence(
+        tmp_path: Path, monkeypatch) -> None:
+    """What the scoring relies on from the engine, asked of the arguments ``vllm.LLM`` gets:
+    raw (T=1, unfiltered) log-probs, K of them, an fp32 head when teacher.fp32_head, and room
+    for the one generated token after the longest scored sequence (vLLM refuses a request of
+    max_tokens=1 whose prompt already fills max_model_len)."""
+    from types import SimpleNamespace
+
+    import vllm
+    from transformers import LlamaConfig
+
+    from qadpipe.config import build_config
+    from qadpipe.teacher import vllm_backend
+    from qadpipe.teacher.vllm_backend import VLLMTeacher
+
+    LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, max_position_embeddings=1024).save_pretrained(tmp_path)   # head_dim 64
+    built = []
+
+    def fake_llm(**kwargs: Any) -> Any:
+        built.append(kwargs)
+        engine = SimpleNamespace(vllm_config=SimpleNamespace(use_v2_model_runner=False),
+                                 model_config=SimpleNamespace(get_vocab_size=lambda: 512))
+        return SimpleNamespace(llm_engine=engine)
+
+    monkeypatch.setattr(vllm, "LLM", fake_llm)
+    monkeypatch.setattr(vllm_backend, "use_private_ipc_dir", lambda: None)
+    for name in ("QADPIPE_VLLM_FUSED_LOGPROBS", "VLLM_CPU_NUM_OF_RESERVED_CPU"):
+        monkeypatch.setenv(name, "unset by the next line")
+        monkeypatch.delenv(name)
+    teacher = VLLMTeacher.from_config(str(tmp_path), build_config({}).teacher, k=16, longest_sequence=300)
+    (kwargs,) = built
+    assert teacher.k == 16 and teacher.vocab_size == 512
+    assert kwargs["max_logprobs"] == 16 and kwargs["logprobs_mode"] == "raw_logprobs"
+    assert kwargs["max_model_len"] == 301 and kwargs["hf_overrides"] == {"head_dtype": "float32"}
+
+
 # ---------------------------------------------------------------------------------------------------
 # Slow: one vLLM engine on SmolLM2, everything checked against the HF backend.
 
