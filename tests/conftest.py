@@ -9,6 +9,7 @@ while a forward pass costs milliseconds.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -105,3 +106,16 @@ def topk_cache(tmp_path_factory: pytest.TempPathFactory, peaky_llama_dir: Path) 
 @pytest.fixture(scope="session")
 def sampled_cache(tmp_path_factory: pytest.TempPathFactory, peaky_llama_dir: Path) -> Path:
     return make_cache(tmp_path_factory.mktemp("sampled"), peaky_llama_dir, "cache.target=sampled")
+
+
+@pytest.fixture
+def caller_stop_handlers() -> Iterator[list[int]]:
+    """SIGINT and SIGTERM handled by the test itself, as a caller of qadpipe's stop handling
+    would: the list of the signals they received (restored to what they were after the test)."""
+    import signal
+
+    seen: list[int] = []
+    previous = {signum: signal.signal(signum, lambda s, f: seen.append(s)) for signum in (signal.SIGINT, signal.SIGTERM)}
+    yield seen
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)

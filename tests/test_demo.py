@@ -187,7 +187,7 @@ def test_a_stopped_demo_waits_for_its_step_to_save_what_it_did(tmp_path: Path, h
     assert out.strip() == f"({128 + getattr(signal, name)}, '{name}')"
 
 
-def test_after_a_step_a_stop_signal_reaches_the_demo_again() -> None:
+def test_after_a_step_a_stop_signal_reaches_the_demo_again(caller_stop_handlers: list[int]) -> None:
     """The demo passes SIGINT/SIGTERM on to the step it runs; once the step has ended they are
     the demo's own again (a Ctrl-C between steps stops the demo, not a finished step)."""
     import os
@@ -196,17 +196,10 @@ def test_after_a_step_a_stop_signal_reaches_the_demo_again() -> None:
 
     from qadpipe.demo import _run_step
 
-    seen: list[int] = []
-    previous = {signum: signal.signal(signum, lambda s, f: seen.append(s))
-                for signum in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        assert _run_step([sys.executable, "-c", "pass"]) == (0, None)
-        os.kill(os.getpid(), signal.SIGINT)
-        os.kill(os.getpid(), signal.SIGTERM)
-        assert seen == [signal.SIGINT, signal.SIGTERM]
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    assert _run_step([sys.executable, "-c", "pass"]) == (0, None)
+    os.kill(os.getpid(), signal.SIGINT)
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert caller_stop_handlers == [signal.SIGINT, signal.SIGTERM]
 
 
 def test_a_step_runs_in_a_process_group_of_its_own() -> None:

@@ -39,19 +39,12 @@ def test_under_torchrun_a_ctrl_c_promises_what_torchrun_does(caplog, monkeypatch
     assert "Ctrl-C again aborts now" not in caplog.text
 
 
-def test_the_handlers_before_are_back_after_the_loop():
+def test_the_handlers_before_are_back_after_the_loop(caller_stop_handlers):
     """After the loop (generate's batches, distill's steps) a SIGTERM must do again what it did
     before: here reach the caller's own handler, not a StopSignals no one polls any more."""
-    seen = []
-    previous = {signum: signal.signal(signum, lambda s, f: seen.append(s))
-                for signum in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        with StopSignals("saving") as stop:
-            os.kill(os.getpid(), signal.SIGTERM)
-        assert stop.received == "SIGTERM" and seen == []
+    with StopSignals("saving") as stop:
         os.kill(os.getpid(), signal.SIGTERM)
-        os.kill(os.getpid(), signal.SIGINT)
-        assert seen == [signal.SIGTERM, signal.SIGINT]
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    assert stop.received == "SIGTERM" and caller_stop_handlers == []
+    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGINT)
+    assert caller_stop_handlers == [signal.SIGTERM, signal.SIGINT]

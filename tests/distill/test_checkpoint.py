@@ -13,6 +13,8 @@ from qadpipe.distill.checkpoint import (
 )
 from qadpipe.errors import DistillError
 
+from sync_events import record_syncs_and_renames
+
 
 class Tied(torch.nn.Module):
     def __init__(self):
@@ -248,26 +250,11 @@ def test_every_file_of_a_checkpoint_is_synced_before_its_rename_and_the_rename_b
     must not name truncated files, nor LATEST a step directory the rename did not make durable.
     Every file and directory staged is fsynced before the rename; checkpoints/ between it and
     LATEST's own rename."""
-    import os
-
-    events = []
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(fd):
-        events.append(("fsync", os.fstat(fd).st_ino))
-        real_fsync(fd)
-
-    def replace(src, dst):
-        staged = {p.stat().st_ino for p in [Path(src), *Path(src).rglob("*")]} if Path(src).is_dir() else None
-        events.append(("rename", Path(dst).name, staged))
-        real_replace(src, dst)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
+    events = record_syncs_and_renames(monkeypatch)
     model = Tied()
     path = save_checkpoint(tmp_path, model.state_dict(), _state(3, model), load_config(None))
     monkeypatch.undo()
-    renames = {event[1]: index for index, event in enumerate(events) if event[0] == "rename"}
+    renames = {event[1].name: index for index, event in enumerate(events) if event[0] == "rename"}
     step, latest = renames[path.name], renames["LATEST"]
     staged = events[step][2]
     assert len(staged) >= 4   # the directory, the weights, the trainer state, the run record

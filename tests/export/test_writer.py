@@ -17,6 +17,8 @@ from qadpipe.errors import ExportError
 from qadpipe.export.writer import EXPORT_INFO, read_config, staged_dir, write_safetensors
 from qadpipe.provenance import RUN_FILE
 
+from sync_events import record_syncs_and_renames
+
 
 def _previous_export(tmp_path):
     """An earlier, complete export holding old.txt (and, as every export, the list of its files)."""
@@ -214,21 +216,8 @@ def test_a_source_config_that_is_not_a_json_object_is_refused_in_one_line(tmp_pa
 def test_every_staged_file_is_synced_before_the_export_is_renamed_into_place(tmp_path, monkeypatch):
     """vLLM or the next job may load an export right after a power loss: the rename must not
     publish a name over files (a subdirectory's too) still in the page cache."""
-    events = []
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(fd):
-        events.append(("fsync", os.fstat(fd).st_ino))
-        real_fsync(fd)
-
-    def replace(src, dst):
-        staged = {p.stat().st_ino for p in [Path(src), *Path(src).rglob("*")]} if Path(src).is_dir() else set()
-        events.append(("rename", Path(dst), staged))
-        real_replace(src, dst)
-
     out = tmp_path / "export"
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
+    events = record_syncs_and_renames(monkeypatch)
     with staged_dir(out) as tmp:
         (tmp / "config.json").write_text("{}")
         (tmp / "extra").mkdir()
