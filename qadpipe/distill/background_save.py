@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
-from qadpipe.distill.distributed import raise_if_any_failed
+from qadpipe.distill.distributed import control_group, raise_if_any_failed
 from qadpipe.errors import first_line
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,7 @@ class BackgroundWriter:
         if self._pending:
             raise RuntimeError("BackgroundWriter.start: the previous write was not finished")
         self._pending, self._label = True, label
+        control_group()   # connected now, by every rank: made in finish(), it would wait for rank 0's write
         if self.is_main or every_rank:
             self._failure = None
             self._written.clear()

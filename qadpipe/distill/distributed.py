@@ -274,6 +274,7 @@ def done_by_main(is_main: bool, work: Callable[[], T], what: str = "write its ou
     them in a barrier until the process-group timeout.  ``what`` it does, for their error line.
     Returns ``work()``'s result on rank 0, None on the others."""
     result, failure = None, None
+    control_group()   # connected now, by every rank: made after rank 0's work, it would wait for it
     if is_main:
         try:
             result = work()

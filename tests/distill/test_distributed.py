@@ -351,6 +351,32 @@ def test_the_control_group_connects_within_the_collectives_timeout_and_then_wait
     assert "rank 0: got written" in stdout and "rank 1: got None" in stdout
 
 
+@pytest.mark.parametrize("waiting_in", ["done_by_main", "BackgroundWriter"])
+def test_a_control_group_made_at_first_use_is_connected_before_rank_0s_write(tmp_path, waiting_in):
+    """A process group set up by another caller than init_distributed: the control group is made
+    at first use.  Made after rank 0's write (in the failure check), the other ranks' connection
+    waited for that write and failed after the collectives' timeout (here 2 s)."""
+    wait = ("got = distributed.done_by_main(rank == 0, lambda: time.sleep(5) or 'written')\n"
+            if waiting_in == "done_by_main" else
+            "from qadpipe.distill.background_save import BackgroundWriter\n"
+            "writer = BackgroundWriter(is_main=rank == 0)\n"
+            "writer.start(lambda: time.sleep(5), 'step 1')\n"
+            "writer.finish()\n"
+            "got = 'written' if rank == 0 else None\n")
+    script = tmp_path / "lazy_group.py"
+    script.write_text(
+        "import datetime, time, torch.distributed as dist\n"
+        "from qadpipe.distill import distributed\n"
+        "distributed.COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=2)\n"
+        "dist.init_process_group('gloo', timeout=distributed.COLLECTIVE_TIMEOUT)\n"
+        "rank = dist.get_rank()\n"
+        + wait +
+        "print(f'rank {rank}: got {got}', flush=True)\n"
+        "dist.destroy_process_group()\n")
+    stdout = run_two_ranks(script)
+    assert "rank 0: got written" in stdout and "rank 1: got None" in stdout
+
+
 def test_a_result_computed_by_rank_0_reaches_every_rank_and_so_does_its_error(tmp_path):
     """Every rank gets rank 0's answer, not its own; a failure on rank 0 stops every rank."""
     script = tmp_path / "main.py"
