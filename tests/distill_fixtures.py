@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 
@@ -20,3 +21,8 @@ def make_cache(root: Path, model_dir: Path, *extra: str) -> Path:
     cache = root / "cache"
     run_generate(load_config(None, settings(model_dir, cache, *extra)))
     return cache
+
+
+def metrics(out: Path) -> list[dict]:
+    """Every row of a run's metrics.jsonl."""
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -66,14 +66,19 @@ def test_inspect_sampled(tmp_path):
         cli, ["inspect", str(tmp_path)]).output
 
 
-def test_inspect_verify_flags_a_corrupt_shard(tmp_path):
-    meta = cache_meta("topk")
-    write_cache(tmp_path, meta, random_rows(meta, 4))
-    shard = tmp_path / "shards/task-00000-000001.parquet"
-    id_chunk = pq.ParquetFile(shard).metadata.row_group(0).column(0)   # the id column: not read by a plain inspect
+def _corrupt_id_column(shard):
+    """Flip a byte inside the id column's page: neither a plain inspect nor its tail statistics
+    read that column, only --verify's re-hash sees it."""
+    id_chunk = pq.ParquetFile(shard).metadata.row_group(0).column(0)
     data = bytearray(shard.read_bytes())
     data[id_chunk.data_page_offset + id_chunk.total_compressed_size // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
+
+
+def test_inspect_verify_flags_a_corrupt_shard(tmp_path):
+    meta = cache_meta("topk")
+    write_cache(tmp_path, meta, random_rows(meta, 4))
+    _corrupt_id_column(tmp_path / "shards/task-00000-000001.parquet")
     assert CliRunner().invoke(cli, ["inspect", str(tmp_path)]).exit_code == 0   # sizes fine, not re-hashed
     result = CliRunner().invoke(cli, ["inspect", str(tmp_path), "--verify"])
     assert result.exit_code == 2
@@ -113,13 +118,6 @@ def test_a_full_vocabulary_sampled_cache_has_no_k(tmp_path):
     data = json.loads(CliRunner().invoke(cli, ["inspect", str(tmp_path), "--json"]).output)
     assert data["k"] is None and data["num_samples"] == 50 and data["sampled_from"] == "vocab"
     assert "sampled N=50 draws from the full vocabulary" in CliRunner().invoke(cli, ["inspect", str(tmp_path)]).output
-
-
-def _corrupt_id_column(shard):
-    id_chunk = pq.ParquetFile(shard).metadata.row_group(0).column(0)   # not read by the tally
-    data = bytearray(shard.read_bytes())
-    data[id_chunk.data_page_offset + id_chunk.total_compressed_size // 2] ^= 0xFF
-    shard.write_bytes(bytes(data))
 
 
 def test_a_bad_shards_targets_stay_out_of_the_statistics_and_its_tokens_are_counted(tmp_path):

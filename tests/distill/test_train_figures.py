@@ -6,7 +6,6 @@ update (read off the weights), and the data order distill.seed picks."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from cache_rows import cache_meta, random_rows, write_cache
 from qadpipe.config import load_config
 from qadpipe.distill import trainer
 
-from distill_fixtures import settings
+from distill_fixtures import metrics, settings
 
 EVAL_ROWS, BATCH = 3, 2
 KD, LM = 0.8, 0.3
@@ -30,10 +29,6 @@ def ragged_cache(root: Path, model_dir: Path, num_rows: int = 10):
     meta = cache_meta(tokenizer_fingerprint=tokenizer_fingerprint(load_tokenizer(str(model_dir))), vocab_size=49152)
     rows = random_rows(meta, num_rows, seq_len=24, target_start=2, seed=5)
     return write_cache(root / "cache", meta, rows), rows
-
-
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def config(model_dir: Path, cache: Path, out: Path, *extra: str):

@@ -21,17 +21,13 @@ from cache_rows import cache_meta, random_rows, write_cache
 from qadpipe.cli import cli
 from qadpipe.config import load_config
 
-from distill_fixtures import make_cache, settings
+from distill_fixtures import make_cache, metrics, settings
 
 
 def distill(model_dir: Path, cache: Path, out: Path, *extra: str, resume: bool = False):
     args = ["distill", *[a for s in settings(model_dir, cache, f"distill.output_dir={out}", *extra)
                          for a in ("--set", s)]]
     return CliRunner().invoke(cli, args + (["--resume"] if resume else []))
-
-
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def train_rows(out: Path) -> list[dict]:

@@ -546,16 +546,22 @@ def test_a_student_trained_online_without_a_cache_is_not_claimed_unseen_on_a_cac
         " (NOT verified unseen: online trained without a cache)"
 
 
+def _exports_recording(root: Path, training: dict[str, str]) -> dict[str, str]:
+    """An export directory per name whose run record holds only ``training`` (a YAML mapping):
+    what eval reads of the runs that made its models."""
+    for name, record in training.items():
+        (root / name).mkdir()
+        (root / name / "qadpipe_run.yaml").write_text(f"stage: export\ntraining: {record}\n")
+    return {name: str(root / name) for name in training}
+
+
 def test_the_fewest_rows_any_model_held_out_are_the_ones_scored(tmp_path: Path, caplog):
     """Two exports recording 5 and 3 held-out rows, distill.eval_rows 16: rows 3 and 4 trained the
     second model, so only the first 3 are unseen by both (whichever order the models come in)."""
     from qadpipe.eval.evaluate import held_out_rows
 
-    models = {}
-    for name, rows in (("five", 5), ("three", 3), ("four", 4)):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "qadpipe_run.yaml").write_text(f"stage: export\ntraining: {{eval_rows: {rows}}}\n")
-        models[name] = str(tmp_path / name)
+    models = _exports_recording(tmp_path, {name: f"{{eval_rows: {rows}}}"
+                                           for name, rows in (("five", 5), ("three", 3), ("four", 4))})
     config = load_config(None, ["distill.eval_rows=16"])
     with caplog.at_level("WARNING", logger="qadpipe.eval.evaluate"):
         assert held_out_rows(config, models) == 3
@@ -586,12 +592,7 @@ def test_one_model_without_a_recorded_cache_fingerprint_weakens_the_unseen_claim
     records only its eval_rows (an older export) leaves "held out in training by distill.eval_rows"."""
     from qadpipe.eval.evaluate import HeldOut, unseen_claim
 
-    records = {"new": "training: {eval_rows: 4, cache_fingerprint: fp}", "old": "training: {eval_rows: 4}"}
-    models = {}
-    for name, training in records.items():
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "qadpipe_run.yaml").write_text(f"stage: export\n{training}\n")
-        models[name] = str(tmp_path / name)
+    models = _exports_recording(tmp_path, {"new": "{eval_rows: 4, cache_fingerprint: fp}", "old": "{eval_rows: 4}"})
     data = HeldOut([[1, 2, 3]], [0], None, "1 held-out row of the cache c", cache_fingerprint="fp")
     assert unseen_claim(data, models) == " (held out in training by distill.eval_rows)"
     assert unseen_claim(data, {"new": models["new"]}) == " (never trained on)"
